@@ -1,0 +1,136 @@
+"""The attack contract: ``attack(model, x, y) -> AttackResult``.
+
+The base class owns everything every attack must get right, so each attack file holds only its
+own optimisation (:meth:`Attack.perturb`): input checks, eval mode restored in ``finally``, the
+caller's tensors untouched, the output verified inside the ball and the bounds, and success
+recomputed from the model's own predictions on the returned points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robustlab._validate import check_inputs, check_labels, check_logits
+from robustlab.attacks.losses import get_loss, is_success
+from robustlab.threat import ThreatModel
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns.
+
+    Attributes:
+        x_adv: adversarial inputs (N, ...), inside the threat ball and bounds (verified).
+        success: bool (N,), recomputed from the model's predictions on ``x_adv``:
+            prediction != y (untargeted) or == target (targeted).
+        loss: (N,) the attack loss at ``x_adv``.
+        logits: (N, K) the model's logits at ``x_adv``.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    loss: Tensor
+    logits: Tensor
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of points the attack did not break (untargeted attacks on clean-correct and
+        clean-wrong points alike: a wrong clean prediction counts as broken)."""
+        return 1.0 - self.success.float().mean().item()
+
+
+def input_grad(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample loss, logits and d(sum loss)/dx via ``torch.autograd.grad`` (no parameter
+    gradients are computed or accumulated, whatever ``requires_grad`` the parameters have)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, logits = loss_fn(x)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), logits.detach(), grad
+
+
+class Attack:
+    """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
+
+    Args:
+        threat: the threat model (norm, eps, bounds).
+        loss: name of the loss to maximise (see ``robustlab.attacks.losses``).
+        targeted: if True, ``__call__`` needs ``target`` and success means predicting it.
+        seed: seed of the attack's own ``torch.Generator`` when none is passed to the call.
+    """
+
+    name: ClassVar[str] = "attack"
+    stochastic: ClassVar[bool] = False
+
+    def __init__(
+        self, threat: ThreatModel, *, loss: str = "ce", targeted: bool = False, seed: int = 0
+    ) -> None:
+        if not isinstance(threat, ThreatModel):
+            raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+        self.threat = threat
+        self.loss_name = loss
+        self.loss = get_loss(loss)
+        self.targeted = bool(targeted)
+        self.seed = int(seed)
+
+    def config(self) -> dict[str, Any]:
+        """The attack's settings, as recorded in results."""
+        return {"name": self.name, "loss": self.loss_name, "targeted": self.targeted}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({self.threat}, {args})"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AttackResult:
+        """Attack ``model`` at ``(x, y)``; ``target`` (N,) for targeted attacks.
+
+        The model runs in eval mode during the attack and gets its previous mode back after.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_inputs(x, y, self.threat)
+        if self.targeted:
+            if target is None:
+                raise ValueError(f"{self.name} is targeted: pass target=<(N,) class tensor>")
+            check_inputs(x, target)
+        elif target is not None:
+            raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass target")
+        labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        x0 = x.detach()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():  # one sample is enough to learn the number of classes
+                probe = check_logits(model(x0[:1]), 1)
+            check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
+            x_adv = self.perturb(model, x0, labels, generator).detach()
+            self.threat.check(x_adv, x0, who=f"attack {self.name!r}")
+            with torch.no_grad():
+                logits = model(x_adv)
+                loss = self.loss(logits, labels, self.targeted)
+            success = is_success(logits, labels, self.targeted)
+        finally:
+            model.train(was_training)
+        return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits)
+
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """Return adversarial inputs for ``x`` (detached, not modified); ``y`` holds the labels,
+        or the targets when ``self.targeted``. Runs with the model in eval mode."""
+        raise NotImplementedError

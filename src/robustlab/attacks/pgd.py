@@ -1,0 +1,151 @@
+"""Projected gradient descent (Madry et al., 2018, "Towards Deep Learning Models Resistant to
+Adversarial Attacks", https://arxiv.org/abs/1706.06083).
+
+Distance: linf, l2, l1 (the threat model's norm).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack, input_grad
+from robustlab.attacks.losses import is_success
+from robustlab.attacks.registry import register
+from robustlab.threat import ThreatModel
+
+
+class _Best:
+    """Per-sample best iterate: a successful point beats an unsuccessful one, then higher loss."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x.clone()
+        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def update(self, idx: Tensor, x: Tensor, loss: Tensor, success: Tensor) -> None:
+        old_s, old_l = self.success[idx], self.loss[idx]
+        better = (success & ~old_s) | ((success == old_s) & (loss > old_l))
+        if better.any():
+            j = idx[better]
+            self.x[j], self.loss[j], self.success[j] = x[better], loss[better], success[better]
+
+
+@register("pgd")
+class PGD(Attack):
+    """PGD with random start, restarts keeping the best, targeted mode and a choice of loss.
+
+    Args:
+        threat: threat model; the attack stays in its ball and bounds.
+        steps: gradient steps per restart (>= 1). Default 10.
+        step_size: lp length of each step in input units; default ``2.5 * eps / steps``
+            (Madry et al.'s rule).
+        random_start: start each restart from a uniform point of the ball. Default True.
+        restarts: number of runs (>= 1); each later run attacks only points still unbroken, and
+            each sample keeps its best iterate over all runs and steps. Default 1.
+        loss: ``"ce"`` or ``"cw-margin"``. Default ``"ce"``.
+        targeted: maximise the target class instead (pass ``target`` to the call).
+        early_stop: stop attacking a sample once it is misclassified, keeping that iterate.
+            Does not change which points are broken, only the work (used by evaluation).
+        keep_best: return each sample's best iterate over all steps (successful first, then
+            highest loss) instead of the last one. Training uses the last iterate (False).
+        l1_sparsity: for l1, fraction of coordinates moved per step (see ThreatModel).
+        seed: seed of the attack's generator when the call passes none.
+
+    Shapes: x (N, C, H, W) in the threat bounds, y (N,) int64. Returns :class:`AttackResult`.
+
+    Example:
+        >>> attack = PGD(ThreatModel("linf", 0.1), steps=40, restarts=5)
+        >>> res = attack(model, x, y)
+        >>> robust_acc = 1 - res.success.float().mean()
+    """
+
+    name = "pgd"
+    stochastic = True
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        targeted: bool = False,
+        early_stop: bool = False,
+        keep_best: bool = True,
+        l1_sparsity: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size!r}")
+        if not 0 < l1_sparsity <= 1:
+            raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}")
+        self.steps = steps
+        self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps
+        self.random_start = bool(random_start)
+        self.restarts = restarts
+        self.early_stop = bool(early_stop)
+        self.keep_best = bool(keep_best)
+        self.l1_sparsity = float(l1_sparsity)
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+            "restarts": self.restarts,
+            "early_stop": self.early_stop,
+            "keep_best": self.keep_best,
+        }
+
+    def _loss_fn(self, model: nn.Module, y: Tensor):
+        def f(xa: Tensor) -> tuple[Tensor, Tensor]:
+            logits = model(xa)
+            return self.loss(logits, y, self.targeted), logits
+        return f
+
+    def _start(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        return self.threat.random_init(x, generator) if self.random_start else x
+
+    def _step(self, xa: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+        step = self.threat.steepest_step(grad, self.step_size, l1_sparsity=self.l1_sparsity)
+        return self.threat.project(xa + step, x)
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        if not (self.keep_best or self.early_stop or self.restarts > 1):
+            xa = self._start(x, generator)  # plain PGD (as in training): the last iterate
+            for _ in range(self.steps):
+                _, _, grad = input_grad(self._loss_fn(model, y), xa)
+                xa = self._step(xa, grad, x)
+            return xa
+        best = _Best(x)
+        for _ in range(self.restarts):
+            idx = (~best.success).nonzero().squeeze(1)  # restarts only on unbroken points
+            xa = self._start(x[idx], generator)
+            for _ in range(self.steps):
+                if idx.numel() == 0:
+                    break
+                loss, logits, grad = input_grad(self._loss_fn(model, y[idx]), xa)
+                success = is_success(logits, y[idx], self.targeted)
+                seen = success | self.keep_best  # without keep_best only successes are kept
+                best.update(idx[seen], xa[seen], loss[seen], success[seen])
+                if self.early_stop:
+                    idx, xa, grad = idx[~success], xa[~success], grad[~success]
+                xa = self._step(xa, grad, x[idx])
+            if idx.numel():
+                with torch.no_grad():
+                    logits = model(xa)
+                loss = self.loss(logits, y[idx], self.targeted)
+                best.update(idx, xa, loss, is_success(logits, y[idx], self.targeted))
+            if not best.success.logical_not().any():
+                break
+        return best.x

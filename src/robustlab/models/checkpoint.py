@@ -1,0 +1,220 @@
+"""Safe checkpoints: weights as safetensors plus a JSON sidecar. Nothing is ever unpickled.
+
+A checkpoint ``model.safetensors`` holds the state dict (raw tensors, no code); its sidecar
+``model.json`` says how to rebuild the architecture, what the model was trained on, with
+which package versions, and the SHA-256 of the weights file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from robustlab._provenance import git_commit, package_version
+from robustlab.models.factory import MODELS, create
+
+__all__ = ["FORMAT_VERSION", "load", "save"]
+
+FORMAT_VERSION = 1
+RESERVED = ("format_version", "architecture", "robustlab_version", "torch_version",
+            "git_commit", "created", "sha256")
+_HOW = "robustlab checkpoints are written by robustlab.models.save(model, 'name.safetensors')"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DataParallel / DistributedDataParallel / torch.compile."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies safetensors can write; tensors sharing storage with an
+    earlier one (tied weights) are cloned, since safetensors refuses shared memory."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        t = value.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                 arch: dict[str, Any]) -> None:
+    """ValueError listing missing, unexpected and mis-shaped keys, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} ({len(items)}): {items[:8]}{' ...' if len(items) > 8 else ''}"
+                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("shape mismatches (weights vs architecture)", shapes))
+                 if items]
+        raise ValueError(f"weights do not match architecture {arch['name']!r} with "
+                         f"{arch['kwargs']}: " + "; ".join(parts))
+
+
+def _build(arch: Any) -> nn.Module:
+    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
+            and isinstance(arch.get("kwargs"), dict)):
+        # ValueError, not TypeError: a malformed sidecar is bad data, like a corrupt file
+        raise ValueError(  # noqa: TRY004
+            f"architecture must be {{'name': str, 'kwargs': dict}}, got {arch!r}")
+    MODELS.get(arch["name"])  # ValueError listing the registered architectures
+    try:
+        return create(arch["name"], **arch["kwargs"])
+    except TypeError as err:
+        raise ValueError(f"cannot rebuild architecture {arch!r}: {err}") from err
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
+         *, arch: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights to ``path`` (``.safetensors``) and a JSON sidecar next to it.
+
+    The sidecar ``path.with_suffix(".json")`` holds ``format_version``, ``architecture``
+    (``model.robustlab_arch`` as recorded by :func:`robustlab.models.create`, or ``arch``),
+    every key of ``meta`` (e.g. dataset, threat, objective, epoch, seed), ``robustlab_version``,
+    ``torch_version``, ``git_commit``, ``created`` (UTC, ISO 8601) and the ``sha256`` of the
+    weights file. Each file is replaced atomically (temporary file + ``os.replace``); a crash
+    between the two leaves a SHA-256 mismatch that :func:`load` reports. Parent directories
+    are created. DataParallel/DDP/compiled wrappers are unwrapped.
+
+    Returns:
+        The path of the weights file.
+
+    Raises:
+        ValueError: ``path`` does not end in ``.safetensors``; the model has no recorded
+            architecture; its weights do not match that architecture; ``meta`` uses a
+            reserved key.
+        TypeError: a ``meta`` value is not JSON-serialisable (the message names the key).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
+    model = _unwrap(model)
+    arch = arch if arch is not None else getattr(model, "robustlab_arch", None)
+    if arch is None:
+        raise ValueError("this model has no recorded architecture: build it with "
+                         "robustlab.models.create(name, ...) or pass "
+                         "arch={'name': ..., 'kwargs': {...}} to save()")
+    with torch.device("meta"):  # shapes only, no memory
+        reference = _build(arch).state_dict()
+    state = _cpu_tensors(model.state_dict())
+    _check_state(reference, state, arch)
+    sidecar: dict[str, Any] = {"format_version": FORMAT_VERSION, "architecture": arch}
+    for key, value in (meta or {}).items():
+        if not isinstance(key, str) or key in RESERVED:
+            raise ValueError(f"meta key {key!r} is not allowed; reserved keys are {RESERVED}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"meta[{key!r}] is not JSON-serialisable ({err}); convert it to "
+                            "dicts, lists, strings and finite numbers first") from err
+        sidecar[key] = value
+    data = safetensors.torch.save(state, metadata={"format": "pt", "robustlab": "1"})
+    sidecar.update(robustlab_version=package_version(), torch_version=torch.__version__,
+                   git_commit=git_commit(),
+                   created=datetime.now(UTC).isoformat(timespec="seconds"),
+                   sha256=hashlib.sha256(data).hexdigest())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, data)
+    _atomic_write(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+    return path
+
+
+def load(path: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild the architecture recorded in the sidecar and load the weights from ``path``.
+
+    The weights file is read once; its SHA-256 must equal the sidecar's, and its keys and
+    shapes must match the architecture exactly. Files written by ``torch.save`` (pickles)
+    are refused before any byte of them is interpreted.
+
+    Args:
+        path: a ``.safetensors`` file written by :func:`save`; its sidecar is
+            ``path.with_suffix(".json")``.
+        device: where to put the model (default: CPU).
+
+    Returns:
+        The model in ``eval()`` mode, with ``model.robustlab_meta`` = the sidecar contents
+        and ``model.robustlab_arch`` = the architecture.
+
+    Raises:
+        FileNotFoundError: the weights file or its sidecar is missing.
+        ValueError: a pickle file; a corrupt or truncated file; a SHA-256 mismatch; an unknown
+            architecture; weights that do not match the architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found; {_HOW}")
+    data = path.read_bytes()
+    if data.startswith((b"PK\x03\x04", b"\x80")):
+        raise ValueError(
+            f"{str(path)!r} is a pickle (torch.save output), which robustlab never unpickles "
+            "because unpickling runs arbitrary code. To convert a file you trust, in a trusted "
+            "session: model = robustlab.models.create(...); "
+            "model.load_state_dict(torch.load(path, weights_only=True)); "
+            "robustlab.models.save(model, 'model.safetensors', meta={...})")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise FileNotFoundError(f"sidecar {str(side)!r} of checkpoint {str(path)!r} not "
+                                f"found; {_HOW}, which writes both files")
+    try:
+        sidecar = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"sidecar {str(side)!r} is not valid JSON: {err}") from err
+    if not isinstance(sidecar, dict) or "sha256" not in sidecar or "architecture" not in sidecar:
+        raise ValueError(f"sidecar {str(side)!r} lacks 'sha256' or 'architecture'; {_HOW}")
+    version = sidecar.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has checkpoint format {version!r}; this robustlab "
+                         f"reads formats 1 to {FORMAT_VERSION} (a newer one needs an upgrade)")
+    try:
+        state = safetensors.torch.load(data)
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{str(path)!r} is not a valid safetensors file (corrupt or "
+                         f"truncated?): {err}") from err
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sidecar["sha256"]:
+        raise ValueError(f"SHA-256 of {str(path)!r} is {digest} but its sidecar records "
+                         f"{sidecar['sha256']}: the weights were modified or belong to another "
+                         "checkpoint")
+    model = _build(sidecar["architecture"])
+    _check_state(model.state_dict(), state, sidecar["architecture"])
+    model.load_state_dict(state)
+    if device is not None:
+        model.to(device)
+    model.robustlab_meta = sidecar
+    return model.eval()

@@ -1,0 +1,89 @@
+"""The resumable training state: one safetensors file holding the model's weights, the
+optimiser's tensors, the RNG states and (in the header) everything else as JSON.
+
+A single file, replaced atomically, so a crash at any moment leaves either the previous
+epoch's state or the new one, never a mix. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_MODEL, _OPTIM, _RNG = "model.", "optim.", "rng."
+
+
+def save_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]
+) -> None:
+    """Write ``model`` + ``optimizer`` + RNG states + JSON-able ``info`` atomically to ``path``."""
+    tensors: dict[str, torch.Tensor] = {
+        _MODEL + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{_OPTIM}{idx}.{name}"] = value.detach().cpu().contiguous()
+            elif value is not None:
+                scalars.setdefault(str(idx), {})[name] = value
+    tensors[_RNG + "cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{_RNG}cuda{i}"] = s
+    header = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "info": info}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"robustlab_train_state": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore what :func:`save_state` wrote into ``model`` and ``optimizer``, set the global
+    RNG states back, and return the ``info`` dict."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads(f.metadata()["robustlab_train_state"])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(
+            f"cannot resume: {path} is not a valid robustlab training state ({e}); "
+            "delete it to start over, or point --out at another directory"
+        ) from None
+    device = next(iter(model.parameters())).device
+    weights = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"cannot resume: the model does not match {path}: {e}") from None
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith(_OPTIM):
+            idx, name = k[len(_OPTIM):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
+    for idx, sc in header["optim_scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    torch.set_rng_state(tensors[_RNG + "cpu"])
+    cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    return header["info"]
