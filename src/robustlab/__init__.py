@@ -1,8 +1,12 @@
 """robustlab: adversarial robustness of image classifiers — train, attack, defend, evaluate."""
 
-from robustlab import attacks, data, models
+from robustlab import attacks, data, evaluation, models, training
 from robustlab._provenance import package_version
+from robustlab.evaluation import EvalResult, evaluate
 from robustlab.threat import ThreatModel, parse_eps
 
 __version__ = package_version()
-__all__ = ["ThreatModel", "attacks", "data", "models", "parse_eps"]
+__all__ = [
+    "EvalResult", "ThreatModel", "attacks", "data", "evaluate", "evaluation", "models",
+    "parse_eps", "training",
+]

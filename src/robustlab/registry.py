@@ -42,7 +42,8 @@ class Registry(Generic[T]):
         key = name.lower()
         if key not in self._items:
             valid = ", ".join(self.names()) or "(none registered)"
-            raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s are: {valid}")
+            plural = self.kind + ("es" if self.kind.endswith("s") else "s")
+            raise ValueError(f"unknown {self.kind} {name!r}; valid {plural} are: {valid}")
         return self._items[key]
 
     def names(self, pattern: str | None = None) -> list[str]:

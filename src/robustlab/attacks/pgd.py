@@ -77,7 +77,7 @@ class PGD(Attack):
         targeted: bool = False,
         early_stop: bool = False,
         keep_best: bool = True,
-        l1_sparsity: float = 0.01,
+        l1_sparsity: float = 0.05,
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
@@ -117,6 +117,9 @@ class PGD(Attack):
         return self.threat.random_init(x, generator) if self.random_start else x
 
     def _step(self, xa: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+        if self.threat.norm == "l1":  # spend the sparse step on coordinates that can move
+            lo, hi = self.threat.bounds
+            grad = grad.masked_fill(((xa <= lo) & (grad < 0)) | ((xa >= hi) & (grad > 0)), 0)
         step = self.threat.steepest_step(grad, self.step_size, l1_sparsity=self.l1_sparsity)
         return self.threat.project(xa + step, x)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from robustlab.registry import Registry
@@ -18,6 +19,14 @@ def create(name: str, threat: ThreatModel, **options: Any):
         return cls(threat, **options)
     except TypeError as e:
         raise TypeError(f"attack {name!r}: {e}") from None
+
+
+def create_for_evaluation(name: str, threat: ThreatModel, **options: Any):
+    """Like :func:`create`, with ``early_stop=True`` where the attack takes it: in evaluation
+    only whether a point breaks matters, so an attack stops working on it once it has."""
+    if "early_stop" in inspect.signature(ATTACKS.get(name)).parameters:
+        options.setdefault("early_stop", True)
+    return create(name, threat, **options)
 
 
 def names(pattern: str | None = None) -> list[str]:

@@ -32,7 +32,7 @@ def piecewise(
     """``lr * gamma^k`` after the k-th milestone (milestones as fractions of the epochs,
     applied at epoch boundaries, as in Madry et al. / Rice et al.)."""
     epoch = math.floor(progress + 1e-9)
-    k = sum(epoch >= round(m * epochs) for m in milestones)
+    k = sum(epoch >= m * epochs - 1e-9 for m in milestones)
     return lr * gamma**k
 
 

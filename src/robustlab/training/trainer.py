@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from robustlab import models
 from robustlab._validate import check_inputs
-from robustlab.attacks import create as create_attack
+from robustlab.attacks import create_for_evaluation
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.schedules import SCHEDULES, lr_at
@@ -88,7 +88,7 @@ def evaluate_epoch(
     """Clean accuracy and (if ``threat``) robust accuracy under ``attack`` on a validation set."""
     device = next(model.parameters()).device
     opts = {k: v for k, v in attack.items() if k != "name"}
-    atk = create_attack(attack["name"], threat, early_stop=True, **opts) if threat else None
+    atk = create_for_evaluation(attack["name"], threat, **opts) if threat else None
     correct = robust = 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
@@ -126,6 +126,11 @@ class Trainer:
         check_inputs(x, y, threat)
         if cfg.objective != "natural" and threat is None:
             raise ValueError(f"objective {cfg.objective!r} needs threat=ThreatModel(...)")
+        if out is not None and not hasattr(model, "robustlab_arch"):
+            raise ValueError(
+                "checkpoints (out=...) need a model built with robustlab.models.create(...), "
+                "whose architecture can be recorded; train without out= for other models"
+            )
         self.model, self.x, self.y, self.cfg, self.threat = model, x, y, cfg, threat
         self.out = Path(out) if out is not None else None
         self.val = val

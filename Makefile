@@ -1,0 +1,52 @@
+# The two commands of the README: `make quickstart` (the main job, end to end) and `make test`.
+# Each installs what it needs: the venv .venv/, torch 2.13.0 first (the local CPU wheel, so pip
+# never resolves another torch), then robustlab with its dev extras, then the data.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.robustlab-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+RUN    := runs/quickstart
+
+.PHONY: install data test quickstart lint bench bench-env clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+install: $(STAMP)
+
+data:
+	@if [ -f $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist'"; \
+	  echo "or set ROBUSTLAB_DATA to a folder holding the four *-ubyte.gz files"; \
+	fi
+
+test: install data
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+quickstart: install data
+	@if [ -f $(RUN)/train_state.safetensors ]; then resume=--resume; else resume=; fi; \
+	$(BIN)/robustlab train --config configs/quickstart.toml --out $(RUN) $$resume
+	$(BIN)/robustlab evaluate $(RUN)/model.safetensors --norm linf --eps 0.1 --suite pgd --n 1000
+
+# Peers for benchmarks/ only (never runtime dependencies), in their own venv.
+bench-env:
+	$(MAKE) -C benchmarks env
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,144 @@
+"""Helpers shared by the scripts of ``benchmarks/``: what machine and versions a result came
+from, interleaved timing with medians, and a cache of the models the benchmarks attack.
+
+Nothing here is part of robustlab's API; benchmarks import it as ``from _common import ...``
+(the scripts run from the repository root as ``python benchmarks/<name>.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+import robustlab as rl
+from robustlab._provenance import git_commit, versions
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE_DIR = BENCH_DIR / ".cache"
+RESULTS_DIR = BENCH_DIR / "results"
+
+T = TypeVar("T")
+
+
+# --- where a result came from -------------------------------------------------------------
+def command_line() -> str:
+    """The command that ran this process, as one could retype it from the repository root."""
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(Path.cwd())  # .bench-venv/bin/python rather than an absolute path
+    except ValueError:
+        pass
+    return shlex.join([str(exe), *sys.argv])
+
+
+def machine_record(peers: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """Machine (nproc, CPU model, torch threads), versions (python, torch, numpy, robustlab and
+    its git commit, peers: None when missing), the command and the date (UTC)."""
+    rec: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "robustlab_commit": git_commit(),
+        **versions(),
+    }
+    rec["peers"] = dict(peers or {})
+    return rec
+
+
+def package_version(dist: str) -> str | None:
+    """Installed version of distribution ``dist``, or None if it is not installed."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --- timing -------------------------------------------------------------------------------
+def interleaved(
+    tasks: Mapping[str, Callable[[], T]],
+    repeats: int,
+    *,
+    on_done: Callable[[int, str, float], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, T]]:
+    """Time every task ``repeats`` times, round robin: round r runs each task once, in an order
+    rotated by r, so the slow phases of a shared machine hit every task alike.
+
+    Returns the wall-clock seconds of each run per task and each task's last result.
+    ``on_done(round, name, seconds)`` is called after each run (for progress output).
+    A warm-up is one round of its own: ``interleaved(warmup_tasks, 1)``.
+    """
+    names = list(tasks)
+    results: dict[str, T] = {}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            results[name] = tasks[name]()
+            times[name].append(time.perf_counter() - t0)
+            if on_done is not None:
+                on_done(r, name, times[name][-1])
+    return times, results
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --- trained models -----------------------------------------------------------------------
+def _recipe_key(recipe: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def trained_model(
+    name: str, recipe: Mapping[str, Any], *, log: Callable[[str], None] = print
+) -> nn.Module:
+    """A model trained by ``recipe``, from ``benchmarks/.cache/`` or trained now and cached.
+
+    ``recipe`` holds ``arch`` (a ``robustlab.models.create`` name), ``dataset``, optionally
+    ``eps`` (linf, for adversarial objectives) and every keyword of
+    ``robustlab.training.fit`` (``objective``, ``epochs``, ``lr``, ...). The cache file name
+    carries a hash of the recipe, so a changed recipe trains a new model. Returns the model in
+    eval mode, its parameters' ``requires_grad`` as training left them (True).
+    """
+    path = CACHE_DIR / f"{name}-{_recipe_key(recipe)}.safetensors"
+    if path.exists():
+        model = rl.models.load(path)
+        log(f"model {name}: cached {path.relative_to(BENCH_DIR.parent)} "
+            f"(trained in {model.robustlab_meta['train_seconds']:.0f} s)")
+        return model
+    fit_kwargs = {k: v for k, v in recipe.items() if k not in ("arch", "dataset", "eps")}
+    threat = rl.ThreatModel("linf", recipe["eps"]) if "eps" in recipe else None
+    log(f"model {name}: training {json.dumps(recipe)} (cached afterwards in {path.name})")
+    x, y = rl.data.load(recipe["dataset"], split="train")
+    model = rl.models.create(recipe["arch"])
+    t0 = time.perf_counter()
+    history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"],
+                              **fit_kwargs)
+    seconds = time.perf_counter() - t0
+    log(f"model {name}: trained in {seconds:.0f} s, final train loss "
+        f"{history[-1]['train_loss']:.4f}")
+    rl.models.save(model, path, meta={"recipe": dict(recipe), "train_seconds": seconds,
+                                      "threads": torch.get_num_threads()})
+    return rl.models.load(path)  # eval mode, with robustlab_meta like a cached one
+
+
+def write_results(stem: str, markdown: str, record: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write ``benchmarks/results/<stem>.md`` and ``<stem>.json``; return both paths."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    md, js = RESULTS_DIR / f"{stem}.md", RESULTS_DIR / f"{stem}.json"
+    md.write_text(markdown)
+    js.write_text(json.dumps(record, indent=2) + "\n")
+    return md, js
+

@@ -1,0 +1,456 @@
+"""Attack speed: robustlab's PGD against a raw PyTorch loop, torchattacks, ART and foolbox.
+
+PGD-10 and PGD-40 (linf eps 0.1, step 2.5 * eps / K, one random start, batches of 250) on the
+first 1000 Fashion-MNIST test images, against two smallcnn models: one trained naturally and
+one adversarially (PGD-AT), both trained here once and cached in ``benchmarks/.cache/``. Every
+mode attacks the same weights and the same inputs:
+
+- ``raw``: a hand-written PyTorch loop, K forward+backward passes and nothing else: the
+  reference. Parameters frozen (``requires_grad=False``), and also trainable (PGD-10).
+- ``robustlab fixed work``: ``keep_best=False``, no early stop: the same work as ``raw`` (it
+  draws the same random start, so its ``x_adv`` must equal the raw loop's).
+- ``robustlab eval path``: the defaults of evaluation, ``early_stop=True, keep_best=True``:
+  a point stops being attacked once it is misclassified, keeping that iterate.
+- ``robustlab compiled``: fixed work on ``torch.compile(model)`` (PGD-10; compilation is
+  paid in the warm-up and reported apart).
+- ``torchattacks`` ``PGD``, ``ART`` ``ProjectedGradientDescent`` on a ``PyTorchClassifier``,
+  ``foolbox`` ``LinfPGD`` on a ``PyTorchModel``: parameters trainable, as users pass them, and
+  frozen too (PGD-10).
+
+robustlab and the peers get the model with trainable parameters unless the row says frozen.
+The benchmark recomputes every mode's robust accuracy itself (one forward pass on the returned
+``x_adv``, eval mode) and checks every ``x_adv`` lies in the eps ball and in [0, 1].
+
+Timing: ``torch.set_num_threads(2)``; each mode warms up once on one batch; then ``--repeats``
+rounds, each running every (model, K, mode) once in a round-robin order rotated from round to
+round, so a slow phase of the shared machine hits every mode alike; the median is reported.
+``x raw`` = raw seconds / mode seconds: throughput relative to the raw loop, higher is better.
+
+Run from the repository root::
+
+    make bench-env                                        # once: .bench-venv/ with the peers
+    .bench-venv/bin/python benchmarks/attack_speed.py     # the full run (about 20 minutes)
+    .bench-venv/bin/python benchmarks/attack_speed.py --quick   # 250 points, 2 rounds
+
+A peer that is not installed is skipped and named in the output (``PYTHONPATH=src
+.venv/bin/python benchmarks/attack_speed.py`` runs robustlab and the raw loop only). Results go
+to ``benchmarks/results/attack_speed.{md,json}`` (``attack_speed_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import robustlab as rl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
+
+from _common import (  # noqa: E402
+    interleaved,
+    machine_record,
+    median,
+    package_version,
+    trained_model,
+    write_results,
+)
+
+EPS = 0.1
+DATASET = "fashion-mnist"
+PEERS = {"torchattacks": "torchattacks", "art": "adversarial-robustness-toolbox",
+         "foolbox": "foolbox"}
+_TRAINING = {"arch": "smallcnn", "dataset": DATASET, "batch_size": 128, "optimizer": "adam",
+             "lr": 1e-3, "schedule": "cosine", "seed": 0}
+RECIPES: dict[str, dict[str, Any]] = {
+    "natural": _TRAINING | {"objective": "natural", "epochs": 2},
+    "pgd-at": _TRAINING | {"objective": "pgd-at", "epochs": 3, "eps": EPS,
+                           "objective_options": {"steps": 5, "step_size": 0.05}},
+}
+ACC_TOLERANCE = 0.5  # robust-accuracy points within which two modes give "the same answer"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One PGD configuration: ``steps`` steps of ``step_size`` in the linf ball of ``eps``."""
+
+    eps: float
+    steps: int
+    step_size: float
+    batch: int
+    seed: int = 0
+
+
+# An attack built for one model and setting: x (N, C, H, W), y (N,) -> x_adv (N, C, H, W).
+AttackFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _batches(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    for b, i in enumerate(range(0, len(x), size)):
+        yield b, x[i:i + size], y[i:i + size]
+
+
+def _generator(s: Setting, batch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(s.seed + batch)
+
+
+# --- the modes --------------------------------------------------------------------------------
+def raw_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    """K forward+backward passes per batch and nothing else; the random start and the steps use
+    the same arithmetic (and seeds) as robustlab's, so the two return the same points."""
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        out = []
+        for b, xb, yb in _batches(x, y, s.batch):
+            u = torch.rand(len(xb), xb[0].numel(), generator=_generator(s, b)).reshape(xb.shape)
+            xa = (xb + (2 * u - 1) * s.eps).clamp(0, 1)
+            for _ in range(s.steps):
+                xa.requires_grad_(True)
+                loss = F.cross_entropy(model(xa), yb, reduction="none").sum()
+                (grad,) = torch.autograd.grad(loss, xa)
+                delta = (xa.detach() + s.step_size * grad.sign() - xb).clamp(-s.eps, s.eps)
+                xa = (xb + delta).clamp(0, 1)
+            out.append(xa)
+        return torch.cat(out)
+
+    return attack
+
+
+def robustlab_pgd(**options: Any) -> Callable[[nn.Module, Setting], AttackFn]:
+    def build(model: nn.Module, s: Setting) -> AttackFn:
+        atk = rl.attacks.create("pgd", rl.ThreatModel("linf", s.eps), steps=s.steps,
+                                step_size=s.step_size, random_start=True, restarts=1, **options)
+
+        def attack(x: Tensor, y: Tensor) -> Tensor:
+            return torch.cat([atk(model, xb, yb, generator=_generator(s, b)).x_adv
+                              for b, xb, yb in _batches(x, y, s.batch)])
+
+        return attack
+
+    return build
+
+
+@functools.cache
+def _compiled(model: nn.Module) -> nn.Module:
+    return torch.compile(model)
+
+
+def robustlab_compiled(model: nn.Module, s: Setting) -> AttackFn:
+    return robustlab_pgd(keep_best=False, early_stop=False)(_compiled(model), s)
+
+
+def torchattacks_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    import torchattacks
+
+    atk = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, random_start=True)
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        torch.manual_seed(s.seed)  # its random start draws from torch's global RNG
+        return torch.cat([atk(xb, yb) for _, xb, yb in _batches(x, y, s.batch)])
+
+    return attack
+
+
+def art_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+    atk = ProjectedGradientDescent(classifier, norm=np.inf, eps=s.eps, eps_step=s.step_size,
+                                   max_iter=s.steps, num_random_init=1, batch_size=s.batch,
+                                   verbose=False)
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        np.random.seed(s.seed)  # its random start draws from numpy's global RNG
+        return torch.from_numpy(atk.generate(x.numpy(), y.numpy()))
+
+    return attack
+
+
+def foolbox_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device="cpu")
+    atk = foolbox.attacks.LinfPGD(abs_stepsize=s.step_size, steps=s.steps, random_start=True)
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        torch.manual_seed(s.seed)
+        return torch.cat([atk(fmodel, xb, yb, epsilons=s.eps)[1]
+                          for _, xb, yb in _batches(x, y, s.batch)])
+
+    return attack
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One row of the table: how to build the attack, on which copy of the model."""
+
+    key: str
+    label: str
+    build: Callable[[nn.Module, Setting], AttackFn]
+    trainable: bool = True  # the parameters' requires_grad during the attack
+    peer: str | None = None  # key of PEERS, None for the raw loop and robustlab
+    first_k_only: bool = False  # only at the smallest K (a per-step effect: K does not change it)
+    fixed_work: bool = True  # K passes on every point (False: stops attacking broken points)
+
+    @property
+    def params(self) -> str:
+        return "trainable" if self.trainable else "frozen"
+
+
+MODES = [
+    Mode("raw", "raw PyTorch loop (reference)", raw_pgd, trainable=False),
+    Mode("raw-trainable", "raw PyTorch loop", raw_pgd, first_k_only=True),
+    Mode("robustlab-fixed", "robustlab, fixed work", robustlab_pgd(keep_best=False)),
+    Mode("robustlab-compiled", "robustlab, fixed work, torch.compile", robustlab_compiled,
+         first_k_only=True),
+    Mode("robustlab-eval", "robustlab, eval path (early stop)",
+         robustlab_pgd(keep_best=True, early_stop=True), fixed_work=False),
+    Mode("torchattacks", "torchattacks PGD", torchattacks_pgd, peer="torchattacks"),
+    Mode("torchattacks-frozen", "torchattacks PGD", torchattacks_pgd, trainable=False,
+         peer="torchattacks", first_k_only=True),
+    Mode("art", "ART ProjectedGradientDescent", art_pgd, peer="art"),
+    Mode("art-frozen", "ART ProjectedGradientDescent", art_pgd, trainable=False, peer="art",
+         first_k_only=True),
+    Mode("foolbox", "foolbox LinfPGD", foolbox_pgd, peer="foolbox"),
+    Mode("foolbox-frozen", "foolbox LinfPGD", foolbox_pgd, trainable=False, peer="foolbox",
+         first_k_only=True),
+]
+
+
+# --- measurement ------------------------------------------------------------------------------
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
+    """Percentage of points classified correctly (eval mode, no grad): the robust accuracy
+    when ``x`` holds an attack's ``x_adv``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            correct = sum(int((model(xb).argmax(1) == yb).sum())
+                          for _, xb, yb in _batches(x, y, batch))
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / len(y)
+
+
+def check_ball(x_adv: Tensor, x: Tensor, eps: float) -> tuple[float, bool]:
+    """Largest linf distance, and whether every point is within ``eps + 1e-6`` and [0, 1]."""
+    if x_adv.shape != x.shape or not torch.isfinite(x_adv).all():
+        return float("nan"), False
+    dist = float((x_adv - x).abs().amax())
+    return dist, dist <= eps + 1e-6 and float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+def available_peers() -> dict[str, str | None]:
+    """Installed version of each peer (None: missing), and eagerpy's, foolbox's backend."""
+    versions = {key: package_version(dist) for key, dist in PEERS.items()}
+    versions["eagerpy"] = package_version("eagerpy")
+    return versions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1000, help="test images attacked (default 1000)")
+    p.add_argument("--batch", type=int, default=250, help="attack batch size (default 250)")
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="PGD steps K")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median; default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--modes", nargs="+", choices=[m.key for m in MODES],
+                   default=[m.key for m in MODES], help="modes to run (default all)")
+    p.add_argument("--quick", action="store_true",
+                   help="development run: 250 points, 2 rounds, results in attack_speed_quick.*")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats = min(args.n, 250), min(args.repeats, 2)
+    if "raw" not in args.modes:
+        p.error("the raw loop is the reference of every ratio: keep 'raw' in --modes")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    peers = available_peers()
+    missing = [key for key in PEERS if peers[key] is None]
+    modes = [m for m in MODES if m.key in args.modes and (m.peer is None or peers[m.peer])]
+    print(f"torch {torch.__version__}, {args.threads} threads; peers: "
+          + ", ".join(f"{k} {v}" for k, v in peers.items() if v)
+          + (f"; missing (skipped): {', '.join(missing)}" if missing else ""), flush=True)
+
+    x, y = rl.data.load(DATASET, split="test", n=args.n)
+    models: dict[str, dict[bool, nn.Module]] = {}
+    model_info: dict[str, dict[str, Any]] = {}
+    for name, recipe in RECIPES.items():
+        trainable = trained_model(f"smallcnn-{name}", recipe).eval().requires_grad_(True)
+        frozen = copy.deepcopy(trainable).requires_grad_(False)
+        models[name] = {True: trainable, False: frozen}
+        clean = accuracy(trainable, x, y, args.batch)
+        model_info[name] = {"recipe": recipe, "clean_acc": clean,
+                            "train_seconds": trainable.robustlab_meta["train_seconds"]}
+        print(f"model {name}: clean accuracy {clean:.1f}% on {args.n} test images", flush=True)
+
+    settings = {k: Setting(EPS, k, 2.5 * EPS / k, args.batch) for k in args.steps}
+    tasks: dict[str, Callable[[], Tensor]] = {}
+    warmups: dict[str, Callable[[], Tensor]] = {}
+    rows: dict[str, tuple[str, int, Mode]] = {}
+    for name, copies in models.items():
+        for k, s in settings.items():
+            for mode in modes:
+                if mode.first_k_only and k != min(settings):
+                    continue
+                key = f"{name} PGD-{k} {mode.key}"
+                attack = mode.build(copies[mode.trainable], s)
+                tasks[key] = functools.partial(attack, x, y)
+                rows[key] = (name, k, mode)
+                if k == min(settings):  # one batch, to warm up each mode on each model
+                    warmups[key] = functools.partial(attack, x[:args.batch], y[:args.batch])
+
+    def progress(r: int, key: str, seconds: float) -> None:
+        what = "warm-up" if r < 0 else f"round {r + 1}/{args.repeats}"
+        print(f"  {what:>11}  {key:<40} {seconds:7.2f} s", flush=True)
+
+    print(f"{len(tasks)} timed tasks, {args.repeats} rounds", flush=True)
+    warm_times, _ = interleaved(warmups, 1, on_done=lambda _, key, t: progress(-1, key, t))
+    times, x_advs = interleaved(tasks, args.repeats, on_done=progress)
+
+    results = []
+    for key, (name, k, mode) in rows.items():
+        model = models[name][True]
+        dist, valid = check_ball(x_advs[key], x, EPS)
+        raw_key = f"{name} PGD-{k} raw"
+        results.append({
+            "model": name, "steps": k, "step_size": settings[k].step_size, "mode": mode.key,
+            "label": mode.label, "params": mode.params, "peer": mode.peer,
+            "fixed_work": mode.fixed_work, "times_s": times[key],
+            "median_s": median(times[key]),
+            "ratio": median(times[raw_key]) / median(times[key]),
+            "robust_acc": accuracy(model, x_advs[key], y, args.batch),
+            "max_linf": dist, "valid": valid,
+            "max_abs_diff_vs_raw": float((x_advs[key] - x_advs[raw_key]).abs().max()),
+        })
+    compile_s = [t for key, t in warm_times.items() if key.endswith("robustlab-compiled")]
+    record = {
+        "benchmark": "attack_speed", "machine": machine_record(peers),
+        "missing_peers": missing, "threads": args.threads, "n": args.n, "batch": args.batch,
+        "repeats": args.repeats, "eps": EPS, "norm": "linf", "dataset": DATASET,
+        "step_size_rule": "2.5 * eps / K", "models": model_info,
+        "warmup_s": {key: t[0] for key, t in warm_times.items()},
+        "compile_warmup_s": compile_s, "results": results,
+    }
+    record["targets"] = check_targets(results)
+    markdown = render(record)
+    print("\n" + markdown)
+    md, js = write_results("attack_speed_quick" if args.quick else "attack_speed", markdown,
+                           record)
+    print(f"wrote {md} and {js}")
+    return record
+
+
+# --- reading the results ----------------------------------------------------------------------
+def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+    for name, k in sorted({(r["model"], r["steps"]) for r in results}):
+        rows = {r["mode"]: r for r in results if (r["model"], r["steps"]) == (name, k)}
+        raw, where = rows["raw"], f"{name} PGD-{k}"
+        if "robustlab-fixed" in rows:
+            ours = rows["robustlab-fixed"]
+            out.append({"target": f"{where}: robustlab fixed work >= 0.95x raw",
+                         "measured": f"{ours['ratio']:.2f}x", "met": ours["ratio"] >= 0.95})
+            peers = [r for r in rows.values() if r["peer"]]
+            if peers:
+                best = min(peers, key=lambda r: r["median_s"])
+                out.append({"target": f"{where}: robustlab fixed work >= every peer",
+                            "measured": f"{ours['ratio']:.2f}x vs fastest peer {best['label']} "
+                                        f"({best['params']}) {best['ratio']:.2f}x",
+                            "met": ours["median_s"] <= best["median_s"]})
+        if "robustlab-eval" in rows:
+            goal = 1.5 if name == "pgd-at" else 5.0
+            ours = rows["robustlab-eval"]
+            out.append({"target": f"{where}: robustlab eval path >= {goal}x raw",
+                        "measured": f"{ours['ratio']:.2f}x", "met": ours["ratio"] >= goal})
+        others = [r for r in rows.values() if r["mode"] != "raw"]
+        if others:
+            worst = max(others, key=lambda r: abs(r["robust_acc"] - raw["robust_acc"]))
+            delta = worst["robust_acc"] - raw["robust_acc"]
+            out.append({
+                "target": f"{where}: every mode's robust accuracy within {ACC_TOLERANCE} "
+                          f"points of raw ({raw['robust_acc']:.1f}%), every x_adv valid",
+                "measured": f"largest gap {delta:+.1f} ({worst['label']}, {worst['params']})",
+                "met": abs(delta) <= ACC_TOLERANCE and all(r["valid"] for r in rows.values()),
+            })
+    return out
+
+
+def render(record: dict[str, Any]) -> str:
+    """The Markdown report: settings, machine, one table per model, the targets."""
+    m = record["machine"]
+    peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items() if v) or "none"
+    steps = sorted({r["steps"] for r in record["results"]})
+    lines = [
+        "# Attack speed: PGD against the raw PyTorch loop and the peers",
+        "",
+        f"- Command: `{m['command']}`",
+        f"- Date: {m['date']}; robustlab {m['robustlab']} at commit {m['robustlab_commit']}",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), shared with other jobs during the run; "
+        f"`torch.set_num_threads({record['threads']})`; torch {m['torch']}, python "
+        f"{m['python']}",
+        f"- Peers: {peers}"
+        + (f"; missing: {', '.join(record['missing_peers'])}" if record["missing_peers"] else ""),
+        f"- Attack: PGD, linf eps {record['eps']}, step {record['step_size_rule']}, one random "
+        f"start, CE loss, batch {record['batch']}, first {record['n']} {record['dataset']} "
+        "test images",
+        f"- Timing: warm-up once, then {record['repeats']} interleaved rounds (round robin, "
+        "order rotated each round), median seconds; `x raw` = raw loop time / mode time "
+        "(higher is faster)",
+        "- Robust accuracy recomputed by the benchmark on each mode's x_adv (one forward pass, "
+        "eval mode); every x_adv checked inside the eps ball (+1e-6) and [0, 1]",
+    ]
+    if record["compile_warmup_s"]:
+        secs = ", ".join(f"{t:.0f} s" for t in record["compile_warmup_s"])
+        lines.append(f"- torch.compile: compilation paid in the warm-up ({secs}), not timed")
+    for name, info in record["models"].items():
+        rec = {k: v for k, v in info["recipe"].items() if k not in ("arch", "dataset")}
+        lines += ["", f"## smallcnn, {name} (clean accuracy {info['clean_acc']:.1f}%)", "",
+                  f"Trained by `robustlab.training.fit` with {rec} in "
+                  f"{info['train_seconds']:.0f} s.", ""]
+        head = "| mode | params |" + "".join(
+            f" PGD-{k} x raw | PGD-{k} s | PGD-{k} rob. acc % |" for k in steps)
+        lines += [head, "|---|---|" + "---:|---:|---:|" * len(steps)]
+        mode_rows = [r for r in record["results"] if r["model"] == name]
+        seen: list[str] = []
+        for r in mode_rows:
+            if r["mode"] in seen:
+                continue
+            seen.append(r["mode"])
+            cells = [r["label"], r["params"]]
+            for k in steps:
+                hit = next((c for c in mode_rows if (c["mode"], c["steps"]) == (r["mode"], k)),
+                           None)
+                if hit is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                acc = f"{hit['robust_acc']:.1f}" + ("" if hit["valid"] else " (INVALID)")
+                ratio = f"**{hit['ratio']:.2f}**" if not hit["peer"] else f"{hit['ratio']:.2f}"
+                cells += [ratio, f"{hit['median_s']:.1f}", acc]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
+              for t in record["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The command line: ``robustlab train | evaluate | list``.
+
+Progress bars and printing live here, never in the library. The CLI seeds torch once and
+records the seed with every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustlab.threat import NORMS, parse_eps
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _eps(s: str) -> float:
+    try:
+        v = parse_eps(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {s}")
+    return v
+
+
+def _out(msg: str = "", quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+# --- train ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from robustlab import data, models
+    from robustlab.config import load_recipe
+    from robustlab.training import Trainer
+
+    recipe = load_recipe(args.config)
+    cfg = recipe.train
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.seed is not None:
+        cfg.seed = args.seed
+    torch.manual_seed(cfg.seed)
+    out = Path(args.out)
+    info = data.info(recipe.dataset)
+    x, y = data.load(recipe.dataset, split="train", n=recipe.n_train)
+    xv, yv = data.load(recipe.dataset, split="test", n=recipe.val_n) if recipe.val_n else (None,
+                                                                                          None)
+    opts = {k: v for k, v in recipe.model.items() if k != "arch"}
+    opts.setdefault("num_classes", info.num_classes)
+    opts.setdefault("in_channels", info.shape[0])
+    opts.setdefault("input_size", info.shape[1])
+    model = models.create(recipe.model["arch"], **opts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
+    _out(f"training {recipe.model['arch']} on {recipe.dataset} ({len(x)} images) with "
+         f"{cfg.objective}, {recipe.threat or 'no threat model'}, {cfg.epochs} epochs -> {out}",
+         args.quiet)
+
+    def report(rec: dict[str, Any]) -> None:
+        parts = [f"epoch {rec['epoch']:>3}/{cfg.epochs}", f"loss {rec['train_loss']:.4f}",
+                 f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
+        if "val_clean_acc" in rec:
+            parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
+        if "val_robust_acc" in rec:
+            parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
+        _out(" | ".join(parts), args.quiet)
+
+    val = (xv, yv) if xv is not None else None
+    trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, val=val,
+                      progress=not args.quiet, callback=report)
+    trainer.run(resume=args.resume)
+    _out(f"checkpoint: {out / 'model.safetensors'}\ntraining log: {out / 'train_log.jsonl'}",
+         args.quiet)
+    return 0
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from robustlab import data, models
+    from robustlab.evaluation import evaluate
+    from robustlab.threat import ThreatModel
+
+    torch.manual_seed(args.seed)
+    model = models.load(args.checkpoint)
+    meta = getattr(model, "robustlab_meta", {})
+    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    x, y = data.load(dataset, split=args.split, n=args.n)
+    threat = ThreatModel(args.norm, args.eps)
+    attacks = None
+    if args.attack:
+        opts: dict[str, Any] = {"loss": args.loss}
+        if args.steps is not None:
+            opts["steps"] = args.steps
+        if args.restarts is not None:
+            opts["restarts"] = args.restarts
+        if args.step_size is not None:
+            opts["step_size"] = args.step_size
+        attacks = [(a, opts) for a in args.attack]
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    result = evaluate(
+        model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
+        seed=args.seed, out=str(out), progress=not args.quiet,
+        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+                "command": " ".join(sys.argv)},
+    )
+    from robustlab.evaluation.summary import markdown
+
+    _out(markdown(result.record), args.quiet)
+    _out(f"results: {out / 'results.json'}\nper-sample: {out / 'per_sample.jsonl'}\n"
+         f"summary: {out / 'summary.md'}", args.quiet)
+    return 0
+
+
+# --- list -------------------------------------------------------------------------------------
+def _registries() -> dict[str, Any]:
+    from robustlab import attacks, data, evaluation, models, training
+    from robustlab.attacks.losses import loss_names
+    from robustlab.training.schedules import SCHEDULES
+
+    return {
+        "attacks": attacks.names, "models": models.names, "objectives": training.objectives,
+        "datasets": data.names, "suites": evaluation.suites, "losses": loss_names,
+        "schedules": SCHEDULES.names, "activations": models.activations,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    regs = _registries()
+    for kind in [args.kind] if args.kind else list(regs):
+        print(f"{kind}: {', '.join(regs[kind]())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustlab", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a TOML recipe")
+    t.add_argument("--config", required=True, type=Path, help="recipe, e.g. configs/pgd_at.toml")
+    t.add_argument("--out", required=True, type=Path, help="run directory, e.g. runs/pgd_at")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
+    t.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="clean and robust accuracy of a checkpoint")
+    e.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
+    e.add_argument("--norm", choices=NORMS, default="linf")
+    e.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    e.add_argument("--suite", default="pgd", help="attack suite (robustlab list suites)")
+    e.add_argument("--attack", action="append", default=None,
+                   help="run this attack instead of a suite (repeatable)")
+    e.add_argument("--steps", type=_positive_int, default=None)
+    e.add_argument("--restarts", type=_positive_int, default=None)
+    e.add_argument("--step-size", type=_eps, default=None)
+    e.add_argument("--loss", default="ce", help="attack loss: ce or cw-margin")
+    e.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+    e.add_argument("--split", default="test", choices=("train", "test"))
+    e.add_argument("--n", type=_positive_int, default=1000, help="first n points of the split")
+    e.add_argument("--batch-size", type=_positive_int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default=None, help="results directory (default: beside checkpoint)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    ls = sub.add_parser("list", help="what is registered")
+    ls.add_argument("kind", nargs="?", choices=sorted(_registries()), default=None)
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"robustlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,8 @@
+"""Evaluation: attack cascades with per-sample worst case, sanity flags, results as data."""
+
+from robustlab.evaluation.results import EvalResult
+from robustlab.evaluation.suite import evaluate
+from robustlab.evaluation.suites import SUITES
+from robustlab.evaluation.suites import names as suites
+
+__all__ = ["SUITES", "EvalResult", "evaluate", "suites"]

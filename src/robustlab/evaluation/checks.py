@@ -1,0 +1,74 @@
+"""Sanity checks that flag an evaluation a reviewer should not trust as it stands.
+
+Each check returns ``None`` or a flag ``{"name", "message"}``; flags go into the results JSON
+and to the top of the Markdown summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Flag = dict[str, Any]
+
+
+def randomised_output(model: nn.Module, x: Tensor) -> Flag | None:
+    """Two forward passes on the same inputs differ: the model is randomised, so single-draw
+    predictions and gradients are not enough (use EOT and repeated predictions)."""
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if not torch.equal(a, b):
+        diff = float((a - b).abs().max())
+        return {"name": "randomised-output",
+                "message": f"two forward passes on the same inputs differ (max |diff| {diff:.3g}): "
+                           "the model is randomised; single-draw attacks understate its "
+                           "vulnerability; evaluate with EOT and repeated predictions"}
+    return None
+
+
+def softmax_output(logits: Tensor) -> Flag | None:
+    """The model returns probabilities rather than logits, which saturates the CE loss."""
+    if (logits >= 0).all() and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]),
+                                              atol=1e-4):
+        return {"name": "softmax-output",
+                "message": "the model's outputs are non-negative and sum to 1: it returns "
+                           "probabilities, not logits; gradient attacks on the CE loss vanish; "
+                           "remove the final softmax"}
+    return None
+
+
+def gradient_health(model: nn.Module, x: Tensor, y: Tensor) -> Flag | None:
+    """Input gradients of the CE loss that are zero or non-finite for some samples: masked
+    gradients make gradient attacks fail without the model being robust."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(xg)
+        if not out.requires_grad:
+            return {"name": "no-gradient",
+                    "message": "the model's output has no gradient path to its input "
+                               "(non-differentiable forward); gradient attacks cannot run: use "
+                               "gradient-free or transfer attacks"}
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg,
+                                   allow_unused=True)
+    if g is None:
+        return {"name": "no-gradient", "message": "the input gradient is disconnected"}
+    flat = g.flatten(1)
+    bad_nan = int((~torch.isfinite(flat)).any(1).sum())
+    bad_zero = int((flat == 0).all(1).sum())
+    if bad_nan or bad_zero:
+        return {"name": "masked-gradient",
+                "message": f"input gradients are NaN/inf for {bad_nan} and exactly zero for "
+                           f"{bad_zero} of {len(x)} probe samples: gradient masking; the robust "
+                           "accuracy from gradient attacks is an upper bound only"}
+    return None
+
+
+def run_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[Flag]:
+    """All checks on a probe batch (the model must already be in eval mode)."""
+    with torch.no_grad():
+        logits = model(x)
+    found = [randomised_output(model, x), softmax_output(logits), gradient_health(model, x, y)]
+    return [f for f in found if f is not None]

@@ -1,0 +1,185 @@
+"""``evaluate``: clean accuracy, then a cascade of attacks over the still-robust points.
+
+Every attack runs only on points no earlier attack broke; each returned input is checked to lie
+in the ball and the bounds, and the prediction on it is recomputed here, so the reported robust
+accuracy is the per-sample worst case over every attack run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab._provenance import git_commit, versions
+from robustlab._validate import check_inputs, check_labels, check_logits
+from robustlab.attacks import Attack
+from robustlab.attacks import create_for_evaluation
+from robustlab.evaluation.checks import run_checks
+from robustlab.evaluation.results import SCHEMA, EvalResult
+from robustlab.evaluation.suites import suite_attacks
+from robustlab.threat import ThreatModel
+
+log = logging.getLogger(__name__)
+AttackLike = Attack | tuple[str, dict[str, Any]] | str
+
+
+def _build(spec: AttackLike, threat: ThreatModel) -> Attack:
+    if isinstance(spec, Attack):
+        if spec.threat != threat:
+            raise ValueError(f"attack {spec!r} has threat {spec.threat}, evaluation has {threat}")
+        return spec
+    name, opts = (spec, {}) if isinstance(spec, str) else spec
+    return create_for_evaluation(name, threat, **dict(opts))
+
+
+def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            out.append(check_logits(model(xb), len(xb)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    suite: str = "pgd",
+    attacks: Sequence[AttackLike] | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    out: str | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` on ``(x, y)`` under ``threat``.
+
+    Args:
+        suite: a registered suite name (``robustlab.evaluation.suites.names()``), used when
+            ``attacks`` is None.
+        attacks: instead of a suite, attacks as ``Attack`` objects, names or
+            ``(name, options)`` pairs, run in this order.
+        batch_size: points per attack call.
+        seed: seeds the one generator all attacks draw from (deterministic results).
+        out: directory for ``results.json``, ``per_sample.jsonl`` and ``summary.md``.
+        config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
+
+    Returns:
+        :class:`EvalResult`; robust accuracy counts a point robust only if it is classified
+        correctly without attack and after every attack.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+    check_inputs(x, y, threat)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    suite_name = "custom" if attacks is not None else suite
+    specs = list(attacks) if attacks is not None else suite_attacks(suite)
+    built = [_build(s, threat) for s in specs]
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x, y = x.detach().cpu(), y.detach().cpu().long()
+    n = len(x)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t_start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        probe = slice(0, min(n, 64))
+        with torch.no_grad():
+            k = check_logits(model(x[probe].to(device)), len(x[probe])).shape[1]
+        check_labels(y, k)
+        pred = _predict(model, x, batch_size, device)
+        clean_time = time.perf_counter() - t_start
+        flags = run_checks(model, x[probe].to(device), y[probe].to(device))
+        robust = pred == y
+        adv_pred = pred.clone()
+        x_adv = x.clone()
+        broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
+        per_attack = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(built), desc="attacks", unit="attack", leave=False)
+        for i, atk in enumerate(built):
+            label = f"{i + 1}:{atk.name}"
+            t0 = time.perf_counter()
+            idx = robust.nonzero().squeeze(1)
+            attacked, broken = len(idx), 0
+            for j in range(0, len(idx), batch_size):
+                b = idx[j:j + batch_size]
+                xb, yb = x[b].to(device), y[b].to(device)
+                res = atk(model, xb, yb, generator=gen)
+                threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
+                with torch.no_grad():  # recompute: never trust an attack's own verdict
+                    p = model(res.x_adv).argmax(1)
+                hit = (p != yb).cpu()
+                if not torch.equal(hit, res.success.cpu()):
+                    flags.append({"name": "prediction-mismatch",
+                                  "message": f"{atk.name}: predictions on the same x_adv "
+                                             "differ between two forward passes (randomised "
+                                             "model?)"})
+                bi = b[hit]
+                robust[bi] = False
+                x_adv[bi] = res.x_adv[hit.to(res.x_adv.device)].cpu()
+                adv_pred[bi] = p.cpu()[hit]
+                for s in bi.tolist():
+                    broken_by[s] = label
+                broken += len(bi)
+            per_attack.append({
+                "attack": label, "config": atk.config(), "attacked": attacked,
+                "broken": broken, "robust_accuracy": float(robust.float().mean()),
+                "time_s": time.perf_counter() - t0,
+            })
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(robust=f"{100 * float(robust.float().mean()):.2f}%")
+        if bar is not None:
+            bar.close()
+    finally:
+        model.train(was_training)
+    total = time.perf_counter() - t_start
+    dist = threat.distance(x_adv, x)
+    per_sample = [
+        {"index": i, "label": int(y[i]), "clean_pred": int(pred[i]), "adv_pred": int(adv_pred[i]),
+         "robust": bool(robust[i]), "broken_by": broken_by[i], "distance": float(dist[i])}
+        for i in range(n)
+    ]
+    flags = list({f["name"]: f for f in flags}.values())  # one flag per kind
+    record = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "clean_accuracy": float((pred == y).float().mean()),
+        "robust_accuracy": float(robust.float().mean()),
+        "threat": threat.to_dict(),
+        "suite": suite_name,
+        "attacks": [a.config() for a in built],
+        "n": n,
+        "per_attack": per_attack,
+        "flags": flags,
+        "seed": seed,
+        "batch_size": batch_size,
+        "commit": git_commit(),
+        "versions": versions(),
+        "config": config or {},
+        "timings": {"clean_s": clean_time, "total_s": total},
+    }
+    result = EvalResult(
+        clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
+        per_attack=per_attack, flags=flags, robust=robust, x_adv=x_adv, broken_by=broken_by,
+        per_sample=per_sample, record=record,
+    )
+    if out is not None:
+        result.save(out)
+    return result

@@ -1,0 +1,50 @@
+"""Markdown summary rendered from a results document (never recomputed here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _attack_label(cfg: dict[str, Any]) -> str:
+    name = cfg.get("name", "?")
+    parts = []
+    if "steps" in cfg:
+        parts.append(f"{cfg['steps']} steps")
+    if cfg.get("restarts", 1) > 1:
+        parts.append(f"{cfg['restarts']} restarts")
+    if cfg.get("loss") and cfg["loss"] != "ce":
+        parts.append(cfg["loss"])
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def markdown(rec: dict[str, Any]) -> str:
+    """A short Markdown report: flags first, then accuracies and the attack cascade."""
+    t = rec["threat"]
+    lines = ["# robustlab evaluation", ""]
+    if rec["flags"]:
+        lines += ["**FLAGGED: do not trust this robust accuracy as it stands.**", ""]
+        lines += [f"- **{f['name']}**: {f['message']}" for f in rec["flags"]]
+        lines.append("")
+    lines += [
+        f"- threat model: {t['norm']} eps = {t['eps']:g}, bounds {t['bounds']}",
+        f"- points: {rec['n']} · suite: {rec['suite']} · seed: {rec['seed']} · "
+        f"commit: {rec.get('commit') or 'unknown'}",
+        f"- clean accuracy: **{_pct(rec['clean_accuracy'])}**",
+        f"- robust accuracy (per-sample worst case over all attacks): "
+        f"**{_pct(rec['robust_accuracy'])}**",
+        "",
+        "| # | attack | step size | points attacked | broken | robust accuracy after | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(rec["per_attack"], 1):
+        step = a["config"].get("step_size")
+        lines.append(
+            f"| {i} | {_attack_label(a['config'])} | {f'{step:.4g}' if step else '-'} | "
+            f"{a['attacked']} | {a['broken']} | {_pct(a['robust_accuracy'])} | {a['time_s']:.1f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
