@@ -267,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="PGD steps K")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median; default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                   help="models attacked (default both)")
     p.add_argument("--modes", nargs="+", choices=[m.key for m in MODES],
                    default=[m.key for m in MODES], help="modes to run (default all)")
     p.add_argument("--quick", action="store_true",
@@ -292,12 +294,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x, y = rl.data.load(DATASET, split="test", n=args.n)
     models: dict[str, dict[bool, nn.Module]] = {}
     model_info: dict[str, dict[str, Any]] = {}
-    for name, recipe in RECIPES.items():
-        trainable = trained_model(f"smallcnn-{name}", recipe).eval().requires_grad_(True)
+    for name in args.models:
+        trainable = trained_model(f"smallcnn-{name}", RECIPES[name]).eval().requires_grad_(True)
         frozen = copy.deepcopy(trainable).requires_grad_(False)
         models[name] = {True: trainable, False: frozen}
         clean = accuracy(trainable, x, y, args.batch)
-        model_info[name] = {"recipe": recipe, "clean_acc": clean,
+        model_info[name] = {"recipe": RECIPES[name], "clean_acc": clean,
                             "train_seconds": trainable.robustlab_meta["train_seconds"]}
         print(f"model {name}: clean accuracy {clean:.1f}% on {args.n} test images", flush=True)
 

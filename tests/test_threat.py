@@ -73,8 +73,8 @@ def test_projection_with_box_is_nearest_feasible_point_scipy():
         p = t.project(v, x)
         for i in range(len(x)):
             xi, vi = x[i].numpy(), v[i].numpy()
-            cons = [{"type": "ineq",
-                     "fun": lambda z, xi=xi: eps - np.linalg.norm(z - xi, ord=ORD[norm])}]
+            cons = [{"type": "ineq", "fun": lambda z, xi=xi, eps=eps, o=ORD[norm]:
+                     eps - np.linalg.norm(z - xi, ord=o)}]
             r = minimize(lambda z, vi=vi: ((z - vi) ** 2).sum(), xi, bounds=[(0, 1)] * 5,
                          constraints=cons, method="SLSQP", options={"ftol": 1e-12})
             ours = float(((p[i] - v[i]) ** 2).sum())

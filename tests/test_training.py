@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import robustlab as rl
-from robustlab.training import lr_at
-
 from helpers import TinyCNN, make_quadrants
+from robustlab.training import lr_at
 
 
 def test_schedules():

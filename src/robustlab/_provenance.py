@@ -19,7 +19,7 @@ def package_version() -> str:
 
 @cache
 def git_commit() -> str | None:
-    """The commit of the robustlab checkout this code runs from (``-dirty`` if modified), or None."""
+    """The commit of the robustlab checkout running (``-dirty`` if modified), or None."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -44,7 +44,8 @@ def versions() -> dict[str, str | int | None]:
     cpu = platform.processor() or None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            cpu = next(names, cpu)
     except OSError:
         pass
     return {

@@ -3,42 +3,75 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustlab.threat import ThreatModel
 
+# dtypes an input batch may have (float8 and friends lack isfinite/min and most kernels)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _x_dtype_hint(dtype: torch.dtype) -> str:
+    if dtype == torch.uint8:
+        return "convert 8-bit images with x.float() / 255"
+    if dtype.is_complex:
+        return "images are real-valued: pass x.real, or the magnitude x.abs(), as float32"
+    if dtype.is_floating_point:
+        return "convert with x.float()"
+    return "convert with x.float() and scale the values into the threat bounds (e.g. / 255)"
+
 
 def check_inputs(x: object, y: object, threat: ThreatModel | None = None) -> None:
-    """Validate a batch: ``x`` float (N, ...) finite and inside ``threat.bounds``, ``y`` int (N,)."""
+    """Validate a batch: ``x`` float (N, ...) finite and inside ``threat.bounds``, ``y`` int
+    (N,) non-negative; ``threat`` (if given) a :class:`ThreatModel`."""
+    if threat is not None and not isinstance(threat, ThreatModel):
+        raise TypeError(
+            f"threat must be a robustlab.ThreatModel, e.g. ThreatModel('linf', eps=8/255), "
+            f"got {type(threat).__name__}"
+        )
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+        raise TypeError(
+            f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
+            "convert with torch.as_tensor(x, dtype=torch.float32)"
+        )
     if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a torch.Tensor of int64 labels (N,), got {type(y).__name__}")
-    if not x.is_floating_point():
+        raise TypeError(
+            f"y must be a torch.Tensor of int64 labels (N,), got {type(y).__name__}; "
+            "convert with torch.as_tensor(y, dtype=torch.long)"
+        )
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"x must be a floating-point tensor with values in the threat bounds, got {x.dtype}; "
-            "convert images with x.float() / 255"
+            f"x must be a floating-point tensor (float32, float64, float16 or bfloat16) with "
+            f"values in the threat bounds, got {x.dtype}; {_x_dtype_hint(x.dtype)}"
         )
     if x.dim() < 2:
-        raise ValueError(f"x must be batched, shape (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be batched, shape (N, C, H, W), got shape {tuple(x.shape)}; "
+                         "add the batch dimension with x.unsqueeze(0)")
     if x.shape[0] == 0:
         raise ValueError("x is empty (N = 0): pass at least one example")
+    if x.numel() == 0:
+        raise ValueError(f"x has no values: shape {tuple(x.shape)} has a zero-sized dimension; "
+                         "pass images shaped (N, C, H, W) with C, H, W >= 1")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"y must have shape (N,) = ({x.shape[0]},) to match x, got shape {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"y must hold integer class labels (int64), got {y.dtype}")
+        raise ValueError(f"y must hold integer class labels (int64), got {y.dtype}; "
+                         "convert class indices with y.long()")
     if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got min label {int(y.min())}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
+        raise ValueError(f"labels must be >= 0 (class indices), got min label {int(y.min())}")
+    xd = x.detach()
+    if not torch.isfinite(xd).all():
+        raise ValueError(f"x contains {int((~torch.isfinite(xd)).sum())} NaN or infinite "
+                         "values; clean or drop those inputs first")
     if threat is not None:
         lo, hi = threat.bounds
-        xmin, xmax = float(x.min()), float(x.max())
+        xmin, xmax = float(xd.min()), float(xd.max())
         if xmin < lo - 1e-6 or xmax > hi + 1e-6:
             raise ValueError(
-                f"x has values in [{xmin:.4g}, {xmax:.4g}], outside the threat bounds [{lo}, {hi}]; "
+                f"x has values in [{xmin:.4g}, {xmax:.4g}], outside the threat bounds "
+                f"[{lo}, {hi}]; "
                 "pass unnormalised inputs (normalisation is the model's first layer) or set "
                 "ThreatModel(..., bounds=...)"
             )
@@ -54,8 +87,64 @@ def check_labels(y: Tensor, num_classes: int, name: str = "labels") -> None:
 
 
 def check_logits(out: object, n: int) -> Tensor:
-    """The model must return a (N, num_classes) float tensor of logits."""
+    """The model must return a (N, num_classes) float tensor of logits, num_classes >= 2,
+    without NaN."""
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the model must return logits of shape (N, num_classes), got {shape}")
+        hint = (" (a tuple or dict: wrap the model so forward returns only the logits)"
+                if not isinstance(out, Tensor) else "")
+        raise ValueError(
+            f"the model must return logits of shape (N, num_classes) = ({n}, K), got {shape}"
+            f"{hint}"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"the model must return floating-point logits, got {out.dtype}; "
+                        "return the raw scores, not class indices")
+    if out.shape[1] < 2:
+        raise ValueError(
+            f"the model returns {out.shape[1]} logit(s) per sample; robustlab needs one per "
+            "class, at least 2 (for a single-logit binary classifier z, return "
+            "torch.cat([torch.zeros_like(z), z], dim=1))"
+        )
+    if torch.isnan(out.detach()).any():
+        raise ValueError("the model returned NaN logits for valid inputs; check its weights "
+                         "(NaN after training or loading?) and operations such as 0/0 or log(0)")
     return out
+
+
+def _model_tensor(model: nn.Module) -> Tensor | None:
+    """The model's first floating-point parameter or buffer (its dtype and device), if any."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def probe_model(model: nn.Module, x: Tensor) -> Tensor:
+    """Run ``model`` (in the mode it is in, without gradients) on the probe batch ``x`` and
+    return its logits, checked by :func:`check_logits`.
+
+    A model that cannot run on ``x`` raises a clear error instead of torch internals:
+    ``TypeError`` when ``x``'s dtype differs from the model's weights (float64 inputs for a
+    float32 model), ``ValueError`` for a device mismatch or a shape the model does not take.
+    """
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as err:
+        ref = _model_tensor(model)
+        if ref is not None and ref.dtype != x.dtype:
+            raise TypeError(
+                f"x is {x.dtype} but the model's weights are {ref.dtype}; convert the inputs "
+                f"with x.to({ref.dtype}) (or the model with model.to({x.dtype}))"
+            ) from err
+        if ref is not None and ref.device != x.device:
+            raise ValueError(
+                f"x is on {x.device} but the model is on {ref.device}; move the inputs with "
+                f"x.to({str(ref.device)!r})"
+            ) from err
+        raise ValueError(
+            f"the model cannot run on x of shape {tuple(x.shape)} ({err}); pass x shaped "
+            "(N, C, H, W) with the channels and image size the model was built for"
+        ) from err
+    return check_logits(out, len(x))

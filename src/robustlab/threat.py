@@ -96,7 +96,7 @@ class ThreatModel:
         return in_ball & in_box & torch.isfinite(_flat(x_adv)).all(1)
 
     def check(self, x_adv: Tensor, x: Tensor, who: str = "attack") -> None:
-        """Raise ``RuntimeError`` if any sample left the ball or the bounds (never clip silently)."""
+        """Raise ``RuntimeError`` if a sample left the ball or the bounds (never clip silently)."""
         bad = ~self.contains(x_adv, x)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -104,7 +104,8 @@ class ThreatModel:
                 f"{who} returned {int(bad.sum())} point(s) outside the {self.norm} ball of radius "
                 f"{self.eps} or the bounds {self.bounds} (first: sample {i}, distance "
                 f"{float(self.distance(x_adv[i:i + 1], x[i:i + 1])):.6g}, range "
-                f"[{float(x_adv[i].min()):.6g}, {float(x_adv[i].max()):.6g}]); this is a bug in {who}"
+                f"[{float(x_adv[i].min()):.6g}, {float(x_adv[i].max()):.6g}]); "
+                f"this is a bug in {who}"
             )
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:

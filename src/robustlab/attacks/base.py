@@ -107,7 +107,8 @@ class Attack:
                 raise ValueError(f"{self.name} is targeted: pass target=<(N,) class tensor>")
             check_inputs(x, target)
         elif target is not None:
-            raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass target")
+            raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass "
+                             "target")
         labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)

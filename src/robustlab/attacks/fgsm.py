@@ -42,10 +42,10 @@ class FGSM(PGD):
         step_size: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            threat, steps=1, step_size=step_size if step_size is not None else max(threat.eps, 1e-12),
-            random_start=random_start, restarts=1, loss=loss, targeted=targeted, seed=seed,
-        )
+        if step_size is None:
+            step_size = max(threat.eps, 1e-12)
+        super().__init__(threat, steps=1, step_size=step_size, random_start=random_start,
+                         restarts=1, loss=loss, targeted=targeted, seed=seed)
 
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in super().config().items() if k not in ("steps", "restarts")}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from robustlab._io import atomic_write
 
 SCHEMA = "robustlab.evaluation/1"
 
@@ -41,25 +42,14 @@ class EvalResult:
     record: dict[str, Any] = field(repr=False)
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``results.json``, ``per_sample.jsonl`` and ``summary.md`` into directory ``out``."""
+        """Write ``results.json``, ``per_sample.jsonl`` and ``summary.md`` into ``out``."""
         from robustlab.evaluation.summary import markdown
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.json", "per_sample": out / "per_sample.jsonl",
                  "summary": out / "summary.md"}
-        _atomic_write(paths["results"], json.dumps(self.record, indent=2) + "\n")
-        _atomic_write(paths["per_sample"], "".join(json.dumps(r) + "\n" for r in self.per_sample))
-        _atomic_write(paths["summary"], markdown(self.record))
+        atomic_write(paths["results"], json.dumps(self.record, indent=2) + "\n")
+        atomic_write(paths["per_sample"], "".join(json.dumps(r) + "\n" for r in self.per_sample))
+        atomic_write(paths["summary"], markdown(self.record))
         return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

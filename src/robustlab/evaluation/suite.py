@@ -18,8 +18,7 @@ from torch import Tensor, nn
 
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, check_logits
-from robustlab.attacks import Attack
-from robustlab.attacks import create_for_evaluation
+from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.evaluation.checks import run_checks
 from robustlab.evaluation.results import SCHEMA, EvalResult
 from robustlab.evaluation.suites import suite_attacks

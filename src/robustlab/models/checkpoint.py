@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, package_version
 from robustlab.models.factory import MODELS, create
 
@@ -85,19 +85,6 @@ def _build(arch: Any) -> nn.Module:
         raise ValueError(f"cannot rebuild architecture {arch!r}: {err}") from err
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
          *, arch: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s weights to ``path`` (``.safetensors``) and a JSON sidecar next to it.
@@ -148,8 +135,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
                    created=datetime.now(UTC).isoformat(timespec="seconds"),
                    sha256=hashlib.sha256(data).hexdigest())
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
-    _atomic_write(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write(path, data)
+    atomic_write(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
     return path
 
 

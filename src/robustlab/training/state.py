@@ -8,8 +8,6 @@ epoch's state or the new one, never a mix. Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from robustlab._io import atomic_path
 
 _MODEL, _OPTIM, _RNG = "model.", "optim.", "rng."
 
@@ -41,15 +41,8 @@ def save_state(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"{_RNG}cuda{i}"] = s
     header = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "info": info}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"robustlab_train_state": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"robustlab_train_state": json.dumps(header)})
 
 
 def load_state(

@@ -1,0 +1,71 @@
+"""The command line, end to end on a small generated Fashion-MNIST-format data set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from robustlab.cli import main
+
+RECIPE = """
+[data]
+dataset = "fashion-mnist"
+val_n = 32
+[model]
+arch = "lenet"
+[threat]
+norm = "linf"
+eps = "0.1"
+[train]
+objective = "pgd-at"
+epochs = 1
+batch_size = 64
+optimizer = "adam"
+lr = 0.001
+[objective]
+steps = 2
+"""
+
+
+@pytest.fixture
+def env(monkeypatch, fake_fmnist):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    monkeypatch.setenv("ROBUSTLAB_OFFLINE", "1")
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "attacks: fgsm, pgd" in out and "objectives:" in out and "fashion-mnist" in out
+    assert main(["list", "suites"]) == 0
+    assert capsys.readouterr().out.startswith("suites: ")
+
+
+def test_train_then_evaluate(tmp_path, env, capsys):
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(RECIPE)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--quiet"]) == 0
+    assert (run / "model.safetensors").exists() and (run / "train_log.jsonl").exists()
+    code = main(["evaluate", str(run / "model.safetensors"), "--eps", "8/255", "--attack", "pgd",
+                 "--steps", "3", "--n", "50"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "robust accuracy" in out and str(run / "results.json") in out
+    rec = json.loads((run / "results.json").read_text())
+    assert rec["threat"]["eps"] == pytest.approx(8 / 255) and rec["n"] == 50
+    assert rec["attacks"][0]["steps"] == 3 and rec["config"]["dataset"] == "fashion-mnist"
+    assert 0 <= rec["robust_accuracy"] <= rec["clean_accuracy"] <= 1
+
+
+def test_errors_are_clear(tmp_path, env, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(RECIPE.replace("[objective]", "[objectiv]"))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown section [objectiv]" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "none.safetensors"), "--eps", "0.1"]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "m.safetensors", "--eps", "eight"])
+    assert "cannot parse eps" in capsys.readouterr().err
