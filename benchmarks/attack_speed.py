@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_linf": dist, "valid": valid,
             "max_abs_diff_vs_raw": float((x_advs[key] - x_advs[raw_key]).abs().max()),
         })
-    compile_s = [t for key, t in warm_times.items() if key.endswith("robustlab-compiled")]
+    compile_s = [t[0] for key, t in warm_times.items() if key.endswith("robustlab-compiled")]
     record = {
         "benchmark": "attack_speed", "machine": machine_record(peers),
         "missing_peers": missing, "threads": args.threads, "n": args.n, "batch": args.batch,

@@ -143,8 +143,9 @@ def probe_model(model: nn.Module, x: Tensor) -> Tensor:
                 f"x is on {x.device} but the model is on {ref.device}; move the inputs with "
                 f"x.to({str(ref.device)!r})"
             ) from err
+        shape = ", ".join(["N", *map(str, x.shape[1:])])
         raise ValueError(
-            f"the model cannot run on x of shape {tuple(x.shape)} ({err}); pass x shaped "
+            f"the model cannot run on x of shape ({shape}) ({err}); pass x shaped "
             "(N, C, H, W) with the channels and image size the model was built for"
         ) from err
     return check_logits(out, len(x))

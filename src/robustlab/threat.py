@@ -24,10 +24,15 @@ def parse_eps(value: str | float | int) -> float:
     if isinstance(value, bool):
         raise TypeError("eps must be a number or a string such as '8/255', got a bool")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"eps {value} is too large for a float") from None
     if isinstance(value, str):
         try:
             return float(Fraction(value.strip()))
+        except OverflowError:
+            raise ValueError(f"eps {value!r} is too large for a float") from None
         except (ValueError, ZeroDivisionError):
             raise ValueError(
                 f"cannot parse eps {value!r}: give a number ('0.1') or a fraction ('8/255')"

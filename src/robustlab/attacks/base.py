@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustlab._validate import check_inputs, check_labels, check_logits
+from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks.losses import get_loss, is_success
 from robustlab.threat import ThreatModel
 
@@ -76,7 +76,9 @@ class Attack:
         self.loss_name = loss
         self.loss = get_loss(loss)
         self.targeted = bool(targeted)
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
 
     def config(self) -> dict[str, Any]:
         """The attack's settings, as recorded in results."""
@@ -110,19 +112,22 @@ class Attack:
             raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass "
                              "target")
         labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
         x0 = x.detach()
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():  # one sample is enough to learn the number of classes
-                probe = check_logits(model(x0[:1]), 1)
+            probe = probe_model(model, x0[:2])  # two samples: catches batch-collapsing models
             check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
             x_adv = self.perturb(model, x0, labels, generator).detach()
             self.threat.check(x_adv, x0, who=f"attack {self.name!r}")
             with torch.no_grad():
-                logits = model(x_adv)
+                logits = check_logits(model(x_adv), len(x_adv))
                 loss = self.loss(logits, labels, self.targeted)
             success = is_success(logits, labels, self.targeted)
         finally:

@@ -42,6 +42,8 @@ class FGSM(PGD):
         step_size: float | None = None,
         seed: int = 0,
     ) -> None:
+        if not isinstance(threat, ThreatModel):
+            raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
         if step_size is None:
             step_size = max(threat.eps, 1e-12)
         super().__init__(threat, steps=1, step_size=step_size, random_start=random_start,

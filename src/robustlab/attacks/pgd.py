@@ -6,6 +6,7 @@ Distance: linf, l2, l1 (the threat model's norm).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ class _Best:
 
     def __init__(self, x: Tensor) -> None:
         self.x = x.clone()
-        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        self.loss = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=x.dtype)
         self.success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
     def update(self, idx: Tensor, x: Tensor, loss: Tensor, success: Tensor) -> None:
@@ -81,13 +82,16 @@ class PGD(Attack):
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(restarts, int) or restarts < 1:
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-        if step_size is not None and not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size!r}")
-        if not 0 < l1_sparsity <= 1:
+        if step_size is not None and not (
+            isinstance(step_size, int | float) and not isinstance(step_size, bool)
+            and math.isfinite(step_size) and step_size > 0
+        ):
+            raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
+        if not isinstance(l1_sparsity, int | float) or not 0 < l1_sparsity <= 1:
             raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}")
         self.steps = steps
         self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps

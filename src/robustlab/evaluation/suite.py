@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._provenance import git_commit, versions
-from robustlab._validate import check_inputs, check_labels, check_logits
+from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.evaluation.checks import run_checks
 from robustlab.evaluation.results import SCHEMA, EvalResult
@@ -33,7 +33,12 @@ def _build(spec: AttackLike, threat: ThreatModel) -> Attack:
         if spec.threat != threat:
             raise ValueError(f"attack {spec!r} has threat {spec.threat}, evaluation has {threat}")
         return spec
-    name, opts = (spec, {}) if isinstance(spec, str) else spec
+    if isinstance(spec, str):
+        return create_for_evaluation(spec, threat)
+    if not (isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], dict)):
+        raise TypeError(f"attack spec {spec!r} must be an Attack, a name or a (name, options "
+                        "dict) pair, e.g. ('pgd', {'steps': 20})")
+    name, opts = spec
     return create_for_evaluation(name, threat, **dict(opts))
 
 
@@ -83,6 +88,11 @@ def evaluate(
     check_inputs(x, y, threat)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(attacks, str) or (attacks is not None and not hasattr(attacks, "__iter__")):
+        raise TypeError(f"attacks must be a list of attacks, names or (name, options) pairs, "
+                        f"got {attacks!r}; for one attack pass [{attacks!r}]")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     suite_name = "custom" if attacks is not None else suite
     specs = list(attacks) if attacks is not None else suite_attacks(suite)
     built = [_build(s, threat) for s in specs]
@@ -96,7 +106,7 @@ def evaluate(
     try:
         probe = slice(0, min(n, 64))
         with torch.no_grad():
-            k = check_logits(model(x[probe].to(device)), len(x[probe])).shape[1]
+            k = probe_model(model, x[probe].to(device)).shape[1]
         check_labels(y, k)
         pred = _predict(model, x, batch_size, device)
         clean_time = time.perf_counter() - t_start

@@ -198,8 +198,10 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
         raise ValueError(f"SHA-256 of {str(path)!r} is {digest} but its sidecar records "
                          f"{sidecar['sha256']}: the weights were modified or belong to another "
                          "checkpoint")
+    with torch.device("meta"):  # shapes first, no memory: a sidecar cannot make us allocate
+        reference = _build(sidecar["architecture"]).state_dict()
+    _check_state(reference, state, sidecar["architecture"])
     model = _build(sidecar["architecture"])
-    _check_state(model.state_dict(), state, sidecar["architecture"])
     model.load_state_dict(state)
     if device is not None:
         model.to(device)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import models
-from robustlab._validate import check_inputs
+from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import get as get_objective
@@ -122,8 +122,28 @@ class Trainer:
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         cfg.validate()
+        for what, pair in (("data", data), ("val", val)):
+            if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"{what} must be a pair (x, y) of tensors, got "
+                                f"{type(pair).__name__} of length {len(pair)}"
+                                if isinstance(pair, tuple | list) else
+                                f"{what} must be a pair (x, y) of tensors, got "
+                                f"{type(pair).__name__}")
         x, y = data
         check_inputs(x, y, threat)
+        if val is not None:
+            check_inputs(*val, threat)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        was = model.training
+        model.eval()  # no BatchNorm statistics updated, no dropout draws
+        try:
+            k = probe_model(model, x[:2].to(next(model.parameters()).device)).shape[1]
+        finally:
+            model.train(was)
+        check_labels(y, k)
+        if val is not None:
+            check_labels(val[1], k, "val labels")
         if cfg.objective != "natural" and threat is None:
             raise ValueError(f"objective {cfg.objective!r} needs threat=ThreatModel(...)")
         if out is not None and not hasattr(model, "robustlab_arch"):
