@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -192,40 +193,85 @@ def foolbox_pgd(model: nn.Module, s: Setting) -> AttackFn:
     return attack
 
 
+class PassCounter(nn.Module):
+    """The model, counting the rows it sees with autograd on: forward+backward passes per point
+    (the attacks' no-grad checks are not counted). Costs one Python call per forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.rows = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            self.rows += len(x)
+        return self.model(x)
+
+
+def robustlab_eval(model: nn.Module, s: Setting) -> AttackFn:
+    """The evaluation path, on the model wrapped in a :class:`PassCounter`."""
+    counter = PassCounter(model)
+    attack = robustlab_pgd(keep_best=True, early_stop=True)(counter, s)
+
+    def counted(x: Tensor, y: Tensor) -> Tensor:
+        counter.rows = 0
+        x_adv = attack(x, y)
+        counted.passes_per_point = counter.rows / len(x)  # type: ignore[attr-defined]
+        return x_adv
+
+    return counted
+
+
+# Where a mode runs (the smallest K is the first of --steps after sorting):
+#   "all":   every model and every K.
+#   "peer":  every K on the adversarially trained model; the smallest K on the natural one
+#            (fixed work costs the same whatever the weights, and all of it at K=40 there would
+#            double the run for the same ratios).
+#   "probe": the smallest K on the adversarially trained model: a per-step effect (trainable vs
+#            frozen parameters, compilation) that neither K nor the weights change.
+SCOPES = ("all", "peer", "probe")
+
+
 @dataclass(frozen=True)
 class Mode:
-    """One row of the table: how to build the attack, on which copy of the model."""
+    """One row of the table: how to build the attack, on which copy of the model, where."""
 
     key: str
     label: str
     build: Callable[[nn.Module, Setting], AttackFn]
     trainable: bool = True  # the parameters' requires_grad during the attack
     peer: str | None = None  # key of PEERS, None for the raw loop and robustlab
-    first_k_only: bool = False  # only at the smallest K (a per-step effect: K does not change it)
-    fixed_work: bool = True  # K passes on every point (False: stops attacking broken points)
+    scope: str = "all"  # one of SCOPES
 
     @property
     def params(self) -> str:
         return "trainable" if self.trainable else "frozen"
 
+    def runs(self, model: str, k: int, k_min: int, everywhere: bool) -> bool:
+        if everywhere or self.scope == "all":
+            return True
+        if self.scope == "peer":
+            return model == "pgd-at" or k == k_min
+        return model == "pgd-at" and k == k_min
+
 
 MODES = [
     Mode("raw", "raw PyTorch loop (reference)", raw_pgd, trainable=False),
-    Mode("raw-trainable", "raw PyTorch loop", raw_pgd, first_k_only=True),
+    Mode("raw-trainable", "raw PyTorch loop", raw_pgd, scope="probe"),
     Mode("robustlab-fixed", "robustlab, fixed work", robustlab_pgd(keep_best=False)),
     Mode("robustlab-compiled", "robustlab, fixed work, torch.compile", robustlab_compiled,
-         first_k_only=True),
-    Mode("robustlab-eval", "robustlab, eval path (early stop)",
-         robustlab_pgd(keep_best=True, early_stop=True), fixed_work=False),
-    Mode("torchattacks", "torchattacks PGD", torchattacks_pgd, peer="torchattacks"),
+         scope="probe"),
+    Mode("robustlab-eval", "robustlab, eval path (early stop)", robustlab_eval),
+    Mode("torchattacks", "torchattacks PGD", torchattacks_pgd, peer="torchattacks",
+         scope="peer"),
     Mode("torchattacks-frozen", "torchattacks PGD", torchattacks_pgd, trainable=False,
-         peer="torchattacks", first_k_only=True),
-    Mode("art", "ART ProjectedGradientDescent", art_pgd, peer="art"),
+         peer="torchattacks", scope="probe"),
+    Mode("art", "ART ProjectedGradientDescent", art_pgd, peer="art", scope="peer"),
     Mode("art-frozen", "ART ProjectedGradientDescent", art_pgd, trainable=False, peer="art",
-         first_k_only=True),
-    Mode("foolbox", "foolbox LinfPGD", foolbox_pgd, peer="foolbox"),
+         scope="probe"),
+    Mode("foolbox", "foolbox LinfPGD", foolbox_pgd, peer="foolbox", scope="peer"),
     Mode("foolbox-frozen", "foolbox LinfPGD", foolbox_pgd, trainable=False, peer="foolbox",
-         first_k_only=True),
+         scope="probe"),
 ]
 
 
@@ -271,6 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="models attacked (default both)")
     p.add_argument("--modes", nargs="+", choices=[m.key for m in MODES],
                    default=[m.key for m in MODES], help="modes to run (default all)")
+    p.add_argument("--everywhere", action="store_true",
+                   help="run every mode on every model and K (about twice as long)")
     p.add_argument("--quick", action="store_true",
                    help="development run: 250 points, 2 rounds, results in attack_speed_quick.*")
     args = p.parse_args(argv)
@@ -279,6 +327,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "raw" not in args.modes:
         p.error("the raw loop is the reference of every ratio: keep 'raw' in --modes")
     return args
+
+
+def load_models(names: list[str], x: Tensor, y: Tensor, batch: int
+                ) -> tuple[dict[str, dict[bool, nn.Module]], dict[str, dict[str, Any]]]:
+    """Each model twice, same weights: {True: parameters trainable, False: frozen}; and its
+    recipe, training time and clean accuracy."""
+    models, info = {}, {}
+    for name in names:
+        trainable = trained_model(f"smallcnn-{name}", RECIPES[name]).eval().requires_grad_(True)
+        models[name] = {True: trainable, False: copy.deepcopy(trainable).requires_grad_(False)}
+        info[name] = {"recipe": RECIPES[name], "clean_acc": accuracy(trainable, x, y, batch),
+                      "train_seconds": trainable.robustlab_meta["train_seconds"]}
+        print(f"model {name}: clean accuracy {info[name]['clean_acc']:.1f}% on {len(x)} test "
+              "images", flush=True)
+    return models, info
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -290,34 +353,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"torch {torch.__version__}, {args.threads} threads; peers: "
           + ", ".join(f"{k} {v}" for k, v in peers.items() if v)
           + (f"; missing (skipped): {', '.join(missing)}" if missing else ""), flush=True)
-
     x, y = rl.data.load(DATASET, split="test", n=args.n)
-    models: dict[str, dict[bool, nn.Module]] = {}
-    model_info: dict[str, dict[str, Any]] = {}
-    for name in args.models:
-        trainable = trained_model(f"smallcnn-{name}", RECIPES[name]).eval().requires_grad_(True)
-        frozen = copy.deepcopy(trainable).requires_grad_(False)
-        models[name] = {True: trainable, False: frozen}
-        clean = accuracy(trainable, x, y, args.batch)
-        model_info[name] = {"recipe": RECIPES[name], "clean_acc": clean,
-                            "train_seconds": trainable.robustlab_meta["train_seconds"]}
-        print(f"model {name}: clean accuracy {clean:.1f}% on {args.n} test images", flush=True)
+    models, model_info = load_models(args.models, x, y, args.batch)
 
-    settings = {k: Setting(EPS, k, 2.5 * EPS / k, args.batch) for k in args.steps}
-    tasks: dict[str, Callable[[], Tensor]] = {}
-    warmups: dict[str, Callable[[], Tensor]] = {}
+    settings = {k: Setting(EPS, k, 2.5 * EPS / k, args.batch) for k in sorted(args.steps)}
+    k_min = min(settings)
+    attacks: dict[str, AttackFn] = {}
     rows: dict[str, tuple[str, int, Mode]] = {}
     for name, copies in models.items():
         for k, s in settings.items():
             for mode in modes:
-                if mode.first_k_only and k != min(settings):
-                    continue
-                key = f"{name} PGD-{k} {mode.key}"
-                attack = mode.build(copies[mode.trainable], s)
-                tasks[key] = functools.partial(attack, x, y)
-                rows[key] = (name, k, mode)
-                if k == min(settings):  # one batch, to warm up each mode on each model
-                    warmups[key] = functools.partial(attack, x[:args.batch], y[:args.batch])
+                if mode.runs(name, k, k_min, args.everywhere):
+                    key = f"{name} PGD-{k} {mode.key}"
+                    attacks[key] = mode.build(copies[mode.trainable], s)
+                    rows[key] = (name, k, mode)
+    # warm-up: each mode once on each model, on one batch at the smallest K
+    warmups = {key: functools.partial(attacks[key], x[:args.batch], y[:args.batch])
+               for key, (_, k, _) in rows.items() if k == k_min}
+    tasks = {key: functools.partial(attack, x, y) for key, attack in attacks.items()}
 
     def progress(r: int, key: str, seconds: float) -> None:
         what = "warm-up" if r < 0 else f"round {r + 1}/{args.repeats}"
@@ -329,27 +382,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = []
     for key, (name, k, mode) in rows.items():
-        model = models[name][True]
-        dist, valid = check_ball(x_advs[key], x, EPS)
         raw_key = f"{name} PGD-{k} raw"
+        dist, valid = check_ball(x_advs[key], x, EPS)
         results.append({
             "model": name, "steps": k, "step_size": settings[k].step_size, "mode": mode.key,
             "label": mode.label, "params": mode.params, "peer": mode.peer,
-            "fixed_work": mode.fixed_work, "times_s": times[key],
-            "median_s": median(times[key]),
+            "times_s": times[key], "median_s": median(times[key]),
             "ratio": median(times[raw_key]) / median(times[key]),
-            "robust_acc": accuracy(model, x_advs[key], y, args.batch),
+            "robust_acc": accuracy(models[name][True], x_advs[key], y, args.batch),
             "max_linf": dist, "valid": valid,
             "max_abs_diff_vs_raw": float((x_advs[key] - x_advs[raw_key]).abs().max()),
+            "passes_per_point": getattr(attacks[key], "passes_per_point", k),
         })
-    compile_s = [t[0] for key, t in warm_times.items() if key.endswith("robustlab-compiled")]
     record = {
         "benchmark": "attack_speed", "machine": machine_record(peers),
         "missing_peers": missing, "threads": args.threads, "n": args.n, "batch": args.batch,
         "repeats": args.repeats, "eps": EPS, "norm": "linf", "dataset": DATASET,
         "step_size_rule": "2.5 * eps / K", "models": model_info,
-        "warmup_s": {key: t[0] for key, t in warm_times.items()},
-        "compile_warmup_s": compile_s, "results": results,
+        "warmup_s": {key: t[0] for key, t in warm_times.items()}, "results": results,
     }
     record["targets"] = check_targets(results)
     markdown = render(record)
@@ -396,11 +446,50 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def model_table(record: dict[str, Any], name: str, info: dict[str, Any]) -> list[str]:
+    """One model's section: how it was trained, a row per mode, a column group per K."""
+    results = [r for r in record["results"] if r["model"] == name]
+    steps = sorted({r["steps"] for r in results})
+    cell = {(r["mode"], r["steps"]): r for r in results}
+    recipe = {k: v for k, v in info["recipe"].items() if k not in ("arch", "dataset")}
+    lines = [f"### smallcnn, {name} (clean accuracy {info['clean_acc']:.1f}%)", "",
+             f"Trained by `robustlab.training.fit` with `{json.dumps(recipe)}` in "
+             f"{info['train_seconds']:.0f} s.", "",
+             "| mode | params |" + "".join(f" PGD-{k} x raw | PGD-{k} s | PGD-{k} rob. acc % |"
+                                         for k in steps),
+             "|---|---|" + "---:|---:|---:|" * len(steps)]
+    for mode in MODES:
+        if not any((mode.key, k) in cell for k in steps):
+            continue
+        cells = [mode.label, mode.params]
+        for k in steps:
+            r = cell.get((mode.key, k))
+            if r is None:
+                cells += ["–", "–", "–"]
+                continue
+            ratio = f"{r['ratio']:.2f}" if r["peer"] else f"**{r['ratio']:.2f}**"
+            acc = f"{r['robust_acc']:.1f}" + ("" if r["valid"] else " (INVALID)")
+            cells += [ratio, f"{r['median_s']:.1f}", acc]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for k in steps:
+        fixed, ev = cell.get(("robustlab-fixed", k)), cell.get(("robustlab-eval", k))
+        if fixed is not None:
+            same = "identical to" if fixed["max_abs_diff_vs_raw"] == 0 else (
+                f"max |diff| {fixed['max_abs_diff_vs_raw']:.2g} from")
+            notes.append(f"PGD-{k}: robustlab's fixed-work x_adv {same} the raw loop's")
+        if ev is not None:
+            p = ev["passes_per_point"]
+            notes.append(f"PGD-{k}: the eval path ran {p:.2f} forward+backward passes per point "
+                         f"(fixed work: {k}), so at most {k / p:.2f}x raw")
+    lines += ["", "– : not run (see the scopes in the script). " + "; ".join(notes) + "."]
+    return lines
+
+
 def render(record: dict[str, Any]) -> str:
     """The Markdown report: settings, machine, one table per model, the targets."""
     m = record["machine"]
     peers = ", ".join(f"{k} {v}" for k, v in m["peers"].items() if v) or "none"
-    steps = sorted({r["steps"] for r in record["results"]})
     lines = [
         "# Attack speed: PGD against the raw PyTorch loop and the peers",
         "",
@@ -420,34 +509,13 @@ def render(record: dict[str, Any]) -> str:
         "- Robust accuracy recomputed by the benchmark on each mode's x_adv (one forward pass, "
         "eval mode); every x_adv checked inside the eps ball (+1e-6) and [0, 1]",
     ]
-    if record["compile_warmup_s"]:
-        secs = ", ".join(f"{t:.0f} s" for t in record["compile_warmup_s"])
-        lines.append(f"- torch.compile: compilation paid in the warm-up ({secs}), not timed")
+    compiled = [t for key, t in record["warmup_s"].items() if key.endswith("-compiled")]
+    if compiled:
+        secs = ", ".join(f"{t:.0f} s" for t in compiled)
+        lines.append(f"- torch.compile: compilation paid in the warm-up (one batch: {secs}), "
+                     "not timed")
     for name, info in record["models"].items():
-        rec = {k: v for k, v in info["recipe"].items() if k not in ("arch", "dataset")}
-        lines += ["", f"## smallcnn, {name} (clean accuracy {info['clean_acc']:.1f}%)", "",
-                  f"Trained by `robustlab.training.fit` with {rec} in "
-                  f"{info['train_seconds']:.0f} s.", ""]
-        head = "| mode | params |" + "".join(
-            f" PGD-{k} x raw | PGD-{k} s | PGD-{k} rob. acc % |" for k in steps)
-        lines += [head, "|---|---|" + "---:|---:|---:|" * len(steps)]
-        mode_rows = [r for r in record["results"] if r["model"] == name]
-        seen: list[str] = []
-        for r in mode_rows:
-            if r["mode"] in seen:
-                continue
-            seen.append(r["mode"])
-            cells = [r["label"], r["params"]]
-            for k in steps:
-                hit = next((c for c in mode_rows if (c["mode"], c["steps"]) == (r["mode"], k)),
-                           None)
-                if hit is None:
-                    cells += ["–", "–", "–"]
-                    continue
-                acc = f"{hit['robust_acc']:.1f}" + ("" if hit["valid"] else " (INVALID)")
-                ratio = f"**{hit['ratio']:.2f}**" if not hit["peer"] else f"{hit['ratio']:.2f}"
-                cells += [ratio, f"{hit['median_s']:.1f}", acc]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", *model_table(record, name, info)]
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |"
               for t in record["targets"]]

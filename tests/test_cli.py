@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+import robustlab as rl
 from robustlab.cli import main
+from robustlab.config import load_recipe
 
 RECIPE = """
 [data]
@@ -69,3 +72,11 @@ def test_errors_are_clear(tmp_path, env, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "m.safetensors", "--eps", "eight"])
     assert "cannot parse eps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_parse(path):
+    recipe = load_recipe(path)
+    assert recipe.threat is not None and recipe.train.epochs >= 1
+    assert recipe.dataset in rl.data.names() and recipe.model["arch"] in rl.models.names()

@@ -59,8 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     info = data.info(recipe.dataset)
     x, y = data.load(recipe.dataset, split="train", n=recipe.n_train)
-    xv, yv = data.load(recipe.dataset, split="test", n=recipe.val_n) if recipe.val_n else (None,
-                                                                                          None)
+    val = None
+    if recipe.val_n:  # the LAST val_n test images: disjoint from `evaluate --n`'s first ones
+        xv, yv = data.load(recipe.dataset, split="test")
+        val = (xv[-recipe.val_n:], yv[-recipe.val_n:])
     opts = {k: v for k, v in recipe.model.items() if k != "arch"}
     opts.setdefault("num_classes", info.num_classes)
     opts.setdefault("in_channels", info.shape[0])
@@ -81,7 +83,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
         _out(" | ".join(parts), args.quiet)
 
-    val = (xv, yv) if xv is not None else None
     trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, val=val,
                       progress=not args.quiet, callback=report)
     trainer.run(resume=args.resume)

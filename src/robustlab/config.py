@@ -11,7 +11,7 @@ from robustlab.threat import ThreatModel
 from robustlab.training.trainer import TrainConfig
 
 _SECTIONS = {
-    "data": {"dataset", "n_train", "val_n"},
+    "data": {"dataset", "n_train", "val_n"},  # val: the last val_n images of the test split
     "model": None,  # any keyword of models.create
     "threat": {"norm", "eps", "bounds"},
     "train": set(TrainConfig.__dataclass_fields__) - {"objective_options", "schedule_options",
