@@ -11,6 +11,7 @@ import hashlib
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
 RESULTS_DIR = BENCH_DIR / "results"
 
+K = TypeVar("K")
 T = TypeVar("T")
 
 
@@ -43,13 +45,26 @@ def command_line() -> str:
     return shlex.join([str(exe), *sys.argv])
 
 
+def src_changes() -> list[str] | None:
+    """Files under ``src/`` that differ from the recorded commit (``git status --porcelain``),
+    so a result says whether the library code it measured was the commit's; None without git."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=BENCH_DIR.parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
+
+
 def machine_record(peers: Mapping[str, str | None] | None = None) -> dict[str, Any]:
-    """Machine (nproc, CPU model, torch threads), versions (python, torch, numpy, robustlab and
-    its git commit, peers: None when missing), the command and the date (UTC)."""
+    """Machine (nproc, CPU model, torch threads), versions (python, torch, numpy, robustlab, its
+    git commit and uncommitted changes under src/, peers: None when missing), the command and
+    the date (UTC)."""
     rec: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command_line(),
         "robustlab_commit": git_commit(),
+        "src_changes": src_changes(),
         **versions(),
     }
     rec["peers"] = dict(peers or {})
@@ -66,23 +81,23 @@ def package_version(dist: str) -> str | None:
 
 # --- timing -------------------------------------------------------------------------------
 def interleaved(
-    tasks: Mapping[str, Callable[[], T]],
+    tasks: Mapping[K, Callable[[], T]],
     repeats: int,
     *,
-    on_done: Callable[[int, str, float], None] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, T]]:
+    on_done: Callable[[int, K, float], None] | None = None,
+) -> tuple[dict[K, list[float]], dict[K, T]]:
     """Time every task ``repeats`` times, round robin: round r runs each task once, in an order
-    rotated by r, so the slow phases of a shared machine hit every task alike.
+    rotated by r / repeats of a turn, so the slow phases of a shared machine hit every task alike.
 
     Returns the wall-clock seconds of each run per task and each task's last result.
     ``on_done(round, name, seconds)`` is called after each run (for progress output).
     A warm-up is one round of its own: ``interleaved(warmup_tasks, 1)``.
     """
     names = list(tasks)
-    results: dict[str, T] = {}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[K, T] = {}
+    times: dict[K, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        shift = r % len(names)
+        shift = r * len(names) // max(repeats, 1)
         for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
             results[name] = tasks[name]()

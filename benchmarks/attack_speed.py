@@ -1,35 +1,43 @@
 """Attack speed: robustlab's PGD against a raw PyTorch loop, torchattacks, ART and foolbox.
 
-PGD-10 and PGD-40 (linf eps 0.1, step 2.5 * eps / K, one random start, batches of 250) on the
-first 1000 Fashion-MNIST test images, against two smallcnn models: one trained naturally and
-one adversarially (PGD-AT), both trained here once and cached in ``benchmarks/.cache/``. Every
-mode attacks the same weights and the same inputs:
+PGD-10 and PGD-40 (linf eps 0.1, step 2.5 * eps / K, one random start, CE loss, batches of 250)
+on the first 1000 Fashion-MNIST test images, against two smallcnn models, one trained naturally
+and one with PGD-AT (trained by robustlab once, on the first run, and cached in
+``benchmarks/.cache/``; the recipes are in ``RECIPES``). Every mode attacks the same weights
+and the same inputs:
 
 - ``raw``: a hand-written PyTorch loop, K forward+backward passes and nothing else: the
-  reference. Parameters frozen (``requires_grad=False``), and also trainable (PGD-10).
-- ``robustlab fixed work``: ``keep_best=False``, no early stop: the same work as ``raw`` (it
-  draws the same random start, so its ``x_adv`` must equal the raw loop's).
-- ``robustlab eval path``: the defaults of evaluation, ``early_stop=True, keep_best=True``:
-  a point stops being attacked once it is misclassified, keeping that iterate.
-- ``robustlab compiled``: fixed work on ``torch.compile(model)`` (PGD-10; compilation is
-  paid in the warm-up and reported apart).
-- ``torchattacks`` ``PGD``, ``ART`` ``ProjectedGradientDescent`` on a ``PyTorchClassifier``,
-  ``foolbox`` ``LinfPGD`` on a ``PyTorchModel``: parameters trainable, as users pass them, and
-  frozen too (PGD-10).
+  reference, on frozen parameters (``requires_grad=False``); also on trainable ones.
+- ``robustlab, fixed work``: ``keep_best=False``, no early stop: the raw loop's work, plus the
+  attack contract's own checks (one no-grad forward to recompute success). It draws the raw
+  loop's random start, so its ``x_adv`` must equal the raw loop's.
+- ``robustlab, eval path``: ``early_stop=True, keep_best=True``, as the evaluation runs it: a
+  point stops being attacked once it is misclassified, keeping that iterate. The model is
+  wrapped in a pass counter to report forward+backward passes per point.
+- ``torch.compile`` / ``channels_last weights``: robustlab on ``torch.compile(model)``
+  (compilation paid in the warm-up, reported apart) or on a copy of the model with its weights
+  in ``torch.channels_last`` layout: what each does to the cost of a step on this CPU.
+- ``torchattacks.PGD``, ART ``ProjectedGradientDescent`` on a ``PyTorchClassifier``, foolbox
+  ``LinfPGD`` on a ``PyTorchModel``: parameters trainable, as users pass them, and frozen.
 
-robustlab and the peers get the model with trainable parameters unless the row says frozen.
-The benchmark recomputes every mode's robust accuracy itself (one forward pass on the returned
-``x_adv``, eval mode) and checks every ``x_adv`` lies in the eps ball and in [0, 1].
+robustlab and the peers get trainable parameters unless a row says frozen. Not every mode
+runs everywhere (``Mode.scope``): fixed work costs the same whatever the weights, so the peers
+run at PGD-40 on the PGD-AT model only, and the per-step probes (frozen vs trainable, compile,
+channels_last fixed work) at PGD-10 on the PGD-AT model only; ``--everywhere`` runs all.
+
+Every mode's robust accuracy is recomputed here (one forward pass on its ``x_adv``, eval mode)
+and every ``x_adv`` checked inside the eps ball (+1e-6) and [0, 1].
 
 Timing: ``torch.set_num_threads(2)``; each mode warms up once on one batch; then ``--repeats``
-rounds, each running every (model, K, mode) once in a round-robin order rotated from round to
-round, so a slow phase of the shared machine hits every mode alike; the median is reported.
-``x raw`` = raw seconds / mode seconds: throughput relative to the raw loop, higher is better.
+rounds. A round runs the first batch of every (model, K, mode), then the second batch of each,
+and so on, the order rotated from round to round, so a slow phase of the shared machine hits
+every mode alike. ``x raw`` = median over rounds of (raw seconds / mode seconds in the same
+round): throughput relative to the raw loop, higher is better; seconds are medians too.
 
 Run from the repository root::
 
     make bench-env                                        # once: .bench-venv/ with the peers
-    .bench-venv/bin/python benchmarks/attack_speed.py     # the full run (about 20 minutes)
+    .bench-venv/bin/python benchmarks/attack_speed.py     # 5 rounds: ~15 min on 2 idle cores
     .bench-venv/bin/python benchmarks/attack_speed.py --quick   # 250 points, 2 rounds
 
 A peer that is not installed is skipped and named in the output (``PYTHONPATH=src
@@ -44,7 +52,8 @@ import copy
 import functools
 import json
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,13 +101,9 @@ class Setting:
     seed: int = 0
 
 
-# An attack built for one model and setting: x (N, C, H, W), y (N,) -> x_adv (N, C, H, W).
-AttackFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _batches(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-    for b, i in enumerate(range(0, len(x), size)):
-        yield b, x[i:i + size], y[i:i + size]
+# An attack built for one model and setting, run on one batch: (x (B, C, H, W), y (B,), the
+# batch's index, which seeds its random start) -> x_adv (B, C, H, W).
+AttackFn = Callable[[Tensor, Tensor, int], Tensor]
 
 
 def _generator(s: Setting, batch: int) -> torch.Generator:
@@ -107,22 +112,19 @@ def _generator(s: Setting, batch: int) -> torch.Generator:
 
 # --- the modes --------------------------------------------------------------------------------
 def raw_pgd(model: nn.Module, s: Setting) -> AttackFn:
-    """K forward+backward passes per batch and nothing else; the random start and the steps use
-    the same arithmetic (and seeds) as robustlab's, so the two return the same points."""
+    """K forward+backward passes and nothing else; the random start and the steps use the same
+    arithmetic (and seeds) as robustlab's, so the two must return the same points."""
 
-    def attack(x: Tensor, y: Tensor) -> Tensor:
-        out = []
-        for b, xb, yb in _batches(x, y, s.batch):
-            u = torch.rand(len(xb), xb[0].numel(), generator=_generator(s, b)).reshape(xb.shape)
-            xa = (xb + (2 * u - 1) * s.eps).clamp(0, 1)
-            for _ in range(s.steps):
-                xa.requires_grad_(True)
-                loss = F.cross_entropy(model(xa), yb, reduction="none").sum()
-                (grad,) = torch.autograd.grad(loss, xa)
-                delta = (xa.detach() + s.step_size * grad.sign() - xb).clamp(-s.eps, s.eps)
-                xa = (xb + delta).clamp(0, 1)
-            out.append(xa)
-        return torch.cat(out)
+    def attack(x: Tensor, y: Tensor, b: int) -> Tensor:
+        u = torch.rand(len(x), x[0].numel(), generator=_generator(s, b)).reshape(x.shape)
+        xa = (x + (2 * u - 1) * s.eps).clamp(0, 1)
+        for _ in range(s.steps):
+            xa.requires_grad_(True)
+            loss = F.cross_entropy(model(xa), y, reduction="none").sum()
+            (grad,) = torch.autograd.grad(loss, xa)
+            delta = (xa.detach() + s.step_size * grad.sign() - x).clamp(-s.eps, s.eps)
+            xa = (x + delta).clamp(0, 1)
+        return xa
 
     return attack
 
@@ -131,12 +133,7 @@ def robustlab_pgd(**options: Any) -> Callable[[nn.Module, Setting], AttackFn]:
     def build(model: nn.Module, s: Setting) -> AttackFn:
         atk = rl.attacks.create("pgd", rl.ThreatModel("linf", s.eps), steps=s.steps,
                                 step_size=s.step_size, random_start=True, restarts=1, **options)
-
-        def attack(x: Tensor, y: Tensor) -> Tensor:
-            return torch.cat([atk(model, xb, yb, generator=_generator(s, b)).x_adv
-                              for b, xb, yb in _batches(x, y, s.batch)])
-
-        return attack
+        return lambda x, y, b: atk(model, x, y, generator=_generator(s, b)).x_adv
 
     return build
 
@@ -147,54 +144,21 @@ def _compiled(model: nn.Module) -> nn.Module:
 
 
 def robustlab_compiled(model: nn.Module, s: Setting) -> AttackFn:
-    return robustlab_pgd(keep_best=False, early_stop=False)(_compiled(model), s)
+    return robustlab_pgd(keep_best=False)(_compiled(model), s)
 
 
-def torchattacks_pgd(model: nn.Module, s: Setting) -> AttackFn:
-    import torchattacks
-
-    atk = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, random_start=True)
-
-    def attack(x: Tensor, y: Tensor) -> Tensor:
-        torch.manual_seed(s.seed)  # its random start draws from torch's global RNG
-        return torch.cat([atk(xb, yb) for _, xb, yb in _batches(x, y, s.batch)])
-
-    return attack
+def _channels_last(model: nn.Module) -> nn.Module:
+    """A copy of the model with its weights in channels_last layout: the convolutions then run
+    in NHWC, which oneDNN does faster on CPU; same weights, same answer up to float rounding."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
-def art_pgd(model: nn.Module, s: Setting) -> AttackFn:
-    from art.attacks.evasion import ProjectedGradientDescent
-    from art.estimators.classification import PyTorchClassifier
-
-    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
-                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
-    atk = ProjectedGradientDescent(classifier, norm=np.inf, eps=s.eps, eps_step=s.step_size,
-                                   max_iter=s.steps, num_random_init=1, batch_size=s.batch,
-                                   verbose=False)
-
-    def attack(x: Tensor, y: Tensor) -> Tensor:
-        np.random.seed(s.seed)  # its random start draws from numpy's global RNG
-        return torch.from_numpy(atk.generate(x.numpy(), y.numpy()))
-
-    return attack
-
-
-def foolbox_pgd(model: nn.Module, s: Setting) -> AttackFn:
-    import foolbox
-
-    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device="cpu")
-    atk = foolbox.attacks.LinfPGD(abs_stepsize=s.step_size, steps=s.steps, random_start=True)
-
-    def attack(x: Tensor, y: Tensor) -> Tensor:
-        torch.manual_seed(s.seed)
-        return torch.cat([atk(fmodel, xb, yb, epsilons=s.eps)[1]
-                          for _, xb, yb in _batches(x, y, s.batch)])
-
-    return attack
+def robustlab_channels_last(model: nn.Module, s: Setting) -> AttackFn:
+    return robustlab_pgd(keep_best=False)(_channels_last(model), s)
 
 
 class PassCounter(nn.Module):
-    """The model, counting the rows it sees with autograd on: forward+backward passes per point
+    """The model, counting the rows it sees with autograd on, i.e. forward+backward passes
     (the attacks' no-grad checks are not counted). Costs one Python call per forward."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -208,21 +172,68 @@ class PassCounter(nn.Module):
         return self.model(x)
 
 
-def robustlab_eval(model: nn.Module, s: Setting) -> AttackFn:
-    """The evaluation path, on the model wrapped in a :class:`PassCounter`."""
-    counter = PassCounter(model)
+def robustlab_eval(model: nn.Module, s: Setting, *, channels_last: bool = False) -> AttackFn:
+    """The evaluation path (early stop, keep best) on the model in a :class:`PassCounter`; the
+    returned function's ``passes`` maps each batch index to the passes its last run made."""
+    counter = PassCounter(_channels_last(model) if channels_last else model)
     attack = robustlab_pgd(keep_best=True, early_stop=True)(counter, s)
+    passes: dict[int, int] = {}
 
-    def counted(x: Tensor, y: Tensor) -> Tensor:
+    def counted(x: Tensor, y: Tensor, b: int) -> Tensor:
         counter.rows = 0
-        x_adv = attack(x, y)
-        counted.passes_per_point = counter.rows / len(x)  # type: ignore[attr-defined]
+        x_adv = attack(x, y, b)
+        passes[b] = counter.rows
         return x_adv
 
+    counted.passes = passes  # type: ignore[attr-defined]
     return counted
 
 
-# Where a mode runs (the smallest K is the first of --steps after sorting):
+def torchattacks_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    import torchattacks
+
+    atk = torchattacks.PGD(model, eps=s.eps, alpha=s.step_size, steps=s.steps, random_start=True)
+
+    def attack(x: Tensor, y: Tensor, b: int) -> Tensor:
+        torch.manual_seed(s.seed + b)  # its random start draws from torch's global RNG
+        return atk(x, y)
+
+    return attack
+
+
+def art_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    info = rl.data.info(DATASET)
+    classifier = PyTorchClassifier(model, loss=nn.CrossEntropyLoss(), input_shape=info.shape,
+                                   nb_classes=info.num_classes, clip_values=(0.0, 1.0),
+                                   device_type="cpu")
+    atk = ProjectedGradientDescent(classifier, norm=np.inf, eps=s.eps, eps_step=s.step_size,
+                                   max_iter=s.steps, num_random_init=1, batch_size=s.batch,
+                                   verbose=False)
+
+    def attack(x: Tensor, y: Tensor, b: int) -> Tensor:
+        np.random.seed(s.seed + b)  # its random start draws from numpy's global RNG
+        return torch.from_numpy(atk.generate(x.numpy(), y.numpy()))
+
+    return attack
+
+
+def foolbox_pgd(model: nn.Module, s: Setting) -> AttackFn:
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device="cpu")
+    atk = foolbox.attacks.LinfPGD(abs_stepsize=s.step_size, steps=s.steps, random_start=True)
+
+    def attack(x: Tensor, y: Tensor, b: int) -> Tensor:
+        torch.manual_seed(s.seed + b)  # its random start draws from torch's global RNG
+        return atk(fmodel, x, y, epsilons=s.eps)[1]  # (raw, clipped, success): the clipped
+
+    return attack
+
+
+# Where a mode runs (k_min: the smallest of --steps):
 #   "all":   every model and every K.
 #   "peer":  every K on the adversarially trained model; the smallest K on the natural one
 #            (fixed work costs the same whatever the weights, and all of it at K=40 there would
@@ -243,6 +254,10 @@ class Mode:
     peer: str | None = None  # key of PEERS, None for the raw loop and robustlab
     scope: str = "all"  # one of SCOPES
 
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+
     @property
     def params(self) -> str:
         return "trainable" if self.trainable else "frozen"
@@ -261,7 +276,11 @@ MODES = [
     Mode("robustlab-fixed", "robustlab, fixed work", robustlab_pgd(keep_best=False)),
     Mode("robustlab-compiled", "robustlab, fixed work, torch.compile", robustlab_compiled,
          scope="probe"),
+    Mode("robustlab-channels-last", "robustlab, fixed work, channels_last weights",
+         robustlab_channels_last, scope="probe"),
     Mode("robustlab-eval", "robustlab, eval path (early stop)", robustlab_eval),
+    Mode("robustlab-eval-channels-last", "robustlab, eval path, channels_last weights",
+         functools.partial(robustlab_eval, channels_last=True)),
     Mode("torchattacks", "torchattacks PGD", torchattacks_pgd, peer="torchattacks",
          scope="peer"),
     Mode("torchattacks-frozen", "torchattacks PGD", torchattacks_pgd, trainable=False,
@@ -283,8 +302,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
     model.eval()
     try:
         with torch.no_grad():
-            correct = sum(int((model(xb).argmax(1) == yb).sum())
-                          for _, xb, yb in _batches(x, y, batch))
+            correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+                          for i in range(0, len(x), batch))
     finally:
         model.train(was_training)
     return 100.0 * correct / len(y)
@@ -311,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="test images attacked (default 1000)")
     p.add_argument("--batch", type=int, default=250, help="attack batch size (default 250)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 40], help="PGD steps K")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median; default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median; default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--models", nargs="+", choices=list(RECIPES), default=list(RECIPES),
                    help="models attacked (default both)")
@@ -367,39 +386,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     key = f"{name} PGD-{k} {mode.key}"
                     attacks[key] = mode.build(copies[mode.trainable], s)
                     rows[key] = (name, k, mode)
-    # warm-up: each mode once on each model, on one batch at the smallest K
-    warmups = {key: functools.partial(attacks[key], x[:args.batch], y[:args.batch])
-               for key, (_, k, _) in rows.items() if k == k_min}
-    tasks = {key: functools.partial(attack, x, y) for key, attack in attacks.items()}
 
-    def progress(r: int, key: str, seconds: float) -> None:
+    # The unit of interleaving is one batch of one mode, so a slow phase of the shared machine
+    # is spread over many modes: round r runs batch 0 of every mode, then batch 1, ...
+    starts = range(0, args.n, args.batch)
+    units = {(key, b): functools.partial(attacks[key], x[i:i + args.batch],
+                                         y[i:i + args.batch], b)
+             for b, i in enumerate(starts) for key in attacks}
+    warmups = {(key, 0): units[(key, 0)] for key, (_, k, _) in rows.items() if k == k_min}
+
+    def progress(r: int, unit: tuple[str, int], seconds: float) -> None:
         what = "warm-up" if r < 0 else f"round {r + 1}/{args.repeats}"
-        print(f"  {what:>11}  {key:<40} {seconds:7.2f} s", flush=True)
+        print(f"  {what:>11}  {unit[0]:<40} batch {unit[1]}  {seconds:7.2f} s", flush=True)
 
-    print(f"{len(tasks)} timed tasks, {args.repeats} rounds", flush=True)
-    warm_times, _ = interleaved(warmups, 1, on_done=lambda _, key, t: progress(-1, key, t))
-    times, x_advs = interleaved(tasks, args.repeats, on_done=progress)
+    print(f"{len(attacks)} (model, K, mode) tasks of {len(starts)} batches, warm-up and "
+          f"{args.repeats} rounds", flush=True)
+    t0 = time.perf_counter()
+    warm_times, _ = interleaved(warmups, 1, on_done=lambda _, unit, t: progress(-1, unit, t))
+    unit_times, x_batches = interleaved(units, args.repeats, on_done=progress)
+    wall = time.perf_counter() - t0
+    times = {key: [sum(unit_times[(key, b)][r] for b in range(len(starts)))
+                   for r in range(args.repeats)] for key in attacks}
+    x_advs = {key: torch.cat([x_batches[(key, b)] for b in range(len(starts))])
+              for key in attacks}
 
     results = []
     for key, (name, k, mode) in rows.items():
         raw_key = f"{name} PGD-{k} raw"
         dist, valid = check_ball(x_advs[key], x, EPS)
+        passes = getattr(attacks[key], "passes", None)
         results.append({
             "model": name, "steps": k, "step_size": settings[k].step_size, "mode": mode.key,
             "label": mode.label, "params": mode.params, "peer": mode.peer,
             "times_s": times[key], "median_s": median(times[key]),
-            "ratio": median(times[raw_key]) / median(times[key]),
+            "ratio": median([a / b for a, b in zip(times[raw_key], times[key], strict=True)]),
             "robust_acc": accuracy(models[name][True], x_advs[key], y, args.batch),
             "max_linf": dist, "valid": valid,
             "max_abs_diff_vs_raw": float((x_advs[key] - x_advs[raw_key]).abs().max()),
-            "passes_per_point": getattr(attacks[key], "passes_per_point", k),
+            "passes_per_point": sum(passes.values()) / args.n if passes else k,
         })
     record = {
         "benchmark": "attack_speed", "machine": machine_record(peers),
         "missing_peers": missing, "threads": args.threads, "n": args.n, "batch": args.batch,
         "repeats": args.repeats, "eps": EPS, "norm": "linf", "dataset": DATASET,
         "step_size_rule": "2.5 * eps / K", "models": model_info,
-        "warmup_s": {key: t[0] for key, t in warm_times.items()}, "results": results,
+        "warmup_s": {key: t[0] for (key, _), t in warm_times.items()},
+        "wall_s": wall, "results": results,
     }
     record["targets"] = check_targets(results)
     markdown = render(record)
@@ -423,16 +455,17 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "measured": f"{ours['ratio']:.2f}x", "met": ours["ratio"] >= 0.95})
             peers = [r for r in rows.values() if r["peer"]]
             if peers:
-                best = min(peers, key=lambda r: r["median_s"])
+                best = max(peers, key=lambda r: r["ratio"])
                 out.append({"target": f"{where}: robustlab fixed work >= every peer",
                             "measured": f"{ours['ratio']:.2f}x vs fastest peer {best['label']} "
                                         f"({best['params']}) {best['ratio']:.2f}x",
-                            "met": ours["median_s"] <= best["median_s"]})
-        if "robustlab-eval" in rows:
-            goal = 1.5 if name == "pgd-at" else 5.0
-            ours = rows["robustlab-eval"]
-            out.append({"target": f"{where}: robustlab eval path >= {goal}x raw",
-                        "measured": f"{ours['ratio']:.2f}x", "met": ours["ratio"] >= goal})
+                            "met": ours["ratio"] >= best["ratio"]})
+        goal = 1.5 if name == "pgd-at" else 5.0
+        for mode in ("robustlab-eval", "robustlab-eval-channels-last"):
+            if mode in rows:
+                ours = rows[mode]
+                out.append({"target": f"{where}: {ours['label']} >= {goal}x raw",
+                            "measured": f"{ours['ratio']:.2f}x", "met": ours["ratio"] >= goal})
         others = [r for r in rows.values() if r["mode"] != "raw"]
         if others:
             worst = max(others, key=lambda r: abs(r["robust_acc"] - raw["robust_acc"]))
@@ -481,7 +514,7 @@ def model_table(record: dict[str, Any], name: str, info: dict[str, Any]) -> list
         if ev is not None:
             p = ev["passes_per_point"]
             notes.append(f"PGD-{k}: the eval path ran {p:.2f} forward+backward passes per point "
-                         f"(fixed work: {k}), so at most {k / p:.2f}x raw")
+                         f"instead of {k} ({k / p:.2f}x less work)")
     lines += ["", "– : not run (see the scopes in the script). " + "; ".join(notes) + "."]
     return lines
 
@@ -494,7 +527,9 @@ def render(record: dict[str, Any]) -> str:
         "# Attack speed: PGD against the raw PyTorch loop and the peers",
         "",
         f"- Command: `{m['command']}`",
-        f"- Date: {m['date']}; robustlab {m['robustlab']} at commit {m['robustlab_commit']}",
+        f"- Date: {m['date']}; robustlab {m['robustlab']} at commit {m['robustlab_commit']} "
+        + ("(src/ state unknown)" if m["src_changes"] is None else "(src/ as committed)"
+           if not m["src_changes"] else f"(uncommitted changes in {', '.join(m['src_changes'])})"),
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), shared with other jobs during the run; "
         f"`torch.set_num_threads({record['threads']})`; torch {m['torch']}, python "
         f"{m['python']}",
@@ -504,8 +539,9 @@ def render(record: dict[str, Any]) -> str:
         f"start, CE loss, batch {record['batch']}, first {record['n']} {record['dataset']} "
         "test images",
         f"- Timing: warm-up once, then {record['repeats']} interleaved rounds (round robin, "
-        "order rotated each round), median seconds; `x raw` = raw loop time / mode time "
-        "(higher is faster)",
+        "order rotated each round), median seconds; `x raw` = median over rounds of "
+        "(raw loop time / mode time in that round): throughput relative to the raw loop, "
+        "higher is faster",
         "- Robust accuracy recomputed by the benchmark on each mode's x_adv (one forward pass, "
         "eval mode); every x_adv checked inside the eps ball (+1e-6) and [0, 1]",
     ]
