@@ -151,3 +151,14 @@ def test_bad_arguments(toy_model, toy_data):
         rl.evaluate(toy_model, x * 2 - 1, y, t)
     with pytest.raises(ValueError, match="batch_size"):
         rl.evaluate(toy_model, x, y, t, batch_size=0)
+
+
+def test_channels_last_copy_gives_the_same_answer_and_leaves_the_model_alone(toy_model,
+                                                                             toy_data):
+    t = rl.ThreatModel("linf", 0.15)
+    specs = [("pgd", {"steps": 10, "random_start": False})]
+    a = rl.evaluate(toy_model, *toy_data, t, attacks=specs, channels_last=True)
+    b = rl.evaluate(toy_model, *toy_data, t, attacks=specs, channels_last=False)
+    assert a.record["channels_last"] and not b.record["channels_last"]
+    assert torch.equal(a.robust, b.robust)
+    assert toy_model.conv.weight.is_contiguous()  # the caller's model was not converted

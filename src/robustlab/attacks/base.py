@@ -8,7 +8,8 @@ recomputed from the model's own predictions on the returned points.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,17 @@ class AttackResult:
         """Fraction of points the attack did not break (untargeted attacks on clean-correct and
         clean-wrong points alike: a wrong clean prediction counts as broken)."""
         return 1.0 - self.success.float().mean().item()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode and give it its previous mode back, even on exceptions."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def input_grad(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,9 +131,7 @@ class Attack:
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
         x0 = x.detach()
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             probe = probe_model(model, x0[:2])  # two samples: catches batch-collapsing models
             check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
             x_adv = self.perturb(model, x0, labels, generator).detach()
@@ -130,9 +140,16 @@ class Attack:
                 logits = check_logits(model(x_adv), len(x_adv))
                 loss = self.loss(logits, labels, self.targeted)
             success = is_success(logits, labels, self.targeted)
-        finally:
-            model.train(was_training)
         return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits)
+
+    def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """Only the adversarial inputs, for training loops that checked their batch already:
+        no input checks, no prediction on the result; still run in eval mode and verified
+        inside the ball and the bounds."""
+        with eval_mode(model):
+            x_adv = self.perturb(model, x.detach(), y, generator).detach()
+        self.threat.check(x_adv, x, who=f"attack {self.name!r}")
+        return x_adv
 
     def perturb(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator

@@ -38,5 +38,7 @@ def pgd_at(
         raise ValueError("pgd-at needs a threat model: pass threat=ThreatModel('linf', eps)")
     attack = PGD(threat, steps=steps, step_size=step_size, random_start=random_start,
                  keep_best=False)
-    x_adv = attack(model, x, y, generator=generator).x_adv
+    if generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+    x_adv = attack.craft(model, x, y, generator)
     return F.cross_entropy(model(x_adv), y)
