@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from robustlab import models
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
+from robustlab.attacks.base import eval_mode
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.schedules import SCHEDULES, lr_at
@@ -92,11 +93,8 @@ def evaluate_epoch(
     correct = robust = 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             ok = model(xb).argmax(1) == yb
-        model.train(was)
         correct += int(ok.sum())
         if atk is not None:
             robust += int((~atk(model, xb, yb).success & ok).sum())
@@ -124,23 +122,15 @@ class Trainer:
         cfg.validate()
         for what, pair in (("data", data), ("val", val)):
             if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise TypeError(f"{what} must be a pair (x, y) of tensors, got "
-                                f"{type(pair).__name__} of length {len(pair)}"
-                                if isinstance(pair, tuple | list) else
-                                f"{what} must be a pair (x, y) of tensors, got "
-                                f"{type(pair).__name__}")
+                raise TypeError(f"{what} must be a pair (x, y) of tensors, got {pair!r:.80}")
         x, y = data
         check_inputs(x, y, threat)
         if val is not None:
             check_inputs(*val, threat)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        was = model.training
-        model.eval()  # no BatchNorm statistics updated, no dropout draws
-        try:
+        with eval_mode(model):  # no BatchNorm statistics updated, no dropout draws
             k = probe_model(model, x[:2].to(next(model.parameters()).device)).shape[1]
-        finally:
-            model.train(was)
         check_labels(y, k)
         if val is not None:
             check_labels(val[1], k, "val labels")
