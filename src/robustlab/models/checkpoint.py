@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import safetensors
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_from_bytes
+from safetensors.torch import save as safetensors_to_bytes
 from torch import nn
 
 from robustlab._io import atomic_write
@@ -129,7 +130,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
             raise TypeError(f"meta[{key!r}] is not JSON-serialisable ({err}); convert it to "
                             "dicts, lists, strings and finite numbers first") from err
         sidecar[key] = value
-    data = safetensors.torch.save(state, metadata={"format": "pt", "robustlab": "1"})
+    data = safetensors_to_bytes(state, metadata={"format": "pt", "robustlab": "1"})
     sidecar.update(robustlab_version=package_version(), torch_version=torch.__version__,
                    git_commit=git_commit(),
                    created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -189,7 +190,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
         raise ValueError(f"{str(path)!r} has checkpoint format {version!r}; this robustlab "
                          f"reads formats 1 to {FORMAT_VERSION} (a newer one needs an upgrade)")
     try:
-        state = safetensors.torch.load(data)
+        state = safetensors_from_bytes(data)  # safetensors: no pickle
     except safetensors.SafetensorError as err:
         raise ValueError(f"{str(path)!r} is not a valid safetensors file (corrupt or "
                          f"truncated?): {err}") from err
