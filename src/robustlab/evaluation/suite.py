@@ -122,13 +122,12 @@ def evaluate(
     channels_last = fast is not None
     model = fast if fast is not None else model
     with eval_mode(model):
-        probe = slice(0, min(n, 64))
-        with torch.no_grad():
-            k = probe_model(model, x[probe].to(device)).shape[1]
-        check_labels(y, k)
+        xp, yp = x[:64].to(device), y[:64].to(device)
+        probe_logits = probe_model(model, xp)
+        check_labels(y, probe_logits.shape[1])
         pred = _predict(model, x, batch_size, device)
         clean_time = time.perf_counter() - t_start
-        flags = run_checks(model, x[probe].to(device), y[probe].to(device))
+        flags = run_checks(model, xp, yp, probe_logits)
         robust = pred == y
         adv_pred = pred.clone()
         x_adv = x.clone()
@@ -148,19 +147,21 @@ def evaluate(
                 b = idx[j:j + batch_size]
                 xb, yb = x[b].to(device), y[b].to(device)
                 res = atk(model, xb, yb, generator=gen)
-                threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
                 if type(atk).__call__ is Attack.__call__:
-                    logits = res.logits  # the base class's own forward pass on res.x_adv
-                else:  # an attack with its own __call__: recompute, never trust its verdict
+                    # Attack.__call__ itself verified the ball and ran the model on res.x_adv
+                    p = res.logits.argmax(1)
+                    hit = (p != yb).cpu()
+                else:  # an attack with its own __call__: check and recompute, trust nothing
+                    threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
                     with torch.no_grad():
-                        logits = model(res.x_adv)
-                p = logits.argmax(1)
-                hit = (p != yb).cpu()
-                if not atk.targeted and not torch.equal(hit, res.success.cpu()):
-                    flags.append({"name": "prediction-mismatch",
-                                  "message": f"{atk.name} reported successes that the model's "
-                                             "predictions on its x_adv do not confirm (a "
-                                             "randomised model, or an attack that misreports)"})
+                        p = model(res.x_adv).argmax(1)
+                    hit = (p != yb).cpu()
+                    if not atk.targeted and not torch.equal(hit, res.success.cpu()):
+                        flags.append({
+                            "name": "prediction-mismatch",
+                            "message": f"{atk.name} reported successes that the model's "
+                                       "predictions on its x_adv do not confirm (a randomised "
+                                       "model, or an attack that misreports)"})
                 bi = b[hit]
                 robust[bi] = False
                 x_adv[bi] = res.x_adv[hit.to(res.x_adv.device)].cpu()

@@ -135,9 +135,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
                    git_commit=git_commit(),
                    created=datetime.now(UTC).isoformat(timespec="seconds"),
                    sha256=hashlib.sha256(data).hexdigest())
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
-    atomic_write(path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     return path
 
 

@@ -96,8 +96,8 @@ def evaluate_epoch(
         with eval_mode(model), torch.no_grad():
             ok = model(xb).argmax(1) == yb
         correct += int(ok.sum())
-        if atk is not None:
-            robust += int((~atk(model, xb, yb).success & ok).sum())
+        if atk is not None and ok.any():  # only clean-correct points can be robust
+            robust += int((~atk(model, xb[ok], yb[ok]).success).sum())
     out = {"val_clean_acc": correct / len(x)}
     if atk is not None:
         out["val_robust_acc"] = robust / len(x)
