@@ -12,7 +12,8 @@ NORM_EPS = {"linf": 0.3, "l2": 3.0, "l1": 32.0}
 # one step of l1 length eps on the few steepest coordinates (the fast gradient method's
 # definition) cannot flip these images: exempt from the accuracy-drop check only
 WEAK_BY_DEFINITION = {("fgsm", "l1")}
-CASES = [(name, norm) for name in attacks.names() for norm in NORM_EPS]
+CASES = [(name, norm) for name in attacks.names() for norm in NORM_EPS
+         if norm in attacks.ATTACKS.get(name).norms]
 
 
 def build(name: str, norm: str, **opts) -> attacks.Attack:
@@ -68,9 +69,59 @@ class Exploding(nn.Module):
 def test_mode_restored_on_exception(name, toy_model, toy_data):
     model = Exploding(toy_model, ok=2)
     model.train()
+    norm = next(n for n in NORM_EPS if n in attacks.ATTACKS.get(name).norms)
     with pytest.raises(RuntimeError, match="boom"):
-        build(name, "linf")(model, *[t[:8] for t in toy_data])
+        build(name, norm)(model, *[t[:8] for t in toy_data])
     assert model.training and toy_model.training
+
+
+class NoBackward(torch.autograd.Function):
+    """Identity whose backward raises: proves an attack never asks for a gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise AssertionError("a gradient-free attack asked for a gradient")
+
+
+class GradientTrap(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(NoBackward.apply(x))
+
+
+GRADIENT_FREE = [(n, norm) for n, norm in CASES if not attacks.ATTACKS.get(n).uses_gradients]
+
+
+@pytest.mark.parametrize(("name", "norm"), GRADIENT_FREE)
+def test_gradient_free_attacks_take_no_gradient(name, norm, toy_model, toy_data):
+    x, y = toy_data[0][:32], toy_data[1][:32]
+    res = build(name, norm)(GradientTrap(toy_model), x, y)
+    assert res.robust_accuracy < 0.7
+    assert res.queries is not None and (res.queries >= 1).all()
+
+
+MINIMUM_NORM = [(n, norm) for n, norm in CASES if attacks.ATTACKS.get(n).minimum_norm]
+
+
+@pytest.mark.parametrize(("name", "norm"), MINIMUM_NORM)
+def test_minimum_norm_is_consistent(name, norm, toy_model, toy_data):
+    """min_norm is reported for every sample, never below the distance of a returned
+    adversarial point, and a point counts as broken at eps exactly when min_norm <= eps."""
+    x, y = toy_data[0][:64], toy_data[1][:64]
+    atk = build(name, norm)
+    res = atk(toy_model, x, y)
+    assert res.min_norm is not None and res.min_norm.shape == (len(x),)
+    dist = atk.threat.distance(res.x_adv, x)
+    tol = atk.threat.tolerance()
+    assert (res.min_norm[res.success] <= dist[res.success] + tol).all()
+    assert torch.equal(res.min_norm <= atk.threat.eps + tol, res.success)
 
 
 def test_restarts_only_add_successes(toy_model, toy_data):
@@ -126,7 +177,7 @@ def test_stronger_attacks_break_more(toy_model, toy_data):
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="valid attacks are: fgsm, pgd"):
+    with pytest.raises(ValueError, match="valid attacks are: .*fgsm.*pgd"):
         attacks.create("pgdd", ThreatModel("linf", 0.1))
     with pytest.raises(ValueError, match="valid losses are"):
         attacks.create("pgd", ThreatModel("linf", 0.1), loss="hinge")

@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks.losses import get_loss, is_success
-from robustlab.threat import ThreatModel
+from robustlab.threat import NORMS, ThreatModel
 
 
 @dataclass
@@ -31,18 +31,34 @@ class AttackResult:
             prediction != y (untargeted) or == target (targeted).
         loss: (N,) the attack loss at ``x_adv``.
         logits: (N, K) the model's logits at ``x_adv``.
+        min_norm: minimum-norm attacks only: (N,) the smallest adversarial perturbation found
+            for each sample, in the threat model's norm and whatever eps (``inf`` where none
+            was found; 0 where the clean point is already misclassified), so one run gives the
+            robust accuracy at every eps: ``(min_norm > e).float().mean()``.
+        queries: score- and decision-based attacks only: (N,) model queries spent per sample.
     """
 
     x_adv: Tensor
     success: Tensor
     loss: Tensor
     logits: Tensor
+    min_norm: Tensor | None = None
+    queries: Tensor | None = None
 
     @property
     def robust_accuracy(self) -> float:
         """Fraction of points the attack did not break (untargeted attacks on clean-correct and
         clean-wrong points alike: a wrong clean prediction counts as broken)."""
         return 1.0 - self.success.float().mean().item()
+
+
+class Perturbation(NamedTuple):
+    """What :meth:`Attack.perturb` may return instead of a bare tensor, to pass on the
+    per-sample extras of :class:`AttackResult`."""
+
+    x_adv: Tensor
+    min_norm: Tensor | None = None
+    queries: Tensor | None = None
 
 
 @contextmanager
@@ -69,6 +85,11 @@ def input_grad(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, 
 class Attack:
     """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
 
+    Class attributes a subclass sets: ``norms`` (the norms it supports; others raise
+    ValueError at construction), ``uses_gradients`` (False for score- and decision-based
+    attacks: they only call the model under ``torch.no_grad``), ``minimum_norm`` (True if it
+    searches the smallest perturbation and reports ``min_norm``), ``stochastic``.
+
     Args:
         threat: the threat model (norm, eps, bounds).
         loss: name of the loss to maximise (see ``robustlab.attacks.losses``).
@@ -78,13 +99,20 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     stochastic: ClassVar[bool] = False
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    uses_gradients: ClassVar[bool] = True
+    minimum_norm: ClassVar[bool] = False
 
     def __init__(
         self, threat: ThreatModel, *, loss: str = "ce", targeted: bool = False, seed: int = 0
     ) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+        if threat.norm not in self.norms:
+            raise ValueError(f"attack {self.name!r} supports the norms {', '.join(self.norms)}, "
+                             f"not {threat.norm!r}; pick another attack for {threat.norm}")
         self.threat = threat
+        self.eot_samples = 1
         self.loss_name = loss
         self.loss = get_loss(loss)
         self.targeted = bool(targeted)
@@ -94,7 +122,25 @@ class Attack:
 
     def config(self) -> dict[str, Any]:
         """The attack's settings, as recorded in results."""
-        return {"name": self.name, "loss": self.loss_name, "targeted": self.targeted}
+        cfg = {"name": self.name, "loss": self.loss_name, "targeted": self.targeted}
+        if self.eot_samples > 1:
+            cfg["eot_samples"] = self.eot_samples
+        return cfg
+
+    def input_grad(
+        self, loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`input_grad`, averaged over ``self.eot_samples`` forward/backward passes
+        (expectation over transformation, Athalye et al. 2018, for randomised models): loss,
+        logits and gradient are the means over the draws. Gradient attacks call this."""
+        if self.eot_samples == 1:
+            return input_grad(loss_fn, x)
+        loss, logits, grad = input_grad(loss_fn, x)
+        for _ in range(self.eot_samples - 1):
+            lo, lg, g = input_grad(loss_fn, x)
+            loss, logits, grad = loss + lo, logits + lg, grad + g
+        k = self.eot_samples
+        return loss / k, logits / k, grad / k
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -134,26 +180,32 @@ class Attack:
         with eval_mode(model):
             probe = probe_model(model, x0[:2])  # two samples: catches batch-collapsing models
             check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
-            x_adv = self.perturb(model, x0, labels, generator).detach()
+            out = self.perturb(model, x0, labels, generator)
+            out = out if isinstance(out, Perturbation) else Perturbation(out)
+            x_adv = out.x_adv.detach()
             self.threat.check(x_adv, x0, who=f"attack {self.name!r}")
             with torch.no_grad():
                 logits = check_logits(model(x_adv), len(x_adv))
                 loss = self.loss(logits, labels, self.targeted)
             success = is_success(logits, labels, self.targeted)
-        return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits)
+        return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits,
+                            min_norm=out.min_norm, queries=out.queries)
 
     def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """Only the adversarial inputs, for training loops that checked their batch already:
         no input checks, no prediction on the result; still run in eval mode and verified
         inside the ball and the bounds."""
         with eval_mode(model):
-            x_adv = self.perturb(model, x.detach(), y, generator).detach()
+            out = self.perturb(model, x.detach(), y, generator)
+        x_adv = (out.x_adv if isinstance(out, Perturbation) else out).detach()
         self.threat.check(x_adv, x, who=f"attack {self.name!r}")
         return x_adv
 
     def perturb(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
-    ) -> Tensor:
-        """Return adversarial inputs for ``x`` (detached, not modified); ``y`` holds the labels,
-        or the targets when ``self.targeted``. Runs with the model in eval mode."""
+    ) -> Tensor | Perturbation:
+        """Return adversarial inputs for ``x`` (detached, not modified), or a
+        :class:`Perturbation` with the extras; ``y`` holds the labels, or the targets when
+        ``self.targeted``. Runs with the model in eval mode. All randomness comes from
+        ``generator``."""
         raise NotImplementedError

@@ -39,6 +39,35 @@ def cw_margin(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
     return m if targeted else -m
 
 
+def _check_classes(logits: Tensor, k: int, what: str) -> None:
+    if logits.shape[1] < k:
+        raise ValueError(f"the {what} loss needs at least {k} classes, the model has "
+                         f"{logits.shape[1]}; use the 'ce' or 'cw-margin' loss")
+
+
+@LOSSES.register("dlr")
+def dlr(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+    """Difference of logits ratio (Croce & Hein 2020): ``-(z_y - max_{j != y} z_j) /
+    (z_pi1 - z_pi3 + 1e-12)`` with ``pi`` the classes by decreasing logit. Invariant to shifting
+    and positive rescaling of the logits. Targeted: the same with the target's margin negated
+    (the target-free form; APGD-T uses :func:`dlr_targeted`). Needs >= 3 classes."""
+    _check_classes(logits, 3, "dlr")
+    top = logits.sort(dim=1, descending=True).values
+    m = margin(logits, y)
+    return (m if targeted else -m) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """Targeted DLR (Croce & Hein 2020) to maximise: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2
+    + 1e-12)``, with ``y`` the true labels and ``target`` the target classes. Needs >= 4
+    classes."""
+    _check_classes(logits, 4, "targeted dlr")
+    top = logits.sort(dim=1, descending=True).values
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    z_t = logits.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
 def get_loss(name: str) -> LossFn:
     """The registered loss ``name``; a ValueError listing the valid ones if unknown."""
     return LOSSES.get(name)
@@ -54,4 +83,5 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
     return pred == y if targeted else pred != y
 
 
-__all__ = ["LOSSES", "cross_entropy", "cw_margin", "get_loss", "is_success", "margin"]
+__all__ = ["LOSSES", "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "get_loss", "is_success",
+           "margin"]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import Attack, input_grad
+from robustlab.attacks.base import Attack
 from robustlab.attacks.losses import is_success
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
@@ -131,7 +131,7 @@ class PGD(Attack):
         if not (self.keep_best or self.early_stop or self.restarts > 1):
             xa = self._start(x, generator)  # plain PGD (as in training): the last iterate
             for _ in range(self.steps):
-                _, _, grad = input_grad(self._loss_fn(model, y), xa)
+                _, _, grad = self.input_grad(self._loss_fn(model, y), xa)
                 xa = self._step(xa, grad, x)
             return xa
         best = _Best(x)
@@ -141,7 +141,7 @@ class PGD(Attack):
             for _ in range(self.steps):
                 if idx.numel() == 0:
                     break
-                loss, logits, grad = input_grad(self._loss_fn(model, y[idx]), xa)
+                loss, logits, grad = self.input_grad(self._loss_fn(model, y[idx]), xa)
                 success = is_success(logits, y[idx], self.targeted)
                 seen = success | self.keep_best  # without keep_best only successes are kept
                 best.update(idx[seen], xa[seen], loss[seen], success[seen])

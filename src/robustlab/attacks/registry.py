@@ -12,13 +12,23 @@ ATTACKS: Registry[type] = Registry("attack")
 register = ATTACKS.register
 
 
-def create(name: str, threat: ThreatModel, **options: Any):
-    """Build the registered attack ``name`` for ``threat``; unknown options raise TypeError."""
+def create(name: str, threat: ThreatModel, *, eot: int = 1, **options: Any):
+    """Build the registered attack ``name`` for ``threat``; unknown options raise TypeError.
+
+    ``eot`` (any gradient attack): average each input gradient over this many forward and
+    backward passes (expectation over transformation), for randomised models.
+    """
     cls = ATTACKS.get(name)
+    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+        raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
+    if eot > 1 and not cls.uses_gradients:
+        raise ValueError(f"attack {name!r} uses no gradients: eot={eot} has nothing to average")
     try:
-        return cls(threat, **options)
+        attack = cls(threat, **options)
     except TypeError as e:
         raise TypeError(f"attack {name!r}: {e}") from None
+    attack.eot_samples = eot
+    return attack
 
 
 def create_for_evaluation(name: str, threat: ThreatModel, **options: Any):
