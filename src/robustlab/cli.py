@@ -105,7 +105,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     threat = ThreatModel(args.norm, args.eps)
     attacks = None
     if args.attack:
-        opts: dict[str, Any] = {"loss": args.loss}
+        opts: dict[str, Any] = {}
+        if args.loss is not None:
+            opts["loss"] = args.loss
+        if args.eot is not None:
+            opts["eot"] = args.eot
         if args.steps is not None:
             opts["steps"] = args.steps
         if args.restarts is not None:
@@ -114,9 +118,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             opts["step_size"] = args.step_size
         attacks = [(a, opts) for a in args.attack]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    surrogate = models.load(args.surrogate) if args.surrogate else None
     result = evaluate(
         model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
-        seed=args.seed, out=str(out), progress=not args.quiet,
+        seed=args.seed, out=str(out), progress=not args.quiet, resume=not args.restart,
+        repeats=args.repeats, surrogate=surrogate,
         config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
                 "command": " ".join(sys.argv)},
     )
@@ -166,13 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
     e.add_argument("--norm", choices=NORMS, default="linf")
     e.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
-    e.add_argument("--suite", default="pgd", help="attack suite (robustlab list suites)")
+    e.add_argument("--suite", default="standard",
+                   help="attack suite: standard (AutoAttack), fast, rand (randomised models), "
+                        "quick, pgd, pgd-strong (robustlab list suites)")
     e.add_argument("--attack", action="append", default=None,
                    help="run this attack instead of a suite (repeatable)")
     e.add_argument("--steps", type=_positive_int, default=None)
     e.add_argument("--restarts", type=_positive_int, default=None)
     e.add_argument("--step-size", type=_eps, default=None)
-    e.add_argument("--loss", default="ce", help="attack loss: ce or cw-margin")
+    e.add_argument("--loss", default=None, help="attack loss for --attack: ce, cw-margin, dlr")
+    e.add_argument("--eot", type=_positive_int, default=None,
+                   help="--attack: average gradients over this many draws (randomised models)")
+    e.add_argument("--repeats", type=_positive_int, default=None,
+                   help="predictions per point, robust by majority (default: the suite's)")
+    e.add_argument("--surrogate", type=Path, default=None,
+                   help="checkpoint of a surrogate model for the transfer attack")
+    e.add_argument("--restart", action="store_true",
+                   help="ignore an interrupted evaluation's state in --out and start over")
     e.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
     e.add_argument("--split", default="test", choices=("train", "test"))
     e.add_argument("--n", type=_positive_int, default=1000, help="first n points of the split")

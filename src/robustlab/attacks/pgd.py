@@ -1,5 +1,5 @@
 """Projected gradient descent (Madry et al., 2018, "Towards Deep Learning Models Resistant to
-Adversarial Attacks", https://arxiv.org/abs/1706.06083).
+Adversarial Attacks", https://arxiv.org/abs/1706.06083), with a choice of inner optimiser.
 
 Distance: linf, l2, l1 (the threat model's norm).
 """
@@ -16,6 +16,9 @@ from robustlab.attacks.base import Attack
 from robustlab.attacks.losses import is_success
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
+
+OPTIMIZERS = ("sign", "momentum", "adam")
+_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 class _Best:
@@ -34,9 +37,42 @@ class _Best:
             self.x[j], self.loss[j], self.success[j] = x[better], loss[better], success[better]
 
 
+class _Direction:
+    """Turns each raw gradient into the direction the steepest step follows, keeping the
+    optimiser's state per sample: ``sign`` the gradient itself; ``momentum`` (MI-FGSM)
+    ``g_t = mu g_(t-1) + grad / ||grad||_1``; ``adam`` ``m_hat / (sqrt(v_hat) + 1e-8)`` from
+    bias-corrected moment estimates (betas 0.9, 0.999). One per restart; :meth:`keep` makes the
+    state follow the samples when early stopping drops some."""
+
+    def __init__(self, kind: str, mu: float) -> None:
+        self.kind, self.mu, self.t = kind, mu, 0
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def keep(self, rows: Tensor) -> None:
+        self.m = None if self.m is None else self.m[rows]
+        self.v = None if self.v is None else self.v[rows]
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        if self.kind == "sign":
+            return grad
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(grad), torch.zeros_like(grad)
+        if self.kind == "momentum":
+            l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12)
+            self.m = self.mu * self.m + grad / l1.reshape((-1,) + (1,) * (grad.dim() - 1))
+            return self.m
+        (b1, b2), self.t = _ADAM_BETAS, self.t + 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad.square()
+        v_hat = self.v / (1 - b2 ** self.t)
+        return self.m / (1 - b1 ** self.t) / (v_hat.sqrt() + _ADAM_EPS)
+
+
 @register("pgd")
 class PGD(Attack):
-    """PGD with random start, restarts keeping the best, targeted mode and a choice of loss.
+    """PGD with random start, restarts keeping the best, targeted mode, a choice of loss and of
+    inner optimiser.
 
     Args:
         threat: threat model; the attack stays in its ball and bounds.
@@ -53,6 +89,13 @@ class PGD(Attack):
         keep_best: return each sample's best iterate over all steps (successful first, then
             highest loss) instead of the last one. Training uses the last iterate (False).
         l1_sparsity: for l1, fraction of coordinates moved per step (see ThreatModel).
+        optimizer: what the steepest step of the norm follows (each step has lp length
+            ``step_size`` whatever the optimiser): ``"sign"`` the gradient (Madry et al.'s PGD);
+            ``"momentum"`` the MI-FGSM velocity ``g_t = momentum * g_(t-1) + grad/||grad||_1``
+            (Dong et al. 2018); ``"adam"`` Adam's ``m_hat / (sqrt(v_hat) + 1e-8)``, betas
+            (0.9, 0.999), bias-corrected. State is per sample and starts afresh each restart.
+            Default ``"sign"``.
+        momentum: decay ``mu`` >= 0 of the ``"momentum"`` optimiser. Default 1.0.
         seed: seed of the attack's generator when the call passes none.
 
     Shapes: x (N, C, H, W) in the threat bounds, y (N,) int64. Returns :class:`AttackResult`.
@@ -79,6 +122,8 @@ class PGD(Attack):
         early_stop: bool = False,
         keep_best: bool = True,
         l1_sparsity: float = 0.05,
+        optimizer: str = "sign",
+        momentum: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
@@ -93,6 +138,13 @@ class PGD(Attack):
             raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
         if not isinstance(l1_sparsity, int | float) or not 0 < l1_sparsity <= 1:
             raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers are: "
+                             f"{', '.join(OPTIMIZERS)}")
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not (
+            math.isfinite(momentum) and momentum >= 0
+        ):
+            raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
         self.steps = steps
         self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps
         self.random_start = bool(random_start)
@@ -100,6 +152,8 @@ class PGD(Attack):
         self.early_stop = bool(early_stop)
         self.keep_best = bool(keep_best)
         self.l1_sparsity = float(l1_sparsity)
+        self.optimizer = optimizer
+        self.momentum = float(momentum)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
@@ -109,7 +163,9 @@ class PGD(Attack):
             "restarts": self.restarts,
             "early_stop": self.early_stop,
             "keep_best": self.keep_best,
-        }
+            "optimizer": self.optimizer,
+        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {}) | (
+            {"l1_sparsity": self.l1_sparsity} if self.threat.norm == "l1" else {})
 
     def _loss_fn(self, model: nn.Module, y: Tensor):
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,24 +176,27 @@ class PGD(Attack):
     def _start(self, x: Tensor, generator: torch.Generator) -> Tensor:
         return self.threat.random_init(x, generator) if self.random_start else x
 
-    def _step(self, xa: Tensor, grad: Tensor, x: Tensor) -> Tensor:
+    def _step(self, xa: Tensor, d: Tensor, x: Tensor) -> Tensor:
+        """The projected steepest step of length ``step_size`` along direction ``d``."""
         if self.threat.norm == "l1":  # spend the sparse step on coordinates that can move
             lo, hi = self.threat.bounds
-            grad = grad.masked_fill(((xa <= lo) & (grad < 0)) | ((xa >= hi) & (grad > 0)), 0)
-        step = self.threat.steepest_step(grad, self.step_size, l1_sparsity=self.l1_sparsity)
+            d = d.masked_fill(((xa <= lo) & (d < 0)) | ((xa >= hi) & (d > 0)), 0)
+        step = self.threat.steepest_step(d, self.step_size, l1_sparsity=self.l1_sparsity)
         return self.threat.project(xa + step, x)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         if not (self.keep_best or self.early_stop or self.restarts > 1):
             xa = self._start(x, generator)  # plain PGD (as in training): the last iterate
+            direction = _Direction(self.optimizer, self.momentum)
             for _ in range(self.steps):
                 _, _, grad = self.input_grad(self._loss_fn(model, y), xa)
-                xa = self._step(xa, grad, x)
+                xa = self._step(xa, direction(grad), x)
             return xa
         best = _Best(x)
         for _ in range(self.restarts):
             idx = (~best.success).nonzero().squeeze(1)  # restarts only on unbroken points
             xa = self._start(x[idx], generator)
+            direction = _Direction(self.optimizer, self.momentum)  # fresh state per restart
             for _ in range(self.steps):
                 if idx.numel() == 0:
                     break
@@ -147,7 +206,8 @@ class PGD(Attack):
                 best.update(idx[seen], xa[seen], loss[seen], success[seen])
                 if self.early_stop:
                     idx, xa, grad = idx[~success], xa[~success], grad[~success]
-                xa = self._step(xa, grad, x[idx])
+                    direction.keep(~success)
+                xa = self._step(xa, direction(grad), x[idx])
             if idx.numel():
                 with torch.no_grad():
                     logits = model(xa)

@@ -73,3 +73,24 @@ def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[F
     found = [randomised_output(model, x, logits), softmax_output(logits),
              gradient_health(model, x, y)]
     return [f for f in found if f is not None]
+
+
+def black_box_beats_white_box(per_attack: list[dict[str, Any]]) -> Flag | None:
+    """A gradient-free attack broke points that the gradient attacks before it could not: the
+    gradients mislead (masking), so the white-box numbers understate the vulnerability
+    (AutoAttack's check on Square after APGD)."""
+    white_ran = False
+    extra = []
+    for a in per_attack:
+        if a.get("skipped"):
+            continue
+        if a.get("uses_gradients", True):
+            white_ran = True
+        elif white_ran and a["broken"] > 0:
+            extra.append(f"{a['attack']} broke {a['broken']} of {a['attacked']}")
+    if not extra:
+        return None
+    return {"name": "black-box-beats-white-box",
+            "message": "gradient-free attacks broke points that the gradient attacks before "
+                       f"them did not ({'; '.join(extra)}): a sign of gradient masking; trust "
+                       "the worst case over all attacks, and look for an adaptive attack"}

@@ -2,18 +2,25 @@
 
 Every attack runs only on points no earlier attack broke; each returned input is checked to lie
 in the ball and the bounds, and the prediction on it is recomputed here, so the reported robust
-accuracy is the per-sample worst case over every attack run.
+accuracy is the per-sample worst case over every attack run. A model without a gradient path is
+flagged and attacked with the gradient-free attacks only (never a crash, never a silent
+'robust'); a randomised model is judged by a majority of repeated predictions (``repeats``).
+With ``out`` the evaluation saves its state after attack batches and an interrupted run
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -21,27 +28,48 @@ from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.attacks.base import eval_mode
-from robustlab.evaluation.checks import run_checks
+from robustlab.evaluation.checks import black_box_beats_white_box, run_checks
 from robustlab.evaluation.results import SCHEMA, EvalResult
-from robustlab.evaluation.suites import suite_attacks
+from robustlab.evaluation.state import FILENAME, EvalState, fingerprint
+from robustlab.evaluation.suites import get_suite
 from robustlab.threat import ThreatModel
 
 log = logging.getLogger(__name__)
 AttackLike = Attack | tuple[str, dict[str, Any]] | str
 
 
-def _build(spec: AttackLike, threat: ThreatModel) -> Attack:
+# gradient-free attacks run on a model without input gradients when its suite has none
+_FALLBACK: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "linf": [("square", {"n_queries": 5000, "p_init": 0.8}), ("rays", {})],
+    "l2": [("square", {"n_queries": 5000, "p_init": 0.8})],
+    "l1": [],
+}
+_SAVE_EVERY_S = 30.0
+
+
+def _build(spec: AttackLike, threat: ThreatModel, surrogate: nn.Module | None) -> Attack:
     if isinstance(spec, Attack):
         if spec.threat != threat:
             raise ValueError(f"attack {spec!r} has threat {spec.threat}, evaluation has {threat}")
         return spec
     if isinstance(spec, str):
-        return create_for_evaluation(spec, threat)
+        spec = (spec, {})
     if not (isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], dict)):
         raise TypeError(f"attack spec {spec!r} must be an Attack, a name or a (name, options "
                         "dict) pair, e.g. ('pgd', {'steps': 20})")
-    name, opts = spec
-    return create_for_evaluation(name, threat, **dict(opts))
+    name, opts = spec[0], dict(spec[1])
+    if name == "transfer" and "surrogate" not in opts:
+        if surrogate is None:
+            raise ValueError("the transfer attack needs a surrogate model: pass "
+                             "evaluate(..., surrogate=model) or ('transfer', {'surrogate': m})")
+        opts["surrogate"] = surrogate
+    return create_for_evaluation(name, threat, **opts)
+
+
+def _batch_generator(seed: int, attack: int, batch: int, device: torch.device) -> torch.Generator:
+    """One generator per (attack, batch): a resumed run draws what an uninterrupted one drew."""
+    s = int(np.random.SeedSequence([seed, attack, batch]).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(s)
 
 
 def _channels_last_copy(model: nn.Module) -> nn.Module | None:
@@ -54,13 +82,41 @@ def _channels_last_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    out = []
+def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
+             repeats: int) -> tuple[Tensor, Tensor]:
+    """Per point: correct in a strict majority of ``repeats`` predictions (bool), and the
+    prediction of the first draw."""
+    hits, first = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device)
-            out.append(check_logits(model(xb), len(xb)).argmax(1).cpu())
-    return torch.cat(out)
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            votes = torch.zeros(len(xb), dtype=torch.long, device=device)
+            for r in range(repeats):
+                p = check_logits(model(xb), len(xb)).argmax(1)
+                votes += p == yb
+                if r == 0:
+                    first.append(p.cpu())
+            hits.append((2 * votes > repeats).cpu())
+    return torch.cat(hits), torch.cat(first)
+
+
+def _plan(built: list[Attack], threat: ThreatModel, no_gradient: bool,
+          surrogate: nn.Module | None) -> list[tuple[Attack, str | None]]:
+    """The attacks to run, each with the reason it is skipped (None: it runs). Without input
+    gradients the gradient attacks are skipped and gradient-free ones added if none is left."""
+    if not no_gradient:
+        return [(a, None) for a in built]
+    why = "skipped: the model has no input gradient (see the no-gradient flag)"
+    plan = [(a, None if not a.uses_gradients else why) for a in built]
+    if all(a.uses_gradients for a in built):
+        extra = list(_FALLBACK[threat.norm])
+        if surrogate is not None:
+            extra.append(("transfer", {}))
+        plan += [(_build(s, threat, surrogate), None) for s in extra]
+    if all(reason for _, reason in plan):
+        raise ValueError(f"the model has no input gradient and no gradient-free attack exists for "
+                         f"{threat.norm}: pass a surrogate model for the transfer attack")
+    return plan
 
 
 def evaluate(
@@ -69,11 +125,14 @@ def evaluate(
     y: Tensor,
     threat: ThreatModel,
     *,
-    suite: str = "pgd",
+    suite: str = "standard",
     attacks: Sequence[AttackLike] | None = None,
     batch_size: int = 500,
     seed: int = 0,
-    out: str | None = None,
+    out: str | Path | None = None,
+    resume: bool = True,
+    repeats: int | None = None,
+    surrogate: nn.Module | None = None,
     config: dict[str, Any] | None = None,
     progress: bool = False,
     channels_last: bool | None = None,
@@ -81,13 +140,21 @@ def evaluate(
     """Evaluate ``model`` on ``(x, y)`` under ``threat``.
 
     Args:
-        suite: a registered suite name (``robustlab.evaluation.suites.names()``), used when
-            ``attacks`` is None.
+        suite: a registered suite name (``robustlab.evaluation.suites()``: ``standard`` is the
+            AutoAttack standard cascade, ``fast`` our cheaper one, ``rand`` for randomised
+            models), used when ``attacks`` is None.
         attacks: instead of a suite, attacks as ``Attack`` objects, names or
             ``(name, options)`` pairs, run in this order.
         batch_size: points per attack call.
-        seed: seeds the one generator all attacks draw from (deterministic results).
-        out: directory for ``results.json``, ``per_sample.jsonl`` and ``summary.md``.
+        seed: seeds the attacks' generators (one per attack and batch: deterministic results,
+            also across an interruption).
+        out: directory for ``results.json``, ``per_sample.jsonl``, ``summary.md`` and the
+            resumable state ``eval_state.safetensors`` (removed once the results are written).
+        resume: continue from the state in ``out`` if there is one (it must belong to the same
+            model, data and settings); False starts over.
+        repeats: predictions per point, robust only if a strict majority is correct (for
+            randomised models); default: the suite's (``rand``: 10, others 1).
+        surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``).
         config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
         channels_last: attack a copy of the model with channels_last weights (about 1.3x faster
             per step on CPU, see BENCHMARKS.md); None: on for 4-D inputs on CPU.
@@ -108,109 +175,175 @@ def evaluate(
                         f"got {attacks!r}; for one attack pass [{attacks!r}]")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int)
+                                or repeats < 1):
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if surrogate is not None and not isinstance(surrogate, nn.Module):
+        raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
     suite_name = "custom" if attacks is not None else suite
-    specs = list(attacks) if attacks is not None else suite_attacks(suite)
-    built = [_build(s, threat) for s in specs]
+    specs = list(attacks) if attacks is not None else get_suite(suite).for_norm(threat.norm)
+    repeats = repeats or (1 if attacks is not None else get_suite(suite).repeats)
+    built = [_build(s, threat, surrogate) for s in specs]
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()
-    n = len(x)
-    gen = torch.Generator(device=device).manual_seed(seed)
     t_start = time.perf_counter()
     if channels_last is None:
         channels_last = x.dim() == 4 and device.type == "cpu"
     fast = _channels_last_copy(model) if channels_last and x.dim() == 4 else None
     channels_last = fast is not None
-    model = fast if fast is not None else model
+    original, model = model, fast if fast is not None else model
+    state_path = Path(out) / FILENAME if out is not None else None
     with eval_mode(model):
         xp, yp = x[:64].to(device), y[:64].to(device)
         probe_logits = probe_model(model, xp)
         check_labels(y, probe_logits.shape[1])
-        pred = _predict(model, x, batch_size, device)
-        clean_time = time.perf_counter() - t_start
         flags = run_checks(model, xp, yp, probe_logits)
-        robust = pred == y
-        adv_pred = pred.clone()
-        x_adv = x.clone()
-        broken_by: list[str | None] = [None if r else "clean" for r in robust.tolist()]
-        per_attack = []
+        no_gradient = any(f["name"] == "no-gradient" for f in flags)
+        plan = _plan(built, threat, no_gradient, surrogate)
+        settings = {"threat": threat.to_dict(), "attacks": [a.config() for a, _ in plan],
+                    "seed": seed, "batch_size": batch_size, "repeats": repeats}
+        fp = fingerprint(original, x, y, settings) if state_path is not None else ""
+        clean, pred = _correct(model, x, y, batch_size, device, repeats)
+        clean_time = time.perf_counter() - t_start
+        if state_path is not None and resume and state_path.exists():
+            st = EvalState.load(state_path, fp)
+            log.info("resuming the evaluation from %s (attack %d, batch %d)", state_path,
+                     st.attack + 1, st.batch)
+        else:
+            st = EvalState(robust=clean.clone(), x_adv=x.clone(), adv_pred=pred.clone(),
+                           min_norm=torch.where(clean, math.nan, 0.0),  # NaN: unknown
+                           start_robust=clean.clone(),
+                           broken_by=[None if r else "clean" for r in clean.tolist()])
+        elapsed0, last_save = st.elapsed_s, time.perf_counter()
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(built), desc="attacks", unit="attack", leave=False)
-        for i, atk in enumerate(built):
+            bar = tqdm(total=len(plan), initial=st.attack, desc="attacks", unit="attack",
+                       leave=False)
+        for i in range(st.attack, len(plan)):
+            atk, skipped = plan[i]
             label = f"{i + 1}:{atk.name}"
+            if st.batch == 0:
+                st.begin_attack()
+            idx = st.start_robust.nonzero().squeeze(1)
             t0 = time.perf_counter()
-            idx = robust.nonzero().squeeze(1)
-            attacked, broken = len(idx), 0
-            for j in range(0, len(idx), batch_size):
+            for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
                 b = idx[j:j + batch_size]
-                xb, yb = x[b].to(device), y[b].to(device)
-                res = atk(model, xb, yb, generator=gen)
-                if type(atk).__call__ is Attack.__call__:
-                    # Attack.__call__ itself verified the ball and ran the model on res.x_adv
-                    p = res.logits.argmax(1)
-                    hit = (p != yb).cpu()
-                else:  # an attack with its own __call__: check and recompute, trust nothing
-                    threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
-                    with torch.no_grad():
-                        p = model(res.x_adv).argmax(1)
-                    hit = (p != yb).cpu()
-                    if not atk.targeted and not torch.equal(hit, res.success.cpu()):
-                        flags.append({
-                            "name": "prediction-mismatch",
-                            "message": f"{atk.name} reported successes that the model's "
-                                       "predictions on its x_adv do not confirm (a randomised "
-                                       "model, or an attack that misreports)"})
-                bi = b[hit]
-                robust[bi] = False
-                x_adv[bi] = res.x_adv[hit.to(res.x_adv.device)].cpu()
-                adv_pred[bi] = p.cpu()[hit]
-                for s in bi.tolist():
-                    broken_by[s] = label
-                broken += len(bi)
-            per_attack.append({
-                "attack": label, "config": atk.config(), "attacked": attacked,
-                "broken": broken, "robust_accuracy": float(robust.float().mean()),
-                "time_s": time.perf_counter() - t0,
-            })
+                gen = _batch_generator(seed, i, j // batch_size, device)
+                _attack_batch(model, atk, threat, x, y, b, gen, repeats, label, st, flags)
+                st.batch = j // batch_size + 1
+                if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
+                    st.elapsed_s = elapsed0 + time.perf_counter() - t_start
+                    st.save(state_path, fp, attack_time_s=time.perf_counter() - t0)
+                    last_save = time.perf_counter()
+            record = {"attack": label, "config": atk.config(),
+                      "uses_gradients": atk.uses_gradients,
+                      "attacked": 0 if skipped else len(idx),
+                      "broken": int((st.start_robust & ~st.robust).sum()),
+                      "robust_accuracy": float(st.robust.float().mean()),
+                      "time_s": st.attack_time_s + time.perf_counter() - t0}
+            if skipped:
+                record["skipped"] = skipped
+            st.end_attack(record)
+            if state_path is not None:
+                st.elapsed_s = elapsed0 + time.perf_counter() - t_start
+                st.save(state_path, fp)
+                last_save = time.perf_counter()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(robust=f"{100 * float(robust.float().mean()):.2f}%")
+                bar.set_postfix(robust=f"{100 * float(st.robust.float().mean()):.2f}%")
         if bar is not None:
             bar.close()
-    total = time.perf_counter() - t_start
-    dist = threat.distance(x_adv, x)
-    per_sample = [
-        {"index": i, "label": int(y[i]), "clean_pred": int(pred[i]), "adv_pred": int(adv_pred[i]),
-         "robust": bool(robust[i]), "broken_by": broken_by[i], "distance": float(dist[i])}
-        for i in range(n)
-    ]
+    flag = black_box_beats_white_box(st.per_attack)
+    if flag is not None:
+        flags.append(flag)
+    result = _result(st, x, y, pred, clean, threat, flags, {
+        "suite": suite_name, "attacks": [a.config() for a, _ in plan], "seed": seed,
+        "batch_size": batch_size, "repeats": repeats, "channels_last": channels_last,
+        "config": config or {},
+        "timings": {"clean_s": clean_time,
+                    "total_s": elapsed0 + time.perf_counter() - t_start},
+    })
+    if out is not None:
+        result.save(out)
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
+    return result
+
+
+def _attack_batch(model: nn.Module, atk: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
+                  b: Tensor, gen: torch.Generator, repeats: int, label: str, st: EvalState,
+                  flags: list[dict[str, Any]]) -> None:
+    """Run ``atk`` on the points ``b`` and fold the points it broke into ``st``."""
+    device = gen.device
+    xb, yb = x[b].to(device), y[b].to(device)
+    res = atk(model, xb, yb, generator=gen)
+    own_call = type(atk).__call__ is not Attack.__call__
+    if own_call:  # an attack with its own __call__: check and recompute, trust nothing
+        threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
+    if repeats > 1 or own_call:
+        correct, p = _correct(model, res.x_adv, yb.cpu(), len(b), device, repeats)
+        hit = ~correct
+    else:  # Attack.__call__ verified the ball and ran the model on res.x_adv itself
+        p = res.logits.argmax(1).cpu()
+        hit = p != yb.cpu()
+    if own_call and not atk.targeted and not torch.equal(hit, res.success.cpu()):
+        flags.append({
+            "name": "prediction-mismatch",
+            "message": f"{atk.name} reported successes that the model's predictions on its "
+                       "x_adv do not confirm (a randomised model, or an attack that misreports)"})
+    bi = b[hit]
+    st.robust[bi] = False
+    st.x_adv[bi] = res.x_adv[hit.to(res.x_adv.device)].cpu()
+    st.adv_pred[bi] = p[hit]
+    if res.min_norm is not None:
+        st.min_norm[b] = torch.fmin(st.min_norm[b], res.min_norm.cpu().float())  # NaN: unknown
+    for s in bi.tolist():
+        st.broken_by[s] = label
+
+
+def _min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41) -> list[dict]:
+    """Robust accuracy against eps from the per-sample minimal norms: robust at e iff the
+    smallest adversarial perturbation found is larger than e (an upper bound, like any attack's
+    number)."""
+    finite = min_norm[torch.isfinite(min_norm)]
+    top = max(2 * threat.eps, float(finite.max()) if len(finite) else 0.0) or 1.0
+    grid = torch.linspace(0, top, points)
+    return [{"eps": float(e), "robust_accuracy": float((min_norm > e).float().mean())}
+            for e in grid]
+
+
+def _result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
+            threat: ThreatModel, flags: list[dict[str, Any]],
+            extra: dict[str, Any]) -> EvalResult:
+    dist = threat.distance(st.x_adv, x)
+    per_sample = []
+    for i in range(len(x)):
+        row = {"index": i, "label": int(y[i]), "clean_pred": int(pred[i]),
+               "adv_pred": int(st.adv_pred[i]), "robust": bool(st.robust[i]),
+               "broken_by": st.broken_by[i], "distance": float(dist[i])}
+        m = float(st.min_norm[i])
+        if not math.isnan(m):  # known: a minimum-norm attack ran on it (None: found none)
+            row["min_norm"] = m if math.isfinite(m) else None
+        per_sample.append(row)
     flags = list({f["name"]: f for f in flags}.values())  # one flag per kind
     record = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "clean_accuracy": float((pred == y).float().mean()),
-        "robust_accuracy": float(robust.float().mean()),
+        "clean_accuracy": float(clean.float().mean()),
+        "robust_accuracy": float(st.robust.float().mean()),
         "threat": threat.to_dict(),
-        "suite": suite_name,
-        "attacks": [a.config() for a in built],
-        "n": n,
-        "per_attack": per_attack,
+        "n": len(x),
+        "per_attack": st.per_attack,
         "flags": flags,
-        "seed": seed,
-        "batch_size": batch_size,
-        "channels_last": channels_last,
         "commit": git_commit(),
         "versions": versions(),
-        "config": config or {},
-        "timings": {"clean_s": clean_time, "total_s": total},
-    }
-    result = EvalResult(
+    } | extra
+    if not torch.isnan(st.min_norm).any():
+        record["min_norm_curve"] = _min_norm_curve(st.min_norm, threat)
+    return EvalResult(
         clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
-        per_attack=per_attack, flags=flags, robust=robust, x_adv=x_adv, broken_by=broken_by,
-        per_sample=per_sample, record=record,
+        per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,
+        broken_by=st.broken_by, per_sample=per_sample, record=record,
     )
-    if out is not None:
-        result.save(out)
-    return result

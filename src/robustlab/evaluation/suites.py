@@ -2,32 +2,83 @@
 
 ``evaluate`` runs the attacks in order, each only on the points still robust after the previous
 ones, so the result is the per-sample worst case over the whole list.
+
+- ``standard``: the AutoAttack standard cascade (Croce & Hein 2020) with the reference budgets:
+  APGD-CE (100 steps, 1 restart), APGD-T (9 target classes, 100 steps each), FAB-T (9 target
+  classes, 100 steps each), Square (5000 queries, p_init 0.8). l1 has no Square: AutoAttack's
+  l1 standard runs APGD-CE and APGD-T only.
+- ``fast``: our cheaper cascade aimed at the same number; its design and measured gap to
+  ``standard`` are in BENCHMARKS.md (benchmarks/evaluation.py).
+- ``rand``: for randomised models: APGD-CE and APGD-DLR with expectation over transformation
+  (gradients averaged over 20 draws), and a point counts as robust only if a majority of
+  ``repeats`` predictions on it (clean and adversarial) are correct.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from robustlab.registry import Registry
 
 AttackSpec = tuple[str, dict[str, Any]]
-SUITES: Registry[list[AttackSpec]] = Registry("suite")
 
-SUITES.register("quick")([("fgsm", {}), ("pgd", {"steps": 20})])
-SUITES.register("pgd")([
+
+@dataclass(frozen=True)
+class Suite:
+    """A cascade of attacks; ``repeats``: predictions per point (majority vote) for randomised
+    models; ``norms`` maps a norm to its own attack list where it differs from ``attacks``."""
+
+    attacks: list[AttackSpec]
+    repeats: int = 1
+    norms: dict[str, list[AttackSpec]] = field(default_factory=dict)
+
+    def for_norm(self, norm: str) -> list[AttackSpec]:
+        return [(a, dict(o)) for a, o in self.norms.get(norm, self.attacks)]
+
+
+SUITES: Registry[Suite] = Registry("suite")
+
+SUITES.register("quick")(Suite([("fgsm", {}), ("pgd", {"steps": 20})]))
+SUITES.register("pgd")(Suite([
     ("pgd", {"steps": 20}),
     ("pgd", {"steps": 100, "restarts": 5}),
-])
-SUITES.register("pgd-strong")([
+]))
+SUITES.register("pgd-strong")(Suite([
     ("pgd", {"steps": 20}),
     ("pgd", {"steps": 100, "restarts": 5}),
     ("pgd", {"steps": 100, "restarts": 5, "loss": "cw-margin"}),
-])
+]))
+_AA_WHITE = [
+    ("apgd-ce", {"steps": 100, "restarts": 1}),
+    ("apgd-t", {"steps": 100, "n_target_classes": 9}),
+]
+SUITES.register("standard")(Suite(
+    _AA_WHITE + [
+        ("fab-t", {"steps": 100, "n_target_classes": 9}),
+        ("square", {"n_queries": 5000, "p_init": 0.8}),
+    ],
+    norms={"l1": _AA_WHITE},
+))
+SUITES.register("fast")(Suite([
+    ("apgd-ce", {"steps": 25}),
+    ("apgd-t", {"steps": 25, "n_target_classes": 3}),
+    ("square", {"n_queries": 1000, "p_init": 0.8}),
+], norms={"l1": [("apgd-ce", {"steps": 25}), ("apgd-t", {"steps": 25, "n_target_classes": 3})]}))
+SUITES.register("rand")(Suite(
+    [("apgd-ce", {"steps": 100, "eot": 20}), ("apgd-dlr", {"steps": 100, "eot": 20})],
+    repeats=10,
+))
 
 
-def suite_attacks(name: str) -> list[AttackSpec]:
-    """The attack list of suite ``name`` (a copy); ValueError listing valid suites if unknown."""
-    return [(a, dict(o)) for a, o in SUITES.get(name)]
+def get_suite(name: str) -> Suite:
+    """The suite ``name``; ValueError listing the valid suites if unknown."""
+    return SUITES.get(name)
+
+
+def suite_attacks(name: str, norm: str = "linf") -> list[AttackSpec]:
+    """The attack list of suite ``name`` for ``norm`` (a copy)."""
+    return get_suite(name).for_norm(norm)
 
 
 def names(pattern: str | None = None) -> list[str]:

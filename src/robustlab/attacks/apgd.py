@@ -1,0 +1,280 @@
+"""Auto-PGD (Croce & Hein, 2020, "Reliable Evaluation of Adversarial Robustness with an Ensemble
+of Diverse Parameter-Free Attacks", https://arxiv.org/abs/2003.01690): PGD with momentum whose
+per-sample step size halves at checkpoints when the loss stalls. l1: the sparse l1-APGD of Croce
+& Hein, 2021, "Mind the box: l1-APGD for sparse adversarial attacks on image classifiers",
+https://arxiv.org/abs/2103.01208.
+
+Distance: linf, l2, l1. Attacks: ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted DLR).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab.attacks.base import Attack
+from robustlab.attacks.losses import dlr_targeted
+from robustlab.attacks.registry import register
+from robustlab.threat import ThreatModel
+
+State = dict[str, Tensor]  # per-sample tensors of one run, all indexed by the same rows
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations ``0 = w_0 < w_1 < ... <= steps`` after which APGD checks its step size, by the
+    reference code's integer rule: ``w_1 = max(floor(0.22 N), 1)``, then intervals shrinking by
+    ``max(floor(0.03 N), 1)`` down to ``max(floor(0.06 N), 1)`` (the paper's ``w_j = ceil(p_j N)``,
+    ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``). N = 100: 0 22 41 57 70 80 87 93 99."""
+    k, shrink, least = (max(int(f * steps), 1) for f in (0.22, 0.03, 0.06))
+    marks = [0]
+    while marks[-1] + k <= steps:
+        marks.append(marks[-1] + k)
+        k = max(k - shrink, least)
+    return marks
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class _Best:
+    """Per-sample output over runs: a misclassified point if any, else the highest loss."""
+
+    def __init__(self, x: Tensor, success: Tensor) -> None:
+        self.x, self.success = x.clone(), success.clone()
+        self.loss = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
+
+
+@register("apgd-ce")
+class APGD(Attack):
+    """Auto-PGD maximising ``loss`` (untargeted).
+
+    Step ``2 eps`` (l1: ``eps``) per sample; ``x1 = P(x0 + eta * step_dir(grad))`` then momentum
+    ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))``, a = 0.75 (1 on the first step).
+    At each checkpoint (:func:`checkpoints`) a sample halves its step and restarts from its
+    best-loss point if the loss went up in at most ``rho`` of the steps since the last one, or if
+    its step was not halved last time and its best loss has not improved. l1 (Croce & Hein 2021):
+    steps of length ``eta`` spread over the top ``k`` gradient coordinates (box-aware: coordinates
+    at a bound whose gradient points out are skipped), no momentum, exact projection onto
+    l1-ball ∩ box; every ``max(floor(0.04 N), 1)`` steps ``k`` becomes 1/1.5 of the best point's
+    sparsity and the step resets to ``eps`` (sparsity shrank by > 5 %, restart from the best point)
+    or shrinks by 1.5 (kept >= eps / 10).
+
+    Args:
+        threat: threat model; every iterate stays in its ball and bounds.
+        steps: iterations per run, N (>= 1). Default 100. Costs N + 1 forward/backward passes per
+            run (and one forward pass on the clean points per call).
+        restarts: random restarts (>= 1), each on the points still unbroken. Default 1.
+        rho: halving threshold on the fraction of increasing steps, in [0, 1]. Default 0.75.
+        loss: loss to maximise (``"ce"``, ``"dlr"`` (>= 3 classes) or ``"cw-margin"``).
+        early_stop: drop a sample from the batch once misclassified (keeping that point); breaks
+            the same points, faster. Default False; evaluation turns it on.
+        seed: seed of the attack's generator when the call passes none.
+
+    Shapes: x (N, ...) in the bounds, y (N,) int64. Returns each sample's first misclassified
+    iterate, else its highest-loss point over all runs; points misclassified clean stay as they are.
+    Deviation from the reference code: the first checkpoint compares the first step's loss with
+    the loss at the start point (the code compares with 0), as in the paper; projections are exact.
+
+    Example:
+        >>> res = APGD(ThreatModel("linf", 8 / 255), early_stop=True)(model, x, y)
+    """
+
+    name = "apgd-ce"
+    stochastic = True
+    norms = ("linf", "l2", "l1")
+
+    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
+                 rho: float = 0.75, loss: str = "ce", early_stop: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(threat, loss=loss, seed=seed)
+        for opt, v in (("steps", steps), ("restarts", restarts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{opt} must be an integer >= 1, got {v!r}")
+        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0 <= rho <= 1:
+            raise ValueError(f"rho must be a number in [0, 1], got {rho!r}")
+        self.steps, self.restarts, self.rho = steps, restarts, float(rho)
+        self.early_stop = bool(early_stop)
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"steps": self.steps, "restarts": self.restarts,
+                                   "rho": self.rho, "early_stop": self.early_stop}
+
+    def _objective(self, logits: Tensor, s: State) -> Tensor:
+        return self.loss(logits, s["y"], False)
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        with torch.no_grad():
+            clean = model(x)
+        best = _Best(x, clean.argmax(1) != y)
+        if self.threat.eps > 0:
+            for target in self._targets(clean):
+                for _ in range(self.restarts):
+                    idx = (~best.success).nonzero().squeeze(1)
+                    if idx.numel():
+                        self._run(model, {"gidx": idx, "x": x[idx], "y": y[idx],
+                                          "t": target[idx]}, best, generator)
+        return best.x
+
+    def _targets(self, clean: Tensor) -> list[Tensor]:
+        return [clean.argmax(1)]  # one untargeted pass (the entry is unused)
+
+    def _init(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        th, gen = self.threat, {"generator": generator, "device": generator.device}
+        if th.norm == "linf":
+            u = 2 * torch.rand(x.shape, dtype=x.dtype, **gen) - 1
+            d = u / _col(u.flatten(1).abs().amax(1).clamp_min(1e-12), u)
+        else:
+            d = torch.randn(x.shape, dtype=x.dtype, **gen)
+            if th.norm == "l1":  # the reference: x + N(0, I) projected onto ball ∩ box
+                return th.project(x + d.to(x.device), x)
+            d = d / _col(d.flatten(1).norm(dim=1).clamp_min(1e-12), d)
+        return (x + th.eps * d.to(x.device)).clamp(*th.bounds)
+
+    def _grad(self, model: nn.Module, s: State) -> tuple[Tensor, Tensor, Tensor]:
+        def f(xa: Tensor) -> tuple[Tensor, Tensor]:
+            logits = model(xa)
+            return self._objective(logits, s), logits
+        return self.input_grad(f, s["xa"])
+
+    def _record(self, s: State, logits: Tensor, best: _Best) -> State:
+        """Store newly misclassified iterates; with early stop drop those samples."""
+        hit = logits.argmax(1) != s["y"]
+        new = hit & ~best.success[s["gidx"]]
+        if new.any():
+            g = s["gidx"][new]
+            best.x[g], best.success[g] = s["xa"][new], True
+            if self.early_stop:
+                s = {k: v[~hit] for k, v in s.items()}
+        return s
+
+    def _run(self, model: nn.Module, s: State, best: _Best, generator: torch.Generator) -> None:
+        th, l1 = self.threat, self.threat.norm == "l1"
+        s["xa"] = s["prev"] = self._init(s["x"], generator)
+        loss, logits, grad = self._grad(model, s)
+        n, d = len(loss), s["x"][0].numel()
+        s.update(loss=loss, grad=grad, x_best=s["xa"], g_best=grad, l_best=loss, l_check=loss,
+                 step=loss.new_full((n,), th.eps * (1.0 if l1 else 2.0)),
+                 inc=torch.zeros_like(loss), reduced=torch.ones_like(loss, dtype=torch.bool),
+                 topk=loss.new_full((n,), 0.2), sp_old=loss.new_full((n,), float(d)))
+        if l1:
+            every = max(int(0.04 * self.steps), 1)
+            marks = dict.fromkeys(range(every, self.steps + 1, every), every)
+        else:
+            w = checkpoints(self.steps)
+            marks = {b: b - a for a, b in zip(w, w[1:], strict=False)}
+        s = self._record(s, logits, best)
+        for i in range(self.steps):
+            if not len(s["gidx"]):
+                return
+            x_new = self._step(s, first=i == 0)
+            s["prev"], s["xa"] = s["xa"], x_new
+            loss, logits, s["grad"] = self._grad(model, s)
+            s["inc"] = s["inc"] + (loss > s["loss"]).to(loss.dtype)
+            up = loss > s["l_best"]
+            s["loss"], s["l_best"] = loss, torch.where(up, loss, s["l_best"])
+            s["x_best"] = torch.where(_col(up, x_new), x_new, s["x_best"])
+            s["g_best"] = torch.where(_col(up, x_new), s["grad"], s["g_best"])
+            s = self._record(s, logits, best)
+            if i + 1 in marks and len(s["gidx"]):
+                (self._check_l1 if l1 else self._check)(s, marks[i + 1])
+        g = s["gidx"]
+        keep = ~best.success[g] & (s["l_best"] > best.loss[g])
+        best.x[g[keep]], best.loss[g[keep]] = s["x_best"][keep], s["l_best"][keep]
+
+    def _step(self, s: State, first: bool) -> Tensor:
+        th, x, xa, grad = self.threat, s["x"], s["xa"], s["grad"]
+        eta = _col(s["step"], xa)
+        if th.norm == "l1":
+            lo, hi = th.bounds
+            g = grad.masked_fill(((xa <= lo) & (grad < 0)) | ((xa >= hi) & (grad > 0)), 0)
+            a = g.flatten(1).abs()
+            pos = ((1 - s["topk"]) * a.shape[1]).clamp(0, a.shape[1] - 1).long()
+            thr = a.sort(dim=1).values.gather(1, pos[:, None])
+            top = (a >= thr) & (a > 0)
+            dirn = g.flatten(1).sign() * top / top.sum(1, keepdim=True).clamp_min(1)
+            return th.project(xa + eta * dirn.view_as(xa), x)
+        if th.norm == "linf":
+            dirn = grad.sign()
+        else:
+            dirn = grad / _col(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        z = th.project(xa + eta * dirn, x)
+        a = 1.0 if first else 0.75
+        return th.project(xa + a * (z - xa) + (1 - a) * (xa - s["prev"]), x)
+
+    def _check(self, s: State, interval: int) -> None:
+        """linf/l2 checkpoint: halve the step and restart from the best point where stalled."""
+        halve = (s["inc"] <= self.rho * interval) | (~s["reduced"] & (s["l_check"] >= s["l_best"]))
+        s["reduced"], s["l_check"], s["inc"] = halve, s["l_best"], torch.zeros_like(s["inc"])
+        s["step"] = torch.where(halve, s["step"] / 2, s["step"])
+        self._restart(s, halve)
+
+    def _check_l1(self, s: State, interval: int) -> None:
+        """l1 checkpoint: adapt the sparsity k and the step (Croce & Hein 2021)."""
+        eps, d = self.threat.eps, s["x"][0].numel()
+        sp = (s["x_best"] - s["x"]).flatten(1).ne(0).sum(1).to(s["step"].dtype)
+        sparser = sp / s["sp_old"].clamp_min(1) < 0.95
+        s["topk"], s["sp_old"] = sp / d / 1.5, sp
+        s["step"] = torch.where(sparser, eps, s["step"] / 1.5).clamp(eps / 10, eps)
+        self._restart(s, sparser)
+
+    @staticmethod
+    def _restart(s: State, mask: Tensor) -> None:
+        m = _col(mask, s["xa"])
+        s["xa"] = torch.where(m, s["x_best"], s["xa"])
+        s["grad"] = torch.where(m, s["g_best"], s["grad"])
+
+
+@register("apgd-dlr")
+class APGDDLR(APGD):
+    """:class:`APGD` on the DLR loss (needs >= 3 classes); the same arguments, ``loss="dlr"``."""
+
+    name = "apgd-dlr"
+
+    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
+                 rho: float = 0.75, loss: str = "dlr", early_stop: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss=loss,
+                         early_stop=early_stop, seed=seed)
+
+
+@register("apgd-t")
+class APGDT(APGD):
+    """:class:`APGD` on the targeted DLR loss, once per target class: the classes ranked 2nd to
+    ``n_target_classes + 1``-th by the clean logits, each run on the points still unbroken.
+    Succeeds on any misclassification (untargeted); the reported loss is the untargeted DLR.
+    Needs >= 4 classes.
+
+    Args:
+        n_target_classes: number of targets (>= 1), capped at classes - 1. Default 9.
+        steps, restarts, rho, early_stop, seed: as :class:`APGD` (restarts per target).
+    """
+
+    name = "apgd-t"
+
+    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
+                 rho: float = 0.75, n_target_classes: int = 9, early_stop: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss="dlr",
+                         early_stop=early_stop, seed=seed)
+        if (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
+                or n_target_classes < 1):
+            raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
+        self.n_target_classes = n_target_classes
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"loss": "dlr-targeted",
+                                   "n_target_classes": self.n_target_classes}
+
+    def _objective(self, logits: Tensor, s: State) -> Tensor:
+        return dlr_targeted(logits, s["y"], s["t"])
+
+    def _targets(self, clean: Tensor) -> list[Tensor]:
+        k = clean.shape[1]
+        if k < 4:
+            raise ValueError(f"apgd-t needs at least 4 classes (targeted DLR loss), the model has "
+                             f"{k}; use apgd-ce")
+        order = clean.argsort(dim=1, descending=True)
+        return [order[:, j] for j in range(1, min(self.n_target_classes, k - 1) + 1)]

@@ -1,0 +1,94 @@
+"""The resumable evaluation state: where a cascade stands, saved after attack batches.
+
+One safetensors file (``eval_state.safetensors`` in the results directory), replaced atomically:
+the per-sample tensors (robust mask, worst-case inputs, predictions, minimal norms, the robust
+mask at the start of the current attack) and, in its header, the JSON state (which attack, how
+far into its batches, the finished attacks' records, the fingerprint of the run). An interrupted
+``evaluate(..., out=DIR)`` called again with the same model, data and settings continues from
+there and gives the result an uninterrupted run gives; different settings raise instead of
+mixing two evaluations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from robustlab._io import atomic_path
+
+FILENAME = "eval_state.safetensors"
+_KEY = "robustlab_eval_state"
+
+
+def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any]) -> str:
+    """SHA-256 over the model's weights, the data and the JSON settings of the run."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for t in [x, y, *(v for _, v in sorted(model.state_dict().items()))]:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class EvalState:
+    """Per-sample worst case so far and the position in the cascade."""
+
+    robust: Tensor
+    x_adv: Tensor
+    adv_pred: Tensor
+    min_norm: Tensor
+    start_robust: Tensor
+    broken_by: list[str | None]
+    attack: int = 0
+    batch: int = 0
+    per_attack: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    attack_time_s: float = 0.0
+
+    def begin_attack(self) -> None:
+        self.start_robust = self.robust.clone()
+        self.batch = 0
+        self.attack_time_s = 0.0
+
+    def end_attack(self, record: dict[str, Any]) -> None:
+        self.per_attack.append(record)
+        self.attack += 1
+        self.batch = 0
+
+    def save(self, path: Path, fp: str, attack_time_s: float = 0.0) -> None:
+        """``attack_time_s``: time spent so far on the current, unfinished attack."""
+        header = {"fingerprint": fp, "attack": self.attack, "batch": self.batch,
+                  "per_attack": self.per_attack, "broken_by": self.broken_by,
+                  "elapsed_s": self.elapsed_s, "attack_time_s": attack_time_s}
+        tensors = {"robust": self.robust, "x_adv": self.x_adv.contiguous(),
+                   "adv_pred": self.adv_pred, "min_norm": self.min_norm,
+                   "start_robust": self.start_robust}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: Path, fp: str) -> EvalState:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads(f.metadata()[_KEY])
+            t = load_file(str(path))
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+            raise ValueError(f"cannot resume: {path} is not a valid robustlab evaluation state "
+                             f"({e}); delete it to start over") from None
+        if header["fingerprint"] != fp:
+            raise ValueError(
+                f"cannot resume: {path} belongs to another evaluation (different model, data, "
+                "threat model, attacks, seed or batch size); delete it to start over, pass "
+                "resume=False (CLI: --restart), or write to another directory")
+        return cls(robust=t["robust"], x_adv=t["x_adv"], adv_pred=t["adv_pred"],
+                   min_norm=t["min_norm"], start_robust=t["start_robust"],
+                   broken_by=header["broken_by"], attack=header["attack"],
+                   batch=header["batch"], per_attack=header["per_attack"],
+                   elapsed_s=header["elapsed_s"], attack_time_s=header["attack_time_s"])
