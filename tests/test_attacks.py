@@ -16,7 +16,14 @@ CASES = [(name, norm) for name in attacks.names() for norm in NORM_EPS
          if norm in attacks.ATTACKS.get(name).norms]
 
 
-def build(name: str, norm: str, **opts) -> attacks.Attack:
+# options an attack cannot be built without, given the test's model (unwrapped if it traps
+# gradients)
+REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model}}
+
+
+def build(name: str, norm: str, model=None, **opts) -> attacks.Attack:
+    if name in REQUIRED_OPTIONS:
+        opts = REQUIRED_OPTIONS[name](model) | opts
     return attacks.create(name, ThreatModel(norm, NORM_EPS[norm]), **opts)
 
 
@@ -27,7 +34,7 @@ def test_contract(name, norm, toy_model, toy_data):
     for p in toy_model.parameters():
         p.requires_grad_(True)
     toy_model.train()
-    atk = build(name, norm)
+    atk = build(name, norm, toy_model)
     res = atk(toy_model, x, y, generator=torch.Generator().manual_seed(1))
     # caller's tensors and the model's mode and parameter gradients untouched
     assert torch.equal(x, x0) and torch.equal(y, y0)
@@ -71,7 +78,7 @@ def test_mode_restored_on_exception(name, toy_model, toy_data):
     model.train()
     norm = next(n for n in NORM_EPS if n in attacks.ATTACKS.get(name).norms)
     with pytest.raises(RuntimeError, match="boom"):
-        build(name, norm)(model, *[t[:8] for t in toy_data])
+        build(name, norm, model)(model, *[t[:8] for t in toy_data])
     assert model.training and toy_model.training
 
 
@@ -102,7 +109,7 @@ GRADIENT_FREE = [(n, norm) for n, norm in CASES if not attacks.ATTACKS.get(n).us
 @pytest.mark.parametrize(("name", "norm"), GRADIENT_FREE)
 def test_gradient_free_attacks_take_no_gradient(name, norm, toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
-    res = build(name, norm)(GradientTrap(toy_model), x, y)
+    res = build(name, norm, toy_model)(GradientTrap(toy_model), x, y)
     assert res.robust_accuracy < 0.7
     assert res.queries is not None and (res.queries >= 1).all()
 

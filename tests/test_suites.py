@@ -126,17 +126,17 @@ def test_repeated_predictions_decide_by_majority(toy_model, toy_data):
 
 
 def test_rand_suite_is_stable_across_seeds(toy_model, toy_data):
-    x, y = toy_data[0][:128], toy_data[1][:128]
-    t = rl.ThreatModel("linf", 0.1)
+    x, y = toy_data[0][:64], toy_data[1][:64]
+    t = rl.ThreatModel("linf", 0.15)
     model = Noisy(toy_model, 0.1)
     accs = []
-    for seed in range(3):
+    for seed in range(2):
         torch.manual_seed(seed)
         out = rl.evaluate(model, x, y, t, suite="rand", seed=seed)
         assert out.record["repeats"] == 10
         assert all(a["config"]["eot_samples"] == 20 for a in out.per_attack)
         accs.append(out.robust_accuracy)
-    assert max(accs) - min(accs) <= 0.05, accs
+    assert 0.1 < accs[0] < 0.9 and abs(accs[0] - accs[1]) <= 3 / 64, accs
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.18), ("l2", 1.07)])

@@ -7,6 +7,7 @@ the smallest adversarial perturbation it found (``AttackResult.min_norm``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -105,11 +106,11 @@ class FAB(Attack):
         for key, v in (("steps", steps), ("restarts", restarts)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        for key, v, ok in (("alpha_max", alpha_max, lambda v: 0 <= v <= 1),
-                           ("eta", eta, lambda v: 1 <= v < float("inf")),
-                           ("beta", beta, lambda v: 0 < v <= 1)):
+        for key, v, ok, rule in (("alpha_max", alpha_max, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                 ("eta", eta, lambda v: 1 <= v < math.inf, "finite, >= 1"),
+                                 ("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]")):
             if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
-                raise ValueError(f"{key}={v!r} is out of range; see the FAB docstring")
+                raise ValueError(f"{key} must be {rule}, got {v!r}")
         self.steps, self.restarts, self.early_stop = steps, restarts, bool(early_stop)
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
 
@@ -154,7 +155,8 @@ class FAB(Attack):
         j = (diff.abs() / (dual + 1e-12)).argmin(1)  # closest hyperplane, box ignored
         f, w = diff[torch.arange(n), j], grad[torch.arange(n), j]
         p1, p0 = x1.flatten(1), x.flatten(1)
-        # hyperplane {z : f + w.(z - x1) = 0}; from p, a step d must satisfy w.d = f-gap of p
+        # the hyperplane {z : f + w.(z - x1) = 0}: a step d from p reaches it iff
+        # w.d = -f - w.(p - x1)
         c = torch.cat([-f, -f - (w * (p0 - p1)).sum(1)])
         p = torch.cat([p1, p0])
         d = project_on_hyperplane(norm, torch.cat([w, w]), c, lo - p, hi - p)
@@ -186,7 +188,6 @@ class FAB(Attack):
                 best.update(idx[adv], x1[adv], adv[adv])
                 if step == self.steps:
                     break
-                x1 = x1.clone()
                 x1[adv] = x[adv] + self.beta * (x1[adv] - x[adv])  # the backward step
                 again = self._linearise(model, x1[adv], y[adv], None if target is None
                                         else target[adv])

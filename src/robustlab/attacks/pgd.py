@@ -38,26 +38,23 @@ class _Best:
 
 
 class _Direction:
-    """Turns each raw gradient into the direction the steepest step follows, keeping the
-    optimiser's state per sample: ``sign`` the gradient itself; ``momentum`` (MI-FGSM)
-    ``g_t = mu g_(t-1) + grad / ||grad||_1``; ``adam`` ``m_hat / (sqrt(v_hat) + 1e-8)`` from
-    bias-corrected moment estimates (betas 0.9, 0.999). One per restart; :meth:`keep` makes the
-    state follow the samples when early stopping drops some."""
+    """The direction each step follows: the raw gradient turned by the optimiser's per-sample
+    state (see PGD's ``optimizer``). One per restart; :meth:`keep` drops rows with their samples."""
 
     def __init__(self, kind: str, mu: float) -> None:
         self.kind, self.mu, self.t = kind, mu, 0
-        self.m: Tensor | None = None
-        self.v: Tensor | None = None
+        self.m: Tensor | float = 0.0  # momentum: the velocity; adam: the first moment
+        self.v: Tensor | float = 0.0  # adam: the second moment
 
     def keep(self, rows: Tensor) -> None:
-        self.m = None if self.m is None else self.m[rows]
-        self.v = None if self.v is None else self.v[rows]
+        if isinstance(self.m, Tensor):
+            self.m = self.m[rows]
+        if isinstance(self.v, Tensor):
+            self.v = self.v[rows]
 
     def __call__(self, grad: Tensor) -> Tensor:
         if self.kind == "sign":
             return grad
-        if self.m is None:
-            self.m, self.v = torch.zeros_like(grad), torch.zeros_like(grad)
         if self.kind == "momentum":
             l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12)
             self.m = self.mu * self.m + grad / l1.reshape((-1,) + (1,) * (grad.dim() - 1))
@@ -89,12 +86,12 @@ class PGD(Attack):
         keep_best: return each sample's best iterate over all steps (successful first, then
             highest loss) instead of the last one. Training uses the last iterate (False).
         l1_sparsity: for l1, fraction of coordinates moved per step (see ThreatModel).
-        optimizer: what the steepest step of the norm follows (each step has lp length
-            ``step_size`` whatever the optimiser): ``"sign"`` the gradient (Madry et al.'s PGD);
-            ``"momentum"`` the MI-FGSM velocity ``g_t = momentum * g_(t-1) + grad/||grad||_1``
-            (Dong et al. 2018); ``"adam"`` Adam's ``m_hat / (sqrt(v_hat) + 1e-8)``, betas
-            (0.9, 0.999), bias-corrected. State is per sample and starts afresh each restart.
-            Default ``"sign"``.
+        optimizer: the direction whose steepest step (lp length ``step_size``) is taken:
+            ``"sign"`` the gradient (Madry et al.); ``"momentum"`` the MI-FGSM velocity
+            ``g_t = momentum * g_(t-1) + grad / ||grad||_1`` (Dong et al. 2018); ``"adam"``
+            ``m_hat / (sqrt(v_hat) + 1e-8)``, betas (0.9, 0.999) (for l1 its near-equal
+            magnitudes make the sparse step's choice of coordinates almost arbitrary). Per-sample
+            state, fresh each restart. Default ``"sign"``.
         momentum: decay ``mu`` >= 0 of the ``"momentum"`` optimiser. Default 1.0.
         seed: seed of the attack's generator when the call passes none.
 
@@ -141,9 +138,8 @@ class PGD(Attack):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers are: "
                              f"{', '.join(OPTIMIZERS)}")
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not (
-            math.isfinite(momentum) and momentum >= 0
-        ):
+        if (isinstance(momentum, bool) or not isinstance(momentum, int | float)
+                or not (math.isfinite(momentum) and momentum >= 0)):
             raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
         self.steps = steps
         self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps
@@ -164,8 +160,7 @@ class PGD(Attack):
             "early_stop": self.early_stop,
             "keep_best": self.keep_best,
             "optimizer": self.optimizer,
-        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {}) | (
-            {"l1_sparsity": self.l1_sparsity} if self.threat.norm == "l1" else {})
+        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {})
 
     def _loss_fn(self, model: nn.Module, y: Tensor):
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:

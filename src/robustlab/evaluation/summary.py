@@ -18,6 +18,10 @@ def _attack_label(cfg: dict[str, Any]) -> str:
         parts.append(f"{cfg['restarts']} restarts")
     if cfg.get("loss") and cfg["loss"] != "ce":
         parts.append(cfg["loss"])
+    for key, unit in (("n_target_classes", "targets"), ("n_queries", "queries"),
+                      ("eot_samples", "EOT samples")):
+        if key in cfg:
+            parts.append(f"{cfg[key]} {unit}")
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
@@ -34,6 +38,8 @@ def markdown(rec: dict[str, Any]) -> str:
         f"- points: {rec['n']} · suite: {rec['suite']} · seed: {rec['seed']} · "
         f"commit: {rec.get('commit') or 'unknown'}",
         f"- clean accuracy: **{_pct(rec['clean_accuracy'])}**",
+        *([f"- each point predicted {rec['repeats']} times (randomised model): correct means "
+           "correct in a strict majority"] if rec.get("repeats", 1) > 1 else []),
         f"- robust accuracy (per-sample worst case over all attacks): "
         f"**{_pct(rec['robust_accuracy'])}**",
         "",
@@ -41,6 +47,9 @@ def markdown(rec: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for i, a in enumerate(rec["per_attack"], 1):
+        if a.get("skipped"):
+            lines.append(f"| {i} | {_attack_label(a['config'])} | - | {a['skipped']} | - | - | - |")
+            continue
         step = a["config"].get("step_size")
         lines.append(
             f"| {i} | {_attack_label(a['config'])} | {f'{step:.4g}' if step else '-'} | "
