@@ -6,6 +6,7 @@ Distance: linf, l2. Score-based: it reads only the model's logits, under ``torch
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,7 +33,7 @@ def p_selection(p_init: float, it: int, n_iters: int) -> float:
 
 def _bump(a: int, b: int) -> Tensor:
     """The reference's pseudo-Gaussian a x b rectangle, unit l2 norm: at Chebyshev distance r
-    from the centre (a // 2, b // 2) the value is sum_{k=r}^{K-1} 1/(k+1)^2, K = max(a, b)//2 + 1."""
+    from the centre (a//2, b//2) the value is sum_{k=r}^{K-1} 1/(k+1)^2, K = max(a, b)//2 + 1."""
     k = max(a, b) // 2 + 1
     tail = (1.0 / torch.arange(1, k + 1, dtype=torch.float64) ** 2).flip(0).cumsum(0).flip(0)
     r = torch.maximum((torch.arange(a) - a // 2).abs()[:, None],
@@ -41,10 +42,16 @@ def _bump(a: int, b: int) -> Tensor:
     return p / p.norm().clamp_min(1e-12)
 
 
+@functools.lru_cache(maxsize=64)
 def _meta_bump(s: int) -> Tensor:
     """s x s: a bump on the top half and a negated one on the bottom half, unit l2 norm."""
     p = torch.cat([_bump(s // 2, s), -_bump(s - s // 2, s)])
     return p / p.norm()
+
+
+def _pm(negative: Tensor, like: Tensor) -> Tensor:
+    """-1 where ``negative``, +1 elsewhere, in ``like``'s dtype."""
+    return 1 - 2 * negative.to(like.dtype)
 
 
 def _window(vh: Tensor, vw: Tensor, s: int, w: int) -> Tensor:
@@ -83,11 +90,13 @@ class Square(Attack):
     Samples misclassified on the clean input are returned unchanged after that forward.
 
     Differences from the reference (max-andr/square-attack ``attack.py``): windows and signs
-    are drawn per sample (AutoAttack's port shares one window per batch); window corners range
-    over all ``h - s + 1`` positions (the reference's ``randint(0, h - s)`` never moves the last
-    row and column); the l2 window side is capped at the image size; the l2 initial grid tiles
-    ``(h // b) x (w // b)`` blocks of side ``b = min(h, w) // 5`` centred in the image (the
-    reference's 5 x 5 grid, whose blocks overrun images smaller than 25 pixels).
+    are drawn per sample (AutoAttack's port shares one window per batch); a linf proposal that
+    would change nothing takes one of the other ``2^c - 1`` sign vectors (the reference's
+    rejection loop, in one draw); window corners range over all ``h - s + 1`` positions (the
+    reference's ``randint(0, h - s)`` never moves the last row and column); the l2 window side
+    is capped at the image size; the l2 initial grid tiles ``(h // b) x (w // b)`` blocks of
+    side ``b = min(h, w) // 5`` centred in the image (the reference's 5 x 5 grid, whose blocks
+    overrun images smaller than 25 pixels).
 
     Example:
         >>> res = Square(ThreatModel("linf", 8 / 255), n_queries=5000)(model, x, y)
@@ -117,23 +126,16 @@ class Square(Attack):
         if isinstance(p_init, bool) or not isinstance(p_init, int | float) or not 0 < p_init <= 1:
             raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}")
         self.n_queries, self.p_init, self.restarts = n_queries, float(p_init), restarts
-        self._bumps: dict[int, Tensor] = {}
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"n_queries": self.n_queries, "p_init": self.p_init,
                                    "restarts": self.restarts}
 
     def _rand(self, n: int, k: int, x: Tensor, generator: torch.Generator) -> Tensor:
-        u = torch.rand(n, k, generator=generator, device=generator.device, dtype=x.dtype)
-        return u.to(x.device)
+        return torch.rand(n, k, generator=generator, device=generator.device).to(x.device)
 
     def _corner(self, u: Tensor, room: int) -> Tensor:
         return (u * (room + 1)).long().clamp_max(room)
-
-    def _bump(self, s: int, x: Tensor) -> Tensor:
-        if s not in self._bumps:
-            self._bumps[s] = _meta_bump(s)
-        return self._bumps[s].to(device=x.device, dtype=x.dtype)
 
     def _init(self, x: Tensor, generator: torch.Generator) -> Tensor:
         n, c, h, w = x.shape
@@ -141,18 +143,17 @@ class Square(Attack):
         eps = self.threat.eps
         if self.threat.norm == "linf":  # vertical stripes: one sign per (channel, column)
             u = self._rand(n, c * w, x, generator).view(n, c, 1, w)
-            return (x + torch.where(u < 0.5, -eps, eps)).clamp(lo, hi)
+            return (x + eps * _pm(u < 0.5, x)).clamp(lo, hi)
         b = max(min(h, w) // 5, 1)
         nh, nw = h // b, w // b
         oh, ow = (h - nh * b) // 2, (w - nw * b) // 2
         u = self._rand(n, (c + 1) * nh * nw, x, generator).view(n, c + 1, nh * nw)
-        bump = self._bump(b, x)
+        bump = _meta_bump(b).to(x)
         delta = torch.zeros_like(x)
         for k in range(nh * nw):
             i, j = oh + (k // nw) * b, ow + (k % nw) * b
             block = torch.where(u[:, c, k, None, None, None] < 0.5, bump.T, bump)
-            delta[:, :, i:i + b, j:j + b] = block * torch.where(u[:, :c, k] < 0.5, -1.0, 1.0)[
-                ..., None, None]
+            delta[:, :, i:i + b, j:j + b] = block * _pm(u[:, :c, k, None, None] < 0.5, x)
         norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
         return (x + delta / norm * eps).clamp(lo, hi)
 
@@ -166,10 +167,9 @@ class Square(Attack):
         win = torch.zeros(n, h * w, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
         win = win.view(n, 1, h, w)
         signs = u[:, 3:, None, None] < 0.5
-        x_new = torch.where(win, (x + torch.where(signs, -eps, eps)).clamp(lo, hi), xb)
-        # A proposal that changes nothing repeats the signs already on the window: redraw them
-        # uniformly among the other 2^c - 1 sign vectors (the reference's rejection loop, in one
-        # draw); for c > 16 a fresh uniform draw (it repeats with probability 2^-c).
+        x_new = torch.where(win, (x + eps * _pm(signs, x)).clamp(lo, hi), xb)
+        # a proposal that changes nothing repeats the window's signs: take one of the other
+        # 2^c - 1 sign vectors (c > 16: a fresh draw, a repeat has probability 2^-c)
         same = (x_new - xb).abs().flatten(1).amax(1) < 1e-7
         if c <= 16:
             k = self._corner(u[:, 2], 2 ** c - 2) + 1
@@ -177,7 +177,7 @@ class Square(Attack):
             other = signs ^ flip[:, :, None, None]
         else:
             other = self._rand(n, c, x, generator)[:, :, None, None] < 0.5
-        x_other = torch.where(win, (x + torch.where(other, -eps, eps)).clamp(lo, hi), xb)
+        x_other = torch.where(win, (x + eps * _pm(other, x)).clamp(lo, hi), xb)
         return torch.where(same[:, None, None, None], x_other, x_new)
 
     def _propose_l2(self, x: Tensor, xb: Tensor, p: float, generator: torch.Generator) -> Tensor:
@@ -198,9 +198,9 @@ class Square(Attack):
         old = delta.gather(2, idx1)
         norm_img = delta.flatten(1).norm(dim=1)[:, None, None]
         norm_both = (delta * (m1 | m2)).norm(dim=2, keepdim=True)  # per channel
-        bump = self._bump(s, x)
+        bump = _meta_bump(s).to(x)
         bump = torch.where(u[:, 4, None, None] < 0.5, bump.T, bump).flatten(1)[:, None]
-        new = bump * torch.where(u[:, 5:, None] < 0.5, -1.0, 1.0)
+        new = bump * _pm(u[:, 5:, None] < 0.5, x)
         new = new + old / (1e-10 + old.norm(dim=2, keepdim=True))
         mass = ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_both ** 2).sqrt()
         new = new / new.norm(dim=2, keepdim=True).clamp_min(1e-12) * mass
