@@ -36,6 +36,15 @@ CLEAR = (ValueError, TypeError)
 LINF = ThreatModel("linf", 0.1)
 K = 4  # TinyCNN's classes
 NAMES = attacks.names()
+L2 = ThreatModel("l2", 1.0)
+
+
+def make(name: str, **opts) -> attacks.Attack:
+    """Attack ``name`` on linf eps 0.1, or l2 eps 1 if it has no linf; transfer gets a surrogate."""
+    threat = LINF if "linf" in attacks.ATTACKS.get(name).norms else L2
+    if name == "transfer":
+        opts.setdefault("surrogate", fresh().eval())
+    return attacks.create(name, threat, **opts)
 
 
 
@@ -114,7 +123,7 @@ RANGE_BATCHES = [
 def test_attack_bad_batch(name, corrupt, exc, match, tiny):
     x, y = corrupt(*batch())
     with pytest.raises(exc, match=match):
-        attacks.create(name, LINF)(tiny, x, y)
+        make(name)(tiny, x, y)
 
 
 @pytest.mark.parametrize(("corrupt", "exc", "match"), BAD_BATCHES + RANGE_BATCHES)
@@ -229,7 +238,7 @@ def test_bad_norm_or_bounds(norm, bounds, match):
 
 # --- attack names and options ----------------------------------------------------------------
 @pytest.mark.parametrize(("name", "opts", "exc", "match"), [
-    ("cw", {}, ValueError, r"unknown attack 'cw'; valid attacks are: fgsm, pgd"),
+    ("cw", {}, ValueError, r"unknown attack 'cw'; valid attacks are: apgd-ce, apgd-dlr"),
     (None, {}, TypeError, r"attack name must be a string"),
     ("pgd", {"steps": 0}, ValueError, r"steps must be an integer >= 1, got 0"),
     ("pgd", {"steps": -3}, ValueError, r"steps must be an integer >= 1"),
@@ -243,7 +252,7 @@ def test_bad_norm_or_bounds(norm, bounds, match):
     ("pgd", {"l1_sparsity": 0}, ValueError, r"l1_sparsity must be in \(0, 1\]"),
     ("pgd", {"l1_sparsity": 1.5}, ValueError, r"l1_sparsity"),
     ("pgd", {"loss": "hinge"}, ValueError,
-     r"unknown loss 'hinge'; valid losses are: ce, cw-margin"),
+     r"unknown loss 'hinge'; valid losses are: ce, cw-margin, dlr"),
     ("pgd", {"loss": None}, TypeError, r"loss name must be a string"),
     ("pgd", {"stepz": 3}, TypeError, r"attack 'pgd'.*'stepz'"),
     ("fgsm", {"steps": 3}, TypeError, r"attack 'fgsm'.*'steps'"),
@@ -279,7 +288,7 @@ def test_attack_needs_a_module(name):
     x, y = batch()
     model = fresh()
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got function"):
-        attacks.create(name, LINF)(lambda t: model(t), x, y)
+        make(name)(lambda t: model(t), x, y)
 
 
 def test_attack_generator_must_be_a_generator(tiny):
@@ -322,7 +331,7 @@ BAD_OUTPUTS = [
 def test_attack_model_bad_output(name, fn, exc, match, tiny):
     x, y = batch()
     with pytest.raises(exc, match=match):
-        attacks.create(name, LINF)(Out(tiny, fn), x, y)
+        make(name)(Out(tiny, fn), x, y)
 
 
 @pytest.mark.parametrize(("fn", "exc", "match"), [p[1:] for p in BAD_OUTPUTS],
@@ -382,7 +391,7 @@ def test_probe_model_explains_what_the_model_cannot_take(corrupt, exc, match, ti
 def test_attack_input_the_model_cannot_take(name, corrupt, exc, match, tiny):
     x, y = batch()
     with pytest.raises(exc, match=match):
-        attacks.create(name, LINF)(tiny, corrupt(x), y)
+        make(name)(tiny, corrupt(x), y)
 
 
 @pytest.mark.parametrize(("corrupt", "exc", "match"), MISMATCHED)
@@ -416,7 +425,7 @@ def test_float64_inputs_work_with_a_float64_model(tiny):
     ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
     ({"batch_size": -5}, ValueError, r"batch_size must be an integer >= 1"),
     ({"batch_size": 2.5}, ValueError, r"batch_size must be an integer >= 1, got 2\.5"),
-    ({"attacks": ["nope"]}, ValueError, r"unknown attack 'nope'; valid attacks are: fgsm, pgd"),
+    ({"attacks": ["nope"]}, ValueError, r"unknown attack 'nope'; valid attacks are: apgd-ce"),
     ({"attacks": [("pgd", {"steps": 0})]}, ValueError, r"steps must be an integer >= 1"),
     ({"attacks": [("pgd", {"stepz": 1})]}, TypeError, r"attack 'pgd'.*'stepz'"),
     ({"attacks": [attacks.create("pgd", ThreatModel("l2", 1.0))]}, ValueError,

@@ -40,7 +40,8 @@ def env(monkeypatch, fake_fmnist):
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "attacks: fgsm, pgd" in out and "objectives:" in out and "fashion-mnist" in out
+    assert "attacks: apgd-ce, apgd-dlr, apgd-t" in out and "objectives:" in out
+    assert "fashion-mnist" in out
     assert main(["list", "suites"]) == 0
     assert capsys.readouterr().out.startswith("suites: ")
 
