@@ -199,3 +199,29 @@ def test_transfer_needs_a_surrogate(toy_model, toy_data):
     out = rl.evaluate(toy_model, *toy_data, t, attacks=["transfer"], surrogate=toy_model)
     direct = create("pgd", t, steps=40)(toy_model, *toy_data)
     assert out.robust_accuracy <= direct.robust_accuracy + 0.05
+
+
+class BadStepPGD(PGD):
+    """A broken attack: its step collapses above eps 0.2, so a large eps is attacked worse."""
+
+    name = "bad-step-pgd"
+
+    def __init__(self, threat, **kw) -> None:
+        super().__init__(threat, steps=5, random_start=False, **kw)
+        self.step_size = threat.eps / 2 if threat.eps <= 0.2 else 1e-4
+
+
+def test_eps_sweep_is_monotone_and_catches_an_attack_that_is_not(toy_model, toy_data,
+                                                                 monkeypatch):
+    x, y = toy_data[0][:128], toy_data[1][:128]
+    t = rl.ThreatModel("linf", 0.1)
+    good = rl.eps_sweep(toy_model, x, y, t, [0.3, "1/10", 0.2], attacks=[("pgd", {"steps": 10})])
+    assert [c["eps"] for c in good.curve] == [0.1, 0.2, 0.3]
+    accs = [c["robust_accuracy"] for c in good.curve]
+    assert accs == sorted(accs, reverse=True) and accs[0] > accs[-1]
+    assert good.flags == []
+    monkeypatch.setitem(rl.attacks.ATTACKS._items, "bad-step-pgd", BadStepPGD)
+    bad = rl.eps_sweep(toy_model, x, y, t, [0.2, 0.3], attacks=["bad-step-pgd"])
+    assert bad.curve[1]["robust_accuracy"] > bad.curve[0]["robust_accuracy"]
+    assert [f["name"] for f in bad.flags] == ["not-monotone-in-eps"]
+    assert bad.curve[1]["robust_accuracy_monotone"] <= bad.curve[0]["robust_accuracy"]

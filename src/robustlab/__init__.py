@@ -2,11 +2,11 @@
 
 from robustlab import attacks, data, evaluation, models, training
 from robustlab._provenance import package_version
-from robustlab.evaluation import EvalResult, evaluate
+from robustlab.evaluation import EvalResult, eps_sweep, evaluate
 from robustlab.threat import ThreatModel, parse_eps
 
 __version__ = package_version()
 __all__ = [
-    "EvalResult", "ThreatModel", "attacks", "data", "evaluate", "evaluation", "models",
+    "EvalResult", "ThreatModel", "attacks", "data", "eps_sweep", "evaluate", "evaluation", "models",
     "parse_eps", "training",
 ]

@@ -4,5 +4,6 @@ from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.suite import evaluate
 from robustlab.evaluation.suites import SUITES
 from robustlab.evaluation.suites import names as suites
+from robustlab.evaluation.sweep import SweepResult, eps_sweep
 
-__all__ = ["SUITES", "EvalResult", "evaluate", "suites"]
+__all__ = ["SUITES", "EvalResult", "SweepResult", "eps_sweep", "evaluate", "suites"]
