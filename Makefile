@@ -42,7 +42,7 @@ lint: install
 quickstart: install data
 	@if [ -f $(RUN)/train_state.safetensors ]; then resume=--resume; else resume=; fi; \
 	$(BIN)/robustlab train --config configs/quickstart.toml --out $(RUN) $$resume
-	$(BIN)/robustlab evaluate $(RUN)/model.safetensors --norm linf --eps 0.1 --suite pgd --n 1000
+	$(BIN)/robustlab evaluate $(RUN)/model.safetensors --norm linf --eps 0.1 --suite fast --n 1000
 
 # Peers for benchmarks/ only (never runtime dependencies), in their own venv.
 bench-env:

@@ -225,3 +225,15 @@ def test_eps_sweep_is_monotone_and_catches_an_attack_that_is_not(toy_model, toy_
     assert bad.curve[1]["robust_accuracy"] > bad.curve[0]["robust_accuracy"]
     assert [f["name"] for f in bad.flags] == ["not-monotone-in-eps"]
     assert bad.curve[1]["robust_accuracy_monotone"] <= bad.curve[0]["robust_accuracy"]
+
+
+def test_black_box_flag_tolerates_a_stray_point():
+    from robustlab.evaluation.checks import black_box_beats_white_box
+
+    rows = [{"attack": "1:apgd-ce", "uses_gradients": True, "broken": 300, "attacked": 900},
+            {"attack": "2:square", "uses_gradients": False, "broken": 2, "attacked": 600}]
+    assert black_box_beats_white_box(rows, 1000) is None  # 0.2 %: AutoAttack's tolerance
+    rows[1]["broken"] = 3
+    assert black_box_beats_white_box(rows, 1000)["name"] == "black-box-beats-white-box"
+    rows[0], rows[1] = rows[1], rows[0]  # black-box first: nothing to compare with
+    assert black_box_beats_white_box(rows, 1000) is None

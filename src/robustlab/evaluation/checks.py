@@ -75,12 +75,14 @@ def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[F
     return [f for f in found if f is not None]
 
 
-def black_box_beats_white_box(per_attack: list[dict[str, Any]]) -> Flag | None:
-    """A gradient-free attack broke points that the gradient attacks before it could not: the
-    gradients mislead (masking), so the white-box numbers understate the vulnerability
-    (AutoAttack's check on Square after APGD)."""
+def black_box_beats_white_box(per_attack: list[dict[str, Any]], n: int,
+                              tolerance: float = 0.002) -> Flag | None:
+    """Gradient-free attacks broke more than ``tolerance`` of the ``n`` points after the
+    gradient attacks before them were done: the gradients mislead (masking), so the white-box
+    numbers understate the vulnerability. AutoAttack's check on Square after APGD, with its
+    tolerance (0.2 % of the points: a stray point or two is the ordinary gap between attacks)."""
     white_ran = False
-    extra = []
+    extra, total = [], 0
     for a in per_attack:
         if a.get("skipped"):
             continue
@@ -88,7 +90,8 @@ def black_box_beats_white_box(per_attack: list[dict[str, Any]]) -> Flag | None:
             white_ran = True
         elif white_ran and a["broken"] > 0:
             extra.append(f"{a['attack']} broke {a['broken']} of {a['attacked']}")
-    if not extra:
+            total += a["broken"]
+    if total <= tolerance * n:
         return None
     return {"name": "black-box-beats-white-box",
             "message": "gradient-free attacks broke points that the gradient attacks before "

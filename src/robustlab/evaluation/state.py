@@ -38,7 +38,8 @@ def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str
 
 @dataclass
 class EvalState:
-    """Per-sample worst case so far and the position in the cascade."""
+    """Per-sample worst case so far, the position in the cascade, and the flags the attacks
+    raised so far."""
 
     robust: Tensor
     x_adv: Tensor
@@ -49,6 +50,7 @@ class EvalState:
     attack: int = 0
     batch: int = 0
     per_attack: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
     attack_time_s: float = 0.0
 
@@ -65,7 +67,8 @@ class EvalState:
     def save(self, path: Path, fp: str, attack_time_s: float = 0.0) -> None:
         """``attack_time_s``: time spent so far on the current, unfinished attack."""
         header = {"fingerprint": fp, "attack": self.attack, "batch": self.batch,
-                  "per_attack": self.per_attack, "broken_by": self.broken_by,
+                  "per_attack": self.per_attack, "flags": self.flags,
+                  "broken_by": self.broken_by,
                   "elapsed_s": self.elapsed_s, "attack_time_s": attack_time_s}
         tensors = {"robust": self.robust, "x_adv": self.x_adv.contiguous(),
                    "adv_pred": self.adv_pred, "min_norm": self.min_norm,
@@ -91,4 +94,5 @@ class EvalState:
                    min_norm=t["min_norm"], start_robust=t["start_robust"],
                    broken_by=header["broken_by"], attack=header["attack"],
                    batch=header["batch"], per_attack=header["per_attack"],
+                   flags=header["flags"],
                    elapsed_s=header["elapsed_s"], attack_time_s=header["attack_time_s"])

@@ -231,7 +231,7 @@ def evaluate(
             for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
                 b = idx[j:j + batch_size]
                 gen = _batch_generator(seed, i, j // batch_size, device)
-                _attack_batch(model, atk, threat, x, y, b, gen, repeats, label, st, flags)
+                _attack_batch(model, atk, threat, x, y, b, gen, repeats, label, st)
                 st.batch = j // batch_size + 1
                 if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
                     st.elapsed_s = elapsed0 + time.perf_counter() - t_start
@@ -255,7 +255,8 @@ def evaluate(
                 bar.set_postfix(robust=f"{100 * float(st.robust.float().mean()):.2f}%")
         if bar is not None:
             bar.close()
-    flag = black_box_beats_white_box(st.per_attack)
+    flags += st.flags
+    flag = black_box_beats_white_box(st.per_attack, len(x))
     if flag is not None:
         flags.append(flag)
     result = _result(st, x, y, pred, clean, threat, flags, {
@@ -273,8 +274,8 @@ def evaluate(
 
 
 def _attack_batch(model: nn.Module, atk: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
-                  b: Tensor, gen: torch.Generator, repeats: int, label: str, st: EvalState,
-                  flags: list[dict[str, Any]]) -> None:
+                  b: Tensor, gen: torch.Generator, repeats: int, label: str,
+                  st: EvalState) -> None:
     """Run ``atk`` on the points ``b`` and fold the points it broke into ``st``."""
     device = gen.device
     xb, yb = x[b].to(device), y[b].to(device)
@@ -288,8 +289,9 @@ def _attack_batch(model: nn.Module, atk: Attack, threat: ThreatModel, x: Tensor,
     else:  # Attack.__call__ verified the ball and ran the model on res.x_adv itself
         p = res.logits.argmax(1).cpu()
         hit = p != yb.cpu()
-    if own_call and not atk.targeted and not torch.equal(hit, res.success.cpu()):
-        flags.append({
+    if (own_call and not atk.targeted and not torch.equal(hit, res.success.cpu())
+            and not any(f["name"] == "prediction-mismatch" for f in st.flags)):
+        st.flags.append({
             "name": "prediction-mismatch",
             "message": f"{atk.name} reported successes that the model's predictions on its "
                        "x_adv do not confirm (a randomised model, or an attack that misreports)"})
