@@ -18,7 +18,7 @@ def _attack_label(cfg: dict[str, Any]) -> str:
         parts.append(f"{cfg['restarts']} restarts")
     if cfg.get("loss") and cfg["loss"] != "ce":
         parts.append(cfg["loss"])
-    for key, unit in (("n_target_classes", "targets"), ("n_queries", "queries"),
+    for key, unit in (("n_target_classes", "targets"), ("k", "targets"), ("n_queries", "queries"),
                       ("eot_samples", "EOT samples")):
         if key in cfg:
             parts.append(f"{cfg[key]} {unit}")
