@@ -180,9 +180,12 @@ def evaluate(
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if surrogate is not None and not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
-    suite_name = "custom" if attacks is not None else suite
-    specs = list(attacks) if attacks is not None else get_suite(suite).for_norm(threat.norm)
-    repeats = repeats or (1 if attacks is not None else get_suite(suite).repeats)
+    if attacks is not None:
+        suite_name, specs, repeats = "custom", list(attacks), repeats or 1
+    else:
+        chosen = get_suite(suite)
+        suite_name, specs = suite, chosen.for_norm(threat.norm)
+        repeats = repeats or chosen.repeats
     built = [_build(s, threat, surrogate) for s in specs]
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()

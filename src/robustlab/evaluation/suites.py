@@ -80,10 +80,5 @@ def get_suite(name: str) -> Suite:
     return SUITES.get(name)
 
 
-def suite_attacks(name: str, norm: str = "linf") -> list[AttackSpec]:
-    """The attack list of suite ``name`` for ``norm`` (a copy)."""
-    return get_suite(name).for_norm(norm)
-
-
 def names(pattern: str | None = None) -> list[str]:
     return SUITES.names(pattern)
