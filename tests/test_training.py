@@ -45,7 +45,7 @@ def test_objectives_registered():
 def test_objective_contract(objective, toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     toy_model.train()
-    fn = rl.training.OBJECTIVES.get(objective)
+    fn = rl.training.create_objective(objective)
     loss = fn(toy_model, x, y, threat=rl.ThreatModel("linf", 0.1),
               generator=torch.Generator().manual_seed(0))
     assert loss.dim() == 0 and torch.isfinite(loss)

@@ -47,9 +47,15 @@ def _out(msg: str = "", quiet: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from robustlab import data, models
     from robustlab.config import load_recipe
-    from robustlab.training import Trainer
+    from robustlab.training import Trainer, distributed
 
     recipe = load_recipe(args.config)
+    world = distributed.World()
+    if distributed.launched():  # torchrun --nproc_per_node=N -m robustlab train ...
+        world, device = distributed.init_from_env()
+    else:
+        device = _device(args.device)
+    quiet = args.quiet or not world.main
     cfg = recipe.train
     if args.epochs is not None:
         cfg.epochs = args.epochs
@@ -67,28 +73,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts.setdefault("num_classes", info.num_classes)
     opts.setdefault("in_channels", info.shape[0])
     opts.setdefault("input_size", info.shape[1])
-    model = models.create(recipe.model["arch"], **opts)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
-    _out(f"training {recipe.model['arch']} on {recipe.dataset} ({len(x)} images) with "
-         f"{cfg.objective}, {recipe.threat or 'no threat model'}, {cfg.epochs} epochs -> {out}",
-         args.quiet)
-
-    def report(rec: dict[str, Any]) -> None:
-        parts = [f"epoch {rec['epoch']:>3}/{cfg.epochs}", f"loss {rec['train_loss']:.4f}",
-                 f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
-        if "val_clean_acc" in rec:
-            parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
-        if "val_robust_acc" in rec:
-            parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
-        _out(" | ".join(parts), args.quiet)
-
+    model = models.create(recipe.model["arch"], **opts).to(device)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
+    distributed.barrier(world)
     trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, val=val,
-                      progress=not args.quiet, callback=report)
-    trainer.run(resume=args.resume)
+                      progress=not quiet, callback=lambda rec: _report(rec, trainer, quiet))
+    ranks = f" on {world.size} processes" if world.size > 1 else ""
+    _out(f"training {recipe.model['arch']} on {recipe.dataset} ({len(x)} images) with "
+         f"{cfg.objective}, {recipe.threat or 'no threat model'}, {trainer.passes} passes over "
+         f"the data, {device}{ranks} -> {out}", quiet)
+    try:
+        trainer.run(resume=args.resume)
+    finally:
+        distributed.shutdown(world)
     _out(f"checkpoint: {out / 'model.safetensors'}\ntraining log: {out / 'train_log.jsonl'}",
-         args.quiet)
+         quiet)
     return 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def _report(rec: dict[str, Any], trainer: Any, quiet: bool) -> None:
+    parts = [f"epoch {rec['epoch']:>3}/{trainer.passes}", f"loss {rec['train_loss']:.4f}",
+             f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
+    if "val_clean_acc" in rec:
+        parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
+    if "val_robust_acc" in rec:
+        parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
+    if "probe_robust_acc" in rec:
+        parts.append(f"probe PGD-5 {100 * rec['probe_robust_acc']:.1f}%")
+    if "overfit" in rec:
+        parts.append(f"catastrophic overfitting: {rec['overfit']}")
+    _out(" | ".join(parts), quiet)
 
 
 # --- evaluate ---------------------------------------------------------------------------------
@@ -166,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
     t.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    t.add_argument("--device", default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:N; under torchrun each "
+                        "process takes cuda:LOCAL_RANK (or the CPU with gloo)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="clean and robust accuracy of a checkpoint")

@@ -18,16 +18,20 @@ from torch import nn
 
 from robustlab._io import atomic_path
 
-_MODEL, _OPTIM, _RNG = "model.", "optim.", "rng."
+_MODEL, _OPTIM, _RNG, _EXTRA = "model.", "optim.", "rng.", "extra."
 
 
 def save_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``model`` + ``optimizer`` + RNG states + JSON-able ``info`` atomically to ``path``."""
+    """Write ``model`` + ``optimizer`` + RNG states + JSON-able ``info`` (+ ``extra`` tensors,
+    e.g. an objective's carried state) atomically to ``path``."""
     tensors: dict[str, torch.Tensor] = {
         _MODEL + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
     }
+    for k, v in (extra or {}).items():
+        tensors[_EXTRA + k] = v.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
@@ -47,9 +51,10 @@ def save_state(
 
 def load_state(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore what :func:`save_state` wrote into ``model`` and ``optimizer``, set the global
-    RNG states back, and return the ``info`` dict."""
+    RNG states back, and return the ``info`` dict and the ``extra`` tensors (on the model's
+    device)."""
     from safetensors import safe_open
 
     try:
@@ -79,4 +84,5 @@ def load_state(
     cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    return header["info"]
+    extra = {k[len(_EXTRA):]: v.to(device) for k, v in tensors.items() if k.startswith(_EXTRA)}
+    return header["info"], extra

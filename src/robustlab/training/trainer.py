@@ -1,17 +1,26 @@
 """One readable training loop: optimiser, schedule, per-epoch checkpoint and exact resume,
-per-epoch clean and robust validation, metrics as JSONL.
+per-epoch clean and robust validation, metrics as JSONL, and DistributedDataParallel when
+launched by ``torchrun``.
 
 Determinism: the batch order and the attack's random starts of epoch ``e`` come from generators
 seeded with ``(seed, e)``; dropout and other layers draw from torch's global RNG, which the
 trainer runs inside :func:`torch.random.fork_rng` (the caller's RNG state is left as it was),
 starts from ``seed`` and saves in every checkpoint. A run killed at any point and resumed from
 its last checkpoint therefore ends with the same weights as an uninterrupted run (on CPU).
+
+Distributed: every rank builds the same global batches and trains on its own contiguous slice
+of each; the objective's whole loss (inner attack included) runs inside one DDP forward, so the
+inner maximisation never triggers a gradient all-reduce and the averaged gradient equals the
+single-process gradient of the global batch. Rank 0 writes checkpoints and logs; validation is
+sharded over the ranks and merged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +35,11 @@ from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.attacks.base import eval_mode
 from robustlab.threat import ThreatModel
+from robustlab.training import distributed
+from robustlab.training.objectives import create as create_objective
 from robustlab.training.objectives import get as get_objective
+from robustlab.training.objectives.base import Objective
+from robustlab.training.probe import ACTIONS, OverfitProbe, Snapshot
 from robustlab.training.schedules import SCHEDULES, lr_at
 from robustlab.training.state import load_state, save_state
 
@@ -34,11 +47,21 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "train_log.jsonl"
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    """Every training setting, with its default, in one place."""
+    """Every training setting, with its default, in one place.
+
+    ``epochs`` is the budget in passes' worth of optimiser steps: an objective that replays
+    each minibatch ``m`` times (free-at) makes ``ceil(epochs / m)`` passes over the data, so
+    every objective takes about the same number of optimiser steps.
+    ``overfit_probe``: ``auto`` (``stop`` for single-step objectives, else ``off``), ``off``,
+    ``stop`` or ``rollback`` (see :mod:`robustlab.training.probe`). ``precision="bf16"`` runs
+    the objective under bfloat16 autocast; ``channels_last`` stores the model and batches in
+    channels-last memory format (both are for GPUs).
+    """
 
     objective: str = "natural"
     objective_options: dict[str, Any] = field(default_factory=dict)
@@ -54,6 +77,9 @@ class TrainConfig:
     grad_clip: float | None = None
     seed: int = 0
     val_attack: dict[str, Any] = field(default_factory=lambda: {"name": "pgd", "steps": 10})
+    overfit_probe: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
     dataset: str | None = None  # recorded in the checkpoint
 
     def validate(self) -> None:
@@ -67,41 +93,78 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.overfit_probe not in ACTIONS:
+            raise ValueError(f"overfit_probe must be one of {', '.join(ACTIONS)}, "
+                             f"got {self.overfit_probe!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
 
 
-def _seeded(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) * 7 + stream)
+def _seeded(seed: int, epoch: int, stream: int, device: torch.device,
+            rank: int = 0) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if rank == 0:
+        return g.manual_seed((seed * 1_000_003 + epoch) * 7 + stream)
+    return g.manual_seed(hash((seed, epoch, stream, rank)) & (2**63 - 1))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam over the trainable parameters; those marked ``robustlab_no_decay`` (e.g.
+    PNI's noise scales) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
+    no_decay = [p for p in params if getattr(p, "robustlab_no_decay", False)]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if not getattr(p, "robustlab_no_decay", False)]}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999),
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999),
                                 weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
 def evaluate_epoch(
     model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None, attack: dict[str, Any],
-    batch_size: int,
+    batch_size: int, world: distributed.World | None = None,
 ) -> dict[str, float]:
-    """Clean accuracy and (if ``threat``) robust accuracy under ``attack`` on a validation set."""
+    """Clean accuracy and (if ``threat``) robust accuracy under ``attack`` on a validation set;
+    with several ranks each evaluates its shard and the per-sample results are merged."""
+    world = world or distributed.World()
     device = next(model.parameters()).device
     opts = {k: v for k, v in attack.items() if k != "name"}
     atk = create_for_evaluation(attack["name"], threat, **opts) if threat else None
-    correct = robust = 0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+    xs, ys = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
+    rows = []  # per sample: clean-correct, robust
+    for i in range(0, len(xs), batch_size):
+        xb, yb = xs[i:i + batch_size].to(device), ys[i:i + batch_size].to(device)
         with eval_mode(model), torch.no_grad():
             ok = model(xb).argmax(1) == yb
-        correct += int(ok.sum())
+        robust = ok.clone()
         if atk is not None and ok.any():  # only clean-correct points can be robust
-            robust += int((~atk(model, xb[ok], yb[ok]).success).sum())
-    out = {"val_clean_acc": correct / len(x)}
+            robust[ok] = ~atk(model, xb[ok], yb[ok]).success
+        rows.append(torch.stack([ok, robust], 1).to(torch.int64))
+    merged = distributed.gather_rows(torch.cat(rows) if rows else
+                                     torch.zeros(0, 2, dtype=torch.int64, device=device), world)
+    out = {"val_clean_acc": merged[:, 0].sum().item() / len(x)}
     if atk is not None:
-        out["val_robust_acc"] = robust / len(x)
+        out["val_robust_acc"] = merged[:, 1].sum().item() / len(x)
     return out
+
+
+class _Step(nn.Module):
+    """The objective's whole loss as one module call, so that DDP sees one forward (inner
+    attack included) per backward."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x: Tensor, y: Tensor, threat: ThreatModel | None,
+                generator: torch.Generator) -> Tensor:
+        return self.objective(self.model, x, y, threat=threat, generator=generator)
 
 
 class Trainer:
@@ -134,7 +197,8 @@ class Trainer:
         check_labels(y, k)
         if val is not None:
             check_labels(val[1], k, "val labels")
-        if cfg.objective != "natural" and threat is None:
+        self.objective = create_objective(cfg.objective, **cfg.objective_options)
+        if self.objective.needs_threat and threat is None:
             raise ValueError(f"objective {cfg.objective!r} needs threat=ThreatModel(...)")
         if out is not None and not hasattr(model, "robustlab_arch"):
             raise ValueError(
@@ -147,9 +211,25 @@ class Trainer:
         self.progress = progress
         self.callback = callback
         self.device = next(model.parameters()).device
+        self.world = distributed.current()
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, cfg)
-        self.objective = get_objective(cfg.objective)
+        self.passes = math.ceil(cfg.epochs / self.objective.replays)
+        self.step: nn.Module = _Step(model, self.objective)
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step = DistributedDataParallel(self.step, device_ids=ids)
+        action = cfg.overfit_probe
+        if action == "auto":
+            action = "stop" if self.objective.single_step and threat is not None else "off"
+        if action != "off" and threat is None:
+            raise ValueError("overfit_probe needs threat=ThreatModel(...); set it to 'off'")
+        self.probe_action = action
         self.history: list[dict[str, Any]] = []
+        self.stopped = False
 
     # --- checkpoints ------------------------------------------------------------------------
     def _meta(self, epoch: int) -> dict[str, Any]:
@@ -157,6 +237,7 @@ class Trainer:
             "dataset": self.cfg.dataset,
             "threat": self.threat.to_dict() if self.threat else None,
             "objective": self.cfg.objective,
+            "objective_config": self.objective.config(),
             "epoch": epoch,
             "seed": self.cfg.seed,
             "train_config": asdict(self.cfg),
@@ -164,9 +245,15 @@ class Trainer:
 
     def _checkpoint(self, epoch: int) -> None:
         assert self.out is not None
-        models.save(self.model, self.out / MODEL_FILE, meta=self._meta(epoch))
-        save_state(self.out / STATE_FILE, self.model, self.optimizer,
-                   {"epoch": epoch, "config": asdict(self.cfg), "history": self.history})
+        if self.world.main:
+            models.save(self.model, self.out / MODEL_FILE, meta=self._meta(epoch))
+            info = {"epoch": epoch, "config": asdict(self.cfg), "history": self.history,
+                    "stopped": self.stopped}
+            save_state(self.out / STATE_FILE, self.model, self.optimizer, info,
+                       extra={"objective." + k: v for k, v in self.objective.state_dict().items()})
+            with open(self.out / LOG_FILE, "a") as f:
+                f.write(json.dumps(self.history[-1]) + "\n")
+        distributed.barrier(self.world)
 
     def _resume(self) -> int:
         assert self.out is not None
@@ -175,14 +262,18 @@ class Trainer:
             raise FileNotFoundError(
                 f"cannot resume: no {STATE_FILE} in {self.out}; start without --resume"
             )
-        info = load_state(path, self.model, self.optimizer)
+        info, extra = load_state(path, self.model, self.optimizer)
         saved = {k: v for k, v in info["config"].items() if k != "epochs"}
         now = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k != "epochs"}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")
+        self.objective.load_state_dict(
+            {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
         self.history = info["history"]
-        self._write_log()  # drop records of an epoch that did not reach its checkpoint
+        self.stopped = bool(info.get("stopped", False))
+        if self.world.main:
+            self._write_log()  # drop records of an epoch that did not reach its checkpoint
         return int(info["epoch"])
 
     def _write_log(self) -> None:
@@ -200,68 +291,120 @@ class Trainer:
             if resume:
                 start = self._resume()
             else:
-                if self.out is not None and (self.out / STATE_FILE).exists():
+                if self.world.main and self.out is not None and (self.out / STATE_FILE).exists():
                     raise FileExistsError(
                         f"{self.out} already holds a training run; pass --resume (resume=True) "
                         "to continue it, or choose another --out"
                     )
                 # dropout & co. draw from the global RNG: start it from the run's seed
                 torch.set_rng_state(torch.Generator().manual_seed(self.cfg.seed).get_state())
-            for epoch in range(start, self.cfg.epochs):
+            if self.stopped:
+                log.info("this run was stopped by the overfitting probe; nothing to resume")
+                return self.history
+            self.x, self.y = self.objective.setup(self.model, self.x, self.y)
+            probe = snapshot = None
+            if self.probe_action != "off":
+                assert self.threat is not None
+                b = min(self.cfg.batch_size, len(self.x))
+                probe = OverfitProbe(self.probe_action, self.x[:b].to(self.device),
+                                     self.y[:b].to(self.device), self.threat)
+                snapshot = Snapshot(self.model, self.optimizer, self.objective)
+            for epoch in range(start, self.passes):
+                self.objective.begin_epoch(epoch, self.passes)
                 rec = self._epoch(epoch)
+                if probe is not None and snapshot is not None:
+                    snapshot = self._check_probe(probe, snapshot, epoch, rec)
                 self.history.append(rec)
                 if self.out is not None:
                     self._checkpoint(epoch + 1)
-                    with open(self.out / LOG_FILE, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
                 if self.callback is not None:
                     self.callback(rec)
+                if self.stopped:
+                    break
         return self.history
 
+    def _check_probe(self, probe: OverfitProbe, snapshot: Snapshot, epoch: int,
+                     rec: dict[str, Any]) -> Snapshot:
+        """Measure the probe after ``epoch``; on a collapse restore the last accepted state
+        and stop or roll back. Returns the snapshot to restore next time."""
+        value = probe.measure(self.model, _seeded(self.cfg.seed, epoch, 2, self.device))
+        accepted = [r["probe_robust_acc"] for r in self.history
+                    if "probe_robust_acc" in r and "overfit" not in r]
+        rec["probe_robust_acc"] = value
+        if not probe.collapsed(value, accepted[-1] if accepted else None):
+            return Snapshot(self.model, self.optimizer, self.objective)
+        snapshot.restore(self.model, self.optimizer, self.objective)
+        rec["overfit"] = "stopped" if probe.action == "stop" else "rolled back"
+        self.stopped = probe.action == "stop"
+        log.warning("catastrophic overfitting after epoch %d: PGD-5 accuracy on the probe batch "
+                    "fell from %.3f to %.3f; %s with the previous epoch's weights", epoch + 1,
+                    accepted[-1], value, "stopping" if self.stopped else "going on")
+        return snapshot
+
+    def _lr_scale(self) -> float:
+        return 0.5 ** sum(r.get("overfit") == "rolled back" for r in self.history)
+
     def _epoch(self, epoch: int) -> dict[str, Any]:
-        cfg, n = self.cfg, len(self.x)
+        cfg, n, m, world = self.cfg, len(self.x), self.objective.replays, self.world
         order = torch.randperm(n, generator=_seeded(cfg.seed, epoch, 0, torch.device("cpu")))
-        gen = _seeded(cfg.seed, epoch, 1, self.device)
+        gen = _seeded(cfg.seed, epoch, 1, self.device, world.rank)
+        if world.rank > 0:  # rank 0 carries its RNG state; the others start each epoch anew
+            torch.set_rng_state(_seeded(cfg.seed, epoch, 3, torch.device("cpu"),
+                                        world.rank).get_state())
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         bar = None
-        if self.progress:
+        if self.progress and world.main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.passes}", leave=False,
+                       unit="batch")
         self.model.train()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if cfg.precision == "bf16" else contextlib.nullcontext())
         t0, total, seen = time.perf_counter(), 0.0, 0
-        lr = cfg.lr
+        lr, scale_lr = cfg.lr, self._lr_scale()
         for i, idx in enumerate(bar if bar is not None else batches):
-            lr = lr_at(cfg.schedule, cfg.lr, epoch + i / len(batches), cfg.epochs,
-                       **cfg.schedule_options)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            xb, yb = self.x[idx].to(self.device), self.y[idx].to(self.device)
-            loss = self.objective(self.model, xb, yb, threat=self.threat, generator=gen,
-                                  **cfg.objective_options)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i}; "
-                    "lower the learning rate or check the data"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
+            local = distributed.shard(idx, world)
+            xb, yb = self.x[local].to(self.device), self.y[local].to(self.device)
+            if cfg.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            # DDP averages the ranks' gradients: weigh each rank's mean by its share
+            weight = len(local) * world.size / len(idx)
+            for r in range(m):
+                progress = (epoch * len(batches) * m + i * m + r) / len(batches)
+                lr = scale_lr * lr_at(cfg.schedule, cfg.lr, progress, self.passes * m,
+                                      **cfg.schedule_options)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast:
+                    loss = self.step(xb, yb, self.threat, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i}; "
+                        "lower the learning rate or check the data"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * weight if weight != 1 else loss).backward()
+                self.objective.after_backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                total += loss.item() * len(local)
+                seen += len(local)
             if bar is not None:
                 bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.4g}")
         train_time = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        total, seen = distributed.all_sum([total, float(seen)], world, self.device)
         rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": total / seen,
                                "train_time_s": train_time}
+        if m > 1:
+            rec["epochs_equivalent"] = (epoch + 1) * m
         if self.val is not None:
             t1 = time.perf_counter()
             rec |= evaluate_epoch(self.model, *self.val, self.threat, cfg.val_attack,
-                                  batch_size=max(cfg.batch_size, 256))
+                                  batch_size=max(cfg.batch_size, 256), world=world)
             rec["val_attack"] = cfg.val_attack
             rec["val_n"] = len(self.val[0])
             rec["val_time_s"] = time.perf_counter() - t1

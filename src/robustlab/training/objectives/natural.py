@@ -8,16 +8,15 @@ from torch import Tensor, nn
 
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
+from robustlab.training.objectives.base import Objective
 
 
 @register("natural")
-def natural(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    threat: ThreatModel | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+class Natural(Objective):
     """Mean cross-entropy of the model on clean inputs (the threat model is not used)."""
-    return F.cross_entropy(model(x), y)
+
+    needs_threat = False
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
+             generator: torch.Generator) -> Tensor:
+        return F.cross_entropy(model(x), y)
