@@ -55,3 +55,42 @@ def test_shard_and_world():
     assert [len(p) for p in parts] == [6, 5] and torch.equal(torch.cat(parts), idx)
     assert distributed.current() == distributed.World(0, 1)
     assert distributed.all_sum([1.0, 2.0], distributed.World(), torch.device("cpu")) == [1.0, 2.0]
+
+
+RECIPE = """
+[data]
+dataset = "fashion-mnist"
+val_n = 40
+[model]
+arch = "lenet"
+[threat]
+norm = "linf"
+eps = "0.1"
+[train]
+objective = "pgd-at"
+epochs = 1
+batch_size = 64
+lr = 0.05
+[objective]
+steps = 1
+[val_attack]
+name = "pgd"
+steps = 1
+"""
+
+
+def test_torchrun_cli(tmp_path, fake_fmnist):
+    """``torchrun --nproc_per_node=2 -m robustlab train``: one checkpoint and log, by rank 0."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(RECIPE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"ROBUSTLAB_DATA": str(fake_fmnist), "ROBUSTLAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "robustlab", "train", "--config", str(cfg), "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("training lenet") == 1 and "on 2 processes" in proc.stdout
+    log = (tmp_path / "run/train_log.jsonl").read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["val_n"] == 40
+    assert (tmp_path / "run/model.safetensors").exists()
