@@ -118,3 +118,15 @@ def test_bf16_and_channels_last(toy_data):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="precision must be one of"):
         rl.training.fit(_model(), toy_data, precision="fp8")
+
+
+def test_in_memory_teacher_run_checkpoints_and_resumes(tmp_path, toy_data):
+    kw = dict(objective="distillation", epochs=2, batch_size=128, out=tmp_path,
+              objective_options={"teacher": _model().eval(), "temperature": 2.0})
+    with pytest.raises(Crash):
+        rl.training.fit(_model(), toy_data, callback=lambda r: (_ for _ in ()).throw(Crash),
+                        **kw)
+    rl.training.fit(_model(), toy_data, resume=True, **kw)
+    meta = rl.models.load(tmp_path / "model.safetensors").robustlab_meta
+    assert meta["objective_config"]["teacher"] == "<module>" and meta["epoch"] == 2
+    assert meta["train_config"]["objective_options"]["temperature"] == 2.0

@@ -73,6 +73,14 @@ def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tenso
                          f"{arch['kwargs']}: " + "; ".join(parts))
 
 
+def _is_safetensors(data: bytes) -> bool:
+    """Whether ``data`` starts like a safetensors file: an 8-byte little-endian header size
+    that fits the file, then a JSON object. (Its first byte is the size's lowest byte, which
+    can be 0x80, the first byte of a pickle, so that alone tells nothing.)"""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
+
+
 def _build(arch: Any) -> nn.Module:
     if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
             and isinstance(arch.get("kwargs"), dict)):
@@ -165,7 +173,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found; {_HOW}")
     data = path.read_bytes()
-    if data.startswith((b"PK\x03\x04", b"\x80")):
+    if not _is_safetensors(data) and data.startswith((b"PK\x03\x04", b"\x80")):
         raise ValueError(
             f"{str(path)!r} is a pickle (torch.save output), which robustlab never unpickles "
             "because unpickling runs arbitrary code. To convert a file you trust, in a trusted "

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustlab.models.heads import attach as attach_head
 from robustlab.models.layers import ACTIVATIONS
+from robustlab.models.noise import inject as inject_noise
 from robustlab.registry import Registry
 
 __all__ = ["MODELS", "create", "names"]
@@ -46,6 +48,11 @@ def create(
     activation: str = "relu",
     mean: float | Sequence[float] | torch.Tensor | None = None,
     std: float | Sequence[float] | torch.Tensor | None = None,
+    *,
+    noise: str | None = None,
+    noise_options: dict[str, Any] | None = None,
+    head: str | None = None,
+    head_options: dict[str, Any] | None = None,
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Build the architecture ``name`` (see :func:`names`) with fresh weights.
@@ -59,6 +66,13 @@ def create(
             ``relu``, ``softplus``, ``silu`` or ``gelu``.
         mean, std: per-channel statistics in [0, 1] pixel units for the first layer,
             :class:`Normalize`; ``None`` means the identity (mean 0, std 1).
+        noise: ``"pni-w"`` or ``"pni-a"``: parametric noise injection in every conv and
+            linear layer (:mod:`robustlab.models.noise`; the model's output becomes random).
+        noise_options: ``granularity`` (``"layer"``, ``"channel"``, ``"element"``) and
+            ``init`` (0.25) of the noise scales, see :func:`robustlab.models.noise.inject`.
+        head: ``"mmc"`` replaces the final linear layer by the Max-Mahalanobis center head
+            (:class:`robustlab.models.heads.MMCHead`), for the ``mmc`` training objective.
+        head_options: ``c_mm`` (10.0) and ``feature_dim`` (the replaced layer's input size).
         **arch_kwargs: architecture-specific options (``drop`` for smallcnn, ``depth``,
             ``widen_factor`` and ``drop`` for wrn-34-10).
 
@@ -66,12 +80,15 @@ def create(
         An ``nn.Module`` in training mode, on the default device, mapping inputs in [0, 1]
         shaped (N, C, input_size, input_size) to logits (N, num_classes). The build recipe is
         recorded as ``model.robustlab_arch = {"name": ..., "kwargs": {...}}`` (all arguments,
-        defaults filled in, JSON-serialisable) so :func:`robustlab.models.save` can store it.
+        defaults filled in, JSON-serialisable) so :func:`robustlab.models.save` can store it;
+        ``head``/``head_options`` and ``noise``/``noise_options`` appear there only when set.
+        The head is attached before the noise, so an MMC head's linear map is noisy too.
 
     Raises:
-        ValueError: unknown architecture or activation, or an invalid size or statistic.
-        TypeError: an argument the architecture does not take, or one that is not
-            JSON-serialisable.
+        ValueError: unknown architecture, activation, head or noise, an invalid size,
+            statistic or head/noise option, or options given without their head/noise.
+        TypeError: an argument the architecture (or the head or noise) does not take, or one
+            that is not JSON-serialisable.
     """
     cls = MODELS.get(name)
     ACTIVATIONS.get(activation)  # fail early with the list of valid activations
@@ -98,6 +115,28 @@ def create(
             json.dumps(kwargs[key], allow_nan=False)
         except (TypeError, ValueError) as err:
             raise TypeError(f"argument {key!r} of {name} must be JSON-serialisable") from err
+    for kind, options, what in ((head, head_options, "head"), (noise, noise_options, "noise")):
+        if options is not None and (kind is None or not isinstance(options, dict)):
+            raise ValueError(f"{what}_options must be a dict and needs {what}=..., got "
+                             f"{what}={kind!r}, {what}_options={options!r}")
     model = cls(**kwargs)
+    if head is not None:
+        opts = _options(attach_head, head_options, "head", skip=("model", "head", "num_classes"))
+        kwargs["head"] = head
+        kwargs["head_options"] = attach_head(model, head, kwargs["num_classes"], **opts)
+    if noise is not None:
+        opts = _options(inject_noise, noise_options, "noise", skip=("model", "kind"))
+        kwargs["noise"] = noise
+        kwargs["noise_options"] = inject_noise(model, noise, **opts)
     model.robustlab_arch = {"name": name.lower(), "kwargs": kwargs}
     return model
+
+
+def _options(fn: Any, options: dict[str, Any] | None, what: str,
+             skip: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` if ``fn`` takes them all, else a TypeError naming the valid ones."""
+    valid = [p for p in inspect.signature(fn).parameters if p not in skip]
+    unknown = sorted(set(options or {}) - set(valid))
+    if unknown:
+        raise TypeError(f"{what}_options {unknown} not understood; valid: {', '.join(valid)}")
+    return dict(options or {})

@@ -240,14 +240,22 @@ class Trainer:
             "objective_config": self.objective.config(),
             "epoch": epoch,
             "seed": self.cfg.seed,
-            "train_config": asdict(self.cfg),
+            "train_config": self._config(),
         }
+
+    def _config(self) -> dict[str, Any]:
+        """The settings as JSON: the objective's options as the objective reports them (an
+        in-memory teacher module becomes ``"<module>"``)."""
+        cfg = asdict(self.cfg)
+        cfg["objective_options"] = {k: v for k, v in self.objective.config().items()
+                                    if k != "name"}
+        return json.loads(json.dumps(cfg))
 
     def _checkpoint(self, epoch: int) -> None:
         assert self.out is not None
         if self.world.main:
             models.save(self.model, self.out / MODEL_FILE, meta=self._meta(epoch))
-            info = {"epoch": epoch, "config": asdict(self.cfg), "history": self.history,
+            info = {"epoch": epoch, "config": self._config(), "history": self.history,
                     "stopped": self.stopped}
             save_state(self.out / STATE_FILE, self.model, self.optimizer, info,
                        extra={"objective." + k: v for k, v in self.objective.state_dict().items()})
@@ -264,7 +272,7 @@ class Trainer:
             )
         info, extra = load_state(path, self.model, self.optimizer)
         saved = {k: v for k, v in info["config"].items() if k != "epochs"}
-        now = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items() if k != "epochs"}
+        now = {k: v for k, v in self._config().items() if k != "epochs"}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")

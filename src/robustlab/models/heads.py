@@ -1,0 +1,120 @@
+"""Alternative classifier heads; ``models.create(..., head="mmc")`` attaches one.
+
+MMC (Pang, Xu, Dong, Du, Chen, Zhu, "Rethinking Softmax Cross-Entropy Loss for Adversarial
+Robustness", ICLR 2020, https://arxiv.org/abs/1905.10626): the features are pulled towards
+fixed, maximally separated class centers mu_1..mu_L (the Max-Mahalanobis centers of Pang, Du,
+Zhu, ICML 2018), and the head's "logits" are ``-||z - mu_i||^2``: prediction is the nearest
+center, and the ``mmc`` training objective is ``0.5 ||z - mu_y||^2 = -0.5 logits[y]``.
+
+As in the reference code (``utils/model.py`` of P2333/Max-Mahalanobis-Training), the feature
+z is a learnable linear map (no activation) of the network's penultimate representation: the
+:class:`MMCHead` replaces the model's final ``nn.Linear`` (in -> num_classes) by
+``nn.Linear(in, feature_dim)`` followed by the fixed centers. Without that map, ReLU features
+(all >= 0) could not reach centers with negative coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["HEADS", "MMCHead", "attach", "mmc_centers"]
+
+HEADS = ("mmc",)
+
+
+def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0) -> Tensor:
+    """The Max-Mahalanobis centers: ``num_classes`` vectors in R^dim (float64, CPU), with
+    ``||mu_i||^2 = c_mm`` and ``<mu_i, mu_j> = -c_mm / (L - 1)`` for i != j (the vertices of a
+    regular simplex centred at 0, the largest possible minimum distance between L points
+    on the sphere).
+
+    Deterministic recursive construction (MMLDA, Pang et al. 2018): mu_1 = e_1; mu_k's first
+    k - 1 coordinates solve the triangular system ``<mu_k, mu_j> = -1/(L-1)`` for j < k, its
+    k-th coordinate makes it a unit vector, the rest are 0; then all are scaled by sqrt(c_mm).
+    Only the first L - 1 coordinates are used, hence ``dim >= L - 1``.
+    """
+    if num_classes < 2:
+        raise ValueError(f"MMC centers need at least 2 classes, got {num_classes}")
+    if dim < num_classes - 1:
+        raise ValueError(f"MMC needs a feature dimension >= num_classes - 1 = "
+                         f"{num_classes - 1}, got {dim}; pass head_options="
+                         f"{{'feature_dim': {num_classes - 1}}} or more")
+    n = num_classes
+    mu = torch.zeros(n, max(dim, n), dtype=torch.float64, device="cpu")
+    mu[0, 0] = 1.0
+    for k in range(1, n):
+        target = torch.full((k, 1), -1.0 / (n - 1), dtype=torch.float64, device="cpu")
+        lower = mu[:k, :k]  # row j: mu_j, non-zero only up to coordinate j
+        mu[k, :k] = torch.linalg.solve_triangular(lower, target, upper=False)[:, 0]
+        mu[k, k] = (1.0 - mu[k, :k].square().sum()).clamp_min(0.0).sqrt()
+    return mu[:, :dim] * math.sqrt(c_mm)
+
+
+class MMCHead(nn.Module):
+    """``-||W h + b - mu_i||^2`` for every class i: the Max-Mahalanobis center head.
+
+    Args:
+        in_features: size of the representation h the replaced ``nn.Linear`` took.
+        num_classes: number of centers L (>= 2).
+        c_mm: squared norm of every center (> 0; the reference's ``mean_var``, 10 by default).
+        feature_dim: size of the feature z = W h + b (>= L - 1); ``None`` means in_features.
+
+    ``centers`` (L, feature_dim) is a buffer, not a parameter: saved with the weights, never
+    trained. Shapes: input (N, in_features), output (N, L), all values <= 0.
+    """
+
+    centers: Tensor
+
+    def __init__(self, in_features: int, num_classes: int, c_mm: float = 10.0,
+                 feature_dim: int | None = None) -> None:
+        super().__init__()
+        dim = in_features if feature_dim is None else feature_dim
+        self.dense = nn.Linear(in_features, dim)
+        centers = mmc_centers(num_classes, dim, c_mm)
+        self.register_buffer("centers", centers.to(self.dense.weight.device,
+                                                   self.dense.weight.dtype))
+
+    def features(self, h: Tensor) -> Tensor:
+        """z = W h + b, shape (N, feature_dim)."""
+        return self.dense(h)
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.features(h)
+        mu = self.centers
+        return 2 * z @ mu.T - z.square().sum(1, keepdim=True) - mu.square().sum(1)
+
+
+def attach(model: nn.Module, head: str, num_classes: int, c_mm: float = 10.0,
+           feature_dim: int | None = None) -> dict[str, Any]:
+    """Replace the last ``nn.Linear`` of ``model`` (its classifier, which must output
+    ``num_classes`` values) by the head ``head``, in place.
+
+    Returns:
+        The head options with defaults filled in (JSON-able), as ``models.create`` records.
+
+    Raises:
+        ValueError: unknown head, bad ``c_mm`` or ``feature_dim``, no final linear layer with
+            ``num_classes`` outputs, or a feature dimension < num_classes - 1.
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+    if isinstance(c_mm, bool) or not isinstance(c_mm, int | float) or not 0 < c_mm < math.inf:
+        raise ValueError(f"mmc c_mm must be a finite number > 0, got {c_mm!r}")
+    if feature_dim is not None and (isinstance(feature_dim, bool)
+                                    or not isinstance(feature_dim, int) or feature_dim < 1):
+        raise ValueError(f"mmc feature_dim must be a positive integer or None, got "
+                         f"{feature_dim!r}")
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears or linears[-1][1].out_features != num_classes:
+        raise ValueError(f"{type(model).__name__} has no final nn.Linear with {num_classes} "
+                         "outputs for the MMC head to replace")
+    name, old = linears[-1]
+    new = MMCHead(old.in_features, num_classes, float(c_mm), feature_dim)
+    new.to(old.weight.device, old.weight.dtype)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return {"c_mm": float(c_mm), "feature_dim": new.dense.out_features}
