@@ -26,6 +26,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/training.py                       # the full budget (hours on CPU)
     .venv/bin/python benchmarks/training.py --train-n 15000 --epochs 4 --test-n 2000
+    # --train-only trains (or resumes) the runs into the cache and stops
 
 Results: ``benchmarks/results/training.{md,json}``.
 """
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or resume) the runs into the cache and stop")
     return p.parse_args(argv)
 
 
@@ -145,13 +148,56 @@ def time_steps(names: list[str], recipes: dict[str, Recipe], data: tuple[Tensor,
             per_step[name].append(rec["train_time_s"] / steps)
         return run
 
-    interleaved({n: task(n) for n in names}, 1)  # warm-up
-    for n in names:
-        per_step[n].clear()
-    interleaved({n: task(n) for n in names}, args.repeats,
+    tasks = {n: task(n) for n in names}
+    for raw in ("natural", "pgd-at"):
+        if raw in recipes:
+            per_step[f"raw {raw}"] = []
+            tasks[f"raw {raw}"] = _raw_task(recipes[raw], x, y, per_step[f"raw {raw}"])
+    interleaved(tasks, 1)  # warm-up
+    for v in per_step.values():
+        v.clear()
+    interleaved(tasks, args.repeats,
                 on_done=lambda r, n, s: log(f"timing round {r + 1}: {n} "
                                             f"{1000 * per_step[n][-1]:.0f} ms/step"))
     return {n: median(v) for n, v in per_step.items()}
+
+
+def _raw_task(recipe: Recipe, x: Tensor, y: Tensor, times: list[float]):
+    """The physical limit: the same optimiser steps as a hand-written PyTorch loop (natural:
+    1 forward/backward; PGD-AT: K input-gradient steps in eval mode from a uniform start, then
+    1 forward/backward in train mode), nothing else."""
+    cfg = recipe.train
+    opts = cfg.objective_options
+    steps = opts.get("steps", 10) if recipe.train.objective == "pgd-at" else 0
+    eps = float(recipe.threat.eps) if recipe.threat else 0.0
+    alpha = opts.get("step_size") or 2.5 * eps / max(steps, 1)
+    batch = cfg.batch_size
+
+    def run() -> None:
+        model = build_model(recipe, torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        t0 = time.perf_counter()
+        for i in range(0, len(x), batch):
+            xb, yb = x[i:i + batch], y[i:i + batch]
+            if steps:
+                model.eval()
+                delta = (torch.rand_like(xb) * 2 - 1) * eps
+                xa = (xb + delta).clamp(0, 1)
+                for _ in range(steps):
+                    xa.requires_grad_(True)
+                    loss = torch.nn.functional.cross_entropy(model(xa), yb)
+                    (g,) = torch.autograd.grad(loss, xa)
+                    xa = torch.min(torch.max(xa.detach() + alpha * g.sign(), xb - eps), xb + eps)
+                    xa = xa.clamp(0, 1)
+                xb = xa.detach()
+                model.train()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append((time.perf_counter() - t0) / -(-len(x) // batch))
+    return run
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, suite: str,
@@ -192,6 +238,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         teachers[name] = path
         teacher_rows[name] = {"train_s": seconds, "n_train": recipe.n_train or len(x)}
     recipes = {n: prepare(n, args, teachers) for n in names}
+    if args.train_only:
+        for name in names:
+            train(name, recipes[name], (x, y), log)
+        return {}
     threat = rl.ThreatModel("linf", 0.1)
     log(f"timing {len(names)} objectives, {args.timing_batches} batches x {args.repeats} rounds")
     step_s = time_steps(names, recipes, (x, y), args, log)
@@ -209,8 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "overfit": [r["epoch"] for r in hist if "overfit" in r],
                      "step_s": step_s[name], "epoch_s": step_s[name] * batches,
                      "x_natural": step_s[name] / step_s["natural"], "train_s": seconds, **ev})
+    raw = {n[4:]: {"step_s": t, "epoch_s": t * batches, "x_natural": t / step_s["natural"]}
+           for n, t in step_s.items() if n.startswith("raw ")}
     record = {"machine": machine_record(), "settings": vars(args), "threat": threat.to_dict(),
-              "teachers": teacher_rows, "rows": rows}
+              "teachers": teacher_rows, "rows": rows, "raw": raw}
     md, js = write_results("training", render(record), record)
     print(render(record))
     log(f"results: {md.relative_to(ROOT)}, {js.relative_to(ROOT)}")
@@ -244,6 +296,9 @@ def render(rec: dict[str, Any]) -> str:
             f"| {r['objective']} | {r['passes']} | {100 * r['clean']:.1f}% | "
             f"{100 * r['pgd20']:.1f}% | {100 * r['pgd100']:.1f}% | {suite} | {flags} | "
             f"{r['epoch_s']:.1f} | {r['x_natural']:.2f} | {r['train_s']:.0f} |")
+    for name, t in rec.get("raw", {}).items():
+        lines.append(f"| {name} PyTorch loop (timing only) | | | | | | | {t['epoch_s']:.1f} | "
+                     f"{t['x_natural']:.2f} | |")
     for name, t in rec["teachers"].items():
         lines.append(f"\nTeacher `{name}`: natural training on {t['n_train']} images, "
                      f"{t['train_s']:.0f} s (not included in its student's row).")
