@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import robustlab as rl  # noqa: E402
 from helpers import make_quadrants  # noqa: E402
-from robustlab.training import distributed  # noqa: E402
+from robustlab import distributed  # noqa: E402
 
 CASES = {
     "natural": {},

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from robustlab.training import distributed
+from robustlab import distributed
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -79,18 +79,39 @@ steps = 1
 """
 
 
-def test_torchrun_cli(tmp_path, fake_fmnist):
-    """``torchrun --nproc_per_node=2 -m robustlab train``: one checkpoint and log, by rank 0."""
+def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
+    """``torchrun --nproc_per_node=2 -m robustlab train``: one checkpoint and log, by rank 0;
+    ``torchrun ... evaluate``: the points split over the ranks, merged per sample into one
+    results file equal to a one-process evaluation (FGSM: no randomness)."""
     cfg = tmp_path / "r.toml"
     cfg.write_text(RECIPE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"ROBUSTLAB_DATA": str(fake_fmnist), "ROBUSTLAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "robustlab", "train", "--config", str(cfg), "--out", str(tmp_path / "run")],
-        env=env, capture_output=True, text=True, timeout=240)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "robustlab"]
+    proc = subprocess.run([*torchrun, "train", "--config", str(cfg), "--out",
+                           str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training lenet") == 1 and "on 2 processes" in proc.stdout
     log = (tmp_path / "run/train_log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["val_n"] == 40
-    assert (tmp_path / "run/model.safetensors").exists()
+    ckpt = str(tmp_path / "run/model.safetensors")
+    args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51",
+            "--quiet"]
+    results = {}
+    for name, cmd in (("one", [sys.executable, "-m", "robustlab"]), ("two", torchrun)):
+        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = (tmp_path / name / "per_sample.jsonl").read_text().splitlines()
+        results[name] = (json.loads((tmp_path / name / "results.json").read_text()),
+                         [json.loads(r) for r in rows])
+    (one, rows1), (two, rows2) = results["one"], results["two"]
+    assert two["shards"] == 2 and two["n"] == one["n"] == 51
+    assert [r["index"] for r in rows2] == list(range(51))
+    assert [r["robust"] for r in rows2] == [r["robust"] for r in rows1]
+    assert two["robust_accuracy"] == one["robust_accuracy"]
+    assert two["clean_accuracy"] == pytest.approx(one["clean_accuracy"])
+    assert two["per_attack"][0]["broken"] == one["per_attack"][0]["broken"]
+    assert two["per_attack"][0]["attacked"] == one["per_attack"][0]["attacked"]

@@ -45,9 +45,9 @@ def _out(msg: str = "", quiet: bool = False) -> None:
 
 # --- train ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from robustlab import data, models
+    from robustlab import data, distributed, models
     from robustlab.config import load_recipe
-    from robustlab.training import Trainer, distributed
+    from robustlab.training import Trainer
 
     recipe = load_recipe(args.config)
     world = distributed.World()
@@ -118,12 +118,16 @@ def _report(rec: dict[str, Any], trainer: Any, quiet: bool) -> None:
 
 # --- evaluate ---------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from robustlab import data, models
-    from robustlab.evaluation import evaluate
+    from robustlab import data, distributed, models
+    from robustlab.evaluation import evaluate_sharded
     from robustlab.threat import ThreatModel
 
+    world, device = distributed.World(), torch.device("cpu")
+    if distributed.launched():  # torchrun: the points are split over the ranks and merged
+        world, device = distributed.init_from_env()
+    quiet = args.quiet or not world.main
     torch.manual_seed(args.seed)
-    model = models.load(args.checkpoint)
+    model = models.load(args.checkpoint, device=device)
     meta = getattr(model, "robustlab_meta", {})
     dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
     x, y = data.load(dataset, split=args.split, n=args.n)
@@ -143,19 +147,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             opts["step_size"] = args.step_size
         attacks = [(a, opts) for a in args.attack]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    surrogate = models.load(args.surrogate) if args.surrogate else None
-    result = evaluate(
-        model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
-        seed=args.seed, out=str(out), progress=not args.quiet, resume=not args.restart,
-        repeats=args.repeats, surrogate=surrogate,
-        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
-                "command": " ".join(sys.argv)},
-    )
+    surrogate = models.load(args.surrogate, device=device) if args.surrogate else None
+    try:
+        result = evaluate_sharded(
+            model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
+            seed=args.seed, out=str(out), progress=not quiet, resume=not args.restart,
+            repeats=args.repeats, surrogate=surrogate,
+            config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+                    "command": " ".join(sys.argv)},
+        )
+    finally:
+        distributed.shutdown(world)
     from robustlab.evaluation.summary import markdown
 
-    _out(markdown(result.record), args.quiet)
+    _out(markdown(result.record), quiet)
     _out(f"results: {out / 'results.json'}\nper-sample: {out / 'per_sample.jsonl'}\n"
-         f"summary: {out / 'summary.md'}", args.quiet)
+         f"summary: {out / 'summary.md'}", quiet)
     return 0
 
 
@@ -219,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore an interrupted evaluation's state in --out and start over")
     e.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
     e.add_argument("--split", default="test", choices=("train", "test"))
-    e.add_argument("--n", type=_positive_int, default=1000, help="first n points of the split")
+    e.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=1000,
+                   help="first n points of the split (under torchrun write --n-points: torchrun "
+                        "reads --n as an abbreviation of its own options)")
     e.add_argument("--batch-size", type=_positive_int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default=None, help="results directory (default: beside checkpoint)")

@@ -30,12 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab import models
+from robustlab import distributed, models
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.attacks.base import eval_mode
 from robustlab.threat import ThreatModel
-from robustlab.training import distributed
 from robustlab.training.objectives import create as create_objective
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.objectives.base import Objective

@@ -1,4 +1,5 @@
-"""``torch.distributed`` for the trainer: one process per device, launched by ``torchrun``.
+"""``torch.distributed`` for training and evaluation: one process per device, launched by
+``torchrun``.
 
 ``torchrun --nproc_per_node=N -m robustlab train --config R --out D`` sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables; :func:`init_from_env` opens the
