@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from robustlab import distributed
+from test_cli import RECIPE  # a one-epoch pgd-at lenet recipe on the fake data
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -57,26 +58,6 @@ def test_shard_and_world():
     assert distributed.all_sum([1.0, 2.0], distributed.World(), torch.device("cpu")) == [1.0, 2.0]
 
 
-RECIPE = """
-[data]
-dataset = "fashion-mnist"
-val_n = 40
-[model]
-arch = "lenet"
-[threat]
-norm = "linf"
-eps = "0.1"
-[train]
-objective = "pgd-at"
-epochs = 1
-batch_size = 64
-lr = 0.05
-[objective]
-steps = 1
-[val_attack]
-name = "pgd"
-steps = 1
-"""
 
 
 def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
@@ -95,7 +76,7 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training lenet") == 1 and "on 2 processes" in proc.stdout
     log = (tmp_path / "run/train_log.jsonl").read_text().splitlines()
-    assert len(log) == 1 and json.loads(log[0])["val_n"] == 40
+    assert len(log) == 1 and json.loads(log[0])["val_n"] == 32
     ckpt = str(tmp_path / "run/model.safetensors")
     args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51",
             "--quiet"]

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import check_number
+from robustlab.training.objectives.pgd_at import PGDAT
 
 
 def logit_pairing(a: Tensor, b: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ def logit_pairing(a: Tensor, b: Tensor) -> Tensor:
 
 
 @register("alp")
-class ALP(Objective):
+class ALP(PGDAT):
     """Mixed clean/PGD cross-entropy plus ``weight`` times the logit-pairing penalty.
 
     Args:
@@ -58,24 +58,17 @@ class ALP(Objective):
 
     def __init__(self, weight: float = 0.5, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True) -> None:
+        super().__init__(steps=steps, step_size=step_size, random_start=random_start)
         check_number(weight, "alp weight", low=0)
-        check_number(steps, "alp steps", low=1, integer=True)
-        if step_size is not None:
-            check_number(step_size, "alp step_size", low=0, low_open=True)
-        self.weight, self.steps, self.step_size = float(weight), steps, step_size
-        self.random_start = bool(random_start)
+        self.weight = float(weight)
 
     def config(self) -> dict:
-        return super().config() | {"weight": self.weight, "steps": self.steps,
-                                   "step_size": self.step_size,
-                                   "random_start": self.random_start}
+        return super().config() | {"weight": self.weight}
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:
         assert threat is not None
-        attack = PGD(threat, steps=self.steps, step_size=self.step_size,
-                     random_start=self.random_start, keep_best=False)
-        x_adv = attack.craft(model, x, y, generator)
+        x_adv = self.adversarial(model, x, y, threat, generator)
         clean, adv = model(torch.cat([x, x_adv])).chunk(2)
         ce = (F.cross_entropy(clean, y) + F.cross_entropy(adv, y)) / 2
         return ce + self.weight * logit_pairing(clean, adv)

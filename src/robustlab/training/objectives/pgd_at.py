@@ -34,19 +34,23 @@ class PGDAT(Objective):
 
     def __init__(self, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True) -> None:
-        check_number(steps, "pgd-at steps", low=1, integer=True)
+        check_number(steps, f"{self.name} steps", low=1, integer=True)
         if step_size is not None:
-            check_number(step_size, "pgd-at step_size", low=0, low_open=True)
+            check_number(step_size, f"{self.name} step_size", low=0, low_open=True)
         self.steps, self.step_size, self.random_start = steps, step_size, bool(random_start)
 
     def config(self) -> dict:
         return super().config() | {"steps": self.steps, "step_size": self.step_size,
                                    "random_start": self.random_start}
 
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+                    generator: torch.Generator) -> Tensor:
+        """The inner maximisation: PGD's last iterate, crafted in eval mode."""
+        attack = PGD(threat, steps=self.steps, step_size=self.step_size,
+                     random_start=self.random_start, keep_best=False)
+        return attack.craft(model, x, y, generator)
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:
         assert threat is not None
-        attack = PGD(threat, steps=self.steps, step_size=self.step_size,
-                     random_start=self.random_start, keep_best=False)
-        x_adv = attack.craft(model, x, y, generator)
-        return F.cross_entropy(model(x_adv), y)
+        return F.cross_entropy(model(self.adversarial(model, x, y, threat, generator)), y)
