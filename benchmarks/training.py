@@ -28,7 +28,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/training.py --train-n 15000 --epochs 4 --test-n 2000
     # --train-only trains (or resumes) the runs into the cache and stops
 
-Results: ``benchmarks/results/training.{md,json}``.
+Results: ``benchmarks/results/training.{md,json}`` (``--stem`` names another file, e.g. for a
+second run of a few objectives under ``--suite standard``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stem", default="training",
+                   help="results file name: benchmarks/results/<stem>.{md,json}")
     p.add_argument("--train-only", action="store_true",
                    help="train (or resume) the runs into the cache and stop")
     return p.parse_args(argv)
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            for n, t in step_s.items() if n.startswith("raw ")}
     record = {"machine": machine_record(), "settings": vars(args), "threat": threat.to_dict(),
               "teachers": teacher_rows, "rows": rows, "raw": raw}
-    md, js = write_results("training", render(record), record)
+    md, js = write_results(args.stem, render(record), record)
     print(render(record))
     log(f"results: {md.relative_to(ROOT)}, {js.relative_to(ROOT)}")
     return record
