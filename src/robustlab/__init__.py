@@ -1,12 +1,12 @@
 """robustlab: adversarial robustness of image classifiers — train, attack, defend, evaluate."""
 
-from robustlab import attacks, data, evaluation, models, training
+from robustlab import attacks, data, defenses, evaluation, models, training
 from robustlab._provenance import package_version
 from robustlab.evaluation import EvalResult, eps_sweep, evaluate
 from robustlab.threat import ThreatModel, parse_eps
 
 __version__ = package_version()
 __all__ = [
-    "EvalResult", "ThreatModel", "attacks", "data", "eps_sweep", "evaluate", "evaluation", "models",
-    "parse_eps", "training",
+    "EvalResult", "ThreatModel", "attacks", "data", "defenses", "eps_sweep", "evaluate",
+    "evaluation", "models", "parse_eps", "training",
 ]

@@ -162,7 +162,9 @@ class PGD(Attack):
             "optimizer": self.optimizer,
         } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {})
 
-    def _loss_fn(self, model: nn.Module, y: Tensor):
+    def _loss_fn(self, model: nn.Module, y: Tensor, rows: Tensor | None = None):
+        """The function the steps differentiate: ``xa -> (per-sample loss, logits)`` for the
+        samples ``rows`` of the attacked batch (None: all of them)."""
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:
             logits = model(xa)
             return self.loss(logits, y, self.targeted), logits
@@ -195,7 +197,7 @@ class PGD(Attack):
             for _ in range(self.steps):
                 if idx.numel() == 0:
                     break
-                loss, logits, grad = self.input_grad(self._loss_fn(model, y[idx]), xa)
+                loss, logits, grad = self.input_grad(self._loss_fn(model, y[idx], idx), xa)
                 success = is_success(logits, y[idx], self.targeted)
                 seen = success | self.keep_best  # without keep_best only successes are kept
                 best.update(idx[seen], xa[seen], loss[seen], success[seen])

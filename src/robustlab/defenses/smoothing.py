@@ -1,0 +1,189 @@
+"""Smoothed inference: classify by voting over noisy copies of the input.
+
+The smoothed classifier of a base model ``f`` with noise ``delta`` (Gaussian or Laplace, see
+:mod:`robustlab.defenses.noise`) draws ``samples`` noisy copies ``x + delta_i`` and combines the
+base model's outputs ``o_i = f(x + delta_i)`` with one of three voting rules (Nemcovsky et al.,
+"Smoothed Inference for Adversarially-Trained Models", https://arxiv.org/abs/1911.07198):
+
+- ``"prediction"``: hard majority vote, ``c = argmax_c sum_i 1[argmax o_i = c]`` (the
+  Monte-Carlo estimate of Cohen et al.'s smoothed classifier ``g``);
+- ``"soft"``: the mean of the outputs, ``c = argmax_c mean_i softmax(o_i)_c``; with
+  ``soft_on="logits"`` the mean of the raw logits, as the paper's reference code does;
+- ``"weighted"``: rank-weighted votes, the class at rank ``r`` of each sample (0 = top) gets
+  ``2^-r``.
+
+The module's output is a (N, K) tensor of log-scores whose argmax is the decision:
+``log(mean softmax)`` (soft), the mean logits (soft on logits), or the log of the normalised
+(weighted) vote fractions. Ties in a vote go to the tied class with the highest mean softmax
+probability (not to the lowest class index). A vote is piecewise constant in ``x``, so its
+true gradient is zero almost everywhere; with ``grad="soft"`` (the default) the backward pass
+of the voting rules uses the gradient of ``log(mean softmax)`` over the same noise draws (a
+BPDA surrogate, Athalye et al. 2018), so a gradient attack on this module attacks the soft
+smoothed classifier as SmoothAdv does (Salman et al. 2019) with fresh noise at every step;
+``grad="none"`` returns the votes without any gradient.
+
+Cost: ``samples`` forward passes of the base model per input, batched as ``batch_size`` rows
+per forward (the noisy copies of several inputs share a forward). Weight noise of PNI/CNI
+layers is drawn once per forward, so it is shared by the rows of one forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustlab.defenses.noise import check_noise, sample
+from robustlab.defenses.registry import register
+
+__all__ = ["SOFT_ON", "VOTES", "Smoothing", "noisy_logits"]
+
+VOTES = ("prediction", "soft", "weighted")
+SOFT_ON = ("probabilities", "logits")
+GRADS = ("soft", "none")
+
+
+def _check_positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def noisy_logits(
+    model: nn.Module, x: Tensor, samples: int, sigma: float, noise: str, batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(rows, logits)``: ``logits = model(x[rows] + delta)`` for consecutive chunks of at
+    most ``batch_size`` of the ``len(x) * samples`` (input, draw) pairs, in order; ``rows``
+    holds each row's input index. On a CUDA out-of-memory error the chunk's noisy inputs are
+    split in halves (the draws are kept, so results do not change) and ``batch_size`` stays
+    halved for the rest of the call."""
+    total = len(x) * samples
+    start = 0
+    while start < total:
+        rows = torch.arange(start, min(start + batch_size, total), device=x.device) // samples
+        xi = x[rows]
+        xi = xi + sample(xi, noise, sigma, generator)
+        done = 0
+        while done < len(rows):
+            try:
+                logits = model(xi[done:done + batch_size])
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                continue
+            yield rows[done:done + len(logits)], logits
+            done += len(logits)
+        start += len(rows)
+
+
+@register("smoothing")
+class Smoothing(nn.Module):
+    """A smoothed classifier around ``model`` (an ``nn.Module`` in its own right).
+
+    Args:
+        model: the base classifier, inputs in [0, 1] pixel units, logits out.
+        sigma: noise scale in input units (Gaussian standard deviation, Laplace scale), >= 0.
+            Default 0.25.
+        samples: noisy copies per input (``n``), >= 1. Default 32.
+        vote: ``"prediction"``, ``"soft"`` or ``"weighted"`` (see the module docstring).
+        noise: ``"gaussian"`` (l2 certificates) or ``"laplace"`` (l1).
+        soft_on: what ``vote="soft"`` averages: ``"probabilities"`` (softmax, default) or
+            ``"logits"`` (the reference code of Nemcovsky et al.).
+        batch_size: rows per forward pass of the base model. Default 1024.
+        grad: ``"soft"`` (surrogate gradient of the soft smoothed classifier for the voting
+            rules) or ``"none"``.
+        generator: default source of the noise when a call passes none (torch's global
+            generator if this is None too).
+
+    Shapes: ``forward(x)`` maps (N, C, H, W) to (N, K) log-scores; ``forward(x, generator=g)``
+    draws the noise from ``g``. The base model's mode follows this module's (``eval()``).
+
+    Example:
+        >>> smooth = robustlab.defenses.create("smoothing", model, sigma=0.25, samples=64)
+        >>> pred = smooth.eval()(x).argmax(1)
+    """
+
+    def __init__(
+        self, model: nn.Module, sigma: float = 0.25, samples: int = 32, vote: str = "prediction",
+        noise: str = "gaussian", soft_on: str = "probabilities", batch_size: int = 1024,
+        grad: str = "soft", generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        check_noise(noise, sigma)
+        for value, valid, what in ((vote, VOTES, "vote"), (soft_on, SOFT_ON, "soft_on"),
+                                   (grad, GRADS, "grad")):
+            if value not in valid:
+                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.base = model
+        self.sigma, self.noise = float(sigma), noise
+        self.samples = _check_positive_int(samples, "samples")
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.vote, self.soft_on, self.grad = vote, soft_on, grad
+        self.generator = generator
+
+    def config(self) -> dict[str, Any]:
+        """The defense's settings (JSON-able), as recorded in results."""
+        return {"name": "smoothing", "sigma": self.sigma, "samples": self.samples,
+                "vote": self.vote, "noise": self.noise, "soft_on": self.soft_on,
+                "grad": self.grad}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if generator is None:
+            generator = self.generator
+        differentiable = torch.is_grad_enabled() and (self.vote == "soft" or self.grad == "soft")
+        with torch.set_grad_enabled(differentiable):
+            return self._scores(x, generator)
+
+    def _scores(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        s = self.samples
+        prob_sum: Tensor | None = None
+        logit_sum: Tensor | None = None
+        votes: Tensor | None = None
+        for rows, logits in noisy_logits(self.base, x, s, self.sigma, self.noise,
+                                         self.batch_size, generator):
+            if prob_sum is None:
+                k = logits.shape[1]
+                prob_sum = logits.new_zeros(len(x), k)
+                logit_sum = logits.new_zeros(len(x), k)
+                votes = logits.new_zeros(len(x), k)
+            prob_sum = prob_sum.index_add(0, rows, F.softmax(logits, dim=1))
+            if self.vote == "soft" and self.soft_on == "logits":
+                logit_sum = logit_sum.index_add(0, rows, logits)
+            elif self.vote != "soft":
+                votes.index_add_(0, rows, self._ballots(logits.detach()))
+        assert prob_sum is not None and logit_sum is not None and votes is not None
+        mean_prob = prob_sum / s
+        if self.vote == "soft":
+            if self.soft_on == "logits":
+                return logit_sum / s
+            return mean_prob.clamp_min(torch.finfo(mean_prob.dtype).tiny).log()
+        surrogate = mean_prob.clamp_min(torch.finfo(mean_prob.dtype).tiny).log()
+        fractions = votes / votes.sum(1, keepdim=True)
+        value = fractions.clamp_min(torch.finfo(fractions.dtype).tiny).log()
+        # ties go to the tied class with the highest mean probability: lift it by one ulp
+        top = votes == votes.amax(1, keepdim=True)
+        winner = mean_prob.detach().masked_fill(~top, -1.0).argmax(1, keepdim=True)
+        lifted = torch.nextafter(value.gather(1, winner), torch.full_like(winner, math.inf,
+                                                                          dtype=value.dtype))
+        value = value.scatter(1, winner, lifted)
+        if self.grad == "none" or not surrogate.requires_grad:
+            return value
+        return surrogate + (value - surrogate).detach()
+
+    def _ballots(self, logits: Tensor) -> Tensor:
+        """Each row's vote: one-hot on its argmax, or ``2^-rank`` for the weighted rule."""
+        if self.vote == "prediction":
+            return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+        rank = logits.argsort(1, descending=True).argsort(1)
+        return torch.exp2(-rank.to(logits.dtype))
