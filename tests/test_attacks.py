@@ -18,7 +18,9 @@ CASES = [(name, norm) for name in attacks.names() for norm in NORM_EPS
 
 # options an attack cannot be built without, given the test's model (unwrapped if it traps
 # gradients)
-REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model}}
+REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model},
+                    "epgd": lambda model: {"sigma": 0.05},
+                    "smoothadv": lambda model: {"sigma": 0.05}}
 
 
 # smaller budgets for the attacks whose defaults cost tens of seconds on the toy model; the

@@ -44,6 +44,8 @@ def make(name: str, **opts) -> attacks.Attack:
     threat = LINF if "linf" in attacks.ATTACKS.get(name).norms else L2
     if name == "transfer":
         opts.setdefault("surrogate", fresh().eval())
+    if name in ("epgd", "smoothadv"):  # on a plain model they need the noise scale
+        opts.setdefault("sigma", 0.05)
     return attacks.create(name, threat, **opts)
 
 

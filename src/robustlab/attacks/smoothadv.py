@@ -70,8 +70,9 @@ class SmoothAdv(PGD):
     ) -> None:
         super().__init__(threat, steps=steps, random_start=random_start, restarts=restarts,
                          targeted=targeted, early_stop=early_stop, keep_best=keep_best,
-                         seed=seed, step_size=2 * threat.eps / steps
-                         if step_size is None and threat.eps > 0 else step_size)
+                         seed=seed, step_size=step_size)
+        if step_size is None:
+            self.step_size = 2 * threat.eps / steps
         if sigma is not None or noise is not None:
             check_noise(noise or "gaussian", 0.0 if sigma is None else sigma)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

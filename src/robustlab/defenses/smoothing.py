@@ -17,10 +17,12 @@ The module's output is a (N, K) tensor of log-scores whose argmax is the decisio
 (weighted) vote fractions. Ties in a vote go to the tied class with the highest mean softmax
 probability (not to the lowest class index). A vote is piecewise constant in ``x``, so its
 true gradient is zero almost everywhere; with ``grad="soft"`` (the default) the backward pass
-of the voting rules uses the gradient of ``log(mean softmax)`` over the same noise draws (a
-BPDA surrogate, Athalye et al. 2018), so a gradient attack on this module attacks the soft
-smoothed classifier as SmoothAdv does (Salman et al. 2019) with fresh noise at every step;
-``grad="none"`` returns the votes without any gradient.
+of the voting rules uses the Jacobian of ``log(mean softmax)`` over the same noise draws (a
+BPDA surrogate, Athalye et al. 2018: forward values from the vote, gradients from the soft
+smoothed classifier), so gradient attacks on this module follow the soft smoothed classifier
+that SmoothAdv attacks (Salman et al. 2019), with fresh noise at every step; ``grad="none"``
+returns the votes without any gradient (gradient attacks then fail, and the evaluation's
+gradient checks flag the model).
 
 Cost: ``samples`` forward passes of the base model per input, batched as ``batch_size`` rows
 per forward (the noisy copies of several inputs share a forward). Weight noise of PNI/CNI
