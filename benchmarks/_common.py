@@ -122,10 +122,11 @@ def trained_model(
     """A model trained by ``recipe``, from ``benchmarks/.cache/`` or trained now and cached.
 
     ``recipe`` holds ``arch`` (a ``robustlab.models.create`` name), ``dataset``, optionally
-    ``eps`` (linf, for adversarial objectives) and every keyword of
-    ``robustlab.training.fit`` (``objective``, ``epochs``, ``lr``, ...). The cache file name
-    carries a hash of the recipe, so a changed recipe trains a new model. Returns the model in
-    eval mode, its parameters' ``requires_grad`` as training left them (True).
+    ``eps`` (linf, for adversarial objectives), ``model`` (more keywords of
+    ``robustlab.models.create``, e.g. ``noise``), ``train_n`` (train on the first n images
+    only) and every keyword of ``robustlab.training.fit`` (``objective``, ``epochs``, ...).
+    The cache file name carries a hash of the recipe, so a changed recipe trains a new model.
+    Returns the model in eval mode, its parameters' ``requires_grad`` as training left them.
     """
     path = CACHE_DIR / f"{name}-{_recipe_key(recipe)}.safetensors"
     if path.exists():
@@ -133,11 +134,12 @@ def trained_model(
         log(f"model {name}: cached {path.relative_to(BENCH_DIR.parent)} "
             f"(trained in {model.robustlab_meta['train_seconds']:.0f} s)")
         return model
-    fit_kwargs = {k: v for k, v in recipe.items() if k not in ("arch", "dataset", "eps")}
+    fit_kwargs = {k: v for k, v in recipe.items()
+                  if k not in ("arch", "dataset", "eps", "model", "train_n")}
     threat = rl.ThreatModel("linf", recipe["eps"]) if "eps" in recipe else None
     log(f"model {name}: training {json.dumps(recipe)} (cached afterwards in {path.name})")
-    x, y = rl.data.load(recipe["dataset"], split="train")
-    model = rl.models.create(recipe["arch"])
+    x, y = rl.data.load(recipe["dataset"], split="train", n=recipe.get("train_n"))
+    model = rl.models.create(recipe["arch"], **recipe.get("model", {}))
     t0 = time.perf_counter()
     history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"],
                               **fit_kwargs)

@@ -132,7 +132,7 @@ def test_smoothing_improves_accuracy_under_noise(toy_model, toy_data):
 
 # --- the surrogate gradient --------------------------------------------------------------------
 def test_vote_backward_is_the_soft_smoothed_gradient(toy_model, toy_data):
-    x, y = toy_data[0][:6], toy_data[1][:6]
+    x = toy_data[0][:6]
     xg = x.clone().requires_grad_(True)
     out = Smoothing(toy_model, sigma=0.3, samples=4, batch_size=24)(xg, gen(2))
     v = torch.randn(out.shape, generator=gen(7))  # any cotangent: compare vector-Jacobian

@@ -132,6 +132,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
     x, y = data.load(dataset, split=args.split, n=args.n)
     threat = ThreatModel(args.norm, args.eps)
+    defense = None
+    if args.defense:
+        from robustlab import defenses
+
+        options = _options(args.defense_option)
+        model = defenses.create(args.defense, model, **options)
+        defense = {"name": args.defense, **options}
     attacks = None
     if args.attack:
         opts: dict[str, Any] = {}
@@ -154,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             seed=args.seed, out=str(out), progress=not quiet, resume=not args.restart,
             repeats=args.repeats, surrogate=surrogate,
             config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
-                    "command": " ".join(sys.argv)},
+                    "defense": defense, "command": " ".join(sys.argv)},
         )
     finally:
         distributed.shutdown(world)
@@ -164,6 +171,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _out(f"results: {out / 'results.json'}\nper-sample: {out / 'per_sample.jsonl'}\n"
          f"summary: {out / 'summary.md'}", quiet)
     return 0
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["sigma=0.25", "vote=soft"]`` -> ``{"sigma": 0.25, "vote": "soft"}`` (values parsed as
+    JSON where they can be, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--defense-option takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 # --- certify ----------------------------------------------------------------------------------
@@ -263,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictions per point, robust by majority (default: the suite's)")
     e.add_argument("--surrogate", type=Path, default=None,
                    help="checkpoint of a surrogate model for the transfer attack")
+    e.add_argument("--defense", default=None,
+                   help="evaluate the checkpoint inside this defense (robustlab list defenses), "
+                        "e.g. smoothing; the attacks see the defended model")
+    e.add_argument("--defense-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of --defense (repeatable), e.g. sigma=0.25 samples=32 "
+                        "vote=prediction")
     e.add_argument("--restart", action="store_true",
                    help="ignore an interrupted evaluation's state in --out and start over")
     e.add_argument("--dataset", default=None, help="default: the checkpoint's data set")

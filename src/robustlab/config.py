@@ -12,10 +12,10 @@ from robustlab.training.trainer import TrainConfig
 
 _SECTIONS = {
     "data": {"dataset", "n_train", "val_n"},  # val: the last val_n images of the test split
-    "model": None,  # any keyword of models.create
+    "model": None,  # any keyword of models.create, and init (a checkpoint to start from)
     "threat": {"norm", "eps", "bounds"},
     "train": set(TrainConfig.__dataclass_fields__) - {"objective_options", "schedule_options",
-                                                      "val_attack", "dataset"},
+                                                      "val_attack", "dataset", "init"},
     "objective": None,  # options of the objective function
     "schedule": None,  # options of the schedule
     "val_attack": None,  # attack name + options for the per-epoch robust validation
@@ -60,9 +60,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if "val_attack" in doc:
         train["val_attack"] = doc["val_attack"]
     train["dataset"] = d.get("dataset", "fashion-mnist")
+    model = dict(doc.get("model", {}))
+    train["init"] = model.pop("init", None)  # the trainer loads it, models.create never sees it
     cfg = TrainConfig(**train)
     cfg.validate()
-    model = dict(doc.get("model", {}))
     model.setdefault("arch", "smallcnn")
     threat = ThreatModel(t["norm"], t["eps"], tuple(t.get("bounds", (0.0, 1.0)))) if t else None
     return Recipe(dataset=cfg.dataset, n_train=d.get("n_train"), val_n=d.get("val_n", 500),

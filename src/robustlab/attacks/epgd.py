@@ -3,7 +3,8 @@ https://arxiv.org/abs/1911.07198): PGD on the loss averaged over noisy forward p
 
     l_EPGD(x') = (1/m) sum_i L(f(x' + delta_i), y),   delta_i ~ N(0, sigma^2 I) (or Laplace),
 
-with fresh noise at every forward (and fresh weight noise, for PNI/CNI models). It is EOT
+with fresh noise at every forward (and fresh weight noise, for PNI/CNI models: the m draws are
+m separate forward passes of the batch). It is EOT
 (Athalye et al. 2018) on the smoothing noise: the attack for noise-trained models and for
 smoothed classifiers that vote.
 
@@ -109,9 +110,10 @@ class EPGD(PGD):
         m = self.samples
 
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:
-            xr = xa.repeat((m,) + (1,) * (xa.dim() - 1))  # draw-major: rows i*n .. i*n+n-1
-            logits = base(xr + sample(xr, noise, sigma, generator))
-            loss = self.loss(logits, y.repeat(m), self.targeted)
-            return (loss.view(m, len(xa)).mean(0),
-                    logits.view(m, len(xa), -1).mean(0))
+            # one forward per draw, so PNI/CNI weight noise is fresh for every draw as well
+            loss, logits = 0.0, 0.0
+            for _ in range(m):
+                out = base(xa + sample(xa, noise, sigma, generator))
+                loss, logits = loss + self.loss(out, y, self.targeted), logits + out
+            return loss / m, logits / m
         return f

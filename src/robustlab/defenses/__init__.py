@@ -2,8 +2,9 @@
 ``nn.Module`` that defends it; ``names()`` lists them.
 
 Randomised smoothing lives in :mod:`~robustlab.defenses.smoothing` (the voting classifier) and
-:mod:`~robustlab.defenses.certify` (Cohen et al.'s ``predict`` and ``certify``); every other
-module of this package registers its defenses on import.
+:mod:`~robustlab.defenses.certify` (Cohen et al.'s ``predict`` and ``certify``); denoised
+smoothing's denoiser (``"denoised"``, Salman et al. 2020) in :mod:`~robustlab.defenses.denoise`.
+Every module of this package registers its defenses on import.
 """
 
 import importlib

@@ -66,10 +66,12 @@ def create(
             ``relu``, ``softplus``, ``silu`` or ``gelu``.
         mean, std: per-channel statistics in [0, 1] pixel units for the first layer,
             :class:`Normalize`; ``None`` means the identity (mean 0, std 1).
-        noise: ``"pni-w"`` or ``"pni-a"``: parametric noise injection in every conv and
-            linear layer (:mod:`robustlab.models.noise`; the model's output becomes random).
-        noise_options: ``granularity`` (``"layer"``, ``"channel"``, ``"element"``) and
-            ``init`` (0.25) of the noise scales, see :func:`robustlab.models.noise.inject`.
+        noise: ``"pni-w"`` or ``"pni-a"`` (parametric noise injection) or ``"cni-w"``
+            (colored, low-rank correlated weight noise) in every conv and linear layer
+            (:mod:`robustlab.models.noise`; the model's output becomes random).
+        noise_options: PNI: ``granularity`` (``"layer"``, ``"channel"``, ``"element"``) and
+            ``init`` (0.25); CNI: ``rank`` (5), ``init`` (0.25) and ``factor_init`` (0.01);
+            see :func:`robustlab.models.noise.inject`.
         head: ``"mmc"`` replaces the final linear layer by the Max-Mahalanobis center head
             (:class:`robustlab.models.heads.MMCHead`), for the ``mmc`` training objective.
         head_options: ``c_mm`` (10.0) and ``feature_dim`` (the replaced layer's input size).

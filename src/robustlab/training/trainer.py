@@ -34,6 +34,7 @@ from robustlab import distributed, models
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.attacks.base import eval_mode
+from robustlab.models.init import init_weights
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create as create_objective
 from robustlab.training.objectives import get as get_objective
@@ -59,7 +60,9 @@ class TrainConfig:
     ``overfit_probe``: ``auto`` (``stop`` for single-step objectives, else ``off``), ``off``,
     ``stop`` or ``rollback`` (see :mod:`robustlab.training.probe`). ``precision="bf16"`` runs
     the objective under bfloat16 autocast; ``channels_last`` stores the model and batches in
-    channels-last memory format (both are for GPUs).
+    channels-last memory format (both are for GPUs). ``init``: a ``.safetensors`` checkpoint
+    whose weights a fresh run starts from (fine-tuning; relative to the current directory;
+    see :func:`robustlab.models.init.init_weights`); a resumed run ignores it.
     """
 
     objective: str = "natural"
@@ -80,6 +83,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     dataset: str | None = None  # recorded in the checkpoint
+    init: str | None = None  # checkpoint to start from (recipes: [model] init)
 
     def validate(self) -> None:
         get_objective(self.objective)
@@ -98,6 +102,10 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.precision!r}")
+        if self.init is not None and not (isinstance(self.init, str)
+                                          and self.init.endswith(".safetensors")):
+            raise ValueError(f"init must be the path of a .safetensors checkpoint, "
+                             f"got {self.init!r}")
 
 
 def _seeded(seed: int, epoch: int, stream: int, device: torch.device,
@@ -303,6 +311,9 @@ class Trainer:
                         f"{self.out} already holds a training run; pass --resume (resume=True) "
                         "to continue it, or choose another --out"
                     )
+                if self.cfg.init is not None:  # fine-tuning; a resumed run has its own weights
+                    left = init_weights(self.model, self.cfg.init)
+                    log.info("initialised from %s; left at init: %s", self.cfg.init, left)
                 # dropout & co. draw from the global RNG: start it from the run's seed
                 torch.set_rng_state(torch.Generator().manual_seed(self.cfg.seed).get_state())
             if self.stopped:
