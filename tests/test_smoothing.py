@@ -277,3 +277,18 @@ def test_attacks_break_a_smoothed_model_where_masked_gradients_do_not(name, toy_
     with torch.no_grad():  # success is the smoothed vote's own verdict
         assert res.success.float().mean() == pytest.approx(
             (masked(res.x_adv).argmax(1) != y).float().mean().item(), abs=0.1)
+
+
+def test_cli_evaluates_inside_a_defense(fake_fmnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    args = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "1",
+            "--n-points", "6", "--out", str(tmp_path / "e"), "--quiet", "--defense",
+            "smoothing", "--defense-option", "sigma=0.2", "--defense-option", "samples=3"]
+    assert cli.main(args) == 0
+    record = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert record["config"]["defense"] == {"name": "smoothing", "sigma": 0.2, "samples": 3}
+    assert "randomised-output" in [f["name"] for f in record["flags"]]
+    assert cli.main(args[:-1] + ["oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

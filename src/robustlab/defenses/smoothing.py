@@ -130,6 +130,8 @@ class Smoothing(nn.Module):
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.vote, self.soft_on, self.grad = vote, soft_on, grad
         self.generator = generator
+        #: tells the evaluation that the output is random even where the votes look constant
+        self.robustlab_random = self.sigma > 0
 
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
