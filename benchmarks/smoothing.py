@@ -2,7 +2,7 @@
 adversarial accuracy, which vote is best, which attack number is the honest one, what do the
 certificates say, and what does it cost.
 
-Four parts (``--parts``), one record (``benchmarks/results/<stem>.md/.json``) and plots
+Five parts (``--parts``), one record (``benchmarks/results/<stem>.md/.json``) and plots
 (``<stem>_*.png``):
 
 1. ``grid``: a PGD-AT smallcnn (linf eps 0.1) and a CNI-I+W model (CNI weight noise, fine-tuned
@@ -17,6 +17,9 @@ Four parts (``--parts``), one record (``benchmarks/results/<stem>.md/.json``) an
 3. ``certify``: Cohen et al.'s CERTIFY on Gaussian-augmented models at ``--cert-sigmas``:
    certified accuracy vs l2 radius and the average certified radius.
 4. ``throughput``: images/s of the smoothed model against the limit (base throughput / n).
+5. ``denoised``: denoised smoothing (Salman et al. 2020): a naturally trained classifier
+   certified alone, behind an MSE-trained denoiser and behind an MSE-then-Stab denoiser,
+   against a Gaussian-augmented model at the same sigma.
 
 Run from the repository root: ``.bench-venv/bin/python benchmarks/smoothing.py`` (the defaults
 are the issue's full budget: hours on a 2-core CPU; the flags shrink it, and the record says
@@ -80,7 +83,8 @@ def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                   "model": {"noise": "cni-w"}, "init": str(pgd_path.relative_to(Path.cwd())),
                   "objective_options": {"sigma": args.cni_sigma, "attack": "pgd", "steps": 7,
                                         "step_size": 0.025}}
-    out = {"pgd-at": pgd, "cni": cni}
+    out = {"pgd-at": pgd, "cni": cni,
+           "natural": base | {"objective": "natural", "epochs": args.epochs}}
     for s in args.cert_sigmas:
         out[f"gauss-{s:g}"] = base | {"objective": "gaussian-aug", "epochs": args.epochs,
                                       "objective_options": {"sigma": s}}
@@ -252,6 +256,43 @@ def certify_part(models: dict[str, nn.Module], x: Tensor, y: Tensor, idx: Tensor
     return out
 
 
+# --- part 5: denoised smoothing ----------------------------------------------------------------
+def denoised_part(x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace,
+                  recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Certify a naturally trained classifier alone, behind an MSE denoiser and behind an
+    MSE-then-Stab denoiser (Salman et al. 2020), against a Gaussian-augmented model."""
+    from robustlab.defenses.denoise import Denoised, Denoiser, load_denoiser, train_denoiser
+
+    sigma = args.den_sigma
+    natural = trained_model("natural", recs["natural"], log=log)
+    x_train, _ = rl.data.load(DATASET, split="train", n=args.train_n)
+    root = CACHE_DIR / "smoothing" / f"denoiser-{sigma:g}-{args.train_n}"
+    t0 = time.perf_counter()
+    train_denoiser(Denoiser(), x_train, sigma=sigma, epochs=args.den_epochs, out=root / "mse")
+    mse = load_denoiser(root / "mse" / "denoiser.safetensors")
+    stab = load_denoiser(root / "mse" / "denoiser.safetensors")
+    train_denoiser(stab, x_train, sigma=sigma, epochs=args.den_stab_epochs, objective="stab",
+                   classifier=natural, out=root / "stab")
+    stab = load_denoiser(root / "stab" / "denoiser.safetensors")
+    log(f"denoisers: {time.perf_counter() - t0:.0f} s")
+    candidates = {"natural classifier, no denoiser": natural,
+                  "natural classifier + MSE denoiser": Denoised(natural, mse),
+                  "natural classifier + MSE, then Stab denoiser": Denoised(natural, stab),
+                  f"gaussian-aug sigma {sigma:g} (trained for noise)":
+                      trained_model(f"gauss-{sigma:g}", recs[f"gauss-{sigma:g}"], log=log)}
+    rows = []
+    for name, model in candidates.items():
+        tag = name.split(",")[0].split(" (")[0].replace(" ", "_")
+        summary = run_certification(
+            model.eval(), x, y, sigma=sigma, n0=100, n=args.den_cert_n, alpha=0.001, seed=0,
+            batch_size=args.cert_batch, indices=idx.tolist(), resume=True,
+            out=root / f"certify-{tag}-{args.den_cert_n}-{len(x)}")
+        rows.append({"model": name, "sigma": sigma,
+                     **{k: v for k, v in summary.items() if k != "versions"}})
+        log(f"denoised {name}: ACR {summary['average_certified_radius']:.3f}")
+    return rows
+
+
 # --- part 4: throughput ------------------------------------------------------------------------
 def throughput(model: nn.Module, x: Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows_per_forward = 4096
@@ -347,6 +388,18 @@ def markdown(record: dict[str, Any]) -> str:
                          + f" | {c['average_certified_radius']:.3f} | "
                          f"{c['seconds'] / c['n']:.2f} |")
         lines.append("")
+    if "denoised" in record:
+        lines += [f"## 5. Denoised smoothing: certifying a classifier not trained for noise "
+                  f"(sigma {a['den_sigma']}, N = {a['den_cert_n']}, {a['cert_images']} test "
+                  "images)", "",
+                  "| base model | clean (smoothed) | abstain | r=0.25 | r=0.5 | ACR |",
+                  "|---|---|---|---|---|---|"]
+        for c in record["denoised"]:
+            curve = {round(p["radius"], 2): p["accuracy"] for p in c["certified_accuracy"]}
+            lines.append(f"| {c['model']} | {pct(c['clean_accuracy'])} | "
+                         f"{pct(c['abstain_rate'])} | {pct(curve.get(0.25, 0.0))} | "
+                         f"{pct(curve.get(0.5, 0.0))} | {c['average_certified_radius']:.3f} |")
+        lines.append("")
     if "throughput" in record:
         lines += ["## 4. Cost: smoothed images/s vs the limit (base images/s / n)", "",
                   "| n | images/s | limit | ratio |", "|---|---|---|---|"]
@@ -424,7 +477,7 @@ def _save(fig: Any, name: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="grid,attacks,certify,throughput")
+    p.add_argument("--parts", default="grid,attacks,certify,denoised,throughput")
     p.add_argument("--train-n", type=int, default=60000)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--cni-epochs", type=int, default=5)
@@ -445,6 +498,10 @@ def main() -> None:
     p.add_argument("--cert-n", type=int, default=100_000)
     p.add_argument("--cert-images", type=int, default=500)
     p.add_argument("--cert-batch", type=int, default=2000)
+    p.add_argument("--den-sigma", type=float, default=0.25)
+    p.add_argument("--den-epochs", type=int, default=10, help="MSE epochs of the denoiser")
+    p.add_argument("--den-stab-epochs", type=int, default=5, help="Stab fine-tuning epochs")
+    p.add_argument("--den-cert-n", type=int, default=10_000)
     p.add_argument("--timing-repeats", type=int, default=5)
     p.add_argument("--stem", default="smoothing")
     args = p.parse_args()
@@ -472,6 +529,9 @@ def main() -> None:
                                                      log=log) for s in args.cert_sigmas}
         cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[:args.cert_images]
         record["certify"] = certify_part(cert_models, x_test[cidx], y_test[cidx], cidx, args)
+    if "denoised" in parts:
+        cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[:args.cert_images]
+        record["denoised"] = denoised_part(x_test[cidx], y_test[cidx], cidx, args, recs)
     if "throughput" in parts:
         record["throughput"] = throughput(models["pgd-at"], x_test, args)
     record["plots"] = plots(record, args.stem)
