@@ -25,21 +25,19 @@ model, noise and sigma, and success is judged by the module's vote; a plain mode
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.epgd import smoothing_target
+from robustlab.attacks.epgd import EPGD, smoothing_target
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
-from robustlab.defenses.noise import check_noise, sample
+from robustlab.defenses.noise import sample
 from robustlab.threat import ThreatModel
 
 
 @register("smoothadv")
-class SmoothAdv(PGD):
+class SmoothAdv(EPGD):
     """PGD on the cross-entropy of the averaged softmax over fixed noise draws.
 
     Args:
@@ -68,35 +66,26 @@ class SmoothAdv(PGD):
         random_start: bool = False, restarts: int = 1, targeted: bool = False,
         early_stop: bool = False, keep_best: bool = True, seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, random_start=random_start, restarts=restarts,
+        super().__init__(threat, sigma=sigma, noise=noise, samples=samples, steps=steps,
+                         step_size=step_size, random_start=random_start, restarts=restarts,
                          targeted=targeted, early_stop=early_stop, keep_best=keep_best,
-                         seed=seed, step_size=step_size)
+                         seed=seed)
         if step_size is None:
             self.step_size = 2 * threat.eps / steps
-        if sigma is not None or noise is not None:
-            check_noise(noise or "gaussian", 0.0 if sigma is None else sigma)
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-        self.sigma = None if sigma is None else float(sigma)
-        self.noise, self.samples = noise, samples
-        self._call: tuple[nn.Module, Tensor] | None = None
-
-    def config(self) -> dict[str, Any]:
-        return super().config() | {"sigma": self.sigma, "noise": self.noise,
-                                   "samples": self.samples}
+        self._draws: tuple[nn.Module, Tensor] | None = None
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
         draws = torch.stack([sample(x, noise, sigma, generator) for _ in range(self.samples)])
-        self._call = (base, draws)
+        self._draws = (base, draws)
         try:
-            return super().perturb(model, x, y, generator)
+            return PGD.perturb(self, model, x, y, generator)  # EPGD's would draw afresh
         finally:
-            self._call = None
+            self._draws = None
 
     def _loss_fn(self, model: nn.Module, y: Tensor, rows: Tensor | None = None):
-        assert self._call is not None, "SmoothAdv's loss is only defined inside perturb"
-        base, draws = self._call
+        assert self._draws is not None, "SmoothAdv's loss is only defined inside perturb"
+        base, draws = self._draws
         delta = draws if rows is None else draws[:, rows]
         return lambda xa: soft_smoothed_loss(base, xa, y, delta, self.targeted)
 
