@@ -14,12 +14,12 @@ from torch import nn
 
 import robustlab as rl
 from helpers import TinyCNN
+from robustlab.attacks.smoothadv import soft_smoothed_loss
 from robustlab.cli import main
 from robustlab.config import load_recipe
 from robustlab.defenses.noise import sample
 from robustlab.models.init import init_weights
 from robustlab.models.noise import noise_parameter_names
-from robustlab.training.objectives.smoothadv import smoothed_nll
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KW = {"num_classes": 4, "input_size": 16}
@@ -164,13 +164,14 @@ def test_noise_at_with_epgd_and_option_errors(toy_model, toy_data):
 
 
 # --- smoothadv ---------------------------------------------------------------------------------
-def test_smoothed_nll_is_minus_log_of_the_mean_probability(toy_model, toy_data):
+def test_soft_smoothed_loss_is_minus_log_of_the_mean_probability(toy_model, toy_data):
     x, y = toy_data[0][:8], toy_data[1][:8]
     noise = sample(x.expand(3, *x.shape), "gaussian", 0.3, _gen())
     p = torch.stack([F.softmax(toy_model(x + noise[i]), 1)[torch.arange(8), y]
                      for i in range(3)])
-    assert torch.allclose(smoothed_nll(toy_model, x, y, noise), -p.mean(0).log(), atol=1e-6)
-    single = smoothed_nll(toy_model, x, y, noise[:1])
+    loss = soft_smoothed_loss(toy_model, x, y, noise)[0]
+    assert torch.allclose(loss, -p.mean(0).log(), atol=1e-6)
+    single = soft_smoothed_loss(toy_model, x, y, noise[:1])[0]
     assert torch.allclose(single, F.cross_entropy(toy_model(x + noise[0]), y, reduction="none"),
                           atol=1e-6)
 
@@ -190,13 +191,13 @@ def test_smoothadv_attacks_with_the_draws_of_its_loss(toy_model, toy_data, threa
     obj = _objective("smoothadv", sigma=0.25, samples=3, steps=5)
     loss = obj(toy_model, x, y, threat=threat, generator=_gen())
     noise = sample(x.expand(3, *x.shape), "gaussian", 0.25, _gen())  # the same first draw
-    x_adv = obj.adversarial(toy_model, x, y, noise, threat)
+    x_adv = obj.adversarial(toy_model, x, y, noise, threat, _gen())
     assert threat.contains(x_adv, x).all()
     assert torch.allclose(threat.distance(x_adv, x).max(), torch.tensor(threat.eps), rtol=1e-3)
     expected = torch.stack([F.cross_entropy(toy_model(x_adv + noise[i]), y) for i in range(3)])
     assert torch.allclose(loss, expected.mean(), atol=1e-6)  # the loss reuses the draws
-    assert smoothed_nll(toy_model, x_adv, y, noise).sum() > smoothed_nll(toy_model, x, y,
-                                                                         noise).sum()
+    assert (soft_smoothed_loss(toy_model, x_adv, y, noise)[0].sum()
+            > soft_smoothed_loss(toy_model, x, y, noise)[0].sum())
 
 
 def test_smoothadv_ramps_eps_over_the_warmup_epochs(toy_model, toy_data):
@@ -206,7 +207,7 @@ def test_smoothadv_ramps_eps_over_the_warmup_epochs(toy_model, toy_data):
     noise = sample(x.expand(2, *x.shape), "gaussian", 0.25, _gen())
     for epoch, eps in ((0, 0.25), (2, 0.75), (3, 1.0), (9, 1.0)):
         obj.begin_epoch(epoch, 10)
-        dist = threat.distance(obj.adversarial(toy_model, x, y, noise, threat), x)
+        dist = threat.distance(obj.adversarial(toy_model, x, y, noise, threat, _gen()), x)
         assert dist.max().item() == pytest.approx(eps, rel=1e-3), epoch
     for bad in ({"warmup": 0}, {"samples": 0}, {"steps": 0}, {"step_size": -1.0},
                 {"sigma": math.inf}, {"noise": "uniform"}):

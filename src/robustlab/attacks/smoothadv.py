@@ -74,9 +74,25 @@ class SmoothAdv(EPGD):
             self.step_size = 2 * threat.eps / steps
         self._draws: tuple[nn.Module, Tensor] | None = None
 
+    def craft_with_draws(self, model: nn.Module, x: Tensor, y: Tensor, draws: Tensor,
+                         generator: torch.Generator) -> Tensor:
+        """:meth:`craft` with the given noise draws (m, N, ...) instead of fresh ones, as
+        SmoothAdv training does: its loss reuses the attack's draws."""
+        if draws.shape[1:] != x.shape:
+            raise ValueError(f"draws must be shaped (m, *x.shape) = (m, {tuple(x.shape)}), "
+                             f"got {tuple(draws.shape)}")
+        self._given = draws
+        try:
+            return self.craft(model, x, y, generator)
+        finally:
+            self._given = None
+
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
-        draws = torch.stack([sample(x, noise, sigma, generator) for _ in range(self.samples)])
+        draws = getattr(self, "_given", None)
+        if draws is None:
+            draws = torch.stack([sample(x, noise, sigma, generator)
+                                 for _ in range(self.samples)])
         self._draws = (base, draws)
         try:
             return PGD.perturb(self, model, x, y, generator)  # EPGD's would draw afresh

@@ -24,8 +24,7 @@ Reference settings: l2 eps in {0.25, 0.5, 1.0, 2.0} on the [0, 1] scale, K in {1
 
 Differences from the reference: the projection is the exact Euclidean projection onto
 ball ∩ box (the reference clamps x + delta to [0, 1], then renorms delta to eps); the draws
-are made here rather than passed to an attack object, because ``robustlab.attacks``'s
-``smoothadv`` attack draws its own noise and could not share it with the loss; linf threats
+are made here and handed to the ``smoothadv`` attack (``craft_with_draws``); linf threats
 (sign steps) are supported as well; the DDN variant is not. The m * B noisy copies go
 through the model in one forward, so a weight-noise model (PNI, CNI) applies one weight draw
 to all of them. Cost: K * m F/B (attack) + m F + m B (loss) per minibatch, in batches of m * B.
@@ -33,27 +32,15 @@ to all of them. Cost: K * m F/B (attack) + m F + m B (loss) per minibatch, in ba
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.attacks.base import eval_mode
+from robustlab.attacks.smoothadv import SmoothAdv as SmoothAdvAttack
 from robustlab.defenses.noise import check_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective, check_number
-
-
-def smoothed_nll(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor) -> Tensor:
-    """Per-example ``-log((1/m) sum_i softmax(model(x + noise[i]))_y)``, shape (B,), for
-    ``noise`` (m, B, ...) and ``x`` (B, ...): one forward of the m * B noisy copies."""
-    m, b = noise.shape[:2]
-    logits = model((x.unsqueeze(0) + noise).flatten(0, 1))
-    logp = F.log_softmax(logits, dim=1).view(m, b, -1)
-    logp_y = logp.gather(2, y.reshape(1, b, 1).expand(m, b, 1)).squeeze(2)
-    return math.log(m) - torch.logsumexp(logp_y, dim=0)
 
 
 @register("smoothadv")
@@ -94,29 +81,22 @@ class SmoothAdv(Objective):
         self.eps_scale = min(1.0, (epoch + 1) / self.warmup)
 
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, noise: Tensor,
-                    threat: ThreatModel) -> Tensor:
-        """``steps`` normalised-gradient steps on :func:`smoothed_nll` with the fixed draws
+                    threat: ThreatModel, generator: torch.Generator) -> Tensor:
+        """``steps`` normalised-gradient steps of the ``smoothadv`` attack with the fixed draws
         ``noise`` (m, B, ...), from x, in eval mode; the last iterate."""
         eps = self.eps_scale * threat.eps
         if eps == 0:
             return x.detach()
-        ball = ThreatModel(threat.norm, eps, threat.bounds)
-        step = self.step_size if self.step_size is not None else 2 * eps / self.steps
-        x = x.detach()
-        x_adv = x.clone()
-        with eval_mode(model), torch.enable_grad():
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                loss = smoothed_nll(model, x_adv, y, noise).sum()
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = ball.project(x_adv.detach() + ball.steepest_step(grad, step), x)
-        ball.check(x_adv, x, who="smoothadv")
-        return x_adv.detach()
+        attack = SmoothAdvAttack(ThreatModel(threat.norm, eps, threat.bounds),
+                                 sigma=self.sigma, noise=self.noise, samples=self.samples,
+                                 steps=self.steps, step_size=self.step_size,
+                                 keep_best=False)
+        return attack.craft_with_draws(model, x, y, noise, generator)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:
         assert threat is not None
         noise = sample(x.expand(self.samples, *x.shape), self.noise, self.sigma, generator)
-        x_adv = self.adversarial(model, x, y, noise, threat)
+        x_adv = self.adversarial(model, x, y, noise, threat, generator)
         logits = model((x_adv.unsqueeze(0) + noise).flatten(0, 1))
         return F.cross_entropy(logits, y.repeat(self.samples))
