@@ -292,3 +292,26 @@ def test_cli_evaluates_inside_a_defense(fake_fmnist, tmp_path, monkeypatch, caps
     assert "randomised-output" in [f["name"] for f in record["flags"]]
     assert cli.main(args[:-1] + ["oops"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_cli_denoise_then_certify_behind_the_denoiser(fake_fmnist, tmp_path, monkeypatch,
+                                                       capsys):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    common = ["--sigma", "0.25", "--device", "cpu", "--quiet"]
+    den = ["denoise", str(ckpt), "--epochs", "1", "--n-train", "64", "--depth", "3",
+           "--width", "8", *common]
+    assert cli.main(den + ["--out", str(tmp_path / "mse")]) == 0
+    first = tmp_path / "mse" / "denoiser.safetensors"
+    assert cli.main(den + ["--objective", "stab", "--init", str(first),
+                           "--out", str(tmp_path / "stab")]) == 0
+    stab = tmp_path / "stab" / "denoiser.safetensors"
+    assert stab.exists()
+    assert cli.main(["certify", str(ckpt), "--n", "50", "--n0", "10", "--n-points", "2",
+                     "--denoiser", str(stab), "--out", str(tmp_path / "c"), *common]) == 0
+    summary = json.loads((tmp_path / "c" / "certify.json").read_text())
+    assert summary["config"]["denoiser"] == str(stab) and summary["n"] == 2
+    assert cli.main(["denoise", str(ckpt), "--epochs", "1", "--objective", "stab",
+                     "--out", str(tmp_path / "mse"), *common]) == 2  # settings changed
+    assert "error" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The command line: ``robustlab train | evaluate | certify | list``.
+"""The command line: ``robustlab train | evaluate | certify | denoise | list``.
 
 Progress bars and printing live here, never in the library. The CLI seeds torch once and
 records the seed with every result.
@@ -198,6 +198,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
     model = models.load(args.checkpoint, device=device)
     meta = getattr(model, "robustlab_meta", {})
     dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    if args.denoiser:  # denoised smoothing: certify classifier(denoiser(x + delta))
+        from robustlab.defenses.denoise import Denoised
+
+        model = Denoised(model, str(args.denoiser)).to(device)
     x, y = data.load(dataset, split=args.split)
     idx = torch.arange(0, len(x), args.skip)[:args.n_points]
     x, y = x[idx].to(device), y[idx].to(device)
@@ -217,7 +221,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         model, x, y, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         noise=args.noise, batch_size=args.batch_size, seed=args.seed,
         indices=idx.tolist(), out=out, resume=not args.restart, on_row=row,
-        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split},
+        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+                "denoiser": str(args.denoiser) if args.denoiser else None},
     )
     curve = ", ".join(f"r={c['radius']:g}: {100 * c['accuracy']:.1f}%"
                       for c in summary["certified_accuracy"][::5])
@@ -225,6 +230,38 @@ def cmd_certify(args: argparse.Namespace) -> int:
          f"{100 * summary['abstain_rate']:.1f}%, average certified radius "
          f"{summary['average_certified_radius']:.3f} ({norm})\ncertified accuracy: {curve}\n"
          f"summary: {out / 'certify.json'}", args.quiet)
+    return 0
+
+
+# --- denoise ----------------------------------------------------------------------------------
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from robustlab import data, models
+    from robustlab.defenses.denoise import Denoiser, load_denoiser, train_denoiser
+
+    device = _device(args.device)
+    classifier = models.load(args.checkpoint, device=device)
+    meta = getattr(classifier, "robustlab_meta", {})
+    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    x, _ = data.load(dataset, split="train", n=args.n_train)
+    if args.init:
+        denoiser = load_denoiser(args.init, device=device)
+    else:
+        denoiser = Denoiser(in_channels=x.shape[1], depth=args.depth,
+                            width=args.width).to(device)
+
+    def row(r: dict[str, Any]) -> None:
+        extra = (f", classifier agrees with its clean prediction on "
+                 f"{100 * r['stab_accuracy']:.1f}%" if "stab_accuracy" in r else "")
+        _out(f"epoch {r['epoch']:>3}/{args.epochs} | loss {r['loss']:.5f} | "
+             f"{r['time_s']:.0f}s{extra}", args.quiet)
+
+    train_denoiser(denoiser, x, sigma=args.sigma, epochs=args.epochs, objective=args.objective,
+                   classifier=classifier if args.objective == "stab" else None,
+                   batch_size=args.batch_size, lr=args.lr, out=args.out, seed=args.seed,
+                   noise=args.noise, log=row)
+    _out(f"denoiser: {Path(args.out) / 'denoiser.safetensors'}; certify the classifier behind "
+         f"it with: robustlab certify {args.checkpoint} --sigma {args.sigma:g} --denoiser "
+         f"{Path(args.out) / 'denoiser.safetensors'}", args.quiet)
     return 0
 
 
@@ -323,9 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     c.add_argument("--out", default=None,
                    help="directory (default: beside the checkpoint, certify_<noise>_<sigma>)")
+    c.add_argument("--denoiser", type=Path, default=None,
+                   help="denoised smoothing: a denoiser.safetensors (robustlab denoise) in front "
+                        "of the checkpoint")
     c.add_argument("--restart", action="store_true", help="discard the rows of an earlier run")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_certify)
+
+    d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a checkpoint")
+    d.add_argument("checkpoint", type=Path, help="the classifier (not modified)")
+    d.add_argument("--sigma", type=_eps, required=True, help="noise scale to remove")
+    d.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+    d.add_argument("--objective", choices=("mse", "stab"), default="mse",
+                   help="mse: reconstruct the clean image; stab: keep the classifier's "
+                        "clean prediction (fine-tune an mse denoiser with --init)")
+    d.add_argument("--epochs", type=_positive_int, required=True)
+    d.add_argument("--init", type=Path, default=None, help="start from this denoiser")
+    d.add_argument("--depth", type=_positive_int, default=8)
+    d.add_argument("--width", type=_positive_int, default=32)
+    d.add_argument("--n-train", type=_positive_int, default=None, help="first n train images")
+    d.add_argument("--batch-size", type=_positive_int, default=128)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    d.add_argument("--out", required=True, type=Path,
+                   help="run directory; a rerun resumes after its last epoch")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_denoise)
 
     ls = sub.add_parser("list", help="what is registered")
     ls.add_argument("kind", nargs="?", choices=sorted(_registries()), default=None)
