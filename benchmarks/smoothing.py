@@ -80,6 +80,7 @@ def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                   "objective_options": {"steps": 10, "step_size": 0.025}}
     pgd_path = CACHE_DIR / f"pgd-at-{_recipe_key(pgd)}.safetensors"
     cni = base | {"objective": "noise-at", "eps": 0.1, "epochs": args.cni_epochs, "lr": 0.01,
+                  "grad_clip": 1.0,
                   "model": {"noise": "cni-w", "noise_options": {"init": 0.1,
                                                                  "factor_init": 1e-3}},
                   "init": str(pgd_path.relative_to(Path.cwd())),
