@@ -315,3 +315,20 @@ def test_cli_denoise_then_certify_behind_the_denoiser(fake_fmnist, tmp_path, mon
     assert cli.main(["denoise", str(ckpt), "--epochs", "1", "--objective", "stab",
                      "--out", str(tmp_path / "mse"), *common]) == 2  # settings changed
     assert "error" in capsys.readouterr().err
+
+
+def test_weight_noise_is_drawn_afresh_for_every_copy_of_an_input():
+    """PNI-W draws its weight noise once per forward: the copies of one input must go to
+    different forwards, or all n 'draws' would be one (and certify's bound would be void)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = rl.models.create("lenet", noise="pni-w", noise_options={"init": 2.0}).eval()
+        x = torch.rand(2, 1, 28, 28, generator=gen())
+        counts = rl.defenses.vote_counts(model, x, 200, sigma=0.0, batch_size=1000)
+        calls = []
+        hook = model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+        rl.defenses.vote_counts(model, x, 7, sigma=0.0, batch_size=1000)
+        hook.remove()
+    assert (counts.sum(1) == 200).all()
+    assert ((counts > 0).sum(1) > 1).all()  # with one weight draw per input: a single class
+    assert calls == [2] * 7  # one forward per draw, holding each input once

@@ -25,8 +25,10 @@ returns the votes without any gradient (gradient attacks then fail, and the eval
 gradient checks flag the model).
 
 Cost: ``samples`` forward passes of the base model per input, batched as ``batch_size`` rows
-per forward (the noisy copies of several inputs share a forward). Weight noise of PNI/CNI
-layers is drawn once per forward, so it is shared by the rows of one forward.
+per forward (the noisy copies of several inputs share a forward). PNI/CNI weight noise is drawn
+once per forward, so for such models a forward holds at most one copy of each input (every
+draw gets its own weight noise, as in the reference code's m forwards of the batch); a single
+input then costs ``samples`` forwards of one row.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from robustlab.defenses.noise import check_noise, sample
 from robustlab.defenses.registry import register
 
-__all__ = ["SOFT_ON", "VOTES", "Smoothing", "noisy_logits"]
+__all__ = ["SOFT_ON", "VOTES", "Smoothing", "noisy_logits", "shares_weight_noise"]
 
 VOTES = ("prediction", "soft", "weighted")
 SOFT_ON = ("probabilities", "logits")
@@ -55,19 +57,37 @@ def _check_positive_int(value: Any, what: str) -> int:
     return value
 
 
+def shares_weight_noise(model: nn.Module) -> bool:
+    """Whether ``model`` draws weight noise once per forward (PNI-W, CNI-W layers): then two
+    copies of one input in the same forward are not independent draws."""
+    from robustlab.models.noise import noisy_layers
+
+    return any(layer.kind != "pni-a" for layer in noisy_layers(model))
+
+
 def noisy_logits(
     model: nn.Module, x: Tensor, samples: int, sigma: float, noise: str, batch_size: int,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(rows, logits)``: ``logits = model(x[rows] + delta)`` for consecutive chunks of at
-    most ``batch_size`` of the ``len(x) * samples`` (input, draw) pairs, in order; ``rows``
-    holds each row's input index. On a CUDA out-of-memory error the chunk's noisy inputs are
-    split in halves (the draws are kept, so results do not change) and ``batch_size`` stays
-    halved for the rest of the call."""
-    total = len(x) * samples
+    """Yield ``(rows, logits)``: ``logits = model(x[rows] + delta)`` over chunks of at most
+    ``batch_size`` of the ``len(x) * samples`` (input, draw) pairs, each pair once; ``rows``
+    holds each row's input index. The pairs are packed input by input, except for a model
+    with weight noise (:func:`shares_weight_noise`), where a forward holds at most one copy of
+    each input (draw by draw), so that every draw of an input sees its own weight noise, as
+    independent draws must (certificates assume them). On a CUDA out-of-memory error the
+    chunk's noisy inputs are split in halves (the draws are kept, so results do not change)
+    and ``batch_size`` stays halved for the rest of the call."""
+    n = len(x)
+    total = n * samples
+    per_draw = shares_weight_noise(model)
     start = 0
     while start < total:
-        rows = torch.arange(start, min(start + batch_size, total), device=x.device) // samples
+        if per_draw:  # pair p = (draw p // n, input p % n); a chunk never wraps to a new draw
+            stop = min(start + batch_size, (start // n + 1) * n)
+            rows = torch.arange(start, stop, device=x.device) % n
+        else:
+            rows = torch.arange(start, min(start + batch_size, total),
+                                device=x.device) // samples
         xi = x[rows]
         xi = xi + sample(xi, noise, sigma, generator)
         done = 0
