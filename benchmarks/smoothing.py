@@ -103,10 +103,20 @@ def is_random(model: nn.Module, x: Tensor) -> bool:
 # --- part 1: the grid --------------------------------------------------------------------------
 def draw_logits(model: nn.Module, x: Tensor, sigma: float, draws: int,
                 gen: torch.Generator) -> Tensor:
-    """(N, draws, K) logits of the base model on noisy copies, from robustlab's sampler."""
+    """(N, draws, K) logits of the base model on noisy copies, from robustlab's sampler (which
+    packs input by input, or draw by draw for weight-noise models: placed by ``rows``)."""
+    n = len(x)
+    out: Tensor | None = None
+    filled = torch.zeros(n, dtype=torch.long)
     with torch.no_grad():
-        chunks = [lg for _, lg in noisy_logits(model, x, draws, sigma, "gaussian", 4096, gen)]
-    return torch.cat(chunks).view(len(x), draws, -1)
+        for rows, lg in noisy_logits(model, x, draws, sigma, "gaussian", 4096, gen):
+            if out is None:
+                out = lg.new_empty(n, draws, lg.shape[1])
+            seen = F.one_hot(rows, n).cumsum(0).gather(1, rows[:, None]).squeeze(1) - 1
+            out[rows, filled[rows] + seen] = lg
+            filled += torch.bincount(rows, minlength=n)
+    assert out is not None and bool((filled == draws).all())
+    return out
 
 
 def decisions(logits: Tensor, n: int) -> dict[str, Tensor]:
