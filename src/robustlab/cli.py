@@ -208,7 +208,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
     out = (Path(args.out) if args.out else
            Path(args.checkpoint).parent / f"certify_{args.noise}_{args.sigma:g}")
     norm = CERTIFIED_NORM[args.noise]
-    _out(f"certifying {len(x)} {dataset} {args.split} images (every {args.skip}th) with "
+    every = f" (every {args.skip}-th)" if args.skip > 1 else ""
+    _out(f"certifying {len(x)} {dataset} {args.split} images{every} with "
          f"{args.noise} noise sigma {args.sigma:g}, n0 {args.n0}, n {args.n}, alpha "
          f"{args.alpha:g}; radii in {norm}; rows in {out / 'certify.jsonl'}", args.quiet)
     _out("idx\tlabel\tpredict\tradius\tcorrect\ttime", args.quiet)
