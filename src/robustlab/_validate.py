@@ -22,22 +22,38 @@ def _x_dtype_hint(dtype: torch.dtype) -> str:
 
 
 def check_inputs(x: object, y: object, threat: ThreatModel | None = None) -> None:
-    """Validate a batch: ``x`` float (N, ...) finite and inside ``threat.bounds``, ``y`` int
-    (N,) non-negative; ``threat`` (if given) a :class:`ThreatModel`."""
+    """Validate a batch: ``x`` as :func:`check_images`, ``y`` int (N,) non-negative;
+    ``threat`` (if given) a :class:`ThreatModel`."""
     if threat is not None and not isinstance(threat, ThreatModel):
         raise TypeError(
             f"threat must be a robustlab.ThreatModel, e.g. ThreatModel('linf', eps=8/255), "
             f"got {type(threat).__name__}"
         )
-    if not isinstance(x, Tensor):
-        raise TypeError(
-            f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
-            "convert with torch.as_tensor(x, dtype=torch.float32)"
-        )
+    check_images(x, threat)
+    assert isinstance(x, Tensor)
     if not isinstance(y, Tensor):
         raise TypeError(
             f"y must be a torch.Tensor of int64 labels (N,), got {type(y).__name__}; "
             "convert with torch.as_tensor(y, dtype=torch.long)"
+        )
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y must have shape (N,) = ({x.shape[0]},) to match x, got shape {tuple(y.shape)}"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels (int64), got {y.dtype}; "
+                         "convert class indices with y.long()")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"labels must be >= 0 (class indices), got min label {int(y.min())}")
+
+
+def check_images(x: object, threat: ThreatModel | None = None) -> None:
+    """Validate inputs without labels: ``x`` a float tensor (N, ...), N >= 1, finite, inside
+    ``threat.bounds`` if a threat model is given."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
+            "convert with torch.as_tensor(x, dtype=torch.float32)"
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
@@ -52,15 +68,6 @@ def check_inputs(x: object, y: object, threat: ThreatModel | None = None) -> Non
     if x.numel() == 0:
         raise ValueError(f"x has no values: shape {tuple(x.shape)} has a zero-sized dimension; "
                          "pass images shaped (N, C, H, W) with C, H, W >= 1")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"y must have shape (N,) = ({x.shape[0]},) to match x, got shape {tuple(y.shape)}"
-        )
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"y must hold integer class labels (int64), got {y.dtype}; "
-                         "convert class indices with y.long()")
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"labels must be >= 0 (class indices), got min label {int(y.min())}")
     xd = x.detach()
     if not torch.isfinite(xd).all():
         raise ValueError(f"x contains {int((~torch.isfinite(xd)).sum())} NaN or infinite "

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
 from robustlab.defenses.noise import check_noise, sample
+from robustlab.defenses.smoothing import _check_positive_int
 from robustlab.threat import ThreatModel
 
 
@@ -86,10 +87,8 @@ class EPGD(PGD):
             self.step_size = threat.eps / 4
         if sigma is not None or noise is not None:
             check_noise(noise or "gaussian", 0.0 if sigma is None else sigma)
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
         self.sigma = None if sigma is None else float(sigma)
-        self.noise, self.samples = noise, samples
+        self.noise, self.samples = noise, _check_positive_int(samples, "samples")
         self._call: tuple[nn.Module, float, str, torch.Generator] | None = None
 
     def config(self) -> dict[str, Any]:

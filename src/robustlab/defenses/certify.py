@@ -29,6 +29,7 @@ import torch
 from scipy.stats import binomtest
 from torch import Tensor, nn
 
+from robustlab._validate import check_images
 from robustlab.attacks.base import eval_mode
 from robustlab.defenses.noise import CERTIFIED_NORM, check_noise, radius
 from robustlab.defenses.smoothing import _check_positive_int, noisy_logits
@@ -63,13 +64,6 @@ def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
     _check_positive_int(batch_size, "batch_size")
 
 
-def _check_x(x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError("x must be a float tensor (N, C, H, W) of inputs in [0, 1]; got "
-                         + (f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor)
-                            else type(x).__name__))
-
-
 def vote_counts(
     model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str = "gaussian",
     batch_size: int = 1000, generator: torch.Generator | None = None,
@@ -95,7 +89,7 @@ def predict(
     where the top two counts among ``n`` draws are not significantly different at level
     ``alpha``. A returned class differs from ``g(x)`` with probability at most ``alpha``."""
     _check(sigma, noise, alpha, batch_size)
-    _check_x(x)
+    check_images(x)
     counts = vote_counts(model, x, n, sigma=sigma, noise=noise, batch_size=batch_size,
                          generator=generator)
     top = counts.topk(min(2, counts.shape[1]), dim=1)
@@ -123,7 +117,7 @@ def certify_iter(
     """Cohen et al.'s CERTIFY, one :class:`Certificate` per input as soon as it is done (for
     streaming and resumable runs); ``index`` counts from ``start``."""
     _check(sigma, noise, alpha, batch_size)
-    _check_x(x)
+    check_images(x)
     _check_positive_int(n0, "n0")
     _check_positive_int(n, "n")
     norm = CERTIFIED_NORM[noise]
