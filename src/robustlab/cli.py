@@ -1,4 +1,4 @@
-"""The command line: ``robustlab train | evaluate | certify | denoise | list``.
+"""The command line: ``robustlab train | evaluate | audit | certify | denoise | list``.
 
 Progress bars and printing live here, never in the library. The CLI seeds torch once and
 records the seed with every result.
@@ -132,20 +132,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
     x, y = data.load(dataset, split=args.split, n=args.n)
     threat = ThreatModel(args.norm, args.eps)
-    defense = None
-    if args.defense:
-        from robustlab import defenses
-
-        options = _options(args.defense_option)
-        model = defenses.create(args.defense, model, **options)
-        defense = {"name": args.defense, **options}
+    model, defense = _defended(args, model, dataset, quiet)
     attacks = None
     if args.attack:
         opts: dict[str, Any] = {}
         if args.loss is not None:
             opts["loss"] = args.loss
-        if args.eot is not None:
-            opts["eot"] = args.eot
         if args.steps is not None:
             opts["steps"] = args.steps
         if args.restarts is not None:
@@ -159,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_sharded(
             model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
             seed=args.seed, out=str(out), progress=not quiet, resume=not args.restart,
-            repeats=args.repeats, surrogate=surrogate,
+            repeats=args.repeats, surrogate=surrogate, bpda=args.bpda, eot=args.eot,
             config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
                     "defense": defense, "command": " ".join(sys.argv)},
         )
@@ -171,6 +163,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _out(f"results: {out / 'results.json'}\nper-sample: {out / 'per_sample.jsonl'}\n"
          f"summary: {out / 'summary.md'}", quiet)
     return 0
+
+
+def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
+              quiet: bool) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """``model`` inside ``--defense`` (with ``--defense-option``s), and the defense's record.
+    A defense that needs clean data (a detector's threshold, mixup inference's pool) is
+    fitted on the first ``--fit-n`` points of the training split, never on the test points."""
+    if not args.defense:
+        return model, None
+    from robustlab import data, defenses
+
+    options = _options(args.defense_option)
+    model = defenses.create(args.defense, model, **options)
+    record: dict[str, Any] = {"name": args.defense, **options}
+    if callable(getattr(model, "fit", None)):
+        xf, yf = data.load(dataset, split="train", n=args.fit_n)
+        model.fit(xf, yf)
+        record["fit"] = {"split": "train", "n": len(xf)}
+        _out(f"{args.defense}: fitted on the first {len(xf)} training points", quiet)
+    return model, record
 
 
 def _options(pairs: list[str] | None) -> dict[str, Any]:
@@ -186,6 +198,33 @@ def _options(pairs: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+# --- audit ------------------------------------------------------------------------------------
+def cmd_audit(args: argparse.Namespace) -> int:
+    from robustlab import data, models
+    from robustlab.evaluation.audit import audit
+    from robustlab.evaluation.summary import markdown
+    from robustlab.threat import ThreatModel
+
+    torch.manual_seed(args.seed)
+    model = models.load(args.checkpoint)
+    meta = getattr(model, "robustlab_meta", {})
+    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    x, y = data.load(dataset, split="test", n=args.n)
+    threat = ThreatModel(args.norm, args.eps)
+    model, defense = _defended(args, model, dataset, args.quiet)
+    surrogate = models.load(args.surrogate) if args.surrogate else None
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / (
+        f"audit-{args.defense}" if args.defense else "audit")
+    result = audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
+                   queries=args.queries, eot=args.eot, binarization_points=args.binarization,
+                   batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
+                   config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                           "split": "test", "defense": defense, "command": " ".join(sys.argv)})
+    _out(markdown(result.record), args.quiet)
+    _out(f"results: {out / 'results.json'}\nsummary: {out / 'summary.md'}", args.quiet)
+    return 0
 
 
 # --- certify ----------------------------------------------------------------------------------
@@ -287,6 +326,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defense_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--defense-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of --defense (repeatable), e.g. sigma=0.25 samples=32 "
+                        "vote=prediction")
+    p.add_argument("--fit-n", type=_positive_int, default=1000,
+                   help="training points a defense that needs clean data is fitted on "
+                        "(feature-squeezing's threshold, mixup-inference's pool)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustlab", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -318,7 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-size", type=_eps, default=None)
     e.add_argument("--loss", default=None, help="attack loss for --attack: ce, cw-margin, dlr")
     e.add_argument("--eot", type=_positive_int, default=None,
-                   help="--attack: average gradients over this many draws (randomised models)")
+                   help="average the gradient attacks' gradients over this many draws "
+                        "(default: 20 on a randomised model, else 1)")
+    e.add_argument("--bpda", action=argparse.BooleanOptionalAction, default=None,
+                   help="attack through non-differentiable stages with BPDA (default: on when "
+                        "the model has such stages)")
     e.add_argument("--repeats", type=_positive_int, default=None,
                    help="predictions per point, robust by majority (default: the suite's)")
     e.add_argument("--surrogate", type=Path, default=None,
@@ -326,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--defense", default=None,
                    help="evaluate the checkpoint inside this defense (robustlab list defenses), "
                         "e.g. smoothing; the attacks see the defended model")
-    e.add_argument("--defense-option", action="append", default=None, metavar="KEY=VALUE",
-                   help="an option of --defense (repeatable), e.g. sigma=0.25 samples=32 "
-                        "vote=prediction")
+    _defense_args(e)
     e.add_argument("--restart", action="store_true",
                    help="ignore an interrupted evaluation's state in --out and start over")
     e.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
@@ -341,6 +391,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="results directory (default: beside checkpoint)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("audit", help="the evaluation checklist (Carlini et al. 2019) on a "
+                                     "checkpoint or a defense: PASS / FLAG per check")
+    a.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
+    a.add_argument("--norm", choices=NORMS, default="linf")
+    a.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    a.add_argument("--defense", default=None,
+                   help="audit the checkpoint inside this defense (robustlab list defenses)")
+    _defense_args(a)
+    a.add_argument("--surrogate", type=Path, default=None,
+                   help="checkpoint for the transfer attack (default: the undefended "
+                        "checkpoint when --defense is given)")
+    a.add_argument("--steps", type=_positive_int, default=100, help="adaptive APGD-CE steps")
+    a.add_argument("--queries", type=_positive_int, default=5000,
+                   help="query budget of the gradient-free attacks")
+    a.add_argument("--eot", type=_positive_int, default=None,
+                   help="EOT draws (default: 20 on a randomised model, else 1)")
+    a.add_argument("--binarization", type=int, default=20, metavar="N",
+                   help="points of the binarization test (0 skips it)")
+    a.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+    a.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=500,
+                   help="first n test points")
+    a.add_argument("--batch-size", type=_positive_int, default=500)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", default=None,
+                   help="results directory (default: audit[-DEFENSE] beside the checkpoint)")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=cmd_audit)
 
     c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed checkpoint")
     c.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")

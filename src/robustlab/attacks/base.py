@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
-from robustlab.attacks.losses import get_loss, is_success
+from robustlab.attacks.bpda import bpda
+from robustlab.attacks.eot import expected_grad
+from robustlab.attacks.losses import get_loss, is_success, rejects
 from robustlab.threat import NORMS, ThreatModel
 
 
@@ -28,7 +30,8 @@ class AttackResult:
     Attributes:
         x_adv: adversarial inputs (N, ...), inside the threat ball and bounds (verified).
         success: bool (N,), recomputed from the model's predictions on ``x_adv``:
-            prediction != y (untargeted) or == target (targeted).
+            prediction != y (untargeted; for a detector, :func:`~robustlab.attacks.losses.
+            rejects`, also != its rejection output) or == target (targeted).
         loss: (N,) the attack loss at ``x_adv``.
         logits: (N, K) the model's logits at ``x_adv``.
         min_norm: minimum-norm attacks only: (N,) the smallest adversarial perturbation found
@@ -72,16 +75,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def input_grad(loss_fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample loss, logits and d(sum loss)/dx via ``torch.autograd.grad`` (no parameter
-    gradients are computed or accumulated, whatever ``requires_grad`` the parameters have)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss, logits = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach(), logits.detach(), grad
-
-
 class Attack:
     """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
 
@@ -113,6 +106,7 @@ class Attack:
                              f"not {threat.norm!r}; pick another attack for {threat.norm}")
         self.threat = threat
         self.eot_samples = 1
+        self.bpda = False
         self.loss_name = loss
         self.loss = get_loss(loss)
         self.targeted = bool(targeted)
@@ -125,6 +119,8 @@ class Attack:
         cfg = {"name": self.name, "loss": self.loss_name, "targeted": self.targeted}
         if self.eot_samples > 1:
             cfg["eot_samples"] = self.eot_samples
+        if self.bpda:
+            cfg["bpda"] = True
         return cfg
 
     def input_grad(
@@ -133,14 +129,7 @@ class Attack:
         """:func:`input_grad`, averaged over ``self.eot_samples`` forward/backward passes
         (expectation over transformation, Athalye et al. 2018, for randomised models): loss,
         logits and gradient are the means over the draws. Gradient attacks call this."""
-        if self.eot_samples == 1:
-            return input_grad(loss_fn, x)
-        loss, logits, grad = input_grad(loss_fn, x)
-        for _ in range(self.eot_samples - 1):
-            lo, lg, g = input_grad(loss_fn, x)
-            loss, logits, grad = loss + lo, logits + lg, grad + g
-        k = self.eot_samples
-        return loss / k, logits / k, grad / k
+        return expected_grad(loss_fn, x, self.eot_samples)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -180,14 +169,15 @@ class Attack:
         with eval_mode(model):
             probe = probe_model(model, x0[:2])  # two samples: catches batch-collapsing models
             check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
-            out = self.perturb(model, x0, labels, generator)
+            with bpda(model, self.bpda):
+                out = self.perturb(model, x0, labels, generator)
             out = out if isinstance(out, Perturbation) else Perturbation(out)
             x_adv = out.x_adv.detach()
             self.threat.check(x_adv, x0, who=f"attack {self.name!r}")
             with torch.no_grad():
                 logits = check_logits(model(x_adv), len(x_adv))
                 loss = self.loss(logits, labels, self.targeted)
-            success = is_success(logits, labels, self.targeted)
+            success = is_success(logits, labels, self.targeted, rejects(model))
         return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits,
                             min_norm=out.min_norm, queries=out.queries)
 
@@ -195,7 +185,7 @@ class Attack:
         """Only the adversarial inputs, for training loops that checked their batch already:
         no input checks, no prediction on the result; still run in eval mode and verified
         inside the ball and the bounds."""
-        with eval_mode(model):
+        with eval_mode(model), bpda(model, self.bpda):
             out = self.perturb(model, x.detach(), y, generator)
         x_adv = (out.x_adv if isinstance(out, Perturbation) else out).detach()
         self.threat.check(x_adv, x, who=f"attack {self.name!r}")
@@ -206,6 +196,7 @@ class Attack:
     ) -> Tensor | Perturbation:
         """Return adversarial inputs for ``x`` (detached, not modified), or a
         :class:`Perturbation` with the extras; ``y`` holds the labels, or the targets when
-        ``self.targeted``. Runs with the model in eval mode. All randomness comes from
+        ``self.targeted``. Runs with the model in eval mode (and with BPDA stages switched on
+        when ``self.bpda``). All randomness comes from
         ``generator``."""
         raise NotImplementedError

@@ -77,11 +77,23 @@ def loss_names() -> list[str]:
     return LOSSES.names()
 
 
-def is_success(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
-    """Bool (N,): the prediction differs from ``y`` (untargeted) or equals it (targeted)."""
+def rejects(model: object) -> bool:
+    """Whether ``model`` is a detector whose last output column is a rejection ("adversarial
+    input detected", attribute ``robustlab_reject = True``, e.g. feature squeezing): a rejected
+    adversarial input is defended, a rejected clean input is an error."""
+    return bool(getattr(model, "robustlab_reject", False))
+
+
+def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) -> Tensor:
+    """Bool (N,): the prediction differs from ``y`` (untargeted) or equals it (targeted); with
+    ``reject`` (a detector's logits) an untargeted attack must also avoid the last class, the
+    rejection."""
     pred = logits.argmax(dim=1)
-    return pred == y if targeted else pred != y
+    if targeted:
+        return pred == y
+    hit = pred != y
+    return hit & (pred != logits.shape[1] - 1) if reject else hit
 
 
 __all__ = ["LOSSES", "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "get_loss", "is_success",
-           "margin"]
+           "margin", "rejects"]

@@ -12,22 +12,31 @@ ATTACKS: Registry[type] = Registry("attack")
 register = ATTACKS.register
 
 
-def create(name: str, threat: ThreatModel, *, eot: int = 1, **options: Any):
+def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
+           **options: Any):
     """Build the registered attack ``name`` for ``threat``; unknown options raise TypeError.
 
     ``eot`` (any gradient attack): average each input gradient over this many forward and
-    backward passes (expectation over transformation), for randomised models.
+    backward passes (expectation over transformation, :mod:`robustlab.attacks.eot`), for
+    randomised models. ``bpda`` (any gradient attack): run with the model's non-differentiable
+    stages on their BPDA backward pass (:mod:`robustlab.attacks.bpda`).
     """
     cls = ATTACKS.get(name)
     if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
         raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
     if eot > 1 and not cls.uses_gradients:
         raise ValueError(f"attack {name!r} uses no gradients: eot={eot} has nothing to average")
+    if not isinstance(bpda, bool):
+        raise TypeError(f"bpda must be True or False, got {bpda!r}")
+    if bpda and not cls.uses_gradients:
+        raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to "
+                         "replace")
     try:
         attack = cls(threat, **options)
     except TypeError as e:
         raise TypeError(f"attack {name!r}: {e}") from None
     attack.eot_samples = eot
+    attack.bpda = bpda
     return attack
 
 

@@ -1,5 +1,6 @@
 """Evaluation: attack cascades with per-sample worst case, sanity flags, results as data."""
 
+from robustlab.evaluation.audit import AuditResult, audit
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.sharded import evaluate_sharded
 from robustlab.evaluation.suite import evaluate
@@ -7,5 +8,5 @@ from robustlab.evaluation.suites import SUITES
 from robustlab.evaluation.suites import names as suites
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 
-__all__ = ["SUITES", "EvalResult", "SweepResult", "eps_sweep", "evaluate", "evaluate_sharded",
+__all__ = ["SUITES", "AuditResult", "EvalResult", "audit", "SweepResult", "eps_sweep", "evaluate", "evaluate_sharded",
            "suites"]

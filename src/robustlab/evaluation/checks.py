@@ -75,6 +75,53 @@ def gradient_health(model: nn.Module, x: Tensor, y: Tensor) -> Flag | None:
     return None
 
 
+def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Per-sample CE loss and its input gradient; None without a finite gradient."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(xg)
+        if not out.requires_grad:
+            return None
+        loss = F.cross_entropy(out, y, reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
+    if g is None or not torch.isfinite(g).all():
+        return None
+    return loss.detach(), g
+
+
+def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float = 1e-3,
+                       threshold: float = 1.0) -> Flag | None:
+    """Input gradients that do not predict the loss a small step away: the first-order
+    prediction ``g . d`` of the loss change along ``d = scale * sign(g)`` against the change
+    measured, ``|dL - g . d| / |g . d|``; a median above ``threshold`` over the probe samples
+    means discontinuous ("shattered") gradients (Athalye et al. 2018; e.g. k-WTA, whose
+    gradient errs by orders of magnitude while a ReLU network's errs by a few percent at this
+    scale): gradient steps are blind. Meaningless for a randomised model (two forward passes,
+    two draws): check randomness first."""
+    first = _loss_and_grad(model, x, y)
+    if first is None:
+        return None
+    loss, g = first
+    moved = (x + scale * g.sign()).clamp(0, 1)  # the clamp may shorten the step at the bounds
+    predicted = (g * (moved - x)).flatten(1).sum(1).double()
+    with torch.no_grad():
+        actual = (F.cross_entropy(model(moved), y, reduction="none") - loss).double()
+    live = predicted.abs() > 1e-6  # smaller changes drown in float32 rounding of the loss
+    if not live.any():
+        return None
+    err = ((actual - predicted).abs() / predicted.abs())[live]
+    med = float(err.median())
+    if med <= threshold:
+        return None
+    return {"name": "shattered-gradient",
+            "message": f"input gradients do not predict the loss a {scale:g} step away (median "
+                       f"relative error of the first-order prediction {med:.3g} over "
+                       f"{int(live.sum())} probe samples): shattered gradients; gradient "
+                       "attacks are blind here, trust gradient-free and transfer attacks or a "
+                       "smooth approximation",
+            "prediction_error_median": med}
+
+
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[Flag]:
     """All checks on a probe batch whose ``logits`` the model already gave (the model must be
     in eval mode)."""

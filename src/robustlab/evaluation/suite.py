@@ -4,7 +4,13 @@ Every attack runs only on points no earlier attack broke; each returned input is
 in the ball and the bounds, and the prediction on it is recomputed here, so the reported robust
 accuracy is the per-sample worst case over every attack run. A model without a gradient path is
 flagged and attacked with the gradient-free attacks only (never a crash, never a silent
-'robust'); a randomised model is judged by a majority of repeated predictions (``repeats``).
+'robust'). The evaluation adapts its attacks to what the model is (Athalye et al. 2018): a model
+with stages that declare themselves non-differentiable (JPEG, quantisation, thermometer
+encoding, ...) is attacked with BPDA through them, and a randomised one (declared or seen) with
+EOT gradients and judged by a majority of repeated predictions (``repeats``); both are recorded
+in the results under ``adaptive`` and can be forced either way. A detector's rejection
+(``robustlab_reject``) of an adversarial input counts as defended, of a clean input as an
+error.
 With ``out`` the evaluation saves its state after attack batches and an interrupted run
 continues where it stopped.
 """
@@ -28,7 +34,10 @@ from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.attacks.base import eval_mode
-from robustlab.evaluation.checks import black_box_beats_white_box, run_checks
+from robustlab.attacks.bpda import bpda as bpda_mode
+from robustlab.attacks.bpda import nondifferentiable_stages
+from robustlab.attacks.losses import rejects
+from robustlab.evaluation.checks import black_box_beats_white_box, gradient_health, run_checks
 from robustlab.evaluation.results import SCHEMA, EvalResult
 from robustlab.evaluation.state import FILENAME, EvalState, fingerprint
 from robustlab.evaluation.suites import get_suite
@@ -45,6 +54,8 @@ _FALLBACK: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "l1": [],
 }
 _SAVE_EVERY_S = 30.0
+EOT_SAMPLES = 20  # AutoAttack's rand version (Croce & Hein 2020)
+RANDOM_REPEATS = 10  # predictions per point on a randomised model, as the rand suite
 
 
 def _build(spec: AttackLike, threat: ThreatModel, surrogate: nn.Module | None) -> Attack:
@@ -82,18 +93,26 @@ def _channels_last_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _defended(pred: Tensor, y: Tensor, reject: bool, k: int) -> Tensor:
+    """The prediction is the label, or a detector's rejection (the last of ``k`` classes)."""
+    ok = pred == y
+    return ok | (pred == k - 1) if reject else ok
+
+
 def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
-             repeats: int) -> tuple[Tensor, Tensor]:
-    """Per point: correct in a strict majority of ``repeats`` predictions (bool), and the
-    prediction of the first draw."""
+             repeats: int, reject: bool = False) -> tuple[Tensor, Tensor]:
+    """Per point: correct (or, with ``reject``, rejected by a detector: for adversarial
+    inputs) in a strict majority of ``repeats`` predictions (bool), and the prediction of the
+    first draw."""
     hits, first = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
             votes = torch.zeros(len(xb), dtype=torch.long, device=device)
             for r in range(repeats):
-                p = check_logits(model(xb), len(xb)).argmax(1)
-                votes += p == yb
+                logits = check_logits(model(xb), len(xb))
+                p = logits.argmax(1)
+                votes += _defended(p, yb, reject, logits.shape[1])
                 if r == 0:
                     first.append(p.cpu())
             hits.append((2 * votes > repeats).cpu())
@@ -136,6 +155,8 @@ def evaluate(
     config: dict[str, Any] | None = None,
     progress: bool = False,
     channels_last: bool | None = None,
+    bpda: bool | None = None,
+    eot: int | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)`` under ``threat``.
 
@@ -144,7 +165,9 @@ def evaluate(
             AutoAttack standard cascade, ``fast`` our cheaper one, ``rand`` for randomised
             models), used when ``attacks`` is None.
         attacks: instead of a suite, attacks as ``Attack`` objects, names or
-            ``(name, options)`` pairs, run in this order.
+            ``(name, options)`` pairs, run in this order. ``Attack`` objects run exactly as
+            they were built (their own ``bpda`` and EOT draws); names and pairs get the
+            evaluation's ``bpda`` and ``eot``.
         batch_size: points per attack call.
         seed: seeds the attacks' generators (one per attack and batch: deterministic results,
             also across an interruption).
@@ -153,11 +176,17 @@ def evaluate(
         resume: continue from the state in ``out`` if there is one (it must belong to the same
             model, data and settings); False starts over.
         repeats: predictions per point, robust only if a strict majority is correct (for
-            randomised models); default: the suite's (``rand``: 10, others 1).
+            randomised models); default: the suite's (``rand``: 10, others 1), and at least
+            10 on a randomised model.
         surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``).
         config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
         channels_last: attack a copy of the model with channels_last weights (about 1.3x faster
             per step on CPU, see BENCHMARKS.md); None: on for 4-D inputs on CPU.
+        bpda: run the gradient attacks with BPDA through the model's non-differentiable stages
+            (those declaring ``robustlab_differentiable = False``); None: whenever it has some.
+        eot: average each gradient of the gradient attacks over this many draws; None: 20 on a
+            randomised model (declared ``robustlab_random`` or seen to differ between two
+            forward passes), else each attack's own setting.
 
     Returns:
         :class:`EvalResult`; robust accuracy counts a point robust only if it is classified
@@ -180,12 +209,15 @@ def evaluate(
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if surrogate is not None and not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
+    if bpda is not None and not isinstance(bpda, bool):
+        raise TypeError(f"bpda must be True, False or None (automatic), got {bpda!r}")
+    if eot is not None and (isinstance(eot, bool) or not isinstance(eot, int) or eot < 1):
+        raise ValueError(f"eot must be an integer >= 1 or None (automatic), got {eot!r}")
     if attacks is not None:
-        suite_name, specs, repeats = "custom", list(attacks), repeats or 1
+        suite_name, specs, suite_repeats = "custom", list(attacks), 1
     else:
         chosen = get_suite(suite)
-        suite_name, specs = suite, chosen.for_norm(threat.norm)
-        repeats = repeats or chosen.repeats
+        suite_name, specs, suite_repeats = suite, chosen.for_norm(threat.norm), chosen.repeats
     built = [_build(s, threat, surrogate) for s in specs]
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()
@@ -201,7 +233,15 @@ def evaluate(
         probe_logits = probe_model(model, xp)
         check_labels(y, probe_logits.shape[1])
         flags = run_checks(model, xp, yp, probe_logits)
+        adaptive = _adaptation(model, flags, bpda, eot, repeats, suite_repeats)
+        repeats = adaptive["repeats"]
+        built = [a if isinstance(spec, Attack) else _adapt(a, adaptive)
+                 for spec, a in zip(specs, built, strict=True)]
         no_gradient = any(f["name"] == "no-gradient" for f in flags)
+        if no_gradient and adaptive["bpda"]:  # BPDA may restore a gradient path
+            with bpda_mode(model):
+                still = gradient_health(model, xp, yp)
+            no_gradient = still is not None and still["name"] == "no-gradient"
         plan = _plan(built, threat, no_gradient, surrogate)
         settings = {"threat": threat.to_dict(), "attacks": [a.config() for a, _ in plan],
                     "seed": seed, "batch_size": batch_size, "repeats": repeats}
@@ -265,7 +305,7 @@ def evaluate(
     result = _result(st, x, y, pred, clean, threat, flags, {
         "suite": suite_name, "attacks": [a.config() for a, _ in plan], "seed": seed,
         "batch_size": batch_size, "repeats": repeats, "channels_last": channels_last,
-        "config": config or {},
+        "adaptive": adaptive, "config": config or {},
         "timings": {"clean_s": clean_time,
                     "total_s": elapsed0 + time.perf_counter() - t_start},
     })
@@ -274,6 +314,37 @@ def evaluate(
         if state_path is not None:
             state_path.unlink(missing_ok=True)
     return result
+
+
+def _adaptation(model: nn.Module, flags: list[dict[str, Any]], bpda: bool | None,
+                eot: int | None, repeats: int | None, suite_repeats: int) -> dict[str, Any]:
+    """What the evaluation adapts to this model: BPDA through its declared non-differentiable
+    stages, EOT and repeated predictions for randomness; ``auto`` records which were chosen
+    here rather than forced by the caller."""
+    stages = nondifferentiable_stages(model)
+    randomised = any(f["name"] == "randomised-output" for f in flags)
+    use_bpda = bool(stages) if bpda is None else bpda
+    n_eot = (EOT_SAMPLES if randomised else 1) if eot is None else eot
+    if repeats is None:
+        repeats = max(suite_repeats, RANDOM_REPEATS) if randomised else suite_repeats
+    return {"bpda": use_bpda, "bpda_stages": stages, "eot": n_eot, "repeats": repeats,
+            "randomised": randomised, "rejects": rejects(model),
+            "auto": {"bpda": bpda is None, "eot": eot is None}}
+
+
+def _adapt(atk: Attack, adaptive: dict[str, Any]) -> Attack:
+    """A gradient attack with the evaluation's BPDA and EOT settings (a copy: the caller's
+    attack is left as it was). Automatic EOT never lowers an attack's own number of draws."""
+    if not atk.uses_gradients:
+        return atk
+    atk = copy.copy(atk)
+    if not adaptive["auto"]["bpda"] or adaptive["bpda"]:
+        atk.bpda = adaptive["bpda"]
+    if not adaptive["auto"]["eot"]:
+        atk.eot_samples = adaptive["eot"]
+    elif adaptive["eot"] > atk.eot_samples:
+        atk.eot_samples = adaptive["eot"]
+    return atk
 
 
 def _attack_batch(model: nn.Module, atk: Attack, threat: ThreatModel, x: Tensor, y: Tensor,
@@ -286,12 +357,13 @@ def _attack_batch(model: nn.Module, atk: Attack, threat: ThreatModel, x: Tensor,
     own_call = type(atk).__call__ is not Attack.__call__
     if own_call:  # an attack with its own __call__: check and recompute, trust nothing
         threat.check(res.x_adv, xb, who=f"attack {atk.name!r}")
+    reject = rejects(model)
     if repeats > 1 or own_call:
-        correct, p = _correct(model, res.x_adv, yb.cpu(), len(b), device, repeats)
+        correct, p = _correct(model, res.x_adv, yb.cpu(), len(b), device, repeats, reject)
         hit = ~correct
     else:  # Attack.__call__ verified the ball and ran the model on res.x_adv itself
         p = res.logits.argmax(1).cpu()
-        hit = p != yb.cpu()
+        hit = ~_defended(p, yb.cpu(), reject, res.logits.shape[1])
     if (own_call and not atk.targeted and not torch.equal(hit, res.success.cpu())
             and not any(f["name"] == "prediction-mismatch" for f in st.flags)):
         st.flags.append({

@@ -25,10 +25,27 @@ def _attack_label(cfg: dict[str, Any]) -> str:
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
+def _audit_table(aud: dict[str, Any]) -> list[str]:
+    """The audit's verdicts, one line per check."""
+    lines = ["| check | verdict | evidence |", "|---|---|---|"]
+    for c in aud["checks"]:
+        verdict = f"**{c['status']}**" if c["status"] == "FLAG" else c["status"]
+        lines.append(f"| {c['name']} | {verdict} | {c['evidence'].replace('|', '/')} |")
+    ad = aud["adaptive"]
+    bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
+    lines += ["", f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
+                  f"FGSM: {_pct(aud['fgsm_robust_accuracy'])}",
+              f"- adaptive attacks: BPDA {bpda}, EOT {ad['eot']} draws, "
+              f"{ad['repeats']} prediction(s) per point", ""]
+    return lines
+
+
 def markdown(rec: dict[str, Any]) -> str:
     """A short Markdown report: flags first, then accuracies and the attack cascade."""
     t = rec["threat"]
-    lines = ["# robustlab evaluation", ""]
+    lines = ["# robustlab audit" if "audit" in rec else "# robustlab evaluation", ""]
+    if "audit" in rec:
+        lines += _audit_table(rec["audit"])
     if rec["flags"]:
         lines += ["**FLAGGED: do not trust this robust accuracy as it stands.**", ""]
         lines += [f"- **{f['name']}**: {f['message']}" for f in rec["flags"]]

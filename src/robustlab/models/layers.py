@@ -17,6 +17,15 @@ ACTIVATIONS.register("softplus")(nn.Softplus)  # beta = 1: log(1 + e^x)
 ACTIVATIONS.register("silu")(nn.SiLU)
 ACTIVATIONS.register("gelu")(nn.GELU)  # exact (erf) form
 
+
+@ACTIVATIONS.register("kwta")
+def _kwta() -> nn.Module:
+    """k-WTA keeping 10% of each layer's values (Xiao et al. 2020; robustlab.defenses.kwta)."""
+    from robustlab.defenses.kwta import KWTA  # lazily: defense modules may import models
+
+    return KWTA()  # ratio 0.1
+
+
 Stat = float | Sequence[float] | torch.Tensor | None
 
 
