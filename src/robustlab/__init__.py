@@ -7,6 +7,6 @@ from robustlab.threat import ThreatModel, parse_eps
 
 __version__ = package_version()
 __all__ = [
-    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses", "eps_sweep", "evaluate",
-    "evaluation", "models", "parse_eps", "training",
+    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses",
+    "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "training",
 ]

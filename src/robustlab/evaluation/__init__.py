@@ -8,5 +8,5 @@ from robustlab.evaluation.suites import SUITES
 from robustlab.evaluation.suites import names as suites
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 
-__all__ = ["SUITES", "AuditResult", "EvalResult", "audit", "SweepResult", "eps_sweep", "evaluate", "evaluate_sharded",
-           "suites"]
+__all__ = ["SUITES", "AuditResult", "EvalResult", "SweepResult", "audit", "eps_sweep", "evaluate",
+           "evaluate_sharded", "suites"]

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab.attacks.losses import margin
+
 Flag = dict[str, Any]
 
 
@@ -76,13 +78,13 @@ def gradient_health(model: nn.Module, x: Tensor, y: Tensor) -> Flag | None:
 
 
 def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Per-sample CE loss and its input gradient; None without a finite gradient."""
+    """Per-sample logit margin and its input gradient; None without a finite gradient."""
     xg = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = model(xg)
         if not out.requires_grad:
             return None
-        loss = F.cross_entropy(out, y, reduction="none")
+        loss = margin(out, y)
         (g,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
     if g is None or not torch.isfinite(g).all():
         return None
@@ -90,14 +92,15 @@ def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tens
 
 
 def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float = 1e-3,
-                       threshold: float = 1.0) -> Flag | None:
+                       threshold: float = 0.5) -> Flag | None:
     """Input gradients that do not predict the loss a small step away: the first-order
-    prediction ``g . d`` of the loss change along ``d = scale * sign(g)`` against the change
-    measured, ``|dL - g . d| / |g . d|``; a median above ``threshold`` over the probe samples
-    means discontinuous ("shattered") gradients (Athalye et al. 2018; e.g. k-WTA, whose
-    gradient errs by orders of magnitude while a ReLU network's errs by a few percent at this
-    scale): gradient steps are blind. Meaningless for a randomised model (two forward passes,
-    two draws): check randomness first."""
+    prediction ``g . d`` of the change of the logit margin ``z_y - max_{j != y} z_j`` (which,
+    unlike the cross-entropy, does not saturate on confident points) along
+    ``d = scale * sign(g)``, against the change measured: ``|dL - g . d| / |g . d|``. A median
+    above ``threshold`` over the probe samples means discontinuous ("shattered") gradients
+    (Athalye et al. 2018; e.g. k-WTA, whose gradient errs by orders of magnitude while a ReLU
+    network's errs by a few percent at this scale): gradient steps are blind. Meaningless for
+    a randomised model (two forward passes, two draws): check randomness first."""
     first = _loss_and_grad(model, x, y)
     if first is None:
         return None
@@ -105,7 +108,7 @@ def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float =
     moved = (x + scale * g.sign()).clamp(0, 1)  # the clamp may shorten the step at the bounds
     predicted = (g * (moved - x)).flatten(1).sum(1).double()
     with torch.no_grad():
-        actual = (F.cross_entropy(model(moved), y, reduction="none") - loss).double()
+        actual = (margin(model(moved), y) - loss).double()
     live = predicted.abs() > 1e-6  # smaller changes drown in float32 rounding of the loss
     if not live.any():
         return None

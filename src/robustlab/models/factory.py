@@ -63,7 +63,8 @@ def create(
         in_channels: image channels C (1 for MNIST-like data, 3 for CIFAR-like data).
         input_size: image height = width in pixels (28 and 32 are supported everywhere).
         activation: nonlinearity used everywhere the architecture has one:
-            ``relu``, ``softplus``, ``silu`` or ``gelu``.
+            ``relu``, ``softplus``, ``silu``, ``gelu`` or ``kwta`` (k-winners-take-all,
+            Xiao et al. 2020, ratio 0.1).
         mean, std: per-channel statistics in [0, 1] pixel units for the first layer,
             :class:`Normalize`; ``None`` means the identity (mean 0, std 1).
         noise: ``"pni-w"`` or ``"pni-a"`` (parametric noise injection) or ``"cni-w"``

@@ -30,7 +30,8 @@ Stat = float | Sequence[float] | torch.Tensor | None
 
 
 def make_activation(name: str) -> nn.Module:
-    """A fresh activation module for ``name`` in {gelu, relu, silu, softplus}.
+    """A fresh activation module for ``name`` in {gelu, kwta, relu, silu, softplus} (kwta:
+    k-winners-take-all with ratio 0.1, :class:`robustlab.defenses.kwta.KWTA`).
 
     Never in-place, so input gradients through residual branches stay exact.
     Unknown names raise ``ValueError`` listing the valid ones.
