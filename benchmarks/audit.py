@@ -1,6 +1,13 @@
 """The obfuscated-gradients table on Fashion-MNIST (Athalye, Carlini, Wagner 2018, Table 1 in
 spirit): does each input-transformation and gradient-masking defense survive the audit?
 
+Settings that differ from the defenses' defaults, because the defaults were chosen for other
+inputs: crop-rescale keeps 75% of the side (the 90/299 crops of Athalye et al.'s ImageNet
+reimplementation leave 8x8 pixels of a 28x28 image); mixup inference mixes with lam 0.6 (the
+paper's setting for interpolated AT; 0.5 assumes a mixup-trained model) over 10 partners (30
+in the paper: the cost of each forward); bit-depth reduces to 1 bit (Xu et al.'s MNIST
+squeezer).
+
 For each defense, applied to a naturally trained smallcnn (or, where the defense needs its own
 model, trained the same way: thermometer encoding on the encoding, k-WTA with k-WTA
 activations, defensive distillation at T = 100 from a T = 100 teacher), and for a PGD-AT
@@ -22,7 +29,6 @@ settings were used).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -47,9 +53,9 @@ ROWS: list[tuple[str, str | None, dict[str, Any], str]] = [
     ("feature-squeezing", "feature-squeezing", {}, "natural"),
     ("thermometer", "thermometer", {"levels": LEVELS}, "thermometer"),
     ("tv-min", "tv-min", {}, "natural"),
-    ("crop-rescale", "crop-rescale", {}, "natural"),
+    ("crop-rescale", "crop-rescale", {"ratio": 0.75}, "natural"),
     ("random-resize-pad", "random-resize-pad", {}, "natural"),
-    ("mixup-inference", "mixup-inference", {"samples": 10}, "natural"),
+    ("mixup-inference", "mixup-inference", {"lam": 0.6, "samples": 10}, "natural"),
     ("k-wta", None, {}, "kwta"),
     ("distillation", None, {}, "distillation"),
     ("pgd-at", None, {}, "pgd-at"),
@@ -186,5 +192,4 @@ def markdown(rows: list[tuple], args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    json.dumps  # the record is written by write_results
     main()

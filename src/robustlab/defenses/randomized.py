@@ -160,11 +160,13 @@ def tv_minimize(x: Tensor, keep: Tensor, lambda_tv: float = TVM_LAMBDA, max_iter
     Runs without gradients (the result is detached); float16/bfloat16 inputs are solved in
     float32. The result is not clipped.
     """
-    work = x.detach()
+    lam = _number(lambda_tv, "lambda_tv", 0.0, math.inf, lo_open=True, hi_open=True)
+    max_iter = _positive_int(max_iter, "max_iter")
+    tol = _number(tol, "tol", 0.0, math.inf, hi_open=True)
+    work = _images(x, "tv_minimize").detach()
     if work.dtype in (torch.float16, torch.bfloat16):
         work = work.float()
     m = keep.to(work.dtype).expand_as(work)
-    lam = float(lambda_tv)
     s = min(12.0 * lam, 6.0)
     tau, sigma = 1.0 / (_GRAD_NORM * s), s / _GRAD_NORM
     with torch.no_grad():
@@ -201,12 +203,12 @@ class TVMin(Transform):
         drop_rate: probability ``p`` of dropping a pixel, in [0, 1). Default 0.5 (Guo et al.'s
             PIXEL_DROP_RATE; Athalye et al.'s keep_prob 0.5).
         lambda_tv: TV weight ``lambda_tv`` > 0 of ``||X (.) (z - x)||^2 + lambda_tv TV(z)``.
-            Default 0.03 (Guo et al.'s TVM_WEIGHT). Athalye et al.'s reimplementation solves
-            exactly this objective (it passes weight ``2 / lambda_tv`` to a split-Bregman
-            routine whose objective is ``weight / 2 ||X (.) (z - x)||^2 + TV(z)``); Guo et al.'s
-            code passes ``1 / lambda_tv`` to scikit-image's Bregman solver, which is this
-            objective with ``2 lambda_tv`` if that solver's fidelity term is also halved
-            (our reading of its update rule, not checked against scikit-image's source).
+            Default 0.03 (Guo et al.'s TVM_WEIGHT). Athalye et al.'s reimplementation passes
+            weight ``2 / lambda_tv`` to a split-Bregman routine whose update rule (our reading)
+            minimises ``weight / 2 ||X (.) (z - x)||^2 + TV(z)``: this objective, but with
+            anisotropic TV (it shrinks each difference separately). Guo et al.'s code passes
+            ``1 / lambda_tv`` to scikit-image's isotropic Bregman solver: under the same
+            reading, this objective with ``2 lambda_tv`` (not checked against scikit-image).
         max_iter, tol: the solver's stopping rule (:func:`tv_minimize`). Defaults 300, 1e-4.
             For reference, Athalye et al. stop Bregman at 100 iterations or an RMS update below
             1e-3; Guo et al. use up to 100 iterations with tolerance 0.01.

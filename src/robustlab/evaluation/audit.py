@@ -223,19 +223,25 @@ def audit(
     n = len(x)
 
     # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
-    fgsm = evaluate(model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)],
-                    **common)
+    naive_skipped = bool(stages[0].get("skipped"))
+    fgsm = None if naive_skipped else evaluate(
+        model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common)
     adaptive_opts = {"bpda": use_bpda, "eot": n_eot}
-    sweep_attack = [("apgd-ce", {"steps": max(20, steps // 5), **adaptive_opts})]
+    square = ("square", {"n_queries": queries, "p_init": 0.8})
+    # without any gradient, Square stands in for APGD (none for l1)
+    probe_attacks = ([square] if no_gradient else [("apgd-ce", {"steps": max(20, steps // 5),
+                                                                 **adaptive_opts})])
     grid = [f * threat.eps for f in EPS_FACTORS if f * threat.eps > 0]
     xs, ys = x[:check_points], y[:check_points]
-    sweep = (eps_sweep(model, xs, ys, threat, grid, attacks=sweep_attack, **common)
-             if grid else None)
+    sweep = None
+    if grid and not (no_gradient and threat.norm == "l1"):
+        sweep = eps_sweep(model, xs, ys, threat, grid, attacks=probe_attacks, **common)
     big = _unbounded(threat, x)
-    unbounded = evaluate(model, xs, ys, big, attacks=[
-        ("apgd-ce", {"steps": steps, **adaptive_opts}),
-        *([("square", {"n_queries": queries, "p_init": 0.8})] if threat.norm != "l1" else [])],
-        **common)
+    unbounded_attacks = [] if no_gradient else [("apgd-ce", {"steps": steps, **adaptive_opts})]
+    if threat.norm != "l1":
+        unbounded_attacks.append(square)
+    unbounded = (evaluate(model, xs, ys, big, attacks=unbounded_attacks, **common)
+                 if unbounded_attacks else None)
     binar = None
     if binarization_points and not no_gradient:
         binar = binarization_test(model, x[:binarization_points].to(device),
@@ -246,8 +252,8 @@ def audit(
     # 4. The verdicts.
     naive_acc = stages[0]["robust_accuracy"]
     checks = [
-        _iterative(fgsm.robust_accuracy, naive_acc),
-        _adaptive_vs_naive(naive_acc, main.robust_accuracy),
+        _iterative(None if fgsm is None else fgsm.robust_accuracy, naive_acc),
+        _adaptive_vs_naive(naive_acc, main.robust_accuracy, naive_skipped),
         _broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
                       and a["config"]["name"] != "transfer", "white-box-beats-black-box",
                       "Square and NAttack", n_black > 0),
@@ -269,9 +275,10 @@ def audit(
         "audit": {
             "checks": checks,
             "naive_robust_accuracy": naive_acc,
-            "fgsm_robust_accuracy": fgsm.robust_accuracy,
+            "fgsm_robust_accuracy": None if fgsm is None else fgsm.robust_accuracy,
             "eps_curve": sweep.curve if sweep else [],
-            "unbounded": {"eps": big.eps, "robust_accuracy": unbounded.robust_accuracy},
+            "unbounded": {"eps": big.eps, "robust_accuracy":
+                          None if unbounded is None else unbounded.robust_accuracy},
             "binarization": binar,
             "surrogate": surrogate is not None,
             "adaptive": adaptive,
@@ -286,7 +293,10 @@ def audit(
     return result
 
 
-def _iterative(fgsm_acc: float, pgd_acc: float) -> dict[str, Any]:
+def _iterative(fgsm_acc: float | None, pgd_acc: float) -> dict[str, Any]:
+    if fgsm_acc is None:
+        return _check("iterative-beats-single-step", SKIP, "the model has no input gradient: "
+                                                          "neither FGSM nor PGD can run on it")
     ok = pgd_acc <= fgsm_acc + TOLERANCE
     return _check("iterative-beats-single-step", PASS if ok else FLAG,
                   f"FGSM leaves {_pct(fgsm_acc)}, PGD-20 {_pct(pgd_acc)}"
@@ -295,11 +305,13 @@ def _iterative(fgsm_acc: float, pgd_acc: float) -> dict[str, Any]:
                   fgsm=fgsm_acc, pgd=pgd_acc)
 
 
-def _adaptive_vs_naive(naive_acc: float, final: float) -> dict[str, Any]:
+def _adaptive_vs_naive(naive_acc: float, final: float, skipped: bool) -> dict[str, Any]:
     gap = naive_acc - final
     ok = gap < TOLERANCE
+    plain = ("plain PGD-20 cannot run (no input gradient) and leaves" if skipped
+             else "plain PGD-20 leaves")
     return _check("adaptive-matches-naive", PASS if ok else FLAG,
-                  f"plain PGD-20 leaves {_pct(naive_acc)}, the adaptive attacks "
+                  f"{plain} {_pct(naive_acc)}, the adaptive attacks "
                   f"{_pct(final)}" + ("" if ok else f": plain PGD overstates the robust accuracy "
                                                     f"by {100 * gap:.1f} points"),
                   naive=naive_acc, adaptive=final)
@@ -321,7 +333,8 @@ def _broken_after(stages: list[dict[str, Any]], n: int, which: Any, name: str, w
 
 def _monotone(sweep: Any) -> dict[str, Any]:
     if sweep is None:
-        return _check("monotone-in-eps", SKIP, "eps is 0")
+        return _check("monotone-in-eps", SKIP, "eps is 0, or no attack can run (an l1 model "
+                                               "without input gradients)")
     curve = ", ".join(f"{c['eps']:.3g}: {_pct(c['robust_accuracy'])}" for c in sweep.curve)
     ok = not sweep.flags
     return _check("monotone-in-eps", PASS if ok else FLAG,
@@ -329,7 +342,10 @@ def _monotone(sweep: Any) -> dict[str, Any]:
                   + ("" if ok else f": {sweep.flags[0]['message']}"), curve=sweep.curve)
 
 
-def _unbounded_check(res: EvalResult, big: ThreatModel) -> dict[str, Any]:
+def _unbounded_check(res: EvalResult | None, big: ThreatModel) -> dict[str, Any]:
+    if res is None:
+        return _check("unbounded-attack-succeeds", SKIP, "no attack can run (an l1 model "
+                                                         "without input gradients)")
     ok = res.robust_accuracy <= TOLERANCE
     return _check("unbounded-attack-succeeds", PASS if ok else FLAG,
                   f"at {big.norm} eps {big.eps:.4g} (the whole input box) "

@@ -119,15 +119,19 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: to
     return torch.cat(hits), torch.cat(first)
 
 
-def _plan(built: list[Attack], threat: ThreatModel, no_gradient: bool,
+def _plan(built: list[Attack], threat: ThreatModel, no_gradient: bool, bpda_no_gradient: bool,
           surrogate: nn.Module | None) -> list[tuple[Attack, str | None]]:
-    """The attacks to run, each with the reason it is skipped (None: it runs). Without input
-    gradients the gradient attacks are skipped and gradient-free ones added if none is left."""
-    if not no_gradient:
-        return [(a, None) for a in built]
+    """The attacks to run, each with the reason it is skipped (None: it runs). A gradient
+    attack is skipped where the model has no input gradient as it runs it (``no_gradient``:
+    the model itself; ``bpda_no_gradient``: with its BPDA stages switched on); gradient-free
+    ones are added if no attack is left."""
     why = "skipped: the model has no input gradient (see the no-gradient flag)"
-    plan = [(a, None if not a.uses_gradients else why) for a in built]
-    if all(a.uses_gradients for a in built):
+
+    def blocked(a: Attack) -> bool:
+        return a.uses_gradients and (bpda_no_gradient if a.bpda else no_gradient)
+
+    plan = [(a, why if blocked(a) else None) for a in built]
+    if all(blocked(a) for a in built):
         extra = list(_FALLBACK[threat.norm])
         if surrogate is not None:
             extra.append(("transfer", {}))
@@ -237,12 +241,12 @@ def evaluate(
         repeats = adaptive["repeats"]
         built = [a if isinstance(spec, Attack) else _adapt(a, adaptive)
                  for spec, a in zip(specs, built, strict=True)]
-        no_gradient = any(f["name"] == "no-gradient" for f in flags)
-        if no_gradient and adaptive["bpda"]:  # BPDA may restore a gradient path
+        no_gradient = bpda_no_gradient = any(f["name"] == "no-gradient" for f in flags)
+        if no_gradient and any(a.bpda for a in built):  # BPDA may restore a gradient path
             with bpda_mode(model):
                 still = gradient_health(model, xp, yp)
-            no_gradient = still is not None and still["name"] == "no-gradient"
-        plan = _plan(built, threat, no_gradient, surrogate)
+            bpda_no_gradient = still is not None and still["name"] == "no-gradient"
+        plan = _plan(built, threat, no_gradient, bpda_no_gradient, surrogate)
         settings = {"threat": threat.to_dict(), "attacks": [a.config() for a, _ in plan],
                     "seed": seed, "batch_size": batch_size, "repeats": repeats}
         fp = fingerprint(original, x, y, settings) if state_path is not None else ""

@@ -33,8 +33,9 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
         lines.append(f"| {c['name']} | {verdict} | {c['evidence'].replace('|', '/')} |")
     ad = aud["adaptive"]
     bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
+    fgsm = aud["fgsm_robust_accuracy"]
     lines += ["", f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
-                  f"FGSM: {_pct(aud['fgsm_robust_accuracy'])}",
+                  f"FGSM: {'-' if fgsm is None else _pct(fgsm)}",
               f"- adaptive attacks: BPDA {bpda}, EOT {ad['eot']} draws, "
               f"{ad['repeats']} prediction(s) per point", ""]
     return lines
