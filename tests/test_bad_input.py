@@ -494,7 +494,7 @@ def test_fit_data_and_val_gaps(case):
     ({"name": "vgg16"}, ValueError,
      r"unknown model 'vgg16'; valid models are: lenet, preact-resnet18, resnet20, smallcnn"),
     ({"name": "smallcnn", "activation": "tanh"}, ValueError,
-     r"unknown activation 'tanh'; valid activations are: gelu, relu, silu, softplus"),
+     r"unknown activation 'tanh'; valid activations are: gelu, kwta, relu, silu, softplus"),
     ({"name": "smallcnn", "num_classes": 0}, ValueError, r"num_classes must be a positive"),
     ({"name": "smallcnn", "num_classes": True}, ValueError, r"num_classes must be a positive"),
     ({"name": "smallcnn", "num_classes": "10"}, ValueError, r"num_classes must be a positive"),

@@ -56,7 +56,7 @@ def input_grad(f, x, y):
 def test_stage_contract(name, options, dtype, channels):
     defense = D.create(name, nn.Identity(), **options)
     assert isinstance(defense, Preprocessed) and isinstance(defense.model, nn.Identity)
-    x = rand_images((4, channels, 12, 10), dtype=dtype)
+    x = rand_images((4, channels, 24, 20), dtype=dtype)  # room for many distinct draws
     before = x.clone()
     out = defense.stage(x)
     assert torch.equal(x, before)                                # input untouched

@@ -6,8 +6,9 @@ reported as PASS, FLAG or SKIP with the evidence:
 
 - ``iterative-beats-single-step``: PGD leaves no more points than FGSM;
 - ``adaptive-matches-naive``: the adaptive attacks (BPDA through non-differentiable stages,
-  EOT over randomness, margin losses, gradient-free and transfer attacks) find no more than
-  1 point-percent beyond plain PGD on the cross-entropy;
+  EOT over randomness, margin losses, gradient-free and transfer attacks) find less than
+  5 point-percent beyond plain PGD-20 on the cross-entropy (the usual gap between PGD-20 and
+  the strongest attacks on an honest model is a few points);
 - ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack and a transfer
   attack from a surrogate (the defense's undefended base model) break nothing the white-box
   attacks missed;
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 PASS, FLAG, SKIP = "PASS", "FLAG", "SKIP"
 TOLERANCE = 0.01  # one point-percent: the convergence criterion of the checklist
+# Plain PGD-20 trails the strongest attacks by a few points on honest models (PGD-20 against
+# AutoAttack on adversarially trained models: about 1 to 4 points, Croce & Hein 2020); the
+# obfuscated defenses of Athalye et al. 2018 lost tens of points to the adaptive attacks.
+ADAPTIVE_GAP = 0.05
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 BINARIZATION_PASS = 0.9  # attack success rate the binarization test asks for
 
@@ -307,7 +312,7 @@ def _iterative(fgsm_acc: float | None, pgd_acc: float) -> dict[str, Any]:
 
 def _adaptive_vs_naive(naive_acc: float, final: float, skipped: bool) -> dict[str, Any]:
     gap = naive_acc - final
-    ok = gap < TOLERANCE
+    ok = gap < ADAPTIVE_GAP
     plain = ("plain PGD-20 cannot run (no input gradient) and leaves" if skipped
              else "plain PGD-20 leaves")
     return _check("adaptive-matches-naive", PASS if ok else FLAG,
