@@ -42,3 +42,26 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+class Noisy(nn.Module):
+    """``model(x + N(0, sigma^2))``: randomised, declared nowhere."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.05) -> None:
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+class Rounded(nn.Module):
+    """``model(round(x * levels) / levels)``, undeclared: the input gradient is zero almost
+    everywhere (gradient masking)."""
+
+    def __init__(self, model: nn.Module, levels: int = 4) -> None:
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * self.levels) / self.levels)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustlab as rl
+from helpers import Noisy
 from robustlab.attacks.bpda import BPDA, bpda, nondifferentiable_stages, straight_through
 from robustlab.attacks.eot import expected_grad
 from robustlab.defenses.preprocess import Preprocessed, Transform
@@ -27,17 +28,6 @@ class Quantise(Transform):
 
     def transform(self, x):
         return x.round()
-
-
-class Noisy(nn.Module):
-    """The model on x + N(0, 0.3^2): random, undeclared."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x + 0.3 * torch.randn_like(x))
 
 
 def _grad(model, x, y):
@@ -90,7 +80,7 @@ def test_bpda_module_wraps_code_outside_autograd(toy_model, toy_data):
 
 def test_eot_gradient_variance_falls_with_samples(toy_model, toy_data):
     x, y = toy_data[0][:4], (toy_data[1][:4] + 1) % 4  # wrong labels: large gradients
-    model = Noisy(toy_model)
+    model = Noisy(toy_model, sigma=0.3)
 
     def loss_fn(xx):
         logits = model(xx)

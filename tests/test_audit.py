@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustlab as rl
-from helpers import TinyCNN, make_quadrants
+from helpers import Noisy, Rounded, TinyCNN, make_quadrants
 from robustlab.cli import main
 
 # The toy classes differ by +0.4 in one quadrant: linf 0.2 is half of it, where the natural
@@ -62,20 +62,9 @@ def test_adversarially_trained_model_passes(at_model, toy_data):
     assert skipped == {"white-box-beats-transfer"}  # no surrogate for a bare model
 
 
-class HiddenQuantiser(nn.Module):
-    """The model behind an undeclared 2-bit quantiser: zero input gradients everywhere."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(torch.round(x * 3) / 3)
-
-
 def test_masked_gradients_are_flagged_and_beaten(toy_model, toy_data):
     x, y = toy_data[0][:96], toy_data[1][:96]
-    masked = HiddenQuantiser(toy_model)
+    masked = Rounded(toy_model, levels=3)  # a hidden 2-bit quantiser
     res = rl.audit(masked, x, y, THREAT, **FAST)
     flagged = _flags(res)
     assert {"gradients", "adaptive-matches-naive"} <= flagged
@@ -101,21 +90,10 @@ def test_declared_stage_gets_bpda_and_transfer(toy_model, toy_data):
     assert res.robust_accuracy <= bare.robust_accuracy + 0.1  # no better than undefended
 
 
-class HiddenNoise(nn.Module):
-    """The model on x + N(0, 0.05^2), declared nowhere."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x + 0.05 * torch.randn_like(x))
-
-
 def test_hidden_randomness_gets_eot_and_repeats(toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     torch.manual_seed(0)
-    res = rl.audit(HiddenNoise(toy_model), x, y, THREAT, eot=2, steps=5, queries=50,
+    res = rl.audit(Noisy(toy_model), x, y, THREAT, eot=2, steps=5, queries=50,
                    binarization_points=0, check_points=16)
     assert "randomness" in _flags(res)
     ad = res.record["audit"]["adaptive"]
@@ -188,3 +166,15 @@ def test_cli_audit_of_a_defense(fake_fmnist, tmp_path, monkeypatch, capsys):
     assert main(["audit", str(ckpt), "--eps", "0.1", "--defense", "nope", "--n-points",
                  "4"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_base_model_that_takes_other_inputs_is_no_surrogate(toy_data):
+    x, y = toy_data[0][:16], toy_data[1][:16]
+    torch.manual_seed(0)
+    base = rl.models.create("smallcnn", num_classes=4, input_size=16, in_channels=16)
+    therm = rl.defenses.create("thermometer", base.eval(), levels=16)
+    res = rl.audit(therm, x, y, THREAT, steps=3, queries=20, binarization_points=0,
+                   check_points=8)
+    transfer = next(c for c in res.checks if c["name"] == "white-box-beats-transfer")
+    assert transfer["status"] == "SKIP" and not res.record["audit"]["surrogate"]
+    assert res.record["audit"]["adaptive"]["bpda_stages"] == ["stage"]

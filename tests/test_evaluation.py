@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import robustlab as rl
-from helpers import TinyCNN
+from helpers import Noisy, Rounded, TinyCNN
 from robustlab.attacks import Attack, AttackResult
 
 
@@ -96,26 +96,6 @@ class Softmax(nn.Module):
 
     def forward(self, x):
         return self.inner(x).softmax(1)
-
-
-class Noisy(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x + 0.05 * torch.randn_like(x))
-
-
-class Rounded(nn.Module):
-    """Quantises its input: the input gradient is zero almost everywhere."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(torch.round(x * 4) / 4)
 
 
 @pytest.mark.parametrize(("wrap", "flag"), [(Softmax, "softmax-output"),

@@ -106,10 +106,19 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-def _default_surrogate(model: nn.Module) -> nn.Module | None:
-    """The undefended base model of a defense wrapper (its ``model`` attribute), if any."""
+def _default_surrogate(model: nn.Module, x: Tensor) -> nn.Module | None:
+    """The undefended base model of a defense wrapper (its ``model`` attribute), if it
+    classifies the inputs itself (a thermometer model's base takes the encoding instead)."""
     base = getattr(model, "model", None)
-    return base if isinstance(base, nn.Module) and base is not model else None
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    try:
+        with eval_mode(base):
+            probe_model(base, x[:2])
+    except (ValueError, RuntimeError) as e:
+        log.info("no transfer surrogate: the base model does not take the inputs (%s)", e)
+        return None
+    return base
 
 
 def _unbounded(threat: ThreatModel, x: Tensor) -> ThreatModel:
@@ -152,7 +161,8 @@ def audit(
 
     Args:
         surrogate: model for the transfer attack; default: the defense's undefended base model
-            (``model.model``) when ``model`` is a robustlab defense, else no transfer attack.
+            (``model.model``) when ``model`` is a robustlab defense whose base model takes
+            the same inputs, else no transfer attack.
         steps: steps of the adaptive APGD-CE attack (the convergence check runs 2x steps with
             3 restarts); the plain PGD baseline runs 20.
         queries: query budget of each gradient-free attack (Square; NAttack gets
@@ -177,9 +187,9 @@ def audit(
         raise ValueError(f"check_points must be an integer >= 1, got {check_points!r}")
     if surrogate is not None and not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
-    surrogate = surrogate if surrogate is not None else _default_surrogate(model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()
+    surrogate = surrogate if surrogate is not None else _default_surrogate(model, x.to(device))
 
     # 1. What the model is: randomness, gradients, stages without gradients.
     with eval_mode(model):
