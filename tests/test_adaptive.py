@@ -5,6 +5,8 @@ predictions, a detector's rejections count as defended."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,22 @@ def test_shattered_gradient_check(toy_model, toy_data):
     flag = shattered_gradient(Shattered(toy_model), x, y)
     assert flag is not None and flag["name"] == "shattered-gradient"
     assert flag["prediction_error_median"] > 0.5
+
+
+def test_cli_evaluate_applies_and_forces_bpda(fake_fmnist, tmp_path, monkeypatch):
+    from robustlab.cli import main
+
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "2",
+            "--n-points", "8", "--quiet", "--defense", "bit-depth", "--defense-option", "bits=2"]
+    for extra, expected in (([], True), (["--no-bpda"], False)):
+        out = tmp_path / f"e{len(extra)}"
+        assert main(base + extra + ["--out", str(out)]) == 0
+        rec = json.loads((out / "results.json").read_text())
+        assert rec["adaptive"]["bpda"] is expected
+        assert rec["adaptive"]["auto"]["bpda"] is (not extra)
+    assert main(base + ["--eot", "3", "--out", str(tmp_path / "eot")]) == 0
+    rec = json.loads((tmp_path / "eot" / "results.json").read_text())
+    assert rec["attacks"][0]["eot_samples"] == 3
