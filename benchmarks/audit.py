@@ -20,6 +20,10 @@ smallcnn, at linf eps 0.1 on the first ``--n`` test points:
   undefended model, and a convergence run);
 - the checks the audit flagged.
 
+The transfer attack crafts PGD-20 on the defense's undefended base model, or, for the models
+that are defenses in themselves (k-WTA, distillation, PGD-AT), on the natural smallcnn; the
+thermometer model's base takes the encoding, so it has no surrogate.
+
 The models are the cached ones of ``benchmarks/attack_speed.py`` (natural, PGD-AT) plus three
 trained here (cached in ``benchmarks/.cache``). Run from the repository root:
 ``.venv/bin/python benchmarks/audit.py`` (``--defenses`` picks rows; the record says which
@@ -156,7 +160,10 @@ def main() -> None:
         model = defended(row, bases, fit_x, fit_y)
         log(f"{row[0]}: auditing")
         t0 = time.perf_counter()
-        res = rl.audit(model, x, y, threat, steps=args.steps, queries=args.queries,
+        # the transfer surrogate: a defense's own base model; for a bare model the natural one
+        surrogate = None if row[1] is not None or row[3] == "natural" else bases["natural"]
+        res = rl.audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
+                       queries=args.queries,
                        binarization_points=args.binarization, check_points=args.check_points,
                        out=out_dir / row[0], config={"row": row[0]},
                        **AUDIT_OVERRIDES.get(row[0], {}))

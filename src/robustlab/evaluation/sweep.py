@@ -64,7 +64,8 @@ def eps_sweep(
     if rises or bad_points:
         flags.append({
             "name": "not-monotone-in-eps",
-            "message": f"robust accuracy rises with eps between {rises} and up to {bad_points} "
-                       "points broken at a smaller eps survive a larger one: the attacks do not "
-                       "find what exists (too few steps, bad step size, or masked gradients)"})
+            "message": (f"robust accuracy rises with eps between {rises}; " if rises else "")
+                       + f"{bad_points} points broken at a smaller eps survive a larger one: the "
+                       "attacks do not find what exists (too few steps, bad step size, or masked "
+                       "gradients)"})
     return SweepResult(curve=curve, flags=flags, results=results)
