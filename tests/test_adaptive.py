@@ -206,3 +206,21 @@ def test_cli_evaluate_applies_and_forces_bpda(fake_fmnist, tmp_path, monkeypatch
     assert main(base + ["--eot", "3", "--out", str(tmp_path / "eot")]) == 0
     rec = json.loads((tmp_path / "eot" / "results.json").read_text())
     assert rec["attacks"][0]["eot_samples"] == 3
+
+
+def test_cli_fits_a_detector_on_training_points_unless_given_its_threshold(
+        fake_fmnist, tmp_path, monkeypatch):
+    from robustlab.cli import main
+
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "1",
+            "--n-points", "4", "--quiet", "--defense", "feature-squeezing", "--fit-n", "32"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    rec = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert rec["config"]["defense"]["fit"] == {"split": "train", "n": 32}
+    assert rec["adaptive"]["rejects"] is True
+    assert main(base + ["--defense-option", "threshold=0.5", "--out", str(tmp_path / "b")]) == 0
+    rec = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert rec["config"]["defense"] == {"name": "feature-squeezing", "threshold": 0.5}

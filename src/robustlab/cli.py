@@ -177,7 +177,9 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
     options = _options(args.defense_option)
     model = defenses.create(args.defense, model, **options)
     record: dict[str, Any] = {"name": args.defense, **options}
-    if callable(getattr(model, "fit", None)):
+    fitted = (getattr(model, "threshold", None) is not None  # a detector given its threshold
+              or getattr(model, "pool_x", None) is not None)
+    if callable(getattr(model, "fit", None)) and not fitted:
         xf, yf = data.load(dataset, split="train", n=args.fit_n)
         model.fit(xf, yf)
         record["fit"] = {"split": "train", "n": len(xf)}

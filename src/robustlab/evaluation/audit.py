@@ -189,7 +189,7 @@ def audit(
         raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()
-    surrogate = surrogate if surrogate is not None else _default_surrogate(model, x.to(device))
+    surrogate = surrogate if surrogate is not None else _default_surrogate(model, x[:2].to(device))
 
     # 1. What the model is: randomness, gradients, stages without gradients.
     with eval_mode(model):
