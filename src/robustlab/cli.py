@@ -38,6 +38,17 @@ def _eps(s: str) -> float:
     return v
 
 
+def _checkpoint(args: argparse.Namespace,
+                device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model in ``args.checkpoint`` on ``device``, and the data set to use: ``--dataset``,
+    else the checkpoint's, else Fashion-MNIST."""
+    from robustlab import models
+
+    model = models.load(args.checkpoint, device=device)
+    meta = getattr(model, "robustlab_meta", {})
+    return model, args.dataset or meta.get("dataset") or "fashion-mnist"
+
+
 def _out(msg: str = "", quiet: bool = False) -> None:
     if not quiet:
         print(msg, flush=True)
@@ -127,9 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         world, device = distributed.init_from_env()
     quiet = args.quiet or not world.main
     torch.manual_seed(args.seed)
-    model = models.load(args.checkpoint, device=device)
-    meta = getattr(model, "robustlab_meta", {})
-    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    model, dataset = _checkpoint(args, device)
     x, y = data.load(dataset, split=args.split, n=args.n)
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, dataset, quiet)
@@ -210,9 +219,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from robustlab.threat import ThreatModel
 
     torch.manual_seed(args.seed)
-    model = models.load(args.checkpoint)
-    meta = getattr(model, "robustlab_meta", {})
-    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    model, dataset = _checkpoint(args, torch.device("cpu"))
     x, y = data.load(dataset, split="test", n=args.n)
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, dataset, args.quiet)
@@ -231,14 +238,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # --- certify ----------------------------------------------------------------------------------
 def cmd_certify(args: argparse.Namespace) -> int:
-    from robustlab import data, models
+    from robustlab import data
     from robustlab.defenses.noise import CERTIFIED_NORM
     from robustlab.evaluation.certification import run_certification
 
     device = _device(args.device)
-    model = models.load(args.checkpoint, device=device)
-    meta = getattr(model, "robustlab_meta", {})
-    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    model, dataset = _checkpoint(args, device)
     if args.denoiser:  # denoised smoothing: certify classifier(denoiser(x + delta))
         from robustlab.defenses.denoise import Denoised
 
@@ -277,13 +282,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 # --- denoise ----------------------------------------------------------------------------------
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from robustlab import data, models
+    from robustlab import data
     from robustlab.defenses.denoise import Denoiser, load_denoiser, train_denoiser
 
     device = _device(args.device)
-    classifier = models.load(args.checkpoint, device=device)
-    meta = getattr(classifier, "robustlab_meta", {})
-    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    classifier, dataset = _checkpoint(args, device)
     x, _ = data.load(dataset, split="train", n=args.n_train)
     if args.init:
         denoiser = load_denoiser(args.init, device=device)

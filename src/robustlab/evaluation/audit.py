@@ -45,11 +45,10 @@ from torch import Tensor, nn
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.attacks.base import eval_mode
-from robustlab.attacks.bpda import bpda as bpda_mode
 from robustlab.evaluation.binarization import binarization_test
-from robustlab.evaluation.checks import gradient_health, run_checks, shattered_gradient
+from robustlab.evaluation.checks import run_checks, shattered_gradient
 from robustlab.evaluation.results import EvalResult
-from robustlab.evaluation.suite import _adaptation, evaluate
+from robustlab.evaluation.suite import _adaptation, _lacks_gradient, evaluate
 from robustlab.evaluation.sweep import eps_sweep
 from robustlab.threat import ThreatModel
 
@@ -204,12 +203,7 @@ def audit(
             shattered = shattered_gradient(model, xp, yp)
             if shattered is not None:
                 flags.append(shattered)
-        after_bpda = None
-        if use_bpda:
-            with bpda_mode(model):
-                after_bpda = gradient_health(model, xp, yp)
-    no_gradient = (after_bpda["name"] == "no-gradient" if use_bpda and after_bpda is not None
-                   else any(f["name"] == "no-gradient" for f in flags) and not use_bpda)
+        no_gradient = _lacks_gradient(model, xp, yp, flags, with_bpda=use_bpda)
 
     def adaptive_attack(name: str, **opts: Any) -> Attack:
         return create_for_evaluation(name, threat, bpda=use_bpda, eot=n_eot, **opts)

@@ -241,11 +241,9 @@ def evaluate(
         repeats = adaptive["repeats"]
         built = [a if isinstance(spec, Attack) else _adapt(a, adaptive)
                  for spec, a in zip(specs, built, strict=True)]
-        no_gradient = bpda_no_gradient = any(f["name"] == "no-gradient" for f in flags)
-        if no_gradient and any(a.bpda for a in built):  # BPDA may restore a gradient path
-            with bpda_mode(model):
-                still = gradient_health(model, xp, yp)
-            bpda_no_gradient = still is not None and still["name"] == "no-gradient"
+        no_gradient = _lacks_gradient(model, xp, yp, flags, with_bpda=False)
+        bpda_no_gradient = (_lacks_gradient(model, xp, yp, flags, with_bpda=True)
+                            if any(a.bpda for a in built) else no_gradient)
         plan = _plan(built, threat, no_gradient, bpda_no_gradient, surrogate)
         settings = {"threat": threat.to_dict(), "attacks": [a.config() for a, _ in plan],
                     "seed": seed, "batch_size": batch_size, "repeats": repeats}
@@ -318,6 +316,20 @@ def evaluate(
         if state_path is not None:
             state_path.unlink(missing_ok=True)
     return result
+
+
+def _lacks_gradient(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *,
+                    with_bpda: bool) -> bool:
+    """The model has no input gradient as an attack runs it: its own no-gradient flag, checked
+    again with its BPDA stages switched on when ``with_bpda`` (BPDA may restore the path; it
+    never removes one). The model must be in eval mode."""
+    if not any(f["name"] == "no-gradient" for f in flags):
+        return False
+    if not with_bpda:
+        return True
+    with bpda_mode(model):
+        still = gradient_health(model, x, y)
+    return still is not None and still["name"] == "no-gradient"
 
 
 def _adaptation(model: nn.Module, flags: list[dict[str, Any]], bpda: bool | None,
