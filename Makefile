@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.robustlab-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUN    := runs/quickstart
 
-.PHONY: install data test quickstart lint bench bench-env clean
+.PHONY: install data browser test quickstart lint bench bench-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,18 @@ data:
 	  echo "or set ROBUSTLAB_DATA to a folder holding the four *-ubyte.gz files"; \
 	fi
 
-test: install data
+# Headless Chromium and its driver for the report's browser test (Debian packages); where apt
+# is not at hand the test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Chromium and ChromeDriver (Debian packages chromium, chromium-driver)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	  echo "chromium/chromedriver not found and apt-get unavailable: the browser test will be skipped"; \
+	fi
+
+test: install data browser
 	$(BIN)/python -m pytest
 
 lint: install
@@ -43,6 +54,7 @@ quickstart: install data
 	@if [ -f $(RUN)/train_state.safetensors ]; then resume=--resume; else resume=; fi; \
 	$(BIN)/robustlab train --config configs/quickstart.toml --out $(RUN) $$resume
 	$(BIN)/robustlab evaluate $(RUN)/model.safetensors --norm linf --eps 0.1 --suite fast --n 1000
+	$(BIN)/robustlab report $(RUN) -o $(RUN)/report.html
 
 # Peers for benchmarks/ only (never runtime dependencies), in their own venv.
 bench-env:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import (
     CACHE_DIR,
     RESULTS_DIR,
@@ -53,8 +52,8 @@ from torch import Tensor, nn
 import robustlab as rl
 from robustlab.defenses import Smoothing
 from robustlab.defenses.noise import sample
-from robustlab.defenses.smoothing import noisy_logits
 from robustlab.evaluation.certification import run_certification
+from robustlab.evaluation.smoothing_curves import draw_logits, vote_decisions
 
 VOTES = ("prediction", "soft", "weighted")
 DATASET = "fashion-mnist"
@@ -101,42 +100,6 @@ def is_random(model: nn.Module, x: Tensor) -> bool:
 
 
 # --- part 1: the grid --------------------------------------------------------------------------
-def draw_logits(model: nn.Module, x: Tensor, sigma: float, draws: int,
-                gen: torch.Generator) -> Tensor:
-    """(N, draws, K) logits of the base model on noisy copies, from robustlab's sampler (which
-    packs input by input, or draw by draw for weight-noise models: placed by ``rows``)."""
-    n = len(x)
-    out: Tensor | None = None
-    filled = torch.zeros(n, dtype=torch.long)
-    with torch.no_grad():
-        for rows, lg in noisy_logits(model, x, draws, sigma, "gaussian", 4096, gen):
-            if out is None:
-                out = lg.new_empty(n, draws, lg.shape[1])
-            seen = F.one_hot(rows, n).cumsum(0).gather(1, rows[:, None]).squeeze(1) - 1
-            out[rows, filled[rows] + seen] = lg
-            filled += torch.bincount(rows, minlength=n)
-    assert out is not None and bool((filled == draws).all())
-    return out
-
-
-def decisions(logits: Tensor, n: int) -> dict[str, Tensor]:
-    """Each vote's decision from the first n draws, by the rules of
-    ``robustlab.defenses.Smoothing`` (soft on probabilities; ties to the higher mean
-    probability)."""
-    sub = logits[:, :n]
-    k = sub.shape[-1]
-    mean_prob = F.softmax(sub, -1).mean(1)
-    hard = F.one_hot(sub.argmax(-1), k).sum(1).float()
-    weighted = torch.exp2(-sub.argsort(-1, descending=True).argsort(-1).float()).sum(1)
-
-    def decide(votes: Tensor) -> Tensor:
-        top = votes == votes.amax(1, keepdim=True)
-        return mean_prob.masked_fill(~top, -1.0).argmax(1)
-
-    return {"prediction": decide(hard), "soft": mean_prob.argmax(1),
-            "weighted": decide(weighted)}
-
-
 def grid(models: dict[str, nn.Module], x: Tensor, y: Tensor,
          args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
@@ -163,9 +126,9 @@ def grid(models: dict[str, nn.Module], x: Tensor, y: Tensor,
                 draws = 1 if sigma == 0 and not random_model else max(args.ns)
                 correct: dict[tuple[str, int, str], Tensor] = {}
                 for set_name, xs in sets.items():
-                    logits = draw_logits(model, xs, sigma, draws, gen)
+                    logits = draw_logits(model, xs, sigma, draws, gen, batch_size=4096)
                     for n in args.ns:
-                        for vote, pred in decisions(logits, min(n, draws)).items():
+                        for vote, pred in vote_decisions(logits, min(n, draws)).items():
                             correct[set_name, n, vote] = pred == y
                 for (set_name, n, vote), ok in list(correct.items()):
                     rows.append({"model": name, "seed": seed, "sigma": sigma, "set": set_name,

@@ -280,6 +280,49 @@ def cmd_certify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- smooth -----------------------------------------------------------------------------------
+def cmd_smooth(args: argparse.Namespace) -> int:
+    from robustlab import data
+    from robustlab.evaluation.smoothing_curves import FILE, smoothing_curves
+
+    def listed(option: str, kind: type, example: str) -> list[Any]:
+        text = getattr(args, option)
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--{option} takes comma-separated {kind.__name__}s, e.g. "
+                             f"{example}, got {text!r}") from None
+
+    sigmas = listed("sigmas", float, "0,0.12,0.25,0.5")
+    samples = listed("samples", int, "1,4,16,64,256")
+    votes = [v.strip() for v in args.votes.split(",")]
+    torch.manual_seed(args.seed)  # a model with weight noise draws it from the global generator
+    device = _device(args.device)
+    model, dataset = _checkpoint(args, device)
+    x, y = data.load(dataset, split=args.split, n=args.n)
+    x, y = x.to(device), y.to(device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "smoothing"
+    _out(f"smoothing curves of {args.checkpoint} on {len(x)} {dataset} {args.split} images, "
+         f"{args.noise} noise", args.quiet)
+    rec = smoothing_curves(
+        model, x, y, sigmas=sigmas, samples=samples, votes=votes, noise=args.noise,
+        batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
+        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+                "command": " ".join(sys.argv)},
+    )
+    cfg = rec["config"]
+    acc = {(r["sigma"], r["samples"], r["vote"]): r["accuracy"] for r in rec["rows"]}
+    _out(f"base model (no noise): {100 * rec['base_accuracy']:.1f}%", args.quiet)
+    for vote in cfg["votes"]:
+        _out(f"\n{vote} vote: accuracy (%) by sigma and n draws", args.quiet)
+        _out("sigma\t" + "\t".join(f"n={n}" for n in cfg["samples"]), args.quiet)
+        for sigma in cfg["sigmas"]:
+            _out(f"{sigma:g}\t" + "\t".join(f"{100 * acc[sigma, n, vote]:.1f}"
+                                            for n in cfg["samples"]), args.quiet)
+    _out(f"\nsmoothing curves: {out / FILE}", args.quiet)
+    return 0
+
+
 # --- denoise ----------------------------------------------------------------------------------
 def cmd_denoise(args: argparse.Namespace) -> int:
     from robustlab import data
@@ -307,6 +350,31 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     _out(f"denoiser: {Path(args.out) / 'denoiser.safetensors'}; certify the classifier behind "
          f"it with: robustlab certify {args.checkpoint} --sigma {args.sigma:g} --denoiser "
          f"{Path(args.out) / 'denoiser.safetensors'}", args.quiet)
+    return 0
+
+
+# --- report and compare -----------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from robustlab.evaluation.report import write_report
+
+    out = args.output or (args.runs[0] / "report.html" if len(args.runs) == 1
+                          else Path("report.html"))
+    path = write_report(args.runs, out, title=args.title)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from robustlab._io import atomic_write
+    from robustlab.evaluation.report import leaderboard_markdown
+    from robustlab.evaluation.runs import load_run
+
+    text = leaderboard_markdown([load_run(p) for p in args.runs])
+    if args.output:
+        atomic_write(args.output, text)
+        print(f"leaderboard: {args.output.resolve()}")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -451,6 +519,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_certify)
 
+    s = sub.add_parser("smooth", help="smoothing curves: accuracy of a smoothed checkpoint vs "
+                                      "noise draws n and sigma, for each vote")
+    s.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
+    s.add_argument("--sigmas", type=str, required=True,
+                   help="noise scales in input units, comma-separated, e.g. 0,0.12,0.25,0.5")
+    s.add_argument("--samples", type=str, required=True,
+                   help="numbers of noise draws n, comma-separated, e.g. 1,4,16,64,256 (all "
+                        "come from the largest n's draws)")
+    s.add_argument("--votes", type=str, default="prediction,soft,weighted",
+                   help="voting rules, comma-separated (default: all three)")
+    s.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+    s.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=500,
+                   help="first n points of the split")
+    s.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+    s.add_argument("--split", default="test", choices=("train", "test"))
+    s.add_argument("--batch-size", type=_positive_int, default=1024,
+                   help="noisy copies per forward pass")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--out", default=None,
+                   help="directory for smoothing.json (default: smoothing/ beside the checkpoint)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_smooth)
+
     d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a checkpoint")
     d.add_argument("checkpoint", type=Path, help="the classifier (not modified)")
     d.add_argument("--sigma", type=_eps, required=True, help="noise scale to remove")
@@ -472,6 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory; a rerun resumes after its last epoch")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_denoise)
+
+    r = sub.add_parser("report", help="one self-contained HTML page of one or more runs: flags, "
+                                      "accuracies, attack cascade, curves, examples, provenance")
+    r.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories (robustlab train/evaluate/audit/certify/smooth --out)")
+    r.add_argument("-o", "--output", type=Path, default=None,
+                   help="HTML file (default: RUN_DIR/report.html for one run, else report.html)")
+    r.add_argument("--title", default=None, help="page title")
+    r.set_defaults(func=cmd_report)
+
+    cm = sub.add_parser("compare", help="a RobustBench-style leaderboard of runs (Markdown)")
+    cm.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    cm.add_argument("-o", "--output", type=Path, default=None,
+                    help="write the Markdown here instead of printing it")
+    cm.set_defaults(func=cmd_compare)
 
     ls = sub.add_parser("list", help="what is registered")
     ls.add_argument("kind", nargs="?", choices=sorted(_registries()), default=None)

@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
-from robustlab._io import atomic_write
+from robustlab._io import atomic_path, atomic_write
 
 SCHEMA = "robustlab.evaluation/1"
+EXAMPLES = "examples.safetensors"
+N_EXAMPLES = 8  # adversarial examples kept beside the results for the report's image grid
 
 
 @dataclass
@@ -29,6 +33,7 @@ class EvalResult:
             the clean input where no attack succeeded; broken_by: per sample, ``"clean"``
             (misclassified without attack), the attack label that broke it, or None.
         record: the full JSON-able results document (schema, versions, seed, commit, ...).
+        x: the clean inputs (n, ...), kept to save a few examples beside the results.
     """
 
     clean_accuracy: float
@@ -40,16 +45,44 @@ class EvalResult:
     broken_by: list[str | None]
     per_sample: list[dict[str, Any]] = field(repr=False)
     record: dict[str, Any] = field(repr=False)
+    x: Tensor | None = field(default=None, repr=False)
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``results.json``, ``per_sample.jsonl`` and ``summary.md`` into ``out``."""
+        """Write ``results.json``, ``per_sample.jsonl`` and ``summary.md`` into ``out``, and
+        with the clean inputs known, ``examples.safetensors``: a few clean and adversarial
+        inputs with their labels and predictions (see :func:`example_indices`), named in the
+        results under ``examples``."""
         from robustlab.evaluation.summary import markdown
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.json", "per_sample": out / "per_sample.jsonl",
                  "summary": out / "summary.md"}
+        if self.x is not None and len(self.per_sample):
+            idx = example_indices(self.per_sample)
+            rows = [self.per_sample[i] for i in idx]
+            tensors = {
+                "index": torch.tensor(idx, dtype=torch.int64),
+                "x": self.x[idx].float().contiguous(),
+                "x_adv": self.x_adv[idx].float().contiguous(),
+                "label": torch.tensor([r["label"] for r in rows], dtype=torch.int64),
+                "clean_pred": torch.tensor([r["clean_pred"] for r in rows], dtype=torch.int64),
+                "adv_pred": torch.tensor([r["adv_pred"] for r in rows], dtype=torch.int64),
+            }
+            paths["examples"] = out / EXAMPLES
+            with atomic_path(paths["examples"]) as tmp:
+                save_file(tensors, str(tmp))
+            self.record["examples"] = {"file": EXAMPLES, "indices": idx}
         atomic_write(paths["results"], json.dumps(self.record, indent=2) + "\n")
         atomic_write(paths["per_sample"], "".join(json.dumps(r) + "\n" for r in self.per_sample))
         atomic_write(paths["summary"], markdown(self.record))
         return paths
+
+
+def example_indices(per_sample: list[dict[str, Any]], k: int = N_EXAMPLES) -> list[int]:
+    """Up to ``k`` points worth showing, in index order: the points an attack broke first
+    (clean correct, adversarial wrong), then robust ones; never points misclassified without
+    attack (their "adversarial" input is the clean one)."""
+    broken = [i for i, r in enumerate(per_sample) if r["broken_by"] not in (None, "clean")]
+    robust = [i for i, r in enumerate(per_sample) if r["broken_by"] is None]
+    return sorted(broken[:k] + robust[:max(0, k - len(broken))])

@@ -38,7 +38,7 @@ def evaluate_sharded(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel
     parts: list[Any] = [None] * world.size
     dist.all_gather_object(parts, {"record": res.record, "per_sample": res.per_sample})
     x_adv = distributed.gather_rows(res.x_adv.to(_device(model)), world).cpu()
-    merged = merge(parts, x_adv, threat)
+    merged = merge(parts, x_adv, threat, x=x.detach().cpu())
     if world.main and out is not None:
         merged.save(out)
     distributed.barrier(world)
@@ -49,8 +49,10 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel) -> EvalResult:
-    """One result from the shards' ``{"record", "per_sample"}`` in rank order."""
+def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
+          x: Tensor | None = None) -> EvalResult:
+    """One result from the shards' ``{"record", "per_sample"}`` in rank order; ``x``: the clean
+    inputs (for the saved examples)."""
     per_sample, offset = [], 0
     for p in parts:
         per_sample += [row | {"index": row["index"] + offset} for row in p["per_sample"]]
@@ -78,6 +80,7 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel) -> Ev
         "timings": {k: max(r["timings"][k] for r in records) for k in records[0]["timings"]},
     }
     record.pop("min_norm_curve", None)
+    record.pop("examples", None)  # shard 0's; the merged result saves its own
     if all("min_norm_curve" in r for r in records):
         norms = torch.tensor([float("inf") if row["min_norm"] is None else row["min_norm"]
                               for row in per_sample])
@@ -85,4 +88,5 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel) -> Ev
     return EvalResult(
         clean_accuracy=clean, robust_accuracy=record["robust_accuracy"], per_attack=per_attack,
         flags=record["flags"], robust=robust, x_adv=x_adv,
-        broken_by=[row["broken_by"] for row in per_sample], per_sample=per_sample, record=record)
+        broken_by=[row["broken_by"] for row in per_sample], per_sample=per_sample, record=record,
+        x=x)

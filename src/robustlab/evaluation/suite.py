@@ -261,11 +261,24 @@ def evaluate(
                            broken_by=[None if r else "clean" for r in clean.tolist()])
         elapsed0, last_save = st.elapsed_s, time.perf_counter()
         bar = None
-        if progress:
+        if progress:  # unit: attack batches, total: an upper bound that falls as points break
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(plan), initial=st.attack, desc="attacks", unit="attack",
-                       leave=False)
+            done = sum(math.ceil(r["attacked"] / batch_size) for r in st.per_attack) + st.batch
+            left = _batches_left(plan, st.attack, int(st.start_robust.sum() if st.batch
+                                                      else st.robust.sum()), batch_size)
+            bar = tqdm(total=done + left - st.batch, initial=done, desc="attacks",
+                       unit="batch", leave=False, dynamic_ncols=True)
+        log_path = None
+        if out is not None:  # the event log: appended line by line, never rewritten
+            from robustlab._progress import append_jsonl
+
+            log_path = Path(out) / "eval_log.jsonl"
+            append_jsonl(log_path, {
+                "event": "start", "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "n": len(x), "suite": suite_name, "threat": threat.to_dict(),
+                "attacks": [f"{k + 1}:{a.name}" for k, (a, _) in enumerate(plan)],
+                "resumed": st.attack > 0 or st.batch > 0})
         for i in range(st.attack, len(plan)):
             atk, skipped = plan[i]
             label = f"{i + 1}:{atk.name}"
@@ -273,11 +286,19 @@ def evaluate(
                 st.begin_attack()
             idx = st.start_robust.nonzero().squeeze(1)
             t0 = time.perf_counter()
+            if bar is not None:
+                bar.total = bar.n - st.batch + _batches_left(plan, i, len(idx), batch_size)
+                bar.set_description(label, refresh=False)
+                bar.set_postfix(robust=f"{100 * float(st.robust.float().mean()):.2f}%")
             for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
                 b = idx[j:j + batch_size]
                 gen = _batch_generator(seed, i, j // batch_size, device)
                 _attack_batch(model, atk, threat, x, y, b, gen, repeats, label, st)
                 st.batch = j // batch_size + 1
+                if bar is not None:
+                    bar.set_postfix(robust=f"{100 * float(st.robust.float().mean()):.2f}%",
+                                    refresh=False)
+                    bar.update(1)
                 if state_path is not None and time.perf_counter() - last_save > _SAVE_EVERY_S:
                     st.elapsed_s = elapsed0 + time.perf_counter() - t_start
                     st.save(state_path, fp, attack_time_s=time.perf_counter() - t0)
@@ -291,13 +312,18 @@ def evaluate(
             if skipped:
                 record["skipped"] = skipped
             st.end_attack(record)
+            st.elapsed_s = elapsed0 + time.perf_counter() - t_start
+            if log_path is not None:
+                keys = ("attack", "attacked", "broken", "robust_accuracy", "time_s", "skipped")
+                line = {k: record[k] for k in keys if k in record}
+                append_jsonl(log_path, {"event": "attack", **line, "elapsed_s": st.elapsed_s})
             if state_path is not None:
-                st.elapsed_s = elapsed0 + time.perf_counter() - t_start
                 st.save(state_path, fp)
                 last_save = time.perf_counter()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(robust=f"{100 * float(st.robust.float().mean()):.2f}%")
+        if log_path is not None:
+            append_jsonl(log_path, {"event": "end", "clean_accuracy": float(clean.float().mean()),
+                                    "robust_accuracy": float(st.robust.float().mean()),
+                                    "total_s": elapsed0 + time.perf_counter() - t_start})
         if bar is not None:
             bar.close()
     flags += st.flags
@@ -316,6 +342,14 @@ def evaluate(
         if state_path is not None:
             state_path.unlink(missing_ok=True)
     return result
+
+
+def _batches_left(plan: list[tuple[Attack, str | None]], i: int, attacked: int,
+                  batch_size: int) -> int:
+    """Attack batches from the start of attack ``i`` to the end of ``plan`` when attack ``i``
+    runs on ``attacked`` points: an upper bound, as each later attack runs on at most those
+    (skipped attacks run none)."""
+    return math.ceil(attacked / batch_size) * sum(why is None for _, why in plan[i:])
 
 
 def _lacks_gradient(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *,
@@ -438,5 +472,5 @@ def _result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
     return EvalResult(
         clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
         per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,
-        broken_by=st.broken_by, per_sample=per_sample, record=record,
+        broken_by=st.broken_by, per_sample=per_sample, record=record, x=x,
     )

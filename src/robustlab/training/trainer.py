@@ -13,6 +13,14 @@ of each; the objective's whole loss (inner attack included) runs inside one DDP 
 inner maximisation never triggers a gradient all-reduce and the averaged gradient equals the
 single-process gradient of the global batch. Rank 0 writes checkpoints and logs; validation is
 sharded over the ranks and merged.
+
+Progress and logs: with ``progress=True`` the main rank shows one bar over every batch of the
+run (its ETA is for the whole run; a resumed run starts it where it stands) with the epoch,
+the running loss, the learning rate and the last validation accuracies. With ``out`` each
+epoch's record goes to ``train_log.jsonl`` and, if the ``tensorboard`` package is installed,
+its scalars to ``out/tensorboard/`` (step = epoch; see :data:`TB_SCALARS`). These mirror the
+log: every (re)start has TensorBoard discard the steps of earlier event files and writes the
+history again, so a resumed run shows each epoch once.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import distributed, models
+from robustlab._progress import tensorboard_available
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.attacks.base import eval_mode
@@ -47,6 +56,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "train_log.jsonl"
+TB_DIR = "tensorboard"
+# TensorBoard tag <- train_log.jsonl key; "time/epoch_s" is train_time_s + val_time_s
+TB_SCALARS = (("train/loss", "train_loss"), ("train/lr", "lr"),
+              ("val/clean_accuracy", "val_clean_acc"), ("val/robust_accuracy", "val_robust_acc"),
+              ("probe/robust_accuracy", "probe_robust_acc"))
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -160,6 +174,17 @@ def evaluate_epoch(
     return out
 
 
+def _scalars(writer: Any, rec: dict[str, Any]) -> None:
+    """Write one epoch record's scalars (:data:`TB_SCALARS`, ``time/epoch_s``) at step
+    ``rec["epoch"]`` and flush them."""
+    step = rec["epoch"]
+    for tag, key in TB_SCALARS:
+        if key in rec:
+            writer.add_scalar(tag, rec[key], step)
+    writer.add_scalar("time/epoch_s", rec["train_time_s"] + rec.get("val_time_s", 0.0), step)
+    writer.flush()
+
+
 class _Step(nn.Module):
     """The objective's whole loss as one module call, so that DDP sees one forward (inner
     attack included) per backward."""
@@ -175,7 +200,14 @@ class _Step(nn.Module):
 
 
 class Trainer:
-    """Runs :class:`TrainConfig` on ``model`` with data ``(x, y)``, writing to ``out``."""
+    """Runs :class:`TrainConfig` on ``model`` with data ``(x, y)``, writing to ``out``.
+
+    ``progress``: one progress bar over the run's batches (main rank). ``callback``: called
+    with each epoch's record after its checkpoint (the bar is cleared while it runs, so it may
+    print). ``tensorboard``: scalars in ``out/tensorboard/``; None: if the ``tensorboard``
+    package is installed and ``out`` is set, True: required (ImportError if not installed),
+    False: none.
+    """
 
     def __init__(
         self,
@@ -188,6 +220,7 @@ class Trainer:
         val: tuple[Tensor, Tensor] | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, Any]], None] | None = None,
+        tensorboard: bool | None = None,
     ) -> None:
         cfg.validate()
         for what, pair in (("data", data), ("val", val)):
@@ -213,6 +246,10 @@ class Trainer:
                 "whose architecture can be recorded; train without out= for other models"
             )
         self.model, self.x, self.y, self.cfg, self.threat = model, x, y, cfg, threat
+        if tensorboard and out is None:
+            raise ValueError(f"tensorboard={tensorboard!r} writes to out/{TB_DIR}/: pass out=... "
+                             "or leave tensorboard unset")
+        self.tensorboard = out is not None and tensorboard_available(tensorboard)
         self.out = Path(out) if out is not None else None
         self.val = val
         self.progress = progress
@@ -302,6 +339,7 @@ class Trainer:
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         start = 0
         devices = [self.device] if self.device.type == "cuda" else []
+        bar = writer = None
         with torch.random.fork_rng(devices=devices):
             if resume:
                 start = self._resume()
@@ -327,19 +365,75 @@ class Trainer:
                 probe = OverfitProbe(self.probe_action, self.x[:b].to(self.device),
                                      self.y[:b].to(self.device), self.threat)
                 snapshot = Snapshot(self.model, self.optimizer, self.objective)
-            for epoch in range(start, self.passes):
-                self.objective.begin_epoch(epoch, self.passes)
-                rec = self._epoch(epoch)
-                if probe is not None and snapshot is not None:
-                    snapshot = self._check_probe(probe, snapshot, epoch, rec)
-                self.history.append(rec)
-                if self.out is not None:
-                    self._checkpoint(epoch + 1)
-                if self.callback is not None:
-                    self.callback(rec)
-                if self.stopped:
-                    break
+            try:
+                if self.world.main:
+                    bar = self._progress_bar(start)
+                    writer = self._tensorboard()
+                for epoch in range(start, self.passes):
+                    self.objective.begin_epoch(epoch, self.passes)
+                    rec = self._epoch(epoch, bar)
+                    if probe is not None and snapshot is not None:
+                        snapshot = self._check_probe(probe, snapshot, epoch, rec)
+                    self.history.append(rec)
+                    if self.out is not None:
+                        self._checkpoint(epoch + 1)
+                    if writer is not None:
+                        _scalars(writer, rec)
+                    if bar is not None:  # cleared while the callback runs: it may print
+                        bar.set_postfix(self._postfix(epoch, rec["train_loss"], rec["lr"]),
+                                        refresh=False)
+                        bar.clear()
+                    if self.callback is not None:
+                        self.callback(rec)
+                    if bar is not None:
+                        bar.refresh()
+                    if self.stopped:
+                        break
+            finally:
+                if bar is not None:
+                    bar.close()
+                if writer is not None:
+                    writer.close()
         return self.history
+
+    def _progress_bar(self, start: int) -> Any:
+        """A bar over the batches of every pass, standing at the start of pass ``start``;
+        None without ``progress``."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        per_pass = math.ceil(len(self.x) / self.cfg.batch_size)
+        bar = tqdm(total=self.passes * per_pass, initial=start * per_pass, desc="training",
+                   unit="batch", leave=False, dynamic_ncols=True)
+        if self.history:
+            last = self.history[-1]
+            bar.set_postfix(self._postfix(start - 1, last["train_loss"], last["lr"]))
+        return bar
+
+    def _postfix(self, epoch: int, loss: float, lr: float) -> dict[str, str]:
+        """The bar's postfix: epoch ``epoch`` (0-based) of the passes, running loss, learning
+        rate and the validation accuracies of the last finished epoch, if any."""
+        post = {"epoch": f"{epoch + 1}/{self.passes}", "loss": f"{loss:.4f}", "lr": f"{lr:.3g}"}
+        last = self.history[-1] if self.history else {}
+        for key, name in (("val_clean_acc", "val_clean"), ("val_robust_acc", "val_robust")):
+            if key in last:
+                post[name] = f"{100 * last[key]:.1f}%"
+        return post
+
+    def _tensorboard(self) -> Any:
+        """A SummaryWriter on ``out/tensorboard/`` holding the history's scalars (None if
+        TensorBoard is off). ``purge_step=1`` makes TensorBoard discard every step of earlier
+        event files, so a resumed run shows each epoch once, as in ``train_log.jsonl``."""
+        if not self.tensorboard:
+            return None
+        assert self.out is not None
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out / TB_DIR), purge_step=1)
+        for rec in self.history:
+            _scalars(writer, rec)
+        return writer
 
     def _check_probe(self, probe: OverfitProbe, snapshot: Snapshot, epoch: int,
                      rec: dict[str, Any]) -> Snapshot:
@@ -362,7 +456,7 @@ class Trainer:
     def _lr_scale(self) -> float:
         return 0.5 ** sum(r.get("overfit") == "rolled back" for r in self.history)
 
-    def _epoch(self, epoch: int) -> dict[str, Any]:
+    def _epoch(self, epoch: int, bar: Any = None) -> dict[str, Any]:
         cfg, n, m, world = self.cfg, len(self.x), self.objective.replays, self.world
         order = torch.randperm(n, generator=_seeded(cfg.seed, epoch, 0, torch.device("cpu")))
         gen = _seeded(cfg.seed, epoch, 1, self.device, world.rank)
@@ -370,18 +464,12 @@ class Trainer:
             torch.set_rng_state(_seeded(cfg.seed, epoch, 3, torch.device("cpu"),
                                         world.rank).get_state())
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-        bar = None
-        if self.progress and world.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.passes}", leave=False,
-                       unit="batch")
         self.model.train()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if cfg.precision == "bf16" else contextlib.nullcontext())
         t0, total, seen = time.perf_counter(), 0.0, 0
         lr, scale_lr = cfg.lr, self._lr_scale()
-        for i, idx in enumerate(bar if bar is not None else batches):
+        for i, idx in enumerate(batches):
             local = distributed.shard(idx, world)
             xb, yb = self.x[local].to(self.device), self.y[local].to(self.device)
             if cfg.channels_last and xb.dim() == 4:
@@ -410,10 +498,9 @@ class Trainer:
                 total += loss.item() * len(local)
                 seen += len(local)
             if bar is not None:
-                bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{lr:.4g}")
+                bar.set_postfix(self._postfix(epoch, total / seen, lr), refresh=False)
+                bar.update(1)
         train_time = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
         total, seen = distributed.all_sum([total, float(seen)], world, self.device)
         rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": total / seen,
                                "train_time_s": train_time}
@@ -441,13 +528,15 @@ def fit(
     val: tuple[Tensor, Tensor] | None = None,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    tensorboard: bool | None = None,
     **config: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``data = (x, y)`` with a registered objective; returns the per-epoch
     history (also written to ``out/train_log.jsonl`` with a checkpoint every epoch).
 
     ``config`` takes any :class:`TrainConfig` field (epochs, batch_size, lr, schedule, ...).
-    With ``resume=True`` the run in ``out`` continues from its last checkpoint.
+    With ``resume=True`` the run in ``out`` continues from its last checkpoint. ``progress``,
+    ``callback`` and ``tensorboard`` as in :class:`Trainer`.
     """
     try:
         cfg = TrainConfig(objective=objective, **config)
@@ -455,5 +544,5 @@ def fit(
         valid = ", ".join(TrainConfig.__dataclass_fields__)
         raise TypeError(f"{e}; valid training settings are: {valid}") from None
     trainer = Trainer(model, data, cfg, threat=threat, out=out, val=val, progress=progress,
-                      callback=callback)
+                      callback=callback, tensorboard=tensorboard)
     return trainer.run(resume=resume)

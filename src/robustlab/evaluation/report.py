@@ -1,0 +1,540 @@
+"""``robustlab report`` and ``robustlab compare``: one self-contained HTML page, and a leaderboard.
+
+The page is rendered from what the run directories recorded (see :mod:`robustlab.evaluation.runs`)
+and never runs a model: flags first, in colour; then per run the headline numbers, the attack
+cascade, the audit's verdicts, robust accuracy against eps, clean / adversarial / perturbation
+images, training curves, smoothing curves and certified accuracy, and the provenance (config,
+versions, seed, commit, threat model). Plots are inline SVG and images inline PNG, the style is
+inline CSS and there is no script: the file opens from disk, offline, and shows the same
+everywhere. The leaderboard follows RobustBench: one table per threat model, ranked by robust
+accuracy, with the method, architecture, clean accuracy, epochs and training time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from robustlab import __version__
+from robustlab._io import atomic_write
+from robustlab.evaluation import plots
+from robustlab.evaluation.runs import Document, Run, load_run
+from robustlab.evaluation.summary import _attack_label
+
+IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
+CERTIFIED_RADII = 5  # radii in the certification table
+
+
+# --- formatting ---------------------------------------------------------------------------------
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def eps_label(eps: float) -> str:
+    """``8/255`` for a multiple of 1/255, else ``0.1``."""
+    k = eps * 255
+    if eps > 0 and abs(k - round(k)) < 1e-6 and eps < 1:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def threat_label(t: dict[str, Any]) -> str:
+    return f"{t['norm']} ε = {eps_label(t['eps'])}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    """An HTML table; cells are escaped unless given as ``Markup``."""
+    def cell(v: Any, tag: str) -> str:
+        return f"<{tag}>{v if isinstance(v, Markup) else _e(v)}</{tag}>"
+
+    out = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>",
+           *(cell(h, "th") for h in head), "</tr></thead><tbody>"]
+    for r in rows:
+        out += ["<tr>", *(cell(v, "td") for v in r), "</tr>"]
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+class Markup(str):
+    """A string that is already HTML (not escaped again)."""
+
+
+def _status(status: str) -> Markup:
+    return Markup(f'<span class="badge {_e(status.lower())}">{_e(status)}</span>')
+
+
+# --- the leaderboard ----------------------------------------------------------------------------
+def _method(run: Run, doc: Document) -> str:
+    objective = (run.model or {}).get("objective")
+    defense = (doc.data.get("config") or {}).get("defense")
+    parts = [objective] if objective else []
+    if defense:
+        name = defense.get("name", defense) if isinstance(defense, dict) else defense
+        parts.append(f"defense: {name}")
+    return " + ".join(parts) or "–"
+
+
+def _epochs(run: Run) -> list[dict[str, Any]]:
+    """The training log, one record per epoch (the last written wins after a resume)."""
+    return list({r["epoch"]: r for r in run.train_log}.values())
+
+
+def leaderboard_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per evaluation of each run, ranked within each threat model by robust accuracy
+    (then clean accuracy); ``rank`` counts within the threat model."""
+    rows = []
+    for run in runs:
+        log = _epochs(run)
+        train_time = sum(r.get("train_time_s", 0.0) for r in log) if log else None
+        model = run.model or {}
+        for doc in run.evaluations:
+            d = doc.data
+            rows.append({
+                "run": run.name, "where": doc.where, "method": _method(run, doc),
+                "architecture": (model.get("architecture") or {}).get("name", "–"),
+                "clean_accuracy": d["clean_accuracy"], "robust_accuracy": d["robust_accuracy"],
+                "suite": d.get("suite", "–"), "n": d["n"], "threat": d["threat"],
+                "epochs": model.get("epoch", len(log) or None), "train_time_s": train_time,
+                "flags": [f["name"] for f in d.get("flags", [])],
+            })
+    rows.sort(key=lambda r: (r["threat"]["norm"], r["threat"]["eps"], -r["robust_accuracy"],
+                             -r["clean_accuracy"]))
+    for i, r in enumerate(rows):
+        same = i > 0 and rows[i - 1]["threat"] == r["threat"]
+        r["rank"] = rows[i - 1]["rank"] + 1 if same else 1
+    return rows
+
+
+LEADERBOARD_HEAD = ("rank", "run", "method", "architecture", "clean", "robust (suite, points)",
+                    "threat model", "epochs", "train time", "flags")
+
+
+def _leaderboard_cells(r: dict[str, Any]) -> list[str]:
+    name = r["run"] if r["where"] == "." else f"{r['run']}/{r['where']}"
+    return [str(r["rank"]), name, r["method"], r["architecture"], pct(r["clean_accuracy"]),
+            f"{pct(r['robust_accuracy'])} ({r['suite']}, {r['n']})", threat_label(r["threat"]),
+            "–" if r["epochs"] is None else str(r["epochs"]), duration(r["train_time_s"]),
+            ", ".join(r["flags"]) or "none"]
+
+
+def _by_threat(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(threat_label(r["threat"]), []).append(r)
+    return groups
+
+
+def leaderboard_markdown(runs: Sequence[Run]) -> str:
+    """The leaderboard as Markdown, one table per threat model."""
+    lines = ["# robustlab leaderboard", ""]
+    groups = _by_threat(leaderboard_rows(runs))
+    if not groups:
+        return "\n".join(lines + ["No evaluation results in these runs (run robustlab evaluate "
+                                  "first).", ""])
+    for label, rows in groups.items():
+        lines += [f"## {label}", "", "| " + " | ".join(LEADERBOARD_HEAD) + " |",
+                  "|" + "---|" * len(LEADERBOARD_HEAD)]
+        for r in rows:
+            cells = [c.replace("|", "/") for c in _leaderboard_cells(r)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("Robust accuracy is the per-sample worst case over the suite's attacks; a row "
+                 "with flags is not to be trusted as it stands.")
+    return "\n".join(lines) + "\n"
+
+
+def _leaderboard_html(runs: Sequence[Run]) -> str:
+    groups = _by_threat(leaderboard_rows(runs))
+    out = ['<section id="leaderboard"><h2>Leaderboard</h2>']
+    for label, rows in groups.items():
+        out.append(f"<h3>{_e(label)}</h3>")
+        out.append(_table(LEADERBOARD_HEAD, [_leaderboard_cells(r) for r in rows], "num"))
+    if not groups:
+        out.append("<p>No evaluation results in these runs.</p>")
+    out.append("</section>")
+    return "".join(out)
+
+
+# --- flags --------------------------------------------------------------------------------------
+def _flags(run: Run) -> list[tuple[str, str, str]]:
+    """(where, name, message) of every flag a run recorded: the evaluations' sanity and audit
+    flags, and catastrophic overfitting in training."""
+    found = [(doc.where, f["name"], f.get("message", "")) for doc in run.evaluations
+             for f in doc.data.get("flags", [])]
+    found += [("training", "catastrophic-overfitting",
+               f"epoch {r['epoch']}: the overfitting probe collapsed; the run {r['overfit']}")
+              for r in _epochs(run) if "overfit" in r]
+    return found
+
+
+def _flags_html(runs: Sequence[Run]) -> str:
+    rows = [(run.name, *f) for run in runs for f in _flags(run)]
+    n_eval = sum(len(run.evaluations) for run in runs)
+    if not rows:
+        return (f'<div class="banner ok"><strong>No sanity flag</strong> was raised by the '
+                f"{n_eval} evaluation(s) and the training logs of this report.</div>")
+    items = "".join(f"<li><strong>{_e(name)}</strong> ({_e(run)}, {_e(where)}): {_e(msg)}</li>"
+                    for run, where, name, msg in rows)
+    return (f'<div class="banner flag"><strong>{len(rows)} flag(s) raised: do not trust the '
+            f"robust accuracy they concern as it stands.</strong><ul>{items}</ul></div>")
+
+
+# --- one evaluation -----------------------------------------------------------------------------
+def _cascade(d: dict[str, Any]) -> str:
+    rows = []
+    for i, a in enumerate(d["per_attack"], 1):
+        if a.get("skipped"):
+            rows.append([str(i), _attack_label(a["config"]), "skipped: " + str(a["skipped"]),
+                         "–", "–", "–"])
+            continue
+        rows.append([str(i), _attack_label(a["config"]), str(a["attacked"]), str(a["broken"]),
+                     pct(a["robust_accuracy"]), duration(a["time_s"])])
+    clean_wrong = round((1 - d["clean_accuracy"]) * d["n"])
+    rows.insert(0, ["0", "clean (no attack)", str(d["n"]), str(clean_wrong),
+                    pct(d["clean_accuracy"]), duration((d.get("timings") or {}).get("clean_s"))])
+    return _table(("#", "attack", "points attacked", "points broken", "accuracy after",
+                   "time"), rows, "num")
+
+
+def _audit(d: dict[str, Any]) -> str:
+    aud = d.get("audit")
+    if not aud:
+        return ""
+    rows = [[c["name"], _status(c["status"]), c["evidence"]] for c in aud["checks"]]
+    ad = aud["adaptive"]
+    bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad.get("bpda") else "off"
+    return ("<h4>Audit checklist</h4>" + _table(("check", "verdict", "evidence"), rows, "audit")
+            + f"<p>Plain PGD-20: {pct(aud['naive_robust_accuracy'])} · FGSM: "
+              f"{pct(aud.get('fgsm_robust_accuracy'))} · BPDA {_e(bpda)}, EOT "
+              f"{_e(ad.get('eot'))} draws, {_e(ad.get('repeats'))} prediction(s) per point.</p>")
+
+
+def _png(img: np.ndarray) -> str:
+    """(C, H, W) floats in [0, 1] -> a data URI of a PNG upscaled to about IMAGE_PX."""
+    arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    pil = Image.fromarray(arr)
+    scale = max(1, IMAGE_PX // max(pil.size))
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _class_names(dataset: str | None) -> tuple[str, ...] | None:
+    if not dataset:
+        return None
+    from robustlab import data
+
+    try:
+        return data.info(dataset).classes
+    except (ValueError, KeyError):
+        return None
+
+
+def _per_sample(run: Run, doc: Document, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
+    path = run.path / doc.path.parent / "per_sample.jsonl"
+    if not path.exists():
+        return {}
+    wanted, rows = set(indices), {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["index"] in wanted:
+                rows[r["index"]] = r
+    return rows
+
+
+def _examples(run: Run, doc: Document) -> str:
+    ex = run.examples(doc)
+    if ex is None:
+        return ""
+    d = doc.data
+    names = _class_names((d.get("config") or {}).get("dataset"))
+
+    def name(k: int) -> str:
+        return names[k] if names and 0 <= k < len(names) else str(k)
+
+    x, x_adv = ex["x"].numpy(), ex["x_adv"].numpy()
+    delta = x_adv - x
+    t = d["threat"]
+    span = t["eps"] if t["norm"] == "linf" and t["eps"] > 0 else float(np.abs(delta).max())
+    gain = 0.5 / span if span > 0 else 1.0
+    idx = ex["index"].tolist()
+    extra = _per_sample(run, doc, idx)
+    head = ["", *(f"#{i}" for i in idx)]
+    clean_row: list[Any] = ["clean"]
+    adv_row: list[Any] = ["adversarial"]
+    pert_row: list[Any] = [f"perturbation ×{gain:.3g}"]
+    for j, i in enumerate(idx):
+        label, cp, ap = (int(ex[k][j]) for k in ("label", "clean_pred", "adv_pred"))
+        row = extra.get(i, {})
+        mark = "broken" if ap != label else "robust"
+        by = f" by {row['broken_by']}" if row.get("broken_by") else ""
+        alt = f"example {i}, label {name(label)}"
+        clean_row.append(Markup(
+            f'<img src="{_png(x[j])}" alt="{_e(alt)} (clean)"><div class="cap">'
+            f"label {_e(name(label))}<br>pred {_e(name(cp))}</div>"))
+        adv_row.append(Markup(
+            f'<img src="{_png(x_adv[j])}" alt="{_e(alt)} (adversarial)"><div class="cap '
+            f'{mark}">pred {_e(name(ap))}<br>{mark}{_e(by)}</div>'))
+        dist = f"{t['norm']} {row['distance']:.3g}" if "distance" in row else ""
+        pert_row.append(Markup(
+            f'<img src="{_png(0.5 + gain * delta[j])}" alt="{_e(alt)} (perturbation)">'
+            f'<div class="cap">{_e(dist)}</div>'))
+    return ("<h4>Examples</h4><p class=\"note\">Clean inputs, the worst-case adversarial inputs "
+            "the evaluation found, and their difference amplified (mid-grey is no change). "
+            "Points broken by an attack come first; a robust point shows its clean input.</p>"
+            + _table(head, [clean_row, adv_row, pert_row], "examples"))
+
+
+def _provenance(d: dict[str, Any]) -> str:
+    cfg = d.get("config") or {}
+    rows = [
+        ("threat model", f"{threat_label(d['threat'])}, bounds {d['threat']['bounds']}"),
+        ("suite", d.get("suite", "–")), ("points", d["n"]), ("seed", d.get("seed", "–")),
+        ("commit", d.get("commit") or "unknown"), ("created", d.get("created", "–")),
+        *((k, json.dumps(v) if isinstance(v, dict | list) else v) for k, v in cfg.items()),
+        ("adaptive", json.dumps(d.get("adaptive", {}))),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items())),
+        ("total time", duration((d.get("timings") or {}).get("total_s"))),
+    ]
+    return ("<details><summary>Configuration, versions and provenance</summary>"
+            + _table(("", ""), rows, "kv") + "</details>")
+
+
+def _evaluation(run: Run, doc: Document) -> str:
+    d = doc.data
+    title = "Audit" if "audit" in d else "Evaluation"
+    flags = "".join(f'<li class="flag-item"><strong>{_e(f["name"])}</strong>: '
+                    f'{_e(f.get("message", ""))}</li>' for f in d.get("flags", []))
+    cards = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}'
+                    "</div></div>" for k, v in (
+                        ("clean accuracy", pct(d["clean_accuracy"])),
+                        ("robust accuracy", pct(d["robust_accuracy"])),
+                        ("threat model", threat_label(d["threat"])),
+                        ("suite", f"{d.get('suite', '–')} · {d['n']} points")))
+    return (f'<section class="evaluation"><h3>{title}: {_e(doc.path)}</h3>'
+            f'<div class="cards">{cards}</div>'
+            + (f'<ul class="flags">{flags}</ul>' if flags else "")
+            + "<p class=\"note\">Robust accuracy is the per-sample worst case over every attack: "
+              "each attack runs on the points still robust, and its predictions are recomputed "
+              "on its adversarial inputs.</p>"
+            + _cascade(d) + _audit(d) + _examples(run, doc) + _provenance(d) + "</section>")
+
+
+# --- curves -------------------------------------------------------------------------------------
+def _eps_series(run: Run) -> dict[str, list[dict[str, Any]]]:
+    """Per norm, what the run recorded of robust accuracy against eps."""
+    by_norm: dict[str, list[dict[str, Any]]] = {}
+    points: dict[str, list[tuple[float, float]]] = {}
+    for doc in run.evaluations:
+        d, norm = doc.data, doc.data["threat"]["norm"]
+        if d.get("min_norm_curve"):
+            c = d["min_norm_curve"]
+            by_norm.setdefault(norm, []).append({
+                "label": f"minimum-norm attacks ({doc.where})", "kind": "steps",
+                "eps": [p["eps"] for p in c], "accuracy": [p["robust_accuracy"] for p in c]})
+        curve = (d.get("audit") or {}).get("eps_curve")
+        if curve:
+            by_norm.setdefault(norm, []).append({
+                "label": f"audit eps sweep, APGD-CE ({doc.where})", "kind": "points",
+                "eps": [p["eps"] for p in curve],
+                "accuracy": [p["robust_accuracy"] for p in curve]})
+        if "audit" not in d:
+            points.setdefault(norm, []).append((d["threat"]["eps"], d["robust_accuracy"]))
+    for norm, pts in points.items():
+        if len(pts) > 1 or norm in by_norm:
+            pts.sort()
+            by_norm.setdefault(norm, []).append({
+                "label": "evaluations (suite)", "kind": "points",
+                "eps": [p[0] for p in pts], "accuracy": [p[1] for p in pts]})
+    return by_norm
+
+
+def _curves(run: Run, key: str) -> str:
+    out = []
+    main = run.main_evaluation()
+    for norm, series in _eps_series(run).items():
+        eps = main.data["threat"]["eps"] if main and main.data["threat"]["norm"] == norm else None
+        out.append(f"<h3>Robust accuracy against ε ({_e(norm)})</h3>"
+                   f'<figure>{plots.robustness_curves(series, norm, eps, f"{key}-eps-{norm}")}'
+                   "<figcaption>Upper bounds, like every attack's number: a point counts as "
+                   "robust at ε when no attack found an adversarial input within ε."
+                   "</figcaption></figure>")
+    log = _epochs(run)
+    if log:
+        rows = [[str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['lr']:.4g}",
+                 pct(r.get("val_clean_acc")), pct(r.get("val_robust_acc")),
+                 duration(r.get("train_time_s")), r.get("overfit", "")] for r in log]
+        out.append("<h3>Training</h3>" + f"<figure>{plots.training_curves(log, f'{key}-train')}"
+                   "</figure><details><summary>Per-epoch log</summary>"
+                   + _table(("epoch", "loss", "lr", "val clean", "val robust", "time",
+                             "overfitting"), rows, "num") + "</details>")
+    for i, doc in enumerate(run.smoothing):
+        d = doc.data
+        cfg = d["config"]
+        out.append(f"<h3>Smoothing: {_e(doc.path)}</h3><figure>"
+                   + plots.smoothing_curves(d["rows"], d.get("base_accuracy"),
+                                            f"{key}-smooth-{i}")
+                   + f"<figcaption>{_e(cfg.get('noise', 'gaussian'))} noise, {_e(cfg.get('n'))} "
+                     f"points, seed {_e(cfg.get('seed'))}; all n of one σ share the same draws."
+                     "</figcaption></figure>")
+    if run.certifications:
+        out.append(_certification(run, key))
+    return "".join(out)
+
+
+def _certification(run: Run, key: str) -> str:
+    docs = sorted(run.certifications, key=lambda c: c.data["config"].get("sigma", 0))
+    curves, rows = [], []
+    for doc in docs:
+        d, cfg = doc.data, doc.data["config"]
+        label = f"σ = {cfg.get('sigma', '?'):g}" + (" (denoised)" if cfg.get("denoiser") else "")
+        curves.append({"label": label, "points": d["certified_accuracy"]})
+        pts = d["certified_accuracy"]
+        step = max(1, math.ceil(len(pts) / CERTIFIED_RADII))
+        at = ", ".join(f"r={p['radius']:g}: {pct(p['accuracy'])}" for p in pts[::step])
+        rows.append([str(doc.path.parent), label, str(d["n"]), pct(d["clean_accuracy"]),
+                     pct(d["abstain_rate"]), f"{d['average_certified_radius']:.3f}", at,
+                     f"n0 {cfg.get('n0')}, n {cfg.get('n')}, α {cfg.get('alpha')}"])
+    norms = {doc.data["norm"] for doc in docs}
+    norm = norms.pop() if len(norms) == 1 else "mixed norms"
+    return ("<h3>Certified accuracy (randomised smoothing, Cohen et al.)</h3><figure>"
+            + plots.certified_curves(curves, norm, f"{key}-cert") + "</figure>"
+            + _table(("folder", "noise", "points", "smoothed clean", "abstained",
+                      f"ACR ({norm})", "certified accuracy", "CERTIFY"), rows, "num"))
+
+
+def _training_config(run: Run) -> str:
+    m = run.model
+    if not m:
+        return ""
+    tc = m.get("train_config") or {}
+    rows = [("architecture", json.dumps(m.get("architecture"))), ("dataset", m.get("dataset")),
+            ("objective", json.dumps(m.get("objective_config") or m.get("objective"))),
+            ("training threat model", threat_label(m["threat"]) if m.get("threat") else "none"),
+            ("epochs", f"{m.get('epoch')} of {tc.get('epochs', '?')}"), ("seed", m.get("seed")),
+            ("commit", m.get("git_commit") or "unknown"),
+            ("versions", f"robustlab {m.get('robustlab_version')}, torch {m.get('torch_version')}"),
+            ("checkpoint sha256", m.get("sha256", "–")),
+            *((k, json.dumps(v)) for k, v in tc.items() if k not in ("objective", "epochs",
+                                                                      "seed"))]
+    return ("<details><summary>Training configuration (model.json)</summary>"
+            + _table(("", ""), rows, "kv") + "</details>")
+
+
+def _run(run: Run, i: int) -> str:
+    main = run.main_evaluation()
+    headline = ""
+    if main is not None:
+        d = main.data
+        headline = (f'<p class="headline">{_e(threat_label(d["threat"]))}: clean '
+                    f"<strong>{pct(d['clean_accuracy'])}</strong>, robust <strong>"
+                    f"{pct(d['robust_accuracy'])}</strong> ({_e(d.get('suite', '–'))}, "
+                    f"{d['n']} points)</p>")
+    arch = ((run.model or {}).get("architecture") or {}).get("name")
+    sub = " · ".join(x for x in (arch, (run.model or {}).get("objective"),
+                                 (run.model or {}).get("dataset")) if x)
+    return (f'<section class="run" id="run-{i}"><h2>{_e(run.name)}</h2>'
+            f'<p class="path">{_e(run.path)}{" · " + _e(sub) if sub else ""}</p>{headline}'
+            + _training_config(run)
+            + "".join(_evaluation(run, doc) for doc in run.evaluations)
+            + _curves(run, f"r{i}") + "</section>")
+
+
+CSS = """
+:root { color-scheme: light dark; --bg: #ffffff; --fg: #1d2430; --muted: #5b6575;
+  --line: #d8dde5; --card: #f4f6f9; --ok: #1a7f37; --ok-bg: #e6f4ea; --bad: #b42318;
+  --bad-bg: #fde8e6; --skip: #8a6d00; --skip-bg: #fff4cc; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #12161c; --fg: #e3e8ef; --muted: #9aa5b4; --line: #2e3642; --card: #1b2129;
+    --ok: #6fdc8c; --ok-bg: #13301d; --bad: #ff8a80; --bad-bg: #3a1512; --skip: #f2cc60;
+    --skip-bg: #33290a; } }
+body { background: var(--bg); color: var(--fg); margin: 0 auto; max-width: 1180px;
+  padding: 1.2rem 1.5rem 3rem; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { border-bottom: 2px solid var(--line);
+  padding-bottom: .2rem; margin-top: 2.2rem; } h3 { margin-top: 1.6rem; }
+.path, .note, figcaption, .meta { color: var(--muted); font-size: .9em; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .92em; }
+th, td { border: 1px solid var(--line); padding: .25rem .55rem; text-align: left;
+  vertical-align: top; }
+thead th { background: var(--card); }
+table.num td { font-variant-numeric: tabular-nums; }
+table.kv td:first-child { color: var(--muted); white-space: nowrap; }
+table.kv td { word-break: break-word; }
+.banner { border-radius: 6px; padding: .7rem 1rem; margin: 1rem 0; border: 1px solid; }
+.banner.ok { color: var(--ok); background: var(--ok-bg); }
+.banner.flag { color: var(--bad); background: var(--bad-bg); }
+.banner ul { margin: .4rem 0 0; color: var(--fg); }
+ul.flags { color: var(--bad); }
+.badge { font-weight: 600; padding: .05rem .45rem; border-radius: 4px; }
+.badge.pass { color: var(--ok); background: var(--ok-bg); }
+.badge.flag { color: var(--bad); background: var(--bad-bg); }
+.badge.skip { color: var(--skip); background: var(--skip-bg); }
+.cards { display: flex; flex-wrap: wrap; gap: .6rem; margin: .6rem 0; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+  padding: .45rem .8rem; min-width: 9rem; }
+.card .k { color: var(--muted); font-size: .8em; } .card .v { font-size: 1.25em; font-weight: 600; }
+figure { margin: .6rem 0; } svg.plot { max-width: 100%; height: auto; color: var(--fg); }
+table.examples td { text-align: center; }
+table.examples img { image-rendering: pixelated; width: 84px; height: 84px; display: block;
+  margin: 0 auto; }
+.cap { font-size: .78em; } .cap.broken { color: var(--bad); } .cap.robust { color: var(--ok); }
+details { margin: .6rem 0; } summary { cursor: pointer; color: var(--muted); }
+nav ul { padding-left: 1.2rem; }
+"""
+
+
+def render_html(runs: Sequence[Run], title: str | None = None) -> str:
+    """The report page for ``runs`` (a complete HTML document as a string)."""
+    if not runs:
+        raise ValueError("no runs to report: give at least one run directory")
+    title = title or ("robustlab report: " + ", ".join(r.name for r in runs))
+    nav = "".join(f'<li><a href="#run-{i}">{_e(r.name)}</a></li>' for i, r in enumerate(runs))
+    board = _leaderboard_html(runs) if len(runs) > 1 else ""
+    if board:
+        nav = '<li><a href="#leaderboard">Leaderboard</a></li>' + nav
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1><p class=\"meta\">Rendered {created} by robustlab {__version__} "
+        "from the recorded results; nothing was recomputed.</p>"
+        + _flags_html(runs) + f"<nav><ul>{nav}</ul></nav>" + board
+        + "".join(_run(r, i) for i, r in enumerate(runs))
+        + "</body></html>\n")
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path,
+                 title: str | None = None) -> Path:
+    """Render the runs in ``run_dirs`` into the HTML file ``out`` (written atomically)."""
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out)
+    atomic_write(out, render_html(runs, title))
+    return out
