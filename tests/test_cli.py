@@ -61,6 +61,14 @@ def test_train_then_evaluate(tmp_path, env, capsys):
     assert rec["threat"]["eps"] == pytest.approx(8 / 255) and rec["n"] == 50
     assert rec["attacks"][0]["steps"] == 3 and rec["config"]["dataset"] == "fashion-mnist"
     assert 0 <= rec["robust_accuracy"] <= rec["clean_accuracy"] <= 1
+    assert (run / "tensorboard").is_dir()  # the tensorboard package is a dev dependency
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 * len(rec["examples"]["indices"]) > 0
+    assert "training curves" in page and "Evaluation: results.json" in page
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "quiet"), "--quiet",
+                 "--no-tensorboard", "--epochs", "1"]) == 0
+    assert not (tmp_path / "quiet" / "tensorboard").exists()
 
 
 def test_errors_are_clear(tmp_path, env, capsys):

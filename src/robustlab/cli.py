@@ -1,4 +1,5 @@
-"""The command line: ``robustlab train | evaluate | audit | certify | denoise | list``.
+"""The command line: ``robustlab train | evaluate | audit | certify | smooth | denoise | report |
+compare | list``.
 
 Progress bars and printing live here, never in the library. The CLI seeds torch once and
 records the seed with every result.
@@ -90,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
     distributed.barrier(world)
     trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, val=val,
-                      progress=not quiet, callback=lambda rec: _report(rec, trainer, quiet))
+                      progress=not quiet, callback=lambda rec: _report(rec, trainer, quiet),
+                      tensorboard=args.tensorboard)
     ranks = f" on {world.size} processes" if world.size > 1 else ""
     _out(f"training {recipe.model['arch']} on {recipe.dataset} ({len(x)} images) with "
          f"{cfg.objective}, {recipe.threat or 'no threat model'}, {trainer.passes} passes over "
@@ -420,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
     t.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     t.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    t.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="scalars per epoch in OUT/tensorboard/ (default: on when the tensorboard "
+                        "package is installed)")
     t.add_argument("--device", default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:N; under torchrun each "
                         "process takes cuda:LOCAL_RANK (or the CPU with gloo)")

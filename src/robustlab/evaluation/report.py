@@ -338,8 +338,12 @@ def _evaluation(run: Run, doc: Document) -> str:
                         ("robust accuracy", pct(d["robust_accuracy"])),
                         ("threat model", threat_label(d["threat"])),
                         ("suite", f"{d.get('suite', '–')} · {d['n']} points")))
+    v = d.get("versions") or {}
+    ident = (f"seed {d.get('seed', '–')} · commit {(d.get('commit') or 'unknown')[:12]} · "
+             f"robustlab {v.get('robustlab', '?')} · torch {v.get('torch', '?')} · "
+             f"{d.get('created', '')}")
     return (f'<section class="evaluation"><h3>{title}: {_e(doc.path)}</h3>'
-            f'<div class="cards">{cards}</div>'
+            f'<div class="cards">{cards}</div><p class="meta">{_e(ident)}</p>'
             + (f'<ul class="flags">{flags}</ul>' if flags else "")
             + "<p class=\"note\">Robust accuracy is the per-sample worst case over every attack: "
               "each attack runs on the points still robust, and its predictions are recomputed "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustlab._progress import append_jsonl
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
@@ -271,8 +272,6 @@ def evaluate(
                        unit="batch", leave=False, dynamic_ncols=True)
         log_path = None
         if out is not None:  # the event log: appended line by line, never rewritten
-            from robustlab._progress import append_jsonl
-
             log_path = Path(out) / "eval_log.jsonl"
             append_jsonl(log_path, {
                 "event": "start", "time": datetime.now(UTC).isoformat(timespec="seconds"),
