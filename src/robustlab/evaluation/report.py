@@ -383,7 +383,13 @@ def _eps_series(run: Run) -> dict[str, list[dict[str, Any]]]:
 def _curves(run: Run, key: str) -> str:
     out = []
     main = run.main_evaluation()
-    for norm, series in _eps_series(run).items():
+    eps_series = _eps_series(run)
+    if run.evaluations and not eps_series:
+        out.append("<h3>Robust accuracy against ε</h3><p class=\"note\">Not recorded: run a "
+                   "minimum-norm attack (fab, ddn, cw-l2, rays: one run gives every ε), "
+                   "robustlab audit (its ε sweep), or evaluations at several ε into this run "
+                   "folder.</p>")
+    for norm, series in eps_series.items():
         eps = main.data["threat"]["eps"] if main and main.data["threat"]["norm"] == norm else None
         out.append(f"<h3>Robust accuracy against ε ({_e(norm)})</h3>"
                    f'<figure>{plots.robustness_curves(series, norm, eps, f"{key}-eps-{norm}")}'
