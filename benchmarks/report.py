@@ -124,20 +124,17 @@ def markdown(rec: dict[str, Any]) -> str:
     lines = ["# Reporting costs", "", f"Command: `{m['command']}`  ",
              f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, robustlab commit "
              f"{m['robustlab_commit']}", ""]
-    if "evaluate" in rec:
-        e = rec["evaluate"]
-        lines += [f"## Evaluation: bare vs progress bar + logs + results files "
-                  f"({e['points']} points, {e['attack']}, median of {rec['repeats']})", "",
-                  "| bare (s) | with progress and files (s) | ratio |", "|---|---|---|",
-                  f"| {e['seconds']['bare']:.2f} | {e['seconds']['logged']:.2f} | "
-                  f"{e['ratio']:.3f} |", ""]
-    if "train" in rec:
-        t = rec["train"]
-        lines += [f"## Training: one epoch on {t['images']} images, bare vs progress bar + "
-                  f"checkpoint + train_log + TensorBoard (median of {rec['repeats']})", "",
-                  "| bare (s) | with progress and logs (s) | ratio |", "|---|---|---|",
-                  f"| {t['seconds']['bare']:.2f} | {t['seconds']['logged']:.2f} | "
-                  f"{t['ratio']:.3f} |", ""]
+    titles = {"evaluate": "Evaluation: bare vs progress bar + logs + results files ({points} "
+                          "points, {attack}, median of {repeats})",
+              "train": "Training: one epoch on {images} images, bare vs progress bar + "
+                       "checkpoint + train_log + TensorBoard (median of {repeats})"}
+    for part, title in titles.items():
+        if part in rec:
+            p = rec[part]
+            lines += ["## " + title.format(repeats=rec["repeats"], **p), "",
+                      "| bare (s) | with progress and files (s) | ratio |", "|---|---|---|",
+                      f"| {p['seconds']['bare']:.2f} | {p['seconds']['logged']:.2f} | "
+                      f"{p['ratio']:.3f} |", ""]
     if "render" in rec:
         r = rec["render"]
         lines += ["## Rendering the test fixtures' report (two runs)", "",

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab.attacks.pgd import PGD
+
 NUM_CLASSES = 4
 
 
@@ -65,3 +67,22 @@ class Rounded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(torch.round(x * self.levels) / self.levels)
+
+
+class Interrupt(Exception):
+    """Raised by :class:`FlakyPGD` to simulate a crash in the middle of an evaluation."""
+
+
+class FlakyPGD(PGD):
+    """PGD (same config as PGD, hence the same evaluation) interrupted at its ``fail_at``-th
+    call."""
+
+    def __init__(self, threat, fail_at: int, **kw) -> None:
+        super().__init__(threat, **kw)
+        self.calls, self.fail_at = 0, fail_at
+
+    def perturb(self, model, x, y, generator):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise Interrupt
+        return super().perturb(model, x, y, generator)

@@ -96,3 +96,7 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     assert two["clean_accuracy"] == pytest.approx(one["clean_accuracy"])
     assert two["per_attack"][0]["broken"] == one["per_attack"][0]["broken"]
     assert two["per_attack"][0]["attacked"] == one["per_attack"][0]["attacked"]
+    # the merged examples: the same points as one process, indices over all 51 points
+    assert two["examples"] == one["examples"]
+    ex1, ex2 = (load_file(str(tmp_path / n / "examples.safetensors")) for n in ("one", "two"))
+    assert torch.equal(ex1["x"], ex2["x"]) and torch.equal(ex1["x_adv"], ex2["x_adv"])

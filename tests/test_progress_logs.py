@@ -11,8 +11,7 @@ import pytest
 import tqdm.auto
 
 import robustlab as rl
-from helpers import TinyCNN
-from robustlab.attacks.pgd import PGD
+from helpers import FlakyPGD, Interrupt, TinyCNN
 from robustlab.evaluation import suite as suite_mod
 
 THREAT = rl.ThreatModel("linf", 0.1)
@@ -135,24 +134,6 @@ def test_tensorboard_off_missing_or_misused(tmp_path, toy_data, monkeypatch):
 # --- evaluation -----------------------------------------------------------------------------
 ATTACKS = [("fgsm", {}), ("pgd", {"steps": 5, "early_stop": True})]
 EVAL_THREAT = rl.ThreatModel("linf", 0.2)  # fgsm breaks about half the points, pgd more
-
-
-class Interrupt(Exception):
-    pass
-
-
-class FlakyPGD(PGD):
-    """PGD (same config, hence the same evaluation) interrupted at its ``fail_at``-th call."""
-
-    def __init__(self, threat, fail_at: int, **kw) -> None:
-        super().__init__(threat, **kw)
-        self.calls, self.fail_at = 0, fail_at
-
-    def perturb(self, model, x, y, generator):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise Interrupt
-        return super().perturb(model, x, y, generator)
 
 
 def test_eval_log_matches_the_results(tmp_path, toy_model, toy_data):

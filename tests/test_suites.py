@@ -11,29 +11,12 @@ import torch
 from torch import nn
 
 import robustlab as rl
+from helpers import FlakyPGD, Interrupt
 from linear_oracle import exact_broken, train_linear
 from robustlab.attacks import create
 from robustlab.attacks.pgd import PGD
 from robustlab.evaluation import suite as suite_mod
 from robustlab.evaluation.state import FILENAME
-
-
-class Interrupt(Exception):
-    pass
-
-
-class FlakyPGD(PGD):
-    """PGD that is interrupted at its ``fail_at``-th call (same config as PGD)."""
-
-    def __init__(self, threat, fail_at: int, **kw) -> None:
-        super().__init__(threat, **kw)
-        self.calls, self.fail_at = 0, fail_at
-
-    def perturb(self, model, x, y, generator):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise Interrupt
-        return super().perturb(model, x, y, generator)
 
 
 def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path, toy_model,

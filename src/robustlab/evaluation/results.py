@@ -58,8 +58,8 @@ class EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.json", "per_sample": out / "per_sample.jsonl",
                  "summary": out / "summary.md"}
-        if self.x is not None and len(self.per_sample):
-            idx = example_indices(self.per_sample)
+        idx = example_indices(self.per_sample) if self.x is not None else []
+        if idx:  # none where every point is misclassified without attack
             rows = [self.per_sample[i] for i in idx]
             tensors = {
                 "index": torch.tensor(idx, dtype=torch.int64),
