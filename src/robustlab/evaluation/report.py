@@ -293,7 +293,9 @@ def _examples(run: Run, doc: Document) -> str:
     for j, i in enumerate(idx):
         label, cp, ap = (int(ex[k][j]) for k in ("label", "clean_pred", "adv_pred"))
         row = extra.get(i, {})
-        mark = "broken" if ap != label else "robust"
+        # the recorded verdict (a majority of predictions on a randomised model), else the one
+        # prediction saved
+        mark = "robust" if row.get("robust", ap == label) else "broken"
         by = f" by {row['broken_by']}" if row.get("broken_by") else ""
         alt = f"example {i}, label {name(label)}"
         clean_row.append(Markup(
