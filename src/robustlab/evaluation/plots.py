@@ -64,8 +64,8 @@ def eps_axis_label(norm: str) -> str:
 def robustness_curves(series: Sequence[dict[str, Any]], norm: str, eps: float | None,
                       key: str) -> str:
     """Robust accuracy (%) against eps. ``series``: dicts with ``label``, ``eps`` and
-    ``accuracy`` (lists, fractions) and ``kind`` (``curve``: a line, ``points``: markers);
-    ``eps``: the evaluated radius, marked by a vertical line."""
+    ``accuracy`` (lists, fractions) and ``kind`` (``steps``: a step curve, ``points``:
+    markers); ``eps``: the evaluated radius, marked by a vertical line."""
     with matplotlib.rc_context(STYLES):
         fig = _figure()
         ax = fig.add_subplot()
@@ -75,8 +75,7 @@ def robustness_curves(series: Sequence[dict[str, Any]], norm: str, eps: float | 
             if s.get("kind") == "points":
                 ax.plot(s["eps"], ys, "o--", color=color, label=s["label"])
             else:
-                ax.plot(s["eps"], ys, "-", color=color, label=s["label"], drawstyle="steps-post"
-                        if s.get("kind") == "steps" else "default")
+                ax.plot(s["eps"], ys, "-", color=color, label=s["label"], drawstyle="steps-post")
         if eps is not None:
             ax.axvline(eps, color=INK, linestyle=":", linewidth=1.0, label=f"evaluated ε = {eps:g}")
         ax.set_xlabel(eps_axis_label(norm))

@@ -29,7 +29,7 @@ from robustlab import __version__
 from robustlab._io import atomic_write
 from robustlab.evaluation import plots
 from robustlab.evaluation.runs import Document, Run, load_run
-from robustlab.evaluation.summary import _attack_label
+from robustlab.evaluation.summary import _attack_label, adaptive_text
 
 IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
 CERTIFIED_RADII = 5  # radii in the certification table
@@ -98,17 +98,12 @@ def _method(run: Run, doc: Document) -> str:
     return " + ".join(parts) or "–"
 
 
-def _epochs(run: Run) -> list[dict[str, Any]]:
-    """The training log, one record per epoch (the last written wins after a resume)."""
-    return list({r["epoch"]: r for r in run.train_log}.values())
-
-
 def leaderboard_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per evaluation of each run, ranked within each threat model by robust accuracy
     (then clean accuracy); ``rank`` counts within the threat model."""
     rows = []
     for run in runs:
-        log = _epochs(run)
+        log = run.train_log
         train_time = sum(r.get("train_time_s", 0.0) for r in log) if log else None
         model = run.model or {}
         for doc in run.evaluations:
@@ -187,7 +182,7 @@ def _flags(run: Run) -> list[tuple[str, str, str]]:
              for f in doc.data.get("flags", [])]
     found += [("training", "catastrophic-overfitting",
                f"epoch {r['epoch']}: the overfitting probe collapsed; the run {r['overfit']}")
-              for r in _epochs(run) if "overfit" in r]
+              for r in run.train_log if "overfit" in r]
     return found
 
 
@@ -225,12 +220,10 @@ def _audit(d: dict[str, Any]) -> str:
     if not aud:
         return ""
     rows = [[c["name"], _status(c["status"]), c["evidence"]] for c in aud["checks"]]
-    ad = aud["adaptive"]
-    bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad.get("bpda") else "off"
     return ("<h4>Audit checklist</h4>" + _table(("check", "verdict", "evidence"), rows, "audit")
             + f"<p>Plain PGD-20: {pct(aud['naive_robust_accuracy'])} · FGSM: "
-              f"{pct(aud.get('fgsm_robust_accuracy'))} · BPDA {_e(bpda)}, EOT "
-              f"{_e(ad.get('eot'))} draws, {_e(ad.get('repeats'))} prediction(s) per point.</p>")
+              f"{pct(aud.get('fgsm_robust_accuracy'))} · adaptive attacks: "
+              f"{_e(adaptive_text(aud['adaptive']))}.</p>")
 
 
 def _png(img: np.ndarray) -> str:
@@ -310,7 +303,8 @@ def _examples(run: Run, doc: Document) -> str:
             f'<div class="cap">{_e(dist)}</div>'))
     return ("<h4>Examples</h4><p class=\"note\">Clean inputs, the worst-case adversarial inputs "
             "the evaluation found, and their difference amplified (mid-grey is no change). "
-            "Points broken by an attack come first; a robust point shows its clean input.</p>"
+            "Points broken by an attack are chosen first; a robust point shows its clean input."
+            "</p>"
             + _table(head, [clean_row, adv_row, pert_row], "examples"))
 
 
@@ -354,31 +348,31 @@ def _evaluation(run: Run, doc: Document) -> str:
 
 
 # --- curves -------------------------------------------------------------------------------------
+def _series(label: str, kind: str, curve: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """A plot series from ``{"eps", "robust_accuracy"}`` rows."""
+    return {"label": label, "kind": kind, "eps": [p["eps"] for p in curve],
+            "accuracy": [p["robust_accuracy"] for p in curve]}
+
+
 def _eps_series(run: Run) -> dict[str, list[dict[str, Any]]]:
     """Per norm, what the run recorded of robust accuracy against eps."""
     by_norm: dict[str, list[dict[str, Any]]] = {}
-    points: dict[str, list[tuple[float, float]]] = {}
+    points: dict[str, list[dict[str, float]]] = {}
     for doc in run.evaluations:
         d, norm = doc.data, doc.data["threat"]["norm"]
         if d.get("min_norm_curve"):
-            c = d["min_norm_curve"]
-            by_norm.setdefault(norm, []).append({
-                "label": f"minimum-norm attacks ({doc.where})", "kind": "steps",
-                "eps": [p["eps"] for p in c], "accuracy": [p["robust_accuracy"] for p in c]})
-        curve = (d.get("audit") or {}).get("eps_curve")
-        if curve:
-            by_norm.setdefault(norm, []).append({
-                "label": f"audit eps sweep, APGD-CE ({doc.where})", "kind": "points",
-                "eps": [p["eps"] for p in curve],
-                "accuracy": [p["robust_accuracy"] for p in curve]})
+            by_norm.setdefault(norm, []).append(
+                _series(f"minimum-norm attacks ({doc.where})", "steps", d["min_norm_curve"]))
+        if (d.get("audit") or {}).get("eps_curve"):
+            by_norm.setdefault(norm, []).append(_series(
+                f"audit eps sweep, APGD-CE ({doc.where})", "points", d["audit"]["eps_curve"]))
         if "audit" not in d:
-            points.setdefault(norm, []).append((d["threat"]["eps"], d["robust_accuracy"]))
+            points.setdefault(norm, []).append(
+                {"eps": d["threat"]["eps"], "robust_accuracy": d["robust_accuracy"]})
     for norm, pts in points.items():
         if len(pts) > 1 or norm in by_norm:
-            pts.sort()
-            by_norm.setdefault(norm, []).append({
-                "label": "evaluations (suite)", "kind": "points",
-                "eps": [p[0] for p in pts], "accuracy": [p[1] for p in pts]})
+            by_norm.setdefault(norm, []).append(_series(
+                "evaluations (suite)", "points", sorted(pts, key=lambda p: p["eps"])))
     return by_norm
 
 
@@ -398,7 +392,7 @@ def _curves(run: Run, key: str) -> str:
                    "<figcaption>Upper bounds, like every attack's number: a point counts as "
                    "robust at ε when no attack found an adversarial input within ε."
                    "</figcaption></figure>")
-    log = _epochs(run)
+    log = run.train_log
     if log:
         rows = [[str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['lr']:.4g}",
                  pct(r.get("val_clean_acc")), pct(r.get("val_robust_acc")),

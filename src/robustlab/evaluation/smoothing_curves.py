@@ -34,7 +34,8 @@ from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.defenses.noise import check_noise
-from robustlab.defenses.smoothing import VOTES, noisy_logits
+from robustlab.defenses.smoothing import VOTES, _check_positive_int, noisy_logits
+from robustlab.evaluation.checks import randomised_output
 
 __all__ = ["FILE", "SCHEMA", "draw_logits", "smoothing_curves", "vote_decisions"]
 
@@ -42,12 +43,6 @@ SCHEMA = "robustlab.smoothing/1"
 FILE = "smoothing.json"
 #: at most this many logits (inputs x draws x classes) are held at once
 _MAX_LOGITS = 1 << 24
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def draw_logits(
@@ -65,8 +60,8 @@ def draw_logits(
     batch_size=batch_size)`` votes over with the same generator, in the order they were drawn
     (input by input, or draw by draw for a model with weight noise)."""
     check_noise(noise, sigma)
-    draws = _positive_int(draws, "draws")
-    batch_size = _positive_int(batch_size, "batch_size")
+    draws = _check_positive_int(draws, "draws")
+    batch_size = _check_positive_int(batch_size, "batch_size")
     n = len(x)
     out: Tensor | None = None
     filled = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -138,15 +133,6 @@ def _as_list(values: Any, what: str, example: str) -> list[Any]:
     return values
 
 
-def _is_random(model: nn.Module, x: Tensor, logits: Tensor) -> bool:
-    """Whether ``model`` declares itself random or a second forward on ``x`` differs from the
-    first one's ``logits``."""
-    if any(getattr(m, "robustlab_random", False) for m in model.modules()):
-        return True
-    with torch.no_grad():
-        return not torch.equal(model(x), logits)
-
-
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
     correct = 0
     with torch.no_grad():
@@ -198,10 +184,10 @@ def smoothing_curves(
     sigma_list = sorted({float(s) for s in sigma_list})
     sample_list = _as_list(samples, "samples", "[1, 4, 16, 64]")
     for n in sample_list:
-        _positive_int(n, "every entry of samples")
+        _check_positive_int(n, "every entry of samples")
     sample_list = sorted(set(sample_list))
     vote_list = _votes(votes)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = _check_positive_int(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if config is not None and not isinstance(config, dict):
@@ -222,7 +208,7 @@ def smoothing_curves(
     probe = probe_model(model, x[:8])
     k = probe.shape[1]
     check_labels(y, k)
-    random_model = _is_random(model, x[:8], probe)
+    random_model = randomised_output(model, x[:8], probe) is not None
     base_accuracy = _accuracy(model, x, y, batch_size)
     bar = None
     if progress:

@@ -31,14 +31,17 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
     for c in aud["checks"]:
         verdict = f"**{c['status']}**" if c["status"] == "FLAG" else c["status"]
         lines.append(f"| {c['name']} | {verdict} | {c['evidence'].replace('|', '/')} |")
-    ad = aud["adaptive"]
-    bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
     fgsm = aud["fgsm_robust_accuracy"]
     lines += ["", f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
                   f"FGSM: {'-' if fgsm is None else _pct(fgsm)}",
-              f"- adaptive attacks: BPDA {bpda}, EOT {ad['eot']} draws, "
-              f"{ad['repeats']} prediction(s) per point", ""]
+              f"- adaptive attacks: {adaptive_text(aud['adaptive'])}", ""]
     return lines
+
+
+def adaptive_text(ad: dict[str, Any]) -> str:
+    """What the adaptive attacks did (the ``adaptive`` record), in words."""
+    bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
+    return f"BPDA {bpda}, EOT {ad['eot']} draws, {ad['repeats']} prediction(s) per point"
 
 
 def markdown(rec: dict[str, Any]) -> str:

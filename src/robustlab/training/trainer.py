@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import distributed, models
-from robustlab._progress import tensorboard_available
+from robustlab._progress import append_jsonl, tensorboard_available
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
 from robustlab.attacks.base import eval_mode
@@ -303,8 +303,7 @@ class Trainer:
                     "stopped": self.stopped}
             save_state(self.out / STATE_FILE, self.model, self.optimizer, info,
                        extra={"objective." + k: v for k, v in self.objective.state_dict().items()})
-            with open(self.out / LOG_FILE, "a") as f:
-                f.write(json.dumps(self.history[-1]) + "\n")
+            append_jsonl(self.out / LOG_FILE, self.history[-1])
         distributed.barrier(self.world)
 
     def _resume(self) -> int:
