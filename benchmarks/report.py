@@ -33,8 +33,8 @@ from _common import interleaved, machine_record, median, trained_model, write_re
 from attack_speed import RECIPES
 
 import robustlab as rl
-from robustlab.evaluation.report import render_html
-from robustlab.evaluation.runs import load_run
+from robustlab.report.html import render_html
+from robustlab.report.runs import load_run
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "report_runs"
 

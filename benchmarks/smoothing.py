@@ -51,9 +51,9 @@ from torch import Tensor, nn
 
 import robustlab as rl
 from robustlab.defenses import Smoothing
-from robustlab.defenses.noise import sample
 from robustlab.evaluation.certification import run_certification
 from robustlab.evaluation.smoothing_curves import draw_logits, vote_decisions
+from robustlab.noise import sample
 
 VOTES = ("prediction", "soft", "weighted")
 DATASET = "fashion-mnist"

@@ -21,7 +21,7 @@ from robustlab.defenses.denoise import (
     load_denoiser,
     train_denoiser,
 )
-from robustlab.defenses.noise import sample
+from robustlab.noise import sample
 
 
 class CentrePixels(nn.Module):

@@ -18,16 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from robustlab.cli import main
-from robustlab.evaluation import plots
-from robustlab.evaluation.report import (
+from robustlab.evaluation.results import example_indices
+from robustlab.report import plots
+from robustlab.report.html import (
     eps_label,
     leaderboard_markdown,
     leaderboard_rows,
     render_html,
     write_report,
 )
-from robustlab.evaluation.results import example_indices
-from robustlab.evaluation.runs import load_run
+from robustlab.report.runs import load_run
 
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"
 PGD, NATURAL = RUNS / "pgd-at", RUNS / "natural"

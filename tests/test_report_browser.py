@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from robustlab.evaluation.report import write_report
+from robustlab.report.html import write_report
 
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")

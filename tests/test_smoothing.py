@@ -16,8 +16,8 @@ import robustlab as rl
 from robustlab import cli
 from robustlab.attacks.smoothadv import soft_smoothed_loss
 from robustlab.defenses import ABSTAIN, Smoothing, certify, predict
-from robustlab.defenses.noise import radius, sample
 from robustlab.evaluation.certification import run_certification
+from robustlab.noise import radius, sample
 
 
 class Halfspace(nn.Module):

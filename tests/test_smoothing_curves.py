@@ -13,7 +13,6 @@ from torch import nn
 import robustlab as rl
 from helpers import NUM_CLASSES, TinyCNN
 from robustlab.cli import main
-from robustlab.defenses.noise import sample
 from robustlab.evaluation.smoothing_curves import (
     SCHEMA,
     draw_logits,
@@ -21,6 +20,7 @@ from robustlab.evaluation.smoothing_curves import (
     vote_decisions,
 )
 from robustlab.models.noise import inject, noisy_layers
+from robustlab.noise import sample
 
 VOTES = ("prediction", "soft", "weighted")
 

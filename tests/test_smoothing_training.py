@@ -17,9 +17,9 @@ from helpers import TinyCNN
 from robustlab.attacks.smoothadv import soft_smoothed_loss
 from robustlab.cli import main
 from robustlab.config import load_recipe
-from robustlab.defenses.noise import sample
 from robustlab.models.init import init_weights
 from robustlab.models.noise import noise_parameter_names
+from robustlab.noise import sample
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KW = {"num_classes": 4, "input_size": 16}

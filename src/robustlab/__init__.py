@@ -1,12 +1,35 @@
-"""robustlab: adversarial robustness of image classifiers — train, attack, defend, evaluate."""
+"""robustlab: adversarial robustness of image classifiers — train, attack, defend, evaluate.
 
-from robustlab import attacks, data, defenses, evaluation, models, training
+The subpackages load on first use (``robustlab.attacks`` alone does not load the training or
+the defenses): ``import robustlab as rl`` then ``rl.evaluate(...)`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from robustlab._provenance import package_version
-from robustlab.evaluation import AuditResult, EvalResult, audit, eps_sweep, evaluate
 from robustlab.threat import ThreatModel, parse_eps
 
+if TYPE_CHECKING:
+    from robustlab import attacks, data, defenses, evaluation, models, report, training
+    from robustlab.evaluation import AuditResult, EvalResult, audit, eps_sweep, evaluate
+
 __version__ = package_version()
-__all__ = [
-    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses",
-    "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "training",
-]
+_SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report", "training")
+_FROM_EVALUATION = ("AuditResult", "EvalResult", "audit", "eps_sweep", "evaluate")
+__all__ = ["ThreatModel", "parse_eps", *_SUBPACKAGES, *_FROM_EVALUATION]
+
+
+def __getattr__(name: str) -> Any:
+    """The subpackages and the evaluation's entry points, imported when first asked for."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"robustlab.{name}")
+    if name in _FROM_EVALUATION:
+        return getattr(importlib.import_module("robustlab.evaluation"), name)
+    raise AttributeError(f"module 'robustlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,11 +1,99 @@
-"""Checks of user input shared by attacks, evaluation and training: clear errors, never asserts."""
+"""Checks of user input shared by every package: clear errors naming the argument and the
+fix, never asserts.
+
+The scalar vocabulary (:func:`integer`, :func:`positive_int`, :func:`number`, :func:`one_of`,
+:func:`generator_or_none`) is the one way an option is checked; each returns the value,
+normalised, so a constructor reads ``self.steps = positive_int(steps, "steps")``. The tensor
+checks (:func:`check_inputs`, :func:`check_images`, :func:`check_logits`, :func:`probe_model`)
+guard every entry point that takes a batch or a model.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from robustlab.threat import ThreatModel
+
+T = TypeVar("T")
+
+
+def integer(value: Any, name: str, *, minimum: int | None = None,
+            maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (any integral type but ``bool``) in ``[minimum, maximum]``;
+    ``ValueError`` "``name`` must be an integer >= minimum, got ..." otherwise."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum)
+            or (maximum is not None and value > maximum)):
+        if minimum is not None and maximum is not None:
+            what = f"an integer in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            what = f"an integer >= {minimum}"
+        elif maximum is not None:
+            what = f"an integer <= {maximum}"
+        else:
+            what = "an integer"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an ``int`` >= ``minimum`` (default 1): a count of steps, samples, epochs."""
+    return integer(value, name, minimum=minimum)
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, finite: bool = True) -> float:
+    """``value`` as a ``float`` (any real type but ``bool``) in the interval given by ``low``,
+    ``high`` (closed unless ``low_open`` / ``high_open``); NaN never passes, infinity only
+    with ``finite=False``. ``ValueError`` naming ``name`` and the interval otherwise."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if ok:
+        v = float(value)
+        ok = not math.isnan(v) and (math.isfinite(v) or not finite)
+        ok = ok and (low is None or (v > low if low_open else v >= low))
+        ok = ok and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        where = _interval(low, high, low_open, high_open)
+        kind = "a finite number" if finite and not (low is not None and high is not None) \
+            else "a number"
+        raise ValueError(f"{name} must be {kind}{' ' + where if where else ''}, got {value!r}")
+    return float(value)
+
+
+def one_of(value: Any, name: str, choices: Iterable[T]) -> T:
+    r"""``value`` if it is one of ``choices``; ``ValueError`` "unknown ``name`` ...; valid
+    ``name``\ s are: ..." otherwise."""
+    choices = list(choices)
+    if not any(value == c and type(value) is type(c) for c in choices):
+        plural = name + ("es" if name.endswith("s") else "s")
+        raise ValueError(f"unknown {name} {value!r}; valid {plural} are: "
+                         f"{', '.join(map(str, choices))}")
+    return value
+
+
+def generator_or_none(value: Any, name: str = "generator") -> torch.Generator | None:
+    """``value`` if it is a ``torch.Generator`` or None; ``TypeError`` otherwise."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}; "
+                        "create one with torch.Generator().manual_seed(seed)")
+    return value
+
 
 # dtypes an input batch may have (float8 and friends lack isfinite/min and most kernels)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

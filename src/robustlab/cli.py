@@ -50,6 +50,16 @@ def _checkpoint(args: argparse.Namespace,
     return model, args.dataset or meta.get("dataset") or "fashion-mnist"
 
 
+def _classes(dataset: str) -> list[str] | None:
+    """The data set's class names, recorded with the results so that reports can show them."""
+    from robustlab import data
+
+    try:
+        return list(data.info(dataset).classes)
+    except (ValueError, KeyError):
+        return None
+
+
 def _out(msg: str = "", quiet: bool = False) -> None:
     if not quiet:
         print(msg, flush=True)
@@ -163,12 +173,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
             seed=args.seed, out=str(out), progress=not quiet, resume=not args.restart,
             repeats=args.repeats, surrogate=surrogate, bpda=args.bpda, eot=args.eot,
-            config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+            config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                    "classes": _classes(dataset), "split": args.split,
                     "defense": defense, "command": " ".join(sys.argv)},
         )
     finally:
         distributed.shutdown(world)
-    from robustlab.evaluation.summary import markdown
+    from robustlab.report.summary import markdown
 
     _out(markdown(result.record), quiet)
     _out(f"results: {out / 'results.json'}\nper-sample: {out / 'per_sample.jsonl'}\n"
@@ -217,7 +228,7 @@ def _options(pairs: list[str] | None) -> dict[str, Any]:
 def cmd_audit(args: argparse.Namespace) -> int:
     from robustlab import data, models
     from robustlab.evaluation.audit import audit
-    from robustlab.evaluation.summary import markdown
+    from robustlab.report.summary import markdown
     from robustlab.threat import ThreatModel
 
     torch.manual_seed(args.seed)
@@ -232,6 +243,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                    queries=args.queries, eot=args.eot, binarization_points=args.binarization,
                    batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
                    config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                    "classes": _classes(dataset),
                            "split": "test", "defense": defense, "command": " ".join(sys.argv)})
     _out(markdown(result.record), args.quiet)
     _out(f"results: {out / 'results.json'}\nsummary: {out / 'summary.md'}", args.quiet)
@@ -241,8 +253,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # --- certify ----------------------------------------------------------------------------------
 def cmd_certify(args: argparse.Namespace) -> int:
     from robustlab import data
-    from robustlab.defenses.noise import CERTIFIED_NORM
     from robustlab.evaluation.certification import run_certification
+    from robustlab.noise import CERTIFIED_NORM
 
     device = _device(args.device)
     model, dataset = _checkpoint(args, device)
@@ -270,7 +282,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         model, x, y, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         noise=args.noise, batch_size=args.batch_size, seed=args.seed,
         indices=idx.tolist(), out=out, resume=not args.restart, on_row=row,
-        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+        config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                    "classes": _classes(dataset), "split": args.split,
                 "denoiser": str(args.denoiser) if args.denoiser else None},
     )
     curve = ", ".join(f"r={c['radius']:g}: {100 * c['accuracy']:.1f}%"
@@ -309,7 +322,8 @@ def cmd_smooth(args: argparse.Namespace) -> int:
     rec = smoothing_curves(
         model, x, y, sigmas=sigmas, samples=samples, votes=votes, noise=args.noise,
         batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
-        config={"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split,
+        config={"checkpoint": str(args.checkpoint), "dataset": dataset,
+                    "classes": _classes(dataset), "split": args.split,
                 "command": " ".join(sys.argv)},
     )
     cfg = rec["config"]
@@ -357,7 +371,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 # --- report and compare -----------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from robustlab.evaluation.report import write_report
+    from robustlab.report.html import write_report
 
     out = args.output or (args.runs[0] / "report.html" if len(args.runs) == 1
                           else Path("report.html"))
@@ -368,8 +382,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab._io import atomic_write
-    from robustlab.evaluation.report import leaderboard_markdown
-    from robustlab.evaluation.runs import load_run
+    from robustlab.report.html import leaderboard_markdown
+    from robustlab.report.runs import load_run
 
     text = leaderboard_markdown([load_run(p) for p in args.runs])
     if args.output:

@@ -8,14 +8,14 @@ recomputed from the model's own predictions on the returned points.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import eval_mode
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks.bpda import bpda
 from robustlab.attacks.eot import expected_grad
@@ -62,17 +62,6 @@ class Perturbation(NamedTuple):
     x_adv: Tensor
     min_norm: Tensor | None = None
     queries: Tensor | None = None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode and give it its previous mode back, even on exceptions."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 class Attack:

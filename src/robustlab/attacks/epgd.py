@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import positive_int
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
-from robustlab.defenses.noise import check_noise, sample
-from robustlab.defenses.smoothing import _check_positive_int
+from robustlab.noise import SmoothedModel, check_noise, sample
 from robustlab.threat import ThreatModel
 
 
@@ -40,9 +40,7 @@ def smoothing_target(model: nn.Module, sigma: float | None,
                      noise: str | None) -> tuple[nn.Module, float, str]:
     """``(base model, sigma, noise)`` an attack on ``model`` differentiates: a smoothing
     module's own unless overridden; a plain model's with the given ones."""
-    from robustlab.defenses.smoothing import Smoothing
-
-    if isinstance(model, Smoothing):
+    if isinstance(model, SmoothedModel):
         return (model.base, model.sigma if sigma is None else sigma,
                 model.noise if noise is None else noise)
     if sigma is None:
@@ -88,7 +86,7 @@ class EPGD(PGD):
         if sigma is not None or noise is not None:
             check_noise(noise or "gaussian", 0.0 if sigma is None else sigma)
         self.sigma = None if sigma is None else float(sigma)
-        self.noise, self.samples = noise, _check_positive_int(samples, "samples")
+        self.noise, self.samples = noise, positive_int(samples, "samples")
         self._call: tuple[nn.Module, float, str, torch.Generator] | None = None
 
     def config(self) -> dict[str, Any]:

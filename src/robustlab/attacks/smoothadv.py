@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from robustlab.attacks.epgd import EPGD, smoothing_target
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
-from robustlab.defenses.noise import sample
+from robustlab.noise import sample
 from robustlab.threat import ThreatModel
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import eval_mode
 from robustlab._validate import check_labels, probe_model
-from robustlab.attacks.base import Attack, Perturbation, eval_mode
+from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.registry import create, register
 from robustlab.threat import ThreatModel
 

@@ -2,7 +2,7 @@
 
 Cohen, Rosenfeld, Kolter, "Certified Adversarial Robustness via Randomized Smoothing", ICML 2019
 (https://arxiv.org/abs/1902.02918), Section 3.2 / Algorithm "certify" and "predict"; the noise
-distributions and radii are in :mod:`robustlab.defenses.noise` (Gaussian -> l2, Laplace -> l1).
+distributions and radii are in :mod:`robustlab.noise` (Gaussian -> l2, Laplace -> l1).
 
 The smoothed classifier is ``g(x) = argmax_c P(f(x + delta) = c)`` over the noise ``delta``;
 both functions estimate it from hard votes of the base classifier ``f`` only.
@@ -29,10 +29,10 @@ import torch
 from scipy.stats import binomtest
 from torch import Tensor, nn
 
-from robustlab._validate import check_images
-from robustlab.attacks.base import eval_mode
-from robustlab.defenses.noise import CERTIFIED_NORM, check_noise, radius
-from robustlab.defenses.smoothing import _check_positive_int, noisy_logits
+from robustlab._modes import eval_mode
+from robustlab._validate import check_images, positive_int
+from robustlab.defenses.smoothing import noisy_logits
+from robustlab.noise import CERTIFIED_NORM, check_noise, radius
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_iter", "predict", "vote_counts"]
 
@@ -61,7 +61,7 @@ def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1) (the allowed failure probability), got "
                          f"{alpha!r}")
-    _check_positive_int(batch_size, "batch_size")
+    positive_int(batch_size, "batch_size")
 
 
 def vote_counts(
@@ -70,7 +70,7 @@ def vote_counts(
 ) -> Tensor:
     """(N, K) int64: how often the base ``model`` predicts each class on ``num`` noisy copies of
     each input. Runs without gradients in eval mode (the model's mode is restored)."""
-    _check_positive_int(num, "the number of noise draws")
+    positive_int(num, "the number of noise draws")
     counts: Tensor | None = None
     with torch.no_grad(), eval_mode(model):
         for rows, logits in noisy_logits(model, x, num, sigma, noise, batch_size, generator):
@@ -118,8 +118,8 @@ def certify_iter(
     streaming and resumable runs); ``index`` counts from ``start``."""
     _check(sigma, noise, alpha, batch_size)
     check_images(x)
-    _check_positive_int(n0, "n0")
-    _check_positive_int(n, "n")
+    positive_int(n0, "n0")
+    positive_int(n, "n")
     norm = CERTIFIED_NORM[noise]
     for i in range(len(x)):
         t0 = time.perf_counter()

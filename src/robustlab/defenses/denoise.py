@@ -63,8 +63,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,9 +77,10 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import Tensor, nn
 
 from robustlab._io import atomic_write
+from robustlab._modes import frozen
 from robustlab._provenance import git_commit, package_version
-from robustlab.defenses.noise import check_noise, sample
 from robustlab.defenses.registry import register
+from robustlab.noise import check_noise, sample
 
 __all__ = ["OBJECTIVES", "Denoised", "Denoiser", "load_denoiser", "train_denoiser"]
 
@@ -197,23 +198,6 @@ class Denoised(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.denoiser(x))
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode with ``requires_grad=False`` on every parameter; the previous
-    mode and flags come back on exit, even on exceptions."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _check_images(x: Any, channels: int | None) -> None:

@@ -21,57 +21,20 @@ EOT/smoothed gradients or transfer from the undefended model (Tramer et al., Neu
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.defenses.registry import register
+from robustlab.models.layers import ACTIVATIONS, KWTA, RATIO
 
 __all__ = ["RATIO", "KWTA", "KWTADefense", "activation_classes", "replace_activations"]
-
-
-RATIO = 0.1  # Xiao et al.'s ResNet-18; also the ratio of the registered activation "kwta"
-
-
-def _ratio(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ValueError(f"k-WTA ratio must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-class KWTA(nn.Module):
-    """k-WTA over each sample's whole volume: (N, D1, ...) -> same shape, dtype and device,
-    with all but the k = max(1, floor(ratio * D1 * ...)) largest values of each sample zeroed.
-
-    Args:
-        ratio: the fraction of values kept, in (0, 1] (default 0.1, Xiao et al.'s ResNet-18).
-    """
-
-    def __init__(self, ratio: float = RATIO) -> None:
-        super().__init__()
-        self.ratio = _ratio(ratio)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2:
-            raise ValueError(f"k-WTA expects a batch (N, C, H, W) or (N, F), got shape "
-                             f"{tuple(x.shape)}")
-        flat = x.flatten(1)
-        k = max(1, math.floor(self.ratio * flat.shape[1]))
-        threshold = flat.detach().topk(k, dim=1).values[:, -1:]  # the k-th largest, (N, 1)
-        keep = (flat.detach() >= threshold).view_as(x)
-        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-    def extra_repr(self) -> str:
-        return f"ratio={self.ratio}"
 
 
 def activation_classes() -> tuple[type[nn.Module], ...]:
     """The activation module classes k-WTA replaces: those of every activation registered in
     :data:`robustlab.models.layers.ACTIVATIONS` (ReLU, Softplus, SiLU, GELU, KWTA)."""
-    from robustlab.models.layers import ACTIVATIONS
-
     classes = {type(ACTIVATIONS.get(name)()) for name in ACTIVATIONS.names()} | {nn.ReLU}
     return tuple(sorted(classes, key=lambda c: c.__name__))
 
@@ -80,7 +43,8 @@ def replace_activations(model: nn.Module, ratio: float = RATIO) -> int:
     """Replace, in place, every activation module of ``model`` (see
     :func:`activation_classes`) by ``KWTA(ratio)``; returns how many were replaced.
     Activations applied functionally (``F.relu`` in ``forward``) cannot be seen and stay."""
-    classes, ratio = activation_classes(), _ratio(ratio)
+    classes = activation_classes()
+    ratio = number(ratio, "k-WTA ratio", low=0, high=1, low_open=True)
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -119,7 +83,7 @@ class KWTADefense(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.ratio = _ratio(ratio)
+        self.ratio = number(ratio, "k-WTA ratio", low=0, high=1, low_open=True)
         self._original = (model,)  # a tuple: not a submodule, so not in state_dict()
         self.net = copy.deepcopy(model)
         if replace_activations(self.net, self.ratio) == 0:

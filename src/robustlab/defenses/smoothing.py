@@ -1,7 +1,7 @@
 """Smoothed inference: classify by voting over noisy copies of the input.
 
 The smoothed classifier of a base model ``f`` with noise ``delta`` (Gaussian or Laplace, see
-:mod:`robustlab.defenses.noise`) draws ``samples`` noisy copies ``x + delta_i`` and combines the
+:mod:`robustlab.noise`) draws ``samples`` noisy copies ``x + delta_i`` and combines the
 base model's outputs ``o_i = f(x + delta_i)`` with one of three voting rules (Nemcovsky et al.,
 "Smoothed Inference for Adversarially-Trained Models", https://arxiv.org/abs/1911.07198):
 
@@ -41,20 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.defenses.noise import check_noise, sample
+from robustlab._validate import positive_int
 from robustlab.defenses.registry import register
+from robustlab.noise import check_noise, sample
 
 __all__ = ["SOFT_ON", "VOTES", "Smoothing", "noisy_logits", "shares_weight_noise"]
 
 VOTES = ("prediction", "soft", "weighted")
 SOFT_ON = ("probabilities", "logits")
 GRADS = ("soft", "none")
-
-
-def _check_positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def shares_weight_noise(model: nn.Module) -> bool:
@@ -149,8 +144,8 @@ class Smoothing(nn.Module):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.base = model
         self.sigma, self.noise = float(sigma), noise
-        self.samples = _check_positive_int(samples, "samples")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.samples = positive_int(samples, "samples")
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.vote, self.soft_on, self.grad = vote, soft_on, grad
         self.generator = generator
         #: tells the evaluation that the output is random even where the votes look constant

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import eval_mode
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
-from robustlab.attacks.base import eval_mode
 from robustlab.evaluation.binarization import binarization_test
 from robustlab.evaluation.checks import run_checks, shattered_gradient
 from robustlab.evaluation.results import EvalResult

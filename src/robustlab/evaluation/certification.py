@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
 from robustlab.defenses.certify import ABSTAIN, certify_iter
-from robustlab.defenses.noise import CERTIFIED_NORM
+from robustlab.noise import CERTIFIED_NORM
 
 __all__ = ["certification_summary", "run_certification"]
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from robustlab._io import atomic_path, atomic_write
+from robustlab.report.summary import markdown
 
 SCHEMA = "robustlab.evaluation/1"
 EXAMPLES = "examples.safetensors"
@@ -52,8 +53,6 @@ class EvalResult:
         with the clean inputs known, ``examples.safetensors``: a few clean and adversarial
         inputs with their labels and predictions (see :func:`example_indices`), named in the
         results under ``examples``."""
-        from robustlab.evaluation.summary import markdown
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.json", "per_sample": out / "per_sample.jsonl",

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
-from robustlab._validate import check_inputs, check_labels, probe_model
-from robustlab.defenses.noise import check_noise
-from robustlab.defenses.smoothing import VOTES, _check_positive_int, noisy_logits
+from robustlab._validate import check_inputs, check_labels, positive_int, probe_model
+from robustlab.defenses.smoothing import VOTES, noisy_logits
 from robustlab.evaluation.checks import randomised_output
+from robustlab.noise import check_noise
 
 __all__ = ["FILE", "SCHEMA", "draw_logits", "smoothing_curves", "vote_decisions"]
 
@@ -60,8 +60,8 @@ def draw_logits(
     batch_size=batch_size)`` votes over with the same generator, in the order they were drawn
     (input by input, or draw by draw for a model with weight noise)."""
     check_noise(noise, sigma)
-    draws = _check_positive_int(draws, "draws")
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    draws = positive_int(draws, "draws")
+    batch_size = positive_int(batch_size, "batch_size")
     n = len(x)
     out: Tensor | None = None
     filled = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -184,10 +184,10 @@ def smoothing_curves(
     sigma_list = sorted({float(s) for s in sigma_list})
     sample_list = _as_list(samples, "samples", "[1, 4, 16, 64]")
     for n in sample_list:
-        _check_positive_int(n, "every entry of samples")
+        positive_int(n, "every entry of samples")
     sample_list = sorted(set(sample_list))
     vote_list = _votes(votes)
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if config is not None and not isinstance(config, dict):

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import eval_mode
 from robustlab._progress import append_jsonl
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
-from robustlab.attacks.base import eval_mode
 from robustlab.attacks.bpda import bpda as bpda_mode
 from robustlab.attacks.bpda import nondifferentiable_stages
 from robustlab.attacks.losses import rejects

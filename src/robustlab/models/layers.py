@@ -1,29 +1,56 @@
-"""Building blocks shared by every architecture: input normalisation and activations."""
+"""Building blocks shared by every architecture: input normalisation and activations,
+k-winners-take-all among them (its defense wrapper is ``robustlab.defenses.kwta``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.registry import Registry
 
-__all__ = ["ACTIVATIONS", "Normalize", "Stat", "make_activation"]
+__all__ = ["ACTIVATIONS", "KWTA", "RATIO", "Normalize", "Stat", "make_activation"]
 
-ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
+RATIO = 0.1  # Xiao et al.'s ResNet-18; also the ratio of the registered activation "kwta"
+
+
+class KWTA(nn.Module):
+    """k-WTA over each sample's whole volume: (N, D1, ...) -> same shape, dtype and device,
+    with all but the k = max(1, floor(ratio * D1 * ...)) largest values of each sample zeroed.
+
+    Args:
+        ratio: the fraction of values kept, in (0, 1] (default 0.1, Xiao et al.'s ResNet-18).
+    """
+
+    def __init__(self, ratio: float = RATIO) -> None:
+        super().__init__()
+        self.ratio = number(ratio, "k-WTA ratio", low=0, high=1, low_open=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"k-WTA expects a batch (N, C, H, W) or (N, F), got shape "
+                             f"{tuple(x.shape)}")
+        flat = x.flatten(1)
+        k = max(1, math.floor(self.ratio * flat.shape[1]))
+        threshold = flat.detach().topk(k, dim=1).values[:, -1:]  # the k-th largest, (N, 1)
+        keep = (flat.detach() >= threshold).view_as(x)
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}"
+
+
+ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation", name_classes=False)
 ACTIVATIONS.register("relu")(nn.ReLU)
 ACTIVATIONS.register("softplus")(nn.Softplus)  # beta = 1: log(1 + e^x)
 ACTIVATIONS.register("silu")(nn.SiLU)
 ACTIVATIONS.register("gelu")(nn.GELU)  # exact (erf) form
 
 
-@ACTIVATIONS.register("kwta")
-def _kwta() -> nn.Module:
-    """k-WTA keeping 10% of each layer's values (Xiao et al. 2020; robustlab.defenses.kwta)."""
-    from robustlab.defenses.kwta import KWTA  # lazily: defense modules may import models
-
-    return KWTA()  # ratio 0.1
+ACTIVATIONS.register("kwta")(KWTA)  # ratio 0.1, Xiao et al. 2020
 
 
 Stat = float | Sequence[float] | torch.Tensor | None
@@ -31,7 +58,7 @@ Stat = float | Sequence[float] | torch.Tensor | None
 
 def make_activation(name: str) -> nn.Module:
     """A fresh activation module for ``name`` in {gelu, kwta, relu, silu, softplus} (kwta:
-    k-winners-take-all with ratio 0.1, :class:`robustlab.defenses.kwta.KWTA`).
+    k-winners-take-all with ratio 0.1, :class:`KWTA`).
 
     Never in-place, so input gradients through residual branches stay exact.
     Unknown names raise ``ValueError`` listing the valid ones.

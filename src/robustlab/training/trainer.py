@@ -39,10 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import distributed, models
+from robustlab._modes import eval_mode
 from robustlab._progress import append_jsonl, tensorboard_available
 from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.attacks import create_for_evaluation
-from robustlab.attacks.base import eval_mode
 from robustlab.models.init import init_weights
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create as create_objective

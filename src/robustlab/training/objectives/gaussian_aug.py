@@ -13,7 +13,7 @@ not clip: the certificate is about exactly this noise). Train with the sigma tha
 Original settings: CIFAR-10 sigma in {0.12, 0.25, 0.5, 1.0}, ResNet-110, 90 epochs, SGD lr 0.1
 (x 0.1 every 30 epochs), batch 256, weight decay 1e-4; ImageNet sigma in {0.25, 0.5, 1.0}.
 ``noise="laplace"`` trains for l1 certificates instead (Laplace(0, sigma) per coordinate, see
-:mod:`robustlab.defenses.noise`). Cost: 1 forward/backward per minibatch, as natural training.
+:mod:`robustlab.noise`). Cost: 1 forward/backward per minibatch, as natural training.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab.defenses.noise import check_noise, sample
+from robustlab.noise import check_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective

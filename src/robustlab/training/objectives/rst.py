@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab.attacks.base import eval_mode
+from robustlab._modes import eval_mode
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create, register
 from robustlab.training.objectives.base import Objective, check_number

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.attacks.smoothadv import SmoothAdv as SmoothAdvAttack
-from robustlab.defenses.noise import check_noise, sample
+from robustlab.noise import check_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective, check_number

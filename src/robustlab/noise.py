@@ -17,16 +17,28 @@ noise is added in that space, before the model's own normalisation layer.
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from scipy.stats import norm as _normal
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["CERTIFIED_NORM", "NOISES", "check_noise", "radius", "sample"]
+__all__ = ["CERTIFIED_NORM", "NOISES", "SmoothedModel", "check_noise", "radius", "sample"]
 
 NOISES = ("gaussian", "laplace")
 #: the norm each distribution's certificate is in
 CERTIFIED_NORM = {"gaussian": "l2", "laplace": "l1"}
+
+
+@runtime_checkable
+class SmoothedModel(Protocol):
+    """What an attack needs to know of a smoothed classifier: the ``base`` model it smooths,
+    the noise scale ``sigma`` and the ``noise`` name. ``robustlab.defenses.Smoothing`` is one;
+    attacks test ``isinstance(model, SmoothedModel)`` and never import the defense."""
+
+    base: nn.Module
+    sigma: float
+    noise: str
 
 
 def check_noise(noise: str, sigma: float) -> None:

@@ -1,6 +1,6 @@
 """``robustlab report`` and ``robustlab compare``: one self-contained HTML page, and a leaderboard.
 
-The page is rendered from what the run directories recorded (see :mod:`robustlab.evaluation.runs`)
+The page is rendered from what the run directories recorded (see :mod:`robustlab.report.runs`)
 and never runs a model: flags first, in colour; then per run the headline numbers, the attack
 cascade, the audit's verdicts, robust accuracy against eps, clean / adversarial / perturbation
 images, training curves, smoothing curves and certified accuracy, and the provenance (config,
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robustlab import __version__
 from robustlab._io import atomic_write
-from robustlab.evaluation import plots
-from robustlab.evaluation.runs import Document, Run, load_run
-from robustlab.evaluation.summary import _attack_label, adaptive_text
+from robustlab._provenance import package_version
+from robustlab.report import plots
+from robustlab.report.runs import Document, Run, load_run
+from robustlab.report.summary import _attack_label, adaptive_text
 
 IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
 CERTIFIED_RADII = 5  # radii in the certification table
@@ -238,17 +238,6 @@ def _png(img: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _class_names(dataset: str | None) -> tuple[str, ...] | None:
-    if not dataset:
-        return None
-    from robustlab import data
-
-    try:
-        return data.info(dataset).classes
-    except (ValueError, KeyError):
-        return None
-
-
 def _per_sample(run: Run, doc: Document, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
     path = run.path / doc.path.parent / "per_sample.jsonl"
     if not path.exists():
@@ -267,7 +256,7 @@ def _examples(run: Run, doc: Document) -> str:
     if ex is None:
         return ""
     d = doc.data
-    names = _class_names((d.get("config") or {}).get("dataset"))
+    names = (d.get("config") or {}).get("classes")  # recorded by the CLI
 
     def name(k: int) -> str:
         return names[k] if names and 0 <= k < len(names) else str(k)
@@ -530,7 +519,8 @@ def render_html(runs: Sequence[Run], title: str | None = None) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class=\"meta\">Rendered {created} by robustlab {__version__} "
+        f"<h1>{_e(title)}</h1><p class=\"meta\">Rendered {created} by robustlab "
+        f"{package_version()} "
         "from the recorded results; nothing was recomputed.</p>"
         + _flags_html(runs) + f"<nav><ul>{nav}</ul></nav>" + board
         + "".join(_run(r, i) for i, r in enumerate(runs))
