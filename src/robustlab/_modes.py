@@ -1,18 +1,61 @@
-"""A model's mode and gradient flags, changed for a block and restored in ``finally``.
+"""A model's modes: what it declares about itself, and its train/eval mode and gradient flags
+changed for a block and restored in ``finally``.
 
-Attacks, objectives, certification, the evaluation and the audit all run a model in eval mode
-without changing what the caller sees afterwards; the denoiser's training runs a frozen
-classifier. Both context managers give the previous state back even on exceptions.
+Declarations (:class:`Declares`, :func:`declared`): a module says whether it is randomised,
+differentiable, or a detector with a rejection output. Every ``robustlab.defenses.Defense``
+declares through class attributes; a user's module may instead set the loose attributes
+``robustlab_random``, ``robustlab_differentiable`` or ``robustlab_reject``, which are still
+read. Attacks, defenses and the evaluation all ask :func:`declared`, so none needs another's
+classes.
+
+Modes: attacks, objectives, certification, the evaluation and the audit all run a model in
+eval mode without changing what the caller sees afterwards; the denoiser's training runs a
+frozen classifier. Both context managers give the previous state back even on exceptions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar, Literal
 
 from torch import nn
 
-__all__ = ["eval_mode", "frozen"]
+__all__ = ["Declares", "Declaration", "declared", "eval_mode", "frozen"]
+
+Declaration = Literal["randomized", "differentiable", "rejects"]
+#: each declaration's loose attribute on user modules, and its value when nothing is declared
+_LOOSE: dict[str, tuple[str, bool]] = {
+    "randomized": ("robustlab_random", False),
+    "differentiable": ("robustlab_differentiable", True),
+    "rejects": ("robustlab_reject", False),
+}
+
+
+class Declares:
+    """Mixin of the modules that declare what they are. Subclasses override the class
+    attributes (an instance may override one where it depends on a setting, e.g. smoothing
+    with sigma 0 is not random):
+
+    - ``randomized``: two forward passes on one input may differ (evaluate with EOT and
+      repeated predictions);
+    - ``differentiable``: autograd's gradient is usable (False: attack through BPDA);
+    - ``rejects``: a detector whose last output column is "rejected".
+    """
+
+    randomized: ClassVar[bool] = False
+    differentiable: ClassVar[bool] = True
+    rejects: ClassVar[bool] = False
+
+
+def declared(module: object, what: Declaration) -> bool:
+    """What ``module`` declares about itself (not its submodules): the :class:`Declares`
+    attribute, else the loose ``robustlab_*`` attribute a user module may set, else the
+    default (not randomised, differentiable, not a detector)."""
+    attr, default = _LOOSE[what]
+    if isinstance(module, Declares):
+        return bool(getattr(module, what))
+    return bool(getattr(module, attr, default))
 
 
 @contextmanager
