@@ -1,4 +1,5 @@
-# The two commands of the README: `make quickstart` (the main job, end to end) and `make test`.
+# The two commands of the README: `make quickstart` (the main job, end to end) and `make test`;
+# `make lint`, `make structure` and `make bench` are in CONTRIBUTING.md.
 # Each installs what it needs: the venv .venv/, torch 2.13.0 first (the local CPU wheel, so pip
 # never resolves another torch), then robustlab with its dev extras, then the data.
 
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.robustlab-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUN    := runs/quickstart
 
-.PHONY: install data browser test quickstart lint bench bench-env clean
+.PHONY: install data browser test quickstart lint structure bench bench-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,10 @@ test: install data browser
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
+# The house rules of CONTRIBUTING.md (import circles, forbidden arrows, sizes, inline checks).
+structure: install
+	$(BIN)/python -m pytest -q tests/test_structure.py
+
 quickstart: install data
 	@if [ -f $(RUN)/train_state.safetensors ]; then resume=--resume; else resume=; fi; \
 	$(BIN)/robustlab train --config configs/quickstart.toml --out $(RUN) $$resume
@@ -59,6 +64,9 @@ quickstart: install data
 # Peers for benchmarks/ only (never runtime dependencies), in their own venv.
 bench-env:
 	$(MAKE) -C benchmarks env
+
+bench:
+	$(MAKE) -C benchmarks bench
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -51,9 +51,12 @@ from torch import Tensor, nn
 
 import robustlab as rl
 from robustlab.defenses import Smoothing
+from robustlab.defenses.denoise import Denoised
 from robustlab.evaluation.certification import run_certification
 from robustlab.evaluation.smoothing_curves import draw_logits, vote_decisions
+from robustlab.models.dncnn import Denoiser, load_denoiser
 from robustlab.noise import sample
+from robustlab.training.denoiser import train_denoiser
 
 VOTES = ("prediction", "soft", "weighted")
 DATASET = "fashion-mnist"
@@ -238,8 +241,6 @@ def denoised_part(x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace,
                   recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Certify a naturally trained classifier alone, behind an MSE denoiser and behind an
     MSE-then-Stab denoiser (Salman et al. 2020), against a Gaussian-augmented model."""
-    from robustlab.defenses.denoise import Denoised, Denoiser, load_denoiser, train_denoiser
-
     sigma = args.den_sigma
     natural = trained_model("natural", recs["natural"], log=log)
     x_train, _ = rl.data.load(DATASET, split="train", n=args.train_n)

@@ -9,6 +9,7 @@ import pytest
 
 import robustlab as rl
 from robustlab.cli import main
+from robustlab.cli_args import build_parser
 from robustlab.config import load_recipe
 
 RECIPE = """
@@ -90,3 +91,28 @@ def test_shipped_recipes_parse(path):
     needs_threat = rl.training.OBJECTIVES.get(recipe.train.objective).needs_threat
     assert (recipe.threat is not None or not needs_threat) and recipe.train.epochs >= 1
     assert recipe.dataset in rl.data.names() and recipe.model["arch"] in rl.models.names()
+
+
+REQUIRED = {"evaluate": ["--eps", "0.1"], "audit": ["--eps", "0.1"],
+            "certify": ["--sigma", "0.25"], "smooth": ["--sigmas", "0.1", "--samples", "4"]}
+
+
+@pytest.mark.parametrize("command", sorted(REQUIRED))
+def test_every_command_shares_the_common_options(command):
+    shared = ["--dataset", "mnist", "--split", "train", "--batch-size", "7", "--seed", "3",
+              "--device", "cpu", "--out", "o", "--quiet"]
+    args = build_parser().parse_args([command, "m.safetensors", *REQUIRED[command], *shared])
+    assert (args.dataset, args.split, args.batch_size, args.seed, args.device, args.out,
+            args.quiet) == ("mnist", "train", 7, 3, "cpu", Path("o"), True)
+    if command != "certify":  # certify's --n counts noise draws; its points are --n-points
+        assert build_parser().parse_args([command, "m", *REQUIRED[command], "--n-points",
+                                          "9"]).n == 9
+
+
+@pytest.mark.parametrize("command", sorted(REQUIRED))
+def test_a_device_that_is_not_there_is_a_clear_error(command, capsys):
+    base = [command, "missing.safetensors", *REQUIRED[command], "--device"]
+    assert main(base + ["cuda:99"]) == 2
+    assert "cuda:99 is not available" in capsys.readouterr().err
+    assert main(base + ["tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err

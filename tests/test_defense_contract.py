@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import robustlab as rl
 from robustlab.attacks.bpda import bpda, nondifferentiable_stages
 from robustlab.attacks.losses import rejects
-from robustlab.defenses.denoise import Denoiser
+from robustlab.models.dncnn import Denoiser
 
 K = 4  # classes of the toy data
 

@@ -13,15 +13,10 @@ from torch import nn
 
 import robustlab.defenses
 from helpers import NUM_CLASSES, TinyCNN, make_quadrants
-from robustlab.defenses.denoise import (
-    STATE_FILE,
-    WEIGHTS_FILE,
-    Denoised,
-    Denoiser,
-    load_denoiser,
-    train_denoiser,
-)
+from robustlab.defenses.denoise import Denoised
+from robustlab.models.dncnn import Denoiser, load_denoiser
 from robustlab.noise import sample
+from robustlab.training.denoiser import STATE_FILE, WEIGHTS_FILE, train_denoiser
 
 
 class CentrePixels(nn.Module):

@@ -12,7 +12,7 @@ import tqdm.auto
 
 import robustlab as rl
 from helpers import FlakyPGD, Interrupt, TinyCNN
-from robustlab.evaluation import suite as suite_mod
+from robustlab.evaluation import record as record_mod
 
 THREAT = rl.ThreatModel("linf", 0.1)
 VAL_ATTACK = {"name": "pgd", "steps": 2}
@@ -159,7 +159,7 @@ def test_eval_log_matches_the_results(tmp_path, toy_model, toy_data):
 
 
 def test_resumed_evaluation_appends_to_its_log(tmp_path, toy_model, toy_data, monkeypatch):
-    monkeypatch.setattr(suite_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
+    monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
     want = rl.evaluate(toy_model, *toy_data, EVAL_THREAT, attacks=ATTACKS, batch_size=40)
     with pytest.raises(Interrupt):
         rl.evaluate(toy_model, *toy_data, EVAL_THREAT, batch_size=40, out=tmp_path,

@@ -16,11 +16,11 @@ from torch import nn
 import robustlab.defenses as D
 from helpers import make_quadrants
 from robustlab.attacks.bpda import bpda, nondifferentiable_stages
+from robustlab.defenses.crop_rescale import CropRescale
 from robustlab.defenses.mixup import MixupInference
 from robustlab.defenses.preprocess import Preprocessed
-from robustlab.defenses.randomized import (
-    CropRescale,
-    RandomResizePad,
+from robustlab.defenses.resize_pad import RandomResizePad
+from robustlab.defenses.tv_min import (
     TVMin,
     _divergence,
     _forward_diff,

@@ -15,13 +15,13 @@ from helpers import FlakyPGD, Interrupt
 from linear_oracle import exact_broken, train_linear
 from robustlab.attacks import create
 from robustlab.attacks.pgd import PGD
-from robustlab.evaluation import suite as suite_mod
+from robustlab.evaluation import record as record_mod
 from robustlab.evaluation.state import FILENAME
 
 
 def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path, toy_model,
                                                                     toy_data, monkeypatch):
-    monkeypatch.setattr(suite_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
+    monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
     t = rl.ThreatModel("linf", 0.12)
     opts = {"steps": 5, "early_stop": True}
     first = [("fgsm", {}), ("pgd", opts)]
@@ -47,7 +47,7 @@ def _header(path) -> str:
 
 
 def test_resume_refuses_a_different_evaluation(tmp_path, toy_model, toy_data, monkeypatch):
-    monkeypatch.setattr(suite_mod, "_SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)
     t = rl.ThreatModel("linf", 0.12)
     with pytest.raises(Interrupt):
         rl.evaluate(toy_model, *toy_data, t, attacks=[FlakyPGD(t, 2, steps=5)], batch_size=40,

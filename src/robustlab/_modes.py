@@ -32,6 +32,20 @@ _LOOSE: dict[str, tuple[str, bool]] = {
 }
 
 
+class _Loose:
+    """A declaration under its loose ``robustlab_*`` name, on the class and on instances:
+    reading gives the declaration, setting it on an instance sets the declaration."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __get__(self, obj: object, cls: type) -> bool:
+        return bool(getattr(cls if obj is None else obj, self.what))
+
+    def __set__(self, obj: object, value: object) -> None:
+        setattr(obj, self.what, bool(value))
+
+
 class Declares:
     """Mixin of the modules that declare what they are. Subclasses override the class
     attributes (an instance may override one where it depends on a setting, e.g. smoothing
@@ -41,11 +55,22 @@ class Declares:
       repeated predictions);
     - ``differentiable``: autograd's gradient is usable (False: attack through BPDA);
     - ``rejects``: a detector whose last output column is "rejected".
+
+    The loose names answer too: ``robustlab_random`` reads ``randomized``, and a subclass
+    written for the loose names (``robustlab_differentiable = False``) declares by them.
     """
 
     randomized: ClassVar[bool] = False
     differentiable: ClassVar[bool] = True
     rejects: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for what, (loose, _) in _LOOSE.items():
+            value = cls.__dict__.get(loose)
+            if value is not None and not isinstance(value, _Loose):
+                setattr(cls, what, bool(value))
+            setattr(cls, loose, _Loose(what))
 
 
 def declared(module: object, what: Declaration) -> bool:

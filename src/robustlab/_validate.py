@@ -23,12 +23,22 @@ from robustlab.threat import ThreatModel
 T = TypeVar("T")
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option of the wrong type (a bool, a string, a float where an integer is due): both
+    a ``TypeError`` and the ``ValueError`` every other failed check raises."""
+
+
+def _fail(name: str, what: str, value: Any, right_type: bool) -> None:
+    raise (ValueError if right_type else OptionTypeError)(f"{name} must be {what}, got {value!r}")
+
+
 def integer(value: Any, name: str, *, minimum: int | None = None,
             maximum: int | None = None) -> int:
     """``value`` as an ``int`` (any integral type but ``bool``) in ``[minimum, maximum]``;
-    ``ValueError`` "``name`` must be an integer >= minimum, got ..." otherwise."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or (minimum is not None and value < minimum)
+    ``ValueError`` "``name`` must be an integer >= minimum, got ..." otherwise
+    (:class:`OptionTypeError`, also a ``TypeError``, for a value of the wrong type)."""
+    right_type = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+    if (not right_type or (minimum is not None and value < minimum)
             or (maximum is not None and value > maximum)):
         if minimum is not None and maximum is not None:
             what = f"an integer in [{minimum}, {maximum}]"
@@ -38,7 +48,7 @@ def integer(value: Any, name: str, *, minimum: int | None = None,
             what = f"an integer <= {maximum}"
         else:
             what = "an integer"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        _fail(name, what, value, right_type)
     return int(value)
 
 
@@ -61,8 +71,9 @@ def number(value: Any, name: str, *, low: float | None = None, high: float | Non
            low_open: bool = False, high_open: bool = False, finite: bool = True) -> float:
     """``value`` as a ``float`` (any real type but ``bool``) in the interval given by ``low``,
     ``high`` (closed unless ``low_open`` / ``high_open``); NaN never passes, infinity only
-    with ``finite=False``. ``ValueError`` naming ``name`` and the interval otherwise."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    with ``finite=False``. ``ValueError`` naming ``name`` and the interval otherwise
+    (:class:`OptionTypeError`, also a ``TypeError``, for a value of the wrong type)."""
+    right_type = ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
     if ok:
         v = float(value)
         ok = not math.isnan(v) and (math.isfinite(v) or not finite)
@@ -72,7 +83,7 @@ def number(value: Any, name: str, *, low: float | None = None, high: float | Non
         where = _interval(low, high, low_open, high_open)
         kind = "a finite number" if finite and not (low is not None and high is not None) \
             else "a number"
-        raise ValueError(f"{name} must be {kind}{' ' + where if where else ''}, got {value!r}")
+        _fail(name, kind + (" " + where if where else ""), value, right_type)
     return float(value)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.threat import ThreatModel
-from robustlab.training.trainer import TrainConfig
+from robustlab.training import TrainConfig
 
 _SECTIONS = {
     "data": {"dataset", "n_train", "val_n"},  # val: the last val_n images of the test split

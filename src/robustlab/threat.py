@@ -182,6 +182,15 @@ class ThreatModel:
         lo, hi = self.bounds
         return (x + d).clamp(lo, hi)  # clamping moves coordinates towards x: stays in the ball
 
+    def drop_blocked(self, x: Tensor, direction: Tensor) -> Tensor:
+        """``direction`` with zeros where ``x`` sits on a bound and ``direction`` points out of
+        the box (at ``low`` and negative, at ``high`` and positive): the box-aware mask of the
+        sparse l1 steps, so they spend their coordinates on ones that can move (Croce & Hein
+        2021). Same shape as ``direction``; the other coordinates are unchanged."""
+        lo, hi = self.bounds
+        return direction.masked_fill(
+            ((x <= lo) & (direction < 0)) | ((x >= hi) & (direction > 0)), 0)
+
     def steepest_step(self, grad: Tensor, step_size: float, *, l1_sparsity: float = 0.01) -> Tensor:
         """The steepest-ascent step of lp length ``step_size`` for gradient ``grad``.
 

@@ -9,17 +9,58 @@ Distance: linf, l2, l1. Attacks: ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import dlr_targeted
+from robustlab.attacks.losses import CustomLoss, dlr_targeted
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
-State = dict[str, Tensor]  # per-sample tensors of one run, all indexed by the same rows
+
+@dataclass
+class State:
+    """One run's per-sample tensors, all indexed by the same rows (the samples still attacked).
+
+    Attributes:
+        gidx: the rows' indices in the attacked batch (n,).
+        x, y, t: clean inputs (n, ...), labels (n,), target classes (n,; APGD-T only).
+        xa, prev: the current and the previous iterate (n, ...).
+        loss, grad: loss (n,) and its input gradient (n, ...) at ``xa``.
+        x_best, g_best, l_best: the highest-loss iterate of the run, its gradient and loss.
+        l_check: ``l_best`` at the last checkpoint (n,).
+        step: the step size eta in input units (n,).
+        inc: steps since the last checkpoint where the loss went up (n,).
+        reduced: whether the step was halved at the last checkpoint (n,) bool.
+        topk, sp_old: l1 only: the fraction of coordinates moved per step, and the best
+            point's sparsity (number of changed coordinates) at the last checkpoint (n,).
+    """
+
+    gidx: Tensor
+    x: Tensor
+    y: Tensor
+    t: Tensor
+    xa: Tensor
+    prev: Tensor
+    loss: Tensor
+    grad: Tensor
+    x_best: Tensor
+    g_best: Tensor
+    l_best: Tensor
+    l_check: Tensor
+    step: Tensor
+    inc: Tensor
+    reduced: Tensor
+    topk: Tensor
+    sp_old: Tensor
+
+    def keep(self, rows: Tensor) -> State:
+        """The state of ``rows`` only (a bool mask or indices)."""
+        return State(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -84,28 +125,25 @@ class APGD(Attack):
         >>> res = APGD(ThreatModel("linf", 8 / 255), early_stop=True)(model, x, y)
     """
 
-    name = "apgd-ce"
     stochastic = True
     norms = ("linf", "l2", "l1")
 
     def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, loss: str = "ce", early_stop: bool = False,
+                 rho: float = 0.75, loss: str | CustomLoss = "ce", early_stop: bool = False,
                  seed: int = 0) -> None:
         super().__init__(threat, loss=loss, seed=seed)
-        for opt, v in (("steps", steps), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{opt} must be an integer >= 1, got {v!r}")
-        if isinstance(rho, bool) or not isinstance(rho, int | float) or not 0 <= rho <= 1:
-            raise ValueError(f"rho must be a number in [0, 1], got {rho!r}")
-        self.steps, self.restarts, self.rho = steps, restarts, float(rho)
+        self.steps = positive_int(steps, "steps")
+        self.restarts = positive_int(restarts, "restarts")
+        self.rho = number(rho, "rho", low=0, high=1)
         self.early_stop = bool(early_stop)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"steps": self.steps, "restarts": self.restarts,
                                    "rho": self.rho, "early_stop": self.early_stop}
 
-    def _objective(self, logits: Tensor, s: State) -> Tensor:
-        return self.loss(logits, s["y"], False)
+    def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        """The loss maximised, per sample, for labels ``y`` and (APGD-T) targets ``t``."""
+        return self.loss(logits, y, False)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         with torch.no_grad():
@@ -116,8 +154,7 @@ class APGD(Attack):
                 for _ in range(self.restarts):
                     idx = (~best.success).nonzero().squeeze(1)
                     if idx.numel():
-                        self._run(model, {"gidx": idx, "x": x[idx], "y": y[idx],
-                                          "t": target[idx]}, best, generator)
+                        self._run(model, idx, x[idx], y[idx], target[idx], best, generator)
         return best.x
 
     def _targets(self, clean: Tensor) -> list[Tensor]:
@@ -135,32 +172,35 @@ class APGD(Attack):
             d = d / _col(d.flatten(1).norm(dim=1).clamp_min(1e-12), d)
         return (x + th.eps * d.to(x.device)).clamp(*th.bounds)
 
-    def _grad(self, model: nn.Module, s: State) -> tuple[Tensor, Tensor, Tensor]:
+    def _grad(self, model: nn.Module, xa: Tensor, y: Tensor,
+              t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:
             logits = model(xa)
-            return self._objective(logits, s), logits
-        return self.input_grad(f, s["xa"])
+            return self._objective(logits, y, t), logits
+        return self.input_grad(f, xa)
 
     def _record(self, s: State, logits: Tensor, best: _Best) -> State:
         """Store newly misclassified iterates; with early stop drop those samples."""
-        hit = logits.argmax(1) != s["y"]
-        new = hit & ~best.success[s["gidx"]]
+        hit = logits.argmax(1) != s.y
+        new = hit & ~best.success[s.gidx]
         if new.any():
-            g = s["gidx"][new]
-            best.x[g], best.success[g] = s["xa"][new], True
+            g = s.gidx[new]
+            best.x[g], best.success[g] = s.xa[new], True
             if self.early_stop:
-                s = {k: v[~hit] for k, v in s.items()}
+                s = s.keep(~hit)
         return s
 
-    def _run(self, model: nn.Module, s: State, best: _Best, generator: torch.Generator) -> None:
+    def _run(self, model: nn.Module, gidx: Tensor, x: Tensor, y: Tensor, t: Tensor,
+             best: _Best, generator: torch.Generator) -> None:
         th, l1 = self.threat, self.threat.norm == "l1"
-        s["xa"] = s["prev"] = self._init(s["x"], generator)
-        loss, logits, grad = self._grad(model, s)
-        n, d = len(loss), s["x"][0].numel()
-        s.update(loss=loss, grad=grad, x_best=s["xa"], g_best=grad, l_best=loss, l_check=loss,
-                 step=loss.new_full((n,), th.eps * (1.0 if l1 else 2.0)),
-                 inc=torch.zeros_like(loss), reduced=torch.ones_like(loss, dtype=torch.bool),
-                 topk=loss.new_full((n,), 0.2), sp_old=loss.new_full((n,), float(d)))
+        xa = self._init(x, generator)
+        loss, logits, grad = self._grad(model, xa, y, t)
+        n, d = len(loss), x[0].numel()
+        s = State(gidx=gidx, x=x, y=y, t=t, xa=xa, prev=xa, loss=loss, grad=grad, x_best=xa,
+                  g_best=grad, l_best=loss, l_check=loss,
+                  step=loss.new_full((n,), th.eps * (1.0 if l1 else 2.0)),
+                  inc=torch.zeros_like(loss), reduced=torch.ones_like(loss, dtype=torch.bool),
+                  topk=loss.new_full((n,), 0.2), sp_old=loss.new_full((n,), float(d)))
         if l1:
             every = max(int(0.04 * self.steps), 1)
             marks = dict.fromkeys(range(every, self.steps + 1, every), every)
@@ -169,31 +209,30 @@ class APGD(Attack):
             marks = {b: b - a for a, b in zip(w, w[1:], strict=False)}
         s = self._record(s, logits, best)
         for i in range(self.steps):
-            if not len(s["gidx"]):
+            if not len(s.gidx):
                 return
             x_new = self._step(s, first=i == 0)
-            s["prev"], s["xa"] = s["xa"], x_new
-            loss, logits, s["grad"] = self._grad(model, s)
-            s["inc"] = s["inc"] + (loss > s["loss"]).to(loss.dtype)
-            up = loss > s["l_best"]
-            s["loss"], s["l_best"] = loss, torch.where(up, loss, s["l_best"])
-            s["x_best"] = torch.where(_col(up, x_new), x_new, s["x_best"])
-            s["g_best"] = torch.where(_col(up, x_new), s["grad"], s["g_best"])
+            s.prev, s.xa = s.xa, x_new
+            loss, logits, s.grad = self._grad(model, s.xa, s.y, s.t)
+            s.inc = s.inc + (loss > s.loss).to(loss.dtype)
+            up = loss > s.l_best
+            s.loss, s.l_best = loss, torch.where(up, loss, s.l_best)
+            s.x_best = torch.where(_col(up, x_new), x_new, s.x_best)
+            s.g_best = torch.where(_col(up, x_new), s.grad, s.g_best)
             s = self._record(s, logits, best)
-            if i + 1 in marks and len(s["gidx"]):
+            if i + 1 in marks and len(s.gidx):
                 self._checkpoint(s, marks[i + 1])
-        g = s["gidx"]
-        keep = ~best.success[g] & (s["l_best"] > best.loss[g])
-        best.x[g[keep]], best.loss[g[keep]] = s["x_best"][keep], s["l_best"][keep]
+        g = s.gidx
+        keep = ~best.success[g] & (s.l_best > best.loss[g])
+        best.x[g[keep]], best.loss[g[keep]] = s.x_best[keep], s.l_best[keep]
 
     def _step(self, s: State, first: bool) -> Tensor:
-        th, x, xa, grad = self.threat, s["x"], s["xa"], s["grad"]
-        eta = _col(s["step"], xa)
+        th, x, xa, grad = self.threat, s.x, s.xa, s.grad
+        eta = _col(s.step, xa)
         if th.norm == "l1":
-            lo, hi = th.bounds
-            g = grad.masked_fill(((xa <= lo) & (grad < 0)) | ((xa >= hi) & (grad > 0)), 0)
+            g = th.drop_blocked(xa, grad)
             a = g.flatten(1).abs()
-            pos = ((1 - s["topk"]) * a.shape[1]).clamp(0, a.shape[1] - 1).long()
+            pos = ((1 - s.topk) * a.shape[1]).clamp(0, a.shape[1] - 1).long()
             thr = a.sort(dim=1).values.gather(1, pos[:, None])
             top = (a >= thr) & (a > 0)
             dirn = g.flatten(1).sign() * top / top.sum(1, keepdim=True).clamp_min(1)
@@ -204,7 +243,7 @@ class APGD(Attack):
             dirn = grad / _col(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
         z = th.project(xa + eta * dirn, x)
         a = 1.0 if first else 0.75
-        return th.project(xa + a * (z - xa) + (1 - a) * (xa - s["prev"]), x)
+        return th.project(xa + a * (z - xa) + (1 - a) * (xa - s.prev), x)
 
     def _checkpoint(self, s: State, interval: int) -> None:
         """linf/l2: halve the step and restart from the best point where the loss stalled.
@@ -212,29 +251,26 @@ class APGD(Attack):
         the step resets to eps and the run restarts from the best point, elsewhere the step
         shrinks by 1.5 (Croce & Hein 2021)."""
         if self.threat.norm == "l1":
-            eps, d = self.threat.eps, s["x"][0].numel()
-            sp = (s["x_best"] - s["x"]).flatten(1).ne(0).sum(1).to(s["step"].dtype)
-            restart = sp / s["sp_old"].clamp_min(1) < 0.95
-            s["topk"], s["sp_old"] = sp / d / 1.5, sp
-            s["step"] = torch.where(restart, eps, s["step"] / 1.5).clamp(eps / 10, eps)
+            eps, d = self.threat.eps, s.x[0].numel()
+            sp = (s.x_best - s.x).flatten(1).ne(0).sum(1).to(s.step.dtype)
+            restart = sp / s.sp_old.clamp_min(1) < 0.95
+            s.topk, s.sp_old = sp / d / 1.5, sp
+            s.step = torch.where(restart, eps, s.step / 1.5).clamp(eps / 10, eps)
         else:
-            restart = (s["inc"] <= self.rho * interval) | (~s["reduced"]
-                                                          & (s["l_check"] >= s["l_best"]))
-            s["reduced"], s["l_check"], s["inc"] = restart, s["l_best"], torch.zeros_like(s["inc"])
-            s["step"] = torch.where(restart, s["step"] / 2, s["step"])
-        m = _col(restart, s["xa"])
-        s["xa"] = torch.where(m, s["x_best"], s["xa"])
-        s["grad"] = torch.where(m, s["g_best"], s["grad"])
+            restart = (s.inc <= self.rho * interval) | (~s.reduced & (s.l_check >= s.l_best))
+            s.reduced, s.l_check, s.inc = restart, s.l_best, torch.zeros_like(s.inc)
+            s.step = torch.where(restart, s.step / 2, s.step)
+        m = _col(restart, s.xa)
+        s.xa = torch.where(m, s.x_best, s.xa)
+        s.grad = torch.where(m, s.g_best, s.grad)
 
 
 @register("apgd-dlr")
 class APGDDLR(APGD):
     """:class:`APGD` on the DLR loss (needs >= 3 classes); the same arguments, ``loss="dlr"``."""
 
-    name = "apgd-dlr"
-
     def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, loss: str = "dlr", early_stop: bool = False,
+                 rho: float = 0.75, loss: str | CustomLoss = "dlr", early_stop: bool = False,
                  seed: int = 0) -> None:
         super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss=loss,
                          early_stop=early_stop, seed=seed)
@@ -252,24 +288,19 @@ class APGDT(APGD):
         steps, restarts, rho, early_stop, seed: as :class:`APGD` (restarts per target).
     """
 
-    name = "apgd-t"
-
     def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, n_target_classes: int = 9, early_stop: bool = False,
                  seed: int = 0) -> None:
         super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss="dlr",
                          early_stop=early_stop, seed=seed)
-        if (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
-                or n_target_classes < 1):
-            raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
-        self.n_target_classes = n_target_classes
+        self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"loss": "dlr-targeted",
                                    "n_target_classes": self.n_target_classes}
 
-    def _objective(self, logits: Tensor, s: State) -> Tensor:
-        return dlr_targeted(logits, s["y"], s["t"])
+    def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return dlr_targeted(logits, y, t)
 
     def _targets(self, clean: Tensor) -> list[Tensor]:
         k = clean.shape[1]

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, final
 
 import torch
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
-from robustlab._validate import check_inputs, check_labels, check_logits, probe_model
+from robustlab._validate import (
+    check_inputs,
+    check_labels,
+    check_logits,
+    generator_or_none,
+    integer,
+    probe_model,
+)
 from robustlab.attacks.bpda import bpda
 from robustlab.attacks.eot import expected_grad
-from robustlab.attacks.losses import get_loss, is_success, rejects
+from robustlab.attacks.losses import CustomLoss, is_success, rejects, resolve_loss
 from robustlab.threat import NORMS, ThreatModel
 
 
@@ -65,7 +72,8 @@ class Perturbation(NamedTuple):
 
 
 class Attack:
-    """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
+    """Base class. Subclasses implement :meth:`perturb`, the only method they override
+    (``__call__`` is final); ``@register("name")`` gives the class its ``name``.
 
     Class attributes a subclass sets: ``norms`` (the norms it supports; others raise
     ValueError at construction), ``uses_gradients`` (False for score- and decision-based
@@ -74,7 +82,8 @@ class Attack:
 
     Args:
         threat: the threat model (norm, eps, bounds).
-        loss: name of the loss to maximise (see ``robustlab.attacks.losses``).
+        loss: name of the loss to maximise (see ``robustlab.attacks.losses``), or a callable
+            ``loss(logits, y) -> (N,)`` maximised as it is (recorded under its ``__name__``).
         targeted: if True, ``__call__`` needs ``target`` and success means predicting it.
         seed: seed of the attack's own ``torch.Generator`` when none is passed to the call.
     """
@@ -86,7 +95,8 @@ class Attack:
     minimum_norm: ClassVar[bool] = False
 
     def __init__(
-        self, threat: ThreatModel, *, loss: str = "ce", targeted: bool = False, seed: int = 0
+        self, threat: ThreatModel, *, loss: str | CustomLoss = "ce", targeted: bool = False,
+        seed: int = 0,
     ) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
@@ -96,12 +106,9 @@ class Attack:
         self.threat = threat
         self.eot_samples = 1
         self.bpda = False
-        self.loss_name = loss
-        self.loss = get_loss(loss)
+        self.loss_name, self.loss = resolve_loss(loss)
         self.targeted = bool(targeted)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = integer(seed, "seed")
 
     def config(self) -> dict[str, Any]:
         """The attack's settings, as recorded in results."""
@@ -124,6 +131,7 @@ class Attack:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({self.threat}, {args})"
 
+    @final
     def __call__(
         self,
         model: nn.Module,
@@ -148,11 +156,7 @@ class Attack:
             raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass "
                              "target")
         labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-            )
-        if generator is None:
+        if generator_or_none(generator) is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
         x0 = x.detach()
         with eval_mode(model):
@@ -170,12 +174,16 @@ class Attack:
         return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits,
                             min_norm=out.min_norm, queries=out.queries)
 
-    def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+    @final
+    def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+              **how: Any) -> Tensor:
         """Only the adversarial inputs, for training loops that checked their batch already:
         no input checks, no prediction on the result; still run in eval mode and verified
-        inside the ball and the bounds."""
+        inside the ball and the bounds. ``how``: keyword arguments of this attack's
+        :meth:`perturb` for this call only (PGD's ``loss`` and ``start``), so an objective
+        changes what the attack maximises without touching the attack object."""
         with eval_mode(model), bpda(model, self.bpda):
-            out = self.perturb(model, x.detach(), y, generator)
+            out = self.perturb(model, x.detach(), y, generator, **how)
         x_adv = (out.x_adv if isinstance(out, Perturbation) else out).detach()
         self.threat.check(x_adv, x, who=f"attack {self.name!r}")
         return x_adv

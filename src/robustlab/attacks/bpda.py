@@ -8,11 +8,12 @@ so the value is ``g(x)`` and the gradient ``J_g~(x)^T dL/dz`` at ``z = g(x)``.
 Two ways in:
 
 - :class:`BPDA` wraps any callable (even one that runs in NumPy or Pillow) as such a stage;
-- a module that declares ``robustlab_differentiable = False`` (every non-differentiable
-  defense stage in :mod:`robustlab.defenses`) switches to this form while its
-  ``robustlab_bpda`` attribute is True; :func:`bpda` sets it on every such module of a model for
-  the length of a ``with`` block, and attacks created with ``bpda=True`` do so around their
-  own run. The forward value never changes, so predictions stay those of the real defense.
+- a module that declares itself not differentiable (:func:`robustlab._modes.declared`;
+  every non-differentiable defense stage in :mod:`robustlab.defenses`) switches to this form
+  while its ``robustlab_bpda`` attribute is True; :func:`bpda` sets it on every such module of
+  a model for the length of a ``with`` block, and attacks created with ``bpda=True`` do so
+  around their own run. The forward value never changes, so predictions stay those of the
+  real defense.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from robustlab._modes import declared
 
 __all__ = ["BPDA", "bpda", "nondifferentiable_stages", "straight_through"]
 
@@ -67,17 +70,16 @@ class BPDA(nn.Module):
 
 
 def nondifferentiable_stages(model: nn.Module) -> list[str]:
-    """Names of the submodules of ``model`` that declare ``robustlab_differentiable = False``
+    """Names of the submodules of ``model`` that declare themselves not differentiable
     (``""`` is ``model`` itself)."""
-    return [name for name, m in model.named_modules()
-            if getattr(m, "robustlab_differentiable", True) is False]
+    return [name for name, m in model.named_modules() if not declared(m, "differentiable")]
 
 
 @contextmanager
 def bpda(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Within the block every non-differentiable stage of ``model`` uses its BPDA backward
     pass; each gets its previous setting back afterwards, even on exceptions."""
-    stages = [m for m in model.modules() if getattr(m, "robustlab_differentiable", True) is False]
+    stages = [m for m in model.modules() if not declared(m, "differentiable")]
     before = [getattr(m, "robustlab_bpda", False) for m in stages]
     if enabled:
         for m in stages:

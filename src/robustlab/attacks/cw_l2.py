@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks._min_norm import Smallest
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success
@@ -63,7 +64,6 @@ class CarliniWagnerL2(Attack):
         >>> success_rate = torch.isfinite(res.min_norm).float().mean()
     """
 
-    name = "cw-l2"
     norms = ("l2",)
     minimum_norm = True
 
@@ -72,17 +72,11 @@ class CarliniWagnerL2(Attack):
                  abort_early: bool = True, targeted: bool = False, early_stop: bool = False,
                  seed: int = 0) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
-        for key, v in (("steps", steps), ("search_steps", search_steps)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        for key, v, positive in (("initial_const", initial_const, True), ("lr", lr, True),
-                                 ("kappa", kappa, False)):
-            if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
-                    or v < 0 or (positive and v == 0)):
-                raise ValueError(f"{key} must be a finite number {'>' if positive else '>='} 0, "
-                                 f"got {v!r}")
-        self.steps, self.search_steps = steps, search_steps
-        self.initial_const, self.lr, self.kappa = float(initial_const), float(lr), float(kappa)
+        self.steps = positive_int(steps, "steps")
+        self.search_steps = positive_int(search_steps, "search_steps")
+        self.initial_const = number(initial_const, "initial_const", low=0, low_open=True)
+        self.lr = number(lr, "lr", low=0, low_open=True)
+        self.kappa = number(kappa, "kappa", low=0)
         self.abort_early, self.early_stop = bool(abort_early), bool(early_stop)
 
     def config(self) -> dict[str, Any]:

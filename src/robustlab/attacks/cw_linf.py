@@ -8,12 +8,12 @@ Distance: linf, l2.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
 from torch import Tensor
 
+from robustlab._validate import number
 from robustlab.attacks.losses import cw_margin
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
@@ -59,7 +59,6 @@ class CWLinf(PGD):
         >>> res = CWLinf(ThreatModel("linf", 8 / 255), kappa=50)(model, x, y)
     """
 
-    name = "cw-linf"
     norms = ("linf", "l2")
     stochastic = True
 
@@ -80,11 +79,7 @@ class CWLinf(PGD):
         super().__init__(threat, steps=steps, step_size=step_size, random_start=random_start,
                          restarts=restarts, loss="cw-margin", targeted=targeted,
                          early_stop=early_stop, keep_best=keep_best, seed=seed)
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not (
-            math.isfinite(kappa) and kappa >= 0
-        ):
-            raise ValueError(f"kappa must be a finite number >= 0, got {kappa!r}")
-        self.kappa = float(kappa)
+        self.kappa = number(kappa, "kappa", low=0)
         self.loss = partial(cw_kappa, kappa=self.kappa)
 
     def config(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks._min_norm import Smallest
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success
@@ -57,7 +58,6 @@ class DDN(Attack):
         >>> median_l2 = res.min_norm.median()
     """
 
-    name = "ddn"
     norms = ("l2",)
     minimum_norm = True
 
@@ -65,16 +65,11 @@ class DDN(Attack):
                  init_norm: float = 1.0, quantize: bool = True, levels: int = 256,
                  targeted: bool = False, early_stop: bool = False, seed: int = 0) -> None:
         super().__init__(threat, loss="ce", targeted=targeted, seed=seed)
-        for key, v, low in (("steps", steps, 1), ("levels", levels, 2)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma < 1:
-            raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
-        if (isinstance(init_norm, bool) or not isinstance(init_norm, int | float)
-                or not 0 < init_norm < math.inf):
-            raise ValueError(f"init_norm must be a finite number > 0, got {init_norm!r}")
-        self.steps, self.gamma, self.init_norm = steps, float(gamma), float(init_norm)
-        self.quantize, self.levels, self.early_stop = bool(quantize), levels, bool(early_stop)
+        self.steps = positive_int(steps, "steps")
+        self.levels = positive_int(levels, "levels", minimum=2)
+        self.gamma = number(gamma, "gamma", low=0, high=1, low_open=True, high_open=True)
+        self.init_norm = number(init_norm, "init_norm", low=0, low_open=True)
+        self.quantize, self.early_stop = bool(quantize), bool(early_stop)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._validate import positive_int
-from robustlab.attacks.pgd import PGD
+from robustlab.attacks.pgd import PGD, LossAt, Start
 from robustlab.attacks.registry import register
 from robustlab.noise import SmoothedModel, check_noise, sample
 from robustlab.threat import ThreatModel
@@ -70,8 +70,6 @@ class EPGD(PGD):
         >>> res = EPGD(ThreatModel("linf", 0.1), samples=8)(smooth, x, y)
     """
 
-    name = "epgd"
-
     def __init__(
         self, threat: ThreatModel, *, sigma: float | None = None, noise: str | None = None,
         samples: int = 8, steps: int = 7, step_size: float | None = None,
@@ -87,26 +85,27 @@ class EPGD(PGD):
             check_noise(noise or "gaussian", 0.0 if sigma is None else sigma)
         self.sigma = None if sigma is None else float(sigma)
         self.noise, self.samples = noise, positive_int(samples, "samples")
-        self._call: tuple[nn.Module, float, str, torch.Generator] | None = None
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"sigma": self.sigma, "noise": self.noise,
                                    "samples": self.samples}
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
-        self._call = (base, sigma, noise, generator)
-        try:
-            return super().perturb(model, x, y, generator)
-        finally:
-            self._call = None
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
+                loss: LossAt | None = None, start: Start | None = None) -> Tensor:
+        """PGD's loop on :meth:`noisy_loss_at` (or the given ``loss``) for this call."""
+        if loss is None:
+            loss = self.noisy_loss_at(*smoothing_target(model, self.sigma, self.noise),
+                                      generator)
+        return super().perturb(model, x, y, generator, loss=loss, start=start)
 
-    def _loss_fn(self, model: nn.Module, y: Tensor, rows: Tensor | None = None):
-        assert self._call is not None, "EPGD's loss is only defined inside perturb"
-        base, sigma, noise, generator = self._call
+    def noisy_loss_at(self, base: nn.Module, sigma: float, noise: str,
+                      generator: torch.Generator) -> LossAt:
+        """The :data:`~robustlab.attacks.pgd.LossAt` of EPGD: the attack's loss and the logits
+        averaged over ``samples`` forward passes of ``base`` at ``x' + delta_i``, a fresh
+        ``delta_i`` (from ``generator``) for every pass."""
         m = self.samples
 
-        def f(xa: Tensor) -> tuple[Tensor, Tensor]:
+        def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             # one forward per draw, so PNI/CNI weight noise is fresh for every draw as well
             loss, logits = 0.0, 0.0
             for _ in range(m):

@@ -7,12 +7,12 @@ the smallest adversarial perturbation it found (``AttackResult.min_norm``).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks._min_norm import Smallest
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.registry import register
@@ -95,7 +95,6 @@ class FAB(Attack):
         >>> robust_at_1 = (res.min_norm > 1.0).float().mean()
     """
 
-    name = "fab"
     minimum_norm = True
     stochastic = True
 
@@ -103,16 +102,12 @@ class FAB(Attack):
                  alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  early_stop: bool = False, seed: int = 0) -> None:
         super().__init__(threat, loss="ce", targeted=False, seed=seed)
-        for key, v in (("steps", steps), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        for key, v, ok, rule in (("alpha_max", alpha_max, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                 ("eta", eta, lambda v: 1 <= v < math.inf, "finite, >= 1"),
-                                 ("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]")):
-            if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
-                raise ValueError(f"{key} must be {rule}, got {v!r}")
-        self.steps, self.restarts, self.early_stop = steps, restarts, bool(early_stop)
-        self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
+        self.steps = positive_int(steps, "steps")
+        self.restarts = positive_int(restarts, "restarts")
+        self.early_stop = bool(early_stop)
+        self.alpha_max = number(alpha_max, "alpha_max", low=0, high=1)
+        self.eta = number(eta, "eta", low=1)
+        self.beta = number(beta, "beta", low=0, high=1, low_open=True)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
@@ -241,17 +236,12 @@ class FABTargeted(FAB):
         >>> res = FABTargeted(ThreatModel("linf", 8 / 255), early_stop=True)(model, x, y)
     """
 
-    name = "fab-t"
-
     def __init__(self, threat: ThreatModel, *, n_target_classes: int = 9, steps: int = 100,
                  restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
                  beta: float = 0.9, early_stop: bool = False, seed: int = 0) -> None:
         super().__init__(threat, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
                          beta=beta, early_stop=early_stop, seed=seed)
-        if (isinstance(n_target_classes, bool) or not isinstance(n_target_classes, int)
-                or n_target_classes < 1):
-            raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
-        self.n_target_classes = n_target_classes
+        self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"n_target_classes": self.n_target_classes}

@@ -29,7 +29,6 @@ class FGSM(PGD):
         >>> res = FGSM(ThreatModel("linf", 0.1))(model, x, y)
     """
 
-    name = "fgsm"
     stochastic = False
 
     def __init__(

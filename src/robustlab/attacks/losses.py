@@ -11,9 +11,13 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustlab._modes import declared
 from robustlab.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor, bool], Tensor]
+#: a loss an attack takes instead of a registered name: ``loss(logits, y) -> (N,)``, maximised
+#: as it is (for a targeted attack ``y`` holds the targets: the callable rewards reaching them)
+CustomLoss = Callable[[Tensor, Tensor], Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
 
 
@@ -73,15 +77,34 @@ def get_loss(name: str) -> LossFn:
     return LOSSES.get(name)
 
 
+def resolve_loss(loss: str | CustomLoss) -> tuple[str, LossFn]:
+    """``(name recorded in results, loss fn)`` for a registered loss name or a callable
+    ``loss(logits, y) -> (N,)`` (recorded under its ``__name__``); a callable's value is
+    checked to be one number per sample."""
+    if isinstance(loss, str) or not callable(loss):
+        return loss, get_loss(loss)
+    custom = loss
+
+    def fn(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+        out = custom(logits, y)
+        if not isinstance(out, Tensor) or out.shape != (len(logits),):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the attack's loss must return one value per sample, shape "
+                             f"({len(logits)},), got {shape}")
+        return out
+
+    return getattr(custom, "__name__", type(custom).__name__), fn
+
+
 def loss_names() -> list[str]:
     return LOSSES.names()
 
 
 def rejects(model: object) -> bool:
     """Whether ``model`` is a detector whose last output column is a rejection ("adversarial
-    input detected", attribute ``robustlab_reject = True``, e.g. feature squeezing): a rejected
-    adversarial input is defended, a rejected clean input is an error."""
-    return bool(getattr(model, "robustlab_reject", False))
+    input detected", declared through :func:`robustlab._modes.declared`, e.g. feature
+    squeezing): a rejected adversarial input is defended, a rejected clean input is an error."""
+    return declared(model, "rejects")
 
 
 def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) -> Tensor:
@@ -95,5 +118,5 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) 
     return hit & (pred != logits.shape[1] - 1) if reject else hit
 
 
-__all__ = ["LOSSES", "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "get_loss", "is_success",
-           "margin", "rejects"]
+__all__ = ["LOSSES", "CustomLoss", "LossFn", "cross_entropy", "cw_margin", "dlr", "dlr_targeted",
+           "get_loss", "is_success", "margin", "rejects", "resolve_loss"]

@@ -41,7 +41,6 @@ class MIFGSM(PGD):
         >>> res = MIFGSM(ThreatModel("linf", 16 / 255))(model, x, y)
     """
 
-    name = "mi-fgsm"
     stochastic = False
 
     def __init__(

@@ -14,7 +14,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustlab.attacks.apgd import APGD, State
+from robustlab._validate import positive_int
+from robustlab.attacks.apgd import APGD
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
@@ -68,7 +69,6 @@ class MinimumMargin(APGD):
         >>> res = MinimumMargin(ThreatModel("linf", 8 / 255), k=9, steps=100)(model, x, y)  # MM+
     """
 
-    name = "mm"
     norms = ("linf", "l2")
     stochastic = True
 
@@ -76,16 +76,14 @@ class MinimumMargin(APGD):
                  seed: int = 0) -> None:
         super().__init__(threat, steps=steps, restarts=1, rho=rho, loss="cw-margin",
                          early_stop=True, seed=seed)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = positive_int(k, "k")
 
     def config(self) -> dict[str, Any]:
         cfg = {n: v for n, v in super().config().items() if n not in ("restarts", "early_stop")}
         return cfg | {"loss": "mm", "k": self.k}
 
-    def _objective(self, logits: Tensor, s: State) -> Tensor:
-        return mm_loss(logits, s["y"], s["t"])
+    def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return mm_loss(logits, y, t)
 
     def _targets(self, clean: Tensor) -> list[Tensor]:
         pred = clean.argmax(1)  # the points left to attack are predicted correctly

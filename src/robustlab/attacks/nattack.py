@@ -7,28 +7,16 @@ Distance: linf, l2. Score-based: it reads only the model's logits, under ``torch
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success, margin
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
-
-
-def _positive_int(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return v
-
-
-def _positive_float(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
 
 
 @register("nattack")
@@ -76,7 +64,6 @@ class NAttack(Attack):
         >>> res = NAttack(ThreatModel("linf", 0.031))(model, x, y)
     """
 
-    name = "nattack"
     norms = ("linf", "l2")
     uses_gradients = False
     stochastic = True
@@ -95,15 +82,13 @@ class NAttack(Attack):
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
-        self.population = _positive_int("population", population)
-        if population < 2:
-            raise ValueError(f"population must be >= 2 (rewards are standardised over it), "
-                             f"got {population}")
-        self.sigma = _positive_float("sigma", sigma)
-        self.lr = _positive_float("lr", lr)
-        self.max_iters = _positive_int("max_iters", max_iters)
-        self.check_every = _positive_int("check_every", check_every)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        # >= 2: the rewards are standardised over the population
+        self.population = positive_int(population, "population", minimum=2)
+        self.sigma = number(sigma, "sigma", low=0, low_open=True)
+        self.lr = number(lr, "lr", low=0, low_open=True)
+        self.max_iters = positive_int(max_iters, "max_iters")
+        self.check_every = positive_int(check_every, "check_every")
+        self.batch_size = positive_int(batch_size, "batch_size")
 
     def config(self) -> dict[str, Any]:
         return super().config() | {

@@ -1,24 +1,40 @@
 """Projected gradient descent (Madry et al., 2018, "Towards Deep Learning Models Resistant to
-Adversarial Attacks", https://arxiv.org/abs/1706.06083), with a choice of inner optimiser.
+Adversarial Attacks", https://arxiv.org/abs/1706.06083): the one ascent loop of the package,
+with a choice of loss and of inner optimiser.
 
 Distance: linf, l2, l1 (the threat model's norm).
+
+The loss is an argument at two levels. At construction, ``loss`` is a registered name or a
+callable ``loss(logits, y) -> (N,)`` (as MadryLab's ``custom_loss``, foolbox's
+``get_loss_fn``). For one call, :meth:`PGD.perturb` (and ``attack.craft(..., loss=...)``)
+takes a :data:`LossAt`, which sees the attacked points themselves, so a training objective
+(TRADES' KL to the clean distribution, EPGD's noise average, SmoothAdv's soft smoothed
+classifier) runs this loop with its own loss and start without touching the attack object.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import is_success
+from robustlab.attacks.losses import CustomLoss, is_success
+from robustlab.attacks.optimizers import OPTIMIZERS, StepRule, make
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
-OPTIMIZERS = ("sign", "momentum", "adam")
-_ADAM_BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
+__all__ = ["OPTIMIZERS", "PGD", "LossAt", "Start"]
+
+#: ``loss_at(x_adv, y, rows) -> (per-sample loss (n,), logits (n, K))``: what one step
+#: differentiates, at the points ``x_adv`` (n, ...) of the batch rows ``rows`` (indices into
+#: the attacked batch, or None for all of them) with their labels ``y`` (n,)
+LossAt = Callable[[Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
+#: ``start(x, generator) -> first iterate`` of each restart, for the rows ``x`` it attacks
+Start = Callable[[Tensor, torch.Generator], Tensor]
 
 
 class _Best:
@@ -37,33 +53,9 @@ class _Best:
             self.x[j], self.loss[j], self.success[j] = x[better], loss[better], success[better]
 
 
-class _Direction:
-    """The direction each step follows: the raw gradient turned by the optimiser's per-sample
-    state (see PGD's ``optimizer``). One per restart; :meth:`keep` drops rows with their samples."""
-
-    def __init__(self, kind: str, mu: float) -> None:
-        self.kind, self.mu, self.t = kind, mu, 0
-        self.m: Tensor | float = 0.0  # momentum: the velocity; adam: the first moment
-        self.v: Tensor | float = 0.0  # adam: the second moment
-
-    def keep(self, rows: Tensor) -> None:
-        if isinstance(self.m, Tensor):
-            self.m = self.m[rows]
-        if isinstance(self.v, Tensor):
-            self.v = self.v[rows]
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        if self.kind == "sign":
-            return grad
-        if self.kind == "momentum":
-            l1 = grad.flatten(1).abs().sum(1).clamp_min(1e-12)
-            self.m = self.mu * self.m + grad / l1.reshape((-1,) + (1,) * (grad.dim() - 1))
-            return self.m
-        (b1, b2), self.t = _ADAM_BETAS, self.t + 1
-        self.m = b1 * self.m + (1 - b1) * grad
-        self.v = b2 * self.v + (1 - b2) * grad.square()
-        v_hat = self.v / (1 - b2 ** self.t)
-        return self.m / (1 - b1 ** self.t) / (v_hat.sqrt() + _ADAM_EPS)
+def _at(loss_at: LossAt, y: Tensor, rows: Tensor | None) -> Callable[[Tensor], tuple[Tensor,
+                                                                                     Tensor]]:
+    return lambda xa: loss_at(xa, y, rows)
 
 
 @register("pgd")
@@ -79,19 +71,21 @@ class PGD(Attack):
         random_start: start each restart from a uniform point of the ball. Default True.
         restarts: number of runs (>= 1); each later run attacks only points still unbroken, and
             each sample keeps its best iterate over all runs and steps. Default 1.
-        loss: ``"ce"`` or ``"cw-margin"``. Default ``"ce"``.
+        loss: a registered loss name (``"ce"``, ``"cw-margin"``, ``"dlr"``) or a callable
+            ``loss(logits, y) -> (N,)`` to maximise. Default ``"ce"``.
         targeted: maximise the target class instead (pass ``target`` to the call).
         early_stop: stop attacking a sample once it is misclassified, keeping that iterate.
             Does not change which points are broken, only the work (used by evaluation).
         keep_best: return each sample's best iterate over all steps (successful first, then
             highest loss) instead of the last one. Training uses the last iterate (False).
         l1_sparsity: for l1, fraction of coordinates moved per step (see ThreatModel).
-        optimizer: the direction whose steepest step (lp length ``step_size``) is taken:
-            ``"sign"`` the gradient (Madry et al.); ``"momentum"`` the MI-FGSM velocity
-            ``g_t = momentum * g_(t-1) + grad / ||grad||_1`` (Dong et al. 2018); ``"adam"``
-            ``m_hat / (sqrt(v_hat) + 1e-8)``, betas (0.9, 0.999) (for l1 its near-equal
-            magnitudes make the sparse step's choice of coordinates almost arbitrary). Per-sample
-            state, fresh each restart. Default ``"sign"``.
+        optimizer: the step rule (:mod:`robustlab.attacks.optimizers`) whose direction's
+            steepest step (lp length ``step_size``) is taken: ``"sign"`` the gradient (Madry
+            et al.); ``"momentum"`` the MI-FGSM velocity ``g_t = momentum * g_(t-1) + grad /
+            ||grad||_1`` (Dong et al. 2018); ``"adam"`` ``m_hat / (sqrt(v_hat) + 1e-8)``,
+            betas (0.9, 0.999); or a :class:`~robustlab.attacks.optimizers.StepRule` subclass
+            (built with no argument). Per-sample state, fresh each restart. Default
+            ``"sign"``.
         momentum: decay ``mu`` >= 0 of the ``"momentum"`` optimiser. Default 1.0.
         seed: seed of the attack's generator when the call passes none.
 
@@ -103,7 +97,6 @@ class PGD(Attack):
         >>> robust_acc = 1 - res.success.float().mean()
     """
 
-    name = "pgd"
     stochastic = True
 
     def __init__(
@@ -114,42 +107,32 @@ class PGD(Attack):
         step_size: float | None = None,
         random_start: bool = True,
         restarts: int = 1,
-        loss: str = "ce",
+        loss: str | CustomLoss = "ce",
         targeted: bool = False,
         early_stop: bool = False,
         keep_best: bool = True,
         l1_sparsity: float = 0.05,
-        optimizer: str = "sign",
+        optimizer: str | type[StepRule] = "sign",
         momentum: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
-        if step_size is not None and not (
-            isinstance(step_size, int | float) and not isinstance(step_size, bool)
-            and math.isfinite(step_size) and step_size > 0
-        ):
-            raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-        if not isinstance(l1_sparsity, int | float) or not 0 < l1_sparsity <= 1:
-            raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers are: "
-                             f"{', '.join(OPTIMIZERS)}")
-        if (isinstance(momentum, bool) or not isinstance(momentum, int | float)
-                or not (math.isfinite(momentum) and momentum >= 0)):
-            raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
-        self.steps = steps
-        self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps
+        self.steps = positive_int(steps, "steps")
+        self.restarts = positive_int(restarts, "restarts")
+        if step_size is not None:
+            step_size = number(step_size, "step_size", low=0, low_open=True)
+        try:
+            self.l1_sparsity = number(l1_sparsity, "l1_sparsity", low=0, high=1, low_open=True)
+        except ValueError:  # a fraction: the message says so without "a number"
+            raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}") from None
+        self.momentum = number(momentum, "momentum", low=0)
+        if not (isinstance(optimizer, type) and issubclass(optimizer, StepRule)):
+            make(optimizer, self.momentum)  # checks the name
+        self.optimizer = optimizer
+        self.step_size = step_size if step_size is not None else 2.5 * threat.eps / steps
         self.random_start = bool(random_start)
-        self.restarts = restarts
         self.early_stop = bool(early_stop)
         self.keep_best = bool(keep_best)
-        self.l1_sparsity = float(l1_sparsity)
-        self.optimizer = optimizer
-        self.momentum = float(momentum)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
@@ -159,13 +142,21 @@ class PGD(Attack):
             "restarts": self.restarts,
             "early_stop": self.early_stop,
             "keep_best": self.keep_best,
-            "optimizer": self.optimizer,
+            "optimizer": self._rule_name(),
         } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {})
 
-    def _loss_fn(self, model: nn.Module, y: Tensor, rows: Tensor | None = None):
-        """The function the steps differentiate: ``xa -> (per-sample loss, logits)`` for the
-        samples ``rows`` of the attacked batch (None: all of them)."""
-        def f(xa: Tensor) -> tuple[Tensor, Tensor]:
+    def _rule_name(self) -> str:
+        return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.name
+
+    def _rule(self) -> StepRule:
+        """A fresh step rule (its state lives for one restart)."""
+        if isinstance(self.optimizer, str):
+            return make(self.optimizer, self.momentum)
+        return self.optimizer()
+
+    def loss_at(self, model: nn.Module) -> LossAt:
+        """The default :data:`LossAt`: this attack's loss at ``model``'s logits."""
+        def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             logits = model(xa)
             return self.loss(logits, y, self.targeted), logits
         return f
@@ -176,28 +167,38 @@ class PGD(Attack):
     def _step(self, xa: Tensor, d: Tensor, x: Tensor) -> Tensor:
         """The projected steepest step of length ``step_size`` along direction ``d``."""
         if self.threat.norm == "l1":  # spend the sparse step on coordinates that can move
-            lo, hi = self.threat.bounds
-            d = d.masked_fill(((xa <= lo) & (d < 0)) | ((xa >= hi) & (d > 0)), 0)
+            d = self.threat.drop_blocked(xa, d)
         step = self.threat.steepest_step(d, self.step_size, l1_sparsity=self.l1_sparsity)
         return self.threat.project(xa + step, x)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
+                loss: LossAt | None = None, start: Start | None = None) -> Tensor:
+        """PGD's iterate (see the class): ``loss`` (a :data:`LossAt`) replaces
+        :meth:`loss_at` and ``start`` (a :data:`Start`) the random start for this call only.
+        Success (for ``keep_best`` and ``early_stop``) and the final score of each restart
+        stay those of ``model``'s logits under the attack's own loss."""
+        loss_at = loss if loss is not None else self.loss_at(model)
+        start = start if start is not None else self._start
         if not (self.keep_best or self.early_stop or self.restarts > 1):
-            xa = self._start(x, generator)  # plain PGD (as in training): the last iterate
-            direction = _Direction(self.optimizer, self.momentum)
+            xa = start(x, generator)  # plain PGD (as in training): the last iterate
+            direction = self._rule()
             for _ in range(self.steps):
-                _, _, grad = self.input_grad(self._loss_fn(model, y), xa)
+                _, _, grad = self.input_grad(_at(loss_at, y, None), xa)
                 xa = self._step(xa, direction(grad), x)
             return xa
+        return self._best_iterate(model, x, y, generator, loss_at, start)
+
+    def _best_iterate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
+                      loss_at: LossAt, start: Start) -> Tensor:
         best = _Best(x)
         for _ in range(self.restarts):
             idx = (~best.success).nonzero().squeeze(1)  # restarts only on unbroken points
-            xa = self._start(x[idx], generator)
-            direction = _Direction(self.optimizer, self.momentum)  # fresh state per restart
+            xa = start(x[idx], generator)
+            direction = self._rule()  # fresh state per restart
             for _ in range(self.steps):
                 if idx.numel() == 0:
                     break
-                loss, logits, grad = self.input_grad(self._loss_fn(model, y[idx], idx), xa)
+                loss, logits, grad = self.input_grad(_at(loss_at, y[idx], idx), xa)
                 success = is_success(logits, y[idx], self.targeted)
                 seen = success | self.keep_best  # without keep_best only successes are kept
                 best.update(idx[seen], xa[seen], loss[seen], success[seen])

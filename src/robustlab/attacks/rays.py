@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success
 from robustlab.attacks.registry import register
@@ -61,7 +62,6 @@ class RayS(Attack):
         >>> (res.min_norm > 4 / 255).float().mean()  # robust accuracy at 4/255 as well
     """
 
-    name = "rays"
     norms = ("linf",)
     uses_gradients = False
     minimum_norm = True
@@ -78,12 +78,9 @@ class RayS(Attack):
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 3:
-            raise ValueError(f"n_queries must be an integer >= 3, got {n_queries!r}")
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not (
-                math.isfinite(tol) and tol > 0):
-            raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-        self.n_queries, self.tol, self.early_stop = n_queries, float(tol), bool(early_stop)
+        self.n_queries = positive_int(n_queries, "n_queries", minimum=3)
+        self.tol = number(tol, "tol", low=0, low_open=True)
+        self.early_stop = bool(early_stop)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"n_queries": self.n_queries, "tol": self.tol,

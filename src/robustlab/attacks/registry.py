@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from robustlab._validate import positive_int
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 
@@ -14,7 +15,8 @@ register = ATTACKS.register
 
 def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
            **options: Any):
-    """Build the registered attack ``name`` for ``threat``; unknown options raise TypeError.
+    """Build the registered attack ``name`` for ``threat`` through ``ATTACKS.create`` (an
+    unknown option raises TypeError "unknown option X for attack <name>; its options are: ...").
 
     ``eot`` (any gradient attack): average each input gradient over this many forward and
     backward passes (expectation over transformation, :mod:`robustlab.attacks.eot`), for
@@ -22,8 +24,7 @@ def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
     stages on their BPDA backward pass (:mod:`robustlab.attacks.bpda`).
     """
     cls = ATTACKS.get(name)
-    if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
-        raise ValueError(f"eot must be an integer >= 1, got {eot!r}")
+    eot = positive_int(eot, "eot")
     if eot > 1 and not cls.uses_gradients:
         raise ValueError(f"attack {name!r} uses no gradients: eot={eot} has nothing to average")
     if not isinstance(bpda, bool):
@@ -32,8 +33,8 @@ def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
         raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to "
                          "replace")
     try:
-        attack = cls(threat, **options)
-    except TypeError as e:
+        attack = ATTACKS.create(name, threat, **options)
+    except TypeError as e:  # the message names the attack first, then what is wrong
         raise TypeError(f"attack {name!r}: {e}") from None
     attack.eot_samples = eot
     attack.bpda = bpda

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab.attacks.epgd import EPGD, smoothing_target
-from robustlab.attacks.pgd import PGD
+from robustlab.attacks.pgd import PGD, LossAt, Start
 from robustlab.attacks.registry import register
 from robustlab.noise import sample
 from robustlab.threat import ThreatModel
@@ -58,8 +58,6 @@ class SmoothAdv(EPGD):
         >>> res = SmoothAdv(ThreatModel("l2", 1.0))(smooth, x, y)
     """
 
-    name = "smoothadv"
-
     def __init__(
         self, threat: ThreatModel, *, sigma: float | None = None, noise: str | None = None,
         samples: int = 8, steps: int = 10, step_size: float | None = None,
@@ -72,7 +70,6 @@ class SmoothAdv(EPGD):
                          seed=seed)
         if step_size is None:
             self.step_size = 2 * threat.eps / steps
-        self._draws: tuple[nn.Module, Tensor] | None = None
 
     def craft_with_draws(self, model: nn.Module, x: Tensor, y: Tensor, draws: Tensor,
                          generator: torch.Generator) -> Tensor:
@@ -81,29 +78,28 @@ class SmoothAdv(EPGD):
         if draws.shape[1:] != x.shape:
             raise ValueError(f"draws must be shaped (m, *x.shape) = (m, {tuple(x.shape)}), "
                              f"got {tuple(draws.shape)}")
-        self._given = draws
-        try:
-            return self.craft(model, x, y, generator)
-        finally:
-            self._given = None
+        return self.craft(model, x, y, generator, draws=draws)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
-        base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
-        draws = getattr(self, "_given", None)
-        if draws is None:
-            draws = torch.stack([sample(x, noise, sigma, generator)
-                                 for _ in range(self.samples)])
-        self._draws = (base, draws)
-        try:
-            return PGD.perturb(self, model, x, y, generator)  # EPGD's would draw afresh
-        finally:
-            self._draws = None
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
+                loss: LossAt | None = None, start: Start | None = None,
+                draws: Tensor | None = None) -> Tensor:
+        """PGD's loop on the soft smoothed loss with the noise ``draws`` (m, N, ...), drawn
+        here from ``generator`` when None; ``loss`` replaces that loss for this call."""
+        if loss is None:
+            base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
+            if draws is None:
+                draws = torch.stack([sample(x, noise, sigma, generator)
+                                     for _ in range(self.samples)])
+            loss = self.soft_loss_at(base, draws)
+        return PGD.perturb(self, model, x, y, generator, loss=loss, start=start)
 
-    def _loss_fn(self, model: nn.Module, y: Tensor, rows: Tensor | None = None):
-        assert self._draws is not None, "SmoothAdv's loss is only defined inside perturb"
-        base, draws = self._draws
-        delta = draws if rows is None else draws[:, rows]
-        return lambda xa: soft_smoothed_loss(base, xa, y, delta, self.targeted)
+    def soft_loss_at(self, base: nn.Module, draws: Tensor) -> LossAt:
+        """The :data:`~robustlab.attacks.pgd.LossAt` of :func:`soft_smoothed_loss` at
+        ``base`` with the fixed ``draws`` (m, N, ...) of the whole batch."""
+        def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+            delta = draws if rows is None else draws[:, rows]
+            return soft_smoothed_loss(base, xa, y, delta, self.targeted)
+        return f
 
 
 def soft_smoothed_loss(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor,

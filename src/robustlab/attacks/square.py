@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success
 from robustlab.attacks.registry import register
@@ -103,7 +104,6 @@ class Square(Attack):
         >>> res.success.float().mean(), res.queries.float().median()
     """
 
-    name = "square"
     norms = ("linf", "l2")
     uses_gradients = False
     stochastic = True
@@ -120,12 +120,9 @@ class Square(Attack):
     ) -> None:
         super().__init__(threat, loss="ce" if targeted else "cw-margin", targeted=targeted,
                          seed=seed)
-        for what, v in (("n_queries", n_queries), ("restarts", restarts)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{what} must be an integer >= 1, got {v!r}")
-        if isinstance(p_init, bool) or not isinstance(p_init, int | float) or not 0 < p_init <= 1:
-            raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}")
-        self.n_queries, self.p_init, self.restarts = n_queries, float(p_init), restarts
+        self.n_queries = positive_int(n_queries, "n_queries")
+        self.restarts = positive_int(restarts, "restarts")
+        self.p_init = number(p_init, "p_init", low=0, high=1, low_open=True)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"n_queries": self.n_queries, "p_init": self.p_init,

@@ -48,7 +48,6 @@ class Transfer(Attack):
         >>> res = atk(model, x, y)
     """
 
-    name = "transfer"
     uses_gradients = False
     stochastic = True
 

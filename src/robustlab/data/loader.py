@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from robustlab._validate import positive_int
 from robustlab.data.datasets import REGISTRY, DatasetInfo
 from robustlab.data.sources import locate
 
@@ -63,8 +63,11 @@ def load(
     if split not in spec.files:
         valid = ", ".join(repr(s) for s in spec.files)
         raise ValueError(f"unknown split {split!r} for data set {name!r}; valid splits: {valid}")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0):
-        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if n is not None:
+        try:
+            n = positive_int(n, "n")
+        except ValueError:
+            raise ValueError(f"n must be a positive integer or None, got {n!r}") from None
     paths = locate(spec.info.name, split, spec.files[split], root=root, download=download)
     images, labels = _decoded(spec.info.name, split, _stamp(paths))
     if n is not None:

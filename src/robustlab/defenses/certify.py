@@ -30,7 +30,7 @@ from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
-from robustlab._validate import check_images, positive_int
+from robustlab._validate import check_images, number, positive_int
 from robustlab.defenses.smoothing import noisy_logits
 from robustlab.noise import CERTIFIED_NORM, check_noise, radius
 
@@ -58,9 +58,8 @@ class Certificate:
 
 def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
     check_noise(noise, sigma)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1) (the allowed failure probability), got "
-                         f"{alpha!r}")
+    number(alpha, "alpha (the allowed failure probability)", low=0, high=1, low_open=True,
+           high_open=True)
     positive_int(batch_size, "batch_size")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from robustlab._validate import number
+from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
 from robustlab.models.layers import ACTIVATIONS, KWTA, RATIO
 
@@ -55,11 +56,11 @@ def replace_activations(model: nn.Module, ratio: float = RATIO) -> int:
 
 
 @register("k-wta")
-class KWTADefense(nn.Module):
+class KWTADefense(Defense):
     """A copy of ``model`` with every activation module replaced by :class:`KWTA`.
 
     ``self.net`` is the converted deep copy (what ``forward`` runs, what the state dict holds
-    and what training updates); ``self.model`` is the undefended original, untouched, for use as
+    and what training updates); ``self.base`` is the undefended original, untouched, for use as
     a transfer surrogate. It is kept outside the module tree, so the state dict and
     ``parameters()`` hold ``net`` only; ``to()``/``cuda()``/``float()`` and ``train()``/``eval()``
     apply to it as well. A converted copy trained from scratch (or fine-tuned) is the defense of
@@ -80,11 +81,10 @@ class KWTADefense(nn.Module):
     """
 
     def __init__(self, model: nn.Module, ratio: float = RATIO) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__(model)
         self.ratio = number(ratio, "k-WTA ratio", low=0, high=1, low_open=True)
-        self._original = (model,)  # a tuple: not a submodule, so not in state_dict()
+        # the original leaves the module tree (a tuple): the state dict holds net only
+        self._original = (self._modules.pop("base"),)
         self.net = copy.deepcopy(model)
         if replace_activations(self.net, self.ratio) == 0:
             names = ", ".join(c.__name__ for c in activation_classes())
@@ -101,19 +101,22 @@ class KWTADefense(nn.Module):
                 del self.net.robustlab_arch
 
     @property
-    def model(self) -> nn.Module:
+    def base(self) -> nn.Module:
         """The undefended base model (not part of this module's state)."""
         return self._original[0]
 
     def _apply(self, fn: Any, recurse: bool = True) -> KWTADefense:
         super()._apply(fn, recurse)
-        self.model._apply(fn, recurse)
+        self.base._apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True) -> KWTADefense:
         super().train(mode)
-        self.model.train(mode)
+        self.base.train(mode)
         return self
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "ratio": self.ratio}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

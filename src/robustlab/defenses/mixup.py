@@ -25,15 +25,21 @@ leaks test images into the pool. Build the pool from training data.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._validate import check_images, check_inputs
+from robustlab._validate import (
+    check_images,
+    check_inputs,
+    generator_or_none,
+    number,
+    one_of,
+    positive_int,
+)
+from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
 
 __all__ = ["MODES", "MixupInference"]
@@ -42,7 +48,7 @@ MODES = ("ol", "pl")
 
 
 @register("mixup-inference")
-class MixupInference(nn.Module):
+class MixupInference(Defense):
     """Mixup Inference around ``model``: ``log MI(x)`` (see the module docstring).
 
     Args:
@@ -66,35 +72,18 @@ class MixupInference(nn.Module):
         >>> pred = mi(x).argmax(1)
     """
 
-    robustlab_random = True
+    randomized = True
 
     def __init__(self, model: nn.Module, mode: str = "ol", lam: float = 0.5, samples: int = 30,
                  pool_x: Tensor | None = None, pool_y: Tensor | None = None,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)} "
-                             "(other labels, predicted label)")
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-            raise TypeError(f"lam must be a number in (0, 1], got {lam!r} ({type(lam).__name__})")
-        if not (math.isfinite(lam) and 0 < lam <= 1):
-            raise ValueError(f"lam must be a number in (0, 1] (the input's weight in the mix), "
-                             f"got {lam!r}")
-        if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
-            raise TypeError(f"samples must be an integer >= 1, got {samples!r} "
-                            f"({type(samples).__name__})")
-        if samples < 1:
-            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got "
-                            f"{type(generator).__name__}")
-        self.model = model
-        self.mode, self.lam, self.samples = mode, float(lam), int(samples)
-        self.generator = generator
+        super().__init__(model)
+        self.mode = one_of(mode, "mode", MODES)
+        self.lam = number(lam, "lam", low=0, high=1, low_open=True)
+        self.samples = positive_int(samples, "samples")
+        self.generator = generator_or_none(generator)
         #: lam = 1 mixes nothing in: the output is then deterministic
-        self.robustlab_random = self.lam < 1
+        self.randomized = self.lam < 1
         # the pool and its per-class index move with .to() but stay out of state_dict
         self.register_buffer("pool_x", None, persistent=False)
         self.register_buffer("_order", None, persistent=False)   # pool indices sorted by class
@@ -106,7 +95,7 @@ class MixupInference(nn.Module):
         if pool_x is not None:
             self.fit(pool_x, pool_y)
 
-    def fit(self, x: Tensor, y: Tensor) -> MixupInference:
+    def fit(self, x: Tensor, y: Tensor | None = None) -> MixupInference:
         """Set the clean pool: images ``x`` (P, C, H, W) in [0, 1] and labels ``y`` (P,).
         Kept by reference (not copied); returns ``self``."""
         check_inputs(x, y)
@@ -127,9 +116,13 @@ class MixupInference(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
-        return {"name": "mixup-inference", "mode": self.mode, "lam": self.lam,
-                "samples": self.samples,
+        return {**super().config(), "mode": self.mode, "lam": self.lam, "samples": self.samples,
                 "pool_size": None if self.pool_x is None else len(self.pool_x)}
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the pool of clean images is set."""
+        return self.pool_x is not None
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -143,12 +136,12 @@ class MixupInference(nn.Module):
             raise ValueError(f"inputs of shape {tuple(x.shape[1:])} per image do not match the "
                              f"pool's {tuple(self.pool_x.shape[1:])}")
         with torch.no_grad():
-            pred = self.model(x).argmax(1)
+            pred = self.base(x).argmax(1)
         partners = self.partners(pred)
         total: Tensor | None = None
         for i in range(self.samples):
             xs = self.pool_x[partners[:, i]].to(device=x.device, dtype=x.dtype)
-            p = F.softmax(self.model(self.lam * x + (1 - self.lam) * xs), dim=1)
+            p = F.softmax(self.base(self.lam * x + (1 - self.lam) * xs), dim=1)
             total = p if total is None else total + p
         assert total is not None
         mean = total / self.samples

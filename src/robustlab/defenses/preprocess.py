@@ -1,15 +1,16 @@
 """Input-transformation defenses: ``model(t(x))`` for a transformation ``t`` of the image.
 
-Every defense here is a :class:`Preprocessed` module (the model behind a :class:`Transform`
-stage), registered by name in :mod:`robustlab.defenses.registry`. A stage declares what an
-evaluation must know about it, and the evaluation reads these declarations:
+Every defense here is a :class:`Preprocessed` module (the base model behind a
+:class:`Transform` stage), registered by name in :mod:`robustlab.defenses.registry`. A stage
+declares what an evaluation must know about it (:class:`robustlab._modes.Declares`), and the
+evaluation reads these declarations:
 
-- ``robustlab_differentiable = False``: autograd through the stage gives no usable gradient
-  (it leaves autograd, or its gradient is zero almost everywhere); the stage then supports BPDA
+- ``differentiable = False``: autograd through the stage gives no usable gradient (it leaves
+  autograd, or its gradient is zero almost everywhere); the stage then supports BPDA
   (:mod:`robustlab.attacks.bpda`): with ``robustlab_bpda`` True its forward value is unchanged
   and its backward pass is that of :meth:`Transform.approximation` (the identity by default);
-- ``robustlab_random = True``: two calls on the same input may differ (attack it with EOT,
-  judge it by repeated predictions).
+- ``randomized = True``: two calls on the same input may differ (attack it with EOT, judge it
+  by repeated predictions).
 
 Stages map (N, C, H, W) images in [0, 1] to images in [0, 1] of the same shape unless their
 docstring says otherwise, and never modify their input.
@@ -20,41 +21,51 @@ Registered here (stage -> defense, name):
 - :class:`BitDepthReduction` -> :class:`BitDepth`, ``"bit-depth"`` (Xu et al., NDSS 2018);
 - :class:`MedianSmoothing` -> :class:`Median`, ``"median"`` (Xu et al., NDSS 2018).
 
-The feature-squeezing detector built from the last two is in :mod:`robustlab.defenses.squeeze`.
+The feature-squeezing detector built from the last two is in :mod:`robustlab.defenses.squeeze`;
+the random stages in :mod:`~robustlab.defenses.tv_min`, :mod:`~robustlab.defenses.crop_rescale`
+and :mod:`~robustlab.defenses.resize_pad`; the thermometer code in
+:mod:`~robustlab.defenses.thermometer`.
 """
 
 from __future__ import annotations
 
 import io
-import numbers
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import Declares
+from robustlab._validate import integer
 from robustlab.attacks.bpda import straight_through
+from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
 
 __all__ = [
     "JPEG", "BitDepth", "BitDepthReduction", "JPEGCompression", "Median", "MedianSmoothing",
-    "Preprocessed", "Transform",
+    "Preprocessed", "Transform", "stage_images",
 ]
 
 
-class Transform(nn.Module):
+class Transform(Declares, nn.Module):
     """One input-transformation stage. Subclasses implement :meth:`transform` (the exact
-    defense; it may leave autograd) and, if the identity is a poor stand-in for its backward
-    pass, :meth:`approximation`. Random stages draw from ``self.generator`` when it is set,
-    else from torch's global generator."""
-
-    robustlab_differentiable: ClassVar[bool] = True
-    robustlab_random: ClassVar[bool] = False
+    defense; it may leave autograd), :meth:`config` (their options) and, if the identity is a
+    poor stand-in for its backward pass, :meth:`approximation`; they declare ``randomized``
+    and ``differentiable`` at class level. Random stages draw from ``self.generator`` when it
+    is set, else from torch's global generator."""
 
     def __init__(self) -> None:
         super().__init__()
         self.robustlab_bpda = False
         self.generator: torch.Generator | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The stage's options (JSON-able)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
     def transform(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -64,43 +75,34 @@ class Transform(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.robustlab_bpda and not self.robustlab_differentiable:
+        if self.robustlab_bpda and not self.differentiable:
             with torch.no_grad():
                 out = self.transform(x.detach())
             return straight_through(out, self.approximation(x))
         return self.transform(x)
 
 
-class Preprocessed(nn.Module):
-    """The defended classifier ``model(stage(x))``; ``model`` is the undefended base model
-    (kept as ``self.model``: the audit uses it as the transfer surrogate)."""
+class Preprocessed(Defense):
+    """The defended classifier ``base(stage(x))``; ``base`` is the undefended model (the
+    audit's transfer surrogate). The declarations are the stage's, not this wrapper's."""
 
     def __init__(self, model: nn.Module, stage: Transform) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        super().__init__(model)
         self.stage = stage
 
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), **self.stage.config()}
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(self.stage(x))
+        return self.base(self.stage(x))
 
 
-# --- option checks and shapes ------------------------------------------------------------------
-def _check_int(value: Any, what: str, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]`` (``hi`` None: no upper bound)."""
-    valid = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be {valid}, got {value!r} ({type(value).__name__})")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{what} must be {valid}, got {value}")
-    return int(value)
-
-
-def _check_images(x: Tensor, stage: str) -> None:
+def stage_images(x: Any, stage: str) -> Tensor:
+    """``x`` if it is a float batch (N, C, H, W); ``ValueError`` naming ``stage`` otherwise."""
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{stage} takes float images (N, C, H, W) in [0, 1], got {what}")
+    return x
 
 
 # --- JPEG compression (Guo et al. 2018) --------------------------------------------------------
@@ -115,24 +117,24 @@ class JPEGCompression(Transform):
     ValueError. The result comes back on ``x``'s device and dtype. The reference codes truncate
     (``uint8(255 x)``) instead of rounding; rounding keeps an 8-bit image's own values.
 
-    The codec runs in Pillow on the CPU and leaves autograd (``robustlab_differentiable =
+    The codec runs in Pillow on the CPU and leaves autograd (``differentiable =
     False``): attack it with BPDA (identity backward, as Athalye et al. do).
 
     Shapes: (N, C, H, W) with C in {1, 3} -> the same. Cost: one encode and decode per image
     (about 0.1 ms for a 16 x 16 grey image).
     """
 
-    robustlab_differentiable: ClassVar[bool] = False
+    differentiable = False
 
     def __init__(self, quality: int = 75) -> None:
         super().__init__()
-        self.quality = _check_int(quality, "JPEG quality", 1, 100)
+        self.quality = integer(quality, "JPEG quality", minimum=1, maximum=100)
 
-    def extra_repr(self) -> str:
-        return f"quality={self.quality}"
+    def config(self) -> dict[str, Any]:
+        return {"quality": self.quality}
 
     def transform(self, x: Tensor) -> Tensor:
-        _check_images(x, "JPEG compression")
+        stage_images(x, "JPEG compression")
         channels = x.shape[1]
         if channels not in (1, 3):
             raise ValueError(f"JPEG compression codes 1-channel (greyscale) or 3-channel (RGB) "
@@ -185,21 +187,21 @@ class BitDepthReduction(Transform):
     natural images). Athalye et al.'s reimplementation of Guo et al. truncates 8-bit values
     instead (``(floor(255 x) >> (8 - b)) << (8 - b)``, default 3 bits); that is not this rule.
 
-    Its gradient is zero almost everywhere (``robustlab_differentiable = False``): attack it
+    Its gradient is zero almost everywhere (``differentiable = False``): attack it
     with BPDA (identity backward).
     """
 
-    robustlab_differentiable: ClassVar[bool] = False
+    differentiable = False
 
     def __init__(self, bits: int = 5) -> None:
         super().__init__()
-        self.bits = _check_int(bits, "bits", 1, 8)
+        self.bits = integer(bits, "bits", minimum=1, maximum=8)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.bits}
 
     def transform(self, x: Tensor) -> Tensor:
-        _check_images(x, "bit-depth reduction")
+        stage_images(x, "bit-depth reduction")
         levels = 2 ** self.bits - 1
         return torch.round(x.clamp(0, 1) * levels) / levels
 
@@ -253,13 +255,13 @@ class MedianSmoothing(Transform):
 
     def __init__(self, window: int = 2) -> None:
         super().__init__()
-        self.window = _check_int(window, "median window", 1)
+        self.window = integer(window, "median window", minimum=1)
 
-    def extra_repr(self) -> str:
-        return f"window={self.window}"
+    def config(self) -> dict[str, Any]:
+        return {"window": self.window}
 
     def transform(self, x: Tensor) -> Tensor:
-        _check_images(x, "median smoothing")
+        stage_images(x, "median smoothing")
         k = self.window
         before, after = k // 2, k - 1 - k // 2
         rows = _reflect_index(x.shape[2], before, after, x.device)

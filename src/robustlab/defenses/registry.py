@@ -1,30 +1,22 @@
-"""The defense registry: ``create(name, model, **options) -> nn.Module``."""
+"""The defense registry: ``create(name, model, **options) -> Defense``."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
+from robustlab.defenses.base import Defense
 from robustlab.registry import Registry
 
-DEFENSES: Registry[type[nn.Module]] = Registry("defense")
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 register = DEFENSES.register
 
 
-def create(name: str, model: nn.Module, **options: Any) -> nn.Module:
-    """Wrap ``model`` in the registered defense ``name``; unknown options raise a TypeError
-    naming the valid ones."""
-    cls = DEFENSES.get(name)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        return cls(model, **options)
-    except TypeError as e:
-        valid = [p for p in inspect.signature(cls).parameters if p not in ("self", "model")]
-        raise TypeError(f"defense {name!r}: {e}; its options are: "
-                        f"{', '.join(valid) or 'none'}") from None
+def create(name: str, model: nn.Module, **options: Any) -> Defense:
+    """Wrap ``model`` in the registered defense ``name``; an option it does not take raises
+    ``TypeError`` "unknown option X for defense <name>; its options are: ..."."""
+    return DEFENSES.create(name, model, **options)
 
 
 def names(pattern: str | None = None) -> list[str]:

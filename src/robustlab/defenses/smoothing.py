@@ -41,8 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._validate import positive_int
+from robustlab._validate import generator_or_none, one_of, positive_int
+from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
+from robustlab.models.noise import noisy_layers
 from robustlab.noise import check_noise, sample
 
 __all__ = ["SOFT_ON", "VOTES", "Smoothing", "noisy_logits", "shares_weight_noise"]
@@ -55,8 +57,6 @@ GRADS = ("soft", "none")
 def shares_weight_noise(model: nn.Module) -> bool:
     """Whether ``model`` draws weight noise once per forward (PNI-W, CNI-W layers): then two
     copies of one input in the same forward are not independent draws."""
-    from robustlab.models.noise import noisy_layers
-
     return any(layer.kind != "pni-a" for layer in noisy_layers(model))
 
 
@@ -100,7 +100,7 @@ def noisy_logits(
 
 
 @register("smoothing")
-class Smoothing(nn.Module):
+class Smoothing(Defense):
     """A smoothed classifier around ``model`` (an ``nn.Module`` in its own right).
 
     Args:
@@ -129,31 +129,28 @@ class Smoothing(nn.Module):
         >>> pred = smooth.eval()(x).argmax(1)
     """
 
+    randomized = True
+
     def __init__(
         self, model: nn.Module, sigma: float = 0.25, samples: int = 32, vote: str = "prediction",
         noise: str = "gaussian", soft_on: str = "probabilities", batch_size: int = 1024,
         grad: str = "soft", generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(model)
         check_noise(noise, sigma)
-        for value, valid, what in ((vote, VOTES, "vote"), (soft_on, SOFT_ON, "soft_on"),
-                                   (grad, GRADS, "grad")):
-            if value not in valid:
-                raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.base = model
+        self.vote = one_of(vote, "vote", VOTES)
+        self.soft_on = one_of(soft_on, "soft_on", SOFT_ON)
+        self.grad = one_of(grad, "grad", GRADS)
+        self.generator = generator_or_none(generator)
         self.sigma, self.noise = float(sigma), noise
         self.samples = positive_int(samples, "samples")
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.vote, self.soft_on, self.grad = vote, soft_on, grad
-        self.generator = generator
-        #: tells the evaluation that the output is random even where the votes look constant
-        self.robustlab_random = self.sigma > 0
+        #: random even where the votes look constant; sigma 0 adds no noise
+        self.randomized = self.sigma > 0
 
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
-        return {"name": "smoothing", "sigma": self.sigma, "samples": self.samples,
+        return {**super().config(), "sigma": self.sigma, "samples": self.samples,
                 "vote": self.vote, "noise": self.noise, "soft_on": self.soft_on,
                 "grad": self.grad}
 

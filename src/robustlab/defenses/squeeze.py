@@ -22,7 +22,7 @@ CIFAR-10 1.7547 (for its models; fit your own).
 
 As a defense the detector adds a rejection output: ``forward`` returns (N, K + 1) scores whose
 first K columns are the classifier's logits, unchanged, and whose last column wins the argmax
-exactly when the detector fires (``robustlab_reject = True`` tells the evaluation so: a rejected
+exactly when the detector fires (``rejects = True`` tells the evaluation so: a rejected
 adversarial input counts as defended, a rejected clean input as an error). An adaptive attack
 must therefore both change the class and keep the rejection column below it, i.e. keep the
 score under ``T``; the bit-depth squeezer declares itself non-differentiable, so attack with
@@ -34,21 +34,16 @@ Cost: ``1 + |S|`` forward passes of the model per input.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from robustlab._validate import check_images
+from robustlab._validate import check_images, number, positive_int
 from robustlab.attacks.bpda import straight_through
-from robustlab.defenses.preprocess import (
-    BitDepthReduction,
-    MedianSmoothing,
-    Transform,
-    _check_int,
-)
+from robustlab.defenses.base import Defense
+from robustlab.defenses.preprocess import BitDepthReduction, MedianSmoothing, Transform
 from robustlab.defenses.registry import register
 
 __all__ = ["SQUEEZERS", "FeatureSqueezing", "squeezer"]
@@ -88,11 +83,11 @@ def _spec(stage: Transform) -> str:
 
 
 @register("feature-squeezing")
-class FeatureSqueezing(nn.Module):
+class FeatureSqueezing(Defense):
     """Xu et al.'s feature-squeezing detector around ``model``, with a rejection output.
 
     Args:
-        model: the classifier, inputs in [0, 1] pixel units, logits out (kept as ``self.model``).
+        model: the classifier, inputs in [0, 1] pixel units, logits out (kept as ``self.base``).
         squeezers: squeezer specs (``"bit-depth:B"``, ``"median:K"``; see :func:`squeezer`) or
             :class:`Transform` stages; a string may hold several separated by commas. Default
             ``("bit-depth:1", "median:2")``, the paper's MNIST set; use ``("bit-depth:5",
@@ -102,7 +97,7 @@ class FeatureSqueezing(nn.Module):
         fpr: the false-positive rate :meth:`fit` aims at, in (0, 1). Default 0.05 (the paper).
 
     Shapes: ``score(x)`` and ``detect(x)`` map (N, C, H, W) to (N,); ``forward(x)`` to
-    (N, K + 1): ``[:, :K]`` are ``model(x)``, ``[:, K]`` is the rejection score
+    (N, K + 1): ``[:, :K]`` are ``base(x)``, ``[:, K]`` is the rejection score
     ``max_k z_k + (score(x) - T)`` (lifted by one ulp where float rounding would hide a
     positive margin), so ``argmax == K`` exactly where ``detect(x)``.
 
@@ -112,14 +107,12 @@ class FeatureSqueezing(nn.Module):
     """
 
     #: the last output column is a rejection ("this input is adversarial"), not a class
-    robustlab_reject: ClassVar[bool] = True
+    rejects = True
 
     def __init__(self, model: nn.Module, squeezers: str | Iterable[str | Transform] = (
             "bit-depth:1", "median:2"), threshold: float | None = None,
             fpr: float = 0.05) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        super().__init__(model)
         if isinstance(squeezers, str):
             squeezers = [s for s in squeezers.split(",") if s.strip()]
         if not isinstance(squeezers, Iterable):
@@ -129,29 +122,21 @@ class FeatureSqueezing(nn.Module):
         if not stages:
             raise ValueError("squeezers is empty: give at least one, e.g. ('bit-depth:1', "
                              "'median:2')")
-        if isinstance(fpr, bool) or not isinstance(fpr, numbers.Real) or not 0 < fpr < 1:
-            raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
-        self.model = model
         self.squeezers = nn.ModuleList(stages)
-        self.fpr = float(fpr)
-        self.threshold = self._check_threshold(threshold)
+        self.fpr = number(fpr, "fpr", low=0, high=1, low_open=True, high_open=True)
+        self.threshold = None if threshold is None else number(threshold, "threshold", low=0)
         #: how many legitimate inputs :meth:`fit` chose the threshold on (None: not fitted)
         self.fit_samples: int | None = None
 
-    @staticmethod
-    def _check_threshold(threshold: Any) -> float | None:
-        if threshold is None:
-            return None
-        if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
-                or not math.isfinite(threshold) or threshold < 0):
-            raise ValueError(f"threshold must be a finite number >= 0 (scores lie in [0, 2]) "
-                             f"or None, got {threshold!r}")
-        return float(threshold)
-
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
-        return {"name": "feature-squeezing", "squeezers": [_spec(s) for s in self.squeezers],
+        return {**super().config(), "squeezers": [_spec(s) for s in self.squeezers],
                 "threshold": self.threshold, "fpr": self.fpr, "fit_samples": self.fit_samples}
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the detector has a threshold (fitted, or given)."""
+        return self.threshold is not None
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold!r}, fpr={self.fpr}, fit_samples={self.fit_samples}"
@@ -165,12 +150,12 @@ class FeatureSqueezing(nn.Module):
 
     def _score(self, x: Tensor, logits: Tensor) -> Tensor:
         p = logits.softmax(1)
-        distances = [(p - self.model(s(x)).softmax(1)).abs().sum(1) for s in self.squeezers]
+        distances = [(p - self.base(s(x)).softmax(1)).abs().sum(1) for s in self.squeezers]
         return torch.stack(distances).amax(0)
 
     def score(self, x: Tensor) -> Tensor:
-        """``max_s || softmax(model(x)) - softmax(model(s(x))) ||_1``, shape (N,)."""
-        return self._score(x, self.model(x))
+        """``max_s || softmax(base(x)) - softmax(base(s(x))) ||_1``, shape (N,)."""
+        return self._score(x, self.base(x))
 
     def detect(self, x: Tensor) -> Tensor:
         """Boolean (N,): ``score(x) > threshold`` (True: flagged as adversarial)."""
@@ -185,7 +170,7 @@ class FeatureSqueezing(nn.Module):
         passed). Scores are computed ``batch_size`` inputs at a time, in the model's current
         mode (use ``eval()``). Returns ``self``."""
         check_images(x)
-        batch_size = _check_int(batch_size, "batch_size", 1)
+        batch_size = positive_int(batch_size, "batch_size")
         scores = torch.cat([self.score(x[i:i + batch_size])
                             for i in range(0, len(x), batch_size)])
         rank = math.ceil(round(len(scores) * (1 - self.fpr), 9))  # 1-based, >= 1
@@ -195,7 +180,7 @@ class FeatureSqueezing(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         threshold = self._fitted_threshold()
-        logits = self.model(x)
+        logits = self.base(x)
         margin = self._score(x, logits) - threshold
         top = logits.amax(1)
         reject = top + margin

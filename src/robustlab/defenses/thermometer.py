@@ -14,7 +14,7 @@ input channel ``c`` (each input channel's ``levels`` codes are consecutive). The
 the encoding must therefore take ``C * levels`` input channels and be trained on the code.
 
 The code is piecewise constant in ``x``: its gradient is zero almost everywhere, so the stage
-declares ``robustlab_differentiable = False``. Its BPDA surrogate (Athalye, Carlini, Wagner,
+declares ``differentiable = False``. Its BPDA surrogate (Athalye, Carlini, Wagner,
 ICML 2018, METHODS.md A12) is the soft thermometer ``clip(levels * x - k + 1, 0, 1)``, which
 equals the code except at index ``b + 1``, where it holds the fractional part of
 ``levels * x`` (so ``floor`` of the surrogate is the code, up to the 0.99999 factor).
@@ -27,16 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import integer
 from robustlab.defenses.preprocess import Preprocessed, Transform
 from robustlab.defenses.registry import register
 
 __all__ = ["Thermometer", "ThermometerEncoding"]
-
-
-def _levels(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"thermometer levels must be an integer >= 2, got {value!r}")
-    return value
 
 
 class ThermometerEncoding(Transform):
@@ -47,11 +42,14 @@ class ThermometerEncoding(Transform):
         levels: number of quantisation levels l >= 2 (default 16, Athalye et al.'s setting).
     """
 
-    robustlab_differentiable = False  # piecewise constant: zero gradient almost everywhere
+    differentiable = False  # piecewise constant: zero gradient almost everywhere
 
     def __init__(self, levels: int = 16) -> None:
         super().__init__()
-        self.levels = _levels(levels)
+        self.levels = integer(levels, "thermometer levels", minimum=2)
+
+    def config(self) -> dict[str, Any]:
+        return {"levels": self.levels}
 
     def _ks(self, x: Tensor) -> Tensor:
         """k = 0 .. levels - 1, shaped to broadcast against ``x.unsqueeze(2)``."""
@@ -76,9 +74,6 @@ class ThermometerEncoding(Transform):
         soft = self.levels * x.unsqueeze(2) - self._ks(x) + 1
         return soft.clamp(0, 1).flatten(1, 2)
 
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}"
-
 
 def _input_channels(model: nn.Module) -> int | None:
     """The input channels of ``model``'s first convolution, if it has one."""
@@ -90,7 +85,7 @@ def _input_channels(model: nn.Module) -> int | None:
 
 @register("thermometer")
 class Thermometer(Preprocessed):
-    """``model(thermometer_code(x))``: the model sees the (N, C * levels, H, W) thermometer
+    """``base(thermometer_code(x))``: the model sees the (N, C * levels, H, W) thermometer
     code of the image, never the image (Buckman et al. 2018).
 
     ``model`` must be built for ``C * levels`` input channels, e.g.
@@ -100,7 +95,7 @@ class Thermometer(Preprocessed):
     (:func:`robustlab.attacks.bpda.bpda`), which uses the soft thermometer.
 
     Args:
-        model: the classifier of codes (the undefended base model, kept as ``self.model``).
+        model: the classifier of codes (the undefended base model, kept as ``self.base``).
         levels: quantisation levels (default 16, Athalye et al.'s CIFAR-10 setting).
 
     Raises:
@@ -128,9 +123,9 @@ class Thermometer(Preprocessed):
     def forward(self, x: Tensor) -> Tensor:
         code = self.stage(x)
         try:
-            return self.model(code)
+            return self.base(code)
         except (RuntimeError, ValueError) as err:
-            channels = _input_channels(self.model)
+            channels = _input_channels(self.base)
             if channels is None or channels == code.shape[1]:
                 raise
             raise ValueError(self._hint(channels, x.shape[1])) from err

@@ -1,10 +1,18 @@
-"""Evaluation: attack cascades with per-sample worst case, sanity flags, results as data."""
+"""Evaluation: attack cascades with per-sample worst case, sanity flags, results as data.
+
+``run.evaluate`` is the entry point, in three steps: ``adapt`` (the adaptation plan),
+``cascade`` (the attacks over the still-robust points, per-sample worst case) and ``record``
+(event log, progress, resumable ``state``, ``results``). ``checks`` flags an evaluation not to
+trust as it stands; ``suites`` names the attack lists; ``audit`` runs the checklist of Carlini
+et al. 2019; ``sweep``, ``sharded``, ``certification``, ``smoothing_curves`` and
+``binarization`` build on them.
+"""
 
 from robustlab.evaluation.audit import AuditResult, audit
 from robustlab.evaluation.results import EvalResult
+from robustlab.evaluation.run import evaluate
 from robustlab.evaluation.sharded import evaluate_sharded
 from robustlab.evaluation.smoothing_curves import smoothing_curves
-from robustlab.evaluation.suite import evaluate
 from robustlab.evaluation.suites import SUITES
 from robustlab.evaluation.suites import names as suites
 from robustlab.evaluation.sweep import SweepResult, eps_sweep

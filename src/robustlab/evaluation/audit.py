@@ -37,31 +37,38 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
-from robustlab._validate import check_inputs, check_labels, probe_model
+from robustlab._validate import check_inputs, check_labels, integer, positive_int, probe_model
 from robustlab.attacks import Attack, create_for_evaluation
+from robustlab.defenses.base import Defense
+from robustlab.evaluation.adapt import Adaptation, adaptation, lacks_gradient
 from robustlab.evaluation.binarization import binarization_test
 from robustlab.evaluation.checks import run_checks, shattered_gradient
 from robustlab.evaluation.results import EvalResult
-from robustlab.evaluation.suite import _adaptation, _lacks_gradient, evaluate
-from robustlab.evaluation.sweep import eps_sweep
+from robustlab.evaluation.run import evaluate
+from robustlab.evaluation.sweep import SweepResult, eps_sweep
+from robustlab.evaluation.verdicts import (
+    FLAG,
+    adaptive_vs_naive,
+    binarization,
+    broken_after,
+    convergence,
+    gradients,
+    iterative,
+    monotone,
+    randomness,
+    unbounded_attack,
+)
 from robustlab.threat import ThreatModel
 
 log = logging.getLogger(__name__)
 
-PASS, FLAG, SKIP = "PASS", "FLAG", "SKIP"
-TOLERANCE = 0.01  # one point-percent: the convergence criterion of the checklist
-# Plain PGD-20 trails the strongest attacks by a few points on honest models (PGD-20 against
-# AutoAttack on adversarially trained models: about 1 to 4 points, Croce & Hein 2020); the
-# obfuscated defenses of Athalye et al. 2018 lost tens of points to the adaptive attacks.
-ADAPTIVE_GAP = 0.05
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-BINARIZATION_PASS = 0.9  # attack success rate the binarization test asks for
 
 
 @dataclass
@@ -97,18 +104,12 @@ class AuditResult:
         return self.evaluation.save(out)
 
 
-def _check(name: str, status: str, evidence: str, **data: Any) -> dict[str, Any]:
-    return {"name": name, "status": status, "evidence": evidence, **data}
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
 def _default_surrogate(model: nn.Module, x: Tensor) -> nn.Module | None:
-    """The undefended base model of a defense wrapper (its ``model`` attribute), if it
-    classifies the inputs itself (a thermometer model's base takes the encoding instead)."""
-    base = getattr(model, "model", None)
+    """The undefended base model of a defense (:attr:`Defense.base`; of another wrapper its
+    ``base`` or ``model`` attribute), if it classifies the inputs itself (a thermometer
+    model's base takes the encoding instead)."""
+    base = (model.base if isinstance(model, Defense)
+            else getattr(model, "base", getattr(model, "model", None)))
     if not isinstance(base, nn.Module) or base is model:
         return None
     try:
@@ -120,22 +121,26 @@ def _default_surrogate(model: nn.Module, x: Tensor) -> nn.Module | None:
     return base
 
 
+def _check(model: Any, x: Any, y: Any, threat: Any, surrogate: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+    check_inputs(x, y, threat)
+    if surrogate is not None and not isinstance(surrogate, nn.Module):
+        raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def _unbounded(threat: ThreatModel, x: Tensor) -> ThreatModel:
     """A ball around any point of the box that covers the whole box."""
     lo, hi = threat.bounds
     d = x[0].numel()
     eps = {"linf": hi - lo, "l2": (hi - lo) * d ** 0.5, "l1": (hi - lo) * d}[threat.norm]
     return dataclasses.replace(threat, eps=float(eps))
-
-
-def _validate(steps: int, queries: int, binarization_points: int) -> None:
-    for name, v in (("steps", steps), ("queries", queries)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if (isinstance(binarization_points, bool) or not isinstance(binarization_points, int)
-            or binarization_points < 0):
-        raise ValueError(f"binarization_points must be an integer >= 0 (0 skips the test), got "
-                         f"{binarization_points!r}")
 
 
 def audit(
@@ -160,7 +165,7 @@ def audit(
 
     Args:
         surrogate: model for the transfer attack; default: the defense's undefended base model
-            (``model.model``) when ``model`` is a robustlab defense whose base model takes
+            (``model.base``) when ``model`` is a robustlab defense whose base model takes
             the same inputs, else no transfer attack.
         steps: steps of the adaptive APGD-CE attack (the convergence check runs 2x steps with
             3 restarts); the plain PGD baseline runs 20.
@@ -176,46 +181,84 @@ def audit(
     Returns:
         :class:`AuditResult`: ``robust_accuracy``, ``checks``, ``flags``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(threat, ThreatModel):
-        raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
-    check_inputs(x, y, threat)
-    _validate(steps, queries, binarization_points)
-    if isinstance(check_points, bool) or not isinstance(check_points, int) or check_points < 1:
-        raise ValueError(f"check_points must be an integer >= 1, got {check_points!r}")
-    if surrogate is not None and not isinstance(surrogate, nn.Module):
-        raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    _check(model, x, y, threat, surrogate)
+    steps, queries = positive_int(steps, "steps"), positive_int(queries, "queries")
+    binarization_points = integer(binarization_points, "binarization_points", minimum=0)
+    check_points = positive_int(check_points, "check_points")
+    device = _device(model)
     x, y = x.detach().cpu(), y.detach().cpu().long()
     surrogate = surrogate if surrogate is not None else _default_surrogate(model, x[:2].to(device))
-
     # 1. What the model is: randomness, gradients, stages without gradients.
+    num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot)
+    # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
+    cascade, n_black = _attacks(threat, adaptive, num_classes, steps, queries, surrogate)
+    common = {"batch_size": batch_size, "seed": seed, "repeats": adaptive.repeats,
+              "progress": progress}
+    main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
+                    config=config, **common)
+    stages, n = main.per_attack, len(x)
+    # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
+    naive_skipped = bool(stages[0].get("skipped"))
+    runs = _side_runs(model, x, y, threat, adaptive, no_gradient, naive_skipped, common,
+                      steps=steps, queries=queries, check_points=check_points,
+                      binarization_points=binarization_points)
+    # 4. The verdicts.
+    naive_acc = stages[0]["robust_accuracy"]
+    checks = [
+        iterative(None if runs.fgsm is None else runs.fgsm.robust_accuracy, naive_acc),
+        adaptive_vs_naive(naive_acc, main.robust_accuracy, naive_skipped),
+        broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
+                      and a["config"]["name"] != "transfer", "white-box-beats-black-box",
+                      "Square and NAttack", n_black > 0),
+        broken_after(stages, n, lambda a: a["config"]["name"] == "transfer",
+                      "white-box-beats-transfer", "the transfer attack", surrogate is not None),
+        monotone(runs.sweep),
+        unbounded_attack(runs.unbounded, runs.big),
+        convergence(stages[-1], n),
+        randomness(adaptive),
+        gradients(flags, adaptive, no_gradient),
+        binarization(runs.binarization, binarization_points, no_gradient),
+    ]
+    result = _result(main, flags, checks, runs, adaptive, naive_acc, surrogate is not None)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device,
+             eot: int | None) -> tuple[int, list[dict[str, Any]], Adaptation, bool]:
+    """Number of classes, sanity flags (shattered gradients checked unless randomised),
+    adaptation, and whether the model lacks an input gradient as the adaptive attacks run."""
     with eval_mode(model):
         xp, yp = x[:64].to(device), y[:64].to(device)
         logits = probe_model(model, xp)
-        num_classes = logits.shape[1]
-        check_labels(y, num_classes)
+        check_labels(y, logits.shape[1])
         flags = run_checks(model, xp, yp, logits)
-        adaptive = _adaptation(model, flags, None, eot, None, 1)
-        use_bpda, n_eot = adaptive["bpda"], adaptive["eot"]
-        if not adaptive["randomised"]:
+        adaptive = adaptation(model, flags, eot=eot)
+        if not adaptive.randomised:
             shattered = shattered_gradient(model, xp, yp)
             if shattered is not None:
                 flags.append(shattered)
-        no_gradient = _lacks_gradient(model, xp, yp, flags, with_bpda=use_bpda)
+        no_gradient = lacks_gradient(model, xp, yp, flags, with_bpda=adaptive.bpda)
+    return logits.shape[1], flags, adaptive, no_gradient
 
-    def adaptive_attack(name: str, **opts: Any) -> Attack:
-        return create_for_evaluation(name, threat, bpda=use_bpda, eot=n_eot, **opts)
 
-    # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
-    naive = create_for_evaluation("pgd", threat, steps=20)
-    cascade: list[Attack] = [naive, adaptive_attack("apgd-ce", steps=steps)]
+def _adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str, **opts: Any) -> Attack:
+    return create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=adaptive.eot, **opts)
+
+
+def _attacks(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps: int,
+             queries: int, surrogate: nn.Module | None) -> tuple[list[Attack], int]:
+    """The audit's cascade (naive PGD-20 first, the convergence run last) and how many of its
+    attacks are gradient-free."""
+    cascade: list[Attack] = [create_for_evaluation("pgd", threat, steps=20),
+                             _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps)]
     k = min(9, num_classes - 1)
     if threat.norm == "l1":
-        cascade.append(adaptive_attack("apgd-t", steps=20, n_target_classes=k))
+        cascade.append(_adaptive_attack(threat, adaptive, "apgd-t", steps=20,
+                                        n_target_classes=k))
     else:
-        cascade.append(adaptive_attack("mm", k=k, steps=20))
+        cascade.append(_adaptive_attack(threat, adaptive, "mm", k=k, steps=20))
         cascade.append(create_for_evaluation("square", threat, n_queries=queries, p_init=0.8))
         cascade.append(create_for_evaluation("nattack", threat,
                                              max_iters=max(1, queries // 300)))
@@ -223,19 +266,28 @@ def audit(
     if surrogate is not None:
         cascade.append(create_for_evaluation("transfer", threat, surrogate=surrogate,
                                              attack="pgd", attack_options={"steps": 20}))
-    cascade.append(adaptive_attack("apgd-ce", steps=2 * steps, restarts=3))
-    repeats = adaptive["repeats"]
-    common = {"batch_size": batch_size, "seed": seed, "repeats": repeats, "progress": progress}
-    main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
-                    config=config, **common)
-    stages = main.per_attack
-    n = len(x)
+    cascade.append(_adaptive_attack(threat, adaptive, "apgd-ce", steps=2 * steps, restarts=3))
+    return cascade, n_black
 
-    # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
-    naive_skipped = bool(stages[0].get("skipped"))
+
+class _Runs(NamedTuple):
+    """The audit's runs besides its cascade (None: not run)."""
+
+    fgsm: EvalResult | None
+    sweep: SweepResult | None
+    big: ThreatModel
+    unbounded: EvalResult | None
+    binarization: dict[str, Any] | None
+
+
+def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               adaptive: Adaptation, no_gradient: bool, naive_skipped: bool,
+               common: dict[str, Any], *, steps: int, queries: int, check_points: int,
+               binarization_points: int) -> _Runs:
+    """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""
     fgsm = None if naive_skipped else evaluate(
         model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common)
-    adaptive_opts = {"bpda": use_bpda, "eot": n_eot}
+    adaptive_opts = {"bpda": adaptive.bpda, "eot": adaptive.eot}
     square = ("square", {"n_queries": queries, "p_init": 0.8})
     # without any gradient, Square stands in for APGD (none for l1)
     probe_attacks = ([square] if no_gradient else [("apgd-ce", {"steps": max(20, steps // 5),
@@ -253,28 +305,18 @@ def audit(
                  if unbounded_attacks else None)
     binar = None
     if binarization_points and not no_gradient:
-        binar = binarization_test(model, x[:binarization_points].to(device),
-                                  y[:binarization_points].to(device), threat,
-                                  adaptive_attack("apgd-ce", steps=steps), n_inner=99,
-                                  n_boundary=1, seed=seed, repeats=min(repeats, 5))
+        xb, yb = (t[:binarization_points].to(_device(model)) for t in (x, y))
+        binar = binarization_test(model, xb, yb, threat,
+                                  _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps),
+                                  n_inner=99, n_boundary=1, seed=common["seed"],
+                                  repeats=min(adaptive.repeats, 5))
+    return _Runs(fgsm, sweep, big, unbounded, binar)
 
-    # 4. The verdicts.
-    naive_acc = stages[0]["robust_accuracy"]
-    checks = [
-        _iterative(None if fgsm is None else fgsm.robust_accuracy, naive_acc),
-        _adaptive_vs_naive(naive_acc, main.robust_accuracy, naive_skipped),
-        _broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
-                      and a["config"]["name"] != "transfer", "white-box-beats-black-box",
-                      "Square and NAttack", n_black > 0),
-        _broken_after(stages, n, lambda a: a["config"]["name"] == "transfer",
-                      "white-box-beats-transfer", "the transfer attack", surrogate is not None),
-        _monotone(sweep),
-        _unbounded_check(unbounded, big),
-        _convergence(stages[-1], n),
-        _randomness(adaptive, n_eot, repeats),
-        _gradients(flags, adaptive, no_gradient),
-        _binarization(binar, binarization_points, no_gradient),
-    ]
+
+def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str, Any]],
+            runs: _Runs, adaptive: Adaptation, naive_acc: float,
+            surrogate: bool) -> AuditResult:
+    """The audit's result: the cascade's, its record extended with the ``audit`` section."""
     audit_flags = [{"name": f"audit:{c['name']}", "message": c["evidence"]}
                    for c in checks if c["status"] == FLAG]
     all_flags = list({f["name"]: f for f in main.flags + flags + audit_flags}.values())
@@ -284,131 +326,16 @@ def audit(
         "audit": {
             "checks": checks,
             "naive_robust_accuracy": naive_acc,
-            "fgsm_robust_accuracy": None if fgsm is None else fgsm.robust_accuracy,
-            "eps_curve": sweep.curve if sweep else [],
-            "unbounded": {"eps": big.eps, "robust_accuracy":
-                          None if unbounded is None else unbounded.robust_accuracy},
-            "binarization": binar,
-            "surrogate": surrogate is not None,
-            "adaptive": adaptive,
+            "fgsm_robust_accuracy": None if runs.fgsm is None else runs.fgsm.robust_accuracy,
+            "eps_curve": runs.sweep.curve if runs.sweep else [],
+            "unbounded": {"eps": runs.big.eps, "robust_accuracy":
+                          None if runs.unbounded is None else runs.unbounded.robust_accuracy},
+            "binarization": runs.binarization,
+            "surrogate": surrogate,
+            "adaptive": adaptive.to_dict(),
         },
     }
     evaluation = dataclasses.replace(main, flags=all_flags, record=record)
-    result = AuditResult(robust_accuracy=main.robust_accuracy,
-                         clean_accuracy=main.clean_accuracy, checks=checks, flags=all_flags,
-                         evaluation=evaluation)
-    if out is not None:
-        result.save(out)
-    return result
-
-
-def _iterative(fgsm_acc: float | None, pgd_acc: float) -> dict[str, Any]:
-    if fgsm_acc is None:
-        return _check("iterative-beats-single-step", SKIP, "the model has no input gradient: "
-                                                          "neither FGSM nor PGD can run on it")
-    ok = pgd_acc <= fgsm_acc + TOLERANCE
-    return _check("iterative-beats-single-step", PASS if ok else FLAG,
-                  f"FGSM leaves {_pct(fgsm_acc)}, PGD-20 {_pct(pgd_acc)}"
-                  + ("" if ok else ": the iterative attack is weaker than one step (masked "
-                                   "gradients, or a step size or loss that does not fit)"),
-                  fgsm=fgsm_acc, pgd=pgd_acc)
-
-
-def _adaptive_vs_naive(naive_acc: float, final: float, skipped: bool) -> dict[str, Any]:
-    gap = naive_acc - final
-    ok = gap < ADAPTIVE_GAP
-    plain = ("plain PGD-20 cannot run (no input gradient) and leaves" if skipped
-             else "plain PGD-20 leaves")
-    return _check("adaptive-matches-naive", PASS if ok else FLAG,
-                  f"{plain} {_pct(naive_acc)}, the adaptive attacks "
-                  f"{_pct(final)}" + ("" if ok else f": plain PGD overstates the robust accuracy "
-                                                    f"by {100 * gap:.1f} points"),
-                  naive=naive_acc, adaptive=final)
-
-
-def _broken_after(stages: list[dict[str, Any]], n: int, which: Any, name: str, what: str,
-                  ran: bool) -> dict[str, Any]:
-    if not ran:
-        return _check(name, SKIP, f"{what}: not run (no surrogate model)" if "transfer" in what
-                      else f"{what}: not run for this norm")
-    runs = [a for a in stages if which(a) and not a.get("skipped")]
-    broken = sum(a["broken"] for a in runs)
-    ok = broken <= max(TOLERANCE * n, 0)
-    return _check(name, PASS if ok else FLAG,
-                  f"{what} broke {broken} of {n} points after the white-box attacks"
-                  + ("" if ok else ": the gradients mislead the white-box attacks"),
-                  broken=broken)
-
-
-def _monotone(sweep: Any) -> dict[str, Any]:
-    if sweep is None:
-        return _check("monotone-in-eps", SKIP, "eps is 0, or no attack can run (an l1 model "
-                                               "without input gradients)")
-    curve = ", ".join(f"{c['eps']:.3g}: {_pct(c['robust_accuracy'])}" for c in sweep.curve)
-    ok = not sweep.flags
-    return _check("monotone-in-eps", PASS if ok else FLAG,
-                  f"robust accuracy by eps {curve}"
-                  + ("" if ok else f": {sweep.flags[0]['message']}"), curve=sweep.curve)
-
-
-def _unbounded_check(res: EvalResult | None, big: ThreatModel) -> dict[str, Any]:
-    if res is None:
-        return _check("unbounded-attack-succeeds", SKIP, "no attack can run (an l1 model "
-                                                         "without input gradients)")
-    ok = res.robust_accuracy <= TOLERANCE
-    return _check("unbounded-attack-succeeds", PASS if ok else FLAG,
-                  f"at {big.norm} eps {big.eps:.4g} (the whole input box) "
-                  f"{_pct(res.robust_accuracy)} of {res.record['n']} points survive"
-                  + ("" if ok else ": an attack that can reach any image must break every "
-                                   "point; the attacks cannot follow this model"),
-                  robust_accuracy=res.robust_accuracy)
-
-
-def _convergence(last: dict[str, Any], n: int) -> dict[str, Any]:
-    broken = last["broken"]
-    ok = broken < TOLERANCE * n or broken == 0
-    return _check("convergence", PASS if ok else FLAG,
-                  f"APGD-CE with 2x the steps and 3 restarts broke {broken} more of {n} points"
-                  + ("" if ok else ": the attacks had not converged"), broken=broken)
-
-
-def _randomness(adaptive: dict[str, Any], n_eot: int, repeats: int) -> dict[str, Any]:
-    if not adaptive["randomised"]:
-        return _check("randomness", PASS, "two forward passes agree and no module declares "
-                                          "randomness")
-    return _check("randomness", FLAG,
-                  f"the model is randomised: adaptive attacks used EOT over {n_eot} draws and "
-                  f"each point was predicted {repeats} times (robust by strict majority)")
-
-
-def _gradients(flags: list[dict[str, Any]], adaptive: dict[str, Any],
-               no_gradient: bool) -> dict[str, Any]:
-    bad = [f for f in flags if f["name"] in ("no-gradient", "masked-gradient",
-                                             "shattered-gradient", "softmax-output")]
-    if not bad:
-        return _check("gradients", PASS, "input gradients are finite, non-zero and stable "
-                                         "under a small move of the input")
-    what = "; ".join(f["message"] for f in bad)
-    if adaptive["bpda"]:
-        remedy = f"BPDA used through {', '.join(adaptive['bpda_stages'])}"
-    elif no_gradient:
-        remedy = "only gradient-free and transfer attacks could run"
-    else:
-        remedy = "margin-loss, gradient-free and transfer attacks used"
-    return _check("gradients", FLAG, f"{what} ({remedy})")
-
-
-def _binarization(res: dict[str, Any] | None, points: int, no_gradient: bool) -> dict[str, Any]:
-    if res is None:
-        why = "not requested" if not points else "the model has no input gradient"
-        return _check("binarization-test", SKIP, why)
-    if not res["n_valid"]:
-        return _check("binarization-test", SKIP,
-                      f"the read-out could not separate inner and boundary points for any of "
-                      f"the {res['n']} points")
-    ok = res["asr"] >= BINARIZATION_PASS
-    return _check("binarization-test", PASS if ok else FLAG,
-                  f"the adaptive attack found the known adversarial example for "
-                  f"{_pct(res['asr'])} of {res['n_valid']} points (random boundary points: "
-                  f"{_pct(res['random_asr'])})"
-                  + ("" if ok else ": the attack is too weak for this model"), asr=res["asr"])
+    return AuditResult(robust_accuracy=main.robust_accuracy,
+                       clean_accuracy=main.clean_accuracy, checks=checks, flags=all_flags,
+                       evaluation=evaluation)

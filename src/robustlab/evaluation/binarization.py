@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._validate import check_inputs
+from robustlab._validate import check_inputs, integer, number, positive_int
 from robustlab.threat import ThreatModel
 
 __all__ = ["Binarized", "binarization_test", "feature_module"]
@@ -126,22 +126,6 @@ class Binarized(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.readout(self.features(x))
-
-
-def _check_int(name: str, value: object, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_fraction(name: str, value: object, closed_low: bool) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (0 <= value < 1) if closed_low else (0 < value < 1)
-    if not ok:
-        raise ValueError(f"{name} must be a number in {'[0' if closed_low else '(0'}, 1), "
-                         f"got {value!r}")
-    return float(value)
 
 
 def _boundary_points(x: Tensor, threat: ThreatModel, n: int, min_dist: float,
@@ -301,96 +285,27 @@ def binarization_test(
         ValueError / TypeError for bad options (before any work); RuntimeError if the attack
         returns a point outside the threat model (a bug in the attack).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_inputs(x, y, threat)
-    if threat.eps <= 0:
-        raise ValueError(f"the binarization test needs eps > 0, got {threat.eps}")
-    if not callable(attack):
-        raise TypeError(f"attack must be callable as attack(model, x, y, generator=g), got "
-                        f"{type(attack).__name__}")
-    attack_threat = getattr(attack, "threat", threat)
-    if attack_threat != threat:
-        raise ValueError(f"the attack's threat model ({attack_threat}) differs from the "
-                         f"test's ({threat}); test the attack with its own threat model")
-    if getattr(attack, "targeted", False):
-        raise ValueError("the binarization test runs the attack untargeted (label 0 -> any "
-                         "other class); pass an untargeted attack")
-    for name, value in (("n_inner", n_inner), ("n_boundary", n_boundary),
-                        ("repeats", repeats), ("batch_size", batch_size)):
-        _check_int(name, value)
-    eta = _check_fraction("eta", eta, closed_low=False)
-    gap = _check_fraction("gap", gap, closed_low=True)
-    if (1 + gap) * eta >= 1:
-        raise ValueError(f"(1 + gap) * eta must be < 1 so that points at distance eps clear the "
-                         f"gap, got (1 + {gap}) * {eta} = {(1 + gap) * eta:.4g}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-
-    min_dist = (1 + gap) * eta * threat.eps
-    inner_threat = ThreatModel(threat.norm, eta * threat.eps, threat.bounds)
+    eta, gap, seed = _check_options(model, x, y, threat, attack, n_inner=n_inner,
+                                    n_boundary=n_boundary, eta=eta, gap=gap, repeats=repeats,
+                                    seed=seed, batch_size=batch_size)
+    opts = _Options(n_inner, n_boundary, (1 + gap) * eta * threat.eps,
+                    ThreatModel(threat.norm, eta * threat.eps, threat.bounds), repeats, batch_size)
+    min_dist = opts.min_dist
     seeds = torch.randint(0, 2**62, (len(x),), generator=torch.Generator().manual_seed(seed))
     # the head is set per sample; skip_init: no draw from the global RNG
     net = Binarized(model, nn.utils.skip_init(nn.Linear, 1, 2), feature_layer)
     modes = [(m, m.training) for m in net.modules()]
-    per_sample = []
-    warned = False
+    per_sample: list[dict[str, Any]] = []
+    warned = [False]
     try:
         net.eval()  # the model too; the attack restores this mode after its run
         for i in range(len(x)):
             g = torch.Generator(device=x.device).manual_seed(int(seeds[i]))
-            xi = x[i:i + 1].detach()
-            row = {"index": i, "setup_ok": False, "setup_error": None, "attack_success": None,
-                   "random_success": None, "logit_improvement": None}
-            per_sample.append(row)
-            inner = torch.cat([xi, inner_threat.random_init(xi.expand(n_inner - 1, *xi.shape[1:]),
-                                                            g)])
-            bd = _boundary_points(xi, threat, n_boundary, min_dist, g)
-            if len(bd) == 0:
-                row["setup_error"] = (f"no boundary point reaches distance {min_dist:.4g} inside "
-                                      f"the bounds {threat.bounds}")
-                continue
-            feats = _mean_features(net, torch.cat([inner, bd]), repeats, batch_size)
-            if feats.shape[1] <= len(feats) and not warned:
-                warned = True
-                warnings.warn(f"{feats.shape[1]} features for {len(feats)} training points: "
-                              "the read-out may not separate them (setup failures)",
-                              RuntimeWarning, stacklevel=2)
-            fit = _fit_readout(feats[:n_inner], feats[n_inner:])
-            if fit is None:
-                row["setup_error"] = "the linear read-out does not separate inner and boundary"
-                continue
-            w, b = fit
-            scale = 1 / (feats.to(torch.float64) @ w + b).abs().max()  # margins in [-1, 1]
-            readout = nn.utils.skip_init(nn.Linear, feats.shape[1], 2, device=feats.device,
-                                         dtype=feats.dtype)  # no draw from the global RNG
-            with torch.no_grad():
-                readout.weight.copy_(torch.stack([-w, w]) * scale / 2)
-                readout.bias.copy_(torch.cat([-b, b]) * scale / 2)
-            net.readout = readout.requires_grad_(False)
-            m_train = _margin(readout, feats)
-            m_clean = _margin(readout, _mean_features(net, xi, repeats, batch_size))
-            if not ((m_train[:n_inner] < 0).all() and (m_train[n_inner:] > 0).all()
-                    and m_clean[0] < 0):
-                row["setup_error"] = ("the scaled read-out does not label x as 0 and the "
-                                      "boundary points as 1")
-                continue
-            row["setup_ok"] = True
-            fresh = _boundary_points(xi, threat, n_boundary, min_dist, g)
-            m_fresh = _margin(readout, _mean_features(net, fresh, repeats, batch_size))
-            row["random_success"] = bool((m_fresh > 0).any())
-
-            res = attack(net, xi, torch.zeros(1, dtype=torch.long, device=x.device),
-                         generator=g)
-            threat.check(res.x_adv, xi, who="the attack under test")
-            m_adv = float(_margin(readout, _mean_features(net, res.x_adv, repeats, batch_size)))
-            m_best = float(m_train[n_inner:].max())
-            row["attack_success"] = bool(res.success[0]) and m_adv > 0
-            row["logit_improvement"] = (m_adv - m_best) / abs(m_best)
+            per_sample.append({"index": i} | _test_one(net, attack, x[i:i + 1].detach(), g,
+                                                        threat, opts, warned))
     finally:
         for m, mode in modes:
             m.training = mode
-
     valid = [r for r in per_sample if r["setup_ok"]]
     n_valid = len(valid)
     return {
@@ -408,3 +323,98 @@ def binarization_test(
             "attack": attack.config() if hasattr(attack, "config") else repr(attack),
         },
     }
+
+
+class _Options(NamedTuple):
+    n_inner: int
+    n_boundary: int
+    min_dist: float
+    inner_threat: ThreatModel
+    repeats: int
+    batch_size: int
+
+
+def _check_options(model: Any, x: Any, y: Any, threat: ThreatModel, attack: Any, *,
+                   n_inner: Any, n_boundary: Any, eta: Any, gap: Any, repeats: Any, seed: Any,
+                   batch_size: Any) -> tuple[float, float, int]:
+    """The binarization test's argument checks; returns ``eta``, ``gap`` and ``seed``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_inputs(x, y, threat)
+    if threat.eps <= 0:
+        raise ValueError(f"the binarization test needs eps > 0, got {threat.eps}")
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(model, x, y, generator=g), got "
+                        f"{type(attack).__name__}")
+    attack_threat = getattr(attack, "threat", threat)
+    if attack_threat != threat:
+        raise ValueError(f"the attack's threat model ({attack_threat}) differs from the "
+                         f"test's ({threat}); test the attack with its own threat model")
+    if getattr(attack, "targeted", False):
+        raise ValueError("the binarization test runs the attack untargeted (label 0 -> any "
+                         "other class); pass an untargeted attack")
+    for name, value in (("n_inner", n_inner), ("n_boundary", n_boundary),
+                        ("repeats", repeats), ("batch_size", batch_size)):
+        positive_int(value, name)
+    eta = number(eta, "eta", low=0, high=1, low_open=True, high_open=True)
+    gap = number(gap, "gap", low=0, high=1, high_open=True)
+    if (1 + gap) * eta >= 1:
+        raise ValueError(f"(1 + gap) * eta must be < 1 so that points at distance eps clear the "
+                         f"gap, got (1 + {gap}) * {eta} = {(1 + gap) * eta:.4g}")
+    try:
+        seed = integer(seed, "seed")
+    except ValueError as err:  # a seed of the wrong type is a type error
+        raise TypeError(str(err)) from None
+    return eta, gap, seed
+
+
+def _test_one(net: Binarized, attack: Any, xi: Tensor, g: torch.Generator, threat: ThreatModel,
+              o: _Options, warned: list[bool]) -> dict[str, Any]:
+    """The test at one input ``xi`` (1, ...): set up the read-out, then attack it."""
+    row = {"setup_ok": False, "setup_error": None, "attack_success": None,
+           "random_success": None, "logit_improvement": None}
+    inner = torch.cat([xi, o.inner_threat.random_init(xi.expand(o.n_inner - 1, *xi.shape[1:]),
+                                                    g)])
+    bd = _boundary_points(xi, threat, o.n_boundary, o.min_dist, g)
+    if len(bd) == 0:
+        row["setup_error"] = (f"no boundary point reaches distance {o.min_dist:.4g} inside "
+                              f"the bounds {threat.bounds}")
+        return row
+    feats = _mean_features(net, torch.cat([inner, bd]), o.repeats, o.batch_size)
+    if feats.shape[1] <= len(feats) and not warned[0]:
+        warned[0] = True
+        warnings.warn(f"{feats.shape[1]} features for {len(feats)} training points: "
+                      "the read-out may not separate them (setup failures)",
+                      RuntimeWarning, stacklevel=3)
+    fit = _fit_readout(feats[:o.n_inner], feats[o.n_inner:])
+    if fit is None:
+        row["setup_error"] = "the linear read-out does not separate inner and boundary"
+        return row
+    w, b = fit
+    scale = 1 / (feats.to(torch.float64) @ w + b).abs().max()  # margins in [-1, 1]
+    readout = nn.utils.skip_init(nn.Linear, feats.shape[1], 2, device=feats.device,
+                                 dtype=feats.dtype)  # no draw from the global RNG
+    with torch.no_grad():
+        readout.weight.copy_(torch.stack([-w, w]) * scale / 2)
+        readout.bias.copy_(torch.cat([-b, b]) * scale / 2)
+    net.readout = readout.requires_grad_(False)
+    m_train = _margin(readout, feats)
+    m_clean = _margin(readout, _mean_features(net, xi, o.repeats, o.batch_size))
+    if not ((m_train[:o.n_inner] < 0).all() and (m_train[o.n_inner:] > 0).all()
+            and m_clean[0] < 0):
+        row["setup_error"] = ("the scaled read-out does not label x as 0 and the "
+                              "boundary points as 1")
+        return row
+    row["setup_ok"] = True
+    fresh = _boundary_points(xi, threat, o.n_boundary, o.min_dist, g)
+    m_fresh = _margin(readout, _mean_features(net, fresh, o.repeats, o.batch_size))
+    row["random_success"] = bool((m_fresh > 0).any())
+
+    res = attack(net, xi, torch.zeros(1, dtype=torch.long, device=xi.device),
+                 generator=g)
+    threat.check(res.x_adv, xi, who="the attack under test")
+    m_adv = float(_margin(readout, _mean_features(net, res.x_adv, o.repeats, o.batch_size)))
+    m_best = float(m_train[o.n_inner:].max())
+    row["attack_success"] = bool(res.success[0]) and m_adv > 0
+    row["logit_improvement"] = (m_adv - m_best) / abs(m_best)
+    return row

@@ -12,21 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._modes import declared
 from robustlab.attacks.losses import margin
 
 Flag = dict[str, Any]
 
 
 def randomised_output(model: nn.Module, x: Tensor, a: Tensor) -> Flag | None:
-    """A module of the model declares itself random (``robustlab_random = True``, e.g. a
-    smoothing defense, whose votes can look deterministic where they are unanimous), or a
-    second forward pass on ``x`` differs from the logits ``a`` of the first: the model is
+    """A module of the model declares itself randomised (:func:`robustlab._modes.declared`,
+    e.g. a smoothing defense, whose votes can look deterministic where they are unanimous),
+    or a second forward pass on ``x`` differs from the logits ``a`` of the first: the model is
     randomised, so single-draw predictions and gradients are not enough (use EOT and repeated
     predictions)."""
-    declared = [type(m).__name__ for m in model.modules() if getattr(m, "robustlab_random", False)]
-    if declared:
+    random = [type(m).__name__ for m in model.modules() if declared(m, "randomized")]
+    if random:
         return {"name": "randomised-output",
-                "message": f"the model contains a randomised module ({declared[0]}): "
+                "message": f"the model contains a randomised module ({random[0]}): "
                            "single-draw attacks understate its vulnerability; evaluate with EOT "
                            "and repeated predictions"}
     with torch.no_grad():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from robustlab._io import atomic_path, atomic_write
+from robustlab._provenance import git_commit, versions
+from robustlab.evaluation.state import EvalState
 from robustlab.report.summary import markdown
+from robustlab.threat import ThreatModel
 
 SCHEMA = "robustlab.evaluation/1"
 EXAMPLES = "examples.safetensors"
@@ -85,3 +90,51 @@ def example_indices(per_sample: list[dict[str, Any]], k: int = N_EXAMPLES) -> li
     broken = [i for i, r in enumerate(per_sample) if r["broken_by"] not in (None, "clean")]
     robust = [i for i, r in enumerate(per_sample) if r["broken_by"] is None]
     return sorted(broken[:k] + robust[:max(0, k - len(broken))])
+
+
+def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41) -> list[dict]:
+    """Robust accuracy against eps from the per-sample minimal norms: robust at e iff the
+    smallest adversarial perturbation found is larger than e (an upper bound, like any attack's
+    number)."""
+    finite = min_norm[torch.isfinite(min_norm)]
+    top = max(2 * threat.eps, float(finite.max()) if len(finite) else 0.0) or 1.0
+    grid = torch.linspace(0, top, points)
+    return [{"eps": float(e), "robust_accuracy": float((min_norm > e).float().mean())}
+            for e in grid]
+
+
+def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
+                 threat: ThreatModel, flags: list[dict[str, Any]],
+                 extra: dict[str, Any]) -> EvalResult:
+    """The :class:`EvalResult` of a finished cascade ``st`` on ``(x, y)`` (clean predictions
+    ``pred``, clean-correct mask ``clean``); ``extra``: the run's settings for the record."""
+    dist = threat.distance(st.x_adv, x)
+    per_sample = []
+    for i in range(len(x)):
+        row = {"index": i, "label": int(y[i]), "clean_pred": int(pred[i]),
+               "adv_pred": int(st.adv_pred[i]), "robust": bool(st.robust[i]),
+               "broken_by": st.broken_by[i], "distance": float(dist[i])}
+        m = float(st.min_norm[i])
+        if not math.isnan(m):  # known: a minimum-norm attack ran on it (None: found none)
+            row["min_norm"] = m if math.isfinite(m) else None
+        per_sample.append(row)
+    flags = list({f["name"]: f for f in flags}.values())  # one flag per kind
+    record = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "clean_accuracy": float(clean.float().mean()),
+        "robust_accuracy": float(st.robust.float().mean()),
+        "threat": threat.to_dict(),
+        "n": len(x),
+        "per_attack": st.per_attack,
+        "flags": flags,
+        "commit": git_commit(),
+        "versions": versions(),
+    } | extra
+    if not torch.isnan(st.min_norm).any():
+        record["min_norm_curve"] = min_norm_curve(st.min_norm, threat)
+    return EvalResult(
+        clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
+        per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,
+        broken_by=st.broken_by, per_sample=per_sample, record=record, x=x,
+    )

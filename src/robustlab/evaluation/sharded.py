@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from robustlab import distributed
 from robustlab.evaluation.checks import black_box_beats_white_box
-from robustlab.evaluation.results import EvalResult
-from robustlab.evaluation.suite import _min_norm_curve, evaluate
+from robustlab.evaluation.results import EvalResult, min_norm_curve
+from robustlab.evaluation.run import evaluate
 from robustlab.threat import ThreatModel
 
 
@@ -84,7 +84,7 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
     if all("min_norm_curve" in r for r in records):
         norms = torch.tensor([float("inf") if row["min_norm"] is None else row["min_norm"]
                               for row in per_sample])
-        record["min_norm_curve"] = _min_norm_curve(norms, threat)
+        record["min_norm_curve"] = min_norm_curve(norms, threat)
     return EvalResult(
         clean_accuracy=clean, robust_accuracy=record["robust_accuracy"], per_attack=per_attack,
         flags=record["flags"], robust=robust, x_adv=x_adv,

@@ -11,7 +11,7 @@ has on the inputs. Each sigma's noise starts from a generator seeded with ``seed
 curves at different sigmas share the same standard-normal draws, scaled (common random numbers),
 and a sigma's row does not depend on which other sigmas are listed. At sigma 0 a deterministic
 model needs one draw (every n and vote is then its plain prediction); a randomised model (one
-that declares ``robustlab_random`` or whose two forward passes differ, e.g. PNI/CNI weight
+that declares itself randomised or whose two forward passes differ, e.g. PNI/CNI weight
 noise, which draws from torch's global generator) gets ``max(n)`` draws there too.
 
 The result is written as data (``smoothing.json``) for a report to plot.
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
-from robustlab._validate import check_inputs, check_labels, positive_int, probe_model
+from robustlab._validate import check_inputs, check_labels, integer, positive_int, probe_model
 from robustlab.defenses.smoothing import VOTES, noisy_logits
 from robustlab.evaluation.checks import randomised_output
 from robustlab.noise import check_noise
@@ -92,9 +92,11 @@ def vote_decisions(logits: Tensor, n: int,
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor of shape (N, draws, K), got {shape}")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= logits.shape[1]:
+    try:
+        integer(n, "n", minimum=1, maximum=logits.shape[1])
+    except ValueError:
         raise ValueError(f"n must be an integer in 1..{logits.shape[1]} (the draws in logits), "
-                         f"got {n!r}")
+                         f"got {n!r}") from None
     votes = _votes(votes)
     sub = logits[:, :n]
     k = sub.shape[-1]
@@ -188,8 +190,10 @@ def smoothing_curves(
     sample_list = sorted(set(sample_list))
     vote_list = _votes(votes)
     batch_size = positive_int(batch_size, "batch_size")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    try:
+        seed = integer(seed, "seed")
+    except ValueError as err:  # a seed of the wrong type is a type error
+        raise TypeError(str(err)) from None
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict of JSON-able entries, got {type(config).__name__}")
     try:

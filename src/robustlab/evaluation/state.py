@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str
 
 @dataclass
 class EvalState:
-    """Per-sample worst case so far, the position in the cascade, and the flags the attacks
-    raised so far."""
+    """Per-sample worst case so far (updated by :func:`robustlab.evaluation.cascade.fold`),
+    the position in the cascade, and the flags the attacks raised so far."""
 
     robust: Tensor
     x_adv: Tensor
@@ -53,6 +54,15 @@ class EvalState:
     flags: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
     attack_time_s: float = 0.0
+
+    @classmethod
+    def fresh(cls, clean: Tensor, pred: Tensor, x: Tensor) -> EvalState:
+        """The state before the first attack: the clean-correct points robust, each point's
+        worst case its clean input and prediction, minimal norms unknown (NaN) but 0 for the
+        points misclassified without attack."""
+        return cls(robust=clean.clone(), x_adv=x.clone(), adv_pred=pred.clone(),
+                   min_norm=torch.where(clean, math.nan, 0.0), start_robust=clean.clone(),
+                   broken_by=[None if r else "clean" for r in clean.tolist()])
 
     def begin_attack(self) -> None:
         self.start_robust = self.robust.clone()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab.evaluation.results import EvalResult
-from robustlab.evaluation.suite import evaluate
+from robustlab.evaluation.run import evaluate
 from robustlab.threat import ThreatModel, parse_eps
 
 

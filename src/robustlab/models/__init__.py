@@ -6,10 +6,22 @@
 ['lenet', 'preact-resnet18', 'resnet20', 'smallcnn', 'wrn-34-10']
 
 Checkpoints are safetensors plus a JSON sidecar (:func:`save`, :func:`load`); nothing is
-ever unpickled.
+ever unpickled. The registry also holds the image-to-image ``"dncnn"`` denoiser of denoised
+smoothing (:mod:`robustlab.models.dncnn`), so that it is saved and loaded the same way;
+:func:`names` lists the classifiers only.
+
+How to add a model: write an ``nn.Module`` in a file of its own here, decorated with
+``@MODELS.register("name")`` (from :mod:`robustlab.models.factory`), whose ``__init__`` takes
+the common arguments ``num_classes, in_channels, input_size, activation, mean, std`` followed
+by its own JSON-able options with defaults; make ``Normalize(mean, std, channels=in_channels)``
+its first layer and build activations with ``make_activation(activation)``
+(:mod:`robustlab.models.layers`); import the file below so that it registers. ``create`` then
+validates the common arguments, records the build recipe for checkpoints, and the model tests
+(parametrised over :func:`names`) cover it. A model imports nothing above ``robustlab.models``
+(no attacks, defenses or training).
 """
 
-from robustlab.models import lenet, resnet, smallcnn, wideresnet  # noqa: F401  (registration)
+from robustlab.models import dncnn, lenet, resnet, smallcnn, wideresnet  # noqa: F401  (registration)
 from robustlab.models.checkpoint import load, save
 from robustlab.models.factory import create, names
 from robustlab.models.layers import ACTIVATIONS, Normalize

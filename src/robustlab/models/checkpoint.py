@@ -22,7 +22,7 @@ from torch import nn
 
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, package_version
-from robustlab.models.factory import MODELS, create
+from robustlab.models.factory import create
 
 __all__ = ["FORMAT_VERSION", "load", "save"]
 
@@ -87,8 +87,7 @@ def _build(arch: Any) -> nn.Module:
         # ValueError, not TypeError: a malformed sidecar is bad data, like a corrupt file
         raise ValueError(  # noqa: TRY004
             f"architecture must be {{'name': str, 'kwargs': dict}}, got {arch!r}")
-    MODELS.get(arch["name"])  # ValueError listing the registered architectures
-    try:
+    try:  # an unknown name: ValueError listing the registered architectures
         return create(arch["name"], **arch["kwargs"])
     except TypeError as err:
         raise ValueError(f"cannot rebuild architecture {arch!r}: {err}") from err

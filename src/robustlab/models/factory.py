@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustlab._validate import positive_int
 from robustlab.models.heads import attach as attach_head
 from robustlab.models.layers import ACTIVATIONS
 from robustlab.models.noise import inject as inject_noise
@@ -24,14 +25,11 @@ COMMON = ("num_classes", "in_channels", "input_size", "activation", "mean", "std
 
 
 def names(pattern: str | None = None) -> list[str]:
-    """Registered architecture names, sorted; ``pattern`` filters with shell wildcards."""
-    return MODELS.names(pattern)
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return value
+    """Registered classifier architectures, sorted; ``pattern`` filters with shell wildcards.
+    Image-to-image models registered for checkpoints (a class attribute ``task`` other than
+    ``"classify"``, e.g. the ``"dncnn"`` denoiser) are not listed."""
+    return [n for n in MODELS.names(pattern)
+            if getattr(MODELS.get(n), "task", "classify") == "classify"]
 
 
 def _stat(value: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
@@ -93,7 +91,9 @@ def create(
         TypeError: an argument the architecture (or the head or noise) does not take, or one
             that is not JSON-serialisable.
     """
-    cls = MODELS.get(name)
+    if isinstance(name, str) and name not in MODELS:  # lists the classifiers, as names() does
+        raise ValueError(f"unknown model {name!r}; valid models are: {', '.join(names())}")
+    cls = MODELS.get(name)  # TypeError for a name that is not a string
     ACTIVATIONS.get(activation)  # fail early with the list of valid activations
     params = inspect.signature(cls).parameters
     unknown = sorted(set(arch_kwargs) - set(params))
@@ -102,22 +102,10 @@ def create(
         raise TypeError(
             f"{name} does not take {unknown}; its own arguments are {extra or 'none'}"
         )
-    kwargs: dict[str, Any] = {
-        "num_classes": _positive_int(num_classes, "num_classes"),
-        "in_channels": _positive_int(in_channels, "in_channels"),
-        "input_size": _positive_int(input_size, "input_size"),
-        "activation": activation.lower(),
-        "mean": _stat(mean),
-        "std": _stat(std),
-    }
-    for key, param in params.items():
-        if key in COMMON:
-            continue  # validated above or by Normalize
-        kwargs[key] = arch_kwargs.get(key, param.default)
-        try:
-            json.dumps(kwargs[key], allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"argument {key!r} of {name} must be JSON-serialisable") from err
+    common = _common(num_classes, in_channels, input_size, activation, mean, std)
+    # an image-to-image model (the dncnn denoiser) takes only some of the common arguments
+    kwargs = {**{k: v for k, v in common.items() if k in params},
+              **_own(name, params, arch_kwargs)}
     for kind, options, what in ((head, head_options, "head"), (noise, noise_options, "noise")):
         if options is not None and (kind is None or not isinstance(options, dict)):
             raise ValueError(f"{what}_options must be a dict and needs {what}=..., got "
@@ -126,13 +114,40 @@ def create(
     if head is not None:
         opts = _options(attach_head, head_options, "head", skip=("model", "head", "num_classes"))
         kwargs["head"] = head
-        kwargs["head_options"] = attach_head(model, head, kwargs["num_classes"], **opts)
+        kwargs["head_options"] = attach_head(model, head, common["num_classes"], **opts)
     if noise is not None:
         opts = _options(inject_noise, noise_options, "noise", skip=("model", "kind"))
         kwargs["noise"] = noise
         kwargs["noise_options"] = inject_noise(model, noise, **opts)
     model.robustlab_arch = {"name": name.lower(), "kwargs": kwargs}
     return model
+
+
+def _common(num_classes: Any, in_channels: Any, input_size: Any, activation: str,
+            mean: Any, std: Any) -> dict[str, Any]:
+    """The arguments every architecture takes, checked and made JSON-able."""
+    sizes = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    for what, value in sizes.items():
+        try:
+            positive_int(value, what)
+        except ValueError:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    return {**sizes, "activation": activation.lower(), "mean": _stat(mean), "std": _stat(std)}
+
+
+def _own(name: str, params: Any, arch_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The architecture's own arguments, defaults filled in; TypeError for one that is not
+    JSON-serialisable."""
+    own = {}
+    for key, param in params.items():
+        if key in COMMON:
+            continue  # validated by _common or by Normalize
+        own[key] = arch_kwargs.get(key, param.default)
+        try:
+            json.dumps(own[key], allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"argument {key!r} of {name} must be JSON-serialisable") from err
+    return own
 
 
 def _options(fn: Any, options: dict[str, Any] | None, what: str,

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
+
 __all__ = ["HEADS", "MMCHead", "attach", "mmc_centers"]
 
 HEADS = ("mmc",)
@@ -102,12 +104,9 @@ def attach(model: nn.Module, head: str, num_classes: int, c_mm: float = 10.0,
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
-    if isinstance(c_mm, bool) or not isinstance(c_mm, int | float) or not 0 < c_mm < math.inf:
-        raise ValueError(f"mmc c_mm must be a finite number > 0, got {c_mm!r}")
-    if feature_dim is not None and (isinstance(feature_dim, bool)
-                                    or not isinstance(feature_dim, int) or feature_dim < 1):
-        raise ValueError(f"mmc feature_dim must be a positive integer or None, got "
-                         f"{feature_dim!r}")
+    c_mm = number(c_mm, "mmc c_mm", low=0, low_open=True)
+    if feature_dim is not None:
+        feature_dim = positive_int(feature_dim, "mmc feature_dim")
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not linears or linears[-1][1].out_features != num_classes:
         raise ValueError(f"{type(model).__name__} has no final nn.Linear with {num_classes} "

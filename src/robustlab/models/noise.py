@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
+
 __all__ = ["CNI_FACTOR_INIT", "CNI_RANK", "GRANULARITIES", "KINDS", "NoisyConv2d",
            "NoisyLinear", "disabled", "inject", "noise_parameter_names", "noisy_layers"]
 
@@ -162,9 +164,7 @@ _NOISY: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: NoisyConv2d, nn.Lin
 
 
 def _check_scale(value: Any, what: str) -> None:
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not 0 <= value < float("inf")):
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    number(value, what, low=0)
 
 
 def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None,
@@ -202,8 +202,7 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
             raise ValueError("cni-w has no granularity (its diagonal scales are per weight); "
                              "drop the option, or use pni-w")
         rank = CNI_RANK if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"cni-w rank must be an integer >= 1, got {rank!r}")
+        rank = positive_int(rank, "cni-w rank")
         factor_init = CNI_FACTOR_INIT if factor_init is None else factor_init
         _check_scale(factor_init, "cni-w factor_init")
     else:

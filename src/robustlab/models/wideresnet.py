@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab._validate import positive_int
 from robustlab.models.factory import MODELS
 from robustlab.models.layers import Normalize, Stat, make_activation
 
@@ -66,8 +67,7 @@ class WideResNet(nn.Module):
         super().__init__()
         if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ValueError(f"wrn depth must be 6n + 4 with n >= 1 (10, 16, 28, 34), got {depth}")
-        if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
-            raise ValueError(f"wrn widen_factor must be an integer >= 1, got {widen_factor!r}")
+        positive_int(widen_factor, "wrn widen_factor")
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"wrn drop must be in [0, 1), got {drop!r}")
         n = (depth - 4) // 6

@@ -86,3 +86,23 @@ def load_state(
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
     extra = {k[len(_EXTRA):]: v.to(device) for k, v in tensors.items() if k.startswith(_EXTRA)}
     return header["info"], extra
+
+
+def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 objective: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """Load the training state at ``path`` into ``model``, ``optimizer`` and ``objective``
+    (its carried tensors, saved as ``objective.*`` extras) after checking that the saved
+    settings equal ``config`` (``epochs`` aside: a run may be extended); returns the saved
+    ``info`` (``epoch``, ``history``, ``stopped``)."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"cannot resume: no {path.name} in {path.parent}; start without --resume")
+    info, extra = load_state(path, model, optimizer)
+    saved = {k: v for k, v in info["config"].items() if k != "epochs"}
+    now = {k: v for k, v in config.items() if k != "epochs"}
+    if saved != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")
+    objective.load_state_dict(
+        {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
+    return info

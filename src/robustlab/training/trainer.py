@@ -11,16 +11,17 @@ its last checkpoint therefore ends with the same weights as an uninterrupted run
 Distributed: every rank builds the same global batches and trains on its own contiguous slice
 of each; the objective's whole loss (inner attack included) runs inside one DDP forward, so the
 inner maximisation never triggers a gradient all-reduce and the averaged gradient equals the
-single-process gradient of the global batch. Rank 0 writes checkpoints and logs; validation is
-sharded over the ranks and merged.
+single-process gradient of the global batch. Rank 0 writes checkpoints and logs; validation
+(:mod:`robustlab.evaluation.validation`: the evaluation's cascade) is sharded and merged.
 
-Progress and logs: with ``progress=True`` the main rank shows one bar over every batch of the
-run (its ETA is for the whole run; a resumed run starts it where it stands) with the epoch,
-the running loss, the learning rate and the last validation accuracies. With ``out`` each
-epoch's record goes to ``train_log.jsonl`` and, if the ``tensorboard`` package is installed,
-its scalars to ``out/tensorboard/`` (step = epoch; see :data:`TB_SCALARS`). These mirror the
-log: every (re)start has TensorBoard discard the steps of earlier event files and writes the
-history again, so a resumed run shows each epoch once.
+Progress and logs go through one observer (:class:`robustlab.evaluation.record.RunLog`): with
+``progress=True`` the main rank shows one bar over every batch of the run (its ETA is for the
+whole run; a resumed run starts it where it stands) with the epoch, the running loss, the
+learning rate and the last validation accuracies. With ``out`` each epoch's record goes to
+``train_log.jsonl`` and, if the ``tensorboard`` package is installed, its scalars to
+``out/tensorboard/`` (step = epoch; see :data:`TB_SCALARS`). These mirror the log: every
+(re)start has TensorBoard discard the steps of earlier event files and writes the history
+again, so a resumed run shows each epoch once.
 """
 
 from __future__ import annotations
@@ -40,17 +41,18 @@ from torch import Tensor, nn
 
 from robustlab import distributed, models
 from robustlab._modes import eval_mode
-from robustlab._progress import append_jsonl, tensorboard_available
-from robustlab._validate import check_inputs, check_labels, probe_model
-from robustlab.attacks import create_for_evaluation
+from robustlab._progress import tensorboard_available
+from robustlab._validate import check_inputs, check_labels, positive_int, probe_model
+from robustlab.evaluation.record import RunLog
+from robustlab.evaluation.validation import evaluate_epoch
 from robustlab.models.init import init_weights
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create as create_objective
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.objectives.base import Objective
-from robustlab.training.probe import ACTIONS, OverfitProbe, Snapshot
+from robustlab.training.probe import ACTIONS, OverfitProbe, Snapshot, probe_action
 from robustlab.training.schedules import SCHEDULES, lr_at
-from robustlab.training.state import load_state, save_state
+from robustlab.training.state import resume_state, save_state
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.safetensors"
@@ -105,9 +107,7 @@ class TrainConfig:
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: adam, sgd")
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            positive_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.overfit_probe not in ACTIONS:
@@ -146,43 +146,43 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
-def evaluate_epoch(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None, attack: dict[str, Any],
-    batch_size: int, world: distributed.World | None = None,
-) -> dict[str, float]:
-    """Clean accuracy and (if ``threat``) robust accuracy under ``attack`` on a validation set;
-    with several ranks each evaluates its shard and the per-sample results are merged."""
-    world = world or distributed.World()
-    device = next(model.parameters()).device
-    opts = {k: v for k, v in attack.items() if k != "name"}
-    atk = create_for_evaluation(attack["name"], threat, **opts) if threat else None
-    xs, ys = x.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
-    rows = []  # per sample: clean-correct, robust
-    for i in range(0, len(xs), batch_size):
-        xb, yb = xs[i:i + batch_size].to(device), ys[i:i + batch_size].to(device)
-        with eval_mode(model), torch.no_grad():
-            ok = model(xb).argmax(1) == yb
-        robust = ok.clone()
-        if atk is not None and ok.any():  # only clean-correct points can be robust
-            robust[ok] = ~atk(model, xb[ok], yb[ok]).success
-        rows.append(torch.stack([ok, robust], 1).to(torch.int64))
-    merged = distributed.gather_rows(torch.cat(rows) if rows else
-                                     torch.zeros(0, 2, dtype=torch.int64, device=device), world)
-    out = {"val_clean_acc": merged[:, 0].sum().item() / len(x)}
-    if atk is not None:
-        out["val_robust_acc"] = merged[:, 1].sum().item() / len(x)
-    return out
+def _scalars(rec: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """One epoch record's TensorBoard scalars (:data:`TB_SCALARS`, ``time/epoch_s``) and its
+    step, the epoch."""
+    values = {tag: rec[key] for tag, key in TB_SCALARS if key in rec}
+    values["time/epoch_s"] = rec["train_time_s"] + rec.get("val_time_s", 0.0)
+    return rec["epoch"], values
 
 
-def _scalars(writer: Any, rec: dict[str, Any]) -> None:
-    """Write one epoch record's scalars (:data:`TB_SCALARS`, ``time/epoch_s``) at step
-    ``rec["epoch"]`` and flush them."""
-    step = rec["epoch"]
-    for tag, key in TB_SCALARS:
-        if key in rec:
-            writer.add_scalar(tag, rec[key], step)
-    writer.add_scalar("time/epoch_s", rec["train_time_s"] + rec.get("val_time_s", 0.0), step)
-    writer.flush()
+def _postfix(epoch: int, passes: int, now: dict[str, Any],
+             history: list[dict[str, Any]]) -> dict[str, str]:
+    """The bar's postfix: epoch ``epoch`` (0-based) of the passes, the running loss and
+    learning rate in ``now``, and the validation accuracies of the last finished epoch."""
+    post = {"epoch": f"{epoch + 1}/{passes}", "loss": f"{now['train_loss']:.4f}",
+            "lr": f"{now['lr']:.3g}"}
+    last = history[-1] if history else {}
+    for key, name in (("val_clean_acc", "val_clean"), ("val_robust_acc", "val_robust")):
+        if key in last:
+            post[name] = f"{100 * last[key]:.1f}%"
+    return post
+
+
+def _check_data(model: nn.Module, data: Any, val: Any, threat: ThreatModel | None) -> None:
+    """``data`` and ``val`` are pairs ``(x, y)`` the model classifies, labels in range."""
+    for what, pair in (("data", data), ("val", val)):
+        if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"{what} must be a pair (x, y) of tensors, got {pair!r:.80}")
+    x, y = data
+    check_inputs(x, y, threat)
+    if val is not None:
+        check_inputs(*val, threat)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with eval_mode(model):  # no BatchNorm statistics updated, no dropout draws
+        k = probe_model(model, x[:2].to(next(model.parameters()).device)).shape[1]
+    check_labels(y, k)
+    if val is not None:
+        check_labels(val[1], k, "val labels")
 
 
 class _Step(nn.Module):
@@ -223,20 +223,7 @@ class Trainer:
         tensorboard: bool | None = None,
     ) -> None:
         cfg.validate()
-        for what, pair in (("data", data), ("val", val)):
-            if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise TypeError(f"{what} must be a pair (x, y) of tensors, got {pair!r:.80}")
-        x, y = data
-        check_inputs(x, y, threat)
-        if val is not None:
-            check_inputs(*val, threat)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        with eval_mode(model):  # no BatchNorm statistics updated, no dropout draws
-            k = probe_model(model, x[:2].to(next(model.parameters()).device)).shape[1]
-        check_labels(y, k)
-        if val is not None:
-            check_labels(val[1], k, "val labels")
+        _check_data(model, data, val, threat)
         self.objective = create_objective(cfg.objective, **cfg.objective_options)
         if self.objective.needs_threat and threat is None:
             raise ValueError(f"objective {cfg.objective!r} needs threat=ThreatModel(...)")
@@ -245,17 +232,20 @@ class Trainer:
                 "checkpoints (out=...) need a model built with robustlab.models.create(...), "
                 "whose architecture can be recorded; train without out= for other models"
             )
-        self.model, self.x, self.y, self.cfg, self.threat = model, x, y, cfg, threat
         if tensorboard and out is None:
             raise ValueError(f"tensorboard={tensorboard!r} writes to out/{TB_DIR}/: pass out=... "
                              "or leave tensorboard unset")
-        self.tensorboard = out is not None and tensorboard_available(tensorboard)
+        self.model, self.cfg, self.threat, self.val = model, cfg, threat, val
+        self.x, self.y = data
         self.out = Path(out) if out is not None else None
-        self.val = val
-        self.progress = progress
         self.callback = callback
         self.device = next(model.parameters()).device
         self.world = distributed.current()
+        writes = self.out is not None and self.world.main  # rank 0 writes the log
+        board = self.out is not None and tensorboard_available(tensorboard)
+        self.log = RunLog(self.out / LOG_FILE if writes else None, scalars=_scalars,
+                          progress=progress and self.world.main,
+                          tensorboard=self.out / TB_DIR if board and writes else None)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, cfg)
@@ -266,27 +256,11 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step = DistributedDataParallel(self.step, device_ids=ids)
-        action = cfg.overfit_probe
-        if action == "auto":
-            action = "stop" if self.objective.single_step and threat is not None else "off"
-        if action != "off" and threat is None:
-            raise ValueError("overfit_probe needs threat=ThreatModel(...); set it to 'off'")
-        self.probe_action = action
+        self.probe_action = probe_action(cfg.overfit_probe, self.objective.single_step, threat)
         self.history: list[dict[str, Any]] = []
         self.stopped = False
 
     # --- checkpoints ------------------------------------------------------------------------
-    def _meta(self, epoch: int) -> dict[str, Any]:
-        return {
-            "dataset": self.cfg.dataset,
-            "threat": self.threat.to_dict() if self.threat else None,
-            "objective": self.cfg.objective,
-            "objective_config": self.objective.config(),
-            "epoch": epoch,
-            "seed": self.cfg.seed,
-            "train_config": self._config(),
-        }
-
     def _config(self) -> dict[str, Any]:
         """The settings as JSON: the objective's options as the objective reports them (an
         in-memory teacher module becomes ``"<module>"``)."""
@@ -298,164 +272,89 @@ class Trainer:
     def _checkpoint(self, epoch: int) -> None:
         assert self.out is not None
         if self.world.main:
-            models.save(self.model, self.out / MODEL_FILE, meta=self._meta(epoch))
+            meta = {"dataset": self.cfg.dataset,
+                    "threat": self.threat.to_dict() if self.threat else None,
+                    "objective": self.cfg.objective,
+                    "objective_config": self.objective.config(), "epoch": epoch,
+                    "seed": self.cfg.seed, "train_config": self._config()}
+            models.save(self.model, self.out / MODEL_FILE, meta=meta)
             info = {"epoch": epoch, "config": self._config(), "history": self.history,
                     "stopped": self.stopped}
             save_state(self.out / STATE_FILE, self.model, self.optimizer, info,
                        extra={"objective." + k: v for k, v in self.objective.state_dict().items()})
-            append_jsonl(self.out / LOG_FILE, self.history[-1])
         distributed.barrier(self.world)
 
     def _resume(self) -> int:
         assert self.out is not None
-        path = self.out / STATE_FILE
-        if not path.exists():
-            raise FileNotFoundError(
-                f"cannot resume: no {STATE_FILE} in {self.out}; start without --resume"
-            )
-        info, extra = load_state(path, self.model, self.optimizer)
-        saved = {k: v for k, v in info["config"].items() if k != "epochs"}
-        now = {k: v for k, v in self._config().items() if k != "epochs"}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")
-        self.objective.load_state_dict(
-            {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
+        info = resume_state(self.out / STATE_FILE, self.model, self.optimizer, self.objective,
+                            self._config())
         self.history = info["history"]
         self.stopped = bool(info.get("stopped", False))
-        if self.world.main:
-            self._write_log()  # drop records of an epoch that did not reach its checkpoint
+        self.log.rewrite(self.history)  # drop records of an epoch that did not reach its checkpoint
         return int(info["epoch"])
 
-    def _write_log(self) -> None:
-        if self.out is None:
-            return
-        with open(self.out / LOG_FILE, "w") as f:
-            for rec in self.history:
-                f.write(json.dumps(rec) + "\n")
+    def _fresh(self) -> int:
+        if self.world.main and self.out is not None and (self.out / STATE_FILE).exists():
+            raise FileExistsError(
+                f"{self.out} already holds a training run; pass --resume (resume=True) "
+                "to continue it, or choose another --out"
+            )
+        if self.cfg.init is not None:  # fine-tuning; a resumed run has its own weights
+            left = init_weights(self.model, self.cfg.init)
+            log.info("initialised from %s; left at init: %s", self.cfg.init, left)
+        # dropout & co. draw from the global RNG: start it from the run's seed
+        torch.set_rng_state(torch.Generator().manual_seed(self.cfg.seed).get_state())
+        return 0
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
-        start = 0
         devices = [self.device] if self.device.type == "cuda" else []
-        bar = writer = None
         with torch.random.fork_rng(devices=devices):
-            if resume:
-                start = self._resume()
-            else:
-                if self.world.main and self.out is not None and (self.out / STATE_FILE).exists():
-                    raise FileExistsError(
-                        f"{self.out} already holds a training run; pass --resume (resume=True) "
-                        "to continue it, or choose another --out"
-                    )
-                if self.cfg.init is not None:  # fine-tuning; a resumed run has its own weights
-                    left = init_weights(self.model, self.cfg.init)
-                    log.info("initialised from %s; left at init: %s", self.cfg.init, left)
-                # dropout & co. draw from the global RNG: start it from the run's seed
-                torch.set_rng_state(torch.Generator().manual_seed(self.cfg.seed).get_state())
+            start = self._resume() if resume else self._fresh()
             if self.stopped:
                 log.info("this run was stopped by the overfitting probe; nothing to resume")
                 return self.history
             self.x, self.y = self.objective.setup(self.model, self.x, self.y)
-            probe = snapshot = None
+            probe = None
             if self.probe_action != "off":
                 assert self.threat is not None
                 b = min(self.cfg.batch_size, len(self.x))
-                probe = OverfitProbe(self.probe_action, self.x[:b].to(self.device),
-                                     self.y[:b].to(self.device), self.threat)
-                snapshot = Snapshot(self.model, self.optimizer, self.objective)
+                probe = OverfitProbe(self.probe_action, self.x[:b], self.y[:b], self.threat)
+                probe.snapshot = Snapshot(self.model, self.optimizer, self.objective)
             try:
-                if self.world.main:
-                    bar = self._progress_bar(start)
-                    writer = self._tensorboard()
+                self._open_log(start)
                 for epoch in range(start, self.passes):
                     self.objective.begin_epoch(epoch, self.passes)
-                    rec = self._epoch(epoch, bar)
-                    if probe is not None and snapshot is not None:
-                        snapshot = self._check_probe(probe, snapshot, epoch, rec)
+                    rec = self._epoch(epoch)
+                    if probe is not None:
+                        value = probe.measure(self.model,
+                                              _seeded(self.cfg.seed, epoch, 2, self.device))
+                        self.stopped = probe.judge(value, rec, self.history, self.model,
+                                                   self.optimizer, self.objective)
                     self.history.append(rec)
                     if self.out is not None:
                         self._checkpoint(epoch + 1)
-                    if writer is not None:
-                        _scalars(writer, rec)
-                    if bar is not None:  # cleared while the callback runs: it may print
-                        bar.set_postfix(self._postfix(epoch, rec["train_loss"], rec["lr"]),
-                                        refresh=False)
-                        bar.clear()
-                    if self.callback is not None:
-                        self.callback(rec)
-                    if bar is not None:
-                        bar.refresh()
+                    self.log.write(rec)
+                    self.log.show(_postfix(epoch, self.passes, rec, self.history), refresh=False)
+                    with self.log.aside():  # the callback may print
+                        if self.callback is not None:
+                            self.callback(rec)
                     if self.stopped:
                         break
             finally:
-                if bar is not None:
-                    bar.close()
-                if writer is not None:
-                    writer.close()
+                self.log.close()
         return self.history
 
-    def _progress_bar(self, start: int) -> Any:
-        """A bar over the batches of every pass, standing at the start of pass ``start``;
-        None without ``progress``."""
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
+    def _open_log(self, start: int) -> None:
+        """The bar over the batches of every pass, standing at the start of pass ``start``,
+        and TensorBoard holding the history's scalars."""
         per_pass = math.ceil(len(self.x) / self.cfg.batch_size)
-        bar = tqdm(total=self.passes * per_pass, initial=start * per_pass, desc="training",
-                   unit="batch", leave=False, dynamic_ncols=True)
+        self.log.open(total=self.passes * per_pass, initial=start * per_pass, desc="training",
+                      history=self.history)
         if self.history:
-            last = self.history[-1]
-            bar.set_postfix(self._postfix(start - 1, last["train_loss"], last["lr"]))
-        return bar
+            self.log.show(_postfix(start - 1, self.passes, self.history[-1], self.history))
 
-    def _postfix(self, epoch: int, loss: float, lr: float) -> dict[str, str]:
-        """The bar's postfix: epoch ``epoch`` (0-based) of the passes, running loss, learning
-        rate and the validation accuracies of the last finished epoch, if any."""
-        post = {"epoch": f"{epoch + 1}/{self.passes}", "loss": f"{loss:.4f}", "lr": f"{lr:.3g}"}
-        last = self.history[-1] if self.history else {}
-        for key, name in (("val_clean_acc", "val_clean"), ("val_robust_acc", "val_robust")):
-            if key in last:
-                post[name] = f"{100 * last[key]:.1f}%"
-        return post
-
-    def _tensorboard(self) -> Any:
-        """A SummaryWriter on ``out/tensorboard/`` holding the history's scalars (None if
-        TensorBoard is off). ``purge_step=1`` makes TensorBoard discard every step of earlier
-        event files, so a resumed run shows each epoch once, as in ``train_log.jsonl``."""
-        if not self.tensorboard:
-            return None
-        assert self.out is not None
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(self.out / TB_DIR), purge_step=1)
-        for rec in self.history:
-            _scalars(writer, rec)
-        return writer
-
-    def _check_probe(self, probe: OverfitProbe, snapshot: Snapshot, epoch: int,
-                     rec: dict[str, Any]) -> Snapshot:
-        """Measure the probe after ``epoch``; on a collapse restore the last accepted state
-        and stop or roll back. Returns the snapshot to restore next time."""
-        value = probe.measure(self.model, _seeded(self.cfg.seed, epoch, 2, self.device))
-        accepted = [r["probe_robust_acc"] for r in self.history
-                    if "probe_robust_acc" in r and "overfit" not in r]
-        rec["probe_robust_acc"] = value
-        if not probe.collapsed(value, accepted[-1] if accepted else None):
-            return Snapshot(self.model, self.optimizer, self.objective)
-        snapshot.restore(self.model, self.optimizer, self.objective)
-        rec["overfit"] = "stopped" if probe.action == "stop" else "rolled back"
-        self.stopped = probe.action == "stop"
-        log.warning("catastrophic overfitting after epoch %d: PGD-5 accuracy on the probe batch "
-                    "fell from %.3f to %.3f; %s with the previous epoch's weights", epoch + 1,
-                    accepted[-1], value, "stopping" if self.stopped else "going on")
-        return snapshot
-
-    def _lr_scale(self) -> float:
-        return 0.5 ** sum(r.get("overfit") == "rolled back" for r in self.history)
-
-    def _epoch(self, epoch: int, bar: Any = None) -> dict[str, Any]:
+    def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, n, m, world = self.cfg, len(self.x), self.objective.replays, self.world
         order = torch.randperm(n, generator=_seeded(cfg.seed, epoch, 0, torch.device("cpu")))
         gen = _seeded(cfg.seed, epoch, 1, self.device, world.rank)
@@ -464,10 +363,8 @@ class Trainer:
                                         world.rank).get_state())
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         self.model.train()
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if cfg.precision == "bf16" else contextlib.nullcontext())
         t0, total, seen = time.perf_counter(), 0.0, 0
-        lr, scale_lr = cfg.lr, self._lr_scale()
+        lr, scale_lr = cfg.lr, 0.5 ** sum(r.get("overfit") == "rolled back" for r in self.history)
         for i, idx in enumerate(batches):
             local = distributed.shard(idx, world)
             xb, yb = self.x[local].to(self.device), self.y[local].to(self.device)
@@ -481,24 +378,11 @@ class Trainer:
                                       **cfg.schedule_options)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                with autocast:
-                    loss = self.step(xb, yb, self.threat, gen)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i}; "
-                        "lower the learning rate or check the data"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss * weight if weight != 1 else loss).backward()
-                self.objective.after_backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                total += loss.item() * len(local)
+                total += self._step(xb, yb, gen, weight, f"epoch {epoch + 1}, batch {i}") \
+                    * len(local)
                 seen += len(local)
-            if bar is not None:
-                bar.set_postfix(self._postfix(epoch, total / seen, lr), refresh=False)
-                bar.update(1)
+            self.log.advance(_postfix(epoch, self.passes, {"train_loss": total / seen, "lr": lr},
+                                      self.history))
         train_time = time.perf_counter() - t0
         total, seen = distributed.all_sum([total, float(seen)], world, self.device)
         rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": total / seen,
@@ -508,12 +392,30 @@ class Trainer:
         if self.val is not None:
             t1 = time.perf_counter()
             rec |= evaluate_epoch(self.model, *self.val, self.threat, cfg.val_attack,
-                                  batch_size=max(cfg.batch_size, 256), world=world)
-            rec["val_attack"] = cfg.val_attack
-            rec["val_n"] = len(self.val[0])
-            rec["val_time_s"] = time.perf_counter() - t1
+                                  batch_size=max(cfg.batch_size, 256), world=world,
+                                  seed=cfg.seed)
+            rec |= {"val_attack": cfg.val_attack, "val_n": len(self.val[0]),
+                    "val_time_s": time.perf_counter() - t1}
         self.model.train()
         return rec
+
+    def _step(self, xb: Tensor, yb: Tensor, gen: torch.Generator, weight: float,
+              where: str) -> float:
+        """One optimiser step on the objective's loss (scaled by ``weight``); its value."""
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                    if self.cfg.precision == "bf16" else contextlib.nullcontext())
+        with autocast:
+            loss = self.step(xb, yb, self.threat, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at {where}; lower the "
+                                     "learning rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if weight != 1 else loss).backward()
+        self.objective.after_backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return loss.item()
 
 
 def fit(

@@ -2,6 +2,16 @@
 
 ``create(name, **options)`` builds one (an :class:`~robustlab.training.objectives.base.Objective`);
 ``names()`` lists them. The contract is in ``base.py``.
+
+How to add one: in a new file of this package, subclass
+:class:`~robustlab.training.objectives.base.Objective`, take the options as keyword arguments
+of ``__init__`` (checked with :mod:`robustlab._validate`, reported by ``config()``),
+implement ``loss(model, x, y, threat, generator) -> scalar`` (override the hooks of ``base.py``
+only if the method needs them), and decorate the class with ``@register("my-objective")``,
+which also sets its ``name``; the file registers itself on import. An inner maximisation is
+not a new loop: build a :class:`robustlab.attacks.PGD` and call its ``craft`` with the
+objective's own ``loss`` and ``start`` if it needs them (as TRADES and MART do); the
+objectives' contract test then covers the new objective.
 """
 
 from __future__ import annotations
@@ -14,14 +24,9 @@ from robustlab.registry import Registry
 from robustlab.training.objectives.base import Objective
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
-
-
-def register(name: str):
-    """Class decorator: register an :class:`Objective` subclass under ``name``."""
-    def add(cls: type[Objective]) -> type[Objective]:
-        cls.name = name
-        return OBJECTIVES.register(name)(cls)
-    return add
+#: class decorator: ``@register("name")`` registers an :class:`Objective` subclass and sets its
+#: ``name``
+register = OBJECTIVES.register
 
 
 def get(name: str) -> type[Objective]:
@@ -30,16 +35,10 @@ def get(name: str) -> type[Objective]:
 
 
 def create(name: str, **options: Any) -> Objective:
-    """An instance of objective ``name`` with ``options`` (TypeError naming the valid ones)."""
-    cls = get(name)
-    try:
-        return cls(**options)
-    except TypeError as e:
-        import inspect
-
-        valid = [p for p in inspect.signature(cls).parameters if p != "self"]
-        raise TypeError(f"objective {name!r}: {e}; its options are: "
-                        f"{', '.join(valid) or 'none'}") from None
+    """An instance of objective ``name`` with ``options``, through ``OBJECTIVES.create`` (an
+    unknown option raises TypeError "unknown option X for objective <name>; its options are:
+    ...")."""
+    return OBJECTIVES.create(name, **options)
 
 
 def names(pattern: str | None = None) -> list[str]:

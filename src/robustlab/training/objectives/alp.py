@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import check_number
 from robustlab.training.objectives.pgd_at import PGDAT
 
 
@@ -59,7 +59,7 @@ class ALP(PGDAT):
     def __init__(self, weight: float = 0.5, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True) -> None:
         super().__init__(steps=steps, step_size=step_size, random_start=random_start)
-        check_number(weight, "alp weight", low=0)
+        number(weight, "alp weight", low=0)
         self.weight = float(weight)
 
     def config(self) -> dict:

@@ -27,8 +27,9 @@ from robustlab.threat import ThreatModel
 
 
 class Objective:
-    """Base class. Subclasses set ``name`` and implement :meth:`loss`; options are keyword
-    arguments of ``__init__``, validated there and reported by :meth:`config`.
+    """Base class. Subclasses implement :meth:`loss` and get their ``name`` from
+    ``@register("name")``; options are keyword arguments of ``__init__``, validated there
+    (with :mod:`robustlab._validate`) and reported by :meth:`config`.
 
     Class attributes a subclass sets: ``needs_threat`` (False for objectives that do not use
     the threat model: natural, clp, vat, grad-reg, distillation, mmc), ``single_step`` (True
@@ -93,20 +94,3 @@ class Objective:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
 
-
-def check_number(value: Any, what: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False) -> None:
-    """ValueError naming ``what`` unless ``value`` is a real number in the given range."""
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok and not integer:
-        ok = bool(torch.isfinite(torch.tensor(float(value))))
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        rng = "" if low is None else f" {'>' if low_open else '>='} {low}"
-        rng += "" if high is None else f" and <= {high}"
-        raise ValueError(f"{what} must be {'an integer' if integer else 'a number'}{rng}, "
-                         f"got {value!r}")

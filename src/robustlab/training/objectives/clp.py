@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 def random_partners(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -52,8 +53,8 @@ class CLP(Objective):
     needs_threat = False
 
     def __init__(self, weight: float = 0.5, squeeze: float = 0.0) -> None:
-        check_number(weight, "clp weight", low=0)
-        check_number(squeeze, "clp squeeze", low=0)
+        number(weight, "clp weight", low=0)
+        number(squeeze, "clp squeeze", low=0)
         self.weight, self.squeeze = float(weight), float(squeeze)
 
     def config(self) -> dict:

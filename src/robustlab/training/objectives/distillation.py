@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
+from robustlab._validate import number
+from robustlab.models import load as load_model
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 Teacher = str | os.PathLike[str] | nn.Module
 
@@ -59,9 +61,7 @@ def load_teacher(teacher: Teacher, device: torch.device, who: str) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"{who} teacher checkpoint {str(path)!r} not found: train the "
                                 "teacher first (see the recipe's comment) or fix the path")
-    from robustlab.models import load
-
-    return load(path, device=device).requires_grad_(False)
+    return load_model(path, device=device).requires_grad_(False)
 
 
 def model_device(model: nn.Module, x: Tensor) -> torch.device:
@@ -83,7 +83,7 @@ class Distillation(Objective):
     needs_threat = False
 
     def __init__(self, temperature: float = 100.0, teacher: Teacher | None = None) -> None:
-        check_number(temperature, "distillation temperature", low=0, low_open=True)
+        number(temperature, "distillation temperature", low=0, low_open=True)
         if teacher is not None:
             check_teacher(teacher, "distillation")
         self.temperature, self.teacher = float(temperature), teacher

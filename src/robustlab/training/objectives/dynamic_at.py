@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
+from robustlab._validate import number, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 def fosc(x_adv: Tensor, x0: Tensor, grad: Tensor, eps: float) -> Tensor:
@@ -58,12 +59,12 @@ class DynamicAT(Objective):
 
     def __init__(self, steps: int = 10, step_size: float | None = None, c_max: float = 0.5,
                  dynamic_epochs: float | None = None) -> None:
-        check_number(steps, "dynamic-at steps", low=1, integer=True)
+        positive_int(steps, "dynamic-at steps")
         if step_size is not None:
-            check_number(step_size, "dynamic-at step_size", low=0, low_open=True)
-        check_number(c_max, "dynamic-at c_max", low=0)
+            number(step_size, "dynamic-at step_size", low=0, low_open=True)
+        number(c_max, "dynamic-at c_max", low=0)
         if dynamic_epochs is not None:
-            check_number(dynamic_epochs, "dynamic-at dynamic_epochs", low=0, low_open=True)
+            number(dynamic_epochs, "dynamic-at dynamic_epochs", low=0, low_open=True)
         self.steps, self.step_size, self.c_max = steps, step_size, float(c_max)
         self.dynamic_epochs = dynamic_epochs
         self.threshold = self.c_max  # c_t; set by begin_epoch

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("fast-at")
@@ -48,7 +49,7 @@ class FastAT(Objective):
     single_step = True
 
     def __init__(self, alpha: float = 1.25) -> None:
-        check_number(alpha, "fast-at alpha (FGSM step as a multiple of eps)", low=0,
+        number(alpha, "fast-at alpha (FGSM step as a multiple of eps)", low=0,
                      low_open=True)
         self.alpha = float(alpha)
 

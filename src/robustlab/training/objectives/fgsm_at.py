@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("fgsm-at")
@@ -44,7 +45,7 @@ class FGSMAT(Objective):
     single_step = True
 
     def __init__(self, alpha: float = 0.5) -> None:
-        check_number(alpha, "fgsm-at alpha (weight of the clean term)", low=0, high=1)
+        number(alpha, "fgsm-at alpha (weight of the clean term)", low=0, high=1)
         self.alpha = float(alpha)
 
     def config(self) -> dict:

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("free-at")
@@ -51,7 +52,7 @@ class FreeAT(Objective):
     single_step = True
 
     def __init__(self, replays: int = 8) -> None:
-        check_number(replays, "free-at replays", low=1, integer=True)
+        positive_int(replays, "free-at replays")
         self.replays = replays
         self.delta: Tensor | None = None  # the carried perturbation, (rows >= batch, ...)
         self._pending: tuple[Tensor, Tensor, ThreatModel] | None = None  # (leaf, x, threat)

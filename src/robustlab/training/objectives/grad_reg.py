@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 def input_gradient_penalty(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,7 +56,7 @@ class GradReg(Objective):
     needs_threat = False
 
     def __init__(self, weight: float = 0.3) -> None:
-        check_number(weight, "grad-reg weight", low=0)
+        number(weight, "grad-reg weight", low=0)
         self.weight = float(weight)
 
     def config(self) -> dict:

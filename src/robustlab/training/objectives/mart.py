@@ -7,8 +7,9 @@ https://openreview.net/forum?id=rklOg6EFwS; reference code github.com/YisenWang/
     KL_i = sum_c p_c(x_i) (log p_c(x_i) - log(p_c(x'_i) + 1e-12))
 
 p = softmax(f). x' comes from PGD on cross-entropy (not on KL) in eval mode: x + 0.001 N(0, I),
-then K projected sign-gradient steps. The outer loss runs in train mode and nothing is detached:
-the gradient flows through p(x), p(x') and the weight 1 - p_y(x). The constants 1.0001, 1e-12
+then K projected sign-gradient steps (robustlab's PGD loop, TRADES' start). The outer loss runs
+in train mode and nothing is detached: the gradient flows through p(x), p(x') and the weight
+1 - p_y(x). The constants 1.0001, 1e-12
 and 1.0000001 are the reference code's; removing them changes the method at saturated
 probabilities.
 
@@ -29,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
-from robustlab.training.objectives.trades import ascend_from_noise, check_norm
+from robustlab.training.objectives.base import Objective
+from robustlab.training.objectives.trades import check_norm, inner_pgd, start_near
 
 
 def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -61,12 +63,10 @@ class MART(Objective):
 
     def __init__(self, beta: float = 6.0, steps: int = 10,
                  step_size: float | None = None) -> None:
-        check_number(beta, "mart beta", low=0)
-        check_number(steps, "mart steps", low=1, integer=True)
-        if step_size is not None:
-            check_number(step_size, "mart step_size", low=0, low_open=True)
-        self.beta, self.steps = float(beta), steps
-        self.step_size = None if step_size is None else float(step_size)
+        self.beta = number(beta, "mart beta", low=0)
+        self.steps = positive_int(steps, "mart steps")
+        self.step_size = None if step_size is None else number(
+            step_size, "mart step_size", low=0, low_open=True)
 
     def config(self) -> dict:
         return super().config() | {"beta": self.beta, "steps": self.steps,
@@ -76,12 +76,8 @@ class MART(Objective):
                 generator: torch.Generator) -> Tensor:
         """x': K PGD steps on CE(f(x'), y) (summed) from x + 0.001 N(0, I), eval mode."""
         check_norm(threat, "mart")
-        step = self.step_size if self.step_size is not None else 2.5 * threat.eps / self.steps
-
-        def ce(logits: Tensor) -> Tensor:
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        return ascend_from_noise(model, x, ce, threat, self.steps, step, generator, "mart")
+        return inner_pgd(threat, self.steps, self.step_size).craft(model, x, y, generator,
+                                                                   start=start_near)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:

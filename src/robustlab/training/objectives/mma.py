@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
+from robustlab._validate import integer, number, positive_int
 from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("mma")
@@ -64,10 +65,10 @@ class MMA(Objective):
     def __init__(self, d_max: float | None = None, steps: int = 10, search_steps: int = 10,
                  clean_weight: float = 1 / 3, hinge: bool = True) -> None:
         if d_max is not None:
-            check_number(d_max, "mma d_max", low=0, low_open=True)
-        check_number(steps, "mma steps", low=1, integer=True)
-        check_number(search_steps, "mma search_steps", low=0, integer=True)
-        check_number(clean_weight, "mma clean_weight", low=0, high=1)
+            number(d_max, "mma d_max", low=0, low_open=True)
+        positive_int(steps, "mma steps")
+        integer(search_steps, "mma search_steps", minimum=0)
+        number(clean_weight, "mma clean_weight", low=0, high=1)
         self.d_max, self.steps, self.search_steps = d_max, steps, search_steps
         self.clean_weight, self.hinge = float(clean_weight), bool(hinge)
 

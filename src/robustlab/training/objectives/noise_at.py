@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks import create as create_attack
 from robustlab.noise import check_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 ATTACKS = ("pgd", "epgd")
 
@@ -81,14 +82,14 @@ class NoiseAT(Objective):
                  samples: int = 8, steps: int = 7, step_size: float | None = None,
                  noise: str = "gaussian") -> None:
         check_noise(noise, sigma)
-        check_number(adv_weight, "noise-at adv_weight", low=0, high=1)
+        number(adv_weight, "noise-at adv_weight", low=0, high=1)
         if attack not in ATTACKS:
             raise ValueError(f"noise-at attack must be one of {', '.join(ATTACKS)}, "
                              f"got {attack!r}")
-        check_number(samples, "noise-at samples", low=1, integer=True)
-        check_number(steps, "noise-at steps", low=1, integer=True)
+        positive_int(samples, "noise-at samples")
+        positive_int(steps, "noise-at steps")
         if step_size is not None:
-            check_number(step_size, "noise-at step_size", low=0, low_open=True)
+            number(step_size, "noise-at step_size", low=0, low_open=True)
         self.sigma, self.adv_weight, self.attack = float(sigma), float(adv_weight), attack
         self.samples, self.steps, self.noise = samples, steps, noise
         self.step_size = None if step_size is None else float(step_size)

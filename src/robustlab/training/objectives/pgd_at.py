@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("pgd-at")
@@ -34,9 +35,9 @@ class PGDAT(Objective):
 
     def __init__(self, steps: int = 10, step_size: float | None = None,
                  random_start: bool = True) -> None:
-        check_number(steps, f"{self.name} steps", low=1, integer=True)
+        positive_int(steps, f"{self.name} steps")
         if step_size is not None:
-            check_number(step_size, f"{self.name} step_size", low=0, low_open=True)
+            number(step_size, f"{self.name} step_size", low=0, low_open=True)
         self.steps, self.step_size, self.random_start = steps, step_size, bool(random_start)
 
     def config(self) -> dict:

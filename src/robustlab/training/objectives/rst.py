@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
+from robustlab._validate import integer
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create, register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.distillation import (
     Teacher,
     check_teacher,
@@ -66,7 +67,7 @@ class RST(Objective):
                              "checkpoint, or an nn.Module> (see configs/rst_teacher.toml) and "
                              "labeled=<number of leading training images that keep their label>")
         check_teacher(teacher, "rst")
-        check_number(labeled, "rst labeled", low=0, integer=True)
+        integer(labeled, "rst labeled", minimum=0)
         if base == "rst":
             raise ValueError("rst base must be another objective, e.g. 'trades' or 'pgd-at'")
         if base_options is None:

@@ -36,11 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.attacks.smoothadv import SmoothAdv as SmoothAdvAttack
 from robustlab.noise import check_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @register("smoothadv")
@@ -62,11 +63,11 @@ class SmoothAdv(Objective):
                  step_size: float | None = None, warmup: int = 1,
                  noise: str = "gaussian") -> None:
         check_noise(noise, sigma)
-        check_number(samples, "smoothadv samples", low=1, integer=True)
-        check_number(steps, "smoothadv steps", low=1, integer=True)
-        check_number(warmup, "smoothadv warmup", low=1, integer=True)
+        positive_int(samples, "smoothadv samples")
+        positive_int(steps, "smoothadv steps")
+        positive_int(warmup, "smoothadv warmup")
         if step_size is not None:
-            check_number(step_size, "smoothadv step_size", low=0, low_open=True)
+            number(step_size, "smoothadv step_size", low=0, low_open=True)
         self.sigma, self.samples, self.steps, self.warmup = float(sigma), samples, steps, warmup
         self.step_size = None if step_size is None else float(step_size)
         self.noise = noise

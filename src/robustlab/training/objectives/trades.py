@@ -7,7 +7,8 @@ github.com/yaodongyu/TRADES).
 
 p = softmax(f). Inner maximisation in eval mode: x'_0 = x + 0.001 N(0, I) (not clipped before
 the first step), then K steps x' <- project(x' + step * sign(grad KL_sum(p(x) || p(x')))) into
-the ball and the bounds, p(x) held fixed. Outer loss in train mode with nothing detached: the
+the ball and the bounds, p(x) held fixed: robustlab's PGD loop with this loss and start
+(:func:`inner_pgd`, :func:`start_near`). Outer loss in train mode with nothing detached: the
 gradient flows through the clean distribution p(x) as well as through p(x'). beta = 1/lambda of
 the paper ("1/lambda = 6" means beta = 6).
 
@@ -27,16 +28,16 @@ about K + 2 forward/backward equivalents.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
+from robustlab._validate import number, positive_int
+from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 INIT_STD = 0.001  # std of the Gaussian start of TRADES and MART's inner maximisation
 
@@ -47,22 +48,19 @@ def check_norm(threat: ThreatModel, who: str) -> None:
                          "use pgd-at for l1")
 
 
-def ascend_from_noise(model: nn.Module, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
-                      threat: ThreatModel, steps: int, step_size: float,
-                      generator: torch.Generator, who: str) -> Tensor:
-    """``steps`` projected steepest-ascent steps on ``loss_fn(logits)`` (summed over the batch)
-    from ``x + 0.001 N(0, I)``, in eval mode; the last iterate, inside the ball and bounds.
-    Input gradients only (``torch.autograd.grad``); the caller's ``x`` is untouched."""
-    x = x.detach()
+def start_near(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``x + 0.001 N(0, I)``, not clipped: the start of TRADES and MART's inner maximisation
+    (a :data:`robustlab.attacks.pgd.Start`)."""
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-    x_adv = x + INIT_STD * noise.to(x.device)
-    with eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
-            x_adv = threat.project(x_adv.detach() + threat.steepest_step(grad, step_size), x)
-    threat.check(x_adv, x, who=who)
-    return x_adv.detach()
+    return x + INIT_STD * noise.to(x.device)
+
+
+def inner_pgd(threat: ThreatModel, steps: int, step_size: float | None) -> PGD:
+    """The PGD loop of TRADES and MART: ``steps`` sign (linf) or normalised (l2) steps of
+    ``step_size`` (None: ``2.5 eps / steps``), projected into the ball and the bounds; the
+    last iterate. The objective passes its start (:func:`start_near`) and, for TRADES, its
+    loss on the call."""
+    return PGD(threat, steps=steps, step_size=step_size, random_start=False, keep_best=False)
 
 
 def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -85,12 +83,10 @@ class TRADES(Objective):
 
     def __init__(self, beta: float = 6.0, steps: int = 10,
                  step_size: float | None = None) -> None:
-        check_number(beta, "trades beta", low=0)
-        check_number(steps, "trades steps", low=1, integer=True)
-        if step_size is not None:
-            check_number(step_size, "trades step_size", low=0, low_open=True)
-        self.beta, self.steps = float(beta), steps
-        self.step_size = None if step_size is None else float(step_size)
+        self.beta = number(beta, "trades beta", low=0)
+        self.steps = positive_int(steps, "trades steps")
+        self.step_size = None if step_size is None else number(
+            step_size, "trades step_size", low=0, low_open=True)
 
     def config(self) -> dict:
         return super().config() | {"beta": self.beta, "steps": self.steps,
@@ -100,14 +96,18 @@ class TRADES(Objective):
                 generator: torch.Generator) -> Tensor:
         """x': K ascent steps on KL_sum(p(x) || p(x')) from x + 0.001 N(0, I), eval mode."""
         check_norm(threat, "trades")
-        step = self.step_size if self.step_size is not None else 2.5 * threat.eps / self.steps
         with eval_mode(model), torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
 
-        def kl(logits: Tensor) -> Tensor:
-            return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+        def kl_at(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+            logits = model(xa)
+            p = p_clean if rows is None else p_clean[rows]
+            kl = F.kl_div(F.log_softmax(logits, dim=1), p, reduction="none").sum(1)
+            return kl, logits
 
-        return ascend_from_noise(model, x, kl, threat, self.steps, step, generator, "trades")
+        pgd = inner_pgd(threat, self.steps, self.step_size)
+        # the labels are unused by the KL: the clean predictions stand in for them
+        return pgd.craft(model, x, p_clean.argmax(1), generator, loss=kl_at, start=start_near)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:

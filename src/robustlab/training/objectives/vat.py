@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._validate import number, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
-from robustlab.training.objectives.base import Objective, check_number
+from robustlab.training.objectives.base import Objective
 
 
 @contextmanager
@@ -94,10 +95,10 @@ class VAT(Objective):
 
     def __init__(self, eps: float = 2.0, alpha: float = 1.0, xi: float = 1e-3,
                  power_iterations: int = 1) -> None:
-        check_number(eps, "vat eps", low=0, low_open=True)
-        check_number(alpha, "vat alpha", low=0)
-        check_number(xi, "vat xi", low=0, low_open=True)
-        check_number(power_iterations, "vat power_iterations", low=1, integer=True)
+        number(eps, "vat eps", low=0, low_open=True)
+        number(alpha, "vat alpha", low=0)
+        number(xi, "vat xi", low=0, low_open=True)
+        positive_int(power_iterations, "vat power_iterations")
         self.eps, self.alpha, self.xi = float(eps), float(alpha), float(xi)
         self.power_iterations = power_iterations
 

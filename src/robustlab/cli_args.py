@@ -1,0 +1,235 @@
+"""The command line's arguments: one sub-parser per command of :mod:`robustlab.cli`, the
+parent parser of the options the commands share (:func:`shared`), and the argparse types.
+
+Parsing needs nothing of the library but the threat model's vocabulary (norms, ``8/255``), so
+a bad argument is refused before a model, a data set or an attack is loaded. Each sub-parser
+records its command's name in ``command``; :mod:`robustlab.cli` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from robustlab.threat import NORMS, parse_eps
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count (points, steps, draws, a batch size): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _eps(text: str) -> float:
+    """argparse type of a radius or a noise scale: ``0.1``, ``8/255``; >= 0."""
+    try:
+        value = parse_eps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {text}")
+    return value
+
+
+def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
+           dataset: bool = True, split: bool = True, seed: int | None = 0,
+           device: str = "auto", out_required: bool = False) -> argparse.ArgumentParser:
+    """The parent parser of the options the commands share, with one command's defaults:
+    ``--dataset`` and ``--split`` (unless turned off), ``--n`` / ``--n-points`` and
+    ``--batch-size`` (when given their default), ``--seed`` (None: the recipe's), ``--device``,
+    ``--out`` (``out`` is its help) and ``--quiet``."""
+    p = argparse.ArgumentParser(add_help=False)
+    if dataset:
+        p.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+    if split:
+        p.add_argument("--split", default="test", choices=("train", "test"))
+    if n is not None:
+        p.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=n,
+                       help="first n points of the split (under torchrun write --n-points: "
+                            "torchrun reads --n as an abbreviation of its own options)")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                       help="inputs (for smoothing: noisy copies) per forward pass")
+    p.add_argument("--seed", type=int, default=seed,
+                   help="seed of torch's generators, recorded with the results"
+                        + (" (default: the recipe's)" if seed is None else ""))
+    p.add_argument("--device", default=device,
+                   help="auto (cuda when available), cpu, cuda, cuda:N or mps; under torchrun "
+                        "each process takes cuda:LOCAL_RANK (or the CPU with gloo)")
+    p.add_argument("--out", type=Path, default=None, required=out_required, help=out)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or printed results")
+    return p
+
+
+REGISTRIES = {  # robustlab list KIND: the module, and the function in it naming what is there
+    "attacks": ("robustlab.attacks", "names"),
+    "defenses": ("robustlab.defenses", "names"),
+    "models": ("robustlab.models", "names"),
+    "objectives": ("robustlab.training", "objectives"),
+    "datasets": ("robustlab.data", "names"),
+    "suites": ("robustlab.evaluation", "suites"),
+    "losses": ("robustlab.attacks", "loss_names"),
+    "schedules": ("robustlab.training", "SCHEDULES.names"),
+    "activations": ("robustlab.models", "activations"),
+}
+
+
+def _train_parser(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a model from a TOML recipe", parents=[shared(
+        "run directory, e.g. runs/pgd_at", dataset=False, split=False, seed=None,
+        out_required=True)])
+    t.add_argument("--config", required=True, type=Path, help="recipe, e.g. configs/pgd_at.toml")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
+    t.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="scalars per epoch in OUT/tensorboard/ (default: on when the tensorboard "
+                        "package is installed)")
+
+
+def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
+    """What ``evaluate`` and ``audit`` share beyond :func:`shared`: the checkpoint, the threat
+    model, the defense around the checkpoint and the EOT draws."""
+    p.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
+    p.add_argument("--norm", choices=NORMS, default="linf")
+    p.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    p.add_argument("--defense", default=None,
+                   help=f"{what} the checkpoint inside this defense (robustlab list defenses), "
+                        "e.g. smoothing; the attacks see the defended model")
+    p.add_argument("--defense-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of --defense (repeatable), e.g. sigma=0.25 samples=32 "
+                        "vote=prediction")
+    p.add_argument("--fit-n", type=_positive_int, default=1000,
+                   help="training points a defense that needs clean data is fitted on "
+                        "(feature-squeezing's threshold, mixup-inference's pool)")
+    p.add_argument("--eot", type=_positive_int, default=None,
+                   help="average the gradient attacks' gradients over this many draws "
+                        "(default: 20 on a randomised model, else 1)")
+
+
+def _evaluate_parser(sub: Any) -> None:
+    e = sub.add_parser("evaluate", help="clean and robust accuracy of a checkpoint", parents=[
+        shared("results directory (default: beside the checkpoint)", n=1000, batch_size=500,
+               device="cpu")])
+    _threat_args(e, "evaluate")
+    e.add_argument("--suite", default="standard",
+                   help="attack suite: standard (AutoAttack), fast, rand (randomised models), "
+                        "quick, pgd, pgd-strong (robustlab list suites)")
+    e.add_argument("--attack", action="append", default=None,
+                   help="run this attack instead of a suite (repeatable)")
+    e.add_argument("--steps", type=_positive_int, default=None)
+    e.add_argument("--restarts", type=_positive_int, default=None)
+    e.add_argument("--step-size", type=_eps, default=None)
+    e.add_argument("--loss", default=None, help="attack loss for --attack: ce, cw-margin, dlr")
+    e.add_argument("--bpda", action=argparse.BooleanOptionalAction, default=None,
+                   help="attack through non-differentiable stages with BPDA (default: on when "
+                        "the model has such stages)")
+    e.add_argument("--repeats", type=_positive_int, default=None,
+                   help="predictions per point, robust by majority (default: the suite's)")
+    e.add_argument("--surrogate", type=Path, default=None,
+                   help="checkpoint of a surrogate model for the transfer attack")
+    e.add_argument("--restart", action="store_true",
+                   help="ignore an interrupted evaluation's state in --out and start over")
+
+
+def _audit_parser(sub: Any) -> None:
+    a = sub.add_parser("audit", help="the evaluation checklist (Carlini et al. 2019) on a "
+                                     "checkpoint or a defense: PASS / FLAG per check",
+                       parents=[shared("results directory (default: audit[-DEFENSE] beside the "
+                                       "checkpoint)", n=500, batch_size=500, device="cpu")])
+    _threat_args(a, "audit")
+    a.add_argument("--surrogate", type=Path, default=None,
+                   help="checkpoint for the transfer attack (default: the undefended "
+                        "checkpoint when --defense is given)")
+    a.add_argument("--steps", type=_positive_int, default=100, help="adaptive APGD-CE steps")
+    a.add_argument("--queries", type=_positive_int, default=5000,
+                   help="query budget of the gradient-free attacks")
+    a.add_argument("--binarization", type=int, default=20, metavar="N",
+                   help="points of the binarization test (0 skips it)")
+
+
+def _smoothing_parsers(sub: Any) -> None:
+    c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed checkpoint",
+                       parents=[shared("directory (default: beside the checkpoint, "
+                                       "certify_<noise>_<sigma>)", batch_size=1000)])
+    c.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
+    c.add_argument("--sigma", type=_eps, required=True, help="noise scale in input units")
+    c.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
+                   help="gaussian: l2 radii; laplace (scale sigma): l1 radii")
+    c.add_argument("--n", type=_positive_int, default=100_000, help="estimation draws")
+    c.add_argument("--n0", type=_positive_int, default=100, help="selection draws")
+    c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    c.add_argument("--n-points", type=_positive_int, default=500, help="examples to certify")
+    c.add_argument("--skip", type=_positive_int, default=1,
+                   help="take every skip-th example of the split (Cohen et al.: 20 on CIFAR-10)")
+    c.add_argument("--denoiser", type=Path, default=None,
+                   help="denoised smoothing: a denoiser.safetensors (robustlab denoise) in front "
+                        "of the checkpoint")
+    c.add_argument("--restart", action="store_true", help="discard the rows of an earlier run")
+
+    s = sub.add_parser("smooth", help="smoothing curves: accuracy of a smoothed checkpoint vs "
+                                      "noise draws n and sigma, for each vote",
+                       parents=[shared("directory for smoothing.json (default: smoothing/ "
+                                       "beside the checkpoint)", n=500, batch_size=1024)])
+    s.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
+    s.add_argument("--sigmas", type=str, required=True,
+                   help="noise scales in input units, comma-separated, e.g. 0,0.12,0.25,0.5")
+    s.add_argument("--samples", type=str, required=True,
+                   help="numbers of noise draws n, comma-separated, e.g. 1,4,16,64,256 (all "
+                        "come from the largest n's draws)")
+    s.add_argument("--votes", type=str, default="prediction,soft,weighted",
+                   help="voting rules, comma-separated (default: all three)")
+    s.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+
+    d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a checkpoint",
+                       parents=[shared("run directory; a rerun resumes after its last epoch",
+                                       batch_size=128, split=False, out_required=True)])
+    d.add_argument("checkpoint", type=Path, help="the classifier (not modified)")
+    d.add_argument("--sigma", type=_eps, required=True, help="noise scale to remove")
+    d.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+    d.add_argument("--objective", choices=("mse", "stab"), default="mse",
+                   help="mse: reconstruct the clean image; stab: keep the classifier's "
+                        "clean prediction (fine-tune an mse denoiser with --init)")
+    d.add_argument("--epochs", type=_positive_int, required=True)
+    d.add_argument("--init", type=Path, default=None, help="start from this denoiser")
+    d.add_argument("--depth", type=_positive_int, default=8)
+    d.add_argument("--width", type=_positive_int, default=32)
+    d.add_argument("--n-train", type=_positive_int, default=None, help="first n train images")
+    d.add_argument("--lr", type=float, default=1e-3)
+
+
+def _report_parsers(sub: Any) -> None:
+    r = sub.add_parser("report", help="one self-contained HTML page of one or more runs: flags, "
+                                      "accuracies, attack cascade, curves, examples, provenance")
+    r.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories (robustlab train/evaluate/audit/certify/smooth --out)")
+    r.add_argument("-o", "--output", type=Path, default=None,
+                   help="HTML file (default: RUN_DIR/report.html for one run, else report.html)")
+    r.add_argument("--title", default=None, help="page title")
+
+    cm = sub.add_parser("compare", help="a RobustBench-style leaderboard of runs (Markdown)")
+    cm.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    cm.add_argument("-o", "--output", type=Path, default=None,
+                    help="write the Markdown here instead of printing it")
+
+    ls = sub.add_parser("list", help="what is registered")
+    ls.add_argument("kind", nargs="?", choices=sorted(REGISTRIES), default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``robustlab`` parser; the sub-command's name lands in ``command``."""
+    p = argparse.ArgumentParser(prog="robustlab", description="Adversarial robustness of image "
+                                "classifiers: train, attack, defend, certify, evaluate, report.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _evaluate_parser, _audit_parser, _smoothing_parsers,
+                _report_parsers):
+        add(sub)
+    return p
+
+

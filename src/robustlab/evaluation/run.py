@@ -1,0 +1,168 @@
+"""``evaluate``: clean accuracy, then a cascade of attacks over the still-robust points.
+
+Three steps, each in its own module: the adaptation plan (:mod:`~robustlab.evaluation.adapt`:
+BPDA through declared non-differentiable stages, EOT and repeated predictions on a randomised
+model, gradient-free attacks where the model has no input gradient: never a crash, never a
+silent 'robust'), the cascade (:mod:`~robustlab.evaluation.cascade`: every attack runs only on
+points no earlier attack broke, and the prediction on its output is recomputed, so the robust
+accuracy is the per-sample worst case over every attack run), and the record
+(:mod:`~robustlab.evaluation.record`: event log, progress bar, resumable state, results). A
+detector's rejection (it declares ``rejects``) of an adversarial input counts as defended, of a
+clean input as an error. With ``out`` an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustlab._modes import eval_mode
+from robustlab._validate import check_inputs, integer, positive_int
+from robustlab.evaluation.adapt import AttackLike, build, prepare
+from robustlab.evaluation.cascade import batch_generator, correct, run_cascade
+from robustlab.evaluation.checks import black_box_beats_white_box
+from robustlab.evaluation.record import EvalRecord
+from robustlab.evaluation.results import EvalResult, build_result
+from robustlab.evaluation.state import EvalState, fingerprint
+from robustlab.evaluation.suites import get_suite
+from robustlab.threat import ThreatModel
+
+log = logging.getLogger(__name__)
+
+
+def _channels_last_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` with its weights in channels_last layout (faster convolutions on
+    CPU, same answer); the caller's model is never converted. None if it cannot be copied."""
+    try:
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    except (TypeError, RuntimeError, copy.Error) as e:
+        log.warning("evaluating the model as it is: cannot copy it to channels_last (%s)", e)
+        return None
+
+
+def _specs(suite: str, attacks: Sequence[AttackLike] | None,
+           threat: ThreatModel) -> tuple[str, list[AttackLike], int]:
+    """The suite's name, its attacks for the threat's norm and its repeats; ``custom`` with
+    the caller's ``attacks`` and 1 repeat."""
+    if attacks is not None:
+        return "custom", list(attacks), 1
+    chosen = get_suite(suite)
+    return suite, chosen.for_norm(threat.norm), chosen.repeats
+
+
+def _check(model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any,
+           bpda: Any) -> None:
+    """The argument checks :func:`evaluate` does not leave to the vocabulary."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
+    check_inputs(x, y, threat)
+    if isinstance(attacks, str) or (attacks is not None and not hasattr(attacks, "__iter__")):
+        raise TypeError(f"attacks must be a list of attacks, names or (name, options) pairs, "
+                        f"got {attacks!r}; for one attack pass [{attacks!r}]")
+    if surrogate is not None and not isinstance(surrogate, nn.Module):
+        raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
+    if bpda is not None and not isinstance(bpda, bool):
+        raise TypeError(f"bpda must be True, False or None (automatic), got {bpda!r}")
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    suite: str = "standard",
+    attacks: Sequence[AttackLike] | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    out: str | Path | None = None,
+    resume: bool = True,
+    repeats: int | None = None,
+    surrogate: nn.Module | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    channels_last: bool | None = None,
+    bpda: bool | None = None,
+    eot: int | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``(x, y)`` under ``threat``.
+
+    Args:
+        suite: a registered suite name (``robustlab.evaluation.suites()``: ``standard`` is the
+            AutoAttack standard cascade, ``fast`` our cheaper one, ``rand`` for randomised
+            models), used when ``attacks`` is None.
+        attacks: instead of a suite, attacks as ``Attack`` objects, names or
+            ``(name, options)`` pairs, run in this order. ``Attack`` objects run exactly as
+            they were built (their own ``bpda`` and EOT draws); names and pairs get the
+            evaluation's ``bpda`` and ``eot``.
+        batch_size: points per attack call.
+        seed: seeds the attacks' generators (one per attack and batch: deterministic results,
+            also across an interruption).
+        out: directory for ``results.json``, ``per_sample.jsonl``, ``summary.md``, the event
+            log ``eval_log.jsonl`` and the resumable state ``eval_state.safetensors`` (removed
+            once the results are written).
+        resume: continue from the state in ``out`` if there is one (it must belong to the same
+            model, data and settings); False starts over.
+        repeats: predictions per point, robust only if a strict majority is correct (for
+            randomised models); default: the suite's (``rand``: 10, others 1), and at least
+            10 on a randomised model.
+        surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``).
+        config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
+        progress: a progress bar over the attack batches.
+        channels_last: attack a copy of the model with channels_last weights (about 1.3x faster
+            per step on CPU, see BENCHMARKS.md); None: on for 4-D inputs on CPU.
+        bpda: run the gradient attacks with BPDA through the model's non-differentiable stages
+            (modules declaring ``differentiable = False``); None: whenever it has some.
+        eot: average each gradient of the gradient attacks over this many draws; None: 20 on a
+            randomised model (a module declares ``randomized``, or two forward passes
+            differ), else each attack's own setting.
+
+    Returns:
+        :class:`EvalResult`; robust accuracy counts a point robust only if it is classified
+        correctly without attack and after every attack.
+    """
+    _check(model, threat, x, y, attacks, surrogate, bpda)
+    batch_size, seed = positive_int(batch_size, "batch_size"), integer(seed, "seed")
+    repeats = None if repeats is None else positive_int(repeats, "repeats")
+    eot = None if eot is None else positive_int(eot, "eot")
+    suite_name, specs, suite_repeats = _specs(suite, attacks, threat)
+    built = [build(s, threat, surrogate) for s in specs]
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x, y = x.detach().cpu(), y.detach().cpu().long()
+    record = EvalRecord(out, batch_size=batch_size, progress=progress)
+    if channels_last is None:
+        channels_last = x.dim() == 4 and device.type == "cpu"
+    fast = _channels_last_copy(model) if channels_last and x.dim() == 4 else None
+    original, model = model, fast if fast is not None else model
+    with eval_mode(model):
+        flags, adapt, steps = prepare(model, x, y, specs, built, threat, surrogate, bpda=bpda,
+                                      eot=eot, repeats=repeats, suite_repeats=suite_repeats)
+        settings = {"threat": threat.to_dict(), "attacks": [s.attack.config() for s in steps],
+                    "seed": seed, "batch_size": batch_size, "repeats": adapt.repeats}
+        fp = fingerprint(original, x, y, settings) if out is not None else ""
+        clean, pred = correct(model, x, y, batch_size, device, adapt.repeats)
+        clean_time = record.elapsed()
+        st = record.resume(fp, resume) or EvalState.fresh(clean, pred, x)
+        record.start(st, steps, suite=suite_name, threat=threat)
+        run_cascade(model, steps, x, y, st, batch_size=batch_size, repeats=adapt.repeats,
+                    generators=lambda i, j: batch_generator(seed, i, j, device), record=record)
+        record.end(clean, st)
+    flags += st.flags
+    if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
+        flags.append(flag)
+    result = build_result(st, x, y, pred, clean, threat, flags, {
+        "suite": suite_name, "attacks": [s.attack.config() for s in steps], "seed": seed,
+        "batch_size": batch_size, "repeats": adapt.repeats, "channels_last": fast is not None,
+        "adaptive": adapt.to_dict(), "config": config or {},
+        "timings": {"clean_s": clean_time, "total_s": record.elapsed()},
+    })
+    record.finish(result)
+    return result
