@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import robustlab as rl
 from robustlab import models
 from robustlab.models.checkpoint import _cpu_tensors
 
@@ -347,3 +350,28 @@ def test_models_package_never_unpickles() -> None:
             elif isinstance(node, ast.Attribute) and node.attr == "load":
                 assert not (isinstance(node.value, ast.Name) and node.value.id == "torch"), (
                     f"{source.name}:{node.lineno} uses torch.load")
+
+
+def test_edited_sidecar_architecture_is_refused(tmp_path):
+    """Editing a valid option of the sidecar (the activation) changes the model: load says so
+    instead of loading another model than the one saved."""
+    model = rl.models.create("smallcnn", num_classes=10)
+    path = rl.models.save(model, tmp_path / "m.safetensors")
+    side = json.loads(path.with_suffix(".json").read_text())
+    side["architecture"]["kwargs"]["activation"] = "softplus"
+    path.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="architecture or options were edited"):
+        rl.models.load(path)
+
+
+def test_same_weights_same_hashes(tmp_path):
+    """Bit-identical weights give bit-identical files and hashes, in any process."""
+    script = ("import sys, torch, robustlab as rl; torch.manual_seed(0); "
+              "rl.models.save(rl.models.create('smallcnn', num_classes=10), sys.argv[1])")
+    sides = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+        sides.append(json.loads(path.with_suffix(".json").read_text()))
+    assert len({s["sha256"] for s in sides}) == 1
+    assert len({s["model_sha256"] for s in sides}) == 1

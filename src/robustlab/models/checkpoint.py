@@ -2,7 +2,10 @@
 
 A checkpoint ``model.safetensors`` holds the state dict (raw tensors, no code); its sidecar
 ``model.json`` says how to rebuild the architecture, what the model was trained on, with
-which package versions, and the SHA-256 of the weights file.
+which package versions, the SHA-256 of the weights file (``sha256``: the same weights always
+give the same file and so the same hash) and the SHA-256 of what defines the model, the
+architecture with its options and the weights (``model_sha256``, :func:`model_digest`), so
+that an edited sidecar is caught on load as an edited weights file is.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, package_version
 from robustlab.models.factory import create
 
-__all__ = ["FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT_VERSION", "load", "model_digest", "save"]
 
 FORMAT_VERSION = 1
 RESERVED = ("format_version", "architecture", "robustlab_version", "torch_version",
-            "git_commit", "created", "sha256")
+            "git_commit", "created", "sha256", "model_sha256")
 _HOW = "robustlab checkpoints are written by robustlab.models.save(model, 'name.safetensors')"
 
 
@@ -73,6 +76,14 @@ def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tenso
                          f"{arch['kwargs']}: " + "; ".join(parts))
 
 
+def model_digest(arch: dict[str, Any], weights_sha256: str) -> str:
+    """SHA-256 of what defines a model: its architecture (name and options, as canonical JSON
+    with sorted keys) and the SHA-256 of its weights file."""
+    canonical = json.dumps({"architecture": arch, "weights_sha256": weights_sha256},
+                           sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _is_safetensors(data: bytes) -> bool:
     """Whether ``data`` starts like a safetensors file: an 8-byte little-endian header size
     that fits the file, then a JSON object. (Its first byte is the size's lowest byte, which
@@ -100,10 +111,12 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     The sidecar ``path.with_suffix(".json")`` holds ``format_version``, ``architecture``
     (``model.robustlab_arch`` as recorded by :func:`robustlab.models.create`, or ``arch``),
     every key of ``meta`` (e.g. dataset, threat, objective, epoch, seed), ``robustlab_version``,
-    ``torch_version``, ``git_commit``, ``created`` (UTC, ISO 8601) and the ``sha256`` of the
-    weights file. Each file is replaced atomically (temporary file + ``os.replace``); a crash
-    between the two leaves a SHA-256 mismatch that :func:`load` reports. Parent directories
-    are created. DataParallel/DDP/compiled wrappers are unwrapped.
+    ``torch_version``, ``git_commit``, ``created`` (UTC, ISO 8601), the ``sha256`` of the
+    weights file (the same weights give the same bytes) and ``model_sha256``
+    (:func:`model_digest` of the architecture and that hash). Each file is replaced
+    atomically (temporary file + ``os.replace``); a crash between the two leaves a SHA-256
+    mismatch that :func:`load` reports. Parent directories are created.
+    DataParallel/DDP/compiled wrappers are unwrapped.
 
     Returns:
         The path of the weights file.
@@ -137,11 +150,14 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
             raise TypeError(f"meta[{key!r}] is not JSON-serialisable ({err}); convert it to "
                             "dicts, lists, strings and finite numbers first") from err
         sidecar[key] = value
-    data = safetensors_to_bytes(state, metadata={"format": "pt", "robustlab": "1"})
+    # one metadata key: safetensors writes a map of several in varying order, and the same
+    # weights must always give the same bytes (and hash)
+    data = safetensors_to_bytes(state, metadata={"format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
     sidecar.update(robustlab_version=package_version(), torch_version=torch.__version__,
                    git_commit=git_commit(),
                    created=datetime.now(UTC).isoformat(timespec="seconds"),
-                   sha256=hashlib.sha256(data).hexdigest())
+                   sha256=digest, model_sha256=model_digest(arch, digest))
     atomic_write(path, data)
     atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     return path
@@ -150,9 +166,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
 def load(path: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
     """Rebuild the architecture recorded in the sidecar and load the weights from ``path``.
 
-    The weights file is read once; its SHA-256 must equal the sidecar's, and its keys and
-    shapes must match the architecture exactly. Files written by ``torch.save`` (pickles)
-    are refused before any byte of them is interpreted.
+    The weights file is read once; its SHA-256 must equal the sidecar's, the sidecar's
+    architecture must be the one its ``model_sha256`` was recorded for (an edited sidecar is
+    refused), and the weights' keys and shapes must match the architecture exactly. Files
+    written by ``torch.save`` (pickles) are refused before any byte of them is interpreted.
 
     Args:
         path: a ``.safetensors`` file written by :func:`save`; its sidecar is
@@ -165,7 +182,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
 
     Raises:
         FileNotFoundError: the weights file or its sidecar is missing.
-        ValueError: a pickle file; a corrupt or truncated file; a SHA-256 mismatch; an unknown
+        ValueError: a pickle file; a corrupt or truncated file; a SHA-256 mismatch of the
+            weights or of the model (an edited architecture in the sidecar); an unknown
             architecture; weights that do not match the architecture.
     """
     path = Path(path)
@@ -208,6 +226,14 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
     with torch.device("meta"):  # shapes first, no memory: a sidecar cannot make us allocate
         reference = _build(sidecar["architecture"]).state_dict()
     _check_state(reference, state, sidecar["architecture"])
+    # after the checks above, which name what is wrong with an architecture that cannot be;
+    # this one catches a valid one that is not the saved one (absent in older checkpoints)
+    recorded = sidecar.get("model_sha256")
+    if recorded is not None and recorded != model_digest(sidecar["architecture"], digest):
+        raise ValueError(f"the sidecar {str(side)!r} does not describe the model its "
+                         "model_sha256 was recorded for: its architecture or options were "
+                         "edited after saving. Restore the sidecar, or rebuild the model with "
+                         "robustlab.models.create(...) and save it anew")
     model = _build(sidecar["architecture"])
     model.load_state_dict(state)
     if device is not None:
