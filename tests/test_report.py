@@ -20,13 +20,9 @@ from safetensors.torch import load_file
 from robustlab.cli import main
 from robustlab.evaluation.results import example_indices
 from robustlab.report import plots
-from robustlab.report.html import (
-    eps_label,
-    leaderboard_markdown,
-    leaderboard_rows,
-    render_html,
-    write_report,
-)
+from robustlab.report.html import render_html, write_report
+from robustlab.report.leaderboard import leaderboard_markdown, leaderboard_rows
+from robustlab.report.markup import eps_label
 from robustlab.report.runs import load_run
 
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"

@@ -5,7 +5,8 @@ a second), plus the import-time promises of the layers (one subprocess each).
   re-exports its files);
 - no function-level import of ``robustlab`` outside ``cli.py`` (the one module that loads the
   library per command);
-- no file over 450 lines, no function over 80 lines, no class over 250 lines;
+- no file over 450 lines, no function over 80 lines (its docstring, the table of its
+  options, aside), no class over 250 lines;
 - no inline integer/number check (``isinstance(v, bool) or not isinstance(v, ...)``) outside
   ``_validate.py``: use its vocabulary;
 - no arrow that the architecture forbids (``NEVER`` below, the ``never`` list of the project's
@@ -25,7 +26,6 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src"
 PKG = SRC / "robustlab"
 MAX_FILE, MAX_FUNCTION, MAX_CLASS = 450, 80, 250
-LONG_TABLES: set[str] = set()  # "path:function" of option tables allowed past MAX_FUNCTION
 INLINE_CHECK = re.compile(r"isinstance\(\w+, bool\)\s+or\s+not\s+isinstance\(")
 
 # the parts of the architecture: a file belongs to the first part with a prefix of its path
@@ -157,6 +157,15 @@ def test_no_function_level_import_of_the_package_outside_the_cli():
     assert not lazy, "\n".join(sorted(set(lazy)))
 
 
+def _docstring_lines(node: ast.AST) -> int:
+    body = node.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+    first = body[0] if body else None
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        return (first.end_lineno or first.lineno) - first.lineno + 1
+    return 0
+
+
 def test_sizes_of_files_functions_and_classes():
     big = []
     for name, tree in TREES.items():
@@ -166,9 +175,9 @@ def test_sizes_of_files_functions_and_classes():
         for node in ast.walk(tree):
             size = (node.end_lineno or node.lineno) - node.lineno + 1 \
                 if isinstance(node, ast.stmt) else 0
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION
-                    and f"{rel}:{node.name}" not in LONG_TABLES):
-                big.append(f"{rel}:{node.name} ({size} lines)")
+            code = size - _docstring_lines(node)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code > MAX_FUNCTION:
+                big.append(f"{rel}:{node.name} ({code} lines besides its docstring)")
             if isinstance(node, ast.ClassDef) and size > MAX_CLASS:
                 big.append(f"{rel}:{node.name} (class, {size} lines)")
     assert not big, "\n".join(big)

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 __version__ = package_version()
 _SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report", "training")
 _FROM_EVALUATION = ("AuditResult", "EvalResult", "audit", "eps_sweep", "evaluate")
-__all__ = ["ThreatModel", "parse_eps", *_SUBPACKAGES, *_FROM_EVALUATION]
+__all__ = [
+    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses",
+    "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "report", "training",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,8 @@ import torch
 from scipy.stats import norm as _normal
 from torch import Tensor, nn
 
+from robustlab._validate import number
+
 __all__ = ["CERTIFIED_NORM", "NOISES", "SmoothedModel", "check_noise", "radius", "sample"]
 
 NOISES = ("gaussian", "laplace")
@@ -45,10 +47,7 @@ def check_noise(noise: str, sigma: float) -> None:
     """ValueError naming the problem unless ``noise`` is known and ``sigma`` a finite scale >= 0."""
     if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; valid noises are: {', '.join(NOISES)}")
-    if (isinstance(sigma, bool) or not isinstance(sigma, int | float)
-            or not math.isfinite(sigma) or sigma < 0):
-        raise ValueError(f"sigma must be a finite number >= 0 (the noise scale in input "
-                         f"units), got {sigma!r}")
+    number(sigma, "sigma (the noise scale in input units)", low=0)
 
 
 def sample(like: Tensor, noise: str, sigma: float,

@@ -15,7 +15,7 @@ class Registry(Generic[T]):
 
     A name is written once, in the decorator: a registered class gets it as its ``name``
     attribute. :meth:`create` is the one way to build an entry; a misspelt option raises
-    ``TypeError`` "unknown option X; its options are: ...".
+    ``TypeError`` "<kind> <name>: unknown option X; its options are: ...".
 
     >>> attacks = Registry("attack")
     >>> @attacks.register("pgd")
@@ -64,7 +64,7 @@ class Registry(Generic[T]):
 
     def create(self, name: str, *args: Any, **options: Any) -> Any:
         """Build the entry ``name`` with ``args`` and ``options``. An option it does not take
-        raises ``TypeError`` "unknown option X for <kind> <name>; its options are: ..."."""
+        raises ``TypeError`` "<kind> <name>: unknown option X; its options are: ..."."""
         factory = self.get(name)
         sig = inspect.signature(factory)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
@@ -73,9 +73,9 @@ class Registry(Generic[T]):
             unknown = [k for k in options if k not in valid]
             if unknown:
                 raise TypeError(
-                    f"unknown option{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(map(repr, unknown))} for {self.kind} {name!r}; its options "
-                    f"are: {', '.join(valid) or 'none'}")
+                    f"{self.kind} {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(map(repr, unknown))}; its options are: "
+                    f"{', '.join(valid) or 'none'}")
         return factory(*args, **options)
 
     def names(self, pattern: str | None = None) -> list[str]:

@@ -16,7 +16,7 @@ register = ATTACKS.register
 def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
            **options: Any):
     """Build the registered attack ``name`` for ``threat`` through ``ATTACKS.create`` (an
-    unknown option raises TypeError "unknown option X for attack <name>; its options are: ...").
+    unknown option raises TypeError "attack <name>: unknown option X; its options are: ...").
 
     ``eot`` (any gradient attack): average each input gradient over this many forward and
     backward passes (expectation over transformation, :mod:`robustlab.attacks.eot`), for
@@ -32,10 +32,7 @@ def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
     if bpda and not cls.uses_gradients:
         raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to "
                          "replace")
-    try:
-        attack = ATTACKS.create(name, threat, **options)
-    except TypeError as e:  # the message names the attack first, then what is wrong
-        raise TypeError(f"attack {name!r}: {e}") from None
+    attack = ATTACKS.create(name, threat, **options)
     attack.eot_samples = eot
     attack.bpda = bpda
     return attack

@@ -15,7 +15,7 @@ register = DEFENSES.register
 
 def create(name: str, model: nn.Module, **options: Any) -> Defense:
     """Wrap ``model`` in the registered defense ``name``; an option it does not take raises
-    ``TypeError`` "unknown option X for defense <name>; its options are: ..."."""
+    ``TypeError`` "defense <name>: unknown option X; its options are: ..."."""
     return DEFENSES.create(name, model, **options)
 
 

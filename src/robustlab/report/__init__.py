@@ -3,11 +3,12 @@ into a self-contained HTML page, a Markdown summary and a leaderboard.
 
 This package reads what runs recorded and never runs a model: it imports nothing of the
 attacks, defenses, models or training. ``runs`` loads a run folder, ``summary`` renders one
-results record as Markdown, ``plots`` draws inline SVG, ``html`` assembles the page and the
-leaderboard.
+results record as Markdown, ``plots`` draws inline SVG, ``leaderboard`` ranks the runs, ``markup``
+holds the shared formatting, ``html`` assembles the page.
 """
 
-from robustlab.report.html import leaderboard_markdown, render_html, write_report
+from robustlab.report.html import render_html, write_report
+from robustlab.report.leaderboard import leaderboard_markdown
 from robustlab.report.runs import Run, load_run
 from robustlab.report.summary import markdown
 

@@ -13,7 +13,6 @@ accuracy, with the method, architecture, clean accuracy, epochs and training tim
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -28,150 +27,21 @@ from PIL import Image
 from robustlab._io import atomic_write
 from robustlab._provenance import package_version
 from robustlab.report import plots
+from robustlab.report.leaderboard import leaderboard_html
+from robustlab.report.markup import (
+    Markup,
+    duration,
+    esc,
+    pct,
+    status_badge,
+    table,
+    threat_label,
+)
 from robustlab.report.runs import Document, Run, load_run
-from robustlab.report.summary import _attack_label, adaptive_text
+from robustlab.report.summary import adaptive_text, attack_label
 
 IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
 CERTIFIED_RADII = 5  # radii in the certification table
-
-
-# --- formatting ---------------------------------------------------------------------------------
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
-
-
-def eps_label(eps: float) -> str:
-    """``8/255`` for a multiple of 1/255, else ``0.1``."""
-    k = eps * 255
-    if eps > 0 and abs(k - round(k)) < 1e-6 and eps < 1:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
-
-
-def threat_label(t: dict[str, Any]) -> str:
-    return f"{t['norm']} ε = {eps_label(t['eps'])}"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s"
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    """An HTML table; cells are escaped unless given as ``Markup``."""
-    def cell(v: Any, tag: str) -> str:
-        return f"<{tag}>{v if isinstance(v, Markup) else _e(v)}</{tag}>"
-
-    out = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>",
-           *(cell(h, "th") for h in head), "</tr></thead><tbody>"]
-    for r in rows:
-        out += ["<tr>", *(cell(v, "td") for v in r), "</tr>"]
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-class Markup(str):
-    """A string that is already HTML (not escaped again)."""
-
-
-def _status(status: str) -> Markup:
-    return Markup(f'<span class="badge {_e(status.lower())}">{_e(status)}</span>')
-
-
-# --- the leaderboard ----------------------------------------------------------------------------
-def _method(run: Run, doc: Document) -> str:
-    objective = (run.model or {}).get("objective")
-    defense = (doc.data.get("config") or {}).get("defense")
-    parts = [objective] if objective else []
-    if defense:
-        name = defense.get("name", defense) if isinstance(defense, dict) else defense
-        parts.append(f"defense: {name}")
-    return " + ".join(parts) or "–"
-
-
-def leaderboard_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per evaluation of each run, ranked within each threat model by robust accuracy
-    (then clean accuracy); ``rank`` counts within the threat model."""
-    rows = []
-    for run in runs:
-        log = run.train_log
-        train_time = sum(r.get("train_time_s", 0.0) for r in log) if log else None
-        model = run.model or {}
-        for doc in run.evaluations:
-            d = doc.data
-            rows.append({
-                "run": run.name, "where": doc.where, "method": _method(run, doc),
-                "architecture": (model.get("architecture") or {}).get("name", "–"),
-                "clean_accuracy": d["clean_accuracy"], "robust_accuracy": d["robust_accuracy"],
-                "suite": d.get("suite", "–"), "n": d["n"], "threat": d["threat"],
-                "epochs": model.get("epoch", len(log) or None), "train_time_s": train_time,
-                "flags": [f["name"] for f in d.get("flags", [])],
-            })
-    rows.sort(key=lambda r: (r["threat"]["norm"], r["threat"]["eps"], -r["robust_accuracy"],
-                             -r["clean_accuracy"]))
-    for i, r in enumerate(rows):
-        same = i > 0 and rows[i - 1]["threat"] == r["threat"]
-        r["rank"] = rows[i - 1]["rank"] + 1 if same else 1
-    return rows
-
-
-LEADERBOARD_HEAD = ("rank", "run", "method", "architecture", "clean", "robust (suite, points)",
-                    "threat model", "epochs", "train time", "flags")
-
-
-def _leaderboard_cells(r: dict[str, Any]) -> list[str]:
-    name = r["run"] if r["where"] == "." else f"{r['run']}/{r['where']}"
-    return [str(r["rank"]), name, r["method"], r["architecture"], pct(r["clean_accuracy"]),
-            f"{pct(r['robust_accuracy'])} ({r['suite']}, {r['n']})", threat_label(r["threat"]),
-            "–" if r["epochs"] is None else str(r["epochs"]), duration(r["train_time_s"]),
-            ", ".join(r["flags"]) or "none"]
-
-
-def _by_threat(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(threat_label(r["threat"]), []).append(r)
-    return groups
-
-
-def leaderboard_markdown(runs: Sequence[Run]) -> str:
-    """The leaderboard as Markdown, one table per threat model."""
-    lines = ["# robustlab leaderboard", ""]
-    groups = _by_threat(leaderboard_rows(runs))
-    if not groups:
-        return "\n".join(lines + ["No evaluation results in these runs (run robustlab evaluate "
-                                  "first).", ""])
-    for label, rows in groups.items():
-        lines += [f"## {label}", "", "| " + " | ".join(LEADERBOARD_HEAD) + " |",
-                  "|" + "---|" * len(LEADERBOARD_HEAD)]
-        for r in rows:
-            cells = [c.replace("|", "/") for c in _leaderboard_cells(r)]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append("Robust accuracy is the per-sample worst case over the suite's attacks; a row "
-                 "with flags is not to be trusted as it stands.")
-    return "\n".join(lines) + "\n"
-
-
-def _leaderboard_html(runs: Sequence[Run]) -> str:
-    groups = _by_threat(leaderboard_rows(runs))
-    out = ['<section id="leaderboard"><h2>Leaderboard</h2>']
-    for label, rows in groups.items():
-        out.append(f"<h3>{_e(label)}</h3>")
-        out.append(_table(LEADERBOARD_HEAD, [_leaderboard_cells(r) for r in rows], "num"))
-    if not groups:
-        out.append("<p>No evaluation results in these runs.</p>")
-    out.append("</section>")
-    return "".join(out)
 
 
 # --- flags --------------------------------------------------------------------------------------
@@ -192,7 +62,7 @@ def _flags_html(runs: Sequence[Run]) -> str:
     if not rows:
         return (f'<div class="banner ok"><strong>No sanity flag</strong> was raised by the '
                 f"{n_eval} evaluation(s) and the training logs of this report.</div>")
-    items = "".join(f"<li><strong>{_e(name)}</strong> ({_e(run)}, {_e(where)}): {_e(msg)}</li>"
+    items = "".join(f"<li><strong>{esc(name)}</strong> ({esc(run)}, {esc(where)}): {esc(msg)}</li>"
                     for run, where, name, msg in rows)
     return (f'<div class="banner flag"><strong>{len(rows)} flag(s) raised: do not trust the '
             f"robust accuracy they concern as it stands.</strong><ul>{items}</ul></div>")
@@ -203,15 +73,15 @@ def _cascade(d: dict[str, Any]) -> str:
     rows = []
     for i, a in enumerate(d["per_attack"], 1):
         if a.get("skipped"):
-            rows.append([str(i), _attack_label(a["config"]), "skipped: " + str(a["skipped"]),
+            rows.append([str(i), attack_label(a["config"]), "skipped: " + str(a["skipped"]),
                          "–", "–", "–"])
             continue
-        rows.append([str(i), _attack_label(a["config"]), str(a["attacked"]), str(a["broken"]),
+        rows.append([str(i), attack_label(a["config"]), str(a["attacked"]), str(a["broken"]),
                      pct(a["robust_accuracy"]), duration(a["time_s"])])
     clean_wrong = round((1 - d["clean_accuracy"]) * d["n"])
     rows.insert(0, ["0", "clean (no attack)", str(d["n"]), str(clean_wrong),
                     pct(d["clean_accuracy"]), duration((d.get("timings") or {}).get("clean_s"))])
-    return _table(("#", "attack", "points attacked", "points broken", "accuracy after",
+    return table(("#", "attack", "points attacked", "points broken", "accuracy after",
                    "time"), rows, "num")
 
 
@@ -219,11 +89,11 @@ def _audit(d: dict[str, Any]) -> str:
     aud = d.get("audit")
     if not aud:
         return ""
-    rows = [[c["name"], _status(c["status"]), c["evidence"]] for c in aud["checks"]]
-    return ("<h4>Audit checklist</h4>" + _table(("check", "verdict", "evidence"), rows, "audit")
+    rows = [[c["name"], status_badge(c["status"]), c["evidence"]] for c in aud["checks"]]
+    return ("<h4>Audit checklist</h4>" + table(("check", "verdict", "evidence"), rows, "audit")
             + f"<p>Plain PGD-20: {pct(aud['naive_robust_accuracy'])} · FGSM: "
               f"{pct(aud.get('fgsm_robust_accuracy'))} · adaptive attacks: "
-              f"{_e(adaptive_text(aud['adaptive']))}.</p>")
+              f"{esc(adaptive_text(aud['adaptive']))}.</p>")
 
 
 def _png(img: np.ndarray) -> str:
@@ -281,20 +151,20 @@ def _examples(run: Run, doc: Document) -> str:
         by = f" by {row['broken_by']}" if row.get("broken_by") else ""
         alt = f"example {i}, label {name(label)}"
         clean_row.append(Markup(
-            f'<img src="{_png(x[j])}" alt="{_e(alt)} (clean)"><div class="cap">'
-            f"label {_e(name(label))}<br>pred {_e(name(cp))}</div>"))
+            f'<img src="{_png(x[j])}" alt="{esc(alt)} (clean)"><div class="cap">'
+            f"label {esc(name(label))}<br>pred {esc(name(cp))}</div>"))
         adv_row.append(Markup(
-            f'<img src="{_png(x_adv[j])}" alt="{_e(alt)} (adversarial)"><div class="cap '
-            f'{mark}">pred {_e(name(ap))}<br>{mark}{_e(by)}</div>'))
+            f'<img src="{_png(x_adv[j])}" alt="{esc(alt)} (adversarial)"><div class="cap '
+            f'{mark}">pred {esc(name(ap))}<br>{mark}{esc(by)}</div>'))
         dist = f"{t['norm']} {row['distance']:.3g}" if "distance" in row else ""
         pert_row.append(Markup(
-            f'<img src="{_png(0.5 + gain * delta[j])}" alt="{_e(alt)} (perturbation)">'
-            f'<div class="cap">{_e(dist)}</div>'))
+            f'<img src="{_png(0.5 + gain * delta[j])}" alt="{esc(alt)} (perturbation)">'
+            f'<div class="cap">{esc(dist)}</div>'))
     return ("<h4>Examples</h4><p class=\"note\">Clean inputs, the worst-case adversarial inputs "
             "the evaluation found, and their difference amplified (mid-grey is no change). "
             "Points broken by an attack are chosen first; a robust point shows its clean input."
             "</p>"
-            + _table(head, [clean_row, adv_row, pert_row], "examples"))
+            + table(head, [clean_row, adv_row, pert_row], "examples"))
 
 
 def _provenance(d: dict[str, Any]) -> str:
@@ -309,15 +179,15 @@ def _provenance(d: dict[str, Any]) -> str:
         ("total time", duration((d.get("timings") or {}).get("total_s"))),
     ]
     return ("<details><summary>Configuration, versions and provenance</summary>"
-            + _table(("", ""), rows, "kv") + "</details>")
+            + table(("", ""), rows, "kv") + "</details>")
 
 
 def _evaluation(run: Run, doc: Document) -> str:
     d = doc.data
     title = "Audit" if "audit" in d else "Evaluation"
-    flags = "".join(f'<li class="flag-item"><strong>{_e(f["name"])}</strong>: '
-                    f'{_e(f.get("message", ""))}</li>' for f in d.get("flags", []))
-    cards = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{_e(v)}'
+    flags = "".join(f'<li class="flag-item"><strong>{esc(f["name"])}</strong>: '
+                    f'{esc(f.get("message", ""))}</li>' for f in d.get("flags", []))
+    cards = "".join(f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}'
                     "</div></div>" for k, v in (
                         ("clean accuracy", pct(d["clean_accuracy"])),
                         ("robust accuracy", pct(d["robust_accuracy"])),
@@ -327,8 +197,8 @@ def _evaluation(run: Run, doc: Document) -> str:
     ident = (f"seed {d.get('seed', '–')} · commit {(d.get('commit') or 'unknown')[:12]} · "
              f"robustlab {v.get('robustlab', '?')} · torch {v.get('torch', '?')} · "
              f"{d.get('created', '')}")
-    return (f'<section class="evaluation"><h3>{title}: {_e(doc.path)}</h3>'
-            f'<div class="cards">{cards}</div><p class="meta">{_e(ident)}</p>'
+    return (f'<section class="evaluation"><h3>{title}: {esc(doc.path)}</h3>'
+            f'<div class="cards">{cards}</div><p class="meta">{esc(ident)}</p>'
             + (f'<ul class="flags">{flags}</ul>' if flags else "")
             + "<p class=\"note\">Robust accuracy is the per-sample worst case over every attack: "
               "each attack runs on the points still robust, and its predictions are recomputed "
@@ -376,7 +246,7 @@ def _curves(run: Run, key: str) -> str:
                    "folder.</p>")
     for norm, series in eps_series.items():
         eps = main.data["threat"]["eps"] if main and main.data["threat"]["norm"] == norm else None
-        out.append(f"<h3>Robust accuracy against ε ({_e(norm)})</h3>"
+        out.append(f"<h3>Robust accuracy against ε ({esc(norm)})</h3>"
                    f'<figure>{plots.robustness_curves(series, norm, eps, f"{key}-eps-{norm}")}'
                    "<figcaption>Upper bounds, like every attack's number: a point counts as "
                    "robust at ε when no attack found an adversarial input within ε."
@@ -388,16 +258,16 @@ def _curves(run: Run, key: str) -> str:
                  duration(r.get("train_time_s")), r.get("overfit", "")] for r in log]
         out.append("<h3>Training</h3>" + f"<figure>{plots.training_curves(log, f'{key}-train')}"
                    "</figure><details><summary>Per-epoch log</summary>"
-                   + _table(("epoch", "loss", "lr", "val clean", "val robust", "time",
+                   + table(("epoch", "loss", "lr", "val clean", "val robust", "time",
                              "overfitting"), rows, "num") + "</details>")
     for i, doc in enumerate(run.smoothing):
         d = doc.data
         cfg = d["config"]
-        out.append(f"<h3>Smoothing: {_e(doc.path)}</h3><figure>"
+        out.append(f"<h3>Smoothing: {esc(doc.path)}</h3><figure>"
                    + plots.smoothing_curves(d["rows"], d.get("base_accuracy"),
                                             f"{key}-smooth-{i}")
-                   + f"<figcaption>{_e(cfg.get('noise', 'gaussian'))} noise, {_e(cfg.get('n'))} "
-                     f"points, seed {_e(cfg.get('seed'))}; all n of one σ share the same draws."
+                   + f"<figcaption>{esc(cfg.get('noise', 'gaussian'))} noise, {esc(cfg.get('n'))} "
+                     f"points, seed {esc(cfg.get('seed'))}; all n of one σ share the same draws."
                      "</figcaption></figure>")
     if run.certifications:
         out.append(_certification(run, key))
@@ -421,7 +291,7 @@ def _certification(run: Run, key: str) -> str:
     norm = norms.pop() if len(norms) == 1 else "mixed norms"
     return ("<h3>Certified accuracy (randomised smoothing, Cohen et al.)</h3><figure>"
             + plots.certified_curves(curves, norm, f"{key}-cert") + "</figure>"
-            + _table(("folder", "noise", "points", "smoothed clean", "abstained",
+            + table(("folder", "noise", "points", "smoothed clean", "abstained",
                       f"ACR ({norm})", "certified accuracy", "CERTIFY"), rows, "num"))
 
 
@@ -440,7 +310,7 @@ def _training_config(run: Run) -> str:
             *((k, json.dumps(v)) for k, v in tc.items() if k not in ("objective", "epochs",
                                                                       "seed"))]
     return ("<details><summary>Training configuration (model.json)</summary>"
-            + _table(("", ""), rows, "kv") + "</details>")
+            + table(("", ""), rows, "kv") + "</details>")
 
 
 def _run(run: Run, i: int) -> str:
@@ -448,15 +318,15 @@ def _run(run: Run, i: int) -> str:
     headline = ""
     if main is not None:
         d = main.data
-        headline = (f'<p class="headline">{_e(threat_label(d["threat"]))}: clean '
+        headline = (f'<p class="headline">{esc(threat_label(d["threat"]))}: clean '
                     f"<strong>{pct(d['clean_accuracy'])}</strong>, robust <strong>"
-                    f"{pct(d['robust_accuracy'])}</strong> ({_e(d.get('suite', '–'))}, "
+                    f"{pct(d['robust_accuracy'])}</strong> ({esc(d.get('suite', '–'))}, "
                     f"{d['n']} points)</p>")
     arch = ((run.model or {}).get("architecture") or {}).get("name")
     sub = " · ".join(x for x in (arch, (run.model or {}).get("objective"),
                                  (run.model or {}).get("dataset")) if x)
-    return (f'<section class="run" id="run-{i}"><h2>{_e(run.name)}</h2>'
-            f'<p class="path">{_e(run.path)}{" · " + _e(sub) if sub else ""}</p>{headline}'
+    return (f'<section class="run" id="run-{i}"><h2>{esc(run.name)}</h2>'
+            f'<p class="path">{esc(run.path)}{" · " + esc(sub) if sub else ""}</p>{headline}'
             + _training_config(run)
             + "".join(_evaluation(run, doc) for doc in run.evaluations)
             + _curves(run, f"r{i}") + "</section>")
@@ -510,16 +380,16 @@ def render_html(runs: Sequence[Run], title: str | None = None) -> str:
     if not runs:
         raise ValueError("no runs to report: give at least one run directory")
     title = title or ("robustlab report: " + ", ".join(r.name for r in runs))
-    nav = "".join(f'<li><a href="#run-{i}">{_e(r.name)}</a></li>' for i, r in enumerate(runs))
-    board = _leaderboard_html(runs) if len(runs) > 1 else ""
+    nav = "".join(f'<li><a href="#run-{i}">{esc(r.name)}</a></li>' for i, r in enumerate(runs))
+    board = leaderboard_html(runs) if len(runs) > 1 else ""
     if board:
         nav = '<li><a href="#leaderboard">Leaderboard</a></li>' + nav
     created = datetime.now(UTC).isoformat(timespec="seconds")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class=\"meta\">Rendered {created} by robustlab "
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1><p class=\"meta\">Rendered {created} by robustlab "
         f"{package_version()} "
         "from the recorded results; nothing was recomputed.</p>"
         + _flags_html(runs) + f"<nav><ul>{nav}</ul></nav>" + board

@@ -9,7 +9,7 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
-def _attack_label(cfg: dict[str, Any]) -> str:
+def attack_label(cfg: dict[str, Any]) -> str:
     name = cfg.get("name", "?")
     parts = []
     if "steps" in cfg:
@@ -69,11 +69,11 @@ def markdown(rec: dict[str, Any]) -> str:
     ]
     for i, a in enumerate(rec["per_attack"], 1):
         if a.get("skipped"):
-            lines.append(f"| {i} | {_attack_label(a['config'])} | - | {a['skipped']} | - | - | - |")
+            lines.append(f"| {i} | {attack_label(a['config'])} | - | {a['skipped']} | - | - | - |")
             continue
         step = a["config"].get("step_size")
         lines.append(
-            f"| {i} | {_attack_label(a['config'])} | {f'{step:.4g}' if step else '-'} | "
+            f"| {i} | {attack_label(a['config'])} | {f'{step:.4g}' if step else '-'} | "
             f"{a['attacked']} | {a['broken']} | {_pct(a['robust_accuracy'])} | {a['time_s']:.1f} |"
         )
     lines.append("")

@@ -36,7 +36,7 @@ def get(name: str) -> type[Objective]:
 
 def create(name: str, **options: Any) -> Objective:
     """An instance of objective ``name`` with ``options``, through ``OBJECTIVES.create`` (an
-    unknown option raises TypeError "unknown option X for objective <name>; its options are:
+    unknown option raises TypeError "objective <name>: unknown option X; its options are:
     ...")."""
     return OBJECTIVES.create(name, **options)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._validate import number, positive_int
+from robustlab._validate import number, one_of, positive_int
 from robustlab.attacks import create as create_attack
 from robustlab.noise import check_noise, sample
 from robustlab.threat import ThreatModel
@@ -83,9 +83,7 @@ class NoiseAT(Objective):
                  noise: str = "gaussian") -> None:
         check_noise(noise, sigma)
         number(adv_weight, "noise-at adv_weight", low=0, high=1)
-        if attack not in ATTACKS:
-            raise ValueError(f"noise-at attack must be one of {', '.join(ATTACKS)}, "
-                             f"got {attack!r}")
+        one_of(attack, "noise-at attack", ATTACKS)
         positive_int(samples, "noise-at samples")
         positive_int(steps, "noise-at steps")
         if step_size is not None:
