@@ -47,7 +47,7 @@ def check_noise(noise: str, sigma: float) -> None:
     """ValueError naming the problem unless ``noise`` is known and ``sigma`` a finite scale >= 0."""
     if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; valid noises are: {', '.join(NOISES)}")
-    number(sigma, "sigma (the noise scale in input units)", low=0)
+    number(sigma, "sigma", low=0)  # the noise scale in input units
 
 
 def sample(like: Tensor, noise: str, sigma: float,
