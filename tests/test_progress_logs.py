@@ -4,7 +4,6 @@ train_log.jsonl (also across a resume), the evaluation's bar and its eval_log.js
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import pytest
@@ -175,17 +174,18 @@ def test_resumed_evaluation_appends_to_its_log(tmp_path, toy_model, toy_data, mo
     assert end["robust_accuracy"] == want.robust_accuracy
 
 
-def test_eval_bar_counts_attack_batches_and_shows_robust_accuracy(toy_model, toy_data, bars,
-                                                                  capfd):
+def test_eval_bar_counts_attack_steps_and_shows_robust_accuracy(toy_model, toy_data, bars,
+                                                                capfd):
+    # issue 16: the unit is one attack step on one point (fgsm 1, pgd 5), not a batch
     res = rl.evaluate(toy_model, *toy_data, EVAL_THREAT, attacks=ATTACKS, batch_size=64,
                       progress=True)
     (bar,) = bars
-    batches = [math.ceil(a["attacked"] / 64) for a in res.per_attack]
-    assert bar.n == bar.total == sum(batches)
+    work = [units * a["attacked"] for units, a in zip([1, 5], res.per_attack, strict=True)]
+    assert bar.n == bar.total == sum(work)
     totals = [t for _, t, _, _ in bar.seen]
-    assert totals[0] == 2 * batches[0]  # first estimate: every attack on every clean point
+    assert totals[0] == (1 + 5) * work[0]  # first estimate: every attack on every clean point
     assert totals == sorted(totals, reverse=True)  # an upper bound that only falls
-    assert totals[-1] == sum(batches) < totals[0]
+    assert totals[-1] == sum(work) < totals[0]
     assert bar.desc.startswith("2:pgd") and bar.seen[0][2].startswith("1:fgsm")
     assert bar.postfix == f"robust={100 * res.robust_accuracy:.2f}%"
     err = capfd.readouterr().err  # what a user sees: the attack and its robust accuracy

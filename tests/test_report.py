@@ -181,14 +181,17 @@ def test_leaderboard(runs):
     assert [r["rank"] for r in linf] == list(range(1, len(linf) + 1))
     assert [r["robust_accuracy"] for r in linf] == sorted(
         (r["robust_accuracy"] for r in linf), reverse=True)
-    pgd = next(r for r in rows if r["run"] == "pgd-at" and r["where"] == ".")
+    # one row per model: pgd-at's strongest evaluation, its audit (issue 16, item 6)
+    pgd = next(r for r in rows if r["run"] == "pgd-at")
+    assert pgd["where"] == "audit" and sum(r["run"] == "pgd-at" for r in rows) == 1
     assert pgd["method"] == "pgd-at" and pgd["architecture"] == "smallcnn"
     assert pgd["epochs"] == 2
     assert pgd["train_time_s"] == pytest.approx(
         sum(e["train_time_s"] for e in runs[0].train_log))
     md = leaderboard_markdown(runs)
     assert "## linf ε = 0.1" in md
-    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {pgd['rank']} | pgd-at |"))
+    line = next(ln for ln in md.splitlines()
+                if ln.startswith(f"| {pgd['rank']} | pgd-at/audit |"))
     assert f"{100 * pgd['robust_accuracy']:.2f}%" in line and "smallcnn" in line
 
 

@@ -194,7 +194,8 @@ def test_a_split_vote_abstains():
 
 def test_predict_returns_the_majority_far_from_the_plane():
     x = torch.tensor([0.4, -0.4]).view(2, 1, 1, 1)
-    pred = predict(Halfspace(torch.ones(1), 0.0), x, sigma=0.1, n=500, generator=gen())
+    pred = predict(Halfspace(torch.ones(1), 0.0), x, sigma=0.1, n=500, generator=gen(),
+                   bounds=(-1, 1))
     assert pred.tolist() == [0, 1]
 
 

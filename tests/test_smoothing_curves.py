@@ -237,7 +237,8 @@ def test_cli_smooth_writes_the_curves(checkpoint, capsys):
     code = main(["smooth", str(checkpoint), "--sigmas", "0,0.25", "--samples", "1, 4",
                  "--votes", "prediction,soft", "--n", "16", "--device", "cpu", "--quiet"])
     assert code == 0 and capsys.readouterr().out == ""
-    rec = json.loads((checkpoint.parent / "smoothing" / "smoothing.json").read_text())
+    (path,) = checkpoint.parent.glob("smooth-gaussian-n16-seed0-*/smoothing.json")
+    rec = json.loads(path.read_text())
     assert rec["config"]["checkpoint"] == str(checkpoint) and rec["config"]["n"] == 16
     assert rec["config"]["dataset"] == "fashion-mnist" and rec["config"]["split"] == "test"
     assert rec["config"]["samples"] == [1, 4] and "command" in rec["config"]

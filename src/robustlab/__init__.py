@@ -9,15 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from robustlab._eps import parse_eps
 from robustlab._provenance import package_version
-from robustlab.threat import ThreatModel, parse_eps
 
 if TYPE_CHECKING:
     from robustlab import attacks, data, defenses, evaluation, models, report, training
     from robustlab.evaluation import AuditResult, EvalResult, audit, eps_sweep, evaluate
+    from robustlab.threat import ThreatModel
 
 __version__ = package_version()
-_SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report", "training")
+_SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report", "threat",
+                "training")
 _FROM_EVALUATION = ("AuditResult", "EvalResult", "audit", "eps_sweep", "evaluate")
 __all__ = [
     "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses",
@@ -26,7 +28,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The subpackages and the evaluation's entry points, imported when first asked for."""
+    """The subpackages, the threat model and the evaluation's entry points, imported when
+    first asked for (``import robustlab`` alone loads no torch: the command line parses its
+    arguments first)."""
+    if name == "ThreatModel":
+        return importlib.import_module("robustlab.threat").ThreatModel
     if name in _SUBPACKAGES:
         return importlib.import_module(f"robustlab.{name}")
     if name in _FROM_EVALUATION:

@@ -5,7 +5,8 @@ Progress bars and printing live here, never in the library. The CLI seeds torch 
 records the seed with every result. The arguments (the options every command shares come
 from one parent parser) are in :mod:`robustlab.cli_args`. This is the one module that imports
 the library inside its functions: a command loads only what it runs, after its arguments were
-parsed.
+parsed and checked (:mod:`robustlab.cli_out`: output folders, file-system problems, finished
+results, an eps that covers the input box).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustlab.cli_args import REGISTRIES, build_parser
+from robustlab import cli_out
+from robustlab.cli_args import REGISTRIES, build_parser, parse_options, suite_lines
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +70,7 @@ def _checkpoint(args: argparse.Namespace,
 
 def _config(args: argparse.Namespace, dataset: str, **extra: Any) -> dict[str, Any]:
     """What a result records of the command: the checkpoint, the data set with its class names
-    (for the report), the split, and ``extra``."""
+    (for the report), the split, the settings that recognise a rerun, and ``extra``."""
     from robustlab import data
 
     try:
@@ -76,7 +78,7 @@ def _config(args: argparse.Namespace, dataset: str, **extra: Any) -> dict[str, A
     except (ValueError, KeyError):
         classes = None
     return {"checkpoint": str(args.checkpoint), "dataset": dataset, "classes": classes,
-            "split": args.split, **extra}
+            "split": args.split, "cli_settings": getattr(args, "cli_settings", None), **extra}
 
 
 def _out(msg: str = "", quiet: bool = False) -> None:
@@ -161,18 +163,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, dataset = _checkpoint(args, device)
     x, y = data.load(dataset, split=args.split, n=args.n)  # batches go to the model's device
+    cli_out.check_eps(args, x[0].numel())
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, dataset, device, quiet)
     options = {k: v for k in ("loss", "steps", "restarts", "step_size")
                if (v := getattr(args, k)) is not None}
     attacks = [(a, options) for a in args.attack] if args.attack else None
-    out = args.out or args.checkpoint.parent
+    out = args.out  # default: named from the settings (cli_out.default_folder)
     surrogate = models.load(args.surrogate, device=device) if args.surrogate else None
     try:
         result = evaluate_sharded(
             model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
-            seed=args.seed, out=str(out), progress=not quiet, resume=not args.restart,
-            repeats=args.repeats, surrogate=surrogate, bpda=args.bpda, eot=args.eot,
+            seed=args.seed, out=str(out), progress=not quiet,
+            resume=not (args.restart or args.overwrite), repeats=args.repeats,
+            surrogate=surrogate, bpda=args.bpda, eot=args.eot,
             config=_config(args, dataset, defense=defense, command=" ".join(sys.argv)))
     finally:
         distributed.shutdown(world)
@@ -194,11 +198,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, dataset = _checkpoint(args, device)
     x, y = data.load(dataset, split=args.split, n=args.n)  # batches go to the model's device
+    cli_out.check_eps(args, x[0].numel())
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, dataset, device, args.quiet)
     surrogate = models.load(args.surrogate, device=device) if args.surrogate else None
-    out = args.out or args.checkpoint.parent / (
-        f"audit-{args.defense}" if args.defense else "audit")
+    out = args.out
     result = audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
                    queries=args.queries, eot=args.eot, binarization_points=args.binarization,
                    batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
@@ -218,7 +222,7 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
         return model, None
     from robustlab import data, defenses
 
-    options = _options(args.defense_option)
+    options = parse_options(args.defense_option)
     model = defenses.create(args.defense, model, **options).to(device)
     record: dict[str, Any] = {"name": args.defense, **options}
     if not model.fitted:
@@ -227,21 +231,6 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
         record["fit"] = {"split": "train", "n": len(xf)}
         _out(f"{args.defense}: fitted on the first {len(xf)} training points", quiet)
     return model, record
-
-
-def _options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["sigma=0.25", "vote=soft"]`` -> ``{"sigma": 0.25, "vote": "soft"}`` (values parsed as
-    JSON where they can be, else kept as strings)."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--defense-option takes KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 # --- certify, smooth and denoise --------------------------------------------------------------
@@ -257,12 +246,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
     x, y = data.load(dataset, split=args.split)
     idx = list(range(0, len(x), args.skip))[:args.n_points]
     x, y = x[idx].to(device), y[idx].to(device)
-    out = args.out or args.checkpoint.parent / f"certify_{args.noise}_{args.sigma:g}"
+    out = args.out
     norm = CERTIFIED_NORM[args.noise]
     every = f" (every {args.skip}-th)" if args.skip > 1 else ""
-    _out(f"certifying {len(x)} {dataset} {args.split} images{every} with "
-         f"{args.noise} noise sigma {args.sigma:g}, n0 {args.n0}, n {args.n}, alpha "
-         f"{args.alpha:g}; radii in {norm}; rows in {out / 'certify.jsonl'}", args.quiet)
+    _out(f"certifying {len(x)} {dataset} {args.split} images{every}; rows in "
+         f"{out / 'certify.jsonl'}", args.quiet)  # the noise and draws: the bar's header
     _out("idx\tlabel\tpredict\tradius\tcorrect\ttime", args.quiet)
 
     def row(r: dict[str, Any]) -> None:
@@ -272,7 +260,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     summary = run_certification(
         model, x, y, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         noise=args.noise, batch_size=args.batch_size, seed=args.seed, indices=idx, out=out,
-        resume=not args.restart, on_row=row,
+        resume=not (args.restart or args.overwrite), on_row=row, progress=not args.quiet,
         config=_config(args, dataset,
                        denoiser=str(args.denoiser) if args.denoiser else None))
     curve = ", ".join(f"r={c['radius']:g}: {100 * c['accuracy']:.1f}%"
@@ -306,7 +294,7 @@ def cmd_smooth(args: argparse.Namespace) -> int:
     model, dataset = _checkpoint(args, device)
     x, y = data.load(dataset, split=args.split, n=args.n)
     x, y = x.to(device), y.to(device)
-    out = args.out or args.checkpoint.parent / "smoothing"
+    out = args.out
     _out(f"smoothing curves of {args.checkpoint} on {len(x)} {dataset} {args.split} images, "
          f"{args.noise} noise", args.quiet)
     rec = smoothing_curves(
@@ -358,11 +346,14 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 # --- report, compare and list -----------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from robustlab.report import write_report
+    from robustlab.report import load_run, write_report
 
+    runs = [load_run(p) for p in args.runs]
+    for skipped in (s for run in runs for s in run.skipped):
+        print(f"robustlab report: skipped {skipped}", file=sys.stderr)
     out = args.output or (args.runs[0] / "report.html" if len(args.runs) == 1
                           else Path("report.html"))
-    path = write_report(args.runs, out, title=args.title)
+    path = write_report(runs, out, title=args.title)
     print(f"report: {path.resolve()}")
     return 0
 
@@ -371,7 +362,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from robustlab._io import atomic_write
     from robustlab.report import leaderboard_markdown, load_run
 
-    text = leaderboard_markdown([load_run(p) for p in args.runs])
+    runs = [load_run(p) for p in args.runs]
+    for skipped in (s for run in runs for s in run.skipped):
+        print(f"robustlab compare: skipped {skipped}", file=sys.stderr)
+    text = leaderboard_markdown(runs)
     if args.output:
         atomic_write(args.output, text)
         print(f"leaderboard: {args.output.resolve()}")
@@ -381,6 +375,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.kind == "suites":
+        from robustlab.evaluation.suites import SUITES
+
+        print("\n".join(suite_lines(SUITES)))
+        return 0
     for kind in [args.kind] if args.kind else list(REGISTRIES):
         module, function = REGISTRIES[kind]
         names = operator.attrgetter(function)(importlib.import_module(module))
@@ -400,9 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if (done := cli_out.prepare(args)) is not None:  # before anything is loaded
+            _out(done)
+            return 0
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError) as e:
         print(f"robustlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file-system problem: one line with the path, never a traceback
+        print(f"robustlab {args.command}: error: {cli_out.os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; a training run continues with --resume", file=sys.stderr)

@@ -1,18 +1,21 @@
 """The command line's arguments: one sub-parser per command of :mod:`robustlab.cli`, the
 parent parser of the options the commands share (:func:`shared`), and the argparse types.
 
-Parsing needs nothing of the library but the threat model's vocabulary (norms, ``8/255``), so
-a bad argument is refused before a model, a data set or an attack is loaded. Each sub-parser
+Parsing needs nothing of the library but the threat model's vocabulary (norms, ``8/255``, from
+the torch-free :mod:`robustlab._eps`), so a bad argument is refused before torch, a model, a
+data set or an attack is loaded. Each sub-parser
 records its command's name in ``command``; :mod:`robustlab.cli` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from robustlab.threat import NORMS, parse_eps
+from robustlab._eps import NORMS, parse_eps
+from robustlab._provenance import package_version
 
 
 def _positive_int(text: str) -> int:
@@ -48,7 +51,8 @@ def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
     if dataset:
         p.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
     if split:
-        p.add_argument("--split", default="test", choices=("train", "test"))
+        p.add_argument("--split", default="test", choices=("train", "test"),
+                       help="which split of the data set (default: test)")
     if n is not None:
         p.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=n,
                        help="first n points of the split (under torchrun write --n-points: "
@@ -80,6 +84,46 @@ REGISTRIES = {  # robustlab list KIND: the module, and the function in it naming
 }
 
 
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["sigma=0.25", "vote=soft"]`` -> ``{"sigma": 0.25, "vote": "soft"}`` (values parsed as
+    JSON where they can be, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--defense-option takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def suite_lines(suites: Any) -> list[str]:
+    """What ``robustlab list suites`` prints of the registry ``suites``: per suite its attacks
+    in order (linf), its cost per point (gradient steps and queries when no stage breaks the
+    point early) and what it is for."""
+    lines = ["suites (robustlab evaluate --suite NAME; a point broken early costs less):"]
+    for name in suites.names():
+        suite, grads, queries, parts = suites.get(name), 0, 0, []
+        for attack, o in suite.for_norm("linf"):
+            if "n_queries" in o:
+                queries += o["n_queries"]
+                parts.append(f"{attack} {o['n_queries']} queries")
+                continue
+            runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
+            grads += runs * o.get("steps", 1) * o.get("eot", 1)
+            parts.append(" ".join([attack, *([o["loss"]] if "loss" in o else []),
+                                   *([f"{o['steps']} steps"] if "steps" in o else []),
+                                   *([f"x {runs}"] if runs > 1 else []),
+                                   *([f"x EOT {o['eot']}"] if "eot" in o else [])]))
+        cost = f"{grads:,} gradient steps" + (f" + {queries:,} queries" if queries else "")
+        votes = f" and {suite.repeats} predictions" if suite.repeats > 1 else ""
+        lines += [f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
+                  f"      {suite.description}"]
+    return lines
+
+
 def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model from a TOML recipe", parents=[shared(
         "run directory, e.g. runs/pgd_at", dataset=False, split=False, seed=None,
@@ -96,8 +140,13 @@ def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
     """What ``evaluate`` and ``audit`` share beyond :func:`shared`: the checkpoint, the threat
     model, the defense around the checkpoint and the EOT draws."""
     p.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
-    p.add_argument("--norm", choices=NORMS, default="linf")
-    p.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    p.add_argument("--norm", choices=NORMS, default="linf",
+                   help="the threat model's norm (default: linf)")
+    p.add_argument("--eps", type=_eps, required=True,
+                   help="radius in input units (inputs in [0, 1]), e.g. 0.1 or 8/255")
+    p.add_argument("--force-eps", action="store_true",
+                   help="run even when the eps ball covers the whole input box (refused "
+                        "otherwise: --eps 8 is most likely 8/255)")
     p.add_argument("--defense", default=None,
                    help=f"{what} the checkpoint inside this defense (robustlab list defenses), "
                         "e.g. smoothing; the attacks see the defended model")
@@ -114,7 +163,8 @@ def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def _evaluate_parser(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="clean and robust accuracy of a checkpoint", parents=[
-        shared("results directory (default: beside the checkpoint)", n=1000, batch_size=500,
+        shared("results folder (default: beside the checkpoint, named from the settings, "
+               "e.g. eval-linf-0.1-standard-n1000-seed0)", n=1000, batch_size=500,
                device="cpu")])
     _threat_args(e, "evaluate")
     e.add_argument("--suite", default="standard",
@@ -122,9 +172,13 @@ def _evaluate_parser(sub: Any) -> None:
                         "quick, pgd, pgd-strong (robustlab list suites)")
     e.add_argument("--attack", action="append", default=None,
                    help="run this attack instead of a suite (repeatable)")
-    e.add_argument("--steps", type=_positive_int, default=None)
-    e.add_argument("--restarts", type=_positive_int, default=None)
-    e.add_argument("--step-size", type=_eps, default=None)
+    e.add_argument("--steps", type=_positive_int, default=None,
+                   help="iterations of each --attack (default: the attack's own)")
+    e.add_argument("--restarts", type=_positive_int, default=None,
+                   help="random restarts of each --attack (default: the attack's own)")
+    e.add_argument("--step-size", type=_eps, default=None,
+                   help="step size of each --attack in input units, e.g. 2/255 (default: the "
+                        "attack's own rule)")
     e.add_argument("--loss", default=None, help="attack loss for --attack: ce, cw-margin, dlr")
     e.add_argument("--bpda", action=argparse.BooleanOptionalAction, default=None,
                    help="attack through non-differentiable stages with BPDA (default: on when "
@@ -135,13 +189,16 @@ def _evaluate_parser(sub: Any) -> None:
                    help="checkpoint of a surrogate model for the transfer attack")
     e.add_argument("--restart", action="store_true",
                    help="ignore an interrupted evaluation's state in --out and start over")
+    _overwrite(e)
 
 
 def _audit_parser(sub: Any) -> None:
     a = sub.add_parser("audit", help="the evaluation checklist (Carlini et al. 2019) on a "
                                      "checkpoint or a defense: PASS / FLAG per check",
-                       parents=[shared("results directory (default: audit[-DEFENSE] beside the "
-                                       "checkpoint)", n=500, batch_size=500, device="cpu")])
+                       parents=[shared("results folder (default: beside the checkpoint, "
+                                       "named from the settings, e.g. "
+                                       "audit-linf-0.1-n500-seed0)", n=500, batch_size=500,
+                                       device="cpu")])
     _threat_args(a, "audit")
     a.add_argument("--surrogate", type=Path, default=None,
                    help="checkpoint for the transfer attack (default: the undefended "
@@ -151,12 +208,14 @@ def _audit_parser(sub: Any) -> None:
                    help="query budget of the gradient-free attacks")
     a.add_argument("--binarization", type=int, default=20, metavar="N",
                    help="points of the binarization test (0 skips it)")
+    _overwrite(a)
 
 
 def _smoothing_parsers(sub: Any) -> None:
     c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed checkpoint",
                        parents=[shared("directory (default: beside the checkpoint, "
-                                       "certify_<noise>_<sigma>)", batch_size=1000)])
+                                       "named from the settings, e.g. certify-gaussian-0.25-...)",
+                                       batch_size=1000)])
     c.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
     c.add_argument("--sigma", type=_eps, required=True, help="noise scale in input units")
     c.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
@@ -171,11 +230,13 @@ def _smoothing_parsers(sub: Any) -> None:
                    help="denoised smoothing: a denoiser.safetensors (robustlab denoise) in front "
                         "of the checkpoint")
     c.add_argument("--restart", action="store_true", help="discard the rows of an earlier run")
+    _overwrite(c)
 
     s = sub.add_parser("smooth", help="smoothing curves: accuracy of a smoothed checkpoint vs "
                                       "noise draws n and sigma, for each vote",
-                       parents=[shared("directory for smoothing.json (default: smoothing/ "
-                                       "beside the checkpoint)", n=500, batch_size=1024)])
+                       parents=[shared("folder for smoothing.json (default: beside the "
+                                       "checkpoint, named from the settings)", n=500,
+                                       batch_size=1024)])
     s.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
     s.add_argument("--sigmas", type=str, required=True,
                    help="noise scales in input units, comma-separated, e.g. 0,0.12,0.25,0.5")
@@ -184,23 +245,27 @@ def _smoothing_parsers(sub: Any) -> None:
                         "come from the largest n's draws)")
     s.add_argument("--votes", type=str, default="prediction,soft,weighted",
                    help="voting rules, comma-separated (default: all three)")
-    s.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+    s.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
+                   help="the smoothing noise (default: gaussian)")
+    _overwrite(s)
 
     d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a checkpoint",
                        parents=[shared("run directory; a rerun resumes after its last epoch",
                                        batch_size=128, split=False, out_required=True)])
     d.add_argument("checkpoint", type=Path, help="the classifier (not modified)")
     d.add_argument("--sigma", type=_eps, required=True, help="noise scale to remove")
-    d.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian")
+    d.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
+                   help="the noise to remove (default: gaussian)")
     d.add_argument("--objective", choices=("mse", "stab"), default="mse",
                    help="mse: reconstruct the clean image; stab: keep the classifier's "
                         "clean prediction (fine-tune an mse denoiser with --init)")
-    d.add_argument("--epochs", type=_positive_int, required=True)
+    d.add_argument("--epochs", type=_positive_int, required=True, help="passes over the data")
     d.add_argument("--init", type=Path, default=None, help="start from this denoiser")
-    d.add_argument("--depth", type=_positive_int, default=8)
-    d.add_argument("--width", type=_positive_int, default=32)
+    d.add_argument("--depth", type=_positive_int, default=8, help="DnCNN layers (default: 8)")
+    d.add_argument("--width", type=_positive_int, default=32,
+                   help="DnCNN channels per layer (default: 32)")
     d.add_argument("--n-train", type=_positive_int, default=None, help="first n train images")
-    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
 
 
 def _report_parsers(sub: Any) -> None:
@@ -213,23 +278,53 @@ def _report_parsers(sub: Any) -> None:
     r.add_argument("--title", default=None, help="page title")
 
     cm = sub.add_parser("compare", help="a RobustBench-style leaderboard of runs (Markdown)")
-    cm.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    cm.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                    help="run directories or results files to rank")
     cm.add_argument("-o", "--output", type=Path, default=None,
                     help="write the Markdown here instead of printing it")
 
     ls = sub.add_parser("list", help="what is registered")
-    ls.add_argument("kind", nargs="?", choices=sorted(REGISTRIES), default=None)
+    ls.add_argument("kind", nargs="?", choices=sorted(REGISTRIES), default=None,
+                    help="what to list (default: everything); suites also says what each "
+                         "runs and costs")
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished result in the output folder (without it a finished "
+                        "result is kept: a rerun of the same settings does nothing)")
+
+
+FIRST_HOUR = """\
+a first hour:
+  robustlab train --config configs/quickstart.toml --out runs/quickstart
+  robustlab evaluate runs/quickstart/model.safetensors --eps 0.1 --suite fast
+  robustlab report runs/quickstart            (writes runs/quickstart/report.html)
+  robustlab list suites                       (what each attack suite runs and costs)
+
+Each command explains its options: robustlab evaluate --help. Results go to a folder
+named from the settings beside the checkpoint (--out chooses another); a finished
+result is never replaced without --overwrite. robustlab --version prints the version.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``robustlab`` parser; the sub-command's name lands in ``command``."""
-    p = argparse.ArgumentParser(prog="robustlab", description="Adversarial robustness of image "
-                                "classifiers: train, attack, defend, certify, evaluate, report.")
+    p = argparse.ArgumentParser(
+        prog="robustlab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Adversarial robustness of image classifiers: train, attack, defend, "
+                    "certify,\nevaluate and report, from the command line.", epilog=FIRST_HOUR)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"robustlab {package_version()}")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for add in (_train_parser, _evaluate_parser, _audit_parser, _smoothing_parsers,
                 _report_parsers):
         add(sub)
     return p
+
+
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parser of each command of :func:`build_parser`'s ``parser``, by name."""
+    return next(a for a in parser._actions if a.dest == "command").choices  # type: ignore
 
 

@@ -1,4 +1,5 @@
-"""TOML training recipes: every section and key checked, unknown ones named with the valid ones."""
+"""TOML training recipes: every section, key and value checked when the recipe is read (before
+any data is loaded), unknown ones named with the valid ones."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustlab import data, models
+from robustlab._validate import OptionTypeError, integer, one_of, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig
 
@@ -35,9 +38,8 @@ class Recipe:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse a TOML recipe (see ``configs/``)."""
-    path = Path(path)
+def _parse(path: Path) -> dict[str, Any]:
+    """The TOML document of ``path``, its sections and keys checked against ``_SECTIONS``."""
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found; the recipes shipped are in configs/")
     try:
@@ -53,18 +55,57 @@ def load_recipe(path: str | Path) -> Recipe:
         if keys is not None and (bad := set(value) - keys):
             raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; "
                              f"valid: {', '.join(sorted(keys))}")
-    d, t = doc.get("data", {}), doc.get("threat")
-    train = dict(doc.get("train", {}))
+    if "objective" not in doc.get("train", {}):
+        what = "has no [train] section" if "train" not in doc else "[train] has no objective"
+        raise ValueError(f"recipe {path} {what}: a recipe says what to train, at least "
+                         '[train] objective = "natural" (or "pgd-at", ...: robustlab list '
+                         "objectives) and epochs = ...; see the recipes in configs/")
+    return doc
+
+
+def _threat(t: dict[str, Any] | None) -> ThreatModel | None:
+    if t is None:
+        return None
+    if "norm" not in t or "eps" not in t:
+        raise ValueError(f"[threat] needs norm and eps (e.g. norm = \"linf\", eps = \"8/255\"), "
+                         f"got {', '.join(sorted(t)) or 'an empty table'}")
+    return ThreatModel(t["norm"], t["eps"], tuple(t.get("bounds", (0.0, 1.0))))
+
+
+def _recipe(doc: dict[str, Any]) -> Recipe:
+    d = doc.get("data", {})
+    dataset = d.get("dataset", "fashion-mnist")
+    data.info(dataset)  # a ValueError naming the valid data sets
+    n_train = d.get("n_train")
+    if n_train is not None:
+        positive_int(n_train, "n_train")
+    val_n = integer(d.get("val_n", 500), "val_n", minimum=0)
+    model = dict(doc.get("model", {}))
+    model.setdefault("arch", "smallcnn")
+    one_of(model["arch"], "architecture", models.names())
+    threat = _threat(doc.get("threat"))
+    train = dict(doc["train"])
     train["objective_options"] = doc.get("objective", {})
     train["schedule_options"] = doc.get("schedule", {})
     if "val_attack" in doc:
         train["val_attack"] = doc["val_attack"]
-    train["dataset"] = d.get("dataset", "fashion-mnist")
-    model = dict(doc.get("model", {}))
+    train["dataset"] = dataset
     train["init"] = model.pop("init", None)  # the trainer loads it, models.create never sees it
     cfg = TrainConfig(**train)
-    cfg.validate()
-    model.setdefault("arch", "smallcnn")
-    threat = ThreatModel(t["norm"], t["eps"], tuple(t.get("bounds", (0.0, 1.0)))) if t else None
-    return Recipe(dataset=cfg.dataset, n_train=d.get("n_train"), val_n=d.get("val_n", 500),
-                  model=model, threat=threat, train=cfg, source=doc)
+    cfg.validate(threat)
+    return Recipe(dataset=dataset, n_train=n_train, val_n=val_n, model=model, threat=threat,
+                  train=cfg, source=doc)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse a TOML recipe (see ``configs/``) and check all of it before anything runs: its
+    sections and keys, every value's type (the error names the key), the data set, the
+    architecture, the threat model, the objective, the schedule and the validation attack.
+    A recipe needs ``[train]`` with an ``objective``."""
+    path = Path(path)
+    doc = _parse(path)
+    try:
+        return _recipe(doc)
+    except (TypeError, ValueError) as e:  # name the file; a type error stays a TypeError
+        raise (OptionTypeError if isinstance(e, TypeError) else ValueError)(f"{path}: {e}") \
+            from None

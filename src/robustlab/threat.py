@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import Tensor
 
-NORMS = ("linf", "l2", "l1")
+from robustlab._eps import NORMS, parse_eps
+
+__all__ = ["NORMS", "ThreatModel", "parse_eps"]
+
 _BISECTION_STEPS = 60
-
-
-def parse_eps(value: str | float | int) -> float:
-    """Parse an eps given as a number or a fraction string such as ``"8/255"`` (never ``eval``)."""
-    if isinstance(value, bool):
-        raise TypeError("eps must be a number or a string such as '8/255', got a bool")
-    if isinstance(value, int | float):
-        try:
-            return float(value)
-        except OverflowError:
-            raise ValueError(f"eps {value} is too large for a float") from None
-    if isinstance(value, str):
-        try:
-            return float(Fraction(value.strip()))
-        except OverflowError:
-            raise ValueError(f"eps {value!r} is too large for a float") from None
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(
-                f"cannot parse eps {value!r}: give a number ('0.1') or a fraction ('8/255')"
-            ) from None
-    raise TypeError(f"eps must be a number or a string such as '8/255', got {type(value).__name__}")
 
 
 def _flat(t: Tensor) -> Tensor:

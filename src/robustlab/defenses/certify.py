@@ -33,6 +33,7 @@ from robustlab._modes import eval_mode
 from robustlab._validate import check_images, number, positive_int
 from robustlab.defenses.smoothing import noisy_logits
 from robustlab.noise import CERTIFIED_NORM, check_noise, radius
+from robustlab.threat import ThreatModel
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_iter", "predict", "vote_counts"]
 
@@ -56,6 +57,16 @@ class Certificate:
     seconds: float
 
 
+Box = tuple[float, float]
+
+
+def check_box(x: object, bounds: Box) -> None:
+    """``x`` checked as every entry point checks its inputs
+    (:func:`robustlab._validate.check_images`): a finite float batch inside the box
+    ``bounds`` (``(low, high)``, as a threat model's)."""
+    check_images(x, ThreatModel("l2", 0.0, bounds))
+
+
 def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
     check_noise(noise, sigma)
     number(alpha, "alpha (the allowed failure probability)", low=0, high=1, low_open=True,
@@ -66,9 +77,18 @@ def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
 def vote_counts(
     model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str = "gaussian",
     batch_size: int = 1000, generator: torch.Generator | None = None,
+    bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """(N, K) int64: how often the base ``model`` predicts each class on ``num`` noisy copies of
-    each input. Runs without gradients in eval mode (the model's mode is restored)."""
+    each input (in ``bounds``). Runs without gradients in eval mode (the model's mode is
+    restored)."""
+    check_box(x, bounds)
+    return _vote_counts(model, x, num, sigma=sigma, noise=noise, batch_size=batch_size,
+                        generator=generator)
+
+
+def _vote_counts(model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str,
+                 batch_size: int, generator: torch.Generator | None) -> Tensor:
     positive_int(num, "the number of noise draws")
     counts: Tensor | None = None
     with torch.no_grad(), eval_mode(model):
@@ -83,13 +103,15 @@ def vote_counts(
 def predict(
     model: nn.Module, x: Tensor, *, sigma: float, n: int = 100_000, alpha: float = 0.001,
     noise: str = "gaussian", batch_size: int = 1000, generator: torch.Generator | None = None,
+    bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """Cohen et al.'s PREDICT: (N,) int64 classes of the smoothed classifier, :data:`ABSTAIN`
     where the top two counts among ``n`` draws are not significantly different at level
-    ``alpha``. A returned class differs from ``g(x)`` with probability at most ``alpha``."""
+    ``alpha``. A returned class differs from ``g(x)`` with probability at most ``alpha``.
+    ``x`` must lie in ``bounds``, the input box (as for every entry point)."""
     _check(sigma, noise, alpha, batch_size)
-    check_images(x)
-    counts = vote_counts(model, x, n, sigma=sigma, noise=noise, batch_size=batch_size,
+    check_box(x, bounds)
+    counts = _vote_counts(model, x, n, sigma=sigma, noise=noise, batch_size=batch_size,
                          generator=generator)
     top = counts.topk(min(2, counts.shape[1]), dim=1)
     out = top.indices[:, 0].clone()
@@ -111,22 +133,30 @@ def lower_confidence_bound(count: int, n: int, alpha: float) -> float:
 def certify_iter(
     model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
     alpha: float = 0.001, noise: str = "gaussian", batch_size: int = 1000,
-    generator: torch.Generator | None = None, start: int = 0,
+    generator: torch.Generator | None = None, start: int = 0, bounds: Box = (0.0, 1.0),
 ) -> Iterator[Certificate]:
     """Cohen et al.'s CERTIFY, one :class:`Certificate` per input as soon as it is done (for
-    streaming and resumable runs); ``index`` counts from ``start``."""
+    streaming and resumable runs); ``index`` counts from ``start``; ``x`` must lie in
+    ``bounds``. The arguments are checked at the call, before the first input is drawn."""
     _check(sigma, noise, alpha, batch_size)
-    check_images(x)
+    check_box(x, bounds)
     positive_int(n0, "n0")
     positive_int(n, "n")
+    return _certificates(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
+                         batch_size=batch_size, generator=generator, start=start)
+
+
+def _certificates(model: nn.Module, x: Tensor, *, sigma: float, n0: int, n: int, alpha: float,
+                  noise: str, batch_size: int, generator: torch.Generator | None,
+                  start: int) -> Iterator[Certificate]:
     norm = CERTIFIED_NORM[noise]
     for i in range(len(x)):
         t0 = time.perf_counter()
         xi = x[i:i + 1]
-        selection = vote_counts(model, xi, n0, sigma=sigma, noise=noise,
+        selection = _vote_counts(model, xi, n0, sigma=sigma, noise=noise,
                                 batch_size=batch_size, generator=generator)
         c_a = int(selection[0].argmax())
-        estimation = vote_counts(model, xi, n, sigma=sigma, noise=noise,
+        estimation = _vote_counts(model, xi, n, sigma=sigma, noise=noise,
                                  batch_size=batch_size, generator=generator)
         count = int(estimation[0, c_a])
         p_a = lower_confidence_bound(count, n, alpha)
@@ -140,9 +170,11 @@ def certify_iter(
 def certify(
     model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
     alpha: float = 0.001, noise: str = "gaussian", batch_size: int = 1000,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, bounds: Box = (0.0, 1.0),
 ) -> tuple[Tensor, Tensor]:
-    """Cohen et al.'s CERTIFY on every input of ``x`` (N, C, H, W).
+    """Cohen et al.'s CERTIFY on every input of ``x`` (N, C, H, W), inside the input box
+    ``bounds`` (``(low, high)``; inputs outside it are refused, as by every entry point:
+    8-bit images must be scaled by 1/255 first).
 
     Returns:
         ``(prediction, radius)``: (N,) int64 classes (:data:`ABSTAIN` = -1 where it abstains)
@@ -152,7 +184,7 @@ def certify(
         the ball of that radius around the input.
     """
     rows = list(certify_iter(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-                             batch_size=batch_size, generator=generator))
+                             batch_size=batch_size, generator=generator, bounds=bounds))
     pred = torch.tensor([r.prediction for r in rows], dtype=torch.long)
     rad = torch.tensor([r.radius for r in rows], dtype=torch.float64)
     return pred, rad

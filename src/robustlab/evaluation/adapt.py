@@ -171,6 +171,24 @@ def plan(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]],
     if all(s.skipped for s in steps):
         raise ValueError(f"the model has no input gradient and no gradient-free attack exists for "
                          f"{threat.norm}: pass a surrogate model for the transfer attack")
+    return to_minimal_norm(steps, specs)
+
+
+def to_minimal_norm(steps: list[Step], specs: list[AttackLike]) -> list[Step]:
+    """The first attack that runs attacks every clean-correct point; if it is a minimum-norm
+    attack built from a name or pair, it runs without early stop (a copy), to the smallest
+    perturbation its search finds, so that the minimum-norm curve it gives is valid below eps
+    too (early stop keeps the first adversarial point inside eps, whose norm only bounds the
+    minimal one). Cost: its full search on every point rather than up to the first point
+    inside eps. Later attacks see only the points earlier ones left and give no curve, so they
+    keep early stop."""
+    first = next(i for i, s in enumerate(steps) if s.skipped is None)
+    atk = steps[first].attack
+    from_name = first >= len(specs) or not isinstance(specs[first], Attack)
+    if atk.minimum_norm and from_name and getattr(atk, "early_stop", False):
+        atk = copy.copy(atk)
+        atk.early_stop = False
+        steps = [*steps[:first], Step(atk, None), *steps[first + 1:]]
     return steps
 
 

@@ -49,8 +49,10 @@ from robustlab.defenses.base import Defense
 from robustlab.evaluation.adapt import Adaptation, adaptation, lacks_gradient
 from robustlab.evaluation.binarization import binarization_test
 from robustlab.evaluation.checks import run_checks, shattered_gradient
+from robustlab.evaluation.record import Progress, attack_units
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.run import evaluate
+from robustlab.evaluation.suites import AttackSpec
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 from robustlab.evaluation.verdicts import (
     FLAG,
@@ -177,6 +179,10 @@ def audit(
         batch_size, seed: as for :func:`~robustlab.evaluation.evaluate`.
         out: directory for ``results.json``, ``per_sample.jsonl`` and ``summary.md``.
         config: extra JSON-able context recorded in the results.
+        progress: True: one progress bar on stderr over every stage (the cascade, FGSM, the
+            eps sweep, the unbounded attack, the binarization test), below a header line
+            naming them; its unit is one attack step (or query) on one point, its total the
+            work of all stages, so its ETA is the audit's.
 
     Returns:
         :class:`AuditResult`: ``robust_accuracy``, ``checks``, ``flags``.
@@ -192,16 +198,21 @@ def audit(
     num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot)
     # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
     cascade, n_black = _attacks(threat, adaptive, num_classes, steps, queries, surrogate)
+    side = _side_plan(threat, x, adaptive, no_gradient, steps=steps, queries=queries,
+                      check_points=check_points, binarization_points=binarization_points)
+    bar = _progress(progress, cascade, side, x, threat)
     common = {"batch_size": batch_size, "seed": seed, "repeats": adaptive.repeats,
-              "progress": progress}
-    main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
-                    config=config, **common)
-    stages, n = main.per_attack, len(x)
-    # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
-    naive_skipped = bool(stages[0].get("skipped"))
-    runs = _side_runs(model, x, y, threat, adaptive, no_gradient, naive_skipped, common,
-                      steps=steps, queries=queries, check_points=check_points,
-                      binarization_points=binarization_points)
+              "progress": bar or False}
+    try:
+        main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
+                        config=config, **common)
+        stages, n = main.per_attack, len(x)
+        # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
+        naive_skipped = bool(stages[0].get("skipped"))
+        runs = _side_runs(model, x, y, threat, adaptive, side, naive_skipped, common, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     # 4. The verdicts.
     naive_acc = stages[0]["robust_accuracy"]
     checks = [
@@ -280,37 +291,94 @@ class _Runs(NamedTuple):
     binarization: dict[str, Any] | None
 
 
-def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-               adaptive: Adaptation, no_gradient: bool, naive_skipped: bool,
-               common: dict[str, Any], *, steps: int, queries: int, check_points: int,
-               binarization_points: int) -> _Runs:
-    """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""
-    fgsm = None if naive_skipped else evaluate(
-        model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common)
+class _SidePlan(NamedTuple):
+    """What the audit runs besides its cascade: the eps sweep's attacks (``probe``) and eps
+    (``grid``, empty: no sweep), the unbounded attack's threat model and attacks (empty: not
+    run), both on the first ``points`` points, and the binarization test's attack (None: not
+    run) on ``binarization_points`` points."""
+
+    probe: list[AttackSpec]
+    grid: list[float]
+    big: ThreatModel
+    unbounded: list[AttackSpec]
+    points: int
+    binarization: Attack | None
+    binarization_points: int
+
+
+def _side_plan(threat: ThreatModel, x: Tensor, adaptive: Adaptation, no_gradient: bool, *,
+               steps: int, queries: int, check_points: int,
+               binarization_points: int) -> _SidePlan:
     adaptive_opts = {"bpda": adaptive.bpda, "eot": adaptive.eot}
     square = ("square", {"n_queries": queries, "p_init": 0.8})
     # without any gradient, Square stands in for APGD (none for l1)
-    probe_attacks = ([square] if no_gradient else [("apgd-ce", {"steps": max(20, steps // 5),
-                                                                 **adaptive_opts})])
+    probe = ([square] if no_gradient else [("apgd-ce", {"steps": max(20, steps // 5),
+                                                        **adaptive_opts})])
     grid = [f * threat.eps for f in EPS_FACTORS if f * threat.eps > 0]
-    xs, ys = x[:check_points], y[:check_points]
-    sweep = None
-    if grid and not (no_gradient and threat.norm == "l1"):
-        sweep = eps_sweep(model, xs, ys, threat, grid, attacks=probe_attacks, **common)
-    big = _unbounded(threat, x)
-    unbounded_attacks = [] if no_gradient else [("apgd-ce", {"steps": steps, **adaptive_opts})]
+    if no_gradient and threat.norm == "l1":
+        grid = []
+    unbounded = [] if no_gradient else [("apgd-ce", {"steps": steps, **adaptive_opts})]
     if threat.norm != "l1":
-        unbounded_attacks.append(square)
-    unbounded = (evaluate(model, xs, ys, big, attacks=unbounded_attacks, **common)
-                 if unbounded_attacks else None)
+        unbounded.append(square)
+    binar = (None if not binarization_points or no_gradient
+             else _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps))
+    return _SidePlan(probe, grid, _unbounded(threat, x), unbounded, min(check_points, len(x)),
+                     binar, min(binarization_points, len(x)))
+
+
+def _progress(progress: bool, cascade: list[Attack], side: _SidePlan, x: Tensor,
+              threat: ThreatModel) -> Progress | None:
+    """With ``progress``: one bar over every stage of the audit, planned stage by stage in
+    attack steps x points, below a header line naming the stages."""
+    if not progress:
+        return None
+
+    def work(specs: list[AttackSpec], t: ThreatModel) -> int:
+        return sum(attack_units(create_for_evaluation(a, t, **o)) for a, o in specs)
+
+    plan = [("cascade", sum(attack_units(a) for a in cascade) * len(x)), ("fgsm", len(x))]
+    for eps in side.grid:
+        plan.append(("eps sweep", work(side.probe, dataclasses.replace(threat, eps=eps))
+                     * side.points))
+    if side.unbounded:
+        plan.append(("unbounded", work(side.unbounded, side.big) * side.points))
+    if side.binarization is not None:  # the attack on each point, features of 100 points
+        plan.append(("binarization", (attack_units(side.binarization) + 100)
+                     * side.binarization_points))
+    lo, hi = threat.bounds
+    names = ", ".join(f"{k + 1}:{a.name}" for k, a in enumerate(cascade))
+    return Progress(desc="audit", plan=plan, header=(
+        f"audit: {len(x)} points, {threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}]; "
+        f"cascade {names}; then FGSM, an eps sweep ({len(side.grid)} eps), an unbounded attack "
+        f"({side.points} points each) and the binarization test "
+        f"({side.binarization_points if side.binarization is not None else 0} points)"))
+
+
+def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               adaptive: Adaptation, side: _SidePlan, naive_skipped: bool,
+               common: dict[str, Any], bar: Progress | None) -> _Runs:
+    """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""
+    if naive_skipped and bar is not None:
+        bar.drop("fgsm")
+    fgsm = None if naive_skipped else evaluate(
+        model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common)
+    xs, ys = x[:side.points], y[:side.points]
+    sweep = (eps_sweep(model, xs, ys, threat, side.grid, attacks=side.probe, **common)
+             if side.grid else None)
+    unbounded = (evaluate(model, xs, ys, side.big, attacks=side.unbounded, **common)
+                 if side.unbounded else None)
     binar = None
-    if binarization_points and not no_gradient:
-        xb, yb = (t[:binarization_points].to(_device(model)) for t in (x, y))
-        binar = binarization_test(model, xb, yb, threat,
-                                  _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps),
-                                  n_inner=99, n_boundary=1, seed=common["seed"],
+    if side.binarization is not None:
+        if bar is not None:
+            bar.next_stage()
+            bar.bar.set_description("binarization test")
+        xb, yb = (t[:side.binarization_points].to(_device(model)) for t in (x, y))
+        binar = binarization_test(model, xb, yb, threat, side.binarization, n_inner=99,
+                                  n_boundary=1, seed=common["seed"],
                                   repeats=min(adaptive.repeats, 5))
-    return _Runs(fgsm, sweep, big, unbounded, binar)
+        if bar is not None:
+            bar.bar.update((attack_units(side.binarization) + 100) * len(xb))
+    return _Runs(fgsm, sweep, side.big, unbounded, binar)
 
 
 def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str, Any]],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ from torch import Tensor, nn
 
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
+from robustlab._validate import check_inputs
 from robustlab.defenses.certify import ABSTAIN, certify_iter
+from robustlab.evaluation.record import Progress
 from robustlab.noise import CERTIFIED_NORM
+from robustlab.threat import ThreatModel
 
 __all__ = ["certification_summary", "run_certification"]
 
@@ -88,11 +92,17 @@ def run_certification(
     indices: Sequence[int] | None = None, out: str | Path, resume: bool = True,
     config: dict[str, Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0), progress: bool = False,
 ) -> dict[str, Any]:
     """Certify every input of ``x`` (labels ``y``) into the directory ``out``; returns the
     summary written to ``out/certify.json``. ``indices`` names the examples in the rows (their
     index in the data set; default 0..N-1); ``on_row`` is called with every new row;
-    ``config`` adds entries (e.g. the checkpoint) to the recorded configuration."""
+    ``config`` adds entries (e.g. the checkpoint) to the recorded configuration. ``x`` must
+    lie in the input box ``bounds``, as for every entry point (checked before anything is
+    written). ``progress``: True: a progress bar on stderr over the noise draws x points
+    (``n0 + n`` per point; a resumed run starts at its finished rows), below a header line
+    saying what is about to run; ``on_row`` may print (the bar steps aside)."""
+    check_inputs(x, y, ThreatModel("l2", 0.0, bounds))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = list(range(len(x))) if indices is None else [int(i) for i in indices]
@@ -106,21 +116,30 @@ def run_certification(
     done = {r["index"] for r in rows}
     if not rows:
         atomic_write(path, json.dumps({"config": cfg}) + "\n")
-    with open(path, "a") as f:
+    bar = None if not progress else Progress(
+        desc="certify", unit="draw", total=len(ids) * (n0 + n),
+        initial=sum(i in done for i in ids) * (n0 + n),
+        header=f"certify: {len(ids)} points ({len(done)} done), {noise} noise sigma {sigma:g}, "
+               f"{n0} + {n} draws each, alpha {alpha:g}; radii in {CERTIFIED_NORM[noise]}")
+    with open(path, "a") as f, bar or nullcontext():
         for pos, index in enumerate(ids):
             if index in done:
                 continue
             gen = _example_generator(seed, index, x.device)
             (cert,) = certify_iter(model, x[pos:pos + 1], sigma=sigma, n0=n0, n=n, alpha=alpha,
-                                   noise=noise, batch_size=batch_size, generator=gen)
+                                   noise=noise, batch_size=batch_size, generator=gen,
+                                   bounds=bounds)
             row = {"index": index, "label": int(y[pos]), "prediction": cert.prediction,
                    "radius": cert.radius, "p_lower": cert.p_lower, "count": cert.count,
                    "correct": cert.prediction == int(y[pos]), "seconds": round(cert.seconds, 4)}
             f.write(json.dumps(row) + "\n")
             f.flush()
             rows.append(row)
+            if bar is not None:
+                bar.bar.update(n0 + n)
             if on_row is not None:
-                on_row(row)
+                with bar.aside() if bar is not None else nullcontext():
+                    on_row(row)
     summary = {"config": cfg, "norm": CERTIFIED_NORM[noise],
                **certification_summary(rows), "versions": versions(), "commit": git_commit(),
                "seconds": sum(r["seconds"] for r in rows)}

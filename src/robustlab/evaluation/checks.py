@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from robustlab._modes import declared
 from robustlab.attacks.losses import margin
+from robustlab.threat import ThreatModel
 
 Flag = dict[str, Any]
 
@@ -124,6 +125,30 @@ def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float =
                        "attacks are blind here, trust gradient-free and transfer attacks or a "
                        "smooth approximation",
             "prediction_error_median": med}
+
+
+def box_cover_eps(threat: ThreatModel, dim: int) -> float:
+    """The smallest eps whose ball around any point of the box ``threat.bounds``^``dim``
+    contains the whole box: the box's diameter in the threat's norm (linf: hi - lo; l2:
+    sqrt(dim) (hi - lo); l1: dim (hi - lo))."""
+    lo, hi = threat.bounds
+    return (hi - lo) * {"linf": 1.0, "l2": dim ** 0.5, "l1": float(dim)}[threat.norm]
+
+
+def eps_covers_box(threat: ThreatModel, dim: int) -> Flag | None:
+    """An eps whose ball covers the whole input box (``dim`` values per input, see
+    :func:`box_cover_eps`): any input can be moved to any other, so a robust accuracy of 0 says
+    nothing about the model; usually a slip of units (8 meant as 8/255)."""
+    cover = box_cover_eps(threat, dim)
+    if threat.eps < cover:
+        return None
+    lo, hi = threat.bounds
+    hint = (f"; did you mean eps {threat.eps:g}/255 = {threat.eps / 255:.4g}?"
+            if threat.eps / 255 < cover else "")
+    return {"name": "eps-covers-box",
+            "message": f"eps {threat.eps:g} ({threat.norm}) lets the ball cover the whole input "
+                       f"box [{lo:g}, {hi:g}]^{dim} (from eps {cover:.4g} on): any input can be "
+                       f"turned into any other, so the robust accuracy measures nothing{hint}"}
 
 
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[Flag]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from robustlab._progress import append_jsonl
+from robustlab.attacks import Attack
 from robustlab.evaluation.adapt import Step
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.state import FILENAME, EvalState
@@ -104,11 +105,11 @@ class RunLog:
             self.bar.set_description(desc, refresh=False)
         self.bar.set_postfix(postfix, refresh=refresh)
 
-    def advance(self, postfix: dict[str, str]) -> None:
-        """One unit done; the bar shows ``postfix``."""
+    def advance(self, postfix: dict[str, str], n: int = 1) -> None:
+        """``n`` units done; the bar shows ``postfix``."""
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+            self.bar.update(n)
 
     @contextmanager
     def aside(self) -> Iterator[None]:
@@ -128,11 +129,85 @@ class RunLog:
             self.writer = None
 
 
-def batches_left(steps: Sequence[Step], i: int, attacked: int, batch_size: int) -> int:
-    """Attack batches from the start of step ``i`` to the end of ``steps`` when its attack runs
-    on ``attacked`` points: an upper bound, as each later attack runs on at most those
-    (skipped attacks run none)."""
-    return math.ceil(attacked / batch_size) * sum(s.skipped is None for s in steps[i:])
+def _units(c: dict[str, Any]) -> int:
+    """Work per point of an attack from its config: see :func:`attack_units`."""
+    if isinstance(c.get("attack"), dict):  # transfer: crafted on the surrogate, then replayed
+        return _units(c["attack"]) + 1
+    per = c.get("n_queries") or c.get("max_iters", 0) * c.get("population", 1) or c.get("steps", 1)
+    return int(per * c.get("restarts", 1) * c.get("n_target_classes", c.get("k", 1))
+               * c.get("search_steps", 1) * (c.get("samples") or 1))
+
+
+def attack_units(atk: Attack) -> int:
+    """The work of ``atk`` on one point, the unit of the evaluation's progress bar: its
+    iterations (gradient steps, or queries of a gradient-free attack; NAttack: iterations x
+    population) x restarts x target classes x binary-search steps x noise samples x EOT draws
+    (a transfer attack: its attack on the surrogate, plus one). An upper bound where the
+    attack drops points once broken."""
+    return max(1, _units(atk.config()) * (atk.eot_samples if atk.uses_gradients else 1))
+
+
+def work_left(steps: Sequence[Step], i: int, attacked: int, done: int = 0) -> int:
+    """Units of work from step ``i`` to the end of ``steps`` when its attack runs on
+    ``attacked`` points of which ``done`` are done: an upper bound, as each later attack runs
+    on at most those (skipped attacks run none)."""
+    running = [attack_units(s.attack) if s.skipped is None else 0 for s in steps[i:]]
+    return sum(running) * attacked - (running[0] * done if running else 0)
+
+
+class Progress:
+    """One progress bar over a run's work (:mod:`tqdm`, on stderr): attack steps x points for
+    an evaluation (:func:`attack_units`), noise draws x points for a certification. Its total
+    is the work done plus the work left, an upper bound that falls as attacks break points,
+    so its rate and ETA count work, not batches of unequal cost. ``header``: a line written
+    above the bar, saying what is about to run.
+
+    A run of several evaluations (the audit) shares one: ``plan`` lists each evaluation's
+    estimated work, in order; an evaluation that starts on it takes the first entry
+    (:meth:`next_stage`), and the total counts the entries after it (:attr:`later`)."""
+
+    def __init__(self, *, desc: str, total: int = 0, initial: int = 0, unit: str = "step",
+                 plan: Sequence[tuple[str, int]] = (), header: str | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        if header:
+            log.info("%s", header)
+            tqdm.write(header, file=sys.stderr)
+        self.plan, self.later, self.stage = list(plan), 0, ""
+        self.bar = tqdm(total=total + sum(u for _, u in self.plan), initial=initial, desc=desc,
+                        unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+
+    def next_stage(self) -> str:
+        """Take the first planned stage (its name; ``""`` if none is left)."""
+        self.stage = self.plan.pop(0)[0] if self.plan else ""
+        self.later = sum(u for _, u in self.plan)
+        return self.stage
+
+    def drop(self, name: str) -> None:
+        """Forget the planned stages ``name`` (not run after all) and lower the total."""
+        gone = sum(u for s, u in self.plan if s == name)
+        self.plan = [(s, u) for s, u in self.plan if s != name]
+        self.bar.total -= gone
+
+    def left(self, units: int) -> None:
+        """The current stage has ``units`` of work left."""
+        self.bar.total = self.bar.n + units + self.later
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """The bar cleared for the block (which may print) and drawn again after it."""
+        self.bar.clear()
+        yield
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _robust(st: EvalState) -> dict[str, str]:
@@ -145,10 +220,14 @@ class EvalRecord(RunLog):
     at most every :data:`_SAVE_EVERY_S` seconds and after every attack) and the results."""
 
     def __init__(self, out: str | Path | None, *, batch_size: int,
-                 progress: bool = False) -> None:
+                 progress: bool | Progress = False) -> None:
         self.out = Path(out) if out is not None else None
         super().__init__(self.out / EVAL_LOG if self.out is not None else None,
-                         progress=progress)
+                         progress=bool(progress))
+        #: the bar shared with the run around this evaluation (the audit's), else None
+        self.shared = progress if isinstance(progress, Progress) else None
+        self.meter: Progress | None = None
+        self.units = self.attacked = 0  # the current attack's work per point, its points
         self.state_path = self.out / FILENAME if self.out is not None else None
         self.batch_size = batch_size
         self.t_start = time.perf_counter()
@@ -174,12 +253,8 @@ class EvalRecord(RunLog):
     def start(self, st: EvalState, steps: Sequence[Step], *, suite: str,
               threat: ThreatModel) -> None:
         self.elapsed0, self.last_save = st.elapsed_s, time.perf_counter()
-        if self.progress:  # unit: attack batches, total: an upper bound that falls
-            bs = self.batch_size
-            done = sum(math.ceil(r["attacked"] / bs) for r in st.per_attack) + st.batch
-            left = batches_left(steps, st.attack, int(st.start_robust.sum() if st.batch
-                                                      else st.robust.sum()), bs)
-            self.open(total=done + left - st.batch, initial=done, desc="attacks")
+        if self.progress:
+            self._open_bar(st, steps, suite, threat)
         self.event({"event": "start", "time": datetime.now(UTC).isoformat(timespec="seconds"),
                     "n": len(st.robust), "suite": suite, "threat": threat.to_dict(),
                     "attacks": [f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps)],
@@ -188,12 +263,18 @@ class EvalRecord(RunLog):
     def attack_begins(self, st: EvalState, steps: Sequence[Step], i: int, label: str,
                       attacked: int) -> None:
         self.t_attack = time.perf_counter()
-        if self.bar is not None:
-            total = self.bar.n - st.batch + batches_left(steps, i, attacked, self.batch_size)
-            self.show(_robust(st), desc=label, total=total)
+        self.units = attack_units(steps[i].attack) if steps[i].skipped is None else 0
+        self.attacked = attacked
+        if self.meter is not None:
+            self.meter.left(work_left(steps, i, attacked, min(st.batch * self.batch_size,
+                                                              attacked)))
+            stage = f"{self.meter.stage}: " if self.meter.stage else ""
+            self.show(_robust(st), desc=stage + label)
 
     def batch_done(self, st: EvalState) -> None:
-        self.advance(_robust(st))
+        if self.bar is not None:
+            points = min(self.batch_size, self.attacked - (st.batch - 1) * self.batch_size)
+            self.advance(_robust(st), n=self.units * points)
         if self.state_path is not None and time.perf_counter() - self.last_save > _SAVE_EVERY_S:
             st.elapsed_s = self.elapsed()
             st.save(self.state_path, self.fp, attack_time_s=time.perf_counter() - self.t_attack)
@@ -222,7 +303,33 @@ class EvalRecord(RunLog):
         self.event({"event": "end", "clean_accuracy": float(clean.float().mean()),
                     "robust_accuracy": float(st.robust.float().mean()),
                     "total_s": self.elapsed()})
+        if self.shared is not None:
+            self.bar = None  # the run around this evaluation closes it
         self.close()
+
+    def _open_bar(self, st: EvalState, steps: Sequence[Step], suite: str,
+                  threat: ThreatModel) -> None:
+        """The bar over the attacks' work (:func:`attack_units` x points), standing at the work
+        done if the run resumes; the evaluation's own with a header line, or the shared one."""
+        attacked = int(st.start_robust.sum() if st.batch else st.robust.sum())
+        current = min(st.batch * self.batch_size, attacked)  # points done of the current attack
+        left = work_left(steps, st.attack, attacked, current)
+        done = (sum(attack_units(s.attack) * r["attacked"]  # finished attacks, current's part
+                    for s, r in zip(steps, st.per_attack, strict=False))
+                + work_left(steps, st.attack, attacked) - left)
+        if self.shared is not None:
+            self.meter = self.shared
+            self.meter.next_stage()
+        else:
+            lo, hi = threat.bounds
+            names = ", ".join(f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps)
+                              if s.skipped is None)
+            self.meter = Progress(desc="attacks", total=done + left, initial=done, header=(
+                f"evaluate: {len(st.robust)} points ({int(st.robust.sum())} to attack), "
+                f"{threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}], suite {suite}: {names}"
+                + (" (resumed)" if done else "")))
+        self.bar = self.meter.bar
+        self.meter.left(left)
 
     def finish(self, result: EvalResult) -> None:
         """Save the results into ``out`` and remove the state they supersede."""

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from robustlab._io import atomic_path, atomic_write
 from robustlab._provenance import git_commit, versions
+from robustlab._validate import one_of
 from robustlab.evaluation.state import EvalState
 from robustlab.report.summary import markdown
 from robustlab.threat import ThreatModel
@@ -23,6 +24,8 @@ from robustlab.threat import ThreatModel
 SCHEMA = "robustlab.evaluation/1"
 EXAMPLES = "examples.safetensors"
 N_EXAMPLES = 8  # adversarial examples kept beside the results for the report's image grid
+#: how the minimal norms behind ``min_norm_curve`` were searched (see :func:`min_norm_curve`)
+MIN_NORM_SEARCH = ("minimal", "early-stop")
 
 
 @dataclass
@@ -92,22 +95,31 @@ def example_indices(per_sample: list[dict[str, Any]], k: int = N_EXAMPLES) -> li
     return sorted(broken[:k] + robust[:max(0, k - len(broken))])
 
 
-def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41) -> list[dict]:
+def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41, *,
+                   search: str = "minimal") -> list[dict]:
     """Robust accuracy against eps from the per-sample minimal norms: robust at e iff the
     smallest adversarial perturbation found is larger than e (an upper bound, like any attack's
-    number)."""
+    number). ``search``: how the norms were found. ``"minimal"``: every minimum-norm attack ran
+    its whole search (no early stop), so the curve holds at every eps from 0. ``"early-stop"``:
+    an attack stopped at the first adversarial point inside the threat's eps, whose norm only
+    bounds the minimal one from above (a curve built on it overstates robust accuracy below
+    eps), so the curve starts at eps, where it is valid."""
     finite = min_norm[torch.isfinite(min_norm)]
     top = max(2 * threat.eps, float(finite.max()) if len(finite) else 0.0) or 1.0
-    grid = torch.linspace(0, top, points)
+    low = threat.eps if one_of(search, "search", MIN_NORM_SEARCH) == "early-stop" else 0.0
+    grid = torch.linspace(low, top, points)
     return [{"eps": float(e), "robust_accuracy": float((min_norm > e).float().mean())}
             for e in grid]
 
 
 def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
                  threat: ThreatModel, flags: list[dict[str, Any]],
-                 extra: dict[str, Any]) -> EvalResult:
+                 extra: dict[str, Any], search: str = "minimal") -> EvalResult:
     """The :class:`EvalResult` of a finished cascade ``st`` on ``(x, y)`` (clean predictions
-    ``pred``, clean-correct mask ``clean``); ``extra``: the run's settings for the record."""
+    ``pred``, clean-correct mask ``clean``); ``extra``: the run's settings for the record.
+    Where a minimum-norm attack gave every clean-correct point a norm, the record holds the
+    curve (``min_norm_curve``) and how its norms were searched (``min_norm_search``, see
+    :func:`min_norm_curve`)."""
     dist = threat.distance(st.x_adv, x)
     per_sample = []
     for i in range(len(x)):
@@ -132,7 +144,8 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
         "versions": versions(),
     } | extra
     if not torch.isnan(st.min_norm).any():
-        record["min_norm_curve"] = min_norm_curve(st.min_norm, threat)
+        record["min_norm_curve"] = min_norm_curve(st.min_norm, threat, search=search)
+        record["min_norm_search"] = search
     return EvalResult(
         clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
         per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,

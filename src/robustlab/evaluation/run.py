@@ -24,10 +24,10 @@ from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
 from robustlab._validate import check_inputs, integer, positive_int
-from robustlab.evaluation.adapt import AttackLike, build, prepare
+from robustlab.evaluation.adapt import AttackLike, Step, build, prepare
 from robustlab.evaluation.cascade import batch_generator, correct, run_cascade
-from robustlab.evaluation.checks import black_box_beats_white_box
-from robustlab.evaluation.record import EvalRecord
+from robustlab.evaluation.checks import black_box_beats_white_box, eps_covers_box
+from robustlab.evaluation.record import EvalRecord, Progress
 from robustlab.evaluation.results import EvalResult, build_result
 from robustlab.evaluation.state import EvalState, fingerprint
 from robustlab.evaluation.suites import get_suite
@@ -54,6 +54,15 @@ def _specs(suite: str, attacks: Sequence[AttackLike] | None,
         return "custom", list(attacks), 1
     chosen = get_suite(suite)
     return suite, chosen.for_norm(threat.norm), chosen.repeats
+
+
+def _search(steps: Sequence[Step]) -> str:
+    """How the minimal norms were searched: ``"early-stop"`` if a minimum-norm attack that ran
+    stopped at the first point inside eps, else ``"minimal"`` (see
+    :func:`~robustlab.evaluation.results.min_norm_curve`)."""
+    early = any(s.skipped is None and s.attack.minimum_norm and getattr(s.attack, "early_stop",
+                                                                         False) for s in steps)
+    return "early-stop" if early else "minimal"
 
 
 def _check(model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any,
@@ -88,7 +97,7 @@ def evaluate(
     repeats: int | None = None,
     surrogate: nn.Module | None = None,
     config: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     channels_last: bool | None = None,
     bpda: bool | None = None,
     eot: int | None = None,
@@ -116,7 +125,12 @@ def evaluate(
             10 on a randomised model.
         surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``).
         config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
-        progress: a progress bar over the attack batches.
+        progress: True: a progress bar on stderr, below a header line saying what is about to
+            run (points, threat model, attacks); its unit is one attack step (or query) on one
+            point (:func:`~robustlab.evaluation.record.attack_units`), so its rate and ETA count
+            the work left, not batches of unequal cost. (A
+            :class:`~robustlab.evaluation.record.Progress`: a bar shared with a larger run,
+            as the audit's stages share one.)
         channels_last: attack a copy of the model with channels_last weights (about 1.3x faster
             per step on CPU, see BENCHMARKS.md); None: on for 4-D inputs on CPU.
         bpda: run the gradient attacks with BPDA through the model's non-differentiable stages
@@ -127,7 +141,14 @@ def evaluate(
 
     Returns:
         :class:`EvalResult`; robust accuracy counts a point robust only if it is classified
-        correctly without attack and after every attack.
+        correctly without attack and after every attack. Where a minimum-norm attack (FAB,
+        DDN, C&W L2) gives every clean-correct point a norm, ``record["min_norm_curve"]`` holds
+        robust accuracy against eps; a minimum-norm attack named first in the list runs
+        without early stop for it (its whole search on every point: slower than stopping at the
+        first point inside eps), so the curve holds at every eps from 0
+        (``record["min_norm_search"] == "minimal"``); a curve from early-stopped norms starts at
+        eps (``"early-stop"``). An eps whose ball covers the whole input box raises the
+        ``eps-covers-box`` flag.
     """
     _check(model, threat, x, y, attacks, surrogate, bpda)
     batch_size, seed = positive_int(batch_size, "batch_size"), integer(seed, "seed")
@@ -156,6 +177,8 @@ def evaluate(
                     generators=lambda i, j: batch_generator(seed, i, j, device), record=record)
         record.end(clean, st)
     flags += st.flags
+    if (flag := eps_covers_box(threat, x[0].numel())) is not None:
+        flags.append(flag)
     if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
         flags.append(flag)
     result = build_result(st, x, y, pred, clean, threat, flags, {
@@ -163,6 +186,6 @@ def evaluate(
         "batch_size": batch_size, "repeats": adapt.repeats, "channels_last": fast is not None,
         "adaptive": adapt.to_dict(), "config": config or {},
         "timings": {"clean_s": clean_time, "total_s": record.elapsed()},
-    })
+    }, search=_search(steps))
     record.finish(result)
     return result

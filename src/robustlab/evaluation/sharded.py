@@ -84,7 +84,10 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
     if all("min_norm_curve" in r for r in records):
         norms = torch.tensor([float("inf") if row["min_norm"] is None else row["min_norm"]
                               for row in per_sample])
-        record["min_norm_curve"] = min_norm_curve(norms, threat)
+        search = ("minimal" if all(r.get("min_norm_search", "minimal") == "minimal"
+                                   for r in records) else "early-stop")
+        record["min_norm_curve"] = min_norm_curve(norms, threat, search=search)
+        record["min_norm_search"] = search
     return EvalResult(
         clean_accuracy=clean, robust_accuracy=record["robust_accuracy"], per_attack=per_attack,
         flags=record["flags"], robust=robust, x_adv=x_adv,

@@ -36,6 +36,7 @@ from robustlab._validate import check_inputs, check_labels, integer, positive_in
 from robustlab.defenses.smoothing import VOTES, noisy_logits
 from robustlab.evaluation.checks import randomised_output
 from robustlab.noise import check_noise
+from robustlab.threat import ThreatModel
 
 __all__ = ["FILE", "SCHEMA", "draw_logits", "smoothing_curves", "vote_decisions"]
 
@@ -147,9 +148,10 @@ def smoothing_curves(
     model: nn.Module, x: Tensor, y: Tensor, *, sigmas: Sequence[float], samples: Sequence[int],
     votes: Sequence[str] = VOTES, noise: str = "gaussian", batch_size: int = 1024,
     seed: int = 0, out: str | Path | None = None, config: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, Any]:
-    """Accuracy of the smoothed ``model`` on ``x`` (N, C, H, W) in [0, 1] with labels ``y`` (N,)
+    """Accuracy of the smoothed ``model`` on ``x`` (N, C, H, W) in ``bounds`` (the input box,
+    checked as by every entry point; default [0, 1]) with labels ``y`` (N,)
     for every noise scale of ``sigmas``, number of draws of ``samples`` and voting rule of
     ``votes`` (see the module docstring for how the draws are shared).
 
@@ -179,7 +181,7 @@ def smoothing_curves(
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_inputs(x, y)
+    check_inputs(x, y, ThreatModel("l2", 0.0, bounds))
     sigma_list = _as_list(sigmas, "sigmas", "[0, 0.12, 0.25, 0.5]")
     for sigma in sigma_list:
         check_noise(noise, sigma)

@@ -32,11 +32,13 @@ AttackSpec = tuple[str, dict[str, Any]]
 @dataclass(frozen=True)
 class Suite:
     """A cascade of attacks; ``repeats``: predictions per point (majority vote) for randomised
-    models; ``norms`` maps a norm to its own attack list where it differs from ``attacks``."""
+    models; ``norms`` maps a norm to its own attack list where it differs from ``attacks``;
+    ``description``: one line on what it is for (``robustlab list suites``)."""
 
     attacks: list[AttackSpec]
     repeats: int = 1
     norms: dict[str, list[AttackSpec]] = field(default_factory=dict)
+    description: str = ""
 
     def for_norm(self, norm: str) -> list[AttackSpec]:
         return [(a, dict(o)) for a, o in self.norms.get(norm, self.attacks)]
@@ -44,16 +46,17 @@ class Suite:
 
 SUITES: Registry[Suite] = Registry("suite")
 
-SUITES.register("quick")(Suite([("fgsm", {}), ("pgd", {"steps": 20})]))
+SUITES.register("quick")(Suite([("fgsm", {}), ("pgd", {"steps": 20})],
+                               description="a smoke test, never a robustness claim"))
 SUITES.register("pgd")(Suite([
     ("pgd", {"steps": 20}),
     ("pgd", {"steps": 100, "restarts": 5}),
-]))
+], description="PGD on cross-entropy, as in Madry et al.; weaker than standard"))
 SUITES.register("pgd-strong")(Suite([
     ("pgd", {"steps": 20}),
     ("pgd", {"steps": 100, "restarts": 5}),
     ("pgd", {"steps": 100, "restarts": 5, "loss": "cw-margin"}),
-]))
+], description="pgd, then PGD on the CW margin loss"))
 _AA_WHITE = [
     ("apgd-ce", {"steps": 100, "restarts": 1}),
     ("apgd-t", {"steps": 100, "n_target_classes": 9}),
@@ -64,14 +67,17 @@ SUITES.register("standard")(Suite(
         ("square", {"n_queries": 5000, "p_init": 0.8}),
     ],
     norms={"l1": _AA_WHITE},
+    description="AutoAttack's standard cascade: the reference number to report",
 ))
 SUITES.register("fast")(Suite(
     [("apgd-ce", {"steps": 100}), ("mm", {"k": 9, "steps": 20})],
     norms={"l1": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 20, "n_target_classes": 9})]},
+    description="close to standard's number at a fraction of its cost; no gradient-free stage",
 ))
 SUITES.register("rand")(Suite(
     [("apgd-ce", {"steps": 100, "eot": 20}), ("apgd-dlr", {"steps": 100, "eot": 20})],
     repeats=10,
+    description="for randomised models: EOT gradients, robust by majority of 10 predictions",
 ))
 
 

@@ -6,8 +6,8 @@ cascade, the audit's verdicts, robust accuracy against eps, clean / adversarial 
 images, training curves, smoothing curves and certified accuracy, and the provenance (config,
 versions, seed, commit, threat model). Plots are inline SVG and images inline PNG, the style is
 inline CSS and there is no script: the file opens from disk, offline, and shows the same
-everywhere. The leaderboard follows RobustBench: one table per threat model, ranked by robust
-accuracy, with the method, architecture, clean accuracy, epochs and training time.
+everywhere. The leaderboard follows RobustBench (:mod:`robustlab.report.leaderboard`): one table
+per data set and threat model, one row per model (its strongest evaluation), flagged rows last.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from robustlab.report.markup import (
     duration,
     esc,
     pct,
+    sizes_note,
     status_badge,
     table,
     threat_label,
@@ -121,12 +122,24 @@ def _per_sample(run: Run, doc: Document, indices: Sequence[int]) -> dict[int, di
     return rows
 
 
+def _class_names(run: Run, doc: Document) -> list[str] | None:
+    """The class names of the evaluated data: recorded in the results (the CLI does), else in
+    the model's sidecar (``models.save(..., meta={"classes": [...]})``) when it was trained on
+    the same data set; None (class numbers are shown) otherwise."""
+    cfg = doc.data.get("config") or {}
+    names, model = cfg.get("classes"), run.model_of(doc) or {}
+    if not names and (cfg.get("dataset") in (None, model.get("dataset"))):
+        names = model.get("classes")
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
 def _examples(run: Run, doc: Document) -> str:
     ex = run.examples(doc)
     if ex is None:
         return ""
     d = doc.data
-    names = (d.get("config") or {}).get("classes")  # recorded by the CLI
+    names = _class_names(run, doc)
 
     def name(k: int) -> str:
         return names[k] if names and 0 <= k < len(names) else str(k)
@@ -207,10 +220,18 @@ def _evaluation(run: Run, doc: Document) -> str:
 
 
 # --- curves -------------------------------------------------------------------------------------
-def _series(label: str, kind: str, curve: Sequence[dict[str, float]]) -> dict[str, Any]:
-    """A plot series from ``{"eps", "robust_accuracy"}`` rows."""
+def _series(label: str, kind: str, curve: Sequence[dict[str, float]],
+            n: Sequence[int]) -> dict[str, Any]:
+    """A plot series from ``{"eps", "robust_accuracy"}`` rows; ``n``: the sizes of the
+    evaluations it shows."""
     return {"label": label, "kind": kind, "eps": [p["eps"] for p in curve],
-            "accuracy": [p["robust_accuracy"] for p in curve]}
+            "accuracy": [p["robust_accuracy"] for p in curve], "n": sorted(set(n))}
+
+
+def _where(doc: Document) -> str:
+    """`` (folder)`` for a results file in a subfolder of the run, nothing for the run's own."""
+    return "" if doc.where == "." else f" ({doc.where})"
+
 
 
 def _eps_series(run: Run) -> dict[str, list[dict[str, Any]]]:
@@ -220,18 +241,22 @@ def _eps_series(run: Run) -> dict[str, list[dict[str, Any]]]:
     for doc in run.evaluations:
         d, norm = doc.data, doc.data["threat"]["norm"]
         if d.get("min_norm_curve"):
-            by_norm.setdefault(norm, []).append(
-                _series(f"minimum-norm attacks ({doc.where})", "steps", d["min_norm_curve"]))
+            by_norm.setdefault(norm, []).append(_series(
+                f"minimum-norm attacks, {d['n']} points{_where(doc)}", "steps",
+                d["min_norm_curve"], [d["n"]]))
         if (d.get("audit") or {}).get("eps_curve"):
             by_norm.setdefault(norm, []).append(_series(
-                f"audit eps sweep, APGD-CE ({doc.where})", "points", d["audit"]["eps_curve"]))
+                f"audit ε sweep, APGD-CE, {d['n']} points{_where(doc)}", "points",
+                d["audit"]["eps_curve"], [d["n"]]))
         if "audit" not in d:
             points.setdefault(norm, []).append(
-                {"eps": d["threat"]["eps"], "robust_accuracy": d["robust_accuracy"]})
+                {"eps": d["threat"]["eps"], "robust_accuracy": d["robust_accuracy"], "n": d["n"]})
     for norm, pts in points.items():
         if len(pts) > 1 or norm in by_norm:
+            n = sorted({p["n"] for p in pts})
             by_norm.setdefault(norm, []).append(_series(
-                "evaluations (suite)", "points", sorted(pts, key=lambda p: p["eps"])))
+                f"evaluations (suite), {' / '.join(map(str, n))} points", "points",
+                sorted(pts, key=lambda p: p["eps"]), n))
     return by_norm
 
 
@@ -250,6 +275,7 @@ def _curves(run: Run, key: str) -> str:
                    f'<figure>{plots.robustness_curves(series, norm, eps, f"{key}-eps-{norm}")}'
                    "<figcaption>Upper bounds, like every attack's number: a point counts as "
                    "robust at ε when no attack found an adversarial input within ε."
+                   f"{esc(sizes_note([k for s in series for k in s['n']]))}"
                    "</figcaption></figure>")
     log = run.train_log
     if log:
@@ -268,6 +294,7 @@ def _curves(run: Run, key: str) -> str:
                                             f"{key}-smooth-{i}")
                    + f"<figcaption>{esc(cfg.get('noise', 'gaussian'))} noise, {esc(cfg.get('n'))} "
                      f"points, seed {esc(cfg.get('seed'))}; all n of one σ share the same draws."
+                     f"{esc(sizes_note([r['n'] for r in d['rows'] if 'n' in r]))}"
                      "</figcaption></figure>")
     if run.certifications:
         out.append(_certification(run, key))
@@ -290,7 +317,10 @@ def _certification(run: Run, key: str) -> str:
     norms = {doc.data["norm"] for doc in docs}
     norm = norms.pop() if len(norms) == 1 else "mixed norms"
     return ("<h3>Certified accuracy (randomised smoothing, Cohen et al.)</h3><figure>"
-            + plots.certified_curves(curves, norm, f"{key}-cert") + "</figure>"
+            + plots.certified_curves(curves, norm, f"{key}-cert")
+            + (f"<figcaption>{esc(sizes_note([doc.data['n'] for doc in docs]).strip())}"
+               "</figcaption>" if len({doc.data["n"] for doc in docs}) > 1 else "")
+            + "</figure>"
             + table(("folder", "noise", "points", "smoothed clean", "abstained",
                       f"ACR ({norm})", "certified accuracy", "CERTIFY"), rows, "num"))
 
@@ -313,6 +343,13 @@ def _training_config(run: Run) -> str:
             + table(("", ""), rows, "kv") + "</details>")
 
 
+def _skipped(run: Run) -> str:
+    if not run.skipped:
+        return ""
+    items = "".join(f"<li>{esc(s)}</li>" for s in run.skipped)
+    return f'<div class="note">Files skipped (not robustlab results):<ul>{items}</ul></div>'
+
+
 def _run(run: Run, i: int) -> str:
     main = run.main_evaluation()
     headline = ""
@@ -327,7 +364,7 @@ def _run(run: Run, i: int) -> str:
                                  (run.model or {}).get("dataset")) if x)
     return (f'<section class="run" id="run-{i}"><h2>{esc(run.name)}</h2>'
             f'<p class="path">{esc(run.path)}{" · " + esc(sub) if sub else ""}</p>{headline}'
-            + _training_config(run)
+            + _training_config(run) + _skipped(run)
             + "".join(_evaluation(run, doc) for doc in run.evaluations)
             + _curves(run, f"r{i}") + "</section>")
 
@@ -397,10 +434,11 @@ def render_html(runs: Sequence[Run], title: str | None = None) -> str:
         + "</body></html>\n")
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path,
+def write_report(run_dirs: Sequence[str | Path | Run], out: str | Path,
                  title: str | None = None) -> Path:
-    """Render the runs in ``run_dirs`` into the HTML file ``out`` (written atomically)."""
-    runs = [load_run(p) for p in run_dirs]
+    """Render the runs in ``run_dirs`` (folders, or runs already loaded by :func:`load_run`)
+    into the HTML file ``out`` (written atomically)."""
+    runs = [p if isinstance(p, Run) else load_run(p) for p in run_dirs]
     out = Path(out)
     atomic_write(out, render_html(runs, title))
     return out

@@ -1,5 +1,5 @@
 """The small formatting helpers every page of the report shares: escaping, percentages, eps and
-threat-model labels, durations, HTML tables and badges."""
+threat-model labels, evaluation sizes, durations, HTML tables and badges."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def eps_label(eps: float) -> str:
 
 def threat_label(t: dict[str, Any]) -> str:
     return f"{t['norm']} ε = {eps_label(t['eps'])}"
+
+
+def sizes_note(sizes: Sequence[int]) -> str:
+    """A caption's warning when a plot puts evaluations of different sizes side by side
+    (`` Evaluations of different sizes ... (n = 40 vs 100 points) ...``), else nothing."""
+    n = sorted(set(sizes))
+    if len(n) < 2:
+        return ""
+    return (f" Evaluations of different sizes side by side (n = {' vs '.join(map(str, n))} "
+            "points): the smaller ones are noisier, and they need not be the same points.")
 
 
 def duration(seconds: float | None) -> str:

@@ -34,6 +34,24 @@ STYLES = {
 }
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("-", "--", ":", "-.")
+
+
+def series_style(i: int, markers: bool = True) -> dict[str, Any]:
+    """The look of the ``i``-th of several series that may coincide (equal accuracies): its
+    own colour, dash pattern and hollow marker, with the line width and the marker size
+    shrinking along the series, so a later series drawn over an earlier one leaves it visible
+    around it."""
+    style: dict[str, Any] = {"color": PALETTE[i % len(PALETTE)],
+                             "linestyle": DASHES[i % len(DASHES)],
+                             "linewidth": max(0.8, 2.6 - 0.6 * i)}
+    if markers:
+        style |= {"marker": MARKERS[i % len(MARKERS)], "markersize": max(3.0, 8.0 - 1.5 * i),
+                  "markerfacecolor": "none", "markeredgewidth": 1.2}
+    return style
+
+
 def _figure(ncols: int = 1, width: float = 5.2, height: float = 3.2) -> Figure:
     return Figure(figsize=(width * ncols, height), layout="constrained")
 
@@ -120,7 +138,8 @@ def training_curves(log: Sequence[dict[str, Any]], key: str) -> str:
 def smoothing_curves(rows: Sequence[dict[str, Any]], base_accuracy: float | None,
                      key: str) -> str:
     """Accuracy (%) of the smoothed classifier against the number of noise draws (log scale),
-    one line per sigma, one panel per voting rule."""
+    one line per sigma (each its own dash and marker: equal accuracies stay visible), one
+    panel per voting rule."""
     votes = list(dict.fromkeys(r["vote"] for r in rows))
     sigmas = sorted({r["sigma"] for r in rows})
     with matplotlib.rc_context(STYLES):
@@ -130,8 +149,7 @@ def smoothing_curves(rows: Sequence[dict[str, Any]], base_accuracy: float | None
             for i, sigma in enumerate(sigmas):
                 pts = sorted((r["samples"], 100 * r["accuracy"]) for r in rows
                              if r["vote"] == vote and r["sigma"] == sigma)
-                ax.plot(*zip(*pts, strict=True), "o-", color=PALETTE[i % len(PALETTE)],
-                        label=f"σ = {sigma:g}")
+                ax.plot(*zip(*pts, strict=True), label=f"σ = {sigma:g}", **series_style(i))
             if base_accuracy is not None:
                 ax.axhline(100 * base_accuracy, color=INK, linestyle=":", linewidth=1.0,
                            label="base model, no noise")
@@ -151,8 +169,8 @@ def certified_curves(curves: Sequence[dict[str, Any]], norm: str, key: str) -> s
         ax = fig.add_subplot()
         for i, c in enumerate(curves):
             pts = [(p["radius"], 100 * p["accuracy"]) for p in c["points"]]
-            ax.plot(*zip(*pts, strict=True), "-", drawstyle="steps-post",
-                    color=PALETTE[i % len(PALETTE)], label=c["label"])
+            ax.plot(*zip(*pts, strict=True), drawstyle="steps-post", label=c["label"],
+                    **series_style(i, markers=False))
         ax.set_xlabel(f"certified radius ({norm}, input scale [0, 1])")
         ax.set_ylabel("certified accuracy (%)")
         ax.set_ylim(-2, 102)

@@ -6,6 +6,11 @@ what later commands wrote: ``results.json`` of ``robustlab evaluate`` / ``audit`
 ``examples.safetensors``), ``certify.json`` of ``robustlab certify`` and ``smoothing.json`` of
 ``robustlab smooth``. A directory that holds only results (an evaluation's ``--out``) is a run
 too. Nothing here runs a model: the report is rendered from what the commands recorded.
+
+A file with one of these names that robustlab did not write (another tool's ``results.json``,
+a file that is not JSON) is skipped and named, with the reason, in ``Run.skipped``; the
+commands print those lines. A folder may hold several runs: each evaluation's model is the
+nearest ``model.json`` above it (:meth:`Run.model_of`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 EVALUATION, CERTIFICATION, SMOOTHING = "results.json", "certify.json", "smoothing.json"
+SIDECAR = "model.json"  # a checkpoint's sidecar: how it was built and trained
 MAX_DEPTH = 3  # subdirectory levels searched for results (run/audit/eps_0/results.json: 2)
 
 
@@ -46,6 +52,8 @@ class Run:
     evaluations: list[Document] = field(default_factory=list)
     certifications: list[Document] = field(default_factory=list)
     smoothing: list[Document] = field(default_factory=list)
+    models: dict[Path, dict[str, Any]] = field(default_factory=dict)  # folder -> model.json
+    skipped: list[str] = field(default_factory=list)  # files that are not robustlab's, and why
 
     @property
     def name(self) -> str:
@@ -61,6 +69,23 @@ class Run:
             raise FileNotFoundError(f"{self.path / doc.path} names {ref['file']} but {path} is "
                                     "missing; copy the whole results folder")
         return load_file(str(path))
+
+    def model_of(self, doc: Document) -> dict[str, Any] | None:
+        """The sidecar (``model.json``) of the model ``doc`` evaluated: the nearest one in the
+        folders from ``doc``'s up to the run's, else the one beside the checkpoint the
+        evaluation recorded (if that file is there), else None."""
+        for folder in (doc.path.parent, *doc.path.parent.parents):
+            if folder in self.models:
+                return self.models[folder]
+        ckpt = (doc.data.get("config") or {}).get("checkpoint")
+        if isinstance(ckpt, str) and ckpt.endswith(".safetensors"):
+            sidecar = Path(ckpt).with_suffix(".json")
+            try:
+                meta = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                return None
+            return meta if isinstance(meta, dict) else None
+        return None
 
     def main_evaluation(self) -> Document | None:
         """The run's headline evaluation: ``results.json`` in the run folder itself, else the
@@ -106,11 +131,51 @@ def _found(root: Path, name: str) -> list[Path]:
     return hits
 
 
-def _require(doc: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> None:
+def _problem(doc: Any, keys: dict[str, type | tuple[type, ...]]) -> str | None:
+    """Why ``doc`` is not the kind of robustlab file whose ``keys`` (name -> type) it must
+    hold, or None when it is."""
+    if not isinstance(doc, dict):
+        return f"holds a JSON {type(doc).__name__}, not an object"
     missing = [k for k in keys if k not in doc]
     if missing:
-        raise ValueError(f"{path} is not a {what} (missing {', '.join(missing)}); the report "
-                         "reads the files written by robustlab's commands")
+        return f"is missing {', '.join(missing)}"
+    wrong = [k for k, t in keys.items() if not isinstance(doc[k], t) or isinstance(doc[k], bool)]
+    if wrong:
+        return f"has {', '.join(wrong)} of the wrong type"
+    if "threat" in keys and not {"norm", "eps"} <= set(doc["threat"]):
+        return "has a threat without norm and eps"
+    return None
+
+
+NUMBER = (int, float)
+KINDS = {  # file name -> (what it is, the keys and types every such file holds)
+    EVALUATION: ("robustlab evaluation result", {
+        "clean_accuracy": NUMBER, "robust_accuracy": NUMBER, "threat": dict, "per_attack": list,
+        "n": int}),
+    CERTIFICATION: ("robustlab certification summary", {
+        "config": dict, "certified_accuracy": list, "norm": str}),
+    SMOOTHING: ("robustlab smoothing curve", {"config": dict, "rows": list}),
+    SIDECAR: ("robustlab checkpoint sidecar", {"architecture": dict}),
+}
+
+
+def _documents(root: Path, name: str, skipped: list[str]) -> list[Document]:
+    """The robustlab files called ``name`` under ``root``; any other file of that name (not
+    JSON, or not written by robustlab) is named in ``skipped`` with the reason."""
+    what, keys = KINDS[name]
+    docs = []
+    for p in _found(root, name):
+        try:
+            doc = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            skipped.append(f"{p} is not valid JSON ({e})")
+            continue
+        problem = _problem(doc, keys)
+        if problem is None:
+            docs.append(Document(p.relative_to(root), doc))
+        else:
+            skipped.append(f"{p} is not a {what}: it {problem}")
+    return docs
 
 
 def load_run(path: str | Path) -> Run:
@@ -121,28 +186,21 @@ def load_run(path: str | Path) -> Run:
         raise FileNotFoundError(f"run directory {root} does not exist (give the --out of "
                                 "robustlab train, evaluate, audit or certify)")
     run = Run(path=root)
-    if (root / "model.json").exists():
-        run.model = _json(root / "model.json")
+    for doc in _documents(root, SIDECAR, run.skipped):
+        run.models[doc.path.parent] = doc.data
+    run.model = run.models.get(Path("."))
     if (root / "recipe.json").exists():
         run.recipe = _json(root / "recipe.json")
     if (root / "train_log.jsonl").exists():
         run.train_log = _jsonl(root / "train_log.jsonl")
-    for p in _found(root, EVALUATION):
-        doc = _json(p)
-        _require(doc, ("clean_accuracy", "robust_accuracy", "threat", "per_attack", "n"), p,
-                  "robustlab evaluation result")
-        run.evaluations.append(Document(p.relative_to(root), doc))
-    for p in _found(root, CERTIFICATION):
-        doc = _json(p)
-        _require(doc, ("config", "certified_accuracy", "norm"), p, "certification summary")
-        run.certifications.append(Document(p.relative_to(root), doc))
-    for p in _found(root, SMOOTHING):
-        doc = _json(p)
-        _require(doc, ("config", "rows"), p, "smoothing curve")
-        run.smoothing.append(Document(p.relative_to(root), doc))
+    run.evaluations = _documents(root, EVALUATION, run.skipped)
+    run.certifications = _documents(root, CERTIFICATION, run.skipped)
+    run.smoothing = _documents(root, SMOOTHING, run.skipped)
     if not (run.model or run.train_log or run.evaluations or run.certifications
             or run.smoothing):
+        skipped = "".join(f"; skipped: {s}" for s in run.skipped)
         raise ValueError(f"{root} holds nothing to report: no model.json, train_log.jsonl, "
                          f"{EVALUATION}, {CERTIFICATION} or {SMOOTHING} (run robustlab train, "
-                         "evaluate, audit, certify or smooth with --out there first)")
+                         "evaluate, audit, certify or smooth with --out there first)"
+                         f"{skipped}")
     return run

@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,16 @@ from torch import Tensor, nn
 from robustlab import distributed, models
 from robustlab._modes import eval_mode
 from robustlab._progress import tensorboard_available
-from robustlab._validate import check_inputs, check_labels, positive_int, probe_model
+from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.evaluation.record import RunLog
 from robustlab.evaluation.validation import evaluate_epoch
 from robustlab.models.init import init_weights
 from robustlab.threat import ThreatModel
+from robustlab.training.config import TrainConfig
 from robustlab.training.objectives import create as create_objective
-from robustlab.training.objectives import get as get_objective
 from robustlab.training.objectives.base import Objective
-from robustlab.training.probe import ACTIONS, OverfitProbe, Snapshot, probe_action
-from robustlab.training.schedules import SCHEDULES, lr_at
+from robustlab.training.probe import OverfitProbe, Snapshot, probe_action
+from robustlab.training.schedules import lr_at
 from robustlab.training.state import resume_state, save_state
 
 log = logging.getLogger(__name__)
@@ -63,65 +63,6 @@ TB_DIR = "tensorboard"
 TB_SCALARS = (("train/loss", "train_loss"), ("train/lr", "lr"),
               ("val/clean_accuracy", "val_clean_acc"), ("val/robust_accuracy", "val_robust_acc"),
               ("probe/robust_accuracy", "probe_robust_acc"))
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting, with its default, in one place.
-
-    ``epochs`` is the budget in passes' worth of optimiser steps: an objective that replays
-    each minibatch ``m`` times (free-at) makes ``ceil(epochs / m)`` passes over the data, so
-    every objective takes about the same number of optimiser steps.
-    ``overfit_probe``: ``auto`` (``stop`` for single-step objectives, else ``off``), ``off``,
-    ``stop`` or ``rollback`` (see :mod:`robustlab.training.probe`). ``precision="bf16"`` runs
-    the objective under bfloat16 autocast; ``channels_last`` stores the model and batches in
-    channels-last memory format (both are for GPUs). ``init``: a ``.safetensors`` checkpoint
-    whose weights a fresh run starts from (fine-tuning; relative to the current directory;
-    see :func:`robustlab.models.init.init_weights`); a resumed run ignores it.
-    """
-
-    objective: str = "natural"
-    objective_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"  # "sgd" or "adam"
-    lr: float = 0.1
-    momentum: float = 0.9  # SGD momentum; Adam's beta1
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "piecewise"  # constant | piecewise | cosine | cyclic
-    schedule_options: dict[str, Any] = field(default_factory=dict)
-    grad_clip: float | None = None
-    seed: int = 0
-    val_attack: dict[str, Any] = field(default_factory=lambda: {"name": "pgd", "steps": 10})
-    overfit_probe: str = "auto"
-    precision: str = "fp32"
-    channels_last: bool = False
-    dataset: str | None = None  # recorded in the checkpoint
-    init: str | None = None  # checkpoint to start from (recipes: [model] init)
-
-    def validate(self) -> None:
-        get_objective(self.objective)
-        SCHEDULES.get(self.schedule)
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: adam, sgd")
-        for name in ("epochs", "batch_size"):
-            positive_int(getattr(self, name), name)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.overfit_probe not in ACTIONS:
-            raise ValueError(f"overfit_probe must be one of {', '.join(ACTIONS)}, "
-                             f"got {self.overfit_probe!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.precision!r}")
-        if self.init is not None and not (isinstance(self.init, str)
-                                          and self.init.endswith(".safetensors")):
-            raise ValueError(f"init must be the path of a .safetensors checkpoint, "
-                             f"got {self.init!r}")
-
-
 def _seeded(seed: int, epoch: int, stream: int, device: torch.device,
             rank: int = 0) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -222,7 +163,7 @@ class Trainer:
         callback: Callable[[dict[str, Any]], None] | None = None,
         tensorboard: bool | None = None,
     ) -> None:
-        cfg.validate()
+        cfg.validate(threat)
         _check_data(model, data, val, threat)
         self.objective = create_objective(cfg.objective, **cfg.objective_options)
         if self.objective.needs_threat and threat is None:

@@ -1,0 +1,205 @@
+"""What the command line checks between parsing its arguments and loading anything: where a
+command writes (a folder named from the settings that change its result, unless ``--out``),
+file-system problems (one line naming the path and the fix), a finished result that would be
+replaced (never without ``--overwrite``), and an eps that covers the whole input box (most
+likely ``8`` meant for ``8/255``).
+
+Nothing here imports torch: a problem is reported in a fraction of a second, before a model,
+a data set or an attack is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from robustlab.cli_args import build_parser, commands, parse_options
+
+RESULT = {"evaluate": "results.json", "audit": "results.json", "certify": "certify.json",
+          "smooth": "smoothing.json"}  # the file a finished run of each command leaves
+RESUMES_FINISHED = {"certify"}  # reruns certify only the examples without a row
+WHAT = {"evaluate": "evaluation", "audit": "audit", "certify": "certification",
+        "smooth": "set of smoothing curves"}
+EVAL_STATE = "eval_state.safetensors"  # robustlab.evaluation.state.FILENAME: an interrupted run
+INPUTS = {"checkpoint": "the checkpoint's .safetensors file", "config": "the .toml recipe",
+          "surrogate": "the surrogate's .safetensors file",
+          "denoiser": "the denoiser's .safetensors file", "init": "a denoiser .safetensors file"}
+
+
+def _num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+# --- the folder a command writes to -----------------------------------------------------------
+def _threat(args: argparse.Namespace) -> list[str]:
+    return [args.norm, _num(args.eps)]
+
+
+def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The parts of the folder's name, and every setting that changes the command's result
+    (those not in the name go into a short hash appended to it when they are not defaults)."""
+    c = args.command
+    if c == "evaluate":
+        what = "-".join(args.attack) if args.attack else args.suite
+        name = ["eval", *_threat(args), what, f"n{args.n}", f"seed{args.seed}"]
+        extra = ("steps", "restarts", "step_size", "loss", "repeats", "bpda", "surrogate", "eot")
+    elif c == "audit":
+        name = ["audit", *_threat(args), f"n{args.n}", f"seed{args.seed}"]
+        extra = ("steps", "queries", "binarization", "surrogate", "eot")
+    elif c == "certify":  # not the points: a rerun with more of them adds rows (resumes)
+        name = ["certify", args.noise, _num(args.sigma), f"n{args.n}", f"seed{args.seed}"]
+        extra = ("n0", "alpha", "denoiser")
+    else:  # smooth: the lists of sigmas and draws go into the hash
+        name = ["smooth", args.noise, f"n{args.n}", f"seed{args.seed}"]
+        extra = ("sigmas", "samples", "votes")
+    if getattr(args, "defense", None):
+        name.append(args.defense)
+        extra += ("defense_option", "fit_n")
+    if args.split != "test":
+        name.append(args.split)
+    common = ("dataset",) if c == "certify" else ("dataset", "batch_size")  # rows: any batch
+    return name, {k: getattr(args, k) for k in (*common, *extra)}
+
+
+def default_folder(args: argparse.Namespace) -> Path:
+    """``<checkpoint dir>/<command>-<settings>``, e.g. ``eval-linf-0.1-standard-n1000-seed0``,
+    with ``-<hash>`` of the settings outside the name that are not their defaults: a rerun of
+    the same settings finds its folder (and resumes), other settings never touch it."""
+    name, extra = _settings(args)
+    defaults = commands(build_parser())[args.command]
+    changed = {k: v for k, v in extra.items()
+               if v not in (None, False) and v != defaults.get_default(k)}
+    if changed:
+        blob = json.dumps(changed, sort_keys=True, default=str).encode()
+        name.append(hashlib.sha256(blob).hexdigest()[:6])
+    text = "-".join(str(p) for p in name)
+    return args.checkpoint.parent / re.sub(r"[^A-Za-z0-9.,+=_-]", "_", text)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a result records of the command line to recognise a rerun: its settings and the
+    checkpoint's ``model_sha256`` (from the sidecar; None where there is none yet)."""
+    name, extra = _settings(args)
+    try:
+        side = json.loads(args.checkpoint.with_suffix(".json").read_text())
+        model = side.get("model_sha256") or side.get("sha256")
+    except (OSError, ValueError, AttributeError):
+        model = None
+    return json.loads(json.dumps({"name": name, **extra, "model_sha256": model}, default=str))
+
+
+# --- file-system problems ---------------------------------------------------------------------
+def check_folder(path: Path, option: str = "--out") -> None:
+    """ValueError naming ``path`` and the fix unless a folder can be written there (it is
+    created later, by the command; nothing is left behind here)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a folder (created when missing)")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{option} {path}: {base} is a file, not a folder; give a path "
+                         "under a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: {base} is not writable ({e.strerror}); give a "
+                         "folder you can write to") from None
+
+
+def check_file(path: Path, option: str) -> None:
+    """ValueError unless a file can be written at ``path``."""
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name, e.g. "
+                         f"{path / 'report.html'}")
+    check_folder(path.parent, f"{option} {path}: the folder")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The inputs that must be files, and the outputs, of any command."""
+    for attr, what in INPUTS.items():
+        path = getattr(args, attr, None)
+        if path is not None and path.is_dir():
+            raise ValueError(f"{path} is a folder; give {what}")
+    if getattr(args, "out", None) is not None:
+        check_folder(args.out)
+    if getattr(args, "output", None) is not None:
+        check_file(args.output, "-o")
+
+
+def os_error(e: OSError) -> str:
+    """One line for an ``OSError`` met while running: the path (the folder, for the temporary
+    file of an atomic write) and what went wrong."""
+    if e.filename is None:  # raised with a message of its own (a missing checkpoint, ...)
+        return str(e)
+    name = Path(e.filename)
+    if name is not None and name.name.startswith(".") and name.name.endswith(".tmp"):
+        name = name.parent
+    return f"{name}: {e.strerror or e}; check the path and its permissions, or choose another --out"
+
+
+# --- finished results and eps slips -----------------------------------------------------------
+def finished(args: argparse.Namespace) -> str | None:
+    """A line saying that ``args.out`` already holds this very result (same checkpoint and
+    settings: nothing to do); FileExistsError if it holds another finished result; None if
+    the command should run (no finished result, an interrupted one, ``--overwrite``, or a
+    certification of the same settings, which adds the rows of examples it lacks)."""
+    result = args.out / RESULT[args.command]
+    if args.overwrite or not result.exists() or (args.out / EVAL_STATE).exists():
+        return None
+    try:
+        recorded = json.loads(result.read_text()).get("config", {}).get("cli_settings")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    what = WHAT[args.command]
+    if recorded is not None and recorded == args.cli_settings:
+        if args.command in RESUMES_FINISHED:
+            return None
+        return (f"{result} already holds this {what} (same checkpoint and settings); pass "
+                "--overwrite to run it again")
+    raise FileExistsError(f"{args.out} already holds a finished {what} with other settings or "
+                          f"of another checkpoint ({result}); pass --overwrite to replace it, "
+                          "or --out to write elsewhere")
+
+
+def box_diameter(norm: str, dim: int) -> float:
+    """The largest ``norm`` distance between two points of [0, 1]^dim."""
+    return {"linf": 1.0, "l2": math.sqrt(dim), "l1": float(dim)}[norm]
+
+
+def check_eps(args: argparse.Namespace, dim: int = 1) -> None:
+    """ValueError when the ``--eps`` ball covers the whole input box [0, 1] of ``dim``
+    coordinates (linf: eps >= 1 whatever ``dim``), unless ``--force-eps``: every point is
+    then an attack's candidate, and a robust accuracy of 0 says nothing."""
+    if getattr(args, "eps", None) is None or args.force_eps:
+        return
+    size = box_diameter(args.norm, dim)
+    if args.eps >= size:
+        within = "" if args.norm == "linf" else f" ({args.norm} diameter {size:.4g})"
+        raise ValueError(f"eps {args.eps:g} covers the whole input box [0, 1]{within}; did you "
+                         f"mean {args.eps:g}/255 (= {args.eps / 255:.4f})? pass --force-eps to "
+                         "run it anyway")
+
+
+def prepare(args: argparse.Namespace) -> str | None:
+    """Everything checked before a command loads anything; fills in the default ``args.out``
+    and ``args.cli_settings``. Returns a line to print instead of running when the result is
+    already there; raises ValueError / FileExistsError with one line naming the fix."""
+    parse_options(getattr(args, "defense_option", None))  # the arguments first, then the files
+    if getattr(args, "norm", None) == "linf":  # l2 / l1: once the input size is known
+        check_eps(args)
+    check_paths(args)
+    if args.command not in RESULT:
+        return None
+    if args.out is None:
+        args.out = default_folder(args)
+        check_folder(args.out)
+    args.cli_settings = run_settings(args)
+    return finished(args)

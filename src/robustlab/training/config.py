@@ -1,0 +1,151 @@
+"""The training settings (:class:`TrainConfig`) and their one complete check.
+
+:meth:`TrainConfig.validate` runs before anything is trained (the trainer calls it first, the
+recipe loader right after parsing): every field's type and range with the field's name in the
+message, the objective's and the schedule's names and options, and the validation attack's
+name and options (with a threat model, the attack is built once, so a bad option value is
+found now and not after the first epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustlab._validate import OptionTypeError, integer, number, one_of, positive_int
+from robustlab.attacks import ATTACKS, create_for_evaluation
+from robustlab.threat import ThreatModel
+from robustlab.training.objectives import get as get_objective
+from robustlab.training.probe import ACTIONS
+from robustlab.training.schedules import SCHEDULES, lr_at
+
+PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adam", "sgd")
+_ATTACK_CREATE_OPTIONS = ("eot", "bpda")  # taken by attacks.create for any attack
+_SCHEDULE_ARGS = 3  # lr, progress, epochs: what lr_at passes to every schedule
+
+
+def _flag(value: Any, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False`` (TOML ``true`` / ``false``)."""
+    if not isinstance(value, bool):
+        raise OptionTypeError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _table(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise OptionTypeError(f"{name} must be a table (a dict) of options, got {value!r}")
+    return value
+
+
+def check_val_attack(spec: Any, threat: ThreatModel | None) -> None:
+    """The validation attack ``{"name": ..., **options}``: a registered attack with options it
+    takes; with ``threat``, built once so that every option's value is checked too."""
+    spec = _table(spec, "val_attack")
+    if "name" not in spec:
+        raise ValueError(f"val_attack needs a name ([val_attack] needs a name = \"pgd\" in a "
+                         f"recipe), got {spec!r}")
+    name = spec["name"]
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        if threat is not None:
+            create_for_evaluation(name, threat, **opts)
+            return
+        cls = ATTACKS.get(name)
+        valid = [*ATTACKS.options(name)[1:], *_ATTACK_CREATE_OPTIONS]
+        if unknown := [k for k in opts if k not in valid]:
+            raise TypeError(f"attack {cls.name!r}: unknown option {unknown[0]!r}; its options "
+                            f"are: {', '.join(valid)}")
+    except (TypeError, ValueError) as e:
+        raise (OptionTypeError if isinstance(e, TypeError) else ValueError)(
+            f"val_attack: {e}") from None
+
+
+def check_schedule(name: Any, options: Any, lr: float, epochs: int) -> None:
+    """The schedule ``name`` with ``options``: options it takes, and learning rates it can
+    compute (finite, >= 0) over the run."""
+    SCHEDULES.get(name)
+    options = _table(options, "schedule_options")
+    valid = SCHEDULES.options(name)[_SCHEDULE_ARGS:]
+    if unknown := [k for k in options if k not in valid]:
+        raise ValueError(f"unknown schedule option {unknown[0]!r} for schedule {name!r} "
+                         f"(the recipe's [schedule]); its options are: "
+                         f"{', '.join(valid) or 'none'}")
+    try:
+        rates = [lr_at(name, lr, epochs * t, epochs, **options) for t in (0, 0.5, 0.99, 1)]
+        if not all(isinstance(r, float | int) and math.isfinite(r) and r >= 0 for r in rates):
+            raise ValueError(f"it gives learning rates {rates}")
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ValueError(f"schedule {name!r} with options {options} (the recipe's [schedule]) "
+                         f"does not work: {e}") from None
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with its default, in one place.
+
+    ``epochs`` is the budget in passes' worth of optimiser steps: an objective that replays
+    each minibatch ``m`` times (free-at) makes ``ceil(epochs / m)`` passes over the data, so
+    every objective takes about the same number of optimiser steps.
+    ``overfit_probe``: ``auto`` (``stop`` for single-step objectives, else ``off``), ``off``,
+    ``stop`` or ``rollback`` (see :mod:`robustlab.training.probe`). ``precision="bf16"`` runs
+    the objective under bfloat16 autocast; ``channels_last`` stores the model and batches in
+    channels-last memory format (both are for GPUs). ``init``: a ``.safetensors`` checkpoint
+    whose weights a fresh run starts from (fine-tuning; relative to the current directory;
+    see :func:`robustlab.models.init.init_weights`); a resumed run ignores it.
+    """
+
+    objective: str = "natural"
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    lr: float = 0.1
+    momentum: float = 0.9  # SGD momentum; Adam's beta1
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  # constant | piecewise | cosine | cyclic
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    grad_clip: float | None = None
+    seed: int = 0
+    val_attack: dict[str, Any] = field(default_factory=lambda: {"name": "pgd", "steps": 10})
+    overfit_probe: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    dataset: str | None = None  # recorded in the checkpoint
+    init: str | None = None  # checkpoint to start from (recipes: [model] init)
+
+    def validate(self, threat: ThreatModel | None = None) -> None:
+        """Check every setting (``ValueError`` / ``TypeError`` naming it); with the run's
+        ``threat``, build the validation attack once to check its options' values."""
+        get_objective(self.objective)
+        _table(self.objective_options, "objective_options")
+        for name in ("epochs", "batch_size"):
+            positive_int(getattr(self, name), name)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; "
+                             f"valid: {', '.join(OPTIMIZERS)}")
+        try:
+            number(self.lr, "lr", low=0, low_open=True)
+        except OptionTypeError:
+            raise
+        except ValueError:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}") from None
+        number(self.momentum, "momentum", low=0, high=1, high_open=True)
+        number(self.weight_decay, "weight_decay", low=0)
+        _flag(self.nesterov, "nesterov")
+        _flag(self.channels_last, "channels_last")
+        if self.grad_clip is not None:
+            number(self.grad_clip, "grad_clip", low=0, low_open=True)
+        integer(self.seed, "seed")
+        check_schedule(self.schedule, self.schedule_options, self.lr, self.epochs)
+        check_val_attack(self.val_attack, threat)
+        one_of(self.overfit_probe, "overfit_probe", ACTIONS)
+        one_of(self.precision, "precision", PRECISIONS)
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise OptionTypeError(f"dataset must be a data set's name, got {self.dataset!r}")
+        if self.init is not None and not (isinstance(self.init, str)
+                                          and self.init.endswith(".safetensors")):
+            raise ValueError(f"init must be the path of a .safetensors checkpoint, "
+                             f"got {self.init!r}")
