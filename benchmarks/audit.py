@@ -10,8 +10,10 @@ squeezer).
 
 For each defense, applied to a naturally trained smallcnn (or, where the defense needs its own
 model, trained the same way: thermometer encoding on the encoding, k-WTA with k-WTA
-activations, defensive distillation at T = 100 from a T = 100 teacher), and for a PGD-AT
-smallcnn, at linf eps 0.1 on the first ``--n`` test points:
+activations, defensive distillation at T = 100 from a T = 100 teacher; saturated-softmax
+returns ``softmax(100 * logits)`` of the natural smallcnn, which it keeps under a name the
+audit does not take for a surrogate), and for a PGD-AT smallcnn, at linf eps 0.1 on the first
+``--n`` test points:
 
 - clean accuracy (each point predicted ``repeats`` times on a randomised defense);
 - accuracy under plain PGD-20 on the cross-entropy (no BPDA, no EOT: the naive evaluation);
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from _common import (
     BENCH_DIR,
     CACHE_DIR,
@@ -74,8 +77,24 @@ ROWS: list[tuple[str, str | None, dict[str, Any], str]] = [
     ("mixup-inference", "mixup-inference", {"lam": 0.6, "samples": 10}, "natural"),
     ("k-wta", None, {}, "kwta"),
     ("distillation", None, {}, "distillation"),
+    ("saturated-softmax", None, {}, "natural"),
     ("pgd-at", None, {}, "pgd-at"),
 ]
+
+
+class SaturatedSoftmax(nn.Module):
+    """``softmax(100 * net(x))``: probabilities one-hot to float32 precision on most points,
+    so the CE loss of the probabilities and its gradient vanish (issue 26)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net  # not ``base``: no transfer surrogate for the audit to find
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(100 * self.net(x), dim=1)
+
+
+WRAPPERS: dict[str, type[nn.Module]] = {"saturated-softmax": SaturatedSoftmax}
 
 
 def log(msg: str) -> None:
@@ -102,8 +121,21 @@ def thermometer_base(recipe: dict[str, Any]) -> nn.Module:
     return base
 
 
-def models() -> dict[str, nn.Module]:
+def models(needed: set[str]) -> dict[str, nn.Module]:
+    """The ``needed`` base models (trained here unless cached)."""
     natural = RECIPES["natural"]
+    build = {
+        "natural": lambda: trained_model("smallcnn-natural", natural, log=log),
+        "pgd-at": lambda: trained_model("smallcnn-pgd-at", RECIPES["pgd-at"], log=log),
+        "kwta": lambda: trained_model("smallcnn-kwta",
+                                      natural | {"model": {"activation": "kwta"}}, log=log),
+        "distillation": _distilled,
+        "thermometer": lambda: thermometer_base(natural | {"levels": LEVELS}),
+    }
+    return {name: build[name]() for name in sorted(needed)}
+
+
+def _distilled() -> nn.Module:
     teacher_recipe = _TRAINING | {"objective": "distillation", "epochs": 2,
                                   "objective_options": {"temperature": 100.0}}
     teacher = trained_model("distill-teacher", teacher_recipe, log=log)
@@ -113,20 +145,15 @@ def models() -> dict[str, nn.Module]:
     student_recipe = _TRAINING | {"objective": "distillation", "epochs": 2,
                                   "objective_options": {"temperature": 100.0,
                                                         "teacher": str(teacher_path)}}
-    return {
-        "natural": trained_model("smallcnn-natural", natural, log=log),
-        "pgd-at": trained_model("smallcnn-pgd-at", RECIPES["pgd-at"], log=log),
-        "kwta": trained_model("smallcnn-kwta", natural | {"model": {"activation": "kwta"}},
-                              log=log),
-        "distillation": trained_model("distill-student", student_recipe, log=log),
-        "thermometer": thermometer_base(natural | {"levels": LEVELS}),
-    }
+    return trained_model("distill-student", student_recipe, log=log)
 
 
 def defended(row: tuple[str, str | None, dict[str, Any], str], bases: dict[str, nn.Module],
              fit_x: torch.Tensor, fit_y: torch.Tensor) -> nn.Module:
     name, defense, options, base = row
     model = bases[base].eval()
+    if name in WRAPPERS:
+        return WRAPPERS[name](model).eval()
     if defense is None:
         return model
     wrapped = rl.defenses.create(defense, model, **options)
@@ -148,7 +175,8 @@ def main() -> None:
     p.add_argument("--stem", default="audit")
     args = p.parse_args()
     torch.manual_seed(0)
-    bases = models()
+    bases = models({r[3] for r in ROWS if r[0] in args.defenses}
+                   | ({"natural"} if set(args.defenses) - {"thermometer"} else set()))
     x, y = rl.data.load(DATASET, split="test", n=args.n)
     fit_x, fit_y = rl.data.load(DATASET, split="train", n=1000)  # detector threshold, MI pool
     threat = rl.ThreatModel("linf", EPS)
@@ -204,8 +232,10 @@ def markdown(rows: list[tuple], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, clean, naive, final, flagged, ad, sec in rows:
-        adapt = ", ".join(filter(None, ["BPDA" if ad["bpda"] else "",
-                                        f"EOT {ad['eot']}" if ad["eot"] > 1 else ""])) or "-"
+        adapt = ", ".join(filter(None, [
+            "BPDA" if ad["bpda"] else "", f"EOT {ad['eot']}" if ad["eot"] > 1 else "",
+            "log outputs" if ad.get("log_outputs") else "",
+            f"T {ad['temperature']:.3g}" if ad.get("temperature", 1.0) != 1.0 else ""])) or "-"
         lines.append(f"| {name} | {100 * clean:.1f}% | {100 * naive:.1f}% | {100 * final:.1f}% "
                      f"| {adapt} | {', '.join(flagged) or 'none'} | {sec:.0f} |")
     lines.append("")

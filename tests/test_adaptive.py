@@ -224,3 +224,44 @@ def test_cli_fits_a_detector_on_training_points_unless_given_its_threshold(
     assert main(base + ["--defense-option", "threshold=0.5", "--out", str(tmp_path / "b")]) == 0
     rec = json.loads((tmp_path / "b" / "results.json").read_text())
     assert rec["config"]["defense"] == {"name": "feature-squeezing", "threshold": 0.5}
+
+
+def test_forced_log_outputs_never_change_the_verdict_on_a_point():
+    """The attacks may see a view of the model (here the clamped log of outputs that are all
+    negative: every row the same, so the view predicts class 0 everywhere), but every point is
+    judged by the model's own prediction: never robust accuracy below the exact one."""
+    from linear_oracle import exact_broken, train_linear
+
+    class Shifted(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x) - 1e3
+
+    model, x, y = train_linear()
+    x, y, threat = x[:100], y[:100], rl.ThreatModel("linf", 0.18)
+    exact = 1 - exact_broken(model, x, y, "linf", threat.eps).float().mean().item()
+    res = rl.evaluate(Shifted(model), x, y, threat, attacks=[("pgd", {"steps": 5})],
+                      log_outputs=True)
+    assert res.record["adaptive"]["log_outputs"] is True
+    assert res.record["adaptive"]["auto"]["log_outputs"] is False
+    assert res.robust_accuracy >= exact
+    assert "prediction-mismatch" in {f["name"] for f in res.flags}  # the view misreported
+
+
+def test_cli_forces_log_outputs(fake_fmnist, tmp_path, monkeypatch):
+    from robustlab.cli import main
+
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "2",
+            "--n-points", "8", "--quiet"]
+    for extra, expected in (([], False), (["--log-outputs"], True)):
+        out = tmp_path / f"e{len(extra)}"
+        assert main(base + extra + ["--out", str(out)]) == 0
+        rec = json.loads((out / "results.json").read_text())
+        assert rec["adaptive"]["log_outputs"] is expected
+        assert rec["adaptive"]["auto"]["log_outputs"] is (not extra)

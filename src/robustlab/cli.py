@@ -176,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
             seed=args.seed, out=str(out), progress=not quiet,
             resume=not (args.restart or args.overwrite), repeats=args.repeats,
-            surrogate=surrogate, bpda=args.bpda, eot=args.eot,
+            surrogate=surrogate, bpda=args.bpda, eot=args.eot, log_outputs=args.log_outputs,
             config=_config(args, dataset, defense=defense, command=" ".join(sys.argv)))
     finally:
         distributed.shutdown(world)
@@ -205,6 +205,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = args.out
     result = audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
                    queries=args.queries, eot=args.eot, binarization_points=args.binarization,
+                   log_outputs=args.log_outputs,
                    batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
                    config=_config(args, dataset, defense=defense, command=" ".join(sys.argv)))
     _out(markdown(result.record), args.quiet)

@@ -138,7 +138,7 @@ def _train_parser(sub: Any) -> None:
 
 def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
     """What ``evaluate`` and ``audit`` share beyond :func:`shared`: the checkpoint, the threat
-    model, the defense around the checkpoint and the EOT draws."""
+    model, the defense around the checkpoint, the EOT draws and the log-outputs switch."""
     p.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
     p.add_argument("--norm", choices=NORMS, default="linf",
                    help="the threat model's norm (default: linf)")
@@ -159,6 +159,9 @@ def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--eot", type=_positive_int, default=None,
                    help="average the gradient attacks' gradients over this many draws "
                         "(default: 20 on a randomised model, else 1)")
+    p.add_argument("--log-outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="attack the logarithm of the model's outputs (default: on when they "
+                        "are probabilities: non-negative rows summing to 1)")
 
 
 def _evaluate_parser(sub: Any) -> None:

@@ -5,10 +5,12 @@ quantisation, thermometer encoding, ...) is attacked with BPDA through them; a r
 (declared, or seen to differ between two forward passes) with EOT gradients, and judged by a
 strict majority of repeated predictions; a gradient attack is skipped where the model has no
 input gradient as the attack runs it, and gradient-free attacks (and the transfer attack, given
-a surrogate) stand in when no attack is left. :class:`Adaptation` holds the decisions with
-their evidence and is recorded in the results under ``adaptive``; :func:`plan` turns a list of
-attacks into the :class:`Step` s the cascade (:mod:`robustlab.evaluation.cascade`) runs. The
-audit (:mod:`robustlab.evaluation.audit`) makes the same decisions through this module.
+a surrogate) stand in when no attack is left; probabilities and saturated logits are attacked
+through their logarithm and a temperature (:mod:`robustlab.evaluation.outputs`).
+:class:`Adaptation` holds the decisions with their evidence and is recorded in the results
+under ``adaptive``; :func:`plan` turns a list of attacks into the :class:`Step` s the cascade
+(:mod:`robustlab.evaluation.cascade`) runs. The audit (:mod:`robustlab.evaluation.audit`) makes
+the same decisions through this module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from robustlab.attacks.bpda import bpda as bpda_mode
 from robustlab.attacks.bpda import nondifferentiable_stages
 from robustlab.attacks.losses import rejects
 from robustlab.evaluation.checks import gradient_health, run_checks
+from robustlab.evaluation.outputs import OutputView, output_plan
 from robustlab.threat import ThreatModel
 
 AttackLike = Attack | tuple[str, dict[str, Any]] | str
@@ -53,8 +56,12 @@ class Adaptation:
         randomised: the evidence for EOT and repeats: a module declares randomness or two
             forward passes differed (the ``randomised-output`` flag).
         rejects: the model is a detector whose last output is a rejection.
-        auto: per setting (``bpda``, ``eot``), True where chosen here rather than forced by
-            the caller.
+        log_outputs: the attacks run on the logarithm of the model's outputs (probabilities).
+        temperature: the attacks see the (log-)outputs divided by this (saturated logits; 1:
+            as they are).
+        outputs_reason: why the attacks see other outputs than the model's (None: they don't).
+        auto: per setting (``bpda``, ``eot``, ``log_outputs``), True where chosen here rather
+            than forced by the caller.
     """
 
     bpda: bool
@@ -64,12 +71,23 @@ class Adaptation:
     randomised: bool
     rejects: bool
     auto: dict[str, bool] = field(default_factory=dict)
+    log_outputs: bool = False
+    temperature: float = 1.0
+    outputs_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The results' ``adaptive`` section."""
         return {"bpda": self.bpda, "bpda_stages": list(self.bpda_stages), "eot": self.eot,
                 "repeats": self.repeats, "randomised": self.randomised,
-                "rejects": self.rejects, "auto": dict(self.auto)}
+                "rejects": self.rejects, "auto": dict(self.auto), "log_outputs": self.log_outputs,
+                "temperature": self.temperature, "outputs_reason": self.outputs_reason}
+
+    def view(self, model: nn.Module) -> nn.Module:
+        """``model`` as the attacks see it: an :class:`~robustlab.evaluation.outputs.OutputView`
+        with the log and the temperature, or ``model`` itself where neither applies."""
+        if not self.log_outputs and self.temperature == 1.0:
+            return model
+        return OutputView(model, log=self.log_outputs, temperature=self.temperature)
 
     def apply(self, atk: Attack) -> Attack:
         """A gradient attack with these BPDA and EOT settings (a copy: the caller's attack is
@@ -85,12 +103,23 @@ class Adaptation:
 
 
 def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | None = None,
-               eot: int | None = None, repeats: int | None = None,
-               suite_repeats: int = 1) -> Adaptation:
-    """Decide BPDA, EOT and repeats for ``model`` from its declarations and the sanity
-    ``flags`` of its probe batch; ``bpda``, ``eot``, ``repeats`` force a setting (None:
-    automatic). Repeats default to the suite's, at least :data:`RANDOM_REPEATS` on a
-    randomised model; EOT to :data:`EOT_SAMPLES` draws on a randomised model, else 1."""
+               eot: int | None = None, repeats: int | None = None, suite_repeats: int = 1,
+               log_outputs: bool | None = None,
+               probe: tuple[Tensor, Tensor] | None = None) -> Adaptation:
+    """Decide BPDA, EOT, repeats and the outputs the attacks see for ``model`` from its
+    declarations and the sanity ``flags`` of its probe batch ``probe`` (inputs, outputs);
+    ``bpda``, ``eot``, ``repeats``, ``log_outputs`` force a setting (None: automatic).
+    Repeats default to the suite's, at least :data:`RANDOM_REPEATS` on a randomised model; EOT
+    to :data:`EOT_SAMPLES` draws on a randomised model, else 1; the log of the outputs where
+    they are probabilities, a temperature where they are saturated
+    (:func:`~robustlab.evaluation.outputs.output_plan`; without ``probe``: neither)."""
+    if log_outputs is not None and not isinstance(log_outputs, bool):
+        raise TypeError(f"log_outputs must be True, False or None (automatic), got "
+                        f"{log_outputs!r}")
+    log, temperature, why = False, 1.0, None
+    if probe is not None:
+        probabilities = any(f["name"] == "softmax-output" for f in flags)
+        log, temperature, why = output_plan(model, *probe, probabilities, log_outputs)
     stages = nondifferentiable_stages(model)
     randomised = any(f["name"] == "randomised-output" for f in flags)
     if repeats is None:
@@ -99,7 +128,8 @@ def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | No
         bpda=bool(stages) if bpda is None else bpda, bpda_stages=stages,
         eot=(EOT_SAMPLES if randomised else 1) if eot is None else eot, repeats=repeats,
         randomised=randomised, rejects=rejects(model),
-        auto={"bpda": bpda is None, "eot": eot is None})
+        auto={"bpda": bpda is None, "eot": eot is None, "log_outputs": log_outputs is None},
+        log_outputs=log, temperature=temperature, outputs_reason=why)
 
 
 def lacks_gradient(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *,
@@ -194,8 +224,9 @@ def to_minimal_norm(steps: list[Step], specs: list[AttackLike]) -> list[Step]:
 
 def prepare(model: nn.Module, x: Tensor, y: Tensor, specs: list[AttackLike],
             built: list[Attack], threat: ThreatModel, surrogate: nn.Module | None, *,
-            bpda: bool | None, eot: int | None, repeats: int | None,
-            suite_repeats: int) -> tuple[list[dict[str, Any]], Adaptation, list[Step]]:
+            bpda: bool | None, eot: int | None, repeats: int | None, suite_repeats: int,
+            log_outputs: bool | None = None) -> tuple[list[dict[str, Any]], Adaptation,
+                                                      list[Step]]:
     """Probe ``model`` (in eval mode) on the first 64 points of ``(x, y)`` (CPU): its sanity
     flags (:func:`~robustlab.evaluation.checks.run_checks`), its :func:`adaptation` and the
     cascade's steps (:func:`plan`); the labels are checked against its number of classes."""
@@ -205,5 +236,5 @@ def prepare(model: nn.Module, x: Tensor, y: Tensor, specs: list[AttackLike],
     check_labels(y, logits.shape[1])
     flags = run_checks(model, xp, yp, logits)
     adapt = adaptation(model, flags, bpda=bpda, eot=eot, repeats=repeats,
-                       suite_repeats=suite_repeats)
+                       suite_repeats=suite_repeats, log_outputs=log_outputs, probe=(xp, logits))
     return flags, adapt, plan(model, xp, yp, flags, specs, built, adapt, threat, surrogate)

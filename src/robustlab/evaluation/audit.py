@@ -8,7 +8,8 @@ reported as PASS, FLAG or SKIP with the evidence:
 - ``adaptive-matches-naive``: the adaptive attacks (BPDA through non-differentiable stages,
   EOT over randomness, margin losses, gradient-free and transfer attacks) find less than
   5 point-percent beyond plain PGD-20 on the cross-entropy (the usual gap between PGD-20 and
-  the strongest attacks on an honest model is a few points);
+  the strongest attacks on an honest model is a few points; like every attack, it sees the
+  log of probability outputs and saturated logits at a temperature, see ``gradients``);
 - ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack and a transfer
   attack from a surrogate (the defense's undefended base model) break nothing the white-box
   attacks missed;
@@ -19,7 +20,9 @@ reported as PASS, FLAG or SKIP with the evidence:
 - ``randomness``: a randomised model (declared, or two forward passes differ) is attacked with
   EOT and judged by repeated predictions;
 - ``gradients``: zero, NaN, missing or shattered input gradients (BPDA is used through declared
-  non-differentiable stages; without gradients only gradient-free and transfer attacks run);
+  non-differentiable stages; without gradients only gradient-free and transfer attacks run;
+  probabilities and saturated logits are attacked through their log and a temperature, as in
+  :func:`~robustlab.evaluation.evaluate`);
 - ``binarization-test``: Zimmermann et al. 2022's test, on a problem built from the model's own
   features where an adversarial example is known to exist, the adaptive attack must succeed
   (one boundary point against 99 inner ones, so that random points of the sphere mostly do not
@@ -162,6 +165,7 @@ def audit(
     out: str | os.PathLike | None = None,
     config: dict[str, Any] | None = None,
     progress: bool = False,
+    log_outputs: bool | None = None,
 ) -> AuditResult:
     """Audit the robustness of ``model`` (any ``nn.Module`` classifier) on ``(x, y)``.
 
@@ -183,6 +187,9 @@ def audit(
             eps sweep, the unbounded attack, the binarization test), below a header line
             naming them; its unit is one attack step (or query) on one point, its total the
             work of all stages, so its ETA is the audit's.
+        log_outputs: attack the logarithm of the model's outputs; None: where they are
+            probabilities (see :func:`~robustlab.evaluation.evaluate`, which also rescales
+            saturated logits); recorded under ``adaptive``.
 
     Returns:
         :class:`AuditResult`: ``robust_accuracy``, ``checks``, ``flags``.
@@ -195,14 +202,14 @@ def audit(
     x, y = x.detach().cpu(), y.detach().cpu().long()
     surrogate = surrogate if surrogate is not None else _default_surrogate(model, x[:2].to(device))
     # 1. What the model is: randomness, gradients, stages without gradients.
-    num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot)
+    num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot, log_outputs)
     # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
     cascade, n_black = _attacks(threat, adaptive, num_classes, steps, queries, surrogate)
     side = _side_plan(threat, x, adaptive, no_gradient, steps=steps, queries=queries,
                       check_points=check_points, binarization_points=binarization_points)
     bar = _progress(progress, cascade, side, x, threat)
     common = {"batch_size": batch_size, "seed": seed, "repeats": adaptive.repeats,
-              "progress": bar or False}
+              "progress": bar or False, "log_outputs": log_outputs}
     try:
         main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
                         config=config, **common)
@@ -236,8 +243,8 @@ def audit(
     return result
 
 
-def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device,
-             eot: int | None) -> tuple[int, list[dict[str, Any]], Adaptation, bool]:
+def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, eot: int | None,
+             log_outputs: bool | None) -> tuple[int, list[dict[str, Any]], Adaptation, bool]:
     """Number of classes, sanity flags (shattered gradients checked unless randomised),
     adaptation, and whether the model lacks an input gradient as the adaptive attacks run."""
     with eval_mode(model):
@@ -245,7 +252,8 @@ def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device,
         logits = probe_model(model, xp)
         check_labels(y, logits.shape[1])
         flags = run_checks(model, xp, yp, logits)
-        adaptive = adaptation(model, flags, eot=eot)
+        adaptive = adaptation(model, flags, eot=eot, log_outputs=log_outputs,
+                              probe=(xp, logits))
         if not adaptive.randomised:
             shattered = shattered_gradient(model, xp, yp)
             if shattered is not None:

@@ -30,12 +30,15 @@ Generators = Callable[[int, int], torch.Generator]
 
 def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, st: EvalState,
                 *, batch_size: int, repeats: int, generators: Generators,
-                record: EvalRecord) -> EvalState:
+                record: EvalRecord, view: nn.Module | None = None) -> EvalState:
     """Run ``steps`` on ``model`` (in eval mode) from where ``st`` stands; ``x, y`` on the CPU.
-    ``generators(i, j)``: the generator of attack ``i``'s batch ``j``. Returns ``st``, its
-    worst case over every attack."""
+    ``generators(i, j)``: the generator of attack ``i``'s batch ``j``. ``view``: the model as
+    the attacks see it (:meth:`~robustlab.evaluation.adapt.Adaptation.view`; None: ``model``);
+    predictions on their points are then made by ``model`` again. Returns ``st``, its worst
+    case over every attack."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     reject = rejects(model)
+    attacked = model if view is None else view
     for i in range(st.attack, len(steps)):
         atk, skipped = steps[i]
         label = f"{i + 1}:{atk.name}"
@@ -45,9 +48,10 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
         record.attack_begins(st, steps, i, label, len(idx))
         for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
             b = idx[j:j + batch_size]
-            res = atk(model, x[b].to(device), y[b].to(device),
+            res = atk(attacked, x[b].to(device), y[b].to(device),
                       generator=generators(i, j // batch_size))
-            broken, pred = _broken(model, res, y[b], repeats, reject, device)
+            broken, pred = _broken(model, res, y[b], repeats, reject, device,
+                                   rejudge=view is not None)
             if not atk.targeted and repeats == 1:
                 _confirm(st, atk.name, res.success.cpu(), broken)
             fold(st, b, broken, res, pred, label)
@@ -84,12 +88,13 @@ def fold(st: EvalState, b: Tensor, broken: Tensor, res: AttackResult, pred: Tens
 
 
 def _broken(model: nn.Module, res: AttackResult, y: Tensor, repeats: int, reject: bool,
-            device: torch.device) -> tuple[Tensor, Tensor]:
+            device: torch.device, rejudge: bool = False) -> tuple[Tensor, Tensor]:
     """Per point of an attacked batch: broken (bool, on the CPU), and the prediction on
     ``res.x_adv``. One prediction is the attack's own logits, which ``Attack.__call__``
-    computed on ``res.x_adv``; with ``repeats > 1`` they are drawn again."""
+    computed on ``res.x_adv``; with ``repeats > 1`` they are drawn again, and with
+    ``rejudge`` (the attack saw a view of ``model``) made by ``model`` itself."""
     y = y.cpu()
-    if repeats > 1:
+    if repeats > 1 or rejudge:
         ok, pred = correct(model, res.x_adv, y, len(y), device, repeats, reject)
         return ~ok, pred
     pred = res.logits.argmax(1).cpu()

@@ -101,6 +101,7 @@ def evaluate(
     channels_last: bool | None = None,
     bpda: bool | None = None,
     eot: int | None = None,
+    log_outputs: bool | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)`` under ``threat``.
 
@@ -138,6 +139,12 @@ def evaluate(
         eot: average each gradient of the gradient attacks over this many draws; None: 20 on a
             randomised model (a module declares ``randomized``, or two forward passes
             differ), else each attack's own setting.
+        log_outputs: run the attacks on the logarithm of the model's outputs (probabilities
+            become logits up to a per-row constant; :mod:`~robustlab.evaluation.outputs`);
+            None: whenever the outputs are probabilities (the ``softmax-output`` flag).
+            Saturated logits (median top-2 gap over 50 on the probe batch, e.g. a temperature
+            of 100) are attacked at a temperature that brings the gap to 10. Predictions are
+            always the model's own; ``record["adaptive"]`` says what the attacks saw and why.
 
     Returns:
         :class:`EvalResult`; robust accuracy counts a point robust only if it is classified
@@ -165,16 +172,20 @@ def evaluate(
     original, model = model, fast if fast is not None else model
     with eval_mode(model):
         flags, adapt, steps = prepare(model, x, y, specs, built, threat, surrogate, bpda=bpda,
-                                      eot=eot, repeats=repeats, suite_repeats=suite_repeats)
+                                      eot=eot, repeats=repeats, suite_repeats=suite_repeats,
+                                      log_outputs=log_outputs)
         settings = {"threat": threat.to_dict(), "attacks": [s.attack.config() for s in steps],
                     "seed": seed, "batch_size": batch_size, "repeats": adapt.repeats}
+        if adapt.outputs_reason is not None:  # other outputs, other attacks: another state
+            settings["outputs"] = [adapt.log_outputs, adapt.temperature]
         fp = fingerprint(original, x, y, settings) if out is not None else ""
         clean, pred = correct(model, x, y, batch_size, device, adapt.repeats)
         clean_time = record.elapsed()
         st = record.resume(fp, resume) or EvalState.fresh(clean, pred, x)
         record.start(st, steps, suite=suite_name, threat=threat)
         run_cascade(model, steps, x, y, st, batch_size=batch_size, repeats=adapt.repeats,
-                    generators=lambda i, j: batch_generator(seed, i, j, device), record=record)
+                    generators=lambda i, j: batch_generator(seed, i, j, device), record=record,
+                    view=adapt.view(model))
         record.end(clean, st)
     flags += st.flags
     if (flag := eps_covers_box(threat, x[0].numel())) is not None:

@@ -122,6 +122,8 @@ def gradients(flags: list[dict[str, Any]], adaptive: Adaptation,
         remedy = "only gradient-free and transfer attacks could run"
     else:
         remedy = "margin-loss, gradient-free and transfer attacks used"
+    if adaptive.outputs_reason:  # probabilities or saturated logits: what the attacks saw
+        remedy += f"; {adaptive.outputs_reason}"
     return _check("gradients", FLAG, f"{what} ({remedy})")
 
 
