@@ -16,6 +16,7 @@ from robustlab.report import plots
 from robustlab.report.html import render_html
 from robustlab.report.leaderboard import leaderboard_markdown, leaderboard_rows
 from robustlab.report.runs import load_run
+from robustlab.report.summary import adaptive_text
 
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"
 PGD, NATURAL = RUNS / "pgd-at", RUNS / "natural"
@@ -224,3 +225,10 @@ def test_examples_show_class_names_from_the_model_sidecar(tmp_path):
     (run / "results.json").write_text(json.dumps(doc))
     shown = _names_in_examples(render_html([load_run(run)]))
     assert shown and all(s.isupper() for s in shown)
+
+
+def test_adaptive_text_says_the_attacks_saw_log_outputs():
+    plain = {"bpda": False, "eot": 1, "repeats": 1}
+    assert "log" not in adaptive_text(plain)
+    text = adaptive_text(plain | {"log_outputs": True, "temperature": 40.2})
+    assert "log of the outputs" in text and "temperature of 40.2" in text

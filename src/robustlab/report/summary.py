@@ -41,7 +41,11 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
 def adaptive_text(ad: dict[str, Any]) -> str:
     """What the adaptive attacks did (the ``adaptive`` record), in words."""
     bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
-    return f"BPDA {bpda}, EOT {ad['eot']} draws, {ad['repeats']} prediction(s) per point"
+    text = f"BPDA {bpda}, EOT {ad['eot']} draws, {ad['repeats']} prediction(s) per point"
+    outputs = [what for what, on in (("the log of the outputs", ad.get("log_outputs")),
+                                      (f"a temperature of {ad.get('temperature', 1.0):g}",
+                                       ad.get("temperature", 1.0) != 1.0)) if on]
+    return text + ("; attacks on " + " and ".join(outputs) if outputs else "")
 
 
 def markdown(rec: dict[str, Any]) -> str:
