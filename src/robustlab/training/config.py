@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from robustlab._validate import OptionTypeError, integer, number, one_of, positive_int
+from robustlab._validate import OptionTypeError, integer, number, positive_int
 from robustlab.attacks import ATTACKS, create_for_evaluation
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import get as get_objective
@@ -141,8 +141,10 @@ class TrainConfig:
         integer(self.seed, "seed")
         check_schedule(self.schedule, self.schedule_options, self.lr, self.epochs)
         check_val_attack(self.val_attack, threat)
-        one_of(self.overfit_probe, "overfit_probe", ACTIONS)
-        one_of(self.precision, "precision", PRECISIONS)
+        for value, name, choices in ((self.overfit_probe, "overfit_probe", ACTIONS),
+                                     (self.precision, "precision", PRECISIONS)):
+            if value not in choices:  # the wording recipes and tests have always seen
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise OptionTypeError(f"dataset must be a data set's name, got {self.dataset!r}")
         if self.init is not None and not (isinstance(self.init, str)
