@@ -98,6 +98,9 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World) -> None:
-    """Close the process group opened by :func:`init_from_env` (no-op for one process)."""
+    """Close the process group opened by :func:`init_from_env` (no-op for one process), once
+    every rank has got here: a rank that tears its group down while another still talks to
+    it can abort in gloo's threads ("terminate called without an active exception")."""
     if world.size > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
