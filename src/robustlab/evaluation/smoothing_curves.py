@@ -182,16 +182,32 @@ def smoothing_curves(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_inputs(x, y, ThreatModel("l2", 0.0, bounds))
+    cfg = _settings(sigmas, samples, votes, noise, seed, batch_size, len(x), config)
+    probe = probe_model(model, x[:8])
+    check_labels(y, probe.shape[1])
+    random_model = randomised_output(model, x[:8], probe) is not None
+    base_accuracy = _accuracy(model, x, y, cfg["batch_size"])
+    rows = _rows(model, x, y, cfg, probe.shape[1], random_model, progress)
+    record = {"schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+              "config": cfg, "base_accuracy": base_accuracy, "random_model": random_model,
+              "rows": rows, "versions": versions(), "commit": git_commit(),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if out is not None:
+        atomic_write(Path(out) / FILE, json.dumps(record, indent=2, allow_nan=False))
+    return record
+
+
+def _settings(sigmas: Any, samples: Any, votes: Any, noise: str, seed: Any, batch_size: Any,
+              n: int, config: dict[str, Any] | None) -> dict[str, Any]:
+    """The checked, normalised settings of :func:`smoothing_curves` (sigmas and samples sorted
+    and unique), with the caller's ``config`` entries added."""
     sigma_list = _as_list(sigmas, "sigmas", "[0, 0.12, 0.25, 0.5]")
     for sigma in sigma_list:
         check_noise(noise, sigma)
-    sigma_list = sorted({float(s) for s in sigma_list})
     sample_list = _as_list(samples, "samples", "[1, 4, 16, 64]")
-    for n in sample_list:
-        positive_int(n, "every entry of samples")
-    sample_list = sorted(set(sample_list))
-    vote_list = _votes(votes)
-    batch_size = positive_int(batch_size, "batch_size")
+    for k in sample_list:
+        positive_int(k, "every entry of samples")
+    vote_list, batch_size = _votes(votes), positive_int(batch_size, "batch_size")
     try:
         seed = integer(seed, "seed")
     except ValueError as err:  # a seed of the wrong type is a type error
@@ -203,35 +219,36 @@ def smoothing_curves(
     except (TypeError, ValueError) as err:
         raise TypeError(f"config must hold JSON-able entries (str, numbers, lists, dicts): "
                         f"{err}") from None
-    cfg: dict[str, Any] = {"sigmas": sigma_list, "samples": sample_list, "votes": vote_list,
-                           "noise": noise, "seed": seed, "batch_size": batch_size, "n": len(x)}
+    cfg: dict[str, Any] = {"sigmas": sorted({float(s) for s in sigma_list}),
+                           "samples": sorted(set(sample_list)), "votes": vote_list,
+                           "noise": noise, "seed": seed, "batch_size": batch_size, "n": n}
     clash = sorted(set(config or {}) & set(cfg))
     if clash:
         raise ValueError(f"config may not set {', '.join(clash)}: they are recorded from the "
                          "arguments")
-    cfg.update(config or {})
+    return cfg | (config or {})
 
-    probe = probe_model(model, x[:8])
-    k = probe.shape[1]
-    check_labels(y, k)
-    random_model = randomised_output(model, x[:8], probe) is not None
-    base_accuracy = _accuracy(model, x, y, batch_size)
+
+def _rows(model: nn.Module, x: Tensor, y: Tensor, cfg: dict[str, Any], k: int,
+          random_model: bool, progress: bool) -> list[dict[str, Any]]:
+    """One row per (sigma, samples, vote), sigma-major: the smoothed accuracy on ``x``."""
+    sample_list, vote_list = cfg["samples"], cfg["votes"]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # loaded only when a bar is wanted, as in record.py
 
-        bar = tqdm(total=len(sigma_list) * len(x), desc="smoothing curves", unit="image",
+        bar = tqdm(total=len(cfg["sigmas"]) * len(x), desc="smoothing curves", unit="image",
                    leave=False)
     rows = []
     try:
-        for sigma in sigma_list:
+        for sigma in cfg["sigmas"]:
             draws = 1 if sigma == 0 and not random_model else sample_list[-1]
-            gen = torch.Generator(device=x.device).manual_seed(seed)
+            gen = torch.Generator(device=x.device).manual_seed(cfg["seed"])
             correct = dict.fromkeys(((n, v) for n in sample_list for v in vote_list), 0)
             step = max(1, _MAX_LOGITS // (draws * k))
             for i in range(0, len(x), step):
-                logits = draw_logits(model, x[i:i + step], sigma, draws, gen, noise=noise,
-                                     batch_size=batch_size)
+                logits = draw_logits(model, x[i:i + step], sigma, draws, gen,
+                                     noise=cfg["noise"], batch_size=cfg["batch_size"])
                 for n in sample_list:
                     for vote, pred in vote_decisions(logits, min(n, draws), vote_list).items():
                         correct[n, vote] += int((pred == y[i:i + step]).sum())
@@ -243,10 +260,4 @@ def smoothing_curves(
     finally:
         if bar is not None:
             bar.close()
-    record = {"schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-              "config": cfg, "base_accuracy": base_accuracy, "random_model": random_model,
-              "rows": rows, "versions": versions(), "commit": git_commit(),
-              "seconds": round(time.perf_counter() - t0, 3)}
-    if out is not None:
-        atomic_write(Path(out) / FILE, json.dumps(record, indent=2, allow_nan=False))
-    return record
+    return rows
