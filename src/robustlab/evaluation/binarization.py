@@ -361,10 +361,7 @@ def _check_options(model: Any, x: Any, y: Any, threat: ThreatModel, attack: Any,
     if (1 + gap) * eta >= 1:
         raise ValueError(f"(1 + gap) * eta must be < 1 so that points at distance eps clear the "
                          f"gap, got (1 + {gap}) * {eta} = {(1 + gap) * eta:.4g}")
-    try:
-        seed = integer(seed, "seed")
-    except ValueError as err:  # a seed of the wrong type is a type error
-        raise TypeError(str(err)) from None
+    seed = integer(seed, "seed")  # a wrong type raises OptionTypeError, a TypeError
     return eta, gap, seed
 
 

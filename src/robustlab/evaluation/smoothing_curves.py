@@ -208,10 +208,7 @@ def _settings(sigmas: Any, samples: Any, votes: Any, noise: str, seed: Any, batc
     for k in sample_list:
         positive_int(k, "every entry of samples")
     vote_list, batch_size = _votes(votes), positive_int(batch_size, "batch_size")
-    try:
-        seed = integer(seed, "seed")
-    except ValueError as err:  # a seed of the wrong type is a type error
-        raise TypeError(str(err)) from None
+    seed = integer(seed, "seed")  # a wrong type raises OptionTypeError, a TypeError
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict of JSON-able entries, got {type(config).__name__}")
     try:
