@@ -170,9 +170,11 @@ def _evaluate_parser(sub: Any) -> None:
                "e.g. eval-linf-0.1-standard-n1000-seed0)", n=1000, batch_size=500,
                device="cpu")])
     _threat_args(e, "evaluate")
-    e.add_argument("--suite", default="standard",
+    e.add_argument("--suite", default=None,
                    help="attack suite: standard (AutoAttack), fast, rand (randomised models), "
-                        "quick, pgd, pgd-strong (robustlab list suites)")
+                        "smoothed (smoothed classifiers), quick, pgd, pgd-strong (robustlab "
+                        "list suites); default: smoothed with --defense smoothing, else "
+                        "standard")
     e.add_argument("--attack", action="append", default=None,
                    help="run this attack instead of a suite (repeatable)")
     e.add_argument("--steps", type=_positive_int, default=None,

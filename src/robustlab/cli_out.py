@@ -46,7 +46,10 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     (those not in the name go into a short hash appended to it when they are not defaults)."""
     c = args.command
     if c == "evaluate":
-        what = "-".join(args.attack) if args.attack else args.suite
+        # no --suite: evaluation.suites.default_suite of the model (torch-free here)
+        smoothed = args.defense == "smoothing"
+        what = ("-".join(args.attack) if args.attack
+                else args.suite or ("smoothed" if smoothed else "standard"))
         name = ["eval", *_threat(args), what, f"n{args.n}", f"seed{args.seed}"]
         extra = ("steps", "restarts", "step_size", "loss", "repeats", "bpda", "surrogate", "eot")
     elif c == "audit":

@@ -29,6 +29,7 @@ from robustlab.attacks.bpda import nondifferentiable_stages
 from robustlab.attacks.losses import rejects
 from robustlab.evaluation.checks import gradient_health, run_checks
 from robustlab.evaluation.outputs import OutputView, output_plan
+from robustlab.noise import SmoothedModel
 from robustlab.threat import ThreatModel
 
 AttackLike = Attack | tuple[str, dict[str, Any]] | str
@@ -41,6 +42,11 @@ FALLBACK: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 EOT_SAMPLES = 20  # AutoAttack's rand version (Croce & Hein 2020)
 RANDOM_REPEATS = 10  # predictions per point on a randomised model, as the rand suite
+#: predictions per point on a smoothed classifier: it already votes over its own n draws, so
+#: repeated predictions differ only near its decision boundary
+SMOOTHED_REPEATS = 3
+SMOOTHED_OUTPUTS = ("smoothed classifier: its attacks differentiate the base model's logits "
+                    "(or the soft smoothed classifier's), so its own outputs are not rescaled")
 NO_GRADIENT = "skipped: the model has no input gradient (see the no-gradient flag)"
 
 
@@ -62,6 +68,11 @@ class Adaptation:
         outputs_reason: why the attacks see other outputs than the model's (None: they don't).
         auto: per setting (``bpda``, ``eot``, ``log_outputs``), True where chosen here rather
             than forced by the caller.
+        smoothed: for a smoothed classifier (:class:`~robustlab.noise.SmoothedModel`), its
+            noise (``sigma``, ``noise``) and own draws per prediction ``n`` (None if it has no
+            ``samples``); None for other models. Its automatic EOT is 1: the smoothing-aware
+            attacks (SmoothAdv, EPGD) draw their own m noise samples per step, and a gradient
+            through the module itself already averages its n draws.
     """
 
     bpda: bool
@@ -74,13 +85,15 @@ class Adaptation:
     log_outputs: bool = False
     temperature: float = 1.0
     outputs_reason: str | None = None
+    smoothed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The results' ``adaptive`` section."""
         return {"bpda": self.bpda, "bpda_stages": list(self.bpda_stages), "eot": self.eot,
                 "repeats": self.repeats, "randomised": self.randomised,
                 "rejects": self.rejects, "auto": dict(self.auto), "log_outputs": self.log_outputs,
-                "temperature": self.temperature, "outputs_reason": self.outputs_reason}
+                "temperature": self.temperature, "outputs_reason": self.outputs_reason,
+                "smoothed": None if self.smoothed is None else dict(self.smoothed)}
 
     def view(self, model: nn.Module) -> nn.Module:
         """``model`` as the attacks see it: an :class:`~robustlab.evaluation.outputs.OutputView`
@@ -102,6 +115,16 @@ class Adaptation:
         return atk
 
 
+def smoothing_of(model: nn.Module) -> dict[str, Any] | None:
+    """``{"sigma", "noise", "n"}`` of a smoothed classifier (``n``: its draws per prediction,
+    None if it declares none), None for any other model."""
+    if not isinstance(model, SmoothedModel):
+        return None
+    n = getattr(model, "samples", None)
+    return {"sigma": float(model.sigma), "noise": model.noise,
+            "n": n if isinstance(n, int) else None}
+
+
 def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | None = None,
                eot: int | None = None, repeats: int | None = None, suite_repeats: int = 1,
                log_outputs: bool | None = None,
@@ -109,27 +132,38 @@ def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | No
     """Decide BPDA, EOT, repeats and the outputs the attacks see for ``model`` from its
     declarations and the sanity ``flags`` of its probe batch ``probe`` (inputs, outputs);
     ``bpda``, ``eot``, ``repeats``, ``log_outputs`` force a setting (None: automatic).
-    Repeats default to the suite's, at least :data:`RANDOM_REPEATS` on a randomised model; EOT
-    to :data:`EOT_SAMPLES` draws on a randomised model, else 1; the log of the outputs where
-    they are probabilities, a temperature where they are saturated
-    (:func:`~robustlab.evaluation.outputs.output_plan`; without ``probe``: neither)."""
+    Repeats default to the suite's, at least :data:`RANDOM_REPEATS` on a randomised model
+    (:data:`SMOOTHED_REPEATS` on a smoothed classifier); EOT to :data:`EOT_SAMPLES` draws on a
+    randomised model, else 1 (also 1 on a smoothed classifier: no EOT on top of its own
+    draws); the log of the outputs where they are probabilities, a temperature where they are
+    saturated (:func:`~robustlab.evaluation.outputs.output_plan`; without ``probe`` or on a
+    smoothed classifier: neither)."""
     if log_outputs is not None and not isinstance(log_outputs, bool):
         raise TypeError(f"log_outputs must be True, False or None (automatic), got "
                         f"{log_outputs!r}")
+    auto = {"bpda": bpda is None, "eot": eot is None, "log_outputs": log_outputs is None}
+    smoothed = smoothing_of(model)
     log, temperature, why = False, 1.0, None
-    if probe is not None:
+    if smoothed is not None:
+        if log_outputs:
+            raise ValueError("log_outputs=True cannot be used on a smoothed classifier: its "
+                             "attacks differentiate its base model; leave log_outputs=None")
+        why = SMOOTHED_OUTPUTS
+    elif probe is not None:
         probabilities = any(f["name"] == "softmax-output" for f in flags)
         log, temperature, why = output_plan(model, *probe, probabilities, log_outputs)
     stages = nondifferentiable_stages(model)
     randomised = any(f["name"] == "randomised-output" for f in flags)
     if repeats is None:
-        repeats = max(suite_repeats, RANDOM_REPEATS) if randomised else suite_repeats
+        least = SMOOTHED_REPEATS if smoothed is not None else RANDOM_REPEATS
+        repeats = max(suite_repeats, least) if randomised else suite_repeats
+    if eot is None:
+        eot = EOT_SAMPLES if randomised and smoothed is None else 1
     return Adaptation(
-        bpda=bool(stages) if bpda is None else bpda, bpda_stages=stages,
-        eot=(EOT_SAMPLES if randomised else 1) if eot is None else eot, repeats=repeats,
-        randomised=randomised, rejects=rejects(model),
-        auto={"bpda": bpda is None, "eot": eot is None, "log_outputs": log_outputs is None},
-        log_outputs=log, temperature=temperature, outputs_reason=why)
+        bpda=bool(stages) if bpda is None else bpda, bpda_stages=stages, eot=eot,
+        repeats=repeats, randomised=randomised, rejects=rejects(model),
+        auto=auto, log_outputs=log, temperature=temperature, outputs_reason=why,
+        smoothed=smoothed)
 
 
 def lacks_gradient(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *,

@@ -12,7 +12,7 @@ reported as PASS, FLAG or SKIP with the evidence:
   log of probability outputs and saturated logits at a temperature, see ``gradients``);
 - ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack and a transfer
   attack from a surrogate (the defense's undefended base model) break nothing the white-box
-  attacks missed;
+  attacks missed (without a surrogate: SKIP, saying why);
 - ``monotone-in-eps``: robust accuracy never rises with eps (0.25x to 4x the threat's eps);
 - ``unbounded-attack-succeeds``: an attack whose ball covers the whole input box breaks every
   point;
@@ -27,6 +27,10 @@ reported as PASS, FLAG or SKIP with the evidence:
   features where an adversarial example is known to exist, the adaptive attack must succeed
   (one boundary point against 99 inner ones, so that random points of the sphere mostly do not
   succeed and the test has teeth; their rate is in the evidence).
+
+On a smoothed classifier (:class:`~robustlab.noise.SmoothedModel`) the adaptive attacks add
+SmoothAdv and EPGD (8 noise draws of their own per step, no EOT on top), the eps sweep runs EPGD
+on the CW margin, and the transfer surrogate is its base model.
 
 The robust accuracy is the per-sample worst case over every attack run (naive and adaptive),
 and the results use the schema of :func:`~robustlab.evaluation.evaluate` with an ``audit``
@@ -59,6 +63,7 @@ from robustlab.evaluation.suites import AttackSpec
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 from robustlab.evaluation.verdicts import (
     FLAG,
+    SKIP,
     adaptive_vs_naive,
     binarization,
     broken_after,
@@ -74,6 +79,8 @@ from robustlab.threat import ThreatModel
 log = logging.getLogger(__name__)
 
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: SmoothAdv and EPGD on a smoothed classifier: noise draws per step, and the most steps
+SMOOTHED_SAMPLES, SMOOTHED_STEPS = 8, 20
 
 
 @dataclass
@@ -109,21 +116,24 @@ class AuditResult:
         return self.evaluation.save(out)
 
 
-def _default_surrogate(model: nn.Module, x: Tensor) -> nn.Module | None:
-    """The undefended base model of a defense (:attr:`Defense.base`; of another wrapper its
-    ``base`` or ``model`` attribute), if it classifies the inputs itself (a thermometer
-    model's base takes the encoding instead)."""
+def _default_surrogate(model: nn.Module, x: Tensor) -> tuple[nn.Module | None, str]:
+    """``(surrogate, why none)``: the undefended base model of a defense (:attr:`Defense.base`,
+    a smoothed classifier's ``base`` included; of another wrapper its ``base`` or ``model``
+    attribute), if it classifies the inputs itself (a thermometer model's base takes the
+    encoding instead); else None and the reason."""
     base = (model.base if isinstance(model, Defense)
             else getattr(model, "base", getattr(model, "model", None)))
     if not isinstance(base, nn.Module) or base is model:
-        return None
+        return None, ("the model is not a robustlab defense and has no `base` or `model` "
+                      "module; pass surrogate=<its undefended model>")
     try:
         with eval_mode(base):
             probe_model(base, x[:2])
     except (ValueError, RuntimeError) as e:
         log.info("no transfer surrogate: the base model does not take the inputs (%s)", e)
-        return None
-    return base
+        return None, (f"its base model does not take the inputs ({e}); pass "
+                      "surrogate=<a model that does>")
+    return base, ""
 
 
 def _check(model: Any, x: Any, y: Any, threat: Any, surrogate: Any) -> None:
@@ -171,10 +181,11 @@ def audit(
 
     Args:
         surrogate: model for the transfer attack; default: the defense's undefended base model
-            (``model.base``) when ``model`` is a robustlab defense whose base model takes
-            the same inputs, else no transfer attack.
+            (``model.base``, a smoothed classifier's base model included) when it takes the
+            same inputs, else no transfer attack (its check is a SKIP saying why).
         steps: steps of the adaptive APGD-CE attack (the convergence check runs 2x steps with
-            3 restarts); the plain PGD baseline runs 20.
+            3 restarts); the plain PGD baseline runs 20; SmoothAdv and EPGD on a smoothed
+            classifier (and the EPGD of its eps sweep) ``min(steps, 20)``, 8 draws per step.
         queries: query budget of each gradient-free attack (Square; NAttack gets
             ``queries // 300`` population steps of 300).
         eot: EOT draws for the adaptive attacks; default 20 on a randomised model, else 1.
@@ -200,7 +211,8 @@ def audit(
     check_points = positive_int(check_points, "check_points")
     device = _device(model)
     x, y = x.detach().cpu(), y.detach().cpu().long()
-    surrogate = surrogate if surrogate is not None else _default_surrogate(model, x[:2].to(device))
+    surrogate, no_surrogate = ((surrogate, "") if surrogate is not None
+                               else _default_surrogate(model, x[:2].to(device)))
     # 1. What the model is: randomness, gradients, stages without gradients.
     num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot, log_outputs)
     # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
@@ -228,8 +240,9 @@ def audit(
         broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
                       and a["config"]["name"] != "transfer", "white-box-beats-black-box",
                       "Square and NAttack", n_black > 0),
-        broken_after(stages, n, lambda a: a["config"]["name"] == "transfer",
-                      "white-box-beats-transfer", "the transfer attack", surrogate is not None),
+        _because(broken_after(stages, n, lambda a: a["config"]["name"] == "transfer",
+                              "white-box-beats-transfer", "the transfer attack",
+                              surrogate is not None), no_surrogate),
         monotone(runs.sweep),
         unbounded_attack(runs.unbounded, runs.big),
         convergence(stages[-1], n),
@@ -241,6 +254,12 @@ def audit(
     if out is not None:
         result.save(out)
     return result
+
+
+def _because(check: dict[str, Any], reason: str) -> dict[str, Any]:
+    """``check`` with ``reason`` added to the evidence of a SKIP."""
+    return check | {"evidence": check["evidence"] + f": {reason}"} if (
+        check["status"] == SKIP and reason) else check
 
 
 def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, eot: int | None,
@@ -269,9 +288,14 @@ def _adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str, **opt
 def _attacks(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps: int,
              queries: int, surrogate: nn.Module | None) -> tuple[list[Attack], int]:
     """The audit's cascade (naive PGD-20 first, the convergence run last) and how many of its
-    attacks are gradient-free."""
+    attacks are gradient-free; on a smoothed classifier SmoothAdv and EPGD follow APGD-CE,
+    with their own noise draws per step and no EOT on top."""
     cascade: list[Attack] = [create_for_evaluation("pgd", threat, steps=20),
                              _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps)]
+    if adaptive.smoothed is not None:
+        cascade += [create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=1,
+                                          **_smoothed_opts(steps)) for name in
+                    ("smoothadv", "epgd")]
     k = min(9, num_classes - 1)
     if threat.norm == "l1":
         cascade.append(_adaptive_attack(threat, adaptive, "apgd-t", steps=20,
@@ -287,6 +311,10 @@ def _attacks(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps:
                                              attack="pgd", attack_options={"steps": 20}))
     cascade.append(_adaptive_attack(threat, adaptive, "apgd-ce", steps=2 * steps, restarts=3))
     return cascade, n_black
+
+
+def _smoothed_opts(steps: int) -> dict[str, Any]:
+    return {"samples": SMOOTHED_SAMPLES, "steps": min(steps, SMOOTHED_STEPS)}
 
 
 class _Runs(NamedTuple):
@@ -319,9 +347,13 @@ def _side_plan(threat: ThreatModel, x: Tensor, adaptive: Adaptation, no_gradient
                binarization_points: int) -> _SidePlan:
     adaptive_opts = {"bpda": adaptive.bpda, "eot": adaptive.eot}
     square = ("square", {"n_queries": queries, "p_init": 0.8})
-    # without any gradient, Square stands in for APGD (none for l1)
-    probe = ([square] if no_gradient else [("apgd-ce", {"steps": max(20, steps // 5),
-                                                        **adaptive_opts})])
+    # without any gradient, Square stands in for APGD (none for l1); a smoothed classifier
+    # gets EPGD on the CW margin, its own draws per step and no EOT on top
+    probe = [("apgd-ce", {"steps": max(20, steps // 5), **adaptive_opts})]
+    if adaptive.smoothed is not None:
+        probe = [("epgd", {**_smoothed_opts(steps), "loss": "cw-margin", "eot": 1,
+                           "bpda": adaptive.bpda})]
+    probe = [square] if no_gradient else probe
     grid = [f * threat.eps for f in EPS_FACTORS if f * threat.eps > 0]
     if no_gradient and threat.norm == "l1":
         grid = []
@@ -408,6 +440,7 @@ def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str
                           None if runs.unbounded is None else runs.unbounded.robust_accuracy},
             "binarization": runs.binarization,
             "surrogate": surrogate,
+            "smoothed": adaptive.smoothed is not None,
             "adaptive": adaptive.to_dict(),
         },
     }

@@ -30,7 +30,8 @@ from robustlab.evaluation.checks import black_box_beats_white_box, eps_covers_bo
 from robustlab.evaluation.record import EvalRecord, Progress
 from robustlab.evaluation.results import EvalResult, build_result
 from robustlab.evaluation.state import EvalState, fingerprint
-from robustlab.evaluation.suites import get_suite
+from robustlab.evaluation.suites import DEFAULT_SMOOTHED, default_suite, get_suite
+from robustlab.noise import SmoothedModel
 from robustlab.threat import ThreatModel
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,20 @@ def _channels_last_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _specs(suite: str, attacks: Sequence[AttackLike] | None,
-           threat: ThreatModel) -> tuple[str, list[AttackLike], int]:
+def _specs(suite: str | None, attacks: Sequence[AttackLike] | None, threat: ThreatModel,
+           model: nn.Module) -> tuple[str, list[AttackLike], int]:
     """The suite's name, its attacks for the threat's norm and its repeats; ``custom`` with
-    the caller's ``attacks`` and 1 repeat."""
+    the caller's ``attacks`` and 1 repeat. ``suite`` None: the default for ``model``
+    (:func:`~robustlab.evaluation.suites.default_suite`)."""
     if attacks is not None:
         return "custom", list(attacks), 1
+    smoothed = isinstance(model, SmoothedModel)
+    if suite is None:
+        suite = default_suite(smoothed)
+    elif suite == DEFAULT_SMOOTHED and not smoothed:
+        raise ValueError(f"suite {suite!r} is for smoothed classifiers (robustlab.defenses."
+                         "Smoothing, or a module with the attributes base, sigma and noise); "
+                         "this model is not one: use the default suite (suite=None)")
     chosen = get_suite(suite)
     return suite, chosen.for_norm(threat.norm), chosen.repeats
 
@@ -88,7 +97,7 @@ def evaluate(
     y: Tensor,
     threat: ThreatModel,
     *,
-    suite: str = "standard",
+    suite: str | None = None,
     attacks: Sequence[AttackLike] | None = None,
     batch_size: int = 500,
     seed: int = 0,
@@ -108,7 +117,10 @@ def evaluate(
     Args:
         suite: a registered suite name (``robustlab.evaluation.suites()``: ``standard`` is the
             AutoAttack standard cascade, ``fast`` our cheaper one, ``rand`` for randomised
-            models), used when ``attacks`` is None.
+            models, ``smoothed`` for smoothed classifiers), used when ``attacks`` is None;
+            None: ``smoothed`` on a smoothed classifier (:class:`~robustlab.noise.SmoothedModel`:
+            transfer from its base model, SmoothAdv and EPGD with their own noise draws per
+            step, no EOT on top, 3 predictions per point), else ``standard``.
         attacks: instead of a suite, attacks as ``Attack`` objects, names or
             ``(name, options)`` pairs, run in this order. ``Attack`` objects run exactly as
             they were built (their own ``bpda`` and EOT draws); names and pairs get the
@@ -124,7 +136,8 @@ def evaluate(
         repeats: predictions per point, robust only if a strict majority is correct (for
             randomised models); default: the suite's (``rand``: 10, others 1), and at least
             10 on a randomised model.
-        surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``).
+        surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``);
+            on a smoothed classifier default its base model.
         config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
         progress: True: a progress bar on stderr, below a header line saying what is about to
             run (points, threat model, attacks); its unit is one attack step (or query) on one
@@ -161,8 +174,7 @@ def evaluate(
     batch_size, seed = positive_int(batch_size, "batch_size"), integer(seed, "seed")
     repeats = None if repeats is None else positive_int(repeats, "repeats")
     eot = None if eot is None else positive_int(eot, "eot")
-    suite_name, specs, suite_repeats = _specs(suite, attacks, threat)
-    built = [build(s, threat, surrogate) for s in specs]
+    suite_name, specs, suite_repeats = _specs(suite, attacks, threat, model)
     device = next(iter(model.parameters()), torch.empty(0)).device
     x, y = x.detach().cpu(), y.detach().cpu().long()
     record = EvalRecord(out, batch_size=batch_size, progress=progress)
@@ -170,6 +182,9 @@ def evaluate(
         channels_last = x.dim() == 4 and device.type == "cpu"
     fast = _channels_last_copy(model) if channels_last and x.dim() == 4 else None
     original, model = model, fast if fast is not None else model
+    if surrogate is None and isinstance(model, SmoothedModel):
+        surrogate = model.base
+    built = [build(s, threat, surrogate) for s in specs]
     with eval_mode(model):
         flags, adapt, steps = prepare(model, x, y, specs, built, threat, surrogate, bpda=bpda,
                                       eot=eot, repeats=repeats, suite_repeats=suite_repeats,
