@@ -3,7 +3,10 @@
 For each attack, for each batch of the points no earlier attack broke: attack them, recompute
 the model's predictions on the returned inputs (a strict majority of ``repeats`` predictions
 on a randomised model) and fold the points broken into the worst case (:func:`fold`). A point
-is robust only if it is classified correctly without attack and after every attack. The state
+is robust only if it is classified correctly without attack and after every attack. Each check
+also gives each point's fraction of correct predictions, which the state turns into the
+probability that the point is judged robust (``EvalState.p_robust``: the spread of the result
+over the model's randomness). The state
 (:class:`~robustlab.evaluation.state.EvalState`) holds the worst case and where the cascade
 stands, so an interrupted cascade continues at the batch it stopped at; the observer
 (:class:`~robustlab.evaluation.record.EvalRecord`) times, logs and saves. ``evaluate``
@@ -13,6 +16,7 @@ stands, so an interrupted cascade continues at the batch it stopped at; the obse
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from robustlab.attacks import AttackResult
 from robustlab.attacks.losses import rejects
 from robustlab.evaluation.adapt import Step
 from robustlab.evaluation.record import EvalRecord
-from robustlab.evaluation.state import EvalState
+from robustlab.evaluation.state import EvalState, majority_chance
 
 Generators = Callable[[int, int], torch.Generator]
 
@@ -50,11 +54,12 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
             b = idx[j:j + batch_size]
             res = atk(attacked, x[b].to(device), y[b].to(device),
                       generator=generators(i, j // batch_size))
-            broken, pred = _broken(model, res, y[b], repeats, reject, device,
-                                   rejudge=view is not None)
+            broken, pred, fraction = _broken(model, res, y[b], repeats, reject, device,
+                                             rejudge=view is not None)
             if not atk.targeted and repeats == 1:
                 _confirm(st, atk.name, res.success.cpu(), broken)
             fold(st, b, broken, res, pred, label)
+            st.p_robust[b] *= majority_chance(fraction, repeats)
             st.batch = j // batch_size + 1
             record.batch_done(st)
         record.attack_done(st, steps[i], label, len(idx))
@@ -88,17 +93,19 @@ def fold(st: EvalState, b: Tensor, broken: Tensor, res: AttackResult, pred: Tens
 
 
 def _broken(model: nn.Module, res: AttackResult, y: Tensor, repeats: int, reject: bool,
-            device: torch.device, rejudge: bool = False) -> tuple[Tensor, Tensor]:
-    """Per point of an attacked batch: broken (bool, on the CPU), and the prediction on
-    ``res.x_adv``. One prediction is the attack's own logits, which ``Attack.__call__``
-    computed on ``res.x_adv``; with ``repeats > 1`` they are drawn again, and with
-    ``rejudge`` (the attack saw a view of ``model``) made by ``model`` itself."""
+            device: torch.device, rejudge: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per point of an attacked batch: broken (bool, on the CPU), the prediction on
+    ``res.x_adv`` and the fraction of defended predictions (see :func:`judge`). One
+    prediction is the attack's own logits, which ``Attack.__call__`` computed on
+    ``res.x_adv``; with ``repeats > 1`` they are drawn again, and with ``rejudge`` (the
+    attack saw a view of ``model``) made by ``model`` itself."""
     y = y.cpu()
     if repeats > 1 or rejudge:
-        ok, pred = correct(model, res.x_adv, y, len(y), device, repeats, reject)
-        return ~ok, pred
+        ok, pred, fraction = judge(model, res.x_adv, y, len(y), device, repeats, reject)
+        return ~ok, pred, fraction
     pred = res.logits.argmax(1).cpu()
-    return ~defended(pred, y, reject, res.logits.shape[1]), pred
+    ok = defended(pred, y, reject, res.logits.shape[1])
+    return ~ok, pred, ok.double()
 
 
 def defended(pred: Tensor, y: Tensor, reject: bool, k: int) -> Tensor:
@@ -107,12 +114,21 @@ def defended(pred: Tensor, y: Tensor, reject: bool, k: int) -> Tensor:
     return ok | (pred == k - 1) if reject else ok
 
 
-def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
-            repeats: int, reject: bool = False) -> tuple[Tensor, Tensor]:
-    """Per point: correct (or, with ``reject``, rejected by a detector: for adversarial
-    inputs) in a strict majority of ``repeats`` predictions (bool, on the CPU), and the
-    prediction of the first draw."""
-    hits, first = [], []
+class Judgement(NamedTuple):
+    """The outcome of :func:`judge`, per point (on the CPU)."""
+
+    ok: Tensor  #: correct (or defended) in a strict majority of the predictions (bool)
+    pred: Tensor  #: the prediction of the first draw (long)
+    fraction: Tensor  #: the fraction of the predictions that were correct, in [0, 1] (float64)
+
+
+def judge(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
+          repeats: int, reject: bool = False) -> Judgement:
+    """Predict each point ``repeats`` times: correct (or, with ``reject``, rejected by a
+    detector: for adversarial inputs) in a strict majority of them, the first prediction,
+    and the fraction correct (its plug-in probability of a majority:
+    :func:`~robustlab.evaluation.state.majority_chance`)."""
+    hits, first, fractions = [], [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
@@ -124,7 +140,16 @@ def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: tor
                 if r == 0:
                     first.append(p.cpu())
             hits.append((2 * votes > repeats).cpu())
-    return torch.cat(hits), torch.cat(first)
+            fractions.append(votes.cpu().double() / repeats)
+    return Judgement(torch.cat(hits), torch.cat(first), torch.cat(fractions))
+
+
+def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
+            repeats: int, reject: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`judge` without the fractions: per point correct in a strict majority of
+    ``repeats`` predictions (bool, on the CPU), and the prediction of the first draw."""
+    ok, pred, _ = judge(model, x, y, batch_size, device, repeats, reject)
+    return ok, pred
 
 
 def batch_generator(seed: int, attack: int, batch: int, device: torch.device) -> torch.Generator:

@@ -26,6 +26,8 @@ EXAMPLES = "examples.safetensors"
 N_EXAMPLES = 8  # adversarial examples kept beside the results for the report's image grid
 #: how the minimal norms behind ``min_norm_curve`` were searched (see :func:`min_norm_curve`)
 MIN_NORM_SEARCH = ("minimal", "early-stop")
+#: a standard error of the robust accuracy above this (1 point) raises ``unstable-estimate``
+UNSTABLE_SE = 0.01
 
 
 @dataclass
@@ -43,6 +45,8 @@ class EvalResult:
             (misclassified without attack), the attack label that broke it, or None.
         record: the full JSON-able results document (schema, versions, seed, commit, ...).
         x: the clean inputs (n, ...), kept to save a few examples beside the results.
+        robust_accuracy_se, clean_accuracy_se: their standard errors over the model's
+            randomness (:func:`spread`; 0 for a deterministic model).
     """
 
     clean_accuracy: float
@@ -55,6 +59,8 @@ class EvalResult:
     per_sample: list[dict[str, Any]] = field(repr=False)
     record: dict[str, Any] = field(repr=False)
     x: Tensor | None = field(default=None, repr=False)
+    robust_accuracy_se: float = 0.0
+    clean_accuracy_se: float = 0.0
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         """Write ``results.json``, ``per_sample.jsonl`` and ``summary.md`` into ``out``, and
@@ -112,6 +118,44 @@ def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41, *,
             for e in grid]
 
 
+def spread(p: Tensor) -> tuple[float, float]:
+    """The expected accuracy and its standard error over the model's randomness, from each
+    point's probability ``p`` of being judged correct (``EvalState.p_robust``, ``p_clean``):
+    ``mean(p)`` and ``sqrt(sum p (1 - p)) / n`` (fractions, like the accuracies; the points
+    taken as independent). The standard error of the majority-vote accuracy the evaluation
+    reports, under redrawing the model's randomness in its predictions; 0 for a deterministic
+    model. A plug-in estimate: each ``p`` comes from the fractions of correct predictions seen
+    in ``repeats`` draws, so with few repeats it underestimates the spread (a point whose
+    draws all agreed counts as certain, e.g. every point at ``repeats=1``). The attacks'
+    own randomness (random starts, EOT draws: fixed by the seed) is not included."""
+    p = p.double()
+    return float(p.mean()), float((p * (1 - p)).sum().sqrt() / len(p))
+
+
+def merged_spread(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The spread entries of one record merged from the records of disjoint sets of points
+    (shards): variances add, expectations average by points (see :func:`spread`)."""
+    n = sum(r["n"] for r in records)
+    expected = [r.get("robust_accuracy_expected", r["robust_accuracy"]) for r in records]
+    out = {"robust_accuracy_expected": sum(e * r["n"] for e, r in zip(expected, records,
+                                                                       strict=True)) / n}
+    for key in ("robust_accuracy_se", "clean_accuracy_se"):
+        out[key] = math.sqrt(sum((r.get(key, 0.0) * r["n"]) ** 2 for r in records)) / n
+    return out
+
+
+def unstable_estimate(se: float, repeats: int) -> dict[str, Any] | None:
+    """The ``unstable-estimate`` flag where the robust accuracy's standard error over the
+    model's randomness ``se`` exceeds :data:`UNSTABLE_SE` (1 point), else None."""
+    if se <= UNSTABLE_SE:
+        return None
+    return {"name": "unstable-estimate",
+            "message": f"the robust accuracy varies with the model's randomness: its standard "
+                       f"error is {100 * se:.2f} points with {repeats} predictions per point "
+                       f"(over {100 * UNSTABLE_SE:g}); judge each point by more predictions "
+                       "(evaluate(..., repeats=N), CLI --repeats N) or evaluate more points"}
+
+
 def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
                  threat: ThreatModel, flags: list[dict[str, Any]],
                  extra: dict[str, Any], search: str = "minimal") -> EvalResult:
@@ -119,7 +163,9 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
     ``pred``, clean-correct mask ``clean``); ``extra``: the run's settings for the record.
     Where a minimum-norm attack gave every clean-correct point a norm, the record holds the
     curve (``min_norm_curve``) and how its norms were searched (``min_norm_search``, see
-    :func:`min_norm_curve`)."""
+    :func:`min_norm_curve`). The spread over the model's randomness (:func:`spread`) is
+    recorded as ``robust_accuracy_se``, ``robust_accuracy_expected`` and
+    ``clean_accuracy_se``; a large one raises ``unstable-estimate``."""
     dist = threat.distance(st.x_adv, x)
     per_sample = []
     for i in range(len(x)):
@@ -130,12 +176,18 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
         if not math.isnan(m):  # known: a minimum-norm attack ran on it (None: found none)
             row["min_norm"] = m if math.isfinite(m) else None
         per_sample.append(row)
+    expected, robust_se = spread(st.p_robust)
+    if (flag := unstable_estimate(robust_se, extra.get("repeats", 1))) is not None:
+        flags = [*flags, flag]
     flags = list({f["name"]: f for f in flags}.values())  # one flag per kind
     record = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "clean_accuracy": float(clean.float().mean()),
         "robust_accuracy": float(st.robust.float().mean()),
+        "robust_accuracy_se": robust_se,
+        "robust_accuracy_expected": expected,
+        "clean_accuracy_se": spread(st.p_clean)[1],
         "threat": threat.to_dict(),
         "n": len(x),
         "per_attack": st.per_attack,
@@ -150,4 +202,5 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
         clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
         per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,
         broken_by=st.broken_by, per_sample=per_sample, record=record, x=x,
+        robust_accuracy_se=robust_se, clean_accuracy_se=record["clean_accuracy_se"],
     )

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from robustlab._modes import eval_mode
 from robustlab._validate import check_inputs, integer, positive_int
 from robustlab.evaluation.adapt import AttackLike, Step, build, prepare
-from robustlab.evaluation.cascade import batch_generator, correct, run_cascade
+from robustlab.evaluation.cascade import batch_generator, judge, run_cascade
 from robustlab.evaluation.checks import black_box_beats_white_box, eps_covers_box
 from robustlab.evaluation.record import EvalRecord, Progress
 from robustlab.evaluation.results import EvalResult, build_result
@@ -168,7 +168,10 @@ def evaluate(
         first point inside eps), so the curve holds at every eps from 0
         (``record["min_norm_search"] == "minimal"``); a curve from early-stopped norms starts at
         eps (``"early-stop"``). An eps whose ball covers the whole input box raises the
-        ``eps-covers-box`` flag.
+        ``eps-covers-box`` flag. On a randomised model ``record["robust_accuracy_se"]`` (and
+        ``clean_accuracy_se``) is the standard error of the majority-vote accuracy over the
+        model's randomness (:func:`~robustlab.evaluation.results.spread`); above 1 point it
+        raises the ``unstable-estimate`` flag.
     """
     _check(model, threat, x, y, attacks, surrogate, bpda)
     batch_size, seed = positive_int(batch_size, "batch_size"), integer(seed, "seed")
@@ -194,9 +197,10 @@ def evaluate(
         if adapt.outputs_reason is not None:  # other outputs, other attacks: another state
             settings["outputs"] = [adapt.log_outputs, adapt.temperature]
         fp = fingerprint(original, x, y, settings) if out is not None else ""
-        clean, pred = correct(model, x, y, batch_size, device, adapt.repeats)
+        clean, pred, fraction = judge(model, x, y, batch_size, device, adapt.repeats)
         clean_time = record.elapsed()
-        st = record.resume(fp, resume) or EvalState.fresh(clean, pred, x)
+        st = (record.resume(fp, resume)
+              or EvalState.fresh(clean, pred, x, fraction, adapt.repeats))
         record.start(st, steps, suite=suite_name, threat=threat)
         run_cascade(model, steps, x, y, st, batch_size=batch_size, repeats=adapt.repeats,
                     generators=lambda i, j: batch_generator(seed, i, j, device), record=record,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from robustlab import distributed
 from robustlab.evaluation.checks import black_box_beats_white_box
-from robustlab.evaluation.results import EvalResult, min_norm_curve
+from robustlab.evaluation.results import EvalResult, merged_spread, min_norm_curve
 from robustlab.evaluation.run import evaluate
 from robustlab.threat import ThreatModel
 
@@ -78,7 +78,7 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
         "n": n, "clean_accuracy": clean, "robust_accuracy": float(robust.float().mean()),
         "per_attack": per_attack, "flags": list(flags.values()), "shards": len(parts),
         "timings": {k: max(r["timings"][k] for r in records) for k in records[0]["timings"]},
-    }
+    } | merged_spread(records)
     record.pop("min_norm_curve", None)
     record.pop("examples", None)  # shard 0's; the merged result saves its own
     if all("min_norm_curve" in r for r in records):

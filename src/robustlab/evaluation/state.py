@@ -2,7 +2,8 @@
 
 One safetensors file (``eval_state.safetensors`` in the results directory), replaced atomically:
 the per-sample tensors (robust mask, worst-case inputs, predictions, minimal norms, the robust
-mask at the start of the current attack) and, in its header, the JSON state (which attack, how
+mask at the start of the current attack, the probabilities of being judged correct and robust
+(:func:`majority_chance`)) and, in its header, the JSON state (which attack, how
 far into its batches, the finished attacks' records, the fingerprint of the run). An interrupted
 ``evaluate(..., out=DIR)`` called again with the same model, data and settings continues from
 there and gives the result an uninterrupted run gives; different settings raise instead of
@@ -29,6 +30,18 @@ FILENAME = "eval_state.safetensors"
 _KEY = "robustlab_eval_state"
 
 
+def majority_chance(fraction: Tensor, repeats: int) -> Tensor:
+    """Per point, the probability that a strict majority of ``repeats`` independent predictions
+    is correct, were each correct with probability ``fraction`` (the fraction of the point's
+    ``repeats`` predictions that were correct: a plug-in estimate): P(Binomial(repeats,
+    fraction) > repeats / 2), float64. 0 or 1 where ``fraction`` is (a deterministic model,
+    one prediction per point)."""
+    q = fraction.double().unsqueeze(1)
+    k = torch.arange(repeats // 2 + 1, repeats + 1, dtype=torch.float64)
+    ways = torch.tensor([math.comb(repeats, int(i)) for i in k], dtype=torch.float64)
+    return (ways * q ** k * (1 - q) ** (repeats - k)).sum(1)
+
+
 def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any]) -> str:
     """SHA-256 over the model's weights, the data and the JSON settings of the run."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -40,7 +53,13 @@ def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str
 @dataclass
 class EvalState:
     """Per-sample worst case so far (updated by :func:`robustlab.evaluation.cascade.fold`),
-    the position in the cascade, and the flags the attacks raised so far."""
+    the position in the cascade, and the flags the attacks raised so far.
+
+    ``p_clean``: per point (float64), the probability that the clean check judges it correct,
+    ``p_robust``: that the clean check and the check after every attack run on it so far judge
+    it correct (the product of their :func:`majority_chance`; each check's own plug-in
+    estimate). Both are the 0/1 outcomes on a deterministic model; they give the spread of the
+    accuracies over the model's randomness (:func:`~robustlab.evaluation.results.spread`)."""
 
     robust: Tensor
     x_adv: Tensor
@@ -48,6 +67,8 @@ class EvalState:
     min_norm: Tensor
     start_robust: Tensor
     broken_by: list[str | None]
+    p_clean: Tensor
+    p_robust: Tensor
     attack: int = 0
     batch: int = 0
     per_attack: list[dict[str, Any]] = field(default_factory=list)
@@ -56,13 +77,19 @@ class EvalState:
     attack_time_s: float = 0.0
 
     @classmethod
-    def fresh(cls, clean: Tensor, pred: Tensor, x: Tensor) -> EvalState:
+    def fresh(cls, clean: Tensor, pred: Tensor, x: Tensor, fraction: Tensor | None = None,
+              repeats: int = 1) -> EvalState:
         """The state before the first attack: the clean-correct points robust, each point's
         worst case its clean input and prediction, minimal norms unknown (NaN) but 0 for the
-        points misclassified without attack."""
+        points misclassified without attack. ``fraction``: per point, the fraction of the clean
+        check's ``repeats`` predictions that were correct
+        (:func:`~robustlab.evaluation.cascade.judge`); None where the check made one
+        prediction per point (its outcome ``clean`` is then all there is)."""
+        p = clean.double() if fraction is None else majority_chance(fraction, repeats)
         return cls(robust=clean.clone(), x_adv=x.clone(), adv_pred=pred.clone(),
                    min_norm=torch.where(clean, math.nan, 0.0), start_robust=clean.clone(),
-                   broken_by=[None if r else "clean" for r in clean.tolist()])
+                   broken_by=[None if r else "clean" for r in clean.tolist()],
+                   p_clean=p, p_robust=p.clone())
 
     def begin_attack(self) -> None:
         self.start_robust = self.robust.clone()
@@ -82,7 +109,8 @@ class EvalState:
                   "elapsed_s": self.elapsed_s, "attack_time_s": attack_time_s}
         tensors = {"robust": self.robust, "x_adv": self.x_adv.contiguous(),
                    "adv_pred": self.adv_pred, "min_norm": self.min_norm,
-                   "start_robust": self.start_robust}
+                   "start_robust": self.start_robust, "p_clean": self.p_clean,
+                   "p_robust": self.p_robust}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
 
@@ -100,8 +128,14 @@ class EvalState:
                 f"cannot resume: {path} belongs to another evaluation (different model, data, "
                 "threat model, attacks, seed or batch size); delete it to start over, pass "
                 "resume=False (CLI: --restart), or write to another directory")
+        if "p_robust" not in t or "p_clean" not in t:
+            raise ValueError(
+                f"cannot resume: {path} was written by an older robustlab, without the "
+                "per-point probabilities the spread of the result needs; delete it to start "
+                "over or pass resume=False (CLI: --restart)")
         return cls(robust=t["robust"], x_adv=t["x_adv"], adv_pred=t["adv_pred"],
                    min_norm=t["min_norm"], start_robust=t["start_robust"],
+                   p_clean=t["p_clean"], p_robust=t["p_robust"],
                    broken_by=header["broken_by"], attack=header["attack"],
                    batch=header["batch"], per_attack=header["per_attack"],
                    flags=header["flags"],

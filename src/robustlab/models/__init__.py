@@ -19,14 +19,26 @@ its first layer and build activations with ``make_activation(activation)``
 validates the common arguments, records the build recipe for checkpoints, and the model tests
 (parametrised over :func:`names`) cover it. A model imports nothing above ``robustlab.models``
 (no attacks, defenses or training).
+
+Any other classifier: :func:`from_spec` builds ``NAME`` from ``"net.py:NAME"`` or
+``"package.module:NAME"``, with safetensors weights (``.pt`` files from elsewhere are
+converted once by :func:`convert_weights`, through PyTorch's restricted loader) and an
+optional normalisation (:class:`Normalized`); :func:`save` stores it, :func:`load` rebuilds
+it with ``trust_code=True``; :func:`check_model_fits` tries it on the data before attacks.
+
+>>> model = models.from_spec("net.py:Net", weights="net.safetensors",  # doctest: +SKIP
+...                          normalize="0.4914,0.4822,0.4465/0.2471,0.2435,0.2616", width=64)
 """
 
 from robustlab.models import dncnn, lenet, resnet, smallcnn, wideresnet  # noqa: F401  (registration)
 from robustlab.models.checkpoint import load, save
+from robustlab.models.convert import convert_weights
 from robustlab.models.factory import create, names
-from robustlab.models.layers import ACTIVATIONS, Normalize
+from robustlab.models.layers import ACTIVATIONS, Normalize, Normalized
+from robustlab.models.spec import check_model_fits, from_spec, parse_normalize
 
-__all__ = ["Normalize", "activations", "create", "load", "names", "save"]
+__all__ = ["Normalize", "Normalized", "activations", "check_model_fits", "convert_weights",
+           "create", "from_spec", "load", "names", "parse_normalize", "save"]
 
 
 def activations() -> list[str]:

@@ -6,6 +6,11 @@ which package versions, the SHA-256 of the weights file (``sha256``: the same we
 give the same file and so the same hash) and the SHA-256 of what defines the model, the
 architecture with its options and the weights (``model_sha256``, :func:`model_digest`), so
 that an edited sidecar is caught on load as an edited weights file is.
+
+A model built by :func:`robustlab.models.from_spec` (the user's own class) is saved the same
+way, its architecture being the spec, its options and the normalisation, and its weights the
+user's model's own state dict; loading it imports the user's code, so :func:`load` asks for
+``trust_code=True``.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from torch import nn
 
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, package_version
+from robustlab.models.convert import _cpu_tensors, _is_safetensors, mismatches
 from robustlab.models.factory import create
+from robustlab.models.spec import from_architecture, spec_architecture
 
 __all__ = ["FORMAT_VERSION", "load", "model_digest", "save"]
 
 FORMAT_VERSION = 1
 RESERVED = ("format_version", "architecture", "robustlab_version", "torch_version",
-            "git_commit", "created", "sha256", "model_sha256")
+            "git_commit", "created", "sha256", "model_sha256", "weights_source")
 _HOW = "robustlab checkpoints are written by robustlab.models.save(model, 'name.safetensors')"
 
 
@@ -46,34 +53,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies safetensors can write; tensors sharing storage with an
-    earlier one (tied weights) are cloned, since safetensors refuses shared memory."""
-    out, seen = {}, set()
-    for key, value in state.items():
-        t = value.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel() > 0:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
-
-
 def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                  arch: dict[str, Any]) -> None:
     """ValueError listing missing, unexpected and mis-shaped keys, if any."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(items)}): {items[:8]}{' ...' if len(items) > 8 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches (weights vs architecture)", shapes))
-                 if items]
+    problems = mismatches(expected, state)
+    if problems:
         raise ValueError(f"weights do not match architecture {arch['name']!r} with "
-                         f"{arch['kwargs']}: " + "; ".join(parts))
+                         f"{arch['kwargs']}: " + "; ".join(problems))
 
 
 def model_digest(arch: dict[str, Any], weights_sha256: str) -> str:
@@ -82,14 +68,6 @@ def model_digest(arch: dict[str, Any], weights_sha256: str) -> str:
     canonical = json.dumps({"architecture": arch, "weights_sha256": weights_sha256},
                            sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _is_safetensors(data: bytes) -> bool:
-    """Whether ``data`` starts like a safetensors file: an 8-byte little-endian header size
-    that fits the file, then a JSON object. (Its first byte is the size's lowest byte, which
-    can be 0x80, the first byte of a pickle, so that alone tells nothing.)"""
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    return 2 <= size <= len(data) - 8 and data[8:9] == b"{"
 
 
 def _build(arch: Any) -> nn.Module:
@@ -104,19 +82,43 @@ def _build(arch: Any) -> nn.Module:
         raise ValueError(f"cannot rebuild architecture {arch!r}: {err}") from err
 
 
+def _recipe(model: nn.Module, arch: dict[str, Any] | None) -> tuple[dict[str, Any],
+                                                                    dict[str, torch.Tensor]]:
+    """The architecture to record and the state dict to store, checked against each other."""
+    arch = arch if arch is not None else getattr(model, "robustlab_arch", None)
+    spec = spec_architecture(model) if arch is None else None
+    if spec is not None:  # the user's model: its own state dict, nothing to rebuild
+        arch, inner = spec
+        return arch, _cpu_tensors(inner.state_dict())
+    if arch is None:
+        raise ValueError("this model has no recorded architecture: build it with "
+                         "robustlab.models.create(name, ...) or robustlab.models.from_spec("
+                         "'file.py:NAME', ...), or pass arch={'name': ..., 'kwargs': {...}} "
+                         "to save()")
+    with torch.device("meta"):  # shapes only, no memory
+        reference = _build(arch).state_dict()
+    state = _cpu_tensors(model.state_dict())
+    _check_state(reference, state, arch)
+    return arch, state
+
+
 def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
          *, arch: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s weights to ``path`` (``.safetensors``) and a JSON sidecar next to it.
 
     The sidecar ``path.with_suffix(".json")`` holds ``format_version``, ``architecture``
-    (``model.robustlab_arch`` as recorded by :func:`robustlab.models.create`, or ``arch``),
+    (``model.robustlab_arch`` as recorded by :func:`robustlab.models.create`, or ``arch``;
+    for a model built by :func:`robustlab.models.from_spec`, ``{"spec", "options",
+    "normalize", "code_sha256"}`` with the ``.py`` file's absolute path, and then
+    ``weights_source``, the path and SHA-256 of the weights it was built with, if any),
     every key of ``meta`` (e.g. dataset, threat, objective, epoch, seed), ``robustlab_version``,
     ``torch_version``, ``git_commit``, ``created`` (UTC, ISO 8601), the ``sha256`` of the
     weights file (the same weights give the same bytes) and ``model_sha256``
-    (:func:`model_digest` of the architecture and that hash). Each file is replaced
-    atomically (temporary file + ``os.replace``); a crash between the two leaves a SHA-256
-    mismatch that :func:`load` reports. Parent directories are created.
-    DataParallel/DDP/compiled wrappers are unwrapped.
+    (:func:`model_digest` of the architecture and that hash). A ``from_spec`` model's weights
+    file is its own model's state dict (inside any normalisation), loadable with
+    ``from_spec(spec, weights=path)``. Each file is replaced atomically (temporary file +
+    ``os.replace``); a crash between the two leaves a SHA-256 mismatch that :func:`load`
+    reports. Parent directories are created. DataParallel/DDP/compiled wrappers are unwrapped.
 
     Returns:
         The path of the weights file.
@@ -125,22 +127,19 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
         ValueError: ``path`` does not end in ``.safetensors``; the model has no recorded
             architecture; its weights do not match that architecture; ``meta`` uses a
             reserved key.
-        TypeError: a ``meta`` value is not JSON-serialisable (the message names the key).
+        TypeError: a ``meta`` value, or an option of a ``from_spec`` model, is not
+            JSON-serialisable (the message names the key).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
     model = _unwrap(model)
-    arch = arch if arch is not None else getattr(model, "robustlab_arch", None)
-    if arch is None:
-        raise ValueError("this model has no recorded architecture: build it with "
-                         "robustlab.models.create(name, ...) or pass "
-                         "arch={'name': ..., 'kwargs': {...}} to save()")
-    with torch.device("meta"):  # shapes only, no memory
-        reference = _build(arch).state_dict()
-    state = _cpu_tensors(model.state_dict())
-    _check_state(reference, state, arch)
+    arch, state = _recipe(model, arch)
     sidecar: dict[str, Any] = {"format_version": FORMAT_VERSION, "architecture": arch}
+    source = getattr(model, "robustlab_spec", None) if "spec" in arch else None
+    if source is not None and source.get("weights") is not None:
+        sidecar["weights_source"] = {"path": source["weights"],
+                                     "sha256": source["weights_sha256"]}
     for key, value in (meta or {}).items():
         if not isinstance(key, str) or key in RESERVED:
             raise ValueError(f"meta key {key!r} is not allowed; reserved keys are {RESERVED}")
@@ -163,40 +162,20 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     return path
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device | None = None) -> nn.Module:
-    """Rebuild the architecture recorded in the sidecar and load the weights from ``path``.
-
-    The weights file is read once; its SHA-256 must equal the sidecar's, the sidecar's
-    architecture must be the one its ``model_sha256`` was recorded for (an edited sidecar is
-    refused), and the weights' keys and shapes must match the architecture exactly. Files
-    written by ``torch.save`` (pickles) are refused before any byte of them is interpreted.
-
-    Args:
-        path: a ``.safetensors`` file written by :func:`save`; its sidecar is
-            ``path.with_suffix(".json")``.
-        device: where to put the model (default: CPU).
-
-    Returns:
-        The model in ``eval()`` mode, with ``model.robustlab_meta`` = the sidecar contents
-        and ``model.robustlab_arch`` = the architecture.
-
-    Raises:
-        FileNotFoundError: the weights file or its sidecar is missing.
-        ValueError: a pickle file; a corrupt or truncated file; a SHA-256 mismatch of the
-            weights or of the model (an edited architecture in the sidecar); an unknown
-            architecture; weights that do not match the architecture.
-    """
-    path = Path(path)
+def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The weights file's bytes (refused if a pickle) and its sidecar, parsed and checked."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found; {_HOW}")
     data = path.read_bytes()
     if not _is_safetensors(data) and data.startswith((b"PK\x03\x04", b"\x80")):
         raise ValueError(
             f"{str(path)!r} is a pickle (torch.save output), which robustlab never unpickles "
-            "because unpickling runs arbitrary code. To convert a file you trust, in a trusted "
-            "session: model = robustlab.models.create(...); "
-            "model.load_state_dict(torch.load(path, weights_only=True)); "
-            "robustlab.models.save(model, 'model.safetensors', meta={...})")
+            "because unpickling runs arbitrary code. Convert a state dict saved with "
+            "torch.save once, with PyTorch's restricted loader (torch.load(..., "
+            "weights_only=True)): robustlab convert-weights IN.pt OUT.safetensors [--key "
+            "state_dict] (Python: robustlab.models.convert_weights), then build the model "
+            "with robustlab.models.from_spec('net.py:Net', weights='OUT.safetensors') and "
+            "save it with robustlab.models.save(model, 'model.safetensors')")
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
     side = path.with_suffix(".json")
@@ -213,6 +192,54 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has checkpoint format {version!r}; this robustlab "
                          f"reads formats 1 to {FORMAT_VERSION} (a newer one needs an upgrade)")
+    return data, sidecar
+
+
+def _check_digest(path: Path, sidecar: dict[str, Any], digest: str) -> None:
+    """The model the sidecar describes is the one its ``model_sha256`` was recorded for
+    (absent in older checkpoints)."""
+    recorded = sidecar.get("model_sha256")
+    if recorded is not None and recorded != model_digest(sidecar["architecture"], digest):
+        raise ValueError(f"the sidecar {str(path.with_suffix('.json'))!r} does not describe "
+                         "the model its model_sha256 was recorded for: its architecture or "
+                         "options were edited after saving. Restore the sidecar, or rebuild "
+                         "the model and save it anew")
+
+
+def load(path: str | os.PathLike[str], device: str | torch.device | None = None, *,
+         trust_code: bool = False) -> nn.Module:
+    """Rebuild the architecture recorded in the sidecar and load the weights from ``path``.
+
+    The weights file is read once; its SHA-256 must equal the sidecar's, the sidecar's
+    architecture must be the one its ``model_sha256`` was recorded for (an edited sidecar is
+    refused), and the weights' keys and shapes must match the architecture exactly. Files
+    written by ``torch.save`` (pickles) are refused before any byte of them is interpreted.
+    A model saved from :func:`robustlab.models.from_spec` is rebuilt by importing its
+    ``.py`` file or module, which runs that code: it loads only with ``trust_code=True``
+    (after the checks above), and warns if the ``.py`` file changed since saving.
+
+    Args:
+        path: a ``.safetensors`` file written by :func:`save`; its sidecar is
+            ``path.with_suffix(".json")``.
+        device: where to put the model (default: CPU).
+        trust_code: allow importing the user's code that a ``from_spec`` checkpoint names
+            (command line: ``--trust-code``); robustlab's own models never need it.
+
+    Returns:
+        The model in ``eval()`` mode, with ``model.robustlab_meta`` = the sidecar contents
+        and ``model.robustlab_arch`` = the architecture (``model.robustlab_spec``, see
+        :func:`robustlab.models.from_spec`, for a ``from_spec`` model).
+
+    Raises:
+        FileNotFoundError: the weights file or its sidecar is missing (or the ``.py`` file
+            of a ``from_spec`` checkpoint).
+        ValueError: a pickle file; a corrupt or truncated file; a SHA-256 mismatch of the
+            weights or of the model (an edited architecture in the sidecar); an unknown
+            architecture; weights that do not match the architecture; a ``from_spec``
+            checkpoint without ``trust_code=True``.
+    """
+    path = Path(path)
+    data, sidecar = _read(path)
     try:
         state = safetensors_from_bytes(data)  # safetensors: no pickle
     except safetensors.SafetensorError as err:
@@ -223,19 +250,24 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None)
         raise ValueError(f"SHA-256 of {str(path)!r} is {digest} but its sidecar records "
                          f"{sidecar['sha256']}: the weights were modified or belong to another "
                          "checkpoint")
-    with torch.device("meta"):  # shapes first, no memory: a sidecar cannot make us allocate
-        reference = _build(sidecar["architecture"]).state_dict()
-    _check_state(reference, state, sidecar["architecture"])
-    # after the checks above, which name what is wrong with an architecture that cannot be;
-    # this one catches a valid one that is not the saved one (absent in older checkpoints)
-    recorded = sidecar.get("model_sha256")
-    if recorded is not None and recorded != model_digest(sidecar["architecture"], digest):
-        raise ValueError(f"the sidecar {str(side)!r} does not describe the model its "
-                         "model_sha256 was recorded for: its architecture or options were "
-                         "edited after saving. Restore the sidecar, or rebuild the model with "
-                         "robustlab.models.create(...) and save it anew")
-    model = _build(sidecar["architecture"])
-    model.load_state_dict(state)
+    arch = sidecar["architecture"]
+    if isinstance(arch, dict) and "spec" in arch:  # the user's own model class
+        _check_digest(path, sidecar, digest)
+        if not trust_code:
+            raise ValueError(
+                f"{str(path)!r} holds a model built from user code ({arch['spec']!r}); "
+                "rebuilding it imports that code and so runs it. If you trust it, load with "
+                "robustlab.models.load(path, trust_code=True) (command line: --trust-code)")
+        model = from_architecture(arch, state, path, digest)
+    else:
+        with torch.device("meta"):  # shapes first, no memory: a sidecar cannot make us allocate
+            reference = _build(arch).state_dict()
+        _check_state(reference, state, arch)
+        # after the checks above, which name what is wrong with an architecture that cannot
+        # be; this one catches a valid one that is not the saved one
+        _check_digest(path, sidecar, digest)
+        model = _build(arch)
+        model.load_state_dict(state)
     if device is not None:
         model.to(device)
     model.robustlab_meta = sidecar

@@ -1,5 +1,6 @@
 """Building blocks shared by every architecture: input normalisation and activations,
-k-winners-take-all among them (its defense wrapper is ``robustlab.defenses.kwta``)."""
+k-winners-take-all among them (its defense wrapper is ``robustlab.defenses.kwta``), and
+:class:`Normalized`, which puts the normalisation in front of a model from elsewhere."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from robustlab._validate import number
 from robustlab.registry import Registry
 
-__all__ = ["ACTIVATIONS", "KWTA", "RATIO", "Normalize", "Stat", "make_activation"]
+__all__ = ["ACTIVATIONS", "KWTA", "RATIO", "Normalize", "Normalized", "Stat", "make_activation"]
 
 RATIO = 0.1  # Xiao et al.'s ResNet-18; also the ratio of the registered activation "kwta"
 
@@ -120,3 +121,22 @@ class Normalize(nn.Module):
         std = [round(v, 4) for v in self.std.flatten().tolist()]
         return f"mean={mean}, std={std}"
 
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: a model that expects normalised inputs, made to take
+    [0, 1] pixels as every robustlab model does, so attacks keep working in pixel units.
+
+    Args:
+        model: the wrapped classifier, kept as the submodule ``model``.
+        mean, std: per-channel statistics in [0, 1] pixel units, as :class:`Normalize` takes
+            them (a scalar applies to every channel); kept as the submodule ``normalize``.
+    """
+
+    def __init__(self, model: nn.Module, mean: Stat, std: Stat) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.normalize(x))

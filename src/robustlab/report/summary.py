@@ -48,6 +48,18 @@ def adaptive_text(ad: dict[str, Any]) -> str:
     return text + ("; attacks on " + " and ".join(outputs) if outputs else "")
 
 
+def spread_text(rec: dict[str, Any]) -> str | None:
+    """The robust accuracy with its standard error over the model's randomness, in words,
+    for a randomised model (``repeats`` > 1 predictions per point and the spread recorded);
+    None for a deterministic one."""
+    repeats = rec.get("repeats", 1)
+    if repeats <= 1 or "robust_accuracy_se" not in rec:
+        return None
+    return (f"robust accuracy {_pct(rec['robust_accuracy'])} ± "
+            f"{_pct(rec['robust_accuracy_se'])} (standard error over the model's randomness, "
+            f"{repeats} predictions per point)")
+
+
 def markdown(rec: dict[str, Any]) -> str:
     """A short Markdown report: flags first, then accuracies and the attack cascade."""
     t = rec["threat"]
@@ -67,6 +79,7 @@ def markdown(rec: dict[str, Any]) -> str:
            "correct in a strict majority"] if rec.get("repeats", 1) > 1 else []),
         f"- robust accuracy (per-sample worst case over all attacks): "
         f"**{_pct(rec['robust_accuracy'])}**",
+        *([f"- {text}"] if (text := spread_text(rec)) else []),
         "",
         "| # | attack | step size | points attacked | broken | robust accuracy after | time (s) |",
         "|---|---|---|---|---|---|---|",
