@@ -112,3 +112,13 @@ def test_cli_without_suite_runs_the_smoothed_suite_on_a_smoothed_model(tmp_path,
     assert rec["suite"] == "smoothed" and rec["adaptive"]["eot"] == 1
     plain = default_folder(build_parser().parse_args(argv[:6]))
     assert "-standard-" in plain.name
+
+
+def test_the_report_says_how_a_smoothed_model_was_attacked_and_judged() -> None:
+    from robustlab.report import markdown
+
+    x, y = _data(2)
+    text = markdown(rl.evaluate(_smoothed(), x, y, THREAT).record)
+    assert "smoothed classifier (gaussian noise, sigma 0.35, n = 32 per prediction)" in text
+    assert "strict majority of 3 predictions" in text
+    assert "smoothadv (10 steps, 8 noise draws per step)" in text

@@ -102,10 +102,14 @@ def randomness(adaptive: Adaptation) -> dict[str, Any]:
     if not adaptive.randomised:
         return _check("randomness", PASS, "two forward passes agree and no module declares "
                                           "randomness")
+    if adaptive.smoothed is not None:
+        how = ("it is a smoothed classifier: SmoothAdv and EPGD drew their own noise samples "
+               f"per step (EOT {adaptive.eot} on top)")
+    else:
+        how = f"adaptive attacks used EOT over {adaptive.eot} draws"
     return _check("randomness", FLAG,
-                  f"the model is randomised: adaptive attacks used EOT over {adaptive.eot} draws "
-                  f"and each point was predicted {adaptive.repeats} times (robust by strict "
-                  "majority)")
+                  f"the model is randomised: {how} and each point was predicted "
+                  f"{adaptive.repeats} times (robust by strict majority)")
 
 
 def gradients(flags: list[dict[str, Any]], adaptive: Adaptation,

@@ -39,7 +39,7 @@ from robustlab.report.markup import (
     threat_label,
 )
 from robustlab.report.runs import Document, Run, load_run
-from robustlab.report.summary import adaptive_text, attack_label, spread_text
+from robustlab.report.summary import adaptive_text, attack_label, randomness_notes
 
 IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
 CERTIFIED_RADII = 5  # radii in the certification table
@@ -216,7 +216,7 @@ def _evaluation(run: Run, doc: Document) -> str:
             + "<p class=\"note\">Robust accuracy is the per-sample worst case over every attack: "
               "each attack runs on the points still robust, and its predictions are recomputed "
               "on its adversarial inputs.</p>"
-            + (f'<p class="note">{esc(spread)}</p>' if (spread := spread_text(d)) else "")
+            + "".join(f'<p class="note">{esc(note)}</p>' for note in randomness_notes(d))
             + _cascade(d) + _audit(d) + _examples(run, doc) + _provenance(d) + "</section>")
 
 

@@ -19,7 +19,7 @@ def attack_label(cfg: dict[str, Any]) -> str:
     if cfg.get("loss") and cfg["loss"] != "ce":
         parts.append(cfg["loss"])
     for key, unit in (("n_target_classes", "targets"), ("k", "targets"), ("n_queries", "queries"),
-                      ("eot_samples", "EOT samples")):
+                      ("samples", "noise draws per step"), ("eot_samples", "EOT samples")):
         if key in cfg:
             parts.append(f"{cfg[key]} {unit}")
     return f"{name} ({', '.join(parts)})" if parts else name
@@ -38,8 +38,31 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
     return lines
 
 
+def smoothed_text(ad: dict[str, Any]) -> str | None:
+    """How a smoothed classifier was judged (the ``adaptive`` record's ``smoothed``), in words;
+    None for other models."""
+    sm = ad.get("smoothed")
+    if not sm:
+        return None
+    n = f"n = {sm['n']}" if sm.get("n") else "its own draws"
+    return (f"smoothed classifier ({sm['noise']} noise, sigma {sm['sigma']:g}, {n} per "
+            f"prediction): its attacks draw their own noise per step (EOT {ad['eot']} on top), "
+            f"and each point is judged by a strict majority of {ad['repeats']} predictions at "
+            f"{n}")
+
+
+def randomness_notes(rec: dict[str, Any]) -> list[str]:
+    """What a reader of a randomised model's result must know, in words: the spread of the
+    robust accuracy (:func:`spread_text`) and how a smoothed classifier was judged
+    (:func:`smoothed_text`); empty for a deterministic model."""
+    notes = [spread_text(rec), smoothed_text(rec.get("adaptive") or {})]
+    return [n for n in notes if n is not None]
+
+
 def adaptive_text(ad: dict[str, Any]) -> str:
     """What the adaptive attacks did (the ``adaptive`` record), in words."""
+    if (text := smoothed_text(ad)) is not None:
+        return text
     bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
     text = f"BPDA {bpda}, EOT {ad['eot']} draws, {ad['repeats']} prediction(s) per point"
     outputs = [what for what, on in (("the log of the outputs", ad.get("log_outputs")),
@@ -79,7 +102,7 @@ def markdown(rec: dict[str, Any]) -> str:
            "correct in a strict majority"] if rec.get("repeats", 1) > 1 else []),
         f"- robust accuracy (per-sample worst case over all attacks): "
         f"**{_pct(rec['robust_accuracy'])}**",
-        *([f"- {text}"] if (text := spread_text(rec)) else []),
+        *[f"- {text}" for text in randomness_notes(rec)],
         "",
         "| # | attack | step size | points attacked | broken | robust accuracy after | time (s) |",
         "|---|---|---|---|---|---|---|",
