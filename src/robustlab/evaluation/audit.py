@@ -59,7 +59,7 @@ from robustlab.evaluation.checks import run_checks, shattered_gradient
 from robustlab.evaluation.record import Progress, attack_units
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.run import evaluate
-from robustlab.evaluation.suites import AttackSpec
+from robustlab.evaluation.suites import SMOOTHED_ITERATES, AttackSpec
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 from robustlab.evaluation.verdicts import (
     FLAG,
@@ -314,7 +314,7 @@ def _attacks(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps:
 
 
 def _smoothed_opts(steps: int) -> dict[str, Any]:
-    return {"samples": SMOOTHED_SAMPLES, "steps": min(steps, SMOOTHED_STEPS)}
+    return {"samples": SMOOTHED_SAMPLES, "steps": min(steps, SMOOTHED_STEPS), **SMOOTHED_ITERATES}
 
 
 class _Runs(NamedTuple):

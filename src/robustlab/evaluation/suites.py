@@ -98,11 +98,11 @@ SUITES.register("rand")(Suite(
 #: classifier's vote at n, so an early stop or a best iterate chosen by them stops near the
 #: decision boundary, where the vote often still holds (on the toy model of
 #: tests/test_smoothed_default.py, early stop left 2 of 6 points robust; without it, none)
-_SMOOTHED_ITERATES = {"keep_best": False, "early_stop": False}
+SMOOTHED_ITERATES = {"keep_best": False, "early_stop": False}
 SUITES.register("smoothed")(Suite(
     [("transfer", {"attack": "apgd-ce", "attack_options": {"steps": 20}}),
-     ("smoothadv", {"samples": 8, "steps": 10, **_SMOOTHED_ITERATES}),
-     ("epgd", {"samples": 8, "steps": 10, "loss": "cw-margin", **_SMOOTHED_ITERATES})],
+     ("smoothadv", {"samples": 8, "steps": 10, **SMOOTHED_ITERATES}),
+     ("epgd", {"samples": 8, "steps": 10, "loss": "cw-margin", **SMOOTHED_ITERATES})],
     repeats=3,
     description="for smoothed classifiers (the default there): transfer from the base model, "
                 "SmoothAdv and EPGD with m = 8 draws per step",
