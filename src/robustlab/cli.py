@@ -1,12 +1,13 @@
-"""The command line: ``robustlab train | evaluate | audit | certify | smooth | denoise | report |
-compare | list``.
+"""The command line: ``robustlab train | evaluate | audit | certify | smooth | denoise |
+convert-weights | report | compare | list``.
 
 Progress bars and printing live here, never in the library. The CLI seeds torch once and
 records the seed with every result. The arguments (the options every command shares come
 from one parent parser) are in :mod:`robustlab.cli_args`. This is the one module that imports
 the library inside its functions: a command loads only what it runs, after its arguments were
 parsed and checked (:mod:`robustlab.cli_out`: output folders, file-system problems, finished
-results, an eps that covers the input box).
+results, an eps that covers the input box). The model and data a command runs on (a checkpoint
+or ``--model SPEC``; ``--data``), and the check that they fit, are in :mod:`robustlab.cli_inputs`.
 """
 
 from __future__ import annotations
@@ -57,28 +58,26 @@ def _launch(args: argparse.Namespace) -> tuple[Any, torch.device]:
     return distributed.World(), _device(args.device)
 
 
-def _checkpoint(args: argparse.Namespace,
-                device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The model in ``args.checkpoint`` on ``device``, and the data set to use: ``--dataset``,
-    else the checkpoint's, else Fashion-MNIST."""
-    from robustlab import models
+def _inputs(args: argparse.Namespace, device: torch.device, *, n: int | None,
+            split: str = "test") -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model (checkpoint or ``--model``) on ``device``, the data (``--data``, else the
+    checkpoint's data set, else Fashion-MNIST; ``--split``, else ``split``; the first ``n``
+    images), checked to fit before anything runs, and what a result records of both
+    (:mod:`robustlab.cli_inputs`)."""
+    from robustlab import cli_inputs
 
-    model = models.load(args.checkpoint, device=device)
-    meta = getattr(model, "robustlab_meta", {})
-    return model, args.dataset or meta.get("dataset") or "fashion-mnist"
+    model, trained_on, spec = cli_inputs.load_model(args, device)
+    inputs = cli_inputs.load_data(args, trained_on, split=getattr(args, "split", split), n=n)
+    cli_inputs.check_fit(model, inputs, args.num_classes, device)
+    return model, inputs, cli_inputs.record(args, inputs, spec)
 
 
-def _config(args: argparse.Namespace, dataset: str, **extra: Any) -> dict[str, Any]:
-    """What a result records of the command: the checkpoint, the data set with its class names
-    (for the report), the split, the settings that recognise a rerun, and ``extra``."""
-    from robustlab import data
-
-    try:
-        classes = list(data.info(dataset).classes)
-    except (ValueError, KeyError):
-        classes = None
-    return {"checkpoint": str(args.checkpoint), "dataset": dataset, "classes": classes,
-            "split": args.split, "cli_settings": getattr(args, "cli_settings", None), **extra}
+def _config(args: argparse.Namespace, about: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What a result records of the command: its model and data (``about``, from
+    :func:`_inputs`: the checkpoint or the ``--model`` spec, the data set or file with its
+    class names for the report, the split), the settings that recognise a rerun, and
+    ``extra``."""
+    return {**about, "cli_settings": getattr(args, "cli_settings", None), **extra}
 
 
 def _out(msg: str = "", quiet: bool = False) -> None:
@@ -153,7 +152,7 @@ def _epoch_line(rec: dict[str, Any], trainer: Any, quiet: bool) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import data, distributed, models
+    from robustlab import distributed, models
     from robustlab.evaluation import evaluate_sharded
     from robustlab.report import markdown
     from robustlab.threat import ThreatModel
@@ -161,23 +160,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     world, device = _launch(args)  # torchrun: the points are split over the ranks and merged
     quiet = args.quiet or not world.main
     torch.manual_seed(args.seed)
-    model, dataset = _checkpoint(args, device)
-    x, y = data.load(dataset, split=args.split, n=args.n)  # batches go to the model's device
+    model, inputs, about = _inputs(args, device, n=args.n)
+    x, y = inputs.x, inputs.y  # batches go to the model's device
     cli_out.check_eps(args, x[0].numel())
     threat = ThreatModel(args.norm, args.eps)
-    model, defense = _defended(args, model, dataset, device, quiet)
+    model, defense = _defended(args, model, inputs, device, quiet)
     options = {k: v for k in ("loss", "steps", "restarts", "step_size")
                if (v := getattr(args, k)) is not None}
     attacks = [(a, options) for a in args.attack] if args.attack else None
     out = args.out  # default: named from the settings (cli_out.default_folder)
-    surrogate = models.load(args.surrogate, device=device) if args.surrogate else None
+    surrogate = (models.load(args.surrogate, device=device, trust_code=args.trust_code)
+                 if args.surrogate else None)
     try:
         result = evaluate_sharded(
             model, x, y, threat, suite=args.suite, attacks=attacks, batch_size=args.batch_size,
             seed=args.seed, out=str(out), progress=not quiet,
             resume=not (args.restart or args.overwrite), repeats=args.repeats,
             surrogate=surrogate, bpda=args.bpda, eot=args.eot, log_outputs=args.log_outputs,
-            config=_config(args, dataset, defense=defense, command=" ".join(sys.argv)))
+            config=_config(args, about, defense=defense, command=" ".join(sys.argv)))
     finally:
         distributed.shutdown(world)
     _out(markdown(result.record), quiet)
@@ -189,36 +189,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import data, models
+    from robustlab import models
     from robustlab.evaluation.audit import audit
     from robustlab.report import markdown
     from robustlab.threat import ThreatModel
 
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    model, dataset = _checkpoint(args, device)
-    x, y = data.load(dataset, split=args.split, n=args.n)  # batches go to the model's device
+    model, inputs, about = _inputs(args, device, n=args.n)
+    x, y = inputs.x, inputs.y  # batches go to the model's device
     cli_out.check_eps(args, x[0].numel())
     threat = ThreatModel(args.norm, args.eps)
-    model, defense = _defended(args, model, dataset, device, args.quiet)
-    surrogate = models.load(args.surrogate, device=device) if args.surrogate else None
+    model, defense = _defended(args, model, inputs, device, args.quiet)
+    surrogate = (models.load(args.surrogate, device=device, trust_code=args.trust_code)
+                 if args.surrogate else None)
     out = args.out
     result = audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
                    queries=args.queries, eot=args.eot, binarization_points=args.binarization,
                    log_outputs=args.log_outputs,
                    batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
-                   config=_config(args, dataset, defense=defense, command=" ".join(sys.argv)))
+                   config=_config(args, about, defense=defense, command=" ".join(sys.argv)))
     _out(markdown(result.record), args.quiet)
     _out(f"results: {out / 'results.json'}\nsummary: {out / 'summary.md'}", args.quiet)
     return 0
 
 
-def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
+def _defended(args: argparse.Namespace, model: torch.nn.Module, inputs: Any,
               device: torch.device, quiet: bool) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """``model`` inside ``--defense`` (with ``--defense-option``s) on ``device``, and the
     defense's record. A defense that is not ``fitted`` (a detector without its threshold,
     mixup inference without its pool) is fitted on the first ``--fit-n`` points of the
-    training split, never on the test points."""
+    registered data set's training split, never on the test points; a ``--data`` file or
+    folder has no training split, so such a defense is refused there."""
     if not args.defense:
         return model, None
     from robustlab import data, defenses
@@ -227,7 +229,11 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
     model = defenses.create(args.defense, model, **options).to(device)
     record: dict[str, Any] = {"name": args.defense, **options}
     if not model.fitted:
-        xf, yf = data.load(dataset, split="train", n=args.fit_n)
+        if inputs.split is None:
+            raise ValueError(f"--defense {args.defense} is fitted on training data, which "
+                             f"--data {inputs.source} does not have (a file or folder has no "
+                             "split): use a registered data set, or a defense without fitting")
+        xf, yf = data.load(inputs.source, split="train", n=args.fit_n)
         model.fit(xf.to(device), yf.to(device))
         record["fit"] = {"split": "train", "n": len(xf)}
         _out(f"{args.defense}: fitted on the first {len(xf)} training points", quiet)
@@ -236,21 +242,21 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, dataset: str,
 
 # --- certify, smooth and denoise --------------------------------------------------------------
 def cmd_certify(args: argparse.Namespace) -> int:
-    from robustlab import data, defenses
+    from robustlab import defenses
     from robustlab.evaluation.certification import run_certification
     from robustlab.noise import CERTIFIED_NORM
 
     device = _device(args.device)
-    model, dataset = _checkpoint(args, device)
+    model, inputs, about = _inputs(args, device, n=None)
     if args.denoiser:  # denoised smoothing: certify classifier(denoiser(x + delta))
         model = defenses.create("denoised", model, denoiser=str(args.denoiser)).to(device)
-    x, y = data.load(dataset, split=args.split)
-    idx = list(range(0, len(x), args.skip))[:args.n_points]
-    x, y = x[idx].to(device), y[idx].to(device)
+    idx = list(range(0, len(inputs.x), args.skip))[:args.n_points]
+    x, y = inputs.x[idx].to(device), inputs.y[idx].to(device)
     out = args.out
     norm = CERTIFIED_NORM[args.noise]
     every = f" (every {args.skip}-th)" if args.skip > 1 else ""
-    _out(f"certifying {len(x)} {dataset} {args.split} images{every}; rows in "
+    split = f" {inputs.split}" if inputs.split else ""
+    _out(f"certifying {len(x)} {inputs.source}{split} images{every}; rows in "
          f"{out / 'certify.jsonl'}", args.quiet)  # the noise and draws: the bar's header
     _out("idx\tlabel\tpredict\tradius\tcorrect\ttime", args.quiet)
 
@@ -262,7 +268,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         model, x, y, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         noise=args.noise, batch_size=args.batch_size, seed=args.seed, indices=idx, out=out,
         resume=not (args.restart or args.overwrite), on_row=row, progress=not args.quiet,
-        config=_config(args, dataset,
+        config=_config(args, about,
                        denoiser=str(args.denoiser) if args.denoiser else None))
     curve = ", ".join(f"r={c['radius']:g}: {100 * c['accuracy']:.1f}%"
                       for c in summary["certified_accuracy"][::5])
@@ -276,7 +282,6 @@ def cmd_certify(args: argparse.Namespace) -> int:
 def cmd_smooth(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import data
     from robustlab.evaluation.smoothing_curves import FILE, smoothing_curves
 
     def listed(option: str, kind: type, example: str) -> list[Any]:
@@ -292,16 +297,16 @@ def cmd_smooth(args: argparse.Namespace) -> int:
     votes = [v.strip() for v in args.votes.split(",")]
     torch.manual_seed(args.seed)  # a model with weight noise draws it from the global generator
     device = _device(args.device)
-    model, dataset = _checkpoint(args, device)
-    x, y = data.load(dataset, split=args.split, n=args.n)
-    x, y = x.to(device), y.to(device)
+    model, inputs, about = _inputs(args, device, n=args.n)
+    x, y = inputs.x.to(device), inputs.y.to(device)
     out = args.out
-    _out(f"smoothing curves of {args.checkpoint} on {len(x)} {dataset} {args.split} images, "
-         f"{args.noise} noise", args.quiet)
+    split = f" {inputs.split}" if inputs.split else ""
+    _out(f"smoothing curves of {cli_out.model_words(args)} on {len(x)} {inputs.source}{split} "
+         f"images, {args.noise} noise", args.quiet)
     rec = smoothing_curves(
         model, x, y, sigmas=sigmas, samples=samples, votes=votes, noise=args.noise,
         batch_size=args.batch_size, seed=args.seed, out=out, progress=not args.quiet,
-        config=_config(args, dataset, command=" ".join(sys.argv)))
+        config=_config(args, about, command=" ".join(sys.argv)))
     cfg = rec["config"]
     acc = {(r["sigma"], r["samples"], r["vote"]): r["accuracy"] for r in rec["rows"]}
     _out(f"base model (no noise): {100 * rec['base_accuracy']:.1f}%", args.quiet)
@@ -316,13 +321,12 @@ def cmd_smooth(args: argparse.Namespace) -> int:
 
 
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from robustlab import data
     from robustlab.models.dncnn import Denoiser, load_denoiser
     from robustlab.training.denoiser import train_denoiser
 
     device = _device(args.device)
-    classifier, dataset = _checkpoint(args, device)
-    x, _ = data.load(dataset, split="train", n=args.n_train)
+    classifier, inputs, _ = _inputs(args, device, n=args.n_train, split="train")
+    x = inputs.x
     if args.init:
         denoiser = load_denoiser(args.init, device=device)
     else:
@@ -341,7 +345,21 @@ def cmd_denoise(args: argparse.Namespace) -> int:
                    noise=args.noise, log=row)
     path = args.out / "denoiser.safetensors"
     _out(f"denoiser: {path}; certify the classifier behind it with: robustlab certify "
-         f"{args.checkpoint} --sigma {args.sigma:g} --denoiser {path}", args.quiet)
+         f"{cli_out.model_words(args)}{f' --data {args.dataset}' if args.dataset else ''} "
+         f"--sigma {args.sigma:g} --denoiser {path}", args.quiet)
+    return 0
+
+
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    from robustlab import models
+
+    rec = models.convert_weights(args.source, args.target, key=args.key)
+    entry = f"entry {rec['key']!r}" if rec["key"] is not None else "the whole file"
+    print(f"converted {rec['tensors']} tensors ({entry}) of {args.source} into {args.target}\n"
+          f"prefixes stripped: {', '.join(rec['prefixes_stripped']) or 'none'}\n"
+          f"source SHA-256: {rec['source_sha256']}\nrecord: {args.target}.json\n"
+          f"use it: robustlab evaluate --model FILE.py:NAME --weights {args.target} "
+          "--data DATA --eps EPS")
     return 0
 
 
@@ -390,7 +408,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "audit": cmd_audit,
             "certify": cmd_certify, "smooth": cmd_smooth, "denoise": cmd_denoise,
-            "report": cmd_report, "compare": cmd_compare, "list": cmd_list}
+            "convert-weights": cmd_convert_weights, "report": cmd_report,
+            "compare": cmd_compare, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             _out(done)
             return 0
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError) as e:
-        print(f"robustlab {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError) as e:  # one line, even for a message of several
+        print(f"robustlab {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:  # a file-system problem: one line with the path, never a traceback
         print(f"robustlab {args.command}: error: {cli_out.os_error(e)}", file=sys.stderr)

@@ -29,6 +29,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> tuple[int, int]:
+    """argparse type of ``--resize``: ``H,W`` in pixels, two positive integers."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W: two positive integers in pixels, e.g. "
+                                         f"32,32, got {text!r}")
+    return h, w
+
+
 def _eps(text: str) -> float:
     """argparse type of a radius or a noise scale: ``0.1``, ``8/255``; >= 0."""
     try:
@@ -49,10 +62,21 @@ def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
     ``--out`` (``out`` is its help) and ``--quiet``."""
     p = argparse.ArgumentParser(add_help=False)
     if dataset:
-        p.add_argument("--dataset", default=None, help="default: the checkpoint's data set")
+        p.add_argument("--data", "--dataset", dest="dataset", default=None, metavar="DATA",
+                       help="a registered data set (robustlab list datasets), a folder of "
+                            "images in class subfolders (DATA/<class>/<image>.png), or an "
+                            ".npz / .safetensors file holding x (N,C,H,W or N,H,W,C; uint8 "
+                            "or floats in [0, 1]) and y; a registered name wins over a folder "
+                            "of that name (write ./NAME for the folder); a file or folder is "
+                            "read whole, in its order, with no split (default: the "
+                            "checkpoint's data set, else fashion-mnist)")
+        p.add_argument("--resize", type=_size, default=None, metavar="H,W",
+                       help="resize every image of a --data folder to H x W pixels "
+                            "(bilinear); without it a folder of different sizes is an error")
     if split:
         p.add_argument("--split", default="test", choices=("train", "test"),
-                       help="which split of the data set (default: test)")
+                       help="which split of a registered data set (default: test); a --data "
+                            "file or folder has none (--split train is then an error)")
     if n is not None:
         p.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=n,
                        help="first n points of the split (under torchrun write --n-points: "
@@ -84,14 +108,15 @@ REGISTRIES = {  # robustlab list KIND: the module, and the function in it naming
 }
 
 
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+def parse_options(pairs: list[str] | None, option: str = "--defense-option") -> dict[str, Any]:
     """``["sigma=0.25", "vote=soft"]`` -> ``{"sigma": 0.25, "vote": "soft"}`` (values parsed as
-    JSON where they can be, else kept as strings)."""
+    JSON where they can be, else kept as strings); a ValueError naming ``option`` for a pair
+    that is not ``KEY=VALUE``."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--defense-option takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{option} takes KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -136,10 +161,45 @@ def _train_parser(sub: Any) -> None:
                         "package is installed)")
 
 
+MODEL_FOLDER = "runs/<NAME>/ under the current folder for --model SPEC"
+
+
+def model_args(p: argparse.ArgumentParser, what: str = "model") -> None:
+    """The model a command runs on: a robustlab checkpoint (the positional argument) or
+    ``--model SPEC`` with ``--model-option``, ``--weights`` and ``--normalize``; and the checks
+    ``--num-classes`` and ``--trust-code``. Exactly one of checkpoint and ``--model``
+    (:func:`robustlab.cli_out.check_model_args`)."""
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help=f"the {what}: model.safetensors (with its .json sidecar); or --model")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="instead of a checkpoint, your own model: path/to/file.py:NAME or "
+                        "package.module:NAME, NAME an nn.Module class or a function returning "
+                        "one (importing the file runs its code); needs --data")
+    p.add_argument("--model-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an argument of --model's NAME (repeatable), values read as JSON where "
+                        "they parse, else strings, e.g. width=64 depth=28")
+    p.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                   help="a safetensors state dict for --model, loaded strictly (a 'module.' "
+                        "prefix stripped); a .pt file is converted once first with robustlab "
+                        "convert-weights IN.pt OUT.safetensors")
+    p.add_argument("--normalize", default=None, metavar="MEAN/STD",
+                   help="put this per-channel normalisation in front of --model, which expects "
+                        "normalised inputs, in [0, 1] pixel units, e.g. "
+                        "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616; attacks stay in [0, 1]")
+    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
+                   help="the model's number of classes, checked (with the input shape) on two "
+                        "images before anything runs (default: the data's class count when it "
+                        "names its classes, else the model's)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="load a checkpoint saved from a --model (models.save of a from_spec "
+                        "model), which imports and runs the Python file it names")
+
+
 def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
-    """What ``evaluate`` and ``audit`` share beyond :func:`shared`: the checkpoint, the threat
-    model, the defense around the checkpoint, the EOT draws and the log-outputs switch."""
-    p.add_argument("checkpoint", type=Path, help="model.safetensors (with its .json sidecar)")
+    """What ``evaluate`` and ``audit`` share beyond :func:`shared`: the model
+    (:func:`model_args`), the threat model, the defense around the model, the EOT draws and
+    the log-outputs switch."""
+    model_args(p)
     p.add_argument("--norm", choices=NORMS, default="linf",
                    help="the threat model's norm (default: linf)")
     p.add_argument("--eps", type=_eps, required=True,
@@ -148,7 +208,7 @@ def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="run even when the eps ball covers the whole input box (refused "
                         "otherwise: --eps 8 is most likely 8/255)")
     p.add_argument("--defense", default=None,
-                   help=f"{what} the checkpoint inside this defense (robustlab list defenses), "
+                   help=f"{what} the model inside this defense (robustlab list defenses), "
                         "e.g. smoothing; the attacks see the defended model")
     p.add_argument("--defense-option", action="append", default=None, metavar="KEY=VALUE",
                    help="an option of --defense (repeatable), e.g. sigma=0.25 samples=32 "
@@ -165,10 +225,10 @@ def _threat_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _evaluate_parser(sub: Any) -> None:
-    e = sub.add_parser("evaluate", help="clean and robust accuracy of a checkpoint", parents=[
-        shared("results folder (default: beside the checkpoint, named from the settings, "
-               "e.g. eval-linf-0.1-standard-n1000-seed0)", n=1000, batch_size=500,
-               device="cpu")])
+    e = sub.add_parser("evaluate", help="clean and robust accuracy of a model", parents=[
+        shared("results folder (default: beside the checkpoint, or in " + MODEL_FOLDER +
+               ", named from the settings, e.g. eval-linf-0.1-standard-n1000-seed0)",
+               n=1000, batch_size=500)])
     _threat_args(e, "evaluate")
     e.add_argument("--suite", default=None,
                    help="attack suite: standard (AutoAttack), fast, rand (randomised models), "
@@ -199,11 +259,11 @@ def _evaluate_parser(sub: Any) -> None:
 
 def _audit_parser(sub: Any) -> None:
     a = sub.add_parser("audit", help="the evaluation checklist (Carlini et al. 2019) on a "
-                                     "checkpoint or a defense: PASS / FLAG per check",
-                       parents=[shared("results folder (default: beside the checkpoint, "
-                                       "named from the settings, e.g. "
-                                       "audit-linf-0.1-n500-seed0)", n=500, batch_size=500,
-                                       device="cpu")])
+                                     "model or a defense: PASS / FLAG per check",
+                       parents=[shared("results folder (default: beside the checkpoint, or "
+                                       "in " + MODEL_FOLDER + ", named from the settings, "
+                                       "e.g. audit-linf-0.1-n500-seed0)", n=500,
+                                       batch_size=500)])
     _threat_args(a, "audit")
     a.add_argument("--surrogate", type=Path, default=None,
                    help="checkpoint for the transfer attack (default: the undefended "
@@ -217,11 +277,11 @@ def _audit_parser(sub: Any) -> None:
 
 
 def _smoothing_parsers(sub: Any) -> None:
-    c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed checkpoint",
-                       parents=[shared("directory (default: beside the checkpoint, "
-                                       "named from the settings, e.g. certify-gaussian-0.25-...)",
-                                       batch_size=1000)])
-    c.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
+    c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed model",
+                       parents=[shared("directory (default: beside the checkpoint, or in "
+                                       + MODEL_FOLDER + ", named from the settings, e.g. "
+                                       "certify-gaussian-0.25-...)", batch_size=1000)])
+    model_args(c, "base model")
     c.add_argument("--sigma", type=_eps, required=True, help="noise scale in input units")
     c.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
                    help="gaussian: l2 radii; laplace (scale sigma): l1 radii")
@@ -237,12 +297,12 @@ def _smoothing_parsers(sub: Any) -> None:
     c.add_argument("--restart", action="store_true", help="discard the rows of an earlier run")
     _overwrite(c)
 
-    s = sub.add_parser("smooth", help="smoothing curves: accuracy of a smoothed checkpoint vs "
+    s = sub.add_parser("smooth", help="smoothing curves: accuracy of a smoothed model vs "
                                       "noise draws n and sigma, for each vote",
                        parents=[shared("folder for smoothing.json (default: beside the "
-                                       "checkpoint, named from the settings)", n=500,
-                                       batch_size=1024)])
-    s.add_argument("checkpoint", type=Path, help="base model.safetensors (with its .json sidecar)")
+                                       "checkpoint, or in " + MODEL_FOLDER + ", named from "
+                                       "the settings)", n=500, batch_size=1024)])
+    model_args(s, "base model")
     s.add_argument("--sigmas", type=str, required=True,
                    help="noise scales in input units, comma-separated, e.g. 0,0.12,0.25,0.5")
     s.add_argument("--samples", type=str, required=True,
@@ -254,10 +314,10 @@ def _smoothing_parsers(sub: Any) -> None:
                    help="the smoothing noise (default: gaussian)")
     _overwrite(s)
 
-    d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a checkpoint",
+    d = sub.add_parser("denoise", help="train a denoiser for denoised smoothing of a classifier",
                        parents=[shared("run directory; a rerun resumes after its last epoch",
                                        batch_size=128, split=False, out_required=True)])
-    d.add_argument("checkpoint", type=Path, help="the classifier (not modified)")
+    model_args(d, "classifier (not modified)")
     d.add_argument("--sigma", type=_eps, required=True, help="noise scale to remove")
     d.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
                    help="the noise to remove (default: gaussian)")
@@ -294,10 +354,29 @@ def _report_parsers(sub: Any) -> None:
                          "runs and costs")
 
 
-def _overwrite(p: argparse.ArgumentParser) -> None:
+def _convert_parser(sub: Any) -> None:
+    cw = sub.add_parser("convert-weights", help="convert a PyTorch .pt state dict from another "
+                                                "code base into safetensors, once, without "
+                                                "running any code it names")
+    cw.add_argument("source", type=Path, metavar="IN",
+                    help="the .pt / .pth / .bin / .ckpt file, read with torch.load(..., "
+                         "weights_only=True): anything but tensors and plain containers is "
+                         "refused")
+    cw.add_argument("target", type=Path, metavar="OUT",
+                    help="the .safetensors file to write; its record (source SHA-256, "
+                         "tensors, prefixes stripped) goes to OUT.json beside it")
+    cw.add_argument("--key", default=None,
+                    help="the top-level entry holding the state dict (default: the file itself "
+                         "if it is one, else the first of state_dict, model, net, ema, "
+                         "model_state_dict)")
+    _overwrite(cw, "replace OUT (and its .json record) if it exists")
+
+
+def _overwrite(p: argparse.ArgumentParser, text: str | None = None) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished result in the output folder (without it a finished "
-                        "result is kept: a rerun of the same settings does nothing)")
+                   help=text or "replace a finished result in the output folder (without it a "
+                                "finished result is kept: a rerun of the same settings does "
+                                "nothing)")
 
 
 FIRST_HOUR = """\
@@ -306,6 +385,11 @@ a first hour:
   robustlab evaluate runs/quickstart/model.safetensors --eps 0.1 --suite fast
   robustlab report runs/quickstart            (writes runs/quickstart/report.html)
   robustlab list suites                       (what each attack suite runs and costs)
+
+your own model, weights and images:
+  robustlab convert-weights net.pt net.safetensors       (once, for a .pt from elsewhere)
+  robustlab evaluate --model net.py:Net --weights net.safetensors --data images/ \\
+      --eps 8/255 --normalize 0.5,0.5,0.5/0.25,0.25,0.25  (results in runs/Net/)
 
 Each command explains its options: robustlab evaluate --help. Results go to a folder
 named from the settings beside the checkpoint (--out chooses another); a finished
@@ -323,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"robustlab {package_version()}")
     sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for add in (_train_parser, _evaluate_parser, _audit_parser, _smoothing_parsers,
-                _report_parsers):
+                _convert_parser, _report_parsers):
         add(sub)
     return p
 

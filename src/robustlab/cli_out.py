@@ -5,7 +5,9 @@ replaced (never without ``--overwrite``), and an eps that covers the whole input
 likely ``8`` meant for ``8/255``).
 
 Nothing here imports torch: a problem is reported in a fraction of a second, before a model,
-a data set or an attack is loaded.
+a data set or an attack is loaded. The model a command runs on is a checkpoint or ``--model
+SPEC`` (:func:`check_model_args`); a ``--model`` run writes under ``runs/<NAME>/`` of the current
+folder, its spec, options, weights, normalisation and data in the settings' hash.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -29,7 +32,10 @@ WHAT = {"evaluate": "evaluation", "audit": "audit", "certify": "certification",
 EVAL_STATE = "eval_state.safetensors"  # robustlab.evaluation.state.FILENAME: an interrupted run
 INPUTS = {"checkpoint": "the checkpoint's .safetensors file", "config": "the .toml recipe",
           "surrogate": "the surrogate's .safetensors file",
-          "denoiser": "the denoiser's .safetensors file", "init": "a denoiser .safetensors file"}
+          "denoiser": "the denoiser's .safetensors file", "init": "a denoiser .safetensors file",
+          "weights": "the weights' .safetensors file", "source": "the .pt file to convert"}
+MODEL_KEYS = ("model", "model_option", "weights", "normalize", "resize")  # in the settings
+SPEC_ONLY = ("model_option", "weights", "normalize")  # options of --model, not of a checkpoint
 
 
 def _num(v: float) -> str:
@@ -67,13 +73,51 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if args.split != "test":
         name.append(args.split)
     common = ("dataset",) if c == "certify" else ("dataset", "batch_size")  # rows: any batch
-    return name, {k: getattr(args, k) for k in (*common, *extra)}
+    settings = {k: getattr(args, k) for k in (*common, *extra)}
+    settings.update({k: v for k in MODEL_KEYS if (v := getattr(args, k, None)) is not None})
+    return name, _absolute(settings)
+
+
+def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the paths in them absolute (the data when it is written as a path,
+    the weights, a spec's ``.py`` file), so that one file is one setting from any folder."""
+    out = dict(settings)
+    data = out.get("dataset")
+    if isinstance(data, str) and (os.sep in data or "/" in data
+                                  or data.endswith((".npz", ".safetensors"))):
+        out["dataset"] = str(Path(data).resolve())
+    if out.get("weights") is not None:
+        out["weights"] = str(Path(out["weights"]).resolve())
+    where, _, name = str(out.get("model") or "").rpartition(":")
+    if where.endswith(".py") or "/" in where:
+        out["model"] = f"{Path(where).resolve()}:{name}"
+    return out
+
+
+def model_name(spec: str) -> str:
+    """The folder a ``--model`` run writes under: ``runs/<NAME>``, NAME the spec's last part
+    (``net.py:Net`` -> ``runs/Net``), relative to the current folder."""
+    name = spec.rpartition(":")[2] or Path(spec).stem or "model"
+    return str(Path("runs") / re.sub(r"[^A-Za-z0-9.,+=_-]", "_", name))
+
+
+def model_words(args: argparse.Namespace) -> str:
+    """The model as the command line named it: the checkpoint, or ``--model SPEC`` with its
+    options, weights and normalisation."""
+    if args.model is None:
+        return str(args.checkpoint)
+    return " ".join([f"--model {args.model}",
+                     *(f"--model-option {o}" for o in args.model_option or []),
+                     *([f"--weights {args.weights}"] if args.weights else []),
+                     *([f"--normalize {args.normalize}"] if args.normalize else [])])
 
 
 def default_folder(args: argparse.Namespace) -> Path:
     """``<checkpoint dir>/<command>-<settings>``, e.g. ``eval-linf-0.1-standard-n1000-seed0``,
     with ``-<hash>`` of the settings outside the name that are not their defaults: a rerun of
-    the same settings finds its folder (and resumes), other settings never touch it."""
+    the same settings finds its folder (and resumes), other settings never touch it. A
+    ``--model`` run's folder is under ``runs/<NAME>`` (:func:`model_name`) instead of the
+    checkpoint's, its spec, options, weights and normalisation in the hash."""
     name, extra = _settings(args)
     defaults = commands(build_parser())[args.command]
     changed = {k: v for k, v in extra.items()
@@ -82,18 +126,25 @@ def default_folder(args: argparse.Namespace) -> Path:
         blob = json.dumps(changed, sort_keys=True, default=str).encode()
         name.append(hashlib.sha256(blob).hexdigest()[:6])
     text = "-".join(str(p) for p in name)
-    return args.checkpoint.parent / re.sub(r"[^A-Za-z0-9.,+=_-]", "_", text)
+    base = args.checkpoint.parent if args.checkpoint is not None else Path(model_name(args.model))
+    return base / re.sub(r"[^A-Za-z0-9.,+=_-]", "_", text)
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a result records of the command line to recognise a rerun: its settings and the
-    checkpoint's ``model_sha256`` (from the sidecar; None where there is none yet)."""
+    checkpoint's ``model_sha256`` (from the sidecar; None where there is none yet), or for
+    ``--model`` the SHA-256 of its ``--weights`` file (``weights_sha256``)."""
     name, extra = _settings(args)
     try:
         side = json.loads(args.checkpoint.with_suffix(".json").read_text())
         model = side.get("model_sha256") or side.get("sha256")
     except (OSError, ValueError, AttributeError):
         model = None
+    if args.model is not None and args.weights is not None:
+        try:
+            extra["weights_sha256"] = hashlib.sha256(args.weights.read_bytes()).hexdigest()
+        except OSError:
+            extra["weights_sha256"] = None  # missing: the command says so when it loads
     return json.loads(json.dumps({"name": name, **extra, "model_sha256": model}, default=str))
 
 
@@ -117,11 +168,12 @@ def check_folder(path: Path, option: str = "--out") -> None:
                          "folder you can write to") from None
 
 
-def check_file(path: Path, option: str) -> None:
-    """ValueError unless a file can be written at ``path``."""
+def check_file(path: Path, option: str, example: str = "report.html") -> None:
+    """ValueError unless a file can be written at ``path`` (``example``: a file name the
+    message suggests inside a folder given instead)."""
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name, e.g. "
-                         f"{path / 'report.html'}")
+                         f"{path / example}")
     check_folder(path.parent, f"{option} {path}: the folder")
 
 
@@ -191,14 +243,48 @@ def check_eps(args: argparse.Namespace, dim: int = 1) -> None:
                          "run it anyway")
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """ValueError unless the command names its model once: a checkpoint or ``--model SPEC``,
+    ``--model``'s options only with it, and ``--data`` with it (a spec names no data set)."""
+    if not hasattr(args, "model"):
+        return
+    spec_only = [f"--{k.replace('_', '-')}" for k in SPEC_ONLY if getattr(args, k) is not None]
+    if args.checkpoint is not None and args.model is not None:
+        raise ValueError(f"give a checkpoint ({args.checkpoint}) or --model {args.model}, not "
+                         "both")
+    if args.checkpoint is None and args.model is None:
+        raise ValueError(f"no model: give a checkpoint (robustlab {args.command} "
+                         "model.safetensors ...) or your own with --model path/to/file.py:NAME")
+    if args.checkpoint is not None and spec_only:
+        raise ValueError(f"{', '.join(spec_only)} apply to --model SPEC only; the checkpoint "
+                         f"{args.checkpoint} records its own architecture, weights and "
+                         "normalisation")
+    if args.model is not None and args.dataset is None:
+        raise ValueError(f"--model {args.model} needs --data: a registered data set "
+                         "(robustlab list datasets), a folder of images in class subfolders, "
+                         "or an .npz / .safetensors file of x and y")
+    parse_options(args.model_option, "--model-option")
+
+
+def check_convert(args: argparse.Namespace) -> None:
+    """``convert-weights``: OUT can be written, and is not replaced without ``--overwrite``."""
+    check_file(args.target, "OUT", "model.safetensors")
+    if args.target.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.target} exists; pass --overwrite to replace it (and its "
+                              f"record {args.target.name}.json), or choose another OUT")
+
+
 def prepare(args: argparse.Namespace) -> str | None:
     """Everything checked before a command loads anything; fills in the default ``args.out``
     and ``args.cli_settings``. Returns a line to print instead of running when the result is
     already there; raises ValueError / FileExistsError with one line naming the fix."""
     parse_options(getattr(args, "defense_option", None))  # the arguments first, then the files
+    check_model_args(args)
     if getattr(args, "norm", None) == "linf":  # l2 / l1: once the input size is known
         check_eps(args)
     check_paths(args)
+    if args.command == "convert-weights":
+        check_convert(args)
     if args.command not in RESULT:
         return None
     if args.out is None:
