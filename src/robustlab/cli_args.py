@@ -124,10 +124,26 @@ def parse_options(pairs: list[str] | None, option: str = "--defense-option") -> 
     return out
 
 
+def _stage(attack: str, o: dict[str, Any]) -> str:
+    """One stage of a suite in words: ``transfer (apgd-ce 20 steps on the surrogate)``,
+    ``epgd cw-margin 10 steps x 8 draws``."""
+    if attack == "transfer":
+        inner = o.get("attack_options", {})
+        steps = f" {inner['steps']} steps" if "steps" in inner else ""
+        return f"transfer ({o.get('attack', 'pgd')}{steps} on the surrogate)"
+    runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
+    return " ".join([attack, *([o["loss"]] if "loss" in o else []),
+                     *([f"{o['steps']} steps"] if "steps" in o else []),
+                     *([f"x {runs}"] if runs > 1 else []),
+                     *([f"x EOT {o['eot']}"] if "eot" in o else []),
+                     *([f"x {o['samples']} draws"] if "samples" in o else [])])
+
+
 def suite_lines(suites: Any) -> list[str]:
     """What ``robustlab list suites`` prints of the registry ``suites``: per suite its attacks
-    in order (linf), its cost per point (gradient steps and queries when no stage breaks the
-    point early) and what it is for."""
+    in order (linf), its cost per point (gradient steps, each a forward and backward pass of
+    the model, or of the base model for noise draws; queries; when no stage breaks the point
+    early) and what it is for."""
     lines = ["suites (robustlab evaluate --suite NAME; a point broken early costs less):"]
     for name in suites.names():
         suite, grads, queries, parts = suites.get(name), 0, 0, []
@@ -136,12 +152,10 @@ def suite_lines(suites: Any) -> list[str]:
                 queries += o["n_queries"]
                 parts.append(f"{attack} {o['n_queries']} queries")
                 continue
+            parts.append(_stage(attack, o))
+            inner = o.get("attack_options", {}) if attack == "transfer" else o
             runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
-            grads += runs * o.get("steps", 1) * o.get("eot", 1)
-            parts.append(" ".join([attack, *([o["loss"]] if "loss" in o else []),
-                                   *([f"{o['steps']} steps"] if "steps" in o else []),
-                                   *([f"x {runs}"] if runs > 1 else []),
-                                   *([f"x EOT {o['eot']}"] if "eot" in o else [])]))
+            grads += runs * inner.get("steps", 1) * o.get("eot", 1) * o.get("samples", 1)
         cost = f"{grads:,} gradient steps" + (f" + {queries:,} queries" if queries else "")
         votes = f" and {suite.repeats} predictions" if suite.repeats > 1 else ""
         lines += [f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
