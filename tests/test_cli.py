@@ -114,6 +114,6 @@ def test_every_command_shares_the_common_options(command):
 def test_a_device_that_is_not_there_is_a_clear_error(command, capsys):
     base = [command, "missing.safetensors", *REQUIRED[command], "--device"]
     assert main(base + ["cuda:99"]) == 2
-    assert "cuda:99 is not available" in capsys.readouterr().err
+    assert "'cuda:99' is not available" in capsys.readouterr().err
     assert main(base + ["tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err

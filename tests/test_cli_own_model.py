@@ -112,9 +112,9 @@ def test_convert_then_evaluate_equals_python(own, tmp_path, capsys):
     assert rec["robust_accuracy"] == expected.robust_accuracy
     assert rec["clean_accuracy"] == expected.clean_accuracy
     assert 0 < expected.robust_accuracy < expected.clean_accuracy  # the attack broke some
-    model = rec["config"]["model"]
-    assert rec["config"]["checkpoint"] is None and model["spec"] == own["spec"]
-    assert model["weights_sha256"] == hashlib.sha256(st.read_bytes()).hexdigest()
+    cfg = rec["config"]
+    assert cfg["checkpoint"] is None and cfg["model"] == own["spec"] and cfg["name"] == "Net"
+    assert cfg["weights_sha256"] == hashlib.sha256(st.read_bytes()).hexdigest()
     assert rec["config"]["classes"] == list(rl.data.info("fashion-mnist").classes)
 
 
@@ -124,9 +124,9 @@ def test_normalize_and_model_options_reach_the_model(own, tmp_path, capsys):
     assert main(["evaluate", "--model", own["spec"], "--weights", str(own["weights"]),
                  "--model-option", "width=8", "--normalize", "0.5/0.25", "--data",
                  "fashion-mnist", "--n", "8", "--out", str(out), *FGSM]) == 0
-    model = _results(out)["config"]["model"]
-    assert model["options"] == {"width": 8}
-    assert model["normalize"] == {"mean": [0.5], "std": [0.25]}
+    cfg = _results(out)["config"]
+    assert cfg["model_options"] == {"width": 8}
+    assert cfg["normalize"] == {"mean": [0.5], "std": [0.25]}
 
 
 # --- the same images from a folder of PNGs and from an .npz: identical results -----------------
@@ -282,7 +282,7 @@ def test_certify_and_smooth_take_a_model(own, tmp_path, capsys):
     assert main(["certify", *model, "--sigma", "0.25", "--n", "20", "--n0", "5",
                  "--n-points", "2"]) == 0
     (found,) = (tmp_path / "runs" / "Net").glob("certify-*/certify.json")
-    assert json.loads(found.read_text())["config"]["model"]["spec"] == own["spec"]
+    assert json.loads(found.read_text())["config"]["model"] == own["spec"]
     assert main(["smooth", *model, "--sigmas", "0.25", "--samples", "2", "--n", "4"]) == 0
     assert list((tmp_path / "runs" / "Net").glob("smooth-*/smoothing.json"))
 

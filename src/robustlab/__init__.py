@@ -2,6 +2,8 @@
 
 The subpackages load on first use (``robustlab.attacks`` alone does not load the training or
 the defenses): ``import robustlab as rl`` then ``rl.evaluate(...)`` works as usual.
+``rl.benchmark(model, data, threat=...)`` is the one line from any classifier to a run folder
+(:mod:`robustlab.benchmarking`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from robustlab._provenance import package_version
 
 if TYPE_CHECKING:
     from robustlab import attacks, data, defenses, evaluation, models, report, training
+    from robustlab.benchmarking import benchmark
     from robustlab.evaluation import AuditResult, EvalResult, audit, eps_sweep, evaluate
     from robustlab.threat import ThreatModel
 
@@ -22,17 +25,20 @@ _SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report",
                 "training")
 _FROM_EVALUATION = ("AuditResult", "EvalResult", "audit", "eps_sweep", "evaluate")
 __all__ = [
-    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "data", "defenses",
-    "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "report", "training",
+    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "benchmark", "data",
+    "defenses", "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "report",
+    "training",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """The subpackages, the threat model and the evaluation's entry points, imported when
-    first asked for (``import robustlab`` alone loads no torch: the command line parses its
-    arguments first)."""
+    """The subpackages, the threat model, the evaluation's entry points and ``benchmark``,
+    imported when first asked for (``import robustlab`` alone loads no torch: the command line
+    parses its arguments first)."""
     if name == "ThreatModel":
         return importlib.import_module("robustlab.threat").ThreatModel
+    if name == "benchmark":
+        return importlib.import_module("robustlab.benchmarking").benchmark
     if name in _SUBPACKAGES:
         return importlib.import_module(f"robustlab.{name}")
     if name in _FROM_EVALUATION:

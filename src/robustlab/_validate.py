@@ -255,3 +255,28 @@ def probe_model(model: nn.Module, x: Tensor) -> Tensor:
             "(N, C, H, W) with the channels and image size the model was built for"
         ) from err
     return check_logits(out, len(x))
+
+
+def resolve_device(device: str | torch.device, fix: str = "device='cpu'") -> torch.device:
+    """``"auto"`` (CUDA if available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+    ``"mps"`` or a ``torch.device``, checked to exist on this machine; ``fix``: how the
+    caller's user picks the CPU instead (the CLI: ``--device cpu``), named in the errors.
+
+    Raises:
+        ValueError: an unknown device name, or one this machine does not have.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device) if isinstance(device, str | torch.device) else None
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or "
+                         "'mps'")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(dev)!r} is not available: torch sees "
+                         f"{torch.cuda.device_count()} CUDA device(s); use {fix}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device 'mps' is not available on this machine; use {fix}")
+    return dev

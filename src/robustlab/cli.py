@@ -30,22 +30,9 @@ if TYPE_CHECKING:
 
 def _device(name: str) -> torch.device:
     """``--device`` as a torch device; a ``ValueError`` naming what is there when it is not."""
-    import torch
+    from robustlab._validate import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name} is not available: torch sees "
-                         f"{torch.cuda.device_count()} CUDA device(s); use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device mps is not available on this machine; use --device cpu")
-    return device
+    return resolve_device(name, fix="--device cpu")
 
 
 def _launch(args: argparse.Namespace) -> tuple[Any, torch.device]:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from robustlab import data, models
 from robustlab.cli_args import parse_options
+from robustlab.models.spec import spec_provenance
 
 DEFAULT_DATA = "fashion-mnist"  # a checkpoint that names no data set
 
@@ -135,10 +136,13 @@ def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
 def record(args: argparse.Namespace, inputs: Inputs, spec: dict[str, Any] | None
            ) -> dict[str, Any]:
     """What a result records of its model and data: ``checkpoint`` (None for ``--model``),
-    ``model`` (the ``--model``'s spec record, see :func:`load_model`), ``dataset`` (the
+    for ``--model`` its :func:`~robustlab.models.spec.spec_provenance` (``name``, ``model``:
+    the spec, ``model_options``, ``normalize``, ``weights``, ``weights_sha256``, ...; as
+    :func:`robustlab.benchmark` records them), ``dataset`` (the
     registered name or the path as given), ``classes`` (names by label, for the report, or
     None), ``split`` (None for a file or folder) and ``resize`` ([H, W] or None)."""
     resize = getattr(args, "resize", None)
-    return {"checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-            "model": spec, "dataset": inputs.source, "classes": inputs.classes,
+    own = {} if spec is None else spec_provenance(spec)
+    return {"checkpoint": None if args.checkpoint is None else str(args.checkpoint), **own,
+            "dataset": inputs.source, "classes": inputs.classes,
             "split": inputs.split, "resize": None if resize is None else list(resize)}

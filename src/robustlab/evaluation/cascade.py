@@ -8,14 +8,17 @@ also gives each point's fraction of correct predictions, which the state turns i
 probability that the point is judged robust (``EvalState.p_robust``: the spread of the result
 over the model's randomness). The state
 (:class:`~robustlab.evaluation.state.EvalState`) holds the worst case and where the cascade
-stands, so an interrupted cascade continues at the batch it stopped at; the observer
+stands, so an interrupted cascade continues at the batch it stopped at (a batch that runs out
+of CUDA memory is attacked in halves within its step: :class:`Split`); the observer
 (:class:`~robustlab.evaluation.record.EvalRecord`) times, logs and saves. ``evaluate``
 (:mod:`robustlab.evaluation.run`) and the trainer's validation run this one function.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import NamedTuple
 
 import numpy as np
@@ -23,13 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._validate import check_logits
-from robustlab.attacks import AttackResult
+from robustlab.attacks import Attack, AttackResult
 from robustlab.attacks.losses import rejects
 from robustlab.evaluation.adapt import Step
 from robustlab.evaluation.record import EvalRecord
 from robustlab.evaluation.state import EvalState, majority_chance
 
 Generators = Callable[[int, int], torch.Generator]
+log = logging.getLogger(__name__)
 
 
 def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, st: EvalState,
@@ -39,7 +43,10 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
     ``generators(i, j)``: the generator of attack ``i``'s batch ``j``. ``view``: the model as
     the attacks see it (:meth:`~robustlab.evaluation.adapt.Adaptation.view`; None: ``model``);
     predictions on their points are then made by ``model`` again. Returns ``st``, its worst
-    case over every attack."""
+    case over every attack. A CUDA out-of-memory error in an attack call halves the points per
+    call for the rest of that attack (:class:`Split`); the attack's record then holds
+    ``oom_splits`` (errors caught) and ``oom_batch_size`` (points per call at its end;
+    counted in this session: a resumed attack counts from where it resumed)."""
     device = next(iter(model.parameters()), torch.empty(0)).device
     reject = rejects(model)
     attacked = model if view is None else view
@@ -50,10 +57,11 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
             st.begin_attack()
         idx = st.start_robust.nonzero().squeeze(1)  # the points no earlier attack broke
         record.attack_begins(st, steps, i, label, len(idx))
+        split = Split(batch_size)
         for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
             b = idx[j:j + batch_size]
-            res = atk(attacked, x[b].to(device), y[b].to(device),
-                      generator=generators(i, j // batch_size))
+            res = split.attack(atk, attacked, x[b].to(device), y[b].to(device),
+                               generators(i, j // batch_size))
             broken, pred, fraction = _broken(model, res, y[b], repeats, reject, device,
                                              rejudge=view is not None)
             if not atk.targeted and repeats == 1:
@@ -63,7 +71,66 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
             st.batch = j // batch_size + 1
             record.batch_done(st)
         record.attack_done(st, steps[i], label, len(idx))
+        if split.splits:
+            st.per_attack[-1].update(split.record())
     return st
+
+
+class Split:
+    """One attack's calls on its batches, halved on CUDA out-of-memory errors.
+
+    A batch is attacked in chunks of at most ``limit`` points (at first the whole batch),
+    in turn, with the batch's one generator, and the chunks' results are joined in order: the
+    batch boundaries, hence the resumable state and the generator of each batch, stay those
+    of a run without the error. An attack that treats each point on its own and draws no
+    random numbers (PGD without random start, FGSM) gives the same result; a randomised one
+    draws its numbers in another order on a split batch (still seeded). An out-of-memory
+    error (``torch.cuda.OutOfMemoryError``) in a chunk frees the CUDA cache and halves
+    ``limit`` for the rest of the attack; a chunk of one point that still does not fit
+    re-raises, saying so. Any other error propagates unchanged.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.limit = batch_size  #: points per attack call
+        self.splits = 0  #: out-of-memory errors caught, each halving ``limit``
+
+    def attack(self, atk: Attack, model: nn.Module, x: Tensor, y: Tensor,
+               generator: torch.Generator) -> AttackResult:
+        """``atk(model, x, y, generator=generator)``, in chunks that fit in memory."""
+        parts, start = [], 0
+        while start < len(x):
+            stop, halve = start + self.limit, False
+            try:
+                parts.append(atk(model, x[start:stop], y[start:stop], generator=generator))
+            except torch.cuda.OutOfMemoryError as err:
+                if min(self.limit, len(x) - start) == 1:
+                    raise torch.cuda.OutOfMemoryError(
+                        f"{atk.name} runs out of CUDA memory on a single point ({err}); free "
+                        "memory on the device (other processes, a smaller model) or evaluate "
+                        "on the CPU (device 'cpu')") from err
+                halve = True  # outside the handler, which holds the failed call's tensors
+            if halve:
+                torch.cuda.empty_cache()
+                self.limit = (min(self.limit, len(x) - start) + 1) // 2
+                self.splits += 1
+                log.warning("%s: CUDA out of memory; attacking %d points per call from now on",
+                            atk.name, self.limit)
+                continue
+            start = stop
+        return parts[0] if len(parts) == 1 else _joined(parts)
+
+    def record(self) -> dict[str, int]:
+        """What the attack's record holds of the splits (only where there were some)."""
+        return {"oom_splits": self.splits, "oom_batch_size": self.limit}
+
+
+def _joined(parts: Sequence[AttackResult]) -> AttackResult:
+    """The results of consecutive chunks of one batch as one result."""
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return AttackResult(**{f.name: cat(f.name) for f in fields(AttackResult)})
 
 
 def _confirm(st: EvalState, name: str, reported: Tensor, broken: Tensor) -> None:

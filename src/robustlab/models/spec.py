@@ -30,7 +30,7 @@ from robustlab.models.convert import mismatches, read_weights, strip_module_pref
 from robustlab.models.layers import Normalized
 
 __all__ = ["check_model_fits", "from_architecture", "from_spec", "parse_normalize",
-           "spec_architecture"]
+           "spec_architecture", "spec_provenance"]
 
 FORMAT = "'path/to/file.py:NAME' or 'package.module:NAME'"
 EXAMPLE = "'0.4914,0.4822,0.4465/0.2471,0.2435,0.2616'"
@@ -265,6 +265,18 @@ def from_spec(spec: str, *, weights: str | os.PathLike[str] | None = None,
         "weights": None if weights is None else str(Path(weights).resolve()),
         "weights_sha256": weights_sha256}
     return model
+
+
+def spec_provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """What a result's ``config`` records of a model built by :func:`from_spec`, from its
+    ``robustlab_spec`` ``record``: ``name`` (the spec's NAME), ``model`` (the spec),
+    ``model_options``, ``normalize``, ``code_sha256``, ``weights`` and ``weights_sha256``;
+    the CLI's ``--model`` and :func:`robustlab.benchmark` record the same keys, which the
+    leaderboard reads."""
+    return {"name": record["spec"].rpartition(":")[2], "model": record["spec"],
+            "model_options": record["options"], "normalize": record["normalize"],
+            "code_sha256": record["code_sha256"], "weights": record["weights"],
+            "weights_sha256": record["weights_sha256"]}
 
 
 def spec_architecture(model: nn.Module) -> tuple[dict[str, Any], nn.Module] | None:

@@ -41,10 +41,15 @@ def strength(doc: Document) -> int:
 
 def _model_key(run: Run, doc: Document) -> str:
     """What identifies the evaluated model: the checkpoint the evaluation recorded, else the
-    folder of its nearest model.json, else the run folder."""
-    ckpt = (doc.data.get("config") or {}).get("checkpoint")
+    model spec and weights hash of a user's own model (``robustlab evaluate --model``,
+    :func:`robustlab.benchmark`), else the folder of its nearest model.json, else the run
+    folder."""
+    cfg = doc.data.get("config") or {}
+    ckpt = cfg.get("checkpoint")
     if isinstance(ckpt, str) and ckpt:
         return os.path.normpath(os.path.abspath(ckpt))
+    if isinstance(cfg.get("model"), str) and cfg.get("weights_sha256"):
+        return f"{cfg['model']}@{cfg['weights_sha256']}"
     for folder in (doc.path.parent, *doc.path.parent.parents):
         if folder in run.models:
             return str((run.path / folder).resolve())
@@ -68,9 +73,11 @@ def _row(run: Run, doc: Document, others: Sequence[Document]) -> dict[str, Any]:
     flags = [f.get("name", "?") for f in d.get("flags", [])]
     if any("overfit" in r for r in log):
         flags.append("catastrophic-overfitting")
+    cfg = d.get("config") or {}
     return {
-        "run": run.name, "where": doc.where, "method": _method(model, doc),
-        "architecture": (model.get("architecture") or {}).get("name", "–"),
+        "run": cfg.get("name") or run.name, "where": doc.where, "method": _method(model, doc),
+        "architecture": ((model.get("architecture") or {}).get("name")
+                         or cfg.get("architecture") or cfg.get("model") or "–"),
         "dataset": _dataset(run, doc), "clean_accuracy": d["clean_accuracy"],
         "robust_accuracy": d["robust_accuracy"], "suite": d.get("suite", "custom"), "n": d["n"],
         "threat": d["threat"], "strength": strength(doc), "flags": flags,
