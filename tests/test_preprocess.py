@@ -265,7 +265,7 @@ def test_rejection_survives_rounding_against_large_logits():
 def test_threshold_needed_before_use(toy_model, toy_data):
     fs = D.create("feature-squeezing", toy_model)
     for call in (fs, fs.detect):
-        with pytest.raises(ValueError, match=r"\.fit\(clean_x\).*threshold="):
+        with pytest.raises(ValueError, match=r"\.fit\(x_train, y_train\).*threshold="):
             call(toy_data[0][:2])
     assert fs.score(toy_data[0][:2]).shape == (2,)
 

@@ -33,16 +33,14 @@ Cost: ``1 + |S|`` forward passes of the model per input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from robustlab._validate import check_images, number, positive_int
-from robustlab.attacks.bpda import straight_through
-from robustlab.defenses.base import Defense
+from robustlab._validate import number
+from robustlab.defenses.detector import Detector
 from robustlab.defenses.preprocess import BitDepthReduction, MedianSmoothing, Transform
 from robustlab.defenses.registry import register
 
@@ -83,7 +81,7 @@ def _spec(stage: Transform) -> str:
 
 
 @register("feature-squeezing")
-class FeatureSqueezing(Defense):
+class FeatureSqueezing(Detector):
     """Xu et al.'s feature-squeezing detector around ``model``, with a rejection output.
 
     Args:
@@ -106,13 +104,12 @@ class FeatureSqueezing(Defense):
         >>> rejected = fs(x).argmax(1) == fs(x).shape[1] - 1
     """
 
-    #: the last output column is a rejection ("this input is adversarial"), not a class
-    rejects = True
-
     def __init__(self, model: nn.Module, squeezers: str | Iterable[str | Transform] = (
             "bit-depth:1", "median:2"), threshold: float | None = None,
             fpr: float = 0.05) -> None:
-        super().__init__(model)
+        if threshold is not None:  # scores lie in [0, 2]
+            number(threshold, "threshold", low=0)
+        super().__init__(model, threshold=threshold, fpr=fpr)
         if isinstance(squeezers, str):
             squeezers = [s for s in squeezers.split(",") if s.strip()]
         if not isinstance(squeezers, Iterable):
@@ -123,69 +120,13 @@ class FeatureSqueezing(Defense):
             raise ValueError("squeezers is empty: give at least one, e.g. ('bit-depth:1', "
                              "'median:2')")
         self.squeezers = nn.ModuleList(stages)
-        self.fpr = number(fpr, "fpr", low=0, high=1, low_open=True, high_open=True)
-        self.threshold = None if threshold is None else number(threshold, "threshold", low=0)
-        #: how many legitimate inputs :meth:`fit` chose the threshold on (None: not fitted)
-        self.fit_samples: int | None = None
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "squeezers": [_spec(s) for s in self.squeezers],
-                "threshold": self.threshold, "fpr": self.fpr, "fit_samples": self.fit_samples}
+        return {**super().config(), "squeezers": [_spec(s) for s in self.squeezers]}
 
-    @property
-    def fitted(self) -> bool:
-        """Whether the detector has a threshold (fitted, or given)."""
-        return self.threshold is not None
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold!r}, fpr={self.fpr}, fit_samples={self.fit_samples}"
-
-    def _fitted_threshold(self) -> float:
-        if self.threshold is None:
-            raise ValueError("the feature-squeezing detector has no threshold yet: call "
-                             ".fit(clean_x) on legitimate inputs, or pass threshold= when "
-                             "creating it")
-        return self.threshold
-
-    def _score(self, x: Tensor, logits: Tensor) -> Tensor:
+    def score_from(self, x: Tensor, logits: Tensor) -> Tensor:
+        """``max_s || softmax(logits) - softmax(base(s(x))) ||_1``, shape (N,)."""
         p = logits.softmax(1)
         distances = [(p - self.base(s(x)).softmax(1)).abs().sum(1) for s in self.squeezers]
         return torch.stack(distances).amax(0)
-
-    def score(self, x: Tensor) -> Tensor:
-        """``max_s || softmax(base(x)) - softmax(base(s(x))) ||_1``, shape (N,)."""
-        return self._score(x, self.base(x))
-
-    def detect(self, x: Tensor) -> Tensor:
-        """Boolean (N,): ``score(x) > threshold`` (True: flagged as adversarial)."""
-        threshold = self._fitted_threshold()
-        return self.score(x) > threshold
-
-    @torch.no_grad()
-    def fit(self, x: Tensor, y: Tensor | None = None, batch_size: int = 256) -> FeatureSqueezing:
-        """Set ``threshold`` from legitimate inputs ``x`` (N, C, H, W): the
-        ``ceil(N (1 - fpr))``-th smallest score, so that at most ``floor(N fpr)`` of them are
-        flagged. ``y`` is accepted for symmetry and unused (only legitimate inputs may be
-        passed). Scores are computed ``batch_size`` inputs at a time, in the model's current
-        mode (use ``eval()``). Returns ``self``."""
-        check_images(x)
-        batch_size = positive_int(batch_size, "batch_size")
-        scores = torch.cat([self.score(x[i:i + batch_size])
-                            for i in range(0, len(x), batch_size)])
-        rank = math.ceil(round(len(scores) * (1 - self.fpr), 9))  # 1-based, >= 1
-        self.threshold = float(scores.sort().values[rank - 1])
-        self.fit_samples = len(scores)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        threshold = self._fitted_threshold()
-        logits = self.base(x)
-        margin = self._score(x, logits) - threshold
-        top = logits.amax(1)
-        reject = top + margin
-        # a tiny positive margin can vanish when added to a large logit: lift it by one ulp
-        above = torch.nextafter(top.detach(), torch.full_like(top, math.inf))
-        exact = torch.where(margin > 0, torch.maximum(reject.detach(), above), reject.detach())
-        reject = straight_through(exact, reject)
-        return torch.cat([logits, reject.unsqueeze(1)], 1)
