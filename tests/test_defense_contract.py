@@ -29,8 +29,10 @@ def _build(name, toy_model, toy_data):
         return rl.defenses.create(name, _smallcnn(in_channels=16), levels=16)
     if name == "k-wta":
         return rl.defenses.create(name, _smallcnn())
-    if name == "feature-squeezing":
+    if name in ("feature-squeezing", "pca-detector"):
         return rl.defenses.create(name, toy_model).fit(x[:128])
+    if name in ("mahalanobis", "lid", "kd-bu"):  # labels: class statistics, supervised fits
+        return rl.defenses.create(name, toy_model).fit(x[:128], y[:128])
     if name == "mixup-inference":
         return rl.defenses.create(name, toy_model, samples=4).fit(x[128:], y[128:])
     if name == "smoothing":
@@ -42,8 +44,8 @@ def _build(name, toy_model, toy_data):
 
 def test_every_defense_is_covered():
     covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
-               "median", "mixup-inference", "random-resize-pad", "smoothing", "thermometer",
-               "tv-min"}
+               "kd-bu", "lid", "mahalanobis", "median", "mixup-inference", "pca-detector",
+               "random-resize-pad", "smoothing", "thermometer", "tv-min"}
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 
 

@@ -36,32 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._validate import check_inputs, integer, number, positive_int
+from robustlab.models.features import capture, feature_module
 from robustlab.threat import ThreatModel
 
 __all__ = ["Binarized", "binarization_test", "feature_module"]
 
 _BISECTION_STEPS = 60
 _FIT_ROUNDS, _FIT_LBFGS_ITERS = 50, 20  # at most 1000 L-BFGS iterations per read-out
-
-
-def feature_module(model: nn.Module, feature_layer: str | None = None
-                   ) -> tuple[str | None, nn.Module | None]:
-    """The module whose input serves as features: ``feature_layer`` (a name from
-    ``model.named_modules()``), else the last ``nn.Linear`` in ``model.modules()`` order (the
-    classification head of a usual network, also inside a defense wrapper). ``(None, None)``
-    when neither exists: the model's output logits are the features."""
-    modules = dict(model.named_modules())
-    if feature_layer is not None:
-        if not isinstance(feature_layer, str):
-            raise TypeError(f"feature_layer must be a module name (str) or None, got "
-                            f"{type(feature_layer).__name__}")
-        if feature_layer not in modules:
-            names = [n for n in modules if n][:20]
-            raise ValueError(f"the model has no module named {feature_layer!r}; names from "
-                             f"model.named_modules(): {', '.join(names)}")
-        return feature_layer, modules[feature_layer]
-    linear = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
-    return linear[-1] if linear else (None, None)
 
 
 class Binarized(nn.Module):
@@ -91,38 +72,13 @@ class Binarized(nn.Module):
                              f"{readout.out_features}")
         self.model = model
         self.readout = readout.requires_grad_(False)
-        self.feature_layer, layer = feature_module(model, feature_layer)
-        self._layer = (layer,)  # a tuple: not registered twice as a submodule
+        self.feature_layer = feature_module(model, feature_layer)[0]
 
     def features(self, x: Tensor) -> Tensor:
-        """Flattened features (N, D) of one forward pass of the model. A layer called several
-        times in one pass (an internal ensemble) gives the mean of its inputs."""
-        layer = self._layer[0]
-        if layer is None:
-            return self.model(x).flatten(1)
-        seen: list[Tensor] = []
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], Tensor):
-                raise ValueError(f"feature layer {self.feature_layer!r} got no positional tensor "
-                                 "input; name another layer with feature_layer=")
-            seen.append(args[0])
-
-        handle = layer.register_forward_pre_hook(hook)
-        try:
-            self.model(x)
-        finally:
-            handle.remove()
-        if not seen:
-            raise ValueError(f"feature layer {self.feature_layer!r} did not run in the model's "
-                             "forward pass; name a layer that does with feature_layer=")
-        if any(f.shape[0] != x.shape[0] for f in seen):
-            raise ValueError(f"feature layer {self.feature_layer!r} sees batches of "
-                             f"{[f.shape[0] for f in seen]} rows for {x.shape[0]} inputs (the "
-                             "model replicates its inputs, e.g. noise samples); name a layer "
-                             "with one row per input with feature_layer=")
-        feats = [f.flatten(1) for f in seen]
-        return feats[0] if len(feats) == 1 else torch.stack(feats).mean(0)
+        """Flattened features (N, D) of one forward pass of the model (see
+        :func:`robustlab.models.features.capture`). A layer called several times in one pass
+        (an internal ensemble) gives the mean of its inputs."""
+        return capture(self.model, x, [self.feature_layer])[1][0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.readout(self.features(x))

@@ -34,11 +34,13 @@ from robustlab.models import dncnn, lenet, resnet, smallcnn, wideresnet  # noqa:
 from robustlab.models.checkpoint import load, save
 from robustlab.models.convert import convert_weights
 from robustlab.models.factory import create, names
+from robustlab.models.features import capture, feature_module
 from robustlab.models.layers import ACTIVATIONS, Normalize, Normalized
 from robustlab.models.spec import check_model_fits, from_spec, parse_normalize
 
-__all__ = ["Normalize", "Normalized", "activations", "check_model_fits", "convert_weights",
-           "create", "from_spec", "load", "names", "parse_normalize", "save"]
+__all__ = ["Normalize", "Normalized", "activations", "capture", "check_model_fits",
+           "convert_weights", "create", "feature_module", "from_spec", "load", "names",
+           "parse_normalize", "save"]
 
 
 def activations() -> list[str]:
