@@ -12,7 +12,8 @@ finishes (a killed run resumes where it stopped; ``--fresh`` starts over), one r
    worst case, the EOT path of the ``rand`` suite (APGD-CE on the module with EOT ``--eot``,
    at n = ``--eot-n``), and ``rl.evaluate``'s default (the ``smoothed`` suite). Every attack's
    output is judged as the default judges: a strict majority of ``--repeats`` predictions of
-   the smoothed classifier at n. Times: crafting plus judging, each row alone, in one run;
+   the smoothed classifier at n. Times: CPU seconds of this process (all threads; not
+   inflated by other work on a shared machine) for crafting plus judging, each row alone;
    ``--seeds`` seeds (attack draws and judging draws) give the run-to-run spread.
 2. ``blackbox``: transfer from an independently trained model (the naturally trained smallcnn,
    PGD-20 on it) and NAttack (``--nattack-pop`` x ``--nattack-iters`` queries of the smoothed
@@ -72,12 +73,19 @@ def judge(smooth: Smoothing, xs: Tensor, y: Tensor, repeats: int, seed: int) -> 
     return ok
 
 
+def cpu_seconds(run: Callable[[], Any]) -> tuple[Any, float]:
+    """``run()``'s result and the CPU seconds this process spent on it (all threads): unlike
+    wall-clock time, not inflated by other processes on a shared machine, so the ratios of
+    two rows hold even when the machine was busy during one of them."""
+    t0 = time.process_time()
+    out = run()
+    return out, time.process_time() - t0
+
+
 def timed(craft: Callable[[], Tensor], smooth: Smoothing, y: Tensor, args: argparse.Namespace,
           seed: int) -> tuple[Tensor, float]:
-    """Robust mask after ``craft()``'s inputs, and the seconds of crafting plus judging."""
-    t0 = time.perf_counter()
-    ok = judge(smooth, craft(), y, args.repeats, seed)
-    return ok, time.perf_counter() - t0
+    """Robust mask after ``craft()``'s inputs, and the CPU seconds of crafting plus judging."""
+    return cpu_seconds(lambda: judge(smooth, craft(), y, args.repeats, seed))
 
 
 # --- part 1 ---------------------------------------------------------------------------------
@@ -99,10 +107,8 @@ def honest_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argpars
             "smoothadv", THREAT, samples=args.m, steps=args.steps, step_size=step)(
             smooth, x, y, generator=gen).x_adv,
     }
-    t0 = time.perf_counter()
-    clean = judge(smooth, x, y, args.repeats, seed)
-    rows = [{"attack": "none (clean)", "accuracy": clean.float().mean().item(),
-             "seconds": time.perf_counter() - t0}]
+    clean, sec = cpu_seconds(lambda: judge(smooth, x, y, args.repeats, seed))
+    rows = [{"attack": "none (clean)", "accuracy": clean.float().mean().item(), "seconds": sec}]
     masks = []
     for label, craft in attacks.items():
         ok, sec = timed(craft, smooth, y, args, seed)
@@ -115,14 +121,15 @@ def honest_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, args: argpars
                  "accuracy": worst.float().mean().item(), "seconds": None})
     if seed == 0:  # the costliest row, and not part of the worst case: once
         eot_model = smoothed(model, args, n=args.eot_n)
-        res = rl.evaluate(eot_model, x, y, THREAT, seed=seed, repeats=args.repeats,
-                          attacks=[("apgd-ce", {"steps": args.steps, "eot": args.eot})])
+        res, sec = cpu_seconds(lambda: rl.evaluate(
+            eot_model, x, y, THREAT, seed=seed, repeats=args.repeats,
+            attacks=[("apgd-ce", {"steps": args.steps, "eot": args.eot})]))
         rows.append({"attack": f"APGD-CE, EOT {args.eot} on the module (n = {args.eot_n}; the "
                                "rand suite's path; seed 0 only)", "accuracy": res.robust_accuracy,
-                     "seconds": res.record["timings"]["total_s"], "single": True})
-    res = rl.evaluate(smooth, x, y, THREAT, seed=seed)
+                     "seconds": sec, "single": True})
+    res, sec = cpu_seconds(lambda: rl.evaluate(smooth, x, y, THREAT, seed=seed))
     rows.append({"attack": "rl.evaluate default (smoothed suite)",
-                 "accuracy": res.robust_accuracy, "seconds": res.record["timings"]["total_s"],
+                 "accuracy": res.robust_accuracy, "seconds": sec,
                  "se": res.record.get("robust_accuracy_se"),
                  "stages": [{"attack": a["attack"], "broken": a.get("broken"),
                              "time_s": a.get("time_s")} for a in res.per_attack],
@@ -162,10 +169,10 @@ def blackbox_rows(name: str, model: nn.Module, source: nn.Module, x: Tensor, y: 
 def sweep_row(model: nn.Module, x: Tensor, y: Tensor, factor: float,
               args: argparse.Namespace) -> dict[str, Any]:
     threat = rl.ThreatModel("linf", factor * THREAT.eps)
-    res = rl.evaluate(smoothed(model, args), x, y, threat, seed=0)
+    res, sec = cpu_seconds(lambda: rl.evaluate(smoothed(model, args), x, y, threat, seed=0))
     return {"eps": threat.eps, "accuracy": res.robust_accuracy,
             "clean": res.clean_accuracy, "se": res.record.get("robust_accuracy_se"),
-            "seconds": res.record["timings"]["total_s"]}
+            "seconds": sec}
 
 
 def cost_row(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, attack: str, k: int, m: int,
@@ -179,9 +186,7 @@ def cost_row(model: nn.Module, x: Tensor, y: Tensor, clean: Tensor, attack: str,
         atk, target = rl.attacks.create("pgd", THREAT, **opts), model
     else:
         atk, target = rl.attacks.create(attack, THREAT, samples=m, **opts), smooth
-    t0 = time.perf_counter()
-    x_adv = atk(target, x, y, generator=gen).x_adv
-    craft = time.perf_counter() - t0
+    x_adv, craft = cpu_seconds(lambda: atk(target, x, y, generator=gen).x_adv)
     ok = judge(smooth, x_adv, y, args.repeats, 0) & clean
     return {"attack": attack, "k": k, "m": m, "accuracy": ok.float().mean().item(),
             "craft_seconds": craft}
@@ -227,7 +232,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines += [f"## Which attack number is honest (linf 0.1, sigma {a['sigma']}, prediction "
                   f"vote, n = {a['n']}, {a['images']} images, {a['seeds']} seeds; judged by "
                   f"{a['repeats']} predictions)", "",
-                  "| model | attack | robust accuracy (mean ± std over seeds) | seconds |",
+                  "| model | attack | robust accuracy (mean ± std over seeds) | CPU seconds |",
                   "|---|---|---|---|"]
         for r in record["honest"]:
             if "ratio" in r:
@@ -240,7 +245,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append("")
     if "blackbox" in record:
         lines += ["## Black-box attacks on the smoothed models", "",
-                  "| model | attack | robust accuracy | clean (same images) | seconds |",
+                  "| model | attack | robust accuracy | clean (same images) | CPU seconds |",
                   "|---|---|---|---|---|"]
         for r in record["blackbox"]:
             for row in r["rows"]:
@@ -250,7 +255,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append("")
     if "sweep" in record:
         lines += ["## Robust accuracy of the smoothed models against eps (rl.evaluate default)",
-                  "", "| model | eps | robust accuracy | ± SE | clean | seconds |",
+                  "", "| model | eps | robust accuracy | ± SE | clean | CPU seconds |",
                   "|---|---|---|---|---|---|"]
         for r in record["sweep"]:
             lines.append(f"| {r['model']} | {r['eps']:.3g} | {pct(r['accuracy'])} | "
@@ -258,7 +263,7 @@ def markdown(record: dict[str, Any]) -> str:
         lines.append("")
     if "cost" in record:
         lines += ["## Attack strength against cost (k steps x m draws)", "",
-                  "| model | attack | k | m | robust accuracy | craft seconds |",
+                  "| model | attack | k | m | robust accuracy | craft CPU seconds |",
                   "|---|---|---|---|---|---|"]
         for r in record["cost"]:
             lines.append(f"| {r['model']} | {r['attack']} | {r['k']} | {r['m']} | "
