@@ -301,10 +301,14 @@ def main() -> None:
     p.add_argument("--cost-images", type=int, default=100)
     p.add_argument("--ks", type=ints, default=[5, 10, 20])
     p.add_argument("--ms", type=ints, default=[1, 4, 8, 16])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's); 1 for timings on a shared machine")
     p.add_argument("--fresh", action="store_true", help="recompute cached rows")
     p.add_argument("--stem", default="smoothed_eval")
     args = p.parse_args()
     parts = args.parts.split(",")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # CNI weight noise draws from the global generator
     recs = recipes(argparse.Namespace(train_n=args.train_n, epochs=args.epochs,
                                       cni_epochs=args.cni_epochs, cni_sigma=args.cni_sigma,
@@ -313,7 +317,8 @@ def main() -> None:
     x_test, y_test = rl.data.load("fashion-mnist", split="test")
     step = len(x_test) // args.images
     x, y = x_test[::step][:args.images], y_test[::step][:args.images]
-    tag = f"s{args.sigma:g}-n{args.n}-m{args.m}-k{args.steps}-r{args.repeats}"
+    tag = f"s{args.sigma:g}-n{args.n}-m{args.m}-k{args.steps}-r{args.repeats}" + (
+        "" if args.threads is None else f"-t{args.threads}")
     record: dict[str, Any] = {"machine": machine_record(), "args": vars(args), "recipes": recs}
     if "honest" in parts:
         runs = [cached(f"honest-{name}-{tag}-{args.images}-seed{s}", args.fresh,
