@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,6 +73,30 @@ def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
     return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
 
 
+@LOSSES.register("detector-margin")
+def detector_margin(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+    """The joint classifier-and-detector margin (Carlini & Wagner 2017, "Adversarial Examples
+    Are Not Easily Detected", https://arxiv.org/abs/1705.07263) on a detector's (N, K + 1)
+    outputs, whose last column is "rejected" (:func:`rejects`): untargeted
+    ``max_{j != y, j != K} z_j - max(z_y, z_K)``, the rejection one more class to avoid;
+    positive iff a wrong class wins over the label and the rejection. Targeted:
+    ``z_t - max_{j != t} z_j`` over all K + 1 outputs (the target must beat the rejection too).
+    Maximised, in logit units. Labels must be classes (< K): a label equal to the last
+    column means the outputs have no rejection column (a model that does not reject)."""
+    _check_classes(logits, 3, "detector-margin")
+    k = logits.shape[1] - 1
+    if len(y) and int(y.max()) >= k:
+        raise ValueError(f"the detector-margin loss needs a detector's outputs, K classes and a "
+                         f"last 'rejected' column, but label {int(y.max())} is that column "
+                         f"({k + 1} outputs): this model does not reject; use the 'ce' or "
+                         "'cw-margin' loss, or a model that declares rejects = True")
+    if targeted:
+        return margin(logits, y)
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits[:, :k].masked_fill(F.one_hot(y, k).bool(), float("-inf"))
+    return others.amax(1) - torch.maximum(z_y, logits[:, k])
+
+
 def get_loss(name: str) -> LossFn:
     """The registered loss ``name``; a ValueError listing the valid ones if unknown."""
     return LOSSES.get(name)
@@ -118,5 +143,5 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) 
     return hit & (pred != logits.shape[1] - 1) if reject else hit
 
 
-__all__ = ["LOSSES", "CustomLoss", "LossFn", "cross_entropy", "cw_margin", "dlr", "dlr_targeted",
-           "get_loss", "is_success", "margin", "rejects", "resolve_loss"]
+__all__ = ["LOSSES", "CustomLoss", "LossFn", "cross_entropy", "cw_margin", "detector_margin", "dlr",
+           "dlr_targeted", "get_loss", "is_success", "margin", "rejects", "resolve_loss"]

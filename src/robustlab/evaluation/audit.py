@@ -10,6 +10,11 @@ reported as PASS, FLAG or SKIP with the evidence:
   5 point-percent beyond plain PGD-20 on the cross-entropy (the usual gap between PGD-20 and
   the strongest attacks on an honest model is a few points; like every attack, it sees the
   log of probability outputs and saturated logits at a temperature, see ``gradients``);
+- ``adaptive-detector-attack`` (detectors only; for other models a SKIP saying why, under
+  ``not_applicable`` in the audit section rather than among the checks): the
+  attacks on the joint classifier-and-detector (Carlini & Wagner 2017: the ``detector-margin``
+  loss, which wants a wrong class and no rejection; high-confidence C&W crafted on the
+  classifier), run right after plain PGD-20, break less than 5 point-percent beyond it;
 - ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack and a transfer
   attack from a surrogate (the defense's undefended base model) break nothing the white-box
   attacks missed (without a surrogate: SKIP, saying why);
@@ -28,6 +33,8 @@ reported as PASS, FLAG or SKIP with the evidence:
   (one boundary point against 99 inner ones, so that random points of the sphere mostly do not
   succeed and the test has teeth; their rate is in the evidence).
 
+The attacks and their order are planned in :mod:`~robustlab.evaluation.audit_plan`; on a
+detector the eps sweep and the unbounded attack add PGD on the joint classifier-and-detector.
 On a smoothed classifier (:class:`~robustlab.noise.SmoothedModel`) the adaptive attacks add
 SmoothAdv and EPGD (8 noise draws of their own per step, no EOT on top), the eps sweep runs EPGD
 on the CW margin, and the transfer surrogate is its base model.
@@ -54,16 +61,19 @@ from robustlab._validate import check_inputs, check_labels, integer, positive_in
 from robustlab.attacks import Attack, create_for_evaluation
 from robustlab.defenses.base import Defense
 from robustlab.evaluation.adapt import Adaptation, adaptation, lacks_gradient
+from robustlab.evaluation.audit_plan import SidePlan, cascade_plan, side_plan
 from robustlab.evaluation.binarization import binarization_test
 from robustlab.evaluation.checks import run_checks, shattered_gradient
+from robustlab.evaluation.detection import joint_stage
 from robustlab.evaluation.record import Progress, attack_units
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.run import evaluate
-from robustlab.evaluation.suites import SMOOTHED_ITERATES, AttackSpec
+from robustlab.evaluation.suites import AttackSpec
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
 from robustlab.evaluation.verdicts import (
     FLAG,
     SKIP,
+    adaptive_detector,
     adaptive_vs_naive,
     binarization,
     broken_after,
@@ -79,8 +89,6 @@ from robustlab.threat import ThreatModel
 log = logging.getLogger(__name__)
 
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-#: SmoothAdv and EPGD on a smoothed classifier: noise draws per step, and the most steps
-SMOOTHED_SAMPLES, SMOOTHED_STEPS = 8, 20
 
 
 @dataclass
@@ -150,14 +158,6 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def _unbounded(threat: ThreatModel, x: Tensor) -> ThreatModel:
-    """A ball around any point of the box that covers the whole box."""
-    lo, hi = threat.bounds
-    d = x[0].numel()
-    eps = {"linf": hi - lo, "l2": (hi - lo) * d ** 0.5, "l1": (hi - lo) * d}[threat.norm]
-    return dataclasses.replace(threat, eps=float(eps))
-
-
 def audit(
     model: nn.Module,
     x: Tensor,
@@ -216,9 +216,10 @@ def audit(
     # 1. What the model is: randomness, gradients, stages without gradients.
     num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot, log_outputs)
     # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
-    cascade, n_black = _attacks(threat, adaptive, num_classes, steps, queries, surrogate)
-    side = _side_plan(threat, x, adaptive, no_gradient, steps=steps, queries=queries,
-                      check_points=check_points, binarization_points=binarization_points)
+    cascade, n_black = cascade_plan(threat, adaptive, num_classes, steps, queries, surrogate)
+    side = side_plan(threat, x, adaptive, no_gradient, factors=EPS_FACTORS, steps=steps,
+                     queries=queries, check_points=check_points,
+                     binarization_points=binarization_points)
     bar = _progress(progress, cascade, side, x, threat)
     common = {"batch_size": batch_size, "seed": seed, "repeats": adaptive.repeats,
               "progress": bar or False, "log_outputs": log_outputs}
@@ -234,13 +235,17 @@ def audit(
             bar.close()
     # 4. The verdicts.
     naive_acc = stages[0]["robust_accuracy"]
+    # a check that does not apply to this kind of model is recorded apart, with its reason
+    detector = adaptive_detector(stages, n, adaptive.rejects)
     checks = [
         iterative(None if runs.fgsm is None else runs.fgsm.robust_accuracy, naive_acc),
         adaptive_vs_naive(naive_acc, main.robust_accuracy, naive_skipped),
+        *([detector] if adaptive.rejects else []),
         broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
                       and a["config"]["name"] != "transfer", "white-box-beats-black-box",
                       "Square and NAttack", n_black > 0),
-        _because(broken_after(stages, n, lambda a: a["config"]["name"] == "transfer",
+        _because(broken_after(stages, n, lambda a: a["config"]["name"] == "transfer"
+                              and not joint_stage(a["config"]),
                               "white-box-beats-transfer", "the transfer attack",
                               surrogate is not None), no_surrogate),
         monotone(runs.sweep),
@@ -250,7 +255,8 @@ def audit(
         gradients(flags, adaptive, no_gradient),
         binarization(runs.binarization, binarization_points, no_gradient),
     ]
-    result = _result(main, flags, checks, runs, adaptive, naive_acc, surrogate is not None)
+    result = _result(main, flags, checks, runs, adaptive, naive_acc, surrogate is not None,
+                     [] if adaptive.rejects else [detector])
     if out is not None:
         result.save(out)
     return result
@@ -281,42 +287,6 @@ def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, eot: 
     return logits.shape[1], flags, adaptive, no_gradient
 
 
-def _adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str, **opts: Any) -> Attack:
-    return create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=adaptive.eot, **opts)
-
-
-def _attacks(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps: int,
-             queries: int, surrogate: nn.Module | None) -> tuple[list[Attack], int]:
-    """The audit's cascade (naive PGD-20 first, the convergence run last) and how many of its
-    attacks are gradient-free; on a smoothed classifier SmoothAdv and EPGD follow APGD-CE,
-    with their own noise draws per step and no EOT on top."""
-    cascade: list[Attack] = [create_for_evaluation("pgd", threat, steps=20),
-                             _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps)]
-    if adaptive.smoothed is not None:
-        cascade += [create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=1,
-                                          **_smoothed_opts(steps)) for name in
-                    ("smoothadv", "epgd")]
-    k = min(9, num_classes - 1)
-    if threat.norm == "l1":
-        cascade.append(_adaptive_attack(threat, adaptive, "apgd-t", steps=20,
-                                        n_target_classes=k))
-    else:
-        cascade.append(_adaptive_attack(threat, adaptive, "mm", k=k, steps=20))
-        cascade.append(create_for_evaluation("square", threat, n_queries=queries, p_init=0.8))
-        cascade.append(create_for_evaluation("nattack", threat,
-                                             max_iters=max(1, queries // 300)))
-    n_black = sum(1 for a in cascade if not a.uses_gradients)
-    if surrogate is not None:
-        cascade.append(create_for_evaluation("transfer", threat, surrogate=surrogate,
-                                             attack="pgd", attack_options={"steps": 20}))
-    cascade.append(_adaptive_attack(threat, adaptive, "apgd-ce", steps=2 * steps, restarts=3))
-    return cascade, n_black
-
-
-def _smoothed_opts(steps: int) -> dict[str, Any]:
-    return {"samples": SMOOTHED_SAMPLES, "steps": min(steps, SMOOTHED_STEPS), **SMOOTHED_ITERATES}
-
-
 class _Runs(NamedTuple):
     """The audit's runs besides its cascade (None: not run)."""
 
@@ -327,46 +297,7 @@ class _Runs(NamedTuple):
     binarization: dict[str, Any] | None
 
 
-class _SidePlan(NamedTuple):
-    """What the audit runs besides its cascade: the eps sweep's attacks (``probe``) and eps
-    (``grid``, empty: no sweep), the unbounded attack's threat model and attacks (empty: not
-    run), both on the first ``points`` points, and the binarization test's attack (None: not
-    run) on ``binarization_points`` points."""
-
-    probe: list[AttackSpec]
-    grid: list[float]
-    big: ThreatModel
-    unbounded: list[AttackSpec]
-    points: int
-    binarization: Attack | None
-    binarization_points: int
-
-
-def _side_plan(threat: ThreatModel, x: Tensor, adaptive: Adaptation, no_gradient: bool, *,
-               steps: int, queries: int, check_points: int,
-               binarization_points: int) -> _SidePlan:
-    adaptive_opts = {"bpda": adaptive.bpda, "eot": adaptive.eot}
-    square = ("square", {"n_queries": queries, "p_init": 0.8})
-    # without any gradient, Square stands in for APGD (none for l1); a smoothed classifier
-    # gets EPGD on the CW margin, its own draws per step and no EOT on top
-    probe = [("apgd-ce", {"steps": max(20, steps // 5), **adaptive_opts})]
-    if adaptive.smoothed is not None:
-        probe = [("epgd", {**_smoothed_opts(steps), "loss": "cw-margin", "eot": 1,
-                           "bpda": adaptive.bpda})]
-    probe = [square] if no_gradient else probe
-    grid = [f * threat.eps for f in EPS_FACTORS if f * threat.eps > 0]
-    if no_gradient and threat.norm == "l1":
-        grid = []
-    unbounded = [] if no_gradient else [("apgd-ce", {"steps": steps, **adaptive_opts})]
-    if threat.norm != "l1":
-        unbounded.append(square)
-    binar = (None if not binarization_points or no_gradient
-             else _adaptive_attack(threat, adaptive, "apgd-ce", steps=steps))
-    return _SidePlan(probe, grid, _unbounded(threat, x), unbounded, min(check_points, len(x)),
-                     binar, min(binarization_points, len(x)))
-
-
-def _progress(progress: bool, cascade: list[Attack], side: _SidePlan, x: Tensor,
+def _progress(progress: bool, cascade: list[Attack], side: SidePlan, x: Tensor,
               threat: ThreatModel) -> Progress | None:
     """With ``progress``: one bar over every stage of the audit, planned stage by stage in
     attack steps x points, below a header line naming the stages."""
@@ -395,7 +326,7 @@ def _progress(progress: bool, cascade: list[Attack], side: _SidePlan, x: Tensor,
 
 
 def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-               adaptive: Adaptation, side: _SidePlan, naive_skipped: bool,
+               adaptive: Adaptation, side: SidePlan, naive_skipped: bool,
                common: dict[str, Any], bar: Progress | None) -> _Runs:
     """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""
     if naive_skipped and bar is not None:
@@ -422,9 +353,10 @@ def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
 
 
 def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str, Any]],
-            runs: _Runs, adaptive: Adaptation, naive_acc: float,
-            surrogate: bool) -> AuditResult:
-    """The audit's result: the cascade's, its record extended with the ``audit`` section."""
+            runs: _Runs, adaptive: Adaptation, naive_acc: float, surrogate: bool,
+            not_applicable: list[dict[str, Any]]) -> AuditResult:
+    """The audit's result: the cascade's, its record extended with the ``audit`` section
+    (``not_applicable``: the checks for another kind of model, SKIP with the reason)."""
     audit_flags = [{"name": f"audit:{c['name']}", "message": c["evidence"]}
                    for c in checks if c["status"] == FLAG]
     all_flags = list({f["name"]: f for f in main.flags + flags + audit_flags}.values())
@@ -433,6 +365,7 @@ def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str
         "flags": all_flags,
         "audit": {
             "checks": checks,
+            "not_applicable": not_applicable,
             "naive_robust_accuracy": naive_acc,
             "fgsm_robust_accuracy": None if runs.fgsm is None else runs.fgsm.robust_accuracy,
             "eps_curve": runs.sweep.curve if runs.sweep else [],

@@ -151,6 +151,31 @@ def eps_covers_box(threat: ThreatModel, dim: int) -> Flag | None:
                        f"turned into any other, so the robust accuracy measures nothing{hint}"}
 
 
+#: a detector that rejects at least this fraction of the clean test points raises
+#: ``rejects-clean``
+REJECTS_CLEAN = 0.5
+
+
+def rejects_clean(rate: float | None, n: int) -> Flag | None:
+    """A detector that rejects at least :data:`REJECTS_CLEAN` of the ``n`` clean test points
+    (``rate``: the fraction it rejects; None: not a detector): a rejected adversarial input
+    counts as defended, so such a detector looks robust without being so. The clean accuracy
+    counts each rejected clean input as an error already; the robust accuracy, bounded by it,
+    then measures the rejections, not robustness."""
+    if rate is None or rate < REJECTS_CLEAN:
+        return None
+    how = "all" if rate >= 1 else f"{100 * rate:.1f}%"
+    return {"name": "rejects-clean", "clean_rejection_rate": rate,
+            "message": f"the detector rejects {how} of the {n} clean test points: a rejected "
+                       "adversarial input counts as defended, so a detector that rejects "
+                       "(nearly) everything looks robust without being so; the clean accuracy "
+                       "already counts each rejected clean input as an error, and the robust "
+                       "accuracy, bounded by it, measures the rejections rather than "
+                       "robustness; refit the detector's threshold on held-out clean training "
+                       "points at a lower false-positive rate (Detector.fit with fpr=...), or "
+                       "check its score on clean data"}
+
+
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[Flag]:
     """All checks on a probe batch whose ``logits`` the model already gave (the model must be
     in eval mode)."""

@@ -8,7 +8,9 @@ points no earlier attack broke, and the prediction on its output is recomputed, 
 accuracy is the per-sample worst case over every attack run), and the record
 (:mod:`~robustlab.evaluation.record`: event log, progress bar, resumable state, results). A
 detector's rejection (it declares ``rejects``) of an adversarial input counts as defended, of a
-clean input as an error. With ``out`` an interrupted run continues where it stopped.
+clean input as an error, and its evaluation records detection figures
+(:mod:`~robustlab.evaluation.detection`). With ``out`` an interrupted run continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
 from robustlab._validate import check_inputs, integer, positive_int
+from robustlab.attacks import Attack
+from robustlab.attacks.losses import rejects
 from robustlab.evaluation.adapt import AttackLike, Step, build, prepare
 from robustlab.evaluation.cascade import batch_generator, judge, run_cascade
-from robustlab.evaluation.checks import black_box_beats_white_box, eps_covers_box
+from robustlab.evaluation.checks import black_box_beats_white_box, eps_covers_box, rejects_clean
+from robustlab.evaluation.detection import DetectionWatch
 from robustlab.evaluation.record import EvalRecord, Progress
 from robustlab.evaluation.results import EvalResult, build_result
 from robustlab.evaluation.state import EvalState, fingerprint
-from robustlab.evaluation.suites import DEFAULT_SMOOTHED, default_suite, get_suite
+from robustlab.evaluation.suites import (
+    DEFAULT_DETECTOR,
+    DEFAULT_SMOOTHED,
+    default_suite,
+    get_suite,
+)
 from robustlab.noise import SmoothedModel
 from robustlab.threat import ThreatModel
 
@@ -51,18 +61,54 @@ def _specs(suite: str | None, attacks: Sequence[AttackLike] | None, threat: Thre
            model: nn.Module) -> tuple[str, list[AttackLike], int]:
     """The suite's name, its attacks for the threat's norm and its repeats; ``custom`` with
     the caller's ``attacks`` and 1 repeat. ``suite`` None: the default for ``model``
-    (:func:`~robustlab.evaluation.suites.default_suite`)."""
+    (:func:`~robustlab.evaluation.suites.default_suite`). A loss on the joint
+    classifier-and-detector (``detector-margin``) needs a model that rejects."""
+    smoothed, detector = isinstance(model, SmoothedModel), rejects(model)
     if attacks is not None:
+        _check_joint(list(attacks), detector)
         return "custom", list(attacks), 1
-    smoothed = isinstance(model, SmoothedModel)
     if suite is None:
-        suite = default_suite(smoothed)
+        suite = default_suite(smoothed, rejects=detector)
     elif suite == DEFAULT_SMOOTHED and not smoothed:
         raise ValueError(f"suite {suite!r} is for smoothed classifiers (robustlab.defenses."
                          "Smoothing, or a module with the attributes base, sigma and noise); "
                          "this model is not one: use the default suite (suite=None)")
+    elif suite == DEFAULT_DETECTOR and not detector:
+        raise ValueError(f"suite {suite!r} is for detectors (a model that declares rejects: "
+                         "K + 1 outputs, the last one 'rejected', as robustlab.defenses' "
+                         "detectors); this model is not one: use the default suite (suite=None)")
     chosen = get_suite(suite)
     return suite, chosen.for_norm(threat.norm), chosen.repeats
+
+
+def _check_joint(specs: list[AttackLike], detector: bool) -> None:
+    """A ``detector-margin`` attack on a model that does not reject: a clear error."""
+    for spec in specs:
+        loss = (spec.loss_name if isinstance(spec, Attack) else
+                spec[1].get("loss") if isinstance(spec, tuple | list) and len(spec) == 2
+                and isinstance(spec[1], dict) else None)
+        if loss == "detector-margin" and not detector:
+            raise ValueError("the 'detector-margin' loss attacks a detector's K + 1 outputs "
+                             "(the last one 'rejected'), and this model does not declare "
+                             "rejects: use the 'ce' or 'cw-margin' loss, or declare rejects = "
+                             "True (robustlab_reject = True) on a model whose last output is "
+                             "a rejection")
+
+
+def _detector_stages(suite: str, specs: list[AttackLike], threat: ThreatModel,
+                     surrogate: nn.Module | None) -> tuple[list[AttackLike], list[str]]:
+    """The detector suite's stages that can run, and each one left out with its reason: its
+    high-confidence C&W stage is crafted on the classifier (the surrogate, by default the
+    detector's ``base``) and has no l1 version."""
+    if suite != DEFAULT_DETECTOR:
+        return specs, []
+    if threat.norm == "l1":
+        return specs, ["high-confidence C&W: cw-linf has no l1 version"]
+    if surrogate is not None:
+        return specs, []
+    return [s for s in specs if not (isinstance(s, tuple) and s[0] == "transfer")], [
+        "high-confidence C&W: the detector has no classifier `base` to craft it on; pass "
+        "surrogate=<its classifier>"]
 
 
 def _search(steps: Sequence[Step]) -> str:
@@ -120,7 +166,9 @@ def evaluate(
             models, ``smoothed`` for smoothed classifiers), used when ``attacks`` is None;
             None: ``smoothed`` on a smoothed classifier (:class:`~robustlab.noise.SmoothedModel`:
             transfer from its base model, SmoothAdv and EPGD with their own noise draws per
-            step, no EOT on top, 3 predictions per point), else ``standard``.
+            step, no EOT on top, 3 predictions per point), ``detector`` on a detector (a model
+            declaring ``rejects``: APGD-CE, then attacks on the joint classifier-and-detector
+            and high-confidence C&W from its classifier), else ``standard``.
         attacks: instead of a suite, attacks as ``Attack`` objects, names or
             ``(name, options)`` pairs, run in this order. ``Attack`` objects run exactly as
             they were built (their own ``bpda`` and EOT draws); names and pairs get the
@@ -137,7 +185,8 @@ def evaluate(
             randomised models); default: the suite's (``rand``: 10, others 1), and at least
             10 on a randomised model.
         surrogate: a model for the ``transfer`` attack (crafted on it, replayed on ``model``);
-            on a smoothed classifier default its base model.
+            on a smoothed classifier default its base model, on a detector its classifier
+            (``base``).
         config: extra JSON-able context recorded in the results (checkpoint, data set, ...).
         progress: True: a progress bar on stderr, below a header line saying what is about to
             run (points, threat model, attacks); its unit is one attack step (or query) on one
@@ -171,7 +220,11 @@ def evaluate(
         ``eps-covers-box`` flag. On a randomised model ``record["robust_accuracy_se"]`` (and
         ``clean_accuracy_se``) is the standard error of the majority-vote accuracy over the
         model's randomness (:func:`~robustlab.evaluation.results.spread`); above 1 point it
-        raises the ``unstable-estimate`` flag.
+        raises the ``unstable-estimate`` flag. On a detector ``record["detection"]`` holds the
+        clean false-positive rate and, per attack, the AUROC of the detection score and the
+        true-positive rate at the fitted threshold (:mod:`~robustlab.evaluation.detection`
+        says over which points); a detector rejecting half the clean points or more raises
+        ``rejects-clean``.
     """
     _check(model, threat, x, y, attacks, surrogate, bpda)
     batch_size, seed = positive_int(batch_size, "batch_size"), integer(seed, "seed")
@@ -185,28 +238,39 @@ def evaluate(
         channels_last = x.dim() == 4 and device.type == "cpu"
     fast = _channels_last_copy(model) if channels_last and x.dim() == 4 else None
     original, model = model, fast if fast is not None else model
-    if surrogate is None and isinstance(model, SmoothedModel):
-        surrogate = model.base
+    if surrogate is None and (isinstance(model, SmoothedModel) or rejects(model)):
+        base = getattr(model, "base", None)  # a detector's classifier, a smoothed base model
+        surrogate = base if isinstance(base, nn.Module) else None
+    specs, left_out = _detector_stages(suite_name, specs, threat, surrogate)
     built = [build(s, threat, surrogate) for s in specs]
     with eval_mode(model):
         flags, adapt, steps = prepare(model, x, y, specs, built, threat, surrogate, bpda=bpda,
                                       eot=eot, repeats=repeats, suite_repeats=suite_repeats,
                                       log_outputs=log_outputs)
+        watch = DetectionWatch(model, steps) if adapt.rejects else None
         settings = {"threat": threat.to_dict(), "attacks": [s.attack.config() for s in steps],
                     "seed": seed, "batch_size": batch_size, "repeats": adapt.repeats}
         if adapt.outputs_reason is not None:  # other outputs, other attacks: another state
             settings["outputs"] = [adapt.log_outputs, adapt.temperature]
         fp = fingerprint(original, x, y, settings) if out is not None else ""
         clean, pred, fraction = judge(model, x, y, batch_size, device, adapt.repeats)
+        if watch is not None:
+            watch.score_clean(x, batch_size, device)
         clean_time = record.elapsed()
         st = (record.resume(fp, resume)
               or EvalState.fresh(clean, pred, x, fraction, adapt.repeats))
         record.start(st, steps, suite=suite_name, threat=threat)
-        run_cascade(model, steps, x, y, st, batch_size=batch_size, repeats=adapt.repeats,
+        if watch is not None:
+            watch.resumed_at(st.attack, st.batch)
+        run_cascade(model, steps if watch is None else watch.steps, x, y, st,
+                    batch_size=batch_size, repeats=adapt.repeats,
                     generators=lambda i, j: batch_generator(seed, i, j, device), record=record,
                     view=adapt.view(model))
         record.end(clean, st)
     flags += st.flags
+    detection = None if watch is None else {"detection": watch.figures(st.per_attack, left_out)}
+    if detection and (flag := rejects_clean(detection["detection"]["clean_fpr"], len(x))):
+        flags.append(flag)
     if (flag := eps_covers_box(threat, x[0].numel())) is not None:
         flags.append(flag)
     if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
@@ -215,7 +279,7 @@ def evaluate(
         "suite": suite_name, "attacks": [s.attack.config() for s in steps], "seed": seed,
         "batch_size": batch_size, "repeats": adapt.repeats, "channels_last": fast is not None,
         "adaptive": adapt.to_dict(), "config": config or {},
-        "timings": {"clean_s": clean_time, "total_s": record.elapsed()},
+        "timings": {"clean_s": clean_time, "total_s": record.elapsed()}, **(detection or {}),
     }, search=_search(steps))
     record.finish(result)
     return result

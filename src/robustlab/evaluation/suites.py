@@ -29,6 +29,20 @@ ones, so the result is the per-sample worst case over the whole list.
   majority of 3 predictions of the smoothed classifier at its own n. Cost per point: 20
   forward and backward passes of the base model, then 2 x 10 x 8, plus 3 x n forwards per
   judgement (clean and after each stage, on the points still robust).
+- ``detector``: for detectors (a model declaring ``rejects``: K + 1 outputs, the last one
+  "rejected"), the default for them: the standard cascade's APGD-CE (100 steps: the naive
+  attack, which a detector may catch), then the attacks on the joint classifier-and-detector of
+  Carlini & Wagner 2017 (https://arxiv.org/abs/1705.07263): APGD (100 steps) and PGD (100
+  steps, the last iterate, no early stop) on the ``detector-margin`` loss, which wants a wrong
+  class and no rejection; then high-confidence C&W (PGD on the C&W margin capped at
+  ``kappa`` = :data:`DETECTOR_KAPPA` logits, 100 steps, no early stop) crafted on the
+  classifier alone (the detector's ``base``) and replayed on the detector, for detectors that
+  reject low-confidence inputs. BPDA applies where a detector stage declares itself
+  non-differentiable (the adaptation, as for every suite). l1 has no C&W stage (``cw-linf``
+  supports linf and l2), and without a classifier to craft on it is left out (the results
+  say so under ``detection``). No gradient-free stage: Square stops at its first iterate that
+  changes the prediction, which on a detector is often a rejected one. Cost per point: 300
+  forward and backward passes of the detector and 100 of its classifier.
 """
 
 from __future__ import annotations
@@ -107,16 +121,37 @@ SUITES.register("smoothed")(Suite(
     description="for smoothed classifiers (the default there): transfer from the base model, "
                 "SmoothAdv and EPGD with m = 8 draws per step",
 ))
+#: the confidence of the detector suite's C&W stage, in logits (Madry et al.'s challenge code
+#: uses 50); unreachable within eps, the stage ends at the most confident point it found
+DETECTOR_KAPPA = 50.0
+#: the attacks on the joint classifier-and-detector (they need a model that rejects)
+JOINT = [
+    ("apgd-ce", {"steps": 100, "loss": "detector-margin"}),
+    ("pgd", {"steps": 100, "loss": "detector-margin", "keep_best": False, "early_stop": False}),
+]
+#: high-confidence C&W crafted on the detector's classifier (the evaluation's surrogate)
+HIGH_CONFIDENCE = ("transfer", {"attack": "cw-linf", "attack_options": {
+    "steps": 100, "kappa": DETECTOR_KAPPA, "early_stop": False}})
+SUITES.register("detector")(Suite(
+    [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT, HIGH_CONFIDENCE],
+    norms={"l1": [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT]},
+    description="for detectors (the default there): APGD-CE, then APGD and PGD on the joint "
+                "classifier-and-detector margin, then high-confidence C&W from the classifier",
+))
 #: the suite :func:`~robustlab.evaluation.evaluate` runs when none is named
 DEFAULT = "standard"
 #: ... on a smoothed classifier
 DEFAULT_SMOOTHED = "smoothed"
+#: ... on a detector (a model that declares ``rejects``)
+DEFAULT_DETECTOR = "detector"
 
 
-def default_suite(smoothed: bool) -> str:
+def default_suite(smoothed: bool = False, *, rejects: bool = False) -> str:
     """The suite run when none is named: :data:`DEFAULT_SMOOTHED` for a smoothed classifier,
-    else :data:`DEFAULT`."""
-    return DEFAULT_SMOOTHED if smoothed else DEFAULT
+    else :data:`DEFAULT_DETECTOR` for a detector (``rejects``), else :data:`DEFAULT`."""
+    if smoothed:
+        return DEFAULT_SMOOTHED
+    return DEFAULT_DETECTOR if rejects else DEFAULT
 
 
 def get_suite(name: str) -> Suite:

@@ -7,8 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from robustlab.evaluation.adapt import Adaptation
+from robustlab.evaluation.detection import joint_stage
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.sweep import SweepResult
+from robustlab.report.summary import attack_label
 from robustlab.threat import ThreatModel
 
 PASS, FLAG, SKIP = "PASS", "FLAG", "SKIP"
@@ -50,6 +52,31 @@ def adaptive_vs_naive(naive_acc: float, final: float, skipped: bool) -> dict[str
                   f"{_pct(final)}" + ("" if ok else f": plain PGD overstates the robust accuracy "
                                                     f"by {100 * gap:.1f} points"),
                   naive=naive_acc, adaptive=final)
+
+
+def adaptive_detector(stages: list[dict[str, Any]], n: int, rejects: bool) -> dict[str, Any]:
+    """The attacks on the joint classifier-and-detector (:func:`~robustlab.evaluation.
+    detection.joint_stage`), run right after plain PGD-20 (the first stage), break fewer than
+    :data:`ADAPTIVE_GAP` of the ``n`` points beyond it; SKIP for a model that does not
+    reject."""
+    name = "adaptive-detector-attack"
+    if not rejects:
+        return _check(name, SKIP, "the model does not reject (it is not a detector): there is "
+                                  "no joint classifier-and-detector to attack")
+    joint = [a for a in stages if joint_stage(a["config"]) and not a.get("skipped")]
+    if not joint:
+        return _check(name, SKIP, "no attack on the joint classifier-and-detector could run")
+    broken = sum(a["broken"] for a in joint)
+    gap, naive = broken / n, stages[0]["robust_accuracy"]
+    ok = gap < ADAPTIVE_GAP
+    what = ", ".join(attack_label(a["config"]) for a in joint)
+    return _check(name, PASS if ok else FLAG,
+                  f"plain PGD-20 leaves {_pct(naive)}; the attacks on the joint classifier-and-"
+                  f"detector ({what}) break {broken} more of {n} points"
+                  + ("" if ok else f": the naive attack overstates the detector's robust "
+                                   f"accuracy by {100 * gap:.1f} points (attacks that know "
+                                   "about the detector evade it)"),
+                  naive=naive, broken=broken)
 
 
 def broken_after(stages: list[dict[str, Any]], n: int, which: Any, name: str, what: str,

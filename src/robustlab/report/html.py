@@ -12,8 +12,6 @@ per data set and threat model, one row per model (its strongest evaluation), fla
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from collections.abc import Sequence
@@ -21,15 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from robustlab._io import atomic_write
 from robustlab._provenance import package_version
 from robustlab.report import plots
+from robustlab.report.examples import examples_html
 from robustlab.report.leaderboard import leaderboard_html
 from robustlab.report.markup import (
-    Markup,
     duration,
     esc,
     pct,
@@ -39,9 +34,15 @@ from robustlab.report.markup import (
     threat_label,
 )
 from robustlab.report.runs import Document, Run, load_run
-from robustlab.report.summary import adaptive_text, attack_label, randomness_notes
+from robustlab.report.summary import (
+    DETECTION_HEAD,
+    adaptive_text,
+    attack_label,
+    detection_notes,
+    detection_rows,
+    randomness_notes,
+)
 
-IMAGE_PX = 84  # displayed size of the example images (upscaled without smoothing)
 CERTIFIED_RADII = 5  # radii in the certification table
 
 
@@ -91,93 +92,21 @@ def _audit(d: dict[str, Any]) -> str:
     if not aud:
         return ""
     rows = [[c["name"], status_badge(c["status"]), c["evidence"]] for c in aud["checks"]]
+    rows += [[c["name"], "not applicable", c["evidence"]] for c in aud.get("not_applicable", [])]
     return ("<h4>Audit checklist</h4>" + table(("check", "verdict", "evidence"), rows, "audit")
             + f"<p>Plain PGD-20: {pct(aud['naive_robust_accuracy'])} · FGSM: "
               f"{pct(aud.get('fgsm_robust_accuracy'))} · adaptive attacks: "
               f"{esc(adaptive_text(aud['adaptive']))}.</p>")
 
 
-def _png(img: np.ndarray) -> str:
-    """(C, H, W) floats in [0, 1] -> a data URI of a PNG upscaled to about IMAGE_PX."""
-    arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
-    pil = Image.fromarray(arr)
-    scale = max(1, IMAGE_PX // max(pil.size))
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _per_sample(run: Run, doc: Document, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
-    path = run.path / doc.path.parent / "per_sample.jsonl"
-    if not path.exists():
-        return {}
-    wanted, rows = set(indices), {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["index"] in wanted:
-                rows[r["index"]] = r
-    return rows
-
-
-def _class_names(run: Run, doc: Document) -> list[str] | None:
-    """The class names of the evaluated data: recorded in the results (the CLI does), else in
-    the model's sidecar (``models.save(..., meta={"classes": [...]})``) when it was trained on
-    the same data set; None (class numbers are shown) otherwise."""
-    cfg = doc.data.get("config") or {}
-    names, model = cfg.get("classes"), run.model_of(doc) or {}
-    if not names and (cfg.get("dataset") in (None, model.get("dataset"))):
-        names = model.get("classes")
-    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
-    return names if ok else None
-
-
-def _examples(run: Run, doc: Document) -> str:
-    ex = run.examples(doc)
-    if ex is None:
+def _detection(d: dict[str, Any]) -> str:
+    """A detector's detection figures (the record's ``detection``); empty for other models."""
+    det = d.get("detection")
+    if not det:
         return ""
-    d = doc.data
-    names = _class_names(run, doc)
-
-    def name(k: int) -> str:
-        return names[k] if names and 0 <= k < len(names) else str(k)
-
-    x, x_adv = ex["x"].numpy(), ex["x_adv"].numpy()
-    delta = x_adv - x
-    t = d["threat"]
-    span = t["eps"] if t["norm"] == "linf" and t["eps"] > 0 else float(np.abs(delta).max())
-    gain = 0.5 / span if span > 0 else 1.0
-    idx = ex["index"].tolist()
-    extra = _per_sample(run, doc, idx)
-    head = ["", *(f"#{i}" for i in idx)]
-    clean_row: list[Any] = ["clean"]
-    adv_row: list[Any] = ["adversarial"]
-    pert_row: list[Any] = [f"perturbation ×{gain:.3g}"]
-    for j, i in enumerate(idx):
-        label, cp, ap = (int(ex[k][j]) for k in ("label", "clean_pred", "adv_pred"))
-        row = extra.get(i, {})
-        # the recorded verdict (a majority of predictions on a randomised model), else the one
-        # prediction saved
-        mark = "robust" if row.get("robust", ap == label) else "broken"
-        by = f" by {row['broken_by']}" if row.get("broken_by") else ""
-        alt = f"example {i}, label {name(label)}"
-        clean_row.append(Markup(
-            f'<img src="{_png(x[j])}" alt="{esc(alt)} (clean)"><div class="cap">'
-            f"label {esc(name(label))}<br>pred {esc(name(cp))}</div>"))
-        adv_row.append(Markup(
-            f'<img src="{_png(x_adv[j])}" alt="{esc(alt)} (adversarial)"><div class="cap '
-            f'{mark}">pred {esc(name(ap))}<br>{mark}{esc(by)}</div>'))
-        dist = f"{t['norm']} {row['distance']:.3g}" if "distance" in row else ""
-        pert_row.append(Markup(
-            f'<img src="{_png(0.5 + gain * delta[j])}" alt="{esc(alt)} (perturbation)">'
-            f'<div class="cap">{esc(dist)}</div>'))
-    return ("<h4>Examples</h4><p class=\"note\">Clean inputs, the worst-case adversarial inputs "
-            "the evaluation found, and their difference amplified (mid-grey is no change). "
-            "Points broken by an attack are chosen first; a robust point shows its clean input."
-            "</p>"
-            + table(head, [clean_row, adv_row, pert_row], "examples"))
+    notes = "".join(f"<li>{esc(n)}</li>" for n in detection_notes(det))
+    return (f"<h4>Detection</h4><ul class=\"note\">{notes}</ul>"
+            + table(DETECTION_HEAD, detection_rows(det), "detection"))
 
 
 def _provenance(d: dict[str, Any]) -> str:
@@ -217,7 +146,8 @@ def _evaluation(run: Run, doc: Document) -> str:
               "each attack runs on the points still robust, and its predictions are recomputed "
               "on its adversarial inputs.</p>"
             + "".join(f'<p class="note">{esc(note)}</p>' for note in randomness_notes(d))
-            + _cascade(d) + _audit(d) + _examples(run, doc) + _provenance(d) + "</section>")
+            + _cascade(d) + _detection(d) + _audit(d) + examples_html(run, doc)
+            + _provenance(d) + "</section>")
 
 
 # --- curves -------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ def _pct(v: float) -> str:
 
 def attack_label(cfg: dict[str, Any]) -> str:
     name = cfg.get("name", "?")
+    if name == "transfer" and isinstance(cfg.get("attack"), dict):  # what was crafted, where
+        return f"transfer of {attack_label(cfg['attack'])} from the surrogate"
     parts = []
     if "steps" in cfg:
         parts.append(f"{cfg['steps']} steps")
@@ -18,6 +20,8 @@ def attack_label(cfg: dict[str, Any]) -> str:
         parts.append(f"{cfg['restarts']} restarts")
     if cfg.get("loss") and cfg["loss"] != "ce":
         parts.append(cfg["loss"])
+    if cfg.get("kappa"):
+        parts.append(f"kappa {cfg['kappa']:g}")
     for key, unit in (("n_target_classes", "targets"), ("k", "targets"), ("n_queries", "queries"),
                       ("samples", "noise draws per step"), ("eot_samples", "EOT samples")):
         if key in cfg:
@@ -32,6 +36,8 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
         verdict = f"**{c['status']}**" if c["status"] == "FLAG" else c["status"]
         lines.append(f"| {c['name']} | {verdict} | {c['evidence'].replace('|', '/')} |")
     fgsm = aud["fgsm_robust_accuracy"]
+    lines += [f"| {c['name']} | not applicable | {c['evidence'].replace('|', '/')} |"
+              for c in aud.get("not_applicable", [])]
     lines += ["", f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
                   f"FGSM: {'-' if fgsm is None else _pct(fgsm)}",
               f"- adaptive attacks: {adaptive_text(aud['adaptive'])}", ""]
@@ -83,6 +89,50 @@ def spread_text(rec: dict[str, Any]) -> str | None:
             f"{repeats} predictions per point)")
 
 
+DETECTION_HEAD = ("stage", "attacks the detector", "points", "AUROC", "TPR at threshold",
+                  "fooled the classifier", "of those rejected", "note")
+
+
+def detection_notes(det: dict[str, Any]) -> list[str]:
+    """What the detection figures (a record's ``detection`` section) rest on, in words."""
+    if det["score"] == "score":
+        score = "the detector's own score"
+        if det.get("threshold") is not None:
+            score += f", rejected above the threshold {det['threshold']:.4g}"
+        if det.get("fit_samples"):
+            score += (f" (fitted for a false-positive rate of {_pct(det['fitted_fpr'])} on "
+                      f"{det['fit_samples']} held-out clean training points)")
+        elif det.get("threshold") is not None:
+            score += " (given, not fitted)"
+    else:
+        score = "the rejection margin z_K - max_k z_k of the outputs (rejected above 0)"
+    fpr = "-" if det.get("clean_fpr") is None else _pct(det["clean_fpr"])
+    return [f"score: {score}",
+            f"clean false-positive rate: {fpr} of the {det['clean_points']} clean test points "
+            "rejected",
+            f"AUROC and TPR over {det['over']}",
+            *(f"left out: {why}" for why in det.get("left_out", []))]
+
+
+def detection_rows(det: dict[str, Any]) -> list[list[str]]:
+    """One row per stage of the detection figures, as :data:`DETECTION_HEAD`."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else _pct(v)
+
+    return [[s["stage"], "yes" if s.get("joint") else "no", str(s["points"]),
+             "-" if s["auroc"] is None else f"{s['auroc']:.3f}", pct(s["tpr"]),
+             str(s["fooled"]), pct(s["tpr_fooled"]), s.get("note", "")]
+            for s in det["stages"]]
+
+
+def _detection(det: dict[str, Any]) -> list[str]:
+    lines = ["## Detection", "", *(f"- {n}" for n in detection_notes(det)), "",
+             "| " + " | ".join(DETECTION_HEAD) + " |", "|" + "---|" * len(DETECTION_HEAD)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+              for row in detection_rows(det)]
+    return [*lines, ""]
+
+
 def markdown(rec: dict[str, Any]) -> str:
     """A short Markdown report: flags first, then accuracies and the attack cascade."""
     t = rec["threat"]
@@ -117,4 +167,6 @@ def markdown(rec: dict[str, Any]) -> str:
             f"{a['attacked']} | {a['broken']} | {_pct(a['robust_accuracy'])} | {a['time_s']:.1f} |"
         )
     lines.append("")
+    if rec.get("detection"):
+        lines += _detection(rec["detection"])
     return "\n".join(lines)
