@@ -138,7 +138,8 @@ def test_adaptive_stage_breaks_a_detector_the_naive_attack_cannot_evade(tmp_path
     # the naive attack's outputs all score above every clean point and are all rejected
     assert first["points"] == 8 and first["auroc"] == 1.0 and first["tpr"] == 1.0
     # the joint attacks see every point the naive one left, and evade the detector on all
-    assert joint[0]["points"] == 8 and joint[0]["tpr"] < 1.0 and joint[1]["tpr"] == 0.0
+    # (APGD on the joint margin, which counts a rejected iterate as no success, gets them all)
+    assert joint[0]["points"] == 8 and joint[0]["tpr"] == 0.0 and joint[1]["points"] == 0
     assert sum(a["broken"] for a in res.per_attack[1:3]) == 8
     assert [f["name"] for f in res.flags] == []
     # the figures reach the record on disk and the summary

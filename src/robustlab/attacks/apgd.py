@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import CustomLoss, dlr_targeted
+from robustlab.attacks.losses import CustomLoss, dlr_targeted, is_success, rejects
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
@@ -81,10 +81,12 @@ def _col(v: Tensor, like: Tensor) -> Tensor:
 
 
 class _Best:
-    """Per-sample output over runs: a misclassified point if any, else the highest loss."""
+    """Per-sample output over runs: a misclassified point if any, else the highest loss;
+    ``reject``: the attacked model is a detector, so a point counts as misclassified only if
+    it is not rejected either (:func:`~robustlab.attacks.losses.is_success`)."""
 
-    def __init__(self, x: Tensor, success: Tensor) -> None:
-        self.x, self.success = x.clone(), success.clone()
+    def __init__(self, x: Tensor, success: Tensor, reject: bool = False) -> None:
+        self.x, self.success, self.reject = x.clone(), success.clone(), reject
         self.loss = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
 
 
@@ -148,7 +150,8 @@ class APGD(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         with torch.no_grad():
             clean = model(x)
-        best = _Best(x, clean.argmax(1) != y)
+        reject = rejects(model)
+        best = _Best(x, is_success(clean, y, False, reject), reject)
         if self.threat.eps > 0:
             for target in self._targets(clean):
                 for _ in range(self.restarts):
@@ -181,7 +184,7 @@ class APGD(Attack):
 
     def _record(self, s: State, logits: Tensor, best: _Best) -> State:
         """Store newly misclassified iterates; with early stop drop those samples."""
-        hit = logits.argmax(1) != s.y
+        hit = is_success(logits, s.y, False, best.reject)
         new = hit & ~best.success[s.gidx]
         if new.any():
             g = s.gidx[new]

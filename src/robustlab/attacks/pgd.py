@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import CustomLoss, is_success
+from robustlab.attacks.losses import CustomLoss, is_success, rejects
 from robustlab.attacks.optimizers import OPTIMIZERS, StepRule, make
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
@@ -190,7 +190,7 @@ class PGD(Attack):
 
     def _best_iterate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
                       loss_at: LossAt, start: Start) -> Tensor:
-        best = _Best(x)
+        best, reject = _Best(x), rejects(model)  # a detector: a rejected point is no success
         for _ in range(self.restarts):
             idx = (~best.success).nonzero().squeeze(1)  # restarts only on unbroken points
             xa = start(x[idx], generator)
@@ -199,7 +199,7 @@ class PGD(Attack):
                 if idx.numel() == 0:
                     break
                 loss, logits, grad = self.input_grad(_at(loss_at, y[idx], idx), xa)
-                success = is_success(logits, y[idx], self.targeted)
+                success = is_success(logits, y[idx], self.targeted, reject)
                 seen = success | self.keep_best  # without keep_best only successes are kept
                 best.update(idx[seen], xa[seen], loss[seen], success[seen])
                 if self.early_stop:
@@ -210,7 +210,7 @@ class PGD(Attack):
                 with torch.no_grad():
                     logits = model(xa)
                 loss = self.loss(logits, y[idx], self.targeted)
-                best.update(idx, xa, loss, is_success(logits, y[idx], self.targeted))
+                best.update(idx, xa, loss, is_success(logits, y[idx], self.targeted, reject))
             if not best.success.logical_not().any():
                 break
         return best.x

@@ -81,6 +81,10 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
     } | merged_spread(records)
     record.pop("min_norm_curve", None)
     record.pop("examples", None)  # shard 0's; the merged result saves its own
+    if "detection" in record:  # AUROC needs every shard's scores, which the records lack
+        record["detection"] = {"skipped": "a sharded evaluation records no detection figures "
+                                          "(AUROC needs the scores of every shard); evaluate "
+                                          "in one process for them"}
     if all("min_norm_curve" in r for r in records):
         norms = torch.tensor([float("inf") if row["min_norm"] is None else row["min_norm"]
                               for row in per_sample])

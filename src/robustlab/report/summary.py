@@ -94,7 +94,10 @@ DETECTION_HEAD = ("stage", "attacks the detector", "points", "AUROC", "TPR at th
 
 
 def detection_notes(det: dict[str, Any]) -> list[str]:
-    """What the detection figures (a record's ``detection`` section) rest on, in words."""
+    """What the detection figures (a record's ``detection`` section) rest on, in words (or
+    why there are none)."""
+    if "skipped" in det:
+        return [det["skipped"]]
     if det["score"] == "score":
         score = "the detector's own score"
         if det.get("threshold") is not None:
@@ -122,7 +125,7 @@ def detection_rows(det: dict[str, Any]) -> list[list[str]]:
     return [[s["stage"], "yes" if s.get("joint") else "no", str(s["points"]),
              "-" if s["auroc"] is None else f"{s['auroc']:.3f}", pct(s["tpr"]),
              str(s["fooled"]), pct(s["tpr_fooled"]), s.get("note", "")]
-            for s in det["stages"]]
+            for s in det.get("stages", [])]
 
 
 def _detection(det: dict[str, Any]) -> list[str]:
