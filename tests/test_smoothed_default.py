@@ -48,7 +48,7 @@ def test_default_on_a_smoothed_model_is_the_smoothing_aware_cascade() -> None:
     rec = res.record
     assert rec["suite"] == "smoothed"
     names = [a["config"]["name"] for a in rec["per_attack"]]
-    assert names == ["transfer", "smoothadv", "epgd"]
+    assert names == ["transfer", "smoothadv", "epgd", "epgd"]
     assert rec["clean_accuracy"] == 1.0
     assert rec["per_attack"][0]["broken"] == 0  # transfer from the base model: no gradient
     assert res.robust_accuracy == 0.0  # SmoothAdv follows the soft smoothed classifier
