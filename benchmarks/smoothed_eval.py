@@ -347,8 +347,7 @@ def main() -> None:
     x_test, y_test = rl.data.load("fashion-mnist", split="test")
     step = len(x_test) // args.images
     x, y = x_test[::step][:args.images], y_test[::step][:args.images]
-    tag = f"s{args.sigma:g}-n{args.n}-m{args.m}-k{args.steps}-r{args.repeats}" + (
-        "" if args.threads is None else f"-t{args.threads}")
+    tag = f"s{args.sigma:g}-n{args.n}-m{args.m}-k{args.steps}-r{args.repeats}"
     record: dict[str, Any] = {"machine": machine_record(), "args": vars(args), "recipes": recs}
     if "honest" in parts:
         runs = [honest_run(name, models[name], x, y, args, s, tag)
