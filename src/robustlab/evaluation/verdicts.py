@@ -10,7 +10,6 @@ from robustlab.evaluation.adapt import Adaptation
 from robustlab.evaluation.detection import joint_stage
 from robustlab.evaluation.results import EvalResult
 from robustlab.evaluation.sweep import SweepResult
-from robustlab.report.summary import attack_label
 from robustlab.threat import ThreatModel
 
 PASS, FLAG, SKIP = "PASS", "FLAG", "SKIP"
@@ -69,7 +68,8 @@ def adaptive_detector(stages: list[dict[str, Any]], n: int, rejects: bool) -> di
     broken = sum(a["broken"] for a in joint)
     gap, naive = broken / n, stages[0]["robust_accuracy"]
     ok = gap < ADAPTIVE_GAP
-    what = ", ".join(attack_label(a["config"]) for a in joint)
+    what = ", ".join(f"{a['config']['name']} on {a['config'].get('loss') or 'its loss'}"
+                     for a in joint)
     return _check(name, PASS if ok else FLAG,
                   f"plain PGD-20 leaves {_pct(naive)}; the attacks on the joint classifier-and-"
                   f"detector ({what}) break {broken} more of {n} points"
