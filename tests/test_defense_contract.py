@@ -39,12 +39,15 @@ def _build(name, toy_model, toy_data):
         return rl.defenses.create(name, toy_model, sigma=0.25, samples=8, vote="soft")
     if name == "denoised":
         return rl.defenses.create(name, toy_model, denoiser=Denoiser(depth=2, width=4))
+    if name == "magnet":
+        ae = rl.models.create("magnet-ae", width=2)
+        return rl.defenses.create(name, toy_model, autoencoder=ae).fit(x[:128])
     return rl.defenses.create(name, toy_model)
 
 
 def test_every_defense_is_covered():
     covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
-               "kd-bu", "lid", "mahalanobis", "median", "mixup-inference", "pca-detector",
+               "kd-bu", "lid", "magnet", "mahalanobis", "median", "mixup-inference", "pca-detector",
                "random-resize-pad", "smoothing", "thermometer", "tv-min"}
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 

@@ -30,7 +30,14 @@ it with ``trust_code=True``; :func:`check_model_fits` tries it on the data befor
 ...                          normalize="0.4914,0.4822,0.4465/0.2471,0.2435,0.2616", width=64)
 """
 
-from robustlab.models import dncnn, lenet, resnet, smallcnn, wideresnet  # noqa: F401  (registration)
+from robustlab.models import (  # noqa: F401  (registration)
+    autoencoder,
+    dncnn,
+    lenet,
+    resnet,
+    smallcnn,
+    wideresnet,
+)
 from robustlab.models.checkpoint import load, save
 from robustlab.models.convert import convert_weights
 from robustlab.models.factory import create, names

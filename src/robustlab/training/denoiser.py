@@ -43,7 +43,6 @@ is deterministic (one explicit ``torch.Generator``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -52,18 +51,15 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._io import atomic_write
 from robustlab._modes import frozen
 from robustlab._validate import integer, number, one_of, positive_int
-from robustlab.models import save
 from robustlab.models.dncnn import Denoiser
 from robustlab.noise import check_noise, sample
-from robustlab.training.state import load_state, save_state
+from robustlab.training.state import RunFiles
 
 __all__ = ["LOG_FILE", "OBJECTIVES", "STATE_FILE", "WEIGHTS_FILE", "train_denoiser"]
 
@@ -73,6 +69,7 @@ OBJECTIVES = ("mse", "stab")
 WEIGHTS_FILE = "denoiser.safetensors"
 STATE_FILE = "denoiser_state.safetensors"
 LOG_FILE = "denoiser_log.jsonl"
+RUN = RunFiles(WEIGHTS_FILE, LOG_FILE, STATE_FILE, "a denoiser")
 
 
 def _check_images(x: Any, channels: int | None) -> None:
@@ -127,9 +124,16 @@ def _config(denoiser: Any, x_train: Any, out: Any, sigma: Any, noise: str, objec
             "classifier": type(classifier).__name__ if classifier is not None else None}
 
 
-def _epoch(denoiser: nn.Module, classifier: nn.Module | None, x_train: Tensor, objective: str,
-           sigma: float, noise: str, batch_size: int, optimizer: torch.optim.Optimizer,
-           generator: torch.Generator, device: torch.device) -> dict[str, float]:
+def noisy_reconstruction_epoch(
+    denoiser: nn.Module, classifier: nn.Module | None, x_train: Tensor, objective: str,
+    sigma: float, noise: str, batch_size: int, optimizer: torch.optim.Optimizer,
+    generator: torch.Generator, device: torch.device,
+) -> dict[str, float]:
+    """One epoch of training ``denoiser`` to undo ``noise`` of scale ``sigma`` on ``x_train``
+    (shuffled by ``generator``, ``batch_size`` images a step): ``objective`` ``"mse"`` (the
+    clean image) or ``"stab"`` (the frozen ``classifier``'s prediction on it). Returns the
+    epoch's mean loss (and, with a classifier, its stab accuracy). Shared with the MagNet
+    autoencoder's training (:mod:`robustlab.training.autoencoder`)."""
     order = torch.randperm(len(x_train), generator=generator)
     total = agree = 0.0
     for i in range(0, len(x_train), batch_size):
@@ -215,65 +219,24 @@ def train_denoiser(
     was_training = denoiser.training
     # load_state sets the global RNG; fork it so that the caller's stays as it was
     with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
-        history = _resume(outdir, denoiser, optimizer, generator, config, epochs)
+        history = RUN.resume(outdir, denoiser, optimizer, generator, config, epochs)
         try:
             with frozen(classifier) if classifier is not None else nullcontext():
                 denoiser.train()
                 for epoch in range(len(history), epochs):
                     t0 = time.perf_counter()
-                    rec = {"epoch": epoch + 1,
-                           **_epoch(denoiser, classifier, x_train, objective, float(sigma),
-                                    noise, batch_size, optimizer, generator, param.device),
-                           "time_s": time.perf_counter() - t0}
+                    stats = noisy_reconstruction_epoch(
+                        denoiser, classifier, x_train, objective, float(sigma), noise,
+                        batch_size, optimizer, generator, param.device)
+                    rec = {"epoch": epoch + 1, **stats, "time_s": time.perf_counter() - t0}
                     history.append(rec)
                     if outdir is not None:
-                        _save_run(outdir, denoiser, optimizer, generator, config, history)
+                        RUN.save(outdir, denoiser, optimizer, generator, config, history,
+                                 {k: config[k] for k in ("sigma", "noise", "objective", "seed",
+                                                         "classifier")})
                     logger.info("denoiser epoch %d/%d: %s", epoch + 1, epochs, rec)
                     if log is not None:
                         log(rec)
         finally:
             denoiser.train(was_training)
     return history
-
-
-def _resume(outdir: Path | None, denoiser: nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, config: dict[str, Any],
-            epochs: int) -> list[dict[str, Any]]:
-    """The history of the run saved in ``outdir`` (empty if none), with its weights, optimiser
-    and generator states loaded; ValueError unless it has the same settings and at most
-    ``epochs`` epochs (checked before anything is loaded into ``denoiser``)."""
-    if outdir is None or not (outdir / STATE_FILE).exists():
-        return []
-    try:
-        with safetensors.safe_open(str(outdir / STATE_FILE), framework="pt") as f:
-            info = json.loads(f.metadata()["robustlab_train_state"])["info"]
-        saved, start = info["config"], int(info["epoch"])
-    except (safetensors.SafetensorError, OSError, KeyError, TypeError,
-            json.JSONDecodeError) as e:
-        raise ValueError(f"cannot resume: {outdir / STATE_FILE} is not a denoiser training "
-                         f"state ({e!r}); delete it to start over, or use another out") from None
-    diff = sorted(k for k in config if saved.get(k) != config[k])
-    if diff:
-        raise ValueError(f"cannot resume from {outdir}: settings differ from the saved run in "
-                         f"{diff}; use another out directory")
-    if start > epochs:
-        raise ValueError(f"{outdir} already holds {start} epochs, more than epochs={epochs}; "
-                         f"pass epochs >= {start}")
-    info, extra = load_state(outdir / STATE_FILE, denoiser, optimizer)
-    generator.set_state(extra["generator"].cpu())
-    return list(info["history"])
-
-
-def _save_run(outdir: Path, denoiser: nn.Module, optimizer: torch.optim.Optimizer,
-              generator: torch.Generator, config: dict[str, Any],
-              history: list[dict[str, Any]]) -> None:
-    """Weights + sidecar first, then the state: a crash between the two resumes from the
-    previous epoch and rewrites both identically."""
-    epoch = history[-1]["epoch"]
-    meta = {k: config[k] for k in ("sigma", "noise", "objective", "seed", "classifier")}
-    save(denoiser, outdir / WEIGHTS_FILE, meta={**meta, "epoch": epoch})
-    atomic_write(outdir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in history))
-    save_state(outdir / STATE_FILE, denoiser, optimizer,
-               {"epoch": epoch, "config": config, "history": history},
-               extra={"generator": generator.get_state()})
-

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustlab._io import atomic_path
+from robustlab._io import atomic_path, atomic_write
+from robustlab.models import save
 
 _MODEL, _OPTIM, _RNG, _EXTRA = "model.", "optim.", "rng.", "extra."
+_KEY = "robustlab_train_state"
 
 
 def save_state(
@@ -46,7 +48,7 @@ def save_state(
             tensors[f"{_RNG}cuda{i}"] = s
     header = {"param_groups": opt["param_groups"], "optim_scalars": scalars, "info": info}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"robustlab_train_state": json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
 
 
 def load_state(
@@ -59,7 +61,7 @@ def load_state(
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = json.loads(f.metadata()["robustlab_train_state"])
+            header = json.loads(f.metadata()[_KEY])
         tensors = load_file(str(path))
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise ValueError(
@@ -106,3 +108,54 @@ def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     objective.load_state_dict(
         {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
     return info
+
+
+class RunFiles(NamedTuple):
+    """The files of a small training run (a denoiser, an autoencoder) in its folder: the
+    weights checkpoint, the JSON-lines log and the resumable state; ``what`` names the run in
+    errors."""
+
+    weights: str
+    log: str
+    state: str
+    what: str
+
+    def resume(self, outdir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+               generator: torch.Generator, config: dict[str, Any],
+               epochs: int) -> list[dict[str, Any]]:
+        """The history of the run saved in ``outdir`` (empty if none), with its weights,
+        optimiser and generator states loaded; ValueError unless it has the same settings
+        and at most ``epochs`` epochs (checked before anything is loaded into ``model``)."""
+        path = None if outdir is None else outdir / self.state
+        if path is None or not path.exists():
+            return []
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads(f.metadata()[_KEY])["info"]
+            saved, start = info["config"], int(info["epoch"])
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot resume: {path} is not {self.what} training state ({e!r}); "
+                             "delete it to start over, or use another out") from None
+        diff = sorted(k for k in config if saved.get(k) != config[k])
+        if diff:
+            raise ValueError(f"cannot resume from {outdir}: settings differ from the saved run "
+                             f"in {diff}; use another out directory")
+        if start > epochs:
+            raise ValueError(f"{outdir} already holds {start} epochs, more than "
+                             f"epochs={epochs}; pass epochs >= {start}")
+        info, extra = load_state(path, model, optimizer)
+        generator.set_state(extra["generator"].cpu())
+        return list(info["history"])
+
+    def save(self, outdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, config: dict[str, Any], history: list[dict[str, Any]],
+             meta: dict[str, Any]) -> None:
+        """Weights (with ``meta`` and the epoch in the checkpoint's sidecar) and log first,
+        then the state: a crash between the two resumes from the previous epoch and rewrites
+        both identically."""
+        epoch = history[-1]["epoch"]
+        save(model, outdir / self.weights, meta={**meta, "epoch": epoch})
+        atomic_write(outdir / self.log, "".join(json.dumps(r) + "\n" for r in history))
+        save_state(outdir / self.state, model, optimizer,
+                   {"epoch": epoch, "config": config, "history": history},
+                   extra={"generator": generator.get_state()})
