@@ -254,7 +254,7 @@ def test_bad_norm_or_bounds(norm, bounds, match):
     ("pgd", {"l1_sparsity": 0}, ValueError, r"l1_sparsity must be in \(0, 1\]"),
     ("pgd", {"l1_sparsity": 1.5}, ValueError, r"l1_sparsity"),
     ("pgd", {"loss": "hinge"}, ValueError,
-     r"unknown loss 'hinge'; valid losses are: ce, cw-margin, dlr"),
+     r"unknown loss 'hinge'; valid losses are: ce, cw-margin, detector-margin, dlr"),
     ("pgd", {"loss": None}, TypeError, r"loss name must be a string"),
     ("pgd", {"stepz": 3}, TypeError, r"attack 'pgd'.*'stepz'"),
     ("fgsm", {"steps": 3}, TypeError, r"attack 'fgsm'.*'steps'"),
