@@ -26,7 +26,8 @@ ones, so the result is the per-sample worst case over the whole list.
   cross-entropy) and EPGD on the CW margin (Nemcovsky et al. 2019), each with m = 8
   noise draws per step (fresh per step for EPGD, per call for SmoothAdv, as their papers),
   then EPGD with one fresh draw per step (PGD on the noisy model: its noisier steps explore
-  differently and broke points the m = 8 attacks left, BENCHMARKS.md); 10 steps each, no
+  differently; it broke 1 of the 800 points the m = 8 attacks left in BENCHMARKS.md's runs,
+  at the cost of one judgement); 10 steps each, no
   early stop, the last iterate, and no EOT on top; each point is judged by a strict majority
   of 3 predictions of the smoothed classifier at its own n. Cost per point: 20 forward and
   backward passes of the base model, then 2 x 10 x 8 + 10, plus 3 x n forwards per
