@@ -422,7 +422,8 @@ def test_float64_inputs_work_with_a_float64_model(tiny):
 
 # --- evaluate's own arguments ----------------------------------------------------------------
 @pytest.mark.parametrize(("kwargs", "exc", "match"), [
-    ({"suite": "nope"}, ValueError, r"unknown suite 'nope'; valid suites are: detector, fast, pgd, "),
+    ({"suite": "nope"}, ValueError,
+     r"unknown suite 'nope'; valid suites are: detector, fast, pgd, "),
     ({"suite": 3}, TypeError, r"suite name must be a string"),
     ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
     ({"batch_size": -5}, ValueError, r"batch_size must be an integer >= 1"),

@@ -33,6 +33,9 @@ def _build(name, toy_model, toy_data):
         return rl.defenses.create(name, toy_model).fit(x[:128])
     if name in ("mahalanobis", "lid", "kd-bu"):  # labels: class statistics, supervised fits
         return rl.defenses.create(name, toy_model).fit(x[:128], y[:128])
+    if name == "detector-net":  # supervised: BIM points crafted inside fit
+        return rl.defenses.create(name, toy_model, width=4, epochs=2, eps=0.3).fit(x[:128],
+                                                                                     y[:128])
     if name == "mixup-inference":
         return rl.defenses.create(name, toy_model, samples=4).fit(x[128:], y[128:])
     if name == "smoothing":
@@ -48,7 +51,7 @@ def _build(name, toy_model, toy_data):
 def test_every_defense_is_covered():
     covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
                "kd-bu", "lid", "magnet", "mahalanobis", "median", "mixup-inference", "pca-detector",
-               "random-resize-pad", "smoothing", "thermometer", "tv-min"}
+               "random-resize-pad", "smoothing", "thermometer", "tv-min", "detector-net"}
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 
 

@@ -39,11 +39,12 @@ def feature_module(model: nn.Module, name: str | None = None, *, option: str = "
 
 
 def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs: bool = True,
-            option: str = "feature_layer") -> tuple[Tensor, list[Tensor]]:
+            option: str = "feature_layer", flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
     """One forward pass of ``model`` on ``x`` (N, ...): ``(logits, features)``.
 
     ``logits`` is ``model(x)`` of that pass, unchanged. ``features`` has one (N, D) tensor per
-    entry of ``layers`` (in that order), flattened after the batch dimension: the positional
+    entry of ``layers`` (in that order), flattened after the batch dimension (``flatten=False``:
+    as the layer saw or made them, e.g. (N, C, H, W) maps): the positional
     input of the layer (``inputs=True``, a forward pre-hook) or its output (``inputs=False``, a
     forward hook). Each entry is resolved by :func:`feature_module` (None: the last
     ``nn.Linear``; when the model has none, that entry is the flattened logits). A layer called
@@ -89,7 +90,7 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
     feats = []
     for (name, module), got in zip(resolved, seen, strict=True):
         if module is None:
-            feats.append(logits.flatten(1))
+            feats.append(logits.flatten(1) if flatten else logits)
             continue
         if not got:
             raise ValueError(f"feature layer {name!r} did not run in the model's forward "
@@ -99,6 +100,6 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
                              f"{[f.shape[0] for f in got]} rows for {x.shape[0]} inputs (the "
                              "model replicates its inputs, e.g. noise samples); name a layer "
                              f"with one row per input with {option}=")
-        flat = [f.flatten(1) for f in got]
+        flat = [f.flatten(1) if flatten else f for f in got]
         feats.append(flat[0] if len(flat) == 1 else torch.stack(flat).mean(0))
     return logits, feats
