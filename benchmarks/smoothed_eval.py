@@ -34,6 +34,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,13 +51,15 @@ ROWS = CACHE_DIR / "smoothed_eval"
 THREAT = rl.ThreatModel("linf", 0.1)
 
 
-def cached(key: str, fresh: bool, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The row ``key`` from the cache, or computed now and cached (resumability)."""
-    path = ROWS / f"{key}.json"
+def cached(key: str, fresh: bool, compute: Callable[[], dict[str, Any]],
+           rows: Path = ROWS) -> dict[str, Any]:
+    """The row ``key`` from the cache folder ``rows``, or computed now and cached there
+    (resumability)."""
+    path = rows / f"{key}.json"
     if path.exists() and not fresh:
         return json.loads(path.read_text())
     row = compute()
-    ROWS.mkdir(parents=True, exist_ok=True)
+    rows.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row))
     return row
 
