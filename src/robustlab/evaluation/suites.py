@@ -113,8 +113,8 @@ SUITES.register("rand")(Suite(
 #: the smoothing-aware attacks run every step and return the last iterate (as the reference
 #: code): their success and loss estimates from m draws are noisier than the smoothed
 #: classifier's vote at n, so an early stop or a best iterate chosen by them stops near the
-#: decision boundary, where the vote often still holds (on the toy model of
-#: tests/test_smoothed_default.py, early stop left 2 of 6 points robust; without it, none)
+#: decision boundary, where the vote often still holds (the toy model of
+#: tests/test_smoothed_default.py is broken on every point only without them)
 SMOOTHED_ITERATES = {"keep_best": False, "early_stop": False}
 SUITES.register("smoothed")(Suite(
     [("transfer", {"attack": "apgd-ce", "attack_options": {"steps": 20}}),
