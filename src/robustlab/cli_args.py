@@ -373,8 +373,8 @@ def _convert_parser(sub: Any) -> None:
                                                 "code base into safetensors, once, without "
                                                 "running any code it names")
     cw.add_argument("source", type=Path, metavar="IN",
-                    help="the .pt / .pth / .bin / .ckpt file, read with torch.load(..., "
-                         "weights_only=True): anything but tensors and plain containers is "
+                    help="the .pt / .pth / .bin / .ckpt file, read with PyTorch's restricted "
+                         "loader (weights_only=True): anything but tensors and plain containers is "
                          "refused")
     cw.add_argument("target", type=Path, metavar="OUT",
                     help="the .safetensors file to write; its record (source SHA-256, "

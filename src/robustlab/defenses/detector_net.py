@@ -113,20 +113,32 @@ def feature_shape(model: nn.Module, layer: str, x: Tensor) -> tuple[int, int, in
     return (*shape, *([1] * (3 - len(shape))))  # type: ignore[return-value]
 
 
-def detector_head(shape: tuple[int, int, int], width: int) -> nn.Sequential:
+def _conv(generator: torch.Generator | None, c_in: int, c_out: int, k: int, **kw: Any) -> nn.Conv2d:
+    """``nn.Conv2d(c_in, c_out, k, **kw)`` with PyTorch's default initialisation (Kaiming
+    uniform, a = sqrt(5); bias uniform in +-1/sqrt(fan_in)) drawn from ``generator``."""
+    conv = nn.Conv2d(c_in, c_out, k, device="meta", **kw).to_empty(device="cpu")
+    nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(c_in * k * k)
+    nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
+    return conv
+
+
+def detector_head(shape: tuple[int, int, int], width: int,
+                  generator: torch.Generator | None = None) -> nn.Sequential:
     """The detector network for (C, H, W) feature maps (module docstring): three 3x3
     convolutions of ``width``, ``2 width``, ``2 width`` channels with ReLUs, 2x2 max-pools after
     the first two while the map's smaller side is >= 8, a 1x1 convolution to one channel and
-    global average pooling; (N, C, H, W) -> (N, 1) logits."""
+    global average pooling; (N, C, H, W) -> (N, 1) logits; initial weights from
+    ``generator`` (None: torch's global generator)."""
     channels, side = shape[0], min(shape[1:])
     layers: list[nn.Module] = []
     for i, out in enumerate((width, 2 * width, 2 * width)):
-        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
+        layers += [_conv(generator, channels, out, 3, padding=1), nn.ReLU()]
         if i < 2 and side >= 8:
             layers.append(nn.MaxPool2d(2))
             side //= 2
         channels = out
-    layers += [nn.Conv2d(channels, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [_conv(generator, channels, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
 
 
@@ -237,9 +249,8 @@ class DetectorNetwork(Detector):
         std = ref.std(1, unbiased=False)
         self.mean = ref.mean(1).view(-1, 1, 1)
         self.std = torch.where(std > 0, std, torch.ones_like(std)).view(-1, 1, 1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            head = detector_head(self.feature_shape, self.width)
+        head = detector_head(self.feature_shape, self.width,
+                             torch.Generator().manual_seed(self.seed))
         self.head = head.to(feats.device, feats.dtype)
         self._train((feats - self.mean) / self.std, labels)
         self.training_points = {"clean": len(clean), "noisy": len(noisy) if self.noisy else 0,

@@ -104,16 +104,38 @@ def mc_softmax(model: nn.Module, x: Tensor, samples: int,
                generator: torch.Generator | None = None) -> Tensor:
     """Softmax outputs (T, N, K) of ``samples`` = T passes of ``model`` on ``x`` with its
     dropout layers on (the rest in its current mode); differentiable through the drawn masks.
-    The masks come from ``generator`` (through a forked global generator, which is left as it
-    was) or, when None, from torch's global generator."""
-    with _dropout_on(model):
-        if generator is None:
+    The masks come from ``generator`` (``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` only: their
+    masks are drawn here, torch's global generator is not touched) or, when None, from torch's
+    global generator (the layers in train mode)."""
+    if generator is None:
+        with _dropout_on(model):
             return torch.stack([model(x).softmax(1) for _ in range(samples)])
-        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
-        cuda = list(range(torch.cuda.device_count())) if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            return torch.stack([model(x).softmax(1) for _ in range(samples)])
+    handles = [m.register_forward_hook(_masked(m, generator)) for m in _dropout_layers(model)]
+    try:
+        return torch.stack([model(x).softmax(1) for _ in range(samples)])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _masked(layer: nn.Module, generator: torch.Generator) -> Any:
+    """A forward hook that applies ``layer``'s dropout to its output (the layer itself in eval
+    mode, the identity) with a mask drawn from ``generator``: per element (``nn.Dropout``) or
+    per channel (``nn.Dropout1d/2d/3d``), kept with probability 1 - p and scaled by 1/(1 - p)."""
+    if type(layer) not in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+        raise ValueError(f"a generator draws the masks of nn.Dropout and nn.Dropout1d/2d/3d "
+                         f"only, the model has {type(layer).__name__}: pass generator=None "
+                         "(torch's global generator)")
+    channel = type(layer) is not nn.Dropout
+
+    def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        if module.training:  # it drops already (the model is in train mode)
+            return out
+        shape = (*out.shape[:2], *[1] * (out.dim() - 2)) if channel else out.shape
+        keep = 1 - module.p
+        mask = torch.rand(shape, generator=generator, device=generator.device) < keep
+        return out * mask.to(out.device, out.dtype) / keep
+    return hook
 
 
 @register("kd-bu")

@@ -171,8 +171,8 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
         raise ValueError(
             f"{str(path)!r} is a pickle (torch.save output), which robustlab never unpickles "
             "because unpickling runs arbitrary code. Convert a state dict saved with "
-            "torch.save once, with PyTorch's restricted loader (torch.load(..., "
-            "weights_only=True)): robustlab convert-weights IN.pt OUT.safetensors [--key "
+            "torch.save once, with PyTorch's restricted loader (weights_only=True): "
+            "robustlab convert-weights IN.pt OUT.safetensors [--key "
             "state_dict] (Python: robustlab.models.convert_weights), then build the model "
             "with robustlab.models.from_spec('net.py:Net', weights='OUT.safetensors') and "
             "save it with robustlab.models.save(model, 'model.safetensors')")
