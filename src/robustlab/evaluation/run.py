@@ -120,6 +120,29 @@ def _search(steps: Sequence[Step]) -> str:
     return "early-stop" if early else "minimal"
 
 
+def _default_surrogate(model: nn.Module) -> nn.Module | None:
+    """The transfer attack's default surrogate: a smoothed classifier's base model, a
+    detector's classifier (its ``base``); None for other models."""
+    if not (isinstance(model, SmoothedModel) or rejects(model)):
+        return None
+    base = getattr(model, "base", None)
+    return base if isinstance(base, nn.Module) else None
+
+
+def _run_flags(st: EvalState, detection: dict[str, Any] | None, threat: ThreatModel,
+               x: Tensor) -> list[dict[str, Any]]:
+    """The flags of a finished cascade ``st``: the attacks' own, a detector that rejects the
+    clean points, an eps covering the box, a black-box attack beating the white-box ones."""
+    flags = list(st.flags)
+    if detection and (flag := rejects_clean(detection["detection"]["clean_fpr"], len(x))):
+        flags.append(flag)
+    if (flag := eps_covers_box(threat, x[0].numel())) is not None:
+        flags.append(flag)
+    if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
+        flags.append(flag)
+    return flags
+
+
 def _check(model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any,
            bpda: Any) -> None:
     """The argument checks :func:`evaluate` does not leave to the vocabulary."""
@@ -238,9 +261,7 @@ def evaluate(
         channels_last = x.dim() == 4 and device.type == "cpu"
     fast = _channels_last_copy(model) if channels_last and x.dim() == 4 else None
     original, model = model, fast if fast is not None else model
-    if surrogate is None and (isinstance(model, SmoothedModel) or rejects(model)):
-        base = getattr(model, "base", None)  # a detector's classifier, a smoothed base model
-        surrogate = base if isinstance(base, nn.Module) else None
+    surrogate = surrogate if surrogate is not None else _default_surrogate(model)
     specs, left_out = _detector_stages(suite_name, specs, threat, surrogate)
     built = [build(s, threat, surrogate) for s in specs]
     with eval_mode(model):
@@ -267,14 +288,8 @@ def evaluate(
                     generators=lambda i, j: batch_generator(seed, i, j, device), record=record,
                     view=adapt.view(model))
         record.end(clean, st)
-    flags += st.flags
     detection = None if watch is None else {"detection": watch.figures(st.per_attack, left_out)}
-    if detection and (flag := rejects_clean(detection["detection"]["clean_fpr"], len(x))):
-        flags.append(flag)
-    if (flag := eps_covers_box(threat, x[0].numel())) is not None:
-        flags.append(flag)
-    if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
-        flags.append(flag)
+    flags += _run_flags(st, detection, threat, x)
     result = build_result(st, x, y, pred, clean, threat, flags, {
         "suite": suite_name, "attacks": [s.attack.config() for s in steps], "seed": seed,
         "batch_size": batch_size, "repeats": adapt.repeats, "channels_last": fast is not None,

@@ -70,6 +70,8 @@ WEIGHTS_FILE = "denoiser.safetensors"
 STATE_FILE = "denoiser_state.safetensors"
 LOG_FILE = "denoiser_log.jsonl"
 RUN = RunFiles(WEIGHTS_FILE, LOG_FILE, STATE_FILE, "a denoiser")
+#: the settings recorded in the denoiser checkpoint's sidecar
+CHECKPOINT_META = ("sigma", "noise", "objective", "seed", "classifier")
 
 
 def _check_images(x: Any, channels: int | None) -> None:
@@ -232,8 +234,7 @@ def train_denoiser(
                     history.append(rec)
                     if outdir is not None:
                         RUN.save(outdir, denoiser, optimizer, generator, config, history,
-                                 {k: config[k] for k in ("sigma", "noise", "objective", "seed",
-                                                         "classifier")})
+                                 {k: config[k] for k in CHECKPOINT_META})
                     logger.info("denoiser epoch %d/%d: %s", epoch + 1, epochs, rec)
                     if log is not None:
                         log(rec)
