@@ -20,7 +20,7 @@ K = 4  # classes of the toy data
 
 def _smallcnn(**kw):
     torch.manual_seed(0)
-    return rl.models.create("smallcnn", num_classes=K, input_size=16, **kw).eval()
+    return rl.models.create("smallcnn", **{"num_classes": K, "input_size": 16, **kw}).eval()
 
 
 def _build(name, toy_model, toy_data):
@@ -36,6 +36,8 @@ def _build(name, toy_model, toy_data):
     if name == "detector-net":  # supervised: BIM points crafted inside fit
         return rl.defenses.create(name, toy_model, width=4, epochs=2, eps=0.3).fit(x[:128],
                                                                                      y[:128])
+    if name == "extra-class":  # a model with an extra output, trained elsewhere
+        return rl.defenses.create(name, _smallcnn(num_classes=K + 1)).fit(x[:128])
     if name == "mixup-inference":
         return rl.defenses.create(name, toy_model, samples=4).fit(x[128:], y[128:])
     if name == "smoothing":
@@ -51,7 +53,8 @@ def _build(name, toy_model, toy_data):
 def test_every_defense_is_covered():
     covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
                "kd-bu", "lid", "magnet", "mahalanobis", "median", "mixup-inference", "pca-detector",
-               "random-resize-pad", "smoothing", "thermometer", "tv-min", "detector-net"}
+               "random-resize-pad", "smoothing", "thermometer", "tv-min", "detector-net",
+               "extra-class"}
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 
 

@@ -22,7 +22,8 @@ def _model(arch: str, objective: str) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         head = {"head": "mmc"} if objective == "mmc" else {}
-        return rl.models.create(arch, num_classes=4, input_size=16, **head)
+        classes = 5 if objective == "extra-class" else 4  # its extra output, last
+        return rl.models.create(arch, num_classes=classes, input_size=16, **head)
 
 
 def _objective(name: str, arch: str):

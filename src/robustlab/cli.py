@@ -51,11 +51,13 @@ def _inputs(args: argparse.Namespace, device: torch.device, *, n: int | None,
     checkpoint's data set, else Fashion-MNIST; ``--split``, else ``split``; the first ``n``
     images), checked to fit before anything runs, and what a result records of both
     (:mod:`robustlab.cli_inputs`)."""
-    from robustlab import cli_inputs
+    from robustlab import cli_inputs, defenses
 
     model, trained_on, spec = cli_inputs.load_model(args, device)
     inputs = cli_inputs.load_data(args, trained_on, split=getattr(args, "split", split), n=n)
-    cli_inputs.check_fit(model, inputs, args.num_classes, device)
+    extra = defenses.DEFENSES.get(args.defense).extra_outputs if getattr(
+        args, "defense", None) else 0
+    cli_inputs.check_fit(model, inputs, args.num_classes, device, extra)
     return model, inputs, cli_inputs.record(args, inputs, spec)
 
 

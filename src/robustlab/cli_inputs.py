@@ -101,12 +101,13 @@ def load_data(args: argparse.Namespace, trained_on: str | None, *, split: str,
 
 
 def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
-              device: torch.device) -> int:
+              device: torch.device, extra: int = 0) -> int:
     """The model's number of classes K, after checking, on the first two images (on
     ``device``, without gradients, leaving torch's generators as they were), that the model
-    takes the data's input shape and returns (N, K) logits, K == ``num_classes``
-    (``--num-classes``) when given, else K == the data's number of class names when it names
-    them, and that every label is below K.
+    takes the data's input shape and returns (N, K + ``extra``) logits (``extra``: the outputs
+    a defense's model has beyond the classes, :attr:`Defense.extra_outputs`), K ==
+    ``num_classes`` (``--num-classes``) when given, else K == the data's number of class names
+    when it names them, and that every label is below K.
 
     Raises:
         ValueError / TypeError: one line starting with the data's name or file, with the fix.
@@ -114,9 +115,11 @@ def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):  # a randomised model draws no extra numbers
-            k = models.check_model_fits(model, inputs.x[:2].to(device), num_classes)
+            k = models.check_model_fits(model, inputs.x[:2].to(device),
+                                        None if num_classes is None else num_classes + extra)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{inputs.source}: {err}") from err
+    k -= extra
     classes = inputs.classes
     if num_classes is None and classes is not None and k != len(classes):
         raise ValueError(

@@ -36,6 +36,10 @@ class Defense(Declares, nn.Module):
     their options, and extend :meth:`config`; the registry sets the class's ``name``."""
 
     name: ClassVar[str] = "defense"
+    #: outputs the wrapped model returns beyond the data's classes (the extra-class
+    #: detector's model: 1, its extra class), so that a front end checks the model's outputs
+    #: against K + extra_outputs before wrapping it
+    extra_outputs: ClassVar[int] = 0
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ z is a learnable linear map (no activation) of the network's penultimate represe
 :class:`MMCHead` replaces the model's final ``nn.Linear`` (in -> num_classes) by
 ``nn.Linear(in, feature_dim)`` followed by the fixed centers. Without that map, ReLU features
 (all >= 0) could not reach centers with negative coordinates.
+
+:class:`ClassLogits` reads the K class logits of a network with an extra (K + 1)-th output.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 
-__all__ = ["HEADS", "MMCHead", "attach", "mmc_centers"]
+__all__ = ["HEADS", "ClassLogits", "MMCHead", "attach", "check_extra_class", "mmc_centers"]
 
 HEADS = ("mmc",)
 
@@ -117,3 +119,30 @@ def attach(model: nn.Module, head: str, num_classes: int, c_mm: float = 10.0,
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
     return {"c_mm": float(c_mm), "feature_dim": new.dense.out_features}
+
+
+def check_extra_class(outputs: Tensor) -> Tensor:
+    """``outputs`` unchanged if they are (N, K + 1) logits with K >= 2 classes (the extra class
+    last); ValueError naming the recipe otherwise."""
+    if outputs.dim() != 2 or outputs.shape[1] < 3:
+        raise ValueError(f"the extra-class model must return (N, K + 1) logits with K >= 2 "
+                         f"classes and the extra class last; it returned "
+                         f"{tuple(outputs.shape)}: build it with num_classes = K + 1 (the "
+                         "extra-class recipe)")
+    return outputs
+
+
+class ClassLogits(nn.Module):
+    """The first K outputs of a model with K + 1: ``model(x)[:, :-1]``, the class logits of a
+    network trained with an extra "adversarial" class (the ``extra-class`` objective and
+    detector, Grosse et al. 2017). ``model`` is kept as the submodule ``model``; the wrapper
+    starts in ``model``'s mode (so that code which gives a module its mode back leaves the
+    model as it was)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training
+
+    def forward(self, x: Tensor) -> Tensor:
+        return check_extra_class(self.model(x))[:, :-1]
