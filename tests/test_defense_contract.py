@@ -31,7 +31,10 @@ def _build(name, toy_model, toy_data):
         return rl.defenses.create(name, _smallcnn())
     if name in ("feature-squeezing", "pca-detector"):
         return rl.defenses.create(name, toy_model).fit(x[:128])
-    if name in ("mahalanobis", "lid", "kd-bu"):  # labels: class statistics, supervised fits
+    if name == "trapdoor":  # fpr 0.1: every toy label has the 10 points of its own quantile
+        return rl.defenses.create(name, toy_model, fpr=0.1).fit(x[:128])
+    # labels: class statistics, supervised fits
+    if name in ("mahalanobis", "lid", "kd-bu", "mahalanobis-ensemble"):
         return rl.defenses.create(name, toy_model).fit(x[:128], y[:128])
     if name == "detector-net":  # supervised: BIM points crafted inside fit
         return rl.defenses.create(name, toy_model, width=4, epochs=2, eps=0.3).fit(x[:128],
@@ -54,7 +57,7 @@ def test_every_defense_is_covered():
     covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
                "kd-bu", "lid", "magnet", "mahalanobis", "median", "mixup-inference", "pca-detector",
                "random-resize-pad", "smoothing", "thermometer", "tv-min", "detector-net",
-               "extra-class"}
+               "extra-class", "trapdoor", "mahalanobis-ensemble"}
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 
 

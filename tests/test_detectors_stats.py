@@ -1,5 +1,6 @@
 """Feature capture, and the statistical detectors against their papers' definitions computed by
-hand with NumPy: PCA (Hendrycks & Gimpel 2017) and Mahalanobis (Lee et al. 2018)."""
+hand with NumPy: PCA (Hendrycks & Gimpel 2017) and Mahalanobis (Lee et al. 2018), one layer
+and the feature ensemble."""
 
 from __future__ import annotations
 
@@ -216,3 +217,59 @@ def test_mahalanobis_forward_fit_and_gradients():
     assert torch.autograd.gradcheck(det.score, (xg,))
     det.threshold = -1.0  # every input rejected: the rejection column wins
     assert (det(xt).argmax(1) == 3).all()
+
+
+# --- Mahalanobis feature ensemble ---------------------------------------------------------
+
+def _convnet(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.Tanh(),
+                         nn.Linear(4, 3)).double().eval()
+
+
+def test_mahalanobis_ensemble_layers_by_hand():
+    """Each column is the one-layer detector's closest-class distance on per-channel means of
+    the layer's output (the paper's pooling), with the NumPy hand computation."""
+    model = _convnet()
+    det = rl.defenses.create("mahalanobis-ensemble", model)
+    assert det.layers == ["2", "5"]  # the pooling module and the last activation
+    x, y, xt = _images(40, 13, side=4), torch.arange(40) % 3, _images(5, 14, side=4)
+    det.fit_reference(x, y, batch_size=16)
+    with torch.no_grad():
+        pool, pen = model[:3](x).mean((2, 3)).numpy(), model[:6](x).numpy()
+        pool_t, pen_t = model[:3](xt).mean((2, 3)).numpy(), model[:6](xt).numpy()
+        got = det.characteristics(xt, model(xt)).numpy()
+    for col, (f, ft) in enumerate(((pool, pool_t), (pen, pen_t))):
+        _, _, dist = _hand_mahalanobis(f, y.numpy(), ft)
+        np.testing.assert_allclose(got[:, col], dist.min(1), rtol=1e-7)
+
+
+def test_mahalanobis_ensemble_is_supervised_and_rejects_attacked_points(toy_model, toy_data):
+    x, y = toy_data
+    det = rl.defenses.create("mahalanobis-ensemble", toy_model).fit(x[:160], y[:160])
+    cfg = det.config()
+    assert det.layers == ["conv", "fc"]  # functional activations: the weight modules
+    assert cfg["supervised"] and cfg["attack"]["name"] == "fgsm" and cfg["features"] == [8, 4]
+    assert cfg["training_points"]["adversarial"] > 0 and det.fitted
+    xt, yt = x[160:], y[160:]
+    with torch.no_grad():
+        out = det(xt)
+    assert out.shape == (len(xt), 5) and torch.equal(out[:, :4], toy_model(xt))
+    adv = rl.attacks.create("fgsm", rl.ThreatModel("linf", 0.3))(toy_model, xt, yt).x_adv
+    tpr, fpr = det.detect(adv).float().mean(), det.detect(xt).float().mean()
+    assert tpr > fpr + 0.3, (tpr, fpr)
+
+
+def test_mahalanobis_ensemble_preprocessing_steps_each_layer_on_its_own_gradient():
+    model = _convnet(2)
+    x, y, xt = _images(40, 16, side=4), torch.arange(40) % 3, _images(3, 17, side=4)
+    det = rl.defenses.create("mahalanobis-ensemble", model, noise=0.01)
+    det.fit_reference(x, y, batch_size=64)
+    got = det.characteristics(xt, model(xt))
+    for col in range(2):
+        xg = xt.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(det.layer_scores(xg)[:, col].sum(), xg)
+        moved = det.layer_scores(xt - 0.01 * grad.sign())[:, col]
+        torch.testing.assert_close(got[:, col], moved)
+        assert (moved < det.layer_scores(xt)[:, col]).all()

@@ -46,6 +46,7 @@ features and the logits in one pass), plus a forward and backward pass and a for
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -57,7 +58,64 @@ from robustlab.defenses.pca_detector import whitening
 from robustlab.defenses.registry import register
 from robustlab.models.features import capture, feature_module
 
-__all__ = ["Mahalanobis"]
+__all__ = ["ClassGaussians", "Mahalanobis"]
+
+
+class ClassGaussians(nn.Module):
+    """Class-conditional Gaussians with one tied covariance on (N, D) features, in float64:
+    :meth:`fit` on labelled features, :meth:`distances` to every class mean.
+
+    Attributes after :meth:`fit`: ``classes`` (C,) the labels with a Gaussian, ``means``
+    (C, D), ``covariance`` (D, D); ``whiten`` (D, r) maps ``f - mu`` to a vector whose squared
+    norm is the Mahalanobis distance with the pseudo-inverse (eigenvalues at or below
+    ``D * 2.2e-16`` times the largest count as zero).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("classes", "means", "covariance", "whiten", "means_whitened"):
+            self.register_buffer(name, None)
+
+    @property
+    def fitted(self) -> bool:
+        return self.means is not None
+
+    def fit(self, batches: Iterable[tuple[Tensor, Tensor]]) -> ClassGaussians:
+        """Fit on ``(features (n, D), labels (n,))`` batches (one pass, float64 sums)."""
+        parts = [(f.detach().to(torch.float64), y.to(device=f.device, dtype=torch.long))
+                 for f, y in batches]
+        y_all = torch.cat([y for _, y in parts])
+        classes = torch.unique(y_all)
+        d = parts[0][0].shape[1]
+        like = parts[0][0]
+        sums, counts = like.new_zeros(len(classes), d), like.new_zeros(len(classes))
+        outer = like.new_zeros(d, d)
+        for f, y in parts:
+            slot = torch.searchsorted(classes, y)
+            sums.index_add_(0, slot, f)
+            counts.index_add_(0, slot, torch.ones_like(f[:, 0]))
+            outer += f.T @ f
+        means = sums / counts[:, None]
+        # sum_c sum_i (f - mu_c)(f - mu_c)^T = sum_i f f^T - sum_c n_c mu_c mu_c^T
+        cov = (outer - (means * counts[:, None]).T @ means) / len(y_all)
+        cov = (cov + cov.T) / 2
+        values, vectors = whitening(cov, cov.shape[0] * torch.finfo(torch.float64).eps)
+        self.classes, self.means, self.covariance = classes, means, cov
+        self.whiten = vectors / values.sqrt()  # (D, r)
+        self.means_whitened = means @ self.whiten
+        return self
+
+    def distances(self, feats: Tensor, where: str = "the features") -> Tensor:
+        """Squared Mahalanobis distances (N, C) of ``feats`` (N, D) to the class means
+        (columns in the order of ``classes``), float64; differentiable in ``feats``."""
+        if self.means is None:
+            raise ValueError("the Gaussians are not fitted yet: call the detector's "
+                             ".fit(x_train, y_train) on clean training points")
+        if feats.shape[1] != self.means.shape[1]:
+            raise ValueError(f"{where} give {feats.shape[1]} features but the detector was "
+                             f"fitted on {self.means.shape[1]}: refit it")
+        z = feats.to(self.whiten.dtype) @ self.whiten
+        return (z[:, None, :] - self.means_whitened[None]).square().sum(-1)
 
 
 @register("mahalanobis")
@@ -94,8 +152,22 @@ class Mahalanobis(Detector):
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
         self.layer = feature_module(model, layer, option="layer")[0]
         self.noise = number(noise, "noise", low=0)
-        for name in ("classes", "means", "covariance", "_map", "_means_w"):
-            self.register_buffer(name, None)
+        self.gaussians = ClassGaussians()
+
+    @property
+    def classes(self) -> Tensor | None:
+        """(C,) the labels with a Gaussian (None before :meth:`fit`)."""
+        return self.gaussians.classes
+
+    @property
+    def means(self) -> Tensor | None:
+        """(C, D) the class means, float64 (None before :meth:`fit`)."""
+        return self.gaussians.means
+
+    @property
+    def covariance(self) -> Tensor | None:
+        """(D, D) the tied covariance, float64 (None before :meth:`fit`)."""
+        return self.gaussians.covariance
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the feature size ``features`` (D) and the
@@ -121,40 +193,14 @@ class Mahalanobis(Detector):
         if y is None:
             raise ValueError("the mahalanobis detector fits class-conditional Gaussians: "
                              "pass the labels, .fit(x_train, y_train)")
-        y = y.to(device=x.device, dtype=torch.long)
-        classes = torch.unique(y)
-        sums = counts = outer = None
         with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                f = self.features(x[i:i + batch_size])[1].to(torch.float64)
-                if sums is None:
-                    sums = f.new_zeros(len(classes), f.shape[1])
-                    counts = f.new_zeros(len(classes))
-                    outer = f.new_zeros(f.shape[1], f.shape[1])
-                slot = torch.searchsorted(classes, y[i:i + batch_size])
-                sums.index_add_(0, slot, f)
-                counts.index_add_(0, slot, torch.ones_like(f[:, 0]))
-                outer += f.T @ f
-        means = sums / counts[:, None]
-        # sum_c sum_i (f - mu_c)(f - mu_c)^T = sum_i f f^T - sum_c n_c mu_c mu_c^T
-        cov = (outer - (means * counts[:, None]).T @ means) / len(x)
-        cov = (cov + cov.T) / 2
-        values, vectors = whitening(cov, cov.shape[0] * torch.finfo(torch.float64).eps)
-        self.classes, self.means, self.covariance = classes, means, cov
-        self._map = vectors / values.sqrt()  # (D, r): ||(f - mu) @ _map||^2 = Mahalanobis^2
-        self._means_w = means @ self._map
+            self.gaussians.fit((self.features(x[i:i + batch_size])[1], y[i:i + batch_size])
+                               for i in range(0, len(x), batch_size))
 
     def distances(self, feats: Tensor) -> Tensor:
         """Squared Mahalanobis distances (N, C) of features ``feats`` (N, D) to the class means
         (columns in the order of ``classes``), float64; differentiable in ``feats``."""
-        if self.means is None:
-            raise ValueError("the mahalanobis detector has no Gaussians yet: call "
-                             ".fit(x_train, y_train) on clean training points")
-        if feats.shape[1] != self.means.shape[1]:
-            raise ValueError(f"layer {self.layer!r} gives {feats.shape[1]} features but the "
-                             f"detector was fitted on {self.means.shape[1]}: refit it")
-        z = feats.to(self._map.dtype) @ self._map
-        return (z[:, None, :] - self._means_w[None]).square().sum(-1)
+        return self.gaussians.distances(feats, f"layer {self.layer!r}")
 
     def _score_at(self, x: Tensor) -> Tensor:
         return self.distances(self.features(x)[1]).amin(1)
