@@ -8,7 +8,8 @@ from torch import nn
 
 from robustlab import ThreatModel, attacks
 
-NORM_EPS = {"linf": 0.3, "l2": 3.0, "l1": 32.0}
+# l0: pixels of the 16 x 16 toy images (a class is a bright 8 x 8 quadrant)
+NORM_EPS = {"linf": 0.3, "l2": 3.0, "l1": 32.0, "l0": 40}
 # one step of l1 length eps on the few steepest coordinates (the fast gradient method's
 # definition) cannot flip these images: exempt from the accuracy-drop check only
 WEAK_BY_DEFINITION = {("fgsm", "l1")}
@@ -25,7 +26,10 @@ REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model},
 
 # smaller budgets for the attacks whose defaults cost tens of seconds on the toy model; the
 # contract is about behaviour, and each still has to break the toy model
-CHEAP_OPTIONS = {"cw-l2": {"steps": 200, "search_steps": 5}, "nattack": {"population": 30}}
+CHEAP_OPTIONS = {"cw-l2": {"steps": 200, "search_steps": 5}, "nattack": {"population": 30},
+                 "pgd-l0": {"steps": 20, "restarts": 1}, "sparse-rs": {"n_queries": 1000},
+                 "ead": {"steps": 200, "search_steps": 5}, "lbfgs": {"steps": 10,
+                                                                    "search_steps": 4}}
 
 
 def build(name: str, norm: str, model=None, **opts) -> attacks.Attack:

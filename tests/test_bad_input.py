@@ -37,11 +37,15 @@ LINF = ThreatModel("linf", 0.1)
 K = 4  # TinyCNN's classes
 NAMES = attacks.names()
 L2 = ThreatModel("l2", 1.0)
+L1 = ThreatModel("l1", 4.0)
+L0 = ThreatModel("l0", 3)
 
 
 def make(name: str, **opts) -> attacks.Attack:
-    """Attack ``name`` on linf eps 0.1, or l2 eps 1 if it has no linf; transfer gets a surrogate."""
-    threat = LINF if "linf" in attacks.ATTACKS.get(name).norms else L2
+    """Attack ``name`` on linf eps 0.1, else l2 eps 1, l1 eps 4 or l0 3 pixels, the first norm
+    it supports; transfer gets a surrogate."""
+    norms = attacks.ATTACKS.get(name).norms
+    threat = next(t for t in (LINF, L2, L1, L0) if t.norm in norms)
     if name == "transfer":
         opts.setdefault("surrogate", fresh().eval())
     if name in ("epgd", "smoothadv"):  # on a plain model they need the noise scale
@@ -779,9 +783,10 @@ eps_values = st.one_of(
 @st.composite
 def threat_args(draw, bad):
     """(norm, eps, bounds) for ThreatModel; bad ones may make it raise (accepted)."""
-    norm = draw(st.sampled_from(["linf", "l2", "l1"]))
+    norm = draw(st.sampled_from(["linf", "l2", "l1", "l0"]))
     if not bad:
-        return norm, draw(st.floats(0, 0.5)), draw(st.sampled_from([(0, 1), (-1, 1)]))
+        eps = draw(st.integers(1, 4) if norm == "l0" else st.floats(0, 0.5))
+        return norm, eps, draw(st.sampled_from([(0, 1), (-1, 1)]))
     norm = draw(st.sampled_from([norm, "l3", "L2", None]))
     bounds = draw(st.sampled_from([(0, 1), (1, 0), (0, 0), (0, math.inf), (0,), "ab"]))
     return norm, draw(eps_values), bounds

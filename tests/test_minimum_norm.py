@@ -14,11 +14,13 @@ from robustlab.attacks.fab import project_on_hyperplane
 EPS = {"linf": 0.18, "l2": 1.07, "l1": 5.6}
 # (attack, norm, options, bound on the median of min_norm / exact): measured medians are
 # 1.005 (fab, fab-t linf/l2: the 5 % overshoot, halved by the backward steps), 1.0005 (fab,
-# fab-t l1), 1.001 (ddn, quantised), 1.000 (cw-l2, with p90 1.004)
+# fab-t l1), 1.001 (ddn, quantised), 1.000 (cw-l2, with p90 1.004), 1.020 (deepfool l2 and
+# linf: its 2 % overshoot; L-BFGS-B and EAD: test_min_norm_classic.py)
 CASES = [
     *[(name, norm, {}, 1.02) for name in ("fab", "fab-t") for norm in ("linf", "l2", "l1")],
     ("ddn", "l2", {}, 1.02),
     ("cw-l2", "l2", {"steps": 300}, 1.02),
+    *[("deepfool", norm, {}, 1.025) for norm in ("l2", "linf")],
 ]
 
 

@@ -151,7 +151,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, inputs, about = _inputs(args, device, n=args.n)
     x, y = inputs.x, inputs.y  # batches go to the model's device
-    cli_out.check_eps(args, x[0].numel())
+    cli_out.check_eps(args, x.shape[1:])
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, inputs, device, quiet)
     options = {k: v for k in ("loss", "steps", "restarts", "step_size")
@@ -187,7 +187,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, inputs, about = _inputs(args, device, n=args.n)
     x, y = inputs.x, inputs.y  # batches go to the model's device
-    cli_out.check_eps(args, x[0].numel())
+    cli_out.check_eps(args, x.shape[1:])
     threat = ThreatModel(args.norm, args.eps)
     model, defense = _defended(args, model, inputs, device, args.quiet)
     surrogate = (models.load(args.surrogate, device=device, trust_code=args.trust_code)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from robustlab._eps import box_diameter
 from robustlab.cli_args import build_parser, commands, parse_options
 
 RESULT = {"evaluate": "results.json", "audit": "results.json", "certify": "certify.json",
@@ -224,18 +225,14 @@ def finished(args: argparse.Namespace) -> str | None:
                           "or --out to write elsewhere")
 
 
-def box_diameter(norm: str, dim: int) -> float:
-    """The largest ``norm`` distance between two points of [0, 1]^dim."""
-    return {"linf": 1.0, "l2": math.sqrt(dim), "l1": float(dim)}[norm]
-
-
-def check_eps(args: argparse.Namespace, dim: int = 1) -> None:
-    """ValueError when the ``--eps`` ball covers the whole input box [0, 1] of ``dim``
-    coordinates (linf: eps >= 1 whatever ``dim``), unless ``--force-eps``: every point is
-    then an attack's candidate, and a robust accuracy of 0 says nothing."""
+def check_eps(args: argparse.Namespace, shape: Sequence[int] = (1,)) -> None:
+    """ValueError when the ``--eps`` ball covers the whole input box [0, 1] of inputs of one
+    sample's ``shape`` (linf: eps >= 1 whatever the shape; l0: eps >= the number of pixels),
+    unless ``--force-eps``: every point is then an attack's candidate, and a robust accuracy
+    of 0 says nothing."""
     if getattr(args, "eps", None) is None or args.force_eps:
         return
-    size = box_diameter(args.norm, dim)
+    size = box_diameter(args.norm, shape)
     if args.eps >= size:
         within = "" if args.norm == "linf" else f" ({args.norm} diameter {size:.4g})"
         raise ValueError(f"eps {args.eps:g} covers the whole input box [0, 1]{within}; did you "

@@ -52,3 +52,37 @@ class Smallest:
         min_norm = torch.where(success & ~inside, dist, self.norm)
         min_norm = min_norm.masked_fill(~success & inside, float("inf"))
         return Perturbation(x_adv, min_norm=min_norm)
+
+
+class ConstantSearch:
+    """Carlini & Wagner's per-sample binary search on the constant ``c`` that weighs the
+    attack's loss against the distance (C&W-l2, EAD, L-BFGS-B).
+
+    ``const`` (N,) starts at ``initial``; after a search step, :meth:`update` moves each
+    attacked sample's bounds: on success the upper bound becomes ``c``, on failure the lower
+    bound does; ``c`` becomes the midpoint once an upper bound exists, else ``10 c``. With
+    ``last_at_upper`` and at least 10 search steps, the last step runs at the upper bound (the
+    reference code of C&W and EAD).
+    """
+
+    def __init__(self, like: Tensor, initial: float, steps: int,
+                 last_at_upper: bool = True) -> None:
+        self.const = torch.full((len(like),), initial, device=like.device, dtype=like.dtype)
+        self.lower = torch.zeros_like(self.const)
+        self.upper = torch.full_like(self.const, 1e10)
+        self.steps, self.last_at_upper = steps, last_at_upper
+
+    def at(self, search: int) -> Tensor:
+        """The constants (N,) of search step ``search`` (0-based)."""
+        if self.last_at_upper and self.steps >= 10 and search == self.steps - 1:
+            self.const = self.upper.clone()
+        return self.const
+
+    def update(self, idx: Tensor, hit: Tensor) -> None:
+        """The samples ``idx`` were attacked in this search step; ``hit`` (bool) says which
+        reached an adversarial point."""
+        c, lo, up = self.const[idx], self.lower[idx], self.upper[idx]
+        up = torch.where(hit, torch.minimum(up, c), up)
+        lo = torch.where(hit, lo, torch.maximum(lo, c))
+        c = torch.where(up < 1e9, (lo + up) / 2, c * 10)
+        self.const[idx], self.lower[idx], self.upper[idx] = c, lo, up

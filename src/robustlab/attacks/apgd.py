@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import CustomLoss, dlr_targeted, is_success, rejects
+from robustlab.attacks.losses import CustomLoss, dlr_targeted, is_success, rejects, tempered
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
@@ -114,6 +114,9 @@ class APGD(Attack):
         loss: loss to maximise: ``"ce"`` (default), ``"dlr"`` (>= 3 classes), ``"cw-margin"``.
         early_stop: drop a sample from the batch once misclassified (keeping that point); breaks
             the same points, faster. Default False; evaluation turns it on.
+        temperature: T > 0: ``loss`` sees the logits divided by T (the temperature attack on
+            defensive distillation, :func:`~robustlab.attacks.losses.tempered`), also in the
+            reported ``res.loss``; recorded in :meth:`config` when not 1. Default 1.
         seed: seed of the attack's generator when the call passes none.
 
     Shapes: x (N, ...) in the bounds, y (N,) int64. Returns each sample's first misclassified
@@ -132,16 +135,19 @@ class APGD(Attack):
 
     def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, loss: str | CustomLoss = "ce", early_stop: bool = False,
-                 seed: int = 0) -> None:
+                 temperature: float = 1.0, seed: int = 0) -> None:
         super().__init__(threat, loss=loss, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
         self.rho = number(rho, "rho", low=0, high=1)
         self.early_stop = bool(early_stop)
+        self.temperature = number(temperature, "temperature", low=0, low_open=True)
+        self.loss = tempered(self.loss, self.temperature)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"steps": self.steps, "restarts": self.restarts,
-                                   "rho": self.rho, "early_stop": self.early_stop}
+                                   "rho": self.rho, "early_stop": self.early_stop} | (
+            {"temperature": self.temperature} if self.temperature != 1 else {})
 
     def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """The loss maximised, per sample, for labels ``y`` and (APGD-T) targets ``t``."""

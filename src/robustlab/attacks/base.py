@@ -27,7 +27,7 @@ from robustlab._validate import (
 from robustlab.attacks.bpda import bpda
 from robustlab.attacks.eot import expected_grad
 from robustlab.attacks.losses import CustomLoss, is_success, rejects, resolve_loss
-from robustlab.threat import NORMS, ThreatModel
+from robustlab.threat import CONTINUOUS_NORMS, ThreatModel
 
 
 @dataclass
@@ -75,10 +75,11 @@ class Attack:
     """Base class. Subclasses implement :meth:`perturb`, the only method they override
     (``__call__`` is final); ``@register("name")`` gives the class its ``name``.
 
-    Class attributes a subclass sets: ``norms`` (the norms it supports; others raise
-    ValueError at construction), ``uses_gradients`` (False for score- and decision-based
-    attacks: they only call the model under ``torch.no_grad``), ``minimum_norm`` (True if it
-    searches the smallest perturbation and reports ``min_norm``), ``stochastic``.
+    Class attributes a subclass sets: ``norms`` (the norms it supports, by default linf, l2
+    and l1, so an l0 attack declares ``"l0"``; others raise ValueError at construction),
+    ``uses_gradients`` (False for score- and decision-based attacks: they only call the model
+    under ``torch.no_grad``), ``minimum_norm`` (True if it searches the smallest perturbation
+    and reports ``min_norm``), ``stochastic``.
 
     Args:
         threat: the threat model (norm, eps, bounds).
@@ -90,7 +91,7 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     stochastic: ClassVar[bool] = False
-    norms: ClassVar[tuple[str, ...]] = NORMS
+    norms: ClassVar[tuple[str, ...]] = CONTINUOUS_NORMS
     uses_gradients: ClassVar[bool] = True
     minimum_norm: ClassVar[bool] = False
 

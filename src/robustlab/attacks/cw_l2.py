@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
-from robustlab.attacks._min_norm import Smallest
+from robustlab.attacks._min_norm import ConstantSearch, Smallest
 from robustlab.attacks.base import Attack, Perturbation
 from robustlab.attacks.losses import is_success
 from robustlab.attacks.registry import register
@@ -108,12 +108,10 @@ class CarliniWagnerL2(Attack):
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
         n = len(x)
-        const = torch.full((n,), self.initial_const, device=x.device, dtype=x.dtype)
-        lower, upper = torch.zeros_like(const), torch.full_like(const, 1e10)
+        search_c = ConstantSearch(x, self.initial_const, self.search_steps)
         check_every = max(1, self.steps // 10)
         for search in range(self.search_steps):
-            if self.search_steps >= 10 and search == self.search_steps - 1:
-                const = upper.clone()
+            const = search_c.at(search)
             idx = best.unsolved(within_eps=self.early_stop).nonzero().squeeze(1)
             found = torch.zeros(n, dtype=torch.bool, device=x.device)
             attacked = idx
@@ -142,11 +140,5 @@ class CarliniWagnerL2(Attack):
                 v = _BETAS[1] * v + (1 - _BETAS[1]) * grad * grad
                 step = self.lr * math.sqrt(1 - _BETAS[1] ** t) / (1 - _BETAS[0] ** t)
                 w = w - step * m / (v.sqrt() + _ADAM_EPS)
-            # binary search on c, for the samples attacked in this search step
-            hit = found[attacked]
-            c, lo_c, up_c = const[attacked], lower[attacked], upper[attacked]
-            up_c = torch.where(hit, torch.minimum(up_c, c), up_c)
-            lo_c = torch.where(hit, lo_c, torch.maximum(lo_c, c))
-            c = torch.where(up_c < 1e9, (lo_c + up_c) / 2, c * 10)
-            const[attacked], lower[attacked], upper[attacked] = c, lo_c, up_c
+            search_c.update(attacked, found[attacked])
         return best.result(model, y, self.targeted)

@@ -97,6 +97,23 @@ def detector_margin(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor
     return others.amax(1) - torch.maximum(z_y, logits[:, k])
 
 
+def tempered(fn: LossFn, temperature: float) -> LossFn:
+    """``fn`` on the logits divided by ``temperature`` T > 0: the temperature attack on
+    defensive distillation (Carlini & Wagner 2016, "Defensive Distillation is Not Robust to
+    Adversarial Examples", https://arxiv.org/abs/1607.04311). A distilled network trained at
+    temperature T and deployed at 1 has logits about T times too large, so its softmax
+    saturates and the gradient of the cross-entropy underflows to exactly 0 in float32;
+    ``ce`` on ``z / T`` is the cross-entropy of ``softmax(z / T)``, whose gradient survives.
+    ``fn`` itself when T == 1 (the margin losses only scale by 1 / T; DLR is unchanged)."""
+    if temperature == 1:
+        return fn
+
+    def at_temperature(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+        return fn(logits / temperature, y, targeted)
+
+    return at_temperature
+
+
 def get_loss(name: str) -> LossFn:
     """The registered loss ``name``; a ValueError listing the valid ones if unknown."""
     return LOSSES.get(name)
@@ -144,4 +161,5 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) 
 
 
 __all__ = ["LOSSES", "CustomLoss", "LossFn", "cross_entropy", "cw_margin", "detector_margin", "dlr",
-           "dlr_targeted", "get_loss", "is_success", "margin", "rejects", "resolve_loss"]
+           "dlr_targeted", "get_loss", "is_success", "margin", "rejects", "resolve_loss",
+           "tempered"]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 from robustlab.attacks.base import Attack
-from robustlab.attacks.losses import CustomLoss, is_success, rejects
+from robustlab.attacks.losses import CustomLoss, is_success, rejects, tempered
 from robustlab.attacks.optimizers import OPTIMIZERS, StepRule, make
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
@@ -87,6 +87,10 @@ class PGD(Attack):
             (built with no argument). Per-sample state, fresh each restart. Default
             ``"sign"``.
         momentum: decay ``mu`` >= 0 of the ``"momentum"`` optimiser. Default 1.0.
+        temperature: T > 0: the loss sees the logits divided by T (the temperature attack on
+            defensive distillation, :func:`~robustlab.attacks.losses.tempered`), in the steps
+            and in the reported ``res.loss``; a per-call :data:`LossAt` is taken as it is.
+            Recorded in :meth:`config` when not 1. Default 1.
         seed: seed of the attack's generator when the call passes none.
 
     Shapes: x (N, C, H, W) in the threat bounds, y (N,) int64. Returns :class:`AttackResult`.
@@ -114,6 +118,7 @@ class PGD(Attack):
         l1_sparsity: float = 0.05,
         optimizer: str | type[StepRule] = "sign",
         momentum: float = 1.0,
+        temperature: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__(threat, loss=loss, targeted=targeted, seed=seed)
@@ -126,6 +131,8 @@ class PGD(Attack):
         except ValueError:  # a fraction: the message says so without "a number"
             raise ValueError(f"l1_sparsity must be in (0, 1], got {l1_sparsity!r}") from None
         self.momentum = number(momentum, "momentum", low=0)
+        self.temperature = number(temperature, "temperature", low=0, low_open=True)
+        self.loss = tempered(self.loss, self.temperature)
         if not (isinstance(optimizer, type) and issubclass(optimizer, StepRule)):
             make(optimizer, self.momentum)  # checks the name
         self.optimizer = optimizer
@@ -143,7 +150,8 @@ class PGD(Attack):
             "early_stop": self.early_stop,
             "keep_best": self.keep_best,
             "optimizer": self._rule_name(),
-        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {})
+        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {}) | (
+            {"temperature": self.temperature} if self.temperature != 1 else {})
 
     def _rule_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.name

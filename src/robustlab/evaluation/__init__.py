@@ -5,7 +5,8 @@
 (event log, progress, resumable ``state``, ``results``). ``checks`` flags an evaluation not to
 trust as it stands; ``suites`` names the attack lists; ``audit`` runs the checklist of Carlini
 et al. 2019; ``sweep``, ``sharded``, ``certification``, ``smoothing_curves`` and
-``binarization`` build on them.
+``binarization`` build on them; ``universal`` evaluates one universal perturbation for a data
+set (its fooling rate, not per-sample robustness).
 """
 
 from robustlab.evaluation.audit import AuditResult, audit
@@ -16,6 +17,7 @@ from robustlab.evaluation.smoothing_curves import smoothing_curves
 from robustlab.evaluation.suites import SUITES
 from robustlab.evaluation.suites import names as suites
 from robustlab.evaluation.sweep import SweepResult, eps_sweep
+from robustlab.evaluation.universal import evaluate_universal
 
 __all__ = ["SUITES", "AuditResult", "EvalResult", "SweepResult", "audit", "eps_sweep", "evaluate",
-           "evaluate_sharded", "smoothing_curves", "suites"]
+           "evaluate_sharded", "evaluate_universal", "smoothing_curves", "suites"]

@@ -39,6 +39,7 @@ FALLBACK: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "linf": [("square", {"n_queries": 5000, "p_init": 0.8}), ("rays", {})],
     "l2": [("square", {"n_queries": 5000, "p_init": 0.8})],
     "l1": [],
+    "l0": [("sparse-rs", {"n_queries": 10000})],
 }
 EOT_SAMPLES = 20  # AutoAttack's rand version (Croce & Hein 2020)
 RANDOM_REPEATS = 10  # predictions per point on a randomised model, as the rand suite

@@ -6,8 +6,8 @@ on a detector the attacks on the joint classifier-and-detector right after it (t
 suite's, :data:`~robustlab.evaluation.suites.JOINT`, with the audit's steps, and
 high-confidence C&W crafted on the surrogate), so what they break beyond the naive attack is
 their own; then APGD-CE with the adaptation's BPDA and EOT; SmoothAdv and EPGD on a smoothed
-classifier; MM (APGD-T for l1); Square and NAttack; the transfer attack from the surrogate; and
-the convergence run (APGD-CE with twice the steps and 3 restarts) last.
+classifier; MM and MD (APGD-T for l1); Square and NAttack; the transfer attack from the
+surrogate; and the convergence run (APGD-CE with twice the steps and 3 restarts) last.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ SMOOTHED_SAMPLES, SMOOTHED_STEPS = 8, 20
 
 def unbounded(threat: ThreatModel, x: Tensor) -> ThreatModel:
     """A ball around any point of the box that covers the whole box."""
-    lo, hi = threat.bounds
-    d = x[0].numel()
-    eps = {"linf": hi - lo, "l2": (hi - lo) * d ** 0.5, "l1": (hi - lo) * d}[threat.norm]
-    return dataclasses.replace(threat, eps=float(eps))
+    eps = threat.box_diameter(x.shape[1:])
+    return dataclasses.replace(threat, eps=int(eps) if threat.norm == "l0" else eps)
 
 
 def adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str,
@@ -69,6 +67,7 @@ def cascade_plan(threat: ThreatModel, adaptive: Adaptation, num_classes: int, st
                                        n_target_classes=k))
     else:
         cascade.append(adaptive_attack(threat, adaptive, "mm", k=k, steps=20))
+        cascade.append(adaptive_attack(threat, adaptive, "md"))
         cascade.append(create_for_evaluation("square", threat, n_queries=queries, p_init=0.8))
         cascade.append(create_for_evaluation("nattack", threat,
                                              max_iters=max(1, queries // 300)))

@@ -6,6 +6,8 @@ and to the top of the Markdown summary.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -127,19 +129,12 @@ def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float =
             "prediction_error_median": med}
 
 
-def box_cover_eps(threat: ThreatModel, dim: int) -> float:
-    """The smallest eps whose ball around any point of the box ``threat.bounds``^``dim``
-    contains the whole box: the box's diameter in the threat's norm (linf: hi - lo; l2:
-    sqrt(dim) (hi - lo); l1: dim (hi - lo))."""
-    lo, hi = threat.bounds
-    return (hi - lo) * {"linf": 1.0, "l2": dim ** 0.5, "l1": float(dim)}[threat.norm]
-
-
-def eps_covers_box(threat: ThreatModel, dim: int) -> Flag | None:
-    """An eps whose ball covers the whole input box (``dim`` values per input, see
-    :func:`box_cover_eps`): any input can be moved to any other, so a robust accuracy of 0 says
-    nothing about the model; usually a slip of units (8 meant as 8/255)."""
-    cover = box_cover_eps(threat, dim)
+def eps_covers_box(threat: ThreatModel, shape: Sequence[int]) -> Flag | None:
+    """An eps whose ball covers the whole input box (inputs of one sample's ``shape``, see
+    :meth:`ThreatModel.box_diameter`): any input can be moved to any other, so a robust
+    accuracy of 0 says nothing about the model; usually a slip of units (8 meant as 8/255)."""
+    cover = threat.box_diameter(shape)
+    dim = math.prod(shape)
     if threat.eps < cover:
         return None
     lo, hi = threat.bounds

@@ -134,16 +134,20 @@ def _units(c: dict[str, Any]) -> int:
     if isinstance(c.get("attack"), dict):  # transfer: crafted on the surrogate, then replayed
         return _units(c["attack"]) + 1
     per = c.get("n_queries") or c.get("max_iters", 0) * c.get("population", 1) or c.get("steps", 1)
-    return int(per * c.get("restarts", 1) * c.get("n_target_classes", c.get("k", 1))
-               * c.get("search_steps", 1) * (c.get("samples") or 1))
+    # samples: noise draws per step, or VMI's neighbours (with beta) on top of the point itself
+    samples = 1 + c["samples"] if "beta" in c else (c.get("samples") or 1)
+    return int(per * c.get("restarts", 1) * c.get("runs", 1)
+               * c.get("n_target_classes", c.get("k", 1))
+               * c.get("search_steps", 1) * samples * c.get("scales", 1))
 
 
 def attack_units(atk: Attack) -> int:
     """The work of ``atk`` on one point, the unit of the evaluation's progress bar: its
     iterations (gradient steps, or queries of a gradient-free attack; NAttack: iterations x
-    population) x restarts x target classes x binary-search steps x noise samples x EOT draws
-    (a transfer attack: its attack on the surrogate, plus one). An upper bound where the
-    attack drops points once broken."""
+    population) x restarts x runs per restart (MD: 2) x target classes x binary-search steps x
+    noise samples (VMI: 1 + its neighbours) x SI's scales x EOT draws (a transfer attack: its
+    attack on the surrogate, plus one). An upper bound where the attack drops points once
+    broken."""
     return max(1, _units(atk.config()) * (atk.eot_samples if atk.uses_gradients else 1))
 
 

@@ -136,7 +136,7 @@ def _run_flags(st: EvalState, detection: dict[str, Any] | None, threat: ThreatMo
     flags = list(st.flags)
     if detection and (flag := rejects_clean(detection["detection"]["clean_fpr"], len(x))):
         flags.append(flag)
-    if (flag := eps_covers_box(threat, x[0].numel())) is not None:
+    if (flag := eps_covers_box(threat, x.shape[1:])) is not None:
         flags.append(flag)
     if (flag := black_box_beats_white_box(st.per_attack, len(x))) is not None:
         flags.append(flag)

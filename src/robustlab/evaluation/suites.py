@@ -6,14 +6,17 @@ ones, so the result is the per-sample worst case over the whole list.
 - ``standard``: the AutoAttack standard cascade (Croce & Hein 2020) with the reference budgets:
   APGD-CE (100 steps, 1 restart), APGD-T (9 target classes, 100 steps each), FAB-T (9 target
   classes, 100 steps each), Square (5000 queries, p_init 0.8). l1 has no Square: AutoAttack's
-  l1 standard runs APGD-CE and APGD-T only.
+  l1 standard runs APGD-CE and APGD-T only. l0 (pixels) runs :data:`L0_STANDARD`, white-box
+  then score-based as sparse-AutoAttack (Zhong et al. 2024): PGD_0 (Croce & Hein 2019, 5
+  restarts of 100 steps) and Sparse-RS (Croce et al. 2022, 10,000 queries, alpha_init 0.3).
 - ``fast``: our cheaper cascade aimed at the same number: APGD-CE (100 steps), then the
   minimum-margin attack MM-9 (Gao et al. 2022: targeted APGD on the logit margin against the 9
   runner-up classes, 20 steps each) on the points still robust; every stage drops a point as
   soon as it breaks. No FAB-T and no Square: on the models we measured they broke nothing
   after the first two stages and cost most of the time (BENCHMARKS.md, benchmarks/evaluation.py
   for the measured gap and cost). MM has no l1 version: l1 uses APGD-T with 20 steps instead.
-  Use ``standard`` when a flag is raised: ``fast`` has no gradient-free stage.
+  Use ``standard`` when a flag is raised: ``fast`` has no gradient-free stage. l0: PGD_0 with
+  one restart of 100 steps.
 - ``rand``: for randomised models: APGD-CE and APGD-DLR with expectation over transformation
   (gradients averaged over 20 draws), and a point counts as robust only if a majority of
   ``repeats`` predictions on it (clean and adversarial) are correct. Cost per step: 20 forward
@@ -76,6 +79,7 @@ class Suite:
 SUITES: Registry[Suite] = Registry("suite")
 
 SUITES.register("quick")(Suite([("fgsm", {}), ("pgd", {"steps": 20})],
+                               norms={"l0": [("pgd-l0", {"steps": 20, "restarts": 1})]},
                                description="a smoke test, never a robustness claim"))
 SUITES.register("pgd")(Suite([
     ("pgd", {"steps": 20}),
@@ -90,17 +94,23 @@ _AA_WHITE = [
     ("apgd-ce", {"steps": 100, "restarts": 1}),
     ("apgd-t", {"steps": 100, "n_target_classes": 9}),
 ]
+#: the standard suite's l0 (pixels) cascade: white-box, then score-based
+L0_STANDARD = [
+    ("pgd-l0", {"steps": 100, "restarts": 5}),
+    ("sparse-rs", {"n_queries": 10000, "alpha_init": 0.3}),
+]
 SUITES.register("standard")(Suite(
     _AA_WHITE + [
         ("fab-t", {"steps": 100, "n_target_classes": 9}),
         ("square", {"n_queries": 5000, "p_init": 0.8}),
     ],
-    norms={"l1": _AA_WHITE},
+    norms={"l1": _AA_WHITE, "l0": L0_STANDARD},
     description="AutoAttack's standard cascade: the reference number to report",
 ))
 SUITES.register("fast")(Suite(
     [("apgd-ce", {"steps": 100}), ("mm", {"k": 9, "steps": 20})],
-    norms={"l1": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 20, "n_target_classes": 9})]},
+    norms={"l1": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 20, "n_target_classes": 9})],
+           "l0": [("pgd-l0", {"steps": 100, "restarts": 1})]},
     description="close to standard's number at a fraction of its cost; no gradient-free stage",
 ))
 SUITES.register("rand")(Suite(

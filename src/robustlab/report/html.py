@@ -197,7 +197,8 @@ def _curves(run: Run, key: str) -> str:
     eps_series = _eps_series(run)
     if run.evaluations and not eps_series:
         out.append("<h3>Robust accuracy against ε</h3><p class=\"note\">Not recorded: run a "
-                   "minimum-norm attack (fab, ddn, cw-l2, rays: one run gives every ε), "
+                   "minimum-norm attack (fab, ddn, cw-l2, deepfool, ead, rays: one run gives "
+                   "every ε), "
                    "robustlab audit (its ε sweep), or evaluations at several ε into this run "
                    "folder.</p>")
     for norm, series in eps_series.items():
