@@ -15,7 +15,8 @@ reported as PASS, FLAG or SKIP with the evidence:
   attacks on the joint classifier-and-detector (Carlini & Wagner 2017: the ``detector-margin``
   loss, which wants a wrong class and no rejection; high-confidence C&W crafted on the
   classifier), run right after plain PGD-20, break less than 5 point-percent beyond it;
-- ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack and a transfer
+- ``white-box-beats-black-box`` / ``white-box-beats-transfer``: Square, NAttack (score-based),
+  RayS (decision-based, linf only: no l2/l1 hard-label attack is registered) and a transfer
   attack from a surrogate (the defense's undefended base model) break nothing the white-box
   attacks missed (without a surrogate: SKIP, saying why);
 - ``monotone-in-eps``: robust accuracy never rises with eps (0.25x to 4x the threat's eps);
@@ -243,7 +244,7 @@ def audit(
         *([detector] if adaptive.rejects else []),
         broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
                       and a["config"]["name"] != "transfer", "white-box-beats-black-box",
-                      "Square and NAttack", n_black > 0),
+                      "the black-box attacks (Square, NAttack; RayS for linf)", n_black > 0),
         _because(broken_after(stages, n, lambda a: a["config"]["name"] == "transfer"
                               and not joint_stage(a["config"]),
                               "white-box-beats-transfer", "the transfer attack",

@@ -6,7 +6,8 @@ on a detector the attacks on the joint classifier-and-detector right after it (t
 suite's, :data:`~robustlab.evaluation.suites.JOINT`, with the audit's steps, and
 high-confidence C&W crafted on the surrogate), so what they break beyond the naive attack is
 their own; then APGD-CE with the adaptation's BPDA and EOT; SmoothAdv and EPGD on a smoothed
-classifier; MM and MD (APGD-T for l1); Square and NAttack; the transfer attack from the
+classifier; MM and MD (APGD-T for l1); Square and NAttack (score-based) and, for linf, RayS
+(decision-based: labels only); the transfer attack from the
 surrogate; and the convergence run (APGD-CE with twice the steps and 3 restarts) last.
 """
 
@@ -71,6 +72,8 @@ def cascade_plan(threat: ThreatModel, adaptive: Adaptation, num_classes: int, st
         cascade.append(create_for_evaluation("square", threat, n_queries=queries, p_init=0.8))
         cascade.append(create_for_evaluation("nattack", threat,
                                              max_iters=max(1, queries // 300)))
+        if threat.norm == "linf":  # the hard-label (decision-based) stage: labels only
+            cascade.append(create_for_evaluation("rays", threat, n_queries=queries))
     n_black = sum(1 for a in cascade if not a.uses_gradients and a.name != "transfer")
     if surrogate is not None:
         cascade.append(create_for_evaluation("transfer", threat, surrogate=surrogate,
