@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from robustlab.attacks.epgd import EPGD, smoothing_target
 from robustlab.attacks.pgd import PGD, LossAt, Start
 from robustlab.attacks.registry import register
-from robustlab.noise import sample
+from robustlab.noise import refuse_input_noise, sample
 from robustlab.threat import ThreatModel
 
 
@@ -87,6 +87,7 @@ class SmoothAdv(EPGD):
         here from ``generator`` when None; ``loss`` replaces that loss for this call."""
         if loss is None:
             base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
+            refuse_input_noise(noise, "SmoothAdv")
             if draws is None:
                 draws = torch.stack([sample(x, noise, sigma, generator)
                                      for _ in range(self.samples)])

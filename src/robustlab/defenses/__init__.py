@@ -34,6 +34,7 @@ from robustlab.defenses.certify import (
     predict,
     vote_counts,
 )
+from robustlab.defenses.l0_certificate import l0_radius
 from robustlab.defenses.registry import DEFENSES, create, names
 from robustlab.defenses.smoothing import Smoothing
 
@@ -43,5 +44,5 @@ for _m in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "ABSTAIN", "DEFENSES", "Certificate", "Defense", "Smoothing", "certify", "certify_iter",
-    "create", "names", "predict", "vote_counts",
+    "create", "l0_radius", "names", "predict", "vote_counts",
 ]

@@ -2,7 +2,8 @@
 
 Cohen, Rosenfeld, Kolter, "Certified Adversarial Robustness via Randomized Smoothing", ICML 2019
 (https://arxiv.org/abs/1902.02918), Section 3.2 / Algorithm "certify" and "predict"; the noise
-distributions and radii are in :mod:`robustlab.noise` (Gaussian -> l2, Laplace -> l1).
+distributions and radii are in :mod:`robustlab.noise` (Gaussian -> l2, Laplace -> l1), the l0
+radius of "uniform-l0" noise (Lee et al. 2019) in :mod:`robustlab.defenses.l0_certificate`.
 
 The smoothed classifier is ``g(x) = argmax_c P(f(x + delta) = c)`` over the noise ``delta``;
 both functions estimate it from hard votes of the base classifier ``f`` only.
@@ -31,8 +32,9 @@ from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
 from robustlab._validate import check_images, number, positive_int
+from robustlab.defenses.l0_certificate import l0_radius
 from robustlab.defenses.smoothing import noisy_logits
-from robustlab.noise import CERTIFIED_NORM, check_noise, radius
+from robustlab.noise import CERTIFIED_NORM, L0_LEVELS, check_noise, check_quantised, radius
 from robustlab.threat import ThreatModel
 
 __all__ = ["ABSTAIN", "Certificate", "certify", "certify_iter", "predict", "vote_counts"]
@@ -65,6 +67,22 @@ def check_box(x: object, bounds: Box) -> None:
     (:func:`robustlab._validate.check_images`): a finite float batch inside the box
     ``bounds`` (``(low, high)``, as a threat model's)."""
     check_images(x, ThreatModel("l2", 0.0, bounds))
+
+
+def _check_l0_inputs(x: Tensor, bounds: Box) -> None:
+    """uniform-l0 noise certifies inputs on its levels ``k / K`` of [0, 1] only."""
+    if tuple(bounds) != (0.0, 1.0):
+        raise ValueError(f"uniform-l0 noise draws levels of [0, 1], but bounds are {bounds}: "
+                         "scale the inputs to [0, 1] and keep the default bounds")
+    check_quantised(x)
+
+
+def _radius(p_a: float, noise: str, sigma: float, d: int) -> float:
+    """The certified radius of :mod:`robustlab.noise` (l2, l1), or the l0 radius of Lee et
+    al. (a number of coordinates, of ``d``) for uniform-l0 noise."""
+    if noise == "uniform-l0":
+        return float(l0_radius(p_a, sigma, d, L0_LEVELS))
+    return radius(p_a, noise, sigma)
 
 
 def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
@@ -140,6 +158,8 @@ def certify_iter(
     ``bounds``. The arguments are checked at the call, before the first input is drawn."""
     _check(sigma, noise, alpha, batch_size)
     check_box(x, bounds)
+    if noise == "uniform-l0":
+        _check_l0_inputs(x, bounds)
     positive_int(n0, "n0")
     positive_int(n, "n")
     return _certificates(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
@@ -162,7 +182,8 @@ def _certificates(model: nn.Module, x: Tensor, *, sigma: float, n0: int, n: int,
         p_a = lower_confidence_bound(count, n, alpha)
         certified = p_a > 0.5
         yield Certificate(index=start + i, prediction=c_a if certified else ABSTAIN,
-                          radius=radius(p_a, noise, sigma) if certified else 0.0,
+                          radius=_radius(p_a, noise, sigma, xi[0].numel()) if certified
+                          else 0.0,
                           p_lower=p_a, count=count, norm=norm,
                           seconds=time.perf_counter() - t0)
 
@@ -179,7 +200,9 @@ def certify(
     Returns:
         ``(prediction, radius)``: (N,) int64 classes (:data:`ABSTAIN` = -1 where it abstains)
         and (N,) float64 certified radii in input units (l2 for Gaussian noise, l1 for
-        Laplace; 0.0 where it abstains). With probability at least ``1 - alpha`` (per input,
+        Laplace; 0.0 where it abstains), or for ``noise="uniform-l0"`` (keep probability
+        ``sigma``; inputs on the levels ``k / 255`` only, else a ValueError) the number of
+        coordinates (l0). With probability at least ``1 - alpha`` (per input,
         over the noise draws), the smoothed classifier predicts ``prediction`` everywhere in
         the ball of that radius around the input.
     """

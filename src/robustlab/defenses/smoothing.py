@@ -109,7 +109,8 @@ class Smoothing(Defense):
             Default 0.25.
         samples: noisy copies per input (``n``), >= 1. Default 32.
         vote: ``"prediction"``, ``"soft"`` or ``"weighted"`` (see the module docstring).
-        noise: ``"gaussian"`` (l2 certificates) or ``"laplace"`` (l1).
+        noise: ``"gaussian"`` (l2 certificates), ``"laplace"`` (l1) or ``"uniform-l0"`` (l0
+            certificates; sigma is then the keep probability alpha in (0, 1)).
         soft_on: what ``vote="soft"`` averages: ``"probabilities"`` (softmax, default) or
             ``"logits"`` (the reference code of Nemcovsky et al.).
         batch_size: rows (noisy copies) per forward pass of the base model. Default 1024.

@@ -40,10 +40,12 @@ def _example_generator(seed: int, index: int, device: torch.device) -> torch.Gen
 
 
 def certification_summary(rows: Sequence[dict[str, Any]],
-                          radii: Sequence[float] | None = None) -> dict[str, Any]:
+                          radii: Sequence[float] | None = None,
+                          norm: str = "l2") -> dict[str, Any]:
     """Clean accuracy, abstention, certified accuracy per radius and ACR of certify rows (dicts
     with ``label``, ``prediction``, ``radius``). ``radii`` defaults to a grid from 0 to the
-    largest certified radius in steps of 0.05 (l2 and l1 units alike)."""
+    largest certified radius in steps of 0.05 (l2 and l1 units alike; ``norm="l0"``: every
+    whole number of pixels)."""
     n = len(rows)
     if n == 0:
         raise ValueError("no certified examples to summarise")
@@ -51,7 +53,8 @@ def certification_summary(rows: Sequence[dict[str, Any]],
     radius = [r["radius"] if ok else 0.0 for r, ok in zip(rows, correct, strict=True)]
     if radii is None:
         top = max(radius)
-        radii = [round(0.05 * i, 2) for i in range(int(top / 0.05) + 2)]
+        radii = (list(range(int(top) + 2)) if norm == "l0" else
+                 [round(0.05 * i, 2) for i in range(int(top / 0.05) + 2)])
     return {
         "n": n,
         "clean_accuracy": sum(correct) / n,
@@ -141,7 +144,8 @@ def run_certification(
                 with bar.aside() if bar is not None else nullcontext():
                     on_row(row)
     summary = {"config": cfg, "norm": CERTIFIED_NORM[noise],
-               **certification_summary(rows), "versions": versions(), "commit": git_commit(),
+               **certification_summary(rows, norm=CERTIFIED_NORM[noise]),
+               "versions": versions(), "commit": git_commit(),
                "seconds": sum(r["seconds"] for r in rows)}
     atomic_write(out / SUMMARY, json.dumps(summary, indent=2))
     return summary

@@ -35,7 +35,9 @@ class GaussianAug(Objective):
     Args:
         sigma: noise scale in [0, 1] pixel units (>= 0): the standard deviation of the
             Gaussian, the scale b of the Laplace. Default 0.25.
-        noise: ``"gaussian"`` (l2 certificates, Cohen et al.) or ``"laplace"`` (l1).
+        noise: ``"gaussian"`` (l2 certificates, Cohen et al.), ``"laplace"`` (l1) or
+            ``"uniform-l0"`` (l0 certificates, Lee et al. 2019: sigma is then the keep
+            probability alpha in (0, 1)).
     """
 
     needs_threat = False

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 from robustlab.attacks.smoothadv import SmoothAdv as SmoothAdvAttack
-from robustlab.noise import check_noise, sample
+from robustlab.noise import check_noise, refuse_input_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
@@ -62,6 +62,7 @@ class SmoothAdv(Objective):
     def __init__(self, sigma: float = 0.25, samples: int = 2, steps: int = 10,
                  step_size: float | None = None, warmup: int = 1,
                  noise: str = "gaussian") -> None:
+        refuse_input_noise(noise, "smoothadv")
         check_noise(noise, sigma)
         positive_int(samples, "smoothadv samples")
         positive_int(steps, "smoothadv steps")
