@@ -20,7 +20,8 @@ Defaults from the reference code: ``lam = 0.5`` (MI-PL, and MI-OL on mixup-train
 README gives 0.6 for interpolated-AT models with MI-OL), ``samples = 30`` (MI-OL's
 ``num_sample``; the MI-PL script uses 10). The reference pool is the first 10,000 images of a
 shuffled loader, kept per class; it is built from the CIFAR test split (``train=False``), which
-leaks test images into the pool. Build the pool from training data.
+leaks test images into the pool. Build the pool from training data. Train the model with the
+``mixup`` objective (``configs/mixup.toml``).
 """
 
 from __future__ import annotations

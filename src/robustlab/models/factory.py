@@ -13,6 +13,7 @@ from torch import nn
 from robustlab._validate import positive_int
 from robustlab.models.heads import attach as attach_head
 from robustlab.models.layers import ACTIVATIONS
+from robustlab.models.lipschitz import apply as apply_lipschitz
 from robustlab.models.noise import inject as inject_noise
 from robustlab.registry import Registry
 
@@ -51,6 +52,7 @@ def create(
     noise_options: dict[str, Any] | None = None,
     head: str | None = None,
     head_options: dict[str, Any] | None = None,
+    lipschitz: str | None = None,
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Build the architecture ``name`` (see :func:`names`) with fresh weights.
@@ -74,6 +76,8 @@ def create(
         head: ``"mmc"`` replaces the final linear layer by the Max-Mahalanobis center head
             (:class:`robustlab.models.heads.MMCHead`), for the ``mmc`` training objective.
         head_options: ``c_mm`` (10.0) and ``feature_dim`` (the replaced layer's input size).
+        lipschitz: ``"spectral"``: spectral normalisation of every conv and linear weight
+            (:mod:`robustlab.models.lipschitz`), applied last (after head and noise).
         **arch_kwargs: architecture-specific options (``drop`` for smallcnn, ``depth``,
             ``widen_factor`` and ``drop`` for wrn-34-10).
 
@@ -82,11 +86,12 @@ def create(
         shaped (N, C, input_size, input_size) to logits (N, num_classes). The build recipe is
         recorded as ``model.robustlab_arch = {"name": ..., "kwargs": {...}}`` (all arguments,
         defaults filled in, JSON-serialisable) so :func:`robustlab.models.save` can store it;
-        ``head``/``head_options`` and ``noise``/``noise_options`` appear there only when set.
+        ``head``/``head_options``, ``noise``/``noise_options`` and ``lipschitz`` appear there
+        only when set.
         The head is attached before the noise, so an MMC head's linear map is noisy too.
 
     Raises:
-        ValueError: unknown architecture, activation, head or noise, an invalid size,
+        ValueError: unknown architecture, activation, head, noise or lipschitz, an invalid size,
             statistic or head/noise option, or options given without their head/noise.
         TypeError: an argument the architecture (or the head or noise) does not take, or one
             that is not JSON-serialisable.
@@ -119,6 +124,9 @@ def create(
         opts = _options(inject_noise, noise_options, "noise", skip=("model", "kind"))
         kwargs["noise"] = noise
         kwargs["noise_options"] = inject_noise(model, noise, **opts)
+    if lipschitz is not None:
+        apply_lipschitz(model, lipschitz)
+        kwargs["lipschitz"] = lipschitz
     model.robustlab_arch = {"name": name.lower(), "kwargs": kwargs}
     return model
 

@@ -51,6 +51,17 @@ generator): seed it with ``torch.manual_seed`` for reproducible outputs. :func:`
 switches the noise off for analysis; each noisy layer's ``noise_enabled`` attribute does the
 same for one layer.
 
+Learnable input noise (the "I" of CNI-I+W, Nemcovsky et al. 2019, arXiv:1911.07198; SIAM's
+``noise_sd`` with ``learn_noise``): ``kind="input"`` (or ``input_sigma=...`` with any other
+kind) adds a :class:`InputNoise` module ``model.input_noise`` whose parameter ``sigma``
+(pixels, initialised to ``init`` or ``input_sigma``) scales Gaussian noise added to the
+model's input before its first layer, ``x + |sigma| n``, ``n ~ N(0, I)`` per element, through
+a forward pre-hook on the model; it is a noise parameter like ``alpha`` (no weight decay,
+listed by :func:`noise_parameter_names`, switched off by :func:`disabled`). Train it with
+``noise-at`` and ``sigma="model"`` (the objective then adds no noise of its own). Like PNI's
+alpha it is learned by the same minimisation, which favours less noise: it stays useful only
+where the adversarial term pays for it.
+
 The noisy layers are subclasses of the plain ones (:class:`NoisyConv2d`, :class:`NoisyLinear`),
 converted in place, so the state-dict keys of the weights are unchanged; each layer adds its
 noise parameters (:func:`noise_parameter_names` lists their keys).
@@ -68,10 +79,10 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 
-__all__ = ["CNI_FACTOR_INIT", "CNI_RANK", "GRANULARITIES", "KINDS", "NoisyConv2d",
+__all__ = ["CNI_FACTOR_INIT", "CNI_RANK", "GRANULARITIES", "KINDS", "InputNoise", "NoisyConv2d",
            "NoisyLinear", "disabled", "inject", "noise_parameter_names", "noisy_layers"]
 
-KINDS = ("pni-w", "pni-a", "cni-w")
+KINDS = ("pni-w", "pni-a", "cni-w", "input")
 GRANULARITIES = ("layer", "channel", "element")
 CNI_RANK = 5  # rank r of the low-rank part of CNI's covariance (reference default)
 CNI_FACTOR_INIT = 0.01  # initial value of every entry of CNI's factor V (reference default)
@@ -160,6 +171,41 @@ class NoisyLinear(_Noisy, nn.Linear):
         return self._noisy_output(F.linear(x, self._noisy_weight(), self.bias))
 
 
+class InputNoise(nn.Module):
+    """``x -> x + |sigma| n``, ``n ~ N(0, I)`` from torch's global RNG, with a learnable scalar
+    ``sigma`` in input units (pixels); the identity while ``noise_enabled`` is False."""
+
+    kind = "input"
+    noise_params = ("sigma",)
+
+    def __init__(self, init: float) -> None:
+        super().__init__()
+        self.sigma = nn.Parameter(torch.tensor([float(init)]))
+        self.sigma.robustlab_no_decay = True  # type: ignore[attr-defined]
+        self.noise_enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.noise_enabled:
+            return x
+        return x + self.sigma.abs().to(x.dtype) * torch.randn_like(x)
+
+
+def _noisy_input(model: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a model with an ``input_noise`` module: noise on its first input."""
+    return (model.input_noise(args[0]), *args[1:])
+
+
+def add_input_noise(model: nn.Module, init: float) -> None:
+    """Give ``model`` learnable input noise of initial scale ``init`` (>= 0, pixels), in place:
+    ``model.input_noise`` (:class:`InputNoise`; state-dict key ``input_noise.sigma``) and a
+    forward pre-hook applying it to the model's input."""
+    _check_scale(init, "input noise sigma")
+    if hasattr(model, "input_noise"):
+        raise ValueError(f"{type(model).__name__} already has an input_noise attribute")
+    model.input_noise = InputNoise(init).to(next(model.parameters()).device)
+    model.register_forward_pre_hook(_noisy_input)
+
+
 _NOISY: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: NoisyConv2d, nn.Linear: NoisyLinear}
 
 
@@ -169,13 +215,14 @@ def _check_scale(value: Any, what: str) -> None:
 
 def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None,
            init: float = 0.25, rank: int | None = None,
-           factor_init: float | None = None) -> dict[str, Any]:
+           factor_init: float | None = None, input_sigma: float | None = None) -> dict[str, Any]:
     """Turn every plain ``nn.Conv2d`` and ``nn.Linear`` of ``model`` into its noisy subclass,
     in place (weights, biases and hooks are kept; each layer gets its noise parameters).
 
     Args:
-        kind: ``"pni-w"`` (weight noise), ``"pni-a"`` (output-activation noise) or ``"cni-w"``
-            (colored weight noise; the last ``nn.Linear`` gets element-wise ``pni-w``).
+        kind: ``"pni-w"`` (weight noise), ``"pni-a"`` (output-activation noise), ``"cni-w"``
+            (colored weight noise; the last ``nn.Linear`` gets element-wise ``pni-w``) or
+            ``"input"`` (learnable input noise only, initial sigma ``init``; no layer changes).
         granularity: PNI only: one ``alpha`` per ``"layer"`` (default), per output
             ``"channel"`` or per weight ``"element"`` (PNI-W only).
         init: PNI: initial value of every ``alpha`` (>= 0; the paper uses 0.25). CNI: the
@@ -183,10 +230,13 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
             ``alpha`` at ``init``.
         rank: CNI only: rank r >= 1 of the low-rank part of the covariance. Default 5.
         factor_init: CNI only: initial value (>= 0) of every entry of the factor V. Default 0.01.
+        input_sigma: PNI/CNI: also add learnable input noise of this initial scale (>= 0,
+            pixels; :class:`InputNoise`). Default None (none).
 
     Returns:
         The options with defaults filled in (JSON-able), as recorded by ``models.create``:
-        ``{"granularity", "init"}`` for PNI, ``{"rank", "init", "factor_init"}`` for CNI.
+        ``{"granularity", "init"}`` for PNI, ``{"rank", "init", "factor_init"}`` for CNI,
+        ``{"init"}`` for ``"input"``; plus ``"input_sigma"`` when given.
 
     Raises:
         ValueError: unknown kind or granularity, a negative ``init`` or ``factor_init``, a rank
@@ -197,6 +247,16 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
     if kind not in KINDS:
         raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
     _check_scale(init, f"{kind} init")
+    if kind == "input":
+        if granularity is not None or rank is not None or factor_init is not None \
+                or input_sigma is not None:
+            raise ValueError("noise 'input' takes only init (the initial sigma in pixels)")
+        add_input_noise(model, init)
+        return {"init": float(init)}
+    extra = {}
+    if input_sigma is not None:
+        _check_scale(input_sigma, "input_sigma")
+        extra = {"input_sigma": float(input_sigma)}
     if kind == "cni-w":
         if granularity is not None:
             raise ValueError("cni-w has no granularity (its diagonal scales are per weight); "
@@ -229,9 +289,11 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
             m._add_colored(rank, init, factor_init)  # type: ignore[operator]
         else:
             m._add_alpha(kind, granularity, init)  # type: ignore[operator]
+    if input_sigma is not None:
+        add_input_noise(model, input_sigma)
     if kind == "cni-w":
-        return {"rank": rank, "init": float(init), "factor_init": float(factor_init)}
-    return {"granularity": granularity, "init": float(init)}
+        return {"rank": rank, "init": float(init), "factor_init": float(factor_init)} | extra
+    return {"granularity": granularity, "init": float(init)} | extra
 
 
 def noisy_layers(model: nn.Module) -> list[nn.Module]:
@@ -241,16 +303,18 @@ def noisy_layers(model: nn.Module) -> list[nn.Module]:
 
 def noise_parameter_names(model: nn.Module) -> list[str]:
     """State-dict keys of the noise parameters of ``model`` (PNI ``alpha``, CNI
-    ``noise_diag`` and ``noise_factor``), in module order; empty for a deterministic model."""
+    ``noise_diag`` and ``noise_factor``, the input noise's ``sigma``), in module order; empty
+    for a deterministic model."""
     return [f"{name}.{p}" if name else p for name, m in model.named_modules()
-            if isinstance(m, _Noisy) for p in m.noise_params]
+            if isinstance(m, _Noisy | InputNoise) for p in m.noise_params]
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with its PNI and CNI noise off (e.g. to check an attack on the frozen model);
-    every layer's previous ``noise_enabled`` is restored on exit, even on exceptions."""
-    layers = noisy_layers(model)
+    every layer's previous ``noise_enabled`` is restored on exit, even on exceptions. Learnable
+    input noise (:class:`InputNoise`) is switched off too."""
+    layers = noisy_layers(model) + [m for m in model.modules() if isinstance(m, InputNoise)]
     before = [m.noise_enabled for m in layers]
     try:
         for m in layers:

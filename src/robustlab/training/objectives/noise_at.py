@@ -14,8 +14,18 @@ noisy model, in eval mode, and the loss taken in train mode (as in the reference
 - ``attack="pgd"``: PGD on ``x' -> f(x' + delta)`` with a fresh delta at every step (one noise
   draw per forward, the model's weight noise too), random start, last iterate;
 - ``attack="epgd"``: EPGD, the gradient of the mean cross-entropy over ``samples`` noisy
-  copies per step (:mod:`robustlab.attacks`, ``"epgd"``; it batches the copies in one
-  forward, so they share one weight-noise draw, where the reference draws it per copy).
+  copies per step (:mod:`robustlab.attacks`, ``"epgd"``; one forward per copy, so every copy
+  gets its own input and weight-noise draw, as in the reference).
+
+Learnable sigma (the "I" of CNI-I+W as a trained scale, SIAM's ``learn_noise``): with
+``sigma="model"`` the input noise is the model's own, a learnable ``input_noise.sigma``
+(``models.create(..., noise="cni-w", noise_options={"input_sigma": 0.15})``, or
+``noise="input"``; :mod:`robustlab.models.noise`), drawn inside every forward from torch's
+global RNG; the objective adds none, and the trainer's optimiser learns sigma with the
+weights (no weight decay). Then L = w CE(f(x_adv), y) + (1 - w) CE(f(x), y) with the noise
+inside f, and the attack is PGD (or EPGD over ``samples`` forwards) on the noisy model itself.
+To smooth such a model, switch its own noise off (``models.noise.disabled``) and smooth at the
+learned ``|sigma|``, so the noise is not added twice.
 
 Reference defaults: w = 0.5, sigma = 0.2 in *normalised* input units, which is about
 0.2 * 0.25 = 0.05 in [0, 1] pixels on CIFAR-10 (per-channel std about 0.25) and is 1.6 times
@@ -41,7 +51,8 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, one_of, positive_int
 from robustlab.attacks import create as create_attack
-from robustlab.noise import check_noise, sample
+from robustlab.models.noise import InputNoise
+from robustlab.noise import check_noise, refuse_input_noise, sample
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
@@ -49,7 +60,7 @@ from robustlab.training.objectives.base import Objective
 ATTACKS = ("pgd", "epgd")
 
 
-class InputNoise(nn.Module):
+class NoisyModel(nn.Module):
     """``x -> model(x + delta)`` with a fresh ``delta`` (from ``generator``) at every forward:
     the noisy model the inner attack of :class:`NoiseAT` sees. Not clipped."""
 
@@ -70,6 +81,7 @@ class NoiseAT(Objective):
     Args:
         sigma: input-noise scale in [0, 1] pixel units (>= 0). Default 0.15 (Fashion-MNIST,
             see the module docstring; the reference's CIFAR-10 value is about 0.05).
+            ``"model"``: the model's own learnable input noise (the model must have one).
         adv_weight: w in [0, 1], the weight of the adversarial term. Default 0.5.
         attack: ``"pgd"`` (one noise draw per step) or ``"epgd"`` (``samples`` draws per step).
         samples: EPGD's noisy forwards per step (>= 1; ``attack="epgd"`` only). Default 8.
@@ -78,17 +90,21 @@ class NoiseAT(Objective):
         noise: ``"gaussian"`` or ``"laplace"`` input noise (scale ``sigma``).
     """
 
-    def __init__(self, sigma: float = 0.15, adv_weight: float = 0.5, attack: str = "pgd",
+    def __init__(self, sigma: float | str = 0.15, adv_weight: float = 0.5, attack: str = "pgd",
                  samples: int = 8, steps: int = 7, step_size: float | None = None,
                  noise: str = "gaussian") -> None:
-        check_noise(noise, sigma)
+        if isinstance(sigma, str):
+            one_of(sigma, "noise-at sigma", ("model",))
+        refuse_input_noise(noise, "noise-at")
+        check_noise(noise, 0.0 if sigma == "model" else sigma)
         number(adv_weight, "noise-at adv_weight", low=0, high=1)
         one_of(attack, "noise-at attack", ATTACKS)
         positive_int(samples, "noise-at samples")
         positive_int(steps, "noise-at steps")
         if step_size is not None:
             number(step_size, "noise-at step_size", low=0, low_open=True)
-        self.sigma, self.adv_weight, self.attack = float(sigma), float(adv_weight), attack
+        self.sigma = sigma if sigma == "model" else float(sigma)
+        self.adv_weight, self.attack = float(adv_weight), attack
         self.samples, self.steps, self.noise = samples, steps, noise
         self.step_size = None if step_size is None else float(step_size)
 
@@ -98,6 +114,17 @@ class NoiseAT(Objective):
             "samples": self.samples, "steps": self.steps, "step_size": self.step_size,
             "noise": self.noise}
 
+    def _sigma(self, model: nn.Module) -> float:
+        """The objective's own noise scale: 0 when the noise is the model's (``"model"``)."""
+        if not isinstance(self.sigma, str):
+            return self.sigma
+        if not any(isinstance(m, InputNoise) for m in model.modules()):
+            raise ValueError(f"noise-at with sigma='model' trains the model's own input noise, but "
+                             f"{type(model).__name__} has none: build it with models.create(..., "
+                             "noise='input') or noise_options={'input_sigma': ...}, or give "
+                             "noise-at a sigma")
+        return 0.0
+
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                     generator: torch.Generator) -> Tensor:
         """x_adv: ``steps`` attack iterations on the noisy model, in eval mode (x itself
@@ -105,22 +132,25 @@ class NoiseAT(Objective):
         if threat.eps == 0:
             return x.detach()
         step = self.step_size if self.step_size is not None else threat.eps / 4
+        sigma = self._sigma(model)
         if self.attack == "epgd":
-            atk = create_attack("epgd", threat, sigma=self.sigma, noise=self.noise,
+            atk = create_attack("epgd", threat, sigma=sigma, noise=self.noise,
                                 samples=self.samples, steps=self.steps, step_size=step,
                                 random_start=True, keep_best=False)
             return atk.craft(model, x, y, generator)
         atk = create_attack("pgd", threat, steps=self.steps, step_size=step,
                             random_start=True, keep_best=False)
-        return atk.craft(InputNoise(model, self.noise, self.sigma, generator), x, y, generator)
+        noisy = model if sigma == 0 else NoisyModel(model, self.noise, sigma, generator)
+        return atk.craft(noisy, x, y, generator)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:
         assert threat is not None
+        sigma = self._sigma(model)
         # both loss-noise draws first: the adversarial and clean terms see fixed draws
         # whatever the attack consumes
-        delta_adv = sample(x, self.noise, self.sigma, generator)
-        delta_clean = sample(x, self.noise, self.sigma, generator)
+        delta_adv = sample(x, self.noise, sigma, generator)
+        delta_clean = sample(x, self.noise, sigma, generator)
         w = self.adv_weight
         if w == 0:  # no adversarial term: skip the attack
             return F.cross_entropy(model(x + delta_clean), y)
