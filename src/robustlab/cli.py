@@ -233,8 +233,11 @@ def _defended(args: argparse.Namespace, model: torch.nn.Module, inputs: Any,
 def cmd_certify(args: argparse.Namespace) -> int:
     from robustlab import defenses
     from robustlab.evaluation.certification import run_certification
-    from robustlab.noise import CERTIFIED_NORM
+    from robustlab.noise import CERTIFIED_NORM, check_noise
 
+    if args.method != "smoothing":  # --eps and --sigma: checked in cli_out.prepare
+        return _verify(args)
+    check_noise(args.noise, args.sigma)  # e.g. --keep outside (0, 1), before loading anything
     device = _device(args.device)
     model, inputs, about = _inputs(args, device, n=None)
     if args.denoiser:  # denoised smoothing: certify classifier(denoiser(x + delta))
@@ -265,6 +268,30 @@ def cmd_certify(args: argparse.Namespace) -> int:
          f"{100 * summary['abstain_rate']:.1f}%, average certified radius "
          f"{summary['average_certified_radius']:.3f} ({norm})\ncertified accuracy: {curve}\n"
          f"summary: {out / 'certify.json'}", args.quiet)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """``certify --method ibp|crown|crown-ibp``: verified accuracy next to the robust accuracy
+    of ``--suite`` (seeded by ``--seed``) on the same points in one results.json, verified <=
+    robust checked per point (:func:`robustlab.defenses.verify.annotate`)."""
+    from robustlab.defenses.verify import annotate, verify
+    from robustlab.evaluation import evaluate
+    from robustlab.report import markdown
+    from robustlab.threat import ThreatModel
+
+    model, inputs, about = _inputs(args, device := _device(args.device), n=None)
+    idx = list(range(0, len(inputs.x), args.skip))[:args.n_points]
+    x, y = inputs.x[idx], inputs.y[idx]
+    cli_out.check_eps(args, x.shape[1:])
+    threat = ThreatModel(args.norm, args.eps)
+    ver = verify(model, x.to(device), y.to(device), threat, args.method, args.batch_size)
+    result = evaluate(model, x, y, threat, suite=args.suite, batch_size=args.batch_size,
+                      seed=args.seed, progress=not args.quiet, config=_config(
+                          args, about, method=args.method, command=" ".join(sys.argv)))
+    annotate(ver, result.record, result.per_sample, result.robust)
+    result.save(args.out)
+    _out(markdown(result.record) + f"\nresults: {args.out / 'results.json'}", args.quiet)
     return 0
 
 

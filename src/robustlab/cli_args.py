@@ -95,6 +95,7 @@ def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
     return p
 
 
+VERIFIERS = ("ibp", "crown", "crown-ibp")  # robustlab.models.bounds.METHODS, torch-free here
 REGISTRIES = {  # robustlab list KIND: the module, and the function in it naming what is there
     "attacks": ("robustlab.attacks", "names"),
     "defenses": ("robustlab.defenses", "names"),
@@ -291,14 +292,30 @@ def _audit_parser(sub: Any) -> None:
 
 
 def _smoothing_parsers(sub: Any) -> None:
-    c = sub.add_parser("certify", help="Cohen et al.'s certified radii of a smoothed model",
+    c = sub.add_parser("certify", help="certified radii of a smoothed model, or verified "
+                                       "accuracy by bound propagation (--method)",
                        parents=[shared("directory (default: beside the checkpoint, or in "
                                        + MODEL_FOLDER + ", named from the settings, e.g. "
                                        "certify-gaussian-0.25-...)", batch_size=1000)])
     model_args(c, "base model")
-    c.add_argument("--sigma", type=_eps, required=True, help="noise scale in input units")
-    c.add_argument("--noise", choices=("gaussian", "laplace"), default="gaussian",
-                   help="gaussian: l2 radii; laplace (scale sigma): l1 radii")
+    c.add_argument("--method", choices=("smoothing", *VERIFIERS), default="smoothing",
+                   help="smoothing: Cohen et al.'s radii of a smoothed model (--sigma); ibp, "
+                        "crown, crown-ibp: verified accuracy by bound propagation at --norm, "
+                        "--eps, next to the robust accuracy of --suite on the same points")
+    c.add_argument("--norm", choices=("linf", "l2"), default="linf", help="for bound "
+                   "propagation (default: linf)")
+    c.add_argument("--eps", type=_eps, default=None, help="for bound propagation: the radius "
+                   "in input units, e.g. 0.1")
+    c.add_argument("--force-eps", action="store_true", help="run even if eps covers the box")
+    c.add_argument("--suite", default="fast", help="for bound propagation: the attack suite of "
+                   "the empirical robust accuracy (default: fast; standard: AutoAttack)")
+    c.add_argument("--sigma", "--keep", dest="sigma", type=_eps, default=None,
+                   help="the noise's parameter: its scale in input units (gaussian, laplace), "
+                        "or for uniform-l0 the keep probability alpha in (0, 1) (--keep)")
+    c.add_argument("--noise", choices=("gaussian", "laplace", "uniform-l0"), default="gaussian",
+                   help="gaussian: l2 radii; laplace (scale sigma): l1 radii; uniform-l0 (each "
+                        "coordinate kept with probability --keep, else another of the 256 "
+                        "levels k/255; 8-bit inputs): l0 radii (Lee et al. 2019)")
     c.add_argument("--n", type=_positive_int, default=100_000, help="estimation draws")
     c.add_argument("--n0", type=_positive_int, default=100, help="selection draws")
     c.add_argument("--alpha", type=float, default=0.001, help="failure probability")

@@ -62,7 +62,16 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     elif c == "audit":
         name = ["audit", *_threat(args), f"n{args.n}", f"seed{args.seed}"]
         extra = ("steps", "queries", "binarization", "surrogate", "eot")
+    elif c == "certify" and args.method != "smoothing":  # bound propagation: an evaluation
+        if args.eps is None:
+            raise ValueError(f"--method {args.method} needs --eps, the radius in input units, "
+                             "e.g. --eps 0.1")
+        name = ["verify", args.method, *_threat(args), args.suite, f"n{args.n_points}",
+                f"seed{args.seed}"]
+        extra = ("skip",)
     elif c == "certify":  # not the points: a rerun with more of them adds rows (resumes)
+        if args.sigma is None:
+            raise ValueError("--method smoothing needs --sigma (--keep for uniform-l0 noise)")
         name = ["certify", args.noise, _num(args.sigma), f"n{args.n}", f"seed{args.seed}"]
         extra = ("n0", "alpha", "denoiser")
     else:  # smooth: the lists of sigmas and draws go into the hash
@@ -207,7 +216,8 @@ def finished(args: argparse.Namespace) -> str | None:
     settings: nothing to do); FileExistsError if it holds another finished result; None if
     the command should run (no finished result, an interrupted one, ``--overwrite``, or a
     certification of the same settings, which adds the rows of examples it lacks)."""
-    result = args.out / RESULT[args.command]
+    verifies = getattr(args, "method", "smoothing") != "smoothing"  # certify --method ibp...
+    result = args.out / ("results.json" if verifies else RESULT[args.command])
     if args.overwrite or not result.exists() or (args.out / EVAL_STATE).exists():
         return None
     try:
@@ -216,7 +226,7 @@ def finished(args: argparse.Namespace) -> str | None:
         recorded = None
     what = WHAT[args.command]
     if recorded is not None and recorded == args.cli_settings:
-        if args.command in RESUMES_FINISHED:
+        if args.command in RESUMES_FINISHED and not verifies:
             return None
         return (f"{result} already holds this {what} (same checkpoint and settings); pass "
                 "--overwrite to run it again")

@@ -136,6 +136,14 @@ def _detection(det: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def verified_text(rec: dict[str, Any]) -> str:
+    """The verified accuracy of a result that has one (``robustlab certify --method``), in
+    words: a lower bound of the robust accuracy, which is an upper bound."""
+    ver = rec["verification"]
+    return (f"- verified accuracy ({ver['method']}, bound propagation; a guarantee, <= the "
+            f"robust accuracy above): **{_pct(rec['verified_accuracy'])}**")
+
+
 def markdown(rec: dict[str, Any]) -> str:
     """A short Markdown report: flags first, then accuracies and the attack cascade."""
     t = rec["threat"]
@@ -156,6 +164,7 @@ def markdown(rec: dict[str, Any]) -> str:
         f"- robust accuracy (per-sample worst case over all attacks): "
         f"**{_pct(rec['robust_accuracy'])}**",
         *[f"- {text}" for text in randomness_notes(rec)],
+        *([verified_text(rec)] if "verified_accuracy" in rec else []),
         "",
         "| # | attack | step size | points attacked | broken | robust accuracy after | time (s) |",
         "|---|---|---|---|---|---|---|",
