@@ -29,7 +29,8 @@ REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model},
 CHEAP_OPTIONS = {"cw-l2": {"steps": 200, "search_steps": 5}, "nattack": {"population": 30},
                  "pgd-l0": {"steps": 20, "restarts": 1}, "sparse-rs": {"n_queries": 1000},
                  "ead": {"steps": 200, "search_steps": 5}, "lbfgs": {"steps": 10,
-                                                                    "search_steps": 4}}
+                                                                    "search_steps": 4},
+                 "cw-l0": {"steps": 30, "initial_const": 1.0, "largest_const": 100.0}}
 
 
 def build(name: str, norm: str, model=None, **opts) -> attacks.Attack:

@@ -23,6 +23,8 @@ def _model(arch: str, objective: str) -> torch.nn.Module:
         torch.manual_seed(0)
         head = {"head": "mmc"} if objective == "mmc" else {}
         classes = 5 if objective == "extra-class" else 4  # its extra output, last
+        if objective in ("ibp", "crown-ibp"):  # bound propagation reads chains only
+            arch = "ibp-small"  # (resnet20 has residual connections; lenet max pooling)
         return rl.models.create(arch, num_classes=classes, input_size=16, **head)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustlab import cli_out
-from robustlab.cli_args import REGISTRIES, build_parser, parse_options, suite_lines
+from robustlab.cli_args import REGISTRIES, build_parser, parse_options
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
     distributed.barrier(world)
     trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, val=val,
-                      progress=not quiet, callback=lambda rec: _epoch_line(rec, trainer, quiet),
+                      progress=not quiet,
+                      callback=lambda rec: _out(cli_out.epoch_line(rec, trainer.passes), quiet),
                       tensorboard=args.tensorboard)
     ranks = f" on {world.size} processes" if world.size > 1 else ""
     _out(f"training {recipe.model['arch']} on {recipe.dataset} ({len(x)} images) with "
@@ -121,20 +122,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     _out(f"checkpoint: {out / 'model.safetensors'}\ntraining log: {out / 'train_log.jsonl'}",
          quiet)
     return 0
-
-
-def _epoch_line(rec: dict[str, Any], trainer: Any, quiet: bool) -> None:
-    parts = [f"epoch {rec['epoch']:>3}/{trainer.passes}", f"loss {rec['train_loss']:.4f}",
-             f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
-    if "val_clean_acc" in rec:
-        parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
-    if "val_robust_acc" in rec:
-        parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
-    if "probe_robust_acc" in rec:
-        parts.append(f"probe PGD-5 {100 * rec['probe_robust_acc']:.1f}%")
-    if "overfit" in rec:
-        parts.append(f"catastrophic overfitting: {rec['overfit']}")
-    _out(" | ".join(parts), quiet)
 
 
 # --- evaluate and audit -----------------------------------------------------------------------
@@ -260,6 +247,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
         model, x, y, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
         noise=args.noise, batch_size=args.batch_size, seed=args.seed, indices=idx, out=out,
         resume=not (args.restart or args.overwrite), on_row=row, progress=not args.quiet,
+        sequential={"max_n": args.max_n, "radius_tolerance": args.radius_tolerance,
+                    "min_radius": args.min_radius} if args.sequential else None,
         config=_config(args, about,
                        denoiser=str(args.denoiser) if args.denoiser else None))
     curve = ", ".join(f"r={c['radius']:g}: {100 * c['accuracy']:.1f}%"
@@ -413,7 +402,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.kind == "suites":
         from robustlab.evaluation.suites import SUITES
 
-        print("\n".join(suite_lines(SUITES)))
+        print("\n".join(cli_out.suite_lines(SUITES)))
         return 0
     for kind in [args.kind] if args.kind else list(REGISTRIES):
         module, function = REGISTRIES[kind]

@@ -125,45 +125,6 @@ def parse_options(pairs: list[str] | None, option: str = "--defense-option") -> 
     return out
 
 
-def _stage(attack: str, o: dict[str, Any]) -> str:
-    """One stage of a suite in words: ``transfer (apgd-ce 20 steps on the surrogate)``,
-    ``epgd cw-margin 10 steps x 8 draws``."""
-    if attack == "transfer":
-        inner = o.get("attack_options", {})
-        steps = f" {inner['steps']} steps" if "steps" in inner else ""
-        return f"transfer ({o.get('attack', 'pgd')}{steps} on the surrogate)"
-    runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
-    return " ".join([attack, *([o["loss"]] if "loss" in o else []),
-                     *([f"{o['steps']} steps"] if "steps" in o else []),
-                     *([f"x {runs}"] if runs > 1 else []),
-                     *([f"x EOT {o['eot']}"] if "eot" in o else []),
-                     *([f"x {o['samples']} draws"] if "samples" in o else [])])
-
-
-def suite_lines(suites: Any) -> list[str]:
-    """What ``robustlab list suites`` prints of the registry ``suites``: per suite its attacks
-    in order (linf), its cost per point (gradient steps, each a forward and backward pass of
-    the model, or of the base model for noise draws; queries; when no stage breaks the point
-    early) and what it is for."""
-    lines = ["suites (robustlab evaluate --suite NAME; a point broken early costs less):"]
-    for name in suites.names():
-        suite, grads, queries, parts = suites.get(name), 0, 0, []
-        for attack, o in suite.for_norm("linf"):
-            if "n_queries" in o:
-                queries += o["n_queries"]
-                parts.append(f"{attack} {o['n_queries']} queries")
-                continue
-            parts.append(_stage(attack, o))
-            inner = o.get("attack_options", {}) if attack == "transfer" else o
-            runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
-            grads += runs * inner.get("steps", 1) * o.get("eot", 1) * o.get("samples", 1)
-        cost = f"{grads:,} gradient steps" + (f" + {queries:,} queries" if queries else "")
-        votes = f" and {suite.repeats} predictions" if suite.repeats > 1 else ""
-        lines += [f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
-                  f"      {suite.description}"]
-    return lines
-
-
 def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model from a TOML recipe", parents=[shared(
         "run directory, e.g. runs/pgd_at", dataset=False, split=False, seed=None,
@@ -319,6 +280,11 @@ def _smoothing_parsers(sub: Any) -> None:
     c.add_argument("--n", type=_positive_int, default=100_000, help="estimation draws")
     c.add_argument("--n0", type=_positive_int, default=100, help="selection draws")
     c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    q = c.add_argument_group("sequential certification (robustlab.defenses.sequential)")
+    q.add_argument("--sequential", action="store_true", help="draw until the radius is decided")
+    q.add_argument("--max-n", type=_positive_int, default=100_000, help="most draws per point")
+    q.add_argument("--radius-tolerance", type=_eps, default=None, help="default: sigma / 10")
+    q.add_argument("--min-radius", type=_eps, default=0.0, help="stop below it (default 0)")
     c.add_argument("--n-points", type=_positive_int, default=500, help="examples to certify")
     c.add_argument("--skip", type=_positive_int, default=1,
                    help="take every skip-th example of the split (Cohen et al.: 20 on CIFAR-10)")

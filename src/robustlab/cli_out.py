@@ -299,3 +299,60 @@ def prepare(args: argparse.Namespace) -> str | None:
         check_folder(args.out)
     args.cli_settings = run_settings(args)
     return finished(args)
+
+
+def _stage(attack: str, o: dict[str, Any]) -> str:
+    """One stage of a suite in words: ``transfer (apgd-ce 20 steps on the surrogate)``,
+    ``epgd cw-margin 10 steps x 8 draws``."""
+    if attack == "transfer":
+        inner = o.get("attack_options", {})
+        steps = f" {inner['steps']} steps" if "steps" in inner else ""
+        return f"transfer ({o.get('attack', 'pgd')}{steps} on the surrogate)"
+    runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
+    return " ".join([attack, *([o["loss"]] if "loss" in o else []),
+                     *([f"{o['steps']} steps"] if "steps" in o else []),
+                     *([f"x {runs}"] if runs > 1 else []),
+                     *([f"x EOT {o['eot']}"] if "eot" in o else []),
+                     *([f"x {o['samples']} draws"] if "samples" in o else [])])
+
+
+def suite_lines(suites: Any) -> list[str]:
+    """What ``robustlab list suites`` prints of the registry ``suites``: per suite its attacks
+    in order (linf), its cost per point (gradient steps, each a forward and backward pass of
+    the model, or of the base model for noise draws; queries; when no stage breaks the point
+    early) and what it is for."""
+    lines = ["suites (robustlab evaluate --suite NAME; a point broken early costs less):"]
+    for name in suites.names():
+        suite, grads, queries, parts = suites.get(name), 0, 0, []
+        for attack, o in suite.for_norm("linf"):
+            if "n_queries" in o:
+                queries += o["n_queries"]
+                parts.append(f"{attack} {o['n_queries']} queries")
+                continue
+            parts.append(_stage(attack, o))
+            inner = o.get("attack_options", {}) if attack == "transfer" else o
+            runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
+            grads += runs * inner.get("steps", 1) * o.get("eot", 1) * o.get("samples", 1)
+        cost = f"{grads:,} gradient steps" + (f" + {queries:,} queries" if queries else "")
+        votes = f" and {suite.repeats} predictions" if suite.repeats > 1 else ""
+        lines += [f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
+                  f"      {suite.description}"]
+    return lines
+
+
+def epoch_line(rec: dict[str, Any], passes: int) -> str:
+    """The line ``robustlab train`` prints after each epoch, from its log record ``rec``."""
+    parts = [f"epoch {rec['epoch']:>3}/{passes}", f"loss {rec['train_loss']:.4f}",
+             f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
+    if "val_clean_acc" in rec:
+        parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
+    if "val_robust_acc" in rec:
+        parts.append(f"val robust {100 * rec['val_robust_acc']:.1f}%")
+    if "probe_robust_acc" in rec:
+        parts.append(f"probe PGD-5 {100 * rec['probe_robust_acc']:.1f}%")
+    if "holdout_robust_acc" in rec:
+        parts.append(f"hold-out robust {100 * rec['holdout_robust_acc']:.1f}% "
+                     f"(best epoch {rec['best_epoch']})")
+    if "overfit" in rec:
+        parts.append(f"catastrophic overfitting: {rec['overfit']}")
+    return " | ".join(parts)

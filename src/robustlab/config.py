@@ -14,7 +14,9 @@ from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig
 
 _SECTIONS = {
-    "data": {"dataset", "n_train", "val_n"},  # val: the last val_n images of the test split
+    # val: the last val_n images of the test split, watched every val_every epochs and never
+    # used to choose; keep_best chooses on [train] val_split, a hold-out of the training split
+    "data": {"dataset", "n_train", "val_n"},
     "model": None,  # any keyword of models.create, and init (a checkpoint to start from)
     "threat": {"norm", "eps", "bounds"},
     "train": set(TrainConfig.__dataclass_fields__) - {"objective_options", "schedule_options",
@@ -27,7 +29,9 @@ _SECTIONS = {
 
 @dataclass
 class Recipe:
-    """A parsed recipe: data, model, threat and training settings."""
+    """A parsed recipe: data, model, threat and training settings. ``val_n``: the last test
+    images, validated during training and only watched; the trainer's model selection
+    (``keep_best``) uses ``train.val_split`` training examples instead."""
 
     dataset: str = "fashion-mnist"
     n_train: int | None = None

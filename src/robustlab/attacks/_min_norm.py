@@ -63,14 +63,19 @@ class ConstantSearch:
     bound does; ``c`` becomes the midpoint once an upper bound exists, else ``10 c``. With
     ``last_at_upper`` and at least 10 search steps, the last step runs at the upper bound (the
     reference code of C&W and EAD).
+
+    With ``bisect=False`` (C&W-l0's search) ``c`` only grows: a failure multiplies it by
+    ``factor``, a success keeps it (the caller decides at which ``c`` a sample gives up).
     """
 
     def __init__(self, like: Tensor, initial: float, steps: int,
-                 last_at_upper: bool = True) -> None:
+                 last_at_upper: bool = True, *, factor: float = 10.0,
+                 bisect: bool = True) -> None:
         self.const = torch.full((len(like),), initial, device=like.device, dtype=like.dtype)
         self.lower = torch.zeros_like(self.const)
         self.upper = torch.full_like(self.const, 1e10)
         self.steps, self.last_at_upper = steps, last_at_upper
+        self.factor, self.bisect = factor, bisect
 
     def at(self, search: int) -> Tensor:
         """The constants (N,) of search step ``search`` (0-based)."""
@@ -84,5 +89,8 @@ class ConstantSearch:
         c, lo, up = self.const[idx], self.lower[idx], self.upper[idx]
         up = torch.where(hit, torch.minimum(up, c), up)
         lo = torch.where(hit, lo, torch.maximum(lo, c))
-        c = torch.where(up < 1e9, (lo + up) / 2, c * 10)
+        if self.bisect:
+            c = torch.where(up < 1e9, (lo + up) / 2, c * self.factor)
+        else:
+            c = torch.where(hit, c, c * self.factor)
         self.const[idx], self.lower[idx], self.upper[idx] = c, lo, up

@@ -24,6 +24,29 @@ from robustlab.threat import ThreatModel
 _BETAS, _ADAM_EPS = (0.9, 0.999), 1e-8
 
 
+def tanh_space(threat: ThreatModel) -> tuple[float, float]:
+    """``(mid, half)`` of the threat bounds: C&W's change of variables ``x = mid + half *
+    tanh(w)`` maps every real ``w`` into the bounds."""
+    lo, hi = threat.bounds
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def to_tanh(x: Tensor, mid: float, half: float) -> Tensor:
+    """``w`` with ``mid + half * tanh(w)`` within 1e-6 of ``x`` relative to ``half`` (the
+    reference's 0.999999 keeps points on the bounds finite)."""
+    return torch.atanh((x - mid) / half * 0.999999)
+
+
+def adam_step(w: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int,
+              lr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One Adam step of size ``lr`` on ``w`` (TF's form of the bias correction, per
+    coordinate, as C&W's reference), ``t`` >= 1 the step count; returns ``(w, m, v)``."""
+    m = _BETAS[0] * m + (1 - _BETAS[0]) * grad
+    v = _BETAS[1] * v + (1 - _BETAS[1]) * grad * grad
+    step = lr * math.sqrt(1 - _BETAS[1] ** t) / (1 - _BETAS[0] ** t)
+    return w - step * m / (v.sqrt() + _ADAM_EPS), m, v
+
+
 @register("cw-l2")
 class CarliniWagnerL2(Attack):
     """C&W L2: minimise ``||x' - x||_2^2 + c * max(z_y - max_{j != y} z_j, -kappa)`` over
@@ -103,8 +126,8 @@ class CarliniWagnerL2(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
                 generator: torch.Generator) -> Perturbation:
         lo, hi = self.threat.bounds
-        mid, half = (hi + lo) / 2, (hi - lo) / 2
-        w0 = torch.atanh((x - mid) / half * 0.999999)
+        mid, half = tanh_space(self.threat)
+        w0 = to_tanh(x, mid, half)
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
         n = len(x)
@@ -135,10 +158,6 @@ class CarliniWagnerL2(Attack):
                     keep &= best.unsolved(within_eps=True)[idx]
                 if not keep.all():
                     idx, w, m, v, grad, prev = (t[keep] for t in (idx, w, m, v, grad, prev))
-                t = it + 1  # Adam (TF's form of the bias correction), per coordinate
-                m = _BETAS[0] * m + (1 - _BETAS[0]) * grad
-                v = _BETAS[1] * v + (1 - _BETAS[1]) * grad * grad
-                step = self.lr * math.sqrt(1 - _BETAS[1] ** t) / (1 - _BETAS[0] ** t)
-                w = w - step * m / (v.sqrt() + _ADAM_EPS)
+                w, m, v = adam_step(w, grad, m, v, it + 1, self.lr)
             search_c.update(attacked, found[attacked])
         return best.result(model, y, self.targeted)

@@ -79,13 +79,16 @@ class PGD(Attack):
         keep_best: return each sample's best iterate over all steps (successful first, then
             highest loss) instead of the last one. Training uses the last iterate (False).
         l1_sparsity: for l1, fraction of coordinates moved per step (see ThreatModel).
-        optimizer: the step rule (:mod:`robustlab.attacks.optimizers`) whose direction's
-            steepest step (lp length ``step_size``) is taken: ``"sign"`` the gradient (Madry
-            et al.); ``"momentum"`` the MI-FGSM velocity ``g_t = momentum * g_(t-1) + grad /
-            ||grad||_1`` (Dong et al. 2018); ``"adam"`` ``m_hat / (sqrt(v_hat) + 1e-8)``,
-            betas (0.9, 0.999); or a :class:`~robustlab.attacks.optimizers.StepRule` subclass
-            (built with no argument). Per-sample state, fresh each restart. Default
-            ``"sign"``.
+        optimizer: the step rule (:mod:`robustlab.attacks.optimizers`). Steepest rules, whose
+            direction's steepest step (lp length ``step_size``) is taken: ``"sign"`` the
+            gradient (Madry et al.); ``"momentum"`` the MI-FGSM velocity ``g_t = momentum *
+            g_(t-1) + grad / ||grad||_1`` (Dong et al. 2018); ``"adam"`` ``m_hat / (sqrt(v_hat)
+            + 1e-8)``, betas (0.9, 0.999). Update rules, whose own update of the perturbation
+            (learning rate ``step_size``, in the gradient's scale) is taken and projected:
+            ``"sgd"``, ``"rmsprop"``, ``"adagrad"`` (torch.optim's), ``"ftrl"``
+            (TensorFlow's FTRL-proximal). Or a
+            :class:`~robustlab.attacks.optimizers.StepRule` subclass (built with no argument).
+            Per-sample state, fresh each restart. Default ``"sign"``.
         momentum: decay ``mu`` >= 0 of the ``"momentum"`` optimiser. Default 1.0.
         temperature: T > 0: the loss sees the logits divided by T (the temperature attack on
             defensive distillation, :func:`~robustlab.attacks.losses.tempered`), in the steps
@@ -179,6 +182,14 @@ class PGD(Attack):
         step = self.threat.steepest_step(d, self.step_size, l1_sparsity=self.l1_sparsity)
         return self.threat.project(xa + step, x)
 
+    def _advance(self, xa: Tensor, rule: StepRule, grad: Tensor, x: Tensor) -> Tensor:
+        """The next iterate from ``xa`` (clean points ``x``): the steepest step along
+        ``rule(grad)``, or for an update rule (``rule.steepest`` False) its own update of the
+        perturbation with learning rate ``step_size``, projected."""
+        if rule.steepest:
+            return self._step(xa, rule(grad), x)
+        return self.threat.project(x + rule.update(grad, xa - x, self.step_size), x)
+
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
                 loss: LossAt | None = None, start: Start | None = None) -> Tensor:
         """PGD's iterate (see the class): ``loss`` (a :data:`LossAt`) replaces
@@ -192,7 +203,7 @@ class PGD(Attack):
             direction = self._rule()
             for _ in range(self.steps):
                 _, _, grad = self.input_grad(_at(loss_at, y, None), xa)
-                xa = self._step(xa, direction(grad), x)
+                xa = self._advance(xa, direction, grad, x)
             return xa
         return self._best_iterate(model, x, y, generator, loss_at, start)
 
@@ -213,7 +224,7 @@ class PGD(Attack):
                 if self.early_stop:
                     idx, xa, grad = idx[~success], xa[~success], grad[~success]
                     direction.keep(~success)
-                xa = self._step(xa, direction(grad), x[idx])
+                xa = self._advance(xa, direction, grad, x[idx])
             if idx.numel():
                 with torch.no_grad():
                     logits = model(xa)

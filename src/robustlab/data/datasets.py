@@ -28,7 +28,12 @@ Reader = Callable[[Sequence[Path], str], tuple[np.ndarray, np.ndarray]]
 class DatasetInfo:
     """What a data set is: name, number of classes, image shape ``(C, H, W)`` in pixels,
     per-channel mean and standard deviation of the train split in [0, 1] units (for a
-    model's ``Normalize`` layer), and the class names in label order."""
+    model's ``Normalize`` layer), and the class names in label order.
+
+    ``mirrorable``: a left-right mirror image of an example is an example of the same class,
+    so training may flip images horizontally (CIFAR-10/100: yes; digits: no, a mirrored digit
+    is another glyph; Fashion-MNIST: no, a mirrored shoe points the other way than every shoe
+    of the data set)."""
 
     name: str
     num_classes: int
@@ -36,6 +41,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    mirrorable: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ _add(
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         classes=_CIFAR10_CLASSES,
+        mirrorable=True,
     ),
     {"train": (_CIFAR10,), "test": (_CIFAR10,)},
     partial(
@@ -169,6 +176,7 @@ _add(
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
         classes=_CIFAR100_CLASSES,
+        mirrorable=True,
     ),
     {"train": (_CIFAR100,), "test": (_CIFAR100,)},
     partial(

@@ -18,12 +18,15 @@ both functions estimate it from hard votes of the base classifier ``f`` only.
 
 Original defaults: n0 = 100, n = 100,000, alpha = 0.001, 1000 noisy copies per forward. The
 statistics use SciPy's ``binomtest`` (``binom_test`` is gone from current SciPy).
+``sequential=True`` replaces the fixed ``n`` by the anytime-valid estimation of
+:mod:`robustlab.defenses.sequential`; the base model's forwards are shared across inputs at a
+measured batch size by :mod:`robustlab.defenses.batching` (the noise drawn is unchanged).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +35,9 @@ from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
 from robustlab._validate import check_images, number, positive_int
+from robustlab.defenses.batching import count_votes, job_logits, sizes
 from robustlab.defenses.l0_certificate import l0_radius
-from robustlab.defenses.smoothing import noisy_logits
+from robustlab.defenses.sequential import sequential_estimates
 from robustlab.noise import CERTIFIED_NORM, L0_LEVELS, check_noise, check_quantised, radius
 from robustlab.threat import ThreatModel
 
@@ -47,8 +51,9 @@ ABSTAIN = -1
 class Certificate:
     """One example's certificate: ``prediction`` (:data:`ABSTAIN` or a class), ``radius``
     (0.0 when abstaining) in the noise's certified ``norm``, ``p_lower`` (lower confidence bound
-    on the top class's probability), ``count`` (its votes among the ``n`` estimation draws) and
-    the wall-clock ``seconds`` spent on the example."""
+    on the top class's probability), ``count`` (its votes among the ``draws`` estimation
+    draws: ``n``, or where the sequential procedure stopped), and ``seconds``: the wall-clock
+    time since the previous certificate of the same call (forwards are shared across inputs)."""
 
     index: int
     prediction: int
@@ -57,6 +62,7 @@ class Certificate:
     count: int
     norm: str
     seconds: float
+    draws: int = 0
 
 
 Box = tuple[float, float]
@@ -85,52 +91,53 @@ def _radius(p_a: float, noise: str, sigma: float, d: int) -> float:
     return radius(p_a, noise, sigma)
 
 
-def _check(sigma: float, noise: str, alpha: float, batch_size: int) -> None:
+def _check(sigma: float, noise: str, alpha: float, batch_size: int | None) -> None:
     check_noise(noise, sigma)
     number(alpha, "alpha (the allowed failure probability)", low=0, high=1, low_open=True,
            high_open=True)
-    positive_int(batch_size, "batch_size")
+    if batch_size is not None:
+        positive_int(batch_size, "batch_size")
 
 
 def vote_counts(
     model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str = "gaussian",
-    batch_size: int = 1000, generator: torch.Generator | None = None,
+    batch_size: int | None = None, generator: torch.Generator | None = None,
     bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """(N, K) int64: how often the base ``model`` predicts each class on ``num`` noisy copies of
     each input (in ``bounds``). Runs without gradients in eval mode (the model's mode is
-    restored)."""
+    restored). ``batch_size``: noisy rows per forward; None: measured (see
+    :mod:`robustlab.defenses.batching`; the draws are then those of ``batch_size=1000``)."""
     check_box(x, bounds)
+    if batch_size is not None:
+        positive_int(batch_size, "batch_size")
     return _vote_counts(model, x, num, sigma=sigma, noise=noise, batch_size=batch_size,
                         generator=generator)
 
 
 def _vote_counts(model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str,
-                 batch_size: int, generator: torch.Generator | None) -> Tensor:
+                 batch_size: int | None, generator: torch.Generator | None) -> Tensor:
     positive_int(num, "the number of noise draws")
-    counts: Tensor | None = None
+    draw, batch = sizes(model, x, len(x) * num, batch_size)
     with torch.no_grad(), eval_mode(model):
-        for rows, logits in noisy_logits(model, x, num, sigma, noise, batch_size, generator):
-            if counts is None:
-                counts = torch.zeros(len(x), logits.shape[1], dtype=torch.long, device=x.device)
-            counts.index_put_((rows, logits.argmax(1)), torch.ones_like(rows), accumulate=True)
-    assert counts is not None
-    return counts
+        return count_votes(job_logits(model, [(x, num, generator)], sigma=sigma,
+                                      noise=noise, draw=draw, batch=batch), len(x))
 
 
 def predict(
     model: nn.Module, x: Tensor, *, sigma: float, n: int = 100_000, alpha: float = 0.001,
-    noise: str = "gaussian", batch_size: int = 1000, generator: torch.Generator | None = None,
-    bounds: Box = (0.0, 1.0),
+    noise: str = "gaussian", batch_size: int | None = None,
+    generator: torch.Generator | None = None, bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """Cohen et al.'s PREDICT: (N,) int64 classes of the smoothed classifier, :data:`ABSTAIN`
     where the top two counts among ``n`` draws are not significantly different at level
     ``alpha``. A returned class differs from ``g(x)`` with probability at most ``alpha``.
-    ``x`` must lie in ``bounds``, the input box (as for every entry point)."""
+    ``x`` must lie in ``bounds``, the input box (as for every entry point). ``batch_size``
+    as for :func:`vote_counts` (the noisy copies of several inputs share a forward)."""
     _check(sigma, noise, alpha, batch_size)
     check_box(x, bounds)
     counts = _vote_counts(model, x, n, sigma=sigma, noise=noise, batch_size=batch_size,
-                         generator=generator)
+                          generator=generator)
     top = counts.topk(min(2, counts.shape[1]), dim=1)
     out = top.indices[:, 0].clone()
     for i, c in enumerate(top.values.tolist()):
@@ -148,54 +155,116 @@ def lower_confidence_bound(count: int, n: int, alpha: float) -> float:
     return float(binomtest(count, n).proportion_ci(1 - 2 * alpha, method="exact").low)
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _generators(generator: Generators, n: int, x: Tensor) -> list[torch.Generator | None]:
+    """One generator per input: ``generator`` itself (shared, drawn from in input order), or
+    the given one per input."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n
+    gens = list(generator)
+    if len(gens) != n or not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"generator must be a torch.Generator, None, or a sequence of one "
+                        f"torch.Generator per input ({n}), got {type(generator).__name__}")
+    return gens
+
+
 def certify_iter(
     model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int = 1000,
-    generator: torch.Generator | None = None, start: int = 0, bounds: Box = (0.0, 1.0),
+    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = None,
+    generator: Generators = None, start: int = 0, bounds: Box = (0.0, 1.0),
+    sequential: bool = False, max_n: int = 100_000, radius_tolerance: float | None = None,
+    min_radius: float = 0.0,
 ) -> Iterator[Certificate]:
     """Cohen et al.'s CERTIFY, one :class:`Certificate` per input as soon as it is done (for
-    streaming and resumable runs); ``index`` counts from ``start``; ``x`` must lie in
-    ``bounds``. The arguments are checked at the call, before the first input is drawn."""
+    streaming and resumable runs; in input order, except with ``sequential=True``, where
+    inputs finish in any order); ``index`` counts from ``start``; ``x`` must lie in
+    ``bounds``. ``generator``: one for all inputs, or a sequence of one per input (each input
+    then draws from its own, so its result does not depend on the others). The arguments are
+    checked at the call, before the first input is drawn. See :func:`certify`."""
     _check(sigma, noise, alpha, batch_size)
     check_box(x, bounds)
     if noise == "uniform-l0":
         _check_l0_inputs(x, bounds)
     positive_int(n0, "n0")
+    gens = _generators(generator, len(x), x)
+    d = x[0].numel()
+
+    def radius_of(p: float) -> float:
+        return _radius(p, noise, sigma, d)
+
+    if sequential is not False:
+        if sequential is not True:
+            raise TypeError(f"sequential must be True or False, got {sequential!r}")
+        estimates = sequential_estimates(
+            model, x, gens, sigma=sigma, n0=n0, max_n=max_n, alpha=alpha, noise=noise,
+            batch_size=batch_size, radius_tolerance=radius_tolerance, min_radius=min_radius,
+            radius_of=radius_of)
+        return (Certificate(index=start + e.position,
+                            prediction=e.c_a if e.p_lower > 0.5 else ABSTAIN,
+                            radius=radius_of(e.p_lower) if e.p_lower > 0.5 else 0.0,
+                            p_lower=e.p_lower, count=e.count, norm=CERTIFIED_NORM[noise],
+                            seconds=e.seconds, draws=e.draws) for e in estimates)
     positive_int(n, "n")
-    return _certificates(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-                         batch_size=batch_size, generator=generator, start=start)
+    draw, batch = sizes(model, x, len(x) * (n0 + n), batch_size)
+    return _certificates(model, x, gens, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
+                         draw=draw, batch=batch, start=start, radius_of=radius_of)
 
 
-def _certificates(model: nn.Module, x: Tensor, *, sigma: float, n0: int, n: int, alpha: float,
-                  noise: str, batch_size: int, generator: torch.Generator | None,
-                  start: int) -> Iterator[Certificate]:
+def _certificates(model: nn.Module, x: Tensor, gens: list[torch.Generator | None], *,
+                  sigma: float, n0: int, n: int, alpha: float, noise: str, draw: int,
+                  batch: int, start: int,
+                  radius_of: Callable[[float], float]) -> Iterator[Certificate]:
+    """Fixed-N CERTIFY: input ``i`` is jobs ``2i`` (``n0`` selection draws) and ``2i + 1``
+    (``n`` fresh estimation draws), drawn in that order; forwards span inputs."""
     norm = CERTIFIED_NORM[noise]
-    for i in range(len(x)):
-        t0 = time.perf_counter()
-        xi = x[i:i + 1]
-        selection = _vote_counts(model, xi, n0, sigma=sigma, noise=noise,
-                                batch_size=batch_size, generator=generator)
-        c_a = int(selection[0].argmax())
-        estimation = _vote_counts(model, xi, n, sigma=sigma, noise=noise,
-                                 batch_size=batch_size, generator=generator)
-        count = int(estimation[0, c_a])
-        p_a = lower_confidence_bound(count, n, alpha)
-        certified = p_a > 0.5
-        yield Certificate(index=start + i, prediction=c_a if certified else ABSTAIN,
-                          radius=_radius(p_a, noise, sigma, xi[0].numel()) if certified
-                          else 0.0,
-                          p_lower=p_a, count=count, norm=norm,
-                          seconds=time.perf_counter() - t0)
+    jobs = ((x[i // 2:i // 2 + 1], (n0, n)[i % 2], gens[i // 2]) for i in range(2 * len(x)))
+    counts: dict[int, Tensor] = {}
+    done = 0
+    t0 = time.perf_counter()
+    with torch.no_grad(), eval_mode(model):
+        for rows, logits in job_logits(model, jobs, sigma=sigma, noise=noise, draw=draw,
+                                       batch=batch):
+            votes = logits.argmax(1)
+            for job in rows.unique().tolist():
+                got = torch.bincount(votes[rows == job], minlength=logits.shape[1])
+                counts[job] = counts[job] + got if job in counts else got
+            while 2 * done + 1 in counts and int(counts[2 * done + 1].sum()) == n:
+                c_a = int(counts.pop(2 * done).argmax())
+                count = int(counts.pop(2 * done + 1)[c_a])
+                p_a = lower_confidence_bound(count, n, alpha)
+                certified = p_a > 0.5
+                yield Certificate(index=start + done, prediction=c_a if certified else ABSTAIN,
+                                  radius=radius_of(p_a) if certified else 0.0, p_lower=p_a,
+                                  count=count, norm=norm, seconds=time.perf_counter() - t0,
+                                  draws=n)
+                done += 1
+                t0 = time.perf_counter()
 
 
 def certify(
     model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int = 1000,
-    generator: torch.Generator | None = None, bounds: Box = (0.0, 1.0),
+    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = None,
+    generator: Generators = None, bounds: Box = (0.0, 1.0), sequential: bool = False,
+    max_n: int = 100_000, radius_tolerance: float | None = None, min_radius: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Cohen et al.'s CERTIFY on every input of ``x`` (N, C, H, W), inside the input box
     ``bounds`` (``(low, high)``; inputs outside it are refused, as by every entry point:
     8-bit images must be scaled by 1/255 first).
+
+    Args:
+        n0, n: selection and (fixed-N) estimation draws per input.
+        batch_size: noisy rows per forward of the base model, across inputs; None: measured
+            once per model and input shape (:mod:`robustlab.defenses.batching`), the noise
+            then drawn as with ``batch_size=1000``. A given ``batch_size`` draws the noise in
+            chunks of that size, as before: results for a seed are unchanged.
+        generator: a ``torch.Generator`` shared by the inputs, or a sequence of one per input.
+        sequential: False (default): Cohen's fixed ``n``. True: the anytime-valid sequential
+            estimation of :mod:`robustlab.defenses.sequential` (``n`` is then unused): at most
+            ``max_n`` estimation draws, stopping once the radius is known to within
+            ``radius_tolerance`` (input units; None: ``sigma / 10``, and 1 pixel for l0) or
+            can no longer reach ``min_radius``.
 
     Returns:
         ``(prediction, radius)``: (N,) int64 classes (:data:`ABSTAIN` = -1 where it abstains)
@@ -204,10 +273,14 @@ def certify(
         ``sigma``; inputs on the levels ``k / 255`` only, else a ValueError) the number of
         coordinates (l0). With probability at least ``1 - alpha`` (per input,
         over the noise draws), the smoothed classifier predicts ``prediction`` everywhere in
-        the ball of that radius around the input.
+        the ball of that radius around the input; with ``sequential=True`` this holds at the
+        data-dependent number of draws where it stopped.
     """
-    rows = list(certify_iter(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-                             batch_size=batch_size, generator=generator, bounds=bounds))
+    rows = sorted(certify_iter(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
+                               batch_size=batch_size, generator=generator, bounds=bounds,
+                               sequential=sequential, max_n=max_n,
+                               radius_tolerance=radius_tolerance, min_radius=min_radius),
+                  key=lambda r: r.index)
     pred = torch.tensor([r.prediction for r in rows], dtype=torch.long)
     rad = torch.tensor([r.radius for r in rows], dtype=torch.float64)
     return pred, rad

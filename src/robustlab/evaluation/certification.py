@@ -89,13 +89,24 @@ def _read_rows(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _sequential_options(sequential: dict[str, Any] | None) -> dict[str, Any]:
+    if not sequential:
+        return {}
+    unknown = set(sequential) - {"max_n", "radius_tolerance", "min_radius"}
+    if unknown:
+        raise ValueError(f"unknown sequential option(s) {sorted(unknown)}; valid: max_n, "
+                         "radius_tolerance, min_radius")
+    return {"sequential": True, **sequential}
+
+
 def run_certification(
     model: nn.Module, x: Tensor, y: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int = 1000, seed: int = 0,
+    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = 1000, seed: int = 0,
     indices: Sequence[int] | None = None, out: str | Path, resume: bool = True,
     config: dict[str, Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     bounds: tuple[float, float] = (0.0, 1.0), progress: bool = False,
+    sequential: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Certify every input of ``x`` (labels ``y``) into the directory ``out``; returns the
     summary written to ``out/certify.json``. ``indices`` names the examples in the rows (their
@@ -104,7 +115,12 @@ def run_certification(
     lie in the input box ``bounds``, as for every entry point (checked before anything is
     written). ``progress``: True: a progress bar on stderr over the noise draws x points
     (``n0 + n`` per point; a resumed run starts at its finished rows), below a header line
-    saying what is about to run; ``on_row`` may print (the bar steps aside)."""
+    saying what is about to run; ``on_row`` may print (the bar steps aside).
+    ``batch_size``: rows per forward, shared across examples (None: measured, see
+    :func:`robustlab.defenses.certify`). ``sequential``: None (Cohen's fixed ``n``) or the
+    options of the sequential procedure, ``{"max_n": ..., "radius_tolerance": ...,
+    "min_radius": ...}`` (recorded in the configuration; rows then hold ``draws``, and are
+    written in the order the examples stop)."""
     check_inputs(x, y, ThreatModel("l2", 0.0, bounds))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,33 +129,37 @@ def run_certification(
         raise ValueError(f"x, y and indices must have one entry per example, got {len(x)}, "
                          f"{len(y)}, {len(ids)}")
     cfg = {"sigma": float(sigma), "noise": noise, "n0": n0, "n": n, "alpha": alpha,
-           "seed": seed, **(config or {})}
+           "seed": seed, **({"sequential": dict(sequential)} if sequential else {}),
+           **(config or {})}
+    per_point = n0 + (sequential or {}).get("max_n", 100_000) if sequential else n0 + n
     path = out / ROWS
     rows = _read_rows(path, cfg) if resume else []
     done = {r["index"] for r in rows}
     if not rows:
         atomic_write(path, json.dumps({"config": cfg}) + "\n")
     bar = None if not progress else Progress(
-        desc="certify", unit="draw", total=len(ids) * (n0 + n),
-        initial=sum(i in done for i in ids) * (n0 + n),
+        desc="certify", unit="draw", total=len(ids) * per_point,
+        initial=sum(i in done for i in ids) * per_point,
         header=f"certify: {len(ids)} points ({len(done)} done), {noise} noise sigma {sigma:g}, "
-               f"{n0} + {n} draws each, alpha {alpha:g}; radii in {CERTIFIED_NORM[noise]}")
+               f"{n0} + {f'<= {per_point - n0} (sequential)' if sequential else n} draws "
+               f"each, alpha {alpha:g}; radii in {CERTIFIED_NORM[noise]}")
     with open(path, "a") as f, bar or nullcontext():
-        for pos, index in enumerate(ids):
-            if index in done:
-                continue
-            gen = _example_generator(seed, index, x.device)
-            (cert,) = certify_iter(model, x[pos:pos + 1], sigma=sigma, n0=n0, n=n, alpha=alpha,
-                                   noise=noise, batch_size=batch_size, generator=gen,
-                                   bounds=bounds)
-            row = {"index": index, "label": int(y[pos]), "prediction": cert.prediction,
+        todo = [pos for pos, index in enumerate(ids) if index not in done]
+        certs = [] if not todo else certify_iter(
+            model, x[todo], sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
+            batch_size=batch_size, bounds=bounds, **_sequential_options(sequential),
+            generator=[_example_generator(seed, ids[p], x.device) for p in todo])
+        for cert in certs:
+            pos = todo[cert.index]
+            row = {"index": ids[pos], "label": int(y[pos]), "prediction": cert.prediction,
                    "radius": cert.radius, "p_lower": cert.p_lower, "count": cert.count,
+                   **({"draws": cert.draws} if sequential else {}),
                    "correct": cert.prediction == int(y[pos]), "seconds": round(cert.seconds, 4)}
             f.write(json.dumps(row) + "\n")
             f.flush()
             rows.append(row)
             if bar is not None:
-                bar.bar.update(n0 + n)
+                bar.bar.update(per_point if not sequential else n0 + cert.draws)
             if on_row is not None:
                 with bar.aside() if bar is not None else nullcontext():
                     on_row(row)

@@ -135,7 +135,7 @@ def _units(c: dict[str, Any]) -> int:
         return _units(c["attack"]) + 1
     per = c.get("n_queries") or c.get("max_iters", 0) * c.get("population", 1) or c.get("steps", 1)
     # samples: noise draws per step, or VMI's neighbours (with beta) on top of the point itself
-    samples = 1 + c["samples"] if "beta" in c else (c.get("samples") or 1)
+    samples = 1 + c["samples"] if "beta" in c and "samples" in c else (c.get("samples") or 1)
     return int(per * c.get("restarts", 1) * c.get("runs", 1)
                * c.get("n_target_classes", c.get("k", 1))
                * c.get("search_steps", 1) * samples * c.get("scales", 1))

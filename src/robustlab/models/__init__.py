@@ -33,6 +33,7 @@ it with ``trust_code=True``; :func:`check_model_fits` tries it on the data befor
 from robustlab.models import (  # noqa: F401  (registration)
     autoencoder,
     dncnn,
+    ibp_cnn,
     lenet,
     resnet,
     smallcnn,

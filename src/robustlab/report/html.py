@@ -133,6 +133,8 @@ def _evaluation(run: Run, doc: Document) -> str:
                     "</div></div>" for k, v in (
                         ("clean accuracy", pct(d["clean_accuracy"])),
                         ("robust accuracy", pct(d["robust_accuracy"])),
+                        *([(f"verified accuracy ({d['verification']['method']})",
+                            pct(d["verified_accuracy"]))] if "verified_accuracy" in d else []),
                         ("threat model", threat_label(d["threat"])),
                         ("suite", f"{d.get('suite', '–')} · {d['n']} points")))
     v = d.get("versions") or {}
@@ -215,7 +217,7 @@ def _curves(run: Run, key: str) -> str:
                  pct(r.get("val_clean_acc")), pct(r.get("val_robust_acc")),
                  duration(r.get("train_time_s")), r.get("overfit", "")] for r in log]
         out.append("<h3>Training</h3>" + f"<figure>{plots.training_curves(log, f'{key}-train')}"
-                   "</figure><details><summary>Per-epoch log</summary>"
+                   f"{_best_caption(log)}</figure><details><summary>Per-epoch log</summary>"
                    + table(("epoch", "loss", "lr", "val clean", "val robust", "time",
                              "overfitting"), rows, "num") + "</details>")
     for i, doc in enumerate(run.smoothing):
@@ -231,6 +233,21 @@ def _curves(run: Run, key: str) -> str:
     if run.certifications:
         out.append(_certification(run, key))
     return "".join(out)
+
+
+def _best_caption(log: Sequence[dict[str, Any]]) -> str:
+    """The best hold-out epoch (the one ``model_best.safetensors`` holds with keep_best), or
+    nothing for a run without a hold-out."""
+    best = log[-1].get("best_epoch")
+    rec = next((r for r in log if r["epoch"] == best), None)
+    if rec is None:
+        return ""
+    robust = rec.get("holdout_robust_acc")
+    what = (f"robust {pct(robust)}" if robust is not None
+            else f"clean {pct(rec.get('holdout_clean_acc'))}")
+    return (f"<figcaption>Best epoch on the hold-out of the training data: {best} ({what} "
+            f"on {esc(rec.get('holdout_n'))} held-out images; model_best.safetensors with "
+            "keep_best).</figcaption>")
 
 
 def _certification(run: Run, key: str) -> str:

@@ -105,10 +105,13 @@ def robustness_curves(series: Sequence[dict[str, Any]], norm: str, eps: float | 
 
 
 def training_curves(log: Sequence[dict[str, Any]], key: str) -> str:
-    """Training loss and the validation / probe accuracies (%) per epoch of a train_log."""
+    """Training loss and the validation / hold-out / probe accuracies (%) per epoch of a
+    train_log; a dashed line marks the best hold-out epoch (``model_best``)."""
     epochs = [r["epoch"] for r in log]
     accuracies = [(k, label) for k, label in (
         ("val_clean_acc", "validation clean"), ("val_robust_acc", "validation robust"),
+        ("holdout_clean_acc", "hold-out clean (training data)"),
+        ("holdout_robust_acc", "hold-out robust (selects model_best)"),
         ("probe_robust_acc", "probe PGD-5 (overfitting check)")) if any(k in r for r in log)]
     with matplotlib.rc_context(STYLES):
         fig = _figure(ncols=2 if accuracies else 1)
@@ -127,6 +130,9 @@ def training_curves(log: Sequence[dict[str, Any]], key: str) -> str:
             for r in log:
                 if "overfit" in r:
                     ax2.axvline(r["epoch"], color=PALETTE[3], linestyle=":", linewidth=1.0)
+            if "best_epoch" in log[-1]:
+                ax2.axvline(log[-1]["best_epoch"], color=PALETTE[0], linestyle="--",
+                            linewidth=1.0, label=f"best hold-out epoch ({log[-1]['best_epoch']})")
             ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax2.set_xlabel("epoch")
             ax2.set_ylabel("accuracy (%)")

@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from robustlab._validate import OptionTypeError, integer, number, positive_int
+from robustlab._validate import OptionTypeError, integer, number, one_of, positive_int
 from robustlab.attacks import ATTACKS, create_for_evaluation
 from robustlab.threat import ThreatModel
+from robustlab.training.averaging import AVERAGES
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.probe import ACTIONS
 from robustlab.training.schedules import SCHEDULES, lr_at
+from robustlab.training.split_loss import supporting
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "sgd")
@@ -94,6 +96,27 @@ class TrainConfig:
     channels-last memory format (both are for GPUs). ``init``: a ``.safetensors`` checkpoint
     whose weights a fresh run starts from (fine-tuning; relative to the current directory;
     see :func:`robustlab.models.init.init_weights`); a resumed run ignores it.
+
+    Trainer features (issue 23; each module's docstring has the paper, formula and cost):
+
+    - ``val_split``: training examples held out for model selection, a count (``1000``) or a
+      fraction in [0, 1) (``0.02``); 0: none. ``val_every``: validate (the hold-out and the
+      trainer's ``val``) every k passes and after the last. ``keep_best``: also save the
+      weights of the epoch with the best hold-out robust accuracy as
+      ``model_best.safetensors`` (needs ``val_split`` and ``out``;
+      :mod:`robustlab.training.selection`).
+    - ``average``: ``none``, ``ema`` (decay ``ema_decay``, warm-up min(decay, (1+t)/(10+t)))
+      or ``swa`` (uniform mean of the weights after each epoch past ``swa_start``, BatchNorm
+      recomputed); the average is what is validated and saved, and what the model holds at
+      the end (:mod:`robustlab.training.averaging`).
+    - ``awp``: adversarial weight perturbation of relative size ``awp_gamma`` after
+      ``awp_warmup`` epochs without it; pgd-at, trades and mart
+      (:mod:`robustlab.training.awp`).
+    - ``augment``: random crop with ``crop_pad`` pixels of padding and, if the data set is
+      mirrorable or ``flip = true``, random horizontal flips (``flip = false``: never;
+      :mod:`robustlab.training.augment`).
+    - ``label_smoothing``: the cross-entropy on the labels smoothed by this amount in [0, 1);
+      natural, pgd-at and trades (:mod:`robustlab.training.split_loss`).
     """
 
     objective: str = "natural"
@@ -115,6 +138,19 @@ class TrainConfig:
     channels_last: bool = False
     dataset: str | None = None  # recorded in the checkpoint
     init: str | None = None  # checkpoint to start from (recipes: [model] init)
+    val_split: float | int = 0  # held-out training examples: a count or a fraction
+    val_every: int = 1  # validate every k passes (and after the last)
+    keep_best: bool = False  # model_best.safetensors: the best hold-out robust accuracy
+    average: str = "none"  # none | ema | swa
+    ema_decay: float = 0.995  # Gowal et al.
+    swa_start: int = 0  # SWA averages the epochs after this many
+    awp: bool = False
+    awp_gamma: float = 5e-3  # Wu et al., TRADES-AWP (PGD-AT-AWP: 1e-2)
+    awp_warmup: int = 10  # epochs without AWP first (PGD-AT-AWP: 0)
+    augment: bool = False  # random crop (+ flip where the data set allows it)
+    crop_pad: int = 4  # pixels of padding of the random crop
+    flip: bool | None = None  # None: the data set's own rule (CIFAR yes, Fashion-MNIST no)
+    label_smoothing: float = 0.0
 
     def validate(self, threat: ThreatModel | None = None) -> None:
         """Check every setting (``ValueError`` / ``TypeError`` naming it); with the run's
@@ -151,3 +187,47 @@ class TrainConfig:
                                           and self.init.endswith(".safetensors")):
             raise ValueError(f"init must be the path of a .safetensors checkpoint, "
                              f"got {self.init!r}")
+        self._validate_selection()
+        self._validate_features()
+
+    def _validate_selection(self) -> None:
+        """``val_split``, ``val_every``, ``keep_best``."""
+        if isinstance(self.val_split, float):
+            number(self.val_split, "val_split", low=0, high=1, high_open=True)
+        else:
+            integer(self.val_split, "val_split (a count, or a fraction such as 0.02)",
+                    minimum=0)
+        positive_int(self.val_every, "val_every")
+        if _flag(self.keep_best, "keep_best") and not self.val_split:
+            raise ValueError("keep_best chooses the epoch on training examples held out from "
+                             "training: set val_split (a count such as 1000, or a fraction "
+                             "such as 0.02 of the training set)")
+
+    def _validate_features(self) -> None:
+        """Weight averaging, AWP, augmentation and label smoothing."""
+        one_of(self.average, "average", AVERAGES)
+        number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
+        integer(self.swa_start, "swa_start", minimum=0)
+        if self.average == "swa" and self.swa_start >= self.epochs:
+            raise ValueError(f"swa_start={self.swa_start} >= epochs={self.epochs}: SWA would "
+                             "average no epoch; lower swa_start")
+        number(self.awp_gamma, "awp_gamma", low=0, low_open=True)
+        integer(self.awp_warmup, "awp_warmup", minimum=0)
+        if _flag(self.awp, "awp"):
+            if self.objective not in supporting("awp"):
+                raise ValueError(f"awp wraps the objectives {', '.join(supporting('awp'))}, "
+                                 f"not {self.objective!r}; set awp = false")
+            if self.awp_warmup >= self.epochs:
+                raise ValueError(f"awp_warmup={self.awp_warmup} >= epochs={self.epochs}: AWP "
+                                 "would never run; lower awp_warmup (0: from the first epoch)")
+        integer(self.crop_pad, "crop_pad", minimum=0)
+        if self.flip is not None:
+            _flag(self.flip, "flip")
+        if not _flag(self.augment, "augment") and (self.flip is not None or self.crop_pad != 4):
+            raise ValueError("crop_pad and flip set how augment = true augments; set "
+                             "augment = true, or leave them out")
+        number(self.label_smoothing, "label_smoothing", low=0, high=1, high_open=True)
+        if self.label_smoothing and self.objective not in supporting("smoothing"):
+            raise ValueError(f"label_smoothing applies to the cross-entropy of the objectives "
+                             f"{', '.join(supporting('smoothing'))}, not {self.objective!r}; "
+                             "set label_smoothing = 0")

@@ -91,23 +91,25 @@ def load_state(
 
 
 def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 objective: Any, config: dict[str, Any]) -> dict[str, Any]:
+                 objective: Any, config: dict[str, Any], defaults: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load the training state at ``path`` into ``model``, ``optimizer`` and ``objective``
     (its carried tensors, saved as ``objective.*`` extras) after checking that the saved
-    settings equal ``config`` (``epochs`` aside: a run may be extended); returns the saved
-    ``info`` (``epoch``, ``history``, ``stopped``)."""
+    settings equal ``config`` (``epochs`` aside: a run may be extended; a setting the saved
+    run predates counts as its value in ``defaults``); returns the saved ``info``
+    (``epoch``, ``history``, ``stopped``) and the other extra tensors (e.g. ``average.*``)."""
     if not path.exists():
         raise FileNotFoundError(
             f"cannot resume: no {path.name} in {path.parent}; start without --resume")
     info, extra = load_state(path, model, optimizer)
-    saved = {k: v for k, v in info["config"].items() if k != "epochs"}
+    saved = {k: v for k, v in {**(defaults or {}), **info["config"]}.items() if k != "epochs"}
     now = {k: v for k, v in config.items() if k != "epochs"}
     if saved != now:
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")
     objective.load_state_dict(
         {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
-    return info
+    return info, {k: v for k, v in extra.items() if not k.startswith("objective.")}
 
 
 class RunFiles(NamedTuple):

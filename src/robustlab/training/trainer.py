@@ -19,9 +19,20 @@ Progress and logs go through one observer (:class:`robustlab.evaluation.record.R
 whole run; a resumed run starts it where it stands) with the epoch, the running loss, the
 learning rate and the last validation accuracies. With ``out`` each epoch's record goes to
 ``train_log.jsonl`` and, if the ``tensorboard`` package is installed, its scalars to
-``out/tensorboard/`` (step = epoch; see :data:`TB_SCALARS`). These mirror the log: every
-(re)start has TensorBoard discard the steps of earlier event files and writes the history
-again, so a resumed run shows each epoch once.
+``out/tensorboard/`` (step = epoch; see :data:`robustlab.training.records.TB_SCALARS`).
+These mirror the log: every (re)start has TensorBoard discard the steps of earlier event files
+and writes the history again, so a resumed run shows each epoch once.
+
+Features of :class:`TrainConfig` (each in its own module, with paper, formula and cost):
+a hold-out of the training data for model selection with ``model_best.safetensors``
+(:mod:`~robustlab.training.selection`), EMA and SWA weight averages, validated and saved in
+place of the raw weights (:mod:`~robustlab.training.averaging`), AWP around the objective's
+loss (:mod:`~robustlab.training.awp`; the adversarial point is then crafted outside the DDP
+forward, by an input-gradient attack that accumulates no parameter gradient), random crops and
+flips (:mod:`~robustlab.training.augment`) and label smoothing
+(:mod:`~robustlab.training.split_loss`). The resumable state holds the raw weights, the
+optimiser and the average; the log records each validation of the hold-out
+(``holdout_clean_acc``, ``holdout_robust_acc``) and the best epoch so far (``best_epoch``).
 """
 
 from __future__ import annotations
@@ -39,19 +50,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab import distributed, models
-from robustlab._modes import eval_mode
+from robustlab import distributed
 from robustlab._progress import tensorboard_available
-from robustlab._validate import check_inputs, check_labels, probe_model
 from robustlab.evaluation.record import RunLog
-from robustlab.evaluation.validation import evaluate_epoch
 from robustlab.models.init import init_weights
 from robustlab.threat import ThreatModel
+from robustlab.training.awp import AWP
 from robustlab.training.config import TrainConfig
+from robustlab.training.features import BEST_FILE, Features
 from robustlab.training.objectives import create as create_objective
-from robustlab.training.objectives.base import Objective
 from robustlab.training.probe import OverfitProbe, Snapshot, probe_action
+from robustlab.training.records import TB_SCALARS, postfix, scalars
 from robustlab.training.schedules import lr_at
+from robustlab.training.selection import due
+from robustlab.training.setup import check_data, make_optimizer, seeded
 from robustlab.training.state import resume_state, save_state
 
 log = logging.getLogger(__name__)
@@ -59,85 +71,7 @@ STATE_FILE = "train_state.safetensors"
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "train_log.jsonl"
 TB_DIR = "tensorboard"
-# TensorBoard tag <- train_log.jsonl key; "time/epoch_s" is train_time_s + val_time_s
-TB_SCALARS = (("train/loss", "train_loss"), ("train/lr", "lr"),
-              ("val/clean_accuracy", "val_clean_acc"), ("val/robust_accuracy", "val_robust_acc"),
-              ("probe/robust_accuracy", "probe_robust_acc"))
-def _seeded(seed: int, epoch: int, stream: int, device: torch.device,
-            rank: int = 0) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if rank == 0:
-        return g.manual_seed((seed * 1_000_003 + epoch) * 7 + stream)
-    return g.manual_seed(hash((seed, epoch, stream, rank)) & (2**63 - 1))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam over the trainable parameters; those marked ``robustlab_no_decay`` (e.g.
-    PNI's noise scales) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    no_decay = [p for p in params if getattr(p, "robustlab_no_decay", False)]
-    groups: list[dict[str, Any]] = [
-        {"params": [p for p in params if not getattr(p, "robustlab_no_decay", False)]}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999),
-                                weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-
-
-def _scalars(rec: dict[str, Any]) -> tuple[int, dict[str, float]]:
-    """One epoch record's TensorBoard scalars (:data:`TB_SCALARS`, ``time/epoch_s``) and its
-    step, the epoch."""
-    values = {tag: rec[key] for tag, key in TB_SCALARS if key in rec}
-    values["time/epoch_s"] = rec["train_time_s"] + rec.get("val_time_s", 0.0)
-    return rec["epoch"], values
-
-
-def _postfix(epoch: int, passes: int, now: dict[str, Any],
-             history: list[dict[str, Any]]) -> dict[str, str]:
-    """The bar's postfix: epoch ``epoch`` (0-based) of the passes, the running loss and
-    learning rate in ``now``, and the validation accuracies of the last finished epoch."""
-    post = {"epoch": f"{epoch + 1}/{passes}", "loss": f"{now['train_loss']:.4f}",
-            "lr": f"{now['lr']:.3g}"}
-    last = history[-1] if history else {}
-    for key, name in (("val_clean_acc", "val_clean"), ("val_robust_acc", "val_robust")):
-        if key in last:
-            post[name] = f"{100 * last[key]:.1f}%"
-    return post
-
-
-def _check_data(model: nn.Module, data: Any, val: Any, threat: ThreatModel | None) -> None:
-    """``data`` and ``val`` are pairs ``(x, y)`` the model classifies, labels in range."""
-    for what, pair in (("data", data), ("val", val)):
-        if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise TypeError(f"{what} must be a pair (x, y) of tensors, got {pair!r:.80}")
-    x, y = data
-    check_inputs(x, y, threat)
-    if val is not None:
-        check_inputs(*val, threat)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    with eval_mode(model):  # no BatchNorm statistics updated, no dropout draws
-        k = probe_model(model, x[:2].to(next(model.parameters()).device)).shape[1]
-    check_labels(y, k)
-    if val is not None:
-        check_labels(val[1], k, "val labels")
-
-
-class _Step(nn.Module):
-    """The objective's whole loss as one module call, so that DDP sees one forward (inner
-    attack included) per backward."""
-
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, x: Tensor, y: Tensor, threat: ThreatModel | None,
-                generator: torch.Generator) -> Tensor:
-        return self.objective(self.model, x, y, threat=threat, generator=generator)
+__all__ = ["BEST_FILE", "TB_SCALARS", "TrainConfig", "Trainer", "fit", "make_optimizer"]
 
 
 class Trainer:
@@ -148,6 +82,11 @@ class Trainer:
     print). ``tensorboard``: scalars in ``out/tensorboard/``; None: if the ``tensorboard``
     package is installed and ``out`` is set, True: required (ImportError if not installed),
     False: none.
+
+    ``val``: validated every ``val_every`` passes and only watched; the run's
+    ``val_split`` training examples are held out of ``data`` here, validated at the same
+    times and, with ``keep_best``, choose ``model_best.safetensors``. With ``average`` the
+    model holds the averaged weights when the run ends (what ``model.safetensors`` holds).
     """
 
     def __init__(
@@ -164,7 +103,7 @@ class Trainer:
         tensorboard: bool | None = None,
     ) -> None:
         cfg.validate(threat)
-        _check_data(model, data, val, threat)
+        check_data(model, data, val, threat)
         self.objective = create_objective(cfg.objective, **cfg.objective_options)
         if self.objective.needs_threat and threat is None:
             raise ValueError(f"objective {cfg.objective!r} needs threat=ThreatModel(...)")
@@ -177,21 +116,22 @@ class Trainer:
             raise ValueError(f"tensorboard={tensorboard!r} writes to out/{TB_DIR}/: pass out=... "
                              "or leave tensorboard unset")
         self.model, self.cfg, self.threat, self.val = model, cfg, threat, val
-        self.x, self.y = data
         self.out = Path(out) if out is not None else None
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.features = Features(cfg, model, self.objective, data, threat, self.out)
+        (self.x, self.y), self.average = self.features.data, self.features.average
         self.callback = callback
         self.device = next(model.parameters()).device
         self.world = distributed.current()
         writes = self.out is not None and self.world.main  # rank 0 writes the log
         board = self.out is not None and tensorboard_available(tensorboard)
-        self.log = RunLog(self.out / LOG_FILE if writes else None, scalars=_scalars,
+        self.log = RunLog(self.out / LOG_FILE if writes else None, scalars=scalars,
                           progress=progress and self.world.main,
                           tensorboard=self.out / TB_DIR if board and writes else None)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, cfg)
         self.passes = math.ceil(cfg.epochs / self.objective.replays)
-        self.step: nn.Module = _Step(model, self.objective)
+        self.step: nn.Module = self.features.step
         if self.world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -210,7 +150,8 @@ class Trainer:
                                     if k != "name"}
         return json.loads(json.dumps(cfg))
 
-    def _checkpoint(self, epoch: int) -> None:
+    def _checkpoint(self, epoch: int, best: bool) -> None:
+        """The shown weights (and, if ``best``, ``model_best``), then the resumable state."""
         assert self.out is not None
         if self.world.main:
             meta = {"dataset": self.cfg.dataset,
@@ -218,17 +159,20 @@ class Trainer:
                     "objective": self.cfg.objective,
                     "objective_config": self.objective.config(), "epoch": epoch,
                     "seed": self.cfg.seed, "train_config": self._config()}
-            models.save(self.model, self.out / MODEL_FILE, meta=meta)
+            self.features.save(self.model, self.out / MODEL_FILE, meta, self.history[-1], best)
             info = {"epoch": epoch, "config": self._config(), "history": self.history,
                     "stopped": self.stopped}
-            save_state(self.out / STATE_FILE, self.model, self.optimizer, info,
-                       extra={"objective." + k: v for k, v in self.objective.state_dict().items()})
+            extra = {"objective." + k: v for k, v in self.objective.state_dict().items()}
+            extra |= self.features.kept() or {}
+            save_state(self.out / STATE_FILE, self.model, self.optimizer, info, extra=extra)
         distributed.barrier(self.world)
 
     def _resume(self) -> int:
         assert self.out is not None
-        info = resume_state(self.out / STATE_FILE, self.model, self.optimizer, self.objective,
-                            self._config())
+        defaults = json.loads(json.dumps(asdict(TrainConfig())))  # for states saved before
+        info, extra = resume_state(self.out / STATE_FILE, self.model, self.optimizer,
+                                   self.objective, self._config(), defaults)
+        self.features.restore(extra)  # the average, if any
         self.history = info["history"]
         self.stopped = bool(info.get("stopped", False))
         self.log.rewrite(self.history)  # drop records of an epoch that did not reach its checkpoint
@@ -243,6 +187,8 @@ class Trainer:
         if self.cfg.init is not None:  # fine-tuning; a resumed run has its own weights
             left = init_weights(self.model, self.cfg.init)
             log.info("initialised from %s; left at init: %s", self.cfg.init, left)
+        if self.average is not None:  # EMA starts from the weights the run starts from
+            self.average.reset(self.model)
         # dropout & co. draw from the global RNG: start it from the run's seed
         torch.set_rng_state(torch.Generator().manual_seed(self.cfg.seed).get_state())
         return 0
@@ -254,6 +200,7 @@ class Trainer:
             start = self._resume() if resume else self._fresh()
             if self.stopped:
                 log.info("this run was stopped by the overfitting probe; nothing to resume")
+                self.features.finish(self.model)
                 return self.history
             self.x, self.y = self.objective.setup(self.model, self.x, self.y)
             probe = None
@@ -266,22 +213,27 @@ class Trainer:
                 self._open_log(start)
                 for epoch in range(start, self.passes):
                     self.objective.begin_epoch(epoch, self.passes)
+                    kept = self.features.kept() if probe is not None else None
                     rec = self._epoch(epoch)
                     if probe is not None:
                         value = probe.measure(self.model,
-                                              _seeded(self.cfg.seed, epoch, 2, self.device))
+                                              seeded(self.cfg.seed, epoch, 2, self.device))
                         self.stopped = probe.judge(value, rec, self.history, self.model,
                                                    self.optimizer, self.objective)
+                        if "overfit" in rec:  # the average goes back too
+                            self.features.restore(kept)
+                    best = self.features.select(self.history, rec)
                     self.history.append(rec)
                     if self.out is not None:
-                        self._checkpoint(epoch + 1)
+                        self._checkpoint(epoch + 1, best)
                     self.log.write(rec)
-                    self.log.show(_postfix(epoch, self.passes, rec, self.history), refresh=False)
+                    self.log.show(postfix(epoch, self.passes, rec, self.history), refresh=False)
                     with self.log.aside():  # the callback may print
                         if self.callback is not None:
                             self.callback(rec)
                     if self.stopped:
                         break
+                self.features.finish(self.model)
             finally:
                 self.log.close()
         return self.history
@@ -293,69 +245,84 @@ class Trainer:
         self.log.open(total=self.passes * per_pass, initial=start * per_pass, desc="training",
                       history=self.history)
         if self.history:
-            self.log.show(_postfix(start - 1, self.passes, self.history[-1], self.history))
+            self.log.show(postfix(start - 1, self.passes, self.history[-1], self.history))
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         cfg, n, m, world = self.cfg, len(self.x), self.objective.replays, self.world
-        order = torch.randperm(n, generator=_seeded(cfg.seed, epoch, 0, torch.device("cpu")))
-        gen = _seeded(cfg.seed, epoch, 1, self.device, world.rank)
+        order = torch.randperm(n, generator=seeded(cfg.seed, epoch, 0, torch.device("cpu")))
+        gen = seeded(cfg.seed, epoch, 1, self.device, world.rank)
+        crops = seeded(cfg.seed, epoch, 4, torch.device("cpu"))  # the same on every rank
         if world.rank > 0:  # rank 0 carries its RNG state; the others start each epoch anew
-            torch.set_rng_state(_seeded(cfg.seed, epoch, 3, torch.device("cpu"),
-                                        world.rank).get_state())
+            torch.set_rng_state(seeded(cfg.seed, epoch, 3, torch.device("cpu"),
+                                       world.rank).get_state())
         batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        awp = cfg.awp and epoch >= cfg.awp_warmup
         self.model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
         lr, scale_lr = cfg.lr, 0.5 ** sum(r.get("overfit") == "rolled back" for r in self.history)
         for i, idx in enumerate(batches):
-            local = distributed.shard(idx, world)
-            xb, yb = self.x[local].to(self.device), self.y[local].to(self.device)
-            if cfg.channels_last and xb.dim() == 4:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb, yb = self._batch(idx, crops)
             # DDP averages the ranks' gradients: weigh each rank's mean by its share
-            weight = len(local) * world.size / len(idx)
+            weight = len(yb) * world.size / len(idx)
             for r in range(m):
                 progress = (epoch * len(batches) * m + i * m + r) / len(batches)
                 lr = scale_lr * lr_at(cfg.schedule, cfg.lr, progress, self.passes * m,
                                       **cfg.schedule_options)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                total += self._step(xb, yb, gen, weight, f"epoch {epoch + 1}, batch {i}") \
-                    * len(local)
-                seen += len(local)
-            self.log.advance(_postfix(epoch, self.passes, {"train_loss": total / seen, "lr": lr},
-                                      self.history))
+                total += self._step(xb, yb, gen, weight, f"epoch {epoch + 1}, batch {i}",
+                                    awp) * len(yb)
+                seen += len(yb)
+            self.log.advance(postfix(epoch, self.passes, {"train_loss": total / seen, "lr": lr},
+                                     self.history))
+        if self.average is not None:  # SWA: fold in this epoch, BatchNorm on the data
+            self.average.end_epoch(self.model, epoch + 1, self.x.split(cfg.batch_size))
         train_time = time.perf_counter() - t0
         total, seen = distributed.all_sum([total, float(seen)], world, self.device)
         rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": total / seen,
                                "train_time_s": train_time}
         if m > 1:
             rec["epochs_equivalent"] = (epoch + 1) * m
-        if self.val is not None:
-            t1 = time.perf_counter()
-            rec |= evaluate_epoch(self.model, *self.val, self.threat, cfg.val_attack,
-                                  batch_size=max(cfg.batch_size, 256), world=world,
-                                  seed=cfg.seed)
-            rec |= {"val_attack": cfg.val_attack, "val_n": len(self.val[0]),
-                    "val_time_s": time.perf_counter() - t1}
+        if self.average is not None:
+            rec["weights"] = self.average.kind if self.average.ready else "raw"
+        if due(epoch, self.passes, cfg.val_every):
+            self.features.validate(rec, self.model, self.val, world)
         self.model.train()
         return rec
 
+    def _batch(self, idx: Tensor, crops: torch.Generator) -> tuple[Tensor, Tensor]:
+        """This rank's share of the global batch ``idx`` on the device, augmented with
+        draws for the whole global batch (so every rank count augments alike)."""
+        local = distributed.shard(idx, self.world)
+        xb, yb = self.x[local].to(self.device), self.y[local].to(self.device)
+        xb = self.features.augmented(xb, len(idx), crops, self.world)
+        if self.cfg.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, yb
+
     def _step(self, xb: Tensor, yb: Tensor, gen: torch.Generator, weight: float,
-              where: str) -> float:
-        """One optimiser step on the objective's loss (scaled by ``weight``); its value."""
+              where: str, awp: bool = False) -> float:
+        """One optimiser step on the objective's loss (scaled by ``weight``); its value. With
+        ``awp`` the loss is taken at the perturbed weights ``w + v`` and ``v`` is removed after
+        the optimiser step (:mod:`robustlab.training.awp`)."""
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                     if self.cfg.precision == "bf16" else contextlib.nullcontext())
         with autocast:
-            loss = self.step(xb, yb, self.threat, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at {where}; lower the "
-                                     "learning rate or check the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight if weight != 1 else loss).backward()
-        self.objective.after_backward()
-        if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+            loss, v = self.features.loss(self.step, xb, yb, gen, self.world, weight, awp)
+        try:
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at {where}; lower "
+                                         "the learning rate or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss * weight if weight != 1 else loss).backward()
+            self.objective.after_backward()
+            if self.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+        finally:
+            AWP.apply(v, -1.0)
+        if self.average is not None:
+            self.average.after_step(self.model)
         return loss.item()
 
 

@@ -1,0 +1,226 @@
+"""Sequential certification (:mod:`robustlab.defenses.sequential`) and batching across inputs
+(:mod:`robustlab.defenses.batching`).
+
+The base classifier of the exact cases is a halfspace, ``f(x) = 0 if x - b > 0 else 1`` on a
+one-pixel input, so under Gaussian noise ``p_A = Phi((x - b) / sigma)`` exactly and the true
+radius is ``sigma Phi^-1(p_A) = x - b``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom, norm
+from torch import nn
+
+import robustlab as rl
+from robustlab import cli
+from robustlab.defenses import ABSTAIN, certify, certify_iter, predict
+from robustlab.defenses.batching import _CHOSEN, CANDIDATES, best_batch_size
+from robustlab.defenses.certify import lower_confidence_bound
+from robustlab.defenses.sequential import look_alphas, looks, lower_bounds, radii
+from robustlab.defenses.smoothing import noisy_logits
+from robustlab.evaluation.certification import run_certification
+
+
+class Halfspace(nn.Module):
+    def __init__(self, b: float) -> None:
+        super().__init__()
+        self.b = b
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        z = x.flatten(1).sum(1) - self.b
+        return torch.stack([z, -z], 1)
+
+
+def at_distance(p_a: float, sigma: float, n: int) -> tuple[Halfspace, torch.Tensor, float]:
+    """A halfspace, ``n`` copies of the input 0.5, and the true radius for ``p_A``."""
+    d = sigma * float(norm.ppf(p_a))
+    return Halfspace(0.5 - d), torch.full((n, 1, 1, 1), 0.5), d
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def allowed_failures(reps: int, alpha: float) -> int:
+    """The most failures a level-alpha procedure shows in ``reps`` runs, but with
+    probability 1e-4."""
+    return int(binom.ppf(1 - 1e-4, reps, alpha))
+
+
+# --- the confidence sequence ------------------------------------------------------------------
+def test_the_look_levels_sum_to_alpha_and_the_looks_grow_geometrically():
+    assert look_alphas(0.01, 100_000).sum() == pytest.approx(0.01, rel=1e-4)
+    grid = looks(100_000)
+    assert grid[0] == 100 and grid[-1] == 100_000 and grid == sorted(set(grid))
+    assert all(b <= 1.25 * a + 1 for a, b in zip(grid, grid[1:], strict=False))
+    assert looks(7) == [7]
+
+
+def test_radii_are_the_certified_radii_of_the_noise():
+    p = np.array([0.3, 0.5, 0.6, 0.99])
+    assert radii(p, "gaussian", 0.5, None) == pytest.approx(
+        [0, 0, 0.5 * norm.ppf(0.6), 0.5 * norm.ppf(0.99)])
+    assert radii(p, "laplace", 0.5, None) == pytest.approx(
+        [0, 0, -0.5 * np.log(0.8), -0.5 * np.log(0.02)])
+
+
+@pytest.mark.parametrize("p", [0.6, 0.95])
+def test_the_lower_bounds_hold_together_at_an_adversarial_stopping_look(p):
+    """Stop at the first look whose lower bound exceeds the true p (the worst stopping rule):
+    with the levels alpha_k this fails in at most alpha of the runs; the same harness catches
+    the naive sequence (level alpha at every look), so the check has teeth."""
+    alpha, reps = 0.05, 4000
+    grid = np.array(looks(20_000))
+    rng = np.random.default_rng(0)
+    steps = np.diff(grid, prepend=0)
+    counts = rng.binomial(steps[None, :], p, size=(reps, len(grid))).cumsum(1)
+    n = np.broadcast_to(grid, counts.shape)
+
+    def failures(levels: np.ndarray) -> int:
+        return int((lower_bounds(counts, n, np.broadcast_to(levels, counts.shape)) > p)
+                   .any(1).sum())
+
+    assert failures(look_alphas(alpha, len(grid))) <= allowed_failures(reps, alpha)
+    assert failures(np.full(len(grid), alpha)) > allowed_failures(reps, alpha)
+
+
+def test_sequential_radii_are_valid_on_the_halfspace():
+    """2000 certifications with alpha = 0.1: the fraction of radii above the true one stays
+    within the binomial tolerance of alpha; and the radii are close below it."""
+    reps, alpha = 2000, 0.1
+    model, x, d = at_distance(0.9, 1.0, reps)
+    pred, rad = certify(model, x, sigma=1.0, alpha=alpha, sequential=True, max_n=2000,
+                        radius_tolerance=0.5, generator=gen(1))
+    assert (rad > d).sum() <= allowed_failures(reps, alpha)
+    assert (pred == 0).float().mean() > 0.99 and float(rad.mean()) > d - 0.5
+
+
+# --- stopping ---------------------------------------------------------------------------------
+def test_a_clear_point_stops_long_before_max_n():
+    model, x, d = at_distance(0.999, 1.0, 8)
+    certs = list(certify_iter(model, x, sigma=1.0, sequential=True, max_n=100_000,
+                              radius_tolerance=0.5, generator=gen(2)))
+    assert all(c.draws < 30_000 and c.prediction == 0 for c in certs)
+    assert all(d - 0.6 < c.radius <= d for c in certs)
+    assert sorted(c.index for c in certs) == list(range(8))
+
+
+def test_a_point_that_cannot_reach_min_radius_stops_early():
+    model, x, _ = at_distance(0.52, 1.0, 8)
+    certs = list(certify_iter(model, x, sigma=1.0, sequential=True, max_n=100_000,
+                              radius_tolerance=0.01, min_radius=0.5, generator=gen(3)))
+    assert all(c.draws <= 1000 for c in certs)
+    assert all(c.prediction == ABSTAIN or c.radius < 0.5 for c in certs)
+    # without min_radius and with a fine tolerance it keeps drawing
+    (c,) = certify_iter(model, x[:1], sigma=1.0, sequential=True, max_n=20_000,
+                        radius_tolerance=0.01, generator=gen(3))
+    assert c.draws > 5000
+
+
+def test_sequential_results_do_not_depend_on_the_batch_size_or_the_other_inputs():
+    model, x, _ = at_distance(0.9, 1.0, 3)
+    kw = dict(sigma=1.0, sequential=True, max_n=3000, radius_tolerance=0.3)
+    a = certify(model, x, batch_size=64, generator=[gen(i) for i in range(3)], **kw)
+    b = certify(model, x[1:], batch_size=64, generator=[gen(i) for i in range(1, 3)], **kw)
+    assert torch.equal(a[1][1:], b[1])
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_n": 0}, "max_n"), ({"radius_tolerance": 0.0}, "radius_tolerance"),
+    ({"radius_tolerance": -1.0}, "radius_tolerance"), ({"min_radius": -0.1}, "min_radius"),
+    ({"sequential": "yes"}, "sequential"), ({"generator": [gen()]}, "one torch.Generator"),
+])
+def test_bad_sequential_options_are_refused(kwargs, match):
+    model, x, _ = at_distance(0.9, 1.0, 2)
+    with pytest.raises((ValueError, TypeError), match=match):
+        certify(model, x, sigma=1.0, **{"sequential": True, **kwargs})
+
+
+# --- fixed N unchanged; batching --------------------------------------------------------------
+def reference_certify(model, x, n0, n, alpha, batch_size, generator):
+    """Cohen's CERTIFY as before this change: per input, n0 then n draws of ``noisy_logits``."""
+    out = []
+    for i in range(len(x)):
+        counts = []
+        for num in (n0, n):
+            votes = torch.cat([lg.argmax(1) for _, lg in
+                               noisy_logits(model, x[i:i + 1], num, 0.5, "gaussian", batch_size,
+                                            generator)])
+            counts.append(torch.bincount(votes, minlength=10))
+        c_a = int(counts[0].argmax())
+        out.append((c_a, int(counts[1][c_a]), lower_confidence_bound(int(counts[1][c_a]), n,
+                                                                     alpha)))
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [7, 64, 1000])
+def test_fixed_n_is_cohens_procedure_draw_for_draw(toy_model, toy_data, batch_size):
+    x = toy_data[0][:4]
+    certs = list(certify_iter(toy_model, x, sigma=0.5, n0=20, n=150, alpha=0.01,
+                              batch_size=batch_size, generator=gen(4)))
+    ref = reference_certify(toy_model, x, 20, 150, 0.01, batch_size, gen(4))
+    assert [(c.count, c.p_lower) for c in certs] == [(r[1], r[2]) for r in ref]
+    assert [c.prediction for c in certs] == [r[0] if r[2] > 0.5 else ABSTAIN for r in ref]
+
+
+def test_a_measured_batch_size_changes_nothing_but_the_forwards():
+    """No batch_size: the noise is drawn as with batch_size=1000, forwards at the measured
+    size (here forced to 64 through the cache)."""
+    model, x, _ = at_distance(0.8, 1.0, 3)
+    _CHOSEN[model] = {(tuple(x.shape[1:]), x.dtype, x.device): 64}
+    a = certify(model, x, sigma=1.0, n0=10, n=3000, generator=gen(5))
+    calls = model.calls
+    b = certify(model, x, sigma=1.0, n0=10, n=3000, batch_size=1000, generator=gen(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert calls > 3 * (model.calls - calls)  # 64 rows per forward, not 1000
+    assert torch.equal(predict(model, x, sigma=1.0, n=500, generator=gen(6)),
+                       predict(model, x, sigma=1.0, n=500, batch_size=1000, generator=gen(6)))
+
+
+def test_best_batch_size_measures_big_jobs_only_and_caches():
+    model = Halfspace(0.0)
+    x = torch.zeros(1, 1, 4, 4)
+    assert best_batch_size(model, x, 100, 1000) == 1000 and model.calls == 0
+    size = best_batch_size(model, x, 10**7, 1000)
+    calls = model.calls
+    assert size in CANDIDATES and calls > 0
+    assert best_batch_size(model, x, 10**7, 1000) == size and model.calls == calls
+
+
+def test_run_certification_batches_examples_and_resumes_sequentially(toy_model, toy_data,
+                                                                    tmp_path):
+    x, y = toy_data[0][:4], toy_data[1][:4]
+    seq = {"max_n": 400, "radius_tolerance": 0.1}
+    full = run_certification(toy_model, x, y, sigma=0.25, n0=10, seed=1, out=tmp_path / "a",
+                             sequential=seq, batch_size=50)
+    run_certification(toy_model, x[:2], y[:2], sigma=0.25, n0=10, seed=1, out=tmp_path / "b",
+                      sequential=seq, batch_size=50)
+    again = run_certification(toy_model, x, y, sigma=0.25, n0=10, seed=1, out=tmp_path / "b",
+                              sequential=seq, batch_size=50)
+    rows = [sorted((json.loads(r) for r in (tmp_path / d / "certify.jsonl").read_text()
+                    .splitlines()[1:]), key=lambda r: r["index"]) for d in "ab"]
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in rows]
+    assert strip[0] == strip[1] and all(0 < r["draws"] <= 400 for r in rows[0])
+    assert full["certified_accuracy"] == again["certified_accuracy"]
+    assert full["config"]["sequential"] == seq
+
+
+def test_cli_certify_sequential(fake_fmnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    assert cli.main(["certify", str(ckpt), "--sigma", "0.25", "--n0", "10", "--n-points", "2",
+                     "--sequential", "--max-n", "300", "--radius-tolerance", "0.2",
+                     "--device", "cpu", "--out", str(tmp_path / "c")]) == 0
+    summary = json.loads((tmp_path / "c" / "certify.json").read_text())
+    assert summary["config"]["sequential"] == {"max_n": 300, "radius_tolerance": 0.2,
+                                               "min_radius": 0.0}
+    rows = (tmp_path / "c" / "certify.jsonl").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(json.loads(r)["draws"] <= 300 for r in rows)
