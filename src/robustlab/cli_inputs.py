@@ -149,3 +149,36 @@ def record(args: argparse.Namespace, inputs: Inputs, spec: dict[str, Any] | None
     return {"checkpoint": None if args.checkpoint is None else str(args.checkpoint), **own,
             "dataset": inputs.source, "classes": inputs.classes,
             "split": inputs.split, "resize": None if resize is None else list(resize)}
+
+
+def unlabeled_pool(source: str, n: int | None, dataset: str, n_train: int | None) -> Tensor:
+    """The images of a recipe's ``[data] unlabeled`` (their labels are never read), the first
+    ``n`` (None: all): a registered data set's training images (for the training data set
+    itself, those after its first ``n_train``, so no image is both labelled and unlabelled),
+    else a folder of images or an ``.npz`` / ``.safetensors`` file of ``x`` (and ``y``).
+
+    Raises:
+        ValueError: the training set itself without ``n_train``; no such data set, file or
+            folder; fewer images than ``n``.
+    """
+    if source in data.names():
+        skip = 0
+        if source == dataset:
+            if n_train is None:
+                raise ValueError(f"[data] unlabeled = {source!r} is the training set itself: set "
+                                 "[data] n_train, the labelled images; the pool is the images "
+                                 "after them")
+            skip = n_train
+        x, _ = data.load(source, split="train")
+        x = x[skip:]
+    elif Path(source).is_dir():
+        x = data.from_folder(source).x
+    elif Path(source).is_file():
+        x = data.from_arrays(source).x
+    else:
+        raise ValueError(f"[data] unlabeled = {source!r}: no registered data set "
+                         f"({', '.join(data.names())}) and no such file or folder")
+    if n is not None and n > len(x):
+        raise ValueError(f"[data] unlabeled_n = {n} but {source} holds {len(x)} unlabelled "
+                         f"images; use at most {len(x)}")
+    return x[:n]

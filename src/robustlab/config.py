@@ -3,6 +3,7 @@ any data is loaded), unknown ones named with the valid ones."""
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,14 @@ from robustlab import data, models
 from robustlab._validate import OptionTypeError, integer, one_of, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig
+from robustlab.training.objectives import get as get_objective
+from robustlab.training.objectives import names as objective_names
 
 _SECTIONS = {
     # val: the last val_n images of the test split, watched every val_every epochs and never
     # used to choose; keep_best chooses on [train] val_split, a hold-out of the training split
-    "data": {"dataset", "n_train", "val_n"},
+    # unlabeled: the pool of rst, uat, mart-semi and noisy-student (cli_inputs.unlabeled_pool)
+    "data": {"dataset", "n_train", "val_n", "unlabeled", "unlabeled_n"},
     "model": None,  # any keyword of models.create, and init (a checkpoint to start from)
     "threat": {"norm", "eps", "bounds"},
     "train": set(TrainConfig.__dataclass_fields__) - {"objective_options", "schedule_options",
@@ -31,7 +35,10 @@ _SECTIONS = {
 class Recipe:
     """A parsed recipe: data, model, threat and training settings. ``val_n``: the last test
     images, validated during training and only watched; the trainer's model selection
-    (``keep_best``) uses ``train.val_split`` training examples instead."""
+    (``keep_best``) uses ``train.val_split`` training examples instead. ``unlabeled``: the
+    unlabelled pool, a registered data set (its training images; for the training data set
+    itself, those after the first ``n_train``) or an array file or folder (labels not read),
+    its first ``unlabeled_n`` images (None: all); the CLI passes it to the objective."""
 
     dataset: str = "fashion-mnist"
     n_train: int | None = None
@@ -40,6 +47,8 @@ class Recipe:
     threat: ThreatModel | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     source: dict[str, Any] = field(default_factory=dict)
+    unlabeled: str | None = None
+    unlabeled_n: int | None = None
 
 
 def _parse(path: Path) -> dict[str, Any]:
@@ -97,8 +106,30 @@ def _recipe(doc: dict[str, Any]) -> Recipe:
     train["init"] = model.pop("init", None)  # the trainer loads it, models.create never sees it
     cfg = TrainConfig(**train)
     cfg.validate(threat)
+    unlabeled, unlabeled_n = _pool(d, cfg.objective)
     return Recipe(dataset=dataset, n_train=n_train, val_n=val_n, model=model, threat=threat,
-                  train=cfg, source=doc)
+                  train=cfg, source=doc, unlabeled=unlabeled, unlabeled_n=unlabeled_n)
+
+
+def _pool(d: dict[str, Any], objective: str) -> tuple[str | None, int | None]:
+    """``[data] unlabeled`` and ``unlabeled_n``, for an objective that takes a pool."""
+    unlabeled, n = d.get("unlabeled"), d.get("unlabeled_n")
+    if n is not None:
+        positive_int(n, "unlabeled_n")
+        if unlabeled is None:
+            raise ValueError("unlabeled_n counts the images of [data] unlabeled: set unlabeled "
+                             "= \"<data set or file>\", or drop unlabeled_n")
+    if unlabeled is None:
+        return None, None
+    if not isinstance(unlabeled, str):
+        raise OptionTypeError(f"unlabeled must be a data set's name or a file or folder, got "
+                              f"{unlabeled!r}")
+    if "unlabeled" not in inspect.signature(get_objective(objective)).parameters:
+        takers = [m for m in objective_names()
+                  if "unlabeled" in inspect.signature(get_objective(m)).parameters]
+        raise ValueError(f"objective {objective!r} takes no unlabelled pool: drop [data] "
+                         f"unlabeled, or train with one of {', '.join(takers)}")
+    return unlabeled, n
 
 
 def load_recipe(path: str | Path) -> Recipe:

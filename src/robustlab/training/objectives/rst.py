@@ -6,10 +6,12 @@ github.com/yaircarmon/semisup-adv).
     2. a robust objective (TRADES, beta = 6, in the paper) is minimised on labelled + pseudo-
        labelled data: L = base(model, x, y or y~).
 
-The unlabelled pool is emulated by hiding labels: the first ``labeled`` training images keep
-theirs, the rest get the teacher's predictions in :meth:`setup` (the trainer calls it once with
-the whole training set, before training and again on resume). ``pseudo_label_accuracy`` says how
-many pseudo-labels agree with the hidden ones (also logged).
+The unlabelled pool (:mod:`~robustlab.training.objectives.pool`) is given as data
+(``unlabeled``: images appended to the training set) and/or emulated by hiding labels (the
+first ``labeled`` training images keep theirs); its images get the teacher's predictions in
+:meth:`setup` (the trainer calls it once with the whole training set, before training and again
+on resume). The base objective sees the pseudo-labels as labels. ``pseudo_label_accuracy``
+says how many pseudo-labels of the hidden-label part agree with the hidden ones (also logged).
 
 Original setting: CIFAR-10 with 500K pseudo-labelled Tiny Images, TRADES beta 6, eps 8/255,
 10 steps of 2/255, half of every batch unlabelled (``unsup_fraction`` 0.5), 200 epochs. Here the
@@ -27,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
-from robustlab._validate import integer
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create, register
 from robustlab.training.objectives.base import Objective
@@ -38,9 +39,9 @@ from robustlab.training.objectives.distillation import (
     model_device,
     teacher_name,
 )
+from robustlab.training.objectives.pool import check_pool, describe, join, teacher_logits
 
 log = logging.getLogger(__name__)
-BATCH = 512  # images per teacher forward while pseudo-labelling
 
 
 @register("rst")
@@ -50,8 +51,10 @@ class RST(Objective):
     Args:
         teacher: a naturally trained model: a robustlab checkpoint path or an ``nn.Module``
             (required).
-        labeled: number of leading training images that keep their labels (>= 0, required);
-            the rest form the unlabelled pool.
+        labeled: number of leading training images that keep their labels (>= 0); the rest
+            join the unlabelled pool (their labels are never read). ``None``: all keep theirs.
+        unlabeled: unlabelled images (N, C, H, W) in the threat's bounds, appended to the
+            training set with pseudo-labels. ``labeled`` or ``unlabeled`` (or both) is required.
         base: registered objective applied to every minibatch of the mix, default ``"trades"``.
         base_options: its options; ``None`` means ``{"beta": 6.0}`` for trades (RST's value),
             ``{}`` otherwise.
@@ -61,20 +64,20 @@ class RST(Objective):
     """
 
     def __init__(self, teacher: Teacher | None = None, labeled: int | None = None,
-                 base: str = "trades", base_options: dict[str, Any] | None = None) -> None:
-        if teacher is None or labeled is None:
+                 base: str = "trades", base_options: dict[str, Any] | None = None,
+                 unlabeled: Tensor | None = None) -> None:
+        if teacher is None:
             raise ValueError("rst needs teacher=<path to a naturally trained robustlab "
-                             "checkpoint, or an nn.Module> (see configs/rst_teacher.toml) and "
-                             "labeled=<number of leading training images that keep their label>")
+                             "checkpoint, or an nn.Module> (see configs/rst_teacher.toml)")
         check_teacher(teacher, "rst")
-        integer(labeled, "rst labeled", minimum=0)
+        check_pool(labeled, unlabeled, "rst")
         if base == "rst":
             raise ValueError("rst base must be another objective, e.g. 'trades' or 'pgd-at'")
         if base_options is None:
             base_options = {"beta": 6.0} if base == "trades" else {}
         if not isinstance(base_options, dict):
             raise TypeError(f"rst base_options must be a dict, got {base_options!r}")
-        self.teacher, self.labeled = teacher, labeled
+        self.teacher, self.labeled, self.unlabeled = teacher, labeled, unlabeled
         self.base_name, self.base_options = base, dict(base_options)
         self.base = create(base, **base_options)
         # follow the base (instance attributes shadow the class defaults)
@@ -85,33 +88,33 @@ class RST(Objective):
         self.pseudo_label_errors: int | None = None
 
     def config(self) -> dict:
+        pool = {} if self.unlabeled is None else {"unlabeled": describe(self.unlabeled)}
         return super().config() | {"teacher": teacher_name(self.teacher),
                                    "labeled": self.labeled, "base": self.base_name,
                                    "base_options": {k: v for k, v in self.base.config().items()
-                                                    if k != "name"}}
+                                                    if k != "name"}} | pool
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if self.labeled > len(x):
-            raise ValueError(f"rst labeled={self.labeled} but the training set has only "
-                             f"{len(x)} images; use at most {len(x)}")
-        device = model_device(model, x)
-        teacher = load_teacher(self.teacher, device, "rst")
-        preds = []
-        with eval_mode(teacher), torch.no_grad():
-            for i in range(self.labeled, len(x), BATCH):
-                preds.append(teacher(x[i:i + BATCH].to(device)).argmax(1).to(y.device))
-        y_mixed = y.clone()
-        if preds:
-            y_mixed[self.labeled:] = torch.cat(preds)
-            errors = int((y_mixed[self.labeled:] != y[self.labeled:]).sum())
+        x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "rst")
+        if not len(pool):
+            log.warning("rst: labeled=%s covers the whole training set and no unlabeled "
+                        "images are given; no pseudo-labels", self.labeled)
+            return self.base.setup(model, x_all, y_all)
+        teacher = load_teacher(self.teacher, model_device(model, x), "rst")
+        with eval_mode(teacher):
+            preds = teacher_logits(teacher, pool, model_device(model, x)).argmax(1)
+        k = len(y_all) - len(pool)
+        y_all[k:] = preds.to(y_all.device)
+        hidden = len(x) - k  # the pool's hidden-label part, whose labels we can compare
+        if hidden:
+            errors = int((y_all[k:len(x)] != y[k:]).sum())
             self.pseudo_label_errors = errors
-            self.pseudo_label_accuracy = 1.0 - errors / (len(x) - self.labeled)
+            self.pseudo_label_accuracy = 1.0 - errors / hidden
             log.info("rst: %d pseudo-labels, %.2f%% agree with the hidden labels",
-                     len(x) - self.labeled, 100 * self.pseudo_label_accuracy)
+                     len(pool), 100 * self.pseudo_label_accuracy)
         else:
-            log.warning("rst: labeled=%d covers the whole training set; no pseudo-labels",
-                        self.labeled)
-        return self.base.setup(model, x, y_mixed)
+            log.info("rst: %d pseudo-labels of the given unlabelled images", len(pool))
+        return self.base.setup(model, x_all, y_all)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
              generator: torch.Generator) -> Tensor:
