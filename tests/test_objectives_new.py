@@ -229,4 +229,4 @@ def test_spectral_normalisation_bounds_every_layer_and_round_trips(tmp_path):
     assert loaded.robustlab_arch["kwargs"]["lipschitz"] == "spectral"
     assert torch.equal(loaded(x), model.eval()(x))
     with pytest.raises(ValueError, match="valid lipschitzs are: spectral"):
-        rl.models.create("smallcnn", lipschitz="parseval")
+        rl.models.create("smallcnn", lipschitz="orthogonal")

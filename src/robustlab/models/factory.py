@@ -76,8 +76,11 @@ def create(
         head: ``"mmc"`` replaces the final linear layer by the Max-Mahalanobis center head
             (:class:`robustlab.models.heads.MMCHead`), for the ``mmc`` training objective.
         head_options: ``c_mm`` (10.0) and ``feature_dim`` (the replaced layer's input size).
-        lipschitz: ``"spectral"``: spectral normalisation of every conv and linear weight
-            (:mod:`robustlab.models.lipschitz`), applied last (after head and noise).
+        lipschitz: ``"spectral"``: spectral normalisation of every conv and linear weight;
+            ``"parseval"``: Parseval networks' retraction of every trainable conv and linear
+            weight after each optimiser step (the trainer runs it through the layers'
+            ``robustlab_after_step`` hooks); see :mod:`robustlab.models.lipschitz`. Applied
+            last (after head and noise).
         **arch_kwargs: architecture-specific options (``drop`` for smallcnn, ``depth``,
             ``widen_factor`` and ``drop`` for wrn-34-10).
 

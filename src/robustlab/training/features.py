@@ -91,10 +91,29 @@ class Features:
             AWP.apply(v, -1.0)
             raise
 
+    def announce(self, objective: Objective) -> None:
+        """Tell ``objective`` before training that the run has a hold-out (its size only)."""
+        if self.holdout is not None:
+            objective.record_validation({"holdout_n": len(self.holdout[0])})
+
+    def after_step(self, model: nn.Module, objective: Objective) -> None:
+        """What follows every optimiser step (AWP's ``v`` removed): the objective's
+        ``after_step()``, ``robustlab_after_step()`` of every module of ``model`` that defines
+        one (model options, e.g. Parseval's retraction), then the average takes the weights."""
+        objective.after_step()
+        for module in model.modules():
+            hook = getattr(module, "robustlab_after_step", None)
+            if callable(hook):
+                hook()
+        if self.average is not None:
+            self.average.after_step(model)
+
     def validate(self, rec: dict[str, Any], model: nn.Module,
-                 val: tuple[Tensor, Tensor] | None, world: distributed.World) -> None:
+                 val: tuple[Tensor, Tensor] | None, world: distributed.World,
+                 objective: Objective | None = None) -> None:
         """Clean and robust accuracy of the shown weights on ``val`` (``val_*`` keys) and on
-        the hold-out (``holdout_*``) into ``rec``."""
+        the hold-out (``holdout_*``) into ``rec``; the hold-out's entries (never ``val``'s)
+        go to ``objective.record_validation``."""
         cfg, shown, t1 = self.cfg, self.shown(model), time.perf_counter()
         kw = {"batch_size": max(cfg.batch_size, 256), "world": world, "seed": cfg.seed}
         if val is not None:
@@ -104,6 +123,9 @@ class Features:
             got = evaluate_epoch(shown, *self.holdout, self.threat, cfg.val_attack, **kw)
             rec |= {k.replace("val_", "holdout_", 1): v for k, v in got.items()}
             rec |= {"val_attack": cfg.val_attack, "holdout_n": len(self.holdout[0])}
+            if objective is not None:
+                objective.record_validation({k: v for k, v in rec.items()
+                                             if k.startswith("holdout_")})
         if val is not None or self.holdout is not None:
             rec["val_time_s"] = time.perf_counter() - t1
 

@@ -33,6 +33,13 @@ flips (:mod:`~robustlab.training.augment`) and label smoothing
 (:mod:`~robustlab.training.split_loss`). The resumable state holds the raw weights, the
 optimiser and the average; the log records each validation of the hold-out
 (``holdout_clean_acc``, ``holdout_robust_acc``) and the best epoch so far (``best_epoch``).
+
+Hooks beyond the objective's loss: after every optimiser step the trainer calls
+``objective.after_step()`` and then ``robustlab_after_step()`` on every module of the model
+that defines one (a model option that must act on the weights after each update, e.g.
+Parseval's retraction in :mod:`robustlab.models.lipschitz`); after each validation of the
+hold-out it hands its ``holdout_*`` accuracies to ``objective.record_validation`` (and, once
+before training, ``holdout_n`` alone, so the objective knows a hold-out is coming).
 """
 
 from __future__ import annotations
@@ -203,6 +210,7 @@ class Trainer:
                 self.features.finish(self.model)
                 return self.history
             self.x, self.y = self.objective.setup(self.model, self.x, self.y)
+            self.features.announce(self.objective)
             probe = None
             if self.probe_action != "off":
                 assert self.threat is not None
@@ -286,7 +294,7 @@ class Trainer:
         if self.average is not None:
             rec["weights"] = self.average.kind if self.average.ready else "raw"
         if due(epoch, self.passes, cfg.val_every):
-            self.features.validate(rec, self.model, self.val, world)
+            self.features.validate(rec, self.model, self.val, world, self.objective)
         self.model.train()
         return rec
 
@@ -321,8 +329,7 @@ class Trainer:
             self.optimizer.step()
         finally:
             AWP.apply(v, -1.0)
-        if self.average is not None:
-            self.average.after_step(self.model)
+        self.features.after_step(self.model, self.objective)  # the hooks, then the average
         return loss.item()
 
 

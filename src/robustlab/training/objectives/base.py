@@ -7,7 +7,10 @@ minibatch say so through the hooks below, which the trainer calls at fixed point
 - :meth:`Objective.setup` once before training (load a teacher, pseudo-label data);
 - :meth:`Objective.begin_epoch` at the start of every pass over the data;
 - ``replays`` optimiser steps per minibatch, each one ``__call__`` -> backward ->
-  :meth:`Objective.after_backward` -> optimiser step (free-at's replays);
+  :meth:`Objective.after_backward` -> optimiser step -> :meth:`Objective.after_step`
+  (free-at's replays);
+- :meth:`Objective.record_validation` after each validation of the trainer's hold-out
+  (``val_split``), with its accuracies;
 - :meth:`Objective.state_dict` / :meth:`Objective.load_state_dict` for exact resume.
 
 Rules every objective follows (the contract test checks them): the returned loss is a finite
@@ -81,6 +84,18 @@ class Objective:
 
     def after_backward(self) -> None:
         """Called after each ``loss.backward()``, before the optimiser step."""
+
+    def after_step(self) -> None:
+        """Called after each optimiser step, once the weights hold their new values (AWP's
+        perturbation removed), before the weight average takes them in."""
+
+    def record_validation(self, metrics: dict[str, float]) -> None:
+        """Called only in runs with a hold-out of the training data (``val_split``): once
+        before training with ``{"holdout_n": n}`` alone, then after each of its checks
+        (every ``val_every`` passes) with the log's ``holdout_*`` entries:
+        ``holdout_clean_acc``, ``holdout_robust_acc`` (under the run's ``val_attack``, when
+        there is a threat model; fractions in [0, 1]) and ``holdout_n``. The next
+        :meth:`begin_epoch` follows a check."""
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors the objective carries between minibatches (saved in every checkpoint)."""

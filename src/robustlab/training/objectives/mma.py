@@ -12,6 +12,18 @@ with c = 1/3 and delta* the shortest successful perturbation found by adaptive-n
 Correct points whose margin already exceeds d_max drop out (the paper's hinge at d_max);
 ``hinge=False`` trains them on the PGD point at d_max instead.
 
+Variants (``variant``): ``"paper"`` (default) is the loss above, c = 1/3 with the hinge.
+``"lecture"`` is the seed lecture's margin-maximisation loss (issue 23): no clean term and no
+hinge, c = 0 and ``hinge=False``,
+
+    L = 1/m sum_i CE(f(x_i + delta*_i), y_i) (correct x_i),  CE(f(x_i), y_i) (misclassified),
+
+delta* the shortest successful perturbation within d_max, else the PGD point at d_max (AN-PGD
+needs a largest radius). ``clean_weight`` and ``hinge`` given explicitly override the
+variant's values. The paper is the default: its clean term and hinge are what the reported
+MMA models were trained with (the paper's OMMA, without the clean term, is the lecture's
+form with the hinge).
+
 Our AN-PGD: robustlab's PGD (eval mode, random start, last iterate, step 2.5 d_max / K) at
 radius d_max on the logit margin ``max_{j != y} z_j - z_y``, then a bisection over the scale
 s in [0, 1] of the found perturbation delta for the smallest s with ``argmax f(x + s delta) !=
@@ -41,11 +53,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustlab._modes import eval_mode
-from robustlab._validate import integer, number, positive_int
+from robustlab._validate import integer, number, one_of, positive_int
 from robustlab.attacks.pgd import PGD
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
+
+#: each variant's (clean_weight, hinge)
+VARIANTS = {"paper": (1 / 3, True), "lecture": (0.0, False)}
 
 
 @register("mma")
@@ -57,25 +72,32 @@ class MMA(Objective):
             threat's norm; ``None`` means ``2 * threat.eps``.
         steps: PGD iterations of AN-PGD (>= 1). Default 10.
         search_steps: bisection steps for the shortest perturbation (>= 0). Default 10.
-        clean_weight: weight c in [0, 1] of the clean CE term. Default 1/3.
+        clean_weight: weight c in [0, 1] of the clean CE term; ``None`` means the variant's
+            (1/3 for ``"paper"``, 0 for ``"lecture"``).
         hinge: drop correct points not broken within ``d_max`` (the paper); False trains them
-            on the PGD point at ``d_max``. Default True.
+            on the PGD point at ``d_max``; ``None`` means the variant's (True, False).
+        variant: ``"paper"`` (default) or ``"lecture"`` (see the module docstring).
     """
 
     def __init__(self, d_max: float | None = None, steps: int = 10, search_steps: int = 10,
-                 clean_weight: float = 1 / 3, hinge: bool = True) -> None:
+                 clean_weight: float | None = None, hinge: bool | None = None,
+                 variant: str = "paper") -> None:
         if d_max is not None:
             number(d_max, "mma d_max", low=0, low_open=True)
         positive_int(steps, "mma steps")
         integer(search_steps, "mma search_steps", minimum=0)
-        number(clean_weight, "mma clean_weight", low=0, high=1)
+        self.variant = one_of(variant, "mma variant", VARIANTS)
+        c, h = VARIANTS[self.variant]
+        c = c if clean_weight is None else clean_weight
         self.d_max, self.steps, self.search_steps = d_max, steps, search_steps
-        self.clean_weight, self.hinge = float(clean_weight), bool(hinge)
+        self.clean_weight = number(c, "mma clean_weight", low=0, high=1)
+        self.hinge = bool(h if hinge is None else hinge)
 
     def config(self) -> dict:
         return super().config() | {"d_max": self.d_max, "steps": self.steps,
                                    "search_steps": self.search_steps,
-                                   "clean_weight": self.clean_weight, "hinge": self.hinge}
+                                   "clean_weight": self.clean_weight, "hinge": self.hinge,
+                                   "variant": self.variant}
 
     def shortest(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                  generator: torch.Generator) -> tuple[Tensor, Tensor]:
