@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._modes import eval_mode
 from robustlab._validate import number, one_of
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
@@ -40,8 +39,6 @@ from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.distillation import (
     Teacher,
     check_teacher,
-    load_teacher,
-    model_device,
     teacher_name,
 )
 from robustlab.training.objectives.mart import MART, mart_loss
@@ -100,10 +97,7 @@ class MARTSemi(Objective):
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "mart-semi")
         self.pseudo = torch.zeros(len(pool), dtype=torch.long)
         if len(pool):
-            device = model_device(model, x)
-            teacher = load_teacher(self.teacher, device, "mart-semi")
-            with eval_mode(teacher):
-                self.pseudo = teacher_logits(teacher, pool, device).argmax(1).cpu()
+            self.pseudo = teacher_logits(self.teacher, pool, model, x, "mart-semi").argmax(1).cpu()
         return x_all, y_all
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,

@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustlab._modes import eval_mode
 from robustlab._validate import number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
@@ -45,8 +44,6 @@ from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.distillation import (
     Teacher,
     check_teacher,
-    load_teacher,
-    model_device,
     teacher_name,
 )
 from robustlab.training.objectives.pool import check_pool, describe, join, rows, teacher_logits
@@ -102,10 +99,8 @@ class NoisyStudent(Objective):
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "noisy-student")
         self.targets = torch.zeros(0, 0)
         if len(pool):
-            device = model_device(model, x)
-            teacher = load_teacher(self.teacher, device, "noisy-student")
-            with eval_mode(teacher):
-                q = F.softmax(teacher_logits(teacher, pool, device) / self.temperature, dim=1)
+            logits = teacher_logits(self.teacher, pool, model, x, "noisy-student")
+            q = F.softmax(logits / self.temperature, dim=1)
             keep = q.max(1).values >= self.confidence
             if not self.soft:
                 q = F.one_hot(q.argmax(1), q.shape[1]).to(q.dtype)

@@ -19,9 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from robustlab._modes import eval_mode
 from robustlab._validate import integer
+from robustlab.training.objectives.distillation import load_teacher, model_device
 
 BATCH = 512  # images per teacher forward while pseudo-labelling
 
@@ -83,9 +85,15 @@ def join(x: Tensor, y: Tensor, labeled: int | None, unlabeled: Tensor | None,
 
 
 @torch.no_grad()
-def teacher_logits(teacher: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:
-    """The teacher's logits on ``images`` (on the images' device), in batches of
-    :data:`BATCH` on ``device``; the caller puts the teacher in eval mode."""
-    out = [teacher(images[i:i + BATCH].to(device)).float().to(images.device)
-           for i in range(0, len(images), BATCH)]
+def teacher_logits(teacher: Any, images: Tensor, model: nn.Module, x: Tensor,
+                   who: str) -> Tensor:
+    """The logits of ``teacher`` (a checkpoint or module, as
+    :func:`~robustlab.training.objectives.distillation.load_teacher` takes it) on ``images``
+    (on the images' device), in eval mode, in batches of :data:`BATCH` on the device of
+    ``model`` (whose training batch is ``x``); ``who`` names the objective in errors."""
+    device = model_device(model, x)
+    net = load_teacher(teacher, device, who)
+    with eval_mode(net):
+        out = [net(images[i:i + BATCH].to(device)).float().to(images.device)
+               for i in range(0, len(images), BATCH)]
     return torch.cat(out) if out else images.new_zeros(0, 0)

@@ -28,15 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustlab._modes import eval_mode
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create, register
 from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.distillation import (
     Teacher,
     check_teacher,
-    load_teacher,
-    model_device,
     teacher_name,
 )
 from robustlab.training.objectives.pool import check_pool, describe, join, teacher_logits
@@ -100,9 +97,7 @@ class RST(Objective):
             log.warning("rst: labeled=%s covers the whole training set and no unlabeled "
                         "images are given; no pseudo-labels", self.labeled)
             return self.base.setup(model, x_all, y_all)
-        teacher = load_teacher(self.teacher, model_device(model, x), "rst")
-        with eval_mode(teacher):
-            preds = teacher_logits(teacher, pool, model_device(model, x)).argmax(1)
+        preds = teacher_logits(self.teacher, pool, model, x, "rst").argmax(1)
         k = len(y_all) - len(pool)
         y_all[k:] = preds.to(y_all.device)
         hidden = len(x) - k  # the pool's hidden-label part, whose labels we can compare

@@ -44,8 +44,6 @@ from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.distillation import (
     Teacher,
     check_teacher,
-    load_teacher,
-    model_device,
     teacher_name,
 )
 from robustlab.training.objectives.pgd_at import PGDAT
@@ -102,10 +100,7 @@ class UAT(Objective):
         self.pseudo = torch.zeros(len(pool), dtype=torch.long)
         if self.targets != "online" and len(pool):
             assert self.teacher is not None
-            device = model_device(model, x)
-            teacher = load_teacher(self.teacher, device, "uat")
-            with eval_mode(teacher):
-                self.pseudo = teacher_logits(teacher, pool, device).argmax(1).cpu()
+            self.pseudo = teacher_logits(self.teacher, pool, model, x, "uat").argmax(1).cpu()
         return x_all, y_all
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
