@@ -56,7 +56,8 @@ def _tiny_smallcnn() -> nn.Module:
 
 
 def test_names_and_activations() -> None:
-    assert models.names() == ["lenet", "preact-resnet18", "resnet20", "smallcnn", "wrn-34-10"]
+    assert models.names() == ["ibp-small", "lenet", "preact-resnet18", "resnet20", "smallcnn",
+                              "wrn-34-10"]
     assert models.activations() == ["gelu", "kwta", "relu", "silu", "softplus"]
 
 

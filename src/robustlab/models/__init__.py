@@ -3,7 +3,7 @@
 >>> from robustlab import models
 >>> m = models.create("smallcnn", num_classes=10, in_channels=1, input_size=28)
 >>> models.names()
-['lenet', 'preact-resnet18', 'resnet20', 'smallcnn', 'wrn-34-10']
+['ibp-small', 'lenet', 'preact-resnet18', 'resnet20', 'smallcnn', 'wrn-34-10']
 
 Checkpoints are safetensors plus a JSON sidecar (:func:`save`, :func:`load`); nothing is
 ever unpickled. The registry also holds the image-to-image ``"dncnn"`` denoiser of denoised
