@@ -24,6 +24,7 @@ from robustlab.defenses.certify import lower_confidence_bound
 from robustlab.defenses.sequential import look_alphas, looks, lower_bounds, radii
 from robustlab.defenses.smoothing import noisy_logits
 from robustlab.evaluation.certification import run_certification
+from robustlab.evaluation.smoothing_curves import draw_logits, smoothing_curves
 
 
 class Halfspace(nn.Module):
@@ -224,3 +225,61 @@ def test_cli_certify_sequential(fake_fmnist, tmp_path, capsys, monkeypatch):
                                                "min_radius": 0.0}
     rows = (tmp_path / "c" / "certify.jsonl").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(json.loads(r)["draws"] <= 300 for r in rows)
+
+
+def test_cli_certify_measures_the_batch_size_unless_given(fake_fmnist, tmp_path, monkeypatch):
+    """certify's --batch-size defaults to None (measured); a given one is passed on."""
+    from robustlab.evaluation import certification
+
+    got = []
+
+    def spy(*args, **kwargs):
+        got.append(kwargs["batch_size"])
+        return run_certification(*args, **kwargs)
+
+    monkeypatch.setattr(certification, "run_certification", spy)
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    ckpt = tmp_path / "m.safetensors"
+    rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
+    common = ["certify", str(ckpt), "--sigma", "0.25", "--n0", "10", "--n", "50",
+              "--n-points", "1", "--device", "cpu", "--quiet"]
+    assert cli.main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*common, "--batch-size", "32", "--out", str(tmp_path / "b")]) == 0
+    assert got == [None, 32]
+
+
+# --- the smoothing curves at the measured batch size ------------------------------------------
+def sampler_logits(model, x, sigma, draws, batch_size, generator):
+    """draw_logits' former loop: noisy_logits' chunks placed per input in draw order."""
+    out = torch.empty(len(x), draws, 2)
+    filled = [0] * len(x)
+    with torch.no_grad():
+        for rows, logits in noisy_logits(model, x, draws, sigma, "gaussian", batch_size,
+                                         generator):
+            for r, row in zip(rows.tolist(), logits, strict=True):
+                out[r, filled[r]] = row
+                filled[r] += 1
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [3, 7, 1000])
+def test_draw_logits_with_a_batch_size_are_the_samplers_draws(batch_size):
+    model = Halfspace(0.0)
+    x = torch.rand(4, 1, 2, 2)
+    got = draw_logits(model, x, 0.5, 5, gen(3), batch_size=batch_size)
+    assert torch.equal(got, sampler_logits(model, x, 0.5, 5, batch_size, gen(3)))
+
+
+def test_draw_logits_and_curves_without_a_batch_size_use_the_measured_one():
+    """None: the noise of batch_size=1000, forwards at the measured size (forced to 16)."""
+    model = Halfspace(0.0)
+    x = torch.rand(6, 1, 2, 2)
+    y = torch.randint(0, 2, (6,), generator=gen(1))
+    _CHOSEN[model] = {(tuple(x.shape[1:]), x.dtype, x.device): 16}
+    calls = model.calls
+    got = draw_logits(model, x, 0.5, 8, gen(4), batch_size=None)
+    assert model.calls - calls == 3  # 48 rows, 16 per forward
+    assert torch.equal(got, draw_logits(model, x, 0.5, 8, gen(4), batch_size=1000))
+    measured = smoothing_curves(model, x, y, sigmas=[0.5], samples=[1, 8], batch_size=None)
+    given = smoothing_curves(model, x, y, sigmas=[0.5], samples=[1, 8], batch_size=1000)
+    assert measured["rows"] == given["rows"] and measured["config"]["batch_size"] is None

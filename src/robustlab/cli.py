@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustlab import cli_out
-from robustlab.cli_args import REGISTRIES, build_parser, parse_options
+from robustlab.cli_args import REGISTRIES, VERIFY_BATCH, build_parser, parse_options
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,7 @@ def _out(msg: str = "", quiet: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import data, distributed, models
+    from robustlab import cli_inputs, data, distributed, models
     from robustlab.config import load_recipe
     from robustlab.training import Trainer
 
@@ -94,6 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out
     info = data.info(recipe.dataset)
     x, y = data.load(recipe.dataset, split="train", n=recipe.n_train)
+    if recipe.unlabeled is not None:  # the semi-supervised objectives' pool
+        cfg.objective_options["unlabeled"] = cli_inputs.unlabeled_pool(
+            recipe.unlabeled, recipe.unlabeled_n, recipe.dataset, recipe.n_train)
     val = None
     if recipe.val_n:  # the LAST val_n test images: disjoint from `evaluate --n`'s first ones
         xv, yv = data.load(recipe.dataset, split="test")
@@ -273,9 +276,9 @@ def _verify(args: argparse.Namespace) -> int:
     idx = list(range(0, len(inputs.x), args.skip))[:args.n_points]
     x, y = inputs.x[idx], inputs.y[idx]
     cli_out.check_eps(args, x.shape[1:])
-    threat = ThreatModel(args.norm, args.eps)
-    ver = verify(model, x.to(device), y.to(device), threat, args.method, args.batch_size)
-    result = evaluate(model, x, y, threat, suite=args.suite, batch_size=args.batch_size,
+    threat, batch = ThreatModel(args.norm, args.eps), args.batch_size or VERIFY_BATCH
+    ver = verify(model, x.to(device), y.to(device), threat, args.method, batch)
+    result = evaluate(model, x, y, threat, suite=args.suite, batch_size=batch,
                       seed=args.seed, progress=not args.quiet, config=_config(
                           args, about, method=args.method, command=" ".join(sys.argv)))
     annotate(ver, result.record, result.per_sample, result.robust)

@@ -53,13 +53,20 @@ def _eps(text: str) -> float:
     return value
 
 
-def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
+#: ``shared(batch_size=MEASURED)``: ``--batch-size`` defaults to None, measured by the command
+MEASURED = "measured"
+#: inputs per forward of ``certify --method ibp|crown|crown-ibp`` without --batch-size
+VERIFY_BATCH = 1000
+
+
+def shared(out: str, *, n: int | None = None, batch_size: int | str | None = None,
            dataset: bool = True, split: bool = True, seed: int | None = 0,
            device: str = "auto", out_required: bool = False) -> argparse.ArgumentParser:
     """The parent parser of the options the commands share, with one command's defaults:
     ``--dataset`` and ``--split`` (unless turned off), ``--n`` / ``--n-points`` and
-    ``--batch-size`` (when given their default), ``--seed`` (None: the recipe's), ``--device``,
-    ``--out`` (``out`` is its help) and ``--quiet``."""
+    ``--batch-size`` (when given their default; ``MEASURED``: default None, the command measures
+    it), ``--seed`` (None: the recipe's), ``--device``, ``--out`` (``out`` is its help) and
+    ``--quiet``."""
     p = argparse.ArgumentParser(add_help=False)
     if dataset:
         p.add_argument("--data", "--dataset", dest="dataset", default=None, metavar="DATA",
@@ -81,7 +88,13 @@ def shared(out: str, *, n: int | None = None, batch_size: int | None = None,
         p.add_argument("--n", "--n-points", dest="n", type=_positive_int, default=n,
                        help="first n points of the split (under torchrun write --n-points: "
                             "torchrun reads --n as an abbreviation of its own options)")
-    if batch_size is not None:
+    if batch_size == MEASURED:
+        p.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="noisy copies per forward pass (default: the fastest of a short "
+                            "measurement, robustlab.defenses.batching; noise drawn in chunks "
+                            "of 1000); for --method ibp|crown|crown-ibp: inputs per forward "
+                            f"(default {VERIFY_BATCH})")
+    elif batch_size is not None:
         p.add_argument("--batch-size", type=_positive_int, default=batch_size,
                        help="inputs (for smoothing: noisy copies) per forward pass")
     p.add_argument("--seed", type=int, default=seed,
@@ -257,7 +270,7 @@ def _smoothing_parsers(sub: Any) -> None:
                                        "accuracy by bound propagation (--method)",
                        parents=[shared("directory (default: beside the checkpoint, or in "
                                        + MODEL_FOLDER + ", named from the settings, e.g. "
-                                       "certify-gaussian-0.25-...)", batch_size=1000)])
+                                       "certify-gaussian-0.25-...)", batch_size=MEASURED)])
     model_args(c, "base model")
     c.add_argument("--method", choices=("smoothing", *VERIFIERS), default="smoothing",
                    help="smoothing: Cohen et al.'s radii of a smoothed model (--sigma); ibp, "

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs, check_labels, integer, positive_int, probe_model
-from robustlab.defenses.smoothing import VOTES, noisy_logits
+from robustlab.defenses.batching import DRAW_CHUNK, job_logits, sizes
+from robustlab.defenses.smoothing import VOTES
 from robustlab.evaluation.checks import randomised_output
 from robustlab.noise import check_noise
 from robustlab.threat import ThreatModel
@@ -49,7 +50,7 @@ _MAX_LOGITS = 1 << 24
 def draw_logits(
     model: nn.Module, x: Tensor, sigma: float, draws: int,
     generator: torch.Generator | None = None, *, noise: str = "gaussian",
-    batch_size: int = 1024,
+    batch_size: int | None = 1024,
 ) -> Tensor:
     """The base model's logits on ``draws`` noisy copies of each input, shape (N, draws, K):
     ``out[i, d] = model(x[i] + delta_id)``, without gradients.
@@ -59,15 +60,20 @@ def draw_logits(
     forward) drawn from ``generator`` (torch's global generator when None), so ``out[i]`` holds
     the draws that ``Smoothing(model, sigma, samples=draws, noise=noise,
     batch_size=batch_size)`` votes over with the same generator, in the order they were drawn
-    (input by input, or draw by draw for a model with weight noise)."""
+    (input by input, or draw by draw for a model with weight noise). ``batch_size=None``: the
+    noise is drawn as with ``batch_size=1000`` and the model sees the rows at its measured best
+    batch size (:mod:`robustlab.defenses.batching`; only the speed differs)."""
     check_noise(noise, sigma)
     draws = positive_int(draws, "draws")
-    batch_size = positive_int(batch_size, "batch_size")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
     n = len(x)
+    draw, batch = sizes(model, x, n * draws, batch_size)
     out: Tensor | None = None
     filled = torch.zeros(n, dtype=torch.long, device=x.device)
     with torch.no_grad():
-        for rows, logits in noisy_logits(model, x, draws, sigma, noise, batch_size, generator):
+        for rows, logits in job_logits(model, [(x, draws, generator)], sigma=sigma, noise=noise,
+                                       draw=draw, batch=batch):
             if out is None:
                 out = logits.new_empty(n, draws, logits.shape[1])
             # the how-many-th occurrence of its input each row is within this chunk
@@ -146,7 +152,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
 
 def smoothing_curves(
     model: nn.Module, x: Tensor, y: Tensor, *, sigmas: Sequence[float], samples: Sequence[int],
-    votes: Sequence[str] = VOTES, noise: str = "gaussian", batch_size: int = 1024,
+    votes: Sequence[str] = VOTES, noise: str = "gaussian", batch_size: int | None = 1024,
     seed: int = 0, out: str | Path | None = None, config: dict[str, Any] | None = None,
     progress: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, Any]:
@@ -161,7 +167,8 @@ def smoothing_curves(
         samples: numbers of draws n, each an integer >= 1 (sorted, duplicates dropped).
         votes: voting rules of :class:`~robustlab.defenses.Smoothing` (default: all three).
         noise: ``"gaussian"`` or ``"laplace"`` (scale sigma).
-        batch_size: noisy rows per forward pass of the model. Default 1024.
+        batch_size: noisy rows per forward pass of the model. Default 1024. None: measured
+            (:mod:`robustlab.defenses.batching`), the noise drawn as with 1000.
         seed: seeds each sigma's noise generator (on ``x``'s device).
         out: directory to write ``smoothing.json`` to (created); None writes nothing.
         config: extra JSON-able context for the record (checkpoint, data set, ...); its keys
@@ -186,7 +193,7 @@ def smoothing_curves(
     probe = probe_model(model, x[:8])
     check_labels(y, probe.shape[1])
     random_model = randomised_output(model, x[:8], probe) is not None
-    base_accuracy = _accuracy(model, x, y, cfg["batch_size"])
+    base_accuracy = _accuracy(model, x, y, cfg["batch_size"] or DRAW_CHUNK)
     rows = _rows(model, x, y, cfg, probe.shape[1], random_model, progress)
     record = {"schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
               "config": cfg, "base_accuracy": base_accuracy, "random_model": random_model,
@@ -207,7 +214,9 @@ def _settings(sigmas: Any, samples: Any, votes: Any, noise: str, seed: Any, batc
     sample_list = _as_list(samples, "samples", "[1, 4, 16, 64]")
     for k in sample_list:
         positive_int(k, "every entry of samples")
-    vote_list, batch_size = _votes(votes), positive_int(batch_size, "batch_size")
+    vote_list = _votes(votes)
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
     seed = integer(seed, "seed")  # a wrong type raises OptionTypeError, a TypeError
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict of JSON-able entries, got {type(config).__name__}")
