@@ -506,7 +506,8 @@ def test_fit_data_and_val_gaps(case):
 # --- models.create ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "exc", "match"), [
     ({"name": "vgg16"}, ValueError,
-     r"unknown model 'vgg16'; valid models are: lenet, preact-resnet18, resnet20, smallcnn"),
+     r"unknown model 'vgg16'; valid models are: ibp-small, lenet, preact-resnet18, resnet20, "
+     r"smallcnn"),
     ({"name": "smallcnn", "activation": "tanh"}, ValueError,
      r"unknown activation 'tanh'; valid activations are: gelu, kwta, relu, silu, softplus"),
     ({"name": "smallcnn", "num_classes": 0}, ValueError, r"num_classes must be a positive"),
