@@ -112,7 +112,10 @@ class WeightAverage:
         # dropout draws in this train-mode pass come from a stream of their own, the same on
         # every rank, so the statistics agree across ranks and the training RNG is untouched
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(epoch)
+            torch.set_rng_state(torch.Generator().manual_seed(epoch).get_state())
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(
+                    torch.Generator(device).manual_seed(epoch).get_state(), device)
             update_bn(batches, self.model, device=device)
 
     def _copy_buffers(self, model: nn.Module) -> None:
