@@ -49,8 +49,13 @@ def src_changes() -> list[str] | None:
     """Files under ``src/`` that differ from the recorded commit (``git status --porcelain``),
     so a result says whether the library code it measured was the commit's; None without git."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=BENCH_DIR.parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=BENCH_DIR.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
@@ -131,23 +136,30 @@ def trained_model(
     path = CACHE_DIR / f"{name}-{_recipe_key(recipe)}.safetensors"
     if path.exists():
         model = rl.models.load(path)
-        log(f"model {name}: cached {path.relative_to(BENCH_DIR.parent)} "
-            f"(trained in {model.robustlab_meta['train_seconds']:.0f} s)")
+        log(
+            f"model {name}: cached {path.relative_to(BENCH_DIR.parent)} "
+            f"(trained in {model.robustlab_meta['train_seconds']:.0f} s)"
+        )
         return model
-    fit_kwargs = {k: v for k, v in recipe.items()
-                  if k not in ("arch", "dataset", "eps", "model", "train_n")}
+    fit_kwargs = {
+        k: v for k, v in recipe.items() if k not in ("arch", "dataset", "eps", "model", "train_n")
+    }
     threat = rl.ThreatModel("linf", recipe["eps"]) if "eps" in recipe else None
     log(f"model {name}: training {json.dumps(recipe)} (cached afterwards in {path.name})")
     x, y = rl.data.load(recipe["dataset"], split="train", n=recipe.get("train_n"))
     model = rl.models.create(recipe["arch"], **recipe.get("model", {}))
     t0 = time.perf_counter()
-    history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"],
-                              **fit_kwargs)
+    history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"], **fit_kwargs)
     seconds = time.perf_counter() - t0
-    log(f"model {name}: trained in {seconds:.0f} s, final train loss "
-        f"{history[-1]['train_loss']:.4f}")
-    rl.models.save(model, path, meta={"recipe": dict(recipe), "train_seconds": seconds,
-                                      "threads": torch.get_num_threads()})
+    log(
+        f"model {name}: trained in {seconds:.0f} s, final train loss "
+        f"{history[-1]['train_loss']:.4f}"
+    )
+    rl.models.save(
+        model,
+        path,
+        meta={"recipe": dict(recipe), "train_seconds": seconds, "threads": torch.get_num_threads()},
+    )
     return rl.models.load(path)  # eval mode, with robustlab_meta like a cached one
 
 
@@ -158,4 +170,3 @@ def write_results(stem: str, markdown: str, record: Mapping[str, Any]) -> tuple[
     md.write_text(markdown)
     js.write_text(json.dumps(record, indent=2) + "\n")
     return md, js
-

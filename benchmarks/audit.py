@@ -41,14 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import (
-    BENCH_DIR,
-    CACHE_DIR,
-    _recipe_key,
-    machine_record,
-    trained_model,
-    write_results,
-)
+from _common import BENCH_DIR, CACHE_DIR, _recipe_key, machine_record, trained_model, write_results
 from attack_speed import _TRAINING, RECIPES
 from torch import nn
 
@@ -112,12 +105,14 @@ def thermometer_base(recipe: dict[str, Any]) -> nn.Module:
     base = rl.models.create("smallcnn", in_channels=LEVELS)
     fit = {k: v for k, v in recipe.items() if k not in ("arch", "dataset", "levels")}
     t0 = time.perf_counter()
-    rl.training.fit(rl.defenses.create("thermometer", base, levels=LEVELS), (x, y),
-                    dataset=DATASET, **fit)
+    rl.training.fit(
+        rl.defenses.create("thermometer", base, levels=LEVELS), (x, y), dataset=DATASET, **fit
+    )
     seconds = time.perf_counter() - t0
     log(f"model thermometer: trained in {seconds:.0f} s")
-    rl.models.save(base, path, meta={"recipe": recipe, "train_seconds": seconds,
-                                     "dataset": DATASET})
+    rl.models.save(
+        base, path, meta={"recipe": recipe, "train_seconds": seconds, "dataset": DATASET}
+    )
     return base
 
 
@@ -127,8 +122,9 @@ def models(needed: set[str]) -> dict[str, nn.Module]:
     build = {
         "natural": lambda: trained_model("smallcnn-natural", natural, log=log),
         "pgd-at": lambda: trained_model("smallcnn-pgd-at", RECIPES["pgd-at"], log=log),
-        "kwta": lambda: trained_model("smallcnn-kwta",
-                                      natural | {"model": {"activation": "kwta"}}, log=log),
+        "kwta": lambda: trained_model(
+            "smallcnn-kwta", natural | {"model": {"activation": "kwta"}}, log=log
+        ),
         "distillation": _distilled,
         "thermometer": lambda: thermometer_base(natural | {"levels": LEVELS}),
     }
@@ -136,20 +132,30 @@ def models(needed: set[str]) -> dict[str, nn.Module]:
 
 
 def _distilled() -> nn.Module:
-    teacher_recipe = _TRAINING | {"objective": "distillation", "epochs": 2,
-                                  "objective_options": {"temperature": 100.0}}
+    teacher_recipe = _TRAINING | {
+        "objective": "distillation",
+        "epochs": 2,
+        "objective_options": {"temperature": 100.0},
+    }
     teacher = trained_model("distill-teacher", teacher_recipe, log=log)
-    teacher_path = (CACHE_DIR / f"distill-teacher-{_recipe_key(teacher_recipe)}.safetensors"
-                    ).relative_to(BENCH_DIR.parent)  # run from the repository root
+    teacher_path = (
+        CACHE_DIR / f"distill-teacher-{_recipe_key(teacher_recipe)}.safetensors"
+    ).relative_to(BENCH_DIR.parent)  # run from the repository root
     del teacher
-    student_recipe = _TRAINING | {"objective": "distillation", "epochs": 2,
-                                  "objective_options": {"temperature": 100.0,
-                                                        "teacher": str(teacher_path)}}
+    student_recipe = _TRAINING | {
+        "objective": "distillation",
+        "epochs": 2,
+        "objective_options": {"temperature": 100.0, "teacher": str(teacher_path)},
+    }
     return trained_model("distill-student", student_recipe, log=log)
 
 
-def defended(row: tuple[str, str | None, dict[str, Any], str], bases: dict[str, nn.Module],
-             fit_x: torch.Tensor, fit_y: torch.Tensor) -> nn.Module:
+def defended(
+    row: tuple[str, str | None, dict[str, Any], str],
+    bases: dict[str, nn.Module],
+    fit_x: torch.Tensor,
+    fit_y: torch.Tensor,
+) -> nn.Module:
     name, defense, options, base = row
     model = bases[base].eval()
     if name in WRAPPERS:
@@ -168,15 +174,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="adaptive APGD-CE steps")
     p.add_argument("--queries", type=int, default=1000, help="Square / NAttack query budget")
     p.add_argument("--binarization", type=int, default=10, help="binarization-test points")
-    p.add_argument("--check-points", type=int, default=100,
-                   help="points of the eps sweep and the unbounded attack")
-    p.add_argument("--defenses", nargs="+", default=[r[0] for r in ROWS],
-                   choices=[r[0] for r in ROWS])
+    p.add_argument(
+        "--check-points",
+        type=int,
+        default=100,
+        help="points of the eps sweep and the unbounded attack",
+    )
+    p.add_argument(
+        "--defenses", nargs="+", default=[r[0] for r in ROWS], choices=[r[0] for r in ROWS]
+    )
     p.add_argument("--stem", default="audit")
     args = p.parse_args()
     torch.manual_seed(0)
-    bases = models({r[3] for r in ROWS if r[0] in args.defenses}
-                   | ({"natural"} if set(args.defenses) - {"thermometer"} else set()))
+    bases = models(
+        {r[3] for r in ROWS if r[0] in args.defenses}
+        | ({"natural"} if set(args.defenses) - {"thermometer"} else set())
+    )
     x, y = rl.data.load(DATASET, split="test", n=args.n)
     fit_x, fit_y = rl.data.load(DATASET, split="train", n=1000)  # detector threshold, MI pool
     threat = rl.ThreatModel("linf", EPS)
@@ -190,24 +203,50 @@ def main() -> None:
         t0 = time.perf_counter()
         # the transfer surrogate: a defense's own base model; for a bare model the natural one
         surrogate = None if row[1] is not None or row[3] == "natural" else bases["natural"]
-        res = rl.audit(model, x, y, threat, surrogate=surrogate, steps=args.steps,
-                       queries=args.queries,
-                       binarization_points=args.binarization, check_points=args.check_points,
-                       out=out_dir / row[0], config={"row": row[0]},
-                       **AUDIT_OVERRIDES.get(row[0], {}))
+        res = rl.audit(
+            model,
+            x,
+            y,
+            threat,
+            surrogate=surrogate,
+            steps=args.steps,
+            queries=args.queries,
+            binarization_points=args.binarization,
+            check_points=args.check_points,
+            out=out_dir / row[0],
+            config={"row": row[0]},
+            **AUDIT_OVERRIDES.get(row[0], {}),
+        )
         seconds = time.perf_counter() - t0
         aud = res.record["audit"]
         flagged = [c["name"] for c in res.checks if c["status"] == "FLAG"]
-        log(f"{row[0]}: clean {res.clean_accuracy:.3f} naive {aud['naive_robust_accuracy']:.3f} "
-            f"audit {res.robust_accuracy:.3f} flags {flagged} ({seconds:.0f} s)")
-        rows.append((row[0], res.clean_accuracy, aud["naive_robust_accuracy"],
-                     res.robust_accuracy, flagged, aud["adaptive"], seconds))
-        record_rows[row[0]] = {"defense": row[1], "options": row[2], "model": row[3],
-                               "clean_accuracy": res.clean_accuracy,
-                               "naive_pgd_accuracy": aud["naive_robust_accuracy"],
-                               "audit_robust_accuracy": res.robust_accuracy,
-                               "checks": res.checks, "adaptive": aud["adaptive"],
-                               "per_attack": res.record["per_attack"], "seconds": seconds}
+        log(
+            f"{row[0]}: clean {res.clean_accuracy:.3f} naive {aud['naive_robust_accuracy']:.3f} "
+            f"audit {res.robust_accuracy:.3f} flags {flagged} ({seconds:.0f} s)"
+        )
+        rows.append(
+            (
+                row[0],
+                res.clean_accuracy,
+                aud["naive_robust_accuracy"],
+                res.robust_accuracy,
+                flagged,
+                aud["adaptive"],
+                seconds,
+            )
+        )
+        record_rows[row[0]] = {
+            "defense": row[1],
+            "options": row[2],
+            "model": row[3],
+            "clean_accuracy": res.clean_accuracy,
+            "naive_pgd_accuracy": aud["naive_robust_accuracy"],
+            "audit_robust_accuracy": res.robust_accuracy,
+            "checks": res.checks,
+            "adaptive": aud["adaptive"],
+            "per_attack": res.record["per_attack"],
+            "seconds": seconds,
+        }
         stem_rec = {"machine": machine_record(), "settings": vars(args), "rows": record_rows}
         write_results(args.stem, markdown(rows, args), stem_rec)
     log(f"done: {Path('benchmarks/results') / (args.stem + '.md')}")
@@ -232,12 +271,24 @@ def markdown(rows: list[tuple], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, clean, naive, final, flagged, ad, sec in rows:
-        adapt = ", ".join(filter(None, [
-            "BPDA" if ad["bpda"] else "", f"EOT {ad['eot']}" if ad["eot"] > 1 else "",
-            "log outputs" if ad.get("log_outputs") else "",
-            f"T {ad['temperature']:.3g}" if ad.get("temperature", 1.0) != 1.0 else ""])) or "-"
-        lines.append(f"| {name} | {100 * clean:.1f}% | {100 * naive:.1f}% | {100 * final:.1f}% "
-                     f"| {adapt} | {', '.join(flagged) or 'none'} | {sec:.0f} |")
+        adapt = (
+            ", ".join(
+                filter(
+                    None,
+                    [
+                        "BPDA" if ad["bpda"] else "",
+                        f"EOT {ad['eot']}" if ad["eot"] > 1 else "",
+                        "log outputs" if ad.get("log_outputs") else "",
+                        f"T {ad['temperature']:.3g}" if ad.get("temperature", 1.0) != 1.0 else "",
+                    ],
+                )
+            )
+            or "-"
+        )
+        lines.append(
+            f"| {name} | {100 * clean:.1f}% | {100 * naive:.1f}% | {100 * final:.1f}% "
+            f"| {adapt} | {', '.join(flagged) or 'none'} | {sec:.0f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -41,21 +41,47 @@ def log(msg: str) -> None:
 
 
 def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    base = {"arch": "ibp-small", "dataset": DATASET, "train_n": args.train_n, "batch_size": 128,
-            "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "schedule": "constant",
-            "seed": 0, "epochs": args.epochs}
+    base = {
+        "arch": "ibp-small",
+        "dataset": DATASET,
+        "train_n": args.train_n,
+        "batch_size": 128,
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "schedule": "constant",
+        "seed": 0,
+        "epochs": args.epochs,
+    }
     schedule = {"warmup": 1, "ramp": args.ramp}
-    pgd = {"arch": "smallcnn", "dataset": DATASET, "train_n": 15000, "batch_size": 128,
-           "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-           "schedule": "cosine", "seed": 0, "objective": "pgd-at", "eps": EPS, "epochs": 4,
-           "objective_options": {"steps": 10, "step_size": 0.025}}  # smoothing.py's
-    return {"natural": base | {"objective": "natural"},
-            "ibp": base | {"objective": "ibp", "eps": EPS,
-                           "objective_options": schedule | {"kappa_final": 0.5}},
-            "crown-ibp": base | {"objective": "crown-ibp", "eps": EPS,
-                                 "objective_options": schedule | {"kappa_final": 0.0,
-                                                                  "beta_final": 0.0}},
-            "pgd-at": pgd}
+    pgd = {
+        "arch": "smallcnn",
+        "dataset": DATASET,
+        "train_n": 15000,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+        "seed": 0,
+        "objective": "pgd-at",
+        "eps": EPS,
+        "epochs": 4,
+        "objective_options": {"steps": 10, "step_size": 0.025},
+    }  # smoothing.py's
+    return {
+        "natural": base | {"objective": "natural"},
+        "ibp": base
+        | {"objective": "ibp", "eps": EPS, "objective_options": schedule | {"kappa_final": 0.5}},
+        "crown-ibp": base
+        | {
+            "objective": "crown-ibp",
+            "eps": EPS,
+            "objective_options": schedule | {"kappa_final": 0.0, "beta_final": 0.0},
+        },
+        "pgd-at": pgd,
+    }
 
 
 def _measure(row: dict[str, Any], path, key: str, fn) -> Any:
@@ -69,29 +95,43 @@ def _measure(row: dict[str, Any], path, key: str, fn) -> Any:
     return row[key]
 
 
-def measure(name: str, model: nn.Module, recipe: dict[str, Any], x: Tensor, y: Tensor,
-            args: argparse.Namespace) -> dict[str, Any]:
+def measure(
+    name: str,
+    model: nn.Module,
+    recipe: dict[str, Any],
+    x: Tensor,
+    y: Tensor,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """One model's row: accuracies (fractions), verified counts, times (s)."""
     threat = rl.ThreatModel("linf", EPS)
     path = ROWS / f"{name}-{_recipe_key(recipe)}-n{args.n}.json"
     row = json.loads(path.read_text()) if path.exists() else {}
     meta = model.robustlab_meta
-    row |= {"model": name, "arch": recipe["arch"], "train_s": meta["train_seconds"],
-            "train_threads": meta.get("threads")}
+    row |= {
+        "model": name,
+        "arch": recipe["arch"],
+        "train_s": meta["train_seconds"],
+        "train_threads": meta.get("threads"),
+    }
     with torch.no_grad():
         _measure(row, path, "clean", lambda: float((model(x).argmax(1) == y).float().mean()))
+
     def fast() -> float:  # the per-sample outcome is kept for the checks below
         ev = rl.evaluate(model, x, y, threat, suite="fast")
         row["robust_mask"] = ev.robust.int().tolist()
         return ev.robust_accuracy
+
     _measure(row, path, "robust", fast)
     robust = torch.tensor(row["robust_mask"], dtype=torch.bool)
     methods = ["ibp"] if recipe["arch"] == "smallcnn" else ["ibp", "crown-ibp"]
     for method in methods:
+
         def run(method: str = method) -> float:
             ver = verify(model, x, y, threat, method)
             check_below_empirical(ver, robust)  # a sound verifier never beats the attacks
             return ver.accuracy
+
         _measure(row, path, f"verified_{method}", run)
     if recipe["arch"] != "smallcnn" and args.crown_n:
         k = args.crown_n
@@ -100,9 +140,14 @@ def measure(name: str, model: nn.Module, recipe: dict[str, Any], x: Tensor, y: T
             ver = verify(model, x[:k], y[:k], threat, "crown", batch_size=k)
             check_below_empirical(ver, robust[:k])
             return ver.accuracy
+
         _measure(row, path, f"verified_crown_first{k}", crown)
-        _measure(row, path, f"verified_crown-ibp_first{k}",
-                 lambda: verify(model, x[:k], y[:k], threat, "crown-ibp").accuracy)
+        _measure(
+            row,
+            path,
+            f"verified_crown-ibp_first{k}",
+            lambda: verify(model, x[:k], y[:k], threat, "crown-ibp").accuracy,
+        )
     return row
 
 
@@ -124,14 +169,18 @@ def markdown(record: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+
         def pct(key: str, r: dict = r) -> str:
             return f"{100 * r[key]:.1f}" if key in r else "-"
+
         same = r["arch"] == "ibp-small" and nat is not None
         ratio = f"{r['train_s'] / nat:.1f}" if same else "-"
-        lines.append(f"| {r['model']} ({r['arch']}) | {pct('clean')} | {pct('robust')} | "
-                     f"{pct('verified_ibp')} | {pct('verified_crown-ibp')} | "
-                     f"{pct(f'verified_crown-ibp_first{k}')} | {pct(f'verified_crown_first{k}')} "
-                     f"| {r['train_s']:.0f} | {ratio} |")
+        lines.append(
+            f"| {r['model']} ({r['arch']}) | {pct('clean')} | {pct('robust')} | "
+            f"{pct('verified_ibp')} | {pct('verified_crown-ibp')} | "
+            f"{pct(f'verified_crown-ibp_first{k}')} | {pct(f'verified_crown_first{k}')} "
+            f"| {r['train_s']:.0f} | {ratio} |"
+        )
     threads = {r["model"]: r["train_threads"] for r in rows}
     lines += ["", f"Training threads per model: {threads} (ratios compare equal threads only)."]
     return "\n".join(lines) + "\n"
@@ -158,8 +207,12 @@ def main() -> None:
         model = trained_model(f"cert-{name}" if name != "pgd-at" else name, recs[name], log=log)
         log(f"model {name}: measuring")
         rows.append(measure(name, model, recs[name], x, y, args))
-    record = {"machine": machine_record(), "args": vars(args), "recipes": recs,
-              "rows": [{k: v for k, v in r.items() if k != "robust_mask"} for r in rows]}
+    record = {
+        "machine": machine_record(),
+        "args": vars(args),
+        "recipes": recs,
+        "rows": [{k: v for k, v in r.items() if k != "robust_mask"} for r in rows],
+    }
     md, js = write_results(args.stem, markdown(record), record)
     print(markdown(record))
     log(f"wrote {md}, {js}")

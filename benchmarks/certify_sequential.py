@@ -48,22 +48,40 @@ ALPHA, N0 = 0.001, 100
 ROWS = CACHE_DIR / "certify_sequential"
 
 
-def certify_one(model: nn.Module, x: Tensor, sigma: float, seed: int, mode: str,
-                args: argparse.Namespace) -> dict[str, Any]:
+def certify_one(
+    model: nn.Module, x: Tensor, sigma: float, seed: int, mode: str, args: argparse.Namespace
+) -> dict[str, Any]:
     """One image's certificate in ``mode`` ("sequential" or "fixed"), with its seconds."""
     gen = torch.Generator().manual_seed(seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    (cert,) = certify_iter(model, x[None], sigma=sigma, n0=N0, n=args.n, alpha=ALPHA,
-                           generator=gen, sequential=mode == "sequential", max_n=args.max_n)
-    return {"prediction": cert.prediction, "radius": cert.radius, "p_lower": cert.p_lower,
-            "count": cert.count, "draws": cert.draws, "wall_s": time.perf_counter() - t0,
-            "cpu_s": time.process_time() - c0}
+    (cert,) = certify_iter(
+        model,
+        x[None],
+        sigma=sigma,
+        n0=N0,
+        n=args.n,
+        alpha=ALPHA,
+        generator=gen,
+        sequential=mode == "sequential",
+        max_n=args.max_n,
+    )
+    return {
+        "prediction": cert.prediction,
+        "radius": cert.radius,
+        "p_lower": cert.p_lower,
+        "count": cert.count,
+        "draws": cert.draws,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+    }
 
 
-def locuslab_certify(model: nn.Module, x: Tensor, sigma: float, n: int,
-                     batch: int) -> dict[str, Any]:
+def locuslab_certify(
+    model: nn.Module, x: Tensor, sigma: float, n: int, batch: int
+) -> dict[str, Any]:
     """locuslab/smoothing's ``Smooth.certify`` loop, minimal: n0 selection and n estimation
     draws in batches of ``batch``, counted by its Python loop, the Clopper-Pearson bound."""
+
     def sample_noise(num: int) -> np.ndarray:
         counts = np.zeros(10, dtype=int)
         with torch.no_grad():
@@ -80,8 +98,13 @@ def locuslab_certify(model: nn.Module, x: Tensor, sigma: float, n: int,
     c_a = int(sample_noise(N0).argmax())
     n_a = int(sample_noise(n)[c_a])
     p_lower = float(beta.ppf(ALPHA, n_a, n - n_a + 1))  # proportion_confint(2 alpha, "beta")[0]
-    return {"prediction": c_a if p_lower > 0.5 else -1, "p_lower": p_lower, "draws": n,
-            "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+    return {
+        "prediction": c_a if p_lower > 0.5 else -1,
+        "p_lower": p_lower,
+        "draws": n,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+    }
 
 
 def cached(path: Path, compute: Any) -> dict[str, Any]:
@@ -93,122 +116,191 @@ def cached(path: Path, compute: Any) -> dict[str, Any]:
     return row
 
 
-def sigma_part(sigma: float, x: Tensor, y: Tensor, idx: list[int], args: argparse.Namespace,
-               deadline: float) -> dict[str, Any]:
+def sigma_part(
+    sigma: float, x: Tensor, y: Tensor, idx: list[int], args: argparse.Namespace, deadline: float
+) -> dict[str, Any]:
     """Both modes on every image of ``idx`` (cached rows first); once ``deadline``
     (``time.monotonic()``) has passed, only the images already cached count."""
-    recs = recipes(argparse.Namespace(train_n=args.train_n, epochs=args.epochs, cni_epochs=5,
-                                      cni_sigma=0.1, cert_sigmas=[sigma]))
+    recs = recipes(
+        argparse.Namespace(
+            train_n=args.train_n,
+            epochs=args.epochs,
+            cni_epochs=5,
+            cni_sigma=0.1,
+            cert_sigmas=[sigma],
+        )
+    )
     model = trained_model(f"gauss-{sigma:g}", recs[f"gauss-{sigma:g}"], log=log).eval()
-    batch = best_batch_size(model, x[:1], 10 ** 6, 1000)  # measured once, cached per model
+    batch = best_batch_size(model, x[:1], 10**6, 1000)  # measured once, cached per model
     rows: dict[str, list[dict[str, Any]]] = {"sequential": [], "fixed": [], "locuslab": []}
     for j, i in enumerate(idx):
-        names = {m: f"{sigma:g}-{i}-{m}-{n}.json" for m, n in
-                 (("sequential", args.max_n), ("fixed", args.n))}
+        names = {
+            m: f"{sigma:g}-{i}-{m}-{n}.json"
+            for m, n in (("sequential", args.max_n), ("fixed", args.n))
+        }
         if time.monotonic() > deadline and not all((ROWS / n).exists() for n in names.values()):
             log(f"sigma {sigma:g}: budget spent, {j} of {len(idx)} images done")
             break
         for mode, name in names.items():
-            row = cached(ROWS / name, lambda mode=mode, j=j, i=i: certify_one(
-                model, x[j], sigma, args.seed + i, mode, args))
+            row = cached(
+                ROWS / name,
+                lambda mode=mode, j=j, i=i: certify_one(
+                    model, x[j], sigma, args.seed + i, mode, args
+                ),
+            )
             rows[mode].append(row | {"index": i, "label": int(y[j])})
         name = f"{sigma:g}-{i}-locuslab-{args.n}-{args.ref_batch}.json"
         if j < args.ref_images and (time.monotonic() < deadline or (ROWS / name).exists()):
-            row = cached(ROWS / name, lambda j=j: locuslab_certify(model, x[j], sigma, args.n,
-                                                                    args.ref_batch))
+            row = cached(
+                ROWS / name,
+                lambda j=j: locuslab_certify(model, x[j], sigma, args.n, args.ref_batch),
+            )
             rows["locuslab"].append(row | {"index": i, "label": int(y[j])})
         s, f = rows["sequential"][-1], rows["fixed"][-1]
-        log(f"sigma {sigma:g} image {i}: sequential r={s['radius']:.3f} {s['draws']} draws "
-            f"{s['wall_s']:.1f} s; fixed r={f['radius']:.3f} {f['wall_s']:.1f} s")
-    return {"sigma": sigma, "batch_size": batch, "rows": rows,
-            "summary": summarise(sigma, rows) if rows["fixed"] else None}
+        log(
+            f"sigma {sigma:g} image {i}: sequential r={s['radius']:.3f} {s['draws']} draws "
+            f"{s['wall_s']:.1f} s; fixed r={f['radius']:.3f} {f['wall_s']:.1f} s"
+        )
+    return {
+        "sigma": sigma,
+        "batch_size": batch,
+        "rows": rows,
+        "summary": summarise(sigma, rows) if rows["fixed"] else None,
+    }
 
 
 def certified_accuracy(rows: list[dict[str, Any]], r: float) -> float:
-    return sum(row["prediction"] == row["label"] and row["radius"] >= r - 1e-12
-               for row in rows) / len(rows)
+    return sum(
+        row["prediction"] == row["label"] and row["radius"] >= r - 1e-12 for row in rows
+    ) / len(rows)
 
 
 def summarise(sigma: float, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     seq, fix = rows["sequential"], rows["fixed"]
     radii = [round(k * sigma / 4, 6) for k in range(13)]
-    curve = [{"radius": r, "sequential": certified_accuracy(seq, r),
-              "fixed": certified_accuracy(fix, r)} for r in radii]
+    curve = [
+        {"radius": r, "sequential": certified_accuracy(seq, r), "fixed": certified_accuracy(fix, r)}
+        for r in radii
+    ]
     gap = max(abs(c["sequential"] - c["fixed"]) for c in curve)
-    mean = {m: {k: statistics.fmean(row[k] for row in rs) for k in ("draws", "wall_s", "cpu_s")}
-            for m, rs in rows.items() if rs}
+    mean = {
+        m: {k: statistics.fmean(row[k] for row in rs) for k in ("draws", "wall_s", "cpu_s")}
+        for m, rs in rows.items()
+        if rs
+    }
     draws_ratio = mean["sequential"]["draws"] / mean["fixed"]["draws"]
-    return {"images": len(seq), "curve": curve, "max_gap_points": 100 * gap, "mean": mean,
-            "draws_ratio": draws_ratio,
-            "accuracy_ok": 100 * gap <= 0.5, "draws_ok": draws_ratio <= 0.2}
+    return {
+        "images": len(seq),
+        "curve": curve,
+        "max_gap_points": 100 * gap,
+        "mean": mean,
+        "draws_ratio": draws_ratio,
+        "accuracy_ok": 100 * gap <= 0.5,
+        "draws_ok": draws_ratio <= 0.2,
+    }
 
 
 def markdown(record: dict[str, Any]) -> str:
     a = record["args"]
-    out = ["# Sequential vs fixed-N certification (issue 22)", "",
-           f"Fashion-MNIST test, the first images of every {10000 // a['images']}-th "
-           f"(up to {a['images']} per sigma; only images with both rows computed, resumed from "
-           f"the cache, count; the issue asks for 500: fixed N = {a['n']:,} costs "
-           f"{record['fixed_s_per_image']:.0f} s per image on this shared CPU), alpha {ALPHA}, "
-           f"n0 {N0}, sequential max_n {a['max_n']:,} (radius tolerance sigma / 10), "
-           f"{a['threads']} torch thread(s). Draws: estimation draws per image (both add n0). "
-           "Seconds: per image, one image per call; the machine was shared with other jobs, so "
-           "CPU seconds compare better than wall seconds.", "",
-           "| sigma | mode | images | mean draws | wall s / image | CPU s / image | batch (a) |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "# Sequential vs fixed-N certification (issue 22)",
+        "",
+        f"Fashion-MNIST test, the first images of every {10000 // a['images']}-th "
+        f"(up to {a['images']} per sigma; only images with both rows computed, resumed from "
+        f"the cache, count; the issue asks for 500: fixed N = {a['n']:,} costs "
+        f"{record['fixed_s_per_image']:.0f} s per image on this shared CPU), alpha {ALPHA}, "
+        f"n0 {N0}, sequential max_n {a['max_n']:,} (radius tolerance sigma / 10), "
+        f"{a['threads']} torch thread(s). Draws: estimation draws per image (both add n0). "
+        "Seconds: per image, one image per call; the machine was shared with other jobs, so "
+        "CPU seconds compare better than wall seconds.",
+        "",
+        "| sigma | mode | images | mean draws | wall s / image | CPU s / image | batch (a) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for part in record["sigmas"]:
         for mode, m in part["summary"]["mean"].items():
             batch = a["ref_batch"] if mode == "locuslab" else part["batch_size"]
-            out.append(f"| {part['sigma']:g} | {mode} | {len(part['rows'][mode])} | "
-                       f"{m['draws']:,.0f} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {batch} |")
-    out += ["", "(a) rows per forward: locuslab's --batch; ours measured by this process "
-            "(best_batch_size; cached rows may come from a run that measured another)."]
+            out.append(
+                f"| {part['sigma']:g} | {mode} | {len(part['rows'][mode])} | "
+                f"{m['draws']:,.0f} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {batch} |"
+            )
+    out += [
+        "",
+        "(a) rows per forward: locuslab's --batch; ours measured by this process "
+        "(best_batch_size; cached rows may come from a run that measured another).",
+    ]
     if record["not_measured"]:
-        out += ["", "Not measured (budget spent before the first image): sigma "
-                + ", ".join(f"{s:g}" for s in record["not_measured"]) + "."]
+        out += [
+            "",
+            "Not measured (budget spent before the first image): sigma "
+            + ", ".join(f"{s:g}" for s in record["not_measured"])
+            + ".",
+        ]
     out += ["", "Certified accuracy (%) at l2 radius r (sequential / fixed N):", ""]
     for part in record["sigmas"]:
         s = part["summary"]
-        out.append(f"- sigma {part['sigma']:g}: " + ", ".join(
-            f"r={c['radius']:g}: {100 * c['sequential']:.1f} / {100 * c['fixed']:.1f}"
-            for c in s["curve"]))
-    out += ["", "| sigma | max gap (points) | within 0.5 | draws ratio | <= 1/5 |",
-            "|---|---|---|---|---|"]
+        out.append(
+            f"- sigma {part['sigma']:g}: "
+            + ", ".join(
+                f"r={c['radius']:g}: {100 * c['sequential']:.1f} / {100 * c['fixed']:.1f}"
+                for c in s["curve"]
+            )
+        )
+    out += [
+        "",
+        "| sigma | max gap (points) | within 0.5 | draws ratio | <= 1/5 |",
+        "|---|---|---|---|---|",
+    ]
     for part in record["sigmas"]:
         s = part["summary"]
-        out.append(f"| {part['sigma']:g} | {s['max_gap_points']:.1f} | {s['accuracy_ok']} | "
-                   f"{s['draws_ratio']:.3f} | {s['draws_ok']} |")
+        out.append(
+            f"| {part['sigma']:g} | {s['max_gap_points']:.1f} | {s['accuracy_ok']} | "
+            f"{s['draws_ratio']:.3f} | {s['draws_ok']} |"
+        )
     v = record["verdict"]
-    out += ["", f"**Verdict**: {'done' if v['done'] else 'not done'}: accuracy within 0.5 "
-            f"points at every radius and sigma: {v['accuracy_ok']}; mean draws <= 1/5 of "
-            f"fixed N at every sigma: {v['draws_ok']}; every sigma measured: "
-            f"{not record['not_measured']}. With n images one image is 100 / n points, so "
-            "the accuracy check asks for the same certified count at every radius; on so few "
-            "images it is a smoke test of the issue's criterion, not its measurement.", ""]
+    out += [
+        "",
+        f"**Verdict**: {'done' if v['done'] else 'not done'}: accuracy within 0.5 "
+        f"points at every radius and sigma: {v['accuracy_ok']}; mean draws <= 1/5 of "
+        f"fixed N at every sigma: {v['draws_ok']}; every sigma measured: "
+        f"{not record['not_measured']}. With n images one image is 100 / n points, so "
+        "the accuracy check asks for the same certified count at every radius; on so few "
+        "images it is a smoke test of the issue's criterion, not its measurement.",
+        "",
+    ]
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")],
-                   default=[0.12, 0.25, 0.5])
+    p.add_argument(
+        "--sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.12, 0.25, 0.5]
+    )
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--n", type=int, default=100_000, help="fixed-N estimation draws")
     p.add_argument("--max-n", type=int, default=100_000, help="sequential's most draws")
-    p.add_argument("--ref-images", type=int, default=1,
-                   help="images per sigma also timed with the locuslab loop (0: none)")
+    p.add_argument(
+        "--ref-images",
+        type=int,
+        default=1,
+        help="images per sigma also timed with the locuslab loop (0: none)",
+    )
     p.add_argument("--ref-batch", type=int, default=1000, help="locuslab certify.py's --batch")
     p.add_argument("--train-n", type=int, default=15000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget-minutes", type=float, default=float("inf"),
-                   help="compute no new image after this many minutes (cached ones count)")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=float("inf"),
+        help="compute no new image after this many minutes (cached ones count)",
+    )
     p.add_argument("--stem", default="certify_sequential")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     x_test, y_test = rl.data.load(DATASET, split="test")
-    idx = list(range(0, len(x_test), len(x_test) // args.images))[:args.images]
+    idx = list(range(0, len(x_test), len(x_test) // args.images))[: args.images]
     record: dict[str, Any] = {"machine": machine_record(), "args": vars(args)}
     deadline = time.monotonic() + 60 * args.budget_minutes
     parts = [sigma_part(s, x_test[idx], y_test[idx], idx, args, deadline) for s in args.sigmas]
@@ -217,9 +309,13 @@ def main() -> None:
     ok_acc = all(p_["summary"]["accuracy_ok"] for p_ in record["sigmas"])
     ok_draws = all(p_["summary"]["draws_ok"] for p_ in record["sigmas"])
     record["fixed_s_per_image"] = statistics.fmean(
-        [p_["summary"]["mean"]["fixed"]["wall_s"] for p_ in record["sigmas"]] or [float("nan")])
-    record["verdict"] = {"accuracy_ok": ok_acc, "draws_ok": ok_draws,
-                         "done": ok_acc and ok_draws and not record["not_measured"]}
+        [p_["summary"]["mean"]["fixed"]["wall_s"] for p_ in record["sigmas"]] or [float("nan")]
+    )
+    record["verdict"] = {
+        "accuracy_ok": ok_acc,
+        "draws_ok": ok_draws,
+        "done": ok_acc and ok_draws and not record["not_measured"],
+    }
     md, js = write_results(args.stem, markdown(record), record)
     print(markdown(record))
     log(f"wrote {md}, {js}")

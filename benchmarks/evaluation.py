@@ -60,8 +60,11 @@ from _common import (  # noqa: E402
 )
 from attack_speed import DATASET, EPS, RECIPES, accuracy, check_ball  # noqa: E402
 
-PEERS = {"pyautoattack": "pyautoattack", "torchattacks": "torchattacks",
-         "art": "adversarial-robustness-toolbox"}
+PEERS = {
+    "pyautoattack": "pyautoattack",
+    "torchattacks": "torchattacks",
+    "art": "adversarial-robustness-toolbox",
+}
 BATCH = 500
 AttackFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
 
@@ -92,40 +95,60 @@ def reference_autoattack(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor
 
 def robustlab_suite(suite: str | None, attacks: list | None = None) -> AttackFn:
     def run(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
-        res = rl.evaluate(model, x, y, rl.ThreatModel("linf", EPS), suite=suite or "standard",
-                          attacks=attacks, batch_size=BATCH)
-        return res.x_adv, {"per_attack": res.per_attack, "flags": res.flags,
-                           "robust_accuracy_reported": 100 * res.robust_accuracy}
+        res = rl.evaluate(
+            model,
+            x,
+            y,
+            rl.ThreatModel("linf", EPS),
+            suite=suite or "standard",
+            attacks=attacks,
+            batch_size=BATCH,
+        )
+        return res.x_adv, {
+            "per_attack": res.per_attack,
+            "flags": res.flags,
+            "robust_accuracy_reported": 100 * res.robust_accuracy,
+        }
+
     return run
 
 
 def torchattacks_autoattack(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
     import torchattacks
 
-    atk = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard",
-                                  n_classes=10, seed=0)
-    return torch.cat([atk(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(x), BATCH)]), {}
+    atk = torchattacks.AutoAttack(
+        model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0
+    )
+    return torch.cat([atk(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]), {}
 
 
 def art_autoattack(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
     from art.attacks.evasion import AutoAttack
     from art.estimators.classification import PyTorchClassifier
 
-    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                            nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+    clf = PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
     atk = AutoAttack(estimator=clf, norm=np.inf, eps=EPS, eps_step=EPS / 4, batch_size=BATCH)
     return torch.from_numpy(atk.generate(x=x.numpy(), y=y.numpy())), {}
 
 
 MODES: dict[str, tuple[str, str | None, AttackFn]] = {
-    "autoattack": ("reference AutoAttack standard (pyautoattack)", "pyautoattack",
-                   reference_autoattack),
+    "autoattack": (
+        "reference AutoAttack standard (pyautoattack)",
+        "pyautoattack",
+        reference_autoattack,
+    ),
     "standard": ("robustlab standard", None, robustlab_suite("standard")),
     "fast": ("robustlab fast", None, robustlab_suite("fast")),
     "pgd-20": ("robustlab PGD-20", None, robustlab_suite(None, [("pgd", {"steps": 20})])),
     "pgd-100": ("robustlab PGD-100", None, robustlab_suite(None, [("pgd", {"steps": 100})])),
-    "torchattacks": ("torchattacks AutoAttack standard", "torchattacks",
-                     torchattacks_autoattack),
+    "torchattacks": ("torchattacks AutoAttack standard", "torchattacks", torchattacks_autoattack),
     "art": ("ART AutoAttack (its default attacks)", "art", art_autoattack),
 }
 
@@ -134,8 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1000, help="first n test images (default 1000)")
     p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    p.add_argument("--modes", nargs="+", default=["autoattack", "standard", "fast", "pgd-20",
-                                                   "pgd-100"], choices=list(MODES))
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["autoattack", "standard", "fast", "pgd-20", "pgd-100"],
+        choices=list(MODES),
+    )
     p.add_argument("--peers", action="store_true", help="add torchattacks and ART AutoAttack")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -152,8 +179,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peers = {k: package_version(d) for k, d in PEERS.items()}
     modes = [m for m in args.modes if MODES[m][1] is None or peers[MODES[m][1]]]
     skipped = [m for m in args.modes if m not in modes]
-    print(f"torch {torch.__version__}, {args.threads} threads; peers {peers}"
-          + (f"; skipped (peer missing): {skipped}" if skipped else ""), flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; peers {peers}"
+        + (f"; skipped (peer missing): {skipped}" if skipped else ""),
+        flush=True,
+    )
     x, y = rl.data.load(DATASET, split="test", n=args.n)
     results, info = [], {}
     t_all = time.perf_counter()
@@ -162,30 +192,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         info[name] = {"recipe": RECIPES[name], "clean_acc": accuracy(model, x, y, BATCH)}
         print(f"model {name}: clean accuracy {info[name]['clean_acc']:.1f}%", flush=True)
         tasks = {m: (lambda m=m, model=model: MODES[m][2](model, x, y)) for m in modes}
-        times, outs = interleaved(tasks, args.repeats, on_done=lambda r, m, s: print(
-            f"  round {r + 1}: {m:<14} {s:8.1f} s", flush=True))
+        times, outs = interleaved(
+            tasks,
+            args.repeats,
+            on_done=lambda r, m, s: print(f"  round {r + 1}: {m:<14} {s:8.1f} s", flush=True),
+        )
         ref = outs.get("autoattack")
         ref_robust = _robust(model, ref[0], y) if ref is not None else None
         for m in modes:
             x_adv, extra = outs[m]
             dist, valid = check_ball(x_adv, x, EPS)
             robust = _robust(model, x_adv, y)
-            row = {"model": name, "mode": m, "label": MODES[m][0], "times_s": times[m],
-                   "median_s": median(times[m]), "robust_acc": 100 * float(robust.float().mean()),
-                   "max_linf": dist, "valid": valid, **extra}
+            row = {
+                "model": name,
+                "mode": m,
+                "label": MODES[m][0],
+                "times_s": times[m],
+                "median_s": median(times[m]),
+                "robust_acc": 100 * float(robust.float().mean()),
+                "max_linf": dist,
+                "valid": valid,
+                **extra,
+            }
             if ref_robust is not None:
                 row["ratio_to_autoattack"] = median(
-                    [a / b for a, b in zip(times[m], times["autoattack"], strict=True)])
+                    [a / b for a, b in zip(times[m], times["autoattack"], strict=True)]
+                )
                 row["robust_here_broken_by_aa"] = int((robust & ~ref_robust).sum())
                 row["broken_here_robust_under_aa"] = int((~robust & ref_robust).sum())
             results.append(row)
-            print(f"  {MODES[m][0]:<46} {row['median_s']:8.1f} s  robust "
-                  f"{row['robust_acc']:.1f}%  valid {valid}", flush=True)
-    record = {"benchmark": "evaluation", "machine": machine_record(peers), "n": args.n,
-              "eps": EPS, "norm": "linf", "dataset": DATASET, "batch": BATCH,
-              "threads": args.threads, "repeats": args.repeats, "models": info,
-              "skipped_modes": skipped, "wall_s": time.perf_counter() - t_all,
-              "results": results}
+            print(
+                f"  {MODES[m][0]:<46} {row['median_s']:8.1f} s  robust "
+                f"{row['robust_acc']:.1f}%  valid {valid}",
+                flush=True,
+            )
+    record = {
+        "benchmark": "evaluation",
+        "machine": machine_record(peers),
+        "n": args.n,
+        "eps": EPS,
+        "norm": "linf",
+        "dataset": DATASET,
+        "batch": BATCH,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "models": info,
+        "skipped_modes": skipped,
+        "wall_s": time.perf_counter() - t_all,
+        "results": results,
+    }
     record["targets"] = check_targets(results)
     md = render(record)
     print("\n" + md)
@@ -196,8 +251,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _robust(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
     with torch.no_grad():
-        return torch.cat([model(x_adv[i:i + BATCH]).argmax(1) == y[i:i + BATCH]
-                          for i in range(0, len(x_adv), BATCH)])
+        return torch.cat(
+            [
+                model(x_adv[i : i + BATCH]).argmax(1) == y[i : i + BATCH]
+                for i in range(0, len(x_adv), BATCH)
+            ]
+        )
 
 
 def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,48 +274,70 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r = rows[mode]
             d = r["robust_acc"] - aa["robust_acc"]
             t = r["median_s"] / aa["median_s"]
-            out.append({"model": name, "mode": mode, "acc_gap_points": d, "time_ratio": t,
-                        "met": d <= gap + 1e-9 and t <= ratio + 1e-9,
-                        "target": f"robust acc <= AA + {gap} points, time <= {ratio:.2g} x AA"})
+            out.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "acc_gap_points": d,
+                    "time_ratio": t,
+                    "met": d <= gap + 1e-9 and t <= ratio + 1e-9,
+                    "target": f"robust acc <= AA + {gap} points, time <= {ratio:.2g} x AA",
+                }
+            )
     return out
 
 
 def render(rec: dict[str, Any]) -> str:
     m = rec["machine"]
     lines = [
-        "## Evaluation: robustlab suites vs reference AutoAttack", "",
+        "## Evaluation: robustlab suites vs reference AutoAttack",
+        "",
         f"- {rec['n']} Fashion-MNIST test images, linf eps {rec['eps']}, batch {rec['batch']}, "
         f"{rec['threads']} threads, {rec['repeats']} round(s); torch {m.get('torch')}, "
         f"robustlab {m.get('robustlab_commit')}, peers "
         + ", ".join(f"{k} {v}" for k, v in m["peers"].items() if v),
-        f"- {m['date']}, command `{m['command']}`; total {rec['wall_s']:.0f} s", "",
+        f"- {m['date']}, command `{m['command']}`; total {rec['wall_s']:.0f} s",
+        "",
     ]
     for name, info in rec["models"].items():
-        lines += [f"#### smallcnn {name} (clean accuracy {info['clean_acc']:.1f}%)", "",
-                  "| mode | robust acc % | time s | x AA time | robust here, broken by AA | "
-                  "broken here, robust under AA | valid |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"#### smallcnn {name} (clean accuracy {info['clean_acc']:.1f}%)",
+            "",
+            "| mode | robust acc % | time s | x AA time | robust here, broken by AA | "
+            "broken here, robust under AA | valid |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in (r for r in rec["results"] if r["model"] == name):
             lines.append(
                 f"| {r['label']} | {r['robust_acc']:.1f} | {r['median_s']:.1f} | "
                 f"{r.get('ratio_to_autoattack', float('nan')):.2f} | "
                 f"{r.get('robust_here_broken_by_aa', '-')} | "
-                f"{r.get('broken_here_robust_under_aa', '-')} | {r['valid']} |")
+                f"{r.get('broken_here_robust_under_aa', '-')} | {r['valid']} |"
+            )
         for r in (r for r in rec["results"] if r["model"] == name and "per_attack" in r):
-            steps = "; ".join(f"{a['attack']} {a['time_s']:.1f} s -> "
-                              f"{100 * a['robust_accuracy']:.1f}%" for a in r["per_attack"])
+            steps = "; ".join(
+                f"{a['attack']} {a['time_s']:.1f} s -> {100 * a['robust_accuracy']:.1f}%"
+                for a in r["per_attack"]
+            )
             lines.append(f"\n{r['label']}: {steps}")
-        aa = next((r for r in rec["results"] if r["model"] == name
-                   and r["mode"] == "autoattack"), None)
+        aa = next(
+            (r for r in rec["results"] if r["model"] == name and r["mode"] == "autoattack"), None
+        )
         if aa:
-            lines.append("\nreference AutoAttack log: " + "; ".join(
-                s for s in aa["log"] if "robust accuracy" in s or "after" in s))
+            lines.append(
+                "\nreference AutoAttack log: "
+                + "; ".join(s for s in aa["log"] if "robust accuracy" in s or "after" in s)
+            )
         lines.append("")
-    lines += ["| target | model | accuracy gap (points) | time ratio | met |",
-              "|---|---|---:|---:|---|"]
+    lines += [
+        "| target | model | accuracy gap (points) | time ratio | met |",
+        "|---|---|---:|---:|---|",
+    ]
     for t in rec["targets"]:
-        lines.append(f"| {t['mode']}: {t['target']} | {t['model']} | {t['acc_gap_points']:+.1f} "
-                     f"| {t['time_ratio']:.2f} | {'yes' if t['met'] else 'no'} |")
+        lines.append(
+            f"| {t['mode']}: {t['target']} | {t['model']} | {t['acc_gap_points']:+.1f} "
+            f"| {t['time_ratio']:.2f} | {'yes' if t['met'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

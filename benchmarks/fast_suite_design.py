@@ -28,13 +28,14 @@ from attack_speed import RECIPES  # noqa: E402
 
 CANDIDATES = {
     "standard": None,
-    "A ce25 t25x3": [("apgd-ce", {"steps": 25}),
-                     ("apgd-t", {"steps": 25, "n_target_classes": 3})],
-    "B ce50 t50x9": [("apgd-ce", {"steps": 50}),
-                     ("apgd-t", {"steps": 50, "n_target_classes": 9})],
+    "A ce25 t25x3": [("apgd-ce", {"steps": 25}), ("apgd-t", {"steps": 25, "n_target_classes": 3})],
+    "B ce50 t50x9": [("apgd-ce", {"steps": 50}), ("apgd-t", {"steps": 50, "n_target_classes": 9})],
     "C ce100 mm9x20": [("apgd-ce", {"steps": 100}), ("mm", {"k": 9, "steps": 20})],
-    "D ce50 mm3x20 t100x9": [("apgd-ce", {"steps": 50}), ("mm", {"k": 3, "steps": 20}),
-                             ("apgd-t", {"steps": 100})],
+    "D ce50 mm3x20 t100x9": [
+        ("apgd-ce", {"steps": 50}),
+        ("mm", {"k": 3, "steps": 20}),
+        ("apgd-t", {"steps": 100}),
+    ],
     "E ce25 mm9x20": [("apgd-ce", {"steps": 25}), ("mm", {"k": 9, "steps": 20})],
     "F ce100 t100x9": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 100})],
 }
@@ -51,16 +52,24 @@ def main() -> None:
         ref = None
         for label, attacks in CANDIDATES.items():
             t0 = time.perf_counter()
-            r = rl.evaluate(model, x, y, threat, suite="standard", attacks=attacks,
-                            batch_size=500)
+            r = rl.evaluate(model, x, y, threat, suite="standard", attacks=attacks, batch_size=500)
             dt = time.perf_counter() - t0
-            diff = "" if ref is None else (f" missed {int((r.robust & ~ref).sum())} "
-                                           f"extra {int((~r.robust & ref).sum())}")
+            diff = (
+                ""
+                if ref is None
+                else (
+                    f" missed {int((r.robust & ~ref).sum())} extra {int((~r.robust & ref).sum())}"
+                )
+            )
             ref = r.robust if ref is None else ref
-            stages = [f"{a['attack']} {a['time_s']:.1f}s {100 * a['robust_accuracy']:.1f}"
-                      for a in r.per_attack]
-            print(f"{name} {label} {100 * r.robust_accuracy:.1f}% {dt:.1f}s{diff} {stages}",
-                  flush=True)
+            stages = [
+                f"{a['attack']} {a['time_s']:.1f}s {100 * a['robust_accuracy']:.1f}"
+                for a in r.per_attack
+            ]
+            print(
+                f"{name} {label} {100 * r.robust_accuracy:.1f}% {dt:.1f}s{diff} {stages}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -67,12 +67,23 @@ def floats(s: str) -> list[float]:
 def recipe(alpha: float, args: argparse.Namespace) -> dict[str, Any]:
     """Lee et al.'s MNIST training (card F4) on this budget: batch 400, Nesterov SGD lr 0.05,
     lr x0.1 after each third of the epochs (their step decay every 10 of 30 epochs)."""
-    return {"arch": "smallcnn", "dataset": DATASET, "train_n": args.train_n,
-            "epochs": args.epochs, "batch_size": 400, "optimizer": "sgd", "lr": 0.05,
-            "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "piecewise",
-            "schedule_options": {"milestones": [1 / 3, 2 / 3], "gamma": 0.1}, "seed": 0,
-            "objective": "gaussian-aug",
-            "objective_options": {"sigma": alpha, "noise": "uniform-l0"}}
+    return {
+        "arch": "smallcnn",
+        "dataset": DATASET,
+        "train_n": args.train_n,
+        "epochs": args.epochs,
+        "batch_size": 400,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "schedule": "piecewise",
+        "schedule_options": {"milestones": [1 / 3, 2 / 3], "gamma": 0.1},
+        "seed": 0,
+        "objective": "gaussian-aug",
+        "objective_options": {"sigma": alpha, "noise": "uniform-l0"},
+    }
 
 
 def quantisation(x: Tensor) -> dict[str, Any]:
@@ -92,9 +103,12 @@ def reachable(alpha: float, n: int, d: int) -> dict[str, Any]:
     """The largest l0 radius at this n (p_lower of n votes out of n) and the threshold
     rho_1^-1(1/2) that p_lower must exceed for radius 1."""
     best = lower_confidence_bound(n, n, FAILURE)
-    return {"max_p_lower": best, "max_radius": l0_radius(best, alpha, d),
-            "threshold_r1": float(l0_threshold(1, alpha)),
-            "max_radius_binarised": l0_radius(best, alpha, d, levels=1)}
+    return {
+        "max_p_lower": best,
+        "max_radius": l0_radius(best, alpha, d),
+        "threshold_r1": float(l0_threshold(1, alpha)),
+        "max_radius_binarised": l0_radius(best, alpha, d, levels=1),
+    }
 
 
 def notes(record: dict[str, Any]) -> list[str]:
@@ -111,12 +125,17 @@ def notes(record: dict[str, Any]) -> list[str]:
                 f"likelihood by a factor up to {c['alpha'] * L0_LEVELS / (1 - c['alpha']):.0f}). "
                 f"On binarised inputs (K = 1, Lee et al.'s MNIST) the same alpha and n reach "
                 f"radius {c['max_radius_binarised']}. Its only certified column is r=0, the "
-                "clean accuracy of the smoothed classifier.")
-    out.append("- Paper: Lee et al. certify binarised MNIST (K = 1, alpha 0.8, n = 100,000), "
-               "not 8-bit Fashion-MNIST; METHODS-2 card F4 does not give their certified "
-               "accuracies (it lists them as unverified), so no number is compared here.")
-    out.append("- Train s: wall seconds of training (1 thread, shared CPU), CPU seconds where "
-               "this script trained the model (else '-': the model came from the cache).")
+                "clean accuracy of the smoothed classifier."
+            )
+    out.append(
+        "- Paper: Lee et al. certify binarised MNIST (K = 1, alpha 0.8, n = 100,000), "
+        "not 8-bit Fashion-MNIST; METHODS-2 card F4 does not give their certified "
+        "accuracies (it lists them as unverified), so no number is compared here."
+    )
+    out.append(
+        "- Train s: wall seconds of training (1 thread, shared CPU), CPU seconds where "
+        "this script trained the model (else '-': the model came from the cache)."
+    )
     return out
 
 
@@ -140,8 +159,9 @@ def read_rows(path: Path, name: str, ids: set[int]) -> dict[int, dict[str, Any]]
     return rows
 
 
-def certify_chunk(model: nn.Module, x: Tensor, y: Tensor, alpha: float, out: Path,
-                  args: argparse.Namespace) -> None:
+def certify_chunk(
+    model: nn.Module, x: Tensor, y: Tensor, alpha: float, out: Path, args: argparse.Namespace
+) -> None:
     """Certify the first ``len(x)`` test points (those already in ``out`` are skipped),
     appending each new point's CPU seconds to ``out/cpu.jsonl``."""
     cpu = [time.process_time()]
@@ -153,30 +173,56 @@ def certify_chunk(model: nn.Module, x: Tensor, y: Tensor, alpha: float, out: Pat
         cpu[0] = now
 
     out.mkdir(parents=True, exist_ok=True)
-    run_certification(model, x, y, sigma=alpha, noise="uniform-l0", n0=N0, n=args.n,
-                      alpha=FAILURE, batch_size=args.batch, seed=0, out=out, resume=True,
-                      on_row=on_row, config={"model": out.name})
+    run_certification(
+        model,
+        x,
+        y,
+        sigma=alpha,
+        noise="uniform-l0",
+        n0=N0,
+        n=args.n,
+        alpha=FAILURE,
+        batch_size=args.batch,
+        seed=0,
+        out=out,
+        resume=True,
+        on_row=on_row,
+        config={"model": out.name},
+    )
 
 
-def summarise(alpha: float, out: Path, ids: list[int], top: int,
-              model: nn.Module, d: int, args: argparse.Namespace) -> dict[str, Any]:
+def summarise(
+    alpha: float,
+    out: Path,
+    ids: list[int],
+    top: int,
+    model: nn.Module,
+    d: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     rows = read_rows(out, "certify.jsonl", set(ids))
     cpu = read_rows(out, "cpu.jsonl", set(ids))
     missing = [i for i in ids if i not in rows]
     if missing:
-        raise RuntimeError(f"alpha {alpha:g}: {len(missing)} points not certified "
-                           f"(first {missing[:5]}); rerun to resume")
+        raise RuntimeError(
+            f"alpha {alpha:g}: {len(missing)} points not certified "
+            f"(first {missing[:5]}); rerun to resume"
+        )
     ordered = [rows[i] for i in ids]
     meta = model.robustlab_meta
-    return {"alpha": alpha, "model": out.name, **reachable(alpha, args.n, d),
-            **certification_summary(ordered, radii=list(range(top + 1)), norm="l0"),
-            "largest_radius": max(r["radius"] for r in ordered),
-            "certify_cpu_seconds": sum(cpu[i]["cpu_seconds"] for i in ids if i in cpu),
-            "cpu_rows": sum(i in cpu for i in ids),
-            "certify_wall_seconds": sum(r["seconds"] for r in ordered),
-            "train_seconds": meta.get("train_seconds"),
-            "train_cpu_seconds": meta.get("train_cpu_seconds"),
-            "train_threads": meta.get("threads")}
+    return {
+        "alpha": alpha,
+        "model": out.name,
+        **reachable(alpha, args.n, d),
+        **certification_summary(ordered, radii=list(range(top + 1)), norm="l0"),
+        "largest_radius": max(r["radius"] for r in ordered),
+        "certify_cpu_seconds": sum(cpu[i]["cpu_seconds"] for i in ids if i in cpu),
+        "cpu_rows": sum(i in cpu for i in ids),
+        "certify_wall_seconds": sum(r["seconds"] for r in ordered),
+        "train_seconds": meta.get("train_seconds"),
+        "train_cpu_seconds": meta.get("train_cpu_seconds"),
+        "train_threads": meta.get("threads"),
+    }
 
 
 def models_for(args: argparse.Namespace) -> dict[float, tuple[nn.Module, dict[str, Any]]]:
@@ -193,11 +239,11 @@ def models_for(args: argparse.Namespace) -> dict[float, tuple[nn.Module, dict[st
         if "train_cpu_seconds" not in model.robustlab_meta:
             if not cpu_file.exists() and not cached:  # trained just now
                 cpu_file.parent.mkdir(parents=True, exist_ok=True)
-                cpu_file.write_text(json.dumps({"train_cpu_seconds":
-                                                time.process_time() - t0}))
+                cpu_file.write_text(json.dumps({"train_cpu_seconds": time.process_time() - t0}))
             if cpu_file.exists():
-                model.robustlab_meta["train_cpu_seconds"] = json.loads(
-                    cpu_file.read_text())["train_cpu_seconds"]
+                model.robustlab_meta["train_cpu_seconds"] = json.loads(cpu_file.read_text())[
+                    "train_cpu_seconds"
+                ]
         out[alpha] = (model, rec)
     return out
 
@@ -210,34 +256,42 @@ def pct(v: float) -> str:
 def markdown(record: dict[str, Any]) -> str:
     a, m, q = record["args"], record["machine"], record["quantisation"]
     top = record["largest_radius"]
-    lines = ["# l0 certified accuracy of uniform-l0 smoothing (Lee et al. 2019), Fashion-MNIST",
-             "", f"Command: `{m['command']}`  ",
-             f"Machine: {m['cpu']}, {m['nproc']} cores (shared), torch threads "
-             f"{a['threads']}, torch {m['torch']}, robustlab commit {m['robustlab_commit']} "
-             f"(src changes: {m['src_changes'] or 'none'})", "",
-             f"smallcnn trained with gaussian-aug noise=uniform-l0 (first {a['train_n']} "
-             f"training images, {a['epochs']} epochs, batch 400, Nesterov SGD lr 0.05 x0.1 "
-             f"after each third); CERTIFY on the first {a['images']} test images per alpha, "
-             f"n0 = {N0}, n = {a['n']} (the paper: 100,000), failure probability {FAILURE}; "
-             f"radius = pixels changed (of {record['d']}), levels K = {L0_LEVELS}. Test images "
-             f"on the levels k/255: {'yes' if q['accepted'] else 'NO: ' + str(q['reason'])} "
-             f"(largest offset {q['max_offset_levels']:.2g} levels).", "",
-             "Certified accuracy (%) at l0 radius r:", "",
-             "| alpha | clean (smoothed) | abstain | "
-             + " | ".join(f"r={r}" for r in range(top + 1))
-             + " | ACR | largest possible r at this n | train s (wall / CPU) "
-             "| certify CPU s/point |",
-             "|---|---|---|" + "---|" * (top + 1) + "---|---|---|---|"]
+    lines = [
+        "# l0 certified accuracy of uniform-l0 smoothing (Lee et al. 2019), Fashion-MNIST",
+        "",
+        f"Command: `{m['command']}`  ",
+        f"Machine: {m['cpu']}, {m['nproc']} cores (shared), torch threads "
+        f"{a['threads']}, torch {m['torch']}, robustlab commit {m['robustlab_commit']} "
+        f"(src changes: {m['src_changes'] or 'none'})",
+        "",
+        f"smallcnn trained with gaussian-aug noise=uniform-l0 (first {a['train_n']} "
+        f"training images, {a['epochs']} epochs, batch 400, Nesterov SGD lr 0.05 x0.1 "
+        f"after each third); CERTIFY on the first {a['images']} test images per alpha, "
+        f"n0 = {N0}, n = {a['n']} (the paper: 100,000), failure probability {FAILURE}; "
+        f"radius = pixels changed (of {record['d']}), levels K = {L0_LEVELS}. Test images "
+        f"on the levels k/255: {'yes' if q['accepted'] else 'NO: ' + str(q['reason'])} "
+        f"(largest offset {q['max_offset_levels']:.2g} levels).",
+        "",
+        "Certified accuracy (%) at l0 radius r:",
+        "",
+        "| alpha | clean (smoothed) | abstain | "
+        + " | ".join(f"r={r}" for r in range(top + 1))
+        + " | ACR | largest possible r at this n | train s (wall / CPU) "
+        "| certify CPU s/point |",
+        "|---|---|---|" + "---|" * (top + 1) + "---|---|---|---|",
+    ]
     for c in record["certify"]:
         cells = [pct(p["accuracy"]) for p in c["certified_accuracy"]]
         train = c["train_cpu_seconds"]
         lines.append(
             f"| {c['alpha']:g} | {pct(c['clean_accuracy'])} | {pct(c['abstain_rate'])} | "
-            + " | ".join(cells) + f" | {c['average_certified_radius']:.3f} | "
+            + " | ".join(cells)
+            + f" | {c['average_certified_radius']:.3f} | "
             f"{c['max_radius']} (p_lower <= {c['max_p_lower']:.5f}; r=1 needs > "
             f"{c['threshold_r1']:.5f}) | {c['train_seconds']:.0f} / "
             f"{'-' if train is None else f'{train:.0f}'} | "
-            f"{c['certify_cpu_seconds'] / max(c['cpu_rows'], 1):.2f} |")
+            f"{c['certify_cpu_seconds'] / max(c['cpu_rows'], 1):.2f} |"
+        )
     lines += ["", *record.get("notes", []), ""]
     return "\n".join(lines)
 
@@ -251,9 +305,14 @@ def plot(record: dict[str, Any]) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for k, c in enumerate(record["certify"]):  # markers and dashes: equal curves stay visible
         pts = c["certified_accuracy"]
-        ax.plot([p["radius"] for p in pts], [100 * p["accuracy"] for p in pts],
-                marker="osd^v"[k % 5], ls=("-", "--", ":", "-.")[k % 4], ms=7 - k,
-                label=f"alpha {c['alpha']:g} (ACR {c['average_certified_radius']:.2f})")
+        ax.plot(
+            [p["radius"] for p in pts],
+            [100 * p["accuracy"] for p in pts],
+            marker="osd^v"[k % 5],
+            ls=("-", "--", ":", "-.")[k % 4],
+            ms=7 - k,
+            label=f"alpha {c['alpha']:g} (ACR {c['average_certified_radius']:.2f})",
+        )
     ax.set_xlabel("l0 radius (pixels changed)")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_title(f"uniform-l0 smoothing, Fashion-MNIST, n = {record['args']['n']}")
@@ -268,8 +327,12 @@ def plot(record: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--alphas", type=floats, default=[0.2, 0.8, 0.9],
-                   help="keep probabilities, one model each (comma-separated)")
+    p.add_argument(
+        "--alphas",
+        type=floats,
+        default=[0.2, 0.8, 0.9],
+        help="keep probabilities, one model each (comma-separated)",
+    )
     p.add_argument("--train-n", type=int, default=15000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--images", type=int, default=100, help="test points per alpha")
@@ -279,10 +342,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--stem", default="l0_smoothing")
     args = p.parse_args()
-    if min(args.train_n, args.epochs, args.images, args.n, args.chunk, args.batch,
-           args.threads) < 1:
-        p.error("--train-n, --epochs, --images, --n, --chunk, --batch and --threads must be "
-                ">= 1")
+    if (
+        min(args.train_n, args.epochs, args.images, args.n, args.chunk, args.batch, args.threads)
+        < 1
+    ):
+        p.error("--train-n, --epochs, --images, --n, --chunk, --batch and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     record: dict[str, Any] = {"machine": machine_record(), "args": vars(args)}
     x_test, y_test = rl.data.load(DATASET, split="test", n=args.images)
@@ -295,8 +359,9 @@ def main() -> None:
         stop = min(start + args.chunk, args.images)
         for alpha, (model, rec) in models.items():
             t0 = time.perf_counter()
-            certify_chunk(model, x_test[:stop], y_test[:stop], alpha,
-                          out_dir(alpha, rec, args.n), args)
+            certify_chunk(
+                model, x_test[:stop], y_test[:stop], alpha, out_dir(alpha, rec, args.n), args
+            )
             log(f"alpha {alpha:g}: points {start}..{stop - 1} ({time.perf_counter() - t0:.0f} s)")
     ids = list(range(args.images))
     top = 0
@@ -304,8 +369,10 @@ def main() -> None:
         rows = read_rows(out_dir(alpha, rec, args.n), "certify.jsonl", set(ids))
         top = max([top, *(int(r["radius"]) for r in rows.values() if r["correct"])])
     record["largest_radius"] = top
-    record["certify"] = [summarise(a, out_dir(a, rec, args.n), ids, top, model, d, args)
-                         for a, (model, rec) in models.items()]
+    record["certify"] = [
+        summarise(a, out_dir(a, rec, args.n), ids, top, model, d, args)
+        for a, (model, rec) in models.items()
+    ]
     record["notes"] = notes(record)
     record["plot"] = plot(record)
     md, js = write_results(args.stem, markdown(record), record)

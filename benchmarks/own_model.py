@@ -59,29 +59,49 @@ def _ways(folder: Path, suite: str | None, steps: int, n: int) -> dict[str, Any]
     }
     threat = rl.ThreatModel("linf", EPS)
     x, y = rl.data.load(DATASET, split="test", n=n)
-    how: dict[str, Any] = ({"suite": suite} if suite else
-                           {"attacks": [("pgd", {"steps": steps})]})
-    ways = {name: (lambda m=m: rl.evaluate(m, x, y, threat, seed=0, **how))
-            for name, m in models.items()}
+    how: dict[str, Any] = {"suite": suite} if suite else {"attacks": [("pgd", {"steps": steps})]}
+    ways = {
+        name: (lambda m=m: rl.evaluate(m, x, y, threat, seed=0, **how))
+        for name, m in models.items()
+    }
     ways["rl.benchmark"] = lambda: rl.benchmark(
-        SPEC, DATASET, threat=threat, n=n, device="cpu", out=None, seed=0, weights=weights,
-        model_options=options, **how)
+        SPEC,
+        DATASET,
+        threat=threat,
+        n=n,
+        device="cpu",
+        out=None,
+        seed=0,
+        weights=weights,
+        model_options=options,
+        **how,
+    )
     return ways
 
 
 def _markdown(rec: dict[str, Any]) -> str:
-    rows = [f"| {name} | {r['median_s']:.3f} | {min(r['times_s']):.3f} - "
-            f"{max(r['times_s']):.3f} | {r['ratio']:.3f} | {r['robust_accuracy']:.3f} |"
-            for name, r in rec["ways"].items()]
+    rows = [
+        f"| {name} | {r['median_s']:.3f} | {min(r['times_s']):.3f} - "
+        f"{max(r['times_s']):.3f} | {r['ratio']:.3f} | {r['robust_accuracy']:.3f} |"
+        for name, r in rec["ways"].items()
+    ]
     m = rec["machine"]
-    return "\n".join([
-        "# The cost of the own-model wrappers on evaluation time", "",
-        f"smallcnn ({RECIPE}), {rec['n']} Fashion-MNIST test points, linf eps {EPS}, "
-        f"{rec['evaluation']}, {rec['rounds']} interleaved rounds (median), "
-        f"{m['torch_threads']} torch thread(s), torch {m.get('torch')}.", "",
-        "| way | median time (s) | range (s) | ratio to bare (medians) | robust accuracy |",
-        "|---|---|---|---|---|", *rows, "",
-        f"Command: `{m['command']}` ({m['date']}).", ""])
+    return "\n".join(
+        [
+            "# The cost of the own-model wrappers on evaluation time",
+            "",
+            f"smallcnn ({RECIPE}), {rec['n']} Fashion-MNIST test points, linf eps {EPS}, "
+            f"{rec['evaluation']}, {rec['rounds']} interleaved rounds (median), "
+            f"{m['torch_threads']} torch thread(s), torch {m.get('torch')}.",
+            "",
+            "| way | median time (s) | range (s) | ratio to bare (medians) | robust accuracy |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Command: `{m['command']}` ({m['date']}).",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="test points (default 200)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    p.add_argument("--suite", type=str, default=None,
-                   help="evaluate with this suite (e.g. fast) instead of PGD")
+    p.add_argument(
+        "--suite",
+        type=str,
+        default=None,
+        help="evaluate with this suite (e.g. fast) instead of PGD",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,16 +122,28 @@ def main(argv: list[str] | None = None) -> int:
         ways = _ways(Path(tmp), args.suite, args.steps, args.n)
         interleaved(ways, 1)  # warm-up round
         times, results = interleaved(
-            ways, args.rounds,
-            on_done=lambda r, name, s: print(f"round {r + 1} {name}: {s:.3f} s", flush=True))
+            ways,
+            args.rounds,
+            on_done=lambda r, name, s: print(f"round {r + 1} {name}: {s:.3f} s", flush=True),
+        )
     base = median(times["bare"])
     accuracies = {name: res.robust_accuracy for name, res in results.items()}
     rec = {
-        "n": args.n, "rounds": args.rounds, "eps": EPS, "recipe": RECIPES[RECIPE],
+        "n": args.n,
+        "rounds": args.rounds,
+        "eps": EPS,
+        "recipe": RECIPES[RECIPE],
         "evaluation": f"suite {args.suite}" if args.suite else f"PGD-{args.steps}",
         "machine": machine_record() | {"torch_threads": torch.get_num_threads()},
-        "ways": {name: {"times_s": t, "median_s": median(t), "ratio": median(t) / base,
-                        "robust_accuracy": accuracies[name]} for name, t in times.items()},
+        "ways": {
+            name: {
+                "times_s": t,
+                "median_s": median(t),
+                "ratio": median(t) / base,
+                "robust_accuracy": accuracies[name],
+            }
+            for name, t in times.items()
+        },
     }
     md, js = write_results("own_model", _markdown(rec), rec)
     print(_markdown(rec))

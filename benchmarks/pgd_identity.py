@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = sorted(set(now) - set(before))
     for k in differ:
         print(f"DIFFERS: {k}")
-    print(f"{len(before) - len(differ)} of {len(before)} identical"
-          + (f"; new cases not in the file: {', '.join(missing)}" if missing else ""))
+    print(
+        f"{len(before) - len(differ)} of {len(before)} identical"
+        + (f"; new cases not in the file: {', '.join(missing)}" if missing else "")
+    )
     return 1 if differ else 0
 
 

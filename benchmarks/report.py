@@ -62,17 +62,25 @@ def evaluate_part(args: argparse.Namespace) -> dict[str, Any]:
     def logged() -> float:
         with quiet_bars():
             out = Path(tmp.name) / str(next(counter))
-            return rl.evaluate(model, x, y, threat, attacks=attacks, out=out,
-                               progress=True).robust_accuracy
+            return rl.evaluate(
+                model, x, y, threat, attacks=attacks, out=out, progress=True
+            ).robust_accuracy
 
     interleaved({"bare": bare, "logged": logged}, 1)  # warm-up
-    times, results = interleaved({"bare": bare, "logged": logged}, args.repeats,
-                                 on_done=lambda r, k, s: log(f"evaluate {k}: {s:.2f} s"))
+    times, results = interleaved(
+        {"bare": bare, "logged": logged},
+        args.repeats,
+        on_done=lambda r, k, s: log(f"evaluate {k}: {s:.2f} s"),
+    )
     tmp.cleanup()
     assert results["bare"] == results["logged"], results
-    return {"points": args.points, "attack": "pgd-20", "robust_accuracy": results["bare"],
-            "seconds": {k: median(v) for k, v in times.items()},
-            "ratio": median(times["logged"]) / median(times["bare"])}
+    return {
+        "points": args.points,
+        "attack": "pgd-20",
+        "robust_accuracy": results["bare"],
+        "seconds": {k: median(v) for k, v in times.items()},
+        "ratio": median(times["logged"]) / median(times["bare"]),
+    }
 
 
 def train_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,16 +99,30 @@ def train_part(args: argparse.Namespace) -> dict[str, Any]:
     def logged() -> float:
         with quiet_bars():
             out = Path(tmp.name) / str(next(counter))
-            return rl.training.fit(model(), (x, y), out=out, progress=True, tensorboard=True,
-                                   dataset="fashion-mnist", **opts)[-1]["train_loss"]
+            return rl.training.fit(
+                model(),
+                (x, y),
+                out=out,
+                progress=True,
+                tensorboard=True,
+                dataset="fashion-mnist",
+                **opts,
+            )[-1]["train_loss"]
 
     interleaved({"bare": bare, "logged": logged}, 1)
-    times, results = interleaved({"bare": bare, "logged": logged}, args.repeats,
-                                 on_done=lambda r, k, s: log(f"train {k}: {s:.2f} s"))
+    times, results = interleaved(
+        {"bare": bare, "logged": logged},
+        args.repeats,
+        on_done=lambda r, k, s: log(f"train {k}: {s:.2f} s"),
+    )
     tmp.cleanup()
-    return {"images": args.train_n, "epochs": 1, "loss": results,
-            "seconds": {k: median(v) for k, v in times.items()},
-            "ratio": median(times["logged"]) / median(times["bare"])}
+    return {
+        "images": args.train_n,
+        "epochs": 1,
+        "loss": results,
+        "seconds": {k: median(v) for k, v in times.items()},
+        "ratio": median(times["logged"]) / median(times["bare"]),
+    }
 
 
 def render_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,36 +135,56 @@ def render_part(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     svgs = re.findall(r"<svg .*?</svg>", page, flags=re.S)
     pngs = re.findall(r'data:image/png;base64,[^"]+', page)
-    return {"runs": [d.name for d in dirs], "seconds": median(times),
-            "bytes": len(page.encode()), "plots": len(svgs),
-            "plot_bytes": sum(len(s.encode()) for s in svgs), "images": len(pngs),
-            "image_bytes": sum(len(p) for p in pngs)}
+    return {
+        "runs": [d.name for d in dirs],
+        "seconds": median(times),
+        "bytes": len(page.encode()),
+        "plots": len(svgs),
+        "plot_bytes": sum(len(s.encode()) for s in svgs),
+        "images": len(pngs),
+        "image_bytes": sum(len(p) for p in pngs),
+    }
 
 
 def markdown(rec: dict[str, Any]) -> str:
     m = rec["machine"]
-    lines = ["# Reporting costs", "", f"Command: `{m['command']}`  ",
-             f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, robustlab commit "
-             f"{m['robustlab_commit']}", ""]
-    titles = {"evaluate": "Evaluation: bare vs progress bar + logs + results files ({points} "
-                          "points, {attack}, median of {repeats})",
-              "train": "Training: one epoch on {images} images, bare vs progress bar + "
-                       "checkpoint + train_log + TensorBoard (median of {repeats})"}
+    lines = [
+        "# Reporting costs",
+        "",
+        f"Command: `{m['command']}`  ",
+        f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, robustlab commit "
+        f"{m['robustlab_commit']}",
+        "",
+    ]
+    titles = {
+        "evaluate": "Evaluation: bare vs progress bar + logs + results files ({points} "
+        "points, {attack}, median of {repeats})",
+        "train": "Training: one epoch on {images} images, bare vs progress bar + "
+        "checkpoint + train_log + TensorBoard (median of {repeats})",
+    }
     for part, title in titles.items():
         if part in rec:
             p = rec[part]
-            lines += ["## " + title.format(repeats=rec["repeats"], **p), "",
-                      "| bare (s) | with progress and files (s) | ratio |", "|---|---|---|",
-                      f"| {p['seconds']['bare']:.2f} | {p['seconds']['logged']:.2f} | "
-                      f"{p['ratio']:.3f} |", ""]
+            lines += [
+                "## " + title.format(repeats=rec["repeats"], **p),
+                "",
+                "| bare (s) | with progress and files (s) | ratio |",
+                "|---|---|---|",
+                f"| {p['seconds']['bare']:.2f} | {p['seconds']['logged']:.2f} | {p['ratio']:.3f} |",
+                "",
+            ]
     if "render" in rec:
         r = rec["render"]
-        lines += ["## Rendering the test fixtures' report (two runs)", "",
-                  "| seconds | page | plots | plot bytes | images | image bytes |",
-                  "|---|---|---|---|---|---|",
-                  f"| {r['seconds']:.2f} | {r['bytes'] / 1e3:.0f} kB | {r['plots']} | "
-                  f"{r['plot_bytes'] / 1e3:.0f} kB | {r['images']} | "
-                  f"{r['image_bytes'] / 1e3:.0f} kB |", ""]
+        lines += [
+            "## Rendering the test fixtures' report (two runs)",
+            "",
+            "| seconds | page | plots | plot bytes | images | image bytes |",
+            "|---|---|---|---|---|---|",
+            f"| {r['seconds']:.2f} | {r['bytes'] / 1e3:.0f} kB | {r['plots']} | "
+            f"{r['plot_bytes'] / 1e3:.0f} kB | {r['images']} | "
+            f"{r['image_bytes'] / 1e3:.0f} kB |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -155,10 +197,12 @@ def main() -> None:
     p.add_argument("--stem", default="report")
     args = p.parse_args()
     parts = args.parts.split(",")
-    rec: dict[str, Any] = {"machine": machine_record(), "repeats": args.repeats,
-                           "settings": vars(args)}
-    for name, fn in (("evaluate", evaluate_part), ("train", train_part),
-                     ("render", render_part)):
+    rec: dict[str, Any] = {
+        "machine": machine_record(),
+        "repeats": args.repeats,
+        "settings": vars(args),
+    }
+    for name, fn in (("evaluate", evaluate_part), ("train", train_part), ("render", render_part)):
         if name in parts:
             rec[name] = fn(args)
     md, js = write_results(args.stem, markdown(rec), rec)

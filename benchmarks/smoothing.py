@@ -76,24 +76,51 @@ def ints(s: str) -> list[int]:
 
 # --- models ------------------------------------------------------------------------------------
 def recipes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    base = {"arch": "smallcnn", "dataset": DATASET, "train_n": args.train_n, "batch_size": 128,
-            "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-            "schedule": "cosine", "seed": 0}
-    pgd = base | {"objective": "pgd-at", "eps": 0.1, "epochs": args.epochs,
-                  "objective_options": {"steps": 10, "step_size": 0.025}}
+    base = {
+        "arch": "smallcnn",
+        "dataset": DATASET,
+        "train_n": args.train_n,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+        "seed": 0,
+    }
+    pgd = base | {
+        "objective": "pgd-at",
+        "eps": 0.1,
+        "epochs": args.epochs,
+        "objective_options": {"steps": 10, "step_size": 0.025},
+    }
     pgd_path = CACHE_DIR / f"pgd-at-{_recipe_key(pgd)}.safetensors"
-    cni = base | {"objective": "noise-at", "eps": 0.1, "epochs": args.cni_epochs, "lr": 0.01,
-                  "grad_clip": 1.0,
-                  "model": {"noise": "cni-w", "noise_options": {"init": 0.1,
-                                                                 "factor_init": 1e-3}},
-                  "init": str(pgd_path.relative_to(Path.cwd())),
-                  "objective_options": {"sigma": args.cni_sigma, "attack": "pgd", "steps": 7,
-                                        "step_size": 0.025}}
-    out = {"pgd-at": pgd, "cni": cni,
-           "natural": base | {"objective": "natural", "epochs": args.epochs}}
+    cni = base | {
+        "objective": "noise-at",
+        "eps": 0.1,
+        "epochs": args.cni_epochs,
+        "lr": 0.01,
+        "grad_clip": 1.0,
+        "model": {"noise": "cni-w", "noise_options": {"init": 0.1, "factor_init": 1e-3}},
+        "init": str(pgd_path.relative_to(Path.cwd())),
+        "objective_options": {
+            "sigma": args.cni_sigma,
+            "attack": "pgd",
+            "steps": 7,
+            "step_size": 0.025,
+        },
+    }
+    out = {
+        "pgd-at": pgd,
+        "cni": cni,
+        "natural": base | {"objective": "natural", "epochs": args.epochs},
+    }
     for s in args.cert_sigmas:
-        out[f"gauss-{s:g}"] = base | {"objective": "gaussian-aug", "epochs": args.epochs,
-                                      "objective_options": {"sigma": s}}
+        out[f"gauss-{s:g}"] = base | {
+            "objective": "gaussian-aug",
+            "epochs": args.epochs,
+            "objective_options": {"sigma": s},
+        }
     return out
 
 
@@ -103,8 +130,9 @@ def is_random(model: nn.Module, x: Tensor) -> bool:
 
 
 # --- part 1: the grid --------------------------------------------------------------------------
-def grid(models: dict[str, nn.Module], x: Tensor, y: Tensor,
-         args: argparse.Namespace) -> list[dict[str, Any]]:
+def grid(
+    models: dict[str, nn.Module], x: Tensor, y: Tensor, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     rows = []
     threats = {"linf": rl.ThreatModel("linf", 0.1), "l2": rl.ThreatModel("l2", args.l2_eps)}
     for name, model in models.items():
@@ -122,9 +150,14 @@ def grid(models: dict[str, nn.Module], x: Tensor, y: Tensor,
                     if sigma == 0 and not random_model:
                         sets[f"epgd-{norm}"] = adv[f"pgd-{norm}"]  # no noise: EPGD is PGD
                         continue
-                    epgd = rl.attacks.create("epgd", threat, sigma=sigma, samples=args.epgd_m,
-                                             steps=args.steps, step_size=2.5 * threat.eps
-                                             / args.steps)
+                    epgd = rl.attacks.create(
+                        "epgd",
+                        threat,
+                        sigma=sigma,
+                        samples=args.epgd_m,
+                        steps=args.steps,
+                        step_size=2.5 * threat.eps / args.steps,
+                    )
                     sets[f"epgd-{norm}"] = epgd(model, x, y, generator=gen).x_adv
                 draws = 1 if sigma == 0 and not random_model else max(args.ns)
                 correct: dict[tuple[str, int, str], Tensor] = {}
@@ -134,13 +167,30 @@ def grid(models: dict[str, nn.Module], x: Tensor, y: Tensor,
                         for vote, pred in vote_decisions(logits, min(n, draws)).items():
                             correct[set_name, n, vote] = pred == y
                 for (set_name, n, vote), ok in list(correct.items()):
-                    rows.append({"model": name, "seed": seed, "sigma": sigma, "set": set_name,
-                                 "n": n, "vote": vote, "accuracy": ok.float().mean().item()})
+                    rows.append(
+                        {
+                            "model": name,
+                            "seed": seed,
+                            "sigma": sigma,
+                            "set": set_name,
+                            "n": n,
+                            "vote": vote,
+                            "accuracy": ok.float().mean().item(),
+                        }
+                    )
                     if set_name.startswith("epgd"):  # worst case of PGD and EPGD per sample
                         both = ok & correct[set_name.replace("epgd", "pgd"), n, vote]
-                        rows.append({"model": name, "seed": seed, "sigma": sigma,
-                                     "set": set_name.replace("epgd", "worst"), "n": n,
-                                     "vote": vote, "accuracy": both.float().mean().item()})
+                        rows.append(
+                            {
+                                "model": name,
+                                "seed": seed,
+                                "sigma": sigma,
+                                "set": set_name.replace("epgd", "worst"),
+                                "n": n,
+                                "vote": vote,
+                                "accuracy": both.float().mean().item(),
+                            }
+                        )
             log(f"grid {name} seed {seed}: {time.perf_counter() - t0:.0f} s")
     return rows
 
@@ -149,9 +199,19 @@ def summarise_grid(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         groups[r["model"], r["sigma"], r["set"], r["n"], r["vote"]].append(r["accuracy"])
-    return [{"model": m, "sigma": s, "set": st, "n": n, "vote": v,
-             "mean": statistics.fmean(a), "std": statistics.stdev(a) if len(a) > 1 else 0.0,
-             "seeds": len(a)} for (m, s, st, n, v), a in groups.items()]
+    return [
+        {
+            "model": m,
+            "sigma": s,
+            "set": st,
+            "n": n,
+            "vote": v,
+            "mean": statistics.fmean(a),
+            "std": statistics.stdev(a) if len(a) > 1 else 0.0,
+            "seeds": len(a),
+        }
+        for (m, s, st, n, v), a in groups.items()
+    ]
 
 
 # --- part 2: attacks that know the smoothing against those that do not --------------------------
@@ -166,8 +226,9 @@ class NoisyInput(nn.Module):
         return self.model(x + sample(x, "gaussian", self.sigma, self.gen))
 
 
-def attacks_part(models: dict[str, nn.Module], x: Tensor, y: Tensor,
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
+def attacks_part(
+    models: dict[str, nn.Module], x: Tensor, y: Tensor, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     rows = []
     threat = rl.ThreatModel("linf", 0.1)
     sigma, n, steps = args.attack_sigma, args.attack_n, args.steps
@@ -178,15 +239,17 @@ def attacks_part(models: dict[str, nn.Module], x: Tensor, y: Tensor,
         crafted = {
             "none (clean)": x,
             "PGD on the base model": rl.attacks.create("pgd", threat, steps=steps)(
-                model, x, y, generator=gen).x_adv,
+                model, x, y, generator=gen
+            ).x_adv,
             "PGD, one noise draw per step": rl.attacks.create("pgd", threat, steps=steps)(
-                NoisyInput(model, sigma, gen), x, y, generator=gen).x_adv,
+                NoisyInput(model, sigma, gen), x, y, generator=gen
+            ).x_adv,
             f"EPGD (m={args.epgd_m})": rl.attacks.create(
-                "epgd", threat, samples=args.epgd_m, steps=steps, step_size=step)(
-                smooth, x, y, generator=gen).x_adv,
+                "epgd", threat, samples=args.epgd_m, steps=steps, step_size=step
+            )(smooth, x, y, generator=gen).x_adv,
             f"SmoothAdv (m={args.epgd_m})": rl.attacks.create(
-                "smoothadv", threat, samples=args.epgd_m, steps=steps, step_size=step)(
-                smooth, x, y, generator=gen).x_adv,
+                "smoothadv", threat, samples=args.epgd_m, steps=steps, step_size=step
+            )(smooth, x, y, generator=gen).x_adv,
         }
         correct = {}
         for attack, xs in crafted.items():
@@ -197,48 +260,88 @@ def attacks_part(models: dict[str, nn.Module], x: Tensor, y: Tensor,
                 oks.append(pred == y)
                 accs.append(oks[-1].float().mean().item())
             correct[attack] = torch.stack(oks).float().mean(0) > 0.5  # robust in most repeats
-            rows.append({"model": name, "attack": attack, "accuracy": statistics.fmean(accs),
-                         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         "adaptive": attack.startswith(("EPGD", "SmoothAdv"))})
+            rows.append(
+                {
+                    "model": name,
+                    "attack": attack,
+                    "accuracy": statistics.fmean(accs),
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "adaptive": attack.startswith(("EPGD", "SmoothAdv")),
+                }
+            )
         worst = torch.stack([ok for a, ok in correct.items() if a != "none (clean)"]).all(0)
-        rows.append({"model": name, "attack": "worst case of the four (per sample)",
-                     "accuracy": worst.float().mean().item(), "std": 0.0, "adaptive": True})
+        rows.append(
+            {
+                "model": name,
+                "attack": "worst case of the four (per sample)",
+                "accuracy": worst.float().mean().item(),
+                "std": 0.0,
+                "adaptive": True,
+            }
+        )
         # EOT through the evaluation suite: APGD-CE on the smoothed module itself (its backward
         # is the soft smoothed classifier's), gradients averaged over draws, repeated predictions
-        eot_model = Smoothing(model, sigma=sigma, samples=args.eot_n, vote="prediction",
-                              batch_size=4096)
-        res = rl.evaluate(eot_model, x, y, threat,
-                          attacks=[("apgd-ce", {"steps": steps, "eot": args.eot})],
-                          seed=0, repeats=args.repeats)
-        rows.append({"model": name, "attack": f"EOT APGD-CE via rl.evaluate (n={args.eot_n}, "
-                                              f"eot={args.eot})",
-                     "accuracy": res.robust_accuracy, "std": 0.0, "adaptive": True,
-                     "flags": [f["name"] for f in res.flags]})
+        eot_model = Smoothing(
+            model, sigma=sigma, samples=args.eot_n, vote="prediction", batch_size=4096
+        )
+        res = rl.evaluate(
+            eot_model,
+            x,
+            y,
+            threat,
+            attacks=[("apgd-ce", {"steps": steps, "eot": args.eot})],
+            seed=0,
+            repeats=args.repeats,
+        )
+        rows.append(
+            {
+                "model": name,
+                "attack": f"EOT APGD-CE via rl.evaluate (n={args.eot_n}, eot={args.eot})",
+                "accuracy": res.robust_accuracy,
+                "std": 0.0,
+                "adaptive": True,
+                "flags": [f["name"] for f in res.flags],
+            }
+        )
         log(f"attacks {name}: done")
     return rows
 
 
 # --- part 3: certification ---------------------------------------------------------------------
-def certify_part(models: dict[str, nn.Module], x: Tensor, y: Tensor, idx: Tensor,
-                 args: argparse.Namespace) -> list[dict[str, Any]]:
+def certify_part(
+    models: dict[str, nn.Module], x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     out = []
     for sigma in args.cert_sigmas:
         model = models[f"gauss-{sigma:g}"]
         t0 = time.perf_counter()
         summary = run_certification(
-            model, x, y, sigma=sigma, n0=100, n=args.cert_n, alpha=0.001, seed=0,
-            batch_size=args.cert_batch, indices=idx.tolist(), resume=True,
-            out=CACHE_DIR / "smoothing" / f"certify-{sigma:g}-{args.cert_n}-{len(x)}")
+            model,
+            x,
+            y,
+            sigma=sigma,
+            n0=100,
+            n=args.cert_n,
+            alpha=0.001,
+            seed=0,
+            batch_size=args.cert_batch,
+            indices=idx.tolist(),
+            resume=True,
+            out=CACHE_DIR / "smoothing" / f"certify-{sigma:g}-{args.cert_n}-{len(x)}",
+        )
         summary = {k: v for k, v in summary.items() if k not in ("versions",)}
         out.append({"sigma": sigma, **summary})
-        log(f"certify sigma {sigma:g}: ACR {summary['average_certified_radius']:.3f} "
-            f"({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"certify sigma {sigma:g}: ACR {summary['average_certified_radius']:.3f} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     return out
 
 
 # --- part 5: denoised smoothing ----------------------------------------------------------------
-def denoised_part(x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace,
-                  recs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def denoised_part(
+    x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace, recs: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Certify a naturally trained classifier alone, behind an MSE denoiser and behind an
     MSE-then-Stab denoiser (Salman et al. 2020), against a Gaussian-augmented model."""
     sigma = args.den_sigma
@@ -249,24 +352,45 @@ def denoised_part(x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace,
     train_denoiser(Denoiser(), x_train, sigma=sigma, epochs=args.den_epochs, out=root / "mse")
     mse = load_denoiser(root / "mse" / "denoiser.safetensors")
     stab = load_denoiser(root / "mse" / "denoiser.safetensors")
-    train_denoiser(stab, x_train, sigma=sigma, epochs=args.den_stab_epochs, objective="stab",
-                   classifier=natural, out=root / "stab")
+    train_denoiser(
+        stab,
+        x_train,
+        sigma=sigma,
+        epochs=args.den_stab_epochs,
+        objective="stab",
+        classifier=natural,
+        out=root / "stab",
+    )
     stab = load_denoiser(root / "stab" / "denoiser.safetensors")
     log(f"denoisers: {time.perf_counter() - t0:.0f} s")
-    candidates = {"natural classifier, no denoiser": natural,
-                  "natural classifier + MSE denoiser": Denoised(natural, mse),
-                  "natural classifier + MSE, then Stab denoiser": Denoised(natural, stab),
-                  f"gaussian-aug sigma {sigma:g} (trained for noise)":
-                      trained_model(f"gauss-{sigma:g}", recs[f"gauss-{sigma:g}"], log=log)}
+    candidates = {
+        "natural classifier, no denoiser": natural,
+        "natural classifier + MSE denoiser": Denoised(natural, mse),
+        "natural classifier + MSE, then Stab denoiser": Denoised(natural, stab),
+        f"gaussian-aug sigma {sigma:g} (trained for noise)": trained_model(
+            f"gauss-{sigma:g}", recs[f"gauss-{sigma:g}"], log=log
+        ),
+    }
     rows = []
     for name, model in candidates.items():
         tag = name.split(",")[0].split(" (")[0].replace(" ", "_")
         summary = run_certification(
-            model.eval(), x, y, sigma=sigma, n0=100, n=args.den_cert_n, alpha=0.001, seed=0,
-            batch_size=args.cert_batch, indices=idx.tolist(), resume=True,
-            out=root / f"certify-{tag}-{args.den_cert_n}-{len(x)}")
-        rows.append({"model": name, "sigma": sigma,
-                     **{k: v for k, v in summary.items() if k != "versions"}})
+            model.eval(),
+            x,
+            y,
+            sigma=sigma,
+            n0=100,
+            n=args.den_cert_n,
+            alpha=0.001,
+            seed=0,
+            batch_size=args.cert_batch,
+            indices=idx.tolist(),
+            resume=True,
+            out=root / f"certify-{tag}-{args.den_cert_n}-{len(x)}",
+        )
+        rows.append(
+            {"model": name, "sigma": sigma, **{k: v for k, v in summary.items() if k != "versions"}}
+        )
         log(f"denoised {name}: ACR {summary['average_certified_radius']:.3f}")
     return rows
 
@@ -275,10 +399,12 @@ def denoised_part(x: Tensor, y: Tensor, idx: Tensor, args: argparse.Namespace,
 def throughput(model: nn.Module, x: Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Base images/s at its best batch size (of ``--batch-sizes``), then the smoothed model's
     images/s with that many noisy rows per forward, for every n; ratio to base / n."""
+
     def forward(batch: Tensor) -> Any:
         def run() -> None:
             with torch.no_grad():
                 model(batch)
+
         return run
 
     sizes = args.batch_sizes
@@ -292,21 +418,32 @@ def throughput(model: nn.Module, x: Tensor, args: argparse.Namespace) -> list[di
     for n in args.ns:
         smooth = Smoothing(model, sigma=0.25, samples=n, batch_size=best)
 
-        def run(smooth=smooth, xs=x[:images[n]]) -> None:
+        def run(smooth=smooth, xs=x[: images[n]]) -> None:
             with torch.no_grad():
                 smooth(xs)
+
         tasks[f"n={n}"] = run
     interleaved(tasks, 1)  # warm-up
     times, _ = interleaved(tasks, args.timing_repeats)
     base_rate = best / median(times["base"])
-    rows = [{"n": 0, "batch": b, "images_per_s": r, "limit": r, "ratio": r / base_rate}
-            for b, r in rates.items()]
-    rows.append({"n": 0, "batch": best, "images_per_s": base_rate, "limit": base_rate,
-                 "ratio": 1.0})
+    rows = [
+        {"n": 0, "batch": b, "images_per_s": r, "limit": r, "ratio": r / base_rate}
+        for b, r in rates.items()
+    ]
+    rows.append(
+        {"n": 0, "batch": best, "images_per_s": base_rate, "limit": base_rate, "ratio": 1.0}
+    )
     for n in args.ns:
         rate = images[n] / median(times[f"n={n}"])
-        rows.append({"n": n, "batch": best, "images_per_s": rate, "limit": base_rate / n,
-                     "ratio": rate / (base_rate / n)})
+        rows.append(
+            {
+                "n": n,
+                "batch": best,
+                "images_per_s": rate,
+                "limit": base_rate / n,
+                "ratio": rate / (base_rate / n),
+            }
+        )
     return rows
 
 
@@ -318,84 +455,133 @@ def pct(v: float) -> str:
 def markdown(record: dict[str, Any]) -> str:
     a = record["args"]
     m = record["machine"]
-    lines = ["# Smoothed inference and certification (Fashion-MNIST)", "",
-             f"Command: `{m['command']}`  ",
-             f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, robustlab commit "
-             f"{m['robustlab_commit']} (src changes: {m['src_changes'] or 'none'})", ""]
+    lines = [
+        "# Smoothed inference and certification (Fashion-MNIST)",
+        "",
+        f"Command: `{m['command']}`  ",
+        f"Machine: {m['cpu']}, {m['nproc']} cores, torch {m['torch']}, robustlab commit "
+        f"{m['robustlab_commit']} (src changes: {m['src_changes'] or 'none'})",
+        "",
+    ]
     if "grid" in record:
-        lines += [f"## 1. Accuracy of the smoothed classifier vs n, sigma and vote "
-                  f"(mean ± std over {a['seeds']} seeds, {a['images']} test images)", "",
-                  f"Attacks: PGD-{a['steps']} on the base model and EPGD-{a['steps']} "
-                  f"(m = {a['epgd_m']}), linf 0.1 and l2 {a['l2_eps']}; `worst` = correct under "
-                  "both. The smoothed classifier then classifies the attacked inputs.", ""]
+        lines += [
+            f"## 1. Accuracy of the smoothed classifier vs n, sigma and vote "
+            f"(mean ± std over {a['seeds']} seeds, {a['images']} test images)",
+            "",
+            f"Attacks: PGD-{a['steps']} on the base model and EPGD-{a['steps']} "
+            f"(m = {a['epgd_m']}), linf 0.1 and l2 {a['l2_eps']}; `worst` = correct under "
+            "both. The smoothed classifier then classifies the attacked inputs.",
+            "",
+        ]
         summary = record["grid"]
         for model in dict.fromkeys(r["model"] for r in summary):
-            for set_name in ("clean", "pgd-linf", "epgd-linf", "worst-linf", "pgd-l2",
-                             "epgd-l2", "worst-l2"):
+            for set_name in (
+                "clean",
+                "pgd-linf",
+                "epgd-linf",
+                "worst-linf",
+                "pgd-l2",
+                "epgd-l2",
+                "worst-l2",
+            ):
                 sub = [r for r in summary if r["model"] == model and r["set"] == set_name]
                 if not sub:
                     continue
-                lines += [f"**{model}, {set_name}**", "",
-                          "| sigma | vote | " + " | ".join(f"n={n}" for n in a["ns"]) + " |",
-                          "|---|---|" + "---|" * len(a["ns"])]
+                lines += [
+                    f"**{model}, {set_name}**",
+                    "",
+                    "| sigma | vote | " + " | ".join(f"n={n}" for n in a["ns"]) + " |",
+                    "|---|---|" + "---|" * len(a["ns"]),
+                ]
                 for sigma in a["sigmas"]:
                     for vote in VOTES:
                         cells = []
                         for n in a["ns"]:
-                            r = next(r for r in sub if r["sigma"] == sigma and r["vote"] == vote
-                                     and r["n"] == n)
+                            r = next(
+                                r
+                                for r in sub
+                                if r["sigma"] == sigma and r["vote"] == vote and r["n"] == n
+                            )
                             cells.append(f"{pct(r['mean'])} ± {pct(r['std'])}")
                         lines.append(f"| {sigma:g} | {vote} | " + " | ".join(cells) + " |")
                         if sigma == 0:
                             break  # without noise every vote and n is the base model
                 lines.append("")
     if "attacks" in record:
-        lines += [f"## 2. Which attack number is honest (linf 0.1, sigma {a['attack_sigma']}, "
-                  f"prediction vote, n = {a['attack_n']}, {a['images']} images)", "",
-                  f"Accuracy of the smoothed classifier on each attack's inputs, mean ± std "
-                  f"over {a['repeats']} repeated predictions.", "",
-                  "| model | attack | knows the smoothing | accuracy | flags |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## 2. Which attack number is honest (linf 0.1, sigma {a['attack_sigma']}, "
+            f"prediction vote, n = {a['attack_n']}, {a['images']} images)",
+            "",
+            f"Accuracy of the smoothed classifier on each attack's inputs, mean ± std "
+            f"over {a['repeats']} repeated predictions.",
+            "",
+            "| model | attack | knows the smoothing | accuracy | flags |",
+            "|---|---|---|---|---|",
+        ]
         for r in record["attacks"]:
-            lines.append(f"| {r['model']} | {r['attack']} | {'yes' if r['adaptive'] else 'no'} "
-                         f"| {pct(r['accuracy'])} ± {pct(r['std'])} | "
-                         f"{', '.join(r.get('flags', [])) or '-'} |")
+            lines.append(
+                f"| {r['model']} | {r['attack']} | {'yes' if r['adaptive'] else 'no'} "
+                f"| {pct(r['accuracy'])} ± {pct(r['std'])} | "
+                f"{', '.join(r.get('flags', [])) or '-'} |"
+            )
         lines.append("")
     if "certify" in record:
-        lines += [f"## 3. Certified accuracy vs l2 radius (Gaussian augmentation, n0 = 100, "
-                  f"N = {a['cert_n']}, alpha = 0.001, {a['cert_images']} test images)", ""]
+        lines += [
+            f"## 3. Certified accuracy vs l2 radius (Gaussian augmentation, n0 = 100, "
+            f"N = {a['cert_n']}, alpha = 0.001, {a['cert_images']} test images)",
+            "",
+        ]
         radii = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-        lines += ["| sigma | clean (smoothed) | abstain | " + " | ".join(f"r={r:g}" for r in radii)
-                  + " | ACR | s/image |", "|---|---|---|" + "---|" * len(radii) + "---|---|"]
+        lines += [
+            "| sigma | clean (smoothed) | abstain | "
+            + " | ".join(f"r={r:g}" for r in radii)
+            + " | ACR | s/image |",
+            "|---|---|---|" + "---|" * len(radii) + "---|---|",
+        ]
         for c in record["certify"]:
             curve = {round(p["radius"], 2): p["accuracy"] for p in c["certified_accuracy"]}
             cells = [pct(curve.get(r, 0.0)) for r in radii]
-            lines.append(f"| {c['sigma']:g} | {pct(c['clean_accuracy'])} | "
-                         f"{pct(c['abstain_rate'])} | " + " | ".join(cells)
-                         + f" | {c['average_certified_radius']:.3f} | "
-                         f"{c['seconds'] / c['n']:.2f} |")
+            lines.append(
+                f"| {c['sigma']:g} | {pct(c['clean_accuracy'])} | "
+                f"{pct(c['abstain_rate'])} | "
+                + " | ".join(cells)
+                + f" | {c['average_certified_radius']:.3f} | "
+                f"{c['seconds'] / c['n']:.2f} |"
+            )
         lines.append("")
     if "denoised" in record:
-        lines += [f"## 5. Denoised smoothing: certifying a classifier not trained for noise "
-                  f"(sigma {a['den_sigma']}, N = {a['den_cert_n']}, {a['cert_images']} test "
-                  "images)", "",
-                  "| base model | clean (smoothed) | abstain | r=0.25 | r=0.5 | ACR |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## 5. Denoised smoothing: certifying a classifier not trained for noise "
+            f"(sigma {a['den_sigma']}, N = {a['den_cert_n']}, {a['cert_images']} test "
+            "images)",
+            "",
+            "| base model | clean (smoothed) | abstain | r=0.25 | r=0.5 | ACR |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in record["denoised"]:
             curve = {round(p["radius"], 2): p["accuracy"] for p in c["certified_accuracy"]}
-            lines.append(f"| {c['model']} | {pct(c['clean_accuracy'])} | "
-                         f"{pct(c['abstain_rate'])} | {pct(curve.get(0.25, 0.0))} | "
-                         f"{pct(curve.get(0.5, 0.0))} | {c['average_certified_radius']:.3f} |")
+            lines.append(
+                f"| {c['model']} | {pct(c['clean_accuracy'])} | "
+                f"{pct(c['abstain_rate'])} | {pct(curve.get(0.25, 0.0))} | "
+                f"{pct(curve.get(0.5, 0.0))} | {c['average_certified_radius']:.3f} |"
+            )
         lines.append("")
     if "throughput" in record:
-        lines += ["## 4. Cost: smoothed images/s vs the limit (base images/s / n)", "",
-                  "Base rows: the base model at each batch size (first round of timing); the "
-                  "limit is the best one, re-timed alongside the smoothed model, which puts "
-                  "that many noisy rows in each forward.", "",
-                  "| n | rows per forward | images/s | limit | ratio |", "|---|---|---|---|---|"]
+        lines += [
+            "## 4. Cost: smoothed images/s vs the limit (base images/s / n)",
+            "",
+            "Base rows: the base model at each batch size (first round of timing); the "
+            "limit is the best one, re-timed alongside the smoothed model, which puts "
+            "that many noisy rows in each forward.",
+            "",
+            "| n | rows per forward | images/s | limit | ratio |",
+            "|---|---|---|---|---|",
+        ]
         for r in record["throughput"]:
-            lines.append(f"| {r['n'] or 'base'} | {r['batch']} | {r['images_per_s']:.1f} | "
-                         f"{r['limit']:.1f} | {r['ratio']:.2f} |")
+            lines.append(
+                f"| {r['n'] or 'base'} | {r['batch']} | {r['images_per_s']:.1f} | "
+                f"{r['limit']:.1f} | {r['ratio']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -411,22 +597,36 @@ def plots(record: dict[str, Any], stem: str) -> list[str]:
         summary = record["grid"]
         models = list(dict.fromkeys(r["model"] for r in summary))
         sets = ["clean", "worst-linf", "worst-l2"]
-        fig, axes = plt.subplots(len(models), len(sets), figsize=(4 * len(sets),
-                                                                  3.2 * len(models)),
-                                 squeeze=False, sharex=True)
+        fig, axes = plt.subplots(
+            len(models),
+            len(sets),
+            figsize=(4 * len(sets), 3.2 * len(models)),
+            squeeze=False,
+            sharex=True,
+        )
         styles = {"prediction": "-", "soft": "--", "weighted": ":"}
         for i, model in enumerate(models):
             for j, set_name in enumerate(sets):
                 ax = axes[i][j]
                 for k, sigma in enumerate(a["sigmas"]):
                     for vote in VOTES if sigma else ("prediction",):
-                        pts = sorted((r["n"], r["mean"], r["std"]) for r in summary
-                                     if r["model"] == model and r["set"] == set_name
-                                     and r["sigma"] == sigma and r["vote"] == vote)
-                        ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
-                                    [100 * p[2] for p in pts], color=f"C{k}",
-                                    ls=styles[vote], label=f"sigma {sigma:g} {vote}"
-                                    if sigma else "sigma 0 (base)", capsize=2)
+                        pts = sorted(
+                            (r["n"], r["mean"], r["std"])
+                            for r in summary
+                            if r["model"] == model
+                            and r["set"] == set_name
+                            and r["sigma"] == sigma
+                            and r["vote"] == vote
+                        )
+                        ax.errorbar(
+                            [p[0] for p in pts],
+                            [100 * p[1] for p in pts],
+                            [100 * p[2] for p in pts],
+                            color=f"C{k}",
+                            ls=styles[vote],
+                            label=f"sigma {sigma:g} {vote}" if sigma else "sigma 0 (base)",
+                            capsize=2,
+                        )
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"{model}: {set_name}")
                 ax.set_xlabel("n (draws)")
@@ -438,8 +638,11 @@ def plots(record: dict[str, Any], stem: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for c in record["certify"]:
             pts = c["certified_accuracy"]
-            ax.plot([p["radius"] for p in pts], [100 * p["accuracy"] for p in pts],
-                    label=f"sigma {c['sigma']:g} (ACR {c['average_certified_radius']:.2f})")
+            ax.plot(
+                [p["radius"] for p in pts],
+                [100 * p["accuracy"] for p in pts],
+                label=f"sigma {c['sigma']:g} (ACR {c['average_certified_radius']:.2f})",
+            )
         ax.set_xlabel("l2 radius")
         ax.set_ylabel("certified accuracy (%)")
         ax.legend()
@@ -468,9 +671,12 @@ def _save(fig: Any, name: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="grid,attacks,certify,denoised,throughput")
-    p.add_argument("--models", default="pgd-at,cni",
-                   help="models of the grid and attacks parts (pgd-at is always built for "
-                        "cni's init and for throughput)")
+    p.add_argument(
+        "--models",
+        default="pgd-at,cni",
+        help="models of the grid and attacks parts (pgd-at is always built for "
+        "cni's init and for throughput)",
+    )
     p.add_argument("--train-n", type=int, default=60000)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--cni-epochs", type=int, default=5)
@@ -496,17 +702,23 @@ def main() -> None:
     p.add_argument("--den-stab-epochs", type=int, default=5, help="Stab fine-tuning epochs")
     p.add_argument("--den-cert-n", type=int, default=10_000)
     p.add_argument("--timing-repeats", type=int, default=5)
-    p.add_argument("--batch-sizes", type=ints, default=[64, 256, 1024, 4096],
-                   help="batch sizes tried for the base model's throughput")
+    p.add_argument(
+        "--batch-sizes",
+        type=ints,
+        default=[64, 256, 1024, 4096],
+        help="batch sizes tried for the base model's throughput",
+    )
     p.add_argument("--stem", default="smoothing")
     args = p.parse_args()
     parts = args.parts.split(",")
     torch.manual_seed(0)  # PNI/CNI weight noise draws from the global generator
-    record: dict[str, Any] = {"machine": machine_record(),
-                              "args": vars(args) | {"cert_images": args.cert_images}}
+    record: dict[str, Any] = {
+        "machine": machine_record(),
+        "args": vars(args) | {"cert_images": args.cert_images},
+    }
     recs = recipes(args)
     x_test, y_test = rl.data.load(DATASET, split="test")
-    idx = torch.arange(0, len(x_test), len(x_test) // args.images)[:args.images]
+    idx = torch.arange(0, len(x_test), len(x_test) // args.images)[: args.images]
     x, y = x_test[idx], y_test[idx]
     models = {}
     if {"grid", "attacks", "throughput"} & set(parts) and "pgd-at" in args.models:
@@ -520,12 +732,14 @@ def main() -> None:
     if "attacks" in parts:
         record["attacks"] = attacks_part(models, x, y, args)
     if "certify" in parts:
-        cert_models = {f"gauss-{s:g}": trained_model(f"gauss-{s:g}", recs[f"gauss-{s:g}"],
-                                                     log=log) for s in args.cert_sigmas}
-        cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[:args.cert_images]
+        cert_models = {
+            f"gauss-{s:g}": trained_model(f"gauss-{s:g}", recs[f"gauss-{s:g}"], log=log)
+            for s in args.cert_sigmas
+        }
+        cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[: args.cert_images]
         record["certify"] = certify_part(cert_models, x_test[cidx], y_test[cidx], cidx, args)
     if "denoised" in parts:
-        cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[:args.cert_images]
+        cidx = torch.arange(0, len(x_test), len(x_test) // args.cert_images)[: args.cert_images]
         record["denoised"] = denoised_part(x_test[cidx], y_test[cidx], cidx, args, recs)
     if "throughput" in parts:
         base = models.get("pgd-at") or trained_model("pgd-at", recs["pgd-at"], log=log)

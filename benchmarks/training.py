@@ -72,10 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stem", default="training",
-                   help="results file name: benchmarks/results/<stem>.{md,json}")
-    p.add_argument("--train-only", action="store_true",
-                   help="train (or resume) the runs into the cache and stop")
+    p.add_argument(
+        "--stem", default="training", help="results file name: benchmarks/results/<stem>.{md,json}"
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train (or resume) the runs into the cache and stop",
+    )
     return p.parse_args(argv)
 
 
@@ -106,38 +110,55 @@ def prepare(name: str, args: argparse.Namespace, teachers: dict[str, Path]) -> R
     return recipe
 
 
-def train(name: str, recipe: Recipe, data: tuple[Tensor, Tensor],
-          log: Any) -> tuple[nn.Module, list[dict[str, Any]], float]:
+def train(
+    name: str, recipe: Recipe, data: tuple[Tensor, Tensor], log: Any
+) -> tuple[nn.Module, list[dict[str, Any]], float]:
     """Train (or resume, or load) the run of ``recipe`` in the cache; model, history, seconds."""
-    key = _key(recipe.source, recipe.train.epochs, recipe.train.objective_options, len(data[0]),
-               recipe.n_train)
+    key = _key(
+        recipe.source,
+        recipe.train.epochs,
+        recipe.train.objective_options,
+        len(data[0]),
+        recipe.n_train,
+    )
     out = CACHE_DIR / "training" / f"{name}-{key}"
     x, y = data
     if recipe.n_train is not None:
-        x, y = x[:recipe.n_train], y[:recipe.n_train]
+        x, y = x[: recipe.n_train], y[: recipe.n_train]
     done = out / "done.json"
     if done.exists():
         info = json.loads(done.read_text())
         log(f"{name}: cached in {out.relative_to(ROOT)}")
         return rl.models.load(out / MODEL_FILE), info["history"], info["seconds"]
     model = build_model(recipe, torch.device("cpu"))
-    trainer = Trainer(model, (x, y), recipe.train, threat=recipe.threat, out=out,
-                      callback=lambda r: log(f"{name}: pass {r['epoch']} "
-                                             f"loss {r['train_loss']:.4f} "
-                                             f"({r['train_time_s']:.0f} s)"))
+    trainer = Trainer(
+        model,
+        (x, y),
+        recipe.train,
+        threat=recipe.threat,
+        out=out,
+        callback=lambda r: log(
+            f"{name}: pass {r['epoch']} loss {r['train_loss']:.4f} ({r['train_time_s']:.0f} s)"
+        ),
+    )
     history = trainer.run(resume=(out / STATE_FILE).exists())
     seconds = sum(r["train_time_s"] for r in history)  # the training loop, set-up excluded
     done.write_text(json.dumps({"history": history, "seconds": seconds}))
     return rl.models.load(out / MODEL_FILE), history, seconds
 
 
-def time_steps(names: list[str], recipes: dict[str, Recipe], data: tuple[Tensor, Tensor],
-               args: argparse.Namespace, log: Any) -> dict[str, float]:
+def time_steps(
+    names: list[str],
+    recipes: dict[str, Recipe],
+    data: tuple[Tensor, Tensor],
+    args: argparse.Namespace,
+    log: Any,
+) -> dict[str, float]:
     """Median seconds per optimiser step of each objective on the same minibatches (one pass of
     the trainer's loop over ``--timing-batches`` batches; set-up such as a teacher's labelling
     is not timed)."""
     batch = recipes["natural"].train.batch_size
-    x, y = data[0][:args.timing_batches * batch], data[1][:args.timing_batches * batch]
+    x, y = data[0][: args.timing_batches * batch], data[1][: args.timing_batches * batch]
     per_step: dict[str, list[float]] = {n: [] for n in names}
 
     def task(name: str):
@@ -146,11 +167,13 @@ def time_steps(names: list[str], recipes: dict[str, Recipe], data: tuple[Tensor,
             cfg = dataclasses.replace(recipe.train, epochs=1, overfit_probe="off")
             if "labeled" in cfg.objective_options:  # rst: half of the timing batches labelled
                 cfg.objective_options = cfg.objective_options | {"labeled": len(x) // 2}
-            trainer = Trainer(build_model(recipe, torch.device("cpu")), (x, y), cfg,
-                              threat=recipe.threat)
+            trainer = Trainer(
+                build_model(recipe, torch.device("cpu")), (x, y), cfg, threat=recipe.threat
+            )
             rec = trainer.run()[0]
             steps = trainer.objective.replays * args.timing_batches
             per_step[name].append(rec["train_time_s"] / steps)
+
         return run
 
     tasks = {n: task(n) for n in names}
@@ -161,9 +184,13 @@ def time_steps(names: list[str], recipes: dict[str, Recipe], data: tuple[Tensor,
     interleaved(tasks, 1)  # warm-up
     for v in per_step.values():
         v.clear()
-    interleaved(tasks, args.repeats,
-                on_done=lambda r, n, s: log(f"timing round {r + 1}: {n} "
-                                            f"{1000 * per_step[n][-1]:.0f} ms/step"))
+    interleaved(
+        tasks,
+        args.repeats,
+        on_done=lambda r, n, s: log(
+            f"timing round {r + 1}: {n} {1000 * per_step[n][-1]:.0f} ms/step"
+        ),
+    )
     return {n: median(v) for n, v in per_step.items()}
 
 
@@ -180,11 +207,12 @@ def _raw_task(recipe: Recipe, x: Tensor, y: Tensor, times: list[float]):
 
     def run() -> None:
         model = build_model(recipe, torch.device("cpu"))
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         t0 = time.perf_counter()
         for i in range(0, len(x), batch):
-            xb, yb = x[i:i + batch], y[i:i + batch]
+            xb, yb = x[i : i + batch], y[i : i + batch]
             if steps:
                 model.eval()
                 delta = (torch.rand_like(xb) * 2 - 1) * eps
@@ -202,23 +230,35 @@ def _raw_task(recipe: Recipe, x: Tensor, y: Tensor, times: list[float]):
             loss.backward()
             opt.step()
         times.append((time.perf_counter() - t0) / -(-len(x) // batch))
+
     return run
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, xs: Tensor, ys: Tensor, suite: str,
-             threat: rl.ThreatModel) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    xs: Tensor,
+    ys: Tensor,
+    suite: str,
+    threat: rl.ThreatModel,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for steps in (20, 100):
-        res = rl.evaluate(model, x, y, threat, attacks=[("pgd", {"steps": steps})],
-                          batch_size=500, progress=False)
+        res = rl.evaluate(
+            model, x, y, threat, attacks=[("pgd", {"steps": steps})], batch_size=500, progress=False
+        )
         out["clean"] = res.clean_accuracy
         out[f"pgd{steps}"] = res.robust_accuracy
     if suite != "none":
         t0 = time.perf_counter()
         res = rl.evaluate(model, xs, ys, threat, suite=suite, batch_size=500, progress=False)
-        out |= {"suite": res.robust_accuracy, "suite_clean": res.clean_accuracy,
-                "suite_s": time.perf_counter() - t0,
-                "flags": sorted({f["name"] for f in res.record.get("flags", [])})}
+        out |= {
+            "suite": res.robust_accuracy,
+            "suite_clean": res.clean_accuracy,
+            "suite_s": time.perf_counter() - t0,
+            "flags": sorted({f["name"] for f in res.record.get("flags", [])}),
+        }
     return out
 
 
@@ -255,19 +295,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         model, hist, seconds = train(name, recipes[name], (x, y), log)
         t0 = time.perf_counter()
-        ev = evaluate(model, xt[:args.test_n], yt[:args.test_n], xt[:args.suite_n],
-                      yt[:args.suite_n], args.suite, threat)
-        log(f"{name}: clean {ev['clean']:.4f} pgd20 {ev['pgd20']:.4f} pgd100 {ev['pgd100']:.4f}"
-            f" suite {ev.get('suite', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)")
-        rows.append({"objective": name, "options": recipes[name].train.objective_options,
-                     "schedule": recipes[name].train.schedule, "passes": len(hist),
-                     "overfit": [r["epoch"] for r in hist if "overfit" in r],
-                     "step_s": step_s[name], "epoch_s": step_s[name] * batches,
-                     "x_natural": step_s[name] / step_s["natural"], "train_s": seconds, **ev})
-    raw = {n[4:]: {"step_s": t, "epoch_s": t * batches, "x_natural": t / step_s["natural"]}
-           for n, t in step_s.items() if n.startswith("raw ")}
-    record = {"machine": machine_record(), "settings": vars(args), "threat": threat.to_dict(),
-              "teachers": teacher_rows, "rows": rows, "raw": raw}
+        ev = evaluate(
+            model,
+            xt[: args.test_n],
+            yt[: args.test_n],
+            xt[: args.suite_n],
+            yt[: args.suite_n],
+            args.suite,
+            threat,
+        )
+        log(
+            f"{name}: clean {ev['clean']:.4f} pgd20 {ev['pgd20']:.4f} pgd100 {ev['pgd100']:.4f}"
+            f" suite {ev.get('suite', float('nan')):.4f} ({time.perf_counter() - t0:.0f} s)"
+        )
+        rows.append(
+            {
+                "objective": name,
+                "options": recipes[name].train.objective_options,
+                "schedule": recipes[name].train.schedule,
+                "passes": len(hist),
+                "overfit": [r["epoch"] for r in hist if "overfit" in r],
+                "step_s": step_s[name],
+                "epoch_s": step_s[name] * batches,
+                "x_natural": step_s[name] / step_s["natural"],
+                "train_s": seconds,
+                **ev,
+            }
+        )
+    raw = {
+        n[4:]: {"step_s": t, "epoch_s": t * batches, "x_natural": t / step_s["natural"]}
+        for n, t in step_s.items()
+        if n.startswith("raw ")
+    }
+    record = {
+        "machine": machine_record(),
+        "settings": vars(args),
+        "threat": threat.to_dict(),
+        "teachers": teacher_rows,
+        "rows": rows,
+        "raw": raw,
+    }
     md, js = write_results(args.stem, render(record), record)
     print(render(record))
     log(f"results: {md.relative_to(ROOT)}, {js.relative_to(ROOT)}")
@@ -277,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def render(rec: dict[str, Any]) -> str:
     s, m = rec["settings"], rec["machine"]
     lines = [
-        "# Adversarial training: every objective on one budget", "",
+        "# Adversarial training: every objective on one budget",
+        "",
         f"Fashion-MNIST, smallcnn, linf eps 0.1; {s['epochs']} epochs of budget on the first "
         f"{s['train_n']} training images; PGD-20 / PGD-100 (1 restart, step 2.5 eps / K) on the "
         f"first {s['test_n']} test images; suite `{s['suite']}` on the first {s['suite_n']}.",
@@ -287,7 +355,8 @@ def render(rec: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('nproc')} cores, {m.get('cpu')}, torch {m.get('torch')}, "
         f"{s['threads']} threads; robustlab {m.get('robustlab_commit')}; {m.get('date')}.",
-        f"Command: `{m.get('command')}`", "",
+        f"Command: `{m.get('command')}`",
+        "",
         "| objective | passes | clean | PGD-20 | PGD-100 | suite | flags | epoch s | x natural "
         "| train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -300,13 +369,18 @@ def render(rec: dict[str, Any]) -> str:
         lines.append(
             f"| {r['objective']} | {r['passes']} | {100 * r['clean']:.1f}% | "
             f"{100 * r['pgd20']:.1f}% | {100 * r['pgd100']:.1f}% | {suite} | {flags} | "
-            f"{r['epoch_s']:.1f} | {r['x_natural']:.2f} | {r['train_s']:.0f} |")
+            f"{r['epoch_s']:.1f} | {r['x_natural']:.2f} | {r['train_s']:.0f} |"
+        )
     for name, t in rec.get("raw", {}).items():
-        lines.append(f"| {name} PyTorch loop (timing only) | | | | | | | {t['epoch_s']:.1f} | "
-                     f"{t['x_natural']:.2f} | |")
+        lines.append(
+            f"| {name} PyTorch loop (timing only) | | | | | | | {t['epoch_s']:.1f} | "
+            f"{t['x_natural']:.2f} | |"
+        )
     for name, t in rec["teachers"].items():
-        lines.append(f"\nTeacher `{name}`: natural training on {t['n_train']} images, "
-                     f"{t['train_s']:.0f} s (not included in its student's row).")
+        lines.append(
+            f"\nTeacher `{name}`: natural training on {t['n_train']} images, "
+            f"{t['train_s']:.0f} s (not included in its student's row)."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -15,10 +15,7 @@ import robustlab as rl  # noqa: E402
 from helpers import make_quadrants  # noqa: E402
 from robustlab import distributed  # noqa: E402
 
-CASES = {
-    "natural": {},
-    "pgd-at": {"steps": 2, "random_start": False},
-}
+CASES = {"natural": {}, "pgd-at": {"steps": 2, "random_start": False}}
 
 
 def main(out: Path, objective: str) -> None:
@@ -28,14 +25,25 @@ def main(out: Path, objective: str) -> None:
     model = rl.models.create("lenet", num_classes=4, input_size=16)
     x, y = make_quadrants(203, seed=0)  # the last global batch (11) splits 6 / 5
     history = rl.training.fit(
-        model, (x, y), objective=objective, threat=rl.ThreatModel("linf", 0.1),
-        objective_options=CASES[objective], epochs=2, batch_size=64, optimizer="sgd", lr=0.05,
-        schedule="cosine", val=(x[:41], y[:41]), val_attack={"name": "pgd", "steps": 2},
+        model,
+        (x, y),
+        objective=objective,
+        threat=rl.ThreatModel("linf", 0.1),
+        objective_options=CASES[objective],
+        epochs=2,
+        batch_size=64,
+        optimizer="sgd",
+        lr=0.05,
+        schedule="cosine",
+        val=(x[:41], y[:41]),
+        val_attack={"name": "pgd", "steps": 2},
         out=out / "run",
     )
     if world.main:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(out / "weights.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(out / "weights.safetensors"),
+        )
         (out / "history.json").write_text(json.dumps(history))
     distributed.shutdown(world)
 

@@ -24,7 +24,7 @@ def make_quadrants(n: int, seed: int = 0, size: int = 16) -> tuple[torch.Tensor,
     h = size // 2
     for k in range(NUM_CLASSES):
         r, c = divmod(k, 2)
-        x[y == k, :, r * h:(r + 1) * h, c * h:(c + 1) * h] += 0.4
+        x[y == k, :, r * h : (r + 1) * h, c * h : (c + 1) * h] += 0.4
     return x.clamp(0, 1), y
 
 

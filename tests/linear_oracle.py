@@ -70,8 +70,14 @@ def _max_linear(a: Tensor, lo: Tensor, hi: Tensor, norm: str, eps: Tensor) -> Te
     return torch.where(fits, full, val)
 
 
-def exact_broken(model: Linear, x: Tensor, y: Tensor, norm: str, eps: float | Tensor,
-                 bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+def exact_broken(
+    model: Linear,
+    x: Tensor,
+    y: Tensor,
+    norm: str,
+    eps: float | Tensor,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
     """Bool (N,): an adversarial example exists within ``eps`` (or x is misclassified)."""
     w, b = model.fc.weight.double(), model.fc.bias.double()
     xf = x.flatten(1).double()
@@ -86,8 +92,9 @@ def exact_broken(model: Linear, x: Tensor, y: Tensor, norm: str, eps: float | Te
     return broken
 
 
-def exact_min_norm(model: Linear, x: Tensor, y: Tensor, norm: str,
-                   bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+def exact_min_norm(
+    model: Linear, x: Tensor, y: Tensor, norm: str, bounds: tuple[float, float] = (0.0, 1.0)
+) -> Tensor:
     """(N,): the smallest adversarial perturbation norm (inf if none within the box)."""
     top = {"linf": 1.0, "l2": float(x[0].numel()) ** 0.5, "l1": float(x[0].numel())}[norm]
     top *= bounds[1] - bounds[0]

@@ -34,8 +34,9 @@ class Quantise(Transform):
 
 def _grad(model, x, y):
     xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg,
-                               allow_unused=True)
+    (g,) = torch.autograd.grad(
+        F.cross_entropy(model(xg), y, reduction="sum"), xg, allow_unused=True
+    )
     return g
 
 
@@ -135,8 +136,9 @@ def test_evaluation_uses_eot_and_repeats_on_a_randomised_model(toy_model, toy_da
     assert res.record["adaptive"]["randomised"] is True
     assert res.record["attacks"][0]["eot_samples"] == 20
     assert res.record["repeats"] == 10
-    forced = rl.evaluate(Noisy(toy_model), x, y, LINF, attacks=[("pgd", {"steps": 2})],
-                         eot=3, repeats=1)
+    forced = rl.evaluate(
+        Noisy(toy_model), x, y, LINF, attacks=[("pgd", {"steps": 2})], eot=3, repeats=1
+    )
     assert forced.record["attacks"][0]["eot_samples"] == 3 and forced.record["repeats"] == 1
     with pytest.raises(ValueError, match="eot"):
         rl.evaluate(toy_model, x, y, LINF, eot=0)
@@ -195,8 +197,23 @@ def test_cli_evaluate_applies_and_forces_bpda(fake_fmnist, tmp_path, monkeypatch
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "2",
-            "--n-points", "8", "--quiet", "--defense", "bit-depth", "--defense-option", "bits=2"]
+    base = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd",
+        "--steps",
+        "2",
+        "--n-points",
+        "8",
+        "--quiet",
+        "--defense",
+        "bit-depth",
+        "--defense-option",
+        "bits=2",
+    ]
     for extra, expected in (([], True), (["--no-bpda"], False)):
         out = tmp_path / f"e{len(extra)}"
         assert main(base + extra + ["--out", str(out)]) == 0
@@ -209,14 +226,30 @@ def test_cli_evaluate_applies_and_forces_bpda(fake_fmnist, tmp_path, monkeypatch
 
 
 def test_cli_fits_a_detector_on_training_points_unless_given_its_threshold(
-        fake_fmnist, tmp_path, monkeypatch):
+    fake_fmnist, tmp_path, monkeypatch
+):
     from robustlab.cli import main
 
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "1",
-            "--n-points", "4", "--quiet", "--defense", "feature-squeezing", "--fit-n", "32"]
+    base = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd",
+        "--steps",
+        "1",
+        "--n-points",
+        "4",
+        "--quiet",
+        "--defense",
+        "feature-squeezing",
+        "--fit-n",
+        "32",
+    ]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     rec = json.loads((tmp_path / "a" / "results.json").read_text())
     assert rec["config"]["defense"]["fit"] == {"split": "train", "n": 32}
@@ -243,8 +276,9 @@ def test_forced_log_outputs_never_change_the_verdict_on_a_point():
     model, x, y = train_linear()
     x, y, threat = x[:100], y[:100], rl.ThreatModel("linf", 0.18)
     exact = 1 - exact_broken(model, x, y, "linf", threat.eps).float().mean().item()
-    res = rl.evaluate(Shifted(model), x, y, threat, attacks=[("pgd", {"steps": 5})],
-                      log_outputs=True)
+    res = rl.evaluate(
+        Shifted(model), x, y, threat, attacks=[("pgd", {"steps": 5})], log_outputs=True
+    )
     assert res.record["adaptive"]["log_outputs"] is True
     assert res.record["adaptive"]["auto"]["log_outputs"] is False
     assert res.robust_accuracy >= exact
@@ -257,8 +291,19 @@ def test_cli_forces_log_outputs(fake_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "2",
-            "--n-points", "8", "--quiet"]
+    base = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd",
+        "--steps",
+        "2",
+        "--n-points",
+        "8",
+        "--quiet",
+    ]
     for extra, expected in (([], False), (["--log-outputs"], True)):
         out = tmp_path / f"e{len(extra)}"
         assert main(base + extra + ["--out", str(out)]) == 0

@@ -113,9 +113,12 @@ def test_too_few_classes_for_dlr_is_a_clear_error(toy_data):
 
 def test_bad_options_are_rejected():
     t = ThreatModel("linf", 0.1)
-    for name, opts, match in (("apgd-ce", {"steps": 0}, "steps"), ("apgd-ce", {"rho": 1.5}, "rho"),
-                              ("apgd-dlr", {"restarts": 1.0}, "restarts"),
-                              ("apgd-t", {"n_target_classes": 0}, "n_target_classes")):
+    for name, opts, match in (
+        ("apgd-ce", {"steps": 0}, "steps"),
+        ("apgd-ce", {"rho": 1.5}, "rho"),
+        ("apgd-dlr", {"restarts": 1.0}, "restarts"),
+        ("apgd-t", {"n_target_classes": 0}, "n_target_classes"),
+    ):
         with pytest.raises(ValueError, match=match):
             attacks.create(name, t, **opts)
     with pytest.raises(TypeError, match="apgd-t"):

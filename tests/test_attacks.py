@@ -13,24 +13,34 @@ NORM_EPS = {"linf": 0.3, "l2": 3.0, "l1": 32.0, "l0": 40}
 # one step of l1 length eps on the few steepest coordinates (the fast gradient method's
 # definition) cannot flip these images: exempt from the accuracy-drop check only
 WEAK_BY_DEFINITION = {("fgsm", "l1")}
-CASES = [(name, norm) for name in attacks.names() for norm in NORM_EPS
-         if norm in attacks.ATTACKS.get(name).norms]
+CASES = [
+    (name, norm)
+    for name in attacks.names()
+    for norm in NORM_EPS
+    if norm in attacks.ATTACKS.get(name).norms
+]
 
 
 # options an attack cannot be built without, given the test's model (unwrapped if it traps
 # gradients)
-REQUIRED_OPTIONS = {"transfer": lambda model: {"surrogate": model},
-                    "epgd": lambda model: {"sigma": 0.05},
-                    "smoothadv": lambda model: {"sigma": 0.05}}
+REQUIRED_OPTIONS = {
+    "transfer": lambda model: {"surrogate": model},
+    "epgd": lambda model: {"sigma": 0.05},
+    "smoothadv": lambda model: {"sigma": 0.05},
+}
 
 
 # smaller budgets for the attacks whose defaults cost tens of seconds on the toy model; the
 # contract is about behaviour, and each still has to break the toy model
-CHEAP_OPTIONS = {"cw-l2": {"steps": 200, "search_steps": 5}, "nattack": {"population": 30},
-                 "pgd-l0": {"steps": 20, "restarts": 1}, "sparse-rs": {"n_queries": 1000},
-                 "ead": {"steps": 200, "search_steps": 5}, "lbfgs": {"steps": 10,
-                                                                    "search_steps": 4},
-                 "cw-l0": {"steps": 30, "initial_const": 1.0, "largest_const": 100.0}}
+CHEAP_OPTIONS = {
+    "cw-l2": {"steps": 200, "search_steps": 5},
+    "nattack": {"population": 30},
+    "pgd-l0": {"steps": 20, "restarts": 1},
+    "sparse-rs": {"n_queries": 1000},
+    "ead": {"steps": 200, "search_steps": 5},
+    "lbfgs": {"steps": 10, "search_steps": 4},
+    "cw-l0": {"steps": 30, "initial_const": 1.0, "largest_const": 100.0},
+}
 
 
 def build(name: str, norm: str, model=None, **opts) -> attacks.Attack:

@@ -54,10 +54,18 @@ def test_adversarially_trained_model_passes(at_model, toy_data):
     assert _flags(res) == set(), res.checks
     assert res.passed
     names = [c["name"] for c in res.checks]
-    assert names == ["iterative-beats-single-step", "adaptive-matches-naive",
-                     "white-box-beats-black-box", "white-box-beats-transfer", "monotone-in-eps",
-                     "unbounded-attack-succeeds", "convergence", "randomness", "gradients",
-                     "binarization-test"]
+    assert names == [
+        "iterative-beats-single-step",
+        "adaptive-matches-naive",
+        "white-box-beats-black-box",
+        "white-box-beats-transfer",
+        "monotone-in-eps",
+        "unbounded-attack-succeeds",
+        "convergence",
+        "randomness",
+        "gradients",
+        "binarization-test",
+    ]
     skipped = {c["name"] for c in res.checks if c["status"] == "SKIP"}
     assert skipped == {"white-box-beats-transfer"}  # no surrogate for a bare model
 
@@ -82,8 +90,10 @@ def test_declared_stage_gets_bpda_and_transfer(toy_model, toy_data):
     aud = res.record["audit"]
     assert aud["adaptive"]["bpda"] and aud["adaptive"]["bpda_stages"] == ["stage"]
     assert aud["surrogate"]  # the undefended base model
-    assert "BPDA used through stage" in next(c for c in res.checks
-                                            if c["name"] == "gradients")["evidence"]
+    assert (
+        "BPDA used through stage"
+        in next(c for c in res.checks if c["name"] == "gradients")["evidence"]
+    )
     transfer = next(a for a in res.record["per_attack"] if a["config"]["name"] == "transfer")
     assert transfer["attacked"] >= 0
     bare = rl.evaluate(toy_model, x, y, THREAT, attacks=[("pgd", {"steps": 20})])
@@ -93,8 +103,17 @@ def test_declared_stage_gets_bpda_and_transfer(toy_model, toy_data):
 def test_hidden_randomness_gets_eot_and_repeats(toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     torch.manual_seed(0)
-    res = rl.audit(Noisy(toy_model), x, y, THREAT, eot=2, steps=5, queries=50,
-                   binarization_points=0, check_points=16)
+    res = rl.audit(
+        Noisy(toy_model),
+        x,
+        y,
+        THREAT,
+        eot=2,
+        steps=5,
+        queries=50,
+        binarization_points=0,
+        check_points=16,
+    )
     assert "randomness" in _flags(res)
     ad = res.record["audit"]["adaptive"]
     assert ad["randomised"] and ad["eot"] == 2 and ad["repeats"] == 10
@@ -154,17 +173,33 @@ def test_cli_audit_of_a_defense(fake_fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    args = ["audit", str(ckpt), "--eps", "0.1", "--defense", "jpeg", "--defense-option",
-            "quality=50", "--n-points", "8", "--steps", "3", "--queries", "20",
-            "--binarization", "0", "--out", str(tmp_path / "a")]
+    args = [
+        "audit",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--defense",
+        "jpeg",
+        "--defense-option",
+        "quality=50",
+        "--n-points",
+        "8",
+        "--steps",
+        "3",
+        "--queries",
+        "20",
+        "--binarization",
+        "0",
+        "--out",
+        str(tmp_path / "a"),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "# robustlab audit" in out and "| gradients | **FLAG** |" in out
     rec = json.loads((tmp_path / "a" / "results.json").read_text())
     assert rec["config"]["defense"] == {"name": "jpeg", "quality": 50}
     assert rec["audit"]["adaptive"]["bpda"] and rec["audit"]["surrogate"]
-    assert main(["audit", str(ckpt), "--eps", "0.1", "--defense", "nope", "--n-points",
-                 "4"]) == 2
+    assert main(["audit", str(ckpt), "--eps", "0.1", "--defense", "nope", "--n-points", "4"]) == 2
     assert "nope" in capsys.readouterr().err
 
 
@@ -173,8 +208,7 @@ def test_base_model_that_takes_other_inputs_is_no_surrogate(toy_data):
     torch.manual_seed(0)
     base = rl.models.create("smallcnn", num_classes=4, input_size=16, in_channels=16)
     therm = rl.defenses.create("thermometer", base.eval(), levels=16)
-    res = rl.audit(therm, x, y, THREAT, steps=3, queries=20, binarization_points=0,
-                   check_points=8)
+    res = rl.audit(therm, x, y, THREAT, steps=3, queries=20, binarization_points=0, check_points=8)
     transfer = next(c for c in res.checks if c["name"] == "white-box-beats-transfer")
     assert transfer["status"] == "SKIP" and not res.record["audit"]["surrogate"]
     assert res.record["audit"]["adaptive"]["bpda_stages"] == ["stage"]

@@ -38,13 +38,18 @@ K = 4  # TinyCNN's classes
 NAMES = attacks.names()
 #: the budget of the slowest attacks in the random calls (their options are valid; the bad
 #: values drawn here still reach them, after these)
-CHEAP_OPTIONS = {"cw-l2": {"steps": 50, "search_steps": 3}, "ead": {"steps": 50, "search_steps": 3},
-                 "lbfgs": {"steps": 10, "search_steps": 3},
-                 "cw-l0": {"steps": 20, "initial_const": 1.0, "largest_const": 10.0},
-                 "substitute": {"rounds": 2, "epochs": 2}, "sparse-rs": {"n_queries": 300},
-                 "pgd-l0": {"steps": 10, "restarts": 1}, "vmi-fgsm": {"samples": 4},
-                 "md": {"steps": 10, "change_point": 4}, "md-mt": {"steps": 10, "change_point": 4,
-                                                                   "k": 2}}
+CHEAP_OPTIONS = {
+    "cw-l2": {"steps": 50, "search_steps": 3},
+    "ead": {"steps": 50, "search_steps": 3},
+    "lbfgs": {"steps": 10, "search_steps": 3},
+    "cw-l0": {"steps": 20, "initial_const": 1.0, "largest_const": 10.0},
+    "substitute": {"rounds": 2, "epochs": 2},
+    "sparse-rs": {"n_queries": 300},
+    "pgd-l0": {"steps": 10, "restarts": 1},
+    "vmi-fgsm": {"samples": 4},
+    "md": {"steps": 10, "change_point": 4},
+    "md-mt": {"steps": 10, "change_point": 4, "k": 2},
+}
 L2 = ThreatModel("l2", 1.0)
 L1 = ThreatModel("l1", 4.0)
 L0 = ThreatModel("l0", 3)
@@ -60,7 +65,6 @@ def make(name: str, **opts) -> attacks.Attack:
     if name in ("epgd", "smoothadv"):  # on a plain model they need the noise scale
         opts.setdefault("sigma", 0.05)
     return attacks.create(name, threat, **opts)
-
 
 
 def fresh() -> nn.Module:
@@ -91,8 +95,12 @@ def _set(t: torch.Tensor, value: float | int) -> torch.Tensor:
 BAD_X = [
     ("numpy", lambda x: x.numpy(), TypeError, r"x must be a torch\.Tensor.*torch\.as_tensor"),
     ("list", lambda x: x.tolist(), TypeError, r"x must be a torch\.Tensor"),
-    ("uint8", lambda x: (x * 255).round().to(torch.uint8), ValueError,
-     r"floating-point.*uint8.*x\.float\(\) / 255"),
+    (
+        "uint8",
+        lambda x: (x * 255).round().to(torch.uint8),
+        ValueError,
+        r"floating-point.*uint8.*x\.float\(\) / 255",
+    ),
     ("int64", lambda x: (x * 255).long(), ValueError, r"floating-point.*int64.*x\.float\(\)"),
     ("bool", lambda x: x > 0.5, ValueError, r"floating-point.*torch\.bool"),
     ("complex", lambda x: x.to(torch.complex64), ValueError, r"complex64.*real"),
@@ -104,8 +112,12 @@ BAD_X = [
     ("NaN", lambda x: _set(x, float("nan")), ValueError, "1 NaN or infinite"),
     ("inf", lambda x: _set(x, float("inf")), ValueError, "NaN or infinite"),
     ("-inf", lambda x: _set(x, float("-inf")), ValueError, "NaN or infinite"),
-    ("normalised", lambda x: (x - 0.5) / 0.25, ValueError,
-     r"outside the threat bounds.*normalisation is the model's first layer"),
+    (
+        "normalised",
+        lambda x: (x - 0.5) / 0.25,
+        ValueError,
+        r"outside the threat bounds.*normalisation is the model's first layer",
+    ),
     ("0..255 floats", lambda x: x * 255, ValueError, r"\[0\.0, 1\.0\].*bounds="),
 ]
 BAD_Y = [
@@ -124,10 +136,9 @@ Y_RANGE = [  # only the model knows its number of classes
     ("== num_classes", lambda y: _set(y, K), ValueError, r"out of range.*4.*valid: 0\.\.3"),
     ("huge", lambda y: _set(y, 2**40), ValueError, r"out of range.*1099511627776"),
 ]
-BAD_BATCHES = (
-    [pytest.param(lambda x, y, f=f: (f(x), y), e, m, id=f"x-{i}") for i, f, e, m in BAD_X]
-    + [pytest.param(lambda x, y, f=f: (x, f(y)), e, m, id=f"y-{i}") for i, f, e, m in BAD_Y]
-)
+BAD_BATCHES = [
+    pytest.param(lambda x, y, f=f: (f(x), y), e, m, id=f"x-{i}") for i, f, e, m in BAD_X
+] + [pytest.param(lambda x, y, f=f: (x, f(y)), e, m, id=f"y-{i}") for i, f, e, m in BAD_Y]
 RANGE_BATCHES = [
     pytest.param(lambda x, y, f=f: (x, f(y)), e, m, id=f"y-{i}") for i, f, e, m in Y_RANGE
 ]
@@ -189,8 +200,12 @@ def test_labels_of_other_integer_dtypes_work(tiny):
 
 def test_unusual_but_valid_layouts_work(tiny):
     x, y = batch()
-    for xv in (x.transpose(2, 3), x.to(memory_format=torch.channels_last),
-               x[:1].expand(4, -1, -1, -1), x.clone().requires_grad_(True)):
+    for xv in (
+        x.transpose(2, 3),
+        x.to(memory_format=torch.channels_last),
+        x[:1].expand(4, -1, -1, -1),
+        x.clone().requires_grad_(True),
+    ):
         res = attacks.create("pgd", LINF, steps=2)(tiny, xv, y)
         assert res.x_adv.shape == xv.shape and LINF.contains(res.x_adv, xv.detach()).all()
 
@@ -214,18 +229,21 @@ def test_targeted_attack_needs_valid_targets(tiny):
 
 
 # --- the threat model ------------------------------------------------------------------------
-@pytest.mark.parametrize(("eps", "exc", "match"), [
-    (-0.1, ValueError, r"finite and >= 0, got -0\.1"),
-    ("-8/255", ValueError, r">= 0"),
-    (float("nan"), ValueError, "finite"),
-    (float("inf"), ValueError, "finite"),
-    ("abc", ValueError, r"cannot parse eps 'abc'.*'8/255'"),
-    ("1/0", ValueError, "cannot parse eps"),
-    ("", ValueError, "cannot parse eps"),
-    (None, TypeError, r"number or a string such as '8/255'"),
-    (True, TypeError, "bool"),
-    ([0.1], TypeError, "list"),
-])
+@pytest.mark.parametrize(
+    ("eps", "exc", "match"),
+    [
+        (-0.1, ValueError, r"finite and >= 0, got -0\.1"),
+        ("-8/255", ValueError, r">= 0"),
+        (float("nan"), ValueError, "finite"),
+        (float("inf"), ValueError, "finite"),
+        ("abc", ValueError, r"cannot parse eps 'abc'.*'8/255'"),
+        ("1/0", ValueError, "cannot parse eps"),
+        ("", ValueError, "cannot parse eps"),
+        (None, TypeError, r"number or a string such as '8/255'"),
+        (True, TypeError, "bool"),
+        ([0.1], TypeError, "list"),
+    ],
+)
 def test_bad_eps(eps, exc, match):
     with pytest.raises(exc, match=match):
         ThreatModel("linf", eps)
@@ -237,46 +255,54 @@ def test_eps_too_large_for_a_float(eps):
         ThreatModel("linf", eps)
 
 
-@pytest.mark.parametrize(("norm", "bounds", "match"), [
-    ("l3", (0, 1), r"unknown norm 'l3'; valid norms are: linf, l2, l1"),
-    ("Linf", (0, 1), "valid norms are"),
-    (None, (0, 1), "valid norms are"),
-    ("linf", (1, 0), r"low < high"),
-    ("linf", (0, float("nan")), r"finite"),
-    ("linf", (0, 1, 2), r"pair \(low, high\)"),
-    ("linf", "01x", r"pair \(low, high\)"),
-])
+@pytest.mark.parametrize(
+    ("norm", "bounds", "match"),
+    [
+        ("l3", (0, 1), r"unknown norm 'l3'; valid norms are: linf, l2, l1"),
+        ("Linf", (0, 1), "valid norms are"),
+        (None, (0, 1), "valid norms are"),
+        ("linf", (1, 0), r"low < high"),
+        ("linf", (0, float("nan")), r"finite"),
+        ("linf", (0, 1, 2), r"pair \(low, high\)"),
+        ("linf", "01x", r"pair \(low, high\)"),
+    ],
+)
 def test_bad_norm_or_bounds(norm, bounds, match):
     with pytest.raises(ValueError, match=match):
         ThreatModel(norm, 0.1, bounds=bounds)
 
 
 # --- attack names and options ----------------------------------------------------------------
-@pytest.mark.parametrize(("name", "opts", "exc", "match"), [
-    ("cw", {}, ValueError, r"unknown attack 'cw'; valid attacks are: apgd-ce, apgd-dlr"),
-    (None, {}, TypeError, r"attack name must be a string"),
-    ("pgd", {"steps": 0}, ValueError, r"steps must be an integer >= 1, got 0"),
-    ("pgd", {"steps": -3}, ValueError, r"steps must be an integer >= 1"),
-    ("pgd", {"steps": 2.5}, ValueError, r"steps must be an integer >= 1, got 2\.5"),
-    ("pgd", {"steps": "10"}, ValueError, r"steps must be an integer"),
-    ("pgd", {"restarts": 0}, ValueError, r"restarts must be an integer >= 1, got 0"),
-    ("pgd", {"step_size": 0}, ValueError, r"step_size must be .*> 0, got 0"),
-    ("pgd", {"step_size": -0.01}, ValueError, r"step_size must be .*> 0"),
-    ("pgd", {"step_size": float("nan")}, ValueError, r"step_size must be .*> 0, got nan"),
-    ("fgsm", {"step_size": -1.0}, ValueError, r"step_size must be .*> 0"),
-    ("pgd", {"l1_sparsity": 0}, ValueError, r"l1_sparsity must be in \(0, 1\]"),
-    ("pgd", {"l1_sparsity": 1.5}, ValueError, r"l1_sparsity"),
-    ("pgd", {"loss": "hinge"}, ValueError,
-     r"unknown loss 'hinge'; valid losses are: ce, cw-margin, detector-margin, dlr"),
-    ("pgd", {"loss": None}, TypeError, r"loss name must be a string"),
-    ("pgd", {"stepz": 3}, TypeError, r"attack 'pgd'.*'stepz'"),
-    ("fgsm", {"steps": 3}, TypeError, r"attack 'fgsm'.*'steps'"),
-])
+@pytest.mark.parametrize(
+    ("name", "opts", "exc", "match"),
+    [
+        ("cw", {}, ValueError, r"unknown attack 'cw'; valid attacks are: apgd-ce, apgd-dlr"),
+        (None, {}, TypeError, r"attack name must be a string"),
+        ("pgd", {"steps": 0}, ValueError, r"steps must be an integer >= 1, got 0"),
+        ("pgd", {"steps": -3}, ValueError, r"steps must be an integer >= 1"),
+        ("pgd", {"steps": 2.5}, ValueError, r"steps must be an integer >= 1, got 2\.5"),
+        ("pgd", {"steps": "10"}, ValueError, r"steps must be an integer"),
+        ("pgd", {"restarts": 0}, ValueError, r"restarts must be an integer >= 1, got 0"),
+        ("pgd", {"step_size": 0}, ValueError, r"step_size must be .*> 0, got 0"),
+        ("pgd", {"step_size": -0.01}, ValueError, r"step_size must be .*> 0"),
+        ("pgd", {"step_size": float("nan")}, ValueError, r"step_size must be .*> 0, got nan"),
+        ("fgsm", {"step_size": -1.0}, ValueError, r"step_size must be .*> 0"),
+        ("pgd", {"l1_sparsity": 0}, ValueError, r"l1_sparsity must be in \(0, 1\]"),
+        ("pgd", {"l1_sparsity": 1.5}, ValueError, r"l1_sparsity"),
+        (
+            "pgd",
+            {"loss": "hinge"},
+            ValueError,
+            r"unknown loss 'hinge'; valid losses are: ce, cw-margin, detector-margin, dlr",
+        ),
+        ("pgd", {"loss": None}, TypeError, r"loss name must be a string"),
+        ("pgd", {"stepz": 3}, TypeError, r"attack 'pgd'.*'stepz'"),
+        ("fgsm", {"steps": 3}, TypeError, r"attack 'fgsm'.*'steps'"),
+    ],
+)
 def test_bad_attack_name_or_option(name, opts, exc, match):
     with pytest.raises(exc, match=match):
         attacks.create(name, LINF, **opts)
-
-
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -286,13 +312,17 @@ def test_attack_needs_a_threat_model(name, threat):
         attacks.create(name, threat)
 
 
-@pytest.mark.parametrize(("opts", "match"), [
-    ({"step_size": float("inf")}, "step_size"),
-    ({"step_size": "0.01"}, "step_size"),
-    ({"steps": True}, "steps"),
-    ({"l1_sparsity": "a"}, "l1_sparsity"),
-    ({"seed": "a"}, "seed"),
-], ids=["step_size-inf", "step_size-str", "steps-bool", "l1_sparsity-str", "seed-str"])
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"step_size": float("inf")}, "step_size"),
+        ({"step_size": "0.01"}, "step_size"),
+        ({"steps": True}, "steps"),
+        ({"l1_sparsity": "a"}, "l1_sparsity"),
+        ({"seed": "a"}, "seed"),
+    ],
+    ids=["step_size-inf", "step_size-str", "steps-bool", "l1_sparsity-str", "seed-str"],
+)
 def test_pgd_option_gaps(opts, match):
     with pytest.raises(CLEAR, match=match):
         attacks.create("pgd", LINF, **opts)
@@ -332,8 +362,12 @@ BAD_OUTPUTS = [
     ("tuple", lambda z: (z, z.detach()), ValueError, r"got tuple.*forward returns only the"),
     ("dict", lambda z: {"logits": z}, ValueError, r"got dict"),
     ("None", lambda z: None, ValueError, r"got NoneType"),
-    ("int64", lambda z: z.argmax(1, keepdim=True).expand(-1, K), TypeError,
-     r"floating-point logits.*int64"),
+    (
+        "int64",
+        lambda z: z.argmax(1, keepdim=True).expand(-1, K),
+        TypeError,
+        r"floating-point logits.*int64",
+    ),
     ("one logit", lambda z: z[:, :1], ValueError, r"1 logit.*at least 2.*torch\.cat"),
     ("no logits", lambda z: z[:, :0], ValueError, r"0 logit"),
     ("NaN", lambda z: z * float("nan"), ValueError, r"NaN logits"),
@@ -341,16 +375,18 @@ BAD_OUTPUTS = [
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize(("fn", "exc", "match"), [p[1:] for p in BAD_OUTPUTS],
-                         ids=[p[0] for p in BAD_OUTPUTS])
+@pytest.mark.parametrize(
+    ("fn", "exc", "match"), [p[1:] for p in BAD_OUTPUTS], ids=[p[0] for p in BAD_OUTPUTS]
+)
 def test_attack_model_bad_output(name, fn, exc, match, tiny):
     x, y = batch()
     with pytest.raises(exc, match=match):
         make(name)(Out(tiny, fn), x, y)
 
 
-@pytest.mark.parametrize(("fn", "exc", "match"), [p[1:] for p in BAD_OUTPUTS],
-                         ids=[p[0] for p in BAD_OUTPUTS])
+@pytest.mark.parametrize(
+    ("fn", "exc", "match"), [p[1:] for p in BAD_OUTPUTS], ids=[p[0] for p in BAD_OUTPUTS]
+)
 def test_evaluate_model_bad_output(fn, exc, match, tiny):
     x, y = batch()
     with pytest.raises(exc, match=match):
@@ -379,16 +415,29 @@ def test_fit_model_returning_a_tuple():
 # Decision: mixed input/model dtypes are an error (TypeError saying how to convert), not a
 # silent cast: the contract takes dtype from inputs and model, and x_adv keeps x's dtype.
 MISMATCHED = [
-    pytest.param(lambda x: x.double(), TypeError, r"(?s)float64.*float32.*x\.to\(torch\.float32\)",
-                 id="float64"),
+    pytest.param(
+        lambda x: x.double(),
+        TypeError,
+        r"(?s)float64.*float32.*x\.to\(torch\.float32\)",
+        id="float64",
+    ),
     pytest.param(lambda x: x.half(), TypeError, r"(?s)float16.*float32", id="float16"),
     pytest.param(lambda x: x.bfloat16(), TypeError, r"(?s)bfloat16.*float32", id="bfloat16"),
-    pytest.param(lambda x: x[:, :, :8, :8], ValueError,
-                 r"(?s)cannot run on x of shape \(N, 1, 8, 8\)", id="8x8-images"),
-    pytest.param(lambda x: x.expand(-1, 3, -1, -1), ValueError,
-                 r"(?s)\(N, 3, 16, 16\).*channels", id="3-channels"),
-    pytest.param(lambda x: x[:, 0], ValueError, r"(?s)\(N, 16, 16\).*\(N, C, H, W\)",
-                 id="no-channel"),
+    pytest.param(
+        lambda x: x[:, :, :8, :8],
+        ValueError,
+        r"(?s)cannot run on x of shape \(N, 1, 8, 8\)",
+        id="8x8-images",
+    ),
+    pytest.param(
+        lambda x: x.expand(-1, 3, -1, -1),
+        ValueError,
+        r"(?s)\(N, 3, 16, 16\).*channels",
+        id="3-channels",
+    ),
+    pytest.param(
+        lambda x: x[:, 0], ValueError, r"(?s)\(N, 16, 16\).*\(N, C, H, W\)", id="no-channel"
+    ),
     pytest.param(lambda x: x.flatten(1), ValueError, r"(?s)\(N, 256\)", id="flat"),
 ]
 
@@ -434,19 +483,28 @@ def test_float64_inputs_work_with_a_float64_model(tiny):
 
 
 # --- evaluate's own arguments ----------------------------------------------------------------
-@pytest.mark.parametrize(("kwargs", "exc", "match"), [
-    ({"suite": "nope"}, ValueError,
-     r"unknown suite 'nope'; valid suites are: detector, fast, pgd, "),
-    ({"suite": 3}, TypeError, r"suite name must be a string"),
-    ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
-    ({"batch_size": -5}, ValueError, r"batch_size must be an integer >= 1"),
-    ({"batch_size": 2.5}, ValueError, r"batch_size must be an integer >= 1, got 2\.5"),
-    ({"attacks": ["nope"]}, ValueError, r"unknown attack 'nope'; valid attacks are: apgd-ce"),
-    ({"attacks": [("pgd", {"steps": 0})]}, ValueError, r"steps must be an integer >= 1"),
-    ({"attacks": [("pgd", {"stepz": 1})]}, TypeError, r"attack 'pgd'.*'stepz'"),
-    ({"attacks": [attacks.create("pgd", ThreatModel("l2", 1.0))]}, ValueError,
-     r"has threat l2 eps=1.*evaluation has linf"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        (
+            {"suite": "nope"},
+            ValueError,
+            r"unknown suite 'nope'; valid suites are: detector, fast, pgd, ",
+        ),
+        ({"suite": 3}, TypeError, r"suite name must be a string"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": -5}, ValueError, r"batch_size must be an integer >= 1"),
+        ({"batch_size": 2.5}, ValueError, r"batch_size must be an integer >= 1, got 2\.5"),
+        ({"attacks": ["nope"]}, ValueError, r"unknown attack 'nope'; valid attacks are: apgd-ce"),
+        ({"attacks": [("pgd", {"steps": 0})]}, ValueError, r"steps must be an integer >= 1"),
+        ({"attacks": [("pgd", {"stepz": 1})]}, TypeError, r"attack 'pgd'.*'stepz'"),
+        (
+            {"attacks": [attacks.create("pgd", ThreatModel("l2", 1.0))]},
+            ValueError,
+            r"has threat l2 eps=1.*evaluation has linf",
+        ),
+    ],
+)
 def test_evaluate_bad_arguments(kwargs, exc, match, tiny):
     x, y = batch()
     with pytest.raises(exc, match=match):
@@ -463,10 +521,17 @@ def test_evaluate_needs_model_and_threat(tiny):
         rl.evaluate(tiny, x, y, 0.1)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"attacks": [5]}, {"attacks": [None]}, {"attacks": [("pgd", 5)]}, {"attacks": "pgd"},
-    {"seed": "a"},
-], ids=["int-spec", "None-spec", "bad-options", "bare-string", "seed-str"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attacks": [5]},
+        {"attacks": [None]},
+        {"attacks": [("pgd", 5)]},
+        {"attacks": "pgd"},
+        {"seed": "a"},
+    ],
+    ids=["int-spec", "None-spec", "bad-options", "bare-string", "seed-str"],
+)
 def test_evaluate_attack_spec_gaps(kwargs, tiny):
     x, y = batch()
     with pytest.raises(CLEAR, match=r"attacks must|attack spec|seed"):
@@ -474,20 +539,23 @@ def test_evaluate_attack_spec_gaps(kwargs, tiny):
 
 
 # --- fit's own arguments ---------------------------------------------------------------------
-@pytest.mark.parametrize(("kwargs", "exc", "match"), [
-    ({"objective": "trade"}, ValueError, r"unknown objective 'trade'; valid objectives are: "),
-    ({"objective": None}, TypeError, r"objective name must be a string"),
-    ({"epochs": 0}, ValueError, r"epochs must be an integer >= 1, got 0"),
-    ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
-    ({"lr": 0}, ValueError, r"lr must be > 0"),
-    ({"lr": float("nan")}, ValueError, r"lr must be > 0, got nan"),
-    ({"optimizer": "rmsprop"}, ValueError, r"unknown optimizer 'rmsprop'; valid: adam, sgd"),
-    ({"schedule": "step"}, ValueError, r"unknown schedule 'step'; valid schedules are"),
-    ({"epoch": 3}, TypeError, r"'epoch'.*valid training settings are: objective"),
-    ({"objective": "pgd-at"}, ValueError, r"'pgd-at' needs threat=ThreatModel"),
-    ({"threat": "linf"}, TypeError, r"threat must be a robustlab\.ThreatModel"),
-    ({"objective": "pgd-at", "threat": 0.1}, TypeError, r"threat must be a robustlab"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"objective": "trade"}, ValueError, r"unknown objective 'trade'; valid objectives are: "),
+        ({"objective": None}, TypeError, r"objective name must be a string"),
+        ({"epochs": 0}, ValueError, r"epochs must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
+        ({"lr": 0}, ValueError, r"lr must be > 0"),
+        ({"lr": float("nan")}, ValueError, r"lr must be > 0, got nan"),
+        ({"optimizer": "rmsprop"}, ValueError, r"unknown optimizer 'rmsprop'; valid: adam, sgd"),
+        ({"schedule": "step"}, ValueError, r"unknown schedule 'step'; valid schedules are"),
+        ({"epoch": 3}, TypeError, r"'epoch'.*valid training settings are: objective"),
+        ({"objective": "pgd-at"}, ValueError, r"'pgd-at' needs threat=ThreatModel"),
+        ({"threat": "linf"}, TypeError, r"threat must be a robustlab\.ThreatModel"),
+        ({"objective": "pgd-at", "threat": 0.1}, TypeError, r"threat must be a robustlab"),
+    ],
+)
 def test_fit_bad_arguments(kwargs, exc, match):
     x, y = batch()
     with pytest.raises(exc, match=match):
@@ -504,20 +572,29 @@ def test_fit_data_and_val_gaps(case):
 
 
 # --- models.create ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("args", "exc", "match"), [
-    ({"name": "vgg16"}, ValueError,
-     r"unknown model 'vgg16'; valid models are: ibp-small, lenet, preact-resnet18, resnet20, "
-     r"smallcnn"),
-    ({"name": "smallcnn", "activation": "tanh"}, ValueError,
-     r"unknown activation 'tanh'; valid activations are: gelu, kwta, relu, silu, softplus"),
-    ({"name": "smallcnn", "num_classes": 0}, ValueError, r"num_classes must be a positive"),
-    ({"name": "smallcnn", "num_classes": True}, ValueError, r"num_classes must be a positive"),
-    ({"name": "smallcnn", "num_classes": "10"}, ValueError, r"num_classes must be a positive"),
-    ({"name": "smallcnn", "in_channels": 0}, ValueError, r"in_channels must be a positive"),
-    ({"name": "smallcnn", "input_size": 8}, ValueError, r"input_size >= 16"),
-    ({"name": "smallcnn", "std": 0.0}, ValueError, r"std must be > 0"),
-    ({"name": "smallcnn", "widen": 2}, TypeError, r"smallcnn does not take \['widen'\]"),
-])
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        (
+            {"name": "vgg16"},
+            ValueError,
+            r"unknown model 'vgg16'; valid models are: ibp-small, lenet, preact-resnet18, "
+            r"resnet20, smallcnn",
+        ),
+        (
+            {"name": "smallcnn", "activation": "tanh"},
+            ValueError,
+            r"unknown activation 'tanh'; valid activations are: gelu, kwta, relu, silu, softplus",
+        ),
+        ({"name": "smallcnn", "num_classes": 0}, ValueError, r"num_classes must be a positive"),
+        ({"name": "smallcnn", "num_classes": True}, ValueError, r"num_classes must be a positive"),
+        ({"name": "smallcnn", "num_classes": "10"}, ValueError, r"num_classes must be a positive"),
+        ({"name": "smallcnn", "in_channels": 0}, ValueError, r"in_channels must be a positive"),
+        ({"name": "smallcnn", "input_size": 8}, ValueError, r"input_size >= 16"),
+        ({"name": "smallcnn", "std": 0.0}, ValueError, r"std must be > 0"),
+        ({"name": "smallcnn", "widen": 2}, TypeError, r"smallcnn does not take \['widen'\]"),
+    ],
+)
 def test_models_create_bad_arguments(args, exc, match):
     with pytest.raises(exc, match=match):
         rl.models.create(**args)
@@ -533,17 +610,23 @@ def no_data(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("args", "exc", "match"), [
-    ({"name": "imagenet"}, ValueError,
-     r"unknown dataset 'imagenet'; valid datasets are: cifar10, cifar100, fashion-mnist"),
-    ({"name": None}, TypeError, r"dataset name must be a string"),
-    ({"name": "mnist", "split": "val"}, ValueError, r"unknown split 'val'.*'train', 'test'"),
-    ({"name": "mnist", "n": 0}, ValueError, r"n must be a positive integer or None, got 0"),
-    ({"name": "mnist", "n": -1}, ValueError, r"n must be a positive integer"),
-    ({"name": "mnist", "n": 2.5}, ValueError, r"n must be a positive integer"),
-    ({"name": "mnist", "n": True}, ValueError, r"n must be a positive integer"),
-    ({"name": "mnist", "n": "10"}, ValueError, r"n must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        (
+            {"name": "imagenet"},
+            ValueError,
+            r"unknown dataset 'imagenet'; valid datasets are: cifar10, cifar100, fashion-mnist",
+        ),
+        ({"name": None}, TypeError, r"dataset name must be a string"),
+        ({"name": "mnist", "split": "val"}, ValueError, r"unknown split 'val'.*'train', 'test'"),
+        ({"name": "mnist", "n": 0}, ValueError, r"n must be a positive integer or None, got 0"),
+        ({"name": "mnist", "n": -1}, ValueError, r"n must be a positive integer"),
+        ({"name": "mnist", "n": 2.5}, ValueError, r"n must be a positive integer"),
+        ({"name": "mnist", "n": True}, ValueError, r"n must be a positive integer"),
+        ({"name": "mnist", "n": "10"}, ValueError, r"n must be a positive integer"),
+    ],
+)
 def test_data_load_bad_arguments(args, exc, match, no_data):
     with pytest.raises(exc, match=match):
         rl.data.load(**args)
@@ -552,8 +635,9 @@ def test_data_load_bad_arguments(args, exc, match, no_data):
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "svhn"])
 def test_data_missing_without_network(name, no_data):
     where = re.escape(str(no_data))
-    with pytest.raises(FileNotFoundError,
-                       match=rf"(?s)'{name}'.*not found.*{where}.*ROBUSTLAB_OFFLINE=1"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"(?s)'{name}'.*not found.*{where}.*ROBUSTLAB_OFFLINE=1"
+    ):
         rl.data.load(name, root=no_data)
     with pytest.raises(FileNotFoundError, match=r"download=False"):
         rl.data.load(name, root=no_data, download=False)
@@ -583,8 +667,9 @@ class Ckpt(tuple):
 @pytest.fixture(scope="module")
 def ckpt_bytes(tmp_path_factory) -> Ckpt:
     """The bytes of a valid checkpoint and its sidecar."""
-    path = rl.models.save(_small(), tmp_path_factory.mktemp("ckpt") / "m.safetensors",
-                          meta={"dataset": "quadrants"})
+    path = rl.models.save(
+        _small(), tmp_path_factory.mktemp("ckpt") / "m.safetensors", meta={"dataset": "quadrants"}
+    )
     return Ckpt((path.read_bytes(), json.loads(path.with_suffix(".json").read_text())))
 
 
@@ -627,8 +712,12 @@ def test_load_truncated(tmp_path, ckpt_bytes, cut):
 def test_load_corrupt(tmp_path, ckpt_bytes):
     data, side = ckpt_bytes
     n = struct.unpack("<Q", data[:8])[0]
-    for bad in (random.Random(0).randbytes(4096), data[:8] + b"!" * n + data[8 + n:],
-                struct.pack("<Q", 2**40) + data[8:], struct.pack("<Q", 2) + b"[]"):
+    for bad in (
+        random.Random(0).randbytes(4096),
+        data[:8] + b"!" * n + data[8 + n :],
+        struct.pack("<Q", 2**40) + data[8:],
+        struct.pack("<Q", 2) + b"[]",
+    ):
         path = _write(tmp_path, bad, _resign(bad, side))
         with pytest.raises(ValueError, match=r"corrupt or truncated"):
             rl.models.load(path)
@@ -639,13 +728,16 @@ def test_load_corrupt(tmp_path, ckpt_bytes):
         rl.models.load(path)
 
 
-@pytest.mark.parametrize(("sidecar", "match"), [
-    ("{not json", r"sidecar '.*m\.json' is not valid JSON"),
-    (b"\xff\xfe\x00", r"is not valid JSON"),
-    ("[]", r"lacks 'sha256' or 'architecture'"),
-    ("null", r"lacks 'sha256' or 'architecture'"),
-    ({"sha256": "0"}, r"lacks 'sha256' or 'architecture'"),
-])
+@pytest.mark.parametrize(
+    ("sidecar", "match"),
+    [
+        ("{not json", r"sidecar '.*m\.json' is not valid JSON"),
+        (b"\xff\xfe\x00", r"is not valid JSON"),
+        ("[]", r"lacks 'sha256' or 'architecture'"),
+        ("null", r"lacks 'sha256' or 'architecture'"),
+        ({"sha256": "0"}, r"lacks 'sha256' or 'architecture'"),
+    ],
+)
 def test_load_bad_sidecar(tmp_path, ckpt_bytes, sidecar, match):
     path = _write(tmp_path, ckpt_bytes[0], sidecar)
     with pytest.raises(ValueError, match=match):
@@ -657,23 +749,43 @@ def _arch(side: dict, **kwargs) -> dict:
     return {**side, "architecture": {**arch, "kwargs": {**arch["kwargs"], **kwargs}}}
 
 
-@pytest.mark.parametrize(("edit", "match"), [
-    (lambda s: {**s, "sha256": "0" * 64}, r"SHA-256 .* sidecar records 0000"),
-    (lambda s: {**s, "format_version": 99}, r"checkpoint format 99.*reads formats 1 to 1"),
-    (lambda s: {**s, "format_version": "1"}, r"checkpoint format '1'"),
-    (lambda s: {**s, "architecture": {"name": "vgg16", "kwargs": {}}},
-     r"unknown model 'vgg16'; valid models are"),
-    (lambda s: {**s, "architecture": ["smallcnn"]}, r"architecture must be \{'name'"),
-    (lambda s: {**s, "architecture": {"name": "lenet", "kwargs": {}}},
-     r"weights do not match architecture 'lenet'.*missing keys"),
-    (lambda s: _arch(s, num_classes=10), r"shape mismatches.*fc3"),
-    (lambda s: _arch(s, num_classes=-1), r"num_classes must be a positive integer"),
-    (lambda s: _arch(s, activation="tanh"), r"valid activations are"),
-    (lambda s: _arch(s, activation=3), r"cannot rebuild architecture"),
-    (lambda s: _arch(s, mean="abc"), r"cannot rebuild architecture"),
-    (lambda s: _arch(s, widen=2), r"smallcnn does not take"),
-], ids=["sha", "format-99", "format-str", "unknown-arch", "arch-list", "other-arch",
-        "classes", "neg-classes", "activation", "activation-int", "mean-str", "extra-kwarg"])
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: {**s, "sha256": "0" * 64}, r"SHA-256 .* sidecar records 0000"),
+        (lambda s: {**s, "format_version": 99}, r"checkpoint format 99.*reads formats 1 to 1"),
+        (lambda s: {**s, "format_version": "1"}, r"checkpoint format '1'"),
+        (
+            lambda s: {**s, "architecture": {"name": "vgg16", "kwargs": {}}},
+            r"unknown model 'vgg16'; valid models are",
+        ),
+        (lambda s: {**s, "architecture": ["smallcnn"]}, r"architecture must be \{'name'"),
+        (
+            lambda s: {**s, "architecture": {"name": "lenet", "kwargs": {}}},
+            r"weights do not match architecture 'lenet'.*missing keys",
+        ),
+        (lambda s: _arch(s, num_classes=10), r"shape mismatches.*fc3"),
+        (lambda s: _arch(s, num_classes=-1), r"num_classes must be a positive integer"),
+        (lambda s: _arch(s, activation="tanh"), r"valid activations are"),
+        (lambda s: _arch(s, activation=3), r"cannot rebuild architecture"),
+        (lambda s: _arch(s, mean="abc"), r"cannot rebuild architecture"),
+        (lambda s: _arch(s, widen=2), r"smallcnn does not take"),
+    ],
+    ids=[
+        "sha",
+        "format-99",
+        "format-str",
+        "unknown-arch",
+        "arch-list",
+        "other-arch",
+        "classes",
+        "neg-classes",
+        "activation",
+        "activation-int",
+        "mean-str",
+        "extra-kwarg",
+    ],
+)
 def test_load_lying_sidecar(tmp_path, ckpt_bytes, edit, match):
     data, side = ckpt_bytes
     path = _write(tmp_path, data, edit(side))
@@ -716,8 +828,11 @@ def test_pickles_are_refused_never_executed(tmp_path, ckpt_bytes):
             path = tmp_path / name
             path.write_bytes(blob)
             path.with_suffix(".json").write_text(json.dumps(_resign(blob, ckpt_bytes[1])))
-            expected = ("never unpickles" if blob.startswith((b"\x80", b"PK"))
-                        else r"\.safetensors|corrupt or truncated")
+            expected = (
+                "never unpickles"
+                if blob.startswith((b"\x80", b"PK"))
+                else r"\.safetensors|corrupt or truncated"
+            )
             with pytest.raises(ValueError, match=expected):
                 rl.models.load(path)
             assert not marker.exists(), (label, name)
@@ -731,12 +846,30 @@ def test_pickles_are_refused_never_executed(tmp_path, ckpt_bytes):
 # Shapes the library checks itself (TinyCNN takes (n, 1, 16, 16)); shapes the model cannot
 # take are in MODEL_SHAPES (caught by _validate.probe_model).
 GOOD_SHAPE = [lambda n: (n, 1, 16, 16)]
-LIB_SHAPES = [lambda n: (), lambda n: (n,), lambda n: (0, 1, 16, 16), lambda n: (n, 0, 16, 16),
-              lambda n: (0,), lambda n: (n, 1, 0, 16)]
-MODEL_SHAPES = [lambda n: (n, 1, 8, 8), lambda n: (n, 3, 16, 16), lambda n: (n, 16, 16),
-                lambda n: (n, 256), lambda n: (n, 1, 16, 16, 1), lambda n: (n, 1, 17, 16)]
-LIB_DTYPES = [torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn,
-              torch.int8]
+LIB_SHAPES = [
+    lambda n: (),
+    lambda n: (n,),
+    lambda n: (0, 1, 16, 16),
+    lambda n: (n, 0, 16, 16),
+    lambda n: (0,),
+    lambda n: (n, 1, 0, 16),
+]
+MODEL_SHAPES = [
+    lambda n: (n, 1, 8, 8),
+    lambda n: (n, 3, 16, 16),
+    lambda n: (n, 16, 16),
+    lambda n: (n, 256),
+    lambda n: (n, 1, 16, 16, 1),
+    lambda n: (n, 1, 17, 16),
+]
+LIB_DTYPES = [
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.float8_e4m3fn,
+    torch.int8,
+]
 MODEL_DTYPES = [torch.float64, torch.float16, torch.bfloat16]
 VALUES = ["in-bounds", "edges", "nan", "inf", "negative", "huge", "normalised", "tiny"]
 
@@ -749,8 +882,12 @@ def _values(shape: tuple[int, ...], kind: str, seed: int) -> torch.Tensor:
     elif kind == "tiny":
         t = t * 1e-30
     elif t.numel() and kind in ("nan", "inf", "negative", "huge"):
-        t.view(-1)[seed % t.numel()] = {"nan": math.nan, "inf": -math.inf, "negative": -1e-3,
-                                        "huge": 1e30}[kind]
+        t.view(-1)[seed % t.numel()] = {
+            "nan": math.nan,
+            "inf": -math.inf,
+            "negative": -1e-3,
+            "huge": 1e30,
+        }[kind]
     elif kind == "normalised":
         t = (t - 0.5) / 0.25
     return t
@@ -770,11 +907,16 @@ def inputs(draw, shapes, dtypes, n, values=VALUES):
 @st.composite
 def labels(draw, n, bad):
     if not bad:
-        return torch.tensor(draw(st.lists(st.integers(0, K - 1), min_size=n, max_size=n)),
-                            dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8])))
+        return torch.tensor(
+            draw(st.lists(st.integers(0, K - 1), min_size=n, max_size=n)),
+            dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8])),
+        )
     shape = draw(st.sampled_from([(n,), (n, 1), (), (n + 1,), (0,), (n, K)]))
-    dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.float32, torch.bool,
-                                  torch.float64, torch.complex64]))
+    dtype = draw(
+        st.sampled_from(
+            [torch.int64, torch.int32, torch.float32, torch.bool, torch.float64, torch.complex64]
+        )
+    )
     lo, hi = draw(st.sampled_from([(0, K - 1), (-3, -1), (K, K + 3), (2**40, 2**41)]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     values = torch.randint(lo, hi + 1, shape, generator=gen)
@@ -784,8 +926,10 @@ def labels(draw, n, bad):
 
 
 eps_values = st.one_of(
-    st.floats(0, 0.5), st.just("8/255"),
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5),
+    st.floats(0, 0.5),
+    st.just("8/255"),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 5),
     st.sampled_from(["abc", "", "1/0", "-1/255", "nan", None, True, [0.1]]),
 )
 
@@ -804,16 +948,25 @@ def threat_args(draw, bad):
 
 @st.composite
 def options(draw, name, bad):
-    keys = (["steps", "restarts", "random_start", "early_stop", "keep_best"] if name == "pgd"
-            else []) + ["step_size", "loss", "random_start"]
+    keys = (
+        ["steps", "restarts", "random_start", "early_stop", "keep_best"] if name == "pgd" else []
+    ) + ["step_size", "loss", "random_start"]
     good = {
-        "steps": st.integers(1, 3), "restarts": st.integers(1, 2),
+        "steps": st.integers(1, 3),
+        "restarts": st.integers(1, 2),
         "step_size": st.one_of(st.none(), st.floats(1e-3, 1.0)),
         "loss": st.sampled_from(["ce", "cw-margin"]),
-        "random_start": st.booleans(), "early_stop": st.booleans(), "keep_best": st.booleans(),
+        "random_start": st.booleans(),
+        "early_stop": st.booleans(),
+        "keep_best": st.booleans(),
     }
-    junk = st.one_of(st.integers(-2, 0), st.floats(allow_nan=True), st.text(max_size=3),
-                     st.none(), st.sampled_from(["hinge", [1], True]))
+    junk = st.one_of(
+        st.integers(-2, 0),
+        st.floats(allow_nan=True),
+        st.text(max_size=3),
+        st.none(),
+        st.sampled_from(["hinge", [1], True]),
+    )
     chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=3))
     opts = {k: draw(junk if bad and draw(st.booleans()) else good[k]) for k in chosen}
     if bad and draw(st.booleans()):
@@ -826,8 +979,12 @@ PARTS = ["x", "x", "x", "y", "y", "threat", "options", "target", "name"]
 
 
 @st.composite
-def attack_calls(draw, shapes=GOOD_SHAPE * 6 + LIB_SHAPES, dtypes=[torch.float32] * 6 + LIB_DTYPES,
-                 model_cannot_take=False):
+def attack_calls(
+    draw,
+    shapes=GOOD_SHAPE * 6 + LIB_SHAPES,
+    dtypes=[torch.float32] * 6 + LIB_DTYPES,
+    model_cannot_take=False,
+):
     """(build, x, y, target): at most two malformed parts, the rest valid. With
     ``model_cannot_take``, x always comes from ``shapes`` and ``dtypes`` with in-bound values."""
     bad = {draw(st.sampled_from(PARTS)) for _ in range(draw(st.integers(0, 2)))}
@@ -871,8 +1028,13 @@ def _check_attack_result(res, threat, x, labels_, targeted, model):
     assert torch.equal(res.success, expected)
 
 
-HYP = {"deadline": None, "derandomize": True, "database": None, "report_multiple_bugs": False,
-       "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much]}
+HYP = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "report_multiple_bugs": False,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much],
+}
 
 
 @settings(max_examples=400, **HYP)
@@ -899,8 +1061,9 @@ def evaluate_calls(draw):
     elif how == "bad-suite":
         kwargs["suite"] = draw(st.sampled_from(["nope", None, "QUICK ", 3]))
     elif how == "bad-attacks":
-        kwargs["attacks"] = draw(st.sampled_from([["nope"], [("pgd", {"steps": 0})],
-                                                  [("fgsm", {"stepz": 1})]]))
+        kwargs["attacks"] = draw(
+            st.sampled_from([["nope"], [("pgd", {"steps": 0})], [("fgsm", {"stepz": 1})]])
+        )
     else:
         kwargs["attacks"] = draw(st.sampled_from([["fgsm"], [("pgd", {"steps": 2})], []]))
     return build, x, y, kwargs
@@ -929,8 +1092,10 @@ def test_hypothesis_evaluate_accepts_only_clear_errors(call, tiny):
 
 
 @settings(max_examples=30, **HYP)
-@given(call=attack_calls(MODEL_SHAPES + GOOD_SHAPE, MODEL_DTYPES + [torch.float32], True),
-       evaluate_too=st.booleans())
+@given(
+    call=attack_calls(MODEL_SHAPES + GOOD_SHAPE, MODEL_DTYPES + [torch.float32], True),
+    evaluate_too=st.booleans(),
+)
 def test_hypothesis_input_the_model_cannot_take(call, evaluate_too, tiny):
     build, x, y, target = call
     try:
@@ -940,8 +1105,7 @@ def test_hypothesis_input_the_model_cannot_take(call, evaluate_too, tiny):
             _check_eval_result(out, x, threat)
         else:
             res = atk(tiny, x, y, target=target)
-            _check_attack_result(res, threat, x, target if atk.targeted else y, atk.targeted,
-                                 tiny)
+            _check_attack_result(res, threat, x, target if atk.targeted else y, atk.targeted, tiny)
     except CLEAR:
         return
 
@@ -949,8 +1113,11 @@ def test_hypothesis_input_the_model_cannot_take(call, evaluate_too, tiny):
 @st.composite
 def batches_for_check_inputs(draw):
     n = draw(st.integers(1, 3))
-    x = draw(inputs(GOOD_SHAPE + LIB_SHAPES + MODEL_SHAPES,
-                    [torch.float32, *LIB_DTYPES, *MODEL_DTYPES], n))
+    x = draw(
+        inputs(
+            GOOD_SHAPE + LIB_SHAPES + MODEL_SHAPES, [torch.float32, *LIB_DTYPES, *MODEL_DTYPES], n
+        )
+    )
     return x, draw(labels(n, draw(st.booleans())))
 
 
@@ -995,7 +1162,7 @@ class Mutation:
         elif kind == "length-prefix":
             data = struct.pack("<Q", len(blob)) + blob
         elif kind == "truncate":
-            data = data[:pos % len(data)]
+            data = data[: pos % len(data)]
         elif kind == "flip":
             b = bytearray(data)
             b[pos % len(b)] ^= 1 + pos % 255
@@ -1024,8 +1191,19 @@ json_values = st.recursive(
 )
 mutations = st.builds(
     Mutation,
-    kind=st.sampled_from(["bytes", "truncate", "flip", "header-junk", "sidecar",
-                          "sidecar-json", "no-sidecar", "pickle", "length-prefix"]),
+    kind=st.sampled_from(
+        [
+            "bytes",
+            "truncate",
+            "flip",
+            "header-junk",
+            "sidecar",
+            "sidecar-json",
+            "no-sidecar",
+            "pickle",
+            "length-prefix",
+        ]
+    ),
     blob=st.binary(max_size=300),
     pos=st.integers(0, 2**31),
     protocol=st.integers(0, pickle.HIGHEST_PROTOCOL),
@@ -1034,11 +1212,25 @@ mutations = st.builds(
     arch_name=st.sampled_from(["smallcnn", "lenet", "resnet20", "vgg", 3, None]),
     # sizes stay small: a sidecar claiming a huge model is test_load_sidecar_claiming_a_huge_model
     arch_kwargs=st.dictionaries(
-        st.sampled_from(["num_classes", "in_channels", "input_size", "activation", "mean",
-                         "std", "drop", "depth", "nope"]),
-        st.one_of(st.integers(-2, 40), st.sampled_from(["relu", "tanh", "x", None, True, 0.5,
-                                                         [0.5], [0.1, 0.2], {"a": 1}])),
-        max_size=3),
+        st.sampled_from(
+            [
+                "num_classes",
+                "in_channels",
+                "input_size",
+                "activation",
+                "mean",
+                "std",
+                "drop",
+                "depth",
+                "nope",
+            ]
+        ),
+        st.one_of(
+            st.integers(-2, 40),
+            st.sampled_from(["relu", "tanh", "x", None, True, 0.5, [0.5], [0.1, 0.2], {"a": 1}]),
+        ),
+        max_size=3,
+    ),
     side_key=st.sampled_from(["sha256", "architecture", "format_version", "kwargs"]),
 )
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import robustlab as rl
 from robustlab import models
 
-NET = '''
+NET = """
 import torch
 from torch import nn
 
@@ -30,7 +30,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc(nn.functional.avg_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
-'''
+"""
 ATTACKS = [("pgd", {"steps": 3}), ("fgsm", {})]
 EPS = 0.05
 NORMALIZE = "0.5/0.25"
@@ -49,10 +49,10 @@ class Setup:
         state = models.from_spec(self.spec, width=4).state_dict()
         self.weights = root / "net.safetensors"
         save_file(state, str(self.weights))
-        self.model = models.from_spec(self.spec, weights=self.weights, normalize=NORMALIZE,
-                                      width=4)
-        pixels = torch.randint(0, 256, (8, 1, 8, 8), generator=torch.Generator().manual_seed(1),
-                               dtype=torch.uint8)
+        self.model = models.from_spec(self.spec, weights=self.weights, normalize=NORMALIZE, width=4)
+        pixels = torch.randint(
+            0, 256, (8, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+        )
         self.x = pixels.float() / 255
         with torch.no_grad():
             self.y = self.model(self.x).argmax(1)
@@ -60,8 +60,9 @@ class Setup:
         np.savez(self.npz, x=pixels.numpy(), y=self.y.numpy(), classes=np.array(["a", "b", "c"]))
 
     def reference(self, seed: int = 0) -> rl.EvalResult:
-        return rl.evaluate(self.model, self.x, self.y, rl.ThreatModel("linf", EPS),
-                           attacks=ATTACKS, seed=seed)
+        return rl.evaluate(
+            self.model, self.x, self.y, rl.ThreatModel("linf", EPS), attacks=ATTACKS, seed=seed
+        )
 
 
 @pytest.fixture
@@ -75,9 +76,19 @@ def _config(out: Path) -> dict:
 
 def test_a_spec_with_weights_on_an_npz_file_gives_the_result_of_evaluate(user, tmp_path):
     out = tmp_path / "runs" / "mine"
-    res = rl.benchmark(user.spec, user.npz, threat=f"linf:{EPS}", n=8, device="cpu", out=out,
-                       seed=3, weights=user.weights, normalize=NORMALIZE,
-                       model_options={"width": 4}, attacks=ATTACKS)
+    res = rl.benchmark(
+        user.spec,
+        user.npz,
+        threat=f"linf:{EPS}",
+        n=8,
+        device="cpu",
+        out=out,
+        seed=3,
+        weights=user.weights,
+        normalize=NORMALIZE,
+        model_options={"width": 4},
+        attacks=ATTACKS,
+    )
     ref = user.reference(seed=3)
     assert ref.clean_accuracy == 1.0 and 0 < ref.robust_accuracy < 1, "a test that can fail"
     assert res.robust_accuracy == ref.robust_accuracy
@@ -88,8 +99,11 @@ def test_a_spec_with_weights_on_an_npz_file_gives_the_result_of_evaluate(user, t
     assert cfg["weights"] == str(user.weights.resolve())
     assert cfg["weights_sha256"] == hashlib.sha256(user.weights.read_bytes()).hexdigest()
     assert cfg["normalize"] == {"mean": [0.5], "std": [0.25]}
-    assert cfg["parameters"] == sum(p.numel() for p in user.model.parameters()) == 4 * 9 + 4 \
-        + 64 * 3 + 3
+    assert (
+        cfg["parameters"]
+        == sum(p.numel() for p in user.model.parameters())
+        == 4 * 9 + 4 + 64 * 3 + 3
+    )
     assert cfg["dataset"] == cfg["data"] == str(user.npz.resolve())
     assert cfg["classes"] == ["a", "b", "c"] and cfg["n"] == 8 and cfg["device"] == "cpu"
     for name in ("per_sample.jsonl", "summary.md"):
@@ -98,8 +112,16 @@ def test_a_spec_with_weights_on_an_npz_file_gives_the_result_of_evaluate(user, t
 
 def test_a_module_on_tensors_under_the_users_name_renders_in_the_report(user, tmp_path):
     out = tmp_path / "runs" / "mine"
-    res = rl.benchmark(user.model, (user.x, user.y), threat=rl.ThreatModel("linf", EPS),
-                       n=None, device="auto", out=out, name="my-net", attacks=ATTACKS)
+    res = rl.benchmark(
+        user.model,
+        (user.x, user.y),
+        threat=rl.ThreatModel("linf", EPS),
+        n=None,
+        device="auto",
+        out=out,
+        name="my-net",
+        attacks=ATTACKS,
+    )
     assert torch.equal(res.robust, user.reference().robust)
     cfg = _config(out)
     assert cfg["name"] == "my-net" and cfg["model"].endswith(".Net")
@@ -118,8 +140,9 @@ def test_a_checkpoint_of_the_users_model_needs_trust(user, tmp_path):
     with pytest.raises(ValueError, match=r"trust_code=True"):
         rl.benchmark(ckpt, user.npz, threat=f"linf:{EPS}", n=8, out=None, attacks=ATTACKS)
     out = tmp_path / "run"
-    res = rl.benchmark(str(ckpt), user.npz, threat=f"linf:{EPS}", n=8, out=out,
-                       trust_code=True, attacks=ATTACKS)
+    res = rl.benchmark(
+        str(ckpt), user.npz, threat=f"linf:{EPS}", n=8, out=out, trust_code=True, attacks=ATTACKS
+    )
     assert torch.equal(res.robust, user.reference().robust)
     cfg = _config(out)
     sidecar = json.loads(ckpt.with_suffix(".json").read_text())
@@ -139,28 +162,40 @@ def test_a_finished_run_is_replaced_only_with_overwrite(user, tmp_path):
     assert _config(out)["name"] == "again" and res.record["n"] == 4
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"threat": "linf"}, ValueError, r"threat must be .*'NORM:EPS' such as 'linf:8/255'"),
-    ({"threat": "linf:eight"}, ValueError, r"cannot parse eps 'eight'"),
-    ({"threat": "l5:0.1"}, ValueError, r"unknown norm 'l5'; valid norms are: linf, l2, l1"),
-    ({"threat": 0.1}, TypeError, r"threat must be a robustlab.ThreatModel or 'NORM:EPS'"),
-    ({"device": "tpu"}, ValueError, r"unknown device 'tpu'; use 'auto', 'cpu'"),
-    ({"device": "cuda:99"}, ValueError, r"'cuda:99' is not available.*use device='cpu'"),
-    ({"n": 0}, ValueError, r"n must be an integer >= 1, got 0"),
-    ({"n": 9}, ValueError, r"n=9 but .*test.npz holds only 8 images"),
-    ({"seed": 1.5}, TypeError, r"seed must be an integer"),
-    ({"name": " "}, ValueError, r"name must be a non-empty string"),
-    ({"data": "no-such-data"}, FileNotFoundError, r"neither a registered data set \(cifar10"),
-    ({"data": 42}, TypeError, r"data must be a registered data set name"),
-    ({"resize": (8, 8)}, ValueError, r"resize applies to a folder of images only"),
-    ({"weights": "w.safetensors"}, ValueError, r"weights apply to a model spec"),
-    ({"model": 42}, TypeError, r"model must be an nn.Module, a robustlab checkpoint"),
-    ({"model": "no_such_file.py:Net"}, FileNotFoundError, r"model file 'no_such_file.py'"),
-    ({"steps": 3}, TypeError, r"unknown option\(s\) \['steps'\]; .*'attacks', 'batch_size'"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"threat": "linf"}, ValueError, r"threat must be .*'NORM:EPS' such as 'linf:8/255'"),
+        ({"threat": "linf:eight"}, ValueError, r"cannot parse eps 'eight'"),
+        ({"threat": "l5:0.1"}, ValueError, r"unknown norm 'l5'; valid norms are: linf, l2, l1"),
+        ({"threat": 0.1}, TypeError, r"threat must be a robustlab.ThreatModel or 'NORM:EPS'"),
+        ({"device": "tpu"}, ValueError, r"unknown device 'tpu'; use 'auto', 'cpu'"),
+        ({"device": "cuda:99"}, ValueError, r"'cuda:99' is not available.*use device='cpu'"),
+        ({"n": 0}, ValueError, r"n must be an integer >= 1, got 0"),
+        ({"n": 9}, ValueError, r"n=9 but .*test.npz holds only 8 images"),
+        ({"seed": 1.5}, TypeError, r"seed must be an integer"),
+        ({"name": " "}, ValueError, r"name must be a non-empty string"),
+        ({"data": "no-such-data"}, FileNotFoundError, r"neither a registered data set \(cifar10"),
+        ({"data": 42}, TypeError, r"data must be a registered data set name"),
+        ({"resize": (8, 8)}, ValueError, r"resize applies to a folder of images only"),
+        ({"weights": "w.safetensors"}, ValueError, r"weights apply to a model spec"),
+        ({"model": 42}, TypeError, r"model must be an nn.Module, a robustlab checkpoint"),
+        ({"model": "no_such_file.py:Net"}, FileNotFoundError, r"model file 'no_such_file.py'"),
+        ({"steps": 3}, TypeError, r"unknown option\(s\) \['steps'\]; .*'attacks', 'batch_size'"),
+    ],
+)
 def test_bad_arguments_are_refused_with_the_fix(user, tmp_path, change, error, message):
-    args = dict(model=user.model, data=user.npz, threat=f"linf:{EPS}", n=8, out=tmp_path / "r",
-                attacks=ATTACKS) | change
+    args = (
+        dict(
+            model=user.model,
+            data=user.npz,
+            threat=f"linf:{EPS}",
+            n=8,
+            out=tmp_path / "r",
+            attacks=ATTACKS,
+        )
+        | change
+    )
     with pytest.raises(error, match=message):
         rl.benchmark(**args)
     assert not (tmp_path / "r").exists()

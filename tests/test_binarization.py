@@ -39,8 +39,14 @@ def test_pgd_passes_on_plain_model(toy_model, data):
     assert res["settings"]["feature_layer"] == "fc"
     assert res["settings"]["boundary_min_distance"] == pytest.approx(1.05 * 0.95 * 0.1)
     assert res["settings"]["attack"]["name"] == "pgd"
-    assert set(res["per_sample"][0]) == {"index", "setup_ok", "setup_error", "attack_success",
-                                         "random_success", "logit_improvement"}
+    assert set(res["per_sample"][0]) == {
+        "index",
+        "setup_ok",
+        "setup_error",
+        "attack_success",
+        "random_success",
+        "logit_improvement",
+    }
 
 
 def test_weak_attack_fails(toy_model, data):
@@ -71,8 +77,9 @@ def test_other_norms(toy_model, data, norm, eps):
 
 
 def test_named_feature_layer(toy_model, data):
-    res = binarization_test(toy_model, *data, LINF, create("pgd", LINF, steps=20),
-                            feature_layer="conv")
+    res = binarization_test(
+        toy_model, *data, LINF, create("pgd", LINF, steps=20), feature_layer="conv"
+    )
     assert res["settings"]["feature_layer"] == "conv"
     assert res["n_valid"] == 8 and res["asr"] >= 0.9
 
@@ -118,8 +125,9 @@ def test_randomised_model_with_repeats(toy_model, data):
             return self.model(x + 0.02 * torch.randn_like(x))
 
     x, y = data[0][:4], data[1][:4]
-    res = binarization_test(Noisy(toy_model), x, y, LINF, create("pgd", LINF, steps=20, eot=2),
-                            repeats=3)
+    res = binarization_test(
+        Noisy(toy_model), x, y, LINF, create("pgd", LINF, steps=20, eot=2), repeats=3
+    )
     assert res["settings"]["repeats"] == 3
     assert res["n_valid"] == 4 and res["asr"] >= 0.75
 
@@ -186,20 +194,23 @@ def test_fit_readout_separates_or_gives_up():
     assert _fit_readout(same, same) is None  # identical points in both classes
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"n_inner": 0}, ValueError, "n_inner"),
-    ({"n_boundary": 1.5}, ValueError, "n_boundary"),
-    ({"repeats": 0}, ValueError, "repeats"),
-    ({"batch_size": True}, ValueError, "batch_size"),
-    ({"eta": 1.0}, ValueError, "eta"),
-    ({"eta": 0}, ValueError, "eta"),
-    ({"gap": 1.0}, ValueError, "gap"),
-    ({"gap": -0.1}, ValueError, "gap"),
-    ({"eta": 0.99, "gap": 0.05}, ValueError, r"\(1 \+ gap\) \* eta"),
-    ({"seed": "0"}, TypeError, "seed"),
-    ({"feature_layer": "nope"}, ValueError, "no module named 'nope'"),
-    ({"feature_layer": 3}, TypeError, "feature_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n_inner": 0}, ValueError, "n_inner"),
+        ({"n_boundary": 1.5}, ValueError, "n_boundary"),
+        ({"repeats": 0}, ValueError, "repeats"),
+        ({"batch_size": True}, ValueError, "batch_size"),
+        ({"eta": 1.0}, ValueError, "eta"),
+        ({"eta": 0}, ValueError, "eta"),
+        ({"gap": 1.0}, ValueError, "gap"),
+        ({"gap": -0.1}, ValueError, "gap"),
+        ({"eta": 0.99, "gap": 0.05}, ValueError, r"\(1 \+ gap\) \* eta"),
+        ({"seed": "0"}, TypeError, "seed"),
+        ({"feature_layer": "nope"}, ValueError, "no module named 'nope'"),
+        ({"feature_layer": 3}, TypeError, "feature_layer"),
+    ],
+)
 def test_bad_options_raise(toy_model, data, kwargs, error, match):
     with pytest.raises(error, match=match):
         binarization_test(toy_model, *data, LINF, create("pgd", LINF), **kwargs)

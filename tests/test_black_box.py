@@ -119,7 +119,8 @@ def test_square_l2_counts_every_row(toy_model, toy_data):
         return toy_model(xq)
 
     out = attacks.create("square", ThreatModel("l2", 3.0), n_queries=200).perturb(
-        model, x, y, torch.Generator().manual_seed(0))
+        model, x, y, torch.Generator().manual_seed(0)
+    )
     assert sum(rows) == int(out.queries.sum())
     assert 0 < int((out.queries < 201).sum()) < len(x)  # some stopped early, some did not
 
@@ -129,8 +130,9 @@ def test_nattack_counts_queries_and_stops_on_success(toy_model, toy_data):
     idx = separated(x, 0.17)[:32]
     x, y = x[idx], y[idx]
     log = QueryLog(toy_model, x, y, 0.17)
-    atk = attacks.create("nattack", ThreatModel("linf", 0.17), population=20, max_iters=40,
-                         batch_size=10_000)
+    atk = attacks.create(
+        "nattack", ThreatModel("linf", 0.17), population=20, max_iters=40, batch_size=10_000
+    )
     out = atk.perturb(log, x, y, torch.Generator().manual_seed(0))
     owner, call, adv = log.rows()
     assert torch.equal(torch.bincount(owner, minlength=len(x)), out.queries)
@@ -162,21 +164,23 @@ def test_rays_queries_match_single_sample_runs(linear):
 
     for i in range(len(x)):
         rows = Rows()
-        alone = atk.perturb(rows, x[i:i + 1], y[i:i + 1], torch.Generator())
+        alone = atk.perturb(rows, x[i : i + 1], y[i : i + 1], torch.Generator())
         assert rows.n == int(alone.queries) == int(batched.queries[i])
-        assert torch.equal(alone.min_norm, batched.min_norm[i:i + 1])
+        assert torch.equal(alone.min_norm, batched.min_norm[i : i + 1])
 
 
 def test_transfer_from_the_model_itself_is_the_inner_attack(toy_model, toy_data):
     x, y = toy_data
     threat = ThreatModel("linf", 0.15)
     toy_model.train()
-    tr = attacks.create("transfer", threat, surrogate=toy_model,
-                        attack_options={"steps": 10, "restarts": 2})
+    tr = attacks.create(
+        "transfer", threat, surrogate=toy_model, attack_options={"steps": 10, "restarts": 2}
+    )
     res = tr(toy_model, x, y, generator=torch.Generator().manual_seed(3))
     assert toy_model.training  # the surrogate got its mode back
     ref = attacks.create("pgd", threat, steps=10, restarts=2)(
-        toy_model, x, y, generator=torch.Generator().manual_seed(3))
+        toy_model, x, y, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(res.x_adv, ref.x_adv) and torch.equal(res.success, ref.success)
     assert 0 < int(res.success.sum()) < len(x)
     assert (res.queries == 1).all()
@@ -199,20 +203,24 @@ def test_targeted_square_reaches_targets(toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     target = (y + 1) % 4
     res = attacks.create("square", ThreatModel("linf", 0.4), n_queries=500, targeted=True)(
-        toy_model, x, y, target=target)
+        toy_model, x, y, target=target
+    )
     with torch.no_grad():
         assert torch.equal(res.success, toy_model(res.x_adv).argmax(1) == target)
     assert res.success.float().mean() > 0.8
 
 
-@pytest.mark.parametrize(("name", "opts", "match"), [
-    ("square", {"n_queries": 0}, "n_queries"),
-    ("square", {"p_init": 1.5}, "p_init"),
-    ("nattack", {"population": 1}, "population"),
-    ("nattack", {"sigma": -0.1}, "sigma"),
-    ("rays", {"n_queries": 2}, "n_queries"),
-    ("rays", {"tol": float("nan")}, "tol"),
-])
+@pytest.mark.parametrize(
+    ("name", "opts", "match"),
+    [
+        ("square", {"n_queries": 0}, "n_queries"),
+        ("square", {"p_init": 1.5}, "p_init"),
+        ("nattack", {"population": 1}, "population"),
+        ("nattack", {"sigma": -0.1}, "sigma"),
+        ("rays", {"n_queries": 2}, "n_queries"),
+        ("rays", {"tol": float("nan")}, "tol"),
+    ],
+)
 def test_bad_options(name, opts, match):
     with pytest.raises(ValueError, match=match):
         attacks.create(name, ThreatModel("linf", 0.1), **opts)

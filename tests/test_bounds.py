@@ -33,16 +33,35 @@ def _networks() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     nets = {
         "conv-bn-avgpool": nn.Sequential(
-            Normalize(0.4, 0.3), nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4),
-            nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 12), nn.ReLU(),
-            nn.Linear(12, 5)),
+            Normalize(0.4, 0.3),
+            nn.Conv2d(1, 4, 3, stride=2, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 12),
+            nn.ReLU(),
+            nn.Linear(12, 5),
+        ),
         "mlp-bn-dropout": nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)),
+            nn.Flatten(),
+            nn.Linear(64, 16),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(16, 16),
+            nn.ReLU(),
+            nn.Linear(16, 5),
+        ),
         "deep-conv": nn.Sequential(
-            nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(3, 3, 3, padding=1),
-                                                         nn.ReLU()),
-            nn.Conv2d(3, 2, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5)),
+            nn.Conv2d(1, 3, 3),
+            nn.ReLU(),
+            nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()),
+            nn.Conv2d(3, 2, 3, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8, 5),
+        ),
     }
     for net in nets.values():
         _randomise_bn(net, g)
@@ -75,8 +94,10 @@ def test_bounds_are_sound_on_random_networks(name, threat):
     y = torch.randint(0, 5, (6,), generator=g)
     chain = bounds.network(net, x)
     spec = bounds.margin_spec(y, 5, x.dtype)
-    found = {m: (bounds.logit_bounds(chain, x, threat, m),
-                 bounds.margin_bounds(chain, x, y, threat, m)) for m in bounds.METHODS}
+    found = {
+        m: (bounds.logit_bounds(chain, x, threat, m), bounds.margin_bounds(chain, x, y, threat, m))
+        for m in bounds.METHODS
+    }
     with torch.no_grad():
         for z in [x, *_inside(x, threat, g)]:
             logits = net(z)
@@ -108,9 +129,18 @@ def test_a_linear_layer_gets_the_exact_bound_from_every_method(norm, eps, dual):
     x = 0.3 + 0.4 * torch.rand(5, 1, 4, 4, dtype=torch.float64)  # ball inside [0, 1]
     y = torch.tensor([0, 1, 2, 3, 1])
     w, b = net[1].weight, net[1].bias
-    exact = torch.stack([torch.stack([
-        (w[yi] - w[j]) @ xi.flatten() + b[yi] - b[j] - eps * (w[yi] - w[j]).norm(p=dual)
-        for j in range(4) if j != yi]) for xi, yi in zip(x, y.tolist(), strict=True)])
+    exact = torch.stack(
+        [
+            torch.stack(
+                [
+                    (w[yi] - w[j]) @ xi.flatten() + b[yi] - b[j] - eps * (w[yi] - w[j]).norm(p=dual)
+                    for j in range(4)
+                    if j != yi
+                ]
+            )
+            for xi, yi in zip(x, y.tolist(), strict=True)
+        ]
+    )
     chain = bounds.network(net, x)
     for method in bounds.METHODS:
         found = bounds.margin_bounds(chain, x, y, rl.ThreatModel(norm, eps), method)
@@ -129,8 +159,7 @@ def test_the_box_makes_the_linf_bound_exact_at_the_edge():
     for i, yi in enumerate(y.tolist()):
         others = [j for j in range(3) if j != yi]
         a = w[yi] - w[others]  # (2, 9): the minimum over the box, coordinate by coordinate
-        want = (a.clamp(min=0) * lo[i]).sum(1) + (a.clamp(max=0) * hi[i]).sum(1) \
-            + b[yi] - b[others]
+        want = (a.clamp(min=0) * lo[i]).sum(1) + (a.clamp(max=0) * hi[i]).sum(1) + b[yi] - b[others]
         assert torch.allclose(found[i], want, atol=1e-9)
         closed_form = a @ x[i].flatten() + b[yi] - b[others] - 0.3 * a.abs().sum(1)
         assert (found[i] > closed_form + 1e-3).all()  # the box cut the ball
@@ -144,8 +173,9 @@ def test_unsupported_layers_are_named():
     nested = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(16, 8), nn.GELU()))
     with pytest.raises(ValueError, match=r"layer 1\.1 \(GELU\)"):
         bounds.network(nested, x)
-    pooled = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                           nn.Flatten(), nn.Linear(8, 3)).eval()
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)
+    ).eval()
     chain = bounds.network(pooled, x)  # IBP takes max pooling
     y = torch.tensor([0, 1])
     assert bounds.margin_bounds(chain, x, y, rl.ThreatModel("linf", 0.01), "ibp").shape == (2, 2)
@@ -171,8 +201,7 @@ class _Declared(_Residual):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
     def bound_layers(self):
-        return [("flat", nn.Flatten()), ("fc1", self.fc1), ("relu", nn.ReLU()),
-                ("fc2", self.fc2)]
+        return [("flat", nn.Flatten()), ("fc1", self.fc1), ("relu", nn.ReLU()), ("fc2", self.fc2)]
 
 
 def test_models_read_as_chains_or_refused():

@@ -14,12 +14,7 @@ from torch import nn
 import robustlab as rl
 from helpers import NUM_CLASSES, make_quadrants
 from robustlab.defenses.verify import verify
-from robustlab.training.objectives.ibp import (
-    anneal,
-    eps_ramp,
-    verified_loss,
-    worst_case_logits,
-)
+from robustlab.training.objectives.ibp import anneal, eps_ramp, verified_loss, worst_case_logits
 
 THREAT = rl.ThreatModel("linf", 0.1)
 
@@ -56,8 +51,9 @@ def test_eps_ramp_and_anneal_by_hand():
 
 def test_schedule_follows_begin_epoch_per_step():
     model, (x, y) = _linear(), _interior()
-    obj = rl.training.create_objective("crown-ibp", warmup=1, ramp=2, kappa_final=0.0,
-                                       beta_final=0.5)
+    obj = rl.training.create_objective(
+        "crown-ibp", warmup=1, ramp=2, kappa_final=0.0, beta_final=0.5
+    )
     # outside a trainer: the end of the schedule
     assert (obj.position, obj.fraction, obj.kappa, obj.beta) == (None, 1, 0, 0.5)
     obj.begin_epoch(0, 5)
@@ -98,8 +94,9 @@ def test_schedule_state_resumes_exactly():
 
 def test_loss_uses_the_ramped_eps_and_weights():
     model, (x, y) = _linear(), _interior()
-    obj = rl.training.create_objective("crown-ibp", warmup=0, ramp=4, kappa_final=0.2,
-                                       beta_final=0.0, eps_scale=1.5)
+    obj = rl.training.create_objective(
+        "crown-ibp", warmup=0, ramp=4, kappa_final=0.2, beta_final=0.0, eps_scale=1.5
+    )
     obj.begin_epoch(1, 4)  # fraction 1/4: eps 1.5 * 0.1 / 4, kappa 0.8, beta 0.75
     model.eval()
     got = obj(model, x, y, threat=THREAT)
@@ -145,7 +142,7 @@ def test_verified_loss_bounds_the_loss_inside_the_ball():
     x, y = _interior(4)
     g = torch.Generator().manual_seed(2)
     for i in range(4):
-        xi, yi = x[i:i + 1], y[i:i + 1]
+        xi, yi = x[i : i + 1], y[i : i + 1]
         bound = verified_loss(model, xi, yi, THREAT, beta=0.5)
         z = xi + THREAT.eps * (2 * torch.rand(64, 1, 2, 3, generator=g) - 1)
         ce = F.cross_entropy(model(z), yi.expand(64), reduction="none")
@@ -182,7 +179,7 @@ def _train(objective: str, x, y, threat, **options) -> nn.Module:
     for epoch in range(10):
         obj.begin_epoch(epoch, 10)
         for i in range(0, len(x), 32):
-            loss = obj(model, x[i:i + 32], y[i:i + 32], threat=threat)
+            loss = obj(model, x[i : i + 32], y[i : i + 32], threat=threat)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -216,15 +213,21 @@ def test_trainer_resume_is_exact_mid_ramp(tmp_path):
     resumed ends with the same weights as one run straight through (the per-step ramp inside
     epoch 2 needs the step count the state carries)."""
     data = make_quadrants(64, seed=7)
-    kw = dict(objective="ibp", threat=THREAT, batch_size=16, lr=0.01, epochs=3,
-              optimizer="adam", schedule="constant",
-              objective_options={"warmup": 0, "ramp": 3})
+    kw = dict(
+        objective="ibp",
+        threat=THREAT,
+        batch_size=16,
+        lr=0.01,
+        epochs=3,
+        optimizer="adam",
+        schedule="constant",
+        objective_options={"warmup": 0, "ramp": 3},
+    )
 
     def make():
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return rl.models.create("ibp-small", num_classes=NUM_CLASSES, input_size=16,
-                                    hidden=16)
+            return rl.models.create("ibp-small", num_classes=NUM_CLASSES, input_size=16, hidden=16)
 
     def crash(rec):
         if rec["epoch"] == 1:

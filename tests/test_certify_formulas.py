@@ -39,26 +39,29 @@ class Scripted(nn.Module):
     def __init__(self, *counts: list[int]) -> None:
         super().__init__()
         self.k = len(counts[0])
-        self.labels = torch.cat([torch.arange(self.k).repeat_interleave(torch.tensor(c))
-                                 for c in counts])
+        self.labels = torch.cat(
+            [torch.arange(self.k).repeat_interleave(torch.tensor(c)) for c in counts]
+        )
         self.used = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.used + len(x) > len(self.labels):
             raise AssertionError("more noise draws than scripted votes")
-        out = self.labels[self.used:self.used + len(x)]
+        out = self.labels[self.used : self.used + len(x)]
         self.used += len(x)
         return F.one_hot(out, self.k).to(x.dtype)
 
 
 # --- the reference formulas, written out ---------------------------------------------------
 
+
 def reference_lower_bound(k: int, n: int, alpha: float) -> float:
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
-def reference_certify(selection: list[int], estimation: list[int], alpha: float, sigma: float,
-                      noise: str) -> tuple[int, float, float]:
+def reference_certify(
+    selection: list[int], estimation: list[int], alpha: float, sigma: float, noise: str
+) -> tuple[int, float, float]:
     """``(decision, radius, p_lower)`` of Cohen et al.'s CERTIFY from the counts."""
     c_a = int(np.argmax(selection))
     p_a = reference_lower_bound(estimation[c_a], sum(estimation), alpha)
@@ -104,8 +107,16 @@ def test_certify_matches_the_reference_formulas(name, noise):
     sigma = 0.37
     model = Scripted(selection, estimation)
     n0, n = sum(selection), sum(estimation)
-    (cert,) = certify_iter(model, torch.full((1, 1, 2, 2), 0.5), sigma=sigma, n0=n0, n=n,
-                           alpha=alpha, noise=noise, batch_size=333)
+    (cert,) = certify_iter(
+        model,
+        torch.full((1, 1, 2, 2), 0.5),
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        noise=noise,
+        batch_size=333,
+    )
     assert model.used == n0 + n  # n0 selection draws, then n fresh estimation draws
     decision, radius, p_lower = reference_certify(selection, estimation, alpha, sigma, noise)
     assert cert.prediction == decision, (name, cert)
@@ -117,8 +128,7 @@ def test_certify_matches_the_reference_formulas(name, noise):
 
 def test_the_table_covers_both_decisions():
     """The table has teeth: certified cases with positive radii and abstentions."""
-    decisions = [reference_certify(s, e, a, 0.37, "gaussian") for s, e, a in
-                 CERTIFY_CASES.values()]
+    decisions = [reference_certify(s, e, a, 0.37, "gaussian") for s, e, a in CERTIFY_CASES.values()]
     assert sum(d == ABSTAIN for d, _, _ in decisions) >= 3
     assert sum(d != ABSTAIN and r > 0 for d, r, _ in decisions) >= 5
 
@@ -130,8 +140,9 @@ def test_certify_exactly_at_the_one_half_boundary(k, alpha):
     which robustlab's docstring promises: abstain. (The reference code tests ``pABar < 0.5``
     and returns c_A with radius 0.0 here: a tie at 1/2 certifies nothing, as p_B may be 1/2.)"""
     assert reference_lower_bound(k, k, alpha) == 0.5
-    (cert,) = certify_iter(Scripted([5, 0], [k, 0]), torch.full((1, 1, 2, 2), 0.5),
-                           sigma=0.5, n0=5, n=k, alpha=alpha)
+    (cert,) = certify_iter(
+        Scripted([5, 0], [k, 0]), torch.full((1, 1, 2, 2), 0.5), sigma=0.5, n0=5, n=k, alpha=alpha
+    )
     assert cert.p_lower == 0.5 and cert.radius == 0.0 and cert.count == k
     assert cert.prediction == ABSTAIN
 
@@ -156,8 +167,9 @@ PREDICT_CASES = {
 def test_predict_matches_the_reference_formula(name):
     counts, alpha = PREDICT_CASES[name]
     model = Scripted(counts)
-    (out,) = predict(model, torch.full((1, 1, 2, 2), 0.5), sigma=0.25, n=sum(counts),
-                     alpha=alpha, batch_size=64).tolist()
+    (out,) = predict(
+        model, torch.full((1, 1, 2, 2), 0.5), sigma=0.25, n=sum(counts), alpha=alpha, batch_size=64
+    ).tolist()
     assert model.used == sum(counts)
     assert out == reference_predict(counts, alpha), (name, out)
 

@@ -53,8 +53,20 @@ def test_train_then_evaluate(tmp_path, env, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run), "--quiet"]) == 0
     assert (run / "model.safetensors").exists() and (run / "train_log.jsonl").exists()
-    code = main(["evaluate", str(run / "model.safetensors"), "--eps", "8/255", "--attack", "pgd",
-                 "--steps", "3", "--n", "50"])
+    code = main(
+        [
+            "evaluate",
+            str(run / "model.safetensors"),
+            "--eps",
+            "8/255",
+            "--attack",
+            "pgd",
+            "--steps",
+            "3",
+            "--n",
+            "50",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     (results,) = run.glob("eval-linf-0.0313725-pgd-n50-seed0-*/results.json")  # + --steps' hash
@@ -68,8 +80,22 @@ def test_train_then_evaluate(tmp_path, env, capsys):
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 * len(rec["examples"]["indices"]) > 0
     assert "training curves" in page and f"Evaluation: {results.parent.name}/results.json" in page
-    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "quiet"), "--quiet",
-                 "--no-tensorboard", "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "quiet"),
+                "--quiet",
+                "--no-tensorboard",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert not (tmp_path / "quiet" / "tensorboard").exists()
 
 
@@ -85,8 +111,9 @@ def test_errors_are_clear(tmp_path, env, capsys):
     assert "cannot parse eps" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")), ids=lambda p: p.name
+)
 def test_shipped_recipes_parse(path):
     recipe = load_recipe(path)
     needs_threat = rl.training.OBJECTIVES.get(recipe.train.objective).needs_threat
@@ -94,20 +121,45 @@ def test_shipped_recipes_parse(path):
     assert recipe.dataset in rl.data.names() and recipe.model["arch"] in rl.models.names()
 
 
-REQUIRED = {"evaluate": ["--eps", "0.1"], "audit": ["--eps", "0.1"],
-            "certify": ["--sigma", "0.25"], "smooth": ["--sigmas", "0.1", "--samples", "4"]}
+REQUIRED = {
+    "evaluate": ["--eps", "0.1"],
+    "audit": ["--eps", "0.1"],
+    "certify": ["--sigma", "0.25"],
+    "smooth": ["--sigmas", "0.1", "--samples", "4"],
+}
 
 
 @pytest.mark.parametrize("command", sorted(REQUIRED))
 def test_every_command_shares_the_common_options(command):
-    shared = ["--dataset", "mnist", "--split", "train", "--batch-size", "7", "--seed", "3",
-              "--device", "cpu", "--out", "o", "--quiet"]
+    shared = [
+        "--dataset",
+        "mnist",
+        "--split",
+        "train",
+        "--batch-size",
+        "7",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        "o",
+        "--quiet",
+    ]
     args = build_parser().parse_args([command, "m.safetensors", *REQUIRED[command], *shared])
-    assert (args.dataset, args.split, args.batch_size, args.seed, args.device, args.out,
-            args.quiet) == ("mnist", "train", 7, 3, "cpu", Path("o"), True)
+    assert (
+        args.dataset,
+        args.split,
+        args.batch_size,
+        args.seed,
+        args.device,
+        args.out,
+        args.quiet,
+    ) == ("mnist", "train", 7, 3, "cpu", Path("o"), True)
     if command != "certify":  # certify's --n counts noise draws; its points are --n-points
-        assert build_parser().parse_args([command, "m", *REQUIRED[command], "--n-points",
-                                          "9"]).n == 9
+        assert (
+            build_parser().parse_args([command, "m", *REQUIRED[command], "--n-points", "9"]).n == 9
+        )
 
 
 @pytest.mark.parametrize("command", sorted(REQUIRED))

@@ -39,8 +39,10 @@ def ckpt(tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model fails the test: the command must stop before it."""
+
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded")
+
     monkeypatch.setattr(rl.models, "load", load)
 
 
@@ -84,18 +86,24 @@ def test_a_finished_evaluation_is_kept_unless_overwrite(ckpt, env, capsys):
     assert main(["evaluate", str(ckpt), "--eps", "0.3", *FGSM, "--out", str(other)]) == 2
     _one_line_error(capsys, str(other), "--overwrite")
     assert (other / "results.json").read_text() == mine
-    assert main(["evaluate", str(ckpt), "--eps", "0.3", *FGSM, "--out", str(other),
-                 "--overwrite"]) == 0
+    assert (
+        main(["evaluate", str(ckpt), "--eps", "0.3", *FGSM, "--out", str(other), "--overwrite"])
+        == 0
+    )
     assert json.loads((other / "results.json").read_text())["threat"]["eps"] == 0.3
 
 
-@pytest.mark.parametrize("command, required, result", [
-    ("audit", ["--eps", "0.1"], "results.json"),
-    ("certify", ["--sigma", "0.25"], "certify.json"),
-    ("smooth", ["--sigmas", "0.25", "--samples", "4"], "smoothing.json"),
-])
-def test_every_command_refuses_to_replace_a_finished_result(command, required, result, ckpt,
-                                                            no_loading, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "command, required, result",
+    [
+        ("audit", ["--eps", "0.1"], "results.json"),
+        ("certify", ["--sigma", "0.25"], "certify.json"),
+        ("smooth", ["--sigmas", "0.25", "--samples", "4"], "smoothing.json"),
+    ],
+)
+def test_every_command_refuses_to_replace_a_finished_result(
+    command, required, result, ckpt, no_loading, capsys, tmp_path
+):
     out = tmp_path / "elsewhere"
     out.mkdir()
     (out / result).write_text(json.dumps({"config": {"checkpoint": "another"}}))
@@ -107,6 +115,7 @@ def test_every_command_refuses_to_replace_a_finished_result(command, required, r
 def test_default_folders_are_named_from_the_settings():
     def folder(*argv: str) -> str:
         return default_folder(build_parser().parse_args(list(argv))).name
+
     base = ("evaluate", "run/model.safetensors", "--eps", "0.1")
     assert folder(*base) == "eval-linf-0.1-standard-n1000-seed0"
     assert folder(*base, "--eps", "0.2") != folder(*base)
@@ -117,8 +126,9 @@ def test_default_folders_are_named_from_the_settings():
     assert folder("audit", "m.safetensors", "--eps", "0.1").startswith("audit-linf-0.1")
     certify = folder("certify", "m.safetensors", "--sigma", "0.25")
     assert certify == "certify-gaussian-0.25-n100000-seed0"  # more --n-points: the same folder
-    assert folder("smooth", "m.safetensors", "--sigmas", "0.1", "--samples", "4") != \
-        folder("smooth", "m.safetensors", "--sigmas", "0.2", "--samples", "4")
+    assert folder("smooth", "m.safetensors", "--sigmas", "0.1", "--samples", "4") != folder(
+        "smooth", "m.safetensors", "--sigmas", "0.2", "--samples", "4"
+    )
 
 
 # --- item 7: file-system problems in one line, before anything loads ---------------------------
@@ -164,6 +174,7 @@ def test_out_on_a_read_only_file_system(ckpt, no_loading, capsys, tmp_path, monk
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system", str(tmp_path / "tmpabc123"))
+
     monkeypatch.setattr(cli_out.tempfile, "TemporaryFile", read_only)
     assert main(["evaluate", str(ckpt), "--eps", "0.1", "--out", str(tmp_path / "o")]) == 2
     err = _one_line_error(capsys, str(tmp_path / "o"), "not writable", "Read-only file system")
@@ -175,6 +186,7 @@ def test_write_error_during_a_run_is_one_line(ckpt, env, capsys, monkeypatch):
 
     def fail(args):
         raise PermissionError(13, "Permission denied", str(ckpt.parent / ".results.json.x1.tmp"))
+
     monkeypatch.setitem(cli.COMMANDS, "evaluate", fail)
     assert main(["evaluate", str(ckpt), "--eps", "0.1"]) == 2
     _one_line_error(capsys, str(ckpt.parent), "Permission denied")
@@ -183,8 +195,12 @@ def test_write_error_during_a_run_is_one_line(ckpt, env, capsys, monkeypatch):
 # --- item 4, the CLI half: an eps that covers the whole box -------------------------------------
 def test_eps_covering_the_box_asks_for_8_255(ckpt, no_loading, capsys):
     assert main(["evaluate", str(ckpt), "--eps", "8"]) == 2
-    _one_line_error(capsys, "eps 8 covers the whole input box [0, 1]",
-                    "did you mean 8/255 (= 0.0314)?", "--force-eps")
+    _one_line_error(
+        capsys,
+        "eps 8 covers the whole input box [0, 1]",
+        "did you mean 8/255 (= 0.0314)?",
+        "--force-eps",
+    )
     assert main(["audit", str(ckpt), "--eps", "1"]) == 2
     _one_line_error(capsys, "covers the whole input box")
     with pytest.raises(AssertionError, match="a model was loaded"):  # forced: it runs
@@ -203,8 +219,17 @@ def test_top_level_help(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "`" not in text
-    for command in ("train", "evaluate", "audit", "certify", "smooth", "denoise", "report",
-                    "compare", "list"):
+    for command in (
+        "train",
+        "evaluate",
+        "audit",
+        "certify",
+        "smooth",
+        "denoise",
+        "report",
+        "compare",
+        "list",
+    ):
         assert f"\n    {command} " in text or f"\n  {command} " in text, command
     assert "robustlab train --config configs/quickstart.toml" in text  # a first hour, in order
     assert "robustlab evaluate" in text and "--version" in text
@@ -219,9 +244,12 @@ def test_version(capsys):
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}"
-               for name, p in sub.choices.items() for a in p._actions
-               if not a.help and a.dest != "help"]
+    missing = [
+        f"{name} {'/'.join(a.option_strings) or a.dest}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if not a.help and a.dest != "help"
+    ]
     assert not missing, missing
 
 
@@ -238,22 +266,38 @@ def test_list_suites_says_what_each_runs_and_costs(capsys):
 
 
 def test_a_bad_argument_is_refused_before_torch_loads(tmp_path):
-    code = ("import sys, robustlab.cli as c\n"
-            "try:\n    c.main(['evaluate', '--eps', 'nope', 'x.safetensors'])\n"
-            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(SRC)})
+    code = (
+        "import sys, robustlab.cli as c\n"
+        "try:\n    c.main(['evaluate', '--eps', 'nope', 'x.safetensors'])\n"
+        "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert run.stdout.split() == ["exit", "2", "False"], run.stdout + run.stderr
     assert "cannot parse eps 'nope'" in run.stderr
 
 
 def test_help_and_version_load_no_torch(tmp_path):
-    code = ("import sys, robustlab.cli as c\n"
-            "for argv in (['--version'], ['--help'], ['evaluate', '--help']):\n"
-            "    try:\n        c.main(argv)\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules, file=sys.stderr)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(SRC)})
+    code = (
+        "import sys, robustlab.cli as c\n"
+        "for argv in (['--version'], ['--help'], ['evaluate', '--help']):\n"
+        "    try:\n        c.main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
     assert run.stderr.strip() == "False", run.stderr
 
 

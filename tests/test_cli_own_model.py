@@ -68,8 +68,12 @@ def own(tmp_path, env):
     state = nn.DataParallel(copy.deepcopy(model)).state_dict()
     assert all(k.startswith("module.") for k in state)
     torch.save(state, tmp_path / "w.pt")
-    return {"spec": spec, "model": model, "pt": tmp_path / "w.pt",
-            "weights": tmp_path / "w.safetensors"}
+    return {
+        "spec": spec,
+        "model": model,
+        "pt": tmp_path / "w.pt",
+        "weights": tmp_path / "w.safetensors",
+    }
 
 
 def _one_line_error(capsys, *needles: str) -> str:
@@ -102,13 +106,29 @@ def test_convert_then_evaluate_equals_python(own, tmp_path, capsys):
     _one_line_error(capsys, str(st), "--overwrite")
     assert main(["convert-weights", str(pt), str(st), "--overwrite"]) == 0
 
-    assert main(["evaluate", "--model", own["spec"], "--weights", str(st), "--data",
-                 "fashion-mnist", "--n", "16", *FGSM]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--weights",
+                str(st),
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "16",
+                *FGSM,
+            ]
+        )
+        == 0
+    )
     (folder,) = (tmp_path / "runs" / "Net").glob("eval-linf-0.15-fgsm-n16-seed0-*")
     rec = _results(folder)
     x, y = rl.data.load("fashion-mnist", split="test", n=16)
-    expected = rl.evaluate(own["model"], x, y, rl.ThreatModel("linf", EPS), attacks=["fgsm"],
-                           seed=0)
+    expected = rl.evaluate(
+        own["model"], x, y, rl.ThreatModel("linf", EPS), attacks=["fgsm"], seed=0
+    )
     assert rec["robust_accuracy"] == expected.robust_accuracy
     assert rec["clean_accuracy"] == expected.clean_accuracy
     assert 0 < expected.robust_accuracy < expected.clean_accuracy  # the attack broke some
@@ -121,9 +141,29 @@ def test_convert_then_evaluate_equals_python(own, tmp_path, capsys):
 def test_normalize_and_model_options_reach_the_model(own, tmp_path, capsys):
     _convert(own, capsys)
     out = tmp_path / "normalized"
-    assert main(["evaluate", "--model", own["spec"], "--weights", str(own["weights"]),
-                 "--model-option", "width=8", "--normalize", "0.5/0.25", "--data",
-                 "fashion-mnist", "--n", "8", "--out", str(out), *FGSM]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--weights",
+                str(own["weights"]),
+                "--model-option",
+                "width=8",
+                "--normalize",
+                "0.5/0.25",
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                "--out",
+                str(out),
+                *FGSM,
+            ]
+        )
+        == 0
+    )
     cfg = _results(out)["config"]
     assert cfg["model_options"] == {"width": 8}
     assert cfg["normalize"] == {"mean": [0.5], "std": [0.25]}
@@ -153,13 +193,31 @@ def test_a_folder_of_pngs_and_an_npz_give_identical_results(own, tmp_path, capsy
     model = ["--model", own["spec"], "--weights", str(own["weights"]), "--n", "16", *FGSM]
     # the folder names fewer classes than the model has: refused unless --num-classes says so
     assert main(["evaluate", *model, "--data", str(tmp_path / "images")]) == 2
-    _one_line_error(capsys, str(tmp_path / "images"), f"has {len(names)} classes",
-                    "returns 10 logits", "--num-classes 10")
+    _one_line_error(
+        capsys,
+        str(tmp_path / "images"),
+        f"has {len(names)} classes",
+        "returns 10 logits",
+        "--num-classes 10",
+    )
     recs = []
     for data in ("images", "images.npz"):
         out = tmp_path / f"out-{data}"
-        assert main(["evaluate", *model, "--data", str(tmp_path / data), "--num-classes", "10",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    *model,
+                    "--data",
+                    str(tmp_path / data),
+                    "--num-classes",
+                    "10",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         recs.append(_results(out))
         recs[-1]["per_sample"] = (out / "per_sample.jsonl").read_text()
     folder, npz = recs
@@ -171,8 +229,23 @@ def test_a_folder_of_pngs_and_an_npz_give_identical_results(own, tmp_path, capsy
 
 # --- bad inputs: one line each, naming the problem and the fix --------------------------------
 def test_a_pt_file_as_weights_names_the_conversion(own, capsys):
-    assert main(["evaluate", "--model", own["spec"], "--weights", str(own["pt"]), "--data",
-                 "fashion-mnist", "--n", "8", *FGSM]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--weights",
+                str(own["pt"]),
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                *FGSM,
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, str(own["pt"]), "robustlab convert-weights")
 
 
@@ -190,39 +263,104 @@ def test_a_pickle_payload_runs_neither_through_convert_nor_weights(tmp_path, env
     assert main(["convert-weights", str(evil), str(tmp_path / "evil.safetensors")]) == 2
     _one_line_error(capsys, "restricted loader")
     (tmp_path / "net.py").write_text(NET)
-    assert main(["evaluate", "--model", f"{tmp_path / 'net.py'}:Net", "--weights", str(evil),
-                 "--data", "fashion-mnist", "--n", "8", *FGSM]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"{tmp_path / 'net.py'}:Net",
+                "--weights",
+                str(evil),
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                *FGSM,
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "robustlab convert-weights")
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["--model", "net.py", "--data", "fashion-mnist"], ["model spec must be", "net.py"]),
-    (["--model", "missing.py:Net", "--data", "fashion-mnist"], ["missing.py", "not found"]),
-    (["--data", "fashion-mnist"], ["no model", "--model"]),
-    (["m.safetensors", "--model", "net.py:Net", "--data", "fashion-mnist"], ["not both"]),
-    (["m.safetensors", "--weights", "w.safetensors"], ["--weights apply to --model"]),
-    (["--model", "net.py:Net"], ["needs --data"]),
-    (["--model", "net.py:Net", "--data", "fashion-mnist", "--model-option", "width"],
-     ["--model-option takes KEY=VALUE"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--model", "net.py", "--data", "fashion-mnist"], ["model spec must be", "net.py"]),
+        (["--model", "missing.py:Net", "--data", "fashion-mnist"], ["missing.py", "not found"]),
+        (["--data", "fashion-mnist"], ["no model", "--model"]),
+        (["m.safetensors", "--model", "net.py:Net", "--data", "fashion-mnist"], ["not both"]),
+        (["m.safetensors", "--weights", "w.safetensors"], ["--weights apply to --model"]),
+        (["--model", "net.py:Net"], ["needs --data"]),
+        (
+            ["--model", "net.py:Net", "--data", "fashion-mnist", "--model-option", "width"],
+            ["--model-option takes KEY=VALUE"],
+        ),
+    ],
+)
 def test_model_arguments_that_are_wrong(argv, needles, env, capsys):
     assert main(["evaluate", *argv, "--n", "8", *FGSM]) == 2
     _one_line_error(capsys, *needles)
 
 
 def test_bad_normalize_text(own, capsys):
-    assert main(["evaluate", "--model", own["spec"], "--normalize", "0.5,0.5", "--data",
-                 "fashion-mnist", "--n", "8", *FGSM]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--normalize",
+                "0.5,0.5",
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                *FGSM,
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "normalize must be MEAN/STD", "'0.5,0.5'")
-    assert main(["evaluate", "--model", own["spec"], "--normalize", "0.5/x", "--data",
-                 "fashion-mnist", "--n", "8", *FGSM]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--normalize",
+                "0.5/x",
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                *FGSM,
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "'x'", "is not a number")
 
 
 def test_num_classes_against_the_model(own, capsys):
-    assert main(["evaluate", "--model", own["spec"], "--num-classes", "7", "--data",
-                 "fashion-mnist", "--n", "8", *FGSM]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                own["spec"],
+                "--num-classes",
+                "7",
+                "--data",
+                "fashion-mnist",
+                "--n",
+                "8",
+                *FGSM,
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, "fashion-mnist", "returns 10 logits", "num_classes is 7")
 
 
@@ -230,16 +368,14 @@ def test_labels_out_of_range_name_the_file(own, tmp_path, capsys):
     x, _ = rl.data.load("fashion-mnist", split="test", n=8)
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=x.numpy(), y=np.array([0, 1, 2, 12, 3, 0, 1, 2]))
-    assert main(["evaluate", "--model", own["spec"], "--data", str(bad), "--n", "8",
-                 *FGSM]) == 2
+    assert main(["evaluate", "--model", own["spec"], "--data", str(bad), "--n", "8", *FGSM]) == 2
     _one_line_error(capsys, str(bad), "label 12", "10 classes")
 
 
 def test_a_shape_the_model_refuses(own, tmp_path, capsys):
     bad = tmp_path / "rgb.npz"
     np.savez(bad, x=np.zeros((4, 3, 28, 28), np.uint8), y=np.zeros(4, np.int64))
-    assert main(["evaluate", "--model", own["spec"], "--data", str(bad), "--n", "4",
-                 *FGSM]) == 2
+    assert main(["evaluate", "--model", own["spec"], "--data", str(bad), "--n", "4", *FGSM]) == 2
     _one_line_error(capsys, str(bad), "refuses inputs of shape (2, 3, 28, 28)")
 
 
@@ -261,15 +397,25 @@ def test_data_options_that_do_not_apply(own, tmp_path, capsys):
 def test_model_runs_are_named_from_all_their_settings():
     def folder(*argv: str):
         return default_folder(build_parser().parse_args(["evaluate", *argv, "--eps", "0.1"]))
+
     base = ("--model", "net.py:Net", "--data", "x.npz")
     first = folder(*base)
     assert first.parent.as_posix() == "runs/Net"
     assert first.name.startswith("eval-linf-0.1-standard-n1000-seed0-")
-    others = [folder(*base, *extra) for extra in (
-        ["--weights", "a.safetensors"], ["--weights", "b.safetensors"],
-        ["--normalize", "0.5/0.2"], ["--model-option", "width=4"], ["--resize", "8,8"])]
-    others += [folder("--model", "net.py:Net", "--data", "y.npz"),
-               folder("--model", "other.py:Net", "--data", "x.npz")]
+    others = [
+        folder(*base, *extra)
+        for extra in (
+            ["--weights", "a.safetensors"],
+            ["--weights", "b.safetensors"],
+            ["--normalize", "0.5/0.2"],
+            ["--model-option", "width=4"],
+            ["--resize", "8,8"],
+        )
+    ]
+    others += [
+        folder("--model", "net.py:Net", "--data", "y.npz"),
+        folder("--model", "other.py:Net", "--data", "x.npz"),
+    ]
     assert len({first, *others}) == len(others) + 1
     assert folder(*base, "--device", "cpu", "--num-classes", "10") == first
     assert folder("run/m.safetensors").parent.as_posix() == "run"  # a checkpoint: beside it
@@ -277,10 +423,21 @@ def test_model_runs_are_named_from_all_their_settings():
 
 def test_certify_and_smooth_take_a_model(own, tmp_path, capsys):
     _convert(own, capsys)
-    model = ["--model", own["spec"], "--weights", str(own["weights"]), "--data",
-             "fashion-mnist", "--device", "cpu", "--quiet"]
-    assert main(["certify", *model, "--sigma", "0.25", "--n", "20", "--n0", "5",
-                 "--n-points", "2"]) == 0
+    model = [
+        "--model",
+        own["spec"],
+        "--weights",
+        str(own["weights"]),
+        "--data",
+        "fashion-mnist",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert (
+        main(["certify", *model, "--sigma", "0.25", "--n", "20", "--n0", "5", "--n-points", "2"])
+        == 0
+    )
     (found,) = (tmp_path / "runs" / "Net").glob("certify-*/certify.json")
     assert json.loads(found.read_text())["config"]["model"] == own["spec"]
     assert main(["smooth", *model, "--sigmas", "0.25", "--samples", "2", "--n", "4"]) == 0
@@ -298,8 +455,9 @@ def test_a_checkpoint_of_an_own_model_loads_with_trust_code(own, tmp_path, capsy
     assert main([*argv, "--trust-code"]) == 0
     (results,) = ckpt.parent.glob("eval-*/results.json")
     x, y = rl.data.load("fashion-mnist", split="test", n=16)
-    expected = rl.evaluate(own["model"], x, y, rl.ThreatModel("linf", EPS), attacks=["fgsm"],
-                           seed=0)
+    expected = rl.evaluate(
+        own["model"], x, y, rl.ThreatModel("linf", EPS), attacks=["fgsm"], seed=0
+    )
     assert json.loads(results.read_text())["robust_accuracy"] == expected.robust_accuracy
 
 
@@ -307,8 +465,22 @@ def test_a_checkpoint_of_an_own_model_loads_with_trust_code(own, tmp_path, capsy
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_model_on_cuda_gives_the_cpu_result(own, tmp_path, capsys):
     _convert(own, capsys)
-    argv = ["evaluate", "--model", own["spec"], "--weights", str(own["weights"]), "--data",
-            "fashion-mnist", "--n", "16", "--eps", str(EPS), "--attack", "fgsm", "--quiet"]
+    argv = [
+        "evaluate",
+        "--model",
+        own["spec"],
+        "--weights",
+        str(own["weights"]),
+        "--data",
+        "fashion-mnist",
+        "--n",
+        "16",
+        "--eps",
+        str(EPS),
+        "--attack",
+        "fgsm",
+        "--quiet",
+    ]
     recs = []
     for device in ("cpu", "cuda"):
         assert main([*argv, "--device", device, "--out", str(tmp_path / device)]) == 0

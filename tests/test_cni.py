@@ -39,12 +39,13 @@ def test_weight_noise_covariance_is_diagonal_plus_low_rank():
         onehot = torch.eye(6, dtype=torch.float64).view(6, 2, 1, 3)  # output k = W~_k + b
         n = 20_000
         torch.manual_seed(1)
-        eps = torch.stack([layer(onehot).flatten() - layer.bias - layer.weight.flatten()
-                           for _ in range(n)])
+        eps = torch.stack(
+            [layer(onehot).flatten() - layer.bias - layer.weight.flatten() for _ in range(n)]
+        )
     emp = torch.cov(eps.T)
     # standard error of a Gaussian sample covariance: sqrt((S_ii S_jj + S_ij^2) / n); every
     # entry within 5 of them (a 5-sigma miss has probability < 1e-5 over the 21 entries)
-    se = ((cov.diag()[:, None] * cov.diag()[None, :] + cov ** 2) / n).sqrt()
+    se = ((cov.diag()[:, None] * cov.diag()[None, :] + cov**2) / n).sqrt()
     assert ((emp - cov).abs() / se).max() < 5
     assert (eps.mean(0).abs() / (cov.diag() / n).sqrt()).max() < 5  # zero mean
     # the low-rank part is what makes the noise colored: without it the test would fail
@@ -69,7 +70,10 @@ def test_layers_initial_values_last_linear_and_no_decay():
     for name, p in model.named_parameters():
         assert getattr(p, "robustlab_no_decay", False) == (name in noise_keys), name
     assert model.robustlab_arch["kwargs"]["noise_options"] == {
-        "rank": 5, "init": 0.25, "factor_init": 0.01}
+        "rank": 5,
+        "init": 0.25,
+        "factor_init": 0.01,
+    }
     assert "rank=5" in repr(model)
 
 
@@ -78,8 +82,9 @@ def test_random_in_eval_and_train_plain_when_disabled(name):
     torch.manual_seed(0)
     model = models.create(name, noise="cni-w", **KW).eval()
     plain = models.create(name, **KW).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if k not in noise_parameter_names(model)})
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if k not in noise_parameter_names(model)}
+    )
     x = _x()
     with torch.no_grad():
         assert not torch.allclose(model(x), model(x))  # noise on in eval mode
@@ -121,7 +126,8 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for key in noise_parameter_names(model):
             dict(model.named_parameters())[key].uniform_(
-                0.0, 0.1, generator=torch.Generator().manual_seed(3))
+                0.0, 0.1, generator=torch.Generator().manual_seed(3)
+            )
     loaded = models.load(models.save(model, tmp_path / "model.safetensors"))
     assert loaded.robustlab_arch == model.robustlab_arch
     for key, value in model.state_dict().items():

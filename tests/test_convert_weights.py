@@ -27,16 +27,27 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("wrap", "key", "found"), [
-    (lambda s: s, None, None),
-    (lambda s: {"state_dict": s, "epoch": 3, "best_acc": 0.9}, None, "state_dict"),
-    (lambda s: {"model": s, "optimizer": {"lr": 0.1}}, None, "model"),
-    (lambda s: {"net": s}, None, "net"),
-    (lambda s: {"model": {"config": 1}, "ema": s}, None, "ema"),
-    (lambda s: {"model_state_dict": s, "epoch": 1}, None, "model_state_dict"),
-    (lambda s: {"weights_averaged": s, "step": 10}, "weights_averaged", "weights_averaged"),
-], ids=["bare", "state_dict", "model", "net", "ema-after-non-tensor-model",
-        "model_state_dict", "explicit-key"])
+@pytest.mark.parametrize(
+    ("wrap", "key", "found"),
+    [
+        (lambda s: s, None, None),
+        (lambda s: {"state_dict": s, "epoch": 3, "best_acc": 0.9}, None, "state_dict"),
+        (lambda s: {"model": s, "optimizer": {"lr": 0.1}}, None, "model"),
+        (lambda s: {"net": s}, None, "net"),
+        (lambda s: {"model": {"config": 1}, "ema": s}, None, "ema"),
+        (lambda s: {"model_state_dict": s, "epoch": 1}, None, "model_state_dict"),
+        (lambda s: {"weights_averaged": s, "step": 10}, "weights_averaged", "weights_averaged"),
+    ],
+    ids=[
+        "bare",
+        "state_dict",
+        "model",
+        "net",
+        "ema-after-non-tensor-model",
+        "model_state_dict",
+        "explicit-key",
+    ],
+)
 def test_finds_the_state_dict(tmp_path, wrap, key, found):
     state = _state()
     src, dst = tmp_path / "in.pt", tmp_path / "out" / "w.safetensors"
@@ -62,19 +73,32 @@ def test_strips_dataparallel_prefix_and_handles_shared_storage(tmp_path):
     assert set(out) == {"a", "b", "c"} and torch.equal(out["c"], w.t())
 
 
-@pytest.mark.parametrize(("obj", "key", "match"), [
-    ({"epoch": 3, "optimizer": {"lr": 0.1}}, None,
-     r"no state dict .* under any of \['state_dict', 'model', 'net', 'ema', "
-     r"'model_state_dict'\]; its top-level keys are 'epoch' \(int\), 'optimizer' \(dict\)\. "
-     r"Name the one holding the weights with --key KEY"),
-    ({"state_dict": {"w": torch.zeros(1)}}, "weights",
-     r"key 'weights' is not in .*: its top-level keys are 'state_dict' \(dict\)"),
-    ({"state_dict": {"w": torch.zeros(1), "step": 3}}, "state_dict",
-     r"is not a state dict of str -> Tensor: it holds entries that are not str -> Tensor: "
-     r"'step' \(int\)"),
-    (torch.zeros(3), None, r"holds a Tensor, not a state dict"),
-    ([torch.zeros(3)], None, r"holds a list, not a state dict"),
-], ids=["no-state", "missing-key", "not-tensors", "a-tensor", "a-list"])
+@pytest.mark.parametrize(
+    ("obj", "key", "match"),
+    [
+        (
+            {"epoch": 3, "optimizer": {"lr": 0.1}},
+            None,
+            r"no state dict .* under any of \['state_dict', 'model', 'net', 'ema', "
+            r"'model_state_dict'\]; its top-level keys are 'epoch' \(int\), 'optimizer' \(dict\)\. "
+            r"Name the one holding the weights with --key KEY",
+        ),
+        (
+            {"state_dict": {"w": torch.zeros(1)}},
+            "weights",
+            r"key 'weights' is not in .*: its top-level keys are 'state_dict' \(dict\)",
+        ),
+        (
+            {"state_dict": {"w": torch.zeros(1), "step": 3}},
+            "state_dict",
+            r"is not a state dict of str -> Tensor: it holds entries that are not str -> Tensor: "
+            r"'step' \(int\)",
+        ),
+        (torch.zeros(3), None, r"holds a Tensor, not a state dict"),
+        ([torch.zeros(3)], None, r"holds a list, not a state dict"),
+    ],
+    ids=["no-state", "missing-key", "not-tensors", "a-tensor", "a-list"],
+)
 def test_bad_contents_are_refused(tmp_path, obj, key, match):
     src = tmp_path / "in.pt"
     torch.save(obj, src)
@@ -123,21 +147,32 @@ def _evil_files(tmp_path: Path, marker: Path) -> list[Path]:
 def test_malicious_pickle_never_executes(tmp_path):
     marker = tmp_path / "pwned"
     net = tmp_path / "net.py"
-    net.write_text("from torch import nn\n\n\ndef Net():\n    return nn.Sequential("
-                   "nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))\n")
+    net.write_text(
+        "from torch import nn\n\n\ndef Net():\n    return nn.Sequential("
+        "nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))\n"
+    )
     for path in _evil_files(tmp_path, marker):
         if path.suffix != ".safetensors":
-            with pytest.raises(ValueError, match=r"cannot be read by PyTorch's restricted "
-                               r"loader \(torch\.load\(\.\.\., weights_only=True\)\).*never "
-                               r"loads such a file unrestricted"):
+            with pytest.raises(
+                ValueError,
+                match=r"cannot be read by PyTorch's restricted "
+                r"loader \(torch\.load\(\.\.\., weights_only=True\)\).*never "
+                r"loads such a file unrestricted",
+            ):
                 models.convert_weights(path, tmp_path / "out.safetensors")
-        with pytest.raises(ValueError, match=r"not a safetensors file; robustlab never "
-                           r"unpickles.*convert-weights"):
+        with pytest.raises(
+            ValueError,
+            match=r"not a safetensors file; robustlab never "
+            r"unpickles.*convert-weights",
+        ):
             models.from_spec(f"{net}:Net", weights=path)
         assert not marker.exists(), path.name
     assert not (tmp_path / "out.safetensors").exists()
-    with pytest.raises(ValueError, match=r"UnpicklingError: Unsupported global: GLOBAL "
-                       r"[\w.]*open was not an allowed global by default\. It holds") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"UnpicklingError: Unsupported global: GLOBAL "
+        r"[\w.]*open was not an allowed global by default\. It holds",
+    ) as info:
         models.convert_weights(tmp_path / "zip.pt", tmp_path / "out.safetensors")
     assert "set to `False`" not in str(info.value)  # torch's advice to load unrestricted: cut
     # the payload is live: an unrestricted load (what robustlab never does) runs it

@@ -24,10 +24,24 @@ def add_custom_attack() -> type[attacks.Attack]:
     class SoftMarginPGD(attacks.PGD):
         """PGD with momentum steps on the soft logit margin."""
 
-        def __init__(self, threat: ThreatModel, *, steps: int = 20, restarts: int = 1,
-                     early_stop: bool = False, seed: int = 0) -> None:
-            super().__init__(threat, steps=steps, restarts=restarts, loss=soft_margin,
-                             optimizer="momentum", early_stop=early_stop, seed=seed)
+        def __init__(
+            self,
+            threat: ThreatModel,
+            *,
+            steps: int = 20,
+            restarts: int = 1,
+            early_stop: bool = False,
+            seed: int = 0,
+        ) -> None:
+            super().__init__(
+                threat,
+                steps=steps,
+                restarts=restarts,
+                loss=soft_margin,
+                optimizer="momentum",
+                early_stop=early_stop,
+                seed=seed,
+            )
 
     return SoftMarginPGD
 

@@ -37,8 +37,7 @@ def _build(name, toy_model, toy_data):
     if name in ("mahalanobis", "lid", "kd-bu", "mahalanobis-ensemble"):
         return rl.defenses.create(name, toy_model).fit(x[:128], y[:128])
     if name == "detector-net":  # supervised: BIM points crafted inside fit
-        return rl.defenses.create(name, toy_model, width=4, epochs=2, eps=0.3).fit(x[:128],
-                                                                                     y[:128])
+        return rl.defenses.create(name, toy_model, width=4, epochs=2, eps=0.3).fit(x[:128], y[:128])
     if name == "extra-class":  # a model with an extra output, trained elsewhere
         return rl.defenses.create(name, _smallcnn(num_classes=K + 1)).fit(x[:128])
     if name == "mixup-inference":
@@ -54,10 +53,29 @@ def _build(name, toy_model, toy_data):
 
 
 def test_every_defense_is_covered():
-    covered = {"bit-depth", "crop-rescale", "denoised", "feature-squeezing", "jpeg", "k-wta",
-               "kd-bu", "lid", "magnet", "mahalanobis", "median", "mixup-inference", "pca-detector",
-               "random-resize-pad", "smoothing", "thermometer", "tv-min", "detector-net",
-               "extra-class", "trapdoor", "mahalanobis-ensemble"}
+    covered = {
+        "bit-depth",
+        "crop-rescale",
+        "denoised",
+        "feature-squeezing",
+        "jpeg",
+        "k-wta",
+        "kd-bu",
+        "lid",
+        "magnet",
+        "mahalanobis",
+        "median",
+        "mixup-inference",
+        "pca-detector",
+        "random-resize-pad",
+        "smoothing",
+        "thermometer",
+        "tv-min",
+        "detector-net",
+        "extra-class",
+        "trapdoor",
+        "mahalanobis-ensemble",
+    }
     assert set(rl.defenses.names()) == covered, "add the new defense to this contract test"
 
 
@@ -98,8 +116,7 @@ def test_declared_differentiability_is_real(defense, toy_data):
         out = defense(xg)
         if not out.requires_grad:
             return None
-        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg,
-                                   allow_unused=True)
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg, allow_unused=True)
         return g
 
     torch.manual_seed(1)

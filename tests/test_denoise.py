@@ -113,8 +113,16 @@ def test_stab_training_restores_a_clean_classifier(probe, train_x):
     before = copy.deepcopy(probe.state_dict())
     stab = small()
     probe.train()  # to see that its mode comes back
-    history = train_denoiser(stab, train_x, sigma=sigma, classifier=probe, objective="stab",
-                             epochs=3, batch_size=32, lr=3e-3)
+    history = train_denoiser(
+        stab,
+        train_x,
+        sigma=sigma,
+        classifier=probe,
+        objective="stab",
+        epochs=3,
+        batch_size=32,
+        lr=3e-3,
+    )
     assert probe.training
     probe.eval()
     assert all(0 <= r["stab_accuracy"] <= 1 for r in history)
@@ -134,9 +142,9 @@ def test_stab_training_restores_a_clean_classifier(probe, train_x):
     plain_smooth = robustlab.defenses.create("smoothing", probe, sigma=sigma, samples=8)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        assert ((smooth.eval()(x[:128], generator=g).argmax(1) == y[:128]).float().mean()
-                > (plain_smooth.eval()(x[:128], generator=g).argmax(1) == y[:128]).float().mean()
-                + 0.3)
+        assert (smooth.eval()(x[:128], generator=g).argmax(1) == y[:128]).float().mean() > (
+            plain_smooth.eval()(x[:128], generator=g).argmax(1) == y[:128]
+        ).float().mean() + 0.3
 
 
 def test_resume_equals_uninterrupted(train_x, tmp_path, probe):
@@ -157,32 +165,39 @@ def test_resume_equals_uninterrupted(train_x, tmp_path, probe):
     # nothing left to do: same weights, same history
     assert train_denoiser(b, train_x[:256], epochs=2, out=tmp_path / "b", **opts) == hist_b
     with pytest.raises(ValueError, match="sigma"):
-        train_denoiser(small(), train_x[:256], epochs=3, out=tmp_path / "b",
-                       **(opts | {"sigma": 0.25}))
+        train_denoiser(
+            small(), train_x[:256], epochs=3, out=tmp_path / "b", **(opts | {"sigma": 0.25})
+        )
     with pytest.raises(ValueError, match="epochs >= 2"):
         train_denoiser(small(), train_x[:256], epochs=1, out=tmp_path / "b", **opts)
     with pytest.raises(ValueError, match="architecture"):
-        train_denoiser(Denoiser(depth=3, width=16), train_x[:256], epochs=3,
-                       out=tmp_path / "b", **opts)
+        train_denoiser(
+            Denoiser(depth=3, width=16), train_x[:256], epochs=3, out=tmp_path / "b", **opts
+        )
 
 
 def test_checkpoint_round_trip(train_x, tmp_path):
     den = small()
-    train_denoiser(den, train_x[:64], sigma=0.25, epochs=1, out=tmp_path, seed=2,
-                   noise="laplace")
+    train_denoiser(den, train_x[:64], sigma=0.25, epochs=1, out=tmp_path, seed=2, noise="laplace")
     assert (tmp_path / STATE_FILE).is_file()
     loaded = load_denoiser(tmp_path / WEIGHTS_FILE)
     assert isinstance(loaded, Denoiser) and not loaded.training
     assert loaded.kwargs() == den.kwargs()
     meta = loaded.robustlab_meta
     assert (meta["sigma"], meta["noise"], meta["objective"], meta["epoch"], meta["seed"]) == (
-        0.25, "laplace", "mse", 1, 2)
+        0.25,
+        "laplace",
+        "mse",
+        1,
+        2,
+    )
     assert "robustlab_version" in meta and "sha256" in meta
     x = noisy(train_x[:8], 0.25)
     with torch.no_grad():
         assert torch.equal(loaded(x), den.eval()(x))
-    model = robustlab.defenses.create("denoised", TinyCNN().eval(),
-                                      denoiser=tmp_path / WEIGHTS_FILE)
+    model = robustlab.defenses.create(
+        "denoised", TinyCNN().eval(), denoiser=tmp_path / WEIGHTS_FILE
+    )
     assert model.config()["sigma"] == 0.25
     data = bytearray((tmp_path / WEIGHTS_FILE).read_bytes())
     data[-1] ^= 1
@@ -193,17 +208,20 @@ def test_checkpoint_round_trip(train_x, tmp_path):
         load_denoiser(tmp_path / "missing.safetensors")
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    ({"sigma": 0.0}, "sigma must be > 0"),
-    ({"sigma": -0.1}, "sigma"),
-    ({"sigma": float("nan")}, "sigma"),
-    ({"objective": "l1"}, "unknown objective"),
-    ({"objective": "stab"}, "needs classifier"),
-    ({"classifier": CentrePixels()}, "uses no classifier"),
-    ({"noise": "uniform"}, "unknown noise"),
-    ({"epochs": 0}, "epochs"),
-    ({"lr": 0.0}, "lr"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"sigma": 0.0}, "sigma must be > 0"),
+        ({"sigma": -0.1}, "sigma"),
+        ({"sigma": float("nan")}, "sigma"),
+        ({"objective": "l1"}, "unknown objective"),
+        ({"objective": "stab"}, "needs classifier"),
+        ({"classifier": CentrePixels()}, "uses no classifier"),
+        ({"noise": "uniform"}, "unknown noise"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
 def test_bad_options(train_x, options, match):
     with pytest.raises(ValueError, match=match):
         train_denoiser(small(), train_x[:8], **({"sigma": 0.25, "epochs": 1} | options))

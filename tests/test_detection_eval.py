@@ -51,16 +51,21 @@ def _data(n: int = 8):
 def test_detector_margin_on_given_logits():
     loss = get_loss("detector-margin")
     # classes 0..2, rejection column 3
-    z = torch.tensor([[5.0, 1.0, 2.0, 0.0],    # correct, not rejected: 2 - 5
-                      [1.0, 4.0, 2.0, 3.0],    # wrong class wins: 4 - max(1, 3)
-                      [1.0, 2.0, 0.0, 6.0],    # rejected: 2 - 6
-                      [1.0, 2.0, 0.0, 1.5]])   # label 1 wins: 1 - max(2, 1.5)
+    z = torch.tensor(
+        [
+            [5.0, 1.0, 2.0, 0.0],  # correct, not rejected: 2 - 5
+            [1.0, 4.0, 2.0, 3.0],  # wrong class wins: 4 - max(1, 3)
+            [1.0, 2.0, 0.0, 6.0],  # rejected: 2 - 6
+            [1.0, 2.0, 0.0, 1.5],
+        ]
+    )  # label 1 wins: 1 - max(2, 1.5)
     y = torch.tensor([0, 0, 0, 1])
     assert torch.allclose(loss(z, y), torch.tensor([-3.0, 1.0, -4.0, -1.0]))
     assert (loss(z, y) > 0).tolist() == [False, True, False, False]  # success iff > 0
     # targeted: the target must beat every other output, the rejection included
-    assert torch.allclose(loss(z, torch.tensor([2, 1, 1, 0]), True),
-                          torch.tensor([-3.0, 1.0, -4.0, -1.0]))
+    assert torch.allclose(
+        loss(z, torch.tensor([2, 1, 1, 0]), True), torch.tensor([-3.0, 1.0, -4.0, -1.0])
+    )
 
 
 def test_detector_margin_refuses_outputs_without_a_rejection_column():
@@ -126,8 +131,11 @@ def test_adaptive_stage_breaks_a_detector_the_naive_attack_cannot_evade(tmp_path
     res = rl.evaluate(det, x, y, LINF, out=tmp_path)
     assert res.record["suite"] == "detector" and res.robust_accuracy == 0.0
     names = [(a["config"]["name"], a["config"]["loss"]) for a in res.per_attack]
-    assert names[:3] == [("apgd-ce", "ce"), ("apgd-ce", "detector-margin"),
-                         ("pgd", "detector-margin")]
+    assert names[:3] == [
+        ("apgd-ce", "ce"),
+        ("apgd-ce", "detector-margin"),
+        ("pgd", "detector-margin"),
+    ]
     assert res.per_attack[0]["broken"] == 0  # the naive APGD-CE is caught too
     assert res.per_attack[3]["config"]["attack"]["kappa"] > 0  # high-confidence C&W ran
     det_rec = res.record["detection"]
@@ -187,8 +195,7 @@ def test_joint_stage_recognises_the_adaptive_attacks():
 
 def test_adaptive_detector_verdict():
     def stage(loss, broken):
-        return {"config": {"name": "pgd", "loss": loss}, "broken": broken,
-                "robust_accuracy": 0.0}
+        return {"config": {"name": "pgd", "loss": loss}, "broken": broken, "robust_accuracy": 0.0}
 
     assert adaptive_detector([stage("ce", 0)], 100, False)["status"] == "SKIP"
     ok = adaptive_detector([stage("ce", 10), stage("detector-margin", 2)], 100, True)
@@ -224,10 +231,18 @@ def test_a_resumed_evaluation_says_which_outputs_its_figures_cover(tmp_path, mon
     det = FirstHalf(Halves(), threshold=0.1 * EPS)
     opts = {"steps": 5, "early_stop": True}
     with pytest.raises(Interrupt):  # FGSM done, 2 of the 4 batches of PGD done
-        rl.evaluate(det, x, y, LINF, attacks=[("fgsm", {}), FlakyPGD(LINF, 3, **opts)],
-                    batch_size=2, out=tmp_path)
-    res = rl.evaluate(det, x, y, LINF, attacks=[("fgsm", {}), ("pgd", opts)], batch_size=2,
-                      out=tmp_path)
+        rl.evaluate(
+            det,
+            x,
+            y,
+            LINF,
+            attacks=[("fgsm", {}), FlakyPGD(LINF, 3, **opts)],
+            batch_size=2,
+            out=tmp_path,
+        )
+    res = rl.evaluate(
+        det, x, y, LINF, attacks=[("fgsm", {}), ("pgd", opts)], batch_size=2, out=tmp_path
+    )
     fgsm, pgd = res.record["detection"]["stages"]
     assert fgsm["points"] == 0 and fgsm["auroc"] is None and "before" in fgsm["note"]
     assert res.per_attack[1]["attacked"] == 8 and pgd["points"] == 4

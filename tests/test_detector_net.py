@@ -45,7 +45,11 @@ def test_architecture_pools_only_large_maps():
     assert sum(isinstance(m, nn.MaxPool2d) for m in small) == 0
     convs = [m for m in big if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (8, 4, (3, 3)), (4, 8, (3, 3)), (8, 8, (3, 3)), (8, 1, (1, 1))]
+        (8, 4, (3, 3)),
+        (4, 8, (3, 3)),
+        (8, 8, (3, 3)),
+        (8, 1, (1, 1)),
+    ]
     assert big(torch.zeros(3, 8, 16, 16)).shape == (3, 1)
 
 
@@ -67,8 +71,10 @@ def test_score_is_differentiable_in_x(fitted, toy_data):
     fitted.score(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert float(x.grad.abs().max()) > 0
-    assert all(p.grad is None and not p.requires_grad  # the head is frozen
-               for p in fitted.head.parameters())
+    assert all(
+        p.grad is None and not p.requires_grad  # the head is frozen
+        for p in fitted.head.parameters()
+    )
 
 
 def test_config_records_the_attack(fitted, _trained, toy_data):

@@ -38,8 +38,9 @@ def test_lid_hand_case_and_numpy():
     assert lid.item() == pytest.approx(1 / math.log(2), rel=1e-6)
     g = torch.Generator().manual_seed(0)
     f, ref = torch.randn(5, 3, generator=g), torch.randn(9, 3, generator=g)
-    np.testing.assert_allclose(lid_mle(f, ref, 4).numpy(), _lid_numpy(f.numpy(), ref.numpy(), 4),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        lid_mle(f, ref, 4).numpy(), _lid_numpy(f.numpy(), ref.numpy(), 4), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("d", [2, 5])
@@ -58,19 +59,22 @@ def test_lid_recovers_the_dimension_of_a_subspace(d):
 
 def test_kernel_density_matches_numpy():
     g = torch.Generator().manual_seed(1)
-    f, ref = torch.randn(4, 6, generator=g, dtype=torch.float64), \
-        torch.randn(7, 6, generator=g, dtype=torch.float64)
+    f, ref = (
+        torch.randn(4, 6, generator=g, dtype=torch.float64),
+        torch.randn(7, 6, generator=g, dtype=torch.float64),
+    )
     sigma = 1.7
     d2 = ((f.numpy()[:, None] - ref.numpy()[None]) ** 2).sum(-1)
-    expected = np.exp(-d2 / sigma ** 2).mean(1)
-    np.testing.assert_allclose(log_kernel_density(f, ref, sigma).exp().numpy(), expected,
-                               rtol=1e-10)
+    expected = np.exp(-d2 / sigma**2).mean(1)
+    np.testing.assert_allclose(
+        log_kernel_density(f, ref, sigma).exp().numpy(), expected, rtol=1e-10
+    )
 
 
 def test_bayesian_uncertainty_is_the_papers_formula():
     probs = torch.softmax(torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(2)), 2)
     p = probs.numpy()
-    expected = (p ** 2).sum(2).mean(0) - (p.mean(0) ** 2).sum(1)
+    expected = (p**2).sum(2).mean(0) - (p.mean(0) ** 2).sum(1)
     np.testing.assert_allclose(bayesian_uncertainty(probs).numpy(), expected, rtol=1e-6)
 
 
@@ -86,7 +90,7 @@ def test_mc_dropout_uncertainty_converges_to_the_enumerated_expectation():
         z = (x.numpy() * np.array(mask)) @ w.T + b
         probs.append(np.exp(z) / np.exp(z).sum(1, keepdims=True))
     probs = np.stack(probs)
-    exact = (probs ** 2).sum(2).mean(0) - (probs.mean(0) ** 2).sum(1)
+    exact = (probs**2).sum(2).mean(0) - (probs.mean(0) ** 2).sum(1)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         drawn = mc_softmax(model, x, 4000, gen)
@@ -143,9 +147,11 @@ def test_lid_detector_measures_against_its_reference(toy_model, toy_data):
         _, q = capture(toy_model, x[-10:], ["conv", "fc"], inputs=False)
         got = det.characteristics(x[-10:], toy_model(x[-10:]))
     for i in range(2):
-        np.testing.assert_allclose(got[:, i].numpy(),
-                                   _lid_numpy(q[i].double().numpy(), ref[i].double().numpy(),
-                                              20), rtol=1e-3)
+        np.testing.assert_allclose(
+            got[:, i].numpy(),
+            _lid_numpy(q[i].double().numpy(), ref[i].double().numpy(), 20),
+            rtol=1e-3,
+        )
     _separates(det, x[200:], y[200:])
 
 
@@ -173,8 +179,9 @@ def test_kd_bu_without_dropout_warns_and_uses_kd_alone(toy_model, toy_data):
 def test_kd_bu_with_dropout_is_kd_and_bu_of_the_predicted_class(toy_model, toy_data):
     x, y = toy_data
     model = DropCNN(toy_model).eval()
-    det = rl.defenses.create("kd-bu", model, samples=8, bandwidth=3.0,
-                             generator=torch.Generator().manual_seed(5)).fit(x, y)
+    det = rl.defenses.create(
+        "kd-bu", model, samples=8, bandwidth=3.0, generator=torch.Generator().manual_seed(5)
+    ).fit(x, y)
     assert det.randomized and det.config()["uses_uncertainty"]
     xs = x[-6:]
     with torch.no_grad():

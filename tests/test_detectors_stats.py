@@ -17,8 +17,11 @@ from robustlab.models.features import capture, feature_module
 
 def _mlp(d_in: int = 9, hidden: int = 5, k: int = 3, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.Tanh(),
-                         nn.Linear(hidden, k)).double().eval()
+    return (
+        nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, k))
+        .double()
+        .eval()
+    )
 
 
 def _images(n: int, seed: int, c: int = 1, side: int = 3) -> torch.Tensor:
@@ -27,6 +30,7 @@ def _images(n: int, seed: int, c: int = 1, side: int = 3) -> torch.Tensor:
 
 
 # --- feature capture ---------------------------------------------------------------------
+
 
 def test_capture_inputs_outputs_and_logits():
     model, x = _mlp(), _images(6, 0)
@@ -60,6 +64,7 @@ def test_capture_errors_name_the_option():
         feature_module(model, 3, option="layer")
     with pytest.raises(TypeError, match="sequence"):
         capture(model, x, "1")
+
     class Wrapper(nn.Module):
         def __init__(self, copies: int) -> None:
             super().__init__()
@@ -78,6 +83,7 @@ def test_capture_errors_name_the_option():
 
 
 # --- PCA detector ------------------------------------------------------------------------
+
 
 def _fitted_pca(x: torch.Tensor, **kw) -> PCADetector:
     det = PCADetector(_mlp(), **kw)
@@ -100,8 +106,9 @@ def test_pca_matches_numpy_svd():
     coef = (xt.flatten(1).numpy() - mu) @ vt.T / np.sqrt(variances)
     expected = (coef[:, -4:] ** 2).mean(1)
     np.testing.assert_allclose(det.score_from(xt, None).numpy(), expected, rtol=1e-9)
-    np.testing.assert_allclose(np.abs(det.coefficients(xt).numpy()), np.abs(coef), rtol=1e-9,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.abs(det.coefficients(xt).numpy()), np.abs(coef), rtol=1e-9, atol=1e-12
+    )
     c_train = det.coefficients(x).numpy()  # whitened: identity covariance on the fitting data
     np.testing.assert_allclose(np.cov(c_train.T), np.eye(9), atol=1e-9)
 
@@ -143,6 +150,7 @@ def test_pca_detector_fit_gradients_and_config():
 
 # --- Mahalanobis detector ----------------------------------------------------------------
 
+
 def _hand_mahalanobis(f_train, y_train, f_test):
     classes = np.unique(y_train)
     means = np.stack([f_train[y_train == c].mean(0) for c in classes])
@@ -166,8 +174,9 @@ def test_mahalanobis_matches_numpy(hidden, n):
     means, cov, dist = _hand_mahalanobis(f, y.numpy(), ft)
     np.testing.assert_allclose(det.means.numpy(), means, rtol=1e-10)
     np.testing.assert_allclose(det.covariance.numpy(), cov, atol=1e-12)
-    np.testing.assert_allclose(det.distances(torch.from_numpy(ft)).detach().numpy(), dist,
-                               rtol=1e-7)
+    np.testing.assert_allclose(
+        det.distances(torch.from_numpy(ft)).detach().numpy(), dist, rtol=1e-7
+    )
     np.testing.assert_allclose(det.score(xt).detach().numpy(), dist.min(1), rtol=1e-7)
 
 
@@ -208,7 +217,11 @@ def test_mahalanobis_forward_fit_and_gradients():
     assert det.fitted and det.fit_samples == 10
     cfg = det.config()
     assert (cfg["name"], cfg["layer"], cfg["features"], cfg["gaussians"]) == (
-        "mahalanobis", "3", 5, 3)
+        "mahalanobis",
+        "3",
+        5,
+        3,
+    )
     xt = _images(5, 14)
     out = det(xt)
     torch.testing.assert_close(out[:, :3], model(xt))
@@ -221,11 +234,22 @@ def test_mahalanobis_forward_fit_and_gradients():
 
 # --- Mahalanobis feature ensemble ---------------------------------------------------------
 
+
 def _convnet(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                         nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.Tanh(),
-                         nn.Linear(4, 3)).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 2 * 2, 4),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        )
+        .double()
+        .eval()
+    )
 
 
 def test_mahalanobis_ensemble_layers_by_hand():

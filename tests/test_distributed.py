@@ -18,21 +18,32 @@ from robustlab import distributed
 from test_cli import RECIPE  # a one-epoch pgd-at lenet recipe on the fake data
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="this PyTorch build has no gloo backend")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="this PyTorch build has no gloo backend",
+)
 
 
 def _run(out: Path, objective: str, procs: int) -> tuple[dict, list]:
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, str(WORKER), str(out), objective], env=env,
-                          capture_output=True, text=True, timeout=240)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+        if procs > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        [*launcher, str(WORKER), str(out), objective],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out / "weights.safetensors")), json.loads(
-        (out / "history.json").read_text())
+        (out / "history.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("objective", ["natural", "pgd-at"])
@@ -58,8 +69,6 @@ def test_shard_and_world():
     assert distributed.all_sum([1.0, 2.0], distributed.World(), torch.device("cpu")) == [1.0, 2.0]
 
 
-
-
 def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     """``torchrun --nproc_per_node=2 -m robustlab train``: one checkpoint and log, by rank 0;
     ``torchrun ... evaluate``: the points split over the ranks, merged per sample into one
@@ -68,26 +77,43 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     cfg.write_text(RECIPE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"ROBUSTLAB_DATA": str(fake_fmnist), "ROBUSTLAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "robustlab"]
-    proc = subprocess.run([*torchrun, "train", "--config", str(cfg), "--out",
-                           str(tmp_path / "run")],
-                          env=env, capture_output=True, text=True, timeout=240)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "robustlab",
+    ]
+    proc = subprocess.run(
+        [*torchrun, "train", "--config", str(cfg), "--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training lenet") == 1 and "on 2 processes" in proc.stdout
     log = (tmp_path / "run/train_log.jsonl").read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["val_n"] == 32
     ckpt = str(tmp_path / "run/model.safetensors")
-    args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51",
-            "--quiet"]
+    args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51", "--quiet"]
     results = {}
     for name, cmd in (("one", [sys.executable, "-m", "robustlab"]), ("two", torchrun)):
-        proc = subprocess.run([*cmd, *args, "--out", str(tmp_path / name)], env=env,
-                              capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(
+            [*cmd, *args, "--out", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = (tmp_path / name / "per_sample.jsonl").read_text().splitlines()
-        results[name] = (json.loads((tmp_path / name / "results.json").read_text()),
-                         [json.loads(r) for r in rows])
+        results[name] = (
+            json.loads((tmp_path / name / "results.json").read_text()),
+            [json.loads(r) for r in rows],
+        )
     (one, rows1), (two, rows2) = results["one"], results["two"]
     assert two["shards"] == 2 and two["n"] == one["n"] == 51
     assert [r["index"] for r in rows2] == list(range(51))

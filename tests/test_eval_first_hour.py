@@ -63,10 +63,18 @@ def test_an_early_stopped_curve_is_stored_only_from_eps_up():
 
 
 # --- item 4: eps covering the box; inputs checked against the box ---------------------------------
-@pytest.mark.parametrize(("norm", "eps", "covers"), [
-    ("linf", 8.0, True), ("linf", 1.0, True), ("linf", 8 / 255, False),
-    ("l2", 16.0, True), ("l2", 15.9, False), ("l1", 256.0, True), ("l1", 200.0, False),
-])
+@pytest.mark.parametrize(
+    ("norm", "eps", "covers"),
+    [
+        ("linf", 8.0, True),
+        ("linf", 1.0, True),
+        ("linf", 8 / 255, False),
+        ("l2", 16.0, True),
+        ("l2", 15.9, False),
+        ("l1", 256.0, True),
+        ("l1", 200.0, False),
+    ],
+)
 def test_eps_covering_the_box_is_flagged(norm, eps, covers, toy_model, toy_data):
     x, y = toy_data[0][:16], toy_data[1][:16]  # 1 x 16 x 16: diameter 16 (l2), 256 (l1)
     res = rl.evaluate(toy_model, x, y, rl.ThreatModel(norm, eps), attacks=["fgsm"])
@@ -78,14 +86,23 @@ def test_eps_covering_the_box_is_flagged(norm, eps, covers, toy_model, toy_data)
 
 def test_audit_flags_an_eps_covering_the_box(toy_model, toy_data):
     x, y = toy_data[0][:8], toy_data[1][:8]
-    res = rl.audit(toy_model, x, y, rl.ThreatModel("linf", 8.0), steps=2, queries=20,
-                   binarization_points=0, check_points=8)
+    res = rl.audit(
+        toy_model,
+        x,
+        y,
+        rl.ThreatModel("linf", 8.0),
+        steps=2,
+        queries=20,
+        binarization_points=0,
+        check_points=8,
+    )
     assert "eps-covers-box" in {f["name"] for f in res.flags}
     assert "eps-covers-box" in {f["name"] for f in res.record["flags"]}
 
 
-def test_every_certification_entry_point_rejects_images_outside_the_box(toy_model, toy_data,
-                                                                        tmp_path):
+def test_every_certification_entry_point_rejects_images_outside_the_box(
+    toy_model, toy_data, tmp_path
+):
     x, y = toy_data[0][:2] * 255, toy_data[1][:2]  # 8-bit scale: every other entry rejects it
     kw = {"sigma": 0.25, "n0": 5, "n": 10}
     with pytest.raises(ValueError, match="outside"):
@@ -113,12 +130,19 @@ ATTACKS = [("fgsm", {}), ("pgd", {"steps": 5, "early_stop": True})]
 
 
 def test_eval_bar_counts_attack_steps_times_points(toy_model, toy_data, bars, capfd):
-    res = rl.evaluate(toy_model, *toy_data, rl.ThreatModel("linf", 0.2), attacks=ATTACKS,
-                      batch_size=64, progress=True)
+    res = rl.evaluate(
+        toy_model,
+        *toy_data,
+        rl.ThreatModel("linf", 0.2),
+        attacks=ATTACKS,
+        batch_size=64,
+        progress=True,
+    )
     (bar,) = bars
     units = [1, 5]  # fgsm: one step, pgd: five
-    assert [attack_units(rl.attacks.create(n, rl.ThreatModel("linf", 0.2), **o))
-            for n, o in ATTACKS] == units
+    assert [
+        attack_units(rl.attacks.create(n, rl.ThreatModel("linf", 0.2), **o)) for n, o in ATTACKS
+    ] == units
     work = sum(u * a["attacked"] for u, a in zip(units, res.per_attack, strict=True))
     assert bar.n == bar.total == work
     err = capfd.readouterr().err  # the header: what is about to run
@@ -127,14 +151,22 @@ def test_eval_bar_counts_attack_steps_times_points(toy_model, toy_data, bars, ca
 
 def test_audit_makes_one_bar_over_all_its_stages(toy_model, toy_data, bars):
     x, y = toy_data[0][:16], toy_data[1][:16]
-    rl.audit(toy_model, x, y, rl.ThreatModel("linf", 0.2), steps=3, queries=30,
-             binarization_points=2, check_points=8, progress=True)
+    rl.audit(
+        toy_model,
+        x,
+        y,
+        rl.ThreatModel("linf", 0.2),
+        steps=3,
+        queries=30,
+        binarization_points=2,
+        check_points=8,
+        progress=True,
+    )
     (bar,) = bars
     assert bar.n == bar.total > 0
 
 
-def test_certification_bar_counts_noise_draws_times_points(toy_model, toy_data, bars,
-                                                           tmp_path):
+def test_certification_bar_counts_noise_draws_times_points(toy_model, toy_data, bars, tmp_path):
     x, y = toy_data[0][:3], toy_data[1][:3]
     run_certification(toy_model, x, y, sigma=0.25, n0=5, n=20, out=tmp_path, progress=True)
     (bar,) = bars

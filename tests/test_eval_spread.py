@@ -49,8 +49,9 @@ class ReplayableNoise(Declares, nn.Module):
         logits = self.model(x)
         if torch.is_grad_enabled():
             return logits
-        key = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(),
-                              digest_size=8).digest()
+        key = hashlib.blake2b(
+            x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8
+        ).digest()
         count = self.seen[key] = self.seen.get(key, -1) + 1
         seed = int.from_bytes(key[:7], "little") + count
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
@@ -81,10 +82,24 @@ def test_spread_formula_on_given_probabilities():
     assert expected == pytest.approx(3.6 / 6)
     assert se == pytest.approx(math.sqrt(0.25 + 0.09 + 0.16) / 6)
     assert spread(torch.tensor([1.0, 0.0, 1.0])) == (pytest.approx(2 / 3), 0.0)
-    merged = merged_spread([{"n": 6, "robust_accuracy": 0.5, "robust_accuracy_expected": expected,
-                             "robust_accuracy_se": se, "clean_accuracy_se": 0.0},
-                            {"n": 3, "robust_accuracy": 2 / 3, "robust_accuracy_expected": 2 / 3,
-                             "robust_accuracy_se": 0.0, "clean_accuracy_se": 0.1}])
+    merged = merged_spread(
+        [
+            {
+                "n": 6,
+                "robust_accuracy": 0.5,
+                "robust_accuracy_expected": expected,
+                "robust_accuracy_se": se,
+                "clean_accuracy_se": 0.0,
+            },
+            {
+                "n": 3,
+                "robust_accuracy": 2 / 3,
+                "robust_accuracy_expected": 2 / 3,
+                "robust_accuracy_se": 0.0,
+                "clean_accuracy_se": 0.1,
+            },
+        ]
+    )
     both = spread(torch.cat([p, torch.tensor([1.0, 0.0, 1.0])]))
     assert merged["robust_accuracy_expected"] == pytest.approx(both[0])
     assert merged["robust_accuracy_se"] == pytest.approx(both[1])
@@ -104,8 +119,9 @@ def test_judge_counts_the_fraction_of_correct_predictions(linear):
 
 def test_randomised_model_reports_its_spread_and_a_deterministic_one_none(linear, tmp_path):
     _, x, y = linear
-    res = rl.evaluate(_noisy(linear), x, y, THREAT, attacks=ATTACKS, repeats=5, batch_size=25,
-                      out=tmp_path)
+    res = rl.evaluate(
+        _noisy(linear), x, y, THREAT, attacks=ATTACKS, repeats=5, batch_size=25, out=tmp_path
+    )
     rec = res.record
     assert rec["repeats"] == 5 and rec["adaptive"]["randomised"]
     assert rec["robust_accuracy_se"] > 0 and res.robust_accuracy_se == rec["robust_accuracy_se"]
@@ -113,8 +129,9 @@ def test_randomised_model_reports_its_spread_and_a_deterministic_one_none(linear
     # the attacks' checks count: the robust expectation falls below the clean one
     assert rec["robust_accuracy_expected"] < rec["clean_accuracy"] - 0.1
     # the majority-vote accuracy lies within a few standard errors of its expectation
-    assert abs(rec["robust_accuracy"] - rec["robust_accuracy_expected"]) \
-        <= 4 * rec["robust_accuracy_se"] + 1 / len(x)
+    assert abs(rec["robust_accuracy"] - rec["robust_accuracy_expected"]) <= 4 * rec[
+        "robust_accuracy_se"
+    ] + 1 / len(x)
     flag = {f["name"]: f for f in res.flags}.get("unstable-estimate")
     assert rec["robust_accuracy_se"] > 0.01 and flag is not None
     assert f"{100 * rec['robust_accuracy_se']:.2f} points" in flag["message"]
@@ -129,40 +146,49 @@ def test_randomised_model_reports_its_spread_and_a_deterministic_one_none(linear
 def test_reports_show_the_spread_of_a_randomised_model_only(linear, tmp_path):
     _, x, y = linear
     noisy, plain = tmp_path / "noisy", tmp_path / "plain"
-    res = rl.evaluate(_noisy(linear), x, y, THREAT, attacks=ATTACKS, repeats=5, batch_size=60,
-                      out=noisy)
+    res = rl.evaluate(
+        _noisy(linear), x, y, THREAT, attacks=ATTACKS, repeats=5, batch_size=60, out=noisy
+    )
     rl.evaluate(linear[0], x, y, THREAT, attacks=ATTACKS, batch_size=60, out=plain)
-    line = (f"robust accuracy {100 * res.robust_accuracy:.2f}% ± "
-            f"{100 * res.robust_accuracy_se:.2f}% (standard error over the model's randomness, "
-            "5 predictions per point)")
+    line = (
+        f"robust accuracy {100 * res.robust_accuracy:.2f}% ± "
+        f"{100 * res.robust_accuracy_se:.2f}% (standard error over the model's randomness, "
+        "5 predictions per point)"
+    )
     assert line in (noisy / "summary.md").read_text()
     assert "±" not in (plain / "summary.md").read_text()
     page = render_html([load_run(noisy), load_run(plain)])
     assert page.count("±") == 1 and line in html.unescape(page)
 
 
-def test_interrupted_randomised_evaluation_resumes_to_the_same_spread(linear, tmp_path,
-                                                                      monkeypatch):
+def test_interrupted_randomised_evaluation_resumes_to_the_same_spread(
+    linear, tmp_path, monkeypatch
+):
     monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
     _, x, y = linear
     opts = {"steps": 3, "early_stop": True}  # as the evaluation builds PGD from its name
     kw = {"repeats": 5, "batch_size": 20, "eot": 1}  # eot 1: FlakyPGD's own, same settings
-    want = rl.evaluate(_noisy(linear), x, y, THREAT, attacks=[("fgsm", {}), ("pgd", opts)],
-                       **kw)
+    want = rl.evaluate(_noisy(linear), x, y, THREAT, attacks=[("fgsm", {}), ("pgd", opts)], **kw)
     with pytest.raises(Interrupt):
-        rl.evaluate(_noisy(linear), x, y, THREAT, attacks=[("fgsm", {}),
-                                                           FlakyPGD(THREAT, 2, **opts)],
-                    out=tmp_path, **kw)
-    got = rl.evaluate(_noisy(linear), x, y, THREAT, attacks=[("fgsm", {}), ("pgd", opts)],
-                      out=tmp_path, **kw)
+        rl.evaluate(
+            _noisy(linear),
+            x,
+            y,
+            THREAT,
+            attacks=[("fgsm", {}), FlakyPGD(THREAT, 2, **opts)],
+            out=tmp_path,
+            **kw,
+        )
+    got = rl.evaluate(
+        _noisy(linear), x, y, THREAT, attacks=[("fgsm", {}), ("pgd", opts)], out=tmp_path, **kw
+    )
     assert want.record["robust_accuracy_se"] > 0
     assert torch.equal(got.robust, want.robust)
     for key in ("robust_accuracy_se", "robust_accuracy_expected", "clean_accuracy_se"):
         assert got.record[key] == want.record[key], key
 
 
-def test_a_state_without_the_probabilities_is_refused_with_the_fix(linear, tmp_path,
-                                                                  monkeypatch):
+def test_a_state_without_the_probabilities_is_refused_with_the_fix(linear, tmp_path, monkeypatch):
     monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)
     _, x, y = linear
     attacks = [("fgsm", {}), FlakyPGD(THREAT, 2, steps=3, early_stop=True)]
@@ -174,6 +200,13 @@ def test_a_state_without_the_probabilities_is_refused_with_the_fix(linear, tmp_p
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("p_")}
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="older robustlab.*resume=False"):
-        rl.evaluate(linear[0], x, y, THREAT, attacks=[("fgsm", {}), ("pgd", {"steps": 3})],
-                    batch_size=20, out=tmp_path)
+        rl.evaluate(
+            linear[0],
+            x,
+            y,
+            THREAT,
+            attacks=[("fgsm", {}), ("pgd", {"steps": 3})],
+            batch_size=20,
+            out=tmp_path,
+        )
     assert json.loads(meta["robustlab_eval_state"])["attack"] == 1

@@ -39,11 +39,29 @@ def test_cascade_is_the_per_sample_worst_case(toy_model, toy_data):
 
 
 def test_results_files_and_schema(tmp_path, toy_model, toy_data):
-    out = rl.evaluate(toy_model, *toy_data, rl.ThreatModel("l2", 1.0), suite="quick",
-                      out=str(tmp_path), config={"note": "test"})
+    out = rl.evaluate(
+        toy_model,
+        *toy_data,
+        rl.ThreatModel("l2", 1.0),
+        suite="quick",
+        out=str(tmp_path),
+        config={"note": "test"},
+    )
     rec = json.loads((tmp_path / "results.json").read_text())
-    for key in ("clean_accuracy", "robust_accuracy", "threat", "suite", "n", "per_attack",
-                "flags", "versions", "seed", "commit", "timings", "config"):
+    for key in (
+        "clean_accuracy",
+        "robust_accuracy",
+        "threat",
+        "suite",
+        "n",
+        "per_attack",
+        "flags",
+        "versions",
+        "seed",
+        "commit",
+        "timings",
+        "config",
+    ):
         assert key in rec, key
     assert rec["suite"] == "quick" and rec["n"] == len(toy_data[0])
     assert rec["threat"] == {"norm": "l2", "eps": 1.0, "bounds": [0.0, 1.0]}
@@ -65,8 +83,12 @@ class Liar(Attack):
 
     def __call__(self, model, x, y, *, target=None, generator=None):
         logits = model(x)
-        return AttackResult(x_adv=x.clone(), success=torch.ones(len(x), dtype=torch.bool),
-                            loss=torch.zeros(len(x)), logits=logits)
+        return AttackResult(
+            x_adv=x.clone(),
+            success=torch.ones(len(x), dtype=torch.bool),
+            loss=torch.zeros(len(x)),
+            logits=logits,
+        )
 
 
 class OutOfBall(Attack):
@@ -98,12 +120,14 @@ class Softmax(nn.Module):
         return self.inner(x).softmax(1)
 
 
-@pytest.mark.parametrize(("wrap", "flag"), [(Softmax, "softmax-output"),
-                                            (Noisy, "randomised-output"),
-                                            (Rounded, "masked-gradient")])
+@pytest.mark.parametrize(
+    ("wrap", "flag"),
+    [(Softmax, "softmax-output"), (Noisy, "randomised-output"), (Rounded, "masked-gradient")],
+)
 def test_flags(wrap, flag, toy_model, toy_data, tmp_path):
-    out = rl.evaluate(wrap(toy_model), *toy_data, rl.ThreatModel("linf", 0.1), suite="quick",
-                      out=str(tmp_path))
+    out = rl.evaluate(
+        wrap(toy_model), *toy_data, rl.ThreatModel("linf", 0.1), suite="quick", out=str(tmp_path)
+    )
     assert flag in {f["name"] for f in out.flags}
     assert (tmp_path / "summary.md").read_text().startswith("# robustlab evaluation\n\n**FLAGGED")
 
@@ -133,8 +157,7 @@ def test_bad_arguments(toy_model, toy_data):
         rl.evaluate(toy_model, x, y, t, batch_size=0)
 
 
-def test_channels_last_copy_gives_the_same_answer_and_leaves_the_model_alone(toy_model,
-                                                                             toy_data):
+def test_channels_last_copy_gives_the_same_answer_and_leaves_the_model_alone(toy_model, toy_data):
     t = rl.ThreatModel("linf", 0.15)
     specs = [("pgd", {"steps": 10, "random_start": False})]
     a = rl.evaluate(toy_model, *toy_data, t, attacks=specs, channels_last=True)

@@ -73,7 +73,8 @@ def test_a_model_without_the_extra_output_is_a_clear_error(toy_model, toy_data):
     x, y = toy_data
     with pytest.raises(ValueError, match="num_classes = K \\+ 1"):
         rl.defenses.create("extra-class", nn.Sequential(nn.Flatten(), nn.Linear(4, 2))).fit(
-            torch.rand(8, 1, 2, 2))
+            torch.rand(8, 1, 2, 2)
+        )
     objective = create_objective("extra-class")
     with pytest.raises(ValueError, match="one output more than the data has classes"):
         objective(toy_model, x[:16], y[:16], threat=rl.ThreatModel("linf", 0.1))
@@ -89,8 +90,7 @@ def test_objective_is_the_weighted_sum_at_the_fgsm_point():
     (g,) = torch.autograd.grad(F.cross_entropy(model(xg)[:, :K], y), xg)
     x_adv = (x + 0.1 * g.sign()).clamp(0, 1)
     extra = torch.full_like(y, K)
-    expected = (0.7 * F.cross_entropy(model(x), y)
-                + 0.3 * F.cross_entropy(model(x_adv), extra))
+    expected = 0.7 * F.cross_entropy(model(x), y) + 0.3 * F.cross_entropy(model(x_adv), extra)
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
@@ -121,10 +121,26 @@ def test_cli_evaluates_a_model_with_the_extra_output(fake_fmnist, tmp_path, monk
 
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
-    rl.models.save(rl.models.create("lenet", num_classes=11), ckpt,
-                   meta={"dataset": "fashion-mnist"})
-    base = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "1",
-            "--n-points", "4", "--quiet", "--fit-n", "32", "--out", str(tmp_path / "a")]
+    rl.models.save(
+        rl.models.create("lenet", num_classes=11), ckpt, meta={"dataset": "fashion-mnist"}
+    )
+    base = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd",
+        "--steps",
+        "1",
+        "--n-points",
+        "4",
+        "--quiet",
+        "--fit-n",
+        "32",
+        "--out",
+        str(tmp_path / "a"),
+    ]
     assert main(base + ["--defense", "extra-class"]) == 0
     rec = json.loads((tmp_path / "a" / "results.json").read_text())
     assert rec["adaptive"]["rejects"] is True

@@ -89,8 +89,9 @@ def two_pixel_model(channels: int = 1) -> tuple[Affine, Tensor, Tensor, list[int
     return model, x, torch.tensor([0]), heavy
 
 
-@pytest.mark.parametrize(("name", "opts"), [("jsma", {}), ("jsma", {"logits": True}),
-                                            ("cw-l0", CW_FAST)])
+@pytest.mark.parametrize(
+    ("name", "opts"), [("jsma", {}), ("jsma", {"logits": True}), ("cw-l0", CW_FAST)]
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_known_minimal_pixels(name, opts, channels):
     model, x, y, heavy = two_pixel_model(channels)
@@ -121,8 +122,9 @@ def exact_min_l0(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return torch.where(model(x).argmax(1) != y, 0.0, best)
 
 
-@pytest.mark.parametrize(("name", "opts", "bound"), [
-    ("jsma", {"gamma": 1.0}, 1.5), ("cw-l0", CW_FAST, 1.5)])
+@pytest.mark.parametrize(
+    ("name", "opts", "bound"), [("jsma", {"gamma": 1.0}, 1.5), ("cw-l0", CW_FAST, 1.5)]
+)
 def test_never_below_the_exact_minimal_l0(name, opts, bound):
     model, x, y = train_linear(seed=0)
     x, y = x[:24], y[:24]
@@ -148,18 +150,24 @@ def test_jsma_targets_and_untargeted_steering(toy_model, toy_data):
 
 
 def test_constant_search_doubling_mode():
-    search = ConstantSearch(torch.zeros(3), 1e-3, 0, last_at_upper=False, factor=2.0,
-                            bisect=False)
+    search = ConstantSearch(torch.zeros(3), 1e-3, 0, last_at_upper=False, factor=2.0, bisect=False)
     search.update(torch.tensor([0, 2]), torch.tensor([False, True]))
     assert search.const.tolist() == pytest.approx([2e-3, 1e-3, 1e-3])
 
 
-@pytest.mark.parametrize(("name", "opts", "match"), [
-    ("jsma", {"theta": 0}, "theta"), ("jsma", {"theta": 2}, "theta"),
-    ("jsma", {"gamma": 0}, "gamma"), ("jsma", {"untargeted_target": "best"}, "untargeted"),
-    ("cw-l0", {"const_factor": 1}, "const_factor"), ("cw-l0", {"largest_const": 0}, "largest"),
-    ("cw-l0", {"kappa": -1}, "kappa"), ("cw-l0", {"steps": 0}, "steps"),
-])
+@pytest.mark.parametrize(
+    ("name", "opts", "match"),
+    [
+        ("jsma", {"theta": 0}, "theta"),
+        ("jsma", {"theta": 2}, "theta"),
+        ("jsma", {"gamma": 0}, "gamma"),
+        ("jsma", {"untargeted_target": "best"}, "untargeted"),
+        ("cw-l0", {"const_factor": 1}, "const_factor"),
+        ("cw-l0", {"largest_const": 0}, "largest"),
+        ("cw-l0", {"kappa": -1}, "kappa"),
+        ("cw-l0", {"steps": 0}, "steps"),
+    ],
+)
 def test_bad_options(name, opts, match):
     with pytest.raises(ValueError, match=match):
         attacks.create(name, ThreatModel("l0", 3), **opts)
@@ -172,7 +180,7 @@ def test_l0_only(name):
 
 
 def test_jsma_refuses_inputs_too_large_for_the_pair_search():
-    side = int(MAX_FEATURES ** 0.5) + 1
+    side = int(MAX_FEATURES**0.5) + 1
     model = Affine(torch.zeros(2, side * side, dtype=F64), torch.tensor([1.0, 0.0]))
     x = torch.full((1, 1, side, side), 0.5, dtype=F64)
     with pytest.raises(ValueError, match="pgd-l0"):

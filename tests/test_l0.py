@@ -29,8 +29,8 @@ def changed_pixels(x_adv: torch.Tensor, x: torch.Tensor) -> np.ndarray:
 def test_distance_counts_pixels_over_channels_by_hand():
     x = torch.zeros(2, 3, 2, 2)
     v = x.clone()
-    v[0, 0, 0, 0] = 0.5                  # one channel of pixel (0, 0): 1 pixel
-    v[0, :, 1, 1] = 0.2                  # all channels of pixel (1, 1): 1 more pixel
+    v[0, 0, 0, 0] = 0.5  # one channel of pixel (0, 0): 1 pixel
+    v[0, :, 1, 1] = 0.2  # all channels of pixel (1, 1): 1 more pixel
     v[1, 1, 0, 1], v[1, 2, 0, 1] = 1e-7, -1e-7  # two channels of one pixel, tiny: 1 pixel
     t = ThreatModel("l0", 1)
     assert t.distance(v, x).tolist() == [2.0, 1.0]
@@ -52,10 +52,17 @@ def test_contains_is_an_exact_count():
     assert ThreatModel("l0", 3).contains(out_of_box, x).tolist() == [False]
 
 
-@pytest.mark.parametrize(("eps", "match"), [
-    (0, r"integer >= 1, got 0"), (2.5, r"integer >= 1, got 2\.5"), (-1, "integer >= 1"),
-    ("1/2", "integer >= 1"), (float("inf"), "integer >= 1"), (float("nan"), "integer >= 1"),
-])
+@pytest.mark.parametrize(
+    ("eps", "match"),
+    [
+        (0, r"integer >= 1, got 0"),
+        (2.5, r"integer >= 1, got 2\.5"),
+        (-1, "integer >= 1"),
+        ("1/2", "integer >= 1"),
+        (float("inf"), "integer >= 1"),
+        (float("nan"), "integer >= 1"),
+    ],
+)
 def test_l0_eps_must_be_a_pixel_count(eps, match):
     with pytest.raises(ValueError, match=match):
         ThreatModel("l0", eps)
@@ -93,11 +100,12 @@ def test_projection_matches_brute_force(k, spread):
     p = t.project(v, x)
     assert t.contains(p, x).all() and (changed_pixels(p, x) <= k).all()
     for i in range(len(x)):
-        want, want_d = brute_force_projection(as_pixels(v[i:i + 1])[0],
-                                              as_pixels(x[i:i + 1])[0], k, lo, hi)
+        want, want_d = brute_force_projection(
+            as_pixels(v[i : i + 1])[0], as_pixels(x[i : i + 1])[0], k, lo, hi
+        )
         got_d = float((p[i] - v[i]).square().sum())
         assert got_d == pytest.approx(want_d, rel=1e-12, abs=1e-12)
-        assert torch.allclose(as_pixels(p[i:i + 1])[0], want)  # gains have no ties here
+        assert torch.allclose(as_pixels(p[i : i + 1])[0], want)  # gains have no ties here
 
 
 def test_projection_inside_the_box_keeps_the_largest_changes():
@@ -144,8 +152,9 @@ def test_steepest_step_is_the_l1_normalised_gradient():
     s = ThreatModel("l0", 3).steepest_step(g, 7.0)
     assert torch.allclose(s.flatten(1).abs().sum(1), torch.full((3,), 7.0))
     assert torch.allclose(s * g.flatten(1).abs().sum(1)[:, None, None, None], 7.0 * g)
-    assert torch.equal(ThreatModel("l0", 3).steepest_step(torch.zeros_like(g), 7.0),
-                       torch.zeros_like(g))
+    assert torch.equal(
+        ThreatModel("l0", 3).steepest_step(torch.zeros_like(g), 7.0), torch.zeros_like(g)
+    )
 
 
 def test_box_diameter():
@@ -166,8 +175,9 @@ def test_only_attacks_declaring_l0_accept_it():
             continue
         with pytest.raises(ValueError, match=r"supports the norms .*not 'l0'"):
             cls(l0)
-    assert sorted(n for n in attacks.names() if "l0" in attacks.ATTACKS.get(n).norms) == \
-        sorted([*L0_ATTACKS, "cw-l0", "jsma"])  # and the minimum-norm l0 attacks
+    assert sorted(n for n in attacks.names() if "l0" in attacks.ATTACKS.get(n).norms) == sorted(
+        [*L0_ATTACKS, "cw-l0", "jsma"]
+    )  # and the minimum-norm l0 attacks
     for name in L0_ATTACKS:
         with pytest.raises(ValueError, match=r"supports the norms l0, not 'linf'"):
             attacks.create(name, ThreatModel("linf", 0.1))
@@ -222,12 +232,15 @@ def test_one_pixel_model_has_the_known_answer():
         assert flips.any().item() == flips.all().item()
 
 
-@pytest.mark.parametrize(("name", "options"), [("sparse-rs", {"n_queries": 300}),
-                                               ("pgd-l0", {"steps": 10, "restarts": 1})])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("sparse-rs", {"n_queries": 300}), ("pgd-l0", {"steps": 10, "restarts": 1})],
+)
 def test_attacks_find_the_one_pixel_example(name, options):
     model, x, y = one_pixel_model()
     res = attacks.create(name, ThreatModel("l0", 1), **options)(
-        model, x, y, generator=torch.Generator().manual_seed(0))
+        model, x, y, generator=torch.Generator().manual_seed(0)
+    )
     assert res.success.all()
     assert (changed_pixels(res.x_adv, x) == 1).all()
     changed = (res.x_adv != x).any(1).flatten(1)
@@ -247,9 +260,30 @@ def test_never_more_than_eps_changed_pixels(name, eps, toy_model, toy_data):
 # --- Sparse-RS's schedule, queries, small images ---------------------------------------------
 def test_alpha_schedule_is_the_reference():
     """rs_attacks.py's p_selection for L0, iterations rescaled to 10,000."""
-    got = [alpha_schedule(0.3, it, 10000) for it in (0, 1, 50, 51, 200, 201, 500, 501, 1000,
-                                                      1001, 2000, 2001, 4000, 4001, 6000,
-                                                      6001, 8000, 8001, 9999)]
+    got = [
+        alpha_schedule(0.3, it, 10000)
+        for it in (
+            0,
+            1,
+            50,
+            51,
+            200,
+            201,
+            500,
+            501,
+            1000,
+            1001,
+            2000,
+            2001,
+            4000,
+            4001,
+            6000,
+            6001,
+            8000,
+            8001,
+            9999,
+        )
+    ]
     div = [1, 2, 2, 4, 4, 5, 5, 6, 6, 8, 8, 10, 10, 12, 12, 15, 15, 20, 20]
     assert got == pytest.approx([0.3 / d for d in div])
     assert alpha_schedule(0.3, 5, 100) == pytest.approx(0.3 / 5)  # 5 of 100: 500 of 10,000
@@ -273,8 +307,9 @@ def test_sparse_rs_with_a_budget_of_every_pixel_recolours():
     assert ThreatModel("l0", 40).contains(res.x_adv, x).all() and res.success.all()
 
 
-def test_evaluate_and_the_cli_run_an_l0_threat(toy_model, toy_data, fake_fmnist, tmp_path,
-                                                monkeypatch):
+def test_evaluate_and_the_cli_run_an_l0_threat(
+    toy_model, toy_data, fake_fmnist, tmp_path, monkeypatch
+):
     """The evaluation (and its box check, in pixels) and ``--norm l0`` end to end."""
     import json
 
@@ -291,9 +326,41 @@ def test_evaluate_and_the_cli_run_an_l0_threat(toy_model, toy_data, fake_fmnist,
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
     out = tmp_path / "e"
-    assert main(["evaluate", str(ckpt), "--norm", "l0", "--eps", "5", "--suite", "quick",
-                 "--n-points", "4", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(ckpt),
+                "--norm",
+                "l0",
+                "--eps",
+                "5",
+                "--suite",
+                "quick",
+                "--n-points",
+                "4",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "results.json").read_text())
     assert rec["threat"]["norm"] == "l0" and rec["threat"]["eps"] == 5
-    assert main(["evaluate", str(ckpt), "--norm", "l0", "--eps", "784", "--quiet",
-                 "--out", str(tmp_path / "f")]) == 2  # covers every pixel: refused
+    assert (
+        main(
+            [
+                "evaluate",
+                str(ckpt),
+                "--norm",
+                "l0",
+                "--eps",
+                "784",
+                "--quiet",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 2
+    )  # covers every pixel: refused

@@ -31,24 +31,45 @@ from robustlab.training.objectives.gaussian_aug import GaussianAug
 
 # rho_r^-1(1/2) for r = 0, 1, ... as the reference code printed them
 MNIST_08 = [  # alpha = 0.8, K = 1
-    "0.50000000000000000001", "0.87500000000000000001", "0.96875000000000000001",
-    "0.99218750000000000001", "0.99275000000000000001", "0.99698750000000000001",
-    "0.99900687500000000001", "0.99970371875000000001", "0.99991632968750000001",
-    "0.99991875875000000001", "0.99996548168750000001", "0.99998822162187500001",
-    "0.99999636420546875001", "0.99999894052336718751", "0.99999895943106875001",
-    "0.99999955394032718751", "0.99999984569826579688", "0.99999995166789444922",
-    "0.99999998571004881231", "0.99999998589341508922", "0.99999999392417376591",
+    "0.50000000000000000001",
+    "0.87500000000000000001",
+    "0.96875000000000000001",
+    "0.99218750000000000001",
+    "0.99275000000000000001",
+    "0.99698750000000000001",
+    "0.99900687500000000001",
+    "0.99970371875000000001",
+    "0.99991632968750000001",
+    "0.99991875875000000001",
+    "0.99996548168750000001",
+    "0.99998822162187500001",
+    "0.99999636420546875001",
+    "0.99999894052336718751",
+    "0.99999895943106875001",
+    "0.99999955394032718751",
+    "0.99999984569826579688",
+    "0.99999995166789444922",
+    "0.99999998571004881231",
+    "0.99999998589341508922",
+    "0.99999999392417376591",
 ]
 IMAGENET_02 = [  # alpha = 0.2, K = 255
-    "0.50000000000000000000", "0.69686274509803921569", "0.85373533256439830835",
-    "0.97898829668830238747", "0.99493645881485561183", "0.99619020439204454170",
-    "0.99744272681434420339", "0.99864514829441225005", "0.99976849778447424675",
+    "0.50000000000000000000",
+    "0.69686274509803921569",
+    "0.85373533256439830835",
+    "0.97898829668830238747",
+    "0.99493645881485561183",
+    "0.99619020439204454170",
+    "0.99744272681434420339",
+    "0.99864514829441225005",
+    "0.99976849778447424675",
     "0.99993970389648837618",
 ]
 
 
-@pytest.mark.parametrize(("alpha", "levels", "table"),
-                         [(0.8, 1, MNIST_08), (0.2, 255, IMAGENET_02)])
+@pytest.mark.parametrize(
+    ("alpha", "levels", "table"), [(0.8, 1, MNIST_08), (0.2, 255, IMAGENET_02)]
+)
 def test_thresholds_match_the_reference_tables(alpha, levels, table):
     for r, printed in enumerate(table):
         assert abs(Fraction(printed) - l0_threshold(r, alpha, levels)) <= Fraction(1, 10**20), r
@@ -56,8 +77,16 @@ def test_thresholds_match_the_reference_tables(alpha, levels, table):
 
 def test_radius_reads_the_thresholds_as_the_paper_does():
     """R = the largest r with p_lower > rho_r^-1(1/2) (MNIST, alpha 0.8, K = 1, d = 784)."""
-    for p, expected in [(0.5, 0), (0.6, 0), (0.875, 0), (0.8751, 1), (0.99, 2), (0.9928, 4),
-                        (0.99992, 9), (1.0, 784)]:
+    for p, expected in [
+        (0.5, 0),
+        (0.6, 0),
+        (0.875, 0),
+        (0.8751, 1),
+        (0.99, 2),
+        (0.9928, 4),
+        (0.99992, 9),
+        (1.0, 784),
+    ]:
         assert l0_radius(p, 0.8, 784, levels=1) == expected, p
     assert l0_radius(0.4, 0.8, 784, levels=1) == 0
 
@@ -68,8 +97,10 @@ def _law(x, alpha, levels):
     probability alpha, else each of the other levels with (1 - alpha) / K."""
     a = Fraction(repr(alpha))
     b = (1 - a) / levels
-    return {z: math.prod(a if zi == xi else b for zi, xi in zip(z, x, strict=True))
-            for z in itertools.product(range(levels + 1), repeat=len(x))}
+    return {
+        z: math.prod(a if zi == xi else b for zi, xi in zip(z, x, strict=True))
+        for z in itertools.product(range(levels + 1), repeat=len(x))
+    }
 
 
 def _worst_case_threshold(p_law, q_law):
@@ -84,10 +115,19 @@ def _worst_case_threshold(p_law, q_law):
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize(("d", "levels", "alpha"), [
-    (2, 1, 0.8), (2, 2, 0.5), (2, 3, 0.1), (3, 1, 0.7), (3, 2, 0.9), (3, 3, 0.3), (4, 1, 0.6),
-    (4, 2, 0.4),
-])
+@pytest.mark.parametrize(
+    ("d", "levels", "alpha"),
+    [
+        (2, 1, 0.8),
+        (2, 2, 0.5),
+        (2, 3, 0.1),
+        (3, 1, 0.7),
+        (3, 2, 0.9),
+        (3, 3, 0.3),
+        (4, 1, 0.6),
+        (4, 2, 0.4),
+    ],
+)
 def test_thresholds_match_brute_force_over_every_pair(d, levels, alpha):
     """Every x (the first few when there are many) and every x' at l0 distance r: the worst
     case over all noisy points equals l0_threshold(r); alpha 0.1 with K = 3 keeps less often
@@ -181,8 +221,15 @@ def test_noise_is_off_for_unquantised_inputs_and_certify_refuses_them():
     with pytest.raises(ValueError, match="quantise it first"):
         certify_iter(_KeepsFirst(), x, sigma=0.9, noise="uniform-l0", n0=5, n=10)
     with pytest.raises(ValueError, match="bounds"):
-        certify_iter(_KeepsFirst(), _levels(1, 0), sigma=0.9, noise="uniform-l0", n0=5, n=10,
-                     bounds=(0.0, 2.0))
+        certify_iter(
+            _KeepsFirst(),
+            _levels(1, 0),
+            sigma=0.9,
+            noise="uniform-l0",
+            n0=5,
+            n=10,
+            bounds=(0.0, 2.0),
+        )
 
 
 @pytest.mark.parametrize("keep", [0.0, 1.0, 1.2, -0.1])
@@ -205,9 +252,12 @@ def test_certify_end_to_end_on_a_toy_model():
     x = _levels(2, 3)
     x.view(2, -1)[:, :30] = 0.0
     g = torch.Generator().manual_seed(0)
-    certs = list(certify_iter(_KeepsFirst(), x, sigma=0.2, noise="uniform-l0", n0=20, n=2000,
-                              alpha=0.001, generator=g))
-    p = 1 - 0.8 ** 30
+    certs = list(
+        certify_iter(
+            _KeepsFirst(), x, sigma=0.2, noise="uniform-l0", n0=20, n=2000, alpha=0.001, generator=g
+        )
+    )
+    p = 1 - 0.8**30
     for c in certs:
         assert c.prediction == 0 and c.norm == "l0"
         assert abs(c.count / 2000 - p) < 5 * math.sqrt(p * (1 - p) / 2000)
@@ -223,8 +273,14 @@ def test_smoothing_defense_and_gaussian_aug_draw_the_l0_noise():
             return torch.zeros(len(x), 2, requires_grad=True)
 
     x = _levels(3, 4)
-    smooth = rl.defenses.create("smoothing", Recorder(), sigma=0.8, noise="uniform-l0",
-                                samples=50, generator=torch.Generator().manual_seed(0))
+    smooth = rl.defenses.create(
+        "smoothing",
+        Recorder(),
+        sigma=0.8,
+        noise="uniform-l0",
+        samples=50,
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         smooth.eval()(x)
     noisy = torch.cat(seen)
@@ -232,8 +288,9 @@ def test_smoothing_defense_and_gaussian_aug_draw_the_l0_noise():
     assert abs((noisy == x.repeat_interleave(50, 0)).float().mean().item() - 0.8) < 0.03
     seen.clear()
     objective = GaussianAug(sigma=0.8, noise="uniform-l0")
-    loss = objective.loss(Recorder(), x, torch.zeros(3, dtype=torch.long), None,
-                          torch.Generator().manual_seed(0))
+    loss = objective.loss(
+        Recorder(), x, torch.zeros(3, dtype=torch.long), None, torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(loss) and 0.6 < (seen[0] == x).float().mean() < 0.95
     assert ((seen[0] * 255 - (seen[0] * 255).round()).abs() < 1e-3).all()
 
@@ -242,8 +299,21 @@ def test_cli_certifies_l0(fake_fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    args = ["certify", str(ckpt), "--noise", "uniform-l0", "--n", "50", "--n0", "10",
-            "--n-points", "2", "--device", "cpu", "--quiet"]
+    args = [
+        "certify",
+        str(ckpt),
+        "--noise",
+        "uniform-l0",
+        "--n",
+        "50",
+        "--n0",
+        "10",
+        "--n-points",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert cli.main([*args, "--keep", "0.9", "--out", str(tmp_path / "c")]) == 0
     summary = json.loads((tmp_path / "c" / "certify.json").read_text())
     assert summary["norm"] == "l0" and summary["config"]["noise"] == "uniform-l0"

@@ -44,7 +44,7 @@ def test_error_score_is_the_mean_pth_power_of_the_reconstruction_error(toy_model
     # the identity reconstructs exactly: score 0; a constant offset c: score |c|^p
     assert float(MagNet(toy_model, nn.Identity(), p=p).score(x).abs().max()) == 0.0
     const = MagNet(toy_model, Masked(torch.ones(1), offset=0.1), p=p).score(x)
-    torch.testing.assert_close(const, torch.full((16,), 0.1 ** p), rtol=1e-4, atol=0)
+    torch.testing.assert_close(const, torch.full((16,), 0.1**p), rtol=1e-4, atol=0)
 
 
 def test_jsd_score_against_a_numpy_computation(toy_model, toy_data):
@@ -102,7 +102,8 @@ def test_autoencoder_has_the_papers_layers():
     one = MagNetAutoencoder(pool=True)
     convs = [m for m in one.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == (
-        [(1, 3, (3, 3))] + [(3, 3, (3, 3))] * 3 + [(3, 1, (3, 3))])
+        [(1, 3, (3, 3))] + [(3, 3, (3, 3))] * 3 + [(3, 1, (3, 3))]
+    )
     assert sum(isinstance(m, nn.AvgPool2d) for m in one.modules()) == 1
     assert sum(isinstance(m, nn.Sigmoid) for m in one.modules()) == 5
     two = MagNetAutoencoder(pool=False)
@@ -137,8 +138,9 @@ def test_training_reduces_the_reconstruction_error_and_resumes(toy_data, tmp_pat
     loaded = load_autoencoder(tmp_path / "a" / WEIGHTS_FILE)
     assert loaded.robustlab_meta["epoch"] == 8 and loaded.robustlab_meta["noise"] == 0.1
     with pytest.raises(ValueError, match="settings differ"):
-        train_autoencoder(resumed, x, epochs=9, batch_size=16, lr=0.02, noise=0.2,
-                          out=tmp_path / "b")
+        train_autoencoder(
+            resumed, x, epochs=9, batch_size=16, lr=0.02, noise=0.2, out=tmp_path / "b"
+        )
 
 
 def test_magnet_takes_a_checkpoint_path(toy_model, toy_data, tmp_path):

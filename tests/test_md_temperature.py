@@ -43,8 +43,8 @@ def test_the_toy_model_has_imbalanced_gradients():
     model = Imbalanced()
     xg = x.clone().requires_grad_()
     z = model(xg)
-    g0, = torch.autograd.grad(z[:, 0].sum(), xg, retain_graph=True)
-    g1, = torch.autograd.grad(z[:, 1].sum(), xg)
+    (g0,) = torch.autograd.grad(z[:, 0].sum(), xg, retain_graph=True)
+    (g1,) = torch.autograd.grad(z[:, 1].sum(), xg)
     assert (g0.abs() < 1e-2 * g1.abs()).all() and (g0 != 0).all()
     assert (z.argmax(1) == y).all()  # clean: correct
     with torch.no_grad():  # the known answer: the ball's corner x + 0.3 is adversarial
@@ -55,9 +55,12 @@ def test_the_toy_model_has_imbalanced_gradients():
 def test_margin_attacks_fail_where_md_first_stage_succeeds(threat):
     x, y = imbalanced_batch()
     model = Imbalanced()
-    for name, opts in [("pgd", {"loss": "cw-margin", "steps": 50, "restarts": 2}),
-                       ("pgd", {"loss": "ce", "steps": 50}), ("apgd-ce", {"steps": 50}),
-                       ("md", {"change_point": 0})]:  # MD's runs on the margin alone
+    for name, opts in [
+        ("pgd", {"loss": "cw-margin", "steps": 50, "restarts": 2}),
+        ("pgd", {"loss": "ce", "steps": 50}),
+        ("apgd-ce", {"steps": 50}),
+        ("md", {"change_point": 0}),
+    ]:  # MD's runs on the margin alone
         res = attacks.create(name, threat, **opts)(model, x, y)
         assert res.robust_accuracy == 1.0, (name, opts)
     for name in ("md", "md-mt"):
@@ -70,6 +73,7 @@ def _recorder(log: list, name: str, fn):
     def term(logits, y, t):
         log.append((name, None if t is None else t.tolist()))
         return fn(logits, y, t)
+
     return term
 
 
@@ -106,7 +110,15 @@ def test_md_default_schedule():
     assert sizes[0] == sizes[20] == 1.0 and sizes[21] == pytest.approx(sizes[1])
     assert sizes[49] == pytest.approx((1 + math.cos(math.pi * 29 / 30)) / 2)
     assert [md.term_at(i, r, 20) for r in (0, 1) for i in (0, 19, 20, 49)] == [
-        "true", "true", "margin", "margin", "other", "other", "margin", "margin"]
+        "true",
+        "true",
+        "margin",
+        "margin",
+        "other",
+        "other",
+        "margin",
+        "margin",
+    ]
 
 
 class Fixed(nn.Module):
@@ -131,14 +143,27 @@ def test_md_mt_targets_the_most_likely_wrong_classes_in_turn(monkeypatch):
 def test_md_config_and_bad_options():
     linf = ThreatModel("linf", 0.1)
     cfg = attacks.create("md-mt", linf, k=3, restarts=2, steps=10).config()
-    assert cfg == {"name": "md-mt", "loss": "cw-margin", "targeted": False, "steps": 10,
-                   "step_size": pytest.approx(0.2), "restarts": 2, "change_point": 4, "k": 3,
-                   "runs": 2}
-    for opts, match in [({"change_point": 11, "steps": 10}, r"change_point must be an integer "
-                         r"in \[0, 10\], got 11"),
-                        ({"change_point": -1}, "change_point must be"),
-                        ({"restarts": 0}, "restarts must be an integer >= 1"),
-                        ({"step_size": 0}, "step_size must be")]:
+    assert cfg == {
+        "name": "md-mt",
+        "loss": "cw-margin",
+        "targeted": False,
+        "steps": 10,
+        "step_size": pytest.approx(0.2),
+        "restarts": 2,
+        "change_point": 4,
+        "k": 3,
+        "runs": 2,
+    }
+    for opts, match in [
+        (
+            {"change_point": 11, "steps": 10},
+            r"change_point must be an integer "
+            r"in \[0, 10\], got 11",
+        ),
+        ({"change_point": -1}, "change_point must be"),
+        ({"restarts": 0}, "restarts must be an integer >= 1"),
+        ({"step_size": 0}, "step_size must be"),
+    ]:
         with pytest.raises(ValueError, match=match):
             attacks.create("md", linf, **opts)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
@@ -148,6 +173,7 @@ def test_md_config_and_bad_options():
 
 
 # --- the temperature option ----------------------------------------------------------------
+
 
 class Scaled(nn.Module):
     """``factor`` times the logits of ``inner``: a distilled network (trained at temperature
@@ -166,7 +192,7 @@ def test_temperature_attacks_a_saturated_softmax(name, opts, toy_model, toy_data
     x, y = toy_data[0][:32], toy_data[1][:32]
     model = Scaled(toy_model, 1000.0)
     xg = x.clone().requires_grad_()
-    grad, = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
     assert (grad == 0).all()  # float32 softmax saturated: the CE gradient underflows to 0
     threat = ThreatModel("linf", 0.3)
     plain = attacks.create(name, threat, loss="ce", **opts)

@@ -65,11 +65,13 @@ def test_deepfool_exact_in_one_step_on_an_affine_binary_classifier(norm, oversho
 def three_class(candidates: int) -> tuple[Tensor, Tensor]:
     """DeepFool on a 3-class affine model at x = (0.5, 0.5): the runner-up class 2
     (logit -0.4) lies 0.2 away, class 1 (logit -1) only 0.1; returns (x_adv, min_norm)."""
-    model = Affine(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 2.0]]),
-                   torch.tensor([0.0, -6.0, -1.4]))
+    model = Affine(
+        torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 2.0]]), torch.tensor([0.0, -6.0, -1.4])
+    )
     x = torch.full((1, 1, 1, 2), 0.5, dtype=F64)
     res = attacks.create("deepfool", ThreatModel("l2", 1.0), candidates=candidates)(
-        model, x, torch.tensor([0]))
+        model, x, torch.tensor([0])
+    )
     return res.x_adv.flatten(), res.min_norm
 
 
@@ -105,8 +107,16 @@ def test_ead_first_step_by_hand(fista):
     keep = y == 0
     x, y, w = x[keep], y[keep], model.w[1]
     c, lr, beta = 5.0, 0.01, 0.01
-    atk = attacks.create("ead", ThreatModel("l1", 100.0), steps=1, search_steps=1,
-                         initial_const=c, lr=lr, beta=beta, fista=fista)
+    atk = attacks.create(
+        "ead",
+        ThreatModel("l1", 100.0),
+        steps=1,
+        search_steps=1,
+        initial_const=c,
+        lr=lr,
+        beta=beta,
+        fista=fista,
+    )
     res = atk(model, x, y)
     want = x.clone().flatten(1)
     for i in range(len(want)):
@@ -157,7 +167,8 @@ def test_lbfgs_targeted_reaches_its_targets(linear):
     x, y = x[:20], y[:20]
     target = (y + 1) % 4
     res = attacks.create("lbfgs", ThreatModel("l2", 10.0), targeted=True, steps=50)(
-        model, x, y, target=target)
+        model, x, y, target=target
+    )
     assert res.success.all() and torch.equal(model(res.x_adv).argmax(1), target)
 
 
@@ -181,23 +192,27 @@ def test_ead_close_to_the_exact_minimal_l1_and_its_decision_rules(linear):
     def elastic(res):
         d = (res.x_adv - x).flatten(1)
         return 1e-2 * d.abs().sum(1) + d.pow(2).sum(1)
+
     assert (elastic(en)[both] <= elastic(l1)[both] + 1e-6).all()
 
 
-@pytest.mark.parametrize(("name", "norm", "opts", "match"), [
-    ("deepfool", "l2", {"candidates": 1}, "candidates"),
-    ("deepfool", "l2", {"overshoot": -0.1}, "overshoot"),
-    ("deepfool", "linf", {"steps": 0}, "steps"),
-    ("lbfgs", "l2", {"initial_const": 0}, "initial_const"),
-    ("lbfgs", "l2", {"search_steps": 0}, "search_steps"),
-    ("ead", "l1", {"beta": -1e-3}, "beta"),
-    ("ead", "l1", {"decision_rule": "l2"}, r"unknown decision_rule 'l2'.*en, l1"),
-    ("ead", "l1", {"lr": 0}, "lr"),
-    ("ead", "l1", {"kappa": -1}, "kappa"),
-    ("deepfool", "l1", {}, r"supports the norms l2, linf"),
-    ("lbfgs", "linf", {}, r"supports the norms l2"),
-    ("ead", "l2", {}, r"supports the norms l1"),
-])
+@pytest.mark.parametrize(
+    ("name", "norm", "opts", "match"),
+    [
+        ("deepfool", "l2", {"candidates": 1}, "candidates"),
+        ("deepfool", "l2", {"overshoot": -0.1}, "overshoot"),
+        ("deepfool", "linf", {"steps": 0}, "steps"),
+        ("lbfgs", "l2", {"initial_const": 0}, "initial_const"),
+        ("lbfgs", "l2", {"search_steps": 0}, "search_steps"),
+        ("ead", "l1", {"beta": -1e-3}, "beta"),
+        ("ead", "l1", {"decision_rule": "l2"}, r"unknown decision_rule 'l2'.*en, l1"),
+        ("ead", "l1", {"lr": 0}, "lr"),
+        ("ead", "l1", {"kappa": -1}, "kappa"),
+        ("deepfool", "l1", {}, r"supports the norms l2, linf"),
+        ("lbfgs", "linf", {}, r"supports the norms l2"),
+        ("ead", "l2", {}, r"supports the norms l1"),
+    ],
+)
 def test_bad_options_and_norms(name, norm, opts, match):
     with pytest.raises(ValueError, match=match):
         attacks.create(name, ThreatModel(norm, 1.0), **opts)

@@ -61,10 +61,16 @@ def test_fab_t_robust_accuracy_matches_exact(linear):
     assert torch.equal(full.success, early.success)  # early stop changes only the work
 
 
-@pytest.mark.parametrize(("name", "norm", "eps", "opts"), [
-    ("fab", "linf", 1.0, {}), ("fab-t", "l2", 16.0, {}), ("fab", "l1", 256.0, {}),
-    ("ddn", "l2", 16.0, {}), ("cw-l2", "l2", 16.0, {"steps": 100, "search_steps": 5}),
-])
+@pytest.mark.parametrize(
+    ("name", "norm", "eps", "opts"),
+    [
+        ("fab", "linf", 1.0, {}),
+        ("fab-t", "l2", 16.0, {}),
+        ("fab", "l1", 256.0, {}),
+        ("ddn", "l2", 16.0, {}),
+        ("cw-l2", "l2", 16.0, {"steps": 100, "search_steps": 5}),
+    ],
+)
 def test_unbounded_success(name, norm, eps, opts, toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     res = attacks.create(name, ThreatModel(norm, eps), early_stop=True, **opts)(toy_model, x, y)
@@ -90,8 +96,11 @@ def test_hyperplane_projection_is_feasible_and_minimal(norm):
     c = 0.3 * torch.randn(50, generator=g, dtype=torch.float64)
     d = project_on_hyperplane(norm, w, c, -p, 1 - p)
     assert ((d >= -p - 1e-12) & (d <= 1 - p + 1e-12)).all()
-    reachable = torch.where(c > 0, (w * torch.where(w > 0, 1 - p, -p)).sum(1),
-                            (w * torch.where(w > 0, -p, 1 - p)).sum(1))
+    reachable = torch.where(
+        c > 0,
+        (w * torch.where(w > 0, 1 - p, -p)).sum(1),
+        (w * torch.where(w > 0, -p, 1 - p)).sum(1),
+    )
     feasible = c.abs() <= reachable.abs()
     assert torch.allclose((w * d).sum(1)[feasible], c[feasible])
     assert torch.allclose((w * d).sum(1)[~feasible], reachable[~feasible])
@@ -108,12 +117,19 @@ def test_hyperplane_projection_is_feasible_and_minimal(norm):
         assert (t.distance(d, zero)[ok] <= t.distance(q, zero)[ok] + 1e-9).all()
 
 
-@pytest.mark.parametrize(("name", "opts", "match"), [
-    ("fab", {"steps": 0}, "steps"), ("fab", {"beta": 1.5}, "beta"),
-    ("fab", {"eta": 0.5}, "eta"), ("fab-t", {"n_target_classes": 0}, "n_target_classes"),
-    ("ddn", {"gamma": 1.0}, "gamma"), ("ddn", {"levels": 1}, "levels"),
-    ("cw-l2", {"initial_const": 0}, "initial_const"), ("cw-l2", {"kappa": -1}, "kappa"),
-])
+@pytest.mark.parametrize(
+    ("name", "opts", "match"),
+    [
+        ("fab", {"steps": 0}, "steps"),
+        ("fab", {"beta": 1.5}, "beta"),
+        ("fab", {"eta": 0.5}, "eta"),
+        ("fab-t", {"n_target_classes": 0}, "n_target_classes"),
+        ("ddn", {"gamma": 1.0}, "gamma"),
+        ("ddn", {"levels": 1}, "levels"),
+        ("cw-l2", {"initial_const": 0}, "initial_const"),
+        ("cw-l2", {"kappa": -1}, "kappa"),
+    ],
+)
 def test_bad_options(name, opts, match):
     with pytest.raises(ValueError, match=match):
         attacks.create(name, ThreatModel("l2", 1.0), **opts)

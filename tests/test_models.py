@@ -56,8 +56,14 @@ def _tiny_smallcnn() -> nn.Module:
 
 
 def test_names_and_activations() -> None:
-    assert models.names() == ["ibp-small", "lenet", "preact-resnet18", "resnet20", "smallcnn",
-                              "wrn-34-10"]
+    assert models.names() == [
+        "ibp-small",
+        "lenet",
+        "preact-resnet18",
+        "resnet20",
+        "smallcnn",
+        "wrn-34-10",
+    ]
     assert models.activations() == ["gelu", "kwta", "relu", "silu", "softplus"]
 
 
@@ -67,8 +73,14 @@ def test_names_and_activations() -> None:
 def test_every_model_builds_and_gives_logits(
     name: str, activation: str, channels: int, size: int
 ) -> None:
-    model = models.create(name, num_classes=7, in_channels=channels, input_size=size,
-                          activation=activation, **TINY.get(name, {}))
+    model = models.create(
+        name,
+        num_classes=7,
+        in_channels=channels,
+        input_size=size,
+        activation=activation,
+        **TINY.get(name, {}),
+    )
     assert isinstance(next(iter(model.children())), models.Normalize)  # first layer
     used = {type(m) for m in model.modules()}
     wanted = {"relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -137,13 +149,22 @@ def test_create_rejects_bad_arguments() -> None:
 
 
 def test_create_records_full_recipe() -> None:
-    model = models.create("wrn-34-10", in_channels=3, input_size=32, mean=(0.5, 0.4, 0.3),
-                          depth=10, widen_factor=1)
+    model = models.create(
+        "wrn-34-10", in_channels=3, input_size=32, mean=(0.5, 0.4, 0.3), depth=10, widen_factor=1
+    )
     assert model.robustlab_arch == {
         "name": "wrn-34-10",
-        "kwargs": {"num_classes": 10, "in_channels": 3, "input_size": 32, "activation": "relu",
-                   "mean": pytest.approx([0.5, 0.4, 0.3]), "std": None,
-                   "depth": 10, "widen_factor": 1, "drop": 0.0},
+        "kwargs": {
+            "num_classes": 10,
+            "in_channels": 3,
+            "input_size": 32,
+            "activation": "relu",
+            "mean": pytest.approx([0.5, 0.4, 0.3]),
+            "std": None,
+            "depth": 10,
+            "widen_factor": 1,
+            "drop": 0.0,
+        },
     }
 
 
@@ -153,8 +174,9 @@ def test_create_records_full_recipe() -> None:
 def test_normalize_matches_formula() -> None:
     mean, std = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
     x = torch.rand(2, 3, 5, 4, generator=_gen())
-    expected = (x.numpy() - np.array(mean)[None, :, None, None]) / np.array(std)[None, :, None,
-                                                                                None]
+    expected = (x.numpy() - np.array(mean)[None, :, None, None]) / np.array(std)[
+        None, :, None, None
+    ]
     out = models.Normalize(mean, std)(x)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(models.Normalize(None, None)(x), x)
@@ -177,23 +199,36 @@ def test_normalize_rejects_bad_statistics() -> None:
 
 # --- checkpoints: round trip -----------------------------------------------------------------
 
-META = {"dataset": "fashion-mnist", "threat": {"norm": "linf", "eps": 0.1, "bounds": [0, 1]},
-        "objective": "pgd-at", "epoch": 3, "seed": 0}
+META = {
+    "dataset": "fashion-mnist",
+    "threat": {"norm": "linf", "eps": 0.1, "bounds": [0, 1]},
+    "objective": "pgd-at",
+    "epoch": 3,
+    "seed": 0,
+}
 
 
-@pytest.mark.parametrize(("name", "kw"), [
-    ("smallcnn", {}),
-    ("resnet20", {"in_channels": 3, "input_size": 32, "activation": "silu"}),
-    ("wrn-34-10", {"in_channels": 3, "input_size": 32, "depth": 10, "widen_factor": 1}),
-])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("smallcnn", {}),
+        ("resnet20", {"in_channels": 3, "input_size": 32, "activation": "silu"}),
+        ("wrn-34-10", {"in_channels": 3, "input_size": 32, "depth": 10, "widen_factor": 1}),
+    ],
+)
 def test_round_trip_identical_outputs(tmp_path: Path, name: str, kw: dict) -> None:
     model = _perturb(models.create(name, mean=0.5, std=0.25, **kw)).eval()
     path = models.save(model, tmp_path / "run" / "model.safetensors", meta=META)
     loaded = models.load(path)
     assert not loaded.training
     assert all(p.device.type == "cpu" for p in loaded.parameters())
-    x = torch.rand(2, kw.get("in_channels", 1), kw.get("input_size", 28), kw.get("input_size", 28),
-                   generator=_gen())
+    x = torch.rand(
+        2,
+        kw.get("in_channels", 1),
+        kw.get("input_size", 28),
+        kw.get("input_size", 28),
+        generator=_gen(),
+    )
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     for key, value in model.state_dict().items():
@@ -205,8 +240,16 @@ def test_round_trip_identical_outputs(tmp_path: Path, name: str, kw: dict) -> No
 def test_sidecar_fields(tmp_path: Path) -> None:
     path = models.save(_tiny_smallcnn(), tmp_path / "m.safetensors", meta=META)
     side = json.loads(path.with_suffix(".json").read_text())
-    for field in ("format_version", "architecture", "robustlab_version", "torch_version",
-                  "git_commit", "created", "sha256", *META):
+    for field in (
+        "format_version",
+        "architecture",
+        "robustlab_version",
+        "torch_version",
+        "git_commit",
+        "created",
+        "sha256",
+        *META,
+    ):
         assert field in side, field
     assert side["architecture"]["name"] == "smallcnn"
     assert side["threat"] == META["threat"] and side["epoch"] == 3
@@ -326,8 +369,11 @@ class _Payload:
 def test_pickles_are_refused_never_executed(tmp_path: Path, zip_format: bool) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "model.safetensors"
-    torch.save({"weights": torch.zeros(2), "evil": _Payload(marker)}, path,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"weights": torch.zeros(2), "evil": _Payload(marker)},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
     path.with_suffix(".json").write_text(json.dumps({"sha256": "0", "architecture": {}}))
     assert path.read_bytes().startswith(b"PK\x03\x04" if zip_format else b"\x80")
     with pytest.raises(ValueError, match=r"never unpickles.*weights_only=True"):
@@ -345,19 +391,31 @@ def test_models_package_never_unpickles() -> None:
     for source in Path(models.__file__).parent.glob("*.py"):
         tree = ast.parse(source.read_text())
         # the one exception: convert_weights, through PyTorch's restricted unpickler
-        restricted = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)
-                      and source.name == "convert.py" and any(
-                          k.arg == "weights_only" and isinstance(k.value, ast.Constant)
-                          and k.value.value is True for k in n.keywords)}
+        restricted = {
+            id(n.func)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+            and source.name == "convert.py"
+            and any(
+                k.arg == "weights_only"
+                and isinstance(k.value, ast.Constant)
+                and k.value.value is True
+                for k in n.keywords
+            )
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 assert not {a.name.split(".")[0] for a in node.names} & forbidden, source.name
             elif isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] not in forbidden, source.name
-            elif isinstance(node, ast.Attribute) and node.attr == "load" \
-                    and id(node) not in restricted:
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == "load"
+                and id(node) not in restricted
+            ):
                 assert not (isinstance(node.value, ast.Name) and node.value.id == "torch"), (
-                    f"{source.name}:{node.lineno} uses torch.load")
+                    f"{source.name}:{node.lineno} uses torch.load"
+                )
 
 
 def test_edited_sidecar_architecture_is_refused(tmp_path):
@@ -375,11 +433,14 @@ def test_edited_sidecar_architecture_is_refused(tmp_path):
 def test_same_weights_same_hashes(tmp_path):
     """Bit-identical weights give bit-identical files and hashes, in any process (safetensors
     writes a metadata map of several keys in an order that varies between processes)."""
-    script = ("import sys, torch; from robustlab.models import create, save; "
-              "torch.manual_seed(0); save(create('smallcnn', num_classes=10), sys.argv[1])")
+    script = (
+        "import sys, torch; from robustlab.models import create, save; "
+        "torch.manual_seed(0); save(create('smallcnn', num_classes=10), sys.argv[1])"
+    )
     for i in range(2):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{i}.safetensors")],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"m{i}.safetensors")], check=True
+        )
     torch.manual_seed(0)
     rl.models.save(rl.models.create("smallcnn", num_classes=10), tmp_path / "m2.safetensors")
     sides = [json.loads((tmp_path / f"m{i}.json").read_text()) for i in range(3)]

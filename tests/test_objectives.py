@@ -67,8 +67,11 @@ def test_objective_contract(name, arch, batch):
     assert loss.dim() == 0 and torch.isfinite(loss), loss
     loss.backward()
     obj.after_backward()
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"{name}: no finite gradient for {missing}"
     # eval mode stays eval mode
     model.eval()

@@ -157,8 +157,9 @@ def test_free_at_resume_from_state_dict_is_exact(batch):
 # --- trades, mart -------------------------------------------------------------------------------
 def _kl_by_hand(p, q):
     """KL(p_i || q_i) per row of two lists of probability vectors."""
-    return [sum(p[i][c] * math.log(p[i][c] / q[i][c]) for c in range(len(p[i])))
-            for i in range(len(p))]
+    return [
+        sum(p[i][c] * math.log(p[i][c] / q[i][c]) for c in range(len(p[i]))) for i in range(len(p))
+    ]
 
 
 def test_trades_outer_loss_by_hand(toy_model, batch):
@@ -246,7 +247,7 @@ def _train(objective: str, threat, **options) -> TinyCNN:
     for epoch in range(math.ceil(epochs / obj.replays)):
         order = torch.randperm(len(x), generator=_gen(epoch))
         for i in range(0, len(x), 64):
-            xb, yb = x[order[i:i + 64]], y[order[i:i + 64]]
+            xb, yb = x[order[i : i + 64]], y[order[i : i + 64]]
             for _ in range(obj.replays):
                 loss = obj(model, xb, yb, threat=threat, generator=gen)
                 opt.zero_grad()
@@ -266,11 +267,16 @@ def natural_robust_accuracy(toy_data):
 # PGD-20 robust accuracy measured over init seeds 0-3: natural 0.18-0.37, trades 0.59-0.83,
 # free-at 0.55-0.86, fast-at 0.74-0.81, mart 0.78-0.92 (smallest gap over natural: 0.28);
 # fgsm-at 0.43-0.62 is left out (gap down to 0.06).
-@pytest.mark.parametrize("objective, options", [("trades", {"steps": 5}),
-                                                ("free-at", {"replays": 4}),
-                                                ("fast-at", {}), ("mart", {"steps": 5})])
-def test_training_makes_a_model_more_robust(objective, options, natural_robust_accuracy,
-                                            toy_data):
+@pytest.mark.parametrize(
+    "objective, options",
+    [
+        ("trades", {"steps": 5}),
+        ("free-at", {"replays": 4}),
+        ("fast-at", {}),
+        ("mart", {"steps": 5}),
+    ],
+)
+def test_training_makes_a_model_more_robust(objective, options, natural_robust_accuracy, toy_data):
     threat = rl.ThreatModel("linf", 0.18)
     model = _train(objective, threat, **options)
     robust = rl.attacks.create("pgd", threat, steps=20)(model, *toy_data).robust_accuracy

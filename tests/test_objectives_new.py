@@ -60,7 +60,8 @@ def test_curriculum_state_resumes_the_same_schedule():
     for obj in (a, b):
         obj.begin_epoch(2, 5)
     assert (a.lesson, b.lesson) == (2, 2) and a.state_dict()["schedule"].equal(
-        b.state_dict()["schedule"])
+        b.state_dict()["schedule"]
+    )
     with pytest.raises(ValueError, match="set patience"):
         rl.training.create_objective("curriculum", patience=None, threshold=None)
 
@@ -135,11 +136,13 @@ def test_mixup_loss_is_the_mixed_cross_entropy_by_hand():
 
 
 def test_mixup_lambda_is_beta_alpha_alpha():
-    lams = np.array([rl.training.create_objective("mixup", alpha=1.0).draw(2, _gen(s))[0]
-                     for s in range(2000)])
-    assert abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - 12 ** -0.5) < 0.02  # uniform
-    small = np.array([rl.training.create_objective("mixup", alpha=0.1).draw(2, _gen(s))[0]
-                      for s in range(500)])
+    lams = np.array(
+        [rl.training.create_objective("mixup", alpha=1.0).draw(2, _gen(s))[0] for s in range(2000)]
+    )
+    assert abs(lams.mean() - 0.5) < 0.03 and abs(lams.std() - 12**-0.5) < 0.02  # uniform
+    small = np.array(
+        [rl.training.create_objective("mixup", alpha=0.1).draw(2, _gen(s))[0] for s in range(500)]
+    )
     assert np.mean((small < 0.05) | (small > 0.95)) > 0.6  # Beta(0.1, 0.1): mass at the ends
 
 
@@ -169,8 +172,9 @@ def test_mmc_with_pgd_takes_the_loss_at_the_ascent_of_the_mmc_loss():
 
 # --- noise-at: learnable input sigma ------------------------------------------------------
 def test_learnable_input_noise_is_trained_saved_and_switched_off(tmp_path):
-    model = rl.models.create("lenet", num_classes=4, input_size=16, noise="input",
-                             noise_options={"init": 0.15})
+    model = rl.models.create(
+        "lenet", num_classes=4, input_size=16, noise="input", noise_options={"init": 0.15}
+    )
     assert noise_parameter_names(model) == ["input_noise.sigma"]
     assert model.input_noise.sigma.robustlab_no_decay
     x = torch.rand(3, 1, 16, 16)
@@ -191,8 +195,9 @@ def test_learnable_input_noise_is_trained_saved_and_switched_off(tmp_path):
 
 
 def test_noise_at_with_sigma_model_trains_the_models_sigma():
-    model = rl.models.create("lenet", num_classes=4, input_size=16, noise="cni-w",
-                             noise_options={"input_sigma": 0.1})
+    model = rl.models.create(
+        "lenet", num_classes=4, input_size=16, noise="cni-w", noise_options={"input_sigma": 0.1}
+    )
     x, y = torch.rand(6, 1, 16, 16), torch.randint(0, 4, (6,))
     obj = rl.training.create_objective("noise-at", sigma="model", steps=1)
     torch.manual_seed(0)
@@ -208,8 +213,11 @@ def test_noise_at_with_sigma_model_trains_the_models_sigma():
 
 # --- Lipschitz control --------------------------------------------------------------------
 def _spectral_norms(model: nn.Module) -> list[float]:
-    return [torch.linalg.matrix_norm(m.weight.detach().flatten(1), 2).item()
-            for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return [
+        torch.linalg.matrix_norm(m.weight.detach().flatten(1), 2).item()
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
 
 
 def test_spectral_normalisation_bounds_every_layer_and_round_trips(tmp_path):

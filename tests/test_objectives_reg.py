@@ -51,7 +51,7 @@ def test_clp_pairs_each_example_with_another_on_known_logits():
     assert not obj.needs_threat
     loss = obj(nn.Identity(), logits, y, generator=gen(3))  # the "model" returns x as logits
     pairs = [((logits[i] - logits[int(partner[i])]) ** 2).sum() / 3 for i in range(4)]
-    squeeze = (logits ** 2).sum() / 12
+    squeeze = (logits**2).sum() / 12
     expected = F.cross_entropy(logits, y) + 0.5 * sum(pairs) / 4 + 0.2 * squeeze
     torch.testing.assert_close(loss, expected)
     same = create("clp", weight=3.0)(nn.Identity(), logits[[1, 1, 1]], y[:3], generator=gen(0))
@@ -128,11 +128,14 @@ def test_dynamic_at_schedule_and_stopping(toy_model, toy_data):
     stop_all = create("dynamic-at", steps=5, c_max=1e9)
     stop_all.begin_epoch(0, 10)
     one_step = PGD(threat, steps=1, step_size=0.025, keep_best=False)
-    torch.testing.assert_close(stop_all.perturb(toy_model, x, y, threat, gen(2)),
-                               one_step.craft(toy_model, x, y, gen(2)), atol=0, rtol=0)
+    torch.testing.assert_close(
+        stop_all.perturb(toy_model, x, y, threat, gen(2)),
+        one_step.craft(toy_model, x, y, gen(2)),
+        atol=0,
+        rtol=0,
+    )
     plain = PGD(threat, steps=5, step_size=0.025, keep_best=False).craft(toy_model, x, y, gen(2))
-    torch.testing.assert_close(obj.perturb(toy_model, x, y, threat, gen(2)), plain,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(obj.perturb(toy_model, x, y, threat, gen(2)), plain, atol=0, rtol=0)
     assert not torch.equal(plain, one_step.craft(toy_model, x, y, gen(2)))
     with pytest.raises(ValueError, match="linf"):
         obj(toy_model, x, y, threat=rl.ThreatModel("l2", 1.0))
@@ -151,7 +154,7 @@ def test_mma_finds_the_shortest_perturbation_of_a_linear_model():
     x_star, broken = obj.shortest(lin, x, y, threat, gen(0))
     assert broken.tolist() == [True, False]  # the second point needs 1.3 > d_max
     radius = threat.distance(x_star, x)
-    assert 0.11 <= radius[0] <= 0.11 + 0.4 / 2 ** 9  # the minimal linf distance 0.55 / 5
+    assert 0.11 <= radius[0] <= 0.11 + 0.4 / 2**9  # the minimal linf distance 0.55 / 5
     assert lin(x_star[:1]).argmax(1).item() == 1
     assert radius[1] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="linf and l2"):
@@ -196,14 +199,17 @@ def test_grad_reg_penalty_matches_the_closed_form_of_a_linear_model():
 
 
 # --- options -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, options, what", [
-    ("alp", {"weight": -1.0}, "alp weight"),
-    ("clp", {"squeeze": float("nan")}, "clp squeeze"),
-    ("vat", {"eps": 0}, "vat eps"),
-    ("dynamic-at", {"dynamic_epochs": 0}, "dynamic-at dynamic_epochs"),
-    ("mma", {"clean_weight": 1.5}, "mma clean_weight"),
-    ("grad-reg", {"weight": "1"}, "grad-reg weight"),
-])
+@pytest.mark.parametrize(
+    "name, options, what",
+    [
+        ("alp", {"weight": -1.0}, "alp weight"),
+        ("clp", {"squeeze": float("nan")}, "clp squeeze"),
+        ("vat", {"eps": 0}, "vat eps"),
+        ("dynamic-at", {"dynamic_epochs": 0}, "dynamic-at dynamic_epochs"),
+        ("mma", {"clean_weight": 1.5}, "mma clean_weight"),
+        ("grad-reg", {"weight": "1"}, "grad-reg weight"),
+    ],
+)
 def test_bad_options_are_named(name, options, what):
     with pytest.raises(ValueError, match=what):
         create(name, **options)
@@ -216,9 +222,19 @@ def _robust_accuracy(objective: str, options: dict, toy_data) -> float:
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the same initial weights for every objective
         model = TinyCNN()
-    rl.training.fit(model, (x, y), objective=objective, threat=threat, epochs=8, batch_size=64,
-                    optimizer="adam", lr=0.01, schedule="cosine", weight_decay=0.0,
-                    objective_options=options)
+    rl.training.fit(
+        model,
+        (x, y),
+        objective=objective,
+        threat=threat,
+        epochs=8,
+        batch_size=64,
+        optimizer="adam",
+        lr=0.01,
+        schedule="cosine",
+        weight_decay=0.0,
+        objective_options=options,
+    )
     return rl.attacks.create("pgd", threat, steps=20)(model, *toy_data).robust_accuracy
 
 

@@ -34,9 +34,18 @@ def _noisy_quadrants(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fit(model: nn.Module, data, objective: str, **options) -> nn.Module:
-    rl.training.fit(model, data, objective=objective, objective_options=options, epochs=4,
-                    batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0,
-                    schedule="constant")
+    rl.training.fit(
+        model,
+        data,
+        objective=objective,
+        objective_options=options,
+        epochs=4,
+        batch_size=64,
+        optimizer="adam",
+        lr=0.01,
+        weight_decay=0.0,
+        schedule="constant",
+    )
     return model.eval()
 
 
@@ -50,8 +59,11 @@ def test_distillation_teacher_stage_is_cross_entropy_at_temperature(toy_data):
     z = model(x) / 7.0
     by_hand = (torch.logsumexp(z, 1) - z[torch.arange(16), y]).mean()
     torch.testing.assert_close(obj(model, x, y), by_hand)
-    assert not obj.needs_threat and obj.config() == {"name": "distillation",
-                                                      "temperature": 7.0, "teacher": None}
+    assert not obj.needs_threat and obj.config() == {
+        "name": "distillation",
+        "temperature": 7.0,
+        "teacher": None,
+    }
 
 
 def test_distillation_student_loss_is_soft_cross_entropy(toy_data):
@@ -73,7 +85,8 @@ def test_distillation_student_loss_is_soft_cross_entropy(toy_data):
     assert obj.config()["teacher"] == "<module>"
     with pytest.raises(ValueError, match="same classes"):
         create("distillation", teacher=nn.Sequential(nn.Flatten(), nn.Linear(256, 3)))(
-            student, x, y)
+            student, x, y
+        )
 
 
 def test_distilled_student_at_t1_masks_gradients():
@@ -126,7 +139,7 @@ def test_mmc_centers_are_a_regular_simplex(classes):
     gram = mu @ mu.T
     expected = torch.full_like(gram, -10.0 / (classes - 1)).fill_diagonal_(10.0)
     torch.testing.assert_close(gram, expected, atol=1e-9, rtol=0)
-    assert torch.equal(mu[:, classes - 1:], torch.zeros_like(mu[:, classes - 1:]))
+    assert torch.equal(mu[:, classes - 1 :], torch.zeros_like(mu[:, classes - 1 :]))
     assert torch.equal(mu, mmc_centers(classes, classes + 4, c_mm=10.0))  # deterministic
     with pytest.raises(ValueError, match="feature dimension"):
         mmc_centers(classes, classes - 2, 10.0)
@@ -198,9 +211,13 @@ def test_rst_delegates_to_its_base(tmp_path, toy_data, toy_model):
     threat = rl.ThreatModel("linf", 0.1)
     path = models.save(models.create("lenet", **KW), tmp_path / "model.safetensors")
     obj = create("rst", teacher=path, labeled=8, base="pgd-at", base_options={"steps": 2})
-    assert obj.config() == {"name": "rst", "teacher": str(path), "labeled": 8, "base": "pgd-at",
-                            "base_options": {"steps": 2, "step_size": None,
-                                             "random_start": True}}
+    assert obj.config() == {
+        "name": "rst",
+        "teacher": str(path),
+        "labeled": 8,
+        "base": "pgd-at",
+        "base_options": {"steps": 2, "step_size": None, "random_start": True},
+    }
     student = copy.deepcopy(toy_model)
     loss = obj(student, x, y, threat=threat, generator=torch.Generator().manual_seed(1))
     base = create("pgd-at", steps=2)
@@ -237,9 +254,21 @@ def test_rst_trains_through_fit_on_the_pseudo_labels(toy_data):
             return F.one_hot(torch.zeros(len(x), dtype=torch.long), NUM_CLASSES).float()
 
     model = _model(0)
-    rl.training.fit(model, toy_data, objective="rst", threat=rl.ThreatModel("linf", 0.05),
-                    epochs=2, batch_size=64, optimizer="adam", lr=0.01,
-                    objective_options={"teacher": AlwaysZero(), "labeled": 16, "base": "pgd-at",
-                                       "base_options": {"steps": 1}})
+    rl.training.fit(
+        model,
+        toy_data,
+        objective="rst",
+        threat=rl.ThreatModel("linf", 0.05),
+        epochs=2,
+        batch_size=64,
+        optimizer="adam",
+        lr=0.01,
+        objective_options={
+            "teacher": AlwaysZero(),
+            "labeled": 16,
+            "base": "pgd-at",
+            "base_options": {"steps": 1},
+        },
+    )
     # trained on the pseudo-labels (the fit calls setup), not on the hidden true labels
     assert (model.eval()(toy_data[0]).argmax(1) == 0).float().mean() > 0.9

@@ -17,12 +17,15 @@ THREAT = rl.ThreatModel("linf", eps=0.2)
 def _attacks() -> list[rl.attacks.Attack]:
     """Deterministic attacks that treat each point on its own: a split batch gives the same
     points as the whole batch."""
-    return [rl.attacks.create("pgd", THREAT, steps=3, random_start=False),
-            rl.attacks.create("fgsm", THREAT)]
+    return [
+        rl.attacks.create("pgd", THREAT, steps=3, random_start=False),
+        rl.attacks.create("fgsm", THREAT),
+    ]
 
 
-def _limit_memory(monkeypatch: pytest.MonkeyPatch, atk: rl.attacks.Attack, fits: int,
-                  sizes: list[int]) -> None:
+def _limit_memory(
+    monkeypatch: pytest.MonkeyPatch, atk: rl.attacks.Attack, fits: int, sizes: list[int]
+) -> None:
     """Make ``atk`` run out of 'CUDA memory' on more than ``fits`` points; log every call."""
     perturb = atk.perturb
 
@@ -37,7 +40,8 @@ def _limit_memory(monkeypatch: pytest.MonkeyPatch, atk: rl.attacks.Attack, fits:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_an_out_of_memory_batch_is_attacked_in_halves_with_the_same_result(
-        monkeypatch, tmp_path, toy_model, toy_data, device):
+    monkeypatch, tmp_path, toy_model, toy_data, device
+):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model, (x, y) = toy_model.to(device), (toy_data[0][:12], toy_data[1][:12])
@@ -68,8 +72,10 @@ def test_a_single_point_that_does_not_fit_raises_clearly(monkeypatch, toy_model,
     model, (x, y) = toy_model, (toy_data[0][:12], toy_data[1][:12])
     attacks, sizes = _attacks(), []
     _limit_memory(monkeypatch, attacks[0], fits=0, sizes=sizes)
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="pgd runs out of CUDA memory on a "
-                       "single point .*evaluate on the CPU"):
+    with pytest.raises(
+        torch.cuda.OutOfMemoryError,
+        match="pgd runs out of CUDA memory on a single point .*evaluate on the CPU",
+    ):
         rl.evaluate(model, x, y, THREAT, attacks=attacks, batch_size=8)
     assert sizes[-1] == 1
 

@@ -40,9 +40,10 @@ def torch_iterates(opt_cls: type[torch.optim.Optimizer], **kw) -> list[torch.Ten
     return out
 
 
-@pytest.mark.parametrize(("name", "opt_cls"), [("sgd", torch.optim.SGD),
-                                               ("rmsprop", torch.optim.RMSprop),
-                                               ("adagrad", torch.optim.Adagrad)])
+@pytest.mark.parametrize(
+    ("name", "opt_cls"),
+    [("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop), ("adagrad", torch.optim.Adagrad)],
+)
 def test_update_rules_follow_torch_optim(name, opt_cls):
     """Unprojected, the rule's iterates are torch.optim's with its default hyper-parameters
     (so the defaults are torch's too)."""
@@ -52,31 +53,45 @@ def test_update_rules_follow_torch_optim(name, opt_cls):
     assert not torch.allclose(ours[-1], W0)  # it moved
 
 
-def tf_ftrl(w0: np.ndarray, lr: float, power: float = -0.5, acc0: float = 0.1, l1: float = 0.0,
-            l2: float = 0.0) -> list[np.ndarray]:
+def tf_ftrl(
+    w0: np.ndarray,
+    lr: float,
+    power: float = -0.5,
+    acc0: float = 0.1,
+    l1: float = 0.0,
+    l2: float = 0.0,
+) -> list[np.ndarray]:
     """TensorFlow's ApplyFtrl (training_ops.cc), minimising f = the maximised loss negated."""
     w, n, z, out = w0.copy(), np.full_like(w0, acc0), np.zeros_like(w0), []
     for _ in range(STEPS):
         g = -ascent_grad(torch.from_numpy(w)).numpy()  # df/dw
         n_new = n + g * g
-        z = z + g - (n_new ** -power - n ** -power) / lr * w
-        quadratic = n_new ** -power / lr + 2 * l2
+        z = z + g - (n_new**-power - n**-power) / lr * w
+        quadratic = n_new**-power / lr + 2 * l2
         w = np.where(np.abs(z) > l1, (np.sign(z) * l1 - z) / quadratic, 0.0)
         n = n_new
         out.append(w)
     return out
 
 
-@pytest.mark.parametrize("kw", [{}, {"l1": 0.2, "l2": 0.1}, {"lr_power": -0.3,
-                                                               "initial_accumulator": 1.0}])
+@pytest.mark.parametrize(
+    "kw", [{}, {"l1": 0.2, "l2": 0.1}, {"lr_power": -0.3, "initial_accumulator": 1.0}]
+)
 def test_ftrl_follows_tensorflows_kernel(kw):
     rule, w = FTRL(**kw), W0.clone()
-    ref = tf_ftrl(W0.numpy(), 0.5, kw.get("lr_power", -0.5), kw.get("initial_accumulator", 0.1),
-                  kw.get("l1", 0.0), kw.get("l2", 0.0))
+    ref = tf_ftrl(
+        W0.numpy(),
+        0.5,
+        kw.get("lr_power", -0.5),
+        kw.get("initial_accumulator", 0.1),
+        kw.get("l1", 0.0),
+        kw.get("l2", 0.0),
+    )
     for t, expected in enumerate(ref):
         w = rule.update(ascent_grad(w), w, 0.5)
-        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-12, atol=1e-15,
-                                   err_msg=f"step {t + 1}")
+        np.testing.assert_allclose(
+            w.numpy(), expected, rtol=1e-12, atol=1e-15, err_msg=f"step {t + 1}"
+        )
     if kw.get("l1"):
         assert (w == 0).any()  # l1 zeroes the coordinates whose |z| stays under it
 
@@ -94,9 +109,14 @@ def test_rmsprop_options_are_validated(kw, match):
         OPTIMIZERS["rmsprop"](**kw)
 
 
-@pytest.mark.parametrize(("kw", "match"), [({"initial_accumulator": 0.0}, "initial_accumulator"),
-                                           ({"lr_power": 0.5}, "lr_power"),
-                                           ({"l1": -0.1}, "l1")])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"initial_accumulator": 0.0}, "initial_accumulator"),
+        ({"lr_power": 0.5}, "lr_power"),
+        ({"l1": -0.1}, "l1"),
+    ],
+)
 def test_ftrl_options_are_validated(kw, match):
     with pytest.raises(ValueError, match=match):
         FTRL(**kw)
@@ -109,8 +129,9 @@ def test_pgd_takes_the_rules_own_projected_update(name, toy_model, toy_data):
     rmsprop and adagrad one and the same attack for linf)."""
     x, y = toy_data[0][:16], toy_data[1][:16]
     t, lr, steps = ThreatModel("linf", 0.3), 0.02, 3
-    atk = attacks.create("pgd", t, optimizer=name, steps=steps, step_size=lr,
-                         random_start=False, keep_best=False)
+    atk = attacks.create(
+        "pgd", t, optimizer=name, steps=steps, step_size=lr, random_start=False, keep_best=False
+    )
     got = atk(toy_model, x, y).x_adv
 
     def loss_at(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +142,9 @@ def test_pgd_takes_the_rules_own_projected_update(name, toy_model, toy_data):
     for _ in range(steps):
         xa = t.project(x + rule.update(atk.input_grad(loss_at, xa)[2], xa - x, lr), x)
     torch.testing.assert_close(got, xa, rtol=0, atol=1e-6)
-    sign = attacks.create("pgd", t, steps=steps, step_size=lr, random_start=False,
-                          keep_best=False)(toy_model, x, y).x_adv
+    sign = attacks.create("pgd", t, steps=steps, step_size=lr, random_start=False, keep_best=False)(
+        toy_model, x, y
+    ).x_adv
     assert not torch.allclose(got, sign, atol=1e-4)
 
 

@@ -35,9 +35,13 @@ def _folder(root, per_class: int = 2, channels: int = 3, suffix: str = ".png"):
         folder.mkdir(parents=True, exist_ok=True)
         # names that sort differently as numbers and as text: img10 before img2
         Image.fromarray(img).save(folder / f"img{10 if i % 2 else 2}{suffix}")
-    order = [j for c in range(len(CLASSES)) for j in
-             sorted(range(c * per_class, (c + 1) * per_class),
-                    key=lambda j: f"img{10 if j % 2 else 2}")]
+    order = [
+        j
+        for c in range(len(CLASSES))
+        for j in sorted(
+            range(c * per_class, (c + 1) * per_class), key=lambda j: f"img{10 if j % 2 else 2}"
+        )
+    ]
     return images[order], labels[order]
 
 
@@ -108,8 +112,11 @@ def test_a_mix_of_grayscale_and_rgb_is_refused_with_both_files_and_the_fix(tmp_p
     (tmp_path / "a").mkdir()
     Image.fromarray(_pixels(1, 1)[0]).save(tmp_path / "a" / "g.png")
     Image.fromarray(_pixels(1, 3)[0]).save(tmp_path / "a" / "h.png")
-    with pytest.raises(ValueError, match=r"mixes grayscale and RGB images: .*g\.png is "
-                                         r"grayscale, .*h\.png is RGB; .*convert\('RGB'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixes grayscale and RGB images: .*g\.png is "
+        r"grayscale, .*h\.png is RGB; .*convert\('RGB'\)",
+    ):
         data.from_folder(tmp_path)
 
 
@@ -145,8 +152,11 @@ def test_hidden_entries_are_ignored(tmp_path):
 def test_sixteen_bit_images_are_refused(tmp_path):
     (tmp_path / "a").mkdir()
     Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(tmp_path / "a" / "d.png")
-    with pytest.raises(ValueError, match=r"d\.png: Pillow mode 'I;16' .* save the images as "
-                                         "8-bit"):
+    with pytest.raises(
+        ValueError,
+        match=r"d\.png: Pillow mode 'I;16' .* save the images as "
+        "8-bit",
+    ):
         data.from_folder(tmp_path)
 
 
@@ -192,16 +202,22 @@ def test_a_mapping_is_copied_not_aliased():
 
 def test_a_safetensors_file_with_class_names(tmp_path):
     pixels, labels = _folder(tmp_path / "imgs")
-    save_file({"x": torch.from_numpy(pixels), "y": torch.from_numpy(labels)},
-              str(tmp_path / "a.safetensors"), metadata={"classes": json.dumps(CLASSES)})
+    save_file(
+        {"x": torch.from_numpy(pixels), "y": torch.from_numpy(labels)},
+        str(tmp_path / "a.safetensors"),
+        metadata={"classes": json.dumps(CLASSES)},
+    )
     save_numpy({"x": pixels.astype(np.float32) / 255, "y": labels}, str(tmp_path / "b.safetensors"))
     a = data.from_arrays(tmp_path / "a.safetensors")
     b = data.from_arrays(tmp_path / "b.safetensors", n=4)
     folder = data.from_folder(tmp_path / "imgs")
     assert torch.equal(a.x, folder.x) and torch.equal(a.y, folder.y) and a.classes == CLASSES
     assert b.classes is None and torch.allclose(b.x, folder.x[:4]) and b.y.tolist() == [0, 0, 1, 1]
-    save_file({"x": torch.from_numpy(pixels), "y": torch.from_numpy(labels)},
-              str(tmp_path / "c.safetensors"), metadata={"classes": "cat,dog"})
+    save_file(
+        {"x": torch.from_numpy(pixels), "y": torch.from_numpy(labels)},
+        str(tmp_path / "c.safetensors"),
+        metadata={"classes": "cat,dog"},
+    )
     with pytest.raises(ValueError, match="metadata 'classes' is not JSON"):
         data.from_arrays(tmp_path / "c.safetensors")
     (tmp_path / "d.safetensors").write_bytes(b"garbage")
@@ -218,30 +234,51 @@ def _npz(tmp_path, **arrays):
 X, Y = _pixels(3, 3), np.array([0, 1, 2])
 
 
-@pytest.mark.parametrize("arrays, words", [
-    ({"images": X, "y": Y}, r"bad\.npz: no array 'x'; it holds \['images', 'y'\]"),
-    ({"x": X, "labels": Y}, r"no array 'y'; it holds \['labels', 'x'\]"),
-    ({"x": X, "y": Y[:2]}, r"x holds 3 images but y has shape \(2,\); .* one integer label"),
-    ({"x": X, "y": Y[:, None]}, r"y has shape \(3, 1\)"),
-    ({"x": X / 1.0, "y": Y}, r"x has values in \[0, 255\], outside \[0, 1\]; .* divide 8-bit "
-                             r"values by 255 .* np\.clip\(x, 0, 1\)"),
-    ({"x": np.where(X > 100, np.nan, X / 255), "y": Y}, r"bad\.npz: x contains \d+ NaN or "
-                                                         "infinite values"),
-    ({"x": np.full(X.shape, np.inf), "y": Y}, "NaN or infinite"),
-    ({"x": X, "y": Y - 1}, r"bad\.npz: labels must be >= 0 .* got min label -1"),
-    ({"x": X, "y": Y + 0.5}, r"y holds float64 values, not integer labels; .*astype\(np\.int64"),
-    ({"x": X, "y": Y > 0}, r"y holds bool values, not integer labels"),
-    ({"x": X[0, ..., 0], "y": Y}, r"x must be \(N, C, H, W\), \(N, H, W, C\) or "
-                                  r"\(N, H, W\), got shape \(6, 5\) \(2 dimensions\)"),
-    ({"x": X[..., None], "y": Y}, r"5 dimensions"),
-    ({"x": np.zeros((3, 4, 6, 6), np.uint8), "y": Y}, r"no channel axis of size 1 .* or 3"),
-    ({"x": X.astype(np.uint16), "y": Y}, r"x has dtype uint16, not supported; store 8-bit "
-                                         r"images as uint8 .* float32 with values in \[0, 1\]"),
-    ({"x": X.astype(np.int64), "y": Y}, "x has dtype int64, not supported"),
-    ({"x": X, "y": Y, "classes": np.array(["a", "b"])}, r"label 2 is out of range for the 2 "
-                                                         "class names given"),
-    ({"x": X, "y": Y, "classes": np.array([[1, 2, 3]])}, "classes must be a 1-D string array"),
-])
+@pytest.mark.parametrize(
+    "arrays, words",
+    [
+        ({"images": X, "y": Y}, r"bad\.npz: no array 'x'; it holds \['images', 'y'\]"),
+        ({"x": X, "labels": Y}, r"no array 'y'; it holds \['labels', 'x'\]"),
+        ({"x": X, "y": Y[:2]}, r"x holds 3 images but y has shape \(2,\); .* one integer label"),
+        ({"x": X, "y": Y[:, None]}, r"y has shape \(3, 1\)"),
+        (
+            {"x": X / 1.0, "y": Y},
+            r"x has values in \[0, 255\], outside \[0, 1\]; .* divide 8-bit "
+            r"values by 255 .* np\.clip\(x, 0, 1\)",
+        ),
+        (
+            {"x": np.where(X > 100, np.nan, X / 255), "y": Y},
+            r"bad\.npz: x contains \d+ NaN or "
+            "infinite values",
+        ),
+        ({"x": np.full(X.shape, np.inf), "y": Y}, "NaN or infinite"),
+        ({"x": X, "y": Y - 1}, r"bad\.npz: labels must be >= 0 .* got min label -1"),
+        (
+            {"x": X, "y": Y + 0.5},
+            r"y holds float64 values, not integer labels; .*astype\(np\.int64",
+        ),
+        ({"x": X, "y": Y > 0}, r"y holds bool values, not integer labels"),
+        (
+            {"x": X[0, ..., 0], "y": Y},
+            r"x must be \(N, C, H, W\), \(N, H, W, C\) or "
+            r"\(N, H, W\), got shape \(6, 5\) \(2 dimensions\)",
+        ),
+        ({"x": X[..., None], "y": Y}, r"5 dimensions"),
+        ({"x": np.zeros((3, 4, 6, 6), np.uint8), "y": Y}, r"no channel axis of size 1 .* or 3"),
+        (
+            {"x": X.astype(np.uint16), "y": Y},
+            r"x has dtype uint16, not supported; store 8-bit "
+            r"images as uint8 .* float32 with values in \[0, 1\]",
+        ),
+        ({"x": X.astype(np.int64), "y": Y}, "x has dtype int64, not supported"),
+        (
+            {"x": X, "y": Y, "classes": np.array(["a", "b"])},
+            r"label 2 is out of range for the 2 "
+            "class names given",
+        ),
+        ({"x": X, "y": Y, "classes": np.array([[1, 2, 3]])}, "classes must be a 1-D string array"),
+    ],
+)
 def test_bad_arrays_get_an_error_naming_the_file_and_the_fix(tmp_path, arrays, words):
     path = _npz(tmp_path, **arrays)
     with pytest.raises(ValueError, match=words) as err:
@@ -286,9 +323,12 @@ def test_a_pickled_object_array_is_refused_and_never_run(tmp_path, key):
     arrays = {"x": X, "y": Y, "classes": np.array(CLASSES)}
     arrays[key] = np.array([Payload(marker)], dtype=object)
     np.savez(tmp_path / "evil.npz", **arrays)
-    with pytest.raises(ValueError, match=rf"evil\.npz: array '{key}' holds pickled Python "
-                                         r"objects, refused; robustlab "
-                                         "never unpickles"):
+    with pytest.raises(
+        ValueError,
+        match=rf"evil\.npz: array '{key}' holds pickled Python "
+        r"objects, refused; robustlab "
+        "never unpickles",
+    ):
         data.from_arrays(tmp_path / "evil.npz")
     assert not marker.exists()
     with np.load(tmp_path / "evil.npz", allow_pickle=True) as f:  # the payload is live

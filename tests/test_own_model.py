@@ -22,8 +22,9 @@ from robustlab.models.spec import parse_normalize
 class TinyNet(nn.Module):
     """The user's model: conv, batch norm, global average pool, linear."""
 
-    def __init__(self, num_classes: int = 3, width: int = 4, in_channels: int = 3,
-                 tag: object = None) -> None:
+    def __init__(
+        self, num_classes: int = 3, width: int = 4, in_channels: int = 3, tag: object = None
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
         self.bn = nn.BatchNorm2d(width)
@@ -46,8 +47,10 @@ def net_file(tmp_path: Path) -> Path:
     """This file's model, written to a .py file of its own as a user would have it."""
     path = tmp_path / "code" / "net.py"
     path.parent.mkdir()
-    path.write_text("import torch\nfrom torch import nn\n\n\n" + "\n\n".join(
-        inspect.getsource(f) for f in (TinyNet, make_net, not_a_model)))
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n\n"
+        + "\n\n".join(inspect.getsource(f) for f in (TinyNet, make_net, not_a_model))
+    )
     return path
 
 
@@ -68,29 +71,58 @@ def test_from_spec_builds_the_users_class_and_function(net_file):
     assert type(model).__name__ == "TinyNet" and model.conv.out_channels == 6
     assert model(X).shape == (4, 3)
     assert model.robustlab_spec == {
-        "spec": f"{net_file.resolve()}:TinyNet", "options": {"width": 6}, "normalize": None,
+        "spec": f"{net_file.resolve()}:TinyNet",
+        "options": {"width": 6},
+        "normalize": None,
         "code_sha256": hashlib.sha256(net_file.read_bytes()).hexdigest(),
-        "weights": None, "weights_sha256": None}
+        "weights": None,
+        "weights_sha256": None,
+    }
     assert models.from_spec(f"{net_file}:make_net", num_classes=5)(X).shape == (4, 5)
     linear = models.from_spec("torch.nn:Linear", in_features=4, out_features=2)  # a module
     assert isinstance(linear, nn.Linear) and linear.robustlab_spec["code_sha256"] is None
 
 
-@pytest.mark.parametrize(("spec", "options", "error", "match"), [
-    ("{f}", {}, ValueError, r"model spec must be 'path/to/file\.py:NAME' or "
-                            r"'package\.module:NAME'"),
-    ("{d}/missing.py:Net", {}, FileNotFoundError, r"model file .*missing\.py.* not found"),
-    ("{f}:Nope", {}, ValueError, r"has no 'Nope'; it defines TinyNet, make_net, not_a_model"),
-    ("{f}:TinyNet", {"depth": 3}, TypeError,
-     r"does not take option\(s\) \['depth'\]; its parameters are \(num_classes: int = 3, "
-     r"width: int = 4"),
-    ("{f}:not_a_model", {}, TypeError, r"returned a int, not an nn\.Module"),
-    ("torch.nn:Linear", {"in_features": 3}, TypeError,
-     r"missing a required argument: 'out_features'.*--model-option"),
-    ("no_such_package.sub:Net", {}, ValueError, r"cannot import module 'no_such_package\.sub'"),
-    ("torch.nn:nothing_here", {}, ValueError, r"has no 'nothing_here'"),
-], ids=["no-colon", "no-file", "no-name", "bad-option", "not-a-module", "missing-option",
-        "no-module", "no-name-in-module"])
+@pytest.mark.parametrize(
+    ("spec", "options", "error", "match"),
+    [
+        (
+            "{f}",
+            {},
+            ValueError,
+            r"model spec must be 'path/to/file\.py:NAME' or "
+            r"'package\.module:NAME'",
+        ),
+        ("{d}/missing.py:Net", {}, FileNotFoundError, r"model file .*missing\.py.* not found"),
+        ("{f}:Nope", {}, ValueError, r"has no 'Nope'; it defines TinyNet, make_net, not_a_model"),
+        (
+            "{f}:TinyNet",
+            {"depth": 3},
+            TypeError,
+            r"does not take option\(s\) \['depth'\]; its parameters are \(num_classes: int = 3, "
+            r"width: int = 4",
+        ),
+        ("{f}:not_a_model", {}, TypeError, r"returned a int, not an nn\.Module"),
+        (
+            "torch.nn:Linear",
+            {"in_features": 3},
+            TypeError,
+            r"missing a required argument: 'out_features'.*--model-option",
+        ),
+        ("no_such_package.sub:Net", {}, ValueError, r"cannot import module 'no_such_package\.sub'"),
+        ("torch.nn:nothing_here", {}, ValueError, r"has no 'nothing_here'"),
+    ],
+    ids=[
+        "no-colon",
+        "no-file",
+        "no-name",
+        "bad-option",
+        "not-a-module",
+        "missing-option",
+        "no-module",
+        "no-name-in-module",
+    ],
+)
 def test_from_spec_errors(net_file, spec, options, error, match):
     with pytest.raises(error, match=match):
         models.from_spec(spec.format(f=net_file, d=net_file.parent), **options)
@@ -116,8 +148,7 @@ def test_dataparallel_pt_converted_then_loaded_gives_the_same_outputs(net_file, 
 def test_safetensors_with_module_prefix_loads_directly(net_file, tmp_path):
     original = _trained()
     path = tmp_path / "dp.safetensors"
-    save_file({k: v.contiguous() for k, v in nn.DataParallel(original).state_dict().items()},
-              path)
+    save_file({k: v.contiguous() for k, v in nn.DataParallel(original).state_dict().items()}, path)
     model = models.from_spec(f"{net_file}:TinyNet", weights=path)
     assert torch.equal(model(X), original(X))
 
@@ -134,8 +165,11 @@ def test_mismatched_weights_listed_in_one_error(net_file, tmp_path):
     assert "do not fit the model" in message
     assert "missing keys (1): ['fc.bias']" in message
     assert "unexpected keys (1): ['extra.weight']" in message
-    assert re.search(r"shape mismatches \(weights vs model\) \(\d+\): \['conv\.weight: "
-                     r"\(4, 3, 3, 3\) vs \(6, 3, 3, 3\)'", message)
+    assert re.search(
+        r"shape mismatches \(weights vs model\) \(\d+\): \['conv\.weight: "
+        r"\(4, 3, 3, 3\) vs \(6, 3, 3, 3\)'",
+        message,
+    )
     assert "--model-option" in message and "--key" in message
     many = {f"junk{i}": torch.zeros(1) for i in range(15)}
     save_file({**_trained().state_dict(), **many}, path)
@@ -147,8 +181,11 @@ def test_mismatched_weights_listed_in_one_error(net_file, tmp_path):
 def test_pt_weights_are_refused_with_the_conversion(net_file, tmp_path, name):
     path = tmp_path / name
     torch.save(_trained().state_dict(), path)
-    with pytest.raises(ValueError, match=r"never unpickles.*robustlab convert-weights "
-                       rf".*{re.escape(name)} .*\.safetensors \[--key state_dict\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"never unpickles.*robustlab convert-weights "
+        rf".*{re.escape(name)} .*\.safetensors \[--key state_dict\]",
+    ):
         models.from_spec(f"{net_file}:TinyNet", weights=path)
 
 
@@ -168,16 +205,19 @@ def test_normalize_wrapper_takes_pixels(net_file):
     assert torch.allclose(one.eval()(X), inner((X - 0.5) / 0.25), atol=1e-6)
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("0.5", r"normalize must be MEAN/STD .*e\.g\. '0\.4914"),
-    ("a,0.4/0.2", r"normalize mean value 'a' .* is not a number"),
-    ("0.5/0", r"normalize std must be .*> 0, got 0"),
-    ("0.5/-1", r"normalize std must be"),
-    ("nan/0.2", r"normalize mean must be a number in \[0, 1\]"),
-    ("0.5/inf", r"normalize std must be a finite number"),
-    ("123.675,116.28,103.53/58.395,57.12,57.375", r"divide them by 255"),
-    ("0.1,0.2/0.3,0.4,0.5", r"2 means but 3 stds"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("0.5", r"normalize must be MEAN/STD .*e\.g\. '0\.4914"),
+        ("a,0.4/0.2", r"normalize mean value 'a' .* is not a number"),
+        ("0.5/0", r"normalize std must be .*> 0, got 0"),
+        ("0.5/-1", r"normalize std must be"),
+        ("nan/0.2", r"normalize mean must be a number in \[0, 1\]"),
+        ("0.5/inf", r"normalize std must be a finite number"),
+        ("123.675,116.28,103.53/58.395,57.12,57.375", r"divide them by 255"),
+        ("0.1,0.2/0.3,0.4,0.5", r"2 means but 3 stds"),
+    ],
+)
 def test_parse_normalize_errors(text, match):
     with pytest.raises(ValueError, match=match):
         parse_normalize(text)
@@ -187,17 +227,23 @@ def test_save_load_round_trip_asks_for_trust(net_file, tmp_path):
     original = _trained(width=5)
     weights = tmp_path / "w.safetensors"
     save_file(original.state_dict(), weights)
-    model = models.from_spec(f"{net_file}:TinyNet", weights=weights, width=5,
-                             normalize="0.5,0.4,0.3/0.2,0.25,0.5")
+    model = models.from_spec(
+        f"{net_file}:TinyNet", weights=weights, width=5, normalize="0.5,0.4,0.3/0.2,0.25,0.5"
+    )
     path = models.save(model, tmp_path / "ck" / "mine.safetensors", meta={"note": "mine"})
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["architecture"] == {
-        "spec": f"{net_file.resolve()}:TinyNet", "options": {"width": 5},
+        "spec": f"{net_file.resolve()}:TinyNet",
+        "options": {"width": 5},
         "normalize": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]},
-        "code_sha256": hashlib.sha256(net_file.read_bytes()).hexdigest()}
+        "code_sha256": hashlib.sha256(net_file.read_bytes()).hexdigest(),
+    }
     assert side["weights_source"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match=r"built from user code .*net\.py:TinyNet.*runs it.*"
-                       r"trust_code=True.*--trust-code"):
+    with pytest.raises(
+        ValueError,
+        match=r"built from user code .*net\.py:TinyNet.*runs it.*"
+        r"trust_code=True.*--trust-code",
+    ):
         models.load(path)
     loaded = models.load(path, trust_code=True)
     assert not loaded.training and loaded.robustlab_meta["note"] == "mine"
@@ -243,13 +289,22 @@ def test_check_model_fits(net_file):
     model = models.from_spec(f"{net_file}:TinyNet", num_classes=4).eval()
     assert models.check_model_fits(model, X, None) == 4
     assert models.check_model_fits(model, X, 4) == 4
-    with pytest.raises(ValueError, match=r"refuses inputs of shape \(2, 1, 6, 6\) "
-                       r"\(torch\.float32 on cpu; the model's weights are torch\.float32 on "
-                       r"cpu\): RuntimeError.*--resize H,W.*--normalize MEAN/STD"):
+    with pytest.raises(
+        ValueError,
+        match=r"refuses inputs of shape \(2, 1, 6, 6\) "
+        r"\(torch\.float32 on cpu; the model's weights are torch\.float32 on "
+        r"cpu\): RuntimeError.*--resize H,W.*--normalize MEAN/STD",
+    ):
         models.check_model_fits(model, X[:, :1], None)
-    with pytest.raises(ValueError, match=r"returns 4 logits per example but num_classes is "
-                       r"10.*--num-classes 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"returns 4 logits per example but num_classes is "
+        r"10.*--num-classes 4",
+    ):
         models.check_model_fits(model, X, 10)
-    with pytest.raises(ValueError, match=r"logits of shape \(N, num_classes\) = \(2, K\), got "
-                       r"tuple"):
+    with pytest.raises(
+        ValueError,
+        match=r"logits of shape \(N, num_classes\) = \(2, K\), got "
+        r"tuple",
+    ):
         models.check_model_fits(_Pair(), X, None)

@@ -44,7 +44,8 @@ def test_optimizer_state_restarts_afresh(optimizer, toy_model, toy_data):
     t = ThreatModel("linf", 0.15)
     one = attacks.create("pgd", t, optimizer=optimizer, random_start=False)(toy_model, x, y)
     two = attacks.create("pgd", t, optimizer=optimizer, random_start=False, restarts=2)(
-        toy_model, x, y)
+        toy_model, x, y
+    )
     assert torch.equal(one.x_adv, two.x_adv)
 
 

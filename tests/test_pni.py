@@ -36,8 +36,9 @@ def _plain_twin(name: str, noisy: nn.Module) -> nn.Module:
 def test_noise_is_random_in_eval_and_off_when_disabled_or_zero(name, kind):
     torch.manual_seed(0)
     model = models.create(name, noise=kind, **KW).eval()
-    assert noisy_layers(model) and all(isinstance(m, NoisyConv2d | NoisyLinear)
-                                       for m in noisy_layers(model))
+    assert noisy_layers(model) and all(
+        isinstance(m, NoisyConv2d | NoisyLinear) for m in noisy_layers(model)
+    )
     plain = _plain_twin(name, model)
     x = _x()
     with torch.no_grad():
@@ -85,19 +86,24 @@ def test_weight_noise_has_the_pni_statistics_and_is_shared_by_the_batch():
 
 def test_granularities_alpha_shapes_and_no_decay_flag():
     shapes = {}
-    for kind, gran in (("pni-w", "layer"), ("pni-w", "channel"), ("pni-w", "element"),
-                       ("pni-a", "channel")):
+    for kind, gran in (
+        ("pni-w", "layer"),
+        ("pni-w", "channel"),
+        ("pni-w", "element"),
+        ("pni-a", "channel"),
+    ):
         m = models.create("lenet", noise=kind, noise_options={"granularity": gran}, **KW)
-        shapes[kind, gran] = (tuple(m.features[0].alpha.shape),
-                              tuple(m.classifier[0].alpha.shape))
+        shapes[kind, gran] = (tuple(m.features[0].alpha.shape), tuple(m.classifier[0].alpha.shape))
         assert m.robustlab_arch["kwargs"]["noise_options"] == {"granularity": gran, "init": 0.25}
         for name, p in m.named_parameters():
             assert getattr(p, "robustlab_no_decay", False) == name.endswith(".alpha"), name
         assert all(bool((a == 0.25).all()) for a in _alphas(m))
-    assert shapes == {("pni-w", "layer"): ((1,), (1,)),
-                      ("pni-w", "channel"): ((6, 1, 1, 1), (120, 1)),
-                      ("pni-w", "element"): ((6, 1, 5, 5), (120, 64)),
-                      ("pni-a", "channel"): ((6, 1, 1), (120,))}
+    assert shapes == {
+        ("pni-w", "layer"): ((1,), (1,)),
+        ("pni-w", "channel"): ((6, 1, 1, 1), (120, 1)),
+        ("pni-w", "element"): ((6, 1, 5, 5), (120, 64)),
+        ("pni-a", "channel"): ((6, 1, 1), (120,)),
+    }
 
 
 def test_bad_noise_options_are_named():
@@ -145,9 +151,17 @@ def test_one_epoch_of_pgd_at_trains_the_noise_scales(tmp_path, toy_data):
     opt = make_optimizer(model, TrainConfig(weight_decay=5e-4))
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert all(decay[id(a)] == 0.0 for a in _alphas(model))  # alpha: no weight decay
-    rl.training.fit(model, toy_data, objective="pgd-at", threat=rl.ThreatModel("linf", 0.1),
-                    epochs=1, batch_size=64, lr=0.05, objective_options={"steps": 2},
-                    out=tmp_path)
+    rl.training.fit(
+        model,
+        toy_data,
+        objective="pgd-at",
+        threat=rl.ThreatModel("linf", 0.1),
+        epochs=1,
+        batch_size=64,
+        lr=0.05,
+        objective_options={"steps": 2},
+        out=tmp_path,
+    )
     alphas = torch.cat([a.detach().flatten() for a in _alphas(model)])
     assert torch.isfinite(alphas).all() and not torch.allclose(alphas, torch.tensor(0.25))
     loaded = models.load(tmp_path / "model.safetensors")

@@ -26,8 +26,14 @@ from robustlab.defenses.preprocess import (
 )
 from robustlab.defenses.squeeze import FeatureSqueezing, squeezer
 
-STAGES = [("jpeg", {}), ("jpeg", {"quality": 30}), ("bit-depth", {}), ("bit-depth", {"bits": 1}),
-          ("median", {}), ("median", {"window": 3})]
+STAGES = [
+    ("jpeg", {}),
+    ("jpeg", {"quality": 30}),
+    ("bit-depth", {}),
+    ("bit-depth", {"bits": 1}),
+    ("median", {}),
+    ("median", {"window": 3}),
+]
 
 
 def rand_images(shape, seed=0, dtype=torch.float32):
@@ -63,10 +69,10 @@ def test_stage_contract(name, options, dtype, channels):
     x = rand_images((4, channels, 9, 7), dtype=dtype)
     before = x.clone()
     out = defense.stage(x)
-    assert torch.equal(x, before)                               # input untouched
+    assert torch.equal(x, before)  # input untouched
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     assert float(out.min()) >= 0 and float(out.max()) <= 1
-    assert torch.equal(out, defense.stage(x))                   # deterministic
+    assert torch.equal(out, defense.stage(x))  # deterministic
     assert not type(defense.stage).robustlab_random
 
 
@@ -79,15 +85,22 @@ def test_registered_with_validated_options():
         D.create("median", lambda x: x)
 
 
-@pytest.mark.parametrize("make,bad,error", [
-    (JPEGCompression, 0, ValueError), (JPEGCompression, 101, ValueError),
-    (JPEGCompression, 75.0, TypeError), (JPEGCompression, True, TypeError),
-    (JPEGCompression, "75", TypeError),
-    (BitDepthReduction, 0, ValueError), (BitDepthReduction, 9, ValueError),
-    (BitDepthReduction, 2.5, TypeError),
-    (MedianSmoothing, 0, ValueError), (MedianSmoothing, -2, ValueError),
-    (MedianSmoothing, 2.0, TypeError),
-])
+@pytest.mark.parametrize(
+    "make,bad,error",
+    [
+        (JPEGCompression, 0, ValueError),
+        (JPEGCompression, 101, ValueError),
+        (JPEGCompression, 75.0, TypeError),
+        (JPEGCompression, True, TypeError),
+        (JPEGCompression, "75", TypeError),
+        (BitDepthReduction, 0, ValueError),
+        (BitDepthReduction, 9, ValueError),
+        (BitDepthReduction, 2.5, TypeError),
+        (MedianSmoothing, 0, ValueError),
+        (MedianSmoothing, -2, ValueError),
+        (MedianSmoothing, 2.0, TypeError),
+    ],
+)
 def test_option_validation(make, bad, error):
     with pytest.raises(error, match=repr(bad) if error is TypeError else str(bad)):
         make(bad)
@@ -119,13 +132,12 @@ def test_jpeg_equals_pillow_round_trip(channels, quality):
     x = rand_images((3, channels, 16, 12), seed=channels)
     out = JPEGCompression(quality)(x)
     assert torch.equal(out, pillow_round_trip(x, quality))
-    assert (out - x).abs().max() > 0.05                          # noise is not preserved
+    assert (out - x).abs().max() > 0.05  # noise is not preserved
 
 
 def test_jpeg_keeps_constant_images_and_quality_matters():
     for value in ((100,), (200, 50, 120)):
-        x = (torch.tensor(value, dtype=torch.float32) / 255).view(1, -1, 1, 1).expand(2, -1, 16,
-                                                                                      16)
+        x = (torch.tensor(value, dtype=torch.float32) / 255).view(1, -1, 1, 1).expand(2, -1, 16, 16)
         assert (JPEGCompression(75)(x) - x).abs().max() <= 1 / 255 + 1e-6
     x = rand_images((8, 1, 16, 16), seed=3)
     err = [float((JPEGCompression(q)(x) - x).abs().mean()) for q in (10, 50, 95)]
@@ -139,7 +151,7 @@ def test_jpeg_rejects_other_channel_counts():
 
 def test_jpeg_batch_cost():
     x = rand_images((256, 1, 16, 16))
-    JPEGCompression()(x[:1])                                     # import Pillow's plugins
+    JPEGCompression()(x[:1])  # import Pillow's plugins
     start = time.perf_counter()
     JPEGCompression()(x)
     assert time.perf_counter() - start < 1.0
@@ -150,12 +162,15 @@ def test_bit_depth_hand_values():
     x = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, -0.2, 1.3]).view(1, 1, 1, -1)
     assert BitDepthReduction(1)(x).flatten().tolist() == [0, 0, 0, 1, 1, 0, 1]  # 0.5: to even
     x = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).view(1, 1, 1, 3)
-    assert torch.allclose(BitDepthReduction(2)(x).flatten(),
-                          torch.tensor([1 / 3, 2 / 3, 1.0], dtype=torch.float64), atol=0)
+    assert torch.allclose(
+        BitDepthReduction(2)(x).flatten(),
+        torch.tensor([1 / 3, 2 / 3, 1.0], dtype=torch.float64),
+        atol=0,
+    )
     assert BitDepthReduction().bits == 5
     assert float(BitDepthReduction()(torch.full((1, 1, 1, 1), 0.5))) == pytest.approx(16 / 31)
     levels = BitDepthReduction(3)(rand_images((2, 3, 8, 8))).mul(7)
-    assert torch.allclose(levels, levels.round(), atol=1e-5)     # on the 8-level grid
+    assert torch.allclose(levels, levels.round(), atol=1e-5)  # on the 8-level grid
 
 
 # --- median -----------------------------------------------------------------------------------
@@ -168,7 +183,7 @@ def test_median_equals_scipy(window, shape):
 
 
 def test_median_wide_window_reflects_like_scipy():
-    x = rand_images((1, 1, 3, 4), seed=5, dtype=torch.float64)   # padding wider than the image
+    x = rand_images((1, 1, 3, 4), seed=5, dtype=torch.float64)  # padding wider than the image
     expected = ndimage.median_filter(x.numpy(), size=(1, 1, 6, 6), mode="reflect")
     assert np.array_equal(MedianSmoothing(6)(x).numpy(), expected)
 
@@ -177,8 +192,9 @@ def test_median_hand_values():
     # 2 x 2 windows reach up/left; the border repeats (half-sample reflection); of 4 values the
     # upper middle one is taken: (0,1): {.2,.6,.2,.6} -> .6; (1,1): {.2,.6,.7,.4} -> .6
     x = torch.tensor([[0.2, 0.6], [0.7, 0.4]]).view(1, 1, 2, 2)
-    assert torch.equal(MedianSmoothing(2)(x), torch.tensor([[0.2, 0.6], [0.7, 0.6]]).view(1, 1,
-                                                                                          2, 2))
+    assert torch.equal(
+        MedianSmoothing(2)(x), torch.tensor([[0.2, 0.6], [0.7, 0.6]]).view(1, 1, 2, 2)
+    )
 
 
 # --- (non-)differentiability and BPDA ----------------------------------------------------------
@@ -188,12 +204,12 @@ def test_nondifferentiable_stages_recover_gradients_under_bpda(name, toy_model, 
     defense = D.create(name, toy_model)
     assert nondifferentiable_stages(defense) == ["stage"]
     g = input_grad(defense, x, y)
-    assert g is None or torch.count_nonzero(g) == 0              # no usable gradient
+    assert g is None or torch.count_nonzero(g) == 0  # no usable gradient
     with bpda(defense):
         g = input_grad(defense, x, y)
         assert torch.equal(defense(x), toy_model(defense.stage(x)))  # value unchanged
-    assert not defense.stage.robustlab_bpda                      # switched back
-    expected = input_grad(toy_model, defense.stage(x), y)        # identity BPDA
+    assert not defense.stage.robustlab_bpda  # switched back
+    expected = input_grad(toy_model, defense.stage(x), y)  # identity BPDA
     assert torch.count_nonzero(g) > 0 and torch.allclose(g, expected)
 
 
@@ -203,7 +219,7 @@ def test_median_gradients_are_sparse_but_real(toy_model, toy_data):
     assert nondifferentiable_stages(defense) == []
     g = input_grad(defense, x, y)
     assert torch.isfinite(g).all() and torch.count_nonzero(g) > 0
-    xr = x.clone().requires_grad_(True)                          # each output picks one input
+    xr = x.clone().requires_grad_(True)  # each output picks one input
     (selected,) = torch.autograd.grad(MedianSmoothing(3)(xr).sum(), xr)
     assert float(selected.sum()) == x.numel()
     assert torch.equal(selected, selected.round()) and float(selected.min()) >= 0
@@ -229,13 +245,13 @@ def test_fit_sets_the_fpr_quantile(toy_model, toy_data):
     x = toy_data[0]
     fs = FeatureSqueezing(toy_model, fpr=0.05)
     assert fs.fit(x, batch_size=100) is fs
-    scores = torch.cat([fs.score(x[i:i + 100]) for i in range(0, 256, 100)]).detach()
-    assert fs.threshold == float(scores.sort().values[243])      # ceil(256 * 0.95) = 244th
+    scores = torch.cat([fs.score(x[i : i + 100]) for i in range(0, 256, 100)]).detach()
+    assert fs.threshold == float(scores.sort().values[243])  # ceil(256 * 0.95) = 244th
     assert fs.fit_samples == 256 and fs.fpr == 0.05
-    flagged = sum(int(fs.detect(x[i:i + 100]).sum()) for i in range(0, 256, 100))
+    flagged = sum(int(fs.detect(x[i : i + 100]).sum()) for i in range(0, 256, 100))
     assert flagged <= 12 and flagged == int((scores > fs.threshold).sum())
     if len(scores.unique()) == len(scores):
-        assert flagged == 12                                     # floor(256 * 0.05)
+        assert flagged == 12  # floor(256 * 0.05)
     assert fs.config()["squeezers"] == ["bit-depth:1", "median:2"]
 
 
@@ -246,7 +262,7 @@ def test_forward_rejects_exactly_when_detected(toy_model, toy_data):
     both = torch.cat([x, noisy])
     out = fs(both)
     assert out.shape == (128, 5)
-    assert torch.equal(out[:, :4], toy_model(both))             # the classifier is unchanged
+    assert torch.equal(out[:, :4], toy_model(both))  # the classifier is unchanged
     fired = fs.detect(both)
     assert 0 < int(fired.sum()) < 128
     assert torch.equal(out.argmax(1) == 4, fired)
@@ -254,7 +270,7 @@ def test_forward_rejects_exactly_when_detected(toy_model, toy_data):
 
 def test_rejection_survives_rounding_against_large_logits():
     x = torch.tensor([[0.2, 0.6], [0.7, 0.4]]).view(1, 1, 2, 2)
-    model = MeanModel(scale=4.0, offset=1000.0)                  # ulp(1000) >> ulp(score)
+    model = MeanModel(scale=4.0, offset=1000.0)  # ulp(1000) >> ulp(score)
     score = FeatureSqueezing(model, threshold=0.0).score(x)
     below = float(torch.nextafter(score, torch.zeros_like(score)))
     fs = FeatureSqueezing(model, threshold=below)

@@ -139,8 +139,9 @@ def test_ordinary_logits_are_attacked_as_they_are(linear):
 
 def test_probabilities_without_a_softmax_call_use_the_clamped_log(linear):
     model, x, y, _ = linear
-    res = rl.evaluate(HandMadeSoftmax(model), x[:64], y[:64], THREAT,
-                      attacks=[("pgd", {"steps": 5})])
+    res = rl.evaluate(
+        HandMadeSoftmax(model), x[:64], y[:64], THREAT, attacks=[("pgd", {"steps": 5})]
+    )
     ad = res.record["adaptive"]
     assert ad["log_outputs"] is True and "clamped" in ad["outputs_reason"]
 
@@ -152,8 +153,7 @@ def test_the_view_keeps_the_prediction_and_declarations(linear):
         z, base = view(x) * 37.0, 100 * model(x)
     assert torch.equal(z.argmax(1), base.argmax(1))
     # log_softmax(100 z): the logits up to a per-row constant, also where softmax is one-hot
-    assert torch.allclose(z - z.amax(1, keepdim=True), base - base.amax(1, keepdim=True),
-                          atol=1e-3)
+    assert torch.allclose(z - z.amax(1, keepdim=True), base - base.amax(1, keepdim=True), atol=1e-3)
     assert view.exact  # the log came from the model's own softmax call
 
 

@@ -28,9 +28,14 @@ from robustlab.defenses.tv_min import (
     tv_minimize,
 )
 
-STAGES = [("tv-min", {}), ("tv-min", {"drop_rate": 0.2, "lambda_tv": 0.1}),
-          ("crop-rescale", {}), ("crop-rescale", {"ratio": 0.6}),
-          ("random-resize-pad", {}), ("random-resize-pad", {"pad_value": 0.5})]
+STAGES = [
+    ("tv-min", {}),
+    ("tv-min", {"drop_rate": 0.2, "lambda_tv": 0.1}),
+    ("crop-rescale", {}),
+    ("crop-rescale", {"ratio": 0.6}),
+    ("random-resize-pad", {}),
+    ("random-resize-pad", {"pad_value": 0.5}),
+]
 NAMES = ["tv-min", "crop-rescale", "random-resize-pad"]
 
 
@@ -59,15 +64,15 @@ def test_stage_contract(name, options, dtype, channels):
     x = rand_images((4, channels, 24, 20), dtype=dtype)  # room for many distinct draws
     before = x.clone()
     out = defense.stage(x)
-    assert torch.equal(x, before)                                # input untouched
+    assert torch.equal(x, before)  # input untouched
     assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
     assert float(out.min()) >= 0 and float(out.max()) <= 1
-    assert type(defense.stage).robustlab_random                 # declared random ...
-    assert not torch.equal(out, defense.stage(x))               # ... and it is
+    assert type(defense.stage).robustlab_random  # declared random ...
+    assert not torch.equal(out, defense.stage(x))  # ... and it is
     defense.stage.generator = seeded(7)
     first = defense.stage(x)
     defense.stage.generator = seeded(7)
-    assert torch.equal(first, defense.stage(x))                 # same seed, same draws
+    assert torch.equal(first, defense.stage(x))  # same seed, same draws
     defense.stage.generator = seeded(8)
     assert not torch.equal(first, defense.stage(x))
 
@@ -84,8 +89,11 @@ def test_defense_output_and_config(name, toy_data, toy_model):
 
 def test_mild_settings_keep_the_toy_accuracy(toy_data, toy_model):
     x, y = toy_data
-    for name, options in (("tv-min", {}), ("crop-rescale", {"ratio": 0.75, "samples": 4}),
-                          ("random-resize-pad", {})):
+    for name, options in (
+        ("tv-min", {}),
+        ("crop-rescale", {"ratio": 0.75, "samples": 4}),
+        ("random-resize-pad", {}),
+    ):
         defense = D.create(name, toy_model, generator=seeded(1), **options)
         with torch.no_grad():
             acc = (defense(x).argmax(1) == y).float().mean()
@@ -93,20 +101,29 @@ def test_mild_settings_keep_the_toy_accuracy(toy_data, toy_model):
 
 
 # --- option checks -----------------------------------------------------------------------------
-@pytest.mark.parametrize("make,options,error", [
-    (TVMin, {"drop_rate": 1.0}, ValueError), (TVMin, {"drop_rate": -0.1}, ValueError),
-    (TVMin, {"drop_rate": "0.5"}, TypeError), (TVMin, {"lambda_tv": 0}, ValueError),
-    (TVMin, {"lambda_tv": math.nan}, ValueError), (TVMin, {"lambda_tv": math.inf}, ValueError),
-    (TVMin, {"max_iter": 0}, ValueError), (TVMin, {"max_iter": 2.5}, TypeError),
-    (TVMin, {"tol": -1e-3}, ValueError), (TVMin, {"drop_rate": True}, TypeError),
-    (CropRescale, {"ratio": 0}, ValueError), (CropRescale, {"ratio": 1.5}, ValueError),
-    (CropRescale, {"ratio": None}, TypeError),
-    (RandomResizePad, {"min_ratio": 0.0}, ValueError),
-    (RandomResizePad, {"min_ratio": 1.01}, ValueError),
-    (RandomResizePad, {"pad_value": 2}, ValueError),
-])
+@pytest.mark.parametrize(
+    "make,options,error",
+    [
+        (TVMin, {"drop_rate": 1.0}, ValueError),
+        (TVMin, {"drop_rate": -0.1}, ValueError),
+        (TVMin, {"drop_rate": "0.5"}, TypeError),
+        (TVMin, {"lambda_tv": 0}, ValueError),
+        (TVMin, {"lambda_tv": math.nan}, ValueError),
+        (TVMin, {"lambda_tv": math.inf}, ValueError),
+        (TVMin, {"max_iter": 0}, ValueError),
+        (TVMin, {"max_iter": 2.5}, TypeError),
+        (TVMin, {"tol": -1e-3}, ValueError),
+        (TVMin, {"drop_rate": True}, TypeError),
+        (CropRescale, {"ratio": 0}, ValueError),
+        (CropRescale, {"ratio": 1.5}, ValueError),
+        (CropRescale, {"ratio": None}, TypeError),
+        (RandomResizePad, {"min_ratio": 0.0}, ValueError),
+        (RandomResizePad, {"min_ratio": 1.01}, ValueError),
+        (RandomResizePad, {"pad_value": 2}, ValueError),
+    ],
+)
 def test_stage_option_validation(make, options, error):
-    (key, bad), = options.items()
+    ((key, bad),) = options.items()
     with pytest.raises(error, match=key):
         make(**options)
 
@@ -147,8 +164,10 @@ def test_stages_reject_non_images():
 # --- total-variation minimisation --------------------------------------------------------------
 def test_divergence_is_the_negative_adjoint_of_the_gradient():
     z = rand_images((2, 3, 5, 7), seed=1, dtype=torch.float64)
-    ph, pv = rand_images((2, 3, 5, 7), 2, torch.float64), rand_images((2, 3, 5, 7), 3,
-                                                                     torch.float64)
+    ph, pv = (
+        rand_images((2, 3, 5, 7), 2, torch.float64),
+        rand_images((2, 3, 5, 7), 3, torch.float64),
+    )
     gh, gv = _forward_diff(z)
     assert torch.allclose((gh * ph + gv * pv).sum(), -(z * _divergence(ph, pv)).sum())
 
@@ -167,8 +186,9 @@ def test_tv_minimize_shrinks_a_step_by_lambda_over_4(lam):
     x = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64).view(1, 1, 1, 4)
     z = tv_minimize(x, torch.ones_like(x), lam, max_iter=5000, tol=0)
     a = lam / 4
-    assert torch.allclose(z.flatten(), torch.tensor([a, a, 1 - a, 1 - a], dtype=torch.float64),
-                          atol=1e-6)
+    assert torch.allclose(
+        z.flatten(), torch.tensor([a, a, 1 - a, 1 - a], dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_tv_minimize_reaches_the_minimum():
@@ -182,7 +202,7 @@ def test_tv_minimize_reaches_the_minimum():
     z = tv_minimize(x, keep, lam, max_iter=3000, tol=0)
     base = objective(z)
     g = seeded(6)
-    for scale in (1e-2, 1e-3):                      # a convex function: no descent direction
+    for scale in (1e-2, 1e-3):  # a convex function: no descent direction
         for _ in range(50):
             d = torch.randn(x.shape, generator=g, dtype=torch.float64) * scale
             assert (objective(z + d) >= base - 1e-9).all()
@@ -202,24 +222,24 @@ def test_tv_min_keeps_the_kept_pixels_and_drops_whole_pixels():
     out = stage(x)
     keep = torch.rand((8, 1, 12, 12), generator=seeded(4)) >= 0.5  # the stage's first draw
     assert 0.4 < keep.float().mean() < 0.6
-    assert ((out - x).abs() * keep).max() < 1e-3                # kept pixels stay
-    moved = ((out - x).abs() > 1e-2) & ~keep                    # dropped ones are rebuilt
+    assert ((out - x).abs() * keep).max() < 1e-3  # kept pixels stay
+    moved = ((out - x).abs() > 1e-2) & ~keep  # dropped ones are rebuilt
     assert moved.float().sum() > 0.5 * (~keep).expand_as(x).float().sum()
 
 
 def test_tv_min_with_strong_lambda_flattens_each_channel():
     x, _ = make_quadrants(4, seed=7)
-    x = torch.cat([x, 1 - x, x.flip(-1)], 1)                    # 3 different channels
+    x = torch.cat([x, 1 - x, x.flip(-1)], 1)  # 3 different channels
     out = TVMin(drop_rate=0.0, lambda_tv=10.0, max_iter=3000, tol=0)(x)
     flat = out.flatten(2)
-    assert (flat.amax(2) - flat.amin(2)).max() < 0.02           # constant per channel ...
+    assert (flat.amax(2) - flat.amin(2)).max() < 0.02  # constant per channel ...
     assert torch.allclose(flat.mean(2), x.flatten(2).mean(2), atol=0.01)  # ... at the mean
     assert (total_variation(out) < 0.05 * total_variation(x)).all()
 
 
 def test_tv_min_default_lowers_total_variation():
     x = rand_images((6, 3, 16, 16), seed=8)
-    assert (total_variation(TVMin()(x)) < 0.7 * total_variation(x)).all()   # about 0.5
+    assert (total_variation(TVMin()(x)) < 0.7 * total_variation(x)).all()  # about 0.5
 
 
 def test_tv_min_batch_cost():
@@ -228,22 +248,22 @@ def test_tv_min_batch_cost():
     stage(x[:2])
     start = time.perf_counter()
     stage(x)
-    assert time.perf_counter() - start < 1.0                    # about 30 ms on one core
+    assert time.perf_counter() - start < 1.0  # about 30 ms on one core
 
 
 def test_tv_min_has_no_gradient_until_bpda(toy_data, toy_model):
     x, y = toy_data[0][:8], toy_data[1][:8]
     defense = D.create("tv-min", toy_model)
     assert nondifferentiable_stages(defense) == ["stage"]
-    assert input_grad(defense, x, y) is None                    # the solve leaves autograd
+    assert input_grad(defense, x, y) is None  # the solve leaves autograd
     defense.stage.generator = seeded(3)
     with bpda(defense):
         g = input_grad(defense, x, y)
-    assert defense.stage.robustlab_bpda is False                # restored after the block
+    assert defense.stage.robustlab_bpda is False  # restored after the block
     assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
     defense.stage.generator = seeded(3)
     with torch.no_grad():
-        z = defense.stage(x)                                    # the same draw
+        z = defense.stage(x)  # the same draw
     assert torch.allclose(g, input_grad(toy_model, z, y), atol=1e-6)  # identity backward
 
 
@@ -254,11 +274,15 @@ def test_crop_rescale_with_ratio_one_is_the_identity():
 
 
 def test_crop_rescale_is_a_bilinear_rescale_of_a_crop_at_every_position():
-    h, w, ch, cw = 7, 6, 4, 3                       # ratio 0.55: round(3.85), round(3.3)
+    h, w, ch, cw = 7, 6, 4, 3  # ratio 0.55: round(3.85), round(3.3)
     x = rand_images((1, 2, h, w), seed=2)
-    candidates = {(t, le): F.interpolate(x[..., t:t + ch, le:le + cw], size=(h, w),
-                                          mode="bilinear", align_corners=False)
-                  for t in range(h - ch + 1) for le in range(w - cw + 1)}
+    candidates = {
+        (t, le): F.interpolate(
+            x[..., t : t + ch, le : le + cw], size=(h, w), mode="bilinear", align_corners=False
+        )
+        for t in range(h - ch + 1)
+        for le in range(w - cw + 1)
+    }
     stage = CropRescale(ratio=0.55)
     stage.generator = seeded(3)
     seen = set()
@@ -267,7 +291,7 @@ def test_crop_rescale_is_a_bilinear_rescale_of_a_crop_at_every_position():
         match = [k for k, c in candidates.items() if torch.allclose(out, c, atol=1e-6)]
         assert len(match) == 1
         seen.add(match[0])
-    assert seen == set(candidates)                              # every offset, ends included
+    assert seen == set(candidates)  # every offset, ends included
 
 
 def test_crop_rescale_draws_per_image_and_is_differentiable(toy_data, toy_model):
@@ -293,7 +317,7 @@ def test_samples_average_softmax_over_draws(name, toy_data, toy_model):
     g = input_grad(defense, x, y)
     assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
     one = D.create(name, toy_model, generator=seeded(5))
-    assert not torch.allclose(one(x).exp().sum(1), torch.ones(8))   # samples=1: raw logits
+    assert not torch.allclose(one(x).exp().sum(1), torch.ones(8))  # samples=1: raw logits
 
 
 # --- random resize and pad ---------------------------------------------------------------------
@@ -306,8 +330,7 @@ def boxes(out):
     return found
 
 
-@pytest.mark.parametrize("size,allowed", [(28, {25, 26, 27}), (16, {14, 15}),
-                                          (32, {29, 30, 31})])
+@pytest.mark.parametrize("size,allowed", [(28, {25, 26, 27}), (16, {14, 15}), (32, {29, 30, 31})])
 def test_resize_pad_keeps_the_mass_of_a_box_of_ones(size, allowed):
     stage = RandomResizePad()
     stage.generator = seeded(1)
@@ -317,13 +340,13 @@ def test_resize_pad_keeps_the_mass_of_a_box_of_ones(size, allowed):
     seen_r, seen_top = set(), set()
     for (rh, rw, top, left), img in zip(boxes(out), out, strict=True):
         assert rh == rw and rh in allowed
-        assert img.sum() == 2 * rh * rw                          # mass r^2 per channel
-        assert img[:, top:top + rh, left:left + rw].eq(1).all()  # a full box in a zero border
+        assert img.sum() == 2 * rh * rw  # mass r^2 per channel
+        assert img[:, top : top + rh, left : left + rw].eq(1).all()  # a full box in a zero border
         assert 0 <= top <= size - rh and 0 <= left <= size - rw
         seen_r.add(rh)
         seen_top.add((rh, top))
     assert seen_r == allowed
-    assert {(r, 0) for r in allowed} <= seen_top                 # both extreme offsets occur
+    assert {(r, 0) for r in allowed} <= seen_top  # both extreme offsets occur
     assert {(r, size - r) for r in allowed} <= seen_top
 
 
@@ -332,13 +355,13 @@ def test_resize_pad_is_nearest_resizing_at_the_offset():
     stage = RandomResizePad(pad_value=0.25)
     stage.generator = seeded(3)
     out = stage(x)
-    stage.generator = seeded(3)                                 # same draws on a ones batch
+    stage.generator = seeded(3)  # same draws on a ones batch
     found = boxes(stage(torch.ones_like(x)) - 0.25)
     for i, (rh, rw, top, left) in enumerate(found):
         assert rh in {27, 28, 29} and rw == round(rh * 20 / 30)  # round(30 * 299/331) = 27
-        inner = F.interpolate(x[i:i + 1], size=(rh, rw), mode="nearest")[0]
+        inner = F.interpolate(x[i : i + 1], size=(rh, rw), mode="nearest")[0]
         expect = torch.full_like(x[i], 0.25)
-        expect[:, top:top + rh, left:left + rw] = inner
+        expect[:, top : top + rh, left : left + rw] = inner
         assert torch.equal(out[i], expect)
 
 
@@ -379,20 +402,22 @@ def scripted_pool(classes=(0, 1, 2, 3), per_class=2):
 def test_mixup_partners_by_mode(mode, expected):
     pool_x, pool_y = scripted_pool()
     model = Recorder(pred=2)
-    mi = MixupInference(model, mode=mode, lam=0.5, samples=200, pool_x=pool_x, pool_y=pool_y,
-                        generator=seeded(0))
+    mi = MixupInference(
+        model, mode=mode, lam=0.5, samples=200, pool_x=pool_x, pool_y=pool_y, generator=seeded(0)
+    )
     mi(torch.zeros(3, 1, 2, 2))
     assert len(model.seen) == 1 + 200
-    values = torch.cat(model.seen[1:]).flatten() * 2 * 100      # mix = 0.5 * 0 + 0.5 * x_s
+    values = torch.cat(model.seen[1:]).flatten() * 2 * 100  # mix = 0.5 * 0 + 0.5 * x_s
     codes = values.round().long().unique().tolist()
-    assert {c // 10 for c in codes} == expected                  # never the predicted class
-    assert {c % 10 for c in codes} == {1, 2}                     # both images of each class
+    assert {c // 10 for c in codes} == expected  # never the predicted class
+    assert {c % 10 for c in codes} == {1, 2}  # both images of each class
 
 
 def test_mixup_ol_draws_other_classes_uniformly():
-    pool_x, pool_y = scripted_pool(classes=(0, 1, 3, 4), per_class=3)   # class 2: no images
-    mi = MixupInference(nn.Identity(), pool_x=pool_x, pool_y=pool_y, samples=400,
-                        generator=seeded(1))
+    pool_x, pool_y = scripted_pool(classes=(0, 1, 3, 4), per_class=3)  # class 2: no images
+    mi = MixupInference(
+        nn.Identity(), pool_x=pool_x, pool_y=pool_y, samples=400, generator=seeded(1)
+    )
     pred = torch.tensor([0, 1, 2, 3, 4, 7])
     cls = pool_y[mi.partners(pred)]
     for i, p in enumerate(pred.tolist()):
@@ -401,7 +426,7 @@ def test_mixup_ol_draws_other_classes_uniformly():
         counts = torch.bincount(cls[i], minlength=5)[sorted(allowed)].float()
         expected = 400 / len(allowed)
         chi2 = ((counts - expected) ** 2 / expected).sum()
-        assert chi2 < 20                                       # p < 1e-3 even at 4 classes
+        assert chi2 < 20  # p < 1e-3 even at 4 classes
 
 
 def test_mixup_with_lam_one_is_the_model_log_softmax(toy_data, toy_model):
@@ -422,7 +447,7 @@ def test_mixup_contract(toy_data, toy_model):
     out = mi(xb)
     assert torch.equal(xb, before)
     assert out.shape == (16, 4) and torch.allclose(out.exp().sum(1), torch.ones(16), atol=1e-5)
-    assert not torch.equal(out, mi(xb))                         # fresh partners each call
+    assert not torch.equal(out, mi(xb))  # fresh partners each call
     mi.generator = seeded(2)
     first = mi(xb)
     mi.generator = seeded(2)
@@ -430,8 +455,13 @@ def test_mixup_contract(toy_data, toy_model):
     g = input_grad(mi, xb, y[:16])
     assert torch.isfinite(g).all() and (g.flatten(1).abs().sum(1) > 0).all()
     cfg = mi.config()
-    assert cfg == {"name": "mixup-inference", "mode": "ol", "lam": 0.5, "samples": 5,
-                   "pool_size": 64}
+    assert cfg == {
+        "name": "mixup-inference",
+        "mode": "ol",
+        "lam": 0.5,
+        "samples": 5,
+        "pool_size": 64,
+    }
     mi_ol = MixupInference(toy_model, lam=0.6, samples=10, pool_x=pool_x, pool_y=pool_y)
     with torch.no_grad():
         assert (mi_ol(x).argmax(1) == y).float().mean() > 0.95
@@ -482,6 +512,7 @@ def test_cuda_inputs_with_cpu_and_cuda_generators():
     pool_x, pool_y = scripted_pool()
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 5)).cuda()
     for gen in (None, torch.Generator(), torch.Generator("cuda")):
-        mi = MixupInference(model, samples=3, pool_x=pool_x.cuda(), pool_y=pool_y.cuda(),
-                            generator=gen)
+        mi = MixupInference(
+            model, samples=3, pool_x=pool_x.cuda(), pool_y=pool_y.cuda(), generator=gen
+        )
         assert mi(torch.rand(2, 1, 2, 2, device="cuda")).shape == (2, 5)

@@ -43,56 +43,85 @@ BAD = {
     "epochs-float": (("epochs = 1", "epochs = 1.5"), "epochs must be an integer >= 1, got 1.5"),
     "batch-size-bool": (("batch_size = 64", "batch_size = true"), "batch_size must be"),
     "momentum-string": (("lr = 0.05", 'lr = 0.05\nmomentum = "0.9"'), "momentum must be"),
-    "weight-decay-negative": (("lr = 0.05", "lr = 0.05\nweight_decay = -1"),
-                              "weight_decay must be"),
-    "nesterov-string": (("lr = 0.05", 'lr = 0.05\nnesterov = "yes"'),
-                        "nesterov must be true or false, got 'yes'"),
+    "weight-decay-negative": (
+        ("lr = 0.05", "lr = 0.05\nweight_decay = -1"),
+        "weight_decay must be",
+    ),
+    "nesterov-string": (
+        ("lr = 0.05", 'lr = 0.05\nnesterov = "yes"'),
+        "nesterov must be true or false, got 'yes'",
+    ),
     "seed-string": (("lr = 0.05", 'lr = 0.05\nseed = "0"'), "seed must be an integer"),
     "grad-clip-string": (("lr = 0.05", 'lr = 0.05\ngrad_clip = "1"'), "grad_clip must be"),
     "optimizer-number": (("lr = 0.05", "lr = 0.05\noptimizer = 3"), "unknown optimizer 3"),
     "val-attack-typo": (('name = "pgd"', 'name = "pgdd"'), "val_attack: unknown attack 'pgdd'"),
-    "val-attack-option-typo": (("name = \"pgd\"\nsteps = 3", "name = \"pgd\"\nstep = 3"),
-                               "val_attack: attack 'pgd': unknown option 'step'"),
-    "val-attack-option-type": (("name = \"pgd\"\nsteps = 3", "name = \"pgd\"\nsteps = \"3\""),
-                               "val_attack: steps must be an integer"),
+    "val-attack-option-typo": (
+        ('name = "pgd"\nsteps = 3', 'name = "pgd"\nstep = 3'),
+        "val_attack: attack 'pgd': unknown option 'step'",
+    ),
+    "val-attack-option-type": (
+        ('name = "pgd"\nsteps = 3', 'name = "pgd"\nsteps = "3"'),
+        "val_attack: steps must be an integer",
+    ),
     "val-attack-no-name": (('name = "pgd"\n', ""), "[val_attack] needs a name"),
-    "schedule-option-typo": (("[objective]", "[schedule]\nmilestone = [0.5]\n[objective]"),
-                             "unknown schedule option 'milestone'"),
-    "schedule-option-type": (("[objective]", '[schedule]\nmilestones = "half"\n[objective]'),
-                             "[schedule]"),
-    "dataset-typo": (('dataset = "fashion-mnist"', 'dataset = "fmnist"'),
-                     "unknown dataset 'fmnist'"),
+    "schedule-option-typo": (
+        ("[objective]", "[schedule]\nmilestone = [0.5]\n[objective]"),
+        "unknown schedule option 'milestone'",
+    ),
+    "schedule-option-type": (
+        ("[objective]", '[schedule]\nmilestones = "half"\n[objective]'),
+        "[schedule]",
+    ),
+    "dataset-typo": (
+        ('dataset = "fashion-mnist"', 'dataset = "fmnist"'),
+        "unknown dataset 'fmnist'",
+    ),
     "val-n-string": (("val_n = 32", 'val_n = "32"'), "val_n must be an integer"),
     "arch-typo": (('arch = "smallcnn"', 'arch = "smalcnn"'), "unknown architecture 'smalcnn'"),
     "threat-no-norm": (('norm = "linf"\n', ""), "[threat] needs norm and eps"),
     "val-split-string": (("lr = 0.05", 'lr = 0.05\nval_split = "10%"'), "val_split"),
-    "val-split-fraction-one": (("lr = 0.05", "lr = 0.05\nval_split = 1.0"),
-                               "val_split must be a number in [0, 1)"),
-    "val-every-zero": (("lr = 0.05", "lr = 0.05\nval_every = 0"),
-                       "val_every must be an integer >= 1"),
-    "keep-best-without-split": (("lr = 0.05", "lr = 0.05\nkeep_best = true"),
-                                "keep_best chooses the epoch on training examples"),
-    "keep-best-string": (("lr = 0.05", 'lr = 0.05\nval_split = 8\nkeep_best = "yes"'),
-                         "keep_best must be true or false"),
+    "val-split-fraction-one": (
+        ("lr = 0.05", "lr = 0.05\nval_split = 1.0"),
+        "val_split must be a number in [0, 1)",
+    ),
+    "val-every-zero": (
+        ("lr = 0.05", "lr = 0.05\nval_every = 0"),
+        "val_every must be an integer >= 1",
+    ),
+    "keep-best-without-split": (
+        ("lr = 0.05", "lr = 0.05\nkeep_best = true"),
+        "keep_best chooses the epoch on training examples",
+    ),
+    "keep-best-string": (
+        ("lr = 0.05", 'lr = 0.05\nval_split = 8\nkeep_best = "yes"'),
+        "keep_best must be true or false",
+    ),
     "average-typo": (("lr = 0.05", 'lr = 0.05\naverage = "emma"'), "unknown average 'emma'"),
     "ema-decay-one": (("lr = 0.05", "lr = 0.05\nema_decay = 1.0"), "ema_decay must be"),
-    "swa-start-past-the-end": (("lr = 0.05", 'lr = 0.05\naverage = "swa"\nswa_start = 1'),
-                               "SWA would average no epoch"),
+    "swa-start-past-the-end": (
+        ("lr = 0.05", 'lr = 0.05\naverage = "swa"\nswa_start = 1'),
+        "SWA would average no epoch",
+    ),
     "awp-gamma-negative": (("lr = 0.05", "lr = 0.05\nawp_gamma = -0.01"), "awp_gamma must be"),
-    "awp-warmup-past-the-end": (("lr = 0.05", "lr = 0.05\nawp = true"),
-                                "AWP would never run"),
-    "awp-objective": (('objective = "pgd-at"', 'objective = "natural"\nawp = true\n'
-                       "awp_warmup = 0"), "awp wraps the objectives pgd-at, trades, mart"),
-    "augment-string": (("lr = 0.05", 'lr = 0.05\naugment = "on"'),
-                       "augment must be true or false"),
-    "crop-pad-negative": (("lr = 0.05", "lr = 0.05\naugment = true\ncrop_pad = -1"),
-                          "crop_pad must be an integer >= 0"),
-    "flip-without-augment": (("lr = 0.05", "lr = 0.05\nflip = true"),
-                             "set augment = true"),
-    "label-smoothing-one": (("lr = 0.05", "lr = 0.05\nlabel_smoothing = 1"),
-                            "label_smoothing must be"),
-    "label-smoothing-objective": (('objective = "pgd-at"', 'objective = "mart"\n'
-                                   "label_smoothing = 0.1"), "not 'mart'"),
+    "awp-warmup-past-the-end": (("lr = 0.05", "lr = 0.05\nawp = true"), "AWP would never run"),
+    "awp-objective": (
+        ('objective = "pgd-at"', 'objective = "natural"\nawp = true\nawp_warmup = 0'),
+        "awp wraps the objectives pgd-at, trades, mart",
+    ),
+    "augment-string": (("lr = 0.05", 'lr = 0.05\naugment = "on"'), "augment must be true or false"),
+    "crop-pad-negative": (
+        ("lr = 0.05", "lr = 0.05\naugment = true\ncrop_pad = -1"),
+        "crop_pad must be an integer >= 0",
+    ),
+    "flip-without-augment": (("lr = 0.05", "lr = 0.05\nflip = true"), "set augment = true"),
+    "label-smoothing-one": (
+        ("lr = 0.05", "lr = 0.05\nlabel_smoothing = 1"),
+        "label_smoothing must be",
+    ),
+    "label-smoothing-objective": (
+        ('objective = "pgd-at"', 'objective = "mart"\nlabel_smoothing = 0.1'),
+        "not 'mart'",
+    ),
 }
 
 
@@ -129,8 +158,9 @@ def test_recipe_errors_name_the_key_before_training(case, tmp_path, no_data, cap
     assert not out.exists()
 
 
-@pytest.mark.parametrize("text", ["", "# nothing yet\n", "[data]\ndataset = \"mnist\"\n",
-                                  "[train]\nepochs = 3\n"])
+@pytest.mark.parametrize(
+    "text", ["", "# nothing yet\n", '[data]\ndataset = "mnist"\n', "[train]\nepochs = 3\n"]
+)
 def test_a_recipe_without_train_objective_is_an_error(text, tmp_path, no_data, capsys):
     path = _recipe(tmp_path, text)
     with pytest.raises(ValueError, match=r"\[train\]"):
@@ -158,8 +188,10 @@ def test_the_trainer_checks_the_val_attack_before_the_first_epoch(toy_data):
     """Before: a misspelt validation attack was found after a whole epoch of training."""
     model = rl.models.create("lenet", num_classes=4, in_channels=1, input_size=16)
     threat = rl.ThreatModel("linf", eps=0.1)
-    for spec, phrase in (({"name": "pgdd"}, "val_attack: unknown attack 'pgdd'"),
-                         ({"name": "pgd", "steps": 0}, "val_attack: steps must be")):
+    for spec, phrase in (
+        ({"name": "pgdd"}, "val_attack: unknown attack 'pgdd'"),
+        ({"name": "pgd", "steps": 0}, "val_attack: steps must be"),
+    ):
         cfg = TrainConfig(epochs=1, val_attack=spec)
         with pytest.raises(ValueError, match=phrase):
             rl.training.Trainer(model, toy_data, cfg, threat=threat, val=toy_data)

@@ -28,8 +28,17 @@ from robustlab.report.runs import load_run
 RUNS = Path(__file__).parent / "fixtures" / "report_runs"
 PGD, NATURAL = RUNS / "pgd-at", RUNS / "natural"
 XHTML = "{http://www.w3.org/1999/xhtml}"
-URL_ATTRS = {"src", "href", "srcset", "action", "formaction", "poster", "data", "background",
-             "{http://www.w3.org/1999/xlink}href"}
+URL_ATTRS = {
+    "src",
+    "href",
+    "srcset",
+    "action",
+    "formaction",
+    "poster",
+    "data",
+    "background",
+    "{http://www.w3.org/1999/xlink}href",
+}
 
 
 def parse(page: str):
@@ -79,15 +88,21 @@ def test_page_is_valid_html_and_self_contained(page):
     assert external_references(tree) == []
     assert tree.find(f"{XHTML}head/{XHTML}title") is not None
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "").replace(
-        'xmlns:xlink="http://www.w3.org/1999/xlink"', "")
+        'xmlns:xlink="http://www.w3.org/1999/xlink"', ""
+    )
 
 
 def test_external_reference_detector_catches_what_it_should():
-    page = ('<!DOCTYPE html><html><head><title>t</title><link rel="stylesheet" href="x.css">'
-            '</head><body><img src="https://a.b/c.png" alt=""><img src="data:image/png;base64,'
-            'AA" alt=""></body></html>')
-    assert external_references(parse(page)) == ["<link>", "link href=x.css",
-                                                 "img src=https://a.b/c.png"]
+    page = (
+        '<!DOCTYPE html><html><head><title>t</title><link rel="stylesheet" href="x.css">'
+        '</head><body><img src="https://a.b/c.png" alt=""><img src="data:image/png;base64,'
+        'AA" alt=""></body></html>'
+    )
+    assert external_references(parse(page)) == [
+        "<link>",
+        "link href=x.css",
+        "img src=https://a.b/c.png",
+    ]
     with pytest.raises(html5lib.html5parser.ParseError):
         parse("<!DOCTYPE html><html><body><div></span></body></html>")
 
@@ -100,11 +115,16 @@ def test_page_shows_the_recorded_numbers(page, runs):
     assert f"{100 * d['clean_accuracy']:.2f}%" in text
     assert f"{100 * d['robust_accuracy']:.2f}%" in text
     # the cascade: each attack's points attacked and broken, in a row of its own
-    rows = [" | ".join(" ".join(td.itertext()).strip() for td in tr.findall(f"{XHTML}td"))
-            for tr in tree.iter(f"{XHTML}tr")]
+    rows = [
+        " | ".join(" ".join(td.itertext()).strip() for td in tr.findall(f"{XHTML}td"))
+        for tr in tree.iter(f"{XHTML}tr")
+    ]
     for i, a in enumerate(d["per_attack"], 1):
-        assert any(r.startswith(f"{i} | {a['config']['name']}")
-                   and f"| {a['attacked']} | {a['broken']} |" in r for r in rows), a
+        assert any(
+            r.startswith(f"{i} | {a['config']['name']}")
+            and f"| {a['attacked']} | {a['broken']} |" in r
+            for r in rows
+        ), a
     # the audit's verdicts, coloured by status
     audit = next(e for e in pgd.evaluations if e.where == "audit")
     for c in audit.data["audit"]["checks"]:
@@ -125,8 +145,11 @@ def test_plots_and_images(page, runs):
     ids = [el.get("id") for s in svgs for el in s.iter() if el.get("id")]
     assert len(ids) == len(set(ids)), "plots share element ids"
     imgs = list(tree.iter(f"{XHTML}img"))
-    n_examples = sum(len(load_file(str(r.path / d.path.parent / "examples.safetensors"))["index"])
-                     for r in runs for d in r.evaluations)
+    n_examples = sum(
+        len(load_file(str(r.path / d.path.parent / "examples.safetensors"))["index"])
+        for r in runs
+        for d in r.evaluations
+    )
     assert len(imgs) == 3 * n_examples > 0
     assert all(i.get("src").startswith("data:image/png;base64,") for i in imgs)
 
@@ -155,8 +178,9 @@ def test_example_indices_prefer_broken_points():
 
 
 def test_plot_svg_follows_the_page_theme():
-    svg = plots.robustness_curves([{"label": "a", "eps": [0, 0.1], "accuracy": [0.9, 0.5]}],
-                                  "linf", 0.1, "k")
+    svg = plots.robustness_curves(
+        [{"label": "a", "eps": [0, 0.1], "accuracy": [0.9, 0.5]}], "linf", 0.1, "k"
+    )
     assert svg.startswith("<svg ") and plots.INK not in svg and "currentColor" in svg
     assert "<metadata>" not in svg and "ε (ℓ∞ radius" in svg and "robust accuracy (%)" in svg
 
@@ -169,7 +193,7 @@ def test_flags_banner(tmp_path, runs):
     doc["flags"] = [{"name": "gradient-masking", "message": "FGSM beats PGD <b>"}]
     (run / "results.json").write_text(json.dumps(doc))
     page = render_html([load_run(run)])
-    banner = page[page.index('<div class="banner'):]
+    banner = page[page.index('<div class="banner') :]
     assert banner.startswith('<div class="banner flag">')
     assert "gradient-masking" in banner[:600] and "FGSM beats PGD &lt;b&gt;" in banner[:600]
     assert page.index("banner flag") < page.index('<section class="run"')
@@ -180,18 +204,17 @@ def test_leaderboard(runs):
     linf = [r for r in rows if r["threat"] == {"norm": "linf", "eps": 0.1, "bounds": [0.0, 1.0]}]
     assert [r["rank"] for r in linf] == list(range(1, len(linf) + 1))
     assert [r["robust_accuracy"] for r in linf] == sorted(
-        (r["robust_accuracy"] for r in linf), reverse=True)
+        (r["robust_accuracy"] for r in linf), reverse=True
+    )
     # one row per model: pgd-at's strongest evaluation, its audit (issue 16, item 6)
     pgd = next(r for r in rows if r["run"] == "pgd-at")
     assert pgd["where"] == "audit" and sum(r["run"] == "pgd-at" for r in rows) == 1
     assert pgd["method"] == "pgd-at" and pgd["architecture"] == "smallcnn"
     assert pgd["epochs"] == 2
-    assert pgd["train_time_s"] == pytest.approx(
-        sum(e["train_time_s"] for e in runs[0].train_log))
+    assert pgd["train_time_s"] == pytest.approx(sum(e["train_time_s"] for e in runs[0].train_log))
     md = leaderboard_markdown(runs)
     assert "## linf ε = 0.1" in md
-    line = next(ln for ln in md.splitlines()
-                if ln.startswith(f"| {pgd['rank']} | pgd-at/audit |"))
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {pgd['rank']} | pgd-at/audit |"))
     assert f"{100 * pgd['robust_accuracy']:.2f}%" in line and "smallcnn" in line
 
 

@@ -21,7 +21,8 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or DRIVER is None,
     reason="headless Chromium not installed: `make test` installs the Debian packages chromium "
-           "and chromium-driver (apt-get install chromium chromium-driver)")
+    "and chromium-driver (apt-get install chromium chromium-driver)",
+)
 
 RENDERED = """
 return [...document.querySelectorAll('svg.plot, img')].map(e => {
@@ -39,9 +40,17 @@ def _browser(dark: bool):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1280,1600"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1600",
+    ):
         opts.add_argument(arg)
     if dark:
         opts.add_argument("--blink-settings=preferredColorScheme=0")  # 0: dark, 1: light
@@ -66,15 +75,16 @@ def test_report_renders_in_chromium(tmp_path, theme):
             done, w, h = e["natural"]
             assert done and w > 0 and h > 0, e
         fetched = driver.execute_script(
-            "return performance.getEntriesByType('resource').map(r => r.name)")
+            "return performance.getEntriesByType('resource').map(r => r.name)"
+        )
         assert fetched == []
-        dark = driver.execute_script(
-            "return matchMedia('(prefers-color-scheme: dark)').matches")
+        dark = driver.execute_script("return matchMedia('(prefers-color-scheme: dark)').matches")
         assert dark == (theme == "dark")
         # the plots' text takes the page's colour: light text on the dark theme
         color = driver.execute_script(
-            "return getComputedStyle(document.querySelector('svg.plot')).color")
-        rgb = [int(v) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3]]
+            "return getComputedStyle(document.querySelector('svg.plot')).color"
+        )
+        rgb = [int(v) for v in color[color.index("(") + 1 : color.index(")")].split(",")[:3]]
         assert (sum(rgb) > 450) == (theme == "dark"), color
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1280, min(height + 100, 12000))

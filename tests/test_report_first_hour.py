@@ -59,8 +59,11 @@ def test_standard_outranks_more_points_of_a_weaker_suite(tmp_path):
     shutil.rmtree(run / "audit")
     weak = run / "quick-1000"
     weak.mkdir()
-    doc = json.loads((run / "results.json").read_text()) | {"suite": "quick", "n": 1000,
-                                                            "robust_accuracy": 0.5}
+    doc = json.loads((run / "results.json").read_text()) | {
+        "suite": "quick",
+        "n": 1000,
+        "robust_accuracy": 0.5,
+    }
     (weak / "results.json").write_text(json.dumps(doc))
     (row,) = leaderboard_rows([load_run(run)])
     assert (row["suite"], row["n"]) == ("standard", 100)
@@ -179,8 +182,10 @@ def _line_styles(svg: str) -> list[tuple[str, str]]:
     aside."""
     styles = []
     for style, marker in re.findall(
-            r'<g id="[^"]*line2d_\d+">\s*<path d="[^"]*" clip-path="[^"]*" style="([^"]*)"/>'
-            r'\s*(?:<defs>\s*<path id="[^"]*" d="([^"]*)")?', svg):
+        r'<g id="[^"]*line2d_\d+">\s*<path d="[^"]*" clip-path="[^"]*" style="([^"]*)"/>'
+        r'\s*(?:<defs>\s*<path id="[^"]*" d="([^"]*)")?',
+        svg,
+    ):
         if "stroke: #" not in style:  # grid lines are drawn in currentColor
             continue
         dash = re.search(r"stroke-dasharray: ([^;]+)", style)
@@ -189,8 +194,11 @@ def _line_styles(svg: str) -> list[tuple[str, str]]:
 
 
 def test_overlapping_smoothing_lines_stay_distinguishable():
-    rows = [{"sigma": s, "samples": n, "vote": "prediction", "accuracy": 0.5}
-            for s in (0.12, 0.25, 0.5) for n in (1, 4, 16)]  # three identical series
+    rows = [
+        {"sigma": s, "samples": n, "vote": "prediction", "accuracy": 0.5}
+        for s in (0.12, 0.25, 0.5)
+        for n in (1, 4, 16)
+    ]  # three identical series
     svg = plots.smoothing_curves(rows, None, "k")
     styles = _line_styles(svg)
     assert len(styles) == 3 and len(set(styles)) == 3, styles
@@ -214,8 +222,18 @@ def test_examples_show_class_names_from_the_model_sidecar(tmp_path):
     doc["config"].pop("classes", None)
     (run / "results.json").write_text(json.dumps(doc))
     assert all(s.isdigit() for s in _names_in_examples(render_html([load_run(run)])))
-    names = ["tee", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-             "boot"]
+    names = [
+        "tee",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "boot",
+    ]
     meta = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps(meta | {"classes": names}))
     shown = _names_in_examples(render_html([load_run(run)]))

@@ -87,8 +87,7 @@ def test_uat_online_is_trades_kl_on_the_pool_and_fixed_is_pgd_at():
     trades = create("trades", beta=1.0, steps=3)
     full = trades(model, x, y, threat=THREAT, generator=_gen())
     ce = F.cross_entropy(model(x), y)  # TRADES = CE + KL: UAT-OT is its KL, without labels
-    torch.testing.assert_close(online(model, xa, ya, threat=THREAT, generator=_gen()),
-                               full - ce)
+    torch.testing.assert_close(online(model, xa, ya, threat=THREAT, generator=_gen()), full - ce)
     fixed = create("uat", targets="fixed", teacher=teacher, labeled=3, steps=3)
     xa, ya = fixed.setup(model, x, y)
     y_pseudo = torch.cat([y[:3], teacher(x[3:]).argmax(1)])
@@ -116,8 +115,9 @@ def test_mart_semi_kl_term_by_hand_and_full_term_is_mart_on_pseudo_labels():
     semi.setup(model, x, y)
     x_adv = semi.mart.perturb(model, x, y_pseudo, THREAT, _gen())
     c, a = model(x), model(x_adv)
-    expected = (5 * mart_loss(c[:5], a[:5], y[:5], 6.0)
-                + 0.5 * 3 * kl_term(c[5:], a[5:], y_pseudo[5:], 6.0)) / 8
+    expected = (
+        5 * mart_loss(c[:5], a[:5], y[:5], 6.0) + 0.5 * 3 * kl_term(c[5:], a[5:], y_pseudo[5:], 6.0)
+    ) / 8
     torch.testing.assert_close(semi(model, xa, ya, threat=THREAT, generator=_gen()), expected)
 
 
@@ -139,8 +139,10 @@ def test_noisy_student_soft_labels_and_confidence_filter_by_hand():
     q = (teacher_logits / 2.0).softmax(1).numpy()
     keep = q.max(1) >= 0.3
     assert keep.tolist() == [True, True, False]
-    by_hand = (-sum(log_p[c] for c in y[:3].tolist())
-               - sum(k * (qi * log_p).sum() for k, qi in zip(keep, q, strict=True))) / 6
+    by_hand = (
+        -sum(log_p[c] for c in y[:3].tolist())
+        - sum(k * (qi * log_p).sum() for k, qi in zip(keep, q, strict=True))
+    ) / 6
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
 
 
@@ -174,16 +176,24 @@ def test_a_given_pool_joins_the_training_set():
     assert rst.config()["unlabeled"] == "<5 images of shape (1, 16, 16)>"
     uat = create("uat", targets="online", unlabeled=pool)
     model = _lenet(0)
-    history = rl.training.fit(model, (x, y), objective="uat", threat=THREAT, epochs=1,
-                              batch_size=8, objective_options={"targets": "online",
-                                                               "unlabeled": pool, "steps": 1})
+    history = rl.training.fit(
+        model,
+        (x, y),
+        objective="uat",
+        threat=THREAT,
+        epochs=1,
+        batch_size=8,
+        objective_options={"targets": "online", "unlabeled": pool, "steps": 1},
+    )
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     assert uat.setup(model, x, y)[1][10:].tolist() == [-1, -2, -3, -4, -5]
 
 
 def test_recipe_key_unlabeled(tmp_path, monkeypatch):
-    base = ('[data]\nn_train = 4\nunlabeled = "fashion-mnist"\n{extra}'
-            '[threat]\nnorm = "linf"\neps = "0.1"\n[train]\nobjective = "{obj}"\nepochs = 1\n')
+    base = (
+        '[data]\nn_train = 4\nunlabeled = "fashion-mnist"\n{extra}'
+        '[threat]\nnorm = "linf"\neps = "0.1"\n[train]\nobjective = "{obj}"\nepochs = 1\n'
+    )
     path = tmp_path / "r.toml"
     path.write_text(base.format(extra="unlabeled_n = 3\n", obj="uat"))
     recipe = load_recipe(path)

@@ -67,9 +67,11 @@ def test_the_look_levels_sum_to_alpha_and_the_looks_grow_geometrically():
 def test_radii_are_the_certified_radii_of_the_noise():
     p = np.array([0.3, 0.5, 0.6, 0.99])
     assert radii(p, "gaussian", 0.5, None) == pytest.approx(
-        [0, 0, 0.5 * norm.ppf(0.6), 0.5 * norm.ppf(0.99)])
+        [0, 0, 0.5 * norm.ppf(0.6), 0.5 * norm.ppf(0.99)]
+    )
     assert radii(p, "laplace", 0.5, None) == pytest.approx(
-        [0, 0, -0.5 * np.log(0.8), -0.5 * np.log(0.02)])
+        [0, 0, -0.5 * np.log(0.8), -0.5 * np.log(0.02)]
+    )
 
 
 @pytest.mark.parametrize("p", [0.6, 0.95])
@@ -85,8 +87,9 @@ def test_the_lower_bounds_hold_together_at_an_adversarial_stopping_look(p):
     n = np.broadcast_to(grid, counts.shape)
 
     def failures(levels: np.ndarray) -> int:
-        return int((lower_bounds(counts, n, np.broadcast_to(levels, counts.shape)) > p)
-                   .any(1).sum())
+        return int(
+            (lower_bounds(counts, n, np.broadcast_to(levels, counts.shape)) > p).any(1).sum()
+        )
 
     assert failures(look_alphas(alpha, len(grid))) <= allowed_failures(reps, alpha)
     assert failures(np.full(len(grid), alpha)) > allowed_failures(reps, alpha)
@@ -97,8 +100,16 @@ def test_sequential_radii_are_valid_on_the_halfspace():
     within the binomial tolerance of alpha; and the radii are close below it."""
     reps, alpha = 2000, 0.1
     model, x, d = at_distance(0.9, 1.0, reps)
-    pred, rad = certify(model, x, sigma=1.0, alpha=alpha, sequential=True, max_n=2000,
-                        radius_tolerance=0.5, generator=gen(1))
+    pred, rad = certify(
+        model,
+        x,
+        sigma=1.0,
+        alpha=alpha,
+        sequential=True,
+        max_n=2000,
+        radius_tolerance=0.5,
+        generator=gen(1),
+    )
     assert (rad > d).sum() <= allowed_failures(reps, alpha)
     assert (pred == 0).float().mean() > 0.99 and float(rad.mean()) > d - 0.5
 
@@ -106,8 +117,17 @@ def test_sequential_radii_are_valid_on_the_halfspace():
 # --- stopping ---------------------------------------------------------------------------------
 def test_a_clear_point_stops_long_before_max_n():
     model, x, d = at_distance(0.999, 1.0, 8)
-    certs = list(certify_iter(model, x, sigma=1.0, sequential=True, max_n=100_000,
-                              radius_tolerance=0.5, generator=gen(2)))
+    certs = list(
+        certify_iter(
+            model,
+            x,
+            sigma=1.0,
+            sequential=True,
+            max_n=100_000,
+            radius_tolerance=0.5,
+            generator=gen(2),
+        )
+    )
     assert all(c.draws < 30_000 and c.prediction == 0 for c in certs)
     assert all(d - 0.6 < c.radius <= d for c in certs)
     assert sorted(c.index for c in certs) == list(range(8))
@@ -115,13 +135,30 @@ def test_a_clear_point_stops_long_before_max_n():
 
 def test_a_point_that_cannot_reach_min_radius_stops_early():
     model, x, _ = at_distance(0.52, 1.0, 8)
-    certs = list(certify_iter(model, x, sigma=1.0, sequential=True, max_n=100_000,
-                              radius_tolerance=0.01, min_radius=0.5, generator=gen(3)))
+    certs = list(
+        certify_iter(
+            model,
+            x,
+            sigma=1.0,
+            sequential=True,
+            max_n=100_000,
+            radius_tolerance=0.01,
+            min_radius=0.5,
+            generator=gen(3),
+        )
+    )
     assert all(c.draws <= 1000 for c in certs)
     assert all(c.prediction == ABSTAIN or c.radius < 0.5 for c in certs)
     # without min_radius and with a fine tolerance it keeps drawing
-    (c,) = certify_iter(model, x[:1], sigma=1.0, sequential=True, max_n=20_000,
-                        radius_tolerance=0.01, generator=gen(3))
+    (c,) = certify_iter(
+        model,
+        x[:1],
+        sigma=1.0,
+        sequential=True,
+        max_n=20_000,
+        radius_tolerance=0.01,
+        generator=gen(3),
+    )
     assert c.draws > 5000
 
 
@@ -133,11 +170,17 @@ def test_sequential_results_do_not_depend_on_the_batch_size_or_the_other_inputs(
     assert torch.equal(a[1][1:], b[1])
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"max_n": 0}, "max_n"), ({"radius_tolerance": 0.0}, "radius_tolerance"),
-    ({"radius_tolerance": -1.0}, "radius_tolerance"), ({"min_radius": -0.1}, "min_radius"),
-    ({"sequential": "yes"}, "sequential"), ({"generator": [gen()]}, "one torch.Generator"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_n": 0}, "max_n"),
+        ({"radius_tolerance": 0.0}, "radius_tolerance"),
+        ({"radius_tolerance": -1.0}, "radius_tolerance"),
+        ({"min_radius": -0.1}, "min_radius"),
+        ({"sequential": "yes"}, "sequential"),
+        ({"generator": [gen()]}, "one torch.Generator"),
+    ],
+)
 def test_bad_sequential_options_are_refused(kwargs, match):
     model, x, _ = at_distance(0.9, 1.0, 2)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -151,21 +194,37 @@ def reference_certify(model, x, n0, n, alpha, batch_size, generator):
     for i in range(len(x)):
         counts = []
         for num in (n0, n):
-            votes = torch.cat([lg.argmax(1) for _, lg in
-                               noisy_logits(model, x[i:i + 1], num, 0.5, "gaussian", batch_size,
-                                            generator)])
+            votes = torch.cat(
+                [
+                    lg.argmax(1)
+                    for _, lg in noisy_logits(
+                        model, x[i : i + 1], num, 0.5, "gaussian", batch_size, generator
+                    )
+                ]
+            )
             counts.append(torch.bincount(votes, minlength=10))
         c_a = int(counts[0].argmax())
-        out.append((c_a, int(counts[1][c_a]), lower_confidence_bound(int(counts[1][c_a]), n,
-                                                                     alpha)))
+        out.append(
+            (c_a, int(counts[1][c_a]), lower_confidence_bound(int(counts[1][c_a]), n, alpha))
+        )
     return out
 
 
 @pytest.mark.parametrize("batch_size", [7, 64, 1000])
 def test_fixed_n_is_cohens_procedure_draw_for_draw(toy_model, toy_data, batch_size):
     x = toy_data[0][:4]
-    certs = list(certify_iter(toy_model, x, sigma=0.5, n0=20, n=150, alpha=0.01,
-                              batch_size=batch_size, generator=gen(4)))
+    certs = list(
+        certify_iter(
+            toy_model,
+            x,
+            sigma=0.5,
+            n0=20,
+            n=150,
+            alpha=0.01,
+            batch_size=batch_size,
+            generator=gen(4),
+        )
+    )
     ref = reference_certify(toy_model, x, 20, 150, 0.01, batch_size, gen(4))
     assert [(c.count, c.p_lower) for c in certs] == [(r[1], r[2]) for r in ref]
     assert [c.prediction for c in certs] == [r[0] if r[2] > 0.5 else ABSTAIN for r in ref]
@@ -181,8 +240,10 @@ def test_a_measured_batch_size_changes_nothing_but_the_forwards():
     b = certify(model, x, sigma=1.0, n0=10, n=3000, batch_size=1000, generator=gen(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert calls > 3 * (model.calls - calls)  # 64 rows per forward, not 1000
-    assert torch.equal(predict(model, x, sigma=1.0, n=500, generator=gen(6)),
-                       predict(model, x, sigma=1.0, n=500, batch_size=1000, generator=gen(6)))
+    assert torch.equal(
+        predict(model, x, sigma=1.0, n=500, generator=gen(6)),
+        predict(model, x, sigma=1.0, n=500, batch_size=1000, generator=gen(6)),
+    )
 
 
 def test_best_batch_size_measures_big_jobs_only_and_caches():
@@ -195,18 +256,49 @@ def test_best_batch_size_measures_big_jobs_only_and_caches():
     assert best_batch_size(model, x, 10**7, 1000) == size and model.calls == calls
 
 
-def test_run_certification_batches_examples_and_resumes_sequentially(toy_model, toy_data,
-                                                                    tmp_path):
+def test_run_certification_batches_examples_and_resumes_sequentially(toy_model, toy_data, tmp_path):
     x, y = toy_data[0][:4], toy_data[1][:4]
     seq = {"max_n": 400, "radius_tolerance": 0.1}
-    full = run_certification(toy_model, x, y, sigma=0.25, n0=10, seed=1, out=tmp_path / "a",
-                             sequential=seq, batch_size=50)
-    run_certification(toy_model, x[:2], y[:2], sigma=0.25, n0=10, seed=1, out=tmp_path / "b",
-                      sequential=seq, batch_size=50)
-    again = run_certification(toy_model, x, y, sigma=0.25, n0=10, seed=1, out=tmp_path / "b",
-                              sequential=seq, batch_size=50)
-    rows = [sorted((json.loads(r) for r in (tmp_path / d / "certify.jsonl").read_text()
-                    .splitlines()[1:]), key=lambda r: r["index"]) for d in "ab"]
+    full = run_certification(
+        toy_model,
+        x,
+        y,
+        sigma=0.25,
+        n0=10,
+        seed=1,
+        out=tmp_path / "a",
+        sequential=seq,
+        batch_size=50,
+    )
+    run_certification(
+        toy_model,
+        x[:2],
+        y[:2],
+        sigma=0.25,
+        n0=10,
+        seed=1,
+        out=tmp_path / "b",
+        sequential=seq,
+        batch_size=50,
+    )
+    again = run_certification(
+        toy_model,
+        x,
+        y,
+        sigma=0.25,
+        n0=10,
+        seed=1,
+        out=tmp_path / "b",
+        sequential=seq,
+        batch_size=50,
+    )
+    rows = [
+        sorted(
+            (json.loads(r) for r in (tmp_path / d / "certify.jsonl").read_text().splitlines()[1:]),
+            key=lambda r: r["index"],
+        )
+        for d in "ab"
+    ]
     strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rs] for rs in rows]
     assert strip[0] == strip[1] and all(0 < r["draws"] <= 400 for r in rows[0])
     assert full["certified_accuracy"] == again["certified_accuracy"]
@@ -217,12 +309,36 @@ def test_cli_certify_sequential(fake_fmnist, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    assert cli.main(["certify", str(ckpt), "--sigma", "0.25", "--n0", "10", "--n-points", "2",
-                     "--sequential", "--max-n", "300", "--radius-tolerance", "0.2",
-                     "--device", "cpu", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        cli.main(
+            [
+                "certify",
+                str(ckpt),
+                "--sigma",
+                "0.25",
+                "--n0",
+                "10",
+                "--n-points",
+                "2",
+                "--sequential",
+                "--max-n",
+                "300",
+                "--radius-tolerance",
+                "0.2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "c" / "certify.json").read_text())
-    assert summary["config"]["sequential"] == {"max_n": 300, "radius_tolerance": 0.2,
-                                               "min_radius": 0.0}
+    assert summary["config"]["sequential"] == {
+        "max_n": 300,
+        "radius_tolerance": 0.2,
+        "min_radius": 0.0,
+    }
     rows = (tmp_path / "c" / "certify.jsonl").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(json.loads(r)["draws"] <= 300 for r in rows)
 
@@ -241,8 +357,21 @@ def test_cli_certify_measures_the_batch_size_unless_given(fake_fmnist, tmp_path,
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    common = ["certify", str(ckpt), "--sigma", "0.25", "--n0", "10", "--n", "50",
-              "--n-points", "1", "--device", "cpu", "--quiet"]
+    common = [
+        "certify",
+        str(ckpt),
+        "--sigma",
+        "0.25",
+        "--n0",
+        "10",
+        "--n",
+        "50",
+        "--n-points",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert cli.main([*common, "--out", str(tmp_path / "a")]) == 0
     assert cli.main([*common, "--batch-size", "32", "--out", str(tmp_path / "b")]) == 0
     assert got == [None, 32]
@@ -254,8 +383,7 @@ def sampler_logits(model, x, sigma, draws, batch_size, generator):
     out = torch.empty(len(x), draws, 2)
     filled = [0] * len(x)
     with torch.no_grad():
-        for rows, logits in noisy_logits(model, x, draws, sigma, "gaussian", batch_size,
-                                         generator):
+        for rows, logits in noisy_logits(model, x, draws, sigma, "gaussian", batch_size, generator):
             for r, row in zip(rows.tolist(), logits, strict=True):
                 out[r, filled[r]] = row
                 filled[r] += 1

@@ -89,8 +89,9 @@ def test_a_random_model_that_is_not_smoothed_keeps_eot() -> None:
     assert ad.eot == 20 and ad.repeats == 10 and ad.smoothed is None
 
 
-def test_cli_without_suite_runs_the_smoothed_suite_on_a_smoothed_model(tmp_path, monkeypatch,
-                                                                       fake_fmnist):
+def test_cli_without_suite_runs_the_smoothed_suite_on_a_smoothed_model(
+    tmp_path, monkeypatch, fake_fmnist
+):
     import json
 
     from robustlab.cli import main
@@ -103,8 +104,19 @@ def test_cli_without_suite_runs_the_smoothed_suite_on_a_smoothed_model(tmp_path,
     ckpt = tmp_path / "run" / "model.safetensors"
     ckpt.parent.mkdir()
     rl.models.save(model, ckpt, meta={"dataset": "fashion-mnist"})
-    argv = ["evaluate", str(ckpt), "--eps", "0.1", "--n", "3", "--defense", "smoothing",
-            "--defense-option", "samples=2", "--quiet"]
+    argv = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--n",
+        "3",
+        "--defense",
+        "smoothing",
+        "--defense-option",
+        "samples=2",
+        "--quiet",
+    ]
     folder = default_folder(build_parser().parse_args(argv))
     assert folder.name.startswith("eval-linf-0.1-smoothed-n3")
     assert main(argv) == 0

@@ -41,7 +41,7 @@ class Scripted(nn.Module):
         self.table, self.at = table, 0
 
     def forward(self, x):
-        out = self.table[self.at:self.at + len(x)]
+        out = self.table[self.at : self.at + len(x)]
         self.at += len(x)
         return out
 
@@ -60,9 +60,11 @@ def test_votes_by_hand(vote, winner):
     votes pick 0, the mean probability picks 1."""
     out = Smoothing(Scripted(TABLE), sigma=0.1, samples=3, vote=vote)(torch.zeros(1, 1, 2, 2))
     probs = F.softmax(TABLE, 1).mean(0)
-    expected = {"prediction": torch.tensor([2, 1, 0]) / 3,
-                "weighted": torch.tensor([1 + 1 + 0.5, 0.5 + 0.5 + 1, 0.25 + 0.25 + 0.25]) / 5.25,
-                "soft": probs}[vote]
+    expected = {
+        "prediction": torch.tensor([2, 1, 0]) / 3,
+        "weighted": torch.tensor([1 + 1 + 0.5, 0.5 + 0.5 + 1, 0.25 + 0.25 + 0.25]) / 5.25,
+        "soft": probs,
+    }[vote]
     assert out.argmax(1).item() == winner
     floor = torch.finfo(torch.float32).tiny
     torch.testing.assert_close(out[0].exp(), expected.clamp_min(floor), rtol=1e-5, atol=0)
@@ -70,7 +72,8 @@ def test_votes_by_hand(vote, winner):
 
 def test_soft_on_logits_is_the_mean_logit():
     out = Smoothing(Scripted(TABLE), sigma=0.1, samples=3, vote="soft", soft_on="logits")(
-        torch.zeros(1, 1, 2, 2))
+        torch.zeros(1, 1, 2, 2)
+    )
     torch.testing.assert_close(out[0], TABLE.mean(0))
 
 
@@ -102,8 +105,7 @@ def test_determinism_with_a_generator(vote, toy_model, toy_data):
         a, b, c = smooth(x, generator=gen(3)), smooth(x, generator=gen(3)), smooth(x, gen(4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    seeded = Smoothing(toy_model, sigma=1.5, samples=8, vote=vote, batch_size=20,
-                       generator=gen(3))
+    seeded = Smoothing(toy_model, sigma=1.5, samples=8, vote=vote, batch_size=20, generator=gen(3))
     with torch.no_grad():
         assert torch.equal(seeded(x), a)
     p1 = predict(toy_model, x[:4], sigma=0.5, n=50, generator=gen(1))
@@ -114,8 +116,10 @@ def test_determinism_with_a_generator(vote, toy_model, toy_data):
 def test_batching_does_not_change_the_votes(toy_model, toy_data):
     """Every (input, draw) pair is voted once, whatever the chunking."""
     x = toy_data[0][:7]
-    counts = [rl.defenses.vote_counts(toy_model, x, 13, sigma=0.3, batch_size=b,
-                                      generator=gen()) for b in (1, 5, 1000)]
+    counts = [
+        rl.defenses.vote_counts(toy_model, x, 13, sigma=0.3, batch_size=b, generator=gen())
+        for b in (1, 5, 1000)
+    ]
     assert all(int(c.sum()) == 7 * 13 for c in counts)
     assert all((c.sum(1) == 13).all() for c in counts)
 
@@ -159,8 +163,9 @@ def test_certify_matches_the_exact_halfspace_radius():
     x = torch.full((1, 1, 4, 4), 0.5)
     d, sigma, n, alpha = 0.3, 0.25, 20_000, 0.001
     model = Halfspace(w, float((x * w).sum()) - d)
-    (cert,) = rl.defenses.certify_iter(model, x, sigma=sigma, n0=100, n=n, alpha=alpha,
-                                       generator=gen(5))
+    (cert,) = rl.defenses.certify_iter(
+        model, x, sigma=sigma, n0=100, n=n, alpha=alpha, generator=gen(5)
+    )
     p_a = norm.cdf(d / sigma)
     assert cert.prediction == 0
     assert abs(cert.count / n - p_a) < 4 * math.sqrt(p_a * (1 - p_a) / n)
@@ -177,8 +182,9 @@ def test_laplace_certifies_the_exact_l1_radius_in_one_dimension():
     model = Halfspace(torch.ones(1), 0.7 - d)
     p_a = 1 - 0.5 * math.exp(-d / b)
     assert radius(p_a, "laplace", b) == pytest.approx(d)
-    (cert,) = rl.defenses.certify_iter(model, x, sigma=b, n=20_000, noise="laplace",
-                                       generator=gen(6))
+    (cert,) = rl.defenses.certify_iter(
+        model, x, sigma=b, n=20_000, noise="laplace", generator=gen(6)
+    )
     assert cert.norm == "l1" and cert.prediction == 0
     assert 0.85 * d < cert.radius < d
 
@@ -194,24 +200,35 @@ def test_a_split_vote_abstains():
 
 def test_predict_returns_the_majority_far_from_the_plane():
     x = torch.tensor([0.4, -0.4]).view(2, 1, 1, 1)
-    pred = predict(Halfspace(torch.ones(1), 0.0), x, sigma=0.1, n=500, generator=gen(),
-                   bounds=(-1, 1))
+    pred = predict(
+        Halfspace(torch.ones(1), 0.0), x, sigma=0.1, n=500, generator=gen(), bounds=(-1, 1)
+    )
     assert pred.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"sigma": -0.1}, "sigma"), ({"sigma": 0.1, "alpha": 1.5}, "alpha"),
-    ({"sigma": 0.1, "noise": "uniform"}, "noise"), ({"sigma": 0.1, "n": 0}, "n"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sigma": -0.1}, "sigma"),
+        ({"sigma": 0.1, "alpha": 1.5}, "alpha"),
+        ({"sigma": 0.1, "noise": "uniform"}, "noise"),
+        ({"sigma": 0.1, "n": 0}, "n"),
+    ],
+)
 def test_certify_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         certify(Halfspace(torch.ones(1), 0.0), torch.zeros(1, 1, 1, 1), **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"vote": "mean"}, "vote"), ({"samples": 0}, "samples"), ({"soft_on": "x"}, "soft_on"),
-    ({"sigma": float("nan")}, "sigma"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"vote": "mean"}, "vote"),
+        ({"samples": 0}, "samples"),
+        ({"soft_on": "x"}, "soft_on"),
+        ({"sigma": float("nan")}, "sigma"),
+    ],
+)
 def test_smoothing_rejects_bad_options(kwargs, match, toy_model):
     with pytest.raises(ValueError, match=match):
         rl.defenses.create("smoothing", toy_model, **kwargs)
@@ -225,8 +242,9 @@ def test_certification_resumes_to_the_rows_of_one_run(toy_model, toy_data, tmp_p
     run_certification(toy_model, x[:4], y[:4], out=tmp_path / "b", **kw)  # "crashed" after 4
     resumed = run_certification(toy_model, x, y, out=tmp_path / "b", **kw)
     rows = [(tmp_path / d / "certify.jsonl").read_text().splitlines()[1:] for d in "ab"]
-    strip = [[{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rs]
-             for rs in rows]
+    strip = [
+        [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rs] for rs in rows
+    ]
     assert strip[0] == strip[1]
     assert full["certified_accuracy"] == resumed["certified_accuracy"]
     acc0 = full["certified_accuracy"][0]
@@ -242,8 +260,20 @@ def test_cli_certify_streams_rows_and_resumes(fake_fmnist, tmp_path, capsys, mon
     model = rl.models.create("lenet")
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(model, ckpt, meta={"dataset": "fashion-mnist"})
-    args = ["certify", str(ckpt), "--sigma", "0.25", "--n", "100", "--n0", "10",
-            "--device", "cpu", "--out", str(tmp_path / "c")]
+    args = [
+        "certify",
+        str(ckpt),
+        "--sigma",
+        "0.25",
+        "--n",
+        "100",
+        "--n0",
+        "10",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "c"),
+    ]
     assert cli.main(args + ["--n-points", "2"]) == 0
     assert cli.main(args + ["--n-points", "3", "--skip", "1"]) == 0
     out = capsys.readouterr().out
@@ -277,16 +307,35 @@ def test_attacks_break_a_smoothed_model_where_masked_gradients_do_not(name, toy_
     assert clean > 0.9 and res.robust_accuracy < clean - 0.4
     with torch.no_grad():  # success is the smoothed vote's own verdict
         assert res.success.float().mean() == pytest.approx(
-            (masked(res.x_adv).argmax(1) != y).float().mean().item(), abs=0.1)
+            (masked(res.x_adv).argmax(1) != y).float().mean().item(), abs=0.1
+        )
 
 
 def test_cli_evaluates_inside_a_defense(fake_fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    args = ["evaluate", str(ckpt), "--eps", "0.1", "--attack", "pgd", "--steps", "1",
-            "--n-points", "6", "--out", str(tmp_path / "e"), "--quiet", "--defense",
-            "smoothing", "--defense-option", "sigma=0.2", "--defense-option", "samples=3"]
+    args = [
+        "evaluate",
+        str(ckpt),
+        "--eps",
+        "0.1",
+        "--attack",
+        "pgd",
+        "--steps",
+        "1",
+        "--n-points",
+        "6",
+        "--out",
+        str(tmp_path / "e"),
+        "--quiet",
+        "--defense",
+        "smoothing",
+        "--defense-option",
+        "sigma=0.2",
+        "--defense-option",
+        "samples=3",
+    ]
     assert cli.main(args) == 0
     record = json.loads((tmp_path / "e" / "results.json").read_text())
     assert record["config"]["defense"] == {"name": "smoothing", "sigma": 0.2, "samples": 3}
@@ -295,26 +344,72 @@ def test_cli_evaluates_inside_a_defense(fake_fmnist, tmp_path, monkeypatch, caps
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
-def test_cli_denoise_then_certify_behind_the_denoiser(fake_fmnist, tmp_path, monkeypatch,
-                                                       capsys):
+def test_cli_denoise_then_certify_behind_the_denoiser(fake_fmnist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
     common = ["--sigma", "0.25", "--device", "cpu", "--quiet"]
-    den = ["denoise", str(ckpt), "--epochs", "1", "--n-train", "64", "--depth", "3",
-           "--width", "8", *common]
+    den = [
+        "denoise",
+        str(ckpt),
+        "--epochs",
+        "1",
+        "--n-train",
+        "64",
+        "--depth",
+        "3",
+        "--width",
+        "8",
+        *common,
+    ]
     assert cli.main(den + ["--out", str(tmp_path / "mse")]) == 0
     first = tmp_path / "mse" / "denoiser.safetensors"
-    assert cli.main(den + ["--objective", "stab", "--init", str(first),
-                           "--out", str(tmp_path / "stab")]) == 0
+    assert (
+        cli.main(
+            den + ["--objective", "stab", "--init", str(first), "--out", str(tmp_path / "stab")]
+        )
+        == 0
+    )
     stab = tmp_path / "stab" / "denoiser.safetensors"
     assert stab.exists()
-    assert cli.main(["certify", str(ckpt), "--n", "50", "--n0", "10", "--n-points", "2",
-                     "--denoiser", str(stab), "--out", str(tmp_path / "c"), *common]) == 0
+    assert (
+        cli.main(
+            [
+                "certify",
+                str(ckpt),
+                "--n",
+                "50",
+                "--n0",
+                "10",
+                "--n-points",
+                "2",
+                "--denoiser",
+                str(stab),
+                "--out",
+                str(tmp_path / "c"),
+                *common,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "c" / "certify.json").read_text())
     assert summary["config"]["denoiser"] == str(stab) and summary["n"] == 2
-    assert cli.main(["denoise", str(ckpt), "--epochs", "1", "--objective", "stab",
-                     "--out", str(tmp_path / "mse"), *common]) == 2  # settings changed
+    assert (
+        cli.main(
+            [
+                "denoise",
+                str(ckpt),
+                "--epochs",
+                "1",
+                "--objective",
+                "stab",
+                "--out",
+                str(tmp_path / "mse"),
+                *common,
+            ]
+        )
+        == 2
+    )  # settings changed
     assert "error" in capsys.readouterr().err
 
 

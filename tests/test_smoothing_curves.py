@@ -53,7 +53,7 @@ def test_draw_logits_are_the_model_on_the_samplers_noise(toy_model, toy_data):
     assert torch.equal(got, want)
     small = draw_logits(toy_model, x, 0.3, 6, gen(1), batch_size=4)  # chunks split inputs
     g = gen(1)
-    noise = torch.cat([sample(xs[i:i + 4], "gaussian", 0.3, g) for i in range(0, 30, 4)])
+    noise = torch.cat([sample(xs[i : i + 4], "gaussian", 0.3, g) for i in range(0, 30, 4)])
     with torch.no_grad():
         want = toy_model(xs + noise).view(5, 6, NUM_CLASSES)
         clean = toy_model(x)
@@ -82,8 +82,12 @@ def test_vote_decisions_by_hand_with_ties():
     """Input 0: draws for class 0, class 1 and class 2, with class 1 the highest mean
     probability of the first two and of all three; input 1: two draws narrowly for class 0, one
     strongly for class 1."""
-    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 5.0, -1.0], [-2.0, -3.0, 9.0]],
-                           [[2.0, 1.9, 0.0], [2.0, 1.9, 0.0], [0.0, 10.0, -1.0]]])
+    logits = torch.tensor(
+        [
+            [[2.0, 0.0, -1.0], [0.0, 5.0, -1.0], [-2.0, -3.0, 9.0]],
+            [[2.0, 1.9, 0.0], [2.0, 1.9, 0.0], [0.0, 10.0, -1.0]],
+        ]
+    )
     two = vote_decisions(logits, 2)
     assert list(two) == list(VOTES)
     assert two["prediction"].tolist() == [1, 0]  # a tie goes to the higher mean probability
@@ -102,8 +106,9 @@ def test_vote_decisions_match_the_smoothing_defense_on_scripted_logits(vote):
     """Random small-integer logits (many ties) through the defense and through vote_decisions."""
     table = torch.randint(0, 3, (40, 5, 4), generator=gen(3)).float()
     for n in (1, 2, 5):
-        smooth = rl.defenses.create("smoothing", Table(table[:, :n]), sigma=0.0, samples=n,
-                                    vote=vote)
+        smooth = rl.defenses.create(
+            "smoothing", Table(table[:, :n]), sigma=0.0, samples=n, vote=vote
+        )
         with torch.no_grad():
             want = smooth(torch.zeros(40, 1, 2, 2)).argmax(1)
         assert torch.equal(vote_decisions(table, n)[vote], want), n
@@ -115,8 +120,9 @@ def test_vote_decisions_match_the_smoothing_defense_on_the_same_draws(toy_model,
     x = toy_data[0][:24]
     for n in (1, 5, 16):
         logits = draw_logits(toy_model, x, 0.5, n, gen(4), batch_size=64)
-        smooth = rl.defenses.create("smoothing", toy_model, sigma=0.5, samples=n, vote=vote,
-                                    batch_size=64)
+        smooth = rl.defenses.create(
+            "smoothing", toy_model, sigma=0.5, samples=n, vote=vote, batch_size=64
+        )
         with torch.no_grad():
             want = smooth(x, generator=gen(4)).argmax(1)
         assert torch.equal(vote_decisions(logits, n)[vote], want), n
@@ -127,11 +133,14 @@ def test_one_draw_prediction_is_its_argmax(toy_model, toy_data):
     assert torch.equal(vote_decisions(logits, 1)["prediction"], logits[:, 0].argmax(1))
 
 
-@pytest.mark.parametrize(("args", "match"), [
-    ((torch.zeros(2, 3), 1), "shape \\(N, draws, K\\)"),
-    ((torch.zeros(2, 3, 4), 4), "n must be an integer in 1..3"),
-    ((torch.zeros(2, 3, 4), 0), "n must be an integer in 1..3"),
-])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.zeros(2, 3), 1), "shape \\(N, draws, K\\)"),
+        ((torch.zeros(2, 3, 4), 4), "n must be an integer in 1..3"),
+        ((torch.zeros(2, 3, 4), 0), "n must be an integer in 1..3"),
+    ],
+)
 def test_vote_decisions_reject_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         vote_decisions(*args)
@@ -144,13 +153,28 @@ def test_curves_cover_the_grid_and_write_json(toy_model, toy_data, tmp_path):
     x, y = toy_data[0][:64], toy_data[1][:64]
     with torch.no_grad():
         plain = (toy_model(x).argmax(1) == y).float().mean().item()
-    rec = smoothing_curves(toy_model, x, y, sigmas=[2.0, 0.0, 2.0], samples=[8, 1, 2],
-                           seed=3, out=tmp_path / "run", config={"checkpoint": "m"})
+    rec = smoothing_curves(
+        toy_model,
+        x,
+        y,
+        sigmas=[2.0, 0.0, 2.0],
+        samples=[8, 1, 2],
+        seed=3,
+        out=tmp_path / "run",
+        config={"checkpoint": "m"},
+    )
     assert rec["schema"] == SCHEMA and rec["base_accuracy"] == pytest.approx(plain)
     assert rec["random_model"] is False
-    assert rec["config"] == {"sigmas": [0.0, 2.0], "samples": [1, 2, 8], "votes": list(VOTES),
-                             "noise": "gaussian", "seed": 3, "batch_size": 1024, "n": 64,
-                             "checkpoint": "m"}
+    assert rec["config"] == {
+        "sigmas": [0.0, 2.0],
+        "samples": [1, 2, 8],
+        "votes": list(VOTES),
+        "noise": "gaussian",
+        "seed": 3,
+        "batch_size": 1024,
+        "n": 64,
+        "checkpoint": "m",
+    }
     grid = [(r["sigma"], r["samples"], r["vote"]) for r in rec["rows"]]
     assert grid == [(s, n, v) for s in (0.0, 2.0) for n in (1, 2, 8) for v in VOTES]
     assert all(r["n"] == 64 and 0 <= r["accuracy"] <= 1 for r in rec["rows"])
@@ -161,8 +185,11 @@ def test_curves_cover_the_grid_and_write_json(toy_model, toy_data, tmp_path):
         if r["sigma"] == 2.0:
             pred = vote_decisions(logits, r["samples"])[r["vote"]]
             assert r["accuracy"] == (pred == y).float().mean().item()
-    noisy = {r["samples"]: r["accuracy"] for r in rec["rows"]
-             if r["sigma"] == 2.0 and r["vote"] == "prediction"}
+    noisy = {
+        r["samples"]: r["accuracy"]
+        for r in rec["rows"]
+        if r["sigma"] == 2.0 and r["vote"] == "prediction"
+    }
     assert noisy[1] < plain and noisy[1] < noisy[8]  # one draw is noisy; votes recover
     saved = json.loads((tmp_path / "run" / "smoothing.json").read_text())
     assert saved == rec
@@ -183,28 +210,32 @@ def test_a_random_model_gets_all_draws_at_sigma_zero(toy_model, toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        rec = smoothing_curves(Noisy(toy_model, sigma=2.0), x, y, sigmas=[0.0], samples=[1, 32],
-                               votes=["soft"])
+        rec = smoothing_curves(
+            Noisy(toy_model, sigma=2.0), x, y, sigmas=[0.0], samples=[1, 32], votes=["soft"]
+        )
     assert rec["random_model"] is True
     one, many = (r["accuracy"] for r in rec["rows"])
     assert one != many
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"sigmas": [-0.1]}, ValueError, "sigma must be a finite number >= 0"),
-    ({"sigmas": [float("nan")]}, ValueError, "sigma must be a finite number >= 0"),
-    ({"sigmas": []}, ValueError, "sigmas is empty"),
-    ({"sigmas": 0.25}, TypeError, "sigmas must be a list"),
-    ({"samples": [0]}, ValueError, "every entry of samples must be an integer >= 1"),
-    ({"samples": [2.0]}, ValueError, "every entry of samples must be an integer >= 1"),
-    ({"samples": "16"}, TypeError, "samples must be a list"),
-    ({"votes": ["majority"]}, ValueError, "unknown vote 'majority'; valid votes are"),
-    ({"noise": "uniform"}, ValueError, "unknown noise 'uniform'"),
-    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
-    ({"seed": 1.5}, TypeError, "seed must be an integer"),
-    ({"config": {"seed": 1}}, ValueError, "config may not set seed"),
-    ({"config": {"model": object()}}, TypeError, "config must hold JSON-able entries"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sigmas": [-0.1]}, ValueError, "sigma must be a finite number >= 0"),
+        ({"sigmas": [float("nan")]}, ValueError, "sigma must be a finite number >= 0"),
+        ({"sigmas": []}, ValueError, "sigmas is empty"),
+        ({"sigmas": 0.25}, TypeError, "sigmas must be a list"),
+        ({"samples": [0]}, ValueError, "every entry of samples must be an integer >= 1"),
+        ({"samples": [2.0]}, ValueError, "every entry of samples must be an integer >= 1"),
+        ({"samples": "16"}, TypeError, "samples must be a list"),
+        ({"votes": ["majority"]}, ValueError, "unknown vote 'majority'; valid votes are"),
+        ({"noise": "uniform"}, ValueError, "unknown noise 'uniform'"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"config": {"seed": 1}}, ValueError, "config may not set seed"),
+        ({"config": {"model": object()}}, TypeError, "config must hold JSON-able entries"),
+    ],
+)
 def test_curves_reject_bad_arguments(toy_model, toy_data, kwargs, error, match):
     x, y = toy_data[0][:4], toy_data[1][:4]
     args = {"sigmas": [0.25], "samples": [4]} | kwargs
@@ -234,8 +265,23 @@ def checkpoint(tmp_path, monkeypatch, fake_fmnist):
 
 
 def test_cli_smooth_writes_the_curves(checkpoint, capsys):
-    code = main(["smooth", str(checkpoint), "--sigmas", "0,0.25", "--samples", "1, 4",
-                 "--votes", "prediction,soft", "--n", "16", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "smooth",
+            str(checkpoint),
+            "--sigmas",
+            "0,0.25",
+            "--samples",
+            "1, 4",
+            "--votes",
+            "prediction,soft",
+            "--n",
+            "16",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0 and capsys.readouterr().out == ""
     (path,) = checkpoint.parent.glob("smooth-gaussian-n16-seed0-*/smoothing.json")
     rec = json.loads(path.read_text())
@@ -244,8 +290,27 @@ def test_cli_smooth_writes_the_curves(checkpoint, capsys):
     assert rec["config"]["samples"] == [1, 4] and "command" in rec["config"]
     assert len(rec["rows"]) == 2 * 2 * 2
     out = checkpoint.parent / "elsewhere"
-    assert main(["smooth", str(checkpoint), "--sigmas", "0.5", "--samples", "2", "--n", "8",
-                 "--device", "cpu", "--out", str(out), "--noise", "laplace"]) == 0
+    assert (
+        main(
+            [
+                "smooth",
+                str(checkpoint),
+                "--sigmas",
+                "0.5",
+                "--samples",
+                "2",
+                "--n",
+                "8",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--noise",
+                "laplace",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "weighted vote" in text and "n=2" in text and str(out / "smoothing.json") in text
     assert json.loads((out / "smoothing.json").read_text())["config"]["noise"] == "laplace"
@@ -256,9 +321,41 @@ def test_cli_smooth_errors_are_clear(checkpoint, capsys):
     assert "--sigmas takes comma-separated floats" in capsys.readouterr().err
     assert main(["smooth", str(checkpoint), "--sigmas", "0.1", "--samples", "1.5"]) == 2
     assert "--samples takes comma-separated ints" in capsys.readouterr().err
-    assert main(["smooth", str(checkpoint), "--sigmas", "-1", "--samples", "4", "--n", "4",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "smooth",
+                str(checkpoint),
+                "--sigmas",
+                "-1",
+                "--samples",
+                "4",
+                "--n",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "sigma must be a finite number >= 0" in capsys.readouterr().err
-    assert main(["smooth", str(checkpoint), "--sigmas", "0.1", "--samples", "4", "--n", "4",
-                 "--votes", "hard", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "smooth",
+                str(checkpoint),
+                "--sigmas",
+                "0.1",
+                "--samples",
+                "4",
+                "--n",
+                "4",
+                "--votes",
+                "hard",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "unknown vote 'hard'" in capsys.readouterr().err

@@ -60,9 +60,8 @@ def test_gaussian_aug_is_cross_entropy_at_x_plus_the_generators_noise(toy_model,
 
 def test_gaussian_aug_does_not_clip_the_noisy_input(toy_model, toy_data):
     spy = Spy(toy_model)
-    _objective("gaussian-aug", sigma=0.5)(spy, toy_data[0][:16], toy_data[1][:16],
-                                         generator=_gen())
-    (_, seen), = spy.calls
+    _objective("gaussian-aug", sigma=0.5)(spy, toy_data[0][:16], toy_data[1][:16], generator=_gen())
+    ((_, seen),) = spy.calls
     assert seen.min() < 0 and seen.max() > 1  # Cohen et al. add the noise and do not clip
 
 
@@ -78,7 +77,7 @@ def _shortcut_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.where(wrong, torch.randint(0, 4, (n,), generator=g), y)
     for k in range(4):
         r, c = divmod(k, 2)
-        x[q == k, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 0.3
+        x[q == k, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 0.3
     return x.clamp(0, 1), y
 
 
@@ -90,15 +89,32 @@ def test_gaussian_aug_is_far_more_accurate_under_noise_than_natural_training():
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = TinyCNN()
-        rl.training.fit(model, (x, y), objective=name, objective_options=options, epochs=15,
-                        batch_size=32, lr=0.01, optimizer="adam", weight_decay=0.0,
-                        schedule="constant")
+        rl.training.fit(
+            model,
+            (x, y),
+            objective=name,
+            objective_options=options,
+            epochs=15,
+            batch_size=32,
+            lr=0.01,
+            optimizer="adam",
+            weight_decay=0.0,
+            schedule="constant",
+        )
         model.eval()
         g = _gen(9)
         with torch.no_grad():
             clean = (model(xt).argmax(1) == yt).float().mean().item()
-            noisy = sum((model(xt + sample(xt, "gaussian", 0.5, g)).argmax(1) == yt)
-                        .float().mean().item() for _ in range(4)) / 4
+            noisy = (
+                sum(
+                    (model(xt + sample(xt, "gaussian", 0.5, g)).argmax(1) == yt)
+                    .float()
+                    .mean()
+                    .item()
+                    for _ in range(4)
+                )
+                / 4
+            )
         acc[name] = clean, noisy
     assert acc["natural"][0] == 1.0  # natural training reads the faint pattern...
     assert acc["natural"][1] < 0.5  # ...which the noise drowns (measured: 0.44)
@@ -134,8 +150,7 @@ def test_noise_at_attacks_the_noisy_model_in_eval_and_trains_in_train_mode(toy_d
     with torch.random.fork_rng():
         torch.manual_seed(0)
         spy = Spy(TinyCNN()).train()
-    loss = _objective("noise-at", sigma=0.3, steps=4)(spy, x, y, threat=THREAT,
-                                                       generator=_gen())
+    loss = _objective("noise-at", sigma=0.3, steps=4)(spy, x, y, threat=THREAT, generator=_gen())
     loss.backward()
     modes = [training for training, _ in spy.calls]
     assert modes == [False] * 4 + [True] * 2  # 4 attack steps in eval, 2 loss terms in train
@@ -157,8 +172,15 @@ def test_noise_at_with_epgd_and_option_errors(toy_model, toy_data):
     # 2 steps x m = 3 forwards of the batch, each with its own draw (fresh weight noise too)
     assert len(attack_calls) == 6 and all(len(c) == len(x) for c in attack_calls)
     assert obj.config()["attack"] == "epgd" and obj.config()["samples"] == 3
-    for bad in ({"adv_weight": 1.5}, {"attack": "fgsm"}, {"samples": 0}, {"steps": 0},
-                {"step_size": 0.0}, {"sigma": -0.1}, {"noise": "uniform"}):
+    for bad in (
+        {"adv_weight": 1.5},
+        {"attack": "fgsm"},
+        {"samples": 0},
+        {"steps": 0},
+        {"step_size": 0.0},
+        {"sigma": -0.1},
+        {"noise": "uniform"},
+    ):
         with pytest.raises(ValueError):
             _objective("noise-at", **bad)
 
@@ -167,13 +189,13 @@ def test_noise_at_with_epgd_and_option_errors(toy_model, toy_data):
 def test_soft_smoothed_loss_is_minus_log_of_the_mean_probability(toy_model, toy_data):
     x, y = toy_data[0][:8], toy_data[1][:8]
     noise = sample(x.expand(3, *x.shape), "gaussian", 0.3, _gen())
-    p = torch.stack([F.softmax(toy_model(x + noise[i]), 1)[torch.arange(8), y]
-                     for i in range(3)])
+    p = torch.stack([F.softmax(toy_model(x + noise[i]), 1)[torch.arange(8), y] for i in range(3)])
     loss = soft_smoothed_loss(toy_model, x, y, noise)[0]
     assert torch.allclose(loss, -p.mean(0).log(), atol=1e-6)
     single = soft_smoothed_loss(toy_model, x, y, noise[:1])[0]
-    assert torch.allclose(single, F.cross_entropy(toy_model(x + noise[0]), y, reduction="none"),
-                          atol=1e-6)
+    assert torch.allclose(
+        single, F.cross_entropy(toy_model(x + noise[0]), y, reduction="none"), atol=1e-6
+    )
 
 
 def test_smoothadv_at_eps_zero_is_the_mean_cross_entropy_over_the_draws(toy_model, toy_data):
@@ -196,8 +218,10 @@ def test_smoothadv_attacks_with_the_draws_of_its_loss(toy_model, toy_data, threa
     assert torch.allclose(threat.distance(x_adv, x).max(), torch.tensor(threat.eps), rtol=1e-3)
     expected = torch.stack([F.cross_entropy(toy_model(x_adv + noise[i]), y) for i in range(3)])
     assert torch.allclose(loss, expected.mean(), atol=1e-6)  # the loss reuses the draws
-    assert (soft_smoothed_loss(toy_model, x_adv, y, noise)[0].sum()
-            > soft_smoothed_loss(toy_model, x, y, noise)[0].sum())
+    assert (
+        soft_smoothed_loss(toy_model, x_adv, y, noise)[0].sum()
+        > soft_smoothed_loss(toy_model, x, y, noise)[0].sum()
+    )
 
 
 def test_smoothadv_ramps_eps_over_the_warmup_epochs(toy_model, toy_data):
@@ -209,8 +233,14 @@ def test_smoothadv_ramps_eps_over_the_warmup_epochs(toy_model, toy_data):
         obj.begin_epoch(epoch, 10)
         dist = threat.distance(obj.adversarial(toy_model, x, y, noise, threat, _gen()), x)
         assert dist.max().item() == pytest.approx(eps, rel=1e-3), epoch
-    for bad in ({"warmup": 0}, {"samples": 0}, {"steps": 0}, {"step_size": -1.0},
-                {"sigma": math.inf}, {"noise": "uniform"}):
+    for bad in (
+        {"warmup": 0},
+        {"samples": 0},
+        {"steps": 0},
+        {"step_size": -1.0},
+        {"sigma": math.inf},
+        {"noise": "uniform"},
+    ):
         with pytest.raises(ValueError):
             _objective("smoothadv", **bad)
 
@@ -242,22 +272,29 @@ def test_init_weights_names_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"keys the model lacks.*\.alpha"):
         init_weights(rl.models.create("smallcnn", **KW), _saved(tmp_path, noise="pni-w"))
     with pytest.raises(ValueError, match=r"shape mismatches.*fc3\.weight"):
-        init_weights(rl.models.create("smallcnn", num_classes=10, input_size=16),
-                     _saved(tmp_path))
+        init_weights(rl.models.create("smallcnn", num_classes=10, input_size=16), _saved(tmp_path))
     with pytest.raises(FileNotFoundError):
         init_weights(model, tmp_path / "none.safetensors")
     with pytest.warns(UserWarning, match="the models differ"):
         init_weights(rl.models.create("smallcnn", activation="gelu", **KW), _saved(tmp_path))
 
 
-def test_fit_starts_from_init_records_it_and_resume_does_not_reload_it(tmp_path, toy_data,
-                                                                       monkeypatch):
+def test_fit_starts_from_init_records_it_and_resume_does_not_reload_it(
+    tmp_path, toy_data, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # a relative init path resolves against the current directory
     source = rl.models.load(_saved(tmp_path, "lenet"))
     model = rl.models.create("lenet", noise="cni-w", **KW)
     run = tmp_path / "run"
-    opts = {"objective": "gaussian-aug", "epochs": 1, "batch_size": 64, "lr": 1e-9,
-            "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant"}
+    opts = {
+        "objective": "gaussian-aug",
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 1e-9,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+    }
     rl.training.fit(model, toy_data, out=run, init="lenet.safetensors", **opts)
     for key, value in source.state_dict().items():  # lr ~ 0: still the checkpoint's weights
         assert torch.allclose(model.state_dict()[key], value, atol=1e-6), key
@@ -266,8 +303,9 @@ def test_fit_starts_from_init_records_it_and_resume_does_not_reload_it(tmp_path,
     (tmp_path / "lenet.safetensors").unlink()  # a resumed run must not read it again
     resumed = rl.models.create("lenet", noise="cni-w", **KW)
     opts["epochs"] = 2
-    history = rl.training.fit(resumed, toy_data, out=run, init="lenet.safetensors",
-                              resume=True, **opts)
+    history = rl.training.fit(
+        resumed, toy_data, out=run, init="lenet.safetensors", resume=True, **opts
+    )
     assert [r["epoch"] for r in history] == [1, 2]
     with pytest.raises(ValueError, match="init must be the path of a .safetensors"):
         rl.training.TrainConfig(init="model.pt").validate()
@@ -293,13 +331,14 @@ def test_cli_fine_tunes_from_a_relative_init(tmp_path, monkeypatch, fake_fmnist)
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     monkeypatch.setenv("ROBUSTLAB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    base = ("[data]\ndataset = \"fashion-mnist\"\nval_n = 16\nn_train = 128\n"
-            "[train]\nobjective = \"gaussian-aug\"\nepochs = 1\nbatch_size = 64\n"
-            "optimizer = \"adam\"\nlr = 0.001\n[model]\narch = \"lenet\"\n")
+    base = (
+        '[data]\ndataset = "fashion-mnist"\nval_n = 16\nn_train = 128\n'
+        '[train]\nobjective = "gaussian-aug"\nepochs = 1\nbatch_size = 64\n'
+        'optimizer = "adam"\nlr = 0.001\n[model]\narch = "lenet"\n'
+    )
     Path("plain.toml").write_text(base)
     assert main(["train", "--config", "plain.toml", "--out", "plain", "--quiet"]) == 0
-    Path("tune.toml").write_text(base + "noise = \"cni-w\"\n"
-                                 "init = \"plain/model.safetensors\"\n")
+    Path("tune.toml").write_text(base + 'noise = "cni-w"\ninit = "plain/model.safetensors"\n')
     # another seed: a fresh model would start from other weights than the plain run
     assert main(["train", "--config", "tune.toml", "--out", "tune", "--seed", "1", "--quiet"]) == 0
     tuned = rl.models.load("tune/model.safetensors")

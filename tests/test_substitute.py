@@ -89,8 +89,14 @@ def test_learns_a_linear_oracle_and_fools_it_where_the_margin_allows():
     atk = Substitute(LINF, substitute=untrained(), rounds=5, epochs=10, lr=0.01)
     held_out = points(500, 8)
     with torch.no_grad():
-        agree = (atk.fit_substitute(model, x, gen()).model(held_out).argmax(1)
-                 == model(held_out).argmax(1)).float().mean()
+        agree = (
+            (
+                atk.fit_substitute(model, x, gen()).model(held_out).argmax(1)
+                == model(held_out).argmax(1)
+            )
+            .float()
+            .mean()
+        )
     assert agree > 0.85
     res = atk(model, x, y, generator=gen())
     reachable = margin < 0.7 * LINF.eps
@@ -128,8 +134,9 @@ def test_takes_no_gradient_of_the_attacked_model():
     with torch.no_grad():
         y = model(x).argmax(1)
     assert not attacks.ATTACKS.get("substitute").uses_gradients
-    atk = attacks.create("substitute", ThreatModel("linf", 0.2), substitute=untrained(),
-                         rounds=3, lr=0.05)
+    atk = attacks.create(
+        "substitute", ThreatModel("linf", 0.2), substitute=untrained(), rounds=3, lr=0.05
+    )
     res = atk(Trapped(model), x, y, generator=gen())
     assert res.success.float().mean() > 0.8
     assert all(p.grad is None for p in model.parameters())
@@ -147,11 +154,15 @@ class Counting(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize(("opts", "labels"), [
-    ({"rounds": 3}, 5 * 4),  # S_0 = the 5 attacked points, doubled twice
-    ({"rounds": 3, "seed_data": points(7, 10), "max_new": 10}, 7 + 7 + 10),
-    ({"rounds": 1}, 5),
-], ids=["doubling", "seed-data-capped", "one-round"])
+@pytest.mark.parametrize(
+    ("opts", "labels"),
+    [
+        ({"rounds": 3}, 5 * 4),  # S_0 = the 5 attacked points, doubled twice
+        ({"rounds": 3, "seed_data": points(7, 10), "max_new": 10}, 7 + 7 + 10),
+        ({"rounds": 1}, 5),
+    ],
+    ids=["doubling", "seed-data-capped", "one-round"],
+)
 def test_queries_are_counted_exactly(opts, labels):
     model, x = Counting(oracle(pattern())), points(5, 11)
     y = torch.zeros(5, dtype=torch.long)
@@ -173,30 +184,40 @@ def test_deterministic_reusable_and_leaves_the_caller_alone():
     assert torch.equal(first.x_adv, again.x_adv) and torch.equal(first.queries, again.queries)
     assert all(torch.equal(before[k], t) for k, t in sub.state_dict().items())
     default = Substitute(LINF, rounds=2)  # the default MLP is drawn from the generator too
-    assert torch.equal(default(model, x, y, generator=gen(4)).x_adv,
-                       default(model, x, y, generator=gen(4)).x_adv)
+    assert torch.equal(
+        default(model, x, y, generator=gen(4)).x_adv, default(model, x, y, generator=gen(4)).x_adv
+    )
     assert torch.equal(rng, torch.get_rng_state())  # the global RNG never drawn from
 
 
-@pytest.mark.parametrize(("opts", "exc", "match"), [
-    ({"substitute": "mlp"}, TypeError, "substitute must be an untrained torch.nn.Module"),
-    ({"attack": "substitute"}, ValueError, "white-box attack"),
-    ({"lmbda": 0}, ValueError, "lmbda"),
-    ({"optimizer": "lbfgs"}, ValueError, "valid optimizers are: adam, sgd"),
-    ({"rounds": 0}, ValueError, "rounds"),
-    ({"seed_data": torch.full((3, 1, 4, 4), 2.0)}, ValueError, "seed_data: x has values"),
-    ({"seed_data": [0.5]}, TypeError, "seed_data: x must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    ("opts", "exc", "match"),
+    [
+        ({"substitute": "mlp"}, TypeError, "substitute must be an untrained torch.nn.Module"),
+        ({"attack": "substitute"}, ValueError, "white-box attack"),
+        ({"lmbda": 0}, ValueError, "lmbda"),
+        ({"optimizer": "lbfgs"}, ValueError, "valid optimizers are: adam, sgd"),
+        ({"rounds": 0}, ValueError, "rounds"),
+        ({"seed_data": torch.full((3, 1, 4, 4), 2.0)}, ValueError, "seed_data: x has values"),
+        ({"seed_data": [0.5]}, TypeError, "seed_data: x must be a torch.Tensor"),
+    ],
+)
 def test_bad_options(opts, exc, match):
     with pytest.raises(exc, match=match):
         Substitute(LINF, **opts)
 
 
-@pytest.mark.parametrize(("opts", "match"), [
-    ({"substitute": untrained(classes=3)}, "substitute returns 3 logits.*give the substitute 2"),
-    ({"seed_data": points(3, 13)[:, :, :2]}, "seed_data of shape .* does not match x"),
-    ({"substitute": nn.Flatten()}, "no parameters to train"),
-])
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        (
+            {"substitute": untrained(classes=3)},
+            "substitute returns 3 logits.*give the substitute 2",
+        ),
+        ({"seed_data": points(3, 13)[:, :, :2]}, "seed_data of shape .* does not match x"),
+        ({"substitute": nn.Flatten()}, "no parameters to train"),
+    ],
+)
 def test_substitute_that_does_not_fit_the_model(opts, match):
     x = points(4, 14)
     with pytest.raises(ValueError, match=match):

@@ -19,24 +19,33 @@ from robustlab.evaluation import record as record_mod
 from robustlab.evaluation.state import FILENAME
 
 
-def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(tmp_path, toy_model,
-                                                                    toy_data, monkeypatch):
+def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(
+    tmp_path, toy_model, toy_data, monkeypatch
+):
     monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)  # save after every batch
     t = rl.ThreatModel("linf", 0.12)
     opts = {"steps": 5, "early_stop": True}
     first = [("fgsm", {}), ("pgd", opts)]
     want = rl.evaluate(toy_model, *toy_data, t, attacks=first, batch_size=40)
     with pytest.raises(Interrupt):
-        rl.evaluate(toy_model, *toy_data, t, attacks=[("fgsm", {}), FlakyPGD(t, 3, **opts)],
-                    batch_size=40, out=tmp_path)
+        rl.evaluate(
+            toy_model,
+            *toy_data,
+            t,
+            attacks=[("fgsm", {}), FlakyPGD(t, 3, **opts)],
+            batch_size=40,
+            out=tmp_path,
+        )
     saved = json.loads(_header(tmp_path / FILENAME))
     assert (saved["attack"], saved["batch"]) == (1, 2)  # fgsm done, 2 batches of pgd done
     got = rl.evaluate(toy_model, *toy_data, t, attacks=first, batch_size=40, out=tmp_path)
     assert torch.equal(got.robust, want.robust) and torch.equal(got.x_adv, want.x_adv)
     assert [a["broken"] for a in got.per_attack] == [a["broken"] for a in want.per_attack]
     assert not (tmp_path / FILENAME).exists()  # removed once results.json is written
-    assert json.loads((tmp_path / "results.json").read_text())["robust_accuracy"] == \
-        want.robust_accuracy
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["robust_accuracy"]
+        == want.robust_accuracy
+    )
 
 
 def _header(path) -> str:
@@ -50,13 +59,22 @@ def test_resume_refuses_a_different_evaluation(tmp_path, toy_model, toy_data, mo
     monkeypatch.setattr(record_mod, "_SAVE_EVERY_S", 0.0)
     t = rl.ThreatModel("linf", 0.12)
     with pytest.raises(Interrupt):
-        rl.evaluate(toy_model, *toy_data, t, attacks=[FlakyPGD(t, 2, steps=5)], batch_size=40,
-                    out=tmp_path)
+        rl.evaluate(
+            toy_model, *toy_data, t, attacks=[FlakyPGD(t, 2, steps=5)], batch_size=40, out=tmp_path
+        )
     with pytest.raises(ValueError, match="another evaluation"):
-        rl.evaluate(toy_model, *toy_data, t, attacks=[("pgd", {"steps": 6})], batch_size=40,
-                    out=tmp_path)
-    out = rl.evaluate(toy_model, *toy_data, t, attacks=[("pgd", {"steps": 6})], batch_size=40,
-                      out=tmp_path, resume=False)
+        rl.evaluate(
+            toy_model, *toy_data, t, attacks=[("pgd", {"steps": 6})], batch_size=40, out=tmp_path
+        )
+    out = rl.evaluate(
+        toy_model,
+        *toy_data,
+        t,
+        attacks=[("pgd", {"steps": 6})],
+        batch_size=40,
+        out=tmp_path,
+        resume=False,
+    )
     assert out.per_attack[0]["attacked"] > 0
 
 
@@ -152,11 +170,17 @@ class Rounded(nn.Module):
 def test_black_box_beating_white_box_is_flagged(toy_model, toy_data):
     x, y = toy_data[0][:64], toy_data[1][:64]
     t = rl.ThreatModel("linf", 0.3)
-    out = rl.evaluate(Rounded(toy_model), x, y, t,
-                      attacks=[("pgd", {"steps": 10}), ("square", {"n_queries": 300})])
+    out = rl.evaluate(
+        Rounded(toy_model),
+        x,
+        y,
+        t,
+        attacks=[("pgd", {"steps": 10}), ("square", {"n_queries": 300})],
+    )
     assert "black-box-beats-white-box" in {f["name"] for f in out.flags}
-    clean = rl.evaluate(toy_model, x, y, t,
-                        attacks=[("pgd", {"steps": 10}), ("square", {"n_queries": 300})])
+    clean = rl.evaluate(
+        toy_model, x, y, t, attacks=[("pgd", {"steps": 10}), ("square", {"n_queries": 300})]
+    )
     assert "black-box-beats-white-box" not in {f["name"] for f in clean.flags}
 
 
@@ -170,8 +194,9 @@ def test_minimum_norm_attack_gives_the_robustness_curve(tmp_path):
     # the curve at the evaluated eps is the evaluated robust accuracy
     rows = [json.loads(s) for s in (tmp_path / "per_sample.jsonl").read_text().splitlines()]
     at_eps = np.mean([r["robust"] for r in rows])
-    from_norms = np.mean([r["min_norm"] is None or r["min_norm"] > t.eps + t.tolerance()
-                          for r in rows])
+    from_norms = np.mean(
+        [r["min_norm"] is None or r["min_norm"] > t.eps + t.tolerance() for r in rows]
+    )
     assert at_eps == pytest.approx(from_norms)
 
 
@@ -194,8 +219,7 @@ class BadStepPGD(PGD):
         self.step_size = threat.eps / 2 if threat.eps <= 0.2 else 1e-4
 
 
-def test_eps_sweep_is_monotone_and_catches_an_attack_that_is_not(toy_model, toy_data,
-                                                                 monkeypatch):
+def test_eps_sweep_is_monotone_and_catches_an_attack_that_is_not(toy_model, toy_data, monkeypatch):
     x, y = toy_data[0][:128], toy_data[1][:128]
     t = rl.ThreatModel("linf", 0.1)
     good = rl.eps_sweep(toy_model, x, y, t, [0.3, "1/10", 0.2], attacks=[("pgd", {"steps": 10})])
@@ -213,8 +237,10 @@ def test_eps_sweep_is_monotone_and_catches_an_attack_that_is_not(toy_model, toy_
 def test_black_box_flag_tolerates_a_stray_point():
     from robustlab.evaluation.checks import black_box_beats_white_box
 
-    rows = [{"attack": "1:apgd-ce", "uses_gradients": True, "broken": 300, "attacked": 900},
-            {"attack": "2:square", "uses_gradients": False, "broken": 2, "attacked": 600}]
+    rows = [
+        {"attack": "1:apgd-ce", "uses_gradients": True, "broken": 300, "attacked": 900},
+        {"attack": "2:square", "uses_gradients": False, "broken": 2, "attacked": 600},
+    ]
     assert black_box_beats_white_box(rows, 1000) is None  # 0.2 %: AutoAttack's tolerance
     rows[1]["broken"] = 3
     assert black_box_beats_white_box(rows, 1000)["name"] == "black-box-beats-white-box"

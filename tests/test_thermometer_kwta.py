@@ -33,13 +33,19 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 # --- thermometer: the encoding -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "code"), [
-    (0.0, [1, 0, 0, 0]), (0.3, [1, 1, 0, 0]), (1.0, [1, 1, 1, 1]),
-    (0.26, [1, 1, 0, 0]),  # floor(0.99999 * 0.26 * 4) = floor(1.04) = 1
-    (0.5, [1, 1, 0, 0]),   # a bucket edge falls into the lower bucket: floor(1.99998) = 1
-    (0.76, [1, 1, 1, 1]),  # floor(3.04) = 3
-    (-0.2, [1, 0, 0, 0]), (1.3, [1, 1, 1, 1]),  # clipped to [0, 1] first
-])
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (0.0, [1, 0, 0, 0]),
+        (0.3, [1, 1, 0, 0]),
+        (1.0, [1, 1, 1, 1]),
+        (0.26, [1, 1, 0, 0]),  # floor(0.99999 * 0.26 * 4) = floor(1.04) = 1
+        (0.5, [1, 1, 0, 0]),  # a bucket edge falls into the lower bucket: floor(1.99998) = 1
+        (0.76, [1, 1, 1, 1]),  # floor(3.04) = 3
+        (-0.2, [1, 0, 0, 0]),
+        (1.3, [1, 1, 1, 1]),  # clipped to [0, 1] first
+    ],
+)
 def test_encoding_hand_values(value: float, code: list[int]) -> None:
     out = ThermometerEncoding(levels=4).transform(torch.full((1, 1, 1, 1), value))
     assert out.flatten().tolist() == code
@@ -147,21 +153,31 @@ def test_training_on_the_encoding_learns() -> None:
 
     before = accuracy()
     weights = copy.deepcopy(defense.model.state_dict())
-    history = rl.training.fit(defense, (x, y), epochs=2, batch_size=32, optimizer="adam",
-                              lr=1e-3, weight_decay=0.0, schedule="constant")
+    history = rl.training.fit(
+        defense,
+        (x, y),
+        epochs=2,
+        batch_size=32,
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=0.0,
+        schedule="constant",
+    )
     assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]
     defense.eval()
-    assert not torch.equal(weights["classifier.fc3.weight"],
-                           defense.model.state_dict()["classifier.fc3.weight"])
+    assert not torch.equal(
+        weights["classifier.fc3.weight"], defense.model.state_dict()["classifier.fc3.weight"]
+    )
     assert before < 0.5 and accuracy() > 0.9
 
 
 # --- k-WTA: the activation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("shape", "ratio", "k"), [
-    ((3, 4, 5, 5), 0.1, 10), ((3, 37), 0.2, 7), ((2, 100), 0.001, 1), ((2, 3, 4), 1.0, 12),
-])
+@pytest.mark.parametrize(
+    ("shape", "ratio", "k"),
+    [((3, 4, 5, 5), 0.1, 10), ((3, 37), 0.2, 7), ((2, 100), 0.001, 1), ((2, 3, 4), 1.0, 12)],
+)
 def test_kwta_keeps_the_k_largest(shape: tuple[int, ...], ratio: float, k: int) -> None:
     x = torch.randn(shape, generator=_gen(), dtype=torch.float64)  # distinct values
     before = x.clone()
@@ -245,8 +261,9 @@ def test_defense_converts_a_copy_and_leaves_the_original() -> None:
     assert not any(isinstance(m, nn.ReLU) for m in defense.net.modules())
     assert [m.ratio for m in defense.net.modules() if isinstance(m, KWTA)] == [0.2] * 6
     assert all(k.startswith("net.") for k in defense.state_dict())  # no duplicated weights
-    assert sum(p.numel() for p in defense.parameters()) == sum(p.numel() for p in
-                                                               model.parameters())
+    assert sum(p.numel() for p in defense.parameters()) == sum(
+        p.numel() for p in model.parameters()
+    )
     with torch.no_grad():
         assert torch.equal(defense(x), defense.net(x))
         assert not torch.allclose(defense(x), reference)
@@ -276,11 +293,13 @@ def test_kwta_gradients_are_shattered() -> None:
         relu = _relu_net(seed)
         for name, net in (("relu", relu), ("kwta", KWTADefense(relu).eval())):
             g0 = _input_grad(net, x, y)
-            cosine[name, seed] = F.cosine_similarity(g0.flatten(1),
-                                                     _input_grad(net, x + noise, y).flatten(1))
+            cosine[name, seed] = F.cosine_similarity(
+                g0.flatten(1), _input_grad(net, x + noise, y).flatten(1)
+            )
             with torch.no_grad():
-                change = (F.cross_entropy(net(x + noise), y, reduction="none")
-                          - F.cross_entropy(net(x), y, reduction="none"))
+                change = F.cross_entropy(net(x + noise), y, reduction="none") - F.cross_entropy(
+                    net(x), y, reduction="none"
+                )
             predicted = (g0 * noise).flatten(1).sum(1)
             error[name, seed] = ((change - predicted).abs() / predicted.abs()).median()
     for seed in range(2):

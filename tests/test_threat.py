@@ -73,10 +73,22 @@ def test_projection_with_box_is_nearest_feasible_point_scipy():
         p = t.project(v, x)
         for i in range(len(x)):
             xi, vi = x[i].numpy(), v[i].numpy()
-            cons = [{"type": "ineq", "fun": lambda z, xi=xi, eps=eps, o=ORD[norm]:
-                     eps - np.linalg.norm(z - xi, ord=o)}]
-            r = minimize(lambda z, vi=vi: ((z - vi) ** 2).sum(), xi, bounds=[(0, 1)] * 5,
-                         constraints=cons, method="SLSQP", options={"ftol": 1e-12})
+            cons = [
+                {
+                    "type": "ineq",
+                    "fun": lambda z, xi=xi, eps=eps, o=ORD[norm]: (
+                        eps - np.linalg.norm(z - xi, ord=o)
+                    ),
+                }
+            ]
+            r = minimize(
+                lambda z, vi=vi: ((z - vi) ** 2).sum(),
+                xi,
+                bounds=[(0, 1)] * 5,
+                constraints=cons,
+                method="SLSQP",
+                options={"ftol": 1e-12},
+            )
             ours = float(((p[i] - v[i]) ** 2).sum())
             assert ours <= r.fun + 1e-6, (norm, ours, r.fun)
 
@@ -149,8 +161,13 @@ def test_parse_eps():
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [(("l3", 0.1), "valid norms"), (("linf", -0.1), ">= 0"), (("linf", math.nan), "finite"),
-     (("linf", 0.1, (1.0, 0.0)), "low < high"), (("linf", 0.1, "ab"), "bounds")],
+    [
+        (("l3", 0.1), "valid norms"),
+        (("linf", -0.1), ">= 0"),
+        (("linf", math.nan), "finite"),
+        (("linf", 0.1, (1.0, 0.0)), "low < high"),
+        (("linf", 0.1, "ab"), "bounds"),
+    ],
 )
 def test_bad_threat_models(args, match):
     with pytest.raises(ValueError, match=match):

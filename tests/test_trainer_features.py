@@ -78,8 +78,15 @@ def test_trainer_ema_is_the_average_of_its_steps(monkeypatch, toy_data):
     monkeypatch.setattr(averaging.WeightAverage, "after_step", record)
     model = _lenet()
     start = _flat(model)
-    rl.training.fit(model, (toy_data[0][:128], toy_data[1][:128]), epochs=2, batch_size=32,
-                    lr=0.05, average="ema", ema_decay=0.8)
+    rl.training.fit(
+        model,
+        (toy_data[0][:128], toy_data[1][:128]),
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        average="ema",
+        ema_decay=0.8,
+    )
     assert len(seen) == 8
     expected = start
     for t, w in enumerate(seen):
@@ -111,8 +118,7 @@ def test_swa_is_the_mean_of_the_epochs_after_start_with_batchnorm_recomputed():
         weights.append(_flat(model))
         avg.end_epoch(model, epoch, [x])
         assert avg.ready == (epoch > 1) and avg.count == max(0, epoch - 1)
-    np.testing.assert_allclose(_flat(avg.model), np.mean(weights[1:], axis=0), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(_flat(avg.model), np.mean(weights[1:], axis=0), rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # one batch: the statistics of the averaged conv's outputs
         z = avg.model.conv(x)
     torch.testing.assert_close(avg.model.bn.running_mean, z.mean((0, 2, 3)))
@@ -153,9 +159,22 @@ def test_awp_step_applies_the_gradient_at_w_plus_v_to_w(toy_data):
     x, y = toy_data[0][:32], toy_data[1][:32]
     ref = copy.deepcopy(model)
     opts = {"steps": 1, "random_start": False}
-    rl.training.fit(model, (x, y), objective="pgd-at", threat=THREAT, objective_options=opts,
-                    epochs=1, batch_size=32, lr=0.1, momentum=0.0, weight_decay=0.0,
-                    schedule="constant", awp=True, awp_gamma=0.02, awp_warmup=0)
+    rl.training.fit(
+        model,
+        (x, y),
+        objective="pgd-at",
+        threat=THREAT,
+        objective_options=opts,
+        epochs=1,
+        batch_size=32,
+        lr=0.1,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        awp=True,
+        awp_gamma=0.02,
+        awp_warmup=0,
+    )
     pgd = rl.training.create_objective("pgd-at", **opts)
     x_adv = pgd.adversarial(ref, x, y, THREAT, torch.Generator().manual_seed(0))
     g = torch.autograd.grad(F.cross_entropy(ref(x_adv), y), [ref[1].weight, ref[3].weight])
@@ -199,9 +218,19 @@ def test_best_epoch_on_scripted_values_and_model_best(monkeypatch, tmp_path, toy
     def keep(rec):
         saved[rec["epoch"]] = load_file(str(tmp_path / "run/model.safetensors"))
 
-    history = rl.training.fit(_lenet(), toy_data, objective="natural", threat=THREAT, epochs=5,
-                              batch_size=64, lr=0.05, val_split=32, keep_best=True,
-                              out=tmp_path / "run", callback=keep)
+    history = rl.training.fit(
+        _lenet(),
+        toy_data,
+        objective="natural",
+        threat=THREAT,
+        epochs=5,
+        batch_size=64,
+        lr=0.05,
+        val_split=32,
+        keep_best=True,
+        out=tmp_path / "run",
+        callback=keep,
+    )
     assert calls == [32] * 5  # the hold-out only: 32 training examples
     assert [r["holdout_robust_acc"] for r in history] == [0.2, 0.5, 0.4, 0.5, 0.1]
     assert [r["best_epoch"] for r in history] == [1, 2, 2, 2, 2]
@@ -217,10 +246,14 @@ def test_best_epoch_on_scripted_values_and_model_best(monkeypatch, tmp_path, toy
 
 def test_val_every_skips_validation_between_checks(monkeypatch, toy_data):
     calls = []
-    monkeypatch.setattr(features, "evaluate_epoch",
-                        lambda m, x, y, *a, **k: calls.append(1) or {"val_clean_acc": 1.0})
-    history = rl.training.fit(_lenet(), toy_data, epochs=3, batch_size=128, val_split=0.1,
-                              val_every=2)
+    monkeypatch.setattr(
+        features,
+        "evaluate_epoch",
+        lambda m, x, y, *a, **k: calls.append(1) or {"val_clean_acc": 1.0},
+    )
+    history = rl.training.fit(
+        _lenet(), toy_data, epochs=3, batch_size=128, val_split=0.1, val_every=2
+    )
     assert ["holdout_clean_acc" in r for r in history] == [False, True, True]
     assert len(calls) == 2
 
@@ -234,14 +267,26 @@ def _crash_after(epoch):
     def callback(rec):
         if rec["epoch"] == epoch:
             raise Crash
+
     return callback
 
 
-@pytest.mark.parametrize("features", [
-    {"average": "ema", "awp": True, "awp_warmup": 0},
-    {"average": "swa", "swa_start": 0, "val_split": 32, "keep_best": True, "augment": True,
-     "flip": True, "label_smoothing": 0.1},
-], ids=["ema-awp", "swa-best-augment"])
+@pytest.mark.parametrize(
+    "features",
+    [
+        {"average": "ema", "awp": True, "awp_warmup": 0},
+        {
+            "average": "swa",
+            "swa_start": 0,
+            "val_split": 32,
+            "keep_best": True,
+            "augment": True,
+            "flip": True,
+            "label_smoothing": 0.1,
+        },
+    ],
+    ids=["ema-awp", "swa-best-augment"],
+)
 def test_resume_is_exact_with_the_features_state(tmp_path, toy_data, features):
     def make():
         with torch.random.fork_rng():
@@ -249,9 +294,17 @@ def test_resume_is_exact_with_the_features_state(tmp_path, toy_data, features):
             return rl.models.create("resnet20", num_classes=4, input_size=16)
 
     data = (toy_data[0][:64], toy_data[1][:64])
-    kw = dict(objective="pgd-at", threat=THREAT, batch_size=32, lr=0.02, epochs=2,
-              objective_options={"steps": 1}, schedule="cosine",
-              val_attack={"name": "pgd", "steps": 1}, **features)
+    kw = dict(
+        objective="pgd-at",
+        threat=THREAT,
+        batch_size=32,
+        lr=0.02,
+        epochs=2,
+        objective_options={"steps": 1},
+        schedule="cosine",
+        val_attack={"name": "pgd", "steps": 1},
+        **features,
+    )
     rl.training.fit(make(), data, out=tmp_path / "full", **kw)
     with pytest.raises(Crash):
         rl.training.fit(make(), data, out=tmp_path / "part", callback=_crash_after(1), **kw)
@@ -284,9 +337,10 @@ def test_crop_and_flip_by_hand():
     out = aug.apply(xs, offsets, flips)
     assert out.shape == xs.shape
     for i in range(6):
-        crop = F.pad(xs[i:i + 1], (1, 1, 1, 1))[..., offsets[i, 0]:offsets[i, 0] + 5,
-                                                 offsets[i, 1]:offsets[i, 1] + 5]
-        assert torch.equal(out[i:i + 1], crop.flip(-1) if flips[i] else crop)
+        crop = F.pad(xs[i : i + 1], (1, 1, 1, 1))[
+            ..., offsets[i, 0] : offsets[i, 0] + 5, offsets[i, 1] : offsets[i, 1] + 5
+        ]
+        assert torch.equal(out[i : i + 1], crop.flip(-1) if flips[i] else crop)
     assert not Augment(pad=0, flip=False).draw(50, torch.Generator())[1].any()
 
 
@@ -309,8 +363,15 @@ def test_augmented_training_sees_crops(monkeypatch, toy_data):
         return out
 
     monkeypatch.setattr(Augment, "apply", spy)
-    rl.training.fit(_lenet(), toy_data, epochs=1, batch_size=128, augment=True, crop_pad=2,
-                    dataset="fashion-mnist")
+    rl.training.fit(
+        _lenet(),
+        toy_data,
+        epochs=1,
+        batch_size=128,
+        augment=True,
+        crop_pad=2,
+        dataset="fashion-mnist",
+    )
     assert len(seen) == 2 and seen[0][0] == Augment(2, False, 0.0)
     assert seen[0][1].shape == (128, 1, 16, 16)
     zeros = (seen[0][1] == 0).float().mean()  # the padding shows
@@ -334,8 +395,11 @@ def test_label_smoothing_equals_the_smoothed_cross_entropy():
     x_adv = torch.clamp(x + 0.05, 0, 1)
     got = TrainStep(model, trades, SPLITS["trades"], 0.2).outer(x, x_adv, y)
     clean = model(x)
-    want = (trades_loss(clean, model(x_adv), y, 3.0) - F.cross_entropy(clean, y)
-            + F.cross_entropy(clean, y, label_smoothing=0.2))
+    want = (
+        trades_loss(clean, model(x_adv), y, 3.0)
+        - F.cross_entropy(clean, y)
+        + F.cross_entropy(clean, y, label_smoothing=0.2)
+    )
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="label_smoothing.*not 'mart'"):
         TrainConfig(objective="mart", label_smoothing=0.1).validate()
@@ -370,9 +434,19 @@ def test_feature_settings_are_refused_clearly(toy_data):
 
 # --- report -------------------------------------------------------------------------------------
 def test_report_shows_the_hold_out_curve_and_the_best_epoch(tmp_path):
-    rows = [{"epoch": e, "lr": 0.1, "train_loss": 1.0 / e, "train_time_s": 1.0,
-             "holdout_clean_acc": 0.8, "holdout_robust_acc": r, "holdout_n": 32,
-             "best_epoch": b} for e, r, b in ((1, 0.3, 1), (2, 0.45, 2), (3, 0.4, 2))]
+    rows = [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 1.0 / e,
+            "train_time_s": 1.0,
+            "holdout_clean_acc": 0.8,
+            "holdout_robust_acc": r,
+            "holdout_n": 32,
+            "best_epoch": b,
+        }
+        for e, r, b in ((1, 0.3, 1), (2, 0.45, 2), (3, 0.4, 2))
+    ]
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = render_html([load_run(tmp_path)])
     assert "Best epoch on the hold-out of the training data: 2 (robust 45.00%" in page
@@ -389,20 +463,39 @@ def _worker(out: Path) -> None:
     model = _lenet()
     x, y = make_quadrants(99, seed=0)  # 79 to train on: the last global batch (15) splits 8 / 7
     history = rl.training.fit(
-        model, (x, y), objective="pgd-at", threat=THREAT,
-        objective_options={"steps": 1, "random_start": False}, epochs=2, batch_size=32,
-        lr=0.05, schedule="cosine", val_split=20, keep_best=True, average="ema", awp=True,
-        awp_warmup=0, augment=True, flip=True, label_smoothing=0.1,
-        val_attack={"name": "pgd", "steps": 1}, out=out / "run")
+        model,
+        (x, y),
+        objective="pgd-at",
+        threat=THREAT,
+        objective_options={"steps": 1, "random_start": False},
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        schedule="cosine",
+        val_split=20,
+        keep_best=True,
+        average="ema",
+        awp=True,
+        awp_warmup=0,
+        augment=True,
+        flip=True,
+        label_smoothing=0.1,
+        val_attack={"name": "pgd", "steps": 1},
+        out=out / "run",
+    )
     if world.main:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(out / "weights.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(out / "weights.safetensors"),
+        )
         (out / "history.json").write_text(json.dumps(history))
     distributed.shutdown(world)
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="this PyTorch build has no gloo backend")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="this PyTorch build has no gloo backend",
+)
 def test_two_processes_equal_one_with_ema_awp_and_augmentation(tmp_path):
     """EMA, AWP (its gradient summed over the ranks), augmentation drawn for the global batch,
     the hold-out and label smoothing: two gloo processes end where one does."""
@@ -412,13 +505,27 @@ def test_two_processes_equal_one_with_ema_awp_and_augmentation(tmp_path):
     for procs in (1, 2):
         out = tmp_path / str(procs)
         out.mkdir()
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable])
-        proc = subprocess.run([*launcher, __file__, str(out)], env=env, capture_output=True,
-                              text=True, timeout=240)
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={procs}",
+            ]
+            if procs > 1
+            else [sys.executable]
+        )
+        proc = subprocess.run(
+            [*launcher, __file__, str(out)], env=env, capture_output=True, text=True, timeout=240
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append((load_file(str(out / "weights.safetensors")),
-                        json.loads((out / "history.json").read_text())))
+        results.append(
+            (
+                load_file(str(out / "weights.safetensors")),
+                json.loads((out / "history.json").read_text()),
+            )
+        )
     (w1, h1), (w2, h2) = results
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)

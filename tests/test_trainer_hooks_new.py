@@ -27,8 +27,9 @@ def _model(**kw):
 def test_after_step_follows_every_optimiser_step(toy_data, monkeypatch):
     events = []
     step = torch.optim.SGD.step
-    monkeypatch.setattr(torch.optim.SGD, "step",
-                        lambda self, *a: events.append("step") or step(self))
+    monkeypatch.setattr(
+        torch.optim.SGD, "step", lambda self, *a: events.append("step") or step(self)
+    )
     monkeypatch.setattr(Natural, "after_step", lambda self: events.append("after"))
     rl.training.fit(_model(), toy_data, objective="natural", epochs=2, batch_size=64)
     assert events == ["step", "after"] * (2 * 4)  # 2 passes x 4 batches of 256 points
@@ -39,12 +40,24 @@ def test_record_validation_gets_the_holdout_only(toy_data, monkeypatch):
     calls = []
     monkeypatch.setattr(Natural, "record_validation", lambda self, m: calls.append(dict(m)))
     val = (toy_data[0][:20], toy_data[1][:20])
-    hist = rl.training.fit(_model(), toy_data, objective="natural", threat=THREAT, epochs=3,
-                           batch_size=64, val_split=32, val_every=2, val=val)
+    hist = rl.training.fit(
+        _model(),
+        toy_data,
+        objective="natural",
+        threat=THREAT,
+        epochs=3,
+        batch_size=64,
+        val_split=32,
+        val_every=2,
+        val=val,
+    )
     assert calls[0] == {"holdout_n": 32}  # announced before training
     # checks after passes 2 and 3 (every 2, and the last), with the log's hold-out values
-    want = [{k: v for k, v in rec.items() if k.startswith("holdout_")}
-            for rec in hist if "holdout_robust_acc" in rec]
+    want = [
+        {k: v for k, v in rec.items() if k.startswith("holdout_")}
+        for rec in hist
+        if "holdout_robust_acc" in rec
+    ]
     assert calls[1:] == want and len(want) == 2
     assert all("val_clean_acc" not in c for c in calls)  # the watched test set stays out
     calls.clear()
@@ -54,8 +67,7 @@ def test_record_validation_gets_the_holdout_only(toy_data, monkeypatch):
 
 # --- curriculum on the hold-out -----------------------------------------------------------
 def test_curriculum_judges_the_holdout_when_there_is_one():
-    obj = rl.training.create_objective("curriculum", max_steps=3, threshold=0.5,
-                                       patience=None)
+    obj = rl.training.create_objective("curriculum", max_steps=3, threshold=0.5, patience=None)
     obj.record_validation({"holdout_n": 10})
     obj.begin_epoch(0, 9)
     obj.record(100, 100)  # training batches all correct: ignored with a hold-out
@@ -67,8 +79,7 @@ def test_curriculum_judges_the_holdout_when_there_is_one():
     obj.begin_epoch(2, 9)
     assert obj.lesson == 1
     # without a hold-out the training batches decide, as before
-    plain = rl.training.create_objective("curriculum", max_steps=3, threshold=0.5,
-                                         patience=None)
+    plain = rl.training.create_objective("curriculum", max_steps=3, threshold=0.5, patience=None)
     plain.begin_epoch(0, 9)
     plain.record(100, 100)
     plain.begin_epoch(1, 9)
@@ -89,8 +100,7 @@ def test_curriculum_patience_counts_holdout_checks_and_resumes():
     again.begin_epoch(5, 9)
     assert again.lesson == 1
     old = rl.training.create_objective("curriculum", max_steps=3, patience=1)
-    old.load_state_dict({"schedule": torch.tensor([2.0, 0.5, 1.0, 3.0, 4.0],
-                                                  dtype=torch.float64)})
+    old.load_state_dict({"schedule": torch.tensor([2.0, 0.5, 1.0, 3.0, 4.0], dtype=torch.float64)})
     assert (old.lesson, old.holdout, old.pending) == (2, False, -1.0)  # a state saved before
 
 
@@ -106,10 +116,18 @@ def test_curriculum_in_a_run_with_a_holdout(toy_data):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(obj_cls, "begin_epoch", spy)
-        rl.training.fit(_model(), toy_data, objective="curriculum", threat=THREAT, epochs=4,
-                        batch_size=128, val_split=16, val_every=2, overfit_probe="off",
-                        objective_options={"max_steps": 2, "threshold": 0.0,
-                                           "patience": None})
+        rl.training.fit(
+            _model(),
+            toy_data,
+            objective="curriculum",
+            threat=THREAT,
+            epochs=4,
+            batch_size=128,
+            val_split=16,
+            val_every=2,
+            overfit_probe="off",
+            objective_options={"max_steps": 2, "threshold": 0.0, "patience": None},
+        )
     assert lessons == [0, 0, 1, 1]  # the first check ends pass 2
 
 
@@ -127,27 +145,31 @@ def test_parseval_retraction_by_hand():
         conv.weight.mul_(3)
     ParsevalRetraction(conv)()
     want = (1 + PARSEVAL_BETA) * w - PARSEVAL_BETA * w @ w.T @ w
-    np.testing.assert_allclose(conv.weight.detach().flatten(1).double().numpy(), want,
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        conv.weight.detach().flatten(1).double().numpy(), want, rtol=1e-5, atol=1e-7
+    )
 
     def gap(m):
         return float(np.linalg.norm(m @ m.T - np.eye(len(m))))
+
     assert gap(want) < gap(w)  # towards orthogonal rows (4 rows of 27 entries)
 
 
 def test_trainer_runs_the_models_retraction_after_each_step(toy_data, monkeypatch):
     model = _model(lipschitz="parseval")
     layers = parseval_layers(model)
-    assert len(layers) == len([m for m in model.modules()
-                               if isinstance(m, nn.Conv2d | nn.Linear)]) > 0
+    assert (
+        len(layers) == len([m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]) > 0
+    )
     start = [m.weight.detach().double().flatten(1).numpy().copy() for m in layers]
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: None)  # only the hook moves
     rl.training.fit(model, toy_data, objective="natural", epochs=1, batch_size=64)
     for m, w in zip(layers, start, strict=True):
         for _ in range(4):  # 4 optimiser steps
             w = (1 + PARSEVAL_BETA) * w - PARSEVAL_BETA * w @ w.T @ w
-        np.testing.assert_allclose(m.weight.detach().flatten(1).double().numpy(), w,
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            m.weight.detach().flatten(1).double().numpy(), w, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_parseval_round_trips_and_leaves_frozen_weights_alone(tmp_path):

@@ -41,8 +41,6 @@ def test_objectives_registered():
         rl.training.fit(TinyCNN(), make_quadrants(8), objective="tradez")
 
 
-
-
 def test_pgd_at_makes_a_model_more_robust(toy_data):
     x, y = make_quadrants(512, seed=5)
     threat = rl.ThreatModel("linf", 0.18)
@@ -51,10 +49,19 @@ def test_pgd_at_makes_a_model_more_robust(toy_data):
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same initial weights for both
             model = TinyCNN()
-        rl.training.fit(model, (x, y), objective=objective, threat=threat, epochs=8,
-                        batch_size=64, optimizer="adam", lr=0.01, schedule="cosine",
-                        weight_decay=0.0,
-                        objective_options={"steps": 5} if objective == "pgd-at" else {})
+        rl.training.fit(
+            model,
+            (x, y),
+            objective=objective,
+            threat=threat,
+            epochs=8,
+            batch_size=64,
+            optimizer="adam",
+            lr=0.01,
+            schedule="cosine",
+            weight_decay=0.0,
+            objective_options={"steps": 5} if objective == "pgd-at" else {},
+        )
         accs[objective] = rl.attacks.create("pgd", threat, steps=20)(model, *toy_data)
     # measured over init seeds 0-3: natural 0.20-0.45, pgd-at 0.54-0.68 (gap >= 0.22)
     gap = accs["pgd-at"].robust_accuracy - accs["natural"].robust_accuracy
@@ -66,9 +73,20 @@ def test_fit_writes_checkpoint_and_log(tmp_path, toy_data):
         rl.training.fit(TinyCNN(), toy_data, epochs=1, out=tmp_path)
     model = rl.models.create("lenet", num_classes=4, input_size=16)
     before = torch.get_rng_state()
-    hist = rl.training.fit(model, toy_data, objective="natural", epochs=3, batch_size=32,
-                           optimizer="adam", lr=0.01, out=tmp_path, val=toy_data, seed=3,
-                           val_attack={"name": "fgsm"}, threat=rl.ThreatModel("linf", 0.1))
+    hist = rl.training.fit(
+        model,
+        toy_data,
+        objective="natural",
+        epochs=3,
+        batch_size=32,
+        optimizer="adam",
+        lr=0.01,
+        out=tmp_path,
+        val=toy_data,
+        seed=3,
+        val_attack={"name": "fgsm"},
+        threat=rl.ThreatModel("linf", 0.1),
+    )
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
     lines = [json.loads(s) for s in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == json.loads(json.dumps(hist))
@@ -78,9 +96,17 @@ def test_fit_writes_checkpoint_and_log(tmp_path, toy_data):
 
 def test_models_checkpoint_meta(tmp_path, toy_data):
     model = rl.models.create("lenet", num_classes=4, input_size=16)
-    rl.training.fit(model, toy_data, objective="pgd-at", threat=rl.ThreatModel("linf", 0.1),
-                    epochs=1, batch_size=128, out=tmp_path, objective_options={"steps": 1},
-                    dataset="toy")
+    rl.training.fit(
+        model,
+        toy_data,
+        objective="pgd-at",
+        threat=rl.ThreatModel("linf", 0.1),
+        epochs=1,
+        batch_size=128,
+        out=tmp_path,
+        objective_options={"steps": 1},
+        dataset="toy",
+    )
     m = rl.models.load(tmp_path / "model.safetensors")
     meta = m.robustlab_meta
     assert meta["epoch"] == 1 and meta["objective"] == "pgd-at" and meta["dataset"] == "toy"
@@ -101,13 +127,21 @@ def _crash_after(epoch: int):
     def callback(rec):
         if rec["epoch"] == epoch:
             raise Crash
+
     return callback
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.5])  # dropout draws from the global RNG
 def test_resume_after_a_crash_is_exact(tmp_path, toy_data, drop):
-    kw = dict(objective="pgd-at", threat=rl.ThreatModel("linf", 0.1), batch_size=32, lr=0.02,
-              objective_options={"steps": 2}, schedule="cosine", epochs=3)
+    kw = dict(
+        objective="pgd-at",
+        threat=rl.ThreatModel("linf", 0.1),
+        batch_size=32,
+        lr=0.02,
+        objective_options={"steps": 2},
+        schedule="cosine",
+        epochs=3,
+    )
 
     def make():  # the same initial weights each time
         with torch.random.fork_rng():
@@ -162,12 +196,25 @@ steps = 3
 
 
 def _train_cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "robustlab", "train", "--config", str(cfg), "--out", str(out),
-            "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "robustlab",
+        "train",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
-FREE_AT = {"objective = \"pgd-at\"": "objective = \"free-at\"", "epochs = 3": "epochs = 6",
-           "steps = 3\n[val": "replays = 2\n[val"}
+FREE_AT = {
+    'objective = "pgd-at"': 'objective = "free-at"',
+    "epochs = 3": "epochs = 6",
+    "steps = 3\n[val": "replays = 2\n[val",
+}
 
 
 @pytest.mark.parametrize("objective", ["pgd-at", "free-at"])
@@ -175,8 +222,11 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, fake_fmnist, objectiv
     """Kill a CLI training run (SIGKILL) after its first epoch, resume it, and compare with an
     uninterrupted run: the weights must be identical (free-at: its carried perturbation is
     part of the checkpoint)."""
-    env = os.environ | {"ROBUSTLAB_DATA": str(fake_fmnist), "ROBUSTLAB_OFFLINE": "1",
-                        "OMP_NUM_THREADS": "1"}
+    env = os.environ | {
+        "ROBUSTLAB_DATA": str(fake_fmnist),
+        "ROBUSTLAB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     cfg = tmp_path / "recipe.toml"
     recipe = RECIPE
     if objective == "free-at":
@@ -197,8 +247,9 @@ def test_kill_and_resume_gives_identical_weights(tmp_path, fake_fmnist, objectiv
     proc.wait()
     epochs_done = len(log.read_text().splitlines())
     assert epochs_done < 3, "the run finished before the kill: make the epochs longer"
-    subprocess.run(_train_cmd(cfg, tmp_path / "killed", "--resume"), env=env, check=True,
-                   timeout=300)
+    subprocess.run(
+        _train_cmd(cfg, tmp_path / "killed", "--resume"), env=env, check=True, timeout=300
+    )
     a = _weights(tmp_path / "full/model.safetensors")
     b = _weights(tmp_path / "killed/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,15 +21,17 @@ LINF = ThreatModel("linf", 0.1)
 
 
 def _run(name, threat, model, x, y, **opts):
-    return attacks.create(name, threat, **opts)(model, x, y,
-                                                generator=torch.Generator().manual_seed(0))
+    return attacks.create(name, threat, **opts)(
+        model, x, y, generator=torch.Generator().manual_seed(0)
+    )
 
 
 # --- with their own ingredient off, the families are MI-FGSM (I-FGSM for NI with mu = 0) ---
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize(("name", "off"), [("di-fgsm", {"diversity": 0.0}),
-                                           ("ti-fgsm", {"kernel": 1}),
-                                           ("vmi-fgsm", {"samples": 0})])
+@pytest.mark.parametrize(
+    ("name", "off"),
+    [("di-fgsm", {"diversity": 0.0}), ("ti-fgsm", {"kernel": 1}), ("vmi-fgsm", {"samples": 0})],
+)
 def test_a_family_without_its_ingredient_is_mi_fgsm(name, off, norm, toy_model, toy_data):
     x, y = toy_data[0][:64], toy_data[1][:64]
     t = ThreatModel(norm, 0.1 if norm == "linf" else 1.0)
@@ -55,7 +57,7 @@ def test_ti_kernel_and_convolution_by_hand():
     torch.testing.assert_close(k, hand / hand.sum())
     assert gaussian_kernel(15, k).sum().item() == pytest.approx(1.0)
     grad = torch.zeros(1, 2, 5, 5)
-    grad[0, 0, 2, 2] = 1.0   # channel 0: a delta in the centre spreads into the kernel
+    grad[0, 0, 2, 2] = 1.0  # channel 0: a delta in the centre spreads into the kernel
     grad[0, 1, 0, 0] = -2.0  # channel 1: a corner delta, zero padding truncates the kernel
     out = smooth(grad, k)
     centre = torch.zeros(5, 5)
@@ -78,10 +80,10 @@ def test_one_ti_step_follows_the_smoothed_gradient_sign(toy_model, toy_data):
 def test_ti_auto_kernel_is_7_on_small_images(toy_model, toy_data):
     x, y = toy_data[0][:16], toy_data[1][:16]
     auto = _run("ti-fgsm", LINF, toy_model, x, y, steps=2)
-    assert torch.equal(auto.x_adv, _run("ti-fgsm", LINF, toy_model, x, y, steps=2,
-                                        kernel=7).x_adv)
-    assert not torch.equal(auto.x_adv, _run("ti-fgsm", LINF, toy_model, x, y, steps=2,
-                                            kernel=15).x_adv)
+    assert torch.equal(auto.x_adv, _run("ti-fgsm", LINF, toy_model, x, y, steps=2, kernel=7).x_adv)
+    assert not torch.equal(
+        auto.x_adv, _run("ti-fgsm", LINF, toy_model, x, y, steps=2, kernel=15).x_adv
+    )
     assert (AUTO_KERNEL_SIDE, AUTO_KERNEL) == (64, (15, 7))
 
 
@@ -148,7 +150,7 @@ def test_si_averages_the_gradient_over_scaled_copies(toy_model, toy_data):
     _run("ni-fgsm", LINF, model, x, y, steps=1, scales=3, keep_best=False)
     assert len(model.seen) == 3
     for i, seen in enumerate(model.seen):  # scaled towards the centre of the bounds
-        torch.testing.assert_close(seen, 0.5 + (x - 0.5) / 2 ** i)
+        torch.testing.assert_close(seen, 0.5 + (x - 0.5) / 2**i)
 
 
 def test_ni_is_linf_only():
@@ -176,15 +178,27 @@ def test_vmi_adds_the_neighbourhood_variance(toy_data):
     a = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(0))
     model = Recorder(Quadratic(a))
     t, alpha, mu, n, beta = ThreatModel("linf", 0.2), 0.05, 1.0, 3, 1.5
-    res = _run("vmi-fgsm", t, model, x, y, steps=2, step_size=alpha, samples=n, beta=beta,
-               keep_best=False, loss=lambda z, _: z[:, 1])
+    res = _run(
+        "vmi-fgsm",
+        t,
+        model,
+        x,
+        y,
+        steps=2,
+        step_size=alpha,
+        samples=n,
+        beta=beta,
+        keep_best=False,
+        loss=lambda z, _: z[:, 1],
+    )
     assert len(model.seen) == 2 * (1 + n)  # 1 + N gradients a step
-    nb0 = model.seen[1:1 + n]
+    nb0 = model.seen[1 : 1 + n]
     assert all(((p - x).abs() <= beta * 0.2 + 1e-6).all() for p in nb0)
     assert all(not torch.equal(p, x) for p in nb0)
 
     def l1(v):
         return v / v.abs().flatten(1).sum(1).reshape(-1, 1, 1, 1)
+
     g0 = a * x
     m1 = l1(g0)
     x1 = t.project(x + alpha * m1.sign(), x)
@@ -196,17 +210,21 @@ def test_vmi_adds_the_neighbourhood_variance(toy_data):
 
 
 def test_options_are_validated():
-    for opts, match in [({"kernel": 4}, "odd.*use 5"), ({"kernel": "big"}, "kernel"),
-                        ({"diversity": 1.5}, "diversity"), ({"samples": -1}, "samples"),
-                        ({"resize": 0.0}, "resize"), ({"scales": 0}, "scales"),
-                        ({"beta": -1.0}, "beta")]:
+    for opts, match in [
+        ({"kernel": 4}, "odd.*use 5"),
+        ({"kernel": "big"}, "kernel"),
+        ({"diversity": 1.5}, "diversity"),
+        ({"samples": -1}, "samples"),
+        ({"resize": 0.0}, "resize"),
+        ({"scales": 0}, "scales"),
+        ({"beta": -1.0}, "beta"),
+    ]:
         with pytest.raises(ValueError, match=match):
             attacks.create("vmi-fgsm", LINF, **opts)
     with pytest.raises(TypeError, match="nesterov"):
         attacks.create("ni-fgsm", LINF, nesterov="yes")
     cfg = attacks.create("di-fgsm", LINF, kernel=7, scales=2).config()
-    assert (cfg["diversity"], cfg["kernel"], cfg["scales"], cfg["nesterov"]) == (0.5, 7, 2,
-                                                                                 False)
+    assert (cfg["diversity"], cfg["kernel"], cfg["scales"], cfg["nesterov"]) == (0.5, 7, 2, False)
     assert attacks.create("vmi-fgsm", LINF).config()["samples"] == 20
     vmi = attacks.create("vmi-fgsm", LINF)
     assert (vmi.samples, vmi.beta, vmi.steps, vmi.momentum) == (20, 1.5, 10, 1.0)
@@ -261,8 +279,9 @@ def test_ensemble_surrogate_bad_input(toy_model, toy_data):
 
 
 @pytest.mark.parametrize(("name", "opts"), [("ni-fgsm", {}), ("di-fgsm", {"diversity": 1.0})])
-def test_early_stop_judges_the_iterate_not_the_point_the_gradient_saw(name, opts, toy_model,
-                                                                      toy_data):
+def test_early_stop_judges_the_iterate_not_the_point_the_gradient_saw(
+    name, opts, toy_model, toy_data
+):
     """NI's gradient sees the look-ahead, DI's a transformed image; stopping a sample early on
     those points' predictions would return iterates that are not adversarial."""
     x, y = toy_data[0][:64], toy_data[1][:64]

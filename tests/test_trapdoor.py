@@ -31,8 +31,10 @@ def _opening(support: torch.Tensor, size: int) -> torch.Tensor:
     return F.conv_transpose2d(inside.float(), ones) > 0
 
 
-@pytest.mark.parametrize("c, h, w, k, squares, size, ratio, seed",
-                         [(1, 16, 16, 4, 7, 3, 0.1, 0), (3, 12, 10, 5, 4, 2, 0.25, 3)])
+@pytest.mark.parametrize(
+    "c, h, w, k, squares, size, ratio, seed",
+    [(1, 16, 16, 4, 7, 3, 0.1, 0), (3, 12, 10, 5, 4, 2, 0.25, 3)],
+)
 def test_masks_are_unions_of_squares_at_mask_ratio(c, h, w, k, squares, size, ratio, seed):
     t = Trapdoors(c, h, w, k, squares=squares, size=size, mask_ratio=ratio, seed=seed)
     assert t.masks.shape == (k, 1, h, w) and t.patterns.shape == (k, c, h, w)
@@ -79,7 +81,7 @@ def test_pattern_pixels_follow_the_clipped_normal_with_uniform_mu_and_s():
     assert abs(float((one == 0).float().mean()) - p0) < 0.025
     assert abs(float((one == 1).float().mean()) - p1) < 0.025
     two = Trapdoors(1, 1, 1, 4000, squares=2, size=1, seed=0).patterns.flatten()
-    assert abs(float((two == 0).float().mean()) - p0 ** 2) < 0.025
+    assert abs(float((two == 0).float().mean()) - p0**2) < 0.025
 
 
 def test_apply_is_the_blend_formula():
@@ -108,32 +110,48 @@ def test_apply_is_the_blend_formula():
 
 # --- the objective ------------------------------------------------------------------------
 
+
 def _cnn(k: int = 4, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, k))
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 8 * 8, 32),
+            nn.ReLU(),
+            nn.Linear(32, k),
+        )
 
 
 def test_objective_losses_at_the_extremes_are_known():
     model = _cnn().eval()
     x, y = make_quadrants(32, seed=4)
     gen = torch.Generator().manual_seed(0)
-    always = rl.training.create_objective("trapdoor", inject_ratio=1.0, labels=[2], seed=5,
-                                          mask_ratio=0.2)
+    always = rl.training.create_objective(
+        "trapdoor", inject_ratio=1.0, labels=[2], seed=5, mask_ratio=0.2
+    )
     cfg = always.config()
-    assert cfg == {"name": "trapdoor", "inject_ratio": 1.0, "mask_ratio": 0.2, "squares": 7,
-                   "size": 3, "seed": 5, "labels": [2]}
+    assert cfg == {
+        "name": "trapdoor",
+        "inject_ratio": 1.0,
+        "mask_ratio": 0.2,
+        "squares": 7,
+        "size": 3,
+        "seed": 5,
+        "labels": [2],
+    }
     always.setup(model, x, y)
-    rebuilt = Trapdoors(1, 16, 16, 4, **{k: cfg[k] for k in ("mask_ratio", "squares",
-                                                               "size", "seed")})
+    rebuilt = Trapdoors(
+        1, 16, 16, 4, **{k: cfg[k] for k in ("mask_ratio", "squares", "size", "seed")}
+    )
     assert torch.equal(always.trapdoors.patterns, rebuilt.patterns)  # the config rebuilds them
     two = torch.full((32,), 2)
     want = F.cross_entropy(model(rebuilt.apply(x, two)), two)
     torch.testing.assert_close(always(model, x, y, generator=gen), want)
     never = rl.training.create_objective("trapdoor", inject_ratio=0.0)
-    torch.testing.assert_close(never(model, x, y, generator=gen),
-                               F.cross_entropy(model(x), y))
+    torch.testing.assert_close(never(model, x, y, generator=gen), F.cross_entropy(model(x), y))
 
 
 def test_objective_replaces_half_the_samples_with_uniform_protected_targets():
@@ -177,6 +195,7 @@ def test_objective_options_are_checked():
 
 
 # --- the detector against hand computations ------------------------------------------------
+
 
 def _mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -230,14 +249,16 @@ def test_score_is_the_cosine_minus_the_labels_clean_quantile(filter_ratio):
 
     pred, cos = cos_pred(stats)
     pooled = np.quantile(cos, 0.75)
-    offsets = [np.quantile(cos[pred == t], 0.75) if (pred == t).sum() >= 4 else pooled
-               for t in range(3)]
+    offsets = [
+        np.quantile(cos[pred == t], 0.75) if (pred == t).sum() >= 4 else pooled for t in range(3)
+    ]
     np.testing.assert_allclose(det.offsets.numpy(), offsets, rtol=1e-10, atol=1e-12)
     assert det.pooled_labels == [t for t in range(3) if (pred == t).sum() < 4] == [2]
     assert len(warned) == 1 and "labels [2] have fewer than 4" in warned[0]  # never silent
     pred_x, cos_x = cos_pred(x)
-    np.testing.assert_allclose(det.score(x).detach().numpy(),
-                               cos_x - np.asarray(offsets)[pred_x], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        det.score(x).detach().numpy(), cos_x - np.asarray(offsets)[pred_x], rtol=1e-10, atol=1e-12
+    )
     # the threshold: the contract's rule on the held-out rest
     held = np.sort(cos_x[45:] - np.asarray(offsets)[pred_x[45:]])
     assert det.threshold == pytest.approx(held[int(np.ceil(15 * 0.75)) - 1], abs=1e-12)
@@ -269,22 +290,37 @@ def test_detector_options_and_config():
     with pytest.raises(ValueError, match="mask_ratio must be"):
         TrapdoorDetector(model, mask_ratio=2)
     with pytest.raises(ValueError, match="no signatures yet"):
-        TrapdoorDetector(model, threshold=0.0).score(torch.zeros(1, 1, 3, 3,
-                                                                 dtype=torch.float64))
+        TrapdoorDetector(model, threshold=0.0).score(torch.zeros(1, 1, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="trapdoors have 4 labels but the model has 3"):
         TrapdoorDetector(model, trapdoors=Trapdoors(1, 3, 3, 4, size=2)).fit(
-            torch.rand(10, 1, 3, 3, dtype=torch.float64))
+            torch.rand(10, 1, 3, 3, dtype=torch.float64)
+        )
     det = rl.defenses.create("trapdoor", model, seed=4, squares=2, size=2, per_label=False)
     det.fit(torch.rand(20, 1, 3, 3, dtype=torch.float64))
     cfg = det.config()
     assert "trapdoor objective" in cfg["requires"]
-    assert {k: cfg[k] for k in ("seed", "squares", "size", "mask_ratio", "labels", "layer")} \
-        == {"seed": 4, "squares": 2, "size": 2, "mask_ratio": 0.1, "labels": None, "layer": "3"}
-    assert det.trapdoors.config() == {"channels": 1, "height": 3, "width": 3, "classes": 3,
-                                      "squares": 2, "size": 2, "mask_ratio": 0.1, "seed": 4}
+    assert {k: cfg[k] for k in ("seed", "squares", "size", "mask_ratio", "labels", "layer")} == {
+        "seed": 4,
+        "squares": 2,
+        "size": 2,
+        "mask_ratio": 0.1,
+        "labels": None,
+        "layer": "3",
+    }
+    assert det.trapdoors.config() == {
+        "channels": 1,
+        "height": 3,
+        "width": 3,
+        "classes": 3,
+        "squares": 2,
+        "size": 2,
+        "mask_ratio": 0.1,
+        "seed": 4,
+    }
 
 
 # --- end to end: a toy model trained with the objective -------------------------------------
+
 
 def test_trapdoored_model_catches_targeted_pgd():
     """The quadrant toy (4 classes, 16 x 16), 80 Adam steps with the objective through the
@@ -294,9 +330,18 @@ def test_trapdoored_model_catches_targeted_pgd():
     model = _cnn()
     x, y = make_quadrants(512, seed=2)
     opts = {"mask_ratio": 0.3}
-    rl.training.fit(model, (x, y), objective="trapdoor", objective_options=opts, epochs=10,
-                    batch_size=64, optimizer="adam", lr=0.01, weight_decay=0.0,
-                    schedule="constant")
+    rl.training.fit(
+        model,
+        (x, y),
+        objective="trapdoor",
+        objective_options=opts,
+        epochs=10,
+        batch_size=64,
+        optimizer="adam",
+        lr=0.01,
+        weight_decay=0.0,
+        schedule="constant",
+    )
     model.eval()
     det = rl.defenses.create("trapdoor", model, **opts).fit(x)
     xt, yt = make_quadrants(256, seed=5)
@@ -308,7 +353,8 @@ def test_trapdoored_model_catches_targeted_pgd():
     target = torch.arange(4).repeat(16)
     keep = yt[:64] != target
     res = PGD(rl.ThreatModel("linf", 0.1), steps=10, targeted=True)(
-        model, xt[:64][keep], yt[:64][keep], target=target[keep])
+        model, xt[:64][keep], yt[:64][keep], target=target[keep]
+    )
     assert res.success.float().mean() > 0.9
     with torch.no_grad():
         caught = det.detect(res.x_adv[res.success]).float().mean()

@@ -58,13 +58,20 @@ def test_finds_the_one_direction_that_fools_every_point(norm):
     u = w / w.norm() if norm == "l2" else w.sign()  # the unit direction that lowers f fastest
     smallest = (f.max() / dual).item()  # the smallest universal radius: max_i f_i / ||w||_q
     threat = ThreatModel(norm, 0.2)
-    v, history = universal_perturbation(model, x, y, threat, delta=0.0, overshoot=OVERSHOOT,
-                                        generator=torch.Generator().manual_seed(3))
+    v, history = universal_perturbation(
+        model,
+        x,
+        y,
+        threat,
+        delta=0.0,
+        overshoot=OVERSHOOT,
+        generator=torch.Generator().manual_seed(3),
+    )
     radius = threat.distance(v[None], torch.zeros_like(v)[None]).item()
     # along -u only, with a radius between the smallest universal one and its overshoot
     assert torch.allclose(v.flatten(), -radius * u, atol=1e-12, rtol=0)
     assert smallest < radius <= (smallest + STEP_SLACK) * (1 + OVERSHOOT) + 1e-12
-    fooled = (apply(v, x, threat).flatten(1) @ w < 0)
+    fooled = apply(v, x, threat).flatten(1) @ w < 0
     assert fooled.all()
     assert history[-1]["fooling_rate"] == 1.0 and "fooling rate" in history[-1]["stop"]
     # fewer DeepFool updates than points: a point fooled by v already is skipped
@@ -177,14 +184,17 @@ def test_v_in_the_ball_and_x_plus_v_in_the_box_on_a_non_linear_model(norm, eps):
     assert rec["passes"] == len(history) == 2 and rec["flags"] == []
 
 
-@pytest.mark.parametrize(("threat", "options", "match"), [
-    (ThreatModel("linf", 0.0), {}, "eps must be > 0"),
-    (ThreatModel("l1", 1.0), {}, "supports the norms l2, linf"),
-    (ThreatModel("linf", 0.1), {"delta": 1.0}, "delta"),
-    (ThreatModel("linf", 0.1), {"max_passes": 0}, "max_passes"),
-    (ThreatModel("linf", 0.1), {"overshoot": -1.0}, "overshoot"),
-    (ThreatModel("linf", 0.1), {"deepfool_steps": 0}, "deepfool_steps"),
-])
+@pytest.mark.parametrize(
+    ("threat", "options", "match"),
+    [
+        (ThreatModel("linf", 0.0), {}, "eps must be > 0"),
+        (ThreatModel("l1", 1.0), {}, "supports the norms l2, linf"),
+        (ThreatModel("linf", 0.1), {"delta": 1.0}, "delta"),
+        (ThreatModel("linf", 0.1), {"max_passes": 0}, "max_passes"),
+        (ThreatModel("linf", 0.1), {"overshoot": -1.0}, "overshoot"),
+        (ThreatModel("linf", 0.1), {"deepfool_steps": 0}, "deepfool_steps"),
+    ],
+)
 def test_bad_options_get_clear_errors(threat, options, match):
     model, x, y, _ = one_direction(n=4)
     with pytest.raises(ValueError, match=match):

@@ -24,8 +24,15 @@ def chain_model() -> nn.Module:
     """A small ReLU chain trained on the quadrant images (16x16, 4 classes)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = nn.Sequential(Normalize(0.3, 0.2), nn.Conv2d(1, 4, 4, stride=4), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+        model = nn.Sequential(
+            Normalize(0.3, 0.2),
+            nn.Conv2d(1, 4, 4, stride=4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64, 16),
+            nn.ReLU(),
+            nn.Linear(16, 4),
+        )
         x, y = make_quadrants(256, seed=2)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         for _ in range(60):
@@ -54,8 +61,10 @@ def test_a_verified_point_broken_by_an_attack_is_a_bug():
     record, rows = {}, [{}, {}]
     annotate(ver, record, rows, torch.tensor([True, False]))
     assert record["verified_accuracy"] == 0.5 and record["verification"]["method"] == "ibp"
-    assert rows == [{"verified": True, "margin_lower_bound": 1.0},
-                    {"verified": False, "margin_lower_bound": -1.0}]
+    assert rows == [
+        {"verified": True, "margin_lower_bound": 1.0},
+        {"verified": False, "margin_lower_bound": -1.0},
+    ]
 
 
 class _FunctionalRelu(nn.Module):
@@ -86,8 +95,19 @@ def test_cli_certify_method_ibp_end_to_end(fake_fmnist, tmp_path, monkeypatch, c
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     ckpt = tmp_path / "m.safetensors"
     rl.models.save(rl.models.create("lenet"), ckpt, meta={"dataset": "fashion-mnist"})
-    args = ["certify", str(ckpt), "--eps", "0.001", "--n-points", "6", "--suite", "quick",
-            "--device", "cpu", "--quiet"]
+    args = [
+        "certify",
+        str(ckpt),
+        "--eps",
+        "0.001",
+        "--n-points",
+        "6",
+        "--suite",
+        "quick",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert cli.main([*args, "--method", "ibp", "--out", str(tmp_path / "v")]) == 0
     rec = json.loads((tmp_path / "v" / "results.json").read_text())
     assert rec["verification"]["method"] == "ibp" and rec["n"] == 6

@@ -23,8 +23,9 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "wrm.toml"
 
 def _points(n: int = 6, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, d, generator=g, dtype=torch.float64), \
-        torch.randn(d, generator=g, dtype=torch.float64)
+    return torch.rand(n, d, generator=g, dtype=torch.float64), torch.randn(
+        d, generator=g, dtype=torch.float64
+    )
 
 
 # --- the ascent ---------------------------------------------------------------------------------
@@ -50,8 +51,10 @@ def test_ascent_converges_on_a_strongly_concave_quadratic():
         return xa @ w + 0.5 * a * (xa - x0).square().sum(1)
 
     exact = x0 + w / (2 * gamma - a)
-    err = [float((wrm_ascent(loss, x0, gamma, k) - exact).norm() / (exact - x0).norm())
-           for k in (0, 15, 100)]
+    err = [
+        float((wrm_ascent(loss, x0, gamma, k) - exact).norm() / (exact - x0).norm())
+        for k in (0, 15, 100)
+    ]
     assert err[0] == pytest.approx(0.5)
     assert err[1] == pytest.approx(0.5 * math.prod(1 - 0.5 / math.sqrt(t + 2) for t in range(15)))
     assert err[1] < 0.05 and err[2] < 1e-3, err
@@ -84,8 +87,9 @@ def test_smoothed_ce_is_the_reference_label_smoothing():
 def _smooth_cnn(drop: float) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return rl.models.create("smallcnn", num_classes=4, input_size=16, activation="softplus",
-                                drop=drop)
+        return rl.models.create(
+            "smallcnn", num_classes=4, input_size=16, activation="softplus", drop=drop
+        )
 
 
 def test_objective_is_the_smoothed_ce_at_the_ascent_points():
@@ -93,7 +97,11 @@ def test_objective_is_the_smoothed_ce_at_the_ascent_points():
     x, y = make_quadrants(8, seed=1)
     obj = rl.training.create_objective("wrm", gamma=1.0, steps=3)
     assert not obj.needs_threat and obj.config() == {
-        "name": "wrm", "gamma": 1.0, "steps": 3, "label_smoothing": 0.1}
+        "name": "wrm",
+        "gamma": 1.0,
+        "steps": 3,
+        "label_smoothing": 0.1,
+    }
     loss = obj(model.train(), x, y)  # no threat model needed
     x_adv = wrm_ascent(lambda xa: smoothed_ce(model(xa), y, 0.1), x, 1.0, 3)
     with torch.no_grad():
@@ -167,7 +175,8 @@ def test_certificate_matches_the_exact_dual_of_a_logistic_model():
     assert out["rho_hat"] == pytest.approx(float(cost.mean()), rel=2e-3)
     assert out["loss_at_rho_hat"] == pytest.approx(float(loss.mean()), rel=5e-4)
     assert [c["bound"] for c in out["certificate"]] == pytest.approx(
-        [gamma * r + float(phi.mean()) for r in (0.0, 0.1, 1.0)], rel=1e-6)
+        [gamma * r + float(phi.mean()) for r in (0.0, 0.1, 1.0)], rel=1e-6
+    )
     short = wrm_certificate(model, x, y, gamma, rhos=[0.0], steps=0)
     assert out["step_residual_max"] < 1e-3 < short["step_residual_max"]
     assert out["n"] == 12 and out["finite_sample_term"] == FINITE_SAMPLE_NOTE
@@ -186,14 +195,16 @@ def test_certificate_is_its_construction_on_a_smooth_cnn():
     rho_hat = float(cost.mean())
     phi = float((loss_t - gamma * cost).mean())
     model.train()
-    out = wrm_certificate(model, x, y, gamma, rhos=[0.0, rho_hat, 2 * rho_hat], steps=steps,
-                          batch_size=4)
+    out = wrm_certificate(
+        model, x, y, gamma, rhos=[0.0, rho_hat, 2 * rho_hat], steps=steps, batch_size=4
+    )
     assert model.training  # its mode given back
     assert out["rho_hat"] == pytest.approx(rho_hat, rel=1e-5)
     assert out["phi_mean"] == pytest.approx(phi, rel=1e-5)
     bounds = [c["bound"] for c in out["certificate"]]
-    assert bounds == pytest.approx([phi, gamma * rho_hat + phi, 2 * gamma * rho_hat + phi],
-                                   rel=1e-5)
+    assert bounds == pytest.approx(
+        [phi, gamma * rho_hat + phi, 2 * gamma * rho_hat + phi], rel=1e-5
+    )
     assert bounds[1] == pytest.approx(out["loss_at_rho_hat"], rel=1e-5)
     assert bounds[2] > out["loss_at_rho_hat"] and out["phi_mean"] >= out["clean_loss"]
     assert 0 <= out["accuracy_at_rho_hat"] <= 1 and math.isfinite(out["step_residual_mean"])
@@ -218,5 +229,4 @@ def test_recipe_is_the_reference_setting_on_a_smooth_model():
     assert recipe.model["activation"] != "relu"  # the certificate needs a smooth loss
     opts = recipe.train.objective_options
     assert opts["gamma"] == pytest.approx(0.5 / 1.3, abs=1e-4) and opts["steps"] == 15
-    assert (recipe.train.optimizer, recipe.train.lr, recipe.train.batch_size) == ("adam", 1e-3,
-                                                                                  256)
+    assert (recipe.train.optimizer, recipe.train.lr, recipe.train.batch_size) == ("adam", 1e-3, 256)

@@ -21,12 +21,32 @@ if TYPE_CHECKING:
     from robustlab.threat import ThreatModel
 
 __version__ = package_version()
-_SUBPACKAGES = ("attacks", "data", "defenses", "evaluation", "models", "report", "threat",
-                "training")
+_SUBPACKAGES = (
+    "attacks",
+    "data",
+    "defenses",
+    "evaluation",
+    "models",
+    "report",
+    "threat",
+    "training",
+)
 _FROM_EVALUATION = ("AuditResult", "EvalResult", "audit", "eps_sweep", "evaluate")
 __all__ = [
-    "AuditResult", "EvalResult", "ThreatModel", "attacks", "audit", "benchmark", "data",
-    "defenses", "eps_sweep", "evaluate", "evaluation", "models", "parse_eps", "report",
+    "AuditResult",
+    "EvalResult",
+    "ThreatModel",
+    "attacks",
+    "audit",
+    "benchmark",
+    "data",
+    "defenses",
+    "eps_sweep",
+    "evaluate",
+    "evaluation",
+    "models",
+    "parse_eps",
+    "report",
     "training",
 ]
 

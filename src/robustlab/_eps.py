@@ -43,8 +43,10 @@ def pixel_budget(eps: float) -> int:
     """The l0 budget ``eps`` (already parsed) as a number of pixels: an integer >= 1 (``10`` or
     ``10.0``); ``ValueError`` naming the fix otherwise."""
     if not (eps >= 1 and float(eps).is_integer()):
-        raise ValueError(f"l0 eps is a number of changed pixels: an integer >= 1, got {eps:g}; "
-                         "pass e.g. ThreatModel('l0', 10) (--eps 10)")
+        raise ValueError(
+            f"l0 eps is a number of changed pixels: an integer >= 1, got {eps:g}; "
+            "pass e.g. ThreatModel('l0', 10) (--eps 10)"
+        )
     return int(eps)
 
 

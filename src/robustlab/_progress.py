@@ -29,8 +29,9 @@ def tensorboard_available(required: bool | None) -> bool:
     package is importable, ``True`` always (an ImportError naming the install command if it is
     not importable)."""
     if required is not None and not isinstance(required, bool):
-        raise TypeError(f"tensorboard must be True, False or None (on if installed), "
-                        f"got {required!r}")
+        raise TypeError(
+            f"tensorboard must be True, False or None (on if installed), got {required!r}"
+        )
     if required is False:
         return False
     try:
@@ -38,7 +39,9 @@ def tensorboard_available(required: bool | None) -> bool:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as e:
         if required:
-            raise ImportError(f"tensorboard=True needs the tensorboard package: "
-                              f"{INSTALL_TENSORBOARD} (or pass tensorboard=False)") from e
+            raise ImportError(
+                f"tensorboard=True needs the tensorboard package: "
+                f"{INSTALL_TENSORBOARD} (or pass tensorboard=False)"
+            ) from e
         return False
     return True

@@ -32,14 +32,18 @@ def _fail(name: str, what: str, value: Any, right_type: bool) -> None:
     raise (ValueError if right_type else OptionTypeError)(f"{name} must be {what}, got {value!r}")
 
 
-def integer(value: Any, name: str, *, minimum: int | None = None,
-            maximum: int | None = None) -> int:
+def integer(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     """``value`` as an ``int`` (any integral type but ``bool``) in ``[minimum, maximum]``;
     ``ValueError`` "``name`` must be an integer >= minimum, got ..." otherwise
     (:class:`OptionTypeError`, also a ``TypeError``, for a value of the wrong type)."""
     right_type = not isinstance(value, bool) and isinstance(value, numbers.Integral)
-    if (not right_type or (minimum is not None and value < minimum)
-            or (maximum is not None and value > maximum)):
+    if (
+        not right_type
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
         if minimum is not None and maximum is not None:
             what = f"an integer in [{minimum}, {maximum}]"
         elif minimum is not None:
@@ -67,8 +71,16 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
     return ""
 
 
-def number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, finite: bool = True) -> float:
+def number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
     """``value`` as a ``float`` (any real type but ``bool``) in the interval given by ``low``,
     ``high`` (closed unless ``low_open`` / ``high_open``); NaN never passes, infinity only
     with ``finite=False``. ``ValueError`` naming ``name`` and the interval otherwise
@@ -81,8 +93,11 @@ def number(value: Any, name: str, *, low: float | None = None, high: float | Non
         ok = ok and (high is None or (v < high if high_open else v <= high))
     if not ok:
         where = _interval(low, high, low_open, high_open)
-        kind = "a finite number" if finite and not (low is not None and high is not None) \
+        kind = (
+            "a finite number"
+            if finite and not (low is not None and high is not None)
             else "a number"
+        )
         _fail(name, kind + (" " + where if where else ""), value, right_type)
     return float(value)
 
@@ -93,16 +108,19 @@ def one_of(value: Any, name: str, choices: Iterable[T]) -> T:
     choices = list(choices)
     if not any(value == c and type(value) is type(c) for c in choices):
         plural = name + ("es" if name.endswith("s") else "s")
-        raise ValueError(f"unknown {name} {value!r}; valid {plural} are: "
-                         f"{', '.join(map(str, choices))}")
+        raise ValueError(
+            f"unknown {name} {value!r}; valid {plural} are: {', '.join(map(str, choices))}"
+        )
     return value
 
 
 def generator_or_none(value: Any, name: str = "generator") -> torch.Generator | None:
     """``value`` if it is a ``torch.Generator`` or None; ``TypeError`` otherwise."""
     if value is not None and not isinstance(value, torch.Generator):
-        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}; "
-                        "create one with torch.Generator().manual_seed(seed)")
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {type(value).__name__}; "
+            "create one with torch.Generator().manual_seed(seed)"
+        )
     return value
 
 
@@ -140,8 +158,10 @@ def check_inputs(x: object, y: object, threat: ThreatModel | None = None) -> Non
             f"y must have shape (N,) = ({x.shape[0]},) to match x, got shape {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"y must hold integer class labels (int64), got {y.dtype}; "
-                         "convert class indices with y.long()")
+        raise ValueError(
+            f"y must hold integer class labels (int64), got {y.dtype}; "
+            "convert class indices with y.long()"
+        )
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"labels must be >= 0 (class indices), got min label {int(y.min())}")
 
@@ -160,17 +180,23 @@ def check_images(x: object, threat: ThreatModel | None = None) -> None:
             f"values in the threat bounds, got {x.dtype}; {_x_dtype_hint(x.dtype)}"
         )
     if x.dim() < 2:
-        raise ValueError(f"x must be batched, shape (N, C, H, W), got shape {tuple(x.shape)}; "
-                         "add the batch dimension with x.unsqueeze(0)")
+        raise ValueError(
+            f"x must be batched, shape (N, C, H, W), got shape {tuple(x.shape)}; "
+            "add the batch dimension with x.unsqueeze(0)"
+        )
     if x.shape[0] == 0:
         raise ValueError("x is empty (N = 0): pass at least one example")
     if x.numel() == 0:
-        raise ValueError(f"x has no values: shape {tuple(x.shape)} has a zero-sized dimension; "
-                         "pass images shaped (N, C, H, W) with C, H, W >= 1")
+        raise ValueError(
+            f"x has no values: shape {tuple(x.shape)} has a zero-sized dimension; "
+            "pass images shaped (N, C, H, W) with C, H, W >= 1"
+        )
     xd = x.detach()
     if not torch.isfinite(xd).all():
-        raise ValueError(f"x contains {int((~torch.isfinite(xd)).sum())} NaN or infinite "
-                         "values; clean or drop those inputs first")
+        raise ValueError(
+            f"x contains {int((~torch.isfinite(xd)).sum())} NaN or infinite "
+            "values; clean or drop those inputs first"
+        )
     if threat is not None:
         lo, hi = threat.bounds
         xmin, xmax = float(xd.min()), float(xd.max())
@@ -197,15 +223,19 @@ def check_logits(out: object, n: int) -> Tensor:
     without NaN."""
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        hint = (" (a tuple or dict: wrap the model so forward returns only the logits)"
-                if not isinstance(out, Tensor) else "")
+        hint = (
+            " (a tuple or dict: wrap the model so forward returns only the logits)"
+            if not isinstance(out, Tensor)
+            else ""
+        )
         raise ValueError(
-            f"the model must return logits of shape (N, num_classes) = ({n}, K), got {shape}"
-            f"{hint}"
+            f"the model must return logits of shape (N, num_classes) = ({n}, K), got {shape}{hint}"
         )
     if not out.is_floating_point():
-        raise TypeError(f"the model must return floating-point logits, got {out.dtype}; "
-                        "return the raw scores, not class indices")
+        raise TypeError(
+            f"the model must return floating-point logits, got {out.dtype}; "
+            "return the raw scores, not class indices"
+        )
     if out.shape[1] < 2:
         raise ValueError(
             f"the model returns {out.shape[1]} logit(s) per sample; robustlab needs one per "
@@ -213,8 +243,10 @@ def check_logits(out: object, n: int) -> Tensor:
             "torch.cat([torch.zeros_like(z), z], dim=1))"
         )
     if torch.isnan(out.detach()).any():
-        raise ValueError("the model returned NaN logits for valid inputs; check its weights "
-                         "(NaN after training or loading?) and operations such as 0/0 or log(0)")
+        raise ValueError(
+            "the model returned NaN logits for valid inputs; check its weights "
+            "(NaN after training or loading?) and operations such as 0/0 or log(0)"
+        )
     return out
 
 
@@ -272,11 +304,12 @@ def resolve_device(device: str | torch.device, fix: str = "device='cpu'") -> tor
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or "
-                         "'mps'")
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(dev)!r} is not available: torch sees "
-                         f"{torch.cuda.device_count()} CUDA device(s); use {fix}")
+        raise ValueError(
+            f"device {str(dev)!r} is not available: torch sees "
+            f"{torch.cuda.device_count()} CUDA device(s); use {fix}"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device 'mps' is not available on this machine; use {fix}")
     return dev

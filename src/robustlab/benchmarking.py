@@ -46,7 +46,8 @@ def _threat(threat: Any) -> ThreatModel:
         return threat
     if not isinstance(threat, str) or threat.count(":") != 1:
         raise (ValueError if isinstance(threat, str) else TypeError)(
-            f"threat must be a robustlab.ThreatModel or {THREAT_FORMAT}, got {threat!r}")
+            f"threat must be a robustlab.ThreatModel or {THREAT_FORMAT}, got {threat!r}"
+        )
     norm, eps = (part.strip() for part in threat.split(":"))
     return ThreatModel(norm, parse_eps(eps))  # each names what is wrong and the valid values
 
@@ -56,8 +57,10 @@ def _check_options(options: Mapping[str, Any]) -> None:
     allowed = sorted(set(inspect.signature(evaluate).parameters) - set(_OWN))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"benchmark() got unknown option(s) {unknown}; besides its own "
-                        f"arguments it passes these on to robustlab.evaluate: {allowed}")
+        raise TypeError(
+            f"benchmark() got unknown option(s) {unknown}; besides its own "
+            f"arguments it passes these on to robustlab.evaluate: {allowed}"
+        )
 
 
 def _check_out(out: Path | None, overwrite: bool) -> None:
@@ -67,19 +70,23 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if out is None or overwrite or not (out / RESULTS).exists() or (out / EVAL_STATE).exists():
         return
-    raise FileExistsError(f"{out} already holds a finished evaluation ({out / RESULTS}); pass "
-                          "overwrite=True to replace it, or another out=")
+    raise FileExistsError(
+        f"{out} already holds a finished evaluation ({out / RESULTS}); pass "
+        "overwrite=True to replace it, or another out="
+    )
 
 
 # --- data -------------------------------------------------------------------------------------
-def _data(data: Any, n: int | None, split: str,
-          resize: Any) -> tuple[Tensor, Tensor, list[str] | None, dict[str, Any]]:
+def _data(
+    data: Any, n: int | None, split: str, resize: Any
+) -> tuple[Tensor, Tensor, list[str] | None, dict[str, Any]]:
     """Images, labels, class names (None where the source names none) and the provenance of
     ``data``: a registered name, a folder, an array file, ``(x, y)`` or an ``Images``."""
-    if resize is not None and not (isinstance(data, str | os.PathLike)
-                                   and Path(data).is_dir()):
-        raise ValueError("resize applies to a folder of images only (the registered data sets "
-                         "and array files have one size); drop resize=")
+    if resize is not None and not (isinstance(data, str | os.PathLike) and Path(data).is_dir()):
+        raise ValueError(
+            "resize applies to a folder of images only (the registered data sets "
+            "and array files have one size); drop resize="
+        )
     if isinstance(data, str) and data in datasets.names():
         x, y = datasets.load(data, split=split, n=n)
         classes = list(datasets.info(data).classes)
@@ -94,22 +101,36 @@ def _data(data: Any, n: int | None, split: str,
             raise FileNotFoundError(
                 f"data {str(data)!r} is neither a registered data set "
                 f"({', '.join(datasets.names())}) nor an existing folder (one subfolder per "
-                "class) or .npz / .safetensors file")
+                "class) or .npz / .safetensors file"
+            )
         source = str(path.resolve())
-        return images.x, images.y, images.classes, {
-            "dataset": source, "data": source, "split": None,
-            **({"resize": list(resize)} if resize is not None else {})}
+        return (
+            images.x,
+            images.y,
+            images.classes,
+            {
+                "dataset": source,
+                "data": source,
+                "split": None,
+                **({"resize": list(resize)} if resize is not None else {}),
+            },
+        )
     if isinstance(data, datasets.Images):
         images = datasets.from_arrays({"x": data.x, "y": data.y, "classes": data.classes}, n=n)
-        return images.x, images.y, images.classes, {"dataset": data.source, "data": data.source,
-                                                    "split": None}
+        return (
+            images.x,
+            images.y,
+            images.classes,
+            {"dataset": data.source, "data": data.source, "split": None},
+        )
     if isinstance(data, tuple | list) and len(data) == 2:
         images = datasets.from_arrays({"x": data[0], "y": data[1]}, n=n)
-        return images.x, images.y, None, {"dataset": "<arrays>", "data": "<arrays>",
-                                          "split": None}
-    raise TypeError(f"data must be a registered data set name ({', '.join(datasets.names())}), "
-                    "a folder, an .npz / .safetensors file, an (x, y) pair or a "
-                    f"robustlab.data.Images, got {type(data).__name__}")
+        return images.x, images.y, None, {"dataset": "<arrays>", "data": "<arrays>", "split": None}
+    raise TypeError(
+        f"data must be a registered data set name ({', '.join(datasets.names())}), "
+        "a folder, an .npz / .safetensors file, an (x, y) pair or a "
+        f"robustlab.data.Images, got {type(data).__name__}"
+    )
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -144,53 +165,94 @@ def _normalization(model: nn.Module) -> dict[str, list[float]] | None:
     return {"mean": kwargs.get("mean"), "std": kwargs.get("std")}
 
 
-def _model(model: Any, weights: Any, normalize: Any, model_options: Any,
-           trust_code: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _model(
+    model: Any, weights: Any, normalize: Any, model_options: Any, trust_code: bool
+) -> tuple[nn.Module, dict[str, Any]]:
     """The model and its provenance: an ``nn.Module``, a checkpoint or a spec string."""
-    is_spec = isinstance(model, str) and not model.endswith(".safetensors") and ":" in model \
+    is_spec = (
+        isinstance(model, str)
+        and not model.endswith(".safetensors")
+        and ":" in model
         and model.rpartition(":")[2].isidentifier()
+    )
     if not is_spec:
-        extra = [k for k, v in (("weights", weights), ("normalize", normalize),
-                                ("model_options", model_options)) if v is not None]
+        extra = [
+            k
+            for k, v in (
+                ("weights", weights),
+                ("normalize", normalize),
+                ("model_options", model_options),
+            )
+            if v is not None
+        ]
         if extra:
             raise ValueError(
                 f"{', '.join(extra)} apply to a model spec 'file.py:NAME' only; a checkpoint "
                 "records its own, and an nn.Module is used as it is (load its weights with "
-                "load_state_dict, wrap it with robustlab.models.Normalized(model, mean, std))")
+                "load_state_dict, wrap it with robustlab.models.Normalized(model, mean, std))"
+            )
     if is_spec:
         if model_options is not None and not isinstance(model_options, Mapping):
-            raise TypeError(f"model_options must be a dict of NAME's keyword arguments, got "
-                            f"{type(model_options).__name__}")
-        built = models.from_spec(model, weights=weights, normalize=normalize,
-                                 **dict(model_options or {}))
+            raise TypeError(
+                f"model_options must be a dict of NAME's keyword arguments, got "
+                f"{type(model_options).__name__}"
+            )
+        built = models.from_spec(
+            model, weights=weights, normalize=normalize, **dict(model_options or {})
+        )
         rec = spec_provenance(built.robustlab_spec)
-        return built, rec | {"model_options": _jsonable(rec["model_options"]),
-                             "weights_sha256": rec["weights_sha256"] or _state_sha256(built)}
+        return built, rec | {
+            "model_options": _jsonable(rec["model_options"]),
+            "weights_sha256": rec["weights_sha256"] or _state_sha256(built),
+        }
     if isinstance(model, str | os.PathLike):
         loaded = models.load(model, trust_code=trust_code)
         path = str(Path(model).resolve())
         arch = loaded.robustlab_meta["architecture"]
-        return loaded, {"name": Path(model).stem, "model": path, "checkpoint": path,
-                        "architecture": arch.get("spec") or arch.get("name"),
-                        "weights": path, "weights_sha256": loaded.robustlab_meta["sha256"]}
+        return loaded, {
+            "name": Path(model).stem,
+            "model": path,
+            "checkpoint": path,
+            "architecture": arch.get("spec") or arch.get("name"),
+            "weights": path,
+            "weights_sha256": loaded.robustlab_meta["sha256"],
+        }
     if isinstance(model, nn.Module):
         inner = model.model if isinstance(model, models.Normalized) else model
         cls = type(inner)
-        return model, {"name": cls.__name__, "model": f"{cls.__module__}.{cls.__qualname__}",
-                       "weights": None, "weights_sha256": _state_sha256(model)}
-    raise TypeError(f"model must be an nn.Module, a robustlab checkpoint (.safetensors) or a "
-                    f"spec 'path/to/file.py:NAME' / 'package.module:NAME', got {model!r}")
+        return model, {
+            "name": cls.__name__,
+            "model": f"{cls.__module__}.{cls.__qualname__}",
+            "weights": None,
+            "weights_sha256": _state_sha256(model),
+        }
+    raise TypeError(
+        f"model must be an nn.Module, a robustlab checkpoint (.safetensors) or a "
+        f"spec 'path/to/file.py:NAME' / 'package.module:NAME', got {model!r}"
+    )
 
 
 # --- the one line -----------------------------------------------------------------------------
-def benchmark(model: nn.Module | str | os.PathLike[str], data: Any = "fashion-mnist", *,
-              threat: ThreatModel | str, n: int | None = 1000, suite: str | None = None,
-              device: str | torch.device = "auto", out: str | os.PathLike[str] | None = "runs/mine",
-              name: str | None = None, seed: int = 0, split: str = "test",
-              weights: str | os.PathLike[str] | None = None, normalize: Any = None,
-              model_options: Mapping[str, Any] | None = None, trust_code: bool = False,
-              resize: tuple[int, int] | None = None, overwrite: bool = False,
-              **evaluate_options: Any) -> EvalResult:
+def benchmark(
+    model: nn.Module | str | os.PathLike[str],
+    data: Any = "fashion-mnist",
+    *,
+    threat: ThreatModel | str,
+    n: int | None = 1000,
+    suite: str | None = None,
+    device: str | torch.device = "auto",
+    out: str | os.PathLike[str] | None = "runs/mine",
+    name: str | None = None,
+    seed: int = 0,
+    split: str = "test",
+    weights: str | os.PathLike[str] | None = None,
+    normalize: Any = None,
+    model_options: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
+    resize: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    **evaluate_options: Any,
+) -> EvalResult:
     """Evaluate ``model`` on ``data`` under ``threat`` and write the run folder ``out``.
 
     >>> res = rl.benchmark("net.py:Net", "fashion-mnist", threat="linf:0.1", n=1000,
@@ -263,11 +325,19 @@ def benchmark(model: nn.Module | str | os.PathLike[str], data: Any = "fashion-mn
     with eval_mode(net):
         k = models.check_model_fits(net, x[:2].to(dev), len(classes) if classes else None)
     check_labels(y, k)
-    config = {**provenance, "name": name or provenance["name"], "normalize": _normalization(net),
-              "parameters": sum(p.numel() for p in net.parameters()), **source,
-              "classes": classes, "n": len(x), "device": str(dev)}
+    config = {
+        **provenance,
+        "name": name or provenance["name"],
+        "normalize": _normalization(net),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        **source,
+        "classes": classes,
+        "n": len(x),
+        "device": str(dev),
+    }
     config = {**(evaluate_options.pop("config", None) or {}), **config}
     if overwrite:
         evaluate_options["resume"] = False
-    return evaluate(net, x, y, threat, suite=suite, seed=seed, out=folder, config=config,
-                    **evaluate_options)
+    return evaluate(
+        net, x, y, threat, suite=suite, seed=seed, out=folder, config=config, **evaluate_options
+    )

@@ -41,8 +41,9 @@ class Inputs:
     split: str | None
 
 
-def load_model(args: argparse.Namespace,
-               device: torch.device) -> tuple[nn.Module, str | None, dict[str, Any] | None]:
+def load_model(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, str | None, dict[str, Any] | None]:
     """The model on ``device``, the data set its checkpoint records (None: none), and for
     ``--model`` its ``robustlab_spec`` (spec, options, normalize, code_sha256, weights,
     weights_sha256; None for a checkpoint).
@@ -54,13 +55,15 @@ def load_model(args: argparse.Namespace,
         model = models.load(args.checkpoint, device=device, trust_code=args.trust_code)
         return model, getattr(model, "robustlab_meta", {}).get("dataset"), None
     options = parse_options(args.model_option, "--model-option")
-    model = models.from_spec(args.model, weights=args.weights, normalize=args.normalize,
-                             device=device, **options)
+    model = models.from_spec(
+        args.model, weights=args.weights, normalize=args.normalize, device=device, **options
+    )
     return model.eval(), None, dict(model.robustlab_spec)
 
 
-def load_data(args: argparse.Namespace, trained_on: str | None, *, split: str,
-              n: int | None) -> Inputs:
+def load_data(
+    args: argparse.Namespace, trained_on: str | None, *, split: str, n: int | None
+) -> Inputs:
     """The first ``n`` (None: all) images of ``--data``, else of the data set the checkpoint
     was trained on (``trained_on``), else of Fashion-MNIST.
 
@@ -78,30 +81,39 @@ def load_data(args: argparse.Namespace, trained_on: str | None, *, split: str,
     if text in data.names():
         if resize is not None:
             _, h, w = data.info(text).shape
-            raise ValueError(f"--resize applies to a --data folder of images; {text}'s images "
-                             f"are all {h}x{w}: drop --resize")
+            raise ValueError(
+                f"--resize applies to a --data folder of images; {text}'s images "
+                f"are all {h}x{w}: drop --resize"
+            )
         x, y = data.load(text, split=split, n=n)
         return Inputs(x, y, list(data.info(text).classes), text, split)
     path = Path(text)
     if not path.exists():
-        raise ValueError(f"--data {text}: no registered data set ({', '.join(data.names())}) "
-                         "and no such file or folder; give one of those names, a folder of "
-                         "images in class subfolders, or an .npz / .safetensors file of x and y")
+        raise ValueError(
+            f"--data {text}: no registered data set ({', '.join(data.names())}) "
+            "and no such file or folder; give one of those names, a folder of "
+            "images in class subfolders, or an .npz / .safetensors file of x and y"
+        )
     if getattr(args, "split", "test") != "test":
-        raise ValueError(f"--split {args.split} applies to registered data sets; --data {text} "
-                         "is read whole: give the file or folder of the split you want")
+        raise ValueError(
+            f"--split {args.split} applies to registered data sets; --data {text} "
+            "is read whole: give the file or folder of the split you want"
+        )
     if path.is_dir():
         images = data.from_folder(path, resize=resize, n=n)
     elif resize is not None:
-        raise ValueError(f"--resize applies to a --data folder of images; {text} holds arrays "
-                         "of one size: resize them before saving them, or drop --resize")
+        raise ValueError(
+            f"--resize applies to a --data folder of images; {text} holds arrays "
+            "of one size: resize them before saving them, or drop --resize"
+        )
     else:
         images = data.from_arrays(path, n=n)
     return Inputs(images.x, images.y, images.classes, images.source, None)
 
 
-def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
-              device: torch.device, extra: int = 0) -> int:
+def check_fit(
+    model: nn.Module, inputs: Inputs, num_classes: int | None, device: torch.device, extra: int = 0
+) -> int:
     """The model's number of classes K, after checking, on the first two images (on
     ``device``, without gradients, leaving torch's generators as they were), that the model
     takes the data's input shape and returns (N, K + ``extra``) logits (``extra``: the outputs
@@ -115,8 +127,9 @@ def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):  # a randomised model draws no extra numbers
-            k = models.check_model_fits(model, inputs.x[:2].to(device),
-                                        None if num_classes is None else num_classes + extra)
+            k = models.check_model_fits(
+                model, inputs.x[:2].to(device), None if num_classes is None else num_classes + extra
+            )
     except (ValueError, TypeError) as err:
         raise type(err)(f"{inputs.source}: {err}") from err
     k -= extra
@@ -126,18 +139,19 @@ def check_fit(model: nn.Module, inputs: Inputs, num_classes: int | None,
             f"{inputs.source} has {len(classes)} classes ({', '.join(classes[:3])}"
             f"{', ...' if len(classes) > 3 else ''}) but the model returns {k} logits per "
             f"example: build the model for {len(classes)} classes (--model-option), or pass "
-            f"--num-classes {k} if the labels are the model's class indices")
+            f"--num-classes {k} if the labels are the model's class indices"
+        )
     top = int(inputs.y.max()) if len(inputs.y) else 0
     if top >= k:
         raise ValueError(
             f"{inputs.source}: label {top} is out of range for the model's {k} classes (labels "
             f"0..{k - 1}): give labels that are the model's class indices, or a model built "
-            "for more classes (--model-option)")
+            "for more classes (--model-option)"
+        )
     return k
 
 
-def record(args: argparse.Namespace, inputs: Inputs, spec: dict[str, Any] | None
-           ) -> dict[str, Any]:
+def record(args: argparse.Namespace, inputs: Inputs, spec: dict[str, Any] | None) -> dict[str, Any]:
     """What a result records of its model and data: ``checkpoint`` (None for ``--model``),
     for ``--model`` its :func:`~robustlab.models.spec.spec_provenance` (``name``, ``model``:
     the spec, ``model_options``, ``normalize``, ``weights``, ``weights_sha256``, ...; as
@@ -146,9 +160,14 @@ def record(args: argparse.Namespace, inputs: Inputs, spec: dict[str, Any] | None
     None), ``split`` (None for a file or folder) and ``resize`` ([H, W] or None)."""
     resize = getattr(args, "resize", None)
     own = {} if spec is None else spec_provenance(spec)
-    return {"checkpoint": None if args.checkpoint is None else str(args.checkpoint), **own,
-            "dataset": inputs.source, "classes": inputs.classes,
-            "split": inputs.split, "resize": None if resize is None else list(resize)}
+    return {
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
+        **own,
+        "dataset": inputs.source,
+        "classes": inputs.classes,
+        "split": inputs.split,
+        "resize": None if resize is None else list(resize),
+    }
 
 
 def unlabeled_pool(source: str, n: int | None, dataset: str, n_train: int | None) -> Tensor:
@@ -165,9 +184,11 @@ def unlabeled_pool(source: str, n: int | None, dataset: str, n_train: int | None
         skip = 0
         if source == dataset:
             if n_train is None:
-                raise ValueError(f"[data] unlabeled = {source!r} is the training set itself: set "
-                                 "[data] n_train, the labelled images; the pool is the images "
-                                 "after them")
+                raise ValueError(
+                    f"[data] unlabeled = {source!r} is the training set itself: set "
+                    "[data] n_train, the labelled images; the pool is the images "
+                    "after them"
+                )
             skip = n_train
         x, _ = data.load(source, split="train")
         x = x[skip:]
@@ -176,9 +197,13 @@ def unlabeled_pool(source: str, n: int | None, dataset: str, n_train: int | None
     elif Path(source).is_file():
         x = data.from_arrays(source).x
     else:
-        raise ValueError(f"[data] unlabeled = {source!r}: no registered data set "
-                         f"({', '.join(data.names())}) and no such file or folder")
+        raise ValueError(
+            f"[data] unlabeled = {source!r}: no registered data set "
+            f"({', '.join(data.names())}) and no such file or folder"
+        )
     if n is not None and n > len(x):
-        raise ValueError(f"[data] unlabeled_n = {n} but {source} holds {len(x)} unlabelled "
-                         f"images; use at most {len(x)}")
+        raise ValueError(
+            f"[data] unlabeled_n = {n} but {source} holds {len(x)} unlabelled "
+            f"images; use at most {len(x)}"
+        )
     return x[:n]

@@ -25,16 +25,29 @@ from typing import Any
 from robustlab._eps import box_diameter
 from robustlab.cli_args import build_parser, commands, parse_options
 
-RESULT = {"evaluate": "results.json", "audit": "results.json", "certify": "certify.json",
-          "smooth": "smoothing.json"}  # the file a finished run of each command leaves
+RESULT = {
+    "evaluate": "results.json",
+    "audit": "results.json",
+    "certify": "certify.json",
+    "smooth": "smoothing.json",
+}  # the file a finished run of each command leaves
 RESUMES_FINISHED = {"certify"}  # reruns certify only the examples without a row
-WHAT = {"evaluate": "evaluation", "audit": "audit", "certify": "certification",
-        "smooth": "set of smoothing curves"}
+WHAT = {
+    "evaluate": "evaluation",
+    "audit": "audit",
+    "certify": "certification",
+    "smooth": "set of smoothing curves",
+}
 EVAL_STATE = "eval_state.safetensors"  # robustlab.evaluation.state.FILENAME: an interrupted run
-INPUTS = {"checkpoint": "the checkpoint's .safetensors file", "config": "the .toml recipe",
-          "surrogate": "the surrogate's .safetensors file",
-          "denoiser": "the denoiser's .safetensors file", "init": "a denoiser .safetensors file",
-          "weights": "the weights' .safetensors file", "source": "the .pt file to convert"}
+INPUTS = {
+    "checkpoint": "the checkpoint's .safetensors file",
+    "config": "the .toml recipe",
+    "surrogate": "the surrogate's .safetensors file",
+    "denoiser": "the denoiser's .safetensors file",
+    "init": "a denoiser .safetensors file",
+    "weights": "the weights' .safetensors file",
+    "source": "the .pt file to convert",
+}
 MODEL_KEYS = ("model", "model_option", "weights", "normalize", "resize")  # in the settings
 SPEC_ONLY = ("model_option", "weights", "normalize")  # options of --model, not of a checkpoint
 
@@ -55,8 +68,11 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if c == "evaluate":
         # no --suite: evaluation.suites.default_suite of the model (torch-free here)
         smoothed = args.defense == "smoothing"
-        what = ("-".join(args.attack) if args.attack
-                else args.suite or ("smoothed" if smoothed else "standard"))
+        what = (
+            "-".join(args.attack)
+            if args.attack
+            else args.suite or ("smoothed" if smoothed else "standard")
+        )
         name = ["eval", *_threat(args), what, f"n{args.n}", f"seed{args.seed}"]
         extra = ("steps", "restarts", "step_size", "loss", "repeats", "bpda", "surrogate", "eot")
     elif c == "audit":
@@ -64,10 +80,17 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         extra = ("steps", "queries", "binarization", "surrogate", "eot")
     elif c == "certify" and args.method != "smoothing":  # bound propagation: an evaluation
         if args.eps is None:
-            raise ValueError(f"--method {args.method} needs --eps, the radius in input units, "
-                             "e.g. --eps 0.1")
-        name = ["verify", args.method, *_threat(args), args.suite, f"n{args.n_points}",
-                f"seed{args.seed}"]
+            raise ValueError(
+                f"--method {args.method} needs --eps, the radius in input units, e.g. --eps 0.1"
+            )
+        name = [
+            "verify",
+            args.method,
+            *_threat(args),
+            args.suite,
+            f"n{args.n_points}",
+            f"seed{args.seed}",
+        ]
         extra = ("skip",)
     elif c == "certify":  # not the points: a rerun with more of them adds rows (resumes)
         if args.sigma is None:
@@ -93,8 +116,9 @@ def _absolute(settings: dict[str, Any]) -> dict[str, Any]:
     the weights, a spec's ``.py`` file), so that one file is one setting from any folder."""
     out = dict(settings)
     data = out.get("dataset")
-    if isinstance(data, str) and (os.sep in data or "/" in data
-                                  or data.endswith((".npz", ".safetensors"))):
+    if isinstance(data, str) and (
+        os.sep in data or "/" in data or data.endswith((".npz", ".safetensors"))
+    ):
         out["dataset"] = str(Path(data).resolve())
     if out.get("weights") is not None:
         out["weights"] = str(Path(out["weights"]).resolve())
@@ -116,10 +140,14 @@ def model_words(args: argparse.Namespace) -> str:
     options, weights and normalisation."""
     if args.model is None:
         return str(args.checkpoint)
-    return " ".join([f"--model {args.model}",
-                     *(f"--model-option {o}" for o in args.model_option or []),
-                     *([f"--weights {args.weights}"] if args.weights else []),
-                     *([f"--normalize {args.normalize}"] if args.normalize else [])])
+    return " ".join(
+        [
+            f"--model {args.model}",
+            *(f"--model-option {o}" for o in args.model_option or []),
+            *([f"--weights {args.weights}"] if args.weights else []),
+            *([f"--normalize {args.normalize}"] if args.normalize else []),
+        ]
+    )
 
 
 def default_folder(args: argparse.Namespace) -> Path:
@@ -130,8 +158,9 @@ def default_folder(args: argparse.Namespace) -> Path:
     checkpoint's, its spec, options, weights and normalisation in the hash."""
     name, extra = _settings(args)
     defaults = commands(build_parser())[args.command]
-    changed = {k: v for k, v in extra.items()
-               if v not in (None, False) and v != defaults.get_default(k)}
+    changed = {
+        k: v for k, v in extra.items() if v not in (None, False) and v != defaults.get_default(k)
+    }
     if changed:
         blob = json.dumps(changed, sort_keys=True, default=str).encode()
         name.append(hashlib.sha256(blob).hexdigest()[:6])
@@ -168,22 +197,24 @@ def check_folder(path: Path, option: str = "--out") -> None:
     while not base.exists() and base != base.parent:
         base = base.parent
     if not base.is_dir():
-        raise ValueError(f"{option} {path}: {base} is a file, not a folder; give a path "
-                         "under a folder")
+        raise ValueError(
+            f"{option} {path}: {base} is a file, not a folder; give a path under a folder"
+        )
     try:
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
-        raise ValueError(f"{option} {path}: {base} is not writable ({e.strerror}); give a "
-                         "folder you can write to") from None
+        raise ValueError(
+            f"{option} {path}: {base} is not writable ({e.strerror}); give a "
+            "folder you can write to"
+        ) from None
 
 
 def check_file(path: Path, option: str, example: str = "report.html") -> None:
     """ValueError unless a file can be written at ``path`` (``example``: a file name the
     message suggests inside a folder given instead)."""
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name, e.g. "
-                         f"{path / example}")
+        raise ValueError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
     check_folder(path.parent, f"{option} {path}: the folder")
 
 
@@ -228,11 +259,15 @@ def finished(args: argparse.Namespace) -> str | None:
     if recorded is not None and recorded == args.cli_settings:
         if args.command in RESUMES_FINISHED and not verifies:
             return None
-        return (f"{result} already holds this {what} (same checkpoint and settings); pass "
-                "--overwrite to run it again")
-    raise FileExistsError(f"{args.out} already holds a finished {what} with other settings or "
-                          f"of another checkpoint ({result}); pass --overwrite to replace it, "
-                          "or --out to write elsewhere")
+        return (
+            f"{result} already holds this {what} (same checkpoint and settings); pass "
+            "--overwrite to run it again"
+        )
+    raise FileExistsError(
+        f"{args.out} already holds a finished {what} with other settings or "
+        f"of another checkpoint ({result}); pass --overwrite to replace it, "
+        "or --out to write elsewhere"
+    )
 
 
 def check_eps(args: argparse.Namespace, shape: Sequence[int] = (1,)) -> None:
@@ -245,9 +280,11 @@ def check_eps(args: argparse.Namespace, shape: Sequence[int] = (1,)) -> None:
     size = box_diameter(args.norm, shape)
     if args.eps >= size:
         within = "" if args.norm == "linf" else f" ({args.norm} diameter {size:.4g})"
-        raise ValueError(f"eps {args.eps:g} covers the whole input box [0, 1]{within}; did you "
-                         f"mean {args.eps:g}/255 (= {args.eps / 255:.4f})? pass --force-eps to "
-                         "run it anyway")
+        raise ValueError(
+            f"eps {args.eps:g} covers the whole input box [0, 1]{within}; did you "
+            f"mean {args.eps:g}/255 (= {args.eps / 255:.4f})? pass --force-eps to "
+            "run it anyway"
+        )
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -257,19 +294,24 @@ def check_model_args(args: argparse.Namespace) -> None:
         return
     spec_only = [f"--{k.replace('_', '-')}" for k in SPEC_ONLY if getattr(args, k) is not None]
     if args.checkpoint is not None and args.model is not None:
-        raise ValueError(f"give a checkpoint ({args.checkpoint}) or --model {args.model}, not "
-                         "both")
+        raise ValueError(f"give a checkpoint ({args.checkpoint}) or --model {args.model}, not both")
     if args.checkpoint is None and args.model is None:
-        raise ValueError(f"no model: give a checkpoint (robustlab {args.command} "
-                         "model.safetensors ...) or your own with --model path/to/file.py:NAME")
+        raise ValueError(
+            f"no model: give a checkpoint (robustlab {args.command} "
+            "model.safetensors ...) or your own with --model path/to/file.py:NAME"
+        )
     if args.checkpoint is not None and spec_only:
-        raise ValueError(f"{', '.join(spec_only)} apply to --model SPEC only; the checkpoint "
-                         f"{args.checkpoint} records its own architecture, weights and "
-                         "normalisation")
+        raise ValueError(
+            f"{', '.join(spec_only)} apply to --model SPEC only; the checkpoint "
+            f"{args.checkpoint} records its own architecture, weights and "
+            "normalisation"
+        )
     if args.model is not None and args.dataset is None:
-        raise ValueError(f"--model {args.model} needs --data: a registered data set "
-                         "(robustlab list datasets), a folder of images in class subfolders, "
-                         "or an .npz / .safetensors file of x and y")
+        raise ValueError(
+            f"--model {args.model} needs --data: a registered data set "
+            "(robustlab list datasets), a folder of images in class subfolders, "
+            "or an .npz / .safetensors file of x and y"
+        )
     parse_options(args.model_option, "--model-option")
 
 
@@ -277,8 +319,10 @@ def check_convert(args: argparse.Namespace) -> None:
     """``convert-weights``: OUT can be written, and is not replaced without ``--overwrite``."""
     check_file(args.target, "OUT", "model.safetensors")
     if args.target.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.target} exists; pass --overwrite to replace it (and its "
-                              f"record {args.target.name}.json), or choose another OUT")
+        raise FileExistsError(
+            f"{args.target} exists; pass --overwrite to replace it (and its "
+            f"record {args.target.name}.json), or choose another OUT"
+        )
 
 
 def prepare(args: argparse.Namespace) -> str | None:
@@ -309,11 +353,16 @@ def _stage(attack: str, o: dict[str, Any]) -> str:
         steps = f" {inner['steps']} steps" if "steps" in inner else ""
         return f"transfer ({o.get('attack', 'pgd')}{steps} on the surrogate)"
     runs = o.get("restarts", 1) * o.get("n_target_classes", o.get("k", 1))
-    return " ".join([attack, *([o["loss"]] if "loss" in o else []),
-                     *([f"{o['steps']} steps"] if "steps" in o else []),
-                     *([f"x {runs}"] if runs > 1 else []),
-                     *([f"x EOT {o['eot']}"] if "eot" in o else []),
-                     *([f"x {o['samples']} draws"] if "samples" in o else [])])
+    return " ".join(
+        [
+            attack,
+            *([o["loss"]] if "loss" in o else []),
+            *([f"{o['steps']} steps"] if "steps" in o else []),
+            *([f"x {runs}"] if runs > 1 else []),
+            *([f"x EOT {o['eot']}"] if "eot" in o else []),
+            *([f"x {o['samples']} draws"] if "samples" in o else []),
+        ]
+    )
 
 
 def suite_lines(suites: Any) -> list[str]:
@@ -335,15 +384,21 @@ def suite_lines(suites: Any) -> list[str]:
             grads += runs * inner.get("steps", 1) * o.get("eot", 1) * o.get("samples", 1)
         cost = f"{grads:,} gradient steps" + (f" + {queries:,} queries" if queries else "")
         votes = f" and {suite.repeats} predictions" if suite.repeats > 1 else ""
-        lines += [f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
-                  f"      {suite.description}"]
+        lines += [
+            f"  {name}: {', '.join(parts)} (cost per point: up to {cost}{votes})",
+            f"      {suite.description}",
+        ]
     return lines
 
 
 def epoch_line(rec: dict[str, Any], passes: int) -> str:
     """The line ``robustlab train`` prints after each epoch, from its log record ``rec``."""
-    parts = [f"epoch {rec['epoch']:>3}/{passes}", f"loss {rec['train_loss']:.4f}",
-             f"lr {rec['lr']:.3g}", f"{rec['train_time_s']:.0f}s"]
+    parts = [
+        f"epoch {rec['epoch']:>3}/{passes}",
+        f"loss {rec['train_loss']:.4f}",
+        f"lr {rec['lr']:.3g}",
+        f"{rec['train_time_s']:.0f}s",
+    ]
     if "val_clean_acc" in rec:
         parts.append(f"val clean {100 * rec['val_clean_acc']:.1f}%")
     if "val_robust_acc" in rec:
@@ -351,8 +406,10 @@ def epoch_line(rec: dict[str, Any], passes: int) -> str:
     if "probe_robust_acc" in rec:
         parts.append(f"probe PGD-5 {100 * rec['probe_robust_acc']:.1f}%")
     if "holdout_robust_acc" in rec:
-        parts.append(f"hold-out robust {100 * rec['holdout_robust_acc']:.1f}% "
-                     f"(best epoch {rec['best_epoch']})")
+        parts.append(
+            f"hold-out robust {100 * rec['holdout_robust_acc']:.1f}% "
+            f"(best epoch {rec['best_epoch']})"
+        )
     if "overfit" in rec:
         parts.append(f"catastrophic overfitting: {rec['overfit']}")
     return " | ".join(parts)

@@ -23,8 +23,8 @@ _SECTIONS = {
     "data": {"dataset", "n_train", "val_n", "unlabeled", "unlabeled_n"},
     "model": None,  # any keyword of models.create, and init (a checkpoint to start from)
     "threat": {"norm", "eps", "bounds"},
-    "train": set(TrainConfig.__dataclass_fields__) - {"objective_options", "schedule_options",
-                                                      "val_attack", "dataset", "init"},
+    "train": set(TrainConfig.__dataclass_fields__)
+    - {"objective_options", "schedule_options", "val_attack", "dataset", "init"},
     "objective": None,  # options of the objective function
     "schedule": None,  # options of the schedule
     "val_attack": None,  # attack name + options for the per-epoch robust validation
@@ -66,13 +66,17 @@ def _parse(path: Path) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise ValueError(f"{path}: [{section}] must be a table")
         if keys is not None and (bad := set(value) - keys):
-            raise ValueError(f"{path}: unknown key(s) {sorted(bad)} in [{section}]; "
-                             f"valid: {', '.join(sorted(keys))}")
+            raise ValueError(
+                f"{path}: unknown key(s) {sorted(bad)} in [{section}]; "
+                f"valid: {', '.join(sorted(keys))}"
+            )
     if "objective" not in doc.get("train", {}):
         what = "has no [train] section" if "train" not in doc else "[train] has no objective"
-        raise ValueError(f"recipe {path} {what}: a recipe says what to train, at least "
-                         '[train] objective = "natural" (or "pgd-at", ...: robustlab list '
-                         "objectives) and epochs = ...; see the recipes in configs/")
+        raise ValueError(
+            f"recipe {path} {what}: a recipe says what to train, at least "
+            '[train] objective = "natural" (or "pgd-at", ...: robustlab list '
+            "objectives) and epochs = ...; see the recipes in configs/"
+        )
     return doc
 
 
@@ -80,8 +84,10 @@ def _threat(t: dict[str, Any] | None) -> ThreatModel | None:
     if t is None:
         return None
     if "norm" not in t or "eps" not in t:
-        raise ValueError(f"[threat] needs norm and eps (e.g. norm = \"linf\", eps = \"8/255\"), "
-                         f"got {', '.join(sorted(t)) or 'an empty table'}")
+        raise ValueError(
+            f'[threat] needs norm and eps (e.g. norm = "linf", eps = "8/255"), '
+            f"got {', '.join(sorted(t)) or 'an empty table'}"
+        )
     return ThreatModel(t["norm"], t["eps"], tuple(t.get("bounds", (0.0, 1.0))))
 
 
@@ -107,8 +113,17 @@ def _recipe(doc: dict[str, Any]) -> Recipe:
     cfg = TrainConfig(**train)
     cfg.validate(threat)
     unlabeled, unlabeled_n = _pool(d, cfg.objective)
-    return Recipe(dataset=dataset, n_train=n_train, val_n=val_n, model=model, threat=threat,
-                  train=cfg, source=doc, unlabeled=unlabeled, unlabeled_n=unlabeled_n)
+    return Recipe(
+        dataset=dataset,
+        n_train=n_train,
+        val_n=val_n,
+        model=model,
+        threat=threat,
+        train=cfg,
+        source=doc,
+        unlabeled=unlabeled,
+        unlabeled_n=unlabeled_n,
+    )
 
 
 def _pool(d: dict[str, Any], objective: str) -> tuple[str | None, int | None]:
@@ -117,18 +132,26 @@ def _pool(d: dict[str, Any], objective: str) -> tuple[str | None, int | None]:
     if n is not None:
         positive_int(n, "unlabeled_n")
         if unlabeled is None:
-            raise ValueError("unlabeled_n counts the images of [data] unlabeled: set unlabeled "
-                             "= \"<data set or file>\", or drop unlabeled_n")
+            raise ValueError(
+                "unlabeled_n counts the images of [data] unlabeled: set unlabeled "
+                '= "<data set or file>", or drop unlabeled_n'
+            )
     if unlabeled is None:
         return None, None
     if not isinstance(unlabeled, str):
-        raise OptionTypeError(f"unlabeled must be a data set's name or a file or folder, got "
-                              f"{unlabeled!r}")
+        raise OptionTypeError(
+            f"unlabeled must be a data set's name or a file or folder, got {unlabeled!r}"
+        )
     if "unlabeled" not in inspect.signature(get_objective(objective)).parameters:
-        takers = [m for m in objective_names()
-                  if "unlabeled" in inspect.signature(get_objective(m)).parameters]
-        raise ValueError(f"objective {objective!r} takes no unlabelled pool: drop [data] "
-                         f"unlabeled, or train with one of {', '.join(takers)}")
+        takers = [
+            m
+            for m in objective_names()
+            if "unlabeled" in inspect.signature(get_objective(m)).parameters
+        ]
+        raise ValueError(
+            f"objective {objective!r} takes no unlabelled pool: drop [data] "
+            f"unlabeled, or train with one of {', '.join(takers)}"
+        )
     return unlabeled, n
 
 
@@ -142,5 +165,6 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return _recipe(doc)
     except (TypeError, ValueError) as e:  # name the file; a type error stays a TypeError
-        raise (OptionTypeError if isinstance(e, TypeError) else ValueError)(f"{path}: {e}") \
-            from None
+        raise (OptionTypeError if isinstance(e, TypeError) else ValueError)(
+            f"{path}: {e}"
+        ) from None

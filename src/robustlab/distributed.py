@@ -53,8 +53,10 @@ def init_from_env(timeout_s: float = 1800) -> tuple[World, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs; "
-                               "lower --nproc_per_node")
+            raise RuntimeError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs; "
+                "lower --nproc_per_node"
+            )
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:

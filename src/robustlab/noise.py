@@ -38,8 +38,16 @@ from torch import Tensor, nn
 
 from robustlab._validate import number
 
-__all__ = ["CERTIFIED_NORM", "L0_LEVELS", "NOISES", "SmoothedModel", "check_noise",
-           "check_quantised", "radius", "sample"]
+__all__ = [
+    "CERTIFIED_NORM",
+    "L0_LEVELS",
+    "NOISES",
+    "SmoothedModel",
+    "check_noise",
+    "check_quantised",
+    "radius",
+    "sample",
+]
 
 NOISES = ("gaussian", "laplace", "uniform-l0")
 #: the norm each distribution's certificate is in
@@ -69,8 +77,14 @@ def check_noise(noise: str, sigma: float) -> None:
     if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; valid noises are: {', '.join(NOISES)}")
     if noise == "uniform-l0":
-        number(sigma, "sigma (the keep probability alpha of uniform-l0 noise)", low=0, high=1,
-               low_open=True, high_open=True)
+        number(
+            sigma,
+            "sigma (the keep probability alpha of uniform-l0 noise)",
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
     else:
         number(sigma, "sigma", low=0)  # the noise scale in input units
 
@@ -80,8 +94,10 @@ def refuse_input_noise(noise: str, who: str) -> None:
     and adds it to another point (an attacked ``x_adv``): uniform-l0 noise depends on the
     input it is drawn for."""
     if noise == "uniform-l0":
-        raise ValueError(f"{who} adds noise drawn for x to another point, but uniform-l0 noise "
-                         "depends on the input it is drawn for: use gaussian or laplace noise")
+        raise ValueError(
+            f"{who} adds noise drawn for x to another point, but uniform-l0 noise "
+            "depends on the input it is drawn for: use gaussian or laplace noise"
+        )
 
 
 def check_quantised(x: Tensor, levels: int = L0_LEVELS) -> None:
@@ -90,8 +106,10 @@ def check_quantised(x: Tensor, levels: int = L0_LEVELS) -> None:
     ``"uniform-l0"`` noise assumes."""
     scaled = x.detach().double().flatten() * levels
     if scaled.amin() < -QUANTISED_TOLERANCE or scaled.amax() > levels + QUANTISED_TOLERANCE:
-        raise ValueError(f"uniform-l0 noise certifies inputs in [0, 1], but x holds values in "
-                         f"[{float(x.min()):.6g}, {float(x.max()):.6g}]: scale them to [0, 1]")
+        raise ValueError(
+            f"uniform-l0 noise certifies inputs in [0, 1], but x holds values in "
+            f"[{float(x.min()):.6g}, {float(x.max()):.6g}]: scale them to [0, 1]"
+        )
     off = (scaled - scaled.round()).abs()
     worst = int(off.argmax())
     if off[worst] > QUANTISED_TOLERANCE:
@@ -99,11 +117,13 @@ def check_quantised(x: Tensor, levels: int = L0_LEVELS) -> None:
             f"uniform-l0 noise certifies inputs quantised to the {levels + 1} levels k/{levels} "
             f"of [0, 1], but x holds {float(scaled[worst]) / levels:.6g}, "
             f"{float(off[worst]):.3g} levels from the nearest one: quantise it first, "
-            f"x = (x * {levels}).round() / {levels}")
+            f"x = (x * {levels}).round() / {levels}"
+        )
 
 
-def sample(like: Tensor, noise: str, sigma: float,
-           generator: torch.Generator | None = None) -> Tensor:
+def sample(
+    like: Tensor, noise: str, sigma: float, generator: torch.Generator | None = None
+) -> Tensor:
     """A noise tensor shaped like ``like`` (same dtype and device), drawn from ``generator``
     (torch's global generator when None), to be added to the input: ``like + sample(like, ...)``.
     A generator on another device than ``like`` draws there and the noise is moved.
@@ -133,8 +153,9 @@ def sample(like: Tensor, noise: str, sigma: float,
     return (z * sigma).to(like.device)
 
 
-def _uniform_l0(like: Tensor, keep: float, generator: torch.Generator | None,
-                device: torch.device) -> Tensor:
+def _uniform_l0(
+    like: Tensor, keep: float, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """``z - like``: each coordinate kept with probability ``keep``, else moved to one of the
     other ``L0_LEVELS`` levels, uniformly (a shift of 1..K levels modulo K + 1). Not detached
     from ``like``: ``like + noise`` has gradient 1 where kept, 0 where replaced."""
@@ -157,8 +178,10 @@ def radius(p_lower: float, noise: str, sigma: float) -> float:
     :func:`robustlab.defenses.l0_certificate.l0_radius`."""
     check_noise(noise, sigma)
     if noise == "uniform-l0":
-        raise ValueError("the l0 radius of uniform-l0 noise depends on the input dimension d: "
-                         "use robustlab.defenses.l0_certificate.l0_radius(p_lower, alpha, d)")
+        raise ValueError(
+            "the l0 radius of uniform-l0 noise depends on the input dimension d: "
+            "use robustlab.defenses.l0_certificate.l0_radius(p_lower, alpha, d)"
+        )
     if not 0 <= p_lower <= 1:
         raise ValueError(f"p_lower must be a probability in [0, 1], got {p_lower!r}")
     if p_lower <= 0.5:

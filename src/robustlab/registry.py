@@ -69,13 +69,14 @@ class Registry(Generic[T]):
         sig = inspect.signature(factory)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         if not takes_any:
-            valid = self.options(name)[len(args):]
+            valid = self.options(name)[len(args) :]
             unknown = [k for k in options if k not in valid]
             if unknown:
                 raise TypeError(
                     f"{self.kind} {name!r}: unknown option{'s' if len(unknown) > 1 else ''} "
                     f"{', '.join(map(repr, unknown))}; its options are: "
-                    f"{', '.join(valid) or 'none'}")
+                    f"{', '.join(valid) or 'none'}"
+                )
         return factory(*args, **options)
 
     def names(self, pattern: str | None = None) -> list[str]:

@@ -108,7 +108,7 @@ class ThreatModel:
             raise RuntimeError(
                 f"{who} returned {int(bad.sum())} point(s) outside the {self.norm} ball of radius "
                 f"{self.eps} or the bounds {self.bounds} (first: sample {i}, distance "
-                f"{float(self.distance(x_adv[i:i + 1], x[i:i + 1])):.6g}, range "
+                f"{float(self.distance(x_adv[i : i + 1], x[i : i + 1])):.6g}, range "
                 f"[{float(x_adv[i].min()):.6g}, {float(x_adv[i].max()):.6g}]); "
                 f"this is a bug in {who}"
             )
@@ -204,8 +204,9 @@ class ThreatModel:
         lo, hi = self.bounds
         return (x + d).clamp(lo, hi)  # clamping moves coordinates towards x: stays in the ball
 
-    def _random_pixels(self, x: Tensor, generator: torch.Generator | None,
-                       gen_device: torch.device) -> Tensor:
+    def _random_pixels(
+        self, x: Tensor, generator: torch.Generator | None, gen_device: torch.device
+    ) -> Tensor:
         lo, hi = self.bounds
         px = as_pixels(x)
         n, c, p = px.shape
@@ -223,7 +224,8 @@ class ThreatModel:
         2021). Same shape as ``direction``; the other coordinates are unchanged."""
         lo, hi = self.bounds
         return direction.masked_fill(
-            ((x <= lo) & (direction < 0)) | ((x >= hi) & (direction > 0)), 0)
+            ((x <= lo) & (direction < 0)) | ((x >= hi) & (direction > 0)), 0
+        )
 
     def steepest_step(self, grad: Tensor, step_size: float, *, l1_sparsity: float = 0.01) -> Tensor:
         """The steepest-ascent step of lp length ``step_size`` for gradient ``grad``.

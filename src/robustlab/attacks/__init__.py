@@ -33,6 +33,15 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackResult", "BPDA", "PGD", "Perturbation", "create",
-    "create_for_evaluation", "loss_names", "names", "register",
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "BPDA",
+    "PGD",
+    "Perturbation",
+    "create",
+    "create_for_evaluation",
+    "loss_names",
+    "names",
+    "register",
 ]

@@ -68,9 +68,16 @@ class ConstantSearch:
     ``factor``, a success keeps it (the caller decides at which ``c`` a sample gives up).
     """
 
-    def __init__(self, like: Tensor, initial: float, steps: int,
-                 last_at_upper: bool = True, *, factor: float = 10.0,
-                 bisect: bool = True) -> None:
+    def __init__(
+        self,
+        like: Tensor,
+        initial: float,
+        steps: int,
+        last_at_upper: bool = True,
+        *,
+        factor: float = 10.0,
+        bisect: bool = True,
+    ) -> None:
         self.const = torch.full((len(like),), initial, device=like.device, dtype=like.dtype)
         self.lower = torch.zeros_like(self.const)
         self.upper = torch.full_like(self.const, 1e10)

@@ -99,8 +99,12 @@ class MomentumFamily(MIFGSM):
     """
 
     #: the family's values of the options passed as ``None``
-    preset: ClassVar[dict[str, Any]] = {"diversity": 0.0, "kernel": 1, "nesterov": False,
-                                        "samples": 0}
+    preset: ClassVar[dict[str, Any]] = {
+        "diversity": 0.0,
+        "kernel": 1,
+        "nesterov": False,
+        "samples": 0,
+    }
 
     def __init__(
         self,
@@ -123,32 +127,48 @@ class MomentumFamily(MIFGSM):
         l1_sparsity: float = 0.05,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, momentum=momentum, step_size=step_size, loss=loss,
-                         targeted=targeted, early_stop=early_stop, keep_best=keep_best,
-                         l1_sparsity=l1_sparsity, seed=seed)
+        super().__init__(
+            threat,
+            steps=steps,
+            momentum=momentum,
+            step_size=step_size,
+            loss=loss,
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            l1_sparsity=l1_sparsity,
+            seed=seed,
+        )
         pick = self.preset
-        self.diversity = number(pick["diversity"] if diversity is None else diversity,
-                                "diversity", low=0, high=1)
+        self.diversity = number(
+            pick["diversity"] if diversity is None else diversity, "diversity", low=0, high=1
+        )
         self.resize = number(resize, "resize", low=0, high=1, low_open=True)
         self.kernel = _kernel(pick["kernel"] if kernel is None else kernel)
         nesterov = pick["nesterov"] if nesterov is None else nesterov
         if not isinstance(nesterov, bool):
             raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         if nesterov and threat.norm != "linf":
-            raise ValueError(f"the Nesterov look-ahead (nesterov=True) is Lin et al.'s linf "
-                             f"x + alpha * mu * g; use a linf threat model or nesterov=False, "
-                             f"not norm {threat.norm!r}")
+            raise ValueError(
+                f"the Nesterov look-ahead (nesterov=True) is Lin et al.'s linf "
+                f"x + alpha * mu * g; use a linf threat model or nesterov=False, "
+                f"not norm {threat.norm!r}"
+            )
         self.nesterov = nesterov
         self.scales = positive_int(scales, "scales")
-        self.samples = integer(pick["samples"] if samples is None else samples, "samples",
-                               minimum=0)
+        self.samples = integer(
+            pick["samples"] if samples is None else samples, "samples", minimum=0
+        )
         self.beta = number(beta, "beta", low=0)
         self.stochastic = self.diversity > 0 or (self.samples > 0 and self.beta > 0)
         self._call: _Call | None = None
 
     def config(self) -> dict[str, Any]:
-        cfg = super().config() | {"kernel": self.kernel, "nesterov": self.nesterov,
-                                  "scales": self.scales}
+        cfg = super().config() | {
+            "kernel": self.kernel,
+            "nesterov": self.nesterov,
+            "scales": self.scales,
+        }
         if self.diversity:
             cfg |= {"diversity": self.diversity, "resize": self.resize}
         if self.samples:
@@ -156,15 +176,28 @@ class MomentumFamily(MIFGSM):
         return cfg
 
     # --- the hooks of PGD's loop ----------------------------------------------------------
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
-                loss: LossAt | None = None, start: Start | None = None) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        *,
+        loss: LossAt | None = None,
+        start: Start | None = None,
+    ) -> Tensor:
         """MI-FGSM's iterate (see :meth:`PGD.perturb`) with this attack's transforms."""
         if (self.diversity > 0 or self.kernel != 1) and x.dim() != 4:
-            raise ValueError(f"{self.name}'s input diversity and kernel need images (N, C, H, "
-                             f"W), got shape {tuple(x.shape)}; pass diversity=0 and kernel=1 "
-                             "for other inputs")
-        size = self.kernel if self.kernel != "auto" else \
-            AUTO_KERNEL[min(x.shape[-2:]) < AUTO_KERNEL_SIDE]
+            raise ValueError(
+                f"{self.name}'s input diversity and kernel need images (N, C, H, "
+                f"W), got shape {tuple(x.shape)}; pass diversity=0 and kernel=1 "
+                "for other inputs"
+            )
+        size = (
+            self.kernel
+            if self.kernel != "auto"
+            else AUTO_KERNEL[min(x.shape[-2:]) < AUTO_KERNEL_SIDE]
+        )
         kernel = gaussian_kernel(size, x) if size != 1 else None
         self._call = _Call(generator, kernel)
         try:
@@ -217,8 +250,13 @@ class MomentumFamily(MIFGSM):
         def f(xv: Tensor) -> tuple[Tensor, Tensor]:
             losses, first = [], None
             for i in range(self.scales):
-                xi, drawn = diverse(scaled(xv, i, self.threat.bounds), self.diversity,
-                                    self.resize, call.generator, fill)
+                xi, drawn = diverse(
+                    scaled(xv, i, self.threat.bounds),
+                    self.diversity,
+                    self.resize,
+                    call.generator,
+                    fill,
+                )
                 li, zi = loss_fn(xi)
                 if i == 0:
                     first, exact[0] = zi, exact[0] and not drawn
@@ -227,6 +265,7 @@ class MomentumFamily(MIFGSM):
                 return losses[0], first
             mean = torch.stack(losses).mean(0)
             return losses[0].detach() + (mean - mean.detach()), first
+
         return f
 
 
@@ -237,6 +276,8 @@ def _kernel(value: Any) -> int | str:
         raise ValueError(f"kernel must be an odd integer >= 1 or 'auto', got {value!r}")
     size = positive_int(value, "kernel")
     if size % 2 == 0:
-        raise ValueError(f"kernel must be an odd integer >= 1 (a centred kernel) or 'auto', "
-                         f"got {size}; use {size + 1}")
+        raise ValueError(
+            f"kernel must be an odd integer >= 1 (a centred kernel) or 'auto', "
+            f"got {size}; use {size + 1}"
+        )
     return size

@@ -18,8 +18,9 @@ __all__ = ["diverse", "gaussian_kernel", "look_ahead", "neighbour", "scaled", "s
 KERNEL_SIGMAS = 3.0
 
 
-def diverse(x: Tensor, p: float, resize: float, generator: torch.Generator,
-            fill: float) -> tuple[Tensor, bool]:
+def diverse(
+    x: Tensor, p: float, resize: float, generator: torch.Generator, fill: float
+) -> tuple[Tensor, bool]:
     """DI's random transform of the batch ``x`` (N, C, H, W): with probability ``p`` (one draw
     for the whole batch), resize to ``rh x rw`` by nearest neighbour, ``rh`` uniform in
     ``[max(1, int(H * resize)), H)`` (``H`` itself when that range is empty) and
@@ -70,11 +71,10 @@ def scaled(x: Tensor, i: int, bounds: tuple[float, float]) -> Tensor:
     """SI's copy ``c + (x - c) / 2**i`` of ``x``, ``c`` the centre of ``bounds``: the
     reference's ``x / 2**i`` on its [-1, 1] images."""
     centre = (bounds[0] + bounds[1]) / 2
-    return x if i == 0 else centre + (x - centre) / 2 ** i
+    return x if i == 0 else centre + (x - centre) / 2**i
 
 
-def neighbour(x: Tensor, threat: ThreatModel, radius: float,
-              generator: torch.Generator) -> Tensor:
+def neighbour(x: Tensor, threat: ThreatModel, radius: float, generator: torch.Generator) -> Tensor:
     """VMI's sample ``x + r``, ``r`` uniform in the ball of ``threat``'s norm and radius
     ``radius`` (linf: ``U[-radius, radius]^d``, the paper's), not clipped to the bounds."""
     lo, hi = threat.bounds

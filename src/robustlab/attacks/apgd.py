@@ -133,9 +133,18 @@ class APGD(Attack):
     stochastic = True
     norms = ("linf", "l2", "l1")
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, loss: str | CustomLoss = "ce", early_stop: bool = False,
-                 temperature: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        loss: str | CustomLoss = "ce",
+        early_stop: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss=loss, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
@@ -145,9 +154,16 @@ class APGD(Attack):
         self.loss = tempered(self.loss, self.temperature)
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"steps": self.steps, "restarts": self.restarts,
-                                   "rho": self.rho, "early_stop": self.early_stop} | (
-            {"temperature": self.temperature} if self.temperature != 1 else {})
+        return (
+            super().config()
+            | {
+                "steps": self.steps,
+                "restarts": self.restarts,
+                "rho": self.rho,
+                "early_stop": self.early_stop,
+            }
+            | ({"temperature": self.temperature} if self.temperature != 1 else {})
+        )
 
     def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
         """The loss maximised, per sample, for labels ``y`` and (APGD-T) targets ``t``."""
@@ -181,11 +197,13 @@ class APGD(Attack):
             d = d / _col(d.flatten(1).norm(dim=1).clamp_min(1e-12), d)
         return (x + th.eps * d.to(x.device)).clamp(*th.bounds)
 
-    def _grad(self, model: nn.Module, xa: Tensor, y: Tensor,
-              t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _grad(
+        self, model: nn.Module, xa: Tensor, y: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         def f(xa: Tensor) -> tuple[Tensor, Tensor]:
             logits = model(xa)
             return self._objective(logits, y, t), logits
+
         return self.input_grad(f, xa)
 
     def _record(self, s: State, logits: Tensor, best: _Best) -> State:
@@ -199,17 +217,39 @@ class APGD(Attack):
                 s = s.keep(~hit)
         return s
 
-    def _run(self, model: nn.Module, gidx: Tensor, x: Tensor, y: Tensor, t: Tensor,
-             best: _Best, generator: torch.Generator) -> None:
+    def _run(
+        self,
+        model: nn.Module,
+        gidx: Tensor,
+        x: Tensor,
+        y: Tensor,
+        t: Tensor,
+        best: _Best,
+        generator: torch.Generator,
+    ) -> None:
         th, l1 = self.threat, self.threat.norm == "l1"
         xa = self._init(x, generator)
         loss, logits, grad = self._grad(model, xa, y, t)
         n, d = len(loss), x[0].numel()
-        s = State(gidx=gidx, x=x, y=y, t=t, xa=xa, prev=xa, loss=loss, grad=grad, x_best=xa,
-                  g_best=grad, l_best=loss, l_check=loss,
-                  step=loss.new_full((n,), th.eps * (1.0 if l1 else 2.0)),
-                  inc=torch.zeros_like(loss), reduced=torch.ones_like(loss, dtype=torch.bool),
-                  topk=loss.new_full((n,), 0.2), sp_old=loss.new_full((n,), float(d)))
+        s = State(
+            gidx=gidx,
+            x=x,
+            y=y,
+            t=t,
+            xa=xa,
+            prev=xa,
+            loss=loss,
+            grad=grad,
+            x_best=xa,
+            g_best=grad,
+            l_best=loss,
+            l_check=loss,
+            step=loss.new_full((n,), th.eps * (1.0 if l1 else 2.0)),
+            inc=torch.zeros_like(loss),
+            reduced=torch.ones_like(loss, dtype=torch.bool),
+            topk=loss.new_full((n,), 0.2),
+            sp_old=loss.new_full((n,), float(d)),
+        )
         if l1:
             every = max(int(0.04 * self.steps), 1)
             marks = dict.fromkeys(range(every, self.steps + 1, every), every)
@@ -278,11 +318,26 @@ class APGD(Attack):
 class APGDDLR(APGD):
     """:class:`APGD` on the DLR loss (needs >= 3 classes); the same arguments, ``loss="dlr"``."""
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, loss: str | CustomLoss = "dlr", early_stop: bool = False,
-                 seed: int = 0) -> None:
-        super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss=loss,
-                         early_stop=early_stop, seed=seed)
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        loss: str | CustomLoss = "dlr",
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            threat,
+            steps=steps,
+            restarts=restarts,
+            rho=rho,
+            loss=loss,
+            early_stop=early_stop,
+            seed=seed,
+        )
 
 
 @register("apgd-t")
@@ -297,16 +352,33 @@ class APGDT(APGD):
         steps, restarts, rho, early_stop, seed: as :class:`APGD` (restarts per target).
     """
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 rho: float = 0.75, n_target_classes: int = 9, early_stop: bool = False,
-                 seed: int = 0) -> None:
-        super().__init__(threat, steps=steps, restarts=restarts, rho=rho, loss="dlr",
-                         early_stop=early_stop, seed=seed)
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        n_target_classes: int = 9,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            threat,
+            steps=steps,
+            restarts=restarts,
+            rho=rho,
+            loss="dlr",
+            early_stop=early_stop,
+            seed=seed,
+        )
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"loss": "dlr-targeted",
-                                   "n_target_classes": self.n_target_classes}
+        return super().config() | {
+            "loss": "dlr-targeted",
+            "n_target_classes": self.n_target_classes,
+        }
 
     def _objective(self, logits: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return dlr_targeted(logits, y, t)
@@ -314,7 +386,9 @@ class APGDT(APGD):
     def _targets(self, clean: Tensor) -> list[Tensor]:
         k = clean.shape[1]
         if k < 4:
-            raise ValueError(f"apgd-t needs at least 4 classes (targeted DLR loss), the model has "
-                             f"{k}; use apgd-ce")
+            raise ValueError(
+                f"apgd-t needs at least 4 classes (targeted DLR loss), the model has "
+                f"{k}; use apgd-ce"
+            )
         order = clean.argsort(dim=1, descending=True)
         return [order[:, j] for j in range(1, min(self.n_target_classes, k - 1) + 1)]

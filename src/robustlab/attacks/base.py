@@ -96,14 +96,20 @@ class Attack:
     minimum_norm: ClassVar[bool] = False
 
     def __init__(
-        self, threat: ThreatModel, *, loss: str | CustomLoss = "ce", targeted: bool = False,
+        self,
+        threat: ThreatModel,
+        *,
+        loss: str | CustomLoss = "ce",
+        targeted: bool = False,
         seed: int = 0,
     ) -> None:
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
         if threat.norm not in self.norms:
-            raise ValueError(f"attack {self.name!r} supports the norms {', '.join(self.norms)}, "
-                             f"not {threat.norm!r}; pick another attack for {threat.norm}")
+            raise ValueError(
+                f"attack {self.name!r} supports the norms {', '.join(self.norms)}, "
+                f"not {threat.norm!r}; pick another attack for {threat.norm}"
+            )
         self.threat = threat
         self.eot_samples = 1
         self.bpda = False
@@ -154,8 +160,9 @@ class Attack:
                 raise ValueError(f"{self.name} is targeted: pass target=<(N,) class tensor>")
             check_inputs(x, target)
         elif target is not None:
-            raise ValueError(f"{self.name} is untargeted: create it with targeted=True to pass "
-                             "target")
+            raise ValueError(
+                f"{self.name} is untargeted: create it with targeted=True to pass target"
+            )
         labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
         if generator_or_none(generator) is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -172,12 +179,19 @@ class Attack:
                 logits = check_logits(model(x_adv), len(x_adv))
                 loss = self.loss(logits, labels, self.targeted)
             success = is_success(logits, labels, self.targeted, rejects(model))
-        return AttackResult(x_adv=x_adv, success=success, loss=loss, logits=logits,
-                            min_norm=out.min_norm, queries=out.queries)
+        return AttackResult(
+            x_adv=x_adv,
+            success=success,
+            loss=loss,
+            logits=logits,
+            min_norm=out.min_norm,
+            queries=out.queries,
+        )
 
     @final
-    def craft(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
-              **how: Any) -> Tensor:
+    def craft(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, **how: Any
+    ) -> Tensor:
         """Only the adversarial inputs, for training loops that checked their batch already:
         no input checks, no prediction on the result; still run in eval mode and verified
         inside the ball and the bounds. ``how``: keyword arguments of this attack's

@@ -32,10 +32,12 @@ __all__ = ["BPDA", "bpda", "nondifferentiable_stages", "straight_through"]
 def straight_through(exact: Tensor, approx: Tensor) -> Tensor:
     """The value of ``exact`` with the gradient of ``approx`` (same shape)."""
     if exact.shape != approx.shape:
-        raise ValueError(f"BPDA: the stage's output {tuple(exact.shape)} and its approximation's "
-                         f"{tuple(approx.shape)} differ in shape; pass an approximation that "
-                         "returns the stage's shape (the identity only fits shape-preserving "
-                         "stages)")
+        raise ValueError(
+            f"BPDA: the stage's output {tuple(exact.shape)} and its approximation's "
+            f"{tuple(approx.shape)} differ in shape; pass an approximation that "
+            "returns the stage's shape (the identity only fits shape-preserving "
+            "stages)"
+        )
     return approx + (exact.detach().to(approx.dtype) - approx).detach()
 
 
@@ -51,14 +53,18 @@ class BPDA(nn.Module):
 
     robustlab_differentiable = True  # its backward is the approximation's: always usable
 
-    def __init__(self, stage: Callable[[Tensor], Tensor],
-                 approximation: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        stage: Callable[[Tensor], Tensor],
+        approximation: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         if not callable(stage):
             raise TypeError(f"stage must be callable, got {type(stage).__name__}")
         if approximation is not None and not callable(approximation):
-            raise TypeError(f"approximation must be callable or None, got "
-                            f"{type(approximation).__name__}")
+            raise TypeError(
+                f"approximation must be callable or None, got {type(approximation).__name__}"
+            )
         self.stage = stage
         self.approximation = approximation
 

@@ -86,11 +86,22 @@ class CarliniWagnerL0(Attack):
     norms = ("l0",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 1000, initial_const: float = 1e-3,
-                 largest_const: float = 2e6, const_factor: float = 2.0, lr: float = 1e-2,
-                 kappa: float = 0.01, abort_early: bool = True,
-                 independent_channels: bool = False, targeted: bool = False,
-                 early_stop: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 1000,
+        initial_const: float = 1e-3,
+        largest_const: float = 2e6,
+        const_factor: float = 2.0,
+        lr: float = 1e-2,
+        kappa: float = 0.01,
+        abort_early: bool = True,
+        independent_channels: bool = False,
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.initial_const = number(initial_const, "initial_const", low=0, low_open=True)
@@ -103,10 +114,16 @@ class CarliniWagnerL0(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "initial_const": self.initial_const,
-            "largest_const": self.largest_const, "const_factor": self.const_factor,
-            "lr": self.lr, "kappa": self.kappa, "abort_early": self.abort_early,
-            "independent_channels": self.independent_channels, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "initial_const": self.initial_const,
+            "largest_const": self.largest_const,
+            "const_factor": self.const_factor,
+            "lr": self.lr,
+            "kappa": self.kappa,
+            "abort_early": self.abort_early,
+            "independent_channels": self.independent_channels,
+            "early_stop": self.early_stop,
+        }
 
     def _units(self, t: Tensor) -> Tensor:
         """(N, C, U): the channels of each unit (pixels, or features with one channel)."""
@@ -122,10 +139,19 @@ class CarliniWagnerL0(Attack):
             logits = model(xa)
             hinge = (self.kappa - self.loss(logits, y, self.targeted)).clamp_min(0)
             return (xa - x).flatten(1).pow(2).sum(1) + c * hinge, logits
+
         return f
 
-    def _solve(self, model: nn.Module, x: Tensor, y: Tensor, w: Tensor, mask: Tensor,
-               search: ConstantSearch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _solve(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        w: Tensor,
+        mask: Tensor,
+        search: ConstantSearch,
+        rows: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The restricted C&W-l2 sub-run of samples ``rows``: ``(found (n,), point, grad)``,
         the first point with ``margin >= kappa`` and the objective's gradient in ``w`` there
         (undefined where not found). ``mask`` (bool, like ``x``): the allowed features."""
@@ -140,8 +166,9 @@ class CarliniWagnerL0(Attack):
         while live.numel():
             c, xl, yl, ml = search.const[rows[live]], x[live], y[live], mask[live]
             loss, logits, grad = self.input_grad(self._objective(model, xl, yl, ml, c), w)
-            ok = (self.loss(logits, yl, self.targeted) >= self.kappa) & \
-                is_success(logits, yl, self.targeted)
+            ok = (self.loss(logits, yl, self.targeted) >= self.kappa) & is_success(
+                logits, yl, self.targeted
+            )
             j = live[ok]
             found[j], grad_at[j] = True, grad[ok]
             point[j] = torch.where(ml[ok], mid + half * torch.tanh(w[ok]), xl[ok])
@@ -182,22 +209,25 @@ class CarliniWagnerL0(Attack):
         still = ((pu - xu).abs() < UNCHANGED * (hi - lo)).all(1, keepdim=True)
         return torch.where(still, xu, pu).reshape(x.shape)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         mid, half = tanh_space(self.threat)
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
         channels, units = self._units(x).shape[1:]
         allowed = torch.ones(len(x), units, dtype=torch.bool, device=x.device)
         start = x.clone()
-        search = ConstantSearch(x, self.initial_const, 0, last_at_upper=False,
-                                factor=self.const_factor, bisect=False)
+        search = ConstantSearch(
+            x, self.initial_const, 0, last_at_upper=False, factor=self.const_factor, bisect=False
+        )
         idx = best.unsolved(within_eps=False).nonzero().squeeze(1)
         while idx.numel():
             xi = x[idx]
             mask = allowed[idx][:, None].expand(-1, channels, -1).reshape(xi.shape)
-            found, point, grad = self._solve(model, xi, y[idx], to_tanh(start[idx], mid, half),
-                                             mask, search, idx)
+            found, point, grad = self._solve(
+                model, xi, y[idx], to_tanh(start[idx], mid, half), mask, search, idx
+            )
             snapped = self._snap(point, xi)
             with torch.no_grad():
                 adv = is_success(model(snapped), y[idx], self.targeted)

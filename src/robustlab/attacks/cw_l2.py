@@ -37,8 +37,9 @@ def to_tanh(x: Tensor, mid: float, half: float) -> Tensor:
     return torch.atanh((x - mid) / half * 0.999999)
 
 
-def adam_step(w: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int,
-              lr: float) -> tuple[Tensor, Tensor, Tensor]:
+def adam_step(
+    w: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """One Adam step of size ``lr`` on ``w`` (TF's form of the bias correction, per
     coordinate, as C&W's reference), ``t`` >= 1 the step count; returns ``(w, m, v)``."""
     m = _BETAS[0] * m + (1 - _BETAS[0]) * grad
@@ -90,10 +91,20 @@ class CarliniWagnerL2(Attack):
     norms = ("l2",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 1000, search_steps: int = 9,
-                 initial_const: float = 1e-3, lr: float = 1e-2, kappa: float = 0.0,
-                 abort_early: bool = True, targeted: bool = False, early_stop: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 1000,
+        search_steps: int = 9,
+        initial_const: float = 1e-3,
+        lr: float = 1e-2,
+        kappa: float = 0.0,
+        abort_early: bool = True,
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.search_steps = positive_int(search_steps, "search_steps")
@@ -104,27 +115,36 @@ class CarliniWagnerL2(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "search_steps": self.search_steps,
-            "initial_const": self.initial_const, "lr": self.lr, "kappa": self.kappa,
-            "abort_early": self.abort_early, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "search_steps": self.search_steps,
+            "initial_const": self.initial_const,
+            "lr": self.lr,
+            "kappa": self.kappa,
+            "abort_early": self.abort_early,
+            "early_stop": self.early_stop,
+        }
 
     def _found(self, logits: Tensor, y: Tensor) -> Tensor:
         """Success with confidence: the logit of ``y`` moved by kappa against the attack."""
         shift = self.kappa * F.one_hot(y, logits.shape[1]).to(logits.dtype)
         return is_success(logits - shift if self.targeted else logits + shift, y, self.targeted)
 
-    def _objective(self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, mid: float,
-                   half: float):
+    def _objective(
+        self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, mid: float, half: float
+    ):
         """w -> (per-sample C&W loss, logits) of the point ``mid + half * tanh(w)``."""
+
         def f(w: Tensor) -> tuple[Tensor, Tensor]:
             xa = mid + half * torch.tanh(w)
             logits = model(xa)
             hinge = (-self.loss(logits, y, self.targeted) + self.kappa).clamp_min(0)
             return (xa - x).flatten(1).pow(2).sum(1) + c * hinge, logits
+
         return f
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         lo, hi = self.threat.bounds
         mid, half = tanh_space(self.threat)
         w0 = to_tanh(x, mid, half)

@@ -76,12 +76,22 @@ class CWLinf(PGD):
         keep_best: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, step_size=step_size, random_start=random_start,
-                         restarts=restarts, loss="cw-margin", targeted=targeted,
-                         early_stop=early_stop, keep_best=keep_best, seed=seed)
+        super().__init__(
+            threat,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            restarts=restarts,
+            loss="cw-margin",
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            seed=seed,
+        )
         self.kappa = number(kappa, "kappa", low=0)
         self.loss = partial(cw_kappa, kappa=self.kappa)
 
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in super().config().items() if k != "optimizer"} | {
-            "kappa": self.kappa}
+            "kappa": self.kappa
+        }

@@ -61,9 +61,19 @@ class DDN(Attack):
     norms = ("l2",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, gamma: float = 0.05,
-                 init_norm: float = 1.0, quantize: bool = True, levels: int = 256,
-                 targeted: bool = False, early_stop: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        gamma: float = 0.05,
+        init_norm: float = 1.0,
+        quantize: bool = True,
+        levels: int = 256,
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="ce", targeted=targeted, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.levels = positive_int(levels, "levels", minimum=2)
@@ -73,8 +83,13 @@ class DDN(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "gamma": self.gamma, "init_norm": self.init_norm,
-            "quantize": self.quantize, "levels": self.levels, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "gamma": self.gamma,
+            "init_norm": self.init_norm,
+            "quantize": self.quantize,
+            "levels": self.levels,
+            "early_stop": self.early_stop,
+        }
 
     def _round(self, xa: Tensor) -> Tensor:
         lo, hi = self.threat.bounds
@@ -83,8 +98,9 @@ class DDN(Attack):
             xa = lo + ((xa - lo) / (hi - lo) * q).round() / q * (hi - lo)
         return xa.clamp(lo, hi)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         lo, hi = self.threat.bounds
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
@@ -115,8 +131,9 @@ class DDN(Attack):
             g = grad.flatten(1)
             g_norm = g.norm(dim=1, keepdim=True)
             if (g_norm == 0).any():  # no direction: a random one
-                r = torch.randn(g.shape, generator=generator, device=generator.device,
-                                dtype=g.dtype).to(g.device)
+                r = torch.randn(
+                    g.shape, generator=generator, device=generator.device, dtype=g.dtype
+                ).to(g.device)
                 g = torch.where(g_norm == 0, r, g)
                 g_norm = g.norm(dim=1, keepdim=True)
             step = 0.01 + 0.99 * (1 + math.cos(math.pi * k / self.steps)) / 2

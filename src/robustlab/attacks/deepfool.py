@@ -67,19 +67,30 @@ class DeepFool(Attack):
     norms = ("l2", "linf")
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 50, overshoot: float = 0.02,
-                 candidates: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 50,
+        overshoot: float = 0.02,
+        candidates: int = 10,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="ce", targeted=False, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.overshoot = number(overshoot, "overshoot", low=0)
         self.candidates = integer(candidates, "candidates", minimum=2)
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"steps": self.steps, "overshoot": self.overshoot,
-                                   "candidates": self.candidates}
+        return super().config() | {
+            "steps": self.steps,
+            "overshoot": self.overshoot,
+            "candidates": self.candidates,
+        }
 
-    def _linearise(self, model: nn.Module, xa: Tensor, y: Tensor,
-                   others: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _linearise(
+        self, model: nn.Module, xa: Tensor, y: Tensor, others: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (n, K), ``g = f_others - f_y`` (n, m) and its input gradient (n, m, D),
         averaged over ``eot_samples`` draws."""
         total = None
@@ -89,8 +100,10 @@ class DeepFool(Attack):
                 logits = model(z)
                 diff = logits.gather(1, others) - logits.gather(1, y[:, None])
                 m = diff.shape[1]
-                grads = [torch.autograd.grad(diff[:, j].sum(), z, retain_graph=j < m - 1)[0]
-                         for j in range(m)]
+                grads = [
+                    torch.autograd.grad(diff[:, j].sum(), z, retain_graph=j < m - 1)[0]
+                    for j in range(m)
+                ]
             out = [logits.detach(), diff.detach(), torch.stack(grads, 1).flatten(2)]
             total = out if total is None else [t + o for t, o in zip(total, out, strict=True)]
         logits, diff, grad = (t / self.eot_samples for t in total)
@@ -109,8 +122,9 @@ class DeepFool(Attack):
             u = w.sign()
         return d[:, None] * u
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         lo, hi = self.threat.bounds
         with torch.no_grad():
             logits = model(x)

@@ -90,11 +90,23 @@ class EAD(Attack):
     norms = ("l1",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 1000, search_steps: int = 9,
-                 initial_const: float = 1e-3, lr: float = 1e-2, beta: float = 1e-2,
-                 kappa: float = 0.0, decision_rule: str = "en", fista: bool = True,
-                 abort_early: bool = True, targeted: bool = False, early_stop: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 1000,
+        search_steps: int = 9,
+        initial_const: float = 1e-3,
+        lr: float = 1e-2,
+        beta: float = 1e-2,
+        kappa: float = 0.0,
+        decision_rule: str = "en",
+        fista: bool = True,
+        abort_early: bool = True,
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="cw-margin", targeted=targeted, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.search_steps = positive_int(search_steps, "search_steps")
@@ -108,10 +120,17 @@ class EAD(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "search_steps": self.search_steps,
-            "initial_const": self.initial_const, "lr": self.lr, "beta": self.beta,
-            "kappa": self.kappa, "decision_rule": self.decision_rule, "fista": self.fista,
-            "abort_early": self.abort_early, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "search_steps": self.search_steps,
+            "initial_const": self.initial_const,
+            "lr": self.lr,
+            "beta": self.beta,
+            "kappa": self.kappa,
+            "decision_rule": self.decision_rule,
+            "fista": self.fista,
+            "abort_early": self.abort_early,
+            "early_stop": self.early_stop,
+        }
 
     def _found(self, logits: Tensor, y: Tensor) -> Tensor:
         """Success with confidence: the logit of ``y`` moved by kappa against the attack."""
@@ -121,8 +140,9 @@ class EAD(Attack):
     def _hinge(self, logits: Tensor, y: Tensor) -> Tensor:
         return (self.kappa - self.loss(logits, y, self.targeted)).clamp_min(0)
 
-    def _run(self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor,
-             chosen: list[Tensor]) -> Tensor:
+    def _run(
+        self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, chosen: list[Tensor]
+    ) -> Tensor:
         """One search step from ``x`` at constants ``c`` (n,). ``chosen`` = [points (n, ...),
         their criterion (n,)], updated in place with better successful iterates. Returns bool
         (n,): a successful iterate was found."""
@@ -163,8 +183,9 @@ class EAD(Attack):
                 live, xk, yk, prev = live[keep], xk[keep], yk[keep], prev[keep]
         return found
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
         n = len(x)

@@ -18,8 +18,9 @@ from torch import Tensor
 __all__ = ["expected_grad", "input_grad"]
 
 
-def input_grad(loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]],
-               x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def input_grad(
+    loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample loss, logits and d(sum loss)/dx via ``torch.autograd.grad`` (no parameter
     gradients are computed or accumulated, whatever ``requires_grad`` the parameters have)."""
     x = x.detach().requires_grad_(True)
@@ -29,8 +30,9 @@ def input_grad(loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]],
     return loss.detach(), logits.detach(), grad
 
 
-def expected_grad(loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor,
-                  samples: int) -> tuple[Tensor, Tensor, Tensor]:
+def expected_grad(
+    loss_fn: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor, samples: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`input_grad` averaged over ``samples`` passes: the means of the loss, the logits
     and the gradient over the draws of the model's randomness."""
     loss, logits, grad = input_grad(loss_fn, x)

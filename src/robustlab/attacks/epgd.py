@@ -36,16 +36,22 @@ from robustlab.noise import SmoothedModel, check_noise, sample
 from robustlab.threat import ThreatModel
 
 
-def smoothing_target(model: nn.Module, sigma: float | None,
-                     noise: str | None) -> tuple[nn.Module, float, str]:
+def smoothing_target(
+    model: nn.Module, sigma: float | None, noise: str | None
+) -> tuple[nn.Module, float, str]:
     """``(base model, sigma, noise)`` an attack on ``model`` differentiates: a smoothing
     module's own unless overridden; a plain model's with the given ones."""
     if isinstance(model, SmoothedModel):
-        return (model.base, model.sigma if sigma is None else sigma,
-                model.noise if noise is None else noise)
+        return (
+            model.base,
+            model.sigma if sigma is None else sigma,
+            model.noise if noise is None else noise,
+        )
     if sigma is None:
-        raise ValueError("this model is not a robustlab.defenses.Smoothing module: pass "
-                         "sigma=<noise scale> to the attack")
+        raise ValueError(
+            "this model is not a robustlab.defenses.Smoothing module: pass "
+            "sigma=<noise scale> to the attack"
+        )
     return model, sigma, noise or "gaussian"
 
 
@@ -71,14 +77,34 @@ class EPGD(PGD):
     """
 
     def __init__(
-        self, threat: ThreatModel, *, sigma: float | None = None, noise: str | None = None,
-        samples: int = 8, steps: int = 7, step_size: float | None = None,
-        random_start: bool = True, restarts: int = 1, loss: str = "ce",
-        targeted: bool = False, early_stop: bool = False, keep_best: bool = True, seed: int = 0,
+        self,
+        threat: ThreatModel,
+        *,
+        sigma: float | None = None,
+        noise: str | None = None,
+        samples: int = 8,
+        steps: int = 7,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        targeted: bool = False,
+        early_stop: bool = False,
+        keep_best: bool = True,
+        seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, random_start=random_start, restarts=restarts,
-                         loss=loss, targeted=targeted, early_stop=early_stop,
-                         keep_best=keep_best, seed=seed, step_size=step_size)
+        super().__init__(
+            threat,
+            steps=steps,
+            random_start=random_start,
+            restarts=restarts,
+            loss=loss,
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            seed=seed,
+            step_size=step_size,
+        )
         if step_size is None:
             self.step_size = threat.eps / 4
         if sigma is not None or noise is not None:
@@ -87,19 +113,30 @@ class EPGD(PGD):
         self.noise, self.samples = noise, positive_int(samples, "samples")
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"sigma": self.sigma, "noise": self.noise,
-                                   "samples": self.samples}
+        return super().config() | {
+            "sigma": self.sigma,
+            "noise": self.noise,
+            "samples": self.samples,
+        }
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
-                loss: LossAt | None = None, start: Start | None = None) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        *,
+        loss: LossAt | None = None,
+        start: Start | None = None,
+    ) -> Tensor:
         """PGD's loop on :meth:`noisy_loss_at` (or the given ``loss``) for this call."""
         if loss is None:
-            loss = self.noisy_loss_at(*smoothing_target(model, self.sigma, self.noise),
-                                      generator)
+            loss = self.noisy_loss_at(*smoothing_target(model, self.sigma, self.noise), generator)
         return super().perturb(model, x, y, generator, loss=loss, start=start)
 
-    def noisy_loss_at(self, base: nn.Module, sigma: float, noise: str,
-                      generator: torch.Generator) -> LossAt:
+    def noisy_loss_at(
+        self, base: nn.Module, sigma: float, noise: str, generator: torch.Generator
+    ) -> LossAt:
         """The :data:`~robustlab.attacks.pgd.LossAt` of EPGD: the attack's loss and the logits
         averaged over ``samples`` forward passes of ``base`` at ``x' + delta_i``, a fresh
         ``delta_i`` (from ``generator``) for every pass."""
@@ -112,4 +149,5 @@ class EPGD(PGD):
                 out = base(xa + sample(xa, noise, sigma, generator))
                 loss, logits = loss + self.loss(out, y, self.targeted), logits + out
             return loss / m, logits / m
+
         return f

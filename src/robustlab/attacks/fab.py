@@ -98,9 +98,18 @@ class FAB(Attack):
     minimum_norm = True
     stochastic = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, restarts: int = 1,
-                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 early_stop: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="ce", targeted=False, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.restarts = positive_int(restarts, "restarts")
@@ -111,8 +120,13 @@ class FAB(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "restarts": self.restarts, "alpha_max": self.alpha_max,
-            "eta": self.eta, "beta": self.beta, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "alpha_max": self.alpha_max,
+            "eta": self.eta,
+            "beta": self.beta,
+            "early_stop": self.early_stop,
+        }
 
     def _targets(self, logits: Tensor) -> list[Tensor | None]:
         return [None]  # untargeted: every other class at every step
@@ -121,10 +135,12 @@ class FAB(Attack):
         """Logits (n, K), and for the classes j != y: f_j - f_y (n, m) and its input gradient
         (n, m, D), averaged over ``eot_samples`` draws."""
         if target is not None:  # one hyperplane, one backward pass
+
             def f(z: Tensor) -> tuple[Tensor, Tensor]:
                 logits = model(z)
                 diff = logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])
                 return diff[:, 0], logits
+
             diff, logits, grad = self.input_grad(f, xa)
             return logits, diff[:, None], grad.flatten(1)[:, None]
         total = None
@@ -136,16 +152,21 @@ class FAB(Attack):
                 others = torch.arange(k - 1, device=y.device)[None].expand(len(y), -1)
                 others = others + (others >= y[:, None]).long()  # the K - 1 classes j != y
                 diff = logits.gather(1, others) - logits.gather(1, y[:, None])
-                grads = [torch.autograd.grad(diff[:, j].sum(), z, retain_graph=j < k - 2)[0]
-                         for j in range(k - 1)]
+                grads = [
+                    torch.autograd.grad(diff[:, j].sum(), z, retain_graph=j < k - 2)[0]
+                    for j in range(k - 1)
+                ]
             out = [logits.detach(), diff.detach(), torch.stack(grads, 1).flatten(2)]
             total = out if total is None else [t + o for t, o in zip(total, out, strict=True)]
         return tuple(t / self.eot_samples for t in total)
 
     def _step(self, x1: Tensor, x: Tensor, diff: Tensor, grad: Tensor) -> Tensor:
         norm, (lo, hi) = self.threat.norm, self.threat.bounds
-        dual = {"linf": lambda g: g.abs().sum(2), "l2": lambda g: g.norm(dim=2),
-                "l1": lambda g: g.abs().amax(2)}[norm](grad)
+        dual = {
+            "linf": lambda g: g.abs().sum(2),
+            "l2": lambda g: g.norm(dim=2),
+            "l1": lambda g: g.abs().amax(2),
+        }[norm](grad)
         n = len(x1)
         j = (diff.abs() / (dual + 1e-12)).argmin(1)  # closest hyperplane, box ignored
         f, w = diff[torch.arange(n), j], grad[torch.arange(n), j]
@@ -172,8 +193,16 @@ class FAB(Attack):
         t = t / _lp(t, self.threat.norm).clamp_min(1e-12)[:, None] * radius[:, None]
         return (x + t.reshape(x.shape)).clamp(*self.threat.bounds)
 
-    def _run(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, idx: Tensor,
-             x1: Tensor, best: Smallest) -> None:
+    def _run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        target: Tensor | None,
+        idx: Tensor,
+        x1: Tensor,
+        best: Smallest,
+    ) -> None:
         x, y = x[idx], y[idx]
         target = None if target is None else target[idx]
         lin = self._linearise(model, x1, y, target)
@@ -184,8 +213,9 @@ class FAB(Attack):
                 if step == self.steps:
                     break
                 x1[adv] = x[adv] + self.beta * (x1[adv] - x[adv])  # the backward step
-                again = self._linearise(model, x1[adv], y[adv], None if target is None
-                                        else target[adv])
+                again = self._linearise(
+                    model, x1[adv], y[adv], None if target is None else target[adv]
+                )
                 best.update(idx[adv], x1[adv], again[0].argmax(1) != y[adv])
                 for t, a in zip(lin, again, strict=True):
                     t[adv] = a
@@ -201,8 +231,9 @@ class FAB(Attack):
             x1 = self._step(x1, x, lin[1], lin[2])
             lin = self._linearise(model, x1, y, target)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         with torch.no_grad():
             logits = model(x)
         best = Smallest(self.threat, x, logits.argmax(1) != y)
@@ -236,11 +267,29 @@ class FABTargeted(FAB):
         >>> res = FABTargeted(ThreatModel("linf", 8 / 255), early_stop=True)(model, x, y)
     """
 
-    def __init__(self, threat: ThreatModel, *, n_target_classes: int = 9, steps: int = 100,
-                 restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, early_stop: bool = False, seed: int = 0) -> None:
-        super().__init__(threat, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
-                         beta=beta, early_stop=early_stop, seed=seed)
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        n_target_classes: int = 9,
+        steps: int = 100,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            threat,
+            steps=steps,
+            restarts=restarts,
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+            early_stop=early_stop,
+            seed=seed,
+        )
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
 
     def config(self) -> dict[str, Any]:
@@ -248,4 +297,4 @@ class FABTargeted(FAB):
 
     def _targets(self, logits: Tensor) -> list[Tensor | None]:
         n = min(self.n_target_classes, logits.shape[1] - 1)
-        return list(logits.argsort(dim=1, descending=True)[:, 1:n + 1].T)
+        return list(logits.argsort(dim=1, descending=True)[:, 1 : n + 1].T)

@@ -45,8 +45,16 @@ class FGSM(PGD):
             raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
         if step_size is None:
             step_size = max(threat.eps, 1e-12)
-        super().__init__(threat, steps=1, step_size=step_size, random_start=random_start,
-                         restarts=1, loss=loss, targeted=targeted, seed=seed)
+        super().__init__(
+            threat,
+            steps=1,
+            step_size=step_size,
+            random_start=random_start,
+            restarts=1,
+            loss=loss,
+            targeted=targeted,
+            seed=seed,
+        )
 
     def config(self) -> dict[str, Any]:
         return {k: v for k, v in super().config().items() if k not in ("steps", "restarts")}

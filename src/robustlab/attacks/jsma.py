@@ -27,8 +27,9 @@ MAX_FEATURES = 4096
 _BLOCK = 1 << 20  # pair scores held at once (samples are scored in blocks of this size)
 
 
-def best_pair(g_target: Tensor, g_other: Tensor, domain: Tensor,
-              increase: bool) -> tuple[Tensor, Tensor, Tensor]:
+def best_pair(
+    g_target: Tensor, g_other: Tensor, domain: Tensor, increase: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """The saliency map's pair choice: over pairs ``p != q`` of the search domain, with
     ``alpha = g_target[p] + g_target[q]`` and ``beta = g_other[p] + g_other[q]``, the argmax of
     ``-alpha * beta`` among the pairs with ``alpha > 0, beta < 0`` (``increase``) or
@@ -49,14 +50,14 @@ def best_pair(g_target: Tensor, g_other: Tensor, domain: Tensor,
     found = torch.empty(n, dtype=torch.bool, device=gt.device)
     block = max(1, _BLOCK // (d * d))
     for s in range(0, n, block):
-        a, b = gt[s:s + block], go[s:s + block]
+        a, b = gt[s : s + block], go[s : s + block]
         alpha = a[:, :, None] + a[:, None, :]
         beta = b[:, :, None] + b[:, None, :]
         prod = alpha * beta  # -score; < 0 where the pair qualifies
         prod.masked_fill_((alpha <= 0) | (beta >= 0), float("inf"))
         prod.diagonal(dim1=1, dim2=2).fill_(float("inf"))
         low, at = prod.flatten(1).min(1)
-        flat[s:s + block], found[s:s + block] = at, low < float("inf")
+        flat[s : s + block], found[s : s + block] = at, low < float("inf")
     p, q = flat // d, flat % d
     return torch.minimum(p, q), torch.maximum(p, q), found
 
@@ -119,24 +120,40 @@ class JSMA(Attack):
     norms = ("l0",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, theta: float = 1.0, gamma: float = 0.145,
-                 logits: bool = False, untargeted_target: str = "random",
-                 targeted: bool = False, early_stop: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        theta: float = 1.0,
+        gamma: float = 0.145,
+        logits: bool = False,
+        untargeted_target: str = "random",
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="ce", targeted=targeted, seed=seed)
         self.theta = number(theta, "theta", low=-1, high=1)
         if self.theta == 0:
-            raise ValueError("theta must be nonzero (the signed change of a chosen feature, "
-                             "as a fraction of the box width), got 0")
+            raise ValueError(
+                "theta must be nonzero (the signed change of a chosen feature, "
+                "as a fraction of the box width), got 0"
+            )
         self.gamma = number(gamma, "gamma", low=0, high=1, low_open=True)
         self.logits = bool(logits)
-        self.untargeted_target = one_of(untargeted_target, "untargeted_target",
-                                        ("random", "runner-up"))
+        self.untargeted_target = one_of(
+            untargeted_target, "untargeted_target", ("random", "runner-up")
+        )
         self.early_stop = bool(early_stop)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "theta": self.theta, "gamma": self.gamma, "logits": self.logits,
-            "untargeted_target": self.untargeted_target, "early_stop": self.early_stop}
+            "theta": self.theta,
+            "gamma": self.gamma,
+            "logits": self.logits,
+            "untargeted_target": self.untargeted_target,
+            "early_stop": self.early_stop,
+        }
 
     def _steer(self, logits: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """The classes (N,) an untargeted run steers towards (never ``y``)."""
@@ -161,13 +178,16 @@ class JSMA(Attack):
         _, logits, grad = self.input_grad(outputs, torch.cat([xa, xa]))
         return logits, grad[:n].flatten(1), grad[n:].flatten(1)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         d = x[0].numel()
         if d > MAX_FEATURES:
-            raise ValueError(f"jsma scores all d x d feature pairs per sample: d = {d} features "
-                             f"exceeds {MAX_FEATURES} (CIFAR-10's 3072 fits); use 'pgd-l0' or "
-                             "'sparse-rs' for larger inputs")
+            raise ValueError(
+                f"jsma scores all d x d feature pairs per sample: d = {d} features "
+                f"exceeds {MAX_FEATURES} (CIFAR-10's 3072 fits); use 'pgd-l0' or "
+                "'sparse-rs' for larger inputs"
+            )
         lo, hi = self.threat.bounds
         increase = self.theta > 0
         with torch.no_grad():

@@ -79,9 +79,17 @@ class LBFGS(Attack):
     norms = ("l2",)
     minimum_norm = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 100, search_steps: int = 9,
-                 initial_const: float = 1e-2, targeted: bool = False, early_stop: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 100,
+        search_steps: int = 9,
+        initial_const: float = 1e-2,
+        targeted: bool = False,
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__(threat, loss="ce", targeted=targeted, seed=seed)
         self.steps = positive_int(steps, "steps")
         self.search_steps = positive_int(search_steps, "search_steps")
@@ -90,11 +98,15 @@ class LBFGS(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "steps": self.steps, "search_steps": self.search_steps,
-            "initial_const": self.initial_const, "early_stop": self.early_stop}
+            "steps": self.steps,
+            "search_steps": self.search_steps,
+            "initial_const": self.initial_const,
+            "early_stop": self.early_stop,
+        }
 
-    def _minimise(self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, idx: Tensor,
-                  best: Smallest) -> Tensor:
+    def _minimise(
+        self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, idx: Tensor, best: Smallest
+    ) -> Tensor:
         """One L-BFGS-B run from ``x`` (n, ...) at constants ``c`` (n,); returns its
         minimiser. Every evaluated point is offered to ``best`` (rows ``idx``)."""
         from scipy.optimize import Bounds, minimize  # ~0.8 s to import; only this attack needs it
@@ -107,8 +119,11 @@ class LBFGS(Attack):
 
             def f(z: Tensor) -> tuple[Tensor, Tensor]:
                 logits = model(z)
-                loss = (F.cross_entropy(logits, y, reduction="none") if self.targeted
-                        else not_label_ce(logits, y))
+                loss = (
+                    F.cross_entropy(logits, y, reduction="none")
+                    if self.targeted
+                    else not_label_ce(logits, y)
+                )
                 return (z - x).flatten(1).pow(2).sum(1) + c * loss, logits
 
             value, logits, grad = self.input_grad(f, xa)
@@ -117,13 +132,15 @@ class LBFGS(Attack):
 
         v0 = x.flatten().double().cpu().numpy()
         box = Bounds(np.full(v0.size, lo), np.full(v0.size, hi))
-        out = minimize(objective, v0, jac=True, method="L-BFGS-B", bounds=box,
-                       options={"maxiter": self.steps})
+        out = minimize(
+            objective, v0, jac=True, method="L-BFGS-B", bounds=box, options={"maxiter": self.steps}
+        )
         xa = torch.from_numpy(out.x).to(device=x.device, dtype=x.dtype).reshape(x.shape)
         return xa.clamp(lo, hi)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,
-                generator: torch.Generator) -> Perturbation:
+    def perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> Perturbation:
         with torch.no_grad():
             best = Smallest(self.threat, x, is_success(model(x), y, self.targeted))
         search_c = ConstantSearch(x, self.initial_const, self.search_steps, last_at_upper=False)

@@ -46,8 +46,10 @@ def cw_margin(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
 
 def _check_classes(logits: Tensor, k: int, what: str) -> None:
     if logits.shape[1] < k:
-        raise ValueError(f"the {what} loss needs at least {k} classes, the model has "
-                         f"{logits.shape[1]}; use the 'ce' or 'cw-margin' loss")
+        raise ValueError(
+            f"the {what} loss needs at least {k} classes, the model has "
+            f"{logits.shape[1]}; use the 'ce' or 'cw-margin' loss"
+        )
 
 
 @LOSSES.register("dlr")
@@ -86,10 +88,12 @@ def detector_margin(logits: Tensor, y: Tensor, targeted: bool = False) -> Tensor
     _check_classes(logits, 3, "detector-margin")
     k = logits.shape[1] - 1
     if len(y) and int(y.max()) >= k:
-        raise ValueError(f"the detector-margin loss needs a detector's outputs, K classes and a "
-                         f"last 'rejected' column, but label {int(y.max())} is that column "
-                         f"({k + 1} outputs): this model does not reject; use the 'ce' or "
-                         "'cw-margin' loss, or a model that declares rejects = True")
+        raise ValueError(
+            f"the detector-margin loss needs a detector's outputs, K classes and a "
+            f"last 'rejected' column, but label {int(y.max())} is that column "
+            f"({k + 1} outputs): this model does not reject; use the 'ce' or "
+            "'cw-margin' loss, or a model that declares rejects = True"
+        )
     if targeted:
         return margin(logits, y)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
@@ -131,8 +135,10 @@ def resolve_loss(loss: str | CustomLoss) -> tuple[str, LossFn]:
         out = custom(logits, y)
         if not isinstance(out, Tensor) or out.shape != (len(logits),):
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the attack's loss must return one value per sample, shape "
-                             f"({len(logits)},), got {shape}")
+            raise ValueError(
+                f"the attack's loss must return one value per sample, shape "
+                f"({len(logits)},), got {shape}"
+            )
         return out
 
     return getattr(custom, "__name__", type(custom).__name__), fn
@@ -160,6 +166,19 @@ def is_success(logits: Tensor, y: Tensor, targeted: bool, reject: bool = False) 
     return hit & (pred != logits.shape[1] - 1) if reject else hit
 
 
-__all__ = ["LOSSES", "CustomLoss", "LossFn", "cross_entropy", "cw_margin", "detector_margin", "dlr",
-           "dlr_targeted", "get_loss", "is_success", "margin", "rejects", "resolve_loss",
-           "tempered"]
+__all__ = [
+    "LOSSES",
+    "CustomLoss",
+    "LossFn",
+    "cross_entropy",
+    "cw_margin",
+    "detector_margin",
+    "dlr",
+    "dlr_targeted",
+    "get_loss",
+    "is_success",
+    "margin",
+    "rejects",
+    "resolve_loss",
+    "tempered",
+]

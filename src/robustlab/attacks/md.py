@@ -64,8 +64,10 @@ def step_sizes(first: float, steps: int, change_point: int) -> list[float]:
     change_point)`` (the authors' ``steps - change_point`` whenever the second stage is the
     longer, as in their settings)."""
     period = max(change_point, steps - change_point, 1)
-    return [first * (1 + math.cos(math.pi * (i if i < change_point else i - change_point)
-                                  / period)) / 2 for i in range(steps)]
+    return [
+        first * (1 + math.cos(math.pi * (i if i < change_point else i - change_point) / period)) / 2
+        for i in range(steps)
+    ]
 
 
 @register("md")
@@ -116,11 +118,26 @@ class MD(PGD):
     norms = ("linf", "l2")
     stochastic = True
 
-    def __init__(self, threat: ThreatModel, *, steps: int = 50, change_point: int | None = None,
-                 restarts: int = 1, step_size: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        steps: int = 50,
+        change_point: int | None = None,
+        restarts: int = 1,
+        step_size: float | None = None,
+        seed: int = 0,
+    ) -> None:
         starts = positive_int(restarts, "restarts")
-        super().__init__(threat, steps=steps, restarts=2 * starts, loss="cw-margin",
-                         early_stop=True, keep_best=False, seed=seed)
+        super().__init__(
+            threat,
+            steps=steps,
+            restarts=2 * starts,
+            loss="cw-margin",
+            early_stop=True,
+            keep_best=False,
+            seed=seed,
+        )
         self.starts = starts
         cp = round(0.4 * self.steps) if change_point is None else change_point
         self.change_point = integer(cp, "change_point", minimum=0, maximum=self.steps)
@@ -150,20 +167,33 @@ class MD(PGD):
     def _scheduled(self, model: nn.Module, targets: Tensor | None) -> LossAt:
         """The :data:`~robustlab.attacks.pgd.LossAt` of the current run and step; ``targets``
         (n,): MD-MT's target class of each attacked row."""
+
         def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             logits = model(xa)
             t = targets if targets is None or rows is None else targets[rows]
             term = TERMS[term_at(self._i, self._run, self.change_point)]
             return term(logits, y, t), logits
+
         return f
 
-    def _runs(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
-              targets: Tensor | None = None) -> Tensor:
+    def _runs(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        targets: Tensor | None = None,
+    ) -> Tensor:
         self._run = -1
         return PGD.perturb(self, model, x, y, generator, loss=self._scheduled(model, targets))
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,  # type: ignore[override]
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,  # type: ignore[override]
+        generator: torch.Generator,
+    ) -> Tensor:
         return self._runs(model, x, y, generator)
 
 
@@ -189,18 +219,37 @@ class MDMT(MD):
         >>> res = MDMT(ThreatModel("linf", 8 / 255), k=3)(model, x, y)
     """
 
-    def __init__(self, threat: ThreatModel, *, k: int = 9, steps: int = 50,
-                 change_point: int | None = None, restarts: int = 1,
-                 step_size: float | None = None, seed: int = 0) -> None:
-        super().__init__(threat, steps=steps, change_point=change_point, restarts=restarts,
-                         step_size=step_size, seed=seed)
+    def __init__(
+        self,
+        threat: ThreatModel,
+        *,
+        k: int = 9,
+        steps: int = 50,
+        change_point: int | None = None,
+        restarts: int = 1,
+        step_size: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            threat,
+            steps=steps,
+            change_point=change_point,
+            restarts=restarts,
+            step_size=step_size,
+            seed=seed,
+        )
         self.k = positive_int(k, "k")
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"k": self.k}
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor,  # type: ignore[override]
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,  # type: ignore[override]
+        generator: torch.Generator,
+    ) -> Tensor:
         with torch.no_grad():
             clean = model(x)
         order = clean.masked_fill(F.one_hot(y, clean.shape[1]).bool(), float("-inf"))
@@ -213,6 +262,7 @@ class MDMT(MD):
             xa = self._runs(model, x[idx], y[idx], generator, order[idx, r])
             with torch.no_grad():
                 logits = model(xa)
-            best.update(idx, xa, cw_margin(logits, y[idx]),
-                        is_success(logits, y[idx], False, reject))
+            best.update(
+                idx, xa, cw_margin(logits, y[idx]), is_success(logits, y[idx], False, reject)
+            )
         return best.x

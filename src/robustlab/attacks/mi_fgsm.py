@@ -57,10 +57,21 @@ class MIFGSM(PGD):
         l1_sparsity: float = 0.05,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, step_size=step_size, random_start=False, restarts=1,
-                         loss=loss, targeted=targeted, early_stop=early_stop, keep_best=keep_best,
-                         l1_sparsity=l1_sparsity, optimizer="momentum", momentum=momentum,
-                         seed=seed)
+        super().__init__(
+            threat,
+            steps=steps,
+            step_size=step_size,
+            random_start=False,
+            restarts=1,
+            loss=loss,
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            l1_sparsity=l1_sparsity,
+            optimizer="momentum",
+            momentum=momentum,
+            seed=seed,
+        )
         if step_size is None:
             self.step_size = threat.eps / steps
 

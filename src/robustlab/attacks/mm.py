@@ -72,10 +72,12 @@ class MinimumMargin(APGD):
     norms = ("linf", "l2")
     stochastic = True
 
-    def __init__(self, threat: ThreatModel, *, k: int = 3, steps: int = 20, rho: float = 0.75,
-                 seed: int = 0) -> None:
-        super().__init__(threat, steps=steps, restarts=1, rho=rho, loss="cw-margin",
-                         early_stop=True, seed=seed)
+    def __init__(
+        self, threat: ThreatModel, *, k: int = 3, steps: int = 20, rho: float = 0.75, seed: int = 0
+    ) -> None:
+        super().__init__(
+            threat, steps=steps, restarts=1, rho=rho, loss="cw-margin", early_stop=True, seed=seed
+        )
         self.k = positive_int(k, "k")
 
     def config(self) -> dict[str, Any]:
@@ -90,4 +92,3 @@ class MinimumMargin(APGD):
         order = clean.masked_fill(F.one_hot(pred, clean.shape[1]).bool(), float("-inf"))
         order = order.argsort(dim=1, descending=True)
         return [order[:, r] for r in range(min(self.k, clean.shape[1] - 1))]
-

@@ -92,8 +92,11 @@ class NAttack(Attack):
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
-            "population": self.population, "sigma": self.sigma, "lr": self.lr,
-            "max_iters": self.max_iters, "check_every": self.check_every,
+            "population": self.population,
+            "sigma": self.sigma,
+            "lr": self.lr,
+            "max_iters": self.max_iters,
+            "check_every": self.check_every,
         }
 
     def _candidates(self, w: Tensor, z: Tensor, x: Tensor) -> Tensor:
@@ -138,15 +141,17 @@ class NAttack(Attack):
             for rows in active.split(per_forward):
                 k, p = rows.numel(), self.population
                 e = torch.randn(k, p, xf.shape[1], **gen).to(x.device)
-                cand = self._candidates(w[rows, None], mu[rows, None] + self.sigma * e,
-                                        xf[rows, None])
+                cand = self._candidates(
+                    w[rows, None], mu[rows, None] + self.sigma * e, xf[rows, None]
+                )
                 logits = self._forward(model, cand.flatten(0, 1), shape)
                 queries[rows] += p
                 labels = y[rows].repeat_interleave(p)
                 m = margin(logits, labels)
                 reward = -(-m if self.targeted else m).clamp(0, 1000).view(k, p)
                 a = (reward - reward.mean(1, keepdim=True)) / (
-                    reward.std(1, correction=0, keepdim=True) + 1e-7)
+                    reward.std(1, correction=0, keepdim=True) + 1e-7
+                )
                 mu[rows] += self.lr / (p * self.sigma) * torch.einsum("kp,kpd->kd", a, e)
                 hit = is_success(logits, labels, self.targeted).view(k, p)
                 found = hit.any(1)

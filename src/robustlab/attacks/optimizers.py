@@ -30,8 +30,18 @@ from torch import Tensor
 
 from robustlab._validate import number, one_of
 
-__all__ = ["OPTIMIZERS", "FTRL", "SGD", "Adagrad", "Adam", "Momentum", "RMSProp", "Sign",
-           "StepRule", "make"]
+__all__ = [
+    "OPTIMIZERS",
+    "FTRL",
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "Momentum",
+    "RMSProp",
+    "Sign",
+    "StepRule",
+    "make",
+]
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults
@@ -109,8 +119,8 @@ class Adam(StepRule):
         (b1, b2), self.t = ADAM_BETAS, self.t + 1
         self.m = b1 * self.m + (1 - b1) * grad
         self.v = b2 * self.v + (1 - b2) * grad.square()
-        v_hat = self.v / (1 - b2 ** self.t)
-        return self.m / (1 - b1 ** self.t) / (v_hat.sqrt() + ADAM_EPS)
+        v_hat = self.v / (1 - b2**self.t)
+        return self.m / (1 - b1**self.t) / (v_hat.sqrt() + ADAM_EPS)
 
 
 def _rows(state: Tensor | float, rows: Tensor) -> Tensor | float:
@@ -188,36 +198,50 @@ class FTRL(StepRule):
     name = "ftrl"
     steepest = False
 
-    def __init__(self, lr_power: float = FTRL_POWER, initial_accumulator: float = FTRL_ACCUMULATOR,
-                 l1: float = FTRL_L1, l2: float = FTRL_L2) -> None:
+    def __init__(
+        self,
+        lr_power: float = FTRL_POWER,
+        initial_accumulator: float = FTRL_ACCUMULATOR,
+        l1: float = FTRL_L1,
+        l2: float = FTRL_L2,
+    ) -> None:
         self.power = -number(lr_power, "lr_power", high=0)
         self.l1 = number(l1, "l1", low=0)
         self.l2 = number(l2, "l2", low=0)
-        self.n: Tensor | float = number(initial_accumulator, "initial_accumulator", low=0,
-                                        low_open=True)
+        self.n: Tensor | float = number(
+            initial_accumulator, "initial_accumulator", low=0, low_open=True
+        )
         self.z: Tensor | float = 0.0
 
     def keep(self, rows: Tensor) -> None:
         self.n, self.z = _rows(self.n, rows), _rows(self.z, rows)
 
     def __call__(self, grad: Tensor) -> Tensor:
-        raise TypeError("FTRL's step depends on the iterate: call update(grad, delta, lr), as "
-                        "PGD does for a rule with steepest False")
+        raise TypeError(
+            "FTRL's step depends on the iterate: call update(grad, delta, lr), as "
+            "PGD does for a rule with steepest False"
+        )
 
     def update(self, grad: Tensor, delta: Tensor, lr: float) -> Tensor:
         g = -grad
         n = self.n + g.square()
-        self.z = self.z + g - (n ** self.power - self.n ** self.power) / lr * delta
+        self.z = self.z + g - (n**self.power - self.n**self.power) / lr * delta
         self.n = n
         z = self.z
-        w = (self.l1 * z.sign() - z) / (n ** self.power / lr + 2 * self.l2)
+        w = (self.l1 * z.sign() - z) / (n**self.power / lr + 2 * self.l2)
         return torch.where(z.abs() > self.l1, w, torch.zeros_like(w))
 
 
 #: the rules PGD's ``optimizer`` option names
-OPTIMIZERS: dict[str, type[StepRule]] = {"sign": Sign, "momentum": Momentum, "adam": Adam,
-                                         "sgd": SGD, "rmsprop": RMSProp, "adagrad": Adagrad,
-                                         "ftrl": FTRL}
+OPTIMIZERS: dict[str, type[StepRule]] = {
+    "sign": Sign,
+    "momentum": Momentum,
+    "adam": Adam,
+    "sgd": SGD,
+    "rmsprop": RMSProp,
+    "adagrad": Adagrad,
+    "ftrl": FTRL,
+}
 
 
 def make(name: str, momentum: float = 1.0) -> StepRule:

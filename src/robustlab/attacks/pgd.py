@@ -53,8 +53,9 @@ class _Best:
             self.x[j], self.loss[j], self.success[j] = x[better], loss[better], success[better]
 
 
-def _at(loss_at: LossAt, y: Tensor, rows: Tensor | None) -> Callable[[Tensor], tuple[Tensor,
-                                                                                     Tensor]]:
+def _at(
+    loss_at: LossAt, y: Tensor, rows: Tensor | None
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     return lambda xa: loss_at(xa, y, rows)
 
 
@@ -145,16 +146,20 @@ class PGD(Attack):
         self.keep_best = bool(keep_best)
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {
-            "steps": self.steps,
-            "step_size": self.step_size,
-            "random_start": self.random_start,
-            "restarts": self.restarts,
-            "early_stop": self.early_stop,
-            "keep_best": self.keep_best,
-            "optimizer": self._rule_name(),
-        } | ({"momentum": self.momentum} if self.optimizer == "momentum" else {}) | (
-            {"temperature": self.temperature} if self.temperature != 1 else {})
+        return (
+            super().config()
+            | {
+                "steps": self.steps,
+                "step_size": self.step_size,
+                "random_start": self.random_start,
+                "restarts": self.restarts,
+                "early_stop": self.early_stop,
+                "keep_best": self.keep_best,
+                "optimizer": self._rule_name(),
+            }
+            | ({"momentum": self.momentum} if self.optimizer == "momentum" else {})
+            | ({"temperature": self.temperature} if self.temperature != 1 else {})
+        )
 
     def _rule_name(self) -> str:
         return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.name
@@ -167,9 +172,11 @@ class PGD(Attack):
 
     def loss_at(self, model: nn.Module) -> LossAt:
         """The default :data:`LossAt`: this attack's loss at ``model``'s logits."""
+
         def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             logits = model(xa)
             return self.loss(logits, y, self.targeted), logits
+
         return f
 
     def _start(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -190,8 +197,16 @@ class PGD(Attack):
             return self._step(xa, rule(grad), x)
         return self.threat.project(x + rule.update(grad, xa - x, self.step_size), x)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
-                loss: LossAt | None = None, start: Start | None = None) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        *,
+        loss: LossAt | None = None,
+        start: Start | None = None,
+    ) -> Tensor:
         """PGD's iterate (see the class): ``loss`` (a :data:`LossAt`) replaces
         :meth:`loss_at` and ``start`` (a :data:`Start`) the random start for this call only.
         Success (for ``keep_best`` and ``early_stop``) and the final score of each restart
@@ -207,8 +222,15 @@ class PGD(Attack):
             return xa
         return self._best_iterate(model, x, y, generator, loss_at, start)
 
-    def _best_iterate(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator,
-                      loss_at: LossAt, start: Start) -> Tensor:
+    def _best_iterate(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        loss_at: LossAt,
+        start: Start,
+    ) -> Tensor:
         best, reject = _Best(x), rejects(model)  # a detector: a rejected point is no success
         for _ in range(self.restarts):
             idx = (~best.success).nonzero().squeeze(1)  # restarts only on unbroken points

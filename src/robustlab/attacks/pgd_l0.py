@@ -75,9 +75,18 @@ class PGDL0(PGD):
         keep_best: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, steps=steps, step_size=step_size, restarts=restarts,
-                         random_start=random_start, loss=loss, targeted=targeted,
-                         early_stop=early_stop, keep_best=keep_best, seed=seed)
+        super().__init__(
+            threat,
+            steps=steps,
+            step_size=step_size,
+            restarts=restarts,
+            random_start=random_start,
+            loss=loss,
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            seed=seed,
+        )
         if step_size is None:
             lo, hi = threat.bounds
             self.step_size = REFERENCE_STEP * (hi - lo)

@@ -83,8 +83,11 @@ class RayS(Attack):
         self.early_stop = bool(early_stop)
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"n_queries": self.n_queries, "tol": self.tol,
-                                   "early_stop": self.early_stop}
+        return super().config() | {
+            "n_queries": self.n_queries,
+            "tol": self.tol,
+            "early_stop": self.early_stop,
+        }
 
     def perturb(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
@@ -116,11 +119,11 @@ class RayS(Attack):
         while active.numel():
             attempt = signs[active].clone()
             if not first:  # flip one block of the best ray
-                size = -(-d // 2 ** level)  # ceil, exact for any level
+                size = -(-d // 2**level)  # ceil, exact for any level
                 start, end = block * size, min(d, (block + 1) * size)
                 attempt[:, start:end] *= -1
                 block += 1
-                if block == 2 ** level or end == d:
+                if block == 2**level or end == d:
                     level, block = level + 1, 0
             first = False
             r_hi = torch.where(radius[active].isfinite(), radius[active], hi - lo)
@@ -136,8 +139,12 @@ class RayS(Attack):
                     radius[j], signs[j] = r_hi[better], att[better]
                     best[j] = point(j, att[better], r_hi[better])
                     dist[j] = (best[j] - xf[j]).abs().amax(1)
-                rows, att, r_lo, r_hi = (rows[searching], att[searching], r_lo[searching],
-                                         r_hi[searching])
+                rows, att, r_lo, r_hi = (
+                    rows[searching],
+                    att[searching],
+                    r_lo[searching],
+                    r_hi[searching],
+                )
                 if rows.numel():
                     mid = (r_lo + r_hi) / 2
                     s = adversarial(rows, point(rows, att, mid))
@@ -154,8 +161,13 @@ class RayS(Attack):
         min_norm = torch.where(final, torch.minimum(dist, x_dist), dist)
         # adversarial in the search's batch but not in the full one (rounding differences
         # between batch sizes at the boundary): report it just beyond eps, as the verdict says
-        beyond = torch.nextafter(torch.tensor(eps + self.threat.tolerance(), dtype=x.dtype),
-                                 torch.tensor(math.inf, dtype=x.dtype)).to(x.device)
-        min_norm = torch.where(~final & (min_norm <= eps + self.threat.tolerance()),
-                               torch.maximum(min_norm, beyond), min_norm)
+        beyond = torch.nextafter(
+            torch.tensor(eps + self.threat.tolerance(), dtype=x.dtype),
+            torch.tensor(math.inf, dtype=x.dtype),
+        ).to(x.device)
+        min_norm = torch.where(
+            ~final & (min_norm <= eps + self.threat.tolerance()),
+            torch.maximum(min_norm, beyond),
+            min_norm,
+        )
         return Perturbation(x_adv.view_as(x), min_norm=min_norm, queries=queries)

@@ -13,8 +13,7 @@ ATTACKS: Registry[type] = Registry("attack")
 register = ATTACKS.register
 
 
-def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
-           **options: Any):
+def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False, **options: Any):
     """Build the registered attack ``name`` for ``threat`` through ``ATTACKS.create`` (an
     unknown option raises TypeError "attack <name>: unknown option X; its options are: ...").
 
@@ -30,8 +29,7 @@ def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False,
     if not isinstance(bpda, bool):
         raise TypeError(f"bpda must be True or False, got {bpda!r}")
     if bpda and not cls.uses_gradients:
-        raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to "
-                         "replace")
+        raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to replace")
     attack = ATTACKS.create(name, threat, **options)
     attack.eot_samples = eot
     attack.bpda = bpda

@@ -59,57 +59,93 @@ class SmoothAdv(EPGD):
     """
 
     def __init__(
-        self, threat: ThreatModel, *, sigma: float | None = None, noise: str | None = None,
-        samples: int = 8, steps: int = 10, step_size: float | None = None,
-        random_start: bool = False, restarts: int = 1, targeted: bool = False,
-        early_stop: bool = False, keep_best: bool = True, seed: int = 0,
+        self,
+        threat: ThreatModel,
+        *,
+        sigma: float | None = None,
+        noise: str | None = None,
+        samples: int = 8,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = False,
+        restarts: int = 1,
+        targeted: bool = False,
+        early_stop: bool = False,
+        keep_best: bool = True,
+        seed: int = 0,
     ) -> None:
-        super().__init__(threat, sigma=sigma, noise=noise, samples=samples, steps=steps,
-                         step_size=step_size, random_start=random_start, restarts=restarts,
-                         targeted=targeted, early_stop=early_stop, keep_best=keep_best,
-                         seed=seed)
+        super().__init__(
+            threat,
+            sigma=sigma,
+            noise=noise,
+            samples=samples,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            restarts=restarts,
+            targeted=targeted,
+            early_stop=early_stop,
+            keep_best=keep_best,
+            seed=seed,
+        )
         if step_size is None:
             self.step_size = 2 * threat.eps / steps
 
-    def craft_with_draws(self, model: nn.Module, x: Tensor, y: Tensor, draws: Tensor,
-                         generator: torch.Generator) -> Tensor:
+    def craft_with_draws(
+        self, model: nn.Module, x: Tensor, y: Tensor, draws: Tensor, generator: torch.Generator
+    ) -> Tensor:
         """:meth:`craft` with the given noise draws (m, N, ...) instead of fresh ones, as
         SmoothAdv training does: its loss reuses the attack's draws."""
         if draws.shape[1:] != x.shape:
-            raise ValueError(f"draws must be shaped (m, *x.shape) = (m, {tuple(x.shape)}), "
-                             f"got {tuple(draws.shape)}")
+            raise ValueError(
+                f"draws must be shaped (m, *x.shape) = (m, {tuple(x.shape)}), "
+                f"got {tuple(draws.shape)}"
+            )
         return self.craft(model, x, y, generator, draws=draws)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator, *,
-                loss: LossAt | None = None, start: Start | None = None,
-                draws: Tensor | None = None) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        *,
+        loss: LossAt | None = None,
+        start: Start | None = None,
+        draws: Tensor | None = None,
+    ) -> Tensor:
         """PGD's loop on the soft smoothed loss with the noise ``draws`` (m, N, ...), drawn
         here from ``generator`` when None; ``loss`` replaces that loss for this call."""
         if loss is None:
             base, sigma, noise = smoothing_target(model, self.sigma, self.noise)
             refuse_input_noise(noise, "SmoothAdv")
             if draws is None:
-                draws = torch.stack([sample(x, noise, sigma, generator)
-                                     for _ in range(self.samples)])
+                draws = torch.stack(
+                    [sample(x, noise, sigma, generator) for _ in range(self.samples)]
+                )
             loss = self.soft_loss_at(base, draws)
         return PGD.perturb(self, model, x, y, generator, loss=loss, start=start)
 
     def soft_loss_at(self, base: nn.Module, draws: Tensor) -> LossAt:
         """The :data:`~robustlab.attacks.pgd.LossAt` of :func:`soft_smoothed_loss` at
         ``base`` with the fixed ``draws`` (m, N, ...) of the whole batch."""
+
         def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             delta = draws if rows is None else draws[:, rows]
             return soft_smoothed_loss(base, xa, y, delta, self.targeted)
+
         return f
 
 
-def soft_smoothed_loss(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor,
-                       targeted: bool = False) -> tuple[Tensor, Tensor]:
+def soft_smoothed_loss(
+    model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, targeted: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(-log mean_i softmax(model(x + delta_i))_y, log mean_i softmax(...))`` per sample, for
     draws ``delta`` shaped (m, N, ...); targeted: the loss is negated (maximise the target)."""
     m, n = delta.shape[:2]
     logits = model((x.unsqueeze(0) + delta).flatten(0, 1))
     log_mean = torch.logsumexp(F.log_softmax(logits, 1).view(m, n, -1), 0) - torch.log(
-        torch.tensor(float(m), device=x.device, dtype=logits.dtype))
+        torch.tensor(float(m), device=x.device, dtype=logits.dtype)
+    )
     nll = F.nll_loss(log_mean, y, reduction="none")
     return (-nll if targeted else nll), log_mean

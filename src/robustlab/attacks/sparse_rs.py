@@ -19,8 +19,17 @@ from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel, as_pixels
 
 # (rescaled iteration bound, divisor of alpha_init) of the reference's l0 schedule
-_SCHEDULE = ((0, 1), (50, 2), (200, 4), (500, 5), (1000, 6), (2000, 8), (4000, 10), (6000, 12),
-             (8000, 15))
+_SCHEDULE = (
+    (0, 1),
+    (50, 2),
+    (200, 4),
+    (500, 5),
+    (1000, 6),
+    (2000, 8),
+    (4000, 10),
+    (6000, 12),
+    (8000, 15),
+)
 
 
 def alpha_schedule(alpha_init: float, it: int, n_queries: int) -> float:
@@ -95,15 +104,19 @@ class SparseRS(Attack):
         targeted: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, loss="ce" if targeted else "cw-margin", targeted=targeted,
-                         seed=seed)
+        super().__init__(
+            threat, loss="ce" if targeted else "cw-margin", targeted=targeted, seed=seed
+        )
         self.n_queries = positive_int(n_queries, "n_queries")
         self.alpha_init = number(alpha_init, "alpha_init", low=0, high=1, low_open=True)
         self.restarts = positive_int(restarts, "restarts")
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"n_queries": self.n_queries, "alpha_init": self.alpha_init,
-                                   "restarts": self.restarts}
+        return super().config() | {
+            "n_queries": self.n_queries,
+            "alpha_init": self.alpha_init,
+            "restarts": self.restarts,
+        }
 
     def _rand(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(like.device)
@@ -127,23 +140,26 @@ class SparseRS(Attack):
         chosen = _spread(order[:, :k], c)
         return xc.scatter(2, chosen, self._corners(xc.gather(2, chosen), generator)), order
 
-    def _propose(self, xc: Tensor, xb: Tensor, order: Tensor, k: int, m: int,
-                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _propose(
+        self, xc: Tensor, xb: Tensor, order: Tensor, k: int, m: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Swap ``m`` random pixels of the set (the first ``k`` of ``order``) for ``m``
         outside it; (point, new order)."""
         n, c, p = xc.shape
         m = min(m, p - k) if p > k else m
         pos_out = self._rand((n, k), xc, generator).topk(m, dim=1).indices
-        pos_in = (k + self._rand((n, p - k), xc, generator).topk(m, dim=1).indices
-                  if p > k else pos_out)  # no pixel outside the set: recolour its own
+        pos_in = (
+            k + self._rand((n, p - k), xc, generator).topk(m, dim=1).indices if p > k else pos_out
+        )  # no pixel outside the set: recolour its own
         out_px, in_px = order.gather(1, pos_out), order.gather(1, pos_in)
         new_order = order.scatter(1, pos_out, in_px).scatter(1, pos_in, out_px)
         gone, new = _spread(out_px, c), _spread(in_px, c)
         x_new = xb.scatter(2, gone, xc.gather(2, gone))
         return x_new.scatter(2, new, self._corners(xc.gather(2, new), generator)), new_order
 
-    def _query(self, model: nn.Module, xq: Tensor, y: Tensor, shape: torch.Size
-               ) -> tuple[Tensor, Tensor]:
+    def _query(
+        self, model: nn.Module, xq: Tensor, y: Tensor, shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             logits = model(xq.reshape((len(xq),) + shape[1:]))
         return self.loss(logits, y, self.targeted), is_success(logits, y, self.targeted)
@@ -170,8 +186,14 @@ class SparseRS(Attack):
                 if succ.any():  # retire broken samples: keep their point, stop querying them
                     best_x[idx[succ]], done[idx[succ]] = xb[succ], True
                     keep = ~succ
-                    idx, xc, yc, xb, lb, order = (idx[keep], xc[keep], yc[keep], xb[keep],
-                                                  lb[keep], order[keep])
+                    idx, xc, yc, xb, lb, order = (
+                        idx[keep],
+                        xc[keep],
+                        yc[keep],
+                        xb[keep],
+                        lb[keep],
+                        order[keep],
+                    )
                 if it == self.n_queries or idx.numel() == 0:
                     break
                 m = max(int(alpha_schedule(self.alpha_init, it, self.n_queries) * k), 1)

@@ -20,8 +20,17 @@ from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
 
 # (rescaled iteration bound, divisor of p_init) of the reference's piecewise-constant schedule
-_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-             (6000, 128), (8000, 256))
+_SCHEDULE = (
+    (10, 1),
+    (50, 2),
+    (200, 4),
+    (500, 8),
+    (1000, 16),
+    (2000, 32),
+    (4000, 64),
+    (6000, 128),
+    (8000, 256),
+)
 
 
 def p_selection(p_init: float, it: int, n_iters: int) -> float:
@@ -37,8 +46,9 @@ def _bump(a: int, b: int) -> Tensor:
     from the centre (a//2, b//2) the value is sum_{k=r}^{K-1} 1/(k+1)^2, K = max(a, b)//2 + 1."""
     k = max(a, b) // 2 + 1
     tail = (1.0 / torch.arange(1, k + 1, dtype=torch.float64) ** 2).flip(0).cumsum(0).flip(0)
-    r = torch.maximum((torch.arange(a) - a // 2).abs()[:, None],
-                      (torch.arange(b) - b // 2).abs()[None])
+    r = torch.maximum(
+        (torch.arange(a) - a // 2).abs()[:, None], (torch.arange(b) - b // 2).abs()[None]
+    )
     p = tail[r]
     return p / p.norm().clamp_min(1e-12)
 
@@ -118,15 +128,19 @@ class Square(Attack):
         targeted: bool = False,
         seed: int = 0,
     ) -> None:
-        super().__init__(threat, loss="ce" if targeted else "cw-margin", targeted=targeted,
-                         seed=seed)
+        super().__init__(
+            threat, loss="ce" if targeted else "cw-margin", targeted=targeted, seed=seed
+        )
         self.n_queries = positive_int(n_queries, "n_queries")
         self.restarts = positive_int(restarts, "restarts")
         self.p_init = number(p_init, "p_init", low=0, high=1, low_open=True)
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"n_queries": self.n_queries, "p_init": self.p_init,
-                                   "restarts": self.restarts}
+        return super().config() | {
+            "n_queries": self.n_queries,
+            "p_init": self.p_init,
+            "restarts": self.restarts,
+        }
 
     def _rand(self, n: int, k: int, x: Tensor, generator: torch.Generator) -> Tensor:
         return torch.rand(n, k, generator=generator, device=generator.device).to(x.device)
@@ -150,7 +164,7 @@ class Square(Attack):
         for k in range(nh * nw):
             i, j = oh + (k // nw) * b, ow + (k % nw) * b
             block = torch.where(u[:, c, k, None, None, None] < 0.5, bump.T, bump)
-            delta[:, :, i:i + b, j:j + b] = block * _pm(u[:, :c, k, None, None] < 0.5, x)
+            delta[:, :, i : i + b, j : j + b] = block * _pm(u[:, :c, k, None, None] < 0.5, x)
         norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
         return (x + delta / norm * eps).clamp(lo, hi)
 
@@ -169,7 +183,7 @@ class Square(Attack):
         # 2^c - 1 sign vectors (c > 16: a fresh draw, a repeat has probability 2^-c)
         same = (x_new - xb).abs().flatten(1).amax(1) < 1e-7
         if c <= 16:
-            k = self._corner(u[:, 2], 2 ** c - 2) + 1
+            k = self._corner(u[:, 2], 2**c - 2) + 1
             flip = (k[:, None] >> torch.arange(c, device=x.device)) & 1 == 1
             other = signs ^ flip[:, :, None, None]
         else:
@@ -199,7 +213,7 @@ class Square(Attack):
         bump = torch.where(u[:, 4, None, None] < 0.5, bump.T, bump).flatten(1)[:, None]
         new = bump * _pm(u[:, 5:, None] < 0.5, x)
         new = new + old / (1e-10 + old.norm(dim=2, keepdim=True))
-        mass = ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_both ** 2).sqrt()
+        mass = ((eps**2 - norm_img**2).clamp_min(0) / c + norm_both**2).sqrt()
         new = new / new.norm(dim=2, keepdim=True).clamp_min(1e-12) * mass
         delta = delta.masked_fill(m2, 0.0).scatter(2, idx1, new)
         delta = delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None] * eps

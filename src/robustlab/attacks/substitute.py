@@ -69,8 +69,14 @@ def oracle_labels(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor,
     return torch.cat([z.argmax(1) for z in logits]), logits[0].shape[1]
 
 
-def jacobian_augmentation(substitute: nn.Module, x: Tensor, labels: Tensor, step: float,
-                          bounds: tuple[float, float], batch_size: int) -> Tensor:
+def jacobian_augmentation(
+    substitute: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    step: float,
+    bounds: tuple[float, float],
+    batch_size: int,
+) -> Tensor:
     """The paper's new points ``clip(x + step * sign(d softmax(F(x))_label / dx))`` (M, ...):
     the sign of the gradient of the substitute's probability of the oracle's label, in input
     units, clipped to ``bounds``. Only the input gradient is taken (``torch.autograd.grad``)."""
@@ -166,8 +172,10 @@ class Substitute(Attack):
     ) -> None:
         super().__init__(threat, targeted=targeted, seed=seed)
         if substitute is not None and not isinstance(substitute, nn.Module):
-            raise TypeError(f"substitute must be an untrained torch.nn.Module (or None for the "
-                            f"default MLP), got {type(substitute).__name__}")
+            raise TypeError(
+                f"substitute must be an untrained torch.nn.Module (or None for the "
+                f"default MLP), got {type(substitute).__name__}"
+            )
         if seed_data is not None:
             try:
                 check_images(seed_data, threat)
@@ -175,8 +183,10 @@ class Substitute(Attack):
                 raise type(err)(f"seed_data: {err}") from None
             seed_data = seed_data.detach().clone()
         if attack == "substitute":
-            raise ValueError("attack must be the name of a white-box attack to run on the "
-                             "substitute (e.g. 'pgd' or 'fgsm'), not 'substitute'")
+            raise ValueError(
+                "attack must be the name of a white-box attack to run on the "
+                "substitute (e.g. 'pgd' or 'fgsm'), not 'substitute'"
+            )
         self.substitute, self.seed_data = substitute, seed_data
         self.rounds, self.epochs = positive_int(rounds, "rounds"), positive_int(epochs, "epochs")
         self.lmbda = number(lmbda, "lmbda", low=0, low_open=True)
@@ -193,27 +203,48 @@ class Substitute(Attack):
     def config(self) -> dict[str, Any]:
         sub = "mlp-200-200" if self.substitute is None else type(self.substitute).__name__
         return super().config() | {
-            "substitute": sub, "seed_data": None if self.seed_data is None else len(self.seed_data),
-            "rounds": self.rounds, "epochs": self.epochs, "lmbda": self.lmbda, "tau": self.tau,
-            "max_new": self.max_new, "optimizer": self.optimizer, "lr": self.lr,
-            "batch_size": self.batch_size, "attack": self._inner_config}
+            "substitute": sub,
+            "seed_data": None if self.seed_data is None else len(self.seed_data),
+            "rounds": self.rounds,
+            "epochs": self.epochs,
+            "lmbda": self.lmbda,
+            "tau": self.tau,
+            "max_new": self.max_new,
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "attack": self._inner_config,
+        }
 
     def _replay(self, surrogate: nn.Module) -> Transfer:
-        return Transfer(self.threat, surrogate=surrogate, attack=self.attack,
-                        attack_options=self.attack_options, targeted=self.targeted)
+        return Transfer(
+            self.threat,
+            surrogate=surrogate,
+            attack=self.attack,
+            attack_options=self.attack_options,
+            targeted=self.targeted,
+        )
 
     def _initial_set(self, x: Tensor) -> Tensor:
         if self.seed_data is None:
             return x.detach()
         s = self.seed_data.to(x.device)
         if s.dtype != x.dtype or s.shape[1:] != x.shape[1:]:
-            raise ValueError(f"seed_data of shape {tuple(s.shape)} and dtype {s.dtype} does not "
-                             f"match x (N, {', '.join(map(str, x.shape[1:]))}) of dtype "
-                             f"{x.dtype}: pass seed points shaped and typed like the inputs")
+            raise ValueError(
+                f"seed_data of shape {tuple(s.shape)} and dtype {s.dtype} does not "
+                f"match x (N, {', '.join(map(str, x.shape[1:]))}) of dtype "
+                f"{x.dtype}: pass seed points shaped and typed like the inputs"
+            )
         return s
 
-    def _train(self, sub: nn.Module, opt: torch.optim.Optimizer, s: Tensor, labels: Tensor,
-               generator: torch.Generator) -> None:
+    def _train(
+        self,
+        sub: nn.Module,
+        opt: torch.optim.Optimizer,
+        s: Tensor,
+        labels: Tensor,
+        generator: torch.Generator,
+    ) -> None:
         """``epochs`` epochs of cross-entropy on (s, labels), batches shuffled by ``generator``;
         gradients of the substitute's parameters only, through ``torch.autograd.grad``."""
         params = [p for p in sub.parameters() if p.requires_grad]
@@ -237,14 +268,18 @@ class Substitute(Attack):
         sub = copy.deepcopy(self.substitute)
         params = list(sub.parameters())
         if not params:
-            raise ValueError("the substitute has no parameters to train: pass a module with "
-                             "trainable layers, e.g. nn.Sequential(nn.Flatten(), nn.Linear(d, K))")
+            raise ValueError(
+                "the substitute has no parameters to train: pass a module with "
+                "trainable layers, e.g. nn.Sequential(nn.Flatten(), nn.Linear(d, K))"
+            )
         for p in params:
             p.requires_grad_(True)
         k = probe_model(sub, s[:2]).shape[1]
         if k != num_classes:
-            raise ValueError(f"the substitute returns {k} logits but the attacked model "
-                             f"{num_classes}: give the substitute {num_classes} outputs")
+            raise ValueError(
+                f"the substitute returns {k} logits but the attacked model "
+                f"{num_classes}: give the substitute {num_classes} outputs"
+            )
         return sub
 
     def fit_substitute(self, model: nn.Module, x: Tensor, generator: torch.Generator) -> Trained:
@@ -256,8 +291,11 @@ class Substitute(Attack):
             labels, k = oracle_labels(model, s, self.batch_size)
             sub = self._fresh(s, k, generator)
             params = [p for p in sub.parameters() if p.requires_grad]
-            opt = (torch.optim.Adam(params, lr=self.lr) if self.optimizer == "adam"
-                   else torch.optim.SGD(params, lr=self.lr, momentum=0.9))
+            opt = (
+                torch.optim.Adam(params, lr=self.lr)
+                if self.optimizer == "adam"
+                else torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+            )
             for rho in range(self.rounds):
                 self._train(sub, opt, s, labels, generator)
                 if rho == self.rounds - 1:
@@ -267,8 +305,9 @@ class Substitute(Attack):
                     order = torch.randperm(len(s), generator=generator, device=generator.device)
                     pick = order[: self.max_new].to(s.device)
                 step = -self.lmbda * (-1) ** (rho // self.tau)
-                new = jacobian_augmentation(sub, s[pick], labels[pick], step, self.threat.bounds,
-                                            self.batch_size)
+                new = jacobian_augmentation(
+                    sub, s[pick], labels[pick], step, self.threat.bounds, self.batch_size
+                )
                 s = torch.cat([s, new])
                 labels = torch.cat([labels, oracle_labels(model, new, self.batch_size)[0]])
         return Trained(sub, s, labels)

@@ -42,15 +42,18 @@ class Ensemble(nn.Module):
 def _surrogates(surrogate: object) -> tuple[nn.Module, ...]:
     """The surrogate models: one module, or a non-empty list or tuple of modules."""
     if surrogate is None:
-        raise ValueError("the transfer attack needs a surrogate model: "
-                         "create('transfer', threat, surrogate=<nn.Module or list of them>)")
+        raise ValueError(
+            "the transfer attack needs a surrogate model: "
+            "create('transfer', threat, surrogate=<nn.Module or list of them>)"
+        )
     models = tuple(surrogate) if isinstance(surrogate, list | tuple) else (surrogate,)
     if not models:
         raise ValueError("surrogate is an empty list: pass a model, or a list of at least one")
     for m in models:
         if not isinstance(m, nn.Module):
-            raise TypeError(f"surrogate must be a torch.nn.Module or a list of them, got "
-                            f"{type(m).__name__}")
+            raise TypeError(
+                f"surrogate must be a torch.nn.Module or a list of them, got {type(m).__name__}"
+            )
     return models
 
 
@@ -98,13 +101,20 @@ class Transfer(Attack):
         super().__init__(threat, targeted=targeted, seed=seed)
         self.members = _surrogates(surrogate)
         if not isinstance(attack, str) or attack == "transfer":
-            raise ValueError(f"attack must be the name of a registered attack other than "
-                             f"'transfer', got {attack!r}")
+            raise ValueError(
+                f"attack must be the name of a registered attack other than "
+                f"'transfer', got {attack!r}"
+            )
         if attack_options is not None and not isinstance(attack_options, dict):
-            raise TypeError(f"attack_options must be a dict of the inner attack's options, got "
-                            f"{type(attack_options).__name__}")
-        options = dict(_PGD_DEFAULTS if attack == "pgd" else {}) if attack_options is None \
+            raise TypeError(
+                f"attack_options must be a dict of the inner attack's options, got "
+                f"{type(attack_options).__name__}"
+            )
+        options = (
+            dict(_PGD_DEFAULTS if attack == "pgd" else {})
+            if attack_options is None
             else dict(attack_options)
+        )
         if self.targeted:
             options["targeted"] = True
         self.surrogate = self.members[0] if len(self.members) == 1 else Ensemble(self.members)
@@ -113,8 +123,10 @@ class Transfer(Attack):
 
     def config(self) -> dict[str, Any]:
         names = [type(m).__name__ for m in self.members]
-        return super().config() | {"surrogate": names[0] if len(names) == 1 else names,
-                                   "attack": self.inner.config()}
+        return super().config() | {
+            "surrogate": names[0] if len(names) == 1 else names,
+            "attack": self.inner.config(),
+        }
 
     def perturb(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
@@ -125,8 +137,10 @@ class Transfer(Attack):
                 modes.enter_context(eval_mode(m))
                 classes.add(probe_model(m, x[:2]).shape[1])
             if len(classes) > 1:
-                raise ValueError(f"the surrogate models disagree on the number of classes "
-                                 f"({sorted(classes)}); an ensemble needs one class list")
+                raise ValueError(
+                    f"the surrogate models disagree on the number of classes "
+                    f"({sorted(classes)}); an ensemble needs one class list"
+                )
             check_labels(y, classes.pop(), "targets" if self.targeted else "labels")
             out = self.inner.perturb(self.surrogate, x, y, generator)
         x_adv = out.x_adv if isinstance(out, Perturbation) else out

@@ -45,8 +45,9 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """The model's predicted classes (N,) (argmax of its logits), in batches of
     ``batch_size``, without gradients; the model runs in the mode it is in."""
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(1)
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        )
 
 
 def _project(v: Tensor, threat: ThreatModel) -> Tensor:
@@ -58,29 +59,46 @@ def _project(v: Tensor, threat: ThreatModel) -> Tensor:
     return room.project(v[None], torch.zeros_like(v)[None])[0]
 
 
-def check_search(model: Any, x: Any, y: Any, threat: Any, *, delta: Any, max_passes: Any,
-                 batch_size: Any) -> tuple[float, int, int]:
+def check_search(
+    model: Any, x: Any, y: Any, threat: Any, *, delta: Any, max_passes: Any, batch_size: Any
+) -> tuple[float, int, int]:
     """Validate the inputs of :func:`universal_perturbation`; returns ``delta``,
     ``max_passes`` and ``batch_size`` normalised."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_inputs(x, y, threat)
     if threat.norm not in NORMS:
-        raise ValueError(f"a universal perturbation is searched with DeepFool, which supports "
-                         f"the norms {', '.join(NORMS)}, not {threat.norm!r}; use "
-                         "ThreatModel('linf', ...) or ThreatModel('l2', ...)")
+        raise ValueError(
+            f"a universal perturbation is searched with DeepFool, which supports "
+            f"the norms {', '.join(NORMS)}, not {threat.norm!r}; use "
+            "ThreatModel('linf', ...) or ThreatModel('l2', ...)"
+        )
     if threat.eps <= 0:
-        raise ValueError(f"eps must be > 0 for a universal perturbation, got {threat.eps:g}: "
-                         "with eps 0 the only perturbation is v = 0; pass the radius of v, "
-                         "e.g. ThreatModel('linf', eps=10/255) (the paper's xi = 10 on 0-255)")
-    return (number(delta, "delta", low=0, high=1, high_open=True),
-            positive_int(max_passes, "max_passes"), positive_int(batch_size, "batch_size"))
+        raise ValueError(
+            f"eps must be > 0 for a universal perturbation, got {threat.eps:g}: "
+            "with eps 0 the only perturbation is v = 0; pass the radius of v, "
+            "e.g. ThreatModel('linf', eps=10/255) (the paper's xi = 10 on 0-255)"
+        )
+    return (
+        number(delta, "delta", low=0, high=1, high_open=True),
+        positive_int(max_passes, "max_passes"),
+        positive_int(batch_size, "batch_size"),
+    )
 
 
 def universal_perturbation(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, delta: float = 0.2,
-    max_passes: int = 10, overshoot: float = 0.02, deepfool_steps: int = 10,
-    candidates: int = 10, batch_size: int = 256, generator: torch.Generator | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    delta: float = 0.2,
+    max_passes: int = 10,
+    overshoot: float = 0.02,
+    deepfool_steps: int = 10,
+    candidates: int = 10,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> tuple[Tensor, list[dict[str, Any]]]:
     """Search one perturbation ``v`` that changes the model's prediction on most points of
@@ -133,12 +151,17 @@ def universal_perturbation(
     feel); the search also stops after a pass without an update.
     """
     delta, max_passes, batch_size = check_search(
-        model, x, y, threat, delta=delta, max_passes=max_passes, batch_size=batch_size)
+        model, x, y, threat, delta=delta, max_passes=max_passes, batch_size=batch_size
+    )
     generator = generator_or_none(generator) or torch.Generator().manual_seed(integer(seed, "seed"))
     lo, hi = threat.bounds
     unbounded = ThreatModel(threat.norm, threat.box_diameter(x.shape[1:]), bounds=(lo, hi))
-    deepfool = DeepFool(unbounded, steps=positive_int(deepfool_steps, "deepfool_steps"),
-                        overshoot=overshoot, candidates=candidates)
+    deepfool = DeepFool(
+        unbounded,
+        steps=positive_int(deepfool_steps, "deepfool_steps"),
+        overshoot=overshoot,
+        candidates=candidates,
+    )
     x, y = x.detach(), y.detach()
     v = torch.zeros_like(x[0])
     history: list[dict[str, Any]] = []
@@ -148,13 +171,17 @@ def universal_perturbation(
         for p in range(1, max_passes + 1):
             t0 = time.perf_counter()
             order = torch.randperm(len(x), generator=generator, device=generator.device)
-            v, updates, failed = _one_pass(model, x, clean, v, threat, deepfool,
-                                           order.to(x.device))
+            v, updates, failed = _one_pass(model, x, clean, v, threat, deepfool, order.to(x.device))
             fooled = predict(model, apply(v, x, threat), batch_size)
-            record = {"pass": p, "fooling_rate": (fooled != clean).float().mean().item(),
-                      "accuracy": (fooled == y).float().mean().item(), "updates": updates,
-                      "deepfool_failed": failed, "norm": norm_of(v, threat),
-                      "seconds": time.perf_counter() - t0}
+            record = {
+                "pass": p,
+                "fooling_rate": (fooled != clean).float().mean().item(),
+                "accuracy": (fooled == y).float().mean().item(),
+                "updates": updates,
+                "deepfool_failed": failed,
+                "norm": norm_of(v, threat),
+                "seconds": time.perf_counter() - t0,
+            }
             history.append(record)
             if record["fooling_rate"] >= 1 - delta:
                 record["stop"] = f"fooling rate {record['fooling_rate']:.4g} >= 1 - delta"
@@ -172,14 +199,21 @@ def norm_of(v: Tensor, threat: ThreatModel) -> float:
     return threat.distance(v[None], torch.zeros_like(v)[None]).item()
 
 
-def _one_pass(model: nn.Module, x: Tensor, clean: Tensor, v: Tensor, threat: ThreatModel,
-              deepfool: DeepFool, order: Tensor) -> tuple[Tensor, int, int]:
+def _one_pass(
+    model: nn.Module,
+    x: Tensor,
+    clean: Tensor,
+    v: Tensor,
+    threat: ThreatModel,
+    deepfool: DeepFool,
+    order: Tensor,
+) -> tuple[Tensor, int, int]:
     """One pass of the search over the points of ``x`` in ``order``; returns the new ``v``,
     the number of points that moved it and the number where DeepFool found no step."""
     updates = failed = 0
     for i in order.tolist():
-        xv = apply(v, x[i:i + 1], threat)
-        label = clean[i:i + 1]
+        xv = apply(v, x[i : i + 1], threat)
+        label = clean[i : i + 1]
         with torch.no_grad():
             if model(xv).argmax(1).item() != label.item():
                 continue  # fooled already

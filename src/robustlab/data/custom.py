@@ -30,8 +30,10 @@ _RGB_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", 
 _X_DTYPES = ("uint8", "float16", "bfloat16", "float32", "float64")
 _Y_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
-_PICKLE_FIX = ("robustlab never unpickles data; save numbers as numeric arrays and class names "
-               "as a string array, np.array(names) (dtype '<U...'), not dtype=object")
+_PICKLE_FIX = (
+    "robustlab never unpickles data; save numbers as numeric arrays and class names "
+    "as a string array, np.array(names) (dtype '<U...'), not dtype=object"
+)
 
 
 class Images(NamedTuple):
@@ -87,10 +89,7 @@ def _first(n: int | None, total: int, source: str) -> int:
 
 
 def from_folder(
-    path: str | os.PathLike[str],
-    *,
-    resize: tuple[int, int] | None = None,
-    n: int | None = None,
+    path: str | os.PathLike[str], *, resize: tuple[int, int] | None = None, n: int | None = None
 ) -> Images:
     """Images in the class-per-subfolder layout ``path/<class name>/<image>``, as
     torchvision's ``ImageFolder``: classes are the subfolders sorted by name, the label of an
@@ -151,34 +150,44 @@ def _resize(resize: Any) -> tuple[int, int] | None:
     if resize is None:
         return None
     if isinstance(resize, (str, bytes)) or not isinstance(resize, Sequence) or len(resize) != 2:
-        raise ValueError(f"resize must be (H, W), two positive integers in pixels, got "
-                         f"{resize!r}")
+        raise ValueError(f"resize must be (H, W), two positive integers in pixels, got {resize!r}")
     return positive_int(resize[0], "resize H"), positive_int(resize[1], "resize W")
 
 
 def _listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Sorted class names and ``(file, label)`` of every image, in reading order."""
     if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder; pass a folder holding one subfolder "
-                                "per class (path/<class>/<image>.png)")
+        raise FileNotFoundError(
+            f"{root}: no such folder; pass a folder holding one subfolder "
+            "per class (path/<class>/<image>.png)"
+        )
     if not root.is_dir():
-        raise ValueError(f"{root} is a file, not a folder; for an .npz or .safetensors file "
-                         "of arrays use robustlab.data.from_arrays")
+        raise ValueError(
+            f"{root} is a file, not a folder; for an .npz or .safetensors file "
+            "of arrays use robustlab.data.from_arrays"
+        )
     entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
     folders = [e for e in entries if e.is_dir()]
     if not entries:
-        raise ValueError(f"{root} is empty; expected one subfolder per class holding its "
-                         "images (path/<class>/<image>.png)")
+        raise ValueError(
+            f"{root} is empty; expected one subfolder per class holding its "
+            "images (path/<class>/<image>.png)"
+        )
     if not folders:
         shown = ", ".join(e.name for e in entries[:3])
-        raise ValueError(f"{root} has no class subfolders (found only files: {shown}); put the "
-                         "images into one subfolder per class, named for the class "
-                         "(path/<class>/<image>.png)")
+        raise ValueError(
+            f"{root} has no class subfolders (found only files: {shown}); put the "
+            "images into one subfolder per class, named for the class "
+            "(path/<class>/<image>.png)"
+        )
     files: list[tuple[Path, int]] = []
     for label, folder in enumerate(folders):
         inside = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
-        other = [e.name + ("/" if e.is_dir() else "") for e in inside
-                 if e.is_dir() or e.suffix.lower() not in IMAGE_SUFFIXES]
+        other = [
+            e.name + ("/" if e.is_dir() else "")
+            for e in inside
+            if e.is_dir() or e.suffix.lower() not in IMAGE_SUFFIXES
+        ]
         if other:
             raise ValueError(
                 f"class folder {folder} holds {len(other)} entries that are not images "
@@ -186,8 +195,10 @@ def _listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                 "directly in a class folder: move the others out"
             )
         if not inside:
-            raise ValueError(f"class folder {folder} holds no images; add images or remove "
-                             "the folder (an empty class would shift the labels after it)")
+            raise ValueError(
+                f"class folder {folder} holds no images; add images or remove "
+                "the folder (an empty class would shift the labels after it)"
+            )
         files += [(e, label) for e in inside]
     return [f.name for f in folders], files
 
@@ -205,16 +216,23 @@ def _read(file: Path, size: tuple[int, int] | None) -> tuple[str, tuple[int, int
                 if size is not None:
                     out = out.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{file}: not a readable image ({err}); replace or remove the file"
-                         ) from err
+        raise ValueError(
+            f"{file}: not a readable image ({err}); replace or remove the file"
+        ) from err
     if kind is None or out is None:
-        raise ValueError(f"{file}: Pillow mode {mode!r} (16- or 32-bit pixels) is not "
-                         "supported; save the images as 8-bit grayscale or RGB (values 0..255)")
+        raise ValueError(
+            f"{file}: Pillow mode {mode!r} (16- or 32-bit pixels) is not "
+            "supported; save the images as 8-bit grayscale or RGB (values 0..255)"
+        )
     return kind, hw, np.asarray(out, dtype=np.uint8)
 
 
-def _same(first: tuple[Path, str, tuple[int, int]], this: tuple[Path, str, tuple[int, int]],
-          *, resized: bool) -> None:
+def _same(
+    first: tuple[Path, str, tuple[int, int]],
+    this: tuple[Path, str, tuple[int, int]],
+    *,
+    resized: bool,
+) -> None:
     """Every image must have the first one's channel count, and its size unless resized."""
     (f0, kind0, hw0), (f1, kind1, hw1) = first, this
     if kind0 != kind1:
@@ -235,9 +253,7 @@ def _same(first: tuple[Path, str, tuple[int, int]], this: tuple[Path, str, tuple
 
 
 def from_arrays(
-    source: str | os.PathLike[str] | Mapping[str, Any],
-    *,
-    n: int | None = None,
+    source: str | os.PathLike[str] | Mapping[str, Any], *, n: int | None = None
 ) -> Images:
     """Images and labels from an array file: ``.npz`` or ``.safetensors`` (or a mapping).
 
@@ -280,13 +296,17 @@ def from_arrays(
     name, arrays, classes = _arrays(source)
     for key in ("x", "y"):
         if key not in arrays:
-            raise ValueError(f"{name}: no array {key!r}; it holds {sorted(arrays) or 'nothing'}"
-                             "; store the images as 'x' and the labels as 'y'")
+            raise ValueError(
+                f"{name}: no array {key!r}; it holds {sorted(arrays) or 'nothing'}"
+                "; store the images as 'x' and the labels as 'y'"
+            )
     x, y = arrays["x"], arrays["y"]
     _check_dtypes(x, y, name)
     if x.ndim not in (3, 4):
-        raise ValueError(f"{name}: x must be (N, C, H, W), (N, H, W, C) or (N, H, W), got "
-                         f"shape {tuple(x.shape)} ({x.ndim} dimensions)")
+        raise ValueError(
+            f"{name}: x must be (N, C, H, W), (N, H, W, C) or (N, H, W), got "
+            f"shape {tuple(x.shape)} ({x.ndim} dimensions)"
+        )
     if x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] not in (1, 3):
         raise ValueError(
             f"{name}: x of shape {tuple(x.shape)} has no channel axis of size 1 (grayscale) "
@@ -294,8 +314,10 @@ def from_arrays(
             "alpha channel (x[..., :3])"
         )
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"{name}: x holds {len(x)} images but y has shape {tuple(y.shape)}; "
-                         "y must hold one integer label per image, shape (N,)")
+        raise ValueError(
+            f"{name}: x holds {len(x)} images but y has shape {tuple(y.shape)}; "
+            "y must hold one integer label per image, shape (N,)"
+        )
     count = _first(n, len(x), name)
     xt, yt = _tensor(x[:count]), _tensor(y[:count]).long()
     xt = xt.unsqueeze(1) if xt.dim() == 3 else xt
@@ -316,8 +338,10 @@ def _check_dtypes(x: Any, y: Any, name: str) -> None:
             "(0..255) or images as float32 with values in [0, 1] (e.g. x / 65535 for 16-bit)"
         )
     if _dtype(y) not in _Y_DTYPES:
-        raise ValueError(f"{name}: y holds {_dtype(y)} values, not integer labels; labels are "
-                         "class indices: store them as int64 (y.astype(np.int64))")
+        raise ValueError(
+            f"{name}: y holds {_dtype(y)} values, not integer labels; labels are "
+            "class indices: store them as int64 (y.astype(np.int64))"
+        )
 
 
 def _tensor(a: Any) -> Tensor:
@@ -332,14 +356,18 @@ def _tensor(a: Any) -> Tensor:
 def _arrays(source: Any) -> tuple[str, dict[str, Any], list[str] | None]:
     """``(name, arrays by key, class names)`` of a source, not yet checked."""
     if isinstance(source, Mapping):
-        arrays = {k: _plain(v, k) if k in ("x", "y") else None
-                  for k, v in source.items() if k != "classes"}
+        arrays = {
+            k: _plain(v, k) if k in ("x", "y") else None
+            for k, v in source.items()
+            if k != "classes"
+        }
         names = source.get("classes")
         return "<arrays>", arrays, None if names is None else _names(names, "<arrays>")
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; pass an .npz or .safetensors file "
-                                "holding x and y")
+        raise FileNotFoundError(
+            f"{path}: no such file; pass an .npz or .safetensors file holding x and y"
+        )
     suffix = path.suffix.lower()
     if path.is_dir() or suffix not in (".npz", ".safetensors"):
         what = "a folder" if path.is_dir() else f"a {suffix or 'suffix-less'} file"
@@ -358,8 +386,9 @@ def _plain(value: Any, key: str) -> Any:
     try:
         a = np.asarray(value)
     except ValueError as err:  # ragged nested lists
-        raise ValueError(f"<arrays>: {key!r} is not a rectangular array ({err}); pass one "
-                         "NumPy array or tensor") from None
+        raise ValueError(
+            f"<arrays>: {key!r} is not a rectangular array ({err}); pass one NumPy array or tensor"
+        ) from None
     if a.dtype.hasobject:
         raise ValueError(f"<arrays>: {key!r} is an object array; {_PICKLE_FIX}")
     return a
@@ -371,11 +400,14 @@ def _npz(path: Path) -> tuple[str, dict[str, Any], list[str] | None]:
     except _NPZ_ERRORS as err:
         raise _npz_error(path, "the file", err) from err
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: a single .npy array, not an .npz archive; write the images "
-                         "and labels with numpy.savez(path, x=x, y=y)")
+        raise ValueError(
+            f"{path}: a single .npy array, not an .npz archive; write the images "
+            "and labels with numpy.savez(path, x=x, y=y)"
+        )
     with f:
-        arrays = {k: _npz_member(f, k, path) if k in ("x", "y", "classes") else None
-                  for k in f.files}  # other keys: listed in errors, never read
+        arrays = {
+            k: _npz_member(f, k, path) if k in ("x", "y", "classes") else None for k in f.files
+        }  # other keys: listed in errors, never read
     names = arrays.pop("classes", None)
     return str(path), arrays, None if names is None else _names(names, str(path))
 
@@ -389,10 +421,11 @@ def _npz_member(f: Any, key: str, path: Path) -> np.ndarray:
 
 def _npz_error(path: Path, what: str, err: BaseException) -> ValueError:
     if "pickle" in str(err):  # NumPy's refusal of an object array or a pickle file
-        return ValueError(f"{path}: {what} holds pickled Python objects, refused; "
-                          f"{_PICKLE_FIX}")
-    return ValueError(f"{path}: {what} is not readable as an .npz archive ({err}); write it "
-                      "with numpy.savez(path, x=x, y=y)")
+        return ValueError(f"{path}: {what} holds pickled Python objects, refused; {_PICKLE_FIX}")
+    return ValueError(
+        f"{path}: {what} is not readable as an .npz archive ({err}); write it "
+        "with numpy.savez(path, x=x, y=y)"
+    )
 
 
 def _safetensors(path: Path) -> tuple[str, dict[str, Any], list[str] | None]:
@@ -402,15 +435,18 @@ def _safetensors(path: Path) -> tuple[str, dict[str, Any], list[str] | None]:
             arrays = {k: f.get_tensor(k) if k in ("x", "y") else None for k in keys}
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable .safetensors file ({err}); write it with "
-                         "safetensors.torch.save_file({'x': x, 'y': y}, path)") from err
+        raise ValueError(
+            f"{path}: not a readable .safetensors file ({err}); write it with "
+            "safetensors.torch.save_file({'x': x, 'y': y}, path)"
+        ) from err
     if "classes" not in meta:
         return str(path), arrays, None
     try:
         names = json.loads(meta["classes"])
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: metadata 'classes' is not JSON ({err}); store "
-                         "json.dumps(list_of_names)") from None
+        raise ValueError(
+            f"{path}: metadata 'classes' is not JSON ({err}); store json.dumps(list_of_names)"
+        ) from None
     return str(path), arrays, _names(names, str(path))
 
 
@@ -418,11 +454,17 @@ def _names(names: Any, name: str) -> list[str]:
     """Class names as a list of strings (bytes decoded as UTF-8)."""
     if isinstance(names, np.ndarray):
         if names.ndim != 1 or names.dtype.kind not in "US":
-            raise ValueError(f"{name}: classes must be a 1-D string array, got dtype "
-                             f"{names.dtype} shape {names.shape}; save np.array(list_of_names)")
+            raise ValueError(
+                f"{name}: classes must be a 1-D string array, got dtype "
+                f"{names.dtype} shape {names.shape}; save np.array(list_of_names)"
+            )
         names = [v.decode() if isinstance(v, bytes) else str(v) for v in names.tolist()]
-    if isinstance(names, str) or not isinstance(names, Sequence) \
-            or not all(isinstance(v, str) for v in names):
-        raise ValueError(f"{name}: classes must be a list of strings, one name per class, got "
-                         f"{names!r:.80}")
+    if (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not all(isinstance(v, str) for v in names)
+    ):
+        raise ValueError(
+            f"{name}: classes must be a list of strings, one name per class, got {names!r:.80}"
+        )
     return list(names)

@@ -26,7 +26,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
-    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
+    "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),)
 }
 SYSTEM_PACKAGES: dict[str, str] = {"fashion-mnist": "dataset-fashion-mnist"}
 _CHUNK = 1 << 20  # bytes read per network call

@@ -43,6 +43,16 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = [
-    "ABSTAIN", "DEFENSES", "Certificate", "Defense", "Smoothing", "certify", "certify_iter",
-    "create", "l0_radius", "names", "predict", "vote_counts",
+    "ABSTAIN",
+    "DEFENSES",
+    "Certificate",
+    "Defense",
+    "Smoothing",
+    "certify",
+    "certify_iter",
+    "create",
+    "l0_radius",
+    "names",
+    "predict",
+    "vote_counts",
 ]

@@ -86,8 +86,15 @@ def sizes(model: nn.Module, x: Tensor, rows: int, batch_size: int | None) -> tup
     return DRAW_CHUNK, best_batch_size(model, x, rows, DRAW_CHUNK)
 
 
-def _noisy_chunks(x: Tensor, samples: int, offset: int, sigma: float, noise: str, draw: int,
-                  generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
+def _noisy_chunks(
+    x: Tensor,
+    samples: int,
+    offset: int,
+    sigma: float,
+    noise: str,
+    draw: int,
+    generator: torch.Generator | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
     """``(owners, x[rows] + noise)`` in chunks of ``draw`` of the ``len(x) * samples`` rows,
     input by input, drawn as :func:`~robustlab.defenses.smoothing.noisy_logits` draws them;
     ``owners`` = ``offset`` + the input's index."""
@@ -98,8 +105,9 @@ def _noisy_chunks(x: Tensor, samples: int, offset: int, sigma: float, noise: str
         yield rows + offset, xi + sample(xi, noise, sigma, generator)
 
 
-def _forwards(model: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]],
-              batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _forwards(
+    model: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]], batch: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     """``(owners, logits)`` of the chunks' rows, in order, ``batch`` rows per forward (the
     last takes the rest); a CUDA out-of-memory error halves ``batch`` for the rest."""
     owners: list[Tensor] = []
@@ -126,8 +134,9 @@ def _forwards(model: nn.Module, chunks: Iterable[tuple[Tensor, Tensor]],
         yield torch.cat(owners), model(torch.cat(parts))
 
 
-def job_logits(model: nn.Module, jobs: Iterable[Job], *, sigma: float, noise: str, draw: int,
-               batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+def job_logits(
+    model: nn.Module, jobs: Iterable[Job], *, sigma: float, noise: str, draw: int, batch: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     """``(owners, logits)`` for every noisy row of ``jobs`` (taken lazily, in order): a job
     ``(x, samples, generator)`` draws ``samples`` copies of each input of ``x`` from its
     generator, in chunks of ``draw`` rows, input by input; its rows' ``owners`` number the
@@ -136,10 +145,16 @@ def job_logits(model: nn.Module, jobs: Iterable[Job], *, sigma: float, noise: st
     model with weight noise). Call it without gradients and in eval mode."""
     numbered = _numbered(jobs)
     if shares_weight_noise(model):
-        return ((rows + off, logits) for off, (x, k, gen) in numbered
-                for rows, logits in noisy_logits(model, x, k, sigma, noise, draw, gen))
-    chunks = (c for off, (x, k, gen) in numbered
-              for c in _noisy_chunks(x, k, off, sigma, noise, draw, gen))
+        return (
+            (rows + off, logits)
+            for off, (x, k, gen) in numbered
+            for rows, logits in noisy_logits(model, x, k, sigma, noise, draw, gen)
+        )
+    chunks = (
+        c
+        for off, (x, k, gen) in numbered
+        for c in _noisy_chunks(x, k, off, sigma, noise, draw, gen)
+    )
     return _forwards(model, chunks, batch)
 
 

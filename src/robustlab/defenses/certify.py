@@ -78,8 +78,10 @@ def check_box(x: object, bounds: Box) -> None:
 def _check_l0_inputs(x: Tensor, bounds: Box) -> None:
     """uniform-l0 noise certifies inputs on its levels ``k / K`` of [0, 1] only."""
     if tuple(bounds) != (0.0, 1.0):
-        raise ValueError(f"uniform-l0 noise draws levels of [0, 1], but bounds are {bounds}: "
-                         "scale the inputs to [0, 1] and keep the default bounds")
+        raise ValueError(
+            f"uniform-l0 noise draws levels of [0, 1], but bounds are {bounds}: "
+            "scale the inputs to [0, 1] and keep the default bounds"
+        )
     check_quantised(x)
 
 
@@ -93,15 +95,27 @@ def _radius(p_a: float, noise: str, sigma: float, d: int) -> float:
 
 def _check(sigma: float, noise: str, alpha: float, batch_size: int | None) -> None:
     check_noise(noise, sigma)
-    number(alpha, "alpha (the allowed failure probability)", low=0, high=1, low_open=True,
-           high_open=True)
+    number(
+        alpha,
+        "alpha (the allowed failure probability)",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
     if batch_size is not None:
         positive_int(batch_size, "batch_size")
 
 
 def vote_counts(
-    model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str = "gaussian",
-    batch_size: int | None = None, generator: torch.Generator | None = None,
+    model: nn.Module,
+    x: Tensor,
+    num: int,
+    *,
+    sigma: float,
+    noise: str = "gaussian",
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
     bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """(N, K) int64: how often the base ``model`` predicts each class on ``num`` noisy copies of
@@ -111,23 +125,43 @@ def vote_counts(
     check_box(x, bounds)
     if batch_size is not None:
         positive_int(batch_size, "batch_size")
-    return _vote_counts(model, x, num, sigma=sigma, noise=noise, batch_size=batch_size,
-                        generator=generator)
+    return _vote_counts(
+        model, x, num, sigma=sigma, noise=noise, batch_size=batch_size, generator=generator
+    )
 
 
-def _vote_counts(model: nn.Module, x: Tensor, num: int, *, sigma: float, noise: str,
-                 batch_size: int | None, generator: torch.Generator | None) -> Tensor:
+def _vote_counts(
+    model: nn.Module,
+    x: Tensor,
+    num: int,
+    *,
+    sigma: float,
+    noise: str,
+    batch_size: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     positive_int(num, "the number of noise draws")
     draw, batch = sizes(model, x, len(x) * num, batch_size)
     with torch.no_grad(), eval_mode(model):
-        return count_votes(job_logits(model, [(x, num, generator)], sigma=sigma,
-                                      noise=noise, draw=draw, batch=batch), len(x))
+        return count_votes(
+            job_logits(
+                model, [(x, num, generator)], sigma=sigma, noise=noise, draw=draw, batch=batch
+            ),
+            len(x),
+        )
 
 
 def predict(
-    model: nn.Module, x: Tensor, *, sigma: float, n: int = 100_000, alpha: float = 0.001,
-    noise: str = "gaussian", batch_size: int | None = None,
-    generator: torch.Generator | None = None, bounds: Box = (0.0, 1.0),
+    model: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    noise: str = "gaussian",
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+    bounds: Box = (0.0, 1.0),
 ) -> Tensor:
     """Cohen et al.'s PREDICT: (N,) int64 classes of the smoothed classifier, :data:`ABSTAIN`
     where the top two counts among ``n`` draws are not significantly different at level
@@ -136,8 +170,9 @@ def predict(
     as for :func:`vote_counts` (the noisy copies of several inputs share a forward)."""
     _check(sigma, noise, alpha, batch_size)
     check_box(x, bounds)
-    counts = _vote_counts(model, x, n, sigma=sigma, noise=noise, batch_size=batch_size,
-                          generator=generator)
+    counts = _vote_counts(
+        model, x, n, sigma=sigma, noise=noise, batch_size=batch_size, generator=generator
+    )
     top = counts.topk(min(2, counts.shape[1]), dim=1)
     out = top.indices[:, 0].clone()
     for i, c in enumerate(top.values.tolist()):
@@ -165,16 +200,29 @@ def _generators(generator: Generators, n: int, x: Tensor) -> list[torch.Generato
         return [generator] * n
     gens = list(generator)
     if len(gens) != n or not all(isinstance(g, torch.Generator) for g in gens):
-        raise TypeError(f"generator must be a torch.Generator, None, or a sequence of one "
-                        f"torch.Generator per input ({n}), got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator, None, or a sequence of one "
+            f"torch.Generator per input ({n}), got {type(generator).__name__}"
+        )
     return gens
 
 
 def certify_iter(
-    model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = None,
-    generator: Generators = None, start: int = 0, bounds: Box = (0.0, 1.0),
-    sequential: bool = False, max_n: int = 100_000, radius_tolerance: float | None = None,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    noise: str = "gaussian",
+    batch_size: int | None = None,
+    generator: Generators = None,
+    start: int = 0,
+    bounds: Box = (0.0, 1.0),
+    sequential: bool = False,
+    max_n: int = 100_000,
+    radius_tolerance: float | None = None,
     min_radius: float = 0.0,
 ) -> Iterator[Certificate]:
     """Cohen et al.'s CERTIFY, one :class:`Certificate` per input as soon as it is done (for
@@ -198,34 +246,76 @@ def certify_iter(
         if sequential is not True:
             raise TypeError(f"sequential must be True or False, got {sequential!r}")
         estimates = sequential_estimates(
-            model, x, gens, sigma=sigma, n0=n0, max_n=max_n, alpha=alpha, noise=noise,
-            batch_size=batch_size, radius_tolerance=radius_tolerance, min_radius=min_radius,
-            radius_of=radius_of)
-        return (Certificate(index=start + e.position,
-                            prediction=e.c_a if e.p_lower > 0.5 else ABSTAIN,
-                            radius=radius_of(e.p_lower) if e.p_lower > 0.5 else 0.0,
-                            p_lower=e.p_lower, count=e.count, norm=CERTIFIED_NORM[noise],
-                            seconds=e.seconds, draws=e.draws) for e in estimates)
+            model,
+            x,
+            gens,
+            sigma=sigma,
+            n0=n0,
+            max_n=max_n,
+            alpha=alpha,
+            noise=noise,
+            batch_size=batch_size,
+            radius_tolerance=radius_tolerance,
+            min_radius=min_radius,
+            radius_of=radius_of,
+        )
+        return (
+            Certificate(
+                index=start + e.position,
+                prediction=e.c_a if e.p_lower > 0.5 else ABSTAIN,
+                radius=radius_of(e.p_lower) if e.p_lower > 0.5 else 0.0,
+                p_lower=e.p_lower,
+                count=e.count,
+                norm=CERTIFIED_NORM[noise],
+                seconds=e.seconds,
+                draws=e.draws,
+            )
+            for e in estimates
+        )
     positive_int(n, "n")
     draw, batch = sizes(model, x, len(x) * (n0 + n), batch_size)
-    return _certificates(model, x, gens, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-                         draw=draw, batch=batch, start=start, radius_of=radius_of)
+    return _certificates(
+        model,
+        x,
+        gens,
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        noise=noise,
+        draw=draw,
+        batch=batch,
+        start=start,
+        radius_of=radius_of,
+    )
 
 
-def _certificates(model: nn.Module, x: Tensor, gens: list[torch.Generator | None], *,
-                  sigma: float, n0: int, n: int, alpha: float, noise: str, draw: int,
-                  batch: int, start: int,
-                  radius_of: Callable[[float], float]) -> Iterator[Certificate]:
+def _certificates(
+    model: nn.Module,
+    x: Tensor,
+    gens: list[torch.Generator | None],
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    noise: str,
+    draw: int,
+    batch: int,
+    start: int,
+    radius_of: Callable[[float], float],
+) -> Iterator[Certificate]:
     """Fixed-N CERTIFY: input ``i`` is jobs ``2i`` (``n0`` selection draws) and ``2i + 1``
     (``n`` fresh estimation draws), drawn in that order; forwards span inputs."""
     norm = CERTIFIED_NORM[noise]
-    jobs = ((x[i // 2:i // 2 + 1], (n0, n)[i % 2], gens[i // 2]) for i in range(2 * len(x)))
+    jobs = ((x[i // 2 : i // 2 + 1], (n0, n)[i % 2], gens[i // 2]) for i in range(2 * len(x)))
     counts: dict[int, Tensor] = {}
     done = 0
     t0 = time.perf_counter()
     with torch.no_grad(), eval_mode(model):
-        for rows, logits in job_logits(model, jobs, sigma=sigma, noise=noise, draw=draw,
-                                       batch=batch):
+        for rows, logits in job_logits(
+            model, jobs, sigma=sigma, noise=noise, draw=draw, batch=batch
+        ):
             votes = logits.argmax(1)
             for job in rows.unique().tolist():
                 got = torch.bincount(votes[rows == job], minlength=logits.shape[1])
@@ -235,19 +325,36 @@ def _certificates(model: nn.Module, x: Tensor, gens: list[torch.Generator | None
                 count = int(counts.pop(2 * done + 1)[c_a])
                 p_a = lower_confidence_bound(count, n, alpha)
                 certified = p_a > 0.5
-                yield Certificate(index=start + done, prediction=c_a if certified else ABSTAIN,
-                                  radius=radius_of(p_a) if certified else 0.0, p_lower=p_a,
-                                  count=count, norm=norm, seconds=time.perf_counter() - t0,
-                                  draws=n)
+                yield Certificate(
+                    index=start + done,
+                    prediction=c_a if certified else ABSTAIN,
+                    radius=radius_of(p_a) if certified else 0.0,
+                    p_lower=p_a,
+                    count=count,
+                    norm=norm,
+                    seconds=time.perf_counter() - t0,
+                    draws=n,
+                )
                 done += 1
                 t0 = time.perf_counter()
 
 
 def certify(
-    model: nn.Module, x: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = None,
-    generator: Generators = None, bounds: Box = (0.0, 1.0), sequential: bool = False,
-    max_n: int = 100_000, radius_tolerance: float | None = None, min_radius: float = 0.0,
+    model: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    noise: str = "gaussian",
+    batch_size: int | None = None,
+    generator: Generators = None,
+    bounds: Box = (0.0, 1.0),
+    sequential: bool = False,
+    max_n: int = 100_000,
+    radius_tolerance: float | None = None,
+    min_radius: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Cohen et al.'s CERTIFY on every input of ``x`` (N, C, H, W), inside the input box
     ``bounds`` (``(low, high)``; inputs outside it are refused, as by every entry point:
@@ -276,11 +383,25 @@ def certify(
         the ball of that radius around the input; with ``sequential=True`` this holds at the
         data-dependent number of draws where it stopped.
     """
-    rows = sorted(certify_iter(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-                               batch_size=batch_size, generator=generator, bounds=bounds,
-                               sequential=sequential, max_n=max_n,
-                               radius_tolerance=radius_tolerance, min_radius=min_radius),
-                  key=lambda r: r.index)
+    rows = sorted(
+        certify_iter(
+            model,
+            x,
+            sigma=sigma,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            noise=noise,
+            batch_size=batch_size,
+            generator=generator,
+            bounds=bounds,
+            sequential=sequential,
+            max_n=max_n,
+            radius_tolerance=radius_tolerance,
+            min_radius=min_radius,
+        ),
+        key=lambda r: r.index,
+    )
     pred = torch.tensor([r.prediction for r in rows], dtype=torch.long)
     rad = torch.tensor([r.radius for r in rows], dtype=torch.float64)
     return pred, rad

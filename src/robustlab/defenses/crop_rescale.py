@@ -88,6 +88,11 @@ class CropRescaleDefense(MeanOfDraws):
     Cost: ``samples`` forward passes of ``model``.
     """
 
-    def __init__(self, model: nn.Module, ratio: float = CROP_RATIO, samples: int = 1,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float = CROP_RATIO,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(model, CropRescale(ratio), samples, generator)

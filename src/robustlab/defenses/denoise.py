@@ -61,11 +61,15 @@ class Denoised(Defense):
             param = next(model.parameters(), None)
             denoiser = load_denoiser(denoiser, device=param.device if param is not None else None)
         if not isinstance(denoiser, nn.Module):
-            raise TypeError(f"denoiser must be an nn.Module or the path of a denoiser "
-                            f"checkpoint, got {type(denoiser).__name__}")
+            raise TypeError(
+                f"denoiser must be an nn.Module or the path of a denoiser "
+                f"checkpoint, got {type(denoiser).__name__}"
+            )
         if isinstance(model, Denoiser) and not isinstance(denoiser, Denoiser):
-            raise TypeError("the classifier comes first: Denoised(classifier, denoiser=den), "
-                            "create('denoised', classifier, denoiser=den)")
+            raise TypeError(
+                "the classifier comes first: Denoised(classifier, denoiser=den), "
+                "create('denoised', classifier, denoiser=den)"
+            )
         self.denoiser = denoiser
         self.base.eval()
 
@@ -77,9 +81,11 @@ class Denoised(Defense):
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
         meta = getattr(self.denoiser, "robustlab_meta", {})
-        return {**super().config(),
-                "denoiser": getattr(self.denoiser, "robustlab_arch", type(self.denoiser).__name__),
-                **{k: meta[k] for k in ("sigma", "noise", "objective", "epoch") if k in meta}}
+        return {
+            **super().config(),
+            "denoiser": getattr(self.denoiser, "robustlab_arch", type(self.denoiser).__name__),
+            **{k: meta[k] for k in ("sigma", "noise", "objective", "epoch") if k in meta},
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(self.denoiser(x))

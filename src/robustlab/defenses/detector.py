@@ -73,8 +73,13 @@ class Detector(Defense):
     #: whether :meth:`fit_statistics` learns from data (then the threshold uses held-out points)
     has_statistics = False
 
-    def __init__(self, model: nn.Module, threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
         super().__init__(model)
         self.fpr = number(fpr, "fpr", low=0, high=1, low_open=True, high_open=True)
         self.holdout = number(holdout, "holdout", low=0, high=1, low_open=True, high_open=True)
@@ -84,9 +89,13 @@ class Detector(Defense):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "threshold": self.threshold, "fpr": self.fpr,
-                "holdout": self.holdout if self.has_statistics else None,
-                "fit_samples": self.fit_samples}
+        return {
+            **super().config(),
+            "threshold": self.threshold,
+            "fpr": self.fpr,
+            "holdout": self.holdout if self.has_statistics else None,
+            "fit_samples": self.fit_samples,
+        }
 
     @property
     def fitted(self) -> bool:
@@ -114,17 +123,18 @@ class Detector(Defense):
 
     def _fitted_threshold(self) -> float:
         if self.threshold is None:
-            raise ValueError(f"the {self.name} detector has no threshold yet: call "
-                             ".fit(x_train, y_train) on clean training points, or pass "
-                             "threshold= when creating it")
+            raise ValueError(
+                f"the {self.name} detector has no threshold yet: call "
+                ".fit(x_train, y_train) on clean training points, or pass "
+                "threshold= when creating it"
+            )
         return self.threshold
 
     @torch.no_grad()
     def scores(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """:meth:`score` of ``x`` in batches of ``batch_size``, without gradients."""
         batch_size = positive_int(batch_size, "batch_size")
-        return torch.cat([self.score(x[i:i + batch_size]) for i in range(0, len(x),
-                                                                          batch_size)])
+        return torch.cat([self.score(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
     def fit(self, x: Tensor, y: Tensor | None = None, batch_size: int = 256) -> Detector:
         """Fit on clean training points ``x`` (N, C, H, W) with labels ``y`` (N,) where the
@@ -138,8 +148,10 @@ class Detector(Defense):
         if self.has_statistics:
             n_held = math.ceil(len(x) * self.holdout)
             if n_held >= len(x) or n_held < 1:
-                raise ValueError(f"{len(x)} points cannot be split into statistics and a "
-                                 f"held-out {self.holdout:g} for the threshold: fit on more")
+                raise ValueError(
+                    f"{len(x)} points cannot be split into statistics and a "
+                    f"held-out {self.holdout:g} for the threshold: fit on more"
+                )
             self.fit_statistics(x[:-n_held], None if y is None else y[:-n_held], batch_size)
             held = x[-n_held:]
         self.threshold = threshold_at(self.scores(held, batch_size), self.fpr)

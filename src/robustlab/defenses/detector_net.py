@@ -97,8 +97,10 @@ def default_layer(model: nn.Module) -> str:
         for name, module in named:
             if isinstance(module, kinds):
                 return name
-    raise ValueError("the model has no pooling, activation or Conv2d module to attach the "
-                     "detector network to: name one with layer=")
+    raise ValueError(
+        "the model has no pooling, activation or Conv2d module to attach the "
+        "detector network to: name one with layer="
+    )
 
 
 def feature_shape(model: nn.Module, layer: str, x: Tensor) -> tuple[int, int, int]:
@@ -108,8 +110,10 @@ def feature_shape(model: nn.Module, layer: str, x: Tensor) -> tuple[int, int, in
         _, (out,) = capture(model, x, [layer], inputs=False, option="layer", flatten=False)
     shape = tuple(out.shape[1:])
     if not 1 <= len(shape) <= 3:
-        raise ValueError(f"layer {layer!r} outputs {len(shape) + 1}-D tensors; the detector "
-                         "network reads (N, C, H, W) maps (or (N, D)): name another with layer=")
+        raise ValueError(
+            f"layer {layer!r} outputs {len(shape) + 1}-D tensors; the detector "
+            "network reads (N, C, H, W) maps (or (N, D)): name another with layer="
+        )
     return (*shape, *([1] * (3 - len(shape))))  # type: ignore[return-value]
 
 
@@ -123,8 +127,9 @@ def _conv(generator: torch.Generator | None, c_in: int, c_out: int, k: int, **kw
     return conv
 
 
-def detector_head(shape: tuple[int, int, int], width: int,
-                  generator: torch.Generator | None = None) -> nn.Sequential:
+def detector_head(
+    shape: tuple[int, int, int], width: int, generator: torch.Generator | None = None
+) -> nn.Sequential:
     """The detector network for (C, H, W) feature maps (module docstring): three 3x3
     convolutions of ``width``, ``2 width``, ``2 width`` channels with ReLUs, 2x2 max-pools after
     the first two while the map's smaller side is >= 8, a 1x1 convolution to one channel and
@@ -170,12 +175,24 @@ class DetectorNetwork(Detector):
 
     has_statistics = True
 
-    def __init__(self, model: nn.Module, layer: str | None = None, width: int = 96,
-                 epochs: int = 20, lr: float = 1e-3, minibatch: int = 64, noisy: bool = False,
-                 attack: str = "pgd", norm: str = "linf", eps: float = 0.1,
-                 attack_options: Mapping[str, Any] | None = None, seed: int = 0,
-                 threshold: float | None = None, fpr: float = 0.05, holdout: float = 0.2
-                 ) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        width: int = 96,
+        epochs: int = 20,
+        lr: float = 1e-3,
+        minibatch: int = 64,
+        noisy: bool = False,
+        attack: str = "pgd",
+        norm: str = "linf",
+        eps: float = 0.1,
+        attack_options: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
         self.layer = default_layer(model) if layer is None else layer
         feature_module(model, self.layer, option="layer")
@@ -187,10 +204,11 @@ class DetectorNetwork(Detector):
             raise TypeError(f"noisy must be True or False, got {noisy!r}")
         self.noisy = noisy
         if attack_options is not None and not isinstance(attack_options, Mapping):
-            raise TypeError(f"attack_options must be a dict of the attack's options, e.g. "
-                            f"{{'steps': 10}}, got {type(attack_options).__name__}")
-        options = dict(BIM if attack_options is None and attack == "pgd" else
-                       attack_options or {})
+            raise TypeError(
+                f"attack_options must be a dict of the attack's options, e.g. "
+                f"{{'steps': 10}}, got {type(attack_options).__name__}"
+            )
+        options = dict(BIM if attack_options is None and attack == "pgd" else attack_options or {})
         self.attack = create_attack(attack, ThreatModel(norm, eps), **options)
         self.seed = integer(seed, "seed")
         self.head: nn.Sequential | None = None
@@ -205,19 +223,29 @@ class DetectorNetwork(Detector):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the fitting attack and point counts."""
-        return {**super().config(), "supervised": True, "layer": self.layer,
-                "width": self.width, "epochs": self.epochs, "lr": self.lr,
-                "minibatch": self.minibatch, "noisy": self.noisy,
-                "attack": {**self.attack.config(), "threat": self.attack.threat.to_dict()},
-                "seed": self.seed, "training_points": self.training_points,
-                "feature_shape": None if self.feature_shape is None else
-                list(self.feature_shape), "train_accuracy": self.train_accuracy}
+        return {
+            **super().config(),
+            "supervised": True,
+            "layer": self.layer,
+            "width": self.width,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "minibatch": self.minibatch,
+            "noisy": self.noisy,
+            "attack": {**self.attack.config(), "threat": self.attack.threat.to_dict()},
+            "seed": self.seed,
+            "training_points": self.training_points,
+            "feature_shape": None if self.feature_shape is None else list(self.feature_shape),
+            "train_accuracy": self.train_accuracy,
+        }
 
     def features(self, x: Tensor) -> Tensor:
         """The layer's output for ``x``, (N, C, H, W), z-scored per channel (differentiable)."""
         if self.head is None:
-            raise ValueError("the detector-net detector is not fitted: call "
-                             ".fit(x_train, y_train) on clean training points")
+            raise ValueError(
+                "the detector-net detector is not fitted: call "
+                ".fit(x_train, y_train) on clean training points"
+            )
         _, (flat,) = capture(self.base, x, [self.layer], inputs=False, option="layer")
         return (flat.reshape(len(x), *self.feature_shape) - self.mean) / self.std
 
@@ -227,41 +255,50 @@ class DetectorNetwork(Detector):
 
     def _raw(self, x: Tensor, batch_size: int) -> Tensor:
         with torch.no_grad():
-            parts = [capture(self.base, xb, [self.layer], inputs=False, option="layer")[1][0]
-                     for xb in x.split(batch_size)]
+            parts = [
+                capture(self.base, xb, [self.layer], inputs=False, option="layer")[1][0]
+                for xb in x.split(batch_size)
+            ]
         return torch.cat(parts).reshape(len(x), *self.feature_shape)
 
     def fit_statistics(self, x: Tensor, y: Tensor | None, batch_size: int) -> None:
         """Craft adversarial points on clean ``x`` (labels ``y`` required), cache the layer's
         features of both, and train the detector network on them (module docstring)."""
         if y is None:
-            raise ValueError(f"the {self.name} detector is supervised: pass the labels, "
-                             ".fit(x_train, y_train)")
+            raise ValueError(
+                f"the {self.name} detector is supervised: pass the labels, .fit(x_train, y_train)"
+            )
         self.feature_shape = feature_shape(self.base, self.layer, x[:1])
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        clean, noisy, adv = clean_noisy_adversarial(self.base, x, y.to(x.device), self.attack,
-                                                    gen, batch_size)
+        clean, noisy, adv = clean_noisy_adversarial(
+            self.base, x, y.to(x.device), self.attack, gen, batch_size
+        )
         negatives = [clean, noisy] if self.noisy else [clean]
         feats = torch.cat([self._raw(s, batch_size) for s in (*negatives, adv)])
         n_neg = sum(len(s) for s in negatives)
         labels = torch.cat([torch.zeros(n_neg), torch.ones(len(adv))]).to(feats)
-        ref = feats[:len(clean)].transpose(0, 1).flatten(1)  # the clean points' channels
+        ref = feats[: len(clean)].transpose(0, 1).flatten(1)  # the clean points' channels
         std = ref.std(1, unbiased=False)
         self.mean = ref.mean(1).view(-1, 1, 1)
         self.std = torch.where(std > 0, std, torch.ones_like(std)).view(-1, 1, 1)
-        head = detector_head(self.feature_shape, self.width,
-                             torch.Generator().manual_seed(self.seed))
+        head = detector_head(
+            self.feature_shape, self.width, torch.Generator().manual_seed(self.seed)
+        )
         self.head = head.to(feats.device, feats.dtype)
         self._train((feats - self.mean) / self.std, labels)
-        self.training_points = {"clean": len(clean), "noisy": len(noisy) if self.noisy else 0,
-                                "adversarial": len(adv)}
+        self.training_points = {
+            "clean": len(clean),
+            "noisy": len(noisy) if self.noisy else 0,
+            "adversarial": len(adv),
+        }
 
     def _train(self, feats: Tensor, labels: Tensor) -> None:
         """``epochs`` of Adam on the weighted binary cross-entropy; freezes the head after."""
         head = self.head
         n_pos = float(labels.sum())
-        weight = torch.where(labels > 0, len(labels) / (2 * n_pos),
-                             len(labels) / (2 * (len(labels) - n_pos)))
+        weight = torch.where(
+            labels > 0, len(labels) / (2 * n_pos), len(labels) / (2 * (len(labels) - n_pos))
+        )
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, betas=(0.99, 0.999))
         order_gen = torch.Generator().manual_seed(self.seed)
         head.train()
@@ -269,10 +306,9 @@ class DetectorNetwork(Detector):
             for _ in range(self.epochs):
                 order = torch.randperm(len(labels), generator=order_gen).to(labels.device)
                 for i in range(0, len(labels), self.minibatch):
-                    idx = order[i:i + self.minibatch]
+                    idx = order[i : i + self.minibatch]
                     out = head(feats[idx]).squeeze(1)
-                    loss = F.binary_cross_entropy_with_logits(out, labels[idx],
-                                                              weight=weight[idx])
+                    loss = F.binary_cross_entropy_with_logits(out, labels[idx], weight=weight[idx])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -282,5 +318,6 @@ class DetectorNetwork(Detector):
             out = torch.cat([head(f).squeeze(1) for f in feats.split(256)])
         self.train_accuracy = float(((out > 0).to(labels) == labels).float().mean())
         if not math.isfinite(float(out.sum())):
-            raise ValueError("the detector network's outputs are not finite after training: "
-                             "lower lr=")
+            raise ValueError(
+                "the detector network's outputs are not finite after training: lower lr="
+            )

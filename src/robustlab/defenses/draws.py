@@ -19,8 +19,9 @@ from robustlab.defenses.preprocess import Preprocessed, Transform
 __all__ = ["MeanOfDraws", "pick", "uniform"]
 
 
-def uniform(shape: tuple[int, ...], device: torch.device,
-            generator: torch.Generator | None) -> Tensor:
+def uniform(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+) -> Tensor:
     """U[0, 1) float32 draws on ``device``, from ``generator`` (drawn on its device) if given."""
     where = device if generator is None else generator.device
     return torch.rand(shape, generator=generator, device=where).to(device)
@@ -40,8 +41,9 @@ class MeanOfDraws(Preprocessed):
     that many independent draws, ``log (1/S) sum_s softmax(base(stage_s(x)))``, the
     averaged prediction of Guo et al. (crops) and Xie et al. (30 resize-pad draws)."""
 
-    def __init__(self, model: nn.Module, stage: Transform, samples: int,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self, model: nn.Module, stage: Transform, samples: int, generator: torch.Generator | None
+    ) -> None:
         super().__init__(model, stage)
         self.samples = positive_int(samples, "samples")
         self.stage.generator = generator_or_none(generator)

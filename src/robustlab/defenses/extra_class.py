@@ -58,14 +58,16 @@ class ExtraClassDetector(Detector):
 
     extra_outputs = 1
 
-    def __init__(self, model: nn.Module, threshold: float | None = None,
-                 fpr: float = 0.05) -> None:
+    def __init__(self, model: nn.Module, threshold: float | None = None, fpr: float = 0.05) -> None:
         super().__init__(ClassLogits(model), threshold=threshold, fpr=fpr)
 
     def config(self) -> dict[str, Any]:
         """The settings, and that the model must come from the ``extra-class`` objective."""
-        return {**super().config(), "needs": "a model with K + 1 outputs trained with the "
-                                             "extra-class objective (its last output)"}
+        return {
+            **super().config(),
+            "needs": "a model with K + 1 outputs trained with the "
+            "extra-class objective (its last output)",
+        }
 
     def score(self, x: Tensor) -> Tensor:
         """``z_K(x) - max_{k < K} z_k(x)``, one forward pass of the K + 1-class model."""

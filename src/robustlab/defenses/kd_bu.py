@@ -60,19 +60,30 @@ from robustlab.defenses.registry import register
 from robustlab.defenses.supervised import SupervisedDetector
 from robustlab.models.features import capture, feature_module
 
-__all__ = ["DROPOUT", "KernelDensityUncertainty", "bayesian_uncertainty", "log_kernel_density",
-           "mc_softmax"]
+__all__ = [
+    "DROPOUT",
+    "KernelDensityUncertainty",
+    "bayesian_uncertainty",
+    "log_kernel_density",
+    "mc_softmax",
+]
 
 #: the dropout layers Monte-Carlo dropout switches on (functional dropout is not seen)
-DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-           nn.FeatureAlphaDropout)
+DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def log_kernel_density(features: Tensor, reference: Tensor, bandwidth: float) -> Tensor:
     """``log(1/M sum_i exp(-||f - r_i||^2 / bandwidth^2))`` for each row ``f`` of ``features``
     (N, D) over the rows ``r_i`` of ``reference`` (M, D), shape (N,); differentiable."""
     d2 = torch.cdist(features, reference, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-    return torch.logsumexp(-d2 / bandwidth ** 2, 1) - math.log(len(reference))
+    return torch.logsumexp(-d2 / bandwidth**2, 1) - math.log(len(reference))
 
 
 def bayesian_uncertainty(probs: Tensor) -> Tensor:
@@ -100,8 +111,9 @@ def _dropout_on(model: nn.Module) -> Iterator[list[nn.Module]]:
             m.train(mode)
 
 
-def mc_softmax(model: nn.Module, x: Tensor, samples: int,
-               generator: torch.Generator | None = None) -> Tensor:
+def mc_softmax(
+    model: nn.Module, x: Tensor, samples: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Softmax outputs (T, N, K) of ``samples`` = T passes of ``model`` on ``x`` with its
     dropout layers on (the rest in its current mode); differentiable through the drawn masks.
     The masks come from ``generator`` (``nn.Dropout`` and ``nn.Dropout1d/2d/3d`` only: their
@@ -123,9 +135,11 @@ def _masked(layer: nn.Module, generator: torch.Generator) -> Any:
     mode, the identity) with a mask drawn from ``generator``: per element (``nn.Dropout``) or
     per channel (``nn.Dropout1d/2d/3d``), kept with probability 1 - p and scaled by 1/(1 - p)."""
     if type(layer) not in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
-        raise ValueError(f"a generator draws the masks of nn.Dropout and nn.Dropout1d/2d/3d "
-                         f"only, the model has {type(layer).__name__}: pass generator=None "
-                         "(torch's global generator)")
+        raise ValueError(
+            f"a generator draws the masks of nn.Dropout and nn.Dropout1d/2d/3d "
+            f"only, the model has {type(layer).__name__}: pass generator=None "
+            "(torch's global generator)"
+        )
     channel = type(layer) is not nn.Dropout
 
     def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
@@ -135,6 +149,7 @@ def _masked(layer: nn.Module, generator: torch.Generator) -> Any:
         keep = 1 - module.p
         mask = torch.rand(shape, generator=generator, device=generator.device) < keep
         return out * mask.to(out.device, out.dtype) / keep
+
     return hook
 
 
@@ -159,15 +174,33 @@ class KernelDensityUncertainty(SupervisedDetector):
     call. ``fit(x, y)`` needs labels: the class densities are per class.
     """
 
-    def __init__(self, model: nn.Module, bandwidth: float = 1.20, samples: int = 50,
-                 feature_layer: str | None = None, attack: str = "fgsm", norm: str = "linf",
-                 eps: float = 0.3, attack_options: Mapping[str, Any] | None = None,
-                 seed: int = 0, generator: torch.Generator | None = None,
-                 threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
-        super().__init__(model, attack=attack, norm=norm, eps=eps, seed=seed,
-                         attack_options=attack_options, threshold=threshold, fpr=fpr,
-                         holdout=holdout)
+    def __init__(
+        self,
+        model: nn.Module,
+        bandwidth: float = 1.20,
+        samples: int = 50,
+        feature_layer: str | None = None,
+        attack: str = "fgsm",
+        norm: str = "linf",
+        eps: float = 0.3,
+        attack_options: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
+        super().__init__(
+            model,
+            attack=attack,
+            norm=norm,
+            eps=eps,
+            seed=seed,
+            attack_options=attack_options,
+            threshold=threshold,
+            fpr=fpr,
+            holdout=holdout,
+        )
         self.bandwidth = number(bandwidth, "bandwidth", low=0, low_open=True)
         self.samples = positive_int(samples, "samples")
         self.feature_layer = feature_module(model, feature_layer)[0]
@@ -179,8 +212,13 @@ class KernelDensityUncertainty(SupervisedDetector):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "bandwidth": self.bandwidth, "samples": self.samples,
-                "feature_layer": self.feature_layer, "uses_uncertainty": self.uses_uncertainty}
+        return {
+            **super().config(),
+            "bandwidth": self.bandwidth,
+            "samples": self.samples,
+            "feature_layer": self.feature_layer,
+            "uses_uncertainty": self.uses_uncertainty,
+        }
 
     def reference_size(self, n: int) -> int:
         """Half of the statistics points hold the class densities."""
@@ -194,12 +232,16 @@ class KernelDensityUncertainty(SupervisedDetector):
             k = self.base(x[:1]).shape[1]
         missing = sorted(set(range(k)) - set(y.tolist()))
         if missing:
-            raise ValueError(f"classes {missing} have no clean points among the {len(x)} that "
-                             "hold the class densities: fit on more points, from every class")
+            raise ValueError(
+                f"classes {missing} have no clean points among the {len(x)} that "
+                "hold the class densities: fit on more points, from every class"
+            )
         if not self.uses_uncertainty:
-            warnings.warn("kd-bu: the model has no dropout layer, so the Bayesian uncertainty "
-                          "is 0 for every input; the detector uses the kernel density alone",
-                          stacklevel=4)
+            warnings.warn(
+                "kd-bu: the model has no dropout layer, so the Bayesian uncertainty "
+                "is 0 for every input; the detector uses the kernel density alone",
+                stacklevel=4,
+            )
         self.reference, self.reference_labels = feats, y.to(feats.device)
 
     def _features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -215,8 +257,12 @@ class KernelDensityUncertainty(SupervisedDetector):
         kd = feats.new_empty(len(x))
         for c in pred.unique().tolist():
             rows = pred == c
-            kd = kd.index_put((rows,), log_kernel_density(
-                feats[rows], self.reference[self.reference_labels == c], self.bandwidth))
+            kd = kd.index_put(
+                (rows,),
+                log_kernel_density(
+                    feats[rows], self.reference[self.reference_labels == c], self.bandwidth
+                ),
+            )
         if not self.uses_uncertainty:
             return kd.unsqueeze(1)
         bu = bayesian_uncertainty(mc_softmax(self.base, x, self.samples, self.generator))

@@ -88,15 +88,19 @@ class KWTADefense(Defense):
         self.net = copy.deepcopy(model)
         if replace_activations(self.net, self.ratio) == 0:
             names = ", ".join(c.__name__ for c in activation_classes())
-            raise ValueError(f"k-wta: {type(model).__name__} has no activation module to "
-                             f"replace ({names}); it applies its activations functionally "
-                             "(e.g. F.relu in forward): build it with nn.ReLU modules, or with "
-                             "robustlab.models.create(..., activation='kwta')")
+            raise ValueError(
+                f"k-wta: {type(model).__name__} has no activation module to "
+                f"replace ({names}); it applies its activations functionally "
+                "(e.g. F.relu in forward): build it with nn.ReLU modules, or with "
+                "robustlab.models.create(..., activation='kwta')"
+            )
         arch = getattr(self.net, "robustlab_arch", None)  # recorded by robustlab.models.create
         if arch is not None:  # keep robustlab.models.save(defense.net) truthful
             if self.ratio == RATIO:
-                self.net.robustlab_arch = {**arch, "kwargs": {**arch["kwargs"],
-                                                              "activation": "kwta"}}
+                self.net.robustlab_arch = {
+                    **arch,
+                    "kwargs": {**arch["kwargs"], "activation": "kwta"},
+                }
             else:  # no registered activation rebuilds this net: refuse to save it as relu
                 del self.net.robustlab_arch
 

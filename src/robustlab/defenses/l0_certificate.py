@@ -70,8 +70,10 @@ class _Thresholds:
 
     def _extend(self) -> None:
         padded = [0, 0, *self.law, 0, 0]
-        self.law = [self.up * padded[j] + self.stay * padded[j + 1] + self.down * padded[j + 2]
-                    for j in range(len(self.law) + 2)]
+        self.law = [
+            self.up * padded[j] + self.stay * padded[j + 1] + self.down * padded[j + 2]
+            for j in range(len(self.law) + 2)
+        ]
         total = self.scale ** (len(self.law) // 2)
         # ratio (alpha / beta)^t: largest t first when alpha > beta; P_x'(t) = P_x(-t)
         order = range(len(self.law) - 1, -1, -1) if self.up > self.down else range(len(self.law))
@@ -89,8 +91,14 @@ _CACHE: dict[tuple[Fraction, int], _Thresholds] = {}
 
 
 def _table(alpha: float, levels: int) -> _Thresholds:
-    number(alpha, "alpha (the keep probability of uniform-l0 noise)", low=0, high=1,
-           low_open=True, high_open=True)
+    number(
+        alpha,
+        "alpha (the keep probability of uniform-l0 noise)",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
     positive_int(levels, "K (the number of quantisation levels minus one)")
     key = (Fraction(repr(float(alpha))), levels)
     if key not in _CACHE:

@@ -58,8 +58,22 @@ from robustlab.models.layers import KWTA
 __all__ = ["ACTIVATIONS", "LocalIntrinsicDimensionality", "default_layers", "lid_mle"]
 
 #: modules whose outputs are the default LID layers
-ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-               nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, KWTA)
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    KWTA,
+)
 TOKENS = ("input", "logits")
 
 
@@ -80,8 +94,11 @@ def default_layers(model: nn.Module) -> list[str]:
     acts = [n for n, m in named if isinstance(m, ACTIVATIONS)]
     if acts:
         return [*acts, "logits"]
-    leaves = [n for n, m in named if n and not list(m.children())
-              and any(True for _ in m.parameters(recurse=False))]
+    leaves = [
+        n
+        for n, m in named
+        if n and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
     return leaves or ["logits"]
 
 
@@ -105,21 +122,41 @@ class LocalIntrinsicDimensionality(SupervisedDetector):
     ``fit(x, y)`` needs labels (for the attack) and more than ``reference`` statistics points.
     """
 
-    def __init__(self, model: nn.Module, k: int = 20, reference: int = 100,
-                 layers: Sequence[str] | None = None, attack: str = "fgsm", norm: str = "linf",
-                 eps: float = 0.3, attack_options: Mapping[str, Any] | None = None,
-                 seed: int = 0, threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
-        super().__init__(model, attack=attack, norm=norm, eps=eps, seed=seed,
-                         attack_options=attack_options, threshold=threshold, fpr=fpr,
-                         holdout=holdout)
+    def __init__(
+        self,
+        model: nn.Module,
+        k: int = 20,
+        reference: int = 100,
+        layers: Sequence[str] | None = None,
+        attack: str = "fgsm",
+        norm: str = "linf",
+        eps: float = 0.3,
+        attack_options: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
+        super().__init__(
+            model,
+            attack=attack,
+            norm=norm,
+            eps=eps,
+            seed=seed,
+            attack_options=attack_options,
+            threshold=threshold,
+            fpr=fpr,
+            holdout=holdout,
+        )
         self.k = positive_int(k, "k")
         self.reference = positive_int(reference, "reference", minimum=self.k)
         if layers is None:
             layers = default_layers(model)
         if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
-            raise TypeError(f"layers must be a non-empty list of module names, 'input' or "
-                            f"'logits', got {layers!r}")
+            raise TypeError(
+                f"layers must be a non-empty list of module names, 'input' or "
+                f"'logits', got {layers!r}"
+            )
         for name in layers:
             if name not in TOKENS:
                 feature_module(model, name, option="layers")
@@ -129,8 +166,7 @@ class LocalIntrinsicDimensionality(SupervisedDetector):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "k": self.k, "reference": self.reference,
-                "layers": self.layers}
+        return {**super().config(), "k": self.k, "reference": self.reference, "layers": self.layers}
 
     def _features(self, x: Tensor) -> list[Tensor]:
         """Each layer's features of ``x``, (N, D_l), from one forward pass."""
@@ -156,5 +192,6 @@ class LocalIntrinsicDimensionality(SupervisedDetector):
         if self.reference_0 is None:
             raise ValueError("the lid detector is not fitted: call .fit(x_train, y_train)")
         feats = self._features(x)
-        return torch.stack([lid_mle(f, getattr(self, f"reference_{i}"), self.k)
-                            for i, f in enumerate(feats)], 1)
+        return torch.stack(
+            [lid_mle(f, getattr(self, f"reference_{i}"), self.k) for i, f in enumerate(feats)], 1
+        )

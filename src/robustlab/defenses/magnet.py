@@ -84,8 +84,10 @@ def _module(ae: Any, what: str, model: nn.Module) -> nn.Module:
         param = next(model.parameters(), None)
         return load_autoencoder(ae, device=param.device if param is not None else None)
     if not isinstance(ae, nn.Module):
-        raise TypeError(f"{what} must be an nn.Module (a trained MagNetAutoencoder) or the "
-                        f"path of an autoencoder checkpoint, got {type(ae).__name__}")
+        raise TypeError(
+            f"{what} must be an nn.Module (a trained MagNetAutoencoder) or the "
+            f"path of an autoencoder checkpoint, got {type(ae).__name__}"
+        )
     return ae
 
 
@@ -120,11 +122,18 @@ class MagNet(Detector):
         >>> magnet = robustlab.defenses.create("magnet", f, autoencoder=ae).fit(x_val)
     """
 
-    def __init__(self, model: nn.Module, autoencoder: nn.Module | str | os.PathLike[str],
-                 measure: str = "error", p: int = 2, temperature: float = 10.0,
-                 reform: bool = True,
-                 reformer: nn.Module | str | os.PathLike[str] | None = None,
-                 threshold: float | None = None, fpr: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        autoencoder: nn.Module | str | os.PathLike[str],
+        measure: str = "error",
+        p: int = 2,
+        temperature: float = 10.0,
+        reform: bool = True,
+        reformer: nn.Module | str | os.PathLike[str] | None = None,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr)
         self.measure = one_of(measure, "measure", MEASURES)
         self.p = one_of(p, "p", (1, 2))
@@ -137,13 +146,19 @@ class MagNet(Detector):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), as recorded in results."""
+
         def arch(ae: nn.Module | None) -> Any:
             return None if ae is None else getattr(ae, "robustlab_arch", type(ae).__name__)
-        return {**super().config(), "measure": self.measure,
-                "p": self.p if self.measure == "error" else None,
-                "temperature": self.temperature if self.measure == "jsd" else None,
-                "reform": self.reform, "autoencoder": arch(self.autoencoder),
-                "reformer": arch(self.reformer)}
+
+        return {
+            **super().config(),
+            "measure": self.measure,
+            "p": self.p if self.measure == "error" else None,
+            "temperature": self.temperature if self.measure == "jsd" else None,
+            "reform": self.reform,
+            "autoencoder": arch(self.autoencoder),
+            "reformer": arch(self.reformer),
+        }
 
     def reformed(self, x: Tensor, reconstruction: Tensor | None = None) -> Tensor:
         """The reformer's output ``clip(ae(x), 0, 1)`` (N, C, H, W); ``reconstruction`` is

@@ -82,8 +82,10 @@ class ClassGaussians(nn.Module):
 
     def fit(self, batches: Iterable[tuple[Tensor, Tensor]]) -> ClassGaussians:
         """Fit on ``(features (n, D), labels (n,))`` batches (one pass, float64 sums)."""
-        parts = [(f.detach().to(torch.float64), y.to(device=f.device, dtype=torch.long))
-                 for f, y in batches]
+        parts = [
+            (f.detach().to(torch.float64), y.to(device=f.device, dtype=torch.long))
+            for f, y in batches
+        ]
         y_all = torch.cat([y for _, y in parts])
         classes = torch.unique(y_all)
         d = parts[0][0].shape[1]
@@ -109,11 +111,15 @@ class ClassGaussians(nn.Module):
         """Squared Mahalanobis distances (N, C) of ``feats`` (N, D) to the class means
         (columns in the order of ``classes``), float64; differentiable in ``feats``."""
         if self.means is None:
-            raise ValueError("the Gaussians are not fitted yet: call the detector's "
-                             ".fit(x_train, y_train) on clean training points")
+            raise ValueError(
+                "the Gaussians are not fitted yet: call the detector's "
+                ".fit(x_train, y_train) on clean training points"
+            )
         if feats.shape[1] != self.means.shape[1]:
-            raise ValueError(f"{where} give {feats.shape[1]} features but the detector was "
-                             f"fitted on {self.means.shape[1]}: refit it")
+            raise ValueError(
+                f"{where} give {feats.shape[1]} features but the detector was "
+                f"fitted on {self.means.shape[1]}: refit it"
+            )
         z = feats.to(self.whiten.dtype) @ self.whiten
         return (z[:, None, :] - self.means_whitened[None]).square().sum(-1)
 
@@ -146,9 +152,15 @@ class Mahalanobis(Detector):
 
     has_statistics = True
 
-    def __init__(self, model: nn.Module, layer: str | None = None, noise: float = 0.0,
-                 threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        noise: float = 0.0,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
         self.layer = feature_module(model, layer, option="layer")[0]
         self.noise = number(noise, "noise", low=0)
@@ -173,9 +185,13 @@ class Mahalanobis(Detector):
         """The detector's settings (JSON-able), with the feature size ``features`` (D) and the
         number of ``gaussians`` (None before :meth:`fit`)."""
         fitted = self.means is not None
-        return {**super().config(), "layer": self.layer, "noise": self.noise,
-                "features": self.means.shape[1] if fitted else None,
-                "gaussians": len(self.means) if fitted else None}
+        return {
+            **super().config(),
+            "layer": self.layer,
+            "noise": self.noise,
+            "features": self.means.shape[1] if fitted else None,
+            "gaussians": len(self.means) if fitted else None,
+        }
 
     @property
     def fitted(self) -> bool:
@@ -191,11 +207,15 @@ class Mahalanobis(Detector):
         """Class means and tied covariance of the features of ``x`` (N, C, H, W) with labels
         ``y`` (N,), in float64, in batches of ``batch_size`` without gradients."""
         if y is None:
-            raise ValueError("the mahalanobis detector fits class-conditional Gaussians: "
-                             "pass the labels, .fit(x_train, y_train)")
+            raise ValueError(
+                "the mahalanobis detector fits class-conditional Gaussians: "
+                "pass the labels, .fit(x_train, y_train)"
+            )
         with torch.no_grad():
-            self.gaussians.fit((self.features(x[i:i + batch_size])[1], y[i:i + batch_size])
-                               for i in range(0, len(x), batch_size))
+            self.gaussians.fit(
+                (self.features(x[i : i + batch_size])[1], y[i : i + batch_size])
+                for i in range(0, len(x), batch_size)
+            )
 
     def distances(self, feats: Tensor) -> Tensor:
         """Squared Mahalanobis distances (N, C) of features ``feats`` (N, D) to the class means

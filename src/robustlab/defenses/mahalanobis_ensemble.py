@@ -67,11 +67,16 @@ def ensemble_layers(model: nn.Module) -> list[str]:
     pools = [n for n, m in named if isinstance(m, nn.MaxPool2d | nn.AvgPool2d)]
     acts = [n for n, m in named if isinstance(m, ACTIVATIONS)]
     if not acts and not pools:
-        leaves = [n for n, m in named if not list(m.children())
-                  and any(True for _ in m.parameters(recurse=False))]
+        leaves = [
+            n
+            for n, m in named
+            if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+        ]
         if not leaves:
-            raise ValueError("the model has no pooling, activation or weight module for the "
-                             "feature ensemble: name its layers with layers=[...]")
+            raise ValueError(
+                "the model has no pooling, activation or weight module for the "
+                "feature ensemble: name its layers with layers=[...]"
+            )
         return leaves
     if not pools:
         return acts
@@ -101,14 +106,31 @@ class MahalanobisEnsemble(SupervisedDetector):
     ``fit(x, y)`` needs labels: the Gaussians are per class.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None,
-                 noise: float = 0.0, attack: str = "fgsm", norm: str = "linf",
-                 eps: float = 0.3, attack_options: Mapping[str, Any] | None = None,
-                 seed: int = 0, threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
-        super().__init__(model, attack=attack, norm=norm, eps=eps, seed=seed,
-                         attack_options=attack_options, threshold=threshold, fpr=fpr,
-                         holdout=holdout)
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | None = None,
+        noise: float = 0.0,
+        attack: str = "fgsm",
+        norm: str = "linf",
+        eps: float = 0.3,
+        attack_options: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
+        super().__init__(
+            model,
+            attack=attack,
+            norm=norm,
+            eps=eps,
+            seed=seed,
+            attack_options=attack_options,
+            threshold=threshold,
+            fpr=fpr,
+            holdout=holdout,
+        )
         if layers is None:
             layers = ensemble_layers(model)
         if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
@@ -120,13 +142,11 @@ class MahalanobisEnsemble(SupervisedDetector):
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the features per layer once fitted."""
         sizes = [g.means.shape[1] if g.fitted else None for g in self.gaussians]
-        return {**super().config(), "layers": self.layers, "noise": self.noise,
-                "features": sizes}
+        return {**super().config(), "layers": self.layers, "noise": self.noise, "features": sizes}
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Each layer's pooled features of ``x``, (N, C_l), from one forward pass."""
-        _, feats = capture(self.base, x, self.layers, inputs=False, option="layers",
-                           flatten=False)
+        _, feats = capture(self.base, x, self.layers, inputs=False, option="layers", flatten=False)
         return [pooled(f) for f in feats]
 
     def reference_size(self, n: int) -> int:
@@ -136,24 +156,31 @@ class MahalanobisEnsemble(SupervisedDetector):
     def fit_reference(self, x: Tensor, y: Tensor, batch_size: int) -> None:
         """Every layer's class Gaussians on the clean points ``x`` with labels ``y``."""
         with torch.no_grad():
-            parts = [(self.features(xb), yb) for xb, yb in zip(x.split(batch_size),
-                                                               y.split(batch_size),
-                                                               strict=True)]
+            parts = [
+                (self.features(xb), yb)
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+            ]
         for i, gauss in enumerate(self.gaussians):
             gauss.fit((f[i], yb) for f, yb in parts)
 
     def layer_scores(self, x: Tensor) -> Tensor:
         """``(M_1(x), ..., M_L(x))`` at ``x`` itself, (N, L) float64; differentiable."""
         feats = self.features(x)
-        return torch.stack([g.distances(f, f"layer {name!r}").amin(1) for g, f, name
-                            in zip(self.gaussians, feats, self.layers, strict=True)], 1)
+        return torch.stack(
+            [
+                g.distances(f, f"layer {name!r}").amin(1)
+                for g, f, name in zip(self.gaussians, feats, self.layers, strict=True)
+            ],
+            1,
+        )
 
     def characteristics(self, x: Tensor, logits: Tensor) -> Tensor:
         """The per-layer distances (N, L), each at its pre-processed input when
         ``noise > 0``; in ``x.dtype``."""
         if not self.gaussians[0].fitted:
-            raise ValueError("the mahalanobis-ensemble detector is not fitted: call "
-                             ".fit(x_train, y_train)")
+            raise ValueError(
+                "the mahalanobis-ensemble detector is not fitted: call .fit(x_train, y_train)"
+            )
         if self.noise == 0:
             return self.layer_scores(x).to(x.dtype)
         cols = []

@@ -75,9 +75,16 @@ class MixupInference(Defense):
 
     randomized = True
 
-    def __init__(self, model: nn.Module, mode: str = "ol", lam: float = 0.5, samples: int = 30,
-                 pool_x: Tensor | None = None, pool_y: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "ol",
+        lam: float = 0.5,
+        samples: int = 30,
+        pool_x: Tensor | None = None,
+        pool_y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(model)
         self.mode = one_of(mode, "mode", MODES)
         self.lam = number(lam, "lam", low=0, high=1, low_open=True)
@@ -87,12 +94,14 @@ class MixupInference(Defense):
         self.randomized = self.lam < 1
         # the pool and its per-class index move with .to() but stay out of state_dict
         self.register_buffer("pool_x", None, persistent=False)
-        self.register_buffer("_order", None, persistent=False)   # pool indices sorted by class
-        self.register_buffer("_start", None, persistent=False)   # (K_pool,) first slot of a class
-        self.register_buffer("_count", None, persistent=False)   # (K_pool,) images per class
+        self.register_buffer("_order", None, persistent=False)  # pool indices sorted by class
+        self.register_buffer("_start", None, persistent=False)  # (K_pool,) first slot of a class
+        self.register_buffer("_count", None, persistent=False)  # (K_pool,) images per class
         if (pool_x is None) != (pool_y is None):
-            raise ValueError("pass pool_x and pool_y together (images and their labels), or "
-                             "neither and call fit(x, y) later")
+            raise ValueError(
+                "pass pool_x and pool_y together (images and their labels), or "
+                "neither and call fit(x, y) later"
+            )
         if pool_x is not None:
             self.fit(pool_x, pool_y)
 
@@ -102,13 +111,17 @@ class MixupInference(Defense):
         check_inputs(x, y)
         xd = x.detach()
         if float(xd.min()) < 0 or float(xd.max()) > 1:
-            raise ValueError(f"pool images must be in [0, 1] like the inputs, got values in "
-                             f"[{float(xd.min()):.4g}, {float(xd.max()):.4g}]")
+            raise ValueError(
+                f"pool images must be in [0, 1] like the inputs, got values in "
+                f"[{float(xd.min()):.4g}, {float(xd.max()):.4g}]"
+            )
         count = torch.bincount(y.detach().long())
         if self.mode == "ol" and int((count > 0).sum()) < 2:
-            raise ValueError("MI-OL draws partners from classes other than the predicted one: "
-                             "the pool needs images of at least 2 classes, got "
-                             f"{int((count > 0).sum())}")
+            raise ValueError(
+                "MI-OL draws partners from classes other than the predicted one: "
+                "the pool needs images of at least 2 classes, got "
+                f"{int((count > 0).sum())}"
+            )
         self.pool_x = xd
         self._order = torch.argsort(y.detach().long(), stable=True)
         self._count = count
@@ -117,8 +130,13 @@ class MixupInference(Defense):
 
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "mode": self.mode, "lam": self.lam, "samples": self.samples,
-                "pool_size": None if self.pool_x is None else len(self.pool_x)}
+        return {
+            **super().config(),
+            "mode": self.mode,
+            "lam": self.lam,
+            "samples": self.samples,
+            "pool_size": None if self.pool_x is None else len(self.pool_x),
+        }
 
     @property
     def fitted(self) -> bool:
@@ -130,12 +148,16 @@ class MixupInference(Defense):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool_x is None:
-            raise ValueError("MixupInference has no pool of clean images: call fit(x, y) with "
-                             "clean labelled images (or pass pool_x and pool_y) first")
+            raise ValueError(
+                "MixupInference has no pool of clean images: call fit(x, y) with "
+                "clean labelled images (or pass pool_x and pool_y) first"
+            )
         check_images(x)
         if x.shape[1:] != self.pool_x.shape[1:]:
-            raise ValueError(f"inputs of shape {tuple(x.shape[1:])} per image do not match the "
-                             f"pool's {tuple(self.pool_x.shape[1:])}")
+            raise ValueError(
+                f"inputs of shape {tuple(x.shape[1:])} per image do not match the "
+                f"pool's {tuple(self.pool_x.shape[1:])}"
+            )
         with torch.no_grad():
             pred = self.base(x).argmax(1)
         partners = self.partners(pred)
@@ -159,14 +181,15 @@ class MixupInference(Defense):
         n, k = len(pred), len(count)
         if self.mode == "ol":
             allowed = (count > 0) & (torch.arange(k, device=where) != pred[:, None])
-            cls = torch.multinomial(allowed.float(), self.samples, replacement=True,
-                                    generator=gen)
+            cls = torch.multinomial(allowed.float(), self.samples, replacement=True, generator=gen)
         else:
             missing = (pred >= k) | (count[pred.clamp_max(k - 1)] == 0)
             if missing.any():
                 i = int(missing.nonzero()[0])
-                raise ValueError(f"MI-PL: the pool has no image of class {int(pred[i])} "
-                                 f"(predicted for input {i}); fit() a pool with every class")
+                raise ValueError(
+                    f"MI-PL: the pool has no image of class {int(pred[i])} "
+                    f"(predicted for input {i}); fit() a pool with every class"
+                )
             cls = pred[:, None].expand(n, self.samples)
         u = torch.rand((n, self.samples), generator=gen, device=where)
         slot = start[cls] + (u * count[cls]).long().minimum(count[cls] - 1)

@@ -66,8 +66,9 @@ def whitening(cov: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
     values, vectors = values.flip(0), vectors.flip(1)
     keep = values > rtol * values[0].clamp_min(0)
     if values[0] <= 0 or not keep.any():
-        raise ValueError("the fitting points do not vary (zero covariance): fit on "
-                         "different points")
+        raise ValueError(
+            "the fitting points do not vary (zero covariance): fit on different points"
+        )
     return values[keep], vectors[:, keep]
 
 
@@ -99,12 +100,17 @@ class PCADetector(Detector):
 
     has_statistics = True
 
-    def __init__(self, model: nn.Module, components: int | None = None, rtol: float = 1e-10,
-                 threshold: float | None = None, fpr: float = 0.05,
-                 holdout: float = 0.2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        components: int | None = None,
+        rtol: float = 1e-10,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
-        self.components = None if components is None else positive_int(components,
-                                                                        "components")
+        self.components = None if components is None else positive_int(components, "components")
         self.rtol = number(rtol, "rtol", low=0, high=1, low_open=True, high_open=True)
         for name in ("mean", "basis", "variances"):
             self.register_buffer(name, None)
@@ -112,8 +118,7 @@ class PCADetector(Detector):
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with ``rank`` (r, None before :meth:`fit`)."""
         rank = None if self.variances is None else len(self.variances)
-        return {**super().config(), "components": self.components, "rtol": self.rtol,
-                "rank": rank}
+        return {**super().config(), "components": self.components, "rtol": self.rtol, "rank": rank}
 
     @property
     def fitted(self) -> bool:
@@ -124,28 +129,31 @@ class PCADetector(Detector):
         """The PCA of the flattened ``x`` (N, C, H, W), in float64, in batches of
         ``batch_size``; ``y`` is not used."""
         if len(x) < 2:
-            raise ValueError(f"the PCA needs at least 2 fitting points, got {len(x)}: fit on "
-                             "more")
+            raise ValueError(f"the PCA needs at least 2 fitting points, got {len(x)}: fit on more")
         flat = x.detach().flatten(1)
-        mean = sum(flat[i:i + batch_size].to(torch.float64).sum(0)
-                   for i in range(0, len(x), batch_size)) / len(x)
+        mean = sum(
+            flat[i : i + batch_size].to(torch.float64).sum(0) for i in range(0, len(x), batch_size)
+        ) / len(x)
         cov = flat.new_zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
         for i in range(0, len(x), batch_size):
-            centred = flat[i:i + batch_size].to(torch.float64) - mean
+            centred = flat[i : i + batch_size].to(torch.float64) - mean
             cov += centred.T @ centred
         variances, basis = whitening(cov / (len(x) - 1), self.rtol)
         if self.components is not None and self.components > len(variances):
-            raise ValueError(f"components={self.components} but the fitting points span only "
-                             f"{len(variances)} principal component(s): pass components <= "
-                             f"{len(variances)}, or fit on more (varied) points")
+            raise ValueError(
+                f"components={self.components} but the fitting points span only "
+                f"{len(variances)} principal component(s): pass components <= "
+                f"{len(variances)}, or fit on more (varied) points"
+            )
         self.mean, self.basis, self.variances = mean, basis, variances
 
     def coefficients(self, x: Tensor) -> Tensor:
         """The whitened coefficients ``c_j(x)`` (N, r) of ``x`` (N, C, H, W), float64, by
         decreasing component variance; differentiable in ``x``."""
         if self.basis is None:
-            raise ValueError("the pca-detector has no PCA yet: call .fit(x_train) on clean "
-                             "training points")
+            raise ValueError(
+                "the pca-detector has no PCA yet: call .fit(x_train) on clean training points"
+            )
         centred = x.flatten(1).to(self.mean.dtype) - self.mean
         return centred @ self.basis / self.variances.sqrt()
 

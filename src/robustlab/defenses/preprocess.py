@@ -43,8 +43,15 @@ from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
 
 __all__ = [
-    "JPEG", "BitDepth", "BitDepthReduction", "JPEGCompression", "Median", "MedianSmoothing",
-    "Preprocessed", "Transform", "stage_images",
+    "JPEG",
+    "BitDepth",
+    "BitDepthReduction",
+    "JPEGCompression",
+    "Median",
+    "MedianSmoothing",
+    "Preprocessed",
+    "Transform",
+    "stage_images",
 ]
 
 
@@ -137,8 +144,10 @@ class JPEGCompression(Transform):
         stage_images(x, "JPEG compression")
         channels = x.shape[1]
         if channels not in (1, 3):
-            raise ValueError(f"JPEG compression codes 1-channel (greyscale) or 3-channel (RGB) "
-                             f"images, got {channels} channels (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"JPEG compression codes 1-channel (greyscale) or 3-channel (RGB) "
+                f"images, got {channels} channels (shape {tuple(x.shape)})"
+            )
         try:
             from PIL import Image
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -202,7 +211,7 @@ class BitDepthReduction(Transform):
 
     def transform(self, x: Tensor) -> Tensor:
         stage_images(x, "bit-depth reduction")
-        levels = 2 ** self.bits - 1
+        levels = 2**self.bits - 1
         return torch.round(x.clamp(0, 1) * levels) / levels
 
 

@@ -61,8 +61,7 @@ class RandomResizePad(Transform):
 
     def __init__(self, min_ratio: float = RESIZE_MIN_RATIO, pad_value: float = 0.0) -> None:
         super().__init__()
-        self.min_ratio = number(min_ratio, "min_ratio", low=0.0, high=1.0,
-                                low_open=True)
+        self.min_ratio = number(min_ratio, "min_ratio", low=0.0, high=1.0, low_open=True)
         self.pad_value = number(pad_value, "pad_value", low=0.0, high=1.0)
 
     def config(self) -> dict[str, Any]:
@@ -71,8 +70,10 @@ class RandomResizePad(Transform):
     def sizes(self, h: int) -> tuple[int, int]:
         """The smallest and largest resized height for an input of height ``h``."""
         if h < 2:
-            raise ValueError(f"random-resize-pad needs images of height >= 2 (it shrinks them "
-                             f"by at least one pixel), got height {h}")
+            raise ValueError(
+                f"random-resize-pad needs images of height >= 2 (it shrinks them "
+                f"by at least one pixel), got height {h}"
+            )
         return min(max(1, round(self.min_ratio * h)), h - 1), h - 1
 
     def transform(self, x: Tensor) -> Tensor:
@@ -84,11 +85,11 @@ class RandomResizePad(Transform):
         rw = (rh * w / h).round().long().clamp(1, w)
         top = (u[1] * (h - rh + 1)).long().minimum(h - rh)
         left = (u[2] * (w - rw + 1)).long().minimum(w - rw)
-        i = torch.arange(h, device=x.device) - top[:, None]      # (N, H): row in the box
-        j = torch.arange(w, device=x.device) - left[:, None]     # (N, W): column in the box
+        i = torch.arange(h, device=x.device) - top[:, None]  # (N, H): row in the box
+        j = torch.arange(w, device=x.device) - left[:, None]  # (N, W): column in the box
         in_rows = (i >= 0) & (i < rh[:, None])
         in_cols = (j >= 0) & (j < rw[:, None])
-        inside = in_rows[:, :, None] & in_cols[:, None, :]       # (N, H, W)
+        inside = in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
         rows = (i.clamp_min(0) * h).div(rh[:, None], rounding_mode="floor").clamp_max(h - 1)
         cols = (j.clamp_min(0) * w).div(rw[:, None], rounding_mode="floor").clamp_max(w - 1)
         out = pick(x, rows, cols)
@@ -109,7 +110,12 @@ class RandomResizePadDefense(MeanOfDraws):
     Cost: ``samples`` forward passes of ``model``.
     """
 
-    def __init__(self, model: nn.Module, min_ratio: float = RESIZE_MIN_RATIO,
-                 pad_value: float = 0.0, samples: int = 1,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        min_ratio: float = RESIZE_MIN_RATIO,
+        pad_value: float = 0.0,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(model, RandomResizePad(min_ratio, pad_value), samples, generator)

@@ -53,8 +53,16 @@ from robustlab._modes import eval_mode
 from robustlab._validate import number, positive_int
 from robustlab.defenses.batching import count_votes, job_logits, sizes
 
-__all__ = ["FIRST_LOOK", "GROWTH", "WINDOW", "Estimate", "look_alphas", "looks",
-           "lower_bounds", "sequential_estimates"]
+__all__ = [
+    "FIRST_LOOK",
+    "GROWTH",
+    "WINDOW",
+    "Estimate",
+    "look_alphas",
+    "looks",
+    "lower_bounds",
+    "sequential_estimates",
+]
 
 FIRST_LOOK = 100
 GROWTH = 1.25
@@ -106,8 +114,9 @@ def _upper_bounds(count: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.nda
     return np.where(count < n, up, 1.0)
 
 
-def radii(p: np.ndarray, noise: str, sigma: float, radius_of: Callable[[float], float]
-          ) -> np.ndarray:
+def radii(
+    p: np.ndarray, noise: str, sigma: float, radius_of: Callable[[float], float]
+) -> np.ndarray:
     """The certified radius of each probability bound of ``p`` (0 at ``p <= 1/2``):
     vectorised for Gaussian (``sigma Phi^-1(p)``) and Laplace (``-sigma log(2 (1 - p))``)
     noise, ``radius_of`` element by element otherwise."""
@@ -122,16 +131,25 @@ def radii(p: np.ndarray, noise: str, sigma: float, radius_of: Callable[[float], 
     return np.where(p > 0.5, r.reshape(p.shape), 0.0)
 
 
-def _stops(count: np.ndarray, k: np.ndarray, grid: list[int], alphas: np.ndarray,
-           rad: Callable[[np.ndarray], np.ndarray], tolerance: float, min_radius: float
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _stops(
+    count: np.ndarray,
+    k: np.ndarray,
+    grid: list[int],
+    alphas: np.ndarray,
+    rad: Callable[[np.ndarray], np.ndarray],
+    tolerance: float,
+    min_radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(stop, L)`` at look ``k`` (0-based, per input) with ``count`` votes for ``c_A``."""
     n_k = np.asarray(grid)[k]
     low = lower_bounds(count, n_k, alphas[k])
     up = _upper_bounds(count, n_k, alphas[k])
     later = np.arange(len(grid))[None, :] > k[:, None]  # (inputs, looks)
-    best = lower_bounds(count[:, None] + np.asarray(grid)[None, :] - n_k[:, None],
-                        np.asarray(grid)[None, :], alphas[None, :])
+    best = lower_bounds(
+        count[:, None] + np.asarray(grid)[None, :] - n_k[:, None],
+        np.asarray(grid)[None, :],
+        alphas[None, :],
+    )
     best = np.where(later, best, 0.0).max(1, initial=0.0)
     ceiling = np.minimum(up, np.maximum(low, best))
     r_ceiling = rad(ceiling)
@@ -140,21 +158,33 @@ def _stops(count: np.ndarray, k: np.ndarray, grid: list[int], alphas: np.ndarray
     return decided | unreachable | (k == len(grid) - 1), low
 
 
-def _per_input(gens: list[torch.Generator | None], device: torch.device
-               ) -> list[torch.Generator | None]:
+def _per_input(
+    gens: list[torch.Generator | None], device: torch.device
+) -> list[torch.Generator | None]:
     """Own generators: kept if distinct, else seeded from the shared one (input order)."""
     if len({id(g) for g in gens}) == len(gens) and None not in gens:
         return gens
     g = gens[0]
-    seeds = torch.randint(0, 2**62, (len(gens),), generator=g,
-                          device=g.device if g is not None else "cpu").tolist()
+    seeds = torch.randint(
+        0, 2**62, (len(gens),), generator=g, device=g.device if g is not None else "cpu"
+    ).tolist()
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def sequential_estimates(
-    model: nn.Module, x: Tensor, gens: list[torch.Generator | None], *, sigma: float, n0: int,
-    max_n: int, alpha: float, noise: str, batch_size: int | None,
-    radius_tolerance: float | None, min_radius: float, radius_of: Callable[[float], float],
+    model: nn.Module,
+    x: Tensor,
+    gens: list[torch.Generator | None],
+    *,
+    sigma: float,
+    n0: int,
+    max_n: int,
+    alpha: float,
+    noise: str,
+    batch_size: int | None,
+    radius_tolerance: float | None,
+    min_radius: float,
+    radius_of: Callable[[float], float],
 ) -> Iterator[Estimate]:
     """One :class:`Estimate` per input of ``x`` as it stops (any order); the procedure and its
     guarantee are in the module docstring. ``radius_of``: the certified radius of a bound.
@@ -162,8 +192,9 @@ def sequential_estimates(
     max_n = positive_int(max_n, "max_n (the most estimation draws per input)")
     if radius_tolerance is None:
         radius_tolerance = 1.0 if noise == "uniform-l0" else sigma / 10
-    tol = number(radius_tolerance, "radius_tolerance (input units, e.g. sigma / 10)", low=0,
-                 low_open=True)
+    tol = number(
+        radius_tolerance, "radius_tolerance (input units, e.g. sigma / 10)", low=0, low_open=True
+    )
     min_radius = number(min_radius, "min_radius (input units)", low=0)
     gens = _per_input(gens, x.device)
     grid = looks(max_n)
@@ -173,15 +204,35 @@ def sequential_estimates(
     def rad(p: np.ndarray) -> np.ndarray:
         return radii(p, noise, sigma, radius_of)
 
-    return _rounds(model, x, gens, n0=n0, grid=grid, alphas=alphas, sigma=sigma, noise=noise,
-                   draw=draw, batch=batch, stops=lambda c, k: _stops(c, k, grid, alphas, rad,
-                                                                     tol, min_radius))
+    return _rounds(
+        model,
+        x,
+        gens,
+        n0=n0,
+        grid=grid,
+        alphas=alphas,
+        sigma=sigma,
+        noise=noise,
+        draw=draw,
+        batch=batch,
+        stops=lambda c, k: _stops(c, k, grid, alphas, rad, tol, min_radius),
+    )
 
 
-def _rounds(model: nn.Module, x: Tensor, gens: list[torch.Generator | None], *, n0: int,
-            grid: list[int], alphas: np.ndarray, sigma: float, noise: str, draw: int,
-            batch: int, stops: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-            ) -> Iterator[Estimate]:
+def _rounds(
+    model: nn.Module,
+    x: Tensor,
+    gens: list[torch.Generator | None],
+    *,
+    n0: int,
+    grid: list[int],
+    alphas: np.ndarray,
+    sigma: float,
+    noise: str,
+    draw: int,
+    batch: int,
+    stops: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> Iterator[Estimate]:
     """Each round takes every active input to its next look (new inputs: ``n0`` selection
     draws, then their first look), in one stream of forwards, then yields those that stop."""
     waiting = list(range(len(x)))[::-1]
@@ -189,15 +240,22 @@ def _rounds(model: nn.Module, x: Tensor, gens: list[torch.Generator | None], *, 
     c_a, count, look, secs = {}, {}, {}, dict.fromkeys(range(len(x)), 0.0)
     while waiting or active:
         new = [waiting.pop() for _ in range(min(len(waiting), WINDOW - len(active)))]
-        jobs = [(x[i:i + 1], n0, gens[i]) for i in new]
+        jobs = [(x[i : i + 1], n0, gens[i]) for i in new]
         plan = new + active
-        jobs += [(x[i:i + 1], grid[look.get(i, 0)] - (grid[look[i] - 1] if look.get(i) else 0),
-                  gens[i]) for i in plan]
+        jobs += [
+            (
+                x[i : i + 1],
+                grid[look.get(i, 0)] - (grid[look[i] - 1] if look.get(i) else 0),
+                gens[i],
+            )
+            for i in plan
+        ]
         t0 = time.perf_counter()
         with torch.no_grad(), eval_mode(model):
-            votes = count_votes(job_logits(model, jobs, sigma=sigma, noise=noise, draw=draw,
-                                           batch=batch), len(jobs)).cpu()
-        rows = np.array([j[1] for j in jobs[len(new):]], np.float64) + n0 * np.isin(plan, new)
+            votes = count_votes(
+                job_logits(model, jobs, sigma=sigma, noise=noise, draw=draw, batch=batch), len(jobs)
+            ).cpu()
+        rows = np.array([j[1] for j in jobs[len(new) :]], np.float64) + n0 * np.isin(plan, new)
         share = (time.perf_counter() - t0) * rows / rows.sum()
         for j, i in enumerate(new):
             c_a[i], look[i], count[i] = int(votes[j].argmax()), 0, 0

@@ -61,7 +61,12 @@ def shares_weight_noise(model: nn.Module) -> bool:
 
 
 def noisy_logits(
-    model: nn.Module, x: Tensor, samples: int, sigma: float, noise: str, batch_size: int,
+    model: nn.Module,
+    x: Tensor,
+    samples: int,
+    sigma: float,
+    noise: str,
+    batch_size: int,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(rows, logits)``: ``logits = model(x[rows] + delta)`` over chunks of at most
@@ -81,20 +86,19 @@ def noisy_logits(
             stop = min(start + batch_size, (start // n + 1) * n)
             rows = torch.arange(start, stop, device=x.device) % n
         else:
-            rows = torch.arange(start, min(start + batch_size, total),
-                                device=x.device) // samples
+            rows = torch.arange(start, min(start + batch_size, total), device=x.device) // samples
         xi = x[rows]
         xi = xi + sample(xi, noise, sigma, generator)
         done = 0
         while done < len(rows):
             try:
-                logits = model(xi[done:done + batch_size])
+                logits = model(xi[done : done + batch_size])
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
                 batch_size //= 2
                 continue
-            yield rows[done:done + len(logits)], logits
+            yield rows[done : done + len(logits)], logits
             done += len(logits)
         start += len(rows)
 
@@ -133,9 +137,16 @@ class Smoothing(Defense):
     randomized = True
 
     def __init__(
-        self, model: nn.Module, sigma: float = 0.25, samples: int = 32, vote: str = "prediction",
-        noise: str = "gaussian", soft_on: str = "probabilities", batch_size: int = 1024,
-        grad: str = "soft", generator: torch.Generator | None = None,
+        self,
+        model: nn.Module,
+        sigma: float = 0.25,
+        samples: int = 32,
+        vote: str = "prediction",
+        noise: str = "gaussian",
+        soft_on: str = "probabilities",
+        batch_size: int = 1024,
+        grad: str = "soft",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(model)
         check_noise(noise, sigma)
@@ -151,9 +162,15 @@ class Smoothing(Defense):
 
     def config(self) -> dict[str, Any]:
         """The defense's settings (JSON-able), as recorded in results."""
-        return {**super().config(), "sigma": self.sigma, "samples": self.samples,
-                "vote": self.vote, "noise": self.noise, "soft_on": self.soft_on,
-                "grad": self.grad}
+        return {
+            **super().config(),
+            "sigma": self.sigma,
+            "samples": self.samples,
+            "vote": self.vote,
+            "noise": self.noise,
+            "soft_on": self.soft_on,
+            "grad": self.grad,
+        }
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -170,8 +187,9 @@ class Smoothing(Defense):
         prob_sum: Tensor | None = None
         logit_sum: Tensor | None = None
         votes: Tensor | None = None
-        for rows, logits in noisy_logits(self.base, x, s, self.sigma, self.noise,
-                                         self.batch_size, generator):
+        for rows, logits in noisy_logits(
+            self.base, x, s, self.sigma, self.noise, self.batch_size, generator
+        ):
             if prob_sum is None:
                 k = logits.shape[1]
                 prob_sum = logits.new_zeros(len(x), k)
@@ -194,8 +212,9 @@ class Smoothing(Defense):
         # ties go to the tied class with the highest mean probability: lift it by one ulp
         top = votes == votes.amax(1, keepdim=True)
         winner = mean_prob.detach().masked_fill(~top, -1.0).argmax(1, keepdim=True)
-        lifted = torch.nextafter(value.gather(1, winner), torch.full_like(winner, math.inf,
-                                                                          dtype=value.dtype))
+        lifted = torch.nextafter(
+            value.gather(1, winner), torch.full_like(winner, math.inf, dtype=value.dtype)
+        )
         value = value.scatter(1, winner, lifted)
         if self.grad == "none" or not surrogate.requires_grad:
             return value

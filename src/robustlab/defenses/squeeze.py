@@ -47,8 +47,10 @@ from robustlab.defenses.registry import register
 __all__ = ["SQUEEZERS", "FeatureSqueezing", "squeezer"]
 
 #: squeezer spec name -> (stage, its one option); a spec is ``"name:value"``, value an integer
-SQUEEZERS: dict[str, tuple[type[Transform], str]] = {"bit-depth": (BitDepthReduction, "bits"),
-                                                     "median": (MedianSmoothing, "window")}
+SQUEEZERS: dict[str, tuple[type[Transform], str]] = {
+    "bit-depth": (BitDepthReduction, "bits"),
+    "median": (MedianSmoothing, "window"),
+}
 
 
 def squeezer(spec: str | Transform) -> Transform:
@@ -57,8 +59,9 @@ def squeezer(spec: str | Transform) -> Transform:
     if isinstance(spec, Transform):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"a squeezer is a spec string like 'median:2' or a Transform, got "
-                        f"{type(spec).__name__}")
+        raise TypeError(
+            f"a squeezer is a spec string like 'median:2' or a Transform, got {type(spec).__name__}"
+        )
     name, sep, value = spec.partition(":")
     name = name.strip().lower()
     usage = "'bit-depth:B' (B bits, 1..8) or 'median:K' (K x K window, K >= 1)"
@@ -67,8 +70,10 @@ def squeezer(spec: str | Transform) -> Transform:
     try:
         number = int(value)
     except ValueError:
-        raise ValueError(f"squeezer {spec!r}: the value after ':' must be an integer; "
-                         f"valid squeezers are {usage}") from None
+        raise ValueError(
+            f"squeezer {spec!r}: the value after ':' must be an integer; "
+            f"valid squeezers are {usage}"
+        ) from None
     return SQUEEZERS[name][0](number)
 
 
@@ -104,21 +109,28 @@ class FeatureSqueezing(Detector):
         >>> rejected = fs(x).argmax(1) == fs(x).shape[1] - 1
     """
 
-    def __init__(self, model: nn.Module, squeezers: str | Iterable[str | Transform] = (
-            "bit-depth:1", "median:2"), threshold: float | None = None,
-            fpr: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        squeezers: str | Iterable[str | Transform] = ("bit-depth:1", "median:2"),
+        threshold: float | None = None,
+        fpr: float = 0.05,
+    ) -> None:
         if threshold is not None:  # scores lie in [0, 2]
             number(threshold, "threshold", low=0)
         super().__init__(model, threshold=threshold, fpr=fpr)
         if isinstance(squeezers, str):
             squeezers = [s for s in squeezers.split(",") if s.strip()]
         if not isinstance(squeezers, Iterable):
-            raise TypeError(f"squeezers must be a sequence of specs like ('bit-depth:1', "
-                            f"'median:2'), got {type(squeezers).__name__}")
+            raise TypeError(
+                f"squeezers must be a sequence of specs like ('bit-depth:1', "
+                f"'median:2'), got {type(squeezers).__name__}"
+            )
         stages = [squeezer(s) for s in squeezers]
         if not stages:
-            raise ValueError("squeezers is empty: give at least one, e.g. ('bit-depth:1', "
-                             "'median:2')")
+            raise ValueError(
+                "squeezers is empty: give at least one, e.g. ('bit-depth:1', 'median:2')"
+            )
         self.squeezers = nn.ModuleList(stages)
 
     def config(self) -> dict[str, Any]:

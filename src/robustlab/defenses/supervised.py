@@ -46,8 +46,9 @@ class LogisticHead(nn.Module):
         must be present. Returns ``self``."""
         f, t = features.detach().double(), labels.detach().double()
         if not (0 < float(t.sum()) < len(t)):
-            raise ValueError("the logistic regression needs points of both labels (clean and "
-                             "adversarial) to fit")
+            raise ValueError(
+                "the logistic regression needs points of both labels (clean and adversarial) to fit"
+            )
         mean, std = f.mean(0), f.std(0, unbiased=False)
         std = torch.where(std > 0, std, torch.ones_like(std))
         z = (f - mean) / std
@@ -71,21 +72,23 @@ class LogisticHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """The regression's logit (N,) for ``features`` (N, F); differentiable."""
         if self.weight is None:
-            raise ValueError("the logistic regression is not fitted: call the detector's "
-                             ".fit(x_train, y_train) first")
+            raise ValueError(
+                "the logistic regression is not fitted: call the detector's "
+                ".fit(x_train, y_train) first"
+            )
         return ((features - self.mean) / self.std) @ self.weight + self.bias
 
 
-def clean_noisy_adversarial(model: nn.Module, x: Tensor, y: Tensor, attack: Any,
-                            generator: torch.Generator, batch_size: int
-                            ) -> tuple[Tensor, Tensor, Tensor]:
+def clean_noisy_adversarial(
+    model: nn.Module, x: Tensor, y: Tensor, attack: Any, generator: torch.Generator, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The supervised detectors' training points from clean ``x`` with labels ``y``:
     ``(clean, noisy, adversarial)``, kept where the model classifies ``x`` correctly and
     ``attack`` fools it. Each noisy point is ``clip(x + n)`` with Gaussian ``n`` scaled to the
     L2 distance of its adversarial counterpart, clipped to the attack's threat bounds."""
     x_adv, fooled, correct = [], [], []
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         res = attack(model, xb, yb)
         with torch.no_grad():
             correct.append(model(xb).argmax(1) == yb)
@@ -93,10 +96,12 @@ def clean_noisy_adversarial(model: nn.Module, x: Tensor, y: Tensor, attack: Any,
         fooled.append(res.success)
     keep = torch.cat(correct) & torch.cat(fooled)
     if not bool(keep.any()):
-        raise ValueError(f"the attack {attack!r} fooled the model on none of the "
-                         f"{int(torch.cat(correct).sum())} fitting points it classifies "
-                         "correctly: raise eps or pick a stronger attack (attack=, eps=) so "
-                         "the detector sees adversarial points")
+        raise ValueError(
+            f"the attack {attack!r} fooled the model on none of the "
+            f"{int(torch.cat(correct).sum())} fitting points it classifies "
+            "correctly: raise eps or pick a stronger attack (attack=, eps=) so "
+            "the detector sees adversarial points"
+        )
     clean, adv = x[keep], torch.cat(x_adv)[keep]
     noise = torch.randn(clean.shape, generator=generator, device=generator.device)
     noise = noise.to(clean.device, clean.dtype)
@@ -119,13 +124,25 @@ class SupervisedDetector(Detector):
 
     has_statistics = True
 
-    def __init__(self, model: nn.Module, *, attack: str, norm: str, eps: float,
-                 attack_options: Mapping[str, Any] | None, seed: int,
-                 threshold: float | None, fpr: float, holdout: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        attack: str,
+        norm: str,
+        eps: float,
+        attack_options: Mapping[str, Any] | None,
+        seed: int,
+        threshold: float | None,
+        fpr: float,
+        holdout: float,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
         if attack_options is not None and not isinstance(attack_options, Mapping):
-            raise TypeError(f"attack_options must be a dict of the attack's options, e.g. "
-                            f"{{'steps': 10}}, got {type(attack_options).__name__}")
+            raise TypeError(
+                f"attack_options must be a dict of the attack's options, e.g. "
+                f"{{'steps': 10}}, got {type(attack_options).__name__}"
+            )
         self.attack = create_attack(attack, ThreatModel(norm, eps), **dict(attack_options or {}))
         self.seed = integer(seed, "seed")
         self.head = LogisticHead()
@@ -134,9 +151,13 @@ class SupervisedDetector(Detector):
 
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the fitting attack and point counts."""
-        return {**super().config(), "supervised": True,
-                "attack": {**self.attack.config(), "threat": self.attack.threat.to_dict()},
-                "seed": self.seed, "training_points": self.training_points}
+        return {
+            **super().config(),
+            "supervised": True,
+            "attack": {**self.attack.config(), "threat": self.attack.threat.to_dict()},
+            "seed": self.seed,
+            "training_points": self.training_points,
+        }
 
     @abstractmethod
     def reference_size(self, n: int) -> int:
@@ -156,26 +177,32 @@ class SupervisedDetector(Detector):
 
     def _characteristics(self, x: Tensor, batch_size: int) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.characteristics(xb, self.base(xb))
-                              for xb in x.split(batch_size)])
+            return torch.cat(
+                [self.characteristics(xb, self.base(xb)) for xb in x.split(batch_size)]
+            )
 
     def fit_statistics(self, x: Tensor, y: Tensor | None, batch_size: int) -> None:
         """The reference statistics on the first :meth:`reference_size` points, the regression
         on clean, noisy and adversarial versions of the others (labels ``y`` required)."""
         if y is None:
-            raise ValueError(f"the {self.name} detector is supervised: pass the labels, "
-                             ".fit(x_train, y_train)")
+            raise ValueError(
+                f"the {self.name} detector is supervised: pass the labels, .fit(x_train, y_train)"
+            )
         n_ref = self.reference_size(len(x))
         if not 0 < n_ref < len(x) - 1:
-            raise ValueError(f"{len(x)} statistics points cannot be split into {n_ref} clean "
-                             f"reference points and at least 2 to fit the regression on: fit "
-                             "on more points")
+            raise ValueError(
+                f"{len(x)} statistics points cannot be split into {n_ref} clean "
+                f"reference points and at least 2 to fit the regression on: fit "
+                "on more points"
+            )
         self.fit_reference(x[:n_ref], y[:n_ref], batch_size)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        sets = clean_noisy_adversarial(self.base, x[n_ref:], y[n_ref:].to(x.device),
-                                       self.attack, gen, batch_size)
+        sets = clean_noisy_adversarial(
+            self.base, x[n_ref:], y[n_ref:].to(x.device), self.attack, gen, batch_size
+        )
         feats = [self._characteristics(s, batch_size) for s in sets]
         labels = torch.cat([torch.zeros(len(feats[0]) * 2), torch.ones(len(feats[2]))])
         self.head.fit(torch.cat(feats), labels.to(feats[0].device))
-        self.training_points = dict(zip(("clean", "noisy", "adversarial"),
-                                        map(len, sets), strict=True))
+        self.training_points = dict(
+            zip(("clean", "noisy", "adversarial"), map(len, sets), strict=True)
+        )

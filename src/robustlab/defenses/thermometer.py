@@ -58,8 +58,10 @@ class ThermometerEncoding(Transform):
 
     def _check(self, x: Tensor) -> None:
         if x.dim() < 2 or not x.is_floating_point():
-            raise ValueError(f"thermometer encoding expects floating-point images (N, C, H, W), "
-                             f"got {x.dtype} of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"thermometer encoding expects floating-point images (N, C, H, W), "
+                f"got {x.dtype} of shape {tuple(x.shape)}"
+            )
 
     def transform(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -112,13 +114,18 @@ class Thermometer(Preprocessed):
 
     def _hint(self, channels: int, image_channels: int | None) -> str:
         levels = self.stage.levels
-        got = (f"the code of {image_channels}-channel images has {image_channels * levels}"
-               if image_channels is not None else f"that is not a multiple of levels={levels}")
+        got = (
+            f"the code of {image_channels}-channel images has {image_channels * levels}"
+            if image_channels is not None
+            else f"that is not a multiple of levels={levels}"
+        )
         example = (image_channels or 1) * levels
-        return (f"thermometer: the model's first convolution takes {channels} input channels "
-                f"but {got}; the model must be built with in_channels = C * levels (image "
-                f"channels times {levels} levels), e.g. "
-                f"robustlab.models.create('smallcnn', in_channels={example})")
+        return (
+            f"thermometer: the model's first convolution takes {channels} input channels "
+            f"but {got}; the model must be built with in_channels = C * levels (image "
+            f"channels times {levels} levels), e.g. "
+            f"robustlab.models.create('smallcnn', in_channels={example})"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         code = self.stage(x)

@@ -58,12 +58,7 @@ from robustlab._validate import number, one_of
 from robustlab.defenses.detector import Detector, rejection_scores
 from robustlab.defenses.registry import register
 from robustlab.models.features import capture, feature_module
-from robustlab.models.trapdoor import (
-    TRIGGER_DEFAULTS,
-    Trapdoors,
-    protected_labels,
-    trigger_options,
-)
+from robustlab.models.trapdoor import TRIGGER_DEFAULTS, Trapdoors, protected_labels, trigger_options
 
 __all__ = ["UNPROTECTED", "TrapdoorDetector"]
 
@@ -106,12 +101,22 @@ class TrapdoorDetector(Detector):
 
     has_statistics = True
 
-    def __init__(self, model: nn.Module, layer: str | None = None, filter_ratio: float = 1.0,
-                 per_label: bool = True, labels: list[int] | None = None,
-                 seed: int | None = None, mask_ratio: float | None = None,
-                 squares: int | None = None, size: int | None = None,
-                 trapdoors: Trapdoors | None = None, threshold: float | None = None,
-                 fpr: float = 0.05, holdout: float = 0.2) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        filter_ratio: float = 1.0,
+        per_label: bool = True,
+        labels: list[int] | None = None,
+        seed: int | None = None,
+        mask_ratio: float | None = None,
+        squares: int | None = None,
+        size: int | None = None,
+        trapdoors: Trapdoors | None = None,
+        threshold: float | None = None,
+        fpr: float = 0.05,
+        holdout: float = 0.2,
+    ) -> None:
         super().__init__(model, threshold=threshold, fpr=fpr, holdout=holdout)
         self.layer = feature_module(model, layer, option="layer")[0]
         self.filter_ratio = number(filter_ratio, "filter_ratio", low=0, high=1, low_open=True)
@@ -120,15 +125,20 @@ class TrapdoorDetector(Detector):
         given = {"seed": seed, "mask_ratio": mask_ratio, "squares": squares, "size": size}
         if trapdoors is not None:
             if not isinstance(trapdoors, Trapdoors):
-                raise TypeError(f"trapdoors must be a robustlab.models.trapdoor.Trapdoors, got "
-                                f"{type(trapdoors).__name__}")
+                raise TypeError(
+                    f"trapdoors must be a robustlab.models.trapdoor.Trapdoors, got "
+                    f"{type(trapdoors).__name__}"
+                )
             if any(v is not None for v in given.values()):
-                raise ValueError("pass either trapdoors= or the trigger options (seed, "
-                                 "mask_ratio, squares, size), not both")
+                raise ValueError(
+                    "pass either trapdoors= or the trigger options (seed, "
+                    "mask_ratio, squares, size), not both"
+                )
             self.trigger_options = {k: trapdoors.config()[k] for k in TRIGGER_DEFAULTS}
         else:  # checked now, built at fit for the data's shape
-            self.trigger_options = trigger_options(**{k: TRIGGER_DEFAULTS[k] if v is None else v
-                                                      for k, v in given.items()})
+            self.trigger_options = trigger_options(
+                **{k: TRIGGER_DEFAULTS[k] if v is None else v for k, v in given.items()}
+            )
         self.trapdoors = trapdoors
         self.pooled_labels: list[int] = []
         for name in ("protected", "signatures", "offsets", "neurons", "_slot"):
@@ -138,13 +148,18 @@ class TrapdoorDetector(Detector):
         """The detector's settings (JSON-able): what it needs of the model, the trigger
         options, the layer, ``filter_ratio``, ``per_label``, the protected labels, the labels
         that use the pooled quantile, and the feature size ``features`` (None before fit)."""
-        return {**super().config(),
-                "requires": "a model trained with the trapdoor objective (configs/trapdoor.toml)"
-                            " with these trigger options and labels",
-                **self.trigger_options, "labels": self.labels, "layer": self.layer,
-                "filter_ratio": self.filter_ratio, "per_label": self.per_label,
-                "pooled_labels": self.pooled_labels,
-                "features": None if self.signatures is None else self.signatures.shape[1]}
+        return {
+            **super().config(),
+            "requires": "a model trained with the trapdoor objective (configs/trapdoor.toml)"
+            " with these trigger options and labels",
+            **self.trigger_options,
+            "labels": self.labels,
+            "layer": self.layer,
+            "filter_ratio": self.filter_ratio,
+            "per_label": self.per_label,
+            "pooled_labels": self.pooled_labels,
+            "features": None if self.signatures is None else self.signatures.shape[1],
+        }
 
     @property
     def fitted(self) -> bool:
@@ -165,18 +180,23 @@ class TrapdoorDetector(Detector):
         if self.trapdoors is None:
             self.trapdoors = Trapdoors(*x.shape[1:], classes=classes, **self.trigger_options)
         if self.trapdoors.classes != classes:
-            raise ValueError(f"the trapdoors have {self.trapdoors.classes} labels but the model "
-                             f"has {classes} classes: build them for this model")
+            raise ValueError(
+                f"the trapdoors have {self.trapdoors.classes} labels but the model "
+                f"has {classes} classes: build them for this model"
+            )
         self.trapdoors.to(x.device).check_images(x)
         protected = protected_labels(self.labels, classes)
         signatures = torch.stack([self._signature(x, t, batch_size) for t in protected])
         dim = signatures.shape[1]
         keep = int(dim * self.filter_ratio)
         if keep < 1:
-            raise ValueError(f"filter_ratio {self.filter_ratio:g} keeps no neuron of the "
-                             f"{dim} of layer {self.layer!r}: raise it to at least 1/{dim}")
-        order = torch.randperm(dim, generator=torch.Generator().manual_seed(
-            self.trigger_options["seed"]))
+            raise ValueError(
+                f"filter_ratio {self.filter_ratio:g} keeps no neuron of the "
+                f"{dim} of layer {self.layer!r}: raise it to at least 1/{dim}"
+            )
+        order = torch.randperm(
+            dim, generator=torch.Generator().manual_seed(self.trigger_options["seed"])
+        )
         neurons = torch.zeros(dim, dtype=torch.bool)
         neurons[order[:keep]] = True
         slot = torch.full((classes,), -1, dtype=torch.long)
@@ -194,7 +214,7 @@ class TrapdoorDetector(Detector):
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                xb = x[i:i + batch_size]
+                xb = x[i : i + batch_size]
                 target = torch.full((len(xb),), label, device=x.device)
                 total = total + self.features(self.trapdoors.apply(xb, target))[1].double().sum(0)
         return total / len(x)
@@ -203,16 +223,21 @@ class TrapdoorDetector(Detector):
         """Each protected label's ``1 - fpr`` quantile of the clean cosines of the points of
         ``x`` predicted as it (the pooled quantile where fewer than ``ceil(1 / fpr)``)."""
         with torch.no_grad():
-            pairs = [self._cosines(*self.features(x[i:i + batch_size]))
-                     for i in range(0, len(x), batch_size)]
+            pairs = [
+                self._cosines(*self.features(x[i : i + batch_size]))
+                for i in range(0, len(x), batch_size)
+            ]
         slots = torch.cat([s for s, _ in pairs])
         cos = torch.cat([c for _, c in pairs])
         level, least = 1 - self.fpr, math.ceil(round(1 / self.fpr, 9))
         offsets = self.signatures.new_zeros(len(self.protected))
         ours = slots >= 0
         if not ours.any():
-            warnings.warn("trapdoor: no clean fitting point is predicted as a protected label, "
-                          "so the per-label shifts are 0; fit on more points", stacklevel=4)
+            warnings.warn(
+                "trapdoor: no clean fitting point is predicted as a protected label, "
+                "so the per-label shifts are 0; fit on more points",
+                stacklevel=4,
+            )
             self.pooled_labels = self.protected.tolist()
             return offsets
         pooled = torch.quantile(cos[ours], level)
@@ -225,9 +250,12 @@ class TrapdoorDetector(Detector):
                 offsets[j] = pooled
                 self.pooled_labels.append(t)
         if self.pooled_labels:
-            warnings.warn(f"trapdoor: labels {self.pooled_labels} have fewer than {least} clean "
-                          f"fitting points predicted as them, so they use the quantile pooled "
-                          f"over all labels; fit on more points", stacklevel=4)
+            warnings.warn(
+                f"trapdoor: labels {self.pooled_labels} have fewer than {least} clean "
+                f"fitting points predicted as them, so they use the quantile pooled "
+                f"over all labels; fit on more points",
+                stacklevel=4,
+            )
         return offsets
 
     def _cosines(self, logits: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,11 +263,15 @@ class TrapdoorDetector(Detector):
         unprotected) and the cosine (float64) of its kept features with that signature (0
         where unprotected); differentiable in ``feats``."""
         if self.signatures is None:
-            raise ValueError("the trapdoor detector has no signatures yet: call "
-                             ".fit(x_train) on clean training points")
+            raise ValueError(
+                "the trapdoor detector has no signatures yet: call "
+                ".fit(x_train) on clean training points"
+            )
         if feats.shape[1] != self.neurons.shape[0]:
-            raise ValueError(f"layer {self.layer!r} gives {feats.shape[1]} features but the "
-                             f"detector was fitted on {self.neurons.shape[0]}: refit it")
+            raise ValueError(
+                f"layer {self.layer!r} gives {feats.shape[1]} features but the "
+                f"detector was fitted on {self.neurons.shape[0]}: refit it"
+            )
         slot = self._slot[logits.argmax(1)]
         sig = self.signatures[:, self.neurons][slot.clamp(min=0)]
         cos = F.cosine_similarity(feats[:, self.neurons].double(), sig, dim=1, eps=1e-12)

@@ -55,8 +55,9 @@ def total_variation(z: Tensor) -> Tensor:
     return (dh.square() + dv.square()).sqrt().sum((-2, -1))
 
 
-def tv_minimize(x: Tensor, keep: Tensor, lambda_tv: float = TVM_LAMBDA, max_iter: int = 300,
-                tol: float = 1e-4) -> Tensor:
+def tv_minimize(
+    x: Tensor, keep: Tensor, lambda_tv: float = TVM_LAMBDA, max_iter: int = 300, tol: float = 1e-4
+) -> Tensor:
     """Solve, for every image and channel of ``x`` (N, C, H, W) at once,
 
         ``z* = argmin_z  sum_ij keep_ij (z_ij - x_ij)^2 + lambda_tv * TV(z)``
@@ -150,18 +151,26 @@ class TVMin(Transform):
     differentiable = False
     randomized = True
 
-    def __init__(self, drop_rate: float = TVM_DROP_RATE, lambda_tv: float = TVM_LAMBDA,
-                 max_iter: int = 300, tol: float = 1e-4) -> None:
+    def __init__(
+        self,
+        drop_rate: float = TVM_DROP_RATE,
+        lambda_tv: float = TVM_LAMBDA,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+    ) -> None:
         super().__init__()
-        self.drop_rate = number(drop_rate, "drop_rate", low=0.0, high=1.0,
-                                high_open=True)
+        self.drop_rate = number(drop_rate, "drop_rate", low=0.0, high=1.0, high_open=True)
         self.lambda_tv = number(lambda_tv, "lambda_tv", low=0.0, low_open=True)
         self.max_iter = positive_int(max_iter, "max_iter")
         self.tol = number(tol, "tol", low=0.0)
 
     def config(self) -> dict[str, Any]:
-        return {"drop_rate": self.drop_rate, "lambda_tv": self.lambda_tv,
-                "max_iter": self.max_iter, "tol": self.tol}
+        return {
+            "drop_rate": self.drop_rate,
+            "lambda_tv": self.lambda_tv,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+        }
 
     def transform(self, x: Tensor) -> Tensor:
         x = stage_images(x, "total-variation minimisation")
@@ -181,8 +190,14 @@ class TVMinDefense(Preprocessed):
     Shapes: (N, C, H, W) in [0, 1] -> (N, K) logits. Attack with BPDA + EOT.
     """
 
-    def __init__(self, model: nn.Module, drop_rate: float = TVM_DROP_RATE,
-                 lambda_tv: float = TVM_LAMBDA, max_iter: int = 300, tol: float = 1e-4,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        drop_rate: float = TVM_DROP_RATE,
+        lambda_tv: float = TVM_LAMBDA,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(model, TVMin(drop_rate, lambda_tv, max_iter, tol))
         self.stage.generator = generator_or_none(generator)

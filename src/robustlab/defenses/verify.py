@@ -61,8 +61,14 @@ class Verification:
         return float(self.certified.float().mean())
 
 
-def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method: str = "ibp",
-           batch_size: int = 100) -> Verification:
+def verify(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    method: str = "ibp",
+    batch_size: int = 100,
+) -> Verification:
     """Verify ``model`` on ``(x, y)`` under ``threat`` by bound propagation.
 
     Args:
@@ -88,7 +94,7 @@ def verify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method: 
         net = network(model, x)
         check_labels(y, net.shapes[-1][0])
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             bound = margin_bounds(net, xb, yb, threat, method)
             if method != "ibp":
                 bound = torch.maximum(bound, margin_bounds(net, xb, yb, threat, "ibp"))
@@ -108,7 +114,8 @@ def check_below_empirical(ver: Verification, robust: Tensor) -> None:
             f"{int(bad.sum())} point(s) verified by {ver.method} were broken by an attack "
             f"(first: point {int(bad.nonzero()[0])}); verified accuracy {ver.accuracy:.4f} "
             "must never exceed the empirical robust accuracy: this is a bug in robustlab, "
-            "please report it")
+            "please report it"
+        )
 
 
 def annotate(ver: Verification, record: dict, per_sample: list[dict], robust: Tensor) -> None:
@@ -118,9 +125,13 @@ def annotate(ver: Verification, record: dict, per_sample: list[dict], robust: Te
     and each per-sample row's ``"verified"`` and ``"margin_lower_bound"`` (logit units)."""
     check_below_empirical(ver, robust)
     record["verified_accuracy"] = ver.accuracy
-    record["verification"] = {"method": ver.method, "verified": int(ver.certified.sum()),
-                              "n": len(ver.certified),
-                              "mean_min_margin": float(ver.min_margin.mean())}
-    for row, ok, margin in zip(per_sample, ver.certified.tolist(), ver.min_margin.tolist(),
-                               strict=True):
+    record["verification"] = {
+        "method": ver.method,
+        "verified": int(ver.certified.sum()),
+        "n": len(ver.certified),
+        "mean_min_margin": float(ver.min_margin.mean()),
+    }
+    for row, ok, margin in zip(
+        per_sample, ver.certified.tolist(), ver.min_margin.tolist(), strict=True
+    ):
         row["verified"], row["margin_lower_bound"] = ok, margin

@@ -20,6 +20,17 @@ from robustlab.evaluation.sweep import SweepResult, eps_sweep
 from robustlab.evaluation.universal import evaluate_universal
 from robustlab.evaluation.wrm import wrm_certificate
 
-__all__ = ["SUITES", "AuditResult", "EvalResult", "SweepResult", "audit", "eps_sweep", "evaluate",
-           "evaluate_sharded", "evaluate_universal", "smoothing_curves", "suites",
-           "wrm_certificate"]
+__all__ = [
+    "SUITES",
+    "AuditResult",
+    "EvalResult",
+    "SweepResult",
+    "audit",
+    "eps_sweep",
+    "evaluate",
+    "evaluate_sharded",
+    "evaluate_universal",
+    "smoothing_curves",
+    "suites",
+    "wrm_certificate",
+]

@@ -46,8 +46,10 @@ RANDOM_REPEATS = 10  # predictions per point on a randomised model, as the rand 
 #: predictions per point on a smoothed classifier: it already votes over its own n draws, so
 #: repeated predictions differ only near its decision boundary
 SMOOTHED_REPEATS = 3
-SMOOTHED_OUTPUTS = ("smoothed classifier: its attacks differentiate the base model's logits "
-                    "(or the soft smoothed classifier's), so its own outputs are not rescaled")
+SMOOTHED_OUTPUTS = (
+    "smoothed classifier: its attacks differentiate the base model's logits "
+    "(or the soft smoothed classifier's), so its own outputs are not rescaled"
+)
 NO_GRADIENT = "skipped: the model has no input gradient (see the no-gradient flag)"
 
 
@@ -90,11 +92,19 @@ class Adaptation:
 
     def to_dict(self) -> dict[str, Any]:
         """The results' ``adaptive`` section."""
-        return {"bpda": self.bpda, "bpda_stages": list(self.bpda_stages), "eot": self.eot,
-                "repeats": self.repeats, "randomised": self.randomised,
-                "rejects": self.rejects, "auto": dict(self.auto), "log_outputs": self.log_outputs,
-                "temperature": self.temperature, "outputs_reason": self.outputs_reason,
-                "smoothed": None if self.smoothed is None else dict(self.smoothed)}
+        return {
+            "bpda": self.bpda,
+            "bpda_stages": list(self.bpda_stages),
+            "eot": self.eot,
+            "repeats": self.repeats,
+            "randomised": self.randomised,
+            "rejects": self.rejects,
+            "auto": dict(self.auto),
+            "log_outputs": self.log_outputs,
+            "temperature": self.temperature,
+            "outputs_reason": self.outputs_reason,
+            "smoothed": None if self.smoothed is None else dict(self.smoothed),
+        }
 
     def view(self, model: nn.Module) -> nn.Module:
         """``model`` as the attacks see it: an :class:`~robustlab.evaluation.outputs.OutputView`
@@ -122,14 +132,24 @@ def smoothing_of(model: nn.Module) -> dict[str, Any] | None:
     if not isinstance(model, SmoothedModel):
         return None
     n = getattr(model, "samples", None)
-    return {"sigma": float(model.sigma), "noise": model.noise,
-            "n": n if isinstance(n, int) else None}
+    return {
+        "sigma": float(model.sigma),
+        "noise": model.noise,
+        "n": n if isinstance(n, int) else None,
+    }
 
 
-def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | None = None,
-               eot: int | None = None, repeats: int | None = None, suite_repeats: int = 1,
-               log_outputs: bool | None = None,
-               probe: tuple[Tensor, Tensor] | None = None) -> Adaptation:
+def adaptation(
+    model: nn.Module,
+    flags: list[dict[str, Any]],
+    *,
+    bpda: bool | None = None,
+    eot: int | None = None,
+    repeats: int | None = None,
+    suite_repeats: int = 1,
+    log_outputs: bool | None = None,
+    probe: tuple[Tensor, Tensor] | None = None,
+) -> Adaptation:
     """Decide BPDA, EOT, repeats and the outputs the attacks see for ``model`` from its
     declarations and the sanity ``flags`` of its probe batch ``probe`` (inputs, outputs);
     ``bpda``, ``eot``, ``repeats``, ``log_outputs`` force a setting (None: automatic).
@@ -140,15 +160,16 @@ def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | No
     saturated (:func:`~robustlab.evaluation.outputs.output_plan`; without ``probe`` or on a
     smoothed classifier: neither)."""
     if log_outputs is not None and not isinstance(log_outputs, bool):
-        raise TypeError(f"log_outputs must be True, False or None (automatic), got "
-                        f"{log_outputs!r}")
+        raise TypeError(f"log_outputs must be True, False or None (automatic), got {log_outputs!r}")
     auto = {"bpda": bpda is None, "eot": eot is None, "log_outputs": log_outputs is None}
     smoothed = smoothing_of(model)
     log, temperature, why = False, 1.0, None
     if smoothed is not None:
         if log_outputs:
-            raise ValueError("log_outputs=True cannot be used on a smoothed classifier: its "
-                             "attacks differentiate its base model; leave log_outputs=None")
+            raise ValueError(
+                "log_outputs=True cannot be used on a smoothed classifier: its "
+                "attacks differentiate its base model; leave log_outputs=None"
+            )
         why = SMOOTHED_OUTPUTS
     elif probe is not None:
         probabilities = any(f["name"] == "softmax-output" for f in flags)
@@ -161,14 +182,23 @@ def adaptation(model: nn.Module, flags: list[dict[str, Any]], *, bpda: bool | No
     if eot is None:
         eot = EOT_SAMPLES if randomised and smoothed is None else 1
     return Adaptation(
-        bpda=bool(stages) if bpda is None else bpda, bpda_stages=stages, eot=eot,
-        repeats=repeats, randomised=randomised, rejects=rejects(model),
-        auto=auto, log_outputs=log, temperature=temperature, outputs_reason=why,
-        smoothed=smoothed)
+        bpda=bool(stages) if bpda is None else bpda,
+        bpda_stages=stages,
+        eot=eot,
+        repeats=repeats,
+        randomised=randomised,
+        rejects=rejects(model),
+        auto=auto,
+        log_outputs=log,
+        temperature=temperature,
+        outputs_reason=why,
+        smoothed=smoothed,
+    )
 
 
-def lacks_gradient(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *,
-                   with_bpda: bool) -> bool:
+def lacks_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]], *, with_bpda: bool
+) -> bool:
     """The model has no input gradient as an attack runs it: its own no-gradient flag, checked
     again with its BPDA stages switched on when ``with_bpda`` (BPDA may restore the path; it
     never removes one). The model must be in eval mode."""
@@ -191,13 +221,17 @@ def build(spec: AttackLike, threat: ThreatModel, surrogate: nn.Module | None) ->
     if isinstance(spec, str):
         spec = (spec, {})
     if not (isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], dict)):
-        raise TypeError(f"attack spec {spec!r} must be an Attack, a name or a (name, options "
-                        "dict) pair, e.g. ('pgd', {'steps': 20})")
+        raise TypeError(
+            f"attack spec {spec!r} must be an Attack, a name or a (name, options "
+            "dict) pair, e.g. ('pgd', {'steps': 20})"
+        )
     name, opts = spec[0], dict(spec[1])
     if name == "transfer" and "surrogate" not in opts:
         if surrogate is None:
-            raise ValueError("the transfer attack needs a surrogate model: pass "
-                             "evaluate(..., surrogate=model) or ('transfer', {'surrogate': m})")
+            raise ValueError(
+                "the transfer attack needs a surrogate model: pass "
+                "evaluate(..., surrogate=model) or ('transfer', {'surrogate': m})"
+            )
         opts["surrogate"] = surrogate
     return create_for_evaluation(name, threat, **opts)
 
@@ -209,20 +243,32 @@ class Step(NamedTuple):
     skipped: str | None
 
 
-def plan(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]],
-         specs: list[AttackLike], built: list[Attack], adapt: Adaptation, threat: ThreatModel,
-         surrogate: nn.Module | None) -> list[Step]:
+def plan(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    flags: list[dict[str, Any]],
+    specs: list[AttackLike],
+    built: list[Attack],
+    adapt: Adaptation,
+    threat: ThreatModel,
+    surrogate: nn.Module | None,
+) -> list[Step]:
     """The cascade's steps for the attacks ``built`` from ``specs`` (:func:`build`) on
     ``model`` (in eval mode; ``x, y``: its probe batch): those built from names and pairs get
     ``adapt``'s BPDA and EOT (``Attack`` objects run as they were built); a gradient
     attack is skipped where the model has no input gradient as it runs it (with its BPDA
     stages switched on, if it uses them), and gradient-free ones are added if no attack is
     left."""
-    built = [a if isinstance(s, Attack) else adapt.apply(a)
-             for s, a in zip(specs, built, strict=True)]
+    built = [
+        a if isinstance(s, Attack) else adapt.apply(a) for s, a in zip(specs, built, strict=True)
+    ]
     no_gradient = lacks_gradient(model, x, y, flags, with_bpda=False)
-    bpda_no_gradient = (lacks_gradient(model, x, y, flags, with_bpda=True)
-                        if any(a.bpda for a in built) else no_gradient)
+    bpda_no_gradient = (
+        lacks_gradient(model, x, y, flags, with_bpda=True)
+        if any(a.bpda for a in built)
+        else no_gradient
+    )
 
     def blocked(a: Attack) -> bool:
         return a.uses_gradients and (bpda_no_gradient if a.bpda else no_gradient)
@@ -234,8 +280,10 @@ def plan(model: nn.Module, x: Tensor, y: Tensor, flags: list[dict[str, Any]],
             extra.append(("transfer", {}))
         steps += [Step(build(s, threat, surrogate), None) for s in extra]
     if all(s.skipped for s in steps):
-        raise ValueError(f"the model has no input gradient and no gradient-free attack exists for "
-                         f"{threat.norm}: pass a surrogate model for the transfer attack")
+        raise ValueError(
+            f"the model has no input gradient and no gradient-free attack exists for "
+            f"{threat.norm}: pass a surrogate model for the transfer attack"
+        )
     return to_minimal_norm(steps, specs)
 
 
@@ -253,15 +301,25 @@ def to_minimal_norm(steps: list[Step], specs: list[AttackLike]) -> list[Step]:
     if atk.minimum_norm and from_name and getattr(atk, "early_stop", False):
         atk = copy.copy(atk)
         atk.early_stop = False
-        steps = [*steps[:first], Step(atk, None), *steps[first + 1:]]
+        steps = [*steps[:first], Step(atk, None), *steps[first + 1 :]]
     return steps
 
 
-def prepare(model: nn.Module, x: Tensor, y: Tensor, specs: list[AttackLike],
-            built: list[Attack], threat: ThreatModel, surrogate: nn.Module | None, *,
-            bpda: bool | None, eot: int | None, repeats: int | None, suite_repeats: int,
-            log_outputs: bool | None = None) -> tuple[list[dict[str, Any]], Adaptation,
-                                                      list[Step]]:
+def prepare(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    specs: list[AttackLike],
+    built: list[Attack],
+    threat: ThreatModel,
+    surrogate: nn.Module | None,
+    *,
+    bpda: bool | None,
+    eot: int | None,
+    repeats: int | None,
+    suite_repeats: int,
+    log_outputs: bool | None = None,
+) -> tuple[list[dict[str, Any]], Adaptation, list[Step]]:
     """Probe ``model`` (in eval mode) on the first 64 points of ``(x, y)`` (CPU): its sanity
     flags (:func:`~robustlab.evaluation.checks.run_checks`), its :func:`adaptation` and the
     cascade's steps (:func:`plan`); the labels are checked against its number of classes."""
@@ -270,6 +328,14 @@ def prepare(model: nn.Module, x: Tensor, y: Tensor, specs: list[AttackLike],
     logits = probe_model(model, xp)
     check_labels(y, logits.shape[1])
     flags = run_checks(model, xp, yp, logits)
-    adapt = adaptation(model, flags, bpda=bpda, eot=eot, repeats=repeats,
-                       suite_repeats=suite_repeats, log_outputs=log_outputs, probe=(xp, logits))
+    adapt = adaptation(
+        model,
+        flags,
+        bpda=bpda,
+        eot=eot,
+        repeats=repeats,
+        suite_repeats=suite_repeats,
+        log_outputs=log_outputs,
+        probe=(xp, logits),
+    )
     return flags, adapt, plan(model, xp, yp, flags, specs, built, adapt, threat, surrogate)

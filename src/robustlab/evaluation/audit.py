@@ -130,18 +130,24 @@ def _default_surrogate(model: nn.Module, x: Tensor) -> tuple[nn.Module | None, s
     a smoothed classifier's ``base`` included; of another wrapper its ``base`` or ``model``
     attribute), if it classifies the inputs itself (a thermometer model's base takes the
     encoding instead); else None and the reason."""
-    base = (model.base if isinstance(model, Defense)
-            else getattr(model, "base", getattr(model, "model", None)))
+    base = (
+        model.base
+        if isinstance(model, Defense)
+        else getattr(model, "base", getattr(model, "model", None))
+    )
     if not isinstance(base, nn.Module) or base is model:
-        return None, ("the model is not a robustlab defense and has no `base` or `model` "
-                      "module; pass surrogate=<its undefended model>")
+        return None, (
+            "the model is not a robustlab defense and has no `base` or `model` "
+            "module; pass surrogate=<its undefended model>"
+        )
     try:
         with eval_mode(base):
             probe_model(base, x[:2])
     except (ValueError, RuntimeError) as e:
         log.info("no transfer surrogate: the base model does not take the inputs (%s)", e)
-        return None, (f"its base model does not take the inputs ({e}); pass "
-                      "surrogate=<a model that does>")
+        return None, (
+            f"its base model does not take the inputs ({e}); pass surrogate=<a model that does>"
+        )
     return base, ""
 
 
@@ -212,21 +218,36 @@ def audit(
     check_points = positive_int(check_points, "check_points")
     device = _device(model)
     x, y = x.detach().cpu(), y.detach().cpu().long()
-    surrogate, no_surrogate = ((surrogate, "") if surrogate is not None
-                               else _default_surrogate(model, x[:2].to(device)))
+    surrogate, no_surrogate = (
+        (surrogate, "") if surrogate is not None else _default_surrogate(model, x[:2].to(device))
+    )
     # 1. What the model is: randomness, gradients, stages without gradients.
     num_classes, flags, adaptive, no_gradient = _inspect(model, x, y, device, eot, log_outputs)
     # 2. The cascade: naive PGD, the adaptive attacks, black-box, transfer, convergence.
     cascade, n_black = cascade_plan(threat, adaptive, num_classes, steps, queries, surrogate)
-    side = side_plan(threat, x, adaptive, no_gradient, factors=EPS_FACTORS, steps=steps,
-                     queries=queries, check_points=check_points,
-                     binarization_points=binarization_points)
+    side = side_plan(
+        threat,
+        x,
+        adaptive,
+        no_gradient,
+        factors=EPS_FACTORS,
+        steps=steps,
+        queries=queries,
+        check_points=check_points,
+        binarization_points=binarization_points,
+    )
     bar = _progress(progress, cascade, side, x, threat)
-    common = {"batch_size": batch_size, "seed": seed, "repeats": adaptive.repeats,
-              "progress": bar or False, "log_outputs": log_outputs}
+    common = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "repeats": adaptive.repeats,
+        "progress": bar or False,
+        "log_outputs": log_outputs,
+    }
     try:
-        main = evaluate(model, x, y, threat, attacks=cascade, surrogate=surrogate,
-                        config=config, **common)
+        main = evaluate(
+            model, x, y, threat, attacks=cascade, surrogate=surrogate, config=config, **common
+        )
         stages, n = main.per_attack, len(x)
         # 3. Separate runs: FGSM, the eps sweep, the unbounded attack, the binarization test.
         naive_skipped = bool(stages[0].get("skipped"))
@@ -242,13 +263,25 @@ def audit(
         iterative(None if runs.fgsm is None else runs.fgsm.robust_accuracy, naive_acc),
         adaptive_vs_naive(naive_acc, main.robust_accuracy, naive_skipped),
         *([detector] if adaptive.rejects else []),
-        broken_after(stages, n, lambda a: not a.get("uses_gradients", True)
-                      and a["config"]["name"] != "transfer", "white-box-beats-black-box",
-                      "the black-box attacks (Square, NAttack; RayS for linf)", n_black > 0),
-        _because(broken_after(stages, n, lambda a: a["config"]["name"] == "transfer"
-                              and not joint_stage(a["config"]),
-                              "white-box-beats-transfer", "the transfer attack",
-                              surrogate is not None), no_surrogate),
+        broken_after(
+            stages,
+            n,
+            lambda a: not a.get("uses_gradients", True) and a["config"]["name"] != "transfer",
+            "white-box-beats-black-box",
+            "the black-box attacks (Square, NAttack; RayS for linf)",
+            n_black > 0,
+        ),
+        _because(
+            broken_after(
+                stages,
+                n,
+                lambda a: a["config"]["name"] == "transfer" and not joint_stage(a["config"]),
+                "white-box-beats-transfer",
+                "the transfer attack",
+                surrogate is not None,
+            ),
+            no_surrogate,
+        ),
         monotone(runs.sweep),
         unbounded_attack(runs.unbounded, runs.big),
         convergence(stages[-1], n),
@@ -256,8 +289,16 @@ def audit(
         gradients(flags, adaptive, no_gradient),
         binarization(runs.binarization, binarization_points, no_gradient),
     ]
-    result = _result(main, flags, checks, runs, adaptive, naive_acc, surrogate is not None,
-                     [] if adaptive.rejects else [detector])
+    result = _result(
+        main,
+        flags,
+        checks,
+        runs,
+        adaptive,
+        naive_acc,
+        surrogate is not None,
+        [] if adaptive.rejects else [detector],
+    )
     if out is not None:
         result.save(out)
     return result
@@ -265,12 +306,21 @@ def audit(
 
 def _because(check: dict[str, Any], reason: str) -> dict[str, Any]:
     """``check`` with ``reason`` added to the evidence of a SKIP."""
-    return check | {"evidence": check["evidence"] + f": {reason}"} if (
-        check["status"] == SKIP and reason) else check
+    return (
+        check | {"evidence": check["evidence"] + f": {reason}"}
+        if (check["status"] == SKIP and reason)
+        else check
+    )
 
 
-def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, eot: int | None,
-             log_outputs: bool | None) -> tuple[int, list[dict[str, Any]], Adaptation, bool]:
+def _inspect(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
+    eot: int | None,
+    log_outputs: bool | None,
+) -> tuple[int, list[dict[str, Any]], Adaptation, bool]:
     """Number of classes, sanity flags (shattered gradients checked unless randomised),
     adaptation, and whether the model lacks an input gradient as the adaptive attacks run."""
     with eval_mode(model):
@@ -278,8 +328,7 @@ def _inspect(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, eot: 
         logits = probe_model(model, xp)
         check_labels(y, logits.shape[1])
         flags = run_checks(model, xp, yp, logits)
-        adaptive = adaptation(model, flags, eot=eot, log_outputs=log_outputs,
-                              probe=(xp, logits))
+        adaptive = adaptation(model, flags, eot=eot, log_outputs=log_outputs, probe=(xp, logits))
         if not adaptive.randomised:
             shattered = shattered_gradient(model, xp, yp)
             if shattered is not None:
@@ -298,8 +347,9 @@ class _Runs(NamedTuple):
     binarization: dict[str, Any] | None
 
 
-def _progress(progress: bool, cascade: list[Attack], side: SidePlan, x: Tensor,
-              threat: ThreatModel) -> Progress | None:
+def _progress(
+    progress: bool, cascade: list[Attack], side: SidePlan, x: Tensor, threat: ThreatModel
+) -> Progress | None:
     """With ``progress``: one bar over every stage of the audit, planned stage by stage in
     attack steps x points, below a header line naming the stages."""
     if not progress:
@@ -310,56 +360,100 @@ def _progress(progress: bool, cascade: list[Attack], side: SidePlan, x: Tensor,
 
     plan = [("cascade", sum(attack_units(a) for a in cascade) * len(x)), ("fgsm", len(x))]
     for eps in side.grid:
-        plan.append(("eps sweep", work(side.probe, dataclasses.replace(threat, eps=eps))
-                     * side.points))
+        plan.append(
+            ("eps sweep", work(side.probe, dataclasses.replace(threat, eps=eps)) * side.points)
+        )
     if side.unbounded:
         plan.append(("unbounded", work(side.unbounded, side.big) * side.points))
     if side.binarization is not None:  # the attack on each point, features of 100 points
-        plan.append(("binarization", (attack_units(side.binarization) + 100)
-                     * side.binarization_points))
+        plan.append(
+            ("binarization", (attack_units(side.binarization) + 100) * side.binarization_points)
+        )
     lo, hi = threat.bounds
     names = ", ".join(f"{k + 1}:{a.name}" for k, a in enumerate(cascade))
-    return Progress(desc="audit", plan=plan, header=(
-        f"audit: {len(x)} points, {threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}]; "
-        f"cascade {names}; then FGSM, an eps sweep ({len(side.grid)} eps), an unbounded attack "
-        f"({side.points} points each) and the binarization test "
-        f"({side.binarization_points if side.binarization is not None else 0} points)"))
+    return Progress(
+        desc="audit",
+        plan=plan,
+        header=(
+            f"audit: {len(x)} points, {threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}]; "
+            f"cascade {names}; then FGSM, an eps sweep ({len(side.grid)} eps), an unbounded attack "
+            f"({side.points} points each) and the binarization test "
+            f"({side.binarization_points if side.binarization is not None else 0} points)"
+        ),
+    )
 
 
-def _side_runs(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-               adaptive: Adaptation, side: SidePlan, naive_skipped: bool,
-               common: dict[str, Any], bar: Progress | None) -> _Runs:
+def _side_runs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    adaptive: Adaptation,
+    side: SidePlan,
+    naive_skipped: bool,
+    common: dict[str, Any],
+    bar: Progress | None,
+) -> _Runs:
     """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""
     if naive_skipped and bar is not None:
         bar.drop("fgsm")
-    fgsm = None if naive_skipped else evaluate(
-        model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common)
-    xs, ys = x[:side.points], y[:side.points]
-    sweep = (eps_sweep(model, xs, ys, threat, side.grid, attacks=side.probe, **common)
-             if side.grid else None)
-    unbounded = (evaluate(model, xs, ys, side.big, attacks=side.unbounded, **common)
-                 if side.unbounded else None)
+    fgsm = (
+        None
+        if naive_skipped
+        else evaluate(
+            model, x, y, threat, attacks=[create_for_evaluation("fgsm", threat)], **common
+        )
+    )
+    xs, ys = x[: side.points], y[: side.points]
+    sweep = (
+        eps_sweep(model, xs, ys, threat, side.grid, attacks=side.probe, **common)
+        if side.grid
+        else None
+    )
+    unbounded = (
+        evaluate(model, xs, ys, side.big, attacks=side.unbounded, **common)
+        if side.unbounded
+        else None
+    )
     binar = None
     if side.binarization is not None:
         if bar is not None:
             bar.next_stage()
             bar.bar.set_description("binarization test")
-        xb, yb = (t[:side.binarization_points].to(_device(model)) for t in (x, y))
-        binar = binarization_test(model, xb, yb, threat, side.binarization, n_inner=99,
-                                  n_boundary=1, seed=common["seed"],
-                                  repeats=min(adaptive.repeats, 5))
+        xb, yb = (t[: side.binarization_points].to(_device(model)) for t in (x, y))
+        binar = binarization_test(
+            model,
+            xb,
+            yb,
+            threat,
+            side.binarization,
+            n_inner=99,
+            n_boundary=1,
+            seed=common["seed"],
+            repeats=min(adaptive.repeats, 5),
+        )
         if bar is not None:
             bar.bar.update((attack_units(side.binarization) + 100) * len(xb))
     return _Runs(fgsm, sweep, side.big, unbounded, binar)
 
 
-def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str, Any]],
-            runs: _Runs, adaptive: Adaptation, naive_acc: float, surrogate: bool,
-            not_applicable: list[dict[str, Any]]) -> AuditResult:
+def _result(
+    main: EvalResult,
+    flags: list[dict[str, Any]],
+    checks: list[dict[str, Any]],
+    runs: _Runs,
+    adaptive: Adaptation,
+    naive_acc: float,
+    surrogate: bool,
+    not_applicable: list[dict[str, Any]],
+) -> AuditResult:
     """The audit's result: the cascade's, its record extended with the ``audit`` section
     (``not_applicable``: the checks for another kind of model, SKIP with the reason)."""
-    audit_flags = [{"name": f"audit:{c['name']}", "message": c["evidence"]}
-                   for c in checks if c["status"] == FLAG]
+    audit_flags = [
+        {"name": f"audit:{c['name']}", "message": c["evidence"]}
+        for c in checks
+        if c["status"] == FLAG
+    ]
     all_flags = list({f["name"]: f for f in main.flags + flags + audit_flags}.values())
     record = main.record | {
         "suite": "audit",
@@ -370,8 +464,12 @@ def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str
             "naive_robust_accuracy": naive_acc,
             "fgsm_robust_accuracy": None if runs.fgsm is None else runs.fgsm.robust_accuracy,
             "eps_curve": runs.sweep.curve if runs.sweep else [],
-            "unbounded": {"eps": runs.big.eps, "robust_accuracy":
-                          None if runs.unbounded is None else runs.unbounded.robust_accuracy},
+            "unbounded": {
+                "eps": runs.big.eps,
+                "robust_accuracy": None
+                if runs.unbounded is None
+                else runs.unbounded.robust_accuracy,
+            },
             "binarization": runs.binarization,
             "surrogate": surrogate,
             "smoothed": adaptive.smoothed is not None,
@@ -379,6 +477,10 @@ def _result(main: EvalResult, flags: list[dict[str, Any]], checks: list[dict[str
         },
     }
     evaluation = dataclasses.replace(main, flags=all_flags, record=record)
-    return AuditResult(robust_accuracy=main.robust_accuracy,
-                       clean_accuracy=main.clean_accuracy, checks=checks, flags=all_flags,
-                       evaluation=evaluation)
+    return AuditResult(
+        robust_accuracy=main.robust_accuracy,
+        clean_accuracy=main.clean_accuracy,
+        checks=checks,
+        flags=all_flags,
+        evaluation=evaluation,
+    )

@@ -33,8 +33,7 @@ def unbounded(threat: ThreatModel, x: Tensor) -> ThreatModel:
     return dataclasses.replace(threat, eps=int(eps) if threat.norm == "l0" else eps)
 
 
-def adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str,
-                    **opts: Any) -> Attack:
+def adaptive_attack(threat: ThreatModel, adaptive: Adaptation, name: str, **opts: Any) -> Attack:
     return create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=adaptive.eot, **opts)
 
 
@@ -48,36 +47,47 @@ def joint_specs(threat: ThreatModel, steps: int, surrogate: bool) -> list[Attack
     return specs
 
 
-def cascade_plan(threat: ThreatModel, adaptive: Adaptation, num_classes: int, steps: int,
-                 queries: int, surrogate: nn.Module | None) -> tuple[list[Attack], int]:
+def cascade_plan(
+    threat: ThreatModel,
+    adaptive: Adaptation,
+    num_classes: int,
+    steps: int,
+    queries: int,
+    surrogate: nn.Module | None,
+) -> tuple[list[Attack], int]:
     """The audit's cascade (see the module docstring) and how many of its attacks are
     gradient-free."""
     cascade: list[Attack] = [create_for_evaluation("pgd", threat, steps=20)]
     if adaptive.rejects:
         for name, o in joint_specs(threat, steps, surrogate is not None):
-            cascade.append(create_for_evaluation(name, threat, surrogate=surrogate, **o)
-                           if name == "transfer" else adaptive_attack(threat, adaptive, name, **o))
+            cascade.append(
+                create_for_evaluation(name, threat, surrogate=surrogate, **o)
+                if name == "transfer"
+                else adaptive_attack(threat, adaptive, name, **o)
+            )
     cascade.append(adaptive_attack(threat, adaptive, "apgd-ce", steps=steps))
     if adaptive.smoothed is not None:
-        cascade += [create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=1,
-                                          **smoothed_opts(steps)) for name in
-                    ("smoothadv", "epgd")]
+        cascade += [
+            create_for_evaluation(name, threat, bpda=adaptive.bpda, eot=1, **smoothed_opts(steps))
+            for name in ("smoothadv", "epgd")
+        ]
     k = min(9, num_classes - 1)
     if threat.norm == "l1":
-        cascade.append(adaptive_attack(threat, adaptive, "apgd-t", steps=20,
-                                       n_target_classes=k))
+        cascade.append(adaptive_attack(threat, adaptive, "apgd-t", steps=20, n_target_classes=k))
     else:
         cascade.append(adaptive_attack(threat, adaptive, "mm", k=k, steps=20))
         cascade.append(adaptive_attack(threat, adaptive, "md"))
         cascade.append(create_for_evaluation("square", threat, n_queries=queries, p_init=0.8))
-        cascade.append(create_for_evaluation("nattack", threat,
-                                             max_iters=max(1, queries // 300)))
+        cascade.append(create_for_evaluation("nattack", threat, max_iters=max(1, queries // 300)))
         if threat.norm == "linf":  # the hard-label (decision-based) stage: labels only
             cascade.append(create_for_evaluation("rays", threat, n_queries=queries))
     n_black = sum(1 for a in cascade if not a.uses_gradients and a.name != "transfer")
     if surrogate is not None:
-        cascade.append(create_for_evaluation("transfer", threat, surrogate=surrogate,
-                                             attack="pgd", attack_options={"steps": 20}))
+        cascade.append(
+            create_for_evaluation(
+                "transfer", threat, surrogate=surrogate, attack="pgd", attack_options={"steps": 20}
+            )
+        )
     cascade.append(adaptive_attack(threat, adaptive, "apgd-ce", steps=2 * steps, restarts=3))
     return cascade, n_black
 
@@ -101,22 +111,35 @@ class SidePlan(NamedTuple):
     binarization_points: int
 
 
-def side_plan(threat: ThreatModel, x: Tensor, adaptive: Adaptation, no_gradient: bool, *,
-              factors: tuple[float, ...], steps: int, queries: int, check_points: int,
-              binarization_points: int) -> SidePlan:
+def side_plan(
+    threat: ThreatModel,
+    x: Tensor,
+    adaptive: Adaptation,
+    no_gradient: bool,
+    *,
+    factors: tuple[float, ...],
+    steps: int,
+    queries: int,
+    check_points: int,
+    binarization_points: int,
+) -> SidePlan:
     """The side runs; ``factors``: the eps sweep's multiples of the threat's eps. On a
     detector the sweep and the unbounded attack add PGD on the joint classifier-and-detector
     (the naive attacks run into its rejection)."""
     adaptive_opts = {"bpda": adaptive.bpda, "eot": adaptive.eot}
     square = ("square", {"n_queries": queries, "p_init": 0.8})
-    joint = ([(n, {**o, **adaptive_opts}) for n, o in joint_specs(threat, steps, False)
-              if n == "pgd"] if adaptive.rejects else [])
+    joint = (
+        [(n, {**o, **adaptive_opts}) for n, o in joint_specs(threat, steps, False) if n == "pgd"]
+        if adaptive.rejects
+        else []
+    )
     # without any gradient, Square stands in for APGD (none for l1); a smoothed classifier
     # gets EPGD on the CW margin, its own draws per step and no EOT on top
     probe = [("apgd-ce", {"steps": max(20, steps // 5), **adaptive_opts}), *joint]
     if adaptive.smoothed is not None:
-        probe = [("epgd", {**smoothed_opts(steps), "loss": "cw-margin", "eot": 1,
-                           "bpda": adaptive.bpda})]
+        probe = [
+            ("epgd", {**smoothed_opts(steps), "loss": "cw-margin", "eot": 1, "bpda": adaptive.bpda})
+        ]
     probe = [square] if no_gradient else probe
     grid = [f * threat.eps for f in factors if f * threat.eps > 0]
     if no_gradient and threat.norm == "l1":
@@ -124,7 +147,17 @@ def side_plan(threat: ThreatModel, x: Tensor, adaptive: Adaptation, no_gradient:
     big = [] if no_gradient else [("apgd-ce", {"steps": steps, **adaptive_opts}), *joint]
     if threat.norm != "l1":
         big.append(square)
-    binar = (None if not binarization_points or no_gradient
-             else adaptive_attack(threat, adaptive, "apgd-ce", steps=steps))
-    return SidePlan(probe, grid, unbounded(threat, x), big, min(check_points, len(x)),
-                    binar, min(binarization_points, len(x)))
+    binar = (
+        None
+        if not binarization_points or no_gradient
+        else adaptive_attack(threat, adaptive, "apgd-ce", steps=steps)
+    )
+    return SidePlan(
+        probe,
+        grid,
+        unbounded(threat, x),
+        big,
+        min(check_points, len(x)),
+        binar,
+        min(binarization_points, len(x)),
+    )

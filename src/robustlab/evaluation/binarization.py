@@ -60,16 +60,18 @@ class Binarized(nn.Module):
             none). Attribute ``feature_layer`` holds the resolved name (None: logits).
     """
 
-    def __init__(self, model: nn.Module, readout: nn.Linear,
-                 feature_layer: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, readout: nn.Linear, feature_layer: str | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(readout, nn.Linear):
             raise TypeError(f"readout must be an nn.Linear, got {type(readout).__name__}")
         if readout.out_features != 2:
-            raise ValueError(f"readout must have 2 outputs (inner, boundary), got "
-                             f"{readout.out_features}")
+            raise ValueError(
+                f"readout must have 2 outputs (inner, boundary), got {readout.out_features}"
+            )
         self.model = model
         self.readout = readout.requires_grad_(False)
         self.feature_layer = feature_module(model, feature_layer)[0]
@@ -84,8 +86,9 @@ class Binarized(nn.Module):
         return self.readout(self.features(x))
 
 
-def _boundary_points(x: Tensor, threat: ThreatModel, n: int, min_dist: float,
-                     g: torch.Generator) -> Tensor:
+def _boundary_points(
+    x: Tensor, threat: ThreatModel, n: int, min_dist: float, g: torch.Generator
+) -> Tensor:
     """Up to ``n`` points at distance ``eps`` from ``x`` (1, ...) inside the bounds: ``n``
     are drawn, and those that clipping to the bounds left closer than ``min_dist`` (the box
     leaves no room to reach ``eps`` along the drawn direction) are dropped."""
@@ -139,8 +142,9 @@ def _fit_readout(f_in: Tensor, f_bd: Tensor) -> tuple[Tensor, Tensor] | None:
     z = (feats - mu) / sd
     w = feats.new_zeros(feats.shape[1], requires_grad=True)
     b = feats.new_zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=_FIT_LBFGS_ITERS,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=_FIT_LBFGS_ITERS, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> Tensor:
         loss = F.binary_cross_entropy_with_logits(z @ w + b, labels)
@@ -163,7 +167,7 @@ def _mean_features(net: Binarized, x: Tensor, repeats: int, batch_size: int) -> 
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
+            xb = x[i : i + batch_size]
             out.append(sum(net.features(xb) for _ in range(repeats)) / repeats)
     return torch.cat(out)
 
@@ -241,11 +245,28 @@ def binarization_test(
         ValueError / TypeError for bad options (before any work); RuntimeError if the attack
         returns a point outside the threat model (a bug in the attack).
     """
-    eta, gap, seed = _check_options(model, x, y, threat, attack, n_inner=n_inner,
-                                    n_boundary=n_boundary, eta=eta, gap=gap, repeats=repeats,
-                                    seed=seed, batch_size=batch_size)
-    opts = _Options(n_inner, n_boundary, (1 + gap) * eta * threat.eps,
-                    ThreatModel(threat.norm, eta * threat.eps, threat.bounds), repeats, batch_size)
+    eta, gap, seed = _check_options(
+        model,
+        x,
+        y,
+        threat,
+        attack,
+        n_inner=n_inner,
+        n_boundary=n_boundary,
+        eta=eta,
+        gap=gap,
+        repeats=repeats,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    opts = _Options(
+        n_inner,
+        n_boundary,
+        (1 + gap) * eta * threat.eps,
+        ThreatModel(threat.norm, eta * threat.eps, threat.bounds),
+        repeats,
+        batch_size,
+    )
     min_dist = opts.min_dist
     seeds = torch.randint(0, 2**62, (len(x),), generator=torch.Generator().manual_seed(seed))
     # the head is set per sample; skip_init: no draw from the global RNG
@@ -257,8 +278,10 @@ def binarization_test(
         net.eval()  # the model too; the attack restores this mode after its run
         for i in range(len(x)):
             g = torch.Generator(device=x.device).manual_seed(int(seeds[i]))
-            per_sample.append({"index": i} | _test_one(net, attack, x[i:i + 1].detach(), g,
-                                                        threat, opts, warned))
+            per_sample.append(
+                {"index": i}
+                | _test_one(net, attack, x[i : i + 1].detach(), g, threat, opts, warned)
+            )
     finally:
         for m, mode in modes:
             m.training = mode
@@ -272,10 +295,16 @@ def binarization_test(
         "random_asr": sum(r["random_success"] for r in valid) / n_valid if n_valid else None,
         "per_sample": per_sample,
         "settings": {
-            **threat.to_dict(), "n_inner": n_inner, "n_boundary": n_boundary, "eta": eta,
-            "gap": gap, "boundary_min_distance": min_dist,
+            **threat.to_dict(),
+            "n_inner": n_inner,
+            "n_boundary": n_boundary,
+            "eta": eta,
+            "gap": gap,
+            "boundary_min_distance": min_dist,
             "feature_layer": net.feature_layer,
-            "repeats": repeats, "seed": seed, "batch_size": batch_size,
+            "repeats": repeats,
+            "seed": seed,
+            "batch_size": batch_size,
             "attack": attack.config() if hasattr(attack, "config") else repr(attack),
         },
     }
@@ -290,9 +319,21 @@ class _Options(NamedTuple):
     batch_size: int
 
 
-def _check_options(model: Any, x: Any, y: Any, threat: ThreatModel, attack: Any, *,
-                   n_inner: Any, n_boundary: Any, eta: Any, gap: Any, repeats: Any, seed: Any,
-                   batch_size: Any) -> tuple[float, float, int]:
+def _check_options(
+    model: Any,
+    x: Any,
+    y: Any,
+    threat: ThreatModel,
+    attack: Any,
+    *,
+    n_inner: Any,
+    n_boundary: Any,
+    eta: Any,
+    gap: Any,
+    repeats: Any,
+    seed: Any,
+    batch_size: Any,
+) -> tuple[float, float, int]:
     """The binarization test's argument checks; returns ``eta``, ``gap`` and ``seed``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -300,74 +341,103 @@ def _check_options(model: Any, x: Any, y: Any, threat: ThreatModel, attack: Any,
     if threat.eps <= 0:
         raise ValueError(f"the binarization test needs eps > 0, got {threat.eps}")
     if not callable(attack):
-        raise TypeError(f"attack must be callable as attack(model, x, y, generator=g), got "
-                        f"{type(attack).__name__}")
+        raise TypeError(
+            f"attack must be callable as attack(model, x, y, generator=g), got "
+            f"{type(attack).__name__}"
+        )
     attack_threat = getattr(attack, "threat", threat)
     if attack_threat != threat:
-        raise ValueError(f"the attack's threat model ({attack_threat}) differs from the "
-                         f"test's ({threat}); test the attack with its own threat model")
+        raise ValueError(
+            f"the attack's threat model ({attack_threat}) differs from the "
+            f"test's ({threat}); test the attack with its own threat model"
+        )
     if getattr(attack, "targeted", False):
-        raise ValueError("the binarization test runs the attack untargeted (label 0 -> any "
-                         "other class); pass an untargeted attack")
-    for name, value in (("n_inner", n_inner), ("n_boundary", n_boundary),
-                        ("repeats", repeats), ("batch_size", batch_size)):
+        raise ValueError(
+            "the binarization test runs the attack untargeted (label 0 -> any "
+            "other class); pass an untargeted attack"
+        )
+    for name, value in (
+        ("n_inner", n_inner),
+        ("n_boundary", n_boundary),
+        ("repeats", repeats),
+        ("batch_size", batch_size),
+    ):
         positive_int(value, name)
     eta = number(eta, "eta", low=0, high=1, low_open=True, high_open=True)
     gap = number(gap, "gap", low=0, high=1, high_open=True)
     if (1 + gap) * eta >= 1:
-        raise ValueError(f"(1 + gap) * eta must be < 1 so that points at distance eps clear the "
-                         f"gap, got (1 + {gap}) * {eta} = {(1 + gap) * eta:.4g}")
+        raise ValueError(
+            f"(1 + gap) * eta must be < 1 so that points at distance eps clear the "
+            f"gap, got (1 + {gap}) * {eta} = {(1 + gap) * eta:.4g}"
+        )
     seed = integer(seed, "seed")  # a wrong type raises OptionTypeError, a TypeError
     return eta, gap, seed
 
 
-def _test_one(net: Binarized, attack: Any, xi: Tensor, g: torch.Generator, threat: ThreatModel,
-              o: _Options, warned: list[bool]) -> dict[str, Any]:
+def _test_one(
+    net: Binarized,
+    attack: Any,
+    xi: Tensor,
+    g: torch.Generator,
+    threat: ThreatModel,
+    o: _Options,
+    warned: list[bool],
+) -> dict[str, Any]:
     """The test at one input ``xi`` (1, ...): set up the read-out, then attack it."""
-    row = {"setup_ok": False, "setup_error": None, "attack_success": None,
-           "random_success": None, "logit_improvement": None}
-    inner = torch.cat([xi, o.inner_threat.random_init(xi.expand(o.n_inner - 1, *xi.shape[1:]),
-                                                    g)])
+    row = {
+        "setup_ok": False,
+        "setup_error": None,
+        "attack_success": None,
+        "random_success": None,
+        "logit_improvement": None,
+    }
+    inner = torch.cat([xi, o.inner_threat.random_init(xi.expand(o.n_inner - 1, *xi.shape[1:]), g)])
     bd = _boundary_points(xi, threat, o.n_boundary, o.min_dist, g)
     if len(bd) == 0:
-        row["setup_error"] = (f"no boundary point reaches distance {o.min_dist:.4g} inside "
-                              f"the bounds {threat.bounds}")
+        row["setup_error"] = (
+            f"no boundary point reaches distance {o.min_dist:.4g} inside the bounds {threat.bounds}"
+        )
         return row
     feats = _mean_features(net, torch.cat([inner, bd]), o.repeats, o.batch_size)
     if feats.shape[1] <= len(feats) and not warned[0]:
         warned[0] = True
-        warnings.warn(f"{feats.shape[1]} features for {len(feats)} training points: "
-                      "the read-out may not separate them (setup failures)",
-                      RuntimeWarning, stacklevel=3)
-    fit = _fit_readout(feats[:o.n_inner], feats[o.n_inner:])
+        warnings.warn(
+            f"{feats.shape[1]} features for {len(feats)} training points: "
+            "the read-out may not separate them (setup failures)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    fit = _fit_readout(feats[: o.n_inner], feats[o.n_inner :])
     if fit is None:
         row["setup_error"] = "the linear read-out does not separate inner and boundary"
         return row
     w, b = fit
     scale = 1 / (feats.to(torch.float64) @ w + b).abs().max()  # margins in [-1, 1]
-    readout = nn.utils.skip_init(nn.Linear, feats.shape[1], 2, device=feats.device,
-                                 dtype=feats.dtype)  # no draw from the global RNG
+    readout = nn.utils.skip_init(
+        nn.Linear, feats.shape[1], 2, device=feats.device, dtype=feats.dtype
+    )  # no draw from the global RNG
     with torch.no_grad():
         readout.weight.copy_(torch.stack([-w, w]) * scale / 2)
         readout.bias.copy_(torch.cat([-b, b]) * scale / 2)
     net.readout = readout.requires_grad_(False)
     m_train = _margin(readout, feats)
     m_clean = _margin(readout, _mean_features(net, xi, o.repeats, o.batch_size))
-    if not ((m_train[:o.n_inner] < 0).all() and (m_train[o.n_inner:] > 0).all()
-            and m_clean[0] < 0):
-        row["setup_error"] = ("the scaled read-out does not label x as 0 and the "
-                              "boundary points as 1")
+    if not (
+        (m_train[: o.n_inner] < 0).all() and (m_train[o.n_inner :] > 0).all() and m_clean[0] < 0
+    ):
+        row["setup_error"] = (
+            "the scaled read-out does not label x as 0 and the boundary points as 1"
+        )
         return row
     row["setup_ok"] = True
     fresh = _boundary_points(xi, threat, o.n_boundary, o.min_dist, g)
     m_fresh = _margin(readout, _mean_features(net, fresh, o.repeats, o.batch_size))
     row["random_success"] = bool((m_fresh > 0).any())
 
-    res = attack(net, xi, torch.zeros(1, dtype=torch.long, device=xi.device),
-                 generator=g)
+    res = attack(net, xi, torch.zeros(1, dtype=torch.long, device=xi.device), generator=g)
     threat.check(res.x_adv, xi, who="the attack under test")
     m_adv = float(_margin(readout, _mean_features(net, res.x_adv, o.repeats, o.batch_size)))
-    m_best = float(m_train[o.n_inner:].max())
+    m_best = float(m_train[o.n_inner :].max())
     row["attack_success"] = bool(res.success[0]) and m_adv > 0
     row["logit_improvement"] = (m_adv - m_best) / abs(m_best)
     return row

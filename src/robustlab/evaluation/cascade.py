@@ -36,9 +36,19 @@ Generators = Callable[[int, int], torch.Generator]
 log = logging.getLogger(__name__)
 
 
-def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, st: EvalState,
-                *, batch_size: int, repeats: int, generators: Generators,
-                record: EvalRecord, view: nn.Module | None = None) -> EvalState:
+def run_cascade(
+    model: nn.Module,
+    steps: Sequence[Step],
+    x: Tensor,
+    y: Tensor,
+    st: EvalState,
+    *,
+    batch_size: int,
+    repeats: int,
+    generators: Generators,
+    record: EvalRecord,
+    view: nn.Module | None = None,
+) -> EvalState:
     """Run ``steps`` on ``model`` (in eval mode) from where ``st`` stands; ``x, y`` on the CPU.
     ``generators(i, j)``: the generator of attack ``i``'s batch ``j``. ``view``: the model as
     the attacks see it (:meth:`~robustlab.evaluation.adapt.Adaptation.view`; None: ``model``);
@@ -59,11 +69,13 @@ def run_cascade(model: nn.Module, steps: Sequence[Step], x: Tensor, y: Tensor, s
         record.attack_begins(st, steps, i, label, len(idx))
         split = Split(batch_size)
         for j in range(st.batch * batch_size, 0 if skipped else len(idx), batch_size):
-            b = idx[j:j + batch_size]
-            res = split.attack(atk, attacked, x[b].to(device), y[b].to(device),
-                               generators(i, j // batch_size))
-            broken, pred, fraction = _broken(model, res, y[b], repeats, reject, device,
-                                             rejudge=view is not None)
+            b = idx[j : j + batch_size]
+            res = split.attack(
+                atk, attacked, x[b].to(device), y[b].to(device), generators(i, j // batch_size)
+            )
+            broken, pred, fraction = _broken(
+                model, res, y[b], repeats, reject, device, rejudge=view is not None
+            )
             if not atk.targeted and repeats == 1:
                 _confirm(st, atk.name, res.success.cpu(), broken)
             fold(st, b, broken, res, pred, label)
@@ -94,8 +106,9 @@ class Split:
         self.limit = batch_size  #: points per attack call
         self.splits = 0  #: out-of-memory errors caught, each halving ``limit``
 
-    def attack(self, atk: Attack, model: nn.Module, x: Tensor, y: Tensor,
-               generator: torch.Generator) -> AttackResult:
+    def attack(
+        self, atk: Attack, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> AttackResult:
         """``atk(model, x, y, generator=generator)``, in chunks that fit in memory."""
         parts, start = [], 0
         while start < len(x):
@@ -107,14 +120,18 @@ class Split:
                     raise torch.cuda.OutOfMemoryError(
                         f"{atk.name} runs out of CUDA memory on a single point ({err}); free "
                         "memory on the device (other processes, a smaller model) or evaluate "
-                        "on the CPU (device 'cpu')") from err
+                        "on the CPU (device 'cpu')"
+                    ) from err
                 halve = True  # outside the handler, which holds the failed call's tensors
             if halve:
                 torch.cuda.empty_cache()
                 self.limit = (min(self.limit, len(x) - start) + 1) // 2
                 self.splits += 1
-                log.warning("%s: CUDA out of memory; attacking %d points per call from now on",
-                            atk.name, self.limit)
+                log.warning(
+                    "%s: CUDA out of memory; attacking %d points per call from now on",
+                    atk.name,
+                    self.limit,
+                )
                 continue
             start = stop
         return parts[0] if len(parts) == 1 else _joined(parts)
@@ -126,6 +143,7 @@ class Split:
 
 def _joined(parts: Sequence[AttackResult]) -> AttackResult:
     """The results of consecutive chunks of one batch as one result."""
+
     def cat(name: str) -> Tensor | None:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat(values)
@@ -135,17 +153,21 @@ def _joined(parts: Sequence[AttackResult]) -> AttackResult:
 
 def _confirm(st: EvalState, name: str, reported: Tensor, broken: Tensor) -> None:
     """Flag (once) an attack whose reported successes the predictions do not confirm."""
-    if torch.equal(reported, broken) or any(f["name"] == "prediction-mismatch"
-                                            for f in st.flags):
+    if torch.equal(reported, broken) or any(f["name"] == "prediction-mismatch" for f in st.flags):
         return
-    st.flags.append({"name": "prediction-mismatch",
-                     "message": f"{name} reported successes that the model's predictions on its "
-                                "x_adv do not confirm (a randomised model, or an attack that "
-                                "misreports)"})
+    st.flags.append(
+        {
+            "name": "prediction-mismatch",
+            "message": f"{name} reported successes that the model's predictions on its "
+            "x_adv do not confirm (a randomised model, or an attack that "
+            "misreports)",
+        }
+    )
 
 
-def fold(st: EvalState, b: Tensor, broken: Tensor, res: AttackResult, pred: Tensor,
-         label: str) -> None:
+def fold(
+    st: EvalState, b: Tensor, broken: Tensor, res: AttackResult, pred: Tensor, label: str
+) -> None:
     """Fold one attacked batch (the points ``b``) into the worst case: each ``broken`` point
     stops being robust and keeps the attack's input, the prediction on it and ``label``;
     minimal norms keep the smallest found (NaN: unknown)."""
@@ -159,8 +181,15 @@ def fold(st: EvalState, b: Tensor, broken: Tensor, res: AttackResult, pred: Tens
         st.broken_by[s] = label
 
 
-def _broken(model: nn.Module, res: AttackResult, y: Tensor, repeats: int, reject: bool,
-            device: torch.device, rejudge: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _broken(
+    model: nn.Module,
+    res: AttackResult,
+    y: Tensor,
+    repeats: int,
+    reject: bool,
+    device: torch.device,
+    rejudge: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per point of an attacked batch: broken (bool, on the CPU), the prediction on
     ``res.x_adv`` and the fraction of defended predictions (see :func:`judge`). One
     prediction is the attack's own logits, which ``Attack.__call__`` computed on
@@ -189,8 +218,15 @@ class Judgement(NamedTuple):
     fraction: Tensor  #: the fraction of the predictions that were correct, in [0, 1] (float64)
 
 
-def judge(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
-          repeats: int, reject: bool = False) -> Judgement:
+def judge(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    device: torch.device,
+    repeats: int,
+    reject: bool = False,
+) -> Judgement:
     """Predict each point ``repeats`` times: correct (or, with ``reject``, rejected by a
     detector: for adversarial inputs) in a strict majority of them, the first prediction,
     and the fraction correct (its plug-in probability of a majority:
@@ -198,7 +234,7 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch
     hits, first, fractions = [], [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
             votes = torch.zeros(len(xb), dtype=torch.long, device=device)
             for r in range(repeats):
                 logits = check_logits(model(xb), len(xb))
@@ -211,8 +247,15 @@ def judge(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch
     return Judgement(torch.cat(hits), torch.cat(first), torch.cat(fractions))
 
 
-def correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device,
-            repeats: int, reject: bool = False) -> tuple[Tensor, Tensor]:
+def correct(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    device: torch.device,
+    repeats: int,
+    reject: bool = False,
+) -> tuple[Tensor, Tensor]:
     """:func:`judge` without the fractions: per point correct in a strict majority of
     ``repeats`` predictions (bool, on the CPU), and the prediction of the first draw."""
     ok, pred, _ = judge(model, x, y, batch_size, device, repeats, reject)

@@ -39,9 +39,9 @@ def _example_generator(seed: int, index: int, device: torch.device) -> torch.Gen
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
-def certification_summary(rows: Sequence[dict[str, Any]],
-                          radii: Sequence[float] | None = None,
-                          norm: str = "l2") -> dict[str, Any]:
+def certification_summary(
+    rows: Sequence[dict[str, Any]], radii: Sequence[float] | None = None, norm: str = "l2"
+) -> dict[str, Any]:
     """Clean accuracy, abstention, certified accuracy per radius and ACR of certify rows (dicts
     with ``label``, ``prediction``, ``radius``). ``radii`` defaults to a grid from 0 to the
     largest certified radius in steps of 0.05 (l2 and l1 units alike; ``norm="l0"``: every
@@ -53,16 +53,22 @@ def certification_summary(rows: Sequence[dict[str, Any]],
     radius = [r["radius"] if ok else 0.0 for r, ok in zip(rows, correct, strict=True)]
     if radii is None:
         top = max(radius)
-        radii = (list(range(int(top) + 2)) if norm == "l0" else
-                 [round(0.05 * i, 2) for i in range(int(top / 0.05) + 2)])
+        radii = (
+            list(range(int(top) + 2))
+            if norm == "l0"
+            else [round(0.05 * i, 2) for i in range(int(top / 0.05) + 2)]
+        )
     return {
         "n": n,
         "clean_accuracy": sum(correct) / n,
         "abstain_rate": sum(r["prediction"] == ABSTAIN for r in rows) / n,
         "average_certified_radius": sum(radius) / n,
         "certified_accuracy": [
-            {"radius": float(r), "accuracy": sum(ok and rad >= r for ok, rad
-                                                 in zip(correct, radius, strict=True)) / n}
+            {
+                "radius": float(r),
+                "accuracy": sum(ok and rad >= r for ok, rad in zip(correct, radius, strict=True))
+                / n,
+            }
             for r in radii
         ],
     }
@@ -78,8 +84,10 @@ def _read_rows(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     header = json.loads(lines[0])
     if header.get("config") != config:
-        raise ValueError(f"{path} holds a certification with another configuration "
-                         f"({header.get('config')}); use another --out or --restart")
+        raise ValueError(
+            f"{path} holds a certification with another configuration "
+            f"({header.get('config')}); use another --out or --restart"
+        )
     rows = []
     for line in lines[1:]:
         try:
@@ -94,18 +102,32 @@ def _sequential_options(sequential: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     unknown = set(sequential) - {"max_n", "radius_tolerance", "min_radius"}
     if unknown:
-        raise ValueError(f"unknown sequential option(s) {sorted(unknown)}; valid: max_n, "
-                         "radius_tolerance, min_radius")
+        raise ValueError(
+            f"unknown sequential option(s) {sorted(unknown)}; valid: max_n, "
+            "radius_tolerance, min_radius"
+        )
     return {"sequential": True, **sequential}
 
 
 def run_certification(
-    model: nn.Module, x: Tensor, y: Tensor, *, sigma: float, n0: int = 100, n: int = 100_000,
-    alpha: float = 0.001, noise: str = "gaussian", batch_size: int | None = 1000, seed: int = 0,
-    indices: Sequence[int] | None = None, out: str | Path, resume: bool = True,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    noise: str = "gaussian",
+    batch_size: int | None = 1000,
+    seed: int = 0,
+    indices: Sequence[int] | None = None,
+    out: str | Path,
+    resume: bool = True,
     config: dict[str, Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
-    bounds: tuple[float, float] = (0.0, 1.0), progress: bool = False,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    progress: bool = False,
     sequential: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Certify every input of ``x`` (labels ``y``) into the directory ``out``; returns the
@@ -126,35 +148,70 @@ def run_certification(
     out.mkdir(parents=True, exist_ok=True)
     ids = list(range(len(x))) if indices is None else [int(i) for i in indices]
     if len(ids) != len(x) or len(y) != len(x):
-        raise ValueError(f"x, y and indices must have one entry per example, got {len(x)}, "
-                         f"{len(y)}, {len(ids)}")
-    cfg = {"sigma": float(sigma), "noise": noise, "n0": n0, "n": n, "alpha": alpha,
-           "seed": seed, **({"sequential": dict(sequential)} if sequential else {}),
-           **(config or {})}
+        raise ValueError(
+            f"x, y and indices must have one entry per example, got {len(x)}, {len(y)}, {len(ids)}"
+        )
+    cfg = {
+        "sigma": float(sigma),
+        "noise": noise,
+        "n0": n0,
+        "n": n,
+        "alpha": alpha,
+        "seed": seed,
+        **({"sequential": dict(sequential)} if sequential else {}),
+        **(config or {}),
+    }
     per_point = n0 + (sequential or {}).get("max_n", 100_000) if sequential else n0 + n
     path = out / ROWS
     rows = _read_rows(path, cfg) if resume else []
     done = {r["index"] for r in rows}
     if not rows:
         atomic_write(path, json.dumps({"config": cfg}) + "\n")
-    bar = None if not progress else Progress(
-        desc="certify", unit="draw", total=len(ids) * per_point,
-        initial=sum(i in done for i in ids) * per_point,
-        header=f"certify: {len(ids)} points ({len(done)} done), {noise} noise sigma {sigma:g}, "
-               f"{n0} + {f'<= {per_point - n0} (sequential)' if sequential else n} draws "
-               f"each, alpha {alpha:g}; radii in {CERTIFIED_NORM[noise]}")
+    bar = (
+        None
+        if not progress
+        else Progress(
+            desc="certify",
+            unit="draw",
+            total=len(ids) * per_point,
+            initial=sum(i in done for i in ids) * per_point,
+            header=f"certify: {len(ids)} points ({len(done)} done), {noise} noise sigma {sigma:g}, "
+            f"{n0} + {f'<= {per_point - n0} (sequential)' if sequential else n} draws "
+            f"each, alpha {alpha:g}; radii in {CERTIFIED_NORM[noise]}",
+        )
+    )
     with open(path, "a") as f, bar or nullcontext():
         todo = [pos for pos, index in enumerate(ids) if index not in done]
-        certs = [] if not todo else certify_iter(
-            model, x[todo], sigma=sigma, n0=n0, n=n, alpha=alpha, noise=noise,
-            batch_size=batch_size, bounds=bounds, **_sequential_options(sequential),
-            generator=[_example_generator(seed, ids[p], x.device) for p in todo])
+        certs = (
+            []
+            if not todo
+            else certify_iter(
+                model,
+                x[todo],
+                sigma=sigma,
+                n0=n0,
+                n=n,
+                alpha=alpha,
+                noise=noise,
+                batch_size=batch_size,
+                bounds=bounds,
+                **_sequential_options(sequential),
+                generator=[_example_generator(seed, ids[p], x.device) for p in todo],
+            )
+        )
         for cert in certs:
             pos = todo[cert.index]
-            row = {"index": ids[pos], "label": int(y[pos]), "prediction": cert.prediction,
-                   "radius": cert.radius, "p_lower": cert.p_lower, "count": cert.count,
-                   **({"draws": cert.draws} if sequential else {}),
-                   "correct": cert.prediction == int(y[pos]), "seconds": round(cert.seconds, 4)}
+            row = {
+                "index": ids[pos],
+                "label": int(y[pos]),
+                "prediction": cert.prediction,
+                "radius": cert.radius,
+                "p_lower": cert.p_lower,
+                "count": cert.count,
+                **({"draws": cert.draws} if sequential else {}),
+                "correct": cert.prediction == int(y[pos]),
+                "seconds": round(cert.seconds, 4),
+            }
             f.write(json.dumps(row) + "\n")
             f.flush()
             rows.append(row)
@@ -163,9 +220,13 @@ def run_certification(
             if on_row is not None:
                 with bar.aside() if bar is not None else nullcontext():
                     on_row(row)
-    summary = {"config": cfg, "norm": CERTIFIED_NORM[noise],
-               **certification_summary(rows, norm=CERTIFIED_NORM[noise]),
-               "versions": versions(), "commit": git_commit(),
-               "seconds": sum(r["seconds"] for r in rows)}
+    summary = {
+        "config": cfg,
+        "norm": CERTIFIED_NORM[noise],
+        **certification_summary(rows, norm=CERTIFIED_NORM[noise]),
+        "versions": versions(),
+        "commit": git_commit(),
+        "seconds": sum(r["seconds"] for r in rows),
+    }
     atomic_write(out / SUMMARY, json.dumps(summary, indent=2))
     return summary

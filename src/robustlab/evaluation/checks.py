@@ -29,29 +29,36 @@ def randomised_output(model: nn.Module, x: Tensor, a: Tensor) -> Flag | None:
     predictions)."""
     random = [type(m).__name__ for m in model.modules() if declared(m, "randomized")]
     if random:
-        return {"name": "randomised-output",
-                "message": f"the model contains a randomised module ({random[0]}): "
-                           "single-draw attacks understate its vulnerability; evaluate with EOT "
-                           "and repeated predictions"}
+        return {
+            "name": "randomised-output",
+            "message": f"the model contains a randomised module ({random[0]}): "
+            "single-draw attacks understate its vulnerability; evaluate with EOT "
+            "and repeated predictions",
+        }
     with torch.no_grad():
         b = model(x)
     if not torch.equal(a, b):
         diff = float((a - b).abs().max())
-        return {"name": "randomised-output",
-                "message": f"two forward passes on the same inputs differ (max |diff| {diff:.3g}): "
-                           "the model is randomised; single-draw attacks understate its "
-                           "vulnerability; evaluate with EOT and repeated predictions"}
+        return {
+            "name": "randomised-output",
+            "message": f"two forward passes on the same inputs differ (max |diff| {diff:.3g}): "
+            "the model is randomised; single-draw attacks understate its "
+            "vulnerability; evaluate with EOT and repeated predictions",
+        }
     return None
 
 
 def softmax_output(logits: Tensor) -> Flag | None:
     """The model returns probabilities rather than logits, which saturates the CE loss."""
-    if (logits >= 0).all() and torch.allclose(logits.sum(1), torch.ones_like(logits[:, 0]),
-                                              atol=1e-4):
-        return {"name": "softmax-output",
-                "message": "the model's outputs are non-negative and sum to 1: it returns "
-                           "probabilities, not logits; gradient attacks on the CE loss vanish; "
-                           "remove the final softmax"}
+    if (logits >= 0).all() and torch.allclose(
+        logits.sum(1), torch.ones_like(logits[:, 0]), atol=1e-4
+    ):
+        return {
+            "name": "softmax-output",
+            "message": "the model's outputs are non-negative and sum to 1: it returns "
+            "probabilities, not logits; gradient attacks on the CE loss vanish; "
+            "remove the final softmax",
+        }
     return None
 
 
@@ -62,22 +69,25 @@ def gradient_health(model: nn.Module, x: Tensor, y: Tensor) -> Flag | None:
     with torch.enable_grad():
         out = model(xg)
         if not out.requires_grad:
-            return {"name": "no-gradient",
-                    "message": "the model's output has no gradient path to its input "
-                               "(non-differentiable forward); gradient attacks cannot run: use "
-                               "gradient-free or transfer attacks"}
-        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg,
-                                   allow_unused=True)
+            return {
+                "name": "no-gradient",
+                "message": "the model's output has no gradient path to its input "
+                "(non-differentiable forward); gradient attacks cannot run: use "
+                "gradient-free or transfer attacks",
+            }
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xg, allow_unused=True)
     if g is None:
         return {"name": "no-gradient", "message": "the input gradient is disconnected"}
     flat = g.flatten(1)
     bad_nan = int((~torch.isfinite(flat)).any(1).sum())
     bad_zero = int((flat == 0).all(1).sum())
     if bad_nan or bad_zero:
-        return {"name": "masked-gradient",
-                "message": f"input gradients are NaN/inf for {bad_nan} and exactly zero for "
-                           f"{bad_zero} of {len(x)} probe samples: gradient masking; the robust "
-                           "accuracy from gradient attacks is an upper bound only"}
+        return {
+            "name": "masked-gradient",
+            "message": f"input gradients are NaN/inf for {bad_nan} and exactly zero for "
+            f"{bad_zero} of {len(x)} probe samples: gradient masking; the robust "
+            "accuracy from gradient attacks is an upper bound only",
+        }
     return None
 
 
@@ -95,8 +105,9 @@ def _loss_and_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tens
     return loss.detach(), g
 
 
-def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float = 1e-3,
-                       threshold: float = 0.5) -> Flag | None:
+def shattered_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, *, scale: float = 1e-3, threshold: float = 0.5
+) -> Flag | None:
     """Input gradients that do not predict the loss a small step away: the first-order
     prediction ``g . d`` of the change of the logit margin ``z_y - max_{j != y} z_j`` (which,
     unlike the cross-entropy, does not saturate on confident points) along
@@ -120,13 +131,15 @@ def shattered_gradient(model: nn.Module, x: Tensor, y: Tensor, *, scale: float =
     med = float(err.median())
     if med <= threshold:
         return None
-    return {"name": "shattered-gradient",
-            "message": f"input gradients do not predict the loss a {scale:g} step away (median "
-                       f"relative error of the first-order prediction {med:.3g} over "
-                       f"{int(live.sum())} probe samples): shattered gradients; gradient "
-                       "attacks are blind here, trust gradient-free and transfer attacks or a "
-                       "smooth approximation",
-            "prediction_error_median": med}
+    return {
+        "name": "shattered-gradient",
+        "message": f"input gradients do not predict the loss a {scale:g} step away (median "
+        f"relative error of the first-order prediction {med:.3g} over "
+        f"{int(live.sum())} probe samples): shattered gradients; gradient "
+        "attacks are blind here, trust gradient-free and transfer attacks or a "
+        "smooth approximation",
+        "prediction_error_median": med,
+    }
 
 
 def eps_covers_box(threat: ThreatModel, shape: Sequence[int]) -> Flag | None:
@@ -138,12 +151,17 @@ def eps_covers_box(threat: ThreatModel, shape: Sequence[int]) -> Flag | None:
     if threat.eps < cover:
         return None
     lo, hi = threat.bounds
-    hint = (f"; did you mean eps {threat.eps:g}/255 = {threat.eps / 255:.4g}?"
-            if threat.eps / 255 < cover else "")
-    return {"name": "eps-covers-box",
-            "message": f"eps {threat.eps:g} ({threat.norm}) lets the ball cover the whole input "
-                       f"box [{lo:g}, {hi:g}]^{dim} (from eps {cover:.4g} on): any input can be "
-                       f"turned into any other, so the robust accuracy measures nothing{hint}"}
+    hint = (
+        f"; did you mean eps {threat.eps:g}/255 = {threat.eps / 255:.4g}?"
+        if threat.eps / 255 < cover
+        else ""
+    )
+    return {
+        "name": "eps-covers-box",
+        "message": f"eps {threat.eps:g} ({threat.norm}) lets the ball cover the whole input "
+        f"box [{lo:g}, {hi:g}]^{dim} (from eps {cover:.4g} on): any input can be "
+        f"turned into any other, so the robust accuracy measures nothing{hint}",
+    }
 
 
 #: a detector that rejects at least this fraction of the clean test points raises
@@ -160,27 +178,34 @@ def rejects_clean(rate: float | None, n: int) -> Flag | None:
     if rate is None or rate < REJECTS_CLEAN:
         return None
     how = "all" if rate >= 1 else f"{100 * rate:.1f}%"
-    return {"name": "rejects-clean", "clean_rejection_rate": rate,
-            "message": f"the detector rejects {how} of the {n} clean test points: a rejected "
-                       "adversarial input counts as defended, so a detector that rejects "
-                       "(nearly) everything looks robust without being so; the clean accuracy "
-                       "already counts each rejected clean input as an error, and the robust "
-                       "accuracy, bounded by it, measures the rejections rather than "
-                       "robustness; refit the detector's threshold on held-out clean training "
-                       "points at a lower false-positive rate (Detector.fit with fpr=...), or "
-                       "check its score on clean data"}
+    return {
+        "name": "rejects-clean",
+        "clean_rejection_rate": rate,
+        "message": f"the detector rejects {how} of the {n} clean test points: a rejected "
+        "adversarial input counts as defended, so a detector that rejects "
+        "(nearly) everything looks robust without being so; the clean accuracy "
+        "already counts each rejected clean input as an error, and the robust "
+        "accuracy, bounded by it, measures the rejections rather than "
+        "robustness; refit the detector's threshold on held-out clean training "
+        "points at a lower false-positive rate (Detector.fit with fpr=...), or "
+        "check its score on clean data",
+    }
 
 
 def run_checks(model: nn.Module, x: Tensor, y: Tensor, logits: Tensor) -> list[Flag]:
     """All checks on a probe batch whose ``logits`` the model already gave (the model must be
     in eval mode)."""
-    found = [randomised_output(model, x, logits), softmax_output(logits),
-             gradient_health(model, x, y)]
+    found = [
+        randomised_output(model, x, logits),
+        softmax_output(logits),
+        gradient_health(model, x, y),
+    ]
     return [f for f in found if f is not None]
 
 
-def black_box_beats_white_box(per_attack: list[dict[str, Any]], n: int,
-                              tolerance: float = 0.002) -> Flag | None:
+def black_box_beats_white_box(
+    per_attack: list[dict[str, Any]], n: int, tolerance: float = 0.002
+) -> Flag | None:
     """Gradient-free attacks broke more than ``tolerance`` of the ``n`` points after the
     gradient attacks before them were done: the gradients mislead (masking), so the white-box
     numbers understate the vulnerability. AutoAttack's check on Square after APGD, with its
@@ -197,7 +222,9 @@ def black_box_beats_white_box(per_attack: list[dict[str, Any]], n: int,
             total += a["broken"]
     if total <= tolerance * n:
         return None
-    return {"name": "black-box-beats-white-box",
-            "message": "gradient-free attacks broke points that the gradient attacks before "
-                       f"them did not ({'; '.join(extra)}): a sign of gradient masking; trust "
-                       "the worst case over all attacks, and look for an adaptive attack"}
+    return {
+        "name": "black-box-beats-white-box",
+        "message": "gradient-free attacks broke points that the gradient attacks before "
+        f"them did not ({'; '.join(extra)}): a sign of gradient masking; trust "
+        "the worst case over all attacks, and look for an adaptive attack",
+    }

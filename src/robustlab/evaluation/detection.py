@@ -40,8 +40,10 @@ from robustlab.attacks import Attack, AttackResult
 from robustlab.evaluation.adapt import Step
 
 #: what the figures of a stage are computed over, in words (recorded beside them)
-OVER = ("each stage's outputs on the points it attacked (positives) against the n clean test "
-        "points (negatives); tpr: the fraction of those outputs rejected")
+OVER = (
+    "each stage's outputs on the points it attacked (positives) against the n clean test "
+    "points (negatives); tpr: the fraction of those outputs rejected"
+)
 
 
 def auroc(negatives: Tensor, positives: Tensor) -> float:
@@ -52,11 +54,15 @@ def auroc(negatives: Tensor, positives: Tensor) -> float:
     neg = negatives.detach().flatten().double().cpu().sort().values
     pos = positives.detach().flatten().double().cpu()
     if not len(neg) or not len(pos):
-        raise ValueError(f"the AUROC needs scores of both kinds, got {len(neg)} negatives and "
-                         f"{len(pos)} positives")
+        raise ValueError(
+            f"the AUROC needs scores of both kinds, got {len(neg)} negatives and "
+            f"{len(pos)} positives"
+        )
     if torch.isnan(neg).any() or torch.isnan(pos).any():
-        raise ValueError("the detection scores contain NaN: the AUROC is undefined; check the "
-                         "detector's score on these inputs")
+        raise ValueError(
+            "the detection scores contain NaN: the AUROC is undefined; check the "
+            "detector's score on these inputs"
+        )
     below = torch.searchsorted(neg, pos, right=False)  # negatives strictly below each positive
     at_or_below = torch.searchsorted(neg, pos, right=True)
     wins = 2 * below.sum() + (at_or_below - below).sum()  # twice the statistic: integers
@@ -123,57 +129,78 @@ class DetectionWatch:
     def __init__(self, model: nn.Module, steps: list[Step]) -> None:
         self.model = model
         self.tallies = [_Tally() for _ in steps]
-        self.steps = [Step(Watched(s.attack, model, t), s.skipped)  # type: ignore[arg-type]
-                      for s, t in zip(steps, self.tallies, strict=True)]
+        self.steps = [
+            Step(Watched(s.attack, model, t), s.skipped)  # type: ignore[arg-type]
+            for s, t in zip(steps, self.tallies, strict=True)
+        ]
         self.clean: tuple[Tensor, Tensor] | None = None
         self.start = (0, 0)
 
     def score_clean(self, x: Tensor, batch_size: int, device: torch.device) -> None:
         """Score the clean test points ``x`` (on the CPU)."""
-        parts = [score_outputs(self.model, x[i:i + batch_size].to(device))
-                 for i in range(0, len(x), batch_size)]
+        parts = [
+            score_outputs(self.model, x[i : i + batch_size].to(device))
+            for i in range(0, len(x), batch_size)
+        ]
         self.clean = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
     def resumed_at(self, attack: int, batch: int) -> None:
         """Where the cascade starts in this session (an interrupted run resumes there)."""
         self.start = (attack, batch)
 
-    def figures(self, per_attack: list[dict[str, Any]],
-                left_out: list[str] | None = None) -> dict[str, Any]:
+    def figures(
+        self, per_attack: list[dict[str, Any]], left_out: list[str] | None = None
+    ) -> dict[str, Any]:
         """The ``detection`` section, its stages aligned with ``per_attack``; ``left_out``:
         the stages of the suite that were not run, each with its reason."""
         if self.clean is None:
             raise ValueError("score the clean points first (DetectionWatch.score_clean)")
         clean_s, clean_rej = self.clean
         stages = [self._stage(i, a, clean_s) for i, a in enumerate(per_attack)]
-        return {"score": "score" if score_of(self.model) is not None else "rejection-margin",
-                "threshold": _number(getattr(self.model, "threshold", None)),
-                "fitted_fpr": _number(getattr(self.model, "fpr", None)),
-                "fit_samples": _count(getattr(self.model, "fit_samples", None)),
-                "clean_fpr": float(clean_rej.double().mean()) if len(clean_rej) else None,
-                "clean_points": len(clean_s), "over": OVER, "stages": stages,
-                "left_out": list(left_out or [])}
+        return {
+            "score": "score" if score_of(self.model) is not None else "rejection-margin",
+            "threshold": _number(getattr(self.model, "threshold", None)),
+            "fitted_fpr": _number(getattr(self.model, "fpr", None)),
+            "fit_samples": _count(getattr(self.model, "fit_samples", None)),
+            "clean_fpr": float(clean_rej.double().mean()) if len(clean_rej) else None,
+            "clean_points": len(clean_s),
+            "over": OVER,
+            "stages": stages,
+            "left_out": list(left_out or []),
+        }
 
     def _stage(self, i: int, a: dict[str, Any], clean_s: Tensor) -> dict[str, Any]:
         tally = self.tallies[i]
         m = tally.points()
-        row: dict[str, Any] = {"stage": a["attack"], "joint": joint_stage(a["config"]),
-                               "points": m, "auroc": None, "tpr": None, "fooled": 0,
-                               "tpr_fooled": None}
+        row: dict[str, Any] = {
+            "stage": a["attack"],
+            "joint": joint_stage(a["config"]),
+            "points": m,
+            "auroc": None,
+            "tpr": None,
+            "fooled": 0,
+            "tpr_fooled": None,
+        }
         if a.get("skipped"):
             return row | {"note": f"skipped: {a['skipped']}"}
         if i < self.start[0]:
-            return row | {"note": "ran before the evaluation was resumed: its outputs were not "
-                                  "kept"}
+            return row | {
+                "note": "ran before the evaluation was resumed: its outputs were not kept"
+            }
         if m:
             s, rej = torch.cat(tally.scores), torch.cat(tally.rejected)
             fooled = torch.cat(tally.fooled)
-            row |= {"auroc": auroc(clean_s, s) if len(clean_s) else None,
-                    "tpr": float(rej.double().mean()), "fooled": int(fooled.sum()),
-                    "tpr_fooled": float(rej[fooled].double().mean()) if fooled.any() else None}
+            row |= {
+                "auroc": auroc(clean_s, s) if len(clean_s) else None,
+                "tpr": float(rej.double().mean()),
+                "fooled": int(fooled.sum()),
+                "tpr_fooled": float(rej[fooled].double().mean()) if fooled.any() else None,
+            }
         if i == self.start[0] and self.start[1] and m < a.get("attacked", m):
-            row["note"] = (f"resumed within this stage: over the {m} of its {a['attacked']} "
-                           "points attacked after the resume")
+            row["note"] = (
+                f"resumed within this stage: over the {m} of its {a['attacked']} "
+                "points attacked after the resume"
+            )
         elif not m:
             row["note"] = "no point left to attack"
         return row

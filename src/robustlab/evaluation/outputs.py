@@ -44,8 +44,9 @@ class _LastSoftmax(TorchFunctionMode):
         super().__init__()
         self.last: tuple[Tensor, Tensor, int, Any] | None = None
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") == "softmax" and args and isinstance(out, Tensor):
@@ -99,8 +100,9 @@ def top_gap(z: Tensor) -> float:
     return float(gap.median()) if len(gap) else 0.0
 
 
-def output_plan(model: nn.Module, x: Tensor, outputs: Tensor, probabilities: bool,
-                log_outputs: bool | None) -> tuple[bool, float, str | None]:
+def output_plan(
+    model: nn.Module, x: Tensor, outputs: Tensor, probabilities: bool, log_outputs: bool | None
+) -> tuple[bool, float, str | None]:
     """Whether the attacks see the log of ``model``'s outputs, at which temperature, and why
     (None: they see the outputs as they are), from its probe batch ``x`` and its ``outputs``
     there; ``probabilities``: the ``softmax-output`` flag; ``log_outputs`` forces the log
@@ -112,19 +114,27 @@ def output_plan(model: nn.Module, x: Tensor, outputs: Tensor, probabilities: boo
         view = OutputView(model, log=True)
         with torch.no_grad():
             outputs = view(x)
-        how = ("the log_softmax of the model's final softmax call" if view.exact else
-               "their log, clamped at the smallest float (no gradient where a probability "
-               "underflowed to 0)")
-        cause = ("the outputs are probabilities (the softmax-output flag)"
-                 if log_outputs is None else "forced by log_outputs=True")
+        how = (
+            "the log_softmax of the model's final softmax call"
+            if view.exact
+            else "their log, clamped at the smallest float (no gradient where a probability "
+            "underflowed to 0)"
+        )
+        cause = (
+            "the outputs are probabilities (the softmax-output flag)"
+            if log_outputs is None
+            else "forced by log_outputs=True"
+        )
         why.append(f"{cause}: the attacks run on {how}")
     elif probabilities:
         why.append("log_outputs=False: the attacks run on the raw probabilities")
     gap, temperature = top_gap(outputs), 1.0
     if gap > SATURATED_GAP:
         temperature = gap / TARGET_GAP
-        why.append(f"saturated logits: the median gap between the two top logits on the probe "
-                   f"batch is {gap:.4g} (> {SATURATED_GAP:g}, where the cross-entropy's "
-                   f"gradient underflows): the attacks see them at temperature "
-                   f"{temperature:.4g} (median gap {TARGET_GAP:g})")
+        why.append(
+            f"saturated logits: the median gap between the two top logits on the probe "
+            f"batch is {gap:.4g} (> {SATURATED_GAP:g}, where the cross-entropy's "
+            f"gradient underflows): the attacks see them at temperature "
+            f"{temperature:.4g} (median gap {TARGET_GAP:g})"
+        )
     return log, temperature, "; ".join(why) or None

@@ -45,24 +45,35 @@ class RunLog:
     :meth:`open` writes the history again, so a resumed run shows each step once.
     """
 
-    def __init__(self, path: Path | None = None, *, progress: bool = False,
-                 tensorboard: Path | None = None,
-                 scalars: Callable[[dict[str, Any]], tuple[int, dict[str, float]]] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        progress: bool = False,
+        tensorboard: Path | None = None,
+        scalars: Callable[[dict[str, Any]], tuple[int, dict[str, float]]] | None = None,
+    ) -> None:
         self.path, self.progress = path, progress
         self.tensorboard, self.to_scalars = tensorboard, scalars
         self.bar: Any = None
         self.writer: Any = None
 
-    def open(self, *, total: int, initial: int = 0, desc: str,
-             history: Iterable[dict[str, Any]] = ()) -> None:
+    def open(
+        self, *, total: int, initial: int = 0, desc: str, history: Iterable[dict[str, Any]] = ()
+    ) -> None:
         """Start the bar over ``total`` units standing at ``initial``, and the TensorBoard
         writer holding the scalars of ``history``."""
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="batch",
+                leave=False,
+                dynamic_ncols=True,
+            )
         if self.tensorboard is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -94,8 +105,14 @@ class RunLog:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def show(self, postfix: dict[str, str], *, desc: str | None = None,
-             total: int | None = None, refresh: bool = True) -> None:
+    def show(
+        self,
+        postfix: dict[str, str],
+        *,
+        desc: str | None = None,
+        total: int | None = None,
+        refresh: bool = True,
+    ) -> None:
         """Set the bar's total, description and postfix (in this order)."""
         if self.bar is None:
             return
@@ -136,9 +153,15 @@ def _units(c: dict[str, Any]) -> int:
     per = c.get("n_queries") or c.get("max_iters", 0) * c.get("population", 1) or c.get("steps", 1)
     # samples: noise draws per step, or VMI's neighbours (with beta) on top of the point itself
     samples = 1 + c["samples"] if "beta" in c and "samples" in c else (c.get("samples") or 1)
-    return int(per * c.get("restarts", 1) * c.get("runs", 1)
-               * c.get("n_target_classes", c.get("k", 1))
-               * c.get("search_steps", 1) * samples * c.get("scales", 1))
+    return int(
+        per
+        * c.get("restarts", 1)
+        * c.get("runs", 1)
+        * c.get("n_target_classes", c.get("k", 1))
+        * c.get("search_steps", 1)
+        * samples
+        * c.get("scales", 1)
+    )
 
 
 def attack_units(atk: Attack) -> int:
@@ -170,16 +193,31 @@ class Progress:
     estimated work, in order; an evaluation that starts on it takes the first entry
     (:meth:`next_stage`), and the total counts the entries after it (:attr:`later`)."""
 
-    def __init__(self, *, desc: str, total: int = 0, initial: int = 0, unit: str = "step",
-                 plan: Sequence[tuple[str, int]] = (), header: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        desc: str,
+        total: int = 0,
+        initial: int = 0,
+        unit: str = "step",
+        plan: Sequence[tuple[str, int]] = (),
+        header: str | None = None,
+    ) -> None:
         from tqdm.auto import tqdm
 
         if header:
             log.info("%s", header)
             tqdm.write(header, file=sys.stderr)
         self.plan, self.later, self.stage = list(plan), 0, ""
-        self.bar = tqdm(total=total + sum(u for _, u in self.plan), initial=initial, desc=desc,
-                        unit=unit, unit_scale=True, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total + sum(u for _, u in self.plan),
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            unit_scale=True,
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def next_stage(self) -> str:
         """Take the first planned stage (its name; ``""`` if none is left)."""
@@ -223,11 +261,13 @@ class EvalRecord(RunLog):
     log ``out/eval_log.jsonl``, the state ``out/eval_state.safetensors`` (saved after a batch
     at most every :data:`_SAVE_EVERY_S` seconds and after every attack) and the results."""
 
-    def __init__(self, out: str | Path | None, *, batch_size: int,
-                 progress: bool | Progress = False) -> None:
+    def __init__(
+        self, out: str | Path | None, *, batch_size: int, progress: bool | Progress = False
+    ) -> None:
         self.out = Path(out) if out is not None else None
-        super().__init__(self.out / EVAL_LOG if self.out is not None else None,
-                         progress=bool(progress))
+        super().__init__(
+            self.out / EVAL_LOG if self.out is not None else None, progress=bool(progress)
+        )
         #: the bar shared with the run around this evaluation (the audit's), else None
         self.shared = progress if isinstance(progress, Progress) else None
         self.meter: Progress | None = None
@@ -250,28 +290,42 @@ class EvalRecord(RunLog):
         if self.state_path is None or not resume or not self.state_path.exists():
             return None
         st = EvalState.load(self.state_path, fp)
-        log.info("resuming the evaluation from %s (attack %d, batch %d)", self.state_path,
-                 st.attack + 1, st.batch)
+        log.info(
+            "resuming the evaluation from %s (attack %d, batch %d)",
+            self.state_path,
+            st.attack + 1,
+            st.batch,
+        )
         return st
 
-    def start(self, st: EvalState, steps: Sequence[Step], *, suite: str,
-              threat: ThreatModel) -> None:
+    def start(
+        self, st: EvalState, steps: Sequence[Step], *, suite: str, threat: ThreatModel
+    ) -> None:
         self.elapsed0, self.last_save = st.elapsed_s, time.perf_counter()
         if self.progress:
             self._open_bar(st, steps, suite, threat)
-        self.event({"event": "start", "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "n": len(st.robust), "suite": suite, "threat": threat.to_dict(),
-                    "attacks": [f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps)],
-                    "resumed": st.attack > 0 or st.batch > 0})
+        self.event(
+            {
+                "event": "start",
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "n": len(st.robust),
+                "suite": suite,
+                "threat": threat.to_dict(),
+                "attacks": [f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps)],
+                "resumed": st.attack > 0 or st.batch > 0,
+            }
+        )
 
-    def attack_begins(self, st: EvalState, steps: Sequence[Step], i: int, label: str,
-                      attacked: int) -> None:
+    def attack_begins(
+        self, st: EvalState, steps: Sequence[Step], i: int, label: str, attacked: int
+    ) -> None:
         self.t_attack = time.perf_counter()
         self.units = attack_units(steps[i].attack) if steps[i].skipped is None else 0
         self.attacked = attacked
         if self.meter is not None:
-            self.meter.left(work_left(steps, i, attacked, min(st.batch * self.batch_size,
-                                                              attacked)))
+            self.meter.left(
+                work_left(steps, i, attacked, min(st.batch * self.batch_size, attacked))
+            )
             stage = f"{self.meter.stage}: " if self.meter.stage else ""
             self.show(_robust(st), desc=stage + label)
 
@@ -287,51 +341,78 @@ class EvalRecord(RunLog):
     def attack_done(self, st: EvalState, step: Step, label: str, attacked: int) -> None:
         """Close the attack in ``st`` with its per-attack record; log and save it."""
         atk, skipped = step
-        record = {"attack": label, "config": atk.config(), "uses_gradients": atk.uses_gradients,
-                  "attacked": 0 if skipped else attacked,
-                  "broken": int((st.start_robust & ~st.robust).sum()),
-                  "robust_accuracy": float(st.robust.float().mean()),
-                  "time_s": st.attack_time_s + time.perf_counter() - self.t_attack}
+        record = {
+            "attack": label,
+            "config": atk.config(),
+            "uses_gradients": atk.uses_gradients,
+            "attacked": 0 if skipped else attacked,
+            "broken": int((st.start_robust & ~st.robust).sum()),
+            "robust_accuracy": float(st.robust.float().mean()),
+            "time_s": st.attack_time_s + time.perf_counter() - self.t_attack,
+        }
         if skipped:
             record["skipped"] = skipped
         st.end_attack(record)
         st.elapsed_s = self.elapsed()
         keys = ("attack", "attacked", "broken", "robust_accuracy", "time_s", "skipped")
-        self.event({"event": "attack", **{k: record[k] for k in keys if k in record},
-                    "elapsed_s": st.elapsed_s})
+        self.event(
+            {
+                "event": "attack",
+                **{k: record[k] for k in keys if k in record},
+                "elapsed_s": st.elapsed_s,
+            }
+        )
         if self.state_path is not None:
             st.save(self.state_path, self.fp)
             self.last_save = time.perf_counter()
 
     def end(self, clean: torch.Tensor, st: EvalState) -> None:
-        self.event({"event": "end", "clean_accuracy": float(clean.float().mean()),
-                    "robust_accuracy": float(st.robust.float().mean()),
-                    "total_s": self.elapsed()})
+        self.event(
+            {
+                "event": "end",
+                "clean_accuracy": float(clean.float().mean()),
+                "robust_accuracy": float(st.robust.float().mean()),
+                "total_s": self.elapsed(),
+            }
+        )
         if self.shared is not None:
             self.bar = None  # the run around this evaluation closes it
         self.close()
 
-    def _open_bar(self, st: EvalState, steps: Sequence[Step], suite: str,
-                  threat: ThreatModel) -> None:
+    def _open_bar(
+        self, st: EvalState, steps: Sequence[Step], suite: str, threat: ThreatModel
+    ) -> None:
         """The bar over the attacks' work (:func:`attack_units` x points), standing at the work
         done if the run resumes; the evaluation's own with a header line, or the shared one."""
         attacked = int(st.start_robust.sum() if st.batch else st.robust.sum())
         current = min(st.batch * self.batch_size, attacked)  # points done of the current attack
         left = work_left(steps, st.attack, attacked, current)
-        done = (sum(attack_units(s.attack) * r["attacked"]  # finished attacks, current's part
-                    for s, r in zip(steps, st.per_attack, strict=False))
-                + work_left(steps, st.attack, attacked) - left)
+        done = (
+            sum(
+                attack_units(s.attack) * r["attacked"]  # finished attacks, current's part
+                for s, r in zip(steps, st.per_attack, strict=False)
+            )
+            + work_left(steps, st.attack, attacked)
+            - left
+        )
         if self.shared is not None:
             self.meter = self.shared
             self.meter.next_stage()
         else:
             lo, hi = threat.bounds
-            names = ", ".join(f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps)
-                              if s.skipped is None)
-            self.meter = Progress(desc="attacks", total=done + left, initial=done, header=(
-                f"evaluate: {len(st.robust)} points ({int(st.robust.sum())} to attack), "
-                f"{threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}], suite {suite}: {names}"
-                + (" (resumed)" if done else "")))
+            names = ", ".join(
+                f"{k + 1}:{s.attack.name}" for k, s in enumerate(steps) if s.skipped is None
+            )
+            self.meter = Progress(
+                desc="attacks",
+                total=done + left,
+                initial=done,
+                header=(
+                    f"evaluate: {len(st.robust)} points ({int(st.robust.sum())} to attack), "
+                    f"{threat.norm} eps {threat.eps:g} in [{lo:g}, {hi:g}], suite {suite}: {names}"
+                    + (" (resumed)" if done else "")
+                ),
+            )
         self.bar = self.meter.bar
         self.meter.left(left)
 

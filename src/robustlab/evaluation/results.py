@@ -69,8 +69,11 @@ class EvalResult:
         results under ``examples``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"results": out / "results.json", "per_sample": out / "per_sample.jsonl",
-                 "summary": out / "summary.md"}
+        paths = {
+            "results": out / "results.json",
+            "per_sample": out / "per_sample.jsonl",
+            "summary": out / "summary.md",
+        }
         idx = example_indices(self.per_sample) if self.x is not None else []
         if idx:  # none where every point is misclassified without attack
             rows = [self.per_sample[i] for i in idx]
@@ -98,11 +101,12 @@ def example_indices(per_sample: list[dict[str, Any]], k: int = N_EXAMPLES) -> li
     attack (their "adversarial" input is the clean one)."""
     broken = [i for i, r in enumerate(per_sample) if r["broken_by"] not in (None, "clean")]
     robust = [i for i, r in enumerate(per_sample) if r["broken_by"] is None]
-    return sorted(broken[:k] + robust[:max(0, k - len(broken))])
+    return sorted(broken[:k] + robust[: max(0, k - len(broken))])
 
 
-def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41, *,
-                   search: str = "minimal") -> list[dict]:
+def min_norm_curve(
+    min_norm: Tensor, threat: ThreatModel, points: int = 41, *, search: str = "minimal"
+) -> list[dict]:
     """Robust accuracy against eps from the per-sample minimal norms: robust at e iff the
     smallest adversarial perturbation found is larger than e (an upper bound, like any attack's
     number). ``search``: how the norms were found. ``"minimal"``: every minimum-norm attack ran
@@ -114,8 +118,9 @@ def min_norm_curve(min_norm: Tensor, threat: ThreatModel, points: int = 41, *,
     top = max(2 * threat.eps, float(finite.max()) if len(finite) else 0.0) or 1.0
     low = threat.eps if one_of(search, "search", MIN_NORM_SEARCH) == "early-stop" else 0.0
     grid = torch.linspace(low, top, points)
-    return [{"eps": float(e), "robust_accuracy": float((min_norm > e).float().mean())}
-            for e in grid]
+    return [
+        {"eps": float(e), "robust_accuracy": float((min_norm > e).float().mean())} for e in grid
+    ]
 
 
 def spread(p: Tensor) -> tuple[float, float]:
@@ -137,8 +142,10 @@ def merged_spread(records: list[dict[str, Any]]) -> dict[str, float]:
     (shards): variances add, expectations average by points (see :func:`spread`)."""
     n = sum(r["n"] for r in records)
     expected = [r.get("robust_accuracy_expected", r["robust_accuracy"]) for r in records]
-    out = {"robust_accuracy_expected": sum(e * r["n"] for e, r in zip(expected, records,
-                                                                       strict=True)) / n}
+    out = {
+        "robust_accuracy_expected": sum(e * r["n"] for e, r in zip(expected, records, strict=True))
+        / n
+    }
     for key in ("robust_accuracy_se", "clean_accuracy_se"):
         out[key] = math.sqrt(sum((r.get(key, 0.0) * r["n"]) ** 2 for r in records)) / n
     return out
@@ -149,16 +156,26 @@ def unstable_estimate(se: float, repeats: int) -> dict[str, Any] | None:
     model's randomness ``se`` exceeds :data:`UNSTABLE_SE` (1 point), else None."""
     if se <= UNSTABLE_SE:
         return None
-    return {"name": "unstable-estimate",
-            "message": f"the robust accuracy varies with the model's randomness: its standard "
-                       f"error is {100 * se:.2f} points with {repeats} predictions per point "
-                       f"(over {100 * UNSTABLE_SE:g}); judge each point by more predictions "
-                       "(evaluate(..., repeats=N), CLI --repeats N) or evaluate more points"}
+    return {
+        "name": "unstable-estimate",
+        "message": f"the robust accuracy varies with the model's randomness: its standard "
+        f"error is {100 * se:.2f} points with {repeats} predictions per point "
+        f"(over {100 * UNSTABLE_SE:g}); judge each point by more predictions "
+        "(evaluate(..., repeats=N), CLI --repeats N) or evaluate more points",
+    }
 
 
-def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tensor,
-                 threat: ThreatModel, flags: list[dict[str, Any]],
-                 extra: dict[str, Any], search: str = "minimal") -> EvalResult:
+def build_result(
+    st: EvalState,
+    x: Tensor,
+    y: Tensor,
+    pred: Tensor,
+    clean: Tensor,
+    threat: ThreatModel,
+    flags: list[dict[str, Any]],
+    extra: dict[str, Any],
+    search: str = "minimal",
+) -> EvalResult:
     """The :class:`EvalResult` of a finished cascade ``st`` on ``(x, y)`` (clean predictions
     ``pred``, clean-correct mask ``clean``); ``extra``: the run's settings for the record.
     Where a minimum-norm attack gave every clean-correct point a norm, the record holds the
@@ -169,9 +186,15 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
     dist = threat.distance(st.x_adv, x)
     per_sample = []
     for i in range(len(x)):
-        row = {"index": i, "label": int(y[i]), "clean_pred": int(pred[i]),
-               "adv_pred": int(st.adv_pred[i]), "robust": bool(st.robust[i]),
-               "broken_by": st.broken_by[i], "distance": float(dist[i])}
+        row = {
+            "index": i,
+            "label": int(y[i]),
+            "clean_pred": int(pred[i]),
+            "adv_pred": int(st.adv_pred[i]),
+            "robust": bool(st.robust[i]),
+            "broken_by": st.broken_by[i],
+            "distance": float(dist[i]),
+        }
         m = float(st.min_norm[i])
         if not math.isnan(m):  # known: a minimum-norm attack ran on it (None: found none)
             row["min_norm"] = m if math.isfinite(m) else None
@@ -199,8 +222,16 @@ def build_result(st: EvalState, x: Tensor, y: Tensor, pred: Tensor, clean: Tenso
         record["min_norm_curve"] = min_norm_curve(st.min_norm, threat, search=search)
         record["min_norm_search"] = search
     return EvalResult(
-        clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
-        per_attack=st.per_attack, flags=flags, robust=st.robust, x_adv=st.x_adv,
-        broken_by=st.broken_by, per_sample=per_sample, record=record, x=x,
-        robust_accuracy_se=robust_se, clean_accuracy_se=record["clean_accuracy_se"],
+        clean_accuracy=record["clean_accuracy"],
+        robust_accuracy=record["robust_accuracy"],
+        per_attack=st.per_attack,
+        flags=flags,
+        robust=st.robust,
+        x_adv=st.x_adv,
+        broken_by=st.broken_by,
+        per_sample=per_sample,
+        record=record,
+        x=x,
+        robust_accuracy_se=robust_se,
+        clean_accuracy_se=record["clean_accuracy_se"],
     )

@@ -35,12 +35,7 @@ from robustlab.evaluation.detection import DetectionWatch
 from robustlab.evaluation.record import EvalRecord, Progress
 from robustlab.evaluation.results import EvalResult, build_result
 from robustlab.evaluation.state import EvalState, fingerprint
-from robustlab.evaluation.suites import (
-    DEFAULT_DETECTOR,
-    DEFAULT_SMOOTHED,
-    default_suite,
-    get_suite,
-)
+from robustlab.evaluation.suites import DEFAULT_DETECTOR, DEFAULT_SMOOTHED, default_suite, get_suite
 from robustlab.noise import SmoothedModel
 from robustlab.threat import ThreatModel
 
@@ -57,8 +52,9 @@ def _channels_last_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _specs(suite: str | None, attacks: Sequence[AttackLike] | None, threat: ThreatModel,
-           model: nn.Module) -> tuple[str, list[AttackLike], int]:
+def _specs(
+    suite: str | None, attacks: Sequence[AttackLike] | None, threat: ThreatModel, model: nn.Module
+) -> tuple[str, list[AttackLike], int]:
     """The suite's name, its attacks for the threat's norm and its repeats; ``custom`` with
     the caller's ``attacks`` and 1 repeat. ``suite`` None: the default for ``model``
     (:func:`~robustlab.evaluation.suites.default_suite`). A loss on the joint
@@ -70,13 +66,17 @@ def _specs(suite: str | None, attacks: Sequence[AttackLike] | None, threat: Thre
     if suite is None:
         suite = default_suite(smoothed, rejects=detector)
     elif suite == DEFAULT_SMOOTHED and not smoothed:
-        raise ValueError(f"suite {suite!r} is for smoothed classifiers (robustlab.defenses."
-                         "Smoothing, or a module with the attributes base, sigma and noise); "
-                         "this model is not one: use the default suite (suite=None)")
+        raise ValueError(
+            f"suite {suite!r} is for smoothed classifiers (robustlab.defenses."
+            "Smoothing, or a module with the attributes base, sigma and noise); "
+            "this model is not one: use the default suite (suite=None)"
+        )
     elif suite == DEFAULT_DETECTOR and not detector:
-        raise ValueError(f"suite {suite!r} is for detectors (a model that declares rejects: "
-                         "K + 1 outputs, the last one 'rejected', as robustlab.defenses' "
-                         "detectors); this model is not one: use the default suite (suite=None)")
+        raise ValueError(
+            f"suite {suite!r} is for detectors (a model that declares rejects: "
+            "K + 1 outputs, the last one 'rejected', as robustlab.defenses' "
+            "detectors); this model is not one: use the default suite (suite=None)"
+        )
     chosen = get_suite(suite)
     return suite, chosen.for_norm(threat.norm), chosen.repeats
 
@@ -84,19 +84,26 @@ def _specs(suite: str | None, attacks: Sequence[AttackLike] | None, threat: Thre
 def _check_joint(specs: list[AttackLike], detector: bool) -> None:
     """A ``detector-margin`` attack on a model that does not reject: a clear error."""
     for spec in specs:
-        loss = (spec.loss_name if isinstance(spec, Attack) else
-                spec[1].get("loss") if isinstance(spec, tuple | list) and len(spec) == 2
-                and isinstance(spec[1], dict) else None)
+        loss = (
+            spec.loss_name
+            if isinstance(spec, Attack)
+            else spec[1].get("loss")
+            if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], dict)
+            else None
+        )
         if loss == "detector-margin" and not detector:
-            raise ValueError("the 'detector-margin' loss attacks a detector's K + 1 outputs "
-                             "(the last one 'rejected'), and this model does not declare "
-                             "rejects: use the 'ce' or 'cw-margin' loss, or declare rejects = "
-                             "True (robustlab_reject = True) on a model whose last output is "
-                             "a rejection")
+            raise ValueError(
+                "the 'detector-margin' loss attacks a detector's K + 1 outputs "
+                "(the last one 'rejected'), and this model does not declare "
+                "rejects: use the 'ce' or 'cw-margin' loss, or declare rejects = "
+                "True (robustlab_reject = True) on a model whose last output is "
+                "a rejection"
+            )
 
 
-def _detector_stages(suite: str, specs: list[AttackLike], threat: ThreatModel,
-                     surrogate: nn.Module | None) -> tuple[list[AttackLike], list[str]]:
+def _detector_stages(
+    suite: str, specs: list[AttackLike], threat: ThreatModel, surrogate: nn.Module | None
+) -> tuple[list[AttackLike], list[str]]:
     """The detector suite's stages that can run, and each one left out with its reason: its
     high-confidence C&W stage is crafted on the classifier (the surrogate, by default the
     detector's ``base``) and has no l1 version."""
@@ -108,15 +115,18 @@ def _detector_stages(suite: str, specs: list[AttackLike], threat: ThreatModel,
         return specs, []
     return [s for s in specs if not (isinstance(s, tuple) and s[0] == "transfer")], [
         "high-confidence C&W: the detector has no classifier `base` to craft it on; pass "
-        "surrogate=<its classifier>"]
+        "surrogate=<its classifier>"
+    ]
 
 
 def _search(steps: Sequence[Step]) -> str:
     """How the minimal norms were searched: ``"early-stop"`` if a minimum-norm attack that ran
     stopped at the first point inside eps, else ``"minimal"`` (see
     :func:`~robustlab.evaluation.results.min_norm_curve`)."""
-    early = any(s.skipped is None and s.attack.minimum_norm and getattr(s.attack, "early_stop",
-                                                                         False) for s in steps)
+    early = any(
+        s.skipped is None and s.attack.minimum_norm and getattr(s.attack, "early_stop", False)
+        for s in steps
+    )
     return "early-stop" if early else "minimal"
 
 
@@ -129,8 +139,9 @@ def _default_surrogate(model: nn.Module) -> nn.Module | None:
     return base if isinstance(base, nn.Module) else None
 
 
-def _run_flags(st: EvalState, detection: dict[str, Any] | None, threat: ThreatModel,
-               x: Tensor) -> list[dict[str, Any]]:
+def _run_flags(
+    st: EvalState, detection: dict[str, Any] | None, threat: ThreatModel, x: Tensor
+) -> list[dict[str, Any]]:
     """The flags of a finished cascade ``st``: the attacks' own, a detector that rejects the
     clean points, an eps covering the box, a black-box attack beating the white-box ones."""
     flags = list(st.flags)
@@ -143,8 +154,9 @@ def _run_flags(st: EvalState, detection: dict[str, Any] | None, threat: ThreatMo
     return flags
 
 
-def _check(model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any,
-           bpda: Any) -> None:
+def _check(
+    model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any, bpda: Any
+) -> None:
     """The argument checks :func:`evaluate` does not leave to the vocabulary."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -152,8 +164,10 @@ def _check(model: Any, threat: Any, x: Any, y: Any, attacks: Any, surrogate: Any
         raise TypeError(f"threat must be a robustlab.ThreatModel, got {type(threat).__name__}")
     check_inputs(x, y, threat)
     if isinstance(attacks, str) or (attacks is not None and not hasattr(attacks, "__iter__")):
-        raise TypeError(f"attacks must be a list of attacks, names or (name, options) pairs, "
-                        f"got {attacks!r}; for one attack pass [{attacks!r}]")
+        raise TypeError(
+            f"attacks must be a list of attacks, names or (name, options) pairs, "
+            f"got {attacks!r}; for one attack pass [{attacks!r}]"
+        )
     if surrogate is not None and not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be a torch.nn.Module, got {type(surrogate).__name__}")
     if bpda is not None and not isinstance(bpda, bool):
@@ -265,12 +279,28 @@ def evaluate(
     specs, left_out = _detector_stages(suite_name, specs, threat, surrogate)
     built = [build(s, threat, surrogate) for s in specs]
     with eval_mode(model):
-        flags, adapt, steps = prepare(model, x, y, specs, built, threat, surrogate, bpda=bpda,
-                                      eot=eot, repeats=repeats, suite_repeats=suite_repeats,
-                                      log_outputs=log_outputs)
+        flags, adapt, steps = prepare(
+            model,
+            x,
+            y,
+            specs,
+            built,
+            threat,
+            surrogate,
+            bpda=bpda,
+            eot=eot,
+            repeats=repeats,
+            suite_repeats=suite_repeats,
+            log_outputs=log_outputs,
+        )
         watch = DetectionWatch(model, steps) if adapt.rejects else None
-        settings = {"threat": threat.to_dict(), "attacks": [s.attack.config() for s in steps],
-                    "seed": seed, "batch_size": batch_size, "repeats": adapt.repeats}
+        settings = {
+            "threat": threat.to_dict(),
+            "attacks": [s.attack.config() for s in steps],
+            "seed": seed,
+            "batch_size": batch_size,
+            "repeats": adapt.repeats,
+        }
         if adapt.outputs_reason is not None:  # other outputs, other attacks: another state
             settings["outputs"] = [adapt.log_outputs, adapt.temperature]
         fp = fingerprint(original, x, y, settings) if out is not None else ""
@@ -278,23 +308,46 @@ def evaluate(
         if watch is not None:
             watch.score_clean(x, batch_size, device)
         clean_time = record.elapsed()
-        st = (record.resume(fp, resume)
-              or EvalState.fresh(clean, pred, x, fraction, adapt.repeats))
+        st = record.resume(fp, resume) or EvalState.fresh(clean, pred, x, fraction, adapt.repeats)
         record.start(st, steps, suite=suite_name, threat=threat)
         if watch is not None:
             watch.resumed_at(st.attack, st.batch)
-        run_cascade(model, steps if watch is None else watch.steps, x, y, st,
-                    batch_size=batch_size, repeats=adapt.repeats,
-                    generators=lambda i, j: batch_generator(seed, i, j, device), record=record,
-                    view=adapt.view(model))
+        run_cascade(
+            model,
+            steps if watch is None else watch.steps,
+            x,
+            y,
+            st,
+            batch_size=batch_size,
+            repeats=adapt.repeats,
+            generators=lambda i, j: batch_generator(seed, i, j, device),
+            record=record,
+            view=adapt.view(model),
+        )
         record.end(clean, st)
     detection = None if watch is None else {"detection": watch.figures(st.per_attack, left_out)}
     flags += _run_flags(st, detection, threat, x)
-    result = build_result(st, x, y, pred, clean, threat, flags, {
-        "suite": suite_name, "attacks": [s.attack.config() for s in steps], "seed": seed,
-        "batch_size": batch_size, "repeats": adapt.repeats, "channels_last": fast is not None,
-        "adaptive": adapt.to_dict(), "config": config or {},
-        "timings": {"clean_s": clean_time, "total_s": record.elapsed()}, **(detection or {}),
-    }, search=_search(steps))
+    result = build_result(
+        st,
+        x,
+        y,
+        pred,
+        clean,
+        threat,
+        flags,
+        {
+            "suite": suite_name,
+            "attacks": [s.attack.config() for s in steps],
+            "seed": seed,
+            "batch_size": batch_size,
+            "repeats": adapt.repeats,
+            "channels_last": fast is not None,
+            "adaptive": adapt.to_dict(),
+            "config": config or {},
+            "timings": {"clean_s": clean_time, "total_s": record.elapsed()},
+            **(detection or {}),
+        },
+        search=_search(steps),
+    )
     record.finish(result)
     return result

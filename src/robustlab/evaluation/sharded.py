@@ -25,8 +25,15 @@ from robustlab.evaluation.run import evaluate
 from robustlab.threat import ThreatModel
 
 
-def evaluate_sharded(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
-                     out: str | Path | None = None, **options: Any) -> EvalResult:
+def evaluate_sharded(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    out: str | Path | None = None,
+    **options: Any,
+) -> EvalResult:
     """:func:`evaluate` with the points split over the open process group's ranks; every rank
     returns the merged result, rank 0 writes it to ``out``. One process: plain ``evaluate``."""
     world = distributed.current()
@@ -49,8 +56,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
-          x: Tensor | None = None) -> EvalResult:
+def merge(
+    parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel, x: Tensor | None = None
+) -> EvalResult:
     """One result from the shards' ``{"record", "per_sample"}`` in rank order; ``x``: the clean
     inputs (for the saved examples)."""
     per_sample, offset = [], 0
@@ -66,34 +74,60 @@ def merge(parts: list[dict[str, Any]], x_adv: Tensor, threat: ThreatModel,
         merged = dict(entries[0])
         merged["attacked"] = sum(e["attacked"] for e in entries)
         merged["broken"] = sum(e["broken"] for e in entries)
-        merged["robust_accuracy"] = sum(e["robust_accuracy"] * r["n"]
-                                        for e, r in zip(entries, records, strict=True)) / n
+        merged["robust_accuracy"] = (
+            sum(e["robust_accuracy"] * r["n"] for e, r in zip(entries, records, strict=True)) / n
+        )
         merged["time_s"] = max(e["time_s"] for e in entries)
         per_attack.append(merged)
-    flags = {f["name"]: f for r in records for f in r["flags"]
-             if f["name"] != "black-box-beats-white-box"}
+    flags = {
+        f["name"]: f
+        for r in records
+        for f in r["flags"]
+        if f["name"] != "black-box-beats-white-box"
+    }
     if (flag := black_box_beats_white_box(per_attack, n)) is not None:
         flags[flag["name"]] = flag
-    record = records[0] | {
-        "n": n, "clean_accuracy": clean, "robust_accuracy": float(robust.float().mean()),
-        "per_attack": per_attack, "flags": list(flags.values()), "shards": len(parts),
-        "timings": {k: max(r["timings"][k] for r in records) for k in records[0]["timings"]},
-    } | merged_spread(records)
+    record = (
+        records[0]
+        | {
+            "n": n,
+            "clean_accuracy": clean,
+            "robust_accuracy": float(robust.float().mean()),
+            "per_attack": per_attack,
+            "flags": list(flags.values()),
+            "shards": len(parts),
+            "timings": {k: max(r["timings"][k] for r in records) for k in records[0]["timings"]},
+        }
+        | merged_spread(records)
+    )
     record.pop("min_norm_curve", None)
     record.pop("examples", None)  # shard 0's; the merged result saves its own
     if "detection" in record:  # AUROC needs every shard's scores, which the records lack
-        record["detection"] = {"skipped": "a sharded evaluation records no detection figures "
-                                          "(AUROC needs the scores of every shard); evaluate "
-                                          "in one process for them"}
+        record["detection"] = {
+            "skipped": "a sharded evaluation records no detection figures "
+            "(AUROC needs the scores of every shard); evaluate "
+            "in one process for them"
+        }
     if all("min_norm_curve" in r for r in records):
-        norms = torch.tensor([float("inf") if row["min_norm"] is None else row["min_norm"]
-                              for row in per_sample])
-        search = ("minimal" if all(r.get("min_norm_search", "minimal") == "minimal"
-                                   for r in records) else "early-stop")
+        norms = torch.tensor(
+            [float("inf") if row["min_norm"] is None else row["min_norm"] for row in per_sample]
+        )
+        search = (
+            "minimal"
+            if all(r.get("min_norm_search", "minimal") == "minimal" for r in records)
+            else "early-stop"
+        )
         record["min_norm_curve"] = min_norm_curve(norms, threat, search=search)
         record["min_norm_search"] = search
     return EvalResult(
-        clean_accuracy=clean, robust_accuracy=record["robust_accuracy"], per_attack=per_attack,
-        flags=record["flags"], robust=robust, x_adv=x_adv,
-        broken_by=[row["broken_by"] for row in per_sample], per_sample=per_sample, record=record,
-        x=x)
+        clean_accuracy=clean,
+        robust_accuracy=record["robust_accuracy"],
+        per_attack=per_attack,
+        flags=record["flags"],
+        robust=robust,
+        x_adv=x_adv,
+        broken_by=[row["broken_by"] for row in per_sample],
+        per_sample=per_sample,
+        record=record,
+        x=x,
+    )

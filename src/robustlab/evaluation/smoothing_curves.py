@@ -48,8 +48,13 @@ _MAX_LOGITS = 1 << 24
 
 
 def draw_logits(
-    model: nn.Module, x: Tensor, sigma: float, draws: int,
-    generator: torch.Generator | None = None, *, noise: str = "gaussian",
+    model: nn.Module,
+    x: Tensor,
+    sigma: float,
+    draws: int,
+    generator: torch.Generator | None = None,
+    *,
+    noise: str = "gaussian",
     batch_size: int | None = 1024,
 ) -> Tensor:
     """The base model's logits on ``draws`` noisy copies of each input, shape (N, draws, K):
@@ -72,8 +77,9 @@ def draw_logits(
     out: Tensor | None = None
     filled = torch.zeros(n, dtype=torch.long, device=x.device)
     with torch.no_grad():
-        for rows, logits in job_logits(model, [(x, draws, generator)], sigma=sigma, noise=noise,
-                                       draw=draw, batch=batch):
+        for rows, logits in job_logits(
+            model, [(x, draws, generator)], sigma=sigma, noise=noise, draw=draw, batch=batch
+        ):
             if out is None:
                 out = logits.new_empty(n, draws, logits.shape[1])
             # the how-many-th occurrence of its input each row is within this chunk
@@ -88,8 +94,7 @@ def draw_logits(
     return out
 
 
-def vote_decisions(logits: Tensor, n: int,
-                   votes: Sequence[str] = VOTES) -> dict[str, Tensor]:
+def vote_decisions(logits: Tensor, n: int, votes: Sequence[str] = VOTES) -> dict[str, Tensor]:
     """Each vote's decision, (N,) class indices, from the first ``n`` draws of ``logits``
     (N, draws, K), by the rules of :class:`~robustlab.defenses.Smoothing`: ``"prediction"``
     (majority of the draws' argmax), ``"soft"`` (argmax of the mean softmax probability) and
@@ -102,8 +107,9 @@ def vote_decisions(logits: Tensor, n: int,
     try:
         integer(n, "n", minimum=1, maximum=logits.shape[1])
     except ValueError:
-        raise ValueError(f"n must be an integer in 1..{logits.shape[1]} (the draws in logits), "
-                         f"got {n!r}") from None
+        raise ValueError(
+            f"n must be an integer in 1..{logits.shape[1]} (the draws in logits), got {n!r}"
+        ) from None
     votes = _votes(votes)
     sub = logits[:, :n]
     k = sub.shape[-1]
@@ -146,15 +152,25 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     return correct / len(x)
 
 
 def smoothing_curves(
-    model: nn.Module, x: Tensor, y: Tensor, *, sigmas: Sequence[float], samples: Sequence[int],
-    votes: Sequence[str] = VOTES, noise: str = "gaussian", batch_size: int | None = 1024,
-    seed: int = 0, out: str | Path | None = None, config: dict[str, Any] | None = None,
-    progress: bool = False, bounds: tuple[float, float] = (0.0, 1.0),
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    sigmas: Sequence[float],
+    samples: Sequence[int],
+    votes: Sequence[str] = VOTES,
+    noise: str = "gaussian",
+    batch_size: int | None = 1024,
+    seed: int = 0,
+    out: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, Any]:
     """Accuracy of the smoothed ``model`` on ``x`` (N, C, H, W) in ``bounds`` (the input box,
     checked as by every entry point; default [0, 1]) with labels ``y`` (N,)
@@ -195,17 +211,32 @@ def smoothing_curves(
     random_model = randomised_output(model, x[:8], probe) is not None
     base_accuracy = _accuracy(model, x, y, cfg["batch_size"] or DRAW_CHUNK)
     rows = _rows(model, x, y, cfg, probe.shape[1], random_model, progress)
-    record = {"schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-              "config": cfg, "base_accuracy": base_accuracy, "random_model": random_model,
-              "rows": rows, "versions": versions(), "commit": git_commit(),
-              "seconds": round(time.perf_counter() - t0, 3)}
+    record = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": cfg,
+        "base_accuracy": base_accuracy,
+        "random_model": random_model,
+        "rows": rows,
+        "versions": versions(),
+        "commit": git_commit(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     if out is not None:
         atomic_write(Path(out) / FILE, json.dumps(record, indent=2, allow_nan=False))
     return record
 
 
-def _settings(sigmas: Any, samples: Any, votes: Any, noise: str, seed: Any, batch_size: Any,
-              n: int, config: dict[str, Any] | None) -> dict[str, Any]:
+def _settings(
+    sigmas: Any,
+    samples: Any,
+    votes: Any,
+    noise: str,
+    seed: Any,
+    batch_size: Any,
+    n: int,
+    config: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The checked, normalised settings of :func:`smoothing_curves` (sigmas and samples sorted
     and unique), with the caller's ``config`` entries added."""
     sigma_list = _as_list(sigmas, "sigmas", "[0, 0.12, 0.25, 0.5]")
@@ -223,28 +254,44 @@ def _settings(sigmas: Any, samples: Any, votes: Any, noise: str, seed: Any, batc
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"config must hold JSON-able entries (str, numbers, lists, dicts): "
-                        f"{err}") from None
-    cfg: dict[str, Any] = {"sigmas": sorted({float(s) for s in sigma_list}),
-                           "samples": sorted(set(sample_list)), "votes": vote_list,
-                           "noise": noise, "seed": seed, "batch_size": batch_size, "n": n}
+        raise TypeError(
+            f"config must hold JSON-able entries (str, numbers, lists, dicts): {err}"
+        ) from None
+    cfg: dict[str, Any] = {
+        "sigmas": sorted({float(s) for s in sigma_list}),
+        "samples": sorted(set(sample_list)),
+        "votes": vote_list,
+        "noise": noise,
+        "seed": seed,
+        "batch_size": batch_size,
+        "n": n,
+    }
     clash = sorted(set(config or {}) & set(cfg))
     if clash:
-        raise ValueError(f"config may not set {', '.join(clash)}: they are recorded from the "
-                         "arguments")
+        raise ValueError(
+            f"config may not set {', '.join(clash)}: they are recorded from the arguments"
+        )
     return cfg | (config or {})
 
 
-def _rows(model: nn.Module, x: Tensor, y: Tensor, cfg: dict[str, Any], k: int,
-          random_model: bool, progress: bool) -> list[dict[str, Any]]:
+def _rows(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    cfg: dict[str, Any],
+    k: int,
+    random_model: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
     """One row per (sigma, samples, vote), sigma-major: the smoothed accuracy on ``x``."""
     sample_list, vote_list = cfg["samples"], cfg["votes"]
     bar = None
     if progress:
         from tqdm.auto import tqdm  # loaded only when a bar is wanted, as in record.py
 
-        bar = tqdm(total=len(cfg["sigmas"]) * len(x), desc="smoothing curves", unit="image",
-                   leave=False)
+        bar = tqdm(
+            total=len(cfg["sigmas"]) * len(x), desc="smoothing curves", unit="image", leave=False
+        )
     rows = []
     try:
         for sigma in cfg["sigmas"]:
@@ -253,16 +300,31 @@ def _rows(model: nn.Module, x: Tensor, y: Tensor, cfg: dict[str, Any], k: int,
             correct = dict.fromkeys(((n, v) for n in sample_list for v in vote_list), 0)
             step = max(1, _MAX_LOGITS // (draws * k))
             for i in range(0, len(x), step):
-                logits = draw_logits(model, x[i:i + step], sigma, draws, gen,
-                                     noise=cfg["noise"], batch_size=cfg["batch_size"])
+                logits = draw_logits(
+                    model,
+                    x[i : i + step],
+                    sigma,
+                    draws,
+                    gen,
+                    noise=cfg["noise"],
+                    batch_size=cfg["batch_size"],
+                )
                 for n in sample_list:
                     for vote, pred in vote_decisions(logits, min(n, draws), vote_list).items():
-                        correct[n, vote] += int((pred == y[i:i + step]).sum())
+                        correct[n, vote] += int((pred == y[i : i + step]).sum())
                 if bar is not None:
                     bar.update(len(logits))
-            rows += [{"sigma": sigma, "samples": n, "vote": vote,
-                      "accuracy": correct[n, vote] / len(x), "n": len(x)}
-                     for n in sample_list for vote in vote_list]
+            rows += [
+                {
+                    "sigma": sigma,
+                    "samples": n,
+                    "vote": vote,
+                    "accuracy": correct[n, vote] / len(x),
+                    "n": len(x),
+                }
+                for n in sample_list
+                for vote in vote_list
+            ]
     finally:
         if bar is not None:
             bar.close()

@@ -39,7 +39,7 @@ def majority_chance(fraction: Tensor, repeats: int) -> Tensor:
     q = fraction.double().unsqueeze(1)
     k = torch.arange(repeats // 2 + 1, repeats + 1, dtype=torch.float64)
     ways = torch.tensor([math.comb(repeats, int(i)) for i in k], dtype=torch.float64)
-    return (ways * q ** k * (1 - q) ** (repeats - k)).sum(1)
+    return (ways * q**k * (1 - q) ** (repeats - k)).sum(1)
 
 
 def fingerprint(model: torch.nn.Module, x: Tensor, y: Tensor, settings: dict[str, Any]) -> str:
@@ -77,8 +77,14 @@ class EvalState:
     attack_time_s: float = 0.0
 
     @classmethod
-    def fresh(cls, clean: Tensor, pred: Tensor, x: Tensor, fraction: Tensor | None = None,
-              repeats: int = 1) -> EvalState:
+    def fresh(
+        cls,
+        clean: Tensor,
+        pred: Tensor,
+        x: Tensor,
+        fraction: Tensor | None = None,
+        repeats: int = 1,
+    ) -> EvalState:
         """The state before the first attack: the clean-correct points robust, each point's
         worst case its clean input and prediction, minimal norms unknown (NaN) but 0 for the
         points misclassified without attack. ``fraction``: per point, the fraction of the clean
@@ -86,10 +92,16 @@ class EvalState:
         (:func:`~robustlab.evaluation.cascade.judge`); None where the check made one
         prediction per point (its outcome ``clean`` is then all there is)."""
         p = clean.double() if fraction is None else majority_chance(fraction, repeats)
-        return cls(robust=clean.clone(), x_adv=x.clone(), adv_pred=pred.clone(),
-                   min_norm=torch.where(clean, math.nan, 0.0), start_robust=clean.clone(),
-                   broken_by=[None if r else "clean" for r in clean.tolist()],
-                   p_clean=p, p_robust=p.clone())
+        return cls(
+            robust=clean.clone(),
+            x_adv=x.clone(),
+            adv_pred=pred.clone(),
+            min_norm=torch.where(clean, math.nan, 0.0),
+            start_robust=clean.clone(),
+            broken_by=[None if r else "clean" for r in clean.tolist()],
+            p_clean=p,
+            p_robust=p.clone(),
+        )
 
     def begin_attack(self) -> None:
         self.start_robust = self.robust.clone()
@@ -103,14 +115,25 @@ class EvalState:
 
     def save(self, path: Path, fp: str, attack_time_s: float = 0.0) -> None:
         """``attack_time_s``: time spent so far on the current, unfinished attack."""
-        header = {"fingerprint": fp, "attack": self.attack, "batch": self.batch,
-                  "per_attack": self.per_attack, "flags": self.flags,
-                  "broken_by": self.broken_by,
-                  "elapsed_s": self.elapsed_s, "attack_time_s": attack_time_s}
-        tensors = {"robust": self.robust, "x_adv": self.x_adv.contiguous(),
-                   "adv_pred": self.adv_pred, "min_norm": self.min_norm,
-                   "start_robust": self.start_robust, "p_clean": self.p_clean,
-                   "p_robust": self.p_robust}
+        header = {
+            "fingerprint": fp,
+            "attack": self.attack,
+            "batch": self.batch,
+            "per_attack": self.per_attack,
+            "flags": self.flags,
+            "broken_by": self.broken_by,
+            "elapsed_s": self.elapsed_s,
+            "attack_time_s": attack_time_s,
+        }
+        tensors = {
+            "robust": self.robust,
+            "x_adv": self.x_adv.contiguous(),
+            "adv_pred": self.adv_pred,
+            "min_norm": self.min_norm,
+            "start_robust": self.start_robust,
+            "p_clean": self.p_clean,
+            "p_robust": self.p_robust,
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
 
@@ -121,22 +144,35 @@ class EvalState:
                 header = json.loads(f.metadata()[_KEY])
             t = load_file(str(path))
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-            raise ValueError(f"cannot resume: {path} is not a valid robustlab evaluation state "
-                             f"({e}); delete it to start over") from None
+            raise ValueError(
+                f"cannot resume: {path} is not a valid robustlab evaluation state "
+                f"({e}); delete it to start over"
+            ) from None
         if header["fingerprint"] != fp:
             raise ValueError(
                 f"cannot resume: {path} belongs to another evaluation (different model, data, "
                 "threat model, attacks, seed or batch size); delete it to start over, pass "
-                "resume=False (CLI: --restart), or write to another directory")
+                "resume=False (CLI: --restart), or write to another directory"
+            )
         if "p_robust" not in t or "p_clean" not in t:
             raise ValueError(
                 f"cannot resume: {path} was written by an older robustlab, without the "
                 "per-point probabilities the spread of the result needs; delete it to start "
-                "over or pass resume=False (CLI: --restart)")
-        return cls(robust=t["robust"], x_adv=t["x_adv"], adv_pred=t["adv_pred"],
-                   min_norm=t["min_norm"], start_robust=t["start_robust"],
-                   p_clean=t["p_clean"], p_robust=t["p_robust"],
-                   broken_by=header["broken_by"], attack=header["attack"],
-                   batch=header["batch"], per_attack=header["per_attack"],
-                   flags=header["flags"],
-                   elapsed_s=header["elapsed_s"], attack_time_s=header["attack_time_s"])
+                "over or pass resume=False (CLI: --restart)"
+            )
+        return cls(
+            robust=t["robust"],
+            x_adv=t["x_adv"],
+            adv_pred=t["adv_pred"],
+            min_norm=t["min_norm"],
+            start_robust=t["start_robust"],
+            p_clean=t["p_clean"],
+            p_robust=t["p_robust"],
+            broken_by=header["broken_by"],
+            attack=header["attack"],
+            batch=header["batch"],
+            per_attack=header["per_attack"],
+            flags=header["flags"],
+            elapsed_s=header["elapsed_s"],
+            attack_time_s=header["attack_time_s"],
+        )

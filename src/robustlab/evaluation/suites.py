@@ -78,18 +78,29 @@ class Suite:
 
 SUITES: Registry[Suite] = Registry("suite")
 
-SUITES.register("quick")(Suite([("fgsm", {}), ("pgd", {"steps": 20})],
-                               norms={"l0": [("pgd-l0", {"steps": 20, "restarts": 1})]},
-                               description="a smoke test, never a robustness claim"))
-SUITES.register("pgd")(Suite([
-    ("pgd", {"steps": 20}),
-    ("pgd", {"steps": 100, "restarts": 5}),
-], description="PGD on cross-entropy, as in Madry et al.; weaker than standard"))
-SUITES.register("pgd-strong")(Suite([
-    ("pgd", {"steps": 20}),
-    ("pgd", {"steps": 100, "restarts": 5}),
-    ("pgd", {"steps": 100, "restarts": 5, "loss": "cw-margin"}),
-], description="pgd, then PGD on the CW margin loss"))
+SUITES.register("quick")(
+    Suite(
+        [("fgsm", {}), ("pgd", {"steps": 20})],
+        norms={"l0": [("pgd-l0", {"steps": 20, "restarts": 1})]},
+        description="a smoke test, never a robustness claim",
+    )
+)
+SUITES.register("pgd")(
+    Suite(
+        [("pgd", {"steps": 20}), ("pgd", {"steps": 100, "restarts": 5})],
+        description="PGD on cross-entropy, as in Madry et al.; weaker than standard",
+    )
+)
+SUITES.register("pgd-strong")(
+    Suite(
+        [
+            ("pgd", {"steps": 20}),
+            ("pgd", {"steps": 100, "restarts": 5}),
+            ("pgd", {"steps": 100, "restarts": 5, "loss": "cw-margin"}),
+        ],
+        description="pgd, then PGD on the CW margin loss",
+    )
+)
 _AA_WHITE = [
     ("apgd-ce", {"steps": 100, "restarts": 1}),
     ("apgd-t", {"steps": 100, "n_target_classes": 9}),
@@ -99,25 +110,34 @@ L0_STANDARD = [
     ("pgd-l0", {"steps": 100, "restarts": 5}),
     ("sparse-rs", {"n_queries": 10000, "alpha_init": 0.3}),
 ]
-SUITES.register("standard")(Suite(
-    _AA_WHITE + [
-        ("fab-t", {"steps": 100, "n_target_classes": 9}),
-        ("square", {"n_queries": 5000, "p_init": 0.8}),
-    ],
-    norms={"l1": _AA_WHITE, "l0": L0_STANDARD},
-    description="AutoAttack's standard cascade: the reference number to report",
-))
-SUITES.register("fast")(Suite(
-    [("apgd-ce", {"steps": 100}), ("mm", {"k": 9, "steps": 20})],
-    norms={"l1": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 20, "n_target_classes": 9})],
-           "l0": [("pgd-l0", {"steps": 100, "restarts": 1})]},
-    description="close to standard's number at a fraction of its cost; no gradient-free stage",
-))
-SUITES.register("rand")(Suite(
-    [("apgd-ce", {"steps": 100, "eot": 20}), ("apgd-dlr", {"steps": 100, "eot": 20})],
-    repeats=10,
-    description="for randomised models: EOT gradients, robust by majority of 10 predictions",
-))
+SUITES.register("standard")(
+    Suite(
+        _AA_WHITE
+        + [
+            ("fab-t", {"steps": 100, "n_target_classes": 9}),
+            ("square", {"n_queries": 5000, "p_init": 0.8}),
+        ],
+        norms={"l1": _AA_WHITE, "l0": L0_STANDARD},
+        description="AutoAttack's standard cascade: the reference number to report",
+    )
+)
+SUITES.register("fast")(
+    Suite(
+        [("apgd-ce", {"steps": 100}), ("mm", {"k": 9, "steps": 20})],
+        norms={
+            "l1": [("apgd-ce", {"steps": 100}), ("apgd-t", {"steps": 20, "n_target_classes": 9})],
+            "l0": [("pgd-l0", {"steps": 100, "restarts": 1})],
+        },
+        description="close to standard's number at a fraction of its cost; no gradient-free stage",
+    )
+)
+SUITES.register("rand")(
+    Suite(
+        [("apgd-ce", {"steps": 100, "eot": 20}), ("apgd-dlr", {"steps": 100, "eot": 20})],
+        repeats=10,
+        description="for randomised models: EOT gradients, robust by majority of 10 predictions",
+    )
+)
 
 
 #: the smoothing-aware attacks run every step and return the last iterate (as the reference
@@ -126,15 +146,19 @@ SUITES.register("rand")(Suite(
 #: decision boundary, where the vote often still holds (the toy model of
 #: tests/test_smoothed_default.py is broken on every point only without them)
 SMOOTHED_ITERATES = {"keep_best": False, "early_stop": False}
-SUITES.register("smoothed")(Suite(
-    [("transfer", {"attack": "apgd-ce", "attack_options": {"steps": 20}}),
-     ("smoothadv", {"samples": 8, "steps": 10, **SMOOTHED_ITERATES}),
-     ("epgd", {"samples": 8, "steps": 10, "loss": "cw-margin", **SMOOTHED_ITERATES}),
-     ("epgd", {"samples": 1, "steps": 10, **SMOOTHED_ITERATES})],
-    repeats=3,
-    description="for smoothed classifiers (the default there): transfer from the base model, "
-                "SmoothAdv and EPGD with m = 8 draws per step, then EPGD with one",
-))
+SUITES.register("smoothed")(
+    Suite(
+        [
+            ("transfer", {"attack": "apgd-ce", "attack_options": {"steps": 20}}),
+            ("smoothadv", {"samples": 8, "steps": 10, **SMOOTHED_ITERATES}),
+            ("epgd", {"samples": 8, "steps": 10, "loss": "cw-margin", **SMOOTHED_ITERATES}),
+            ("epgd", {"samples": 1, "steps": 10, **SMOOTHED_ITERATES}),
+        ],
+        repeats=3,
+        description="for smoothed classifiers (the default there): transfer from the base model, "
+        "SmoothAdv and EPGD with m = 8 draws per step, then EPGD with one",
+    )
+)
 #: the confidence of the detector suite's C&W stage, in logits (Madry et al.'s challenge code
 #: uses 50); unreachable within eps, the stage ends at the most confident point it found
 DETECTOR_KAPPA = 50.0
@@ -144,14 +168,21 @@ JOINT = [
     ("pgd", {"steps": 100, "loss": "detector-margin", "keep_best": False, "early_stop": False}),
 ]
 #: high-confidence C&W crafted on the detector's classifier (the evaluation's surrogate)
-HIGH_CONFIDENCE = ("transfer", {"attack": "cw-linf", "attack_options": {
-    "steps": 100, "kappa": DETECTOR_KAPPA, "early_stop": False}})
-SUITES.register("detector")(Suite(
-    [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT, HIGH_CONFIDENCE],
-    norms={"l1": [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT]},
-    description="for detectors (the default there): APGD-CE, then APGD and PGD on the joint "
-                "classifier-and-detector margin, then high-confidence C&W from the classifier",
-))
+HIGH_CONFIDENCE = (
+    "transfer",
+    {
+        "attack": "cw-linf",
+        "attack_options": {"steps": 100, "kappa": DETECTOR_KAPPA, "early_stop": False},
+    },
+)
+SUITES.register("detector")(
+    Suite(
+        [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT, HIGH_CONFIDENCE],
+        norms={"l1": [("apgd-ce", {"steps": 100, "restarts": 1}), *JOINT]},
+        description="for detectors (the default there): APGD-CE, then APGD and PGD on the joint "
+        "classifier-and-detector margin, then high-confidence C&W from the classifier",
+    )
+)
 #: the suite :func:`~robustlab.evaluation.evaluate` runs when none is named
 DEFAULT = "standard"
 #: ... on a smoothed classifier

@@ -35,8 +35,14 @@ class SweepResult:
 
 
 def eps_sweep(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-    eps_values: Sequence[float | str], *, out: str | Path | None = None, **kwargs: Any,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    eps_values: Sequence[float | str],
+    *,
+    out: str | Path | None = None,
+    **kwargs: Any,
 ) -> SweepResult:
     """Evaluate at each eps of ``eps_values`` (threat's norm and bounds); ``kwargs`` go to
     :func:`evaluate` (suite, attacks, seed, ...). With ``out``, eps number i writes its results
@@ -51,21 +57,30 @@ def eps_sweep(
     bad_points, rises = 0, []
     for i, eps in enumerate(grid):
         t = dataclasses.replace(threat, eps=eps)
-        res = evaluate(model, x, y, t, out=None if out is None else Path(out) / f"eps_{i}",
-                       **kwargs)
+        res = evaluate(
+            model, x, y, t, out=None if out is None else Path(out) / f"eps_{i}", **kwargs
+        )
         bad_points = max(bad_points, int((broken_before & res.robust).sum()))
         if curve and res.robust_accuracy > curve[-1]["robust_accuracy"] + 1e-12:
             rises.append((curve[-1]["eps"], eps))
         broken_before |= ~res.robust
-        curve.append({"eps": eps, "robust_accuracy": res.robust_accuracy,
-                      "robust_accuracy_monotone": float((~broken_before).float().mean())})
+        curve.append(
+            {
+                "eps": eps,
+                "robust_accuracy": res.robust_accuracy,
+                "robust_accuracy_monotone": float((~broken_before).float().mean()),
+            }
+        )
         results.append(res)
     flags = []
     if rises or bad_points:
-        flags.append({
-            "name": "not-monotone-in-eps",
-            "message": (f"robust accuracy rises with eps between {rises}; " if rises else "")
-                       + f"{bad_points} points broken at a smaller eps survive a larger one: the "
-                       "attacks do not find what exists (too few steps, bad step size, or masked "
-                       "gradients)"})
+        flags.append(
+            {
+                "name": "not-monotone-in-eps",
+                "message": (f"robust accuracy rises with eps between {rises}; " if rises else "")
+                + f"{bad_points} points broken at a smaller eps survive a larger one: the "
+                "attacks do not find what exists (too few steps, bad step size, or masked "
+                "gradients)",
+            }
+        )
     return SweepResult(curve=curve, flags=flags, results=results)

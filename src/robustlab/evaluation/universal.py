@@ -28,8 +28,15 @@ AGREEMENT = 1e-9
 
 
 def evaluate_universal(
-    model: nn.Module, x_fit: Tensor, y_fit: Tensor, x: Tensor, y: Tensor, threat: ThreatModel,
-    *, batch_size: int = 256, **search: Any,
+    model: nn.Module,
+    x_fit: Tensor,
+    y_fit: Tensor,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    batch_size: int = 256,
+    **search: Any,
 ) -> dict[str, Any]:
     """Fit a universal perturbation ``v`` on ``(x_fit, y_fit)`` with
     :func:`~robustlab.attacks.uap.universal_perturbation` (``search``: its options, e.g.
@@ -65,10 +72,13 @@ def evaluate_universal(
     check_inputs(x_fit, y_fit, threat)
     check_inputs(x, y, threat)
     if x.shape[1:] != x_fit.shape[1:]:
-        raise ValueError(f"x has samples of shape {tuple(x.shape[1:])} but x_fit "
-                         f"{tuple(x_fit.shape[1:])}: fit and test points must share one shape")
-    v, history = universal_perturbation(model, x_fit, y_fit, threat, batch_size=batch_size,
-                                        **search)
+        raise ValueError(
+            f"x has samples of shape {tuple(x.shape[1:])} but x_fit "
+            f"{tuple(x_fit.shape[1:])}: fit and test points must share one shape"
+        )
+    v, history = universal_perturbation(
+        model, x_fit, y_fit, threat, batch_size=batch_size, **search
+    )
     search_seconds = time.perf_counter() - t0
     x, v = x.detach(), v.detach()
     v_norm = _check_ball(v, x, threat)
@@ -86,51 +96,74 @@ def evaluate_universal(
     fit_rate = (fit_adv != fit_clean).float().mean().item()
     claimed = history[-1].get("fooling_rate") if history else None
     if not isinstance(claimed, float) or abs(claimed - fit_rate) > AGREEMENT:
-        flags.append({"name": "search-disagrees",
-                      "message": f"the search reported a fit-set fooling rate of {claimed!r}, "
-                                 f"recomputed from v it is {fit_rate:.6g}; the recomputed "
-                                 "figure is the one reported (a randomised model, or a bug of "
-                                 "the search)"})
+        flags.append(
+            {
+                "name": "search-disagrees",
+                "message": f"the search reported a fit-set fooling rate of {claimed!r}, "
+                f"recomputed from v it is {fit_rate:.6g}; the recomputed "
+                "figure is the one reported (a randomised model, or a bug of "
+                "the search)",
+            }
+        )
     overlap = _overlap(x_fit, x)
     if overlap:
-        flags.append({"name": "overlap",
-                      "message": f"{overlap} of the {len(x)} test points are also in the "
-                                 "fitting set: the fooling rate is not a held-out figure; fit v "
-                                 "on points disjoint from the test points"})
+        flags.append(
+            {
+                "name": "overlap",
+                "message": f"{overlap} of the {len(x)} test points are also in the "
+                "fitting set: the fooling rate is not a held-out figure; fit v "
+                "on points disjoint from the test points",
+            }
+        )
     y = y.to(adv.device)
     return {
-        "kind": "universal-perturbation", "fooling_rate": (adv != clean).float().mean().item(),
+        "kind": "universal-perturbation",
+        "fooling_rate": (adv != clean).float().mean().item(),
         "clean_accuracy": (clean == y).float().mean().item(),
         "perturbed_accuracy": (adv == y).float().mean().item(),
-        "fit_fooling_rate": fit_rate, "search_fit_fooling_rate": claimed, "v_norm": v_norm,
-        "passes": len(history), "history": history, "search_seconds": search_seconds,
-        "seconds": time.perf_counter() - t0, "n": len(x), "n_fit": len(x_fit),
-        "threat": threat.to_dict(), "options": _options(batch_size, search),
-        "flags": flags, "versions": versions(),
+        "fit_fooling_rate": fit_rate,
+        "search_fit_fooling_rate": claimed,
+        "v_norm": v_norm,
+        "passes": len(history),
+        "history": history,
+        "search_seconds": search_seconds,
+        "seconds": time.perf_counter() - t0,
+        "n": len(x),
+        "n_fit": len(x_fit),
+        "threat": threat.to_dict(),
+        "options": _options(batch_size, search),
+        "flags": flags,
+        "versions": versions(),
     }
 
 
 def _options(batch_size: int, search: dict[str, Any]) -> dict[str, Any]:
     """The options of the call as JSON-ready data (a generator as its type's name)."""
     return {"batch_size": batch_size} | {
-        k: "torch.Generator" if isinstance(o, torch.Generator) else o for k, o in search.items()}
+        k: "torch.Generator" if isinstance(o, torch.Generator) else o for k, o in search.items()
+    }
 
 
 def _check_ball(v: Tensor, x: Tensor, threat: ThreatModel) -> float:
     """``||v||`` in the threat's norm; ``RuntimeError`` if ``v`` is not of one sample's shape
     or its norm exceeds ``eps + tolerance``."""
     if v.shape != x.shape[1:]:
-        raise RuntimeError(f"the universal perturbation has shape {tuple(v.shape)}, not one "
-                           f"sample's {tuple(x.shape[1:])}: this is a bug in the search")
+        raise RuntimeError(
+            f"the universal perturbation has shape {tuple(v.shape)}, not one "
+            f"sample's {tuple(x.shape[1:])}: this is a bug in the search"
+        )
     norm = norm_of(v, threat)
     if not norm <= threat.eps + threat.tolerance():
-        raise RuntimeError(f"the universal perturbation has {threat.norm} norm {norm:.6g} > eps "
-                           f"{threat.eps:g}: this is a bug in the search")
+        raise RuntimeError(
+            f"the universal perturbation has {threat.norm} norm {norm:.6g} > eps "
+            f"{threat.eps:g}: this is a bug in the search"
+        )
     return norm
 
 
 def _overlap(x_fit: Tensor, x: Tensor) -> int:
     """How many points of ``x`` equal (bit for bit) a point of ``x_fit``."""
+
     def rows(t: Tensor) -> list[bytes]:  # as raw bytes: any float dtype, bfloat16 included
         raw = t.detach().flatten(1).cpu().contiguous().view(torch.uint8).numpy()
         return [row.tobytes() for row in raw]

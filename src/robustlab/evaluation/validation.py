@@ -24,8 +24,14 @@ from robustlab.threat import ThreatModel
 
 
 def evaluate_epoch(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None, attack: dict[str, Any],
-    batch_size: int, world: distributed.World | None = None, seed: int = 0,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel | None,
+    attack: dict[str, Any],
+    batch_size: int,
+    world: distributed.World | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Clean accuracy and (if ``threat``) robust accuracy under ``attack`` on a validation set,
     by the evaluation's cascade (attack ``i``'s batch ``j`` draws from
@@ -43,9 +49,16 @@ def evaluate_epoch(
                 opts = {k: v for k, v in attack.items() if k != "name"}
                 steps = [Step(create_for_evaluation(attack["name"], threat, **opts), None)]
                 robust = run_cascade(
-                    model, steps, xs, ys, EvalState.fresh(clean, pred, xs),
-                    batch_size=batch_size, repeats=1, record=EvalRecord(None, batch_size=1),
-                    generators=lambda i, j: batch_generator(seed, i, j, device)).robust
+                    model,
+                    steps,
+                    xs,
+                    ys,
+                    EvalState.fresh(clean, pred, xs),
+                    batch_size=batch_size,
+                    repeats=1,
+                    record=EvalRecord(None, batch_size=1),
+                    generators=lambda i, j: batch_generator(seed, i, j, device),
+                ).robust
         rows = torch.stack([clean, robust], 1).to(device=device, dtype=torch.int64)
     merged = distributed.gather_rows(rows, world)
     out = {"val_clean_acc": merged[:, 0].sum().item() / len(x)}

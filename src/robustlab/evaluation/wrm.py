@@ -46,23 +46,28 @@ from robustlab.attacks.wrm import smoothed_ce, transport_cost, value_and_grad, w
 
 __all__ = ["FINITE_SAMPLE_NOTE", "wrm_certificate"]
 
-FINITE_SAMPLE_NOTE = ("omitted: the bounds are the empirical part gamma * rho + mean phi_gamma "
-                      "over these n points; the paper's finite-sample term eps_n(t), whose "
-                      "form is unverified here, is not added")
+FINITE_SAMPLE_NOTE = (
+    "omitted: the bounds are the empirical part gamma * rho + mean phi_gamma "
+    "over these n points; the paper's finite-sample term eps_n(t), whose "
+    "form is unverified here, is not added"
+)
 
 
 def _rhos(rhos: Iterable[Any]) -> list[float]:
     try:
         values = list(rhos)
     except TypeError:
-        raise TypeError(f"rhos must be a list of transport budgets >= 0 (squared l2 input "
-                        f"units), e.g. [0.0, 0.5, 1.0], got {rhos!r}") from None
+        raise TypeError(
+            f"rhos must be a list of transport budgets >= 0 (squared l2 input "
+            f"units), e.g. [0.0, 0.5, 1.0], got {rhos!r}"
+        ) from None
     return [number(r, "wrm rho", low=0) for r in values]
 
 
 def _batch(model: nn.Module, x0: Tensor, y: Tensor, gamma: float, steps: int) -> dict[str, Tensor]:
     """Per-sample values (N,) on one batch: loss at T, transport cost, clean loss, correct at T,
     and the step residual ||grad l(T) / (2 gamma) - (T - x0)||_2 (input units)."""
+
     def loss(xa: Tensor) -> Tensor:
         return smoothed_ce(model(xa), y)
 
@@ -72,13 +77,25 @@ def _batch(model: nn.Module, x0: Tensor, y: Tensor, gamma: float, steps: int) ->
         clean = loss(x0)
         correct = model(t).argmax(1) == y
     residual = (g / (2 * gamma) - (t - x0)).flatten(1).norm(dim=1)
-    return {"loss_t": loss_t, "cost": transport_cost(t, x0), "clean": clean,
-            "correct": correct, "residual": residual}
+    return {
+        "loss_t": loss_t,
+        "cost": transport_cost(t, x0),
+        "clean": clean,
+        "correct": correct,
+        "residual": residual,
+    }
 
 
-def wrm_certificate(model: nn.Module, x: Tensor, y: Tensor, gamma: float,
-                    rhos: Iterable[float], steps: int = 15, *,
-                    batch_size: int = 256) -> dict[str, Any]:
+def wrm_certificate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    gamma: float,
+    rhos: Iterable[float],
+    steps: int = 15,
+    *,
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """The empirical WRM certificate of ``model``'s cross-entropy at the points ``(x, y)``.
 
     Args:
@@ -115,16 +132,21 @@ def wrm_certificate(model: nn.Module, x: Tensor, y: Tensor, gamma: float,
     with eval_mode(model):
         check_labels(y, probe_model(model, x[:2]).shape[1])
         for i in range(0, len(x), batch_size):
-            parts.append(_batch(model, x[i:i + batch_size].detach(), y[i:i + batch_size],
-                                gamma, steps))
+            parts.append(
+                _batch(model, x[i : i + batch_size].detach(), y[i : i + batch_size], gamma, steps)
+            )
     per = {key: torch.cat([p[key] for p in parts]).double() for key in parts[0]}
     n = len(x)
     loss_t, rho_hat = float(per["loss_t"].mean()), float(per["cost"].mean())
     phi_mean = float((per["loss_t"] - gamma * per["cost"]).mean())
     return {
-        "gamma": gamma, "steps": steps, "n": n,
+        "gamma": gamma,
+        "steps": steps,
+        "n": n,
         "certificate": [{"rho": r, "bound": gamma * r + phi_mean} for r in budgets],
-        "phi_mean": phi_mean, "rho_hat": rho_hat, "loss_at_rho_hat": loss_t,
+        "phi_mean": phi_mean,
+        "rho_hat": rho_hat,
+        "loss_at_rho_hat": loss_t,
         "accuracy_at_rho_hat": float(per["correct"].mean()),
         "clean_loss": float(per["clean"].mean()),
         "step_residual_mean": float(per["residual"].mean()),

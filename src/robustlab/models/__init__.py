@@ -30,15 +30,7 @@ it with ``trust_code=True``; :func:`check_model_fits` tries it on the data befor
 ...                          normalize="0.4914,0.4822,0.4465/0.2471,0.2435,0.2616", width=64)
 """
 
-from robustlab.models import (  # noqa: F401  (registration)
-    autoencoder,
-    dncnn,
-    ibp_cnn,
-    lenet,
-    resnet,
-    smallcnn,
-    wideresnet,
-)
+from robustlab.models import autoencoder, dncnn, ibp_cnn, lenet, resnet, smallcnn, wideresnet  # noqa: F401  (registration)
 from robustlab.models.checkpoint import load, save
 from robustlab.models.convert import convert_weights
 from robustlab.models.factory import create, names
@@ -46,9 +38,21 @@ from robustlab.models.features import capture, feature_module
 from robustlab.models.layers import ACTIVATIONS, Normalize, Normalized
 from robustlab.models.spec import check_model_fits, from_spec, parse_normalize
 
-__all__ = ["Normalize", "Normalized", "activations", "capture", "check_model_fits",
-           "convert_weights", "create", "feature_module", "from_spec", "load", "names",
-           "parse_normalize", "save"]
+__all__ = [
+    "Normalize",
+    "Normalized",
+    "activations",
+    "capture",
+    "check_model_fits",
+    "convert_weights",
+    "create",
+    "feature_module",
+    "from_spec",
+    "load",
+    "names",
+    "parse_normalize",
+    "save",
+]
 
 
 def activations() -> list[str]:

@@ -68,15 +68,24 @@ class MagNetAutoencoder(nn.Module):
         self.in_channels = positive_int(in_channels, "in_channels")
         self.width = positive_int(width, "width")
         if not isinstance(pool, bool):
-            raise TypeError(f"pool must be True (detector I / reformer) or False (detector "
-                            f"II), got {pool!r}")
+            raise TypeError(
+                f"pool must be True (detector I / reformer) or False (detector II), got {pool!r}"
+            )
         self.pool = pool
         c, w = in_channels, width
         if pool:
-            self.encoder = nn.Sequential(_conv(c, w), nn.Sigmoid(), nn.AvgPool2d(2),
-                                         _conv(w, w), nn.Sigmoid())
-            self.decoder = nn.Sequential(_conv(w, w), nn.Sigmoid(), nn.Upsample(scale_factor=2),
-                                         _conv(w, w), nn.Sigmoid(), _conv(w, c), nn.Sigmoid())
+            self.encoder = nn.Sequential(
+                _conv(c, w), nn.Sigmoid(), nn.AvgPool2d(2), _conv(w, w), nn.Sigmoid()
+            )
+            self.decoder = nn.Sequential(
+                _conv(w, w),
+                nn.Sigmoid(),
+                nn.Upsample(scale_factor=2),
+                _conv(w, w),
+                nn.Sigmoid(),
+                _conv(w, c),
+                nn.Sigmoid(),
+            )
         else:
             self.encoder = nn.Sequential(_conv(c, w), nn.Sigmoid())
             self.decoder = nn.Sequential(_conv(w, w), nn.Sigmoid(), _conv(w, c), nn.Sigmoid())
@@ -91,16 +100,21 @@ class MagNetAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"the autoencoder takes images (N, {self.in_channels}, H, W), got "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(
+                f"the autoencoder takes images (N, {self.in_channels}, H, W), got "
+                f"shape {tuple(x.shape)}"
+            )
         if self.pool and (x.shape[2] % 2 or x.shape[3] % 2):
-            raise ValueError(f"the pooling autoencoder needs even H and W, got "
-                             f"{tuple(x.shape[2:])}; pad the images or use pool=False")
+            raise ValueError(
+                f"the pooling autoencoder needs even H and W, got "
+                f"{tuple(x.shape[2:])}; pad the images or use pool=False"
+            )
         return self.decoder(self.encoder(x))
 
 
-def load_autoencoder(path: str | os.PathLike[str],
-                     device: str | torch.device | None = None) -> MagNetAutoencoder:
+def load_autoencoder(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> MagNetAutoencoder:
     """:func:`robustlab.models.load` of a checkpoint that must hold a
     :class:`MagNetAutoencoder`.
 
@@ -114,6 +128,8 @@ def load_autoencoder(path: str | os.PathLike[str],
     """
     model = load(path, device=device)
     if not isinstance(model, MagNetAutoencoder):
-        raise ValueError(f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not "
-                         "a 'magnet-ae' autoencoder")
+        raise ValueError(
+            f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not "
+            "a 'magnet-ae' autoencoder"
+        )
     return model

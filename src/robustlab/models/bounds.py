@@ -40,17 +40,32 @@ from robustlab._validate import one_of
 from robustlab.models.layers import Normalize
 from robustlab.threat import ThreatModel
 
-__all__ = ["METHODS", "SUPPORTED", "Network", "logit_bounds", "margin_bounds", "margin_spec",
-           "network"]
+__all__ = [
+    "METHODS",
+    "SUPPORTED",
+    "Network",
+    "logit_bounds",
+    "margin_bounds",
+    "margin_spec",
+    "network",
+]
 
 METHODS = ("ibp", "crown", "crown-ibp")
 NORMS = ("linf", "l2")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _IDENTITY = (nn.Dropout, nn.Identity)
 _NONLINEAR = (nn.ReLU, nn.MaxPool2d)
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.Flatten, Normalize, *_BN, nn.AvgPool2d, *_IDENTITY,
-             *_NONLINEAR)
-_BUDGET = 2 ** 24  # values of Λ held at once when bounding every neuron of a layer
+SUPPORTED = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.Flatten,
+    Normalize,
+    *_BN,
+    nn.AvgPool2d,
+    *_IDENTITY,
+    *_NONLINEAR,
+)
+_BUDGET = 2**24  # values of Λ held at once when bounding every neuron of a layer
 
 
 @dataclass
@@ -72,17 +87,24 @@ def _walk(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
 
 
 def _check_layer(name: str, m: nn.Module) -> None:
-    fix = ("; bound propagation supports " + ", ".join(t.__name__ for t in SUPPORTED)
-           + " (MaxPool2d with method='ibp' only)")
+    fix = (
+        "; bound propagation supports "
+        + ", ".join(t.__name__ for t in SUPPORTED)
+        + " (MaxPool2d with method='ibp' only)"
+    )
     if not isinstance(m, SUPPORTED):
         raise ValueError(f"layer {name} ({type(m).__name__}) is not supported{fix}")
     if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or m.padding == "same"):
-        raise ValueError(f"layer {name} (Conv2d) pads with {m.padding_mode!r}/{m.padding!r}; "
-                         "only zero padding given as numbers (or 'valid') is supported")
+        raise ValueError(
+            f"layer {name} (Conv2d) pads with {m.padding_mode!r}/{m.padding!r}; "
+            "only zero padding given as numbers (or 'valid') is supported"
+        )
     if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or (m.padding and not m.count_include_pad)):
-        raise ValueError(f"layer {name} (AvgPool2d) uses ceil_mode or excludes its padding "
-                         "from the average; only the plain average over full windows is "
-                         "supported")
+        raise ValueError(
+            f"layer {name} (AvgPool2d) uses ceil_mode or excludes its padding "
+            "from the average; only the plain average over full windows is "
+            "supported"
+        )
 
 
 def network(model: nn.Module, x: Tensor) -> Network:
@@ -101,8 +123,9 @@ def network(model: nn.Module, x: Tensor) -> Network:
     """
     declared = getattr(model, "bound_layers", None)
     if callable(declared):
-        items = [it if isinstance(it, tuple) else (f"layer{i}", it)
-                 for i, it in enumerate(declared())]
+        items = [
+            it if isinstance(it, tuple) else (f"layer{i}", it) for i, it in enumerate(declared())
+        ]
     else:
         items = _walk(model, "") if list(model.children()) else [("model", model)]
     for name, m in items:
@@ -127,7 +150,8 @@ def network(model: nn.Module, x: Tensor) -> Network:
         raise ValueError(
             f"the forward of {type(model).__name__} is not the chain of its modules in "
             "registration order (the chain's outputs differ from the model's); give an "
-            "nn.Sequential, or define bound_layers() returning the layers in forward order")
+            "nn.Sequential, or define bound_layers() returning the layers in forward order"
+        )
     if t.dim() != 2:
         raise ValueError(f"the chain must end in logits (N, K), got shape {tuple(t.shape)}")
     shapes.append(tuple(t.shape[1:]))
@@ -202,10 +226,19 @@ def _transpose(m: nn.Module, lam: Tensor, shape: tuple[int, ...]) -> Tensor:
         weight, args = _pool_conv(m, lam.new_empty(1, shape[0], 1, 1))
     stride, padding = args["stride"], nn.modules.utils._pair(args["padding"])
     dilation = nn.modules.utils._pair(args.get("dilation", 1))
-    extra = [shape[d - 1] - ((lam.shape[d] - 1) * stride[d - 2] - 2 * padding[d - 2]
-                         + dilation[d - 2] * (weight.shape[d] - 1) + 1) for d in (2, 3)]
-    return F.conv_transpose2d(lam, weight, None, stride, padding, tuple(extra),
-                              args["groups"], dilation)  # extra: rows the stride left over
+    extra = [
+        shape[d - 1]
+        - (
+            (lam.shape[d] - 1) * stride[d - 2]
+            - 2 * padding[d - 2]
+            + dilation[d - 2] * (weight.shape[d] - 1)
+            + 1
+        )
+        for d in (2, 3)
+    ]
+    return F.conv_transpose2d(
+        lam, weight, None, stride, padding, tuple(extra), args["groups"], dilation
+    )  # extra: rows the stride left over
 
 
 def _interval(m: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,8 +262,9 @@ def _relu_back(lam: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return pos * low_slope + neg * up_slope, (neg * up_bias).flatten(2).sum(2)
 
 
-def _backward(net: Network, start: int, end: int, lam: Tensor,
-              pre: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def _backward(
+    net: Network, start: int, end: int, lam: Tensor, pre: dict[int, tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
     """Lower-bound Λ (N, S, *shapes[end]) applied to layer ``end``'s input, through layers
     ``start`` .. ``end - 1``, as A z + b with z layer ``start``'s input: returns A (N, S,
     *shapes[start]) and b (N, S). ``pre[i]``: the input bounds of the ReLU ``i``; no max
@@ -257,8 +291,11 @@ def _input_box(x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
 def _over_box(a: Tensor, b: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """min over lo <= z <= hi of A z + b, per sample and row: A+ lo + A- hi + b."""
     a = a.flatten(2)
-    return ((a.clamp(min=0) * lo.flatten(1).unsqueeze(1)).sum(2)
-            + (a.clamp(max=0) * hi.flatten(1).unsqueeze(1)).sum(2) + b)
+    return (
+        (a.clamp(min=0) * lo.flatten(1).unsqueeze(1)).sum(2)
+        + (a.clamp(max=0) * hi.flatten(1).unsqueeze(1)).sum(2)
+        + b
+    )
 
 
 def _over_input(a: Tensor, b: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
@@ -273,20 +310,21 @@ def _over_input(a: Tensor, b: Tensor, x: Tensor, threat: ThreatModel) -> Tensor:
     return torch.maximum(box, ball)
 
 
-def _layer_bounds(net: Network, end: int, x: Tensor, threat: ThreatModel,
-                  pre: dict[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def _layer_bounds(
+    net: Network, end: int, x: Tensor, threat: ThreatModel, pre: dict[int, tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
     """Bounds of every value of layer ``end``'s input by backward passes from the input, a
     chunk of neurons at a time (a spec +e_k and -e_k each)."""
     shape, n = net.shapes[end], len(x)
     d = math.prod(shape)
-    chunk = max(1, _BUDGET // (2 * n * max(math.prod(s) for s in net.shapes[:end + 1])))
+    chunk = max(1, _BUDGET // (2 * n * max(math.prod(s) for s in net.shapes[: end + 1])))
     lows, ups = [], []
     for k in range(0, d, chunk):
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)[k:k + chunk]
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)[k : k + chunk]
         spec = torch.cat([eye, -eye]).view(1, -1, *shape).expand(n, -1, *shape)
         bound = _over_input(*_backward(net, 0, end, spec, pre), x, threat)
-        lows.append(bound[:, :len(eye)])
-        ups.append(-bound[:, len(eye):])
+        lows.append(bound[:, : len(eye)])
+        ups.append(-bound[:, len(eye) :])
     return torch.cat(lows, 1).view(n, *shape), torch.cat(ups, 1).view(n, *shape)
 
 
@@ -306,23 +344,26 @@ def _ibp(net: Network, x: Tensor, threat: ThreatModel) -> list[tuple[Tensor, Ten
     return bounds
 
 
-def _spec_lower(net: Network, spec: Tensor, x: Tensor, threat: ThreatModel,
-                method: str) -> Tensor:
+def _spec_lower(net: Network, spec: Tensor, x: Tensor, threat: ThreatModel, method: str) -> Tensor:
     """Lower bounds (N, S) of spec · logits (spec (N, S, K)) over the ball ∩ box."""
     one_of(method, "bound method", METHODS)
     one_of(threat.norm, "norm for bound propagation", NORMS)
     if method != "ibp":  # before any work: a linear relaxation of every nonlinearity
-        pools = [n for n, m in zip(net.names, net.layers, strict=True)
-                 if isinstance(m, nn.MaxPool2d)]
+        pools = [
+            n for n, m in zip(net.names, net.layers, strict=True) if isinstance(m, nn.MaxPool2d)
+        ]
         if pools:
-            raise ValueError(f"layer {pools[0]} (MaxPool2d) has no linear relaxation here: "
-                             f"{method} needs a ReLU network without max pooling; use "
-                             "method='ibp'")
+            raise ValueError(
+                f"layer {pools[0]} (MaxPool2d) has no linear relaxation here: "
+                f"{method} needs a ReLU network without max pooling; use "
+                "method='ibp'"
+            )
     ibp = _ibp(net, x, threat)
     relus = [i for i, m in enumerate(net.layers) if isinstance(m, nn.ReLU)]
     if method == "ibp":  # elision: the spec through the last affine block, then the box
-        last = max((i + 1 for i, m in enumerate(net.layers) if isinstance(m, _NONLINEAR)),
-                   default=0)
+        last = max(
+            (i + 1 for i, m in enumerate(net.layers) if isinstance(m, _NONLINEAR)), default=0
+        )
         a, b = _backward(net, last, len(net.layers), spec, {})
         return _over_input(a, b, x, threat) if last == 0 else _over_box(a, b, *ibp[last])
     pre: dict[int, tuple[Tensor, Tensor]] = {}
@@ -344,8 +385,9 @@ def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32)
     return eye[y].unsqueeze(1) - eye[others]
 
 
-def margin_bounds(net: Network, x: Tensor, y: Tensor, threat: ThreatModel,
-                  method: str = "ibp") -> Tensor:
+def margin_bounds(
+    net: Network, x: Tensor, y: Tensor, threat: ThreatModel, method: str = "ibp"
+) -> Tensor:
     """Lower bounds (N, K-1) of the margins z_y(z) - z_j(z), the classes j != y in increasing
     order, over the ball ∩ box around each x (logit units); computed directly from the margin
     specification (much tighter than from the logits' bounds). ``method``: ibp, crown or
@@ -355,8 +397,9 @@ def margin_bounds(net: Network, x: Tensor, y: Tensor, threat: ThreatModel,
     return _spec_lower(net, spec, x, threat, method)
 
 
-def logit_bounds(net: Network, x: Tensor, threat: ThreatModel,
-                 method: str = "ibp") -> tuple[Tensor, Tensor]:
+def logit_bounds(
+    net: Network, x: Tensor, threat: ThreatModel, method: str = "ibp"
+) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds (N, K) of the logits over the ball ∩ box around each x."""
     k = net.shapes[-1][0]
     eye = torch.eye(k, dtype=x.dtype, device=x.device)

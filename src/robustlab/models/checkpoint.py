@@ -37,8 +37,17 @@ from robustlab.models.spec import from_architecture, spec_architecture
 __all__ = ["FORMAT_VERSION", "load", "model_digest", "save"]
 
 FORMAT_VERSION = 1
-RESERVED = ("format_version", "architecture", "robustlab_version", "torch_version",
-            "git_commit", "created", "sha256", "model_sha256", "weights_source")
+RESERVED = (
+    "format_version",
+    "architecture",
+    "robustlab_version",
+    "torch_version",
+    "git_commit",
+    "created",
+    "sha256",
+    "model_sha256",
+    "weights_source",
+)
 _HOW = "robustlab checkpoints are written by robustlab.models.save(model, 'name.safetensors')"
 
 
@@ -53,37 +62,49 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                 arch: dict[str, Any]) -> None:
+def _check_state(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], arch: dict[str, Any]
+) -> None:
     """ValueError listing missing, unexpected and mis-shaped keys, if any."""
     problems = mismatches(expected, state)
     if problems:
-        raise ValueError(f"weights do not match architecture {arch['name']!r} with "
-                         f"{arch['kwargs']}: " + "; ".join(problems))
+        raise ValueError(
+            f"weights do not match architecture {arch['name']!r} with "
+            f"{arch['kwargs']}: " + "; ".join(problems)
+        )
 
 
 def model_digest(arch: dict[str, Any], weights_sha256: str) -> str:
     """SHA-256 of what defines a model: its architecture (name and options, as canonical JSON
     with sorted keys) and the SHA-256 of its weights file."""
-    canonical = json.dumps({"architecture": arch, "weights_sha256": weights_sha256},
-                           sort_keys=True, separators=(",", ":"), allow_nan=False)
+    canonical = json.dumps(
+        {"architecture": arch, "weights_sha256": weights_sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _build(arch: Any) -> nn.Module:
-    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)
-            and isinstance(arch.get("kwargs"), dict)):
+    if not (
+        isinstance(arch, dict)
+        and isinstance(arch.get("name"), str)
+        and isinstance(arch.get("kwargs"), dict)
+    ):
         # ValueError, not TypeError: a malformed sidecar is bad data, like a corrupt file
         raise ValueError(  # noqa: TRY004
-            f"architecture must be {{'name': str, 'kwargs': dict}}, got {arch!r}")
+            f"architecture must be {{'name': str, 'kwargs': dict}}, got {arch!r}"
+        )
     try:  # an unknown name: ValueError listing the registered architectures
         return create(arch["name"], **arch["kwargs"])
     except TypeError as err:
         raise ValueError(f"cannot rebuild architecture {arch!r}: {err}") from err
 
 
-def _recipe(model: nn.Module, arch: dict[str, Any] | None) -> tuple[dict[str, Any],
-                                                                    dict[str, torch.Tensor]]:
+def _recipe(
+    model: nn.Module, arch: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The architecture to record and the state dict to store, checked against each other."""
     arch = arch if arch is not None else getattr(model, "robustlab_arch", None)
     spec = spec_architecture(model) if arch is None else None
@@ -91,10 +112,12 @@ def _recipe(model: nn.Module, arch: dict[str, Any] | None) -> tuple[dict[str, An
         arch, inner = spec
         return arch, _cpu_tensors(inner.state_dict())
     if arch is None:
-        raise ValueError("this model has no recorded architecture: build it with "
-                         "robustlab.models.create(name, ...) or robustlab.models.from_spec("
-                         "'file.py:NAME', ...), or pass arch={'name': ..., 'kwargs': {...}} "
-                         "to save()")
+        raise ValueError(
+            "this model has no recorded architecture: build it with "
+            "robustlab.models.create(name, ...) or robustlab.models.from_spec("
+            "'file.py:NAME', ...), or pass arch={'name': ..., 'kwargs': {...}} "
+            "to save()"
+        )
     with torch.device("meta"):  # shapes only, no memory
         reference = _build(arch).state_dict()
     state = _cpu_tensors(model.state_dict())
@@ -102,8 +125,13 @@ def _recipe(model: nn.Module, arch: dict[str, Any] | None) -> tuple[dict[str, An
     return arch, state
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None,
-         *, arch: dict[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    meta: dict[str, Any] | None = None,
+    *,
+    arch: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model``'s weights to ``path`` (``.safetensors``) and a JSON sidecar next to it.
 
     The sidecar ``path.with_suffix(".json")`` holds ``format_version``, ``architecture``
@@ -138,25 +166,30 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     sidecar: dict[str, Any] = {"format_version": FORMAT_VERSION, "architecture": arch}
     source = getattr(model, "robustlab_spec", None) if "spec" in arch else None
     if source is not None and source.get("weights") is not None:
-        sidecar["weights_source"] = {"path": source["weights"],
-                                     "sha256": source["weights_sha256"]}
+        sidecar["weights_source"] = {"path": source["weights"], "sha256": source["weights_sha256"]}
     for key, value in (meta or {}).items():
         if not isinstance(key, str) or key in RESERVED:
             raise ValueError(f"meta key {key!r} is not allowed; reserved keys are {RESERVED}")
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"meta[{key!r}] is not JSON-serialisable ({err}); convert it to "
-                            "dicts, lists, strings and finite numbers first") from err
+            raise TypeError(
+                f"meta[{key!r}] is not JSON-serialisable ({err}); convert it to "
+                "dicts, lists, strings and finite numbers first"
+            ) from err
         sidecar[key] = value
     # one metadata key: safetensors writes a map of several in varying order, and the same
     # weights must always give the same bytes (and hash)
     data = safetensors_to_bytes(state, metadata={"format": "pt"})
     digest = hashlib.sha256(data).hexdigest()
-    sidecar.update(robustlab_version=package_version(), torch_version=torch.__version__,
-                   git_commit=git_commit(),
-                   created=datetime.now(UTC).isoformat(timespec="seconds"),
-                   sha256=digest, model_sha256=model_digest(arch, digest))
+    sidecar.update(
+        robustlab_version=package_version(),
+        torch_version=torch.__version__,
+        git_commit=git_commit(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        sha256=digest,
+        model_sha256=model_digest(arch, digest),
+    )
     atomic_write(path, data)
     atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     return path
@@ -175,13 +208,16 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
             "robustlab convert-weights IN.pt OUT.safetensors [--key "
             "state_dict] (Python: robustlab.models.convert_weights), then build the model "
             "with robustlab.models.from_spec('net.py:Net', weights='OUT.safetensors') and "
-            "save it with robustlab.models.save(model, 'model.safetensors')")
+            "save it with robustlab.models.save(model, 'model.safetensors')"
+        )
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {str(path)!r}")
     side = path.with_suffix(".json")
     if not side.is_file():
-        raise FileNotFoundError(f"sidecar {str(side)!r} of checkpoint {str(path)!r} not "
-                                f"found; {_HOW}, which writes both files")
+        raise FileNotFoundError(
+            f"sidecar {str(side)!r} of checkpoint {str(path)!r} not "
+            f"found; {_HOW}, which writes both files"
+        )
     try:
         sidecar = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -190,8 +226,10 @@ def _read(path: Path) -> tuple[bytes, dict[str, Any]]:
         raise ValueError(f"sidecar {str(side)!r} lacks 'sha256' or 'architecture'; {_HOW}")
     version = sidecar.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint format {version!r}; this robustlab "
-                         f"reads formats 1 to {FORMAT_VERSION} (a newer one needs an upgrade)")
+        raise ValueError(
+            f"{str(path)!r} has checkpoint format {version!r}; this robustlab "
+            f"reads formats 1 to {FORMAT_VERSION} (a newer one needs an upgrade)"
+        )
     return data, sidecar
 
 
@@ -200,14 +238,20 @@ def _check_digest(path: Path, sidecar: dict[str, Any], digest: str) -> None:
     (absent in older checkpoints)."""
     recorded = sidecar.get("model_sha256")
     if recorded is not None and recorded != model_digest(sidecar["architecture"], digest):
-        raise ValueError(f"the sidecar {str(path.with_suffix('.json'))!r} does not describe "
-                         "the model its model_sha256 was recorded for: its architecture or "
-                         "options were edited after saving. Restore the sidecar, or rebuild "
-                         "the model and save it anew")
+        raise ValueError(
+            f"the sidecar {str(path.with_suffix('.json'))!r} does not describe "
+            "the model its model_sha256 was recorded for: its architecture or "
+            "options were edited after saving. Restore the sidecar, or rebuild "
+            "the model and save it anew"
+        )
 
 
-def load(path: str | os.PathLike[str], device: str | torch.device | None = None, *,
-         trust_code: bool = False) -> nn.Module:
+def load(
+    path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    *,
+    trust_code: bool = False,
+) -> nn.Module:
     """Rebuild the architecture recorded in the sidecar and load the weights from ``path``.
 
     The weights file is read once; its SHA-256 must equal the sidecar's, the sidecar's
@@ -243,13 +287,16 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None,
     try:
         state = safetensors_from_bytes(data)  # safetensors: no pickle
     except safetensors.SafetensorError as err:
-        raise ValueError(f"{str(path)!r} is not a valid safetensors file (corrupt or "
-                         f"truncated?): {err}") from err
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file (corrupt or truncated?): {err}"
+        ) from err
     digest = hashlib.sha256(data).hexdigest()
     if digest != sidecar["sha256"]:
-        raise ValueError(f"SHA-256 of {str(path)!r} is {digest} but its sidecar records "
-                         f"{sidecar['sha256']}: the weights were modified or belong to another "
-                         "checkpoint")
+        raise ValueError(
+            f"SHA-256 of {str(path)!r} is {digest} but its sidecar records "
+            f"{sidecar['sha256']}: the weights were modified or belong to another "
+            "checkpoint"
+        )
     arch = sidecar["architecture"]
     if isinstance(arch, dict) and "spec" in arch:  # the user's own model class
         _check_digest(path, sidecar, digest)
@@ -257,7 +304,8 @@ def load(path: str | os.PathLike[str], device: str | torch.device | None = None,
             raise ValueError(
                 f"{str(path)!r} holds a model built from user code ({arch['spec']!r}); "
                 "rebuilding it imports that code and so runs it. If you trust it, load with "
-                "robustlab.models.load(path, trust_code=True) (command line: --trust-code)")
+                "robustlab.models.load(path, trust_code=True) (command line: --trust-code)"
+            )
         model = from_architecture(arch, state, path, digest)
     else:
         with torch.device("meta"):  # shapes first, no memory: a sidecar cannot make us allocate

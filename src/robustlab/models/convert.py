@@ -63,7 +63,7 @@ def strip_module_prefix(state: dict[str, Any]) -> tuple[dict[str, Any], list[str
     only while every key has it, and the prefixes removed (``[]``: none)."""
     stripped: list[str] = []
     while state and all(k.startswith(PREFIX) and len(k) > len(PREFIX) for k in state):
-        state = {k[len(PREFIX):]: v for k, v in state.items()}
+        state = {k[len(PREFIX) :]: v for k, v in state.items()}
         stripped.append(PREFIX)
     return state, stripped
 
@@ -79,22 +79,36 @@ def mismatches(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
     (weights vs model), each listing at most 10 names and the count; ``[]`` if it loads."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    return [_listed(label, items) for label, items in (
-        ("missing keys", missing), ("unexpected keys", unexpected),
-        ("shape mismatches (weights vs model)", shapes)) if items]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    return [
+        _listed(label, items)
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (weights vs model)", shapes),
+        )
+        if items
+    ]
 
 
 def _refusal(path: Path, what: str) -> str:
-    out = str(path.with_suffix(".converted.safetensors" if path.suffix == ".safetensors"
-                               else ".safetensors"))
-    return (f"{str(path)!r} is {what}, not a safetensors file; robustlab never unpickles "
-            "weights on a normal code path, since unpickling runs whatever code the file "
-            "names. Convert it once with PyTorch's restricted loader: robustlab "
-            f"convert-weights {path} {out} [--key state_dict] (Python: "
-            f"robustlab.models.convert_weights({str(path)!r}, {out!r})), then pass the "
-            ".safetensors file")
+    out = str(
+        path.with_suffix(
+            ".converted.safetensors" if path.suffix == ".safetensors" else ".safetensors"
+        )
+    )
+    return (
+        f"{str(path)!r} is {what}, not a safetensors file; robustlab never unpickles "
+        "weights on a normal code path, since unpickling runs whatever code the file "
+        "names. Convert it once with PyTorch's restricted loader: robustlab "
+        f"convert-weights {path} {out} [--key state_dict] (Python: "
+        f"robustlab.models.convert_weights({str(path)!r}, {out!r})), then pass the "
+        ".safetensors file"
+    )
 
 
 def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
@@ -120,28 +134,35 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     try:
         state = safetensors_from_bytes(data)
     except safetensors.SafetensorError as err:
-        raise ValueError(f"{str(path)!r} is not a valid safetensors file (corrupt or "
-                         f"truncated?): {err}") from err
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file (corrupt or truncated?): {err}"
+        ) from err
     return state, hashlib.sha256(data).hexdigest()
 
 
 def _is_tensor_dict(obj: Any) -> bool:
-    return (isinstance(obj, dict) and len(obj) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+    return (
+        isinstance(obj, dict)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _describe(obj: dict) -> str:
-    return ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:20]) + \
-        (f" and {len(obj) - 20} more" if len(obj) > 20 else "")
+    return ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:20]) + (
+        f" and {len(obj) - 20} more" if len(obj) > 20 else ""
+    )
 
 
-def _find_state(obj: Any, key: str | None, src: Path) -> tuple[dict[str, torch.Tensor],
-                                                                  str | None]:
+def _find_state(obj: Any, key: str | None, src: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """The state dict in ``obj`` and the key it was under (None: ``obj`` itself)."""
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
-            where = (f"its top-level keys are {_describe(obj)}" if isinstance(obj, dict)
-                     else f"it holds a {type(obj).__name__}, not a dict")
+            where = (
+                f"its top-level keys are {_describe(obj)}"
+                if isinstance(obj, dict)
+                else f"it holds a {type(obj).__name__}, not a dict"
+            )
             raise ValueError(f"key {key!r} is not in {str(src)!r}: {where}")
         state, used = obj[key], key
     elif _is_tensor_dict(obj):
@@ -152,19 +173,35 @@ def _find_state(obj: Any, key: str | None, src: Path) -> tuple[dict[str, torch.T
             raise ValueError(
                 f"{str(src)!r} holds no state dict (str -> Tensor) at the top level nor under "
                 f"any of {list(STATE_KEYS)}; its top-level keys are {_describe(obj)}. Name the "
-                "one holding the weights with --key KEY (Python: key='KEY')")
+                "one holding the weights with --key KEY (Python: key='KEY')"
+            )
         state = obj[used]
     else:
-        raise ValueError(f"{str(src)!r} holds a {type(obj).__name__}, not a state dict (a dict "
-                         "of str -> Tensor); save model.state_dict(), not the model")
+        raise ValueError(
+            f"{str(src)!r} holds a {type(obj).__name__}, not a state dict (a dict "
+            "of str -> Tensor); save model.state_dict(), not the model"
+        )
     if not _is_tensor_dict(state):
-        bad = ({k: v for k, v in state.items()
-                if not (isinstance(k, str) and isinstance(v, torch.Tensor))}
-               if isinstance(state, dict) else None)
-        what = (f"entries that are not str -> Tensor: {_describe(bad)}" if bad
-                else f"a {type(state).__name__}" if not isinstance(state, dict) else "no entries")
-        raise ValueError(f"{str(src)!r}{f' [{key!r}]' if key else ''} is not a state dict of "
-                         f"str -> Tensor: it holds {what}. Pass --key KEY naming the state dict")
+        bad = (
+            {
+                k: v
+                for k, v in state.items()
+                if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+            }
+            if isinstance(state, dict)
+            else None
+        )
+        what = (
+            f"entries that are not str -> Tensor: {_describe(bad)}"
+            if bad
+            else f"a {type(state).__name__}"
+            if not isinstance(state, dict)
+            else "no entries"
+        )
+        raise ValueError(
+            f"{str(src)!r}{f' [{key!r}]' if key else ''} is not a state dict of "
+            f"str -> Tensor: it holds {what}. Pass --key KEY naming the state dict"
+        )
     return state, used
 
 
@@ -173,13 +210,17 @@ def _reason(err: Exception) -> str:
     global: GLOBAL io.open ..."), without its advice to load unrestricted."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    line = (found.group(1).split(". ")[0].rstrip(".") if found
-            else (text.strip().splitlines() or [""])[0])
+    line = (
+        found.group(1).split(". ")[0].rstrip(".")
+        if found
+        else (text.strip().splitlines() or [""])[0]
+    )
     return f"{type(err).__name__}: {line}"[:300]
 
 
-def convert_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-                    key: str | None = None) -> dict[str, Any]:
+def convert_weights(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, key: str | None = None
+) -> dict[str, Any]:
     """Convert the PyTorch state dict in ``src`` (``.pt``/``.pth``/``.bin``/``.ckpt``) into
     the safetensors file ``dst``, once, so that :func:`robustlab.models.from_spec` can load it
     without unpickling.
@@ -215,12 +256,13 @@ def convert_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if not src.is_file():
         raise FileNotFoundError(f"source weights {str(src)!r} not found")
     if dst.suffix != ".safetensors" or dst.resolve() == src.resolve():
-        raise ValueError(f"the output must be a new file ending in .safetensors, got "
-                         f"{str(dst)!r}")
+        raise ValueError(f"the output must be a new file ending in .safetensors, got {str(dst)!r}")
     data = src.read_bytes()
     if _is_safetensors(data):
-        raise ValueError(f"{str(src)!r} is already a safetensors file: pass it as the weights "
-                         "directly (a 'module.' prefix is stripped on loading)")
+        raise ValueError(
+            f"{str(src)!r} is already a safetensors file: pass it as the weights "
+            "directly (a 'module.' prefix is stripped on loading)"
+        )
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...: all refused
@@ -231,19 +273,29 @@ def convert_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             "plain containers (objects whose unpickling runs code), or is not a PyTorch file; "
             "robustlab never loads such a file unrestricted. If you trust it, extract the "
             "state dict yourself and torch.save(state_dict, 'clean.pt') it, then convert "
-            "that") from err
+            "that"
+        ) from err
     state, used = _find_state(obj, key, src)
     state, stripped = strip_module_prefix(state)
     try:
         out = safetensors_to_bytes(_cpu_tensors(state), metadata={"format": "pt"})
     except (safetensors.SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"cannot write the tensors of {str(src)!r} as safetensors "
-                         f"(sparse or quantized tensors?): {err}") from err
-    record = {"source": str(src.resolve()), "source_sha256": hashlib.sha256(data).hexdigest(),
-              "key": used, "tensors": len(state), "prefixes_stripped": stripped,
-              "output": str(dst.resolve()), "sha256": hashlib.sha256(out).hexdigest(),
-              "robustlab_version": package_version(), "torch_version": torch.__version__,
-              "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        raise ValueError(
+            f"cannot write the tensors of {str(src)!r} as safetensors "
+            f"(sparse or quantized tensors?): {err}"
+        ) from err
+    record = {
+        "source": str(src.resolve()),
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "key": used,
+        "tensors": len(state),
+        "prefixes_stripped": stripped,
+        "output": str(dst.resolve()),
+        "sha256": hashlib.sha256(out).hexdigest(),
+        "robustlab_version": package_version(),
+        "torch_version": torch.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     atomic_write(dst, out)
     atomic_write(dst.with_name(dst.name + ".json"), json.dumps(record, indent=2) + "\n")
     return record

@@ -64,8 +64,11 @@ class Denoiser(nn.Module):
         self.width = positive_int(width, "width")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
         for _ in range(depth - 2):
-            layers += [nn.Conv2d(width, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width, eps=1e-4), nn.ReLU()]
+            layers += [
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width, eps=1e-4),
+                nn.ReLU(),
+            ]
         layers.append(nn.Conv2d(width, in_channels, 3, padding=1, bias=False))
         self.body = nn.Sequential(*layers)
         for m in self.body:
@@ -85,13 +88,16 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"the denoiser takes images (N, {self.in_channels}, H, W), got "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(
+                f"the denoiser takes images (N, {self.in_channels}, H, W), got "
+                f"shape {tuple(x.shape)}"
+            )
         return x - self.body(x)
 
 
-def load_denoiser(path: str | os.PathLike[str],
-                  device: str | torch.device | None = None) -> Denoiser:
+def load_denoiser(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> Denoiser:
     """:func:`robustlab.models.load` of a checkpoint that must hold a :class:`Denoiser`.
 
     Returns:
@@ -104,6 +110,7 @@ def load_denoiser(path: str | os.PathLike[str],
     """
     model = load(path, device=device)
     if not isinstance(model, Denoiser):
-        raise ValueError(f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not "
-                         "a 'dncnn' denoiser")
+        raise ValueError(
+            f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not a 'dncnn' denoiser"
+        )
     return model

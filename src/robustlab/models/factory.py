@@ -29,8 +29,9 @@ def names(pattern: str | None = None) -> list[str]:
     """Registered classifier architectures, sorted; ``pattern`` filters with shell wildcards.
     Image-to-image models registered for checkpoints (a class attribute ``task`` other than
     ``"classify"``, e.g. the ``"dncnn"`` denoiser) are not listed."""
-    return [n for n in MODELS.names(pattern)
-            if getattr(MODELS.get(n), "task", "classify") == "classify"]
+    return [
+        n for n in MODELS.names(pattern) if getattr(MODELS.get(n), "task", "classify") == "classify"
+    ]
 
 
 def _stat(value: float | Sequence[float] | torch.Tensor | None) -> list[float] | None:
@@ -107,17 +108,16 @@ def create(
     unknown = sorted(set(arch_kwargs) - set(params))
     if unknown:
         extra = [p for p in params if p not in COMMON]
-        raise TypeError(
-            f"{name} does not take {unknown}; its own arguments are {extra or 'none'}"
-        )
+        raise TypeError(f"{name} does not take {unknown}; its own arguments are {extra or 'none'}")
     common = _common(num_classes, in_channels, input_size, activation, mean, std)
     # an image-to-image model (the dncnn denoiser) takes only some of the common arguments
-    kwargs = {**{k: v for k, v in common.items() if k in params},
-              **_own(name, params, arch_kwargs)}
+    kwargs = {**{k: v for k, v in common.items() if k in params}, **_own(name, params, arch_kwargs)}
     for kind, options, what in ((head, head_options, "head"), (noise, noise_options, "noise")):
         if options is not None and (kind is None or not isinstance(options, dict)):
-            raise ValueError(f"{what}_options must be a dict and needs {what}=..., got "
-                             f"{what}={kind!r}, {what}_options={options!r}")
+            raise ValueError(
+                f"{what}_options must be a dict and needs {what}=..., got "
+                f"{what}={kind!r}, {what}_options={options!r}"
+            )
     model = cls(**kwargs)
     if head is not None:
         opts = _options(attach_head, head_options, "head", skip=("model", "head", "num_classes"))
@@ -134,8 +134,9 @@ def create(
     return model
 
 
-def _common(num_classes: Any, in_channels: Any, input_size: Any, activation: str,
-            mean: Any, std: Any) -> dict[str, Any]:
+def _common(
+    num_classes: Any, in_channels: Any, input_size: Any, activation: str, mean: Any, std: Any
+) -> dict[str, Any]:
     """The arguments every architecture takes, checked and made JSON-able."""
     sizes = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
     for what, value in sizes.items():
@@ -161,8 +162,9 @@ def _own(name: str, params: Any, arch_kwargs: dict[str, Any]) -> dict[str, Any]:
     return own
 
 
-def _options(fn: Any, options: dict[str, Any] | None, what: str,
-             skip: tuple[str, ...]) -> dict[str, Any]:
+def _options(
+    fn: Any, options: dict[str, Any] | None, what: str, skip: tuple[str, ...]
+) -> dict[str, Any]:
     """``options`` if ``fn`` takes them all, else a TypeError naming the valid ones."""
     valid = [p for p in inspect.signature(fn).parameters if p not in skip]
     unknown = sorted(set(options or {}) - set(valid))

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 __all__ = ["capture", "feature_module"]
 
 
-def feature_module(model: nn.Module, name: str | None = None, *, option: str = "feature_layer"
-                   ) -> tuple[str | None, nn.Module | None]:
+def feature_module(
+    model: nn.Module, name: str | None = None, *, option: str = "feature_layer"
+) -> tuple[str | None, nn.Module | None]:
     """The module ``name`` (from ``model.named_modules()``), else the last ``nn.Linear`` in
     ``model.modules()`` order, as ``(name, module)``; ``(None, None)`` when ``name`` is None and
     the model has no ``nn.Linear`` (the caller then uses the logits). ``option`` is the name of
@@ -27,19 +28,29 @@ def feature_module(model: nn.Module, name: str | None = None, *, option: str = "
     modules = dict(model.named_modules())
     if name is not None:
         if not isinstance(name, str):
-            raise TypeError(f"{option} must be a module name (str) or None, got "
-                            f"{type(name).__name__}")
+            raise TypeError(
+                f"{option} must be a module name (str) or None, got {type(name).__name__}"
+            )
         if name not in modules:
             names = [n for n in modules if n][:20]
-            raise ValueError(f"the model has no module named {name!r}; names from "
-                             f"model.named_modules(): {', '.join(names)}")
+            raise ValueError(
+                f"the model has no module named {name!r}; names from "
+                f"model.named_modules(): {', '.join(names)}"
+            )
         return name, modules[name]
     linear = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
     return linear[-1] if linear else (None, None)
 
 
-def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs: bool = True,
-            option: str = "feature_layer", flatten: bool = True) -> tuple[Tensor, list[Tensor]]:
+def capture(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str | None],
+    *,
+    inputs: bool = True,
+    option: str = "feature_layer",
+    flatten: bool = True,
+) -> tuple[Tensor, list[Tensor]]:
     """One forward pass of ``model`` on ``x`` (N, ...): ``(logits, features)``.
 
     ``logits`` is ``model(x)`` of that pass, unchanged. ``features`` has one (N, D) tensor per
@@ -59,8 +70,10 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
     setting, to pick another layer.
     """
     if isinstance(layers, str) or not isinstance(layers, Sequence):
-        raise TypeError(f"layers must be a sequence of module names (str or None), got "
-                        f"{type(layers).__name__}; wrap a single name in a list")
+        raise TypeError(
+            f"layers must be a sequence of module names (str or None), got "
+            f"{type(layers).__name__}; wrap a single name in a list"
+        )
     resolved = [feature_module(model, name, option=option) for name in layers]
     seen: list[list[Tensor]] = [[] for _ in resolved]
     what = "input" if inputs else "output"
@@ -68,8 +81,10 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
     def hook_for(i: int, name: str | None) -> Any:
         def take(value: Any) -> None:
             if not isinstance(value, Tensor):
-                raise ValueError(f"feature layer {name!r} has no tensor {what} (positional "
-                                 f"input or plain output); name another layer with {option}=")
+                raise ValueError(
+                    f"feature layer {name!r} has no tensor {what} (positional "
+                    f"input or plain output); name another layer with {option}="
+                )
             seen[i].append(value)
 
         if inputs:
@@ -80,8 +95,9 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
     try:
         for i, (name, module) in enumerate(resolved):
             if module is not None:
-                register = (module.register_forward_pre_hook if inputs
-                            else module.register_forward_hook)
+                register = (
+                    module.register_forward_pre_hook if inputs else module.register_forward_hook
+                )
                 handles.append(register(hook_for(i, name)))
         logits = model(x)
     finally:
@@ -93,13 +109,17 @@ def capture(model: nn.Module, x: Tensor, layers: Sequence[str | None], *, inputs
             feats.append(logits.flatten(1) if flatten else logits)
             continue
         if not got:
-            raise ValueError(f"feature layer {name!r} did not run in the model's forward "
-                             f"pass; name a layer that does with {option}=")
+            raise ValueError(
+                f"feature layer {name!r} did not run in the model's forward "
+                f"pass; name a layer that does with {option}="
+            )
         if any(f.shape[0] != x.shape[0] for f in got):
-            raise ValueError(f"feature layer {name!r} sees batches of "
-                             f"{[f.shape[0] for f in got]} rows for {x.shape[0]} inputs (the "
-                             "model replicates its inputs, e.g. noise samples); name a layer "
-                             f"with one row per input with {option}=")
+            raise ValueError(
+                f"feature layer {name!r} sees batches of "
+                f"{[f.shape[0] for f in got]} rows for {x.shape[0]} inputs (the "
+                "model replicates its inputs, e.g. noise samples); name a layer "
+                f"with one row per input with {option}="
+            )
         flat = [f.flatten(1) if flatten else f for f in got]
         feats.append(flat[0] if len(flat) == 1 else torch.stack(flat).mean(0))
     return logits, feats

@@ -44,9 +44,11 @@ def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0) -> Tensor:
     if num_classes < 2:
         raise ValueError(f"MMC centers need at least 2 classes, got {num_classes}")
     if dim < num_classes - 1:
-        raise ValueError(f"MMC needs a feature dimension >= num_classes - 1 = "
-                         f"{num_classes - 1}, got {dim}; pass head_options="
-                         f"{{'feature_dim': {num_classes - 1}}} or more")
+        raise ValueError(
+            f"MMC needs a feature dimension >= num_classes - 1 = "
+            f"{num_classes - 1}, got {dim}; pass head_options="
+            f"{{'feature_dim': {num_classes - 1}}} or more"
+        )
     n = num_classes
     mu = torch.zeros(n, max(dim, n), dtype=torch.float64, device="cpu")
     mu[0, 0] = 1.0
@@ -73,14 +75,16 @@ class MMCHead(nn.Module):
 
     centers: Tensor
 
-    def __init__(self, in_features: int, num_classes: int, c_mm: float = 10.0,
-                 feature_dim: int | None = None) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, c_mm: float = 10.0, feature_dim: int | None = None
+    ) -> None:
         super().__init__()
         dim = in_features if feature_dim is None else feature_dim
         self.dense = nn.Linear(in_features, dim)
         centers = mmc_centers(num_classes, dim, c_mm)
-        self.register_buffer("centers", centers.to(self.dense.weight.device,
-                                                   self.dense.weight.dtype))
+        self.register_buffer(
+            "centers", centers.to(self.dense.weight.device, self.dense.weight.dtype)
+        )
 
     def features(self, h: Tensor) -> Tensor:
         """z = W h + b, shape (N, feature_dim)."""
@@ -92,8 +96,13 @@ class MMCHead(nn.Module):
         return 2 * z @ mu.T - z.square().sum(1, keepdim=True) - mu.square().sum(1)
 
 
-def attach(model: nn.Module, head: str, num_classes: int, c_mm: float = 10.0,
-           feature_dim: int | None = None) -> dict[str, Any]:
+def attach(
+    model: nn.Module,
+    head: str,
+    num_classes: int,
+    c_mm: float = 10.0,
+    feature_dim: int | None = None,
+) -> dict[str, Any]:
     """Replace the last ``nn.Linear`` of ``model`` (its classifier, which must output
     ``num_classes`` values) by the head ``head``, in place.
 
@@ -111,8 +120,10 @@ def attach(model: nn.Module, head: str, num_classes: int, c_mm: float = 10.0,
         feature_dim = positive_int(feature_dim, "mmc feature_dim")
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not linears or linears[-1][1].out_features != num_classes:
-        raise ValueError(f"{type(model).__name__} has no final nn.Linear with {num_classes} "
-                         "outputs for the MMC head to replace")
+        raise ValueError(
+            f"{type(model).__name__} has no final nn.Linear with {num_classes} "
+            "outputs for the MMC head to replace"
+        )
     name, old = linears[-1]
     new = MMCHead(old.in_features, num_classes, float(c_mm), feature_dim)
     new.to(old.weight.device, old.weight.dtype)
@@ -125,10 +136,12 @@ def check_extra_class(outputs: Tensor) -> Tensor:
     """``outputs`` unchanged if they are (N, K + 1) logits with K >= 2 classes (the extra class
     last); ValueError naming the recipe otherwise."""
     if outputs.dim() != 2 or outputs.shape[1] < 3:
-        raise ValueError(f"the extra-class model must return (N, K + 1) logits with K >= 2 "
-                         f"classes and the extra class last; it returned "
-                         f"{tuple(outputs.shape)}: build it with num_classes = K + 1 (the "
-                         "extra-class recipe)")
+        raise ValueError(
+            f"the extra-class model must return (N, K + 1) logits with K >= 2 "
+            f"classes and the extra class last; it returned "
+            f"{tuple(outputs.shape)}: build it with num_classes = K + 1 (the "
+            "extra-class recipe)"
+        )
     return outputs
 
 

@@ -62,21 +62,34 @@ def init_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
     left = sorted(k for k in missing if k in noise)
     bad_missing = [k for k in missing if k not in noise]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the checkpoint vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if bad_missing or unexpected or shapes:
-        parts = [_listed(label, items) for label, items in (
-            ("keys the checkpoint lacks", bad_missing), ("keys the model lacks", unexpected),
-            ("shape mismatches", shapes)) if items]
-        raise ValueError(f"cannot initialise the model from {str(path)!r} (architecture "
-                         f"{source.robustlab_arch}): " + "; ".join(parts) + ". Build the "
-                         "model with the checkpoint's architecture; only noise parameters may "
-                         "be missing from it")
+        parts = [
+            _listed(label, items)
+            for label, items in (
+                ("keys the checkpoint lacks", bad_missing),
+                ("keys the model lacks", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"cannot initialise the model from {str(path)!r} (architecture "
+            f"{source.robustlab_arch}): " + "; ".join(parts) + ". Build the "
+            "model with the checkpoint's architecture; only noise parameters may "
+            "be missing from it"
+        )
     arch = getattr(model, "robustlab_arch", None)
     if arch is not None and _without_noise(arch) != _without_noise(source.robustlab_arch):
-        warnings.warn(f"initialising {arch} from {str(path)!r}, saved as architecture "
-                      f"{source.robustlab_arch}: the weights fit, but the models differ",
-                      stacklevel=2)
+        warnings.warn(
+            f"initialising {arch} from {str(path)!r}, saved as architecture "
+            f"{source.robustlab_arch}: the weights fit, but the models differ",
+            stacklevel=2,
+        )
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return left

@@ -32,8 +32,9 @@ class KWTA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2:
-            raise ValueError(f"k-WTA expects a batch (N, C, H, W) or (N, F), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"k-WTA expects a batch (N, C, H, W) or (N, F), got shape {tuple(x.shape)}"
+            )
         flat = x.flatten(1)
         k = max(1, math.floor(self.ratio * flat.shape[1]))
         threshold = flat.detach().topk(k, dim=1).values[:, -1:]  # the k-th largest, (N, 1)
@@ -120,7 +121,6 @@ class Normalize(nn.Module):
         mean = [round(v, 4) for v in self.mean.flatten().tolist()]
         std = [round(v, 4) for v in self.std.flatten().tolist()]
         return f"mean={mean}, std={std}"
-
 
 
 class Normalized(nn.Module):

@@ -59,8 +59,15 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from robustlab._validate import one_of
 
-__all__ = ["LIPSCHITZ", "PARSEVAL_BETA", "ParsevalRetraction", "apply", "normalised_layers",
-           "parseval_layers", "retract"]
+__all__ = [
+    "LIPSCHITZ",
+    "PARSEVAL_BETA",
+    "ParsevalRetraction",
+    "apply",
+    "normalised_layers",
+    "parseval_layers",
+    "retract",
+]
 
 LIPSCHITZ = ("spectral", "parseval")
 #: the retraction's step beta (card H9 of METHODS-2.md; unverified against the paper)
@@ -98,8 +105,10 @@ def apply(model: nn.Module, kind: str) -> None:
     one_of(kind, "lipschitz", LIPSCHITZ)
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to "
-                         "normalise; lipschitz= needs one")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to "
+            "normalise; lipschitz= needs one"
+        )
     for m in layers:
         if kind == "spectral":
             spectral_norm(m, name="weight", n_power_iterations=1, eps=1e-12)
@@ -109,12 +118,18 @@ def apply(model: nn.Module, kind: str) -> None:
 
 def normalised_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` whose weight is spectrally normalised."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.Conv2d | nn.Linear) and nn.utils.parametrize.is_parametrized(
-                m, "weight")]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+        and nn.utils.parametrize.is_parametrized(m, "weight")
+    ]
 
 
 def parseval_layers(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` that carry Parseval's retraction hook."""
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "robustlab_after_step", None), ParsevalRetraction)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "robustlab_after_step", None), ParsevalRetraction)
+    ]

@@ -79,8 +79,19 @@ from torch import Tensor, nn
 
 from robustlab._validate import number, positive_int
 
-__all__ = ["CNI_FACTOR_INIT", "CNI_RANK", "GRANULARITIES", "KINDS", "InputNoise", "NoisyConv2d",
-           "NoisyLinear", "disabled", "inject", "noise_parameter_names", "noisy_layers"]
+__all__ = [
+    "CNI_FACTOR_INIT",
+    "CNI_RANK",
+    "GRANULARITIES",
+    "KINDS",
+    "InputNoise",
+    "NoisyConv2d",
+    "NoisyLinear",
+    "disabled",
+    "inject",
+    "noise_parameter_names",
+    "noisy_layers",
+]
 
 KINDS = ("pni-w", "pni-a", "cni-w", "input")
 GRANULARITIES = ("layer", "channel", "element")
@@ -127,7 +138,7 @@ class _Noisy:
         w = self.weight
         self.kind, self.granularity, self.rank, self.noise_enabled = "cni-w", "element", rank, True
         self.noise_params = ("noise_diag", "noise_factor")
-        self.noise_diag = self._new_parameter(tuple(w.shape), init ** 2)
+        self.noise_diag = self._new_parameter(tuple(w.shape), init**2)
         self.noise_factor = self._new_parameter((w.numel(), rank), factor_init)
 
     def _noisy_weight(self) -> Tensor:
@@ -213,9 +224,15 @@ def _check_scale(value: Any, what: str) -> None:
     number(value, what, low=0)
 
 
-def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None,
-           init: float = 0.25, rank: int | None = None,
-           factor_init: float | None = None, input_sigma: float | None = None) -> dict[str, Any]:
+def inject(
+    model: nn.Module,
+    kind: str = "pni-w",
+    granularity: str | None = None,
+    init: float = 0.25,
+    rank: int | None = None,
+    factor_init: float | None = None,
+    input_sigma: float | None = None,
+) -> dict[str, Any]:
     """Turn every plain ``nn.Conv2d`` and ``nn.Linear`` of ``model`` into its noisy subclass,
     in place (weights, biases and hooks are kept; each layer gets its noise parameters).
 
@@ -248,8 +265,12 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
         raise ValueError(f"unknown noise {kind!r}; valid: {', '.join(KINDS)}")
     _check_scale(init, f"{kind} init")
     if kind == "input":
-        if granularity is not None or rank is not None or factor_init is not None \
-                or input_sigma is not None:
+        if (
+            granularity is not None
+            or rank is not None
+            or factor_init is not None
+            or input_sigma is not None
+        ):
             raise ValueError("noise 'input' takes only init (the initial sigma in pixels)")
         add_input_noise(model, init)
         return {"init": float(init)}
@@ -259,8 +280,10 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
         extra = {"input_sigma": float(input_sigma)}
     if kind == "cni-w":
         if granularity is not None:
-            raise ValueError("cni-w has no granularity (its diagonal scales are per weight); "
-                             "drop the option, or use pni-w")
+            raise ValueError(
+                "cni-w has no granularity (its diagonal scales are per weight); "
+                "drop the option, or use pni-w"
+            )
         rank = CNI_RANK if rank is None else rank
         rank = positive_int(rank, "cni-w rank")
         factor_init = CNI_FACTOR_INIT if factor_init is None else factor_init
@@ -270,15 +293,20 @@ def inject(model: nn.Module, kind: str = "pni-w", granularity: str | None = None
             raise ValueError(f"rank and factor_init are options of cni-w, not {kind}")
         granularity = "layer" if granularity is None else granularity
         if granularity not in GRANULARITIES:
-            raise ValueError(f"unknown PNI granularity {granularity!r}; "
-                             f"valid: {', '.join(GRANULARITIES)}")
+            raise ValueError(
+                f"unknown PNI granularity {granularity!r}; valid: {', '.join(GRANULARITIES)}"
+            )
         if kind == "pni-a" and granularity == "element":
-            raise ValueError("element-wise pni-a is not supported (alpha's shape would depend "
-                             "on the input size); use granularity 'layer' or 'channel'")
+            raise ValueError(
+                "element-wise pni-a is not supported (alpha's shape would depend "
+                "on the input size); use granularity 'layer' or 'channel'"
+            )
     layers = [m for m in model.modules() if type(m) in _NOISY]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to "
-                         f"inject {kind} noise into")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to "
+            f"inject {kind} noise into"
+        )
     linears = [m for m in layers if type(m) is nn.Linear]
     last = linears[-1] if kind == "cni-w" and linears else None
     for m in layers:
@@ -305,8 +333,12 @@ def noise_parameter_names(model: nn.Module) -> list[str]:
     """State-dict keys of the noise parameters of ``model`` (PNI ``alpha``, CNI
     ``noise_diag`` and ``noise_factor``, the input noise's ``sigma``), in module order; empty
     for a deterministic model."""
-    return [f"{name}.{p}" if name else p for name, m in model.named_modules()
-            if isinstance(m, _Noisy | InputNoise) for p in m.noise_params]
+    return [
+        f"{name}.{p}" if name else p
+        for name, m in model.named_modules()
+        if isinstance(m, _Noisy | InputNoise)
+        for p in m.noise_params
+    ]
 
 
 @contextmanager

@@ -47,26 +47,34 @@ class SmallCNN(nn.Module):
         if side < 1:
             raise ValueError(f"smallcnn needs input_size >= 16 pixels, got {input_size}")
         self.normalize = Normalize(mean, std, channels=in_channels)
-        self.feature_extractor = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(in_channels, 32, 3)),
-            ("act1", make_activation(activation)),
-            ("conv2", nn.Conv2d(32, 32, 3)),
-            ("act2", make_activation(activation)),
-            ("maxpool1", nn.MaxPool2d(2, 2)),
-            ("conv3", nn.Conv2d(32, 64, 3)),
-            ("act3", make_activation(activation)),
-            ("conv4", nn.Conv2d(64, 64, 3)),
-            ("act4", make_activation(activation)),
-            ("maxpool2", nn.MaxPool2d(2, 2)),
-        ]))
-        self.classifier = nn.Sequential(OrderedDict([
-            ("fc1", nn.Linear(64 * side * side, 200)),
-            ("act1", make_activation(activation)),
-            ("drop", nn.Dropout(drop)),
-            ("fc2", nn.Linear(200, 200)),
-            ("act2", make_activation(activation)),
-            ("fc3", nn.Linear(200, num_classes)),
-        ]))
+        self.feature_extractor = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(in_channels, 32, 3)),
+                    ("act1", make_activation(activation)),
+                    ("conv2", nn.Conv2d(32, 32, 3)),
+                    ("act2", make_activation(activation)),
+                    ("maxpool1", nn.MaxPool2d(2, 2)),
+                    ("conv3", nn.Conv2d(32, 64, 3)),
+                    ("act3", make_activation(activation)),
+                    ("conv4", nn.Conv2d(64, 64, 3)),
+                    ("act4", make_activation(activation)),
+                    ("maxpool2", nn.MaxPool2d(2, 2)),
+                ]
+            )
+        )
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("fc1", nn.Linear(64 * side * side, 200)),
+                    ("act1", make_activation(activation)),
+                    ("drop", nn.Dropout(drop)),
+                    ("fc2", nn.Linear(200, 200)),
+                    ("act2", make_activation(activation)),
+                    ("fc3", nn.Linear(200, num_classes)),
+                ]
+            )
+        )
         for m in self.feature_extractor:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)

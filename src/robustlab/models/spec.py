@@ -29,8 +29,14 @@ from robustlab._validate import check_images, check_logits, number, positive_int
 from robustlab.models.convert import mismatches, read_weights, strip_module_prefix
 from robustlab.models.layers import Normalized
 
-__all__ = ["check_model_fits", "from_architecture", "from_spec", "parse_normalize",
-           "spec_architecture", "spec_provenance"]
+__all__ = [
+    "check_model_fits",
+    "from_architecture",
+    "from_spec",
+    "parse_normalize",
+    "spec_architecture",
+    "spec_provenance",
+]
 
 FORMAT = "'path/to/file.py:NAME' or 'package.module:NAME'"
 EXAMPLE = "'0.4914,0.4822,0.4465/0.2471,0.2435,0.2616'"
@@ -47,8 +53,10 @@ def parse_normalize(text: str) -> tuple[list[float], list[float]]:
             std of different lengths (other than one value for every channel).
     """
     if not isinstance(text, str) or text.count("/") != 1:
-        raise ValueError(f"normalize must be MEAN/STD with comma-separated per-channel values, "
-                         f"e.g. {EXAMPLE} (one value applies to every channel), got {text!r}")
+        raise ValueError(
+            f"normalize must be MEAN/STD with comma-separated per-channel values, "
+            f"e.g. {EXAMPLE} (one value applies to every channel), got {text!r}"
+        )
     halves = []
     for what, part in zip(("mean", "std"), text.split("/"), strict=True):
         values = []
@@ -56,8 +64,10 @@ def parse_normalize(text: str) -> tuple[list[float], list[float]]:
             try:
                 values.append(float(item))
             except ValueError:
-                raise ValueError(f"normalize {what} value {item.strip()!r} in {text!r} is not a "
-                                 f"number; write MEAN/STD as e.g. {EXAMPLE}") from None
+                raise ValueError(
+                    f"normalize {what} value {item.strip()!r} in {text!r} is not a "
+                    f"number; write MEAN/STD as e.g. {EXAMPLE}"
+                ) from None
         halves.append(values)
     return _checked(halves[0], halves[1])
 
@@ -73,20 +83,37 @@ def _checked(mean: Any, std: Any) -> tuple[list[float], list[float]]:
         else:
             items = [value]
         if not items:
-            raise ValueError(f"normalize {what} is empty; give one value per channel or one "
-                             "for all")
+            raise ValueError(
+                f"normalize {what} is empty; give one value per channel or one for all"
+            )
         try:
-            out.append([number(v, f"normalize {what}", low=0, high=1 if what == "mean" else None,
-                               low_open=what == "std") for v in items])
+            out.append(
+                [
+                    number(
+                        v,
+                        f"normalize {what}",
+                        low=0,
+                        high=1 if what == "mean" else None,
+                        low_open=what == "std",
+                    )
+                    for v in items
+                ]
+            )
         except ValueError as err:
-            hint = " (statistics in 0-255 units? divide them by 255)" if any(
-                isinstance(v, (int, float)) and v > 1 for v in items) else ""
-            raise type(err)(f"{err}{hint}; normalisation statistics are in [0, 1] pixel units, "
-                            f"e.g. {EXAMPLE}") from None
+            hint = (
+                " (statistics in 0-255 units? divide them by 255)"
+                if any(isinstance(v, (int, float)) and v > 1 for v in items)
+                else ""
+            )
+            raise type(err)(
+                f"{err}{hint}; normalisation statistics are in [0, 1] pixel units, e.g. {EXAMPLE}"
+            ) from None
     mean, std = out
     if len(mean) != len(std) and 1 not in (len(mean), len(std)):
-        raise ValueError(f"normalize has {len(mean)} means but {len(std)} stds; give one of "
-                         "each per channel (or one value for every channel)")
+        raise ValueError(
+            f"normalize has {len(mean)} means but {len(std)} stds; give one of "
+            "each per channel (or one value for every channel)"
+        )
     return mean, std
 
 
@@ -100,8 +127,9 @@ def _normalization(value: Normalization | dict) -> dict[str, list[float]] | None
     elif isinstance(value, (tuple, list)) and len(value) == 2:
         mean, std = _checked(*value)
     else:
-        raise TypeError(f"normalize must be 'MEAN/STD' (e.g. {EXAMPLE}) or a (mean, std) pair, "
-                        f"got {value!r}")
+        raise TypeError(
+            f"normalize must be 'MEAN/STD' (e.g. {EXAMPLE}) or a (mean, std) pair, got {value!r}"
+        )
     return {"mean": mean, "std": std}
 
 
@@ -111,8 +139,9 @@ def _import_file(path: Path) -> Any:
     name = "robustlab_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"cannot import {str(path)!r} as Python; the model file must be a .py "
-                         "file")
+        raise ValueError(
+            f"cannot import {str(path)!r} as Python; the model file must be a .py file"
+        )
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     sys.path.insert(0, str(path.parent))
@@ -130,10 +159,13 @@ def _import_file(path: Path) -> Any:
 
 def _candidates(module: Any) -> list[str]:
     """The nn.Module classes and functions ``module`` defines itself."""
-    return sorted(n for n, obj in vars(module).items()
-                  if not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__
-                  and (inspect.isfunction(obj)
-                       or (inspect.isclass(obj) and issubclass(obj, nn.Module))))
+    return sorted(
+        n
+        for n, obj in vars(module).items()
+        if not n.startswith("_")
+        and getattr(obj, "__module__", None) == module.__name__
+        and (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module)))
+    )
 
 
 def _resolve(spec: str) -> tuple[Any, str, str | None]:
@@ -141,27 +173,36 @@ def _resolve(spec: str) -> tuple[Any, str, str | None]:
     (None for a module)."""
     where, _, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
     if not where or not name.isidentifier():
-        raise ValueError(f"model spec must be {FORMAT} (NAME: an nn.Module class or a function "
-                         f"returning one), got {spec!r}")
+        raise ValueError(
+            f"model spec must be {FORMAT} (NAME: an nn.Module class or a function "
+            f"returning one), got {spec!r}"
+        )
     code_sha256 = None
     if where.endswith(".py") or "/" in where or os.sep in where:
         path = Path(where).expanduser().resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"model file {where!r} of spec {spec!r} not found (looked "
-                                    f"for {str(path)!r}); the spec is {FORMAT}")
+            raise FileNotFoundError(
+                f"model file {where!r} of spec {spec!r} not found (looked "
+                f"for {str(path)!r}); the spec is {FORMAT}"
+            )
         code_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         module, where = _import_file(path), str(path)
     else:
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as err:
-            raise ValueError(f"cannot import module {where!r} of model spec {spec!r} ({err}); "
-                             f"the spec is {FORMAT}, with a .py path or an importable "
-                             "module") from err
+            raise ValueError(
+                f"cannot import module {where!r} of model spec {spec!r} ({err}); "
+                f"the spec is {FORMAT}, with a .py path or an importable "
+                "module"
+            ) from err
     if not hasattr(module, name):
         found = _candidates(module)
-        listed = (f"it defines {', '.join(found)}" if found
-                  else "it defines no nn.Module class or function")
+        listed = (
+            f"it defines {', '.join(found)}"
+            if found
+            else "it defines no nn.Module class or function"
+        )
         raise ValueError(f"{where!r} has no {name!r}; {listed}")
     return getattr(module, name), f"{where}:{name}", code_sha256
 
@@ -169,8 +210,10 @@ def _resolve(spec: str) -> tuple[Any, str, str | None]:
 def _call(target: Any, spec: str, options: dict[str, Any]) -> nn.Module:
     """``target(**options)``, checked: it takes these options and returns an nn.Module."""
     if not callable(target):
-        raise TypeError(f"{spec} is a {type(target).__name__}, not an nn.Module class or a "
-                        "function returning one")
+        raise TypeError(
+            f"{spec} is a {type(target).__name__}, not an nn.Module class or a "
+            "function returning one"
+        )
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
@@ -178,22 +221,26 @@ def _call(target: Any, spec: str, options: dict[str, Any]) -> nn.Module:
     if sig is not None:
         params = sig.parameters.values()
         if not any(p.kind is p.VAR_KEYWORD for p in params):
-            takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                          p.KEYWORD_ONLY)}
+            takes = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
             unknown = sorted(set(options) - takes)
             if unknown:
-                raise TypeError(f"{spec} does not take option(s) {unknown}; its parameters are "
-                                f"{sig}")
+                raise TypeError(
+                    f"{spec} does not take option(s) {unknown}; its parameters are {sig}"
+                )
         try:
             sig.bind(**options)
         except TypeError as err:
-            raise TypeError(f"{spec}{sig}: {err}; pass it as an option (Python: "
-                            "from_spec(spec, KEY=VALUE); command line: --model-option "
-                            "KEY=VALUE)") from err
+            raise TypeError(
+                f"{spec}{sig}: {err}; pass it as an option (Python: "
+                "from_spec(spec, KEY=VALUE); command line: --model-option "
+                "KEY=VALUE)"
+            ) from err
     model = target(**options)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec} returned a {type(model).__name__}, not an nn.Module; NAME must "
-                        "be an nn.Module class or a function returning one")
+        raise TypeError(
+            f"{spec} returned a {type(model).__name__}, not an nn.Module; NAME must "
+            "be an nn.Module class or a function returning one"
+        )
     return model
 
 
@@ -203,16 +250,24 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], where: str, spec: st
     state, _ = strip_module_prefix(state)
     problems = mismatches(model.state_dict(), state)
     if problems:
-        raise ValueError(f"the weights {where} do not fit the model {spec}: "
-                         + "; ".join(problems) + ". Build the model with the options it was "
-                         "trained with (from_spec(..., KEY=VALUE) / --model-option KEY=VALUE), "
-                         "or convert the right entry of the original file (--key KEY)")
+        raise ValueError(
+            f"the weights {where} do not fit the model {spec}: "
+            + "; ".join(problems)
+            + ". Build the model with the options it was "
+            "trained with (from_spec(..., KEY=VALUE) / --model-option KEY=VALUE), "
+            "or convert the right entry of the original file (--key KEY)"
+        )
     model.load_state_dict(state)
 
 
-def from_spec(spec: str, *, weights: str | os.PathLike[str] | None = None,
-              normalize: Normalization = None, device: str | torch.device | None = None,
-              **options: Any) -> nn.Module:
+def from_spec(
+    spec: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    normalize: Normalization = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> nn.Module:
     """Build ``NAME(**options)`` from ``spec`` = ``path/to/file.py:NAME`` or
     ``package.module:NAME`` (NAME: an ``nn.Module`` class or a function returning one).
 
@@ -260,10 +315,13 @@ def from_spec(spec: str, *, weights: str | os.PathLike[str] | None = None,
     if device is not None:
         model.to(device)
     model.robustlab_spec = {
-        "spec": resolved, "options": dict(options), "normalize": norm,
+        "spec": resolved,
+        "options": dict(options),
+        "normalize": norm,
         "code_sha256": code_sha256,
         "weights": None if weights is None else str(Path(weights).resolve()),
-        "weights_sha256": weights_sha256}
+        "weights_sha256": weights_sha256,
+    }
     return model
 
 
@@ -273,10 +331,15 @@ def spec_provenance(record: dict[str, Any]) -> dict[str, Any]:
     ``model_options``, ``normalize``, ``code_sha256``, ``weights`` and ``weights_sha256``;
     the CLI's ``--model`` and :func:`robustlab.benchmark` record the same keys, which the
     leaderboard reads."""
-    return {"name": record["spec"].rpartition(":")[2], "model": record["spec"],
-            "model_options": record["options"], "normalize": record["normalize"],
-            "code_sha256": record["code_sha256"], "weights": record["weights"],
-            "weights_sha256": record["weights_sha256"]}
+    return {
+        "name": record["spec"].rpartition(":")[2],
+        "model": record["spec"],
+        "model_options": record["options"],
+        "normalize": record["normalize"],
+        "code_sha256": record["code_sha256"],
+        "weights": record["weights"],
+        "weights_sha256": record["weights_sha256"],
+    }
 
 
 def spec_architecture(model: nn.Module) -> tuple[dict[str, Any], nn.Module] | None:
@@ -294,32 +357,38 @@ def spec_architecture(model: nn.Module) -> tuple[dict[str, Any], nn.Module] | No
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as err:
-            raise TypeError(f"option {key!r} = {value!r} of {record['spec']} is not "
-                            f"JSON-serialisable ({err}), so a checkpoint cannot record it; "
-                            "build such values inside the model file from JSON-able options"
-                            ) from err
+            raise TypeError(
+                f"option {key!r} = {value!r} of {record['spec']} is not "
+                f"JSON-serialisable ({err}), so a checkpoint cannot record it; "
+                "build such values inside the model file from JSON-able options"
+            ) from err
     arch = {k: record[k] for k in ("spec", "options", "normalize", "code_sha256")}
     return arch, model.model if isinstance(model, Normalized) else model
 
 
-def from_architecture(arch: dict[str, Any], state: dict[str, Tensor], path: Path,
-                      sha256: str) -> nn.Module:
+def from_architecture(
+    arch: dict[str, Any], state: dict[str, Tensor], path: Path, sha256: str
+) -> nn.Module:
     """The model that a checkpoint's architecture record (:func:`spec_architecture`) describes,
     in ``eval()`` mode, with ``state`` (the weights file ``path``, of SHA-256 ``sha256``)
     loaded strictly. This imports the user's code: the caller asks for trust first. A ``.py``
     file that changed since the checkpoint was written gives a warning."""
     options = arch.get("options")
     if not isinstance(arch.get("spec"), str) or not isinstance(options, dict):
-        raise ValueError(f"a model spec record must be {{'spec': str, 'options': dict, ...}}, "
-                         f"got {arch!r}")
+        raise ValueError(
+            f"a model spec record must be {{'spec': str, 'options': dict, ...}}, got {arch!r}"
+        )
     model = from_spec(arch["spec"], normalize=arch.get("normalize"), **options)
     inner = model.model if isinstance(model, Normalized) else model
     _load_state(inner, state, repr(str(path)), arch["spec"])
     code = model.robustlab_spec["code_sha256"]
     if arch.get("code_sha256") is not None and code != arch["code_sha256"]:
-        warnings.warn(f"{arch['spec']} changed since {str(path)!r} was saved (SHA-256 "
-                      f"{code} vs {arch['code_sha256']}); the weights fit, but the model's "
-                      "code may differ", stacklevel=3)
+        warnings.warn(
+            f"{arch['spec']} changed since {str(path)!r} was saved (SHA-256 "
+            f"{code} vs {arch['code_sha256']}); the weights fit, but the model's "
+            "code may differ",
+            stacklevel=3,
+        )
     model.robustlab_spec.update(weights=str(path.resolve()), weights_sha256=sha256)
     return model.eval()
 
@@ -343,19 +412,24 @@ def check_model_fits(model: nn.Module, x_example: Tensor, num_classes: int | Non
         with torch.no_grad():
             out = model(x)
     except Exception as err:  # the user's forward may raise anything
-        ref = next((t for t in (*model.parameters(), *model.buffers())
-                    if t.is_floating_point()), None)
-        weights = f"; the model's weights are {ref.dtype} on {ref.device}" if ref is not None \
-            else ""
+        ref = next(
+            (t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None
+        )
+        weights = (
+            f"; the model's weights are {ref.dtype} on {ref.device}" if ref is not None else ""
+        )
         raise ValueError(
             f"the model refuses inputs of shape {tuple(x.shape)} ({x.dtype} on "
             f"{x.device}{weights}): {type(err).__name__}: {err}. If it was built for another "
             "image size, resize the data (command line: --resize H,W) or build it for this "
             "size (model options); if it expects normalised inputs, add --normalize MEAN/STD "
-            "(Python: normalize=...)") from err
+            "(Python: normalize=...)"
+        ) from err
     k = check_logits(out, len(x)).shape[1]
     if num_classes is not None and k != num_classes:
-        raise ValueError(f"the model returns {k} logits per example but num_classes is "
-                         f"{num_classes}: build the model for {num_classes} classes (its "
-                         f"options), or give --num-classes {k} if the data has {k} classes")
+        raise ValueError(
+            f"the model returns {k} logits per example but num_classes is "
+            f"{num_classes}: build the model for {num_classes} classes (its "
+            f"options), or give --num-classes {k} if the data has {k} classes"
+        )
     return k

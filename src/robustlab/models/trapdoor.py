@@ -42,13 +42,17 @@ __all__ = ["TRIGGER_DEFAULTS", "Trapdoors", "protected_labels", "trigger_options
 TRIGGER_DEFAULTS: dict[str, Any] = {"squares": 7, "size": 3, "mask_ratio": 0.1, "seed": 0}
 
 
-def trigger_options(squares: int = 7, size: int = 3, mask_ratio: float = 0.1,
-                    seed: int = 0) -> dict[str, Any]:
+def trigger_options(
+    squares: int = 7, size: int = 3, mask_ratio: float = 0.1, seed: int = 0
+) -> dict[str, Any]:
     """The trigger options checked (see :class:`Trapdoors`), as a dict of ``TRIGGER_DEFAULTS``'
     keys; ``size`` is checked against the image size when the triggers are built."""
-    return {"squares": positive_int(squares, "squares"), "size": positive_int(size, "size"),
-            "mask_ratio": number(mask_ratio, "mask_ratio", low=0, high=1, low_open=True),
-            "seed": integer(seed, "seed")}
+    return {
+        "squares": positive_int(squares, "squares"),
+        "size": positive_int(size, "size"),
+        "mask_ratio": number(mask_ratio, "mask_ratio", low=0, high=1, low_open=True),
+        "seed": integer(seed, "seed"),
+    }
 
 
 def protected_labels(labels: Any, classes: int | None = None) -> list[int] | None:
@@ -58,13 +62,15 @@ def protected_labels(labels: Any, classes: int | None = None) -> list[int] | Non
     if labels is None:
         return None if classes is None else list(range(classes))
     if isinstance(labels, str | bytes) or not hasattr(labels, "__iter__"):
-        raise TypeError(f"labels must be a list of protected labels, or None for all, got "
-                        f"{labels!r}")
+        raise TypeError(
+            f"labels must be a list of protected labels, or None for all, got {labels!r}"
+        )
     top = None if classes is None else classes - 1
     out = [integer(t, "each protected label", minimum=0, maximum=top) for t in labels]
     if not out or len(set(out)) != len(out):
-        raise ValueError(f"labels must be a non-empty list of distinct labels, or None for "
-                         f"all, got {labels!r}")
+        raise ValueError(
+            f"labels must be a non-empty list of distinct labels, or None for all, got {labels!r}"
+        )
     return sorted(out)
 
 
@@ -85,8 +91,17 @@ class Trapdoors(nn.Module):
     (classes, C, H, W) in [0, 1], 0 off the squares. Both float32 on the CPU until moved.
     """
 
-    def __init__(self, channels: int, height: int, width: int, classes: int, squares: int = 7,
-                 size: int = 3, mask_ratio: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        classes: int,
+        squares: int = 7,
+        size: int = 3,
+        mask_ratio: float = 0.1,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.channels = positive_int(channels, "channels")
         self.height = positive_int(height, "height")
@@ -113,25 +128,35 @@ class Trapdoors(nn.Module):
                 q = int(torch.randint(w - n + 1, (), generator=g))
                 mu, s = torch.rand(c, generator=g), torch.rand(c, generator=g)
                 noise = torch.randn(c, n, n, generator=g)
-                union[t, :, r:r + n, q:q + n] = True
-                patterns[t, :, r:r + n, q:q + n] += (mu[:, None, None]
-                                                     + s[:, None, None] * noise).clamp(0, 1)
+                union[t, :, r : r + n, q : q + n] = True
+                patterns[t, :, r : r + n, q : q + n] += (
+                    mu[:, None, None] + s[:, None, None] * noise
+                ).clamp(0, 1)
         return union.float() * self.mask_ratio, patterns.clamp(0, 1)
 
     def config(self) -> dict[str, Any]:
         """The construction arguments (JSON-able): ``Trapdoors(**config())`` rebuilds the
         same triggers."""
-        return {"channels": self.channels, "height": self.height, "width": self.width,
-                "classes": self.classes, "squares": self.squares, "size": self.size,
-                "mask_ratio": self.mask_ratio, "seed": self.seed}
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "classes": self.classes,
+            "squares": self.squares,
+            "size": self.size,
+            "mask_ratio": self.mask_ratio,
+            "seed": self.seed,
+        }
 
     def check_images(self, x: Tensor) -> None:
         """ValueError unless ``x`` is (N, C, H, W) with the triggers' C, H, W."""
         want = (self.channels, self.height, self.width)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"the trapdoors are for images of shape (N, {want[0]}, {want[1]}, "
-                             f"{want[2]}), got {tuple(x.shape)}; build them for this data "
-                             "(channels, height, width of the images)")
+            raise ValueError(
+                f"the trapdoors are for images of shape (N, {want[0]}, {want[1]}, "
+                f"{want[2]}), got {tuple(x.shape)}; build them for this data "
+                "(channels, height, width of the images)"
+            )
 
     def apply(self, x: Tensor, labels: Tensor) -> Tensor:
         """``A_t(x_i) = (1 - m_t) * x_i + m_t * Delta_t`` with ``t = labels[i]``, a new
@@ -140,11 +165,14 @@ class Trapdoors(nn.Module):
         self.check_images(x)
         labels = torch.as_tensor(labels, device=self.masks.device).long()
         if labels.shape != (len(x),):
-            raise ValueError(f"labels must have shape ({len(x)},), one per image, got "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must have shape ({len(x)},), one per image, got {tuple(labels.shape)}"
+            )
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.classes):
-            raise ValueError(f"trapdoor labels must be in [0, {self.classes}), got "
-                             f"{labels.min().item()}..{labels.max().item()}")
+            raise ValueError(
+                f"trapdoor labels must be in [0, {self.classes}), got "
+                f"{labels.min().item()}..{labels.max().item()}"
+            )
         m = self.masks[labels].to(device=x.device, dtype=x.dtype)
         p = self.patterns[labels].to(device=x.device, dtype=x.dtype)
         return (1 - m) * x + m * p

@@ -76,8 +76,10 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         groups, cin = [], 16
         for cout, stride in zip(widths, (1, 2, 2), strict=True):
-            blocks = [WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1,
-                                activation, drop) for i in range(n)]
+            blocks = [
+                WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, activation, drop)
+                for i in range(n)
+            ]
             groups.append(nn.Sequential(*blocks))
             cin = cout
         self.block1, self.block2, self.block3 = groups

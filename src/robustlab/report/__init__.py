@@ -19,8 +19,14 @@ if TYPE_CHECKING:
     from robustlab.report.runs import Run, load_run
     from robustlab.report.summary import markdown
 
-_WHERE = {"render_html": "html", "write_report": "html", "leaderboard_markdown": "leaderboard",
-          "Run": "runs", "load_run": "runs", "markdown": "summary"}
+_WHERE = {
+    "render_html": "html",
+    "write_report": "html",
+    "leaderboard_markdown": "leaderboard",
+    "Run": "runs",
+    "load_run": "runs",
+    "markdown": "summary",
+}
 __all__ = ["Run", "leaderboard_markdown", "load_run", "markdown", "render_html", "write_report"]
 
 

@@ -87,18 +87,28 @@ def examples_html(run: Run, doc: Document) -> str:
         mark = "robust" if row.get("robust", ap == label) else "broken"
         by = f" by {row['broken_by']}" if row.get("broken_by") else ""
         alt = f"example {i}, label {name(label)}"
-        clean_row.append(Markup(
-            f'<img src="{_png(x[j])}" alt="{esc(alt)} (clean)"><div class="cap">'
-            f"label {esc(name(label))}<br>pred {esc(name(cp))}</div>"))
-        adv_row.append(Markup(
-            f'<img src="{_png(x_adv[j])}" alt="{esc(alt)} (adversarial)"><div class="cap '
-            f'{mark}">pred {esc(name(ap))}<br>{mark}{esc(by)}</div>'))
+        clean_row.append(
+            Markup(
+                f'<img src="{_png(x[j])}" alt="{esc(alt)} (clean)"><div class="cap">'
+                f"label {esc(name(label))}<br>pred {esc(name(cp))}</div>"
+            )
+        )
+        adv_row.append(
+            Markup(
+                f'<img src="{_png(x_adv[j])}" alt="{esc(alt)} (adversarial)"><div class="cap '
+                f'{mark}">pred {esc(name(ap))}<br>{mark}{esc(by)}</div>'
+            )
+        )
         dist = f"{t['norm']} {row['distance']:.3g}" if "distance" in row else ""
-        pert_row.append(Markup(
-            f'<img src="{_png(0.5 + gain * delta[j])}" alt="{esc(alt)} (perturbation)">'
-            f'<div class="cap">{esc(dist)}</div>'))
-    return ("<h4>Examples</h4><p class=\"note\">Clean inputs, the worst-case adversarial inputs "
-            "the evaluation found, and their difference amplified (mid-grey is no change). "
-            "Points broken by an attack are chosen first; a robust point shows its clean input."
-            "</p>"
-            + table(head, [clean_row, adv_row, pert_row], "examples"))
+        pert_row.append(
+            Markup(
+                f'<img src="{_png(0.5 + gain * delta[j])}" alt="{esc(alt)} (perturbation)">'
+                f'<div class="cap">{esc(dist)}</div>'
+            )
+        )
+    return (
+        '<h4>Examples</h4><p class="note">Clean inputs, the worst-case adversarial inputs '
+        "the evaluation found, and their difference amplified (mid-grey is no change). "
+        "Points broken by an attack are chosen first; a robust point shows its clean input."
+        "</p>" + table(head, [clean_row, adv_row, pert_row], "examples")
+    )

@@ -57,8 +57,7 @@ def _model_key(run: Run, doc: Document) -> str:
 
 
 def _dataset(run: Run, doc: Document) -> str | None:
-    return (doc.data.get("config") or {}).get("dataset") or (run.model_of(doc) or {}).get(
-        "dataset")
+    return (doc.data.get("config") or {}).get("dataset") or (run.model_of(doc) or {}).get("dataset")
 
 
 def _group_key(run: Run, doc: Document) -> tuple[Any, ...]:
@@ -75,16 +74,28 @@ def _row(run: Run, doc: Document, others: Sequence[Document]) -> dict[str, Any]:
         flags.append("catastrophic-overfitting")
     cfg = d.get("config") or {}
     return {
-        "run": cfg.get("name") or run.name, "where": doc.where, "method": _method(model, doc),
-        "architecture": ((model.get("architecture") or {}).get("name")
-                         or cfg.get("architecture") or cfg.get("model") or "–"),
-        "dataset": _dataset(run, doc), "clean_accuracy": d["clean_accuracy"],
-        "robust_accuracy": d["robust_accuracy"], "suite": d.get("suite", "custom"), "n": d["n"],
-        "threat": d["threat"], "strength": strength(doc), "flags": flags,
+        "run": cfg.get("name") or run.name,
+        "where": doc.where,
+        "method": _method(model, doc),
+        "architecture": (
+            (model.get("architecture") or {}).get("name")
+            or cfg.get("architecture")
+            or cfg.get("model")
+            or "–"
+        ),
+        "dataset": _dataset(run, doc),
+        "clean_accuracy": d["clean_accuracy"],
+        "robust_accuracy": d["robust_accuracy"],
+        "suite": d.get("suite", "custom"),
+        "n": d["n"],
+        "threat": d["threat"],
+        "strength": strength(doc),
+        "flags": flags,
         "epochs": model.get("epoch", len(log) or None),
         "train_time_s": sum(r.get("train_time_s", 0.0) for r in log) if log else None,
-        "others": [(o.data.get("suite", "custom"), o.data["n"], o.data["robust_accuracy"])
-                   for o in others],
+        "others": [
+            (o.data.get("suite", "custom"), o.data["n"], o.data["robust_accuracy"]) for o in others
+        ],
     }
 
 
@@ -106,32 +117,59 @@ def leaderboard_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         for evaluations in groups[key].values():
             run, best = max(evaluations, key=lambda e: (strength(e[1]), e[1].data["n"]))
             ranked.append(_row(run, best, [d for _, d in evaluations if d is not best]))
-        ranked.sort(key=lambda r: (bool(r["flags"]), -r["strength"], -r["robust_accuracy"],
-                                   -r["clean_accuracy"]))
+        ranked.sort(
+            key=lambda r: (
+                bool(r["flags"]),
+                -r["strength"],
+                -r["robust_accuracy"],
+                -r["clean_accuracy"],
+            )
+        )
         for i, r in enumerate(ranked, 1):
             r["rank"] = i
         rows += ranked
     return rows
 
 
-LEADERBOARD_HEAD = ("rank", "run", "method", "architecture", "clean", "robust (suite, points)",
-                    "threat model", "epochs", "train time", "flags", "other evaluations")
-NOTE = ("Ranked as RobustBench ranks: one row per model, its strongest evaluation (audit, "
-        "standard or rand over weaker suites, then more points over fewer); a row from a weaker "
-        "suite ranks below every row from a stronger one, and a FLAGGED row below every "
-        "unflagged row: its robust accuracy is not to be trusted as it stands. Robust accuracy "
-        "is the per-sample worst case over the suite's attacks, an upper bound.")
+LEADERBOARD_HEAD = (
+    "rank",
+    "run",
+    "method",
+    "architecture",
+    "clean",
+    "robust (suite, points)",
+    "threat model",
+    "epochs",
+    "train time",
+    "flags",
+    "other evaluations",
+)
+NOTE = (
+    "Ranked as RobustBench ranks: one row per model, its strongest evaluation (audit, "
+    "standard or rand over weaker suites, then more points over fewer); a row from a weaker "
+    "suite ranks below every row from a stronger one, and a FLAGGED row below every "
+    "unflagged row: its robust accuracy is not to be trusted as it stands. Robust accuracy "
+    "is the per-sample worst case over the suite's attacks, an upper bound."
+)
 
 
 def _leaderboard_cells(r: dict[str, Any]) -> list[str]:
     name = r["run"] if r["where"] == "." else f"{r['run']}/{r['where']}"
     weaker = "" if r["strength"] >= REFERENCE else "; weaker suite"
     others = ", ".join(f"{s} {pct(a)} ({n} points)" for s, n, a in r["others"])
-    return [str(r["rank"]), name, r["method"], r["architecture"], pct(r["clean_accuracy"]),
-            f"{pct(r['robust_accuracy'])} ({r['suite']}, {r['n']} points{weaker})",
-            threat_label(r["threat"]), "–" if r["epochs"] is None else str(r["epochs"]),
-            duration(r["train_time_s"]),
-            "FLAGGED: " + ", ".join(r["flags"]) if r["flags"] else "none", others or "–"]
+    return [
+        str(r["rank"]),
+        name,
+        r["method"],
+        r["architecture"],
+        pct(r["clean_accuracy"]),
+        f"{pct(r['robust_accuracy'])} ({r['suite']}, {r['n']} points{weaker})",
+        threat_label(r["threat"]),
+        "–" if r["epochs"] is None else str(r["epochs"]),
+        duration(r["train_time_s"]),
+        "FLAGGED: " + ", ".join(r["flags"]) if r["flags"] else "none",
+        others or "–",
+    ]
 
 
 def _by_group(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -147,11 +185,16 @@ def leaderboard_markdown(runs: Sequence[Run]) -> str:
     lines = ["# robustlab leaderboard", ""]
     groups = _by_group(leaderboard_rows(runs))
     if not groups:
-        return "\n".join(lines + ["No evaluation results in these runs (run robustlab evaluate "
-                                  "first).", ""])
+        return "\n".join(
+            lines + ["No evaluation results in these runs (run robustlab evaluate first).", ""]
+        )
     for label, rows in groups.items():
-        lines += [f"## {label}", "", "| " + " | ".join(LEADERBOARD_HEAD) + " |",
-                  "|" + "---|" * len(LEADERBOARD_HEAD)]
+        lines += [
+            f"## {label}",
+            "",
+            "| " + " | ".join(LEADERBOARD_HEAD) + " |",
+            "|" + "---|" * len(LEADERBOARD_HEAD),
+        ]
         for r in rows:
             cells = [c.replace("|", "/") for c in _leaderboard_cells(r)]
             lines.append("| " + " | ".join(cells) + " |")
@@ -166,7 +209,10 @@ def leaderboard_html(runs: Sequence[Run]) -> str:
     for label, rows in groups.items():
         out.append(f"<h3>{esc(label)}</h3>")
         out.append(table(LEADERBOARD_HEAD, [_leaderboard_cells(r) for r in rows], "num"))
-    out.append(f'<p class="note">{esc(NOTE)}</p>' if groups else
-               "<p>No evaluation results in these runs.</p>")
+    out.append(
+        f'<p class="note">{esc(NOTE)}</p>'
+        if groups
+        else "<p>No evaluation results in these runs.</p>"
+    )
     out.append("</section>")
     return "".join(out)

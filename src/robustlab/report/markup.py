@@ -35,8 +35,10 @@ def sizes_note(sizes: Sequence[int]) -> str:
     n = sorted(set(sizes))
     if len(n) < 2:
         return ""
-    return (f" Evaluations of different sizes side by side (n = {' vs '.join(map(str, n))} "
-            "points): the smaller ones are noisier, and they need not be the same points.")
+    return (
+        f" Evaluations of different sizes side by side (n = {' vs '.join(map(str, n))} "
+        "points): the smaller ones are noisier, and they need not be the same points."
+    )
 
 
 def duration(seconds: float | None) -> str:
@@ -51,11 +53,16 @@ def duration(seconds: float | None) -> str:
 
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
     """An HTML table; cells are escaped unless given as ``Markup``."""
+
     def cell(v: Any, tag: str) -> str:
         return f"<{tag}>{v if isinstance(v, Markup) else esc(v)}</{tag}>"
 
-    out = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>",
-           *(cell(h, "th") for h in head), "</tr></thead><tbody>"]
+    out = [
+        f'<table class="{cls}">' if cls else "<table>",
+        "<thead><tr>",
+        *(cell(h, "th") for h in head),
+        "</tr></thead><tbody>",
+    ]
     for r in rows:
         out += ["<tr>", *(cell(v, "td") for v in r), "</tr>"]
     out.append("</tbody></table>")

@@ -66,8 +66,10 @@ class Run:
             return None
         path = self.path / doc.path.parent / ref["file"]
         if not path.exists():
-            raise FileNotFoundError(f"{self.path / doc.path} names {ref['file']} but {path} is "
-                                    "missing; copy the whole results folder")
+            raise FileNotFoundError(
+                f"{self.path / doc.path} names {ref['file']} but {path} is "
+                "missing; copy the whole results folder"
+            )
         return load_file(str(path))
 
     def model_of(self, doc: Document) -> dict[str, Any] | None:
@@ -90,8 +92,11 @@ class Run:
     def main_evaluation(self) -> Document | None:
         """The run's headline evaluation: ``results.json`` in the run folder itself, else the
         first non-audit one, else the first one."""
-        for pick in (lambda d: d.path.parent == Path("."),
-                     lambda d: d.data.get("suite") != "audit", lambda d: True):
+        for pick in (
+            lambda d: d.path.parent == Path("."),
+            lambda d: d.data.get("suite") != "audit",
+            lambda d: True,
+        ):
             for doc in self.evaluations:
                 if pick(doc):
                     return doc
@@ -149,11 +154,20 @@ def _problem(doc: Any, keys: dict[str, type | tuple[type, ...]]) -> str | None:
 
 NUMBER = (int, float)
 KINDS = {  # file name -> (what it is, the keys and types every such file holds)
-    EVALUATION: ("robustlab evaluation result", {
-        "clean_accuracy": NUMBER, "robust_accuracy": NUMBER, "threat": dict, "per_attack": list,
-        "n": int}),
-    CERTIFICATION: ("robustlab certification summary", {
-        "config": dict, "certified_accuracy": list, "norm": str}),
+    EVALUATION: (
+        "robustlab evaluation result",
+        {
+            "clean_accuracy": NUMBER,
+            "robust_accuracy": NUMBER,
+            "threat": dict,
+            "per_attack": list,
+            "n": int,
+        },
+    ),
+    CERTIFICATION: (
+        "robustlab certification summary",
+        {"config": dict, "certified_accuracy": list, "norm": str},
+    ),
     SMOOTHING: ("robustlab smoothing curve", {"config": dict, "rows": list}),
     SIDECAR: ("robustlab checkpoint sidecar", {"architecture": dict}),
 }
@@ -183,8 +197,10 @@ def load_run(path: str | Path) -> Run:
     an error naming what the folder should hold."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"run directory {root} does not exist (give the --out of "
-                                "robustlab train, evaluate, audit or certify)")
+        raise FileNotFoundError(
+            f"run directory {root} does not exist (give the --out of "
+            "robustlab train, evaluate, audit or certify)"
+        )
     run = Run(path=root)
     for doc in _documents(root, SIDECAR, run.skipped):
         run.models[doc.path.parent] = doc.data
@@ -196,11 +212,12 @@ def load_run(path: str | Path) -> Run:
     run.evaluations = _documents(root, EVALUATION, run.skipped)
     run.certifications = _documents(root, CERTIFICATION, run.skipped)
     run.smoothing = _documents(root, SMOOTHING, run.skipped)
-    if not (run.model or run.train_log or run.evaluations or run.certifications
-            or run.smoothing):
+    if not (run.model or run.train_log or run.evaluations or run.certifications or run.smoothing):
         skipped = "".join(f"; skipped: {s}" for s in run.skipped)
-        raise ValueError(f"{root} holds nothing to report: no model.json, train_log.jsonl, "
-                         f"{EVALUATION}, {CERTIFICATION} or {SMOOTHING} (run robustlab train, "
-                         "evaluate, audit, certify or smooth with --out there first)"
-                         f"{skipped}")
+        raise ValueError(
+            f"{root} holds nothing to report: no model.json, train_log.jsonl, "
+            f"{EVALUATION}, {CERTIFICATION} or {SMOOTHING} (run robustlab train, "
+            "evaluate, audit, certify or smooth with --out there first)"
+            f"{skipped}"
+        )
     return run

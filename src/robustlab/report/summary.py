@@ -22,8 +22,13 @@ def attack_label(cfg: dict[str, Any]) -> str:
         parts.append(cfg["loss"])
     if cfg.get("kappa"):
         parts.append(f"kappa {cfg['kappa']:g}")
-    for key, unit in (("n_target_classes", "targets"), ("k", "targets"), ("n_queries", "queries"),
-                      ("samples", "noise draws per step"), ("eot_samples", "EOT samples")):
+    for key, unit in (
+        ("n_target_classes", "targets"),
+        ("k", "targets"),
+        ("n_queries", "queries"),
+        ("samples", "noise draws per step"),
+        ("eot_samples", "EOT samples"),
+    ):
         if key in cfg:
             parts.append(f"{cfg[key]} {unit}")
     return f"{name} ({', '.join(parts)})" if parts else name
@@ -36,11 +41,17 @@ def _audit_table(aud: dict[str, Any]) -> list[str]:
         verdict = f"**{c['status']}**" if c["status"] == "FLAG" else c["status"]
         lines.append(f"| {c['name']} | {verdict} | {c['evidence'].replace('|', '/')} |")
     fgsm = aud["fgsm_robust_accuracy"]
-    lines += [f"| {c['name']} | not applicable | {c['evidence'].replace('|', '/')} |"
-              for c in aud.get("not_applicable", [])]
-    lines += ["", f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
-                  f"FGSM: {'-' if fgsm is None else _pct(fgsm)}",
-              f"- adaptive attacks: {adaptive_text(aud['adaptive'])}", ""]
+    lines += [
+        f"| {c['name']} | not applicable | {c['evidence'].replace('|', '/')} |"
+        for c in aud.get("not_applicable", [])
+    ]
+    lines += [
+        "",
+        f"- plain PGD-20 robust accuracy: {_pct(aud['naive_robust_accuracy'])} · "
+        f"FGSM: {'-' if fgsm is None else _pct(fgsm)}",
+        f"- adaptive attacks: {adaptive_text(aud['adaptive'])}",
+        "",
+    ]
     return lines
 
 
@@ -51,10 +62,12 @@ def smoothed_text(ad: dict[str, Any]) -> str | None:
     if not sm:
         return None
     n = f"n = {sm['n']}" if sm.get("n") else "its own draws"
-    return (f"smoothed classifier ({sm['noise']} noise, sigma {sm['sigma']:g}, {n} per "
-            f"prediction): its attacks draw their own noise per step (EOT {ad['eot']} on top), "
-            f"and each point is judged by a strict majority of {ad['repeats']} predictions at "
-            f"{n}")
+    return (
+        f"smoothed classifier ({sm['noise']} noise, sigma {sm['sigma']:g}, {n} per "
+        f"prediction): its attacks draw their own noise per step (EOT {ad['eot']} on top), "
+        f"and each point is judged by a strict majority of {ad['repeats']} predictions at "
+        f"{n}"
+    )
 
 
 def randomness_notes(rec: dict[str, Any]) -> list[str]:
@@ -71,9 +84,14 @@ def adaptive_text(ad: dict[str, Any]) -> str:
         return text
     bpda = f"on ({', '.join(ad['bpda_stages'])})" if ad["bpda"] else "off"
     text = f"BPDA {bpda}, EOT {ad['eot']} draws, {ad['repeats']} prediction(s) per point"
-    outputs = [what for what, on in (("the log of the outputs", ad.get("log_outputs")),
-                                      (f"a temperature of {ad.get('temperature', 1.0):g}",
-                                       ad.get("temperature", 1.0) != 1.0)) if on]
+    outputs = [
+        what
+        for what, on in (
+            ("the log of the outputs", ad.get("log_outputs")),
+            (f"a temperature of {ad.get('temperature', 1.0):g}", ad.get("temperature", 1.0) != 1.0),
+        )
+        if on
+    ]
     return text + ("; attacks on " + " and ".join(outputs) if outputs else "")
 
 
@@ -84,13 +102,23 @@ def spread_text(rec: dict[str, Any]) -> str | None:
     repeats = rec.get("repeats", 1)
     if repeats <= 1 or "robust_accuracy_se" not in rec:
         return None
-    return (f"robust accuracy {_pct(rec['robust_accuracy'])} ± "
-            f"{_pct(rec['robust_accuracy_se'])} (standard error over the model's randomness, "
-            f"{repeats} predictions per point)")
+    return (
+        f"robust accuracy {_pct(rec['robust_accuracy'])} ± "
+        f"{_pct(rec['robust_accuracy_se'])} (standard error over the model's randomness, "
+        f"{repeats} predictions per point)"
+    )
 
 
-DETECTION_HEAD = ("stage", "attacks the detector", "points", "AUROC", "TPR at threshold",
-                  "fooled the classifier", "of those rejected", "note")
+DETECTION_HEAD = (
+    "stage",
+    "attacks the detector",
+    "points",
+    "AUROC",
+    "TPR at threshold",
+    "fooled the classifier",
+    "of those rejected",
+    "note",
+)
 
 
 def detection_notes(det: dict[str, Any]) -> list[str]:
@@ -103,36 +131,56 @@ def detection_notes(det: dict[str, Any]) -> list[str]:
         if det.get("threshold") is not None:
             score += f", rejected above the threshold {det['threshold']:.4g}"
         if det.get("fit_samples"):
-            score += (f" (fitted for a false-positive rate of {_pct(det['fitted_fpr'])} on "
-                      f"{det['fit_samples']} held-out clean training points)")
+            score += (
+                f" (fitted for a false-positive rate of {_pct(det['fitted_fpr'])} on "
+                f"{det['fit_samples']} held-out clean training points)"
+            )
         elif det.get("threshold") is not None:
             score += " (given, not fitted)"
     else:
         score = "the rejection margin z_K - max_k z_k of the outputs (rejected above 0)"
     fpr = "-" if det.get("clean_fpr") is None else _pct(det["clean_fpr"])
-    return [f"score: {score}",
-            f"clean false-positive rate: {fpr} of the {det['clean_points']} clean test points "
-            "rejected",
-            f"AUROC and TPR over {det['over']}",
-            *(f"left out: {why}" for why in det.get("left_out", []))]
+    return [
+        f"score: {score}",
+        f"clean false-positive rate: {fpr} of the {det['clean_points']} clean test points rejected",
+        f"AUROC and TPR over {det['over']}",
+        *(f"left out: {why}" for why in det.get("left_out", [])),
+    ]
 
 
 def detection_rows(det: dict[str, Any]) -> list[list[str]]:
     """One row per stage of the detection figures, as :data:`DETECTION_HEAD`."""
+
     def pct(v: float | None) -> str:
         return "-" if v is None else _pct(v)
 
-    return [[s["stage"], "yes" if s.get("joint") else "no", str(s["points"]),
-             "-" if s["auroc"] is None else f"{s['auroc']:.3f}", pct(s["tpr"]),
-             str(s["fooled"]), pct(s["tpr_fooled"]), s.get("note", "")]
-            for s in det.get("stages", [])]
+    return [
+        [
+            s["stage"],
+            "yes" if s.get("joint") else "no",
+            str(s["points"]),
+            "-" if s["auroc"] is None else f"{s['auroc']:.3f}",
+            pct(s["tpr"]),
+            str(s["fooled"]),
+            pct(s["tpr_fooled"]),
+            s.get("note", ""),
+        ]
+        for s in det.get("stages", [])
+    ]
 
 
 def _detection(det: dict[str, Any]) -> list[str]:
-    lines = ["## Detection", "", *(f"- {n}" for n in detection_notes(det)), "",
-             "| " + " | ".join(DETECTION_HEAD) + " |", "|" + "---|" * len(DETECTION_HEAD)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
-              for row in detection_rows(det)]
+    lines = [
+        "## Detection",
+        "",
+        *(f"- {n}" for n in detection_notes(det)),
+        "",
+        "| " + " | ".join(DETECTION_HEAD) + " |",
+        "|" + "---|" * len(DETECTION_HEAD),
+    ]
+    lines += [
+        "| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in detection_rows(det)
+    ]
     return [*lines, ""]
 
 
@@ -140,8 +188,10 @@ def verified_text(rec: dict[str, Any]) -> str:
     """The verified accuracy of a result that has one (``robustlab certify --method``), in
     words: a lower bound of the robust accuracy, which is an upper bound."""
     ver = rec["verification"]
-    return (f"- verified accuracy ({ver['method']}, bound propagation; a guarantee, <= the "
-            f"robust accuracy above): **{_pct(rec['verified_accuracy'])}**")
+    return (
+        f"- verified accuracy ({ver['method']}, bound propagation; a guarantee, <= the "
+        f"robust accuracy above): **{_pct(rec['verified_accuracy'])}**"
+    )
 
 
 def markdown(rec: dict[str, Any]) -> str:
@@ -159,8 +209,14 @@ def markdown(rec: dict[str, Any]) -> str:
         f"- points: {rec['n']} · suite: {rec['suite']} · seed: {rec['seed']} · "
         f"commit: {rec.get('commit') or 'unknown'}",
         f"- clean accuracy: **{_pct(rec['clean_accuracy'])}**",
-        *([f"- each point predicted {rec['repeats']} times (randomised model): correct means "
-           "correct in a strict majority"] if rec.get("repeats", 1) > 1 else []),
+        *(
+            [
+                f"- each point predicted {rec['repeats']} times (randomised model): correct means "
+                "correct in a strict majority"
+            ]
+            if rec.get("repeats", 1) > 1
+            else []
+        ),
         f"- robust accuracy (per-sample worst case over all attacks): "
         f"**{_pct(rec['robust_accuracy'])}**",
         *[f"- {text}" for text in randomness_notes(rec)],

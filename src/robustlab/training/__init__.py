@@ -6,5 +6,13 @@ from robustlab.training.objectives import names as objectives
 from robustlab.training.schedules import SCHEDULES, lr_at
 from robustlab.training.trainer import TrainConfig, Trainer, fit
 
-__all__ = ["OBJECTIVES", "SCHEDULES", "TrainConfig", "Trainer", "fit", "lr_at", "objectives",
-           "create_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "SCHEDULES",
+    "TrainConfig",
+    "Trainer",
+    "fit",
+    "lr_at",
+    "objectives",
+    "create_objective",
+]

@@ -69,14 +69,24 @@ class _ClippedInput(nn.Module):
         return self.autoencoder(x.clamp(0, 1))
 
 
-def _config(autoencoder: Any, x_train: Any, out: Any, noise: Any, epochs: Any,
-            batch_size: Any, lr: Any, seed: Any) -> dict[str, Any]:
+def _config(
+    autoencoder: Any,
+    x_train: Any,
+    out: Any,
+    noise: Any,
+    epochs: Any,
+    batch_size: Any,
+    lr: Any,
+    seed: Any,
+) -> dict[str, Any]:
     """The run's settings, as saved with its state, once every argument is checked."""
     if not isinstance(autoencoder, nn.Module):
         raise TypeError(f"autoencoder must be an nn.Module, got {type(autoencoder).__name__}")
     if out is not None and not isinstance(autoencoder, MagNetAutoencoder):
-        raise TypeError("checkpoints (out=...) need a robustlab MagNetAutoencoder, whose "
-                        "architecture can be recorded")
+        raise TypeError(
+            "checkpoints (out=...) need a robustlab MagNetAutoencoder, whose "
+            "architecture can be recorded"
+        )
     if next(autoencoder.parameters(), None) is None:
         raise ValueError("the autoencoder has no parameters to train")
     number(noise, "noise", low=0, high=1)
@@ -88,14 +98,23 @@ def _config(autoencoder: Any, x_train: Any, out: Any, noise: Any, epochs: Any,
         raise TypeError("x_train must be a float tensor of clean images (N, C, H, W) in [0, 1]")
     channels = getattr(autoencoder, "in_channels", x_train.shape[1])
     if len(x_train) == 0 or x_train.shape[1] != channels:
-        raise ValueError(f"x_train must be a non-empty batch with the autoencoder's {channels} "
-                         f"channels, got shape {tuple(x_train.shape)}")
+        raise ValueError(
+            f"x_train must be a non-empty batch with the autoencoder's {channels} "
+            f"channels, got shape {tuple(x_train.shape)}"
+        )
     if not torch.isfinite(x_train).all() or x_train.min() < 0 or x_train.max() > 1:
-        raise ValueError("x_train must hold finite clean images in [0, 1] (the noise is added "
-                         "during training; do not pass noisy images)")
-    return {"architecture": getattr(autoencoder, "robustlab_arch", None), "noise": float(noise),
-            "batch_size": batch_size, "lr": lr, "seed": seed,
-            "x_train_shape": list(x_train.shape)}
+        raise ValueError(
+            "x_train must hold finite clean images in [0, 1] (the noise is added "
+            "during training; do not pass noisy images)"
+        )
+    return {
+        "architecture": getattr(autoencoder, "robustlab_arch", None),
+        "noise": float(noise),
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "x_train_shape": list(x_train.shape),
+    }
 
 
 def train_autoencoder(
@@ -154,13 +173,29 @@ def train_autoencoder(
             for epoch in range(len(history), epochs):
                 t0 = time.perf_counter()
                 stats = noisy_reconstruction_epoch(
-                    clipped, None, x_train, "mse", float(noise), "gaussian", batch_size,
-                    optimizer, generator, param.device)
+                    clipped,
+                    None,
+                    x_train,
+                    "mse",
+                    float(noise),
+                    "gaussian",
+                    batch_size,
+                    optimizer,
+                    generator,
+                    param.device,
+                )
                 rec = {"epoch": epoch + 1, **stats, "time_s": time.perf_counter() - t0}
                 history.append(rec)
                 if outdir is not None:
-                    RUN.save(outdir, autoencoder, optimizer, generator, config, history,
-                             {"noise": config["noise"], "seed": config["seed"]})
+                    RUN.save(
+                        outdir,
+                        autoencoder,
+                        optimizer,
+                        generator,
+                        config,
+                        history,
+                        {"noise": config["noise"], "seed": config["seed"]},
+                    )
                 logger.info("autoencoder epoch %d/%d: %s", epoch + 1, epochs, rec)
                 if log is not None:
                     log(rec)

@@ -64,8 +64,9 @@ class WeightAverage:
     ``count``: EMA updates (optimiser steps) or SWA epochs averaged so far.
     """
 
-    def __init__(self, model: nn.Module, kind: str, *, decay: float = 0.995,
-                 start: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, kind: str, *, decay: float = 0.995, start: int = 0
+    ) -> None:
         self.kind = one_of(kind, "average", AVERAGES[1:])
         self.decay = number(decay, "ema_decay", low=0, high=1, high_open=True)
         self.start = start
@@ -115,7 +116,8 @@ class WeightAverage:
             torch.set_rng_state(torch.Generator().manual_seed(epoch).get_state())
             if device.type == "cuda":
                 torch.cuda.set_rng_state(
-                    torch.Generator(device).manual_seed(epoch).get_state(), device)
+                    torch.Generator(device).manual_seed(epoch).get_state(), device
+                )
             update_bn(batches, self.model, device=device)
 
     def _copy_buffers(self, model: nn.Module) -> None:
@@ -132,7 +134,9 @@ class WeightAverage:
         """Restore what :meth:`state_dict` returned (keys with or without the prefix)."""
         state = {k.removeprefix(PREFIX): v for k, v in state.items()}
         if "count" not in state:
-            raise ValueError("cannot resume: the training state holds no weight average; "
-                             "it was saved without average = \"" + self.kind + "\"")
+            raise ValueError(
+                "cannot resume: the training state holds no weight average; "
+                'it was saved without average = "' + self.kind + '"'
+            )
         self.count = int(state.pop("count"))
         self.model.load_state_dict(state)

@@ -49,8 +49,11 @@ EPS = 1e-20  # the reference's guard against a zero gradient
 
 def perturbed_weights(model: nn.Module) -> list[nn.Parameter]:
     """The parameters AWP perturbs: trainable, named ``...weight``, with >= 2 dimensions."""
-    return [p for name, p in model.named_parameters()
-            if p.requires_grad and "weight" in name.rsplit(".", 1)[-1] and p.dim() >= 2]
+    return [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and "weight" in name.rsplit(".", 1)[-1] and p.dim() >= 2
+    ]
 
 
 class AWP:
@@ -59,9 +62,13 @@ class AWP:
     def __init__(self, gamma: float = 5e-3) -> None:
         self.gamma = number(gamma, "awp_gamma", low=0, low_open=True)
 
-    def perturbation(self, model: nn.Module, loss: Callable[[], Tensor],
-                     world: distributed.World | None = None,
-                     weight: float = 1.0) -> list[tuple[nn.Parameter, Tensor]]:
+    def perturbation(
+        self,
+        model: nn.Module,
+        loss: Callable[[], Tensor],
+        world: distributed.World | None = None,
+        weight: float = 1.0,
+    ) -> list[tuple[nn.Parameter, Tensor]]:
         """``(w_l, v_l)`` for every perturbed weight of ``model``, from the gradient of
         ``loss()`` (the outer loss at the current weights, times ``weight``; summed over the
         ranks of ``world`` and divided by their number, as DDP averages gradients). The
@@ -73,17 +80,23 @@ class AWP:
         with torch.no_grad():
             for b, s in zip(model.buffers(), saved, strict=True):
                 b.copy_(s)
-        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in
-                 zip(params, grads, strict=True)]
+        grads = [
+            torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(params, grads, strict=True)
+        ]
         if world is not None and world.size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= world.size
-            grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads,
-                                                   strict=True)]
+            grads = [
+                f.view_as(g)
+                for f, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+            ]
         with torch.no_grad():
-            return [(p, self.gamma * p.norm() / (g.norm() + EPS) * g)
-                    for p, g in zip(params, grads, strict=True)]
+            return [
+                (p, self.gamma * p.norm() / (g.norm() + EPS) * g)
+                for p, g in zip(params, grads, strict=True)
+            ]
 
     @staticmethod
     @torch.no_grad()

@@ -46,8 +46,9 @@ def check_val_attack(spec: Any, threat: ThreatModel | None) -> None:
     takes; with ``threat``, built once so that every option's value is checked too."""
     spec = _table(spec, "val_attack")
     if "name" not in spec:
-        raise ValueError(f"val_attack needs a name ([val_attack] needs a name = \"pgd\" in a "
-                         f"recipe), got {spec!r}")
+        raise ValueError(
+            f'val_attack needs a name ([val_attack] needs a name = "pgd" in a recipe), got {spec!r}'
+        )
     name = spec["name"]
     opts = {k: v for k, v in spec.items() if k != "name"}
     try:
@@ -57,11 +58,14 @@ def check_val_attack(spec: Any, threat: ThreatModel | None) -> None:
         cls = ATTACKS.get(name)
         valid = [*ATTACKS.options(name)[1:], *_ATTACK_CREATE_OPTIONS]
         if unknown := [k for k in opts if k not in valid]:
-            raise TypeError(f"attack {cls.name!r}: unknown option {unknown[0]!r}; its options "
-                            f"are: {', '.join(valid)}")
+            raise TypeError(
+                f"attack {cls.name!r}: unknown option {unknown[0]!r}; its options "
+                f"are: {', '.join(valid)}"
+            )
     except (TypeError, ValueError) as e:
         raise (OptionTypeError if isinstance(e, TypeError) else ValueError)(
-            f"val_attack: {e}") from None
+            f"val_attack: {e}"
+        ) from None
 
 
 def check_schedule(name: Any, options: Any, lr: float, epochs: int) -> None:
@@ -71,16 +75,19 @@ def check_schedule(name: Any, options: Any, lr: float, epochs: int) -> None:
     options = _table(options, "schedule_options")
     valid = SCHEDULES.options(name)[_SCHEDULE_ARGS:]
     if unknown := [k for k in options if k not in valid]:
-        raise ValueError(f"unknown schedule option {unknown[0]!r} for schedule {name!r} "
-                         f"(the recipe's [schedule]); its options are: "
-                         f"{', '.join(valid) or 'none'}")
+        raise ValueError(
+            f"unknown schedule option {unknown[0]!r} for schedule {name!r} "
+            f"(the recipe's [schedule]); its options are: "
+            f"{', '.join(valid) or 'none'}"
+        )
     try:
         rates = [lr_at(name, lr, epochs * t, epochs, **options) for t in (0, 0.5, 0.99, 1)]
         if not all(isinstance(r, float | int) and math.isfinite(r) and r >= 0 for r in rates):
             raise ValueError(f"it gives learning rates {rates}")
     except (TypeError, ValueError, ArithmeticError) as e:
-        raise ValueError(f"schedule {name!r} with options {options} (the recipe's [schedule]) "
-                         f"does not work: {e}") from None
+        raise ValueError(
+            f"schedule {name!r} with options {options} (the recipe's [schedule]) does not work: {e}"
+        ) from None
 
 
 @dataclass
@@ -160,8 +167,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             positive_int(getattr(self, name), name)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; "
-                             f"valid: {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
+            )
         try:
             number(self.lr, "lr", low=0, low_open=True)
         except OptionTypeError:
@@ -177,16 +185,20 @@ class TrainConfig:
         integer(self.seed, "seed")
         check_schedule(self.schedule, self.schedule_options, self.lr, self.epochs)
         check_val_attack(self.val_attack, threat)
-        for value, name, choices in ((self.overfit_probe, "overfit_probe", ACTIONS),
-                                     (self.precision, "precision", PRECISIONS)):
+        for value, name, choices in (
+            (self.overfit_probe, "overfit_probe", ACTIONS),
+            (self.precision, "precision", PRECISIONS),
+        ):
             if value not in choices:  # the wording recipes and tests have always seen
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise OptionTypeError(f"dataset must be a data set's name, got {self.dataset!r}")
-        if self.init is not None and not (isinstance(self.init, str)
-                                          and self.init.endswith(".safetensors")):
-            raise ValueError(f"init must be the path of a .safetensors checkpoint, "
-                             f"got {self.init!r}")
+        if self.init is not None and not (
+            isinstance(self.init, str) and self.init.endswith(".safetensors")
+        ):
+            raise ValueError(
+                f"init must be the path of a .safetensors checkpoint, got {self.init!r}"
+            )
         self._validate_selection()
         self._validate_features()
 
@@ -195,13 +207,14 @@ class TrainConfig:
         if isinstance(self.val_split, float):
             number(self.val_split, "val_split", low=0, high=1, high_open=True)
         else:
-            integer(self.val_split, "val_split (a count, or a fraction such as 0.02)",
-                    minimum=0)
+            integer(self.val_split, "val_split (a count, or a fraction such as 0.02)", minimum=0)
         positive_int(self.val_every, "val_every")
         if _flag(self.keep_best, "keep_best") and not self.val_split:
-            raise ValueError("keep_best chooses the epoch on training examples held out from "
-                             "training: set val_split (a count such as 1000, or a fraction "
-                             "such as 0.02 of the training set)")
+            raise ValueError(
+                "keep_best chooses the epoch on training examples held out from "
+                "training: set val_split (a count such as 1000, or a fraction "
+                "such as 0.02 of the training set)"
+            )
 
     def _validate_features(self) -> None:
         """Weight averaging, AWP, augmentation and label smoothing."""
@@ -209,25 +222,35 @@ class TrainConfig:
         number(self.ema_decay, "ema_decay", low=0, high=1, high_open=True)
         integer(self.swa_start, "swa_start", minimum=0)
         if self.average == "swa" and self.swa_start >= self.epochs:
-            raise ValueError(f"swa_start={self.swa_start} >= epochs={self.epochs}: SWA would "
-                             "average no epoch; lower swa_start")
+            raise ValueError(
+                f"swa_start={self.swa_start} >= epochs={self.epochs}: SWA would "
+                "average no epoch; lower swa_start"
+            )
         number(self.awp_gamma, "awp_gamma", low=0, low_open=True)
         integer(self.awp_warmup, "awp_warmup", minimum=0)
         if _flag(self.awp, "awp"):
             if self.objective not in supporting("awp"):
-                raise ValueError(f"awp wraps the objectives {', '.join(supporting('awp'))}, "
-                                 f"not {self.objective!r}; set awp = false")
+                raise ValueError(
+                    f"awp wraps the objectives {', '.join(supporting('awp'))}, "
+                    f"not {self.objective!r}; set awp = false"
+                )
             if self.awp_warmup >= self.epochs:
-                raise ValueError(f"awp_warmup={self.awp_warmup} >= epochs={self.epochs}: AWP "
-                                 "would never run; lower awp_warmup (0: from the first epoch)")
+                raise ValueError(
+                    f"awp_warmup={self.awp_warmup} >= epochs={self.epochs}: AWP "
+                    "would never run; lower awp_warmup (0: from the first epoch)"
+                )
         integer(self.crop_pad, "crop_pad", minimum=0)
         if self.flip is not None:
             _flag(self.flip, "flip")
         if not _flag(self.augment, "augment") and (self.flip is not None or self.crop_pad != 4):
-            raise ValueError("crop_pad and flip set how augment = true augments; set "
-                             "augment = true, or leave them out")
+            raise ValueError(
+                "crop_pad and flip set how augment = true augments; set "
+                "augment = true, or leave them out"
+            )
         number(self.label_smoothing, "label_smoothing", low=0, high=1, high_open=True)
         if self.label_smoothing and self.objective not in supporting("smoothing"):
-            raise ValueError(f"label_smoothing applies to the cross-entropy of the objectives "
-                             f"{', '.join(supporting('smoothing'))}, not {self.objective!r}; "
-                             "set label_smoothing = 0")
+            raise ValueError(
+                f"label_smoothing applies to the cross-entropy of the objectives "
+                f"{', '.join(supporting('smoothing'))}, not {self.objective!r}; "
+                "set label_smoothing = 0"
+            )

@@ -78,34 +78,57 @@ def _check_images(x: Any, channels: int | None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x_train must be a torch.Tensor (N, C, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"x_train must be float images in [0, 1], got {x.dtype}; convert "
-                         "8-bit images with x.float() / 255")
+        raise ValueError(
+            f"x_train must be float images in [0, 1], got {x.dtype}; convert "
+            "8-bit images with x.float() / 255"
+        )
     if x.dim() != 4 or len(x) == 0:
-        raise ValueError(f"x_train must be a non-empty batch (N, C, H, W), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x_train must be a non-empty batch (N, C, H, W), got shape {tuple(x.shape)}"
+        )
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"x_train has {x.shape[1]} channels but the denoiser takes {channels}; "
-                         f"build Denoiser(in_channels={x.shape[1]})")
+        raise ValueError(
+            f"x_train has {x.shape[1]} channels but the denoiser takes {channels}; "
+            f"build Denoiser(in_channels={x.shape[1]})"
+        )
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise ValueError("x_train must hold finite clean images in [0, 1] (the noise is added "
-                         "during training; do not pass noisy images)")
+        raise ValueError(
+            "x_train must hold finite clean images in [0, 1] (the noise is added "
+            "during training; do not pass noisy images)"
+        )
 
 
-def _config(denoiser: Any, x_train: Any, out: Any, sigma: Any, noise: str, objective: str,
-            classifier: Any, epochs: Any, batch_size: Any, lr: Any,
-            seed: Any) -> dict[str, Any]:
+def _config(
+    denoiser: Any,
+    x_train: Any,
+    out: Any,
+    sigma: Any,
+    noise: str,
+    objective: str,
+    classifier: Any,
+    epochs: Any,
+    batch_size: Any,
+    lr: Any,
+    seed: Any,
+) -> dict[str, Any]:
     """The run's settings, as saved with its state, once every argument is checked."""
     check_noise(noise, sigma)
     if sigma == 0:
-        raise ValueError("sigma must be > 0: a denoiser is trained for the noise scale that "
-                         "smoothing will use (e.g. 0.25)")
+        raise ValueError(
+            "sigma must be > 0: a denoiser is trained for the noise scale that "
+            "smoothing will use (e.g. 0.25)"
+        )
     one_of(objective, "objective", OBJECTIVES)
     if objective == "stab" and classifier is None:
-        raise ValueError("objective 'stab' needs classifier=<the frozen classifier>; use "
-                         "objective='mse' to train without one")
+        raise ValueError(
+            "objective 'stab' needs classifier=<the frozen classifier>; use "
+            "objective='mse' to train without one"
+        )
     if objective == "mse" and classifier is not None:
-        raise ValueError("objective 'mse' uses no classifier: drop classifier=..., or pass "
-                         "objective='stab' to train for it")
+        raise ValueError(
+            "objective 'mse' uses no classifier: drop classifier=..., or pass "
+            "objective='stab' to train for it"
+        )
     if classifier is not None and not isinstance(classifier, nn.Module):
         raise TypeError(f"classifier must be an nn.Module, got {type(classifier).__name__}")
     positive_int(epochs, "epochs")
@@ -115,21 +138,36 @@ def _config(denoiser: Any, x_train: Any, out: Any, sigma: Any, noise: str, objec
     if not isinstance(denoiser, nn.Module):
         raise TypeError(f"denoiser must be an nn.Module, got {type(denoiser).__name__}")
     if out is not None and not isinstance(denoiser, Denoiser):
-        raise TypeError("checkpoints (out=...) need a robustlab Denoiser, whose architecture "
-                        "can be recorded")
+        raise TypeError(
+            "checkpoints (out=...) need a robustlab Denoiser, whose architecture can be recorded"
+        )
     _check_images(x_train, getattr(denoiser, "in_channels", None))
     if next(denoiser.parameters(), None) is None:
         raise ValueError("the denoiser has no parameters to train")
-    return {"architecture": getattr(denoiser, "robustlab_arch", None), "sigma": float(sigma),
-            "noise": noise, "objective": objective, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "x_train_shape": list(x_train.shape),
-            "classifier": type(classifier).__name__ if classifier is not None else None}
+    return {
+        "architecture": getattr(denoiser, "robustlab_arch", None),
+        "sigma": float(sigma),
+        "noise": noise,
+        "objective": objective,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "x_train_shape": list(x_train.shape),
+        "classifier": type(classifier).__name__ if classifier is not None else None,
+    }
 
 
 def noisy_reconstruction_epoch(
-    denoiser: nn.Module, classifier: nn.Module | None, x_train: Tensor, objective: str,
-    sigma: float, noise: str, batch_size: int, optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, device: torch.device,
+    denoiser: nn.Module,
+    classifier: nn.Module | None,
+    x_train: Tensor,
+    objective: str,
+    sigma: float,
+    noise: str,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
 ) -> dict[str, float]:
     """One epoch of training ``denoiser`` to undo ``noise`` of scale ``sigma`` on ``x_train``
     (shuffled by ``generator``, ``batch_size`` images a step): ``objective`` ``"mse"`` (the
@@ -139,7 +177,7 @@ def noisy_reconstruction_epoch(
     order = torch.randperm(len(x_train), generator=generator)
     total = agree = 0.0
     for i in range(0, len(x_train), batch_size):
-        x = x_train[order[i:i + batch_size]].to(device)
+        x = x_train[order[i : i + batch_size]].to(device)
         out = denoiser(x + sample(x, noise, sigma, generator))
         if classifier is None:
             loss = F.mse_loss(out, x)
@@ -212,8 +250,9 @@ def train_denoiser(
         ValueError: a bad option (sigma <= 0, unknown objective or noise, "stab" without a
             classifier, ...), images outside [0, 1], or an ``out`` whose saved run differs.
     """
-    config = _config(denoiser, x_train, out, sigma, noise, objective, classifier, epochs,
-                     batch_size, lr, seed)
+    config = _config(
+        denoiser, x_train, out, sigma, noise, objective, classifier, epochs, batch_size, lr, seed
+    )
     param = next(denoiser.parameters())
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -228,13 +267,29 @@ def train_denoiser(
                 for epoch in range(len(history), epochs):
                     t0 = time.perf_counter()
                     stats = noisy_reconstruction_epoch(
-                        denoiser, classifier, x_train, objective, float(sigma), noise,
-                        batch_size, optimizer, generator, param.device)
+                        denoiser,
+                        classifier,
+                        x_train,
+                        objective,
+                        float(sigma),
+                        noise,
+                        batch_size,
+                        optimizer,
+                        generator,
+                        param.device,
+                    )
                     rec = {"epoch": epoch + 1, **stats, "time_s": time.perf_counter() - t0}
                     history.append(rec)
                     if outdir is not None:
-                        RUN.save(outdir, denoiser, optimizer, generator, config, history,
-                                 {k: config[k] for k in CHECKPOINT_META})
+                        RUN.save(
+                            outdir,
+                            denoiser,
+                            optimizer,
+                            generator,
+                            config,
+                            history,
+                            {k: config[k] for k in CHECKPOINT_META},
+                        )
                     logger.info("denoiser epoch %d/%d: %s", epoch + 1, epochs, rec)
                     if log is not None:
                         log(rec)

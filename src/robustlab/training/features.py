@@ -34,9 +34,15 @@ class Features:
     :attr:`data` is what is left to train on, :attr:`holdout` the held-out pair (or None),
     :attr:`step` the step module (the objective's loss, split for AWP or label smoothing)."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, objective: Objective,
-                 data: tuple[Tensor, Tensor], threat: ThreatModel | None,
-                 out: Path | None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        objective: Objective,
+        data: tuple[Tensor, Tensor],
+        threat: ThreatModel | None,
+        out: Path | None,
+    ) -> None:
         if cfg.keep_best and out is None:
             raise ValueError(f"keep_best writes out/{BEST_FILE}: pass out=... (--out)")
         self.cfg, self.threat = cfg, threat
@@ -45,25 +51,31 @@ class Features:
         if cfg.augment:
             x = self.data[0]
             if x.dim() != 4:
-                raise ValueError(f"augment = true crops and flips images (N, C, H, W); the "
-                                 f"training inputs have shape {tuple(x.shape)}: set "
-                                 "augment = false")
+                raise ValueError(
+                    f"augment = true crops and flips images (N, C, H, W); the "
+                    f"training inputs have shape {tuple(x.shape)}: set "
+                    "augment = false"
+                )
             lo, hi = threat.bounds if threat is not None else (0.0, 1.0)
-            self.augment = Augment(cfg.crop_pad, flips_for(cfg.flip, cfg.dataset),
-                                   fill=min(max(0.0, lo), hi))
-        self.average = None if cfg.average == "none" else WeightAverage(
-            model, cfg.average, decay=cfg.ema_decay, start=cfg.swa_start)
+            self.augment = Augment(
+                cfg.crop_pad, flips_for(cfg.flip, cfg.dataset), fill=min(max(0.0, lo), hi)
+            )
+        self.average = (
+            None
+            if cfg.average == "none"
+            else WeightAverage(model, cfg.average, decay=cfg.ema_decay, start=cfg.swa_start)
+        )
         self.awp = AWP(cfg.awp_gamma) if cfg.awp else None
         split = SPLITS[cfg.objective] if cfg.awp or cfg.label_smoothing else None
         self.step = TrainStep(model, objective, split, cfg.label_smoothing)
 
     def shown(self, model: nn.Module) -> nn.Module:
         """The weights that are validated and saved: the average once it holds weights."""
-        return self.average.model if self.average is not None and self.average.ready \
-            else model
+        return self.average.model if self.average is not None and self.average.ready else model
 
-    def augmented(self, xb: Tensor, size: int, crops: torch.Generator,
-                  world: distributed.World) -> Tensor:
+    def augmented(
+        self, xb: Tensor, size: int, crops: torch.Generator, world: distributed.World
+    ) -> Tensor:
         """This rank's share ``xb`` of a global batch of ``size`` examples, augmented with
         draws for the whole global batch (so every rank count augments alike)."""
         if self.augment is None:
@@ -72,9 +84,16 @@ class Features:
         rows = distributed.shard(torch.arange(size), world)
         return self.augment.apply(xb, offsets[rows], flips[rows])
 
-    def loss(self, step: nn.Module, xb: Tensor, yb: Tensor, gen: torch.Generator,
-             world: distributed.World, weight: float,
-             awp: bool) -> tuple[Tensor, list[tuple[nn.Parameter, Tensor]]]:
+    def loss(
+        self,
+        step: nn.Module,
+        xb: Tensor,
+        yb: Tensor,
+        gen: torch.Generator,
+        world: distributed.World,
+        weight: float,
+        awp: bool,
+    ) -> tuple[Tensor, list[tuple[nn.Parameter, Tensor]]]:
         """The step's loss through ``step`` (the DDP-wrapped :attr:`step`), and the weight
         perturbation ``v`` it was taken at (empty without ``awp``); the caller removes ``v``
         after the optimiser step."""
@@ -82,8 +101,9 @@ class Features:
             return step(xb, yb, self.threat, gen), []
         assert self.awp is not None
         x_adv = self.step.craft(xb, yb, self.threat, gen)
-        v = self.awp.perturbation(self.step.model, lambda: self.step.outer(xb, x_adv, yb),
-                                  world, weight)
+        v = self.awp.perturbation(
+            self.step.model, lambda: self.step.outer(xb, x_adv, yb), world, weight
+        )
         AWP.apply(v, 1.0)
         try:
             return step(xb, yb, self.threat, gen, x_adv), v
@@ -108,9 +128,14 @@ class Features:
         if self.average is not None:
             self.average.after_step(model)
 
-    def validate(self, rec: dict[str, Any], model: nn.Module,
-                 val: tuple[Tensor, Tensor] | None, world: distributed.World,
-                 objective: Objective | None = None) -> None:
+    def validate(
+        self,
+        rec: dict[str, Any],
+        model: nn.Module,
+        val: tuple[Tensor, Tensor] | None,
+        world: distributed.World,
+        objective: Objective | None = None,
+    ) -> None:
         """Clean and robust accuracy of the shown weights on ``val`` (``val_*`` keys) and on
         the hold-out (``holdout_*``) into ``rec``; the hold-out's entries (never ``val``'s)
         go to ``objective.record_validation``."""
@@ -124,8 +149,9 @@ class Features:
             rec |= {k.replace("val_", "holdout_", 1): v for k, v in got.items()}
             rec |= {"val_attack": cfg.val_attack, "holdout_n": len(self.holdout[0])}
             if objective is not None:
-                objective.record_validation({k: v for k, v in rec.items()
-                                             if k.startswith("holdout_")})
+                objective.record_validation(
+                    {k: v for k, v in rec.items() if k.startswith("holdout_")}
+                )
         if val is not None or self.holdout is not None:
             rec["val_time_s"] = time.perf_counter() - t1
 
@@ -140,8 +166,9 @@ class Features:
         rec["best_epoch"] = found[0]
         return self.cfg.keep_best and found[0] == rec["epoch"]
 
-    def save(self, model: nn.Module, path: Path, meta: dict[str, Any], rec: dict[str, Any],
-             best: bool) -> None:
+    def save(
+        self, model: nn.Module, path: Path, meta: dict[str, Any], rec: dict[str, Any], best: bool
+    ) -> None:
         """The shown weights to ``path`` with ``meta`` (and what they are: ``weights``) and,
         if ``best``, to :data:`BEST_FILE` beside it, with the value that chose them."""
         if self.average is not None:

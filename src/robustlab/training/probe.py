@@ -46,8 +46,16 @@ class OverfitProbe:
     """PGD-``steps`` robust accuracy on the fixed batch ``(x, y)``; see the module docstring.
     It keeps a :class:`Snapshot` of the last accepted epoch (see :meth:`judge`)."""
 
-    def __init__(self, action: str, x: Tensor, y: Tensor, threat: ThreatModel, *,
-                 steps: int = 5, drop: float = 0.2) -> None:
+    def __init__(
+        self,
+        action: str,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        *,
+        steps: int = 5,
+        drop: float = 0.2,
+    ) -> None:
         self.action, self.drop = action, drop
         self.x, self.y = x.detach().cpu(), y.detach().cpu()
         self.attack = PGD(threat, steps=steps, step_size=threat.eps / 4, keep_best=True)
@@ -60,19 +68,34 @@ class OverfitProbe:
         n = len(self.x)
         with eval_mode(model):
             clean, pred = correct(model, self.x, self.y, n, device, 1)
-            st = run_cascade(model, [Step(self.attack, None)], self.x, self.y,
-                             EvalState.fresh(clean, pred, self.x), batch_size=n, repeats=1,
-                             generators=lambda i, j: generator,
-                             record=EvalRecord(None, batch_size=n))
+            st = run_cascade(
+                model,
+                [Step(self.attack, None)],
+                self.x,
+                self.y,
+                EvalState.fresh(clean, pred, self.x),
+                batch_size=n,
+                repeats=1,
+                generators=lambda i, j: generator,
+                record=EvalRecord(None, batch_size=n),
+            )
         return st.robust.float().mean().item()
 
-    def judge(self, value: float, rec: dict[str, Any], history: list[dict[str, Any]],
-              model: nn.Module, optimizer: torch.optim.Optimizer, objective: Any) -> bool:
+    def judge(
+        self,
+        value: float,
+        rec: dict[str, Any],
+        history: list[dict[str, Any]],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objective: Any,
+    ) -> bool:
         """Record the probe's ``value`` after the epoch of ``rec`` and compare it with the last
         accepted epoch of ``history``: on a collapse restore the snapshot and mark ``rec``
         (``overfit``), else take a new snapshot. True: stop training."""
-        accepted = [r["probe_robust_acc"] for r in history
-                    if "probe_robust_acc" in r and "overfit" not in r]
+        accepted = [
+            r["probe_robust_acc"] for r in history if "probe_robust_acc" in r and "overfit" not in r
+        ]
         rec["probe_robust_acc"] = value
         if self.snapshot is None or not self.collapsed(value, accepted[-1] if accepted else None):
             self.snapshot = Snapshot(model, optimizer, objective)
@@ -80,9 +103,14 @@ class OverfitProbe:
         self.snapshot.restore(model, optimizer, objective)
         stop = self.action == "stop"
         rec["overfit"] = "stopped" if stop else "rolled back"
-        log.warning("catastrophic overfitting after epoch %d: PGD-5 accuracy on the probe batch "
-                    "fell from %.3f to %.3f; %s with the previous epoch's weights", rec["epoch"],
-                    accepted[-1], value, "stopping" if stop else "going on")
+        log.warning(
+            "catastrophic overfitting after epoch %d: PGD-5 accuracy on the probe batch "
+            "fell from %.3f to %.3f; %s with the previous epoch's weights",
+            rec["epoch"],
+            accepted[-1],
+            value,
+            "stopping" if stop else "going on",
+        )
         return stop
 
     def collapsed(self, value: float, accepted: float | None) -> bool:

@@ -6,11 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 # TensorBoard tag <- train_log.jsonl key; "time/epoch_s" is train_time_s + val_time_s
-TB_SCALARS = (("train/loss", "train_loss"), ("train/lr", "lr"),
-              ("val/clean_accuracy", "val_clean_acc"), ("val/robust_accuracy", "val_robust_acc"),
-              ("probe/robust_accuracy", "probe_robust_acc"),
-              ("holdout/clean_accuracy", "holdout_clean_acc"),
-              ("holdout/robust_accuracy", "holdout_robust_acc"))
+TB_SCALARS = (
+    ("train/loss", "train_loss"),
+    ("train/lr", "lr"),
+    ("val/clean_accuracy", "val_clean_acc"),
+    ("val/robust_accuracy", "val_robust_acc"),
+    ("probe/robust_accuracy", "probe_robust_acc"),
+    ("holdout/clean_accuracy", "holdout_clean_acc"),
+    ("holdout/robust_accuracy", "holdout_robust_acc"),
+)
 
 
 def scalars(rec: dict[str, Any]) -> tuple[int, dict[str, float]]:
@@ -21,12 +25,16 @@ def scalars(rec: dict[str, Any]) -> tuple[int, dict[str, float]]:
     return rec["epoch"], values
 
 
-def postfix(epoch: int, passes: int, now: dict[str, Any],
-            history: list[dict[str, Any]]) -> dict[str, str]:
+def postfix(
+    epoch: int, passes: int, now: dict[str, Any], history: list[dict[str, Any]]
+) -> dict[str, str]:
     """The bar's postfix: epoch ``epoch`` (0-based) of the passes, the running loss and
     learning rate in ``now``, and the validation accuracies of the last finished epoch."""
-    post = {"epoch": f"{epoch + 1}/{passes}", "loss": f"{now['train_loss']:.4f}",
-            "lr": f"{now['lr']:.3g}"}
+    post = {
+        "epoch": f"{epoch + 1}/{passes}",
+        "loss": f"{now['train_loss']:.4f}",
+        "lr": f"{now['lr']:.3g}",
+    }
     last = history[-1] if history else {}
     for key, name in (("val_clean_acc", "val_clean"), ("val_robust_acc", "val_robust")):
         if key in last:

@@ -38,13 +38,16 @@ def holdout_size(split: float | int, n: int) -> int:
     else:
         k = integer(split, "val_split (a count, or a fraction such as 0.02)", minimum=0)
     if k >= n:
-        raise ValueError(f"val_split={split!r} holds out {k} of the {n} training examples, "
-                         "leaving none to train on; hold out fewer")
+        raise ValueError(
+            f"val_split={split!r} holds out {k} of the {n} training examples, "
+            "leaving none to train on; hold out fewer"
+        )
     return k
 
 
-def hold_out(x: Tensor, y: Tensor, split: float | int
-             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+def hold_out(
+    x: Tensor, y: Tensor, split: float | int
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
     """``((x_train, y_train), (x_held, y_held))``: ``holdout_size(split, len(x))`` examples
     drawn by a permutation seeded with 0, both parts in their original order; the hold-out is
     None for a size of 0."""

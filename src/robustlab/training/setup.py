@@ -14,8 +14,9 @@ from robustlab.threat import ThreatModel
 from robustlab.training.config import TrainConfig
 
 
-def seeded(seed: int, epoch: int, stream: int, device: torch.device,
-         rank: int = 0) -> torch.Generator:
+def seeded(
+    seed: int, epoch: int, stream: int, device: torch.device, rank: int = 0
+) -> torch.Generator:
     """The generator of stream ``stream`` of pass ``epoch`` on ``device``: rank 0's is a
     function of ``(seed, epoch, stream)`` only, so one process and rank 0 draw alike."""
     g = torch.Generator(device=device)
@@ -30,14 +31,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     no_decay = [p for p in params if getattr(p, "robustlab_no_decay", False)]
     groups: list[dict[str, Any]] = [
-        {"params": [p for p in params if not getattr(p, "robustlab_no_decay", False)]}]
+        {"params": [p for p in params if not getattr(p, "robustlab_no_decay", False)]}
+    ]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999),
-                                weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        return torch.optim.Adam(
+            groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+    )
 
 
 def check_data(model: nn.Module, data: Any, val: Any, threat: ThreatModel | None) -> None:

@@ -29,8 +29,9 @@ from robustlab.training.objectives.base import Objective
 from robustlab.training.objectives.mart import mart_loss
 from robustlab.training.objectives.trades import trades_loss
 
-Craft = Callable[[Objective, nn.Module, Tensor, Tensor, ThreatModel | None, torch.Generator],
-                 Tensor]
+Craft = Callable[
+    [Objective, nn.Module, Tensor, Tensor, ThreatModel | None, torch.Generator], Tensor
+]
 Outer = Callable[[Objective, nn.Module, Tensor, Tensor, Tensor, float], Tensor]
 
 
@@ -39,8 +40,9 @@ def smoothed_ce(logits: Tensor, y: Tensor, smoothing: float) -> Tensor:
     return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
-def _trades_outer(obj: Objective, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor,
-                  smoothing: float) -> Tensor:
+def _trades_outer(
+    obj: Objective, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, smoothing: float
+) -> Tensor:
     clean = model(x)
     loss = trades_loss(clean, model(x_adv), y, obj.beta)  # type: ignore[attr-defined]
     if smoothing:  # swap the clean cross-entropy for the smoothed one
@@ -64,22 +66,33 @@ SPLITS: dict[str, SplitLoss] = {
     "natural": SplitLoss(
         craft=lambda obj, model, x, y, threat, gen: x,
         outer=lambda obj, model, x, xa, y, a: smoothed_ce(model(xa), y, a),
-        awp=False, smoothing=True),
+        awp=False,
+        smoothing=True,
+    ),
     "pgd-at": SplitLoss(
         craft=lambda obj, model, x, y, threat, gen: obj.adversarial(  # type: ignore[attr-defined]
-            model, x, y, threat, gen),
+            model, x, y, threat, gen
+        ),
         outer=lambda obj, model, x, xa, y, a: smoothed_ce(model(xa), y, a),
-        awp=True, smoothing=True),
+        awp=True,
+        smoothing=True,
+    ),
     "trades": SplitLoss(
         craft=lambda obj, model, x, y, threat, gen: obj.perturb(  # type: ignore[attr-defined]
-            model, x, threat, gen),
-        outer=_trades_outer, awp=True, smoothing=True),
+            model, x, threat, gen
+        ),
+        outer=_trades_outer,
+        awp=True,
+        smoothing=True,
+    ),
     "mart": SplitLoss(
         craft=lambda obj, model, x, y, threat, gen: obj.perturb(  # type: ignore[attr-defined]
-            model, x, y, threat, gen),
-        outer=lambda obj, model, x, xa, y, a: mart_loss(
-            model(x), model(xa), y, obj.beta),  # type: ignore[attr-defined]
-        awp=True, smoothing=False),
+            model, x, y, threat, gen
+        ),
+        outer=lambda obj, model, x, xa, y, a: mart_loss(model(x), model(xa), y, obj.beta),  # type: ignore[attr-defined]
+        awp=True,
+        smoothing=False,
+    ),
 }
 
 
@@ -94,15 +107,21 @@ class TrainStep(nn.Module):
     ``outer(craft(...))``, or ``outer`` at a given ``x_adv`` (AWP crafts it before it perturbs
     the weights)."""
 
-    def __init__(self, model: nn.Module, objective: Objective, split: SplitLoss | None = None,
-                 smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        split: SplitLoss | None = None,
+        smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
         self.split, self.smoothing = split, smoothing
 
-    def craft(self, x: Tensor, y: Tensor, threat: ThreatModel | None,
-              generator: torch.Generator) -> Tensor:
+    def craft(
+        self, x: Tensor, y: Tensor, threat: ThreatModel | None, generator: torch.Generator
+    ) -> Tensor:
         assert self.split is not None
         return self.split.craft(self.objective, self.model, x, y, threat, generator)
 
@@ -110,8 +129,14 @@ class TrainStep(nn.Module):
         assert self.split is not None
         return self.split.outer(self.objective, self.model, x, x_adv, y, self.smoothing)
 
-    def forward(self, x: Tensor, y: Tensor, threat: ThreatModel | None,
-                generator: torch.Generator, x_adv: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+        x_adv: Tensor | None = None,
+    ) -> Tensor:
         if self.split is None:
             return self.objective(self.model, x, y, threat=threat, generator=generator)
         if x_adv is None:

@@ -24,7 +24,10 @@ _KEY = "robustlab_train_state"
 
 
 def save_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any],
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model`` + ``optimizer`` + RNG states + JSON-able ``info`` (+ ``extra`` tensors,
@@ -69,7 +72,7 @@ def load_state(
             "delete it to start over, or point --out at another directory"
         ) from None
     device = next(iter(model.parameters())).device
-    weights = {k[len(_MODEL):]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    weights = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -77,7 +80,7 @@ def load_state(
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith(_OPTIM):
-            idx, name = k[len(_OPTIM):].split(".", 1)
+            idx, name = k[len(_OPTIM) :].split(".", 1)
             state.setdefault(int(idx), {})[name] = v.to(device) if name != "step" else v
     for idx, sc in header["optim_scalars"].items():
         state.setdefault(int(idx), {}).update(sc)
@@ -86,13 +89,18 @@ def load_state(
     cuda = sorted(k for k in tensors if k.startswith(_RNG + "cuda"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    extra = {k[len(_EXTRA):]: v.to(device) for k, v in tensors.items() if k.startswith(_EXTRA)}
+    extra = {k[len(_EXTRA) :]: v.to(device) for k, v in tensors.items() if k.startswith(_EXTRA)}
     return header["info"], extra
 
 
-def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 objective: Any, config: dict[str, Any], defaults: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def resume_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: Any,
+    config: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load the training state at ``path`` into ``model``, ``optimizer`` and ``objective``
     (its carried tensors, saved as ``objective.*`` extras) after checking that the saved
     settings equal ``config`` (``epochs`` aside: a run may be extended; a setting the saved
@@ -100,7 +108,8 @@ def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     (``epoch``, ``history``, ``stopped``) and the other extra tensors (e.g. ``average.*``)."""
     if not path.exists():
         raise FileNotFoundError(
-            f"cannot resume: no {path.name} in {path.parent}; start without --resume")
+            f"cannot resume: no {path.name} in {path.parent}; start without --resume"
+        )
     info, extra = load_state(path, model, optimizer)
     saved = {k: v for k, v in {**(defaults or {}), **info["config"]}.items() if k != "epochs"}
     now = {k: v for k, v in config.items() if k != "epochs"}
@@ -108,7 +117,8 @@ def resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         diff = sorted(k for k in now if saved.get(k) != now[k])
         raise ValueError(f"cannot resume: settings differ from the saved run in {diff}")
     objective.load_state_dict(
-        {k[len("objective."):]: v for k, v in extra.items() if k.startswith("objective.")})
+        {k[len("objective.") :]: v for k, v in extra.items() if k.startswith("objective.")}
+    )
     return info, {k: v for k, v in extra.items() if not k.startswith("objective.")}
 
 
@@ -122,9 +132,15 @@ class RunFiles(NamedTuple):
     state: str
     what: str
 
-    def resume(self, outdir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator, config: dict[str, Any],
-               epochs: int) -> list[dict[str, Any]]:
+    def resume(
+        self,
+        outdir: Path | None,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        config: dict[str, Any],
+        epochs: int,
+    ) -> list[dict[str, Any]]:
         """The history of the run saved in ``outdir`` (empty if none), with its weights,
         optimiser and generator states loaded; ValueError unless it has the same settings
         and at most ``epochs`` epochs (checked before anything is loaded into ``model``)."""
@@ -136,28 +152,45 @@ class RunFiles(NamedTuple):
                 info = json.loads(f.metadata()[_KEY])["info"]
             saved, start = info["config"], int(info["epoch"])
         except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot resume: {path} is not {self.what} training state ({e!r}); "
-                             "delete it to start over, or use another out") from None
+            raise ValueError(
+                f"cannot resume: {path} is not {self.what} training state ({e!r}); "
+                "delete it to start over, or use another out"
+            ) from None
         diff = sorted(k for k in config if saved.get(k) != config[k])
         if diff:
-            raise ValueError(f"cannot resume from {outdir}: settings differ from the saved run "
-                             f"in {diff}; use another out directory")
+            raise ValueError(
+                f"cannot resume from {outdir}: settings differ from the saved run "
+                f"in {diff}; use another out directory"
+            )
         if start > epochs:
-            raise ValueError(f"{outdir} already holds {start} epochs, more than "
-                             f"epochs={epochs}; pass epochs >= {start}")
+            raise ValueError(
+                f"{outdir} already holds {start} epochs, more than "
+                f"epochs={epochs}; pass epochs >= {start}"
+            )
         info, extra = load_state(path, model, optimizer)
         generator.set_state(extra["generator"].cpu())
         return list(info["history"])
 
-    def save(self, outdir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, config: dict[str, Any], history: list[dict[str, Any]],
-             meta: dict[str, Any]) -> None:
+    def save(
+        self,
+        outdir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        config: dict[str, Any],
+        history: list[dict[str, Any]],
+        meta: dict[str, Any],
+    ) -> None:
         """Weights (with ``meta`` and the epoch in the checkpoint's sidecar) and log first,
         then the state: a crash between the two resumes from the previous epoch and rewrites
         both identically."""
         epoch = history[-1]["epoch"]
         save(model, outdir / self.weights, meta={**meta, "epoch": epoch})
         atomic_write(outdir / self.log, "".join(json.dumps(r) + "\n" for r in history))
-        save_state(outdir / self.state, model, optimizer,
-                   {"epoch": epoch, "config": config, "history": history},
-                   extra={"generator": generator.get_state()})
+        save_state(
+            outdir / self.state,
+            model,
+            optimizer,
+            {"epoch": epoch, "config": config, "history": history},
+            extra={"generator": generator.get_state()},
+        )

@@ -120,8 +120,10 @@ class Trainer:
                 "whose architecture can be recorded; train without out= for other models"
             )
         if tensorboard and out is None:
-            raise ValueError(f"tensorboard={tensorboard!r} writes to out/{TB_DIR}/: pass out=... "
-                             "or leave tensorboard unset")
+            raise ValueError(
+                f"tensorboard={tensorboard!r} writes to out/{TB_DIR}/: pass out=... "
+                "or leave tensorboard unset"
+            )
         self.model, self.cfg, self.threat, self.val = model, cfg, threat, val
         self.out = Path(out) if out is not None else None
         if cfg.channels_last:
@@ -133,9 +135,12 @@ class Trainer:
         self.world = distributed.current()
         writes = self.out is not None and self.world.main  # rank 0 writes the log
         board = self.out is not None and tensorboard_available(tensorboard)
-        self.log = RunLog(self.out / LOG_FILE if writes else None, scalars=scalars,
-                          progress=progress and self.world.main,
-                          tensorboard=self.out / TB_DIR if board and writes else None)
+        self.log = RunLog(
+            self.out / LOG_FILE if writes else None,
+            scalars=scalars,
+            progress=progress and self.world.main,
+            tensorboard=self.out / TB_DIR if board and writes else None,
+        )
         self.optimizer = make_optimizer(model, cfg)
         self.passes = math.ceil(cfg.epochs / self.objective.replays)
         self.step: nn.Module = self.features.step
@@ -153,22 +158,29 @@ class Trainer:
         """The settings as JSON: the objective's options as the objective reports them (an
         in-memory teacher module becomes ``"<module>"``)."""
         cfg = asdict(self.cfg)
-        cfg["objective_options"] = {k: v for k, v in self.objective.config().items()
-                                    if k != "name"}
+        cfg["objective_options"] = {k: v for k, v in self.objective.config().items() if k != "name"}
         return json.loads(json.dumps(cfg))
 
     def _checkpoint(self, epoch: int, best: bool) -> None:
         """The shown weights (and, if ``best``, ``model_best``), then the resumable state."""
         assert self.out is not None
         if self.world.main:
-            meta = {"dataset": self.cfg.dataset,
-                    "threat": self.threat.to_dict() if self.threat else None,
-                    "objective": self.cfg.objective,
-                    "objective_config": self.objective.config(), "epoch": epoch,
-                    "seed": self.cfg.seed, "train_config": self._config()}
+            meta = {
+                "dataset": self.cfg.dataset,
+                "threat": self.threat.to_dict() if self.threat else None,
+                "objective": self.cfg.objective,
+                "objective_config": self.objective.config(),
+                "epoch": epoch,
+                "seed": self.cfg.seed,
+                "train_config": self._config(),
+            }
             self.features.save(self.model, self.out / MODEL_FILE, meta, self.history[-1], best)
-            info = {"epoch": epoch, "config": self._config(), "history": self.history,
-                    "stopped": self.stopped}
+            info = {
+                "epoch": epoch,
+                "config": self._config(),
+                "history": self.history,
+                "stopped": self.stopped,
+            }
             extra = {"objective." + k: v for k, v in self.objective.state_dict().items()}
             extra |= self.features.kept() or {}
             save_state(self.out / STATE_FILE, self.model, self.optimizer, info, extra=extra)
@@ -177,8 +189,14 @@ class Trainer:
     def _resume(self) -> int:
         assert self.out is not None
         defaults = json.loads(json.dumps(asdict(TrainConfig())))  # for states saved before
-        info, extra = resume_state(self.out / STATE_FILE, self.model, self.optimizer,
-                                   self.objective, self._config(), defaults)
+        info, extra = resume_state(
+            self.out / STATE_FILE,
+            self.model,
+            self.optimizer,
+            self.objective,
+            self._config(),
+            defaults,
+        )
         self.features.restore(extra)  # the average, if any
         self.history = info["history"]
         self.stopped = bool(info.get("stopped", False))
@@ -224,10 +242,12 @@ class Trainer:
                     kept = self.features.kept() if probe is not None else None
                     rec = self._epoch(epoch)
                     if probe is not None:
-                        value = probe.measure(self.model,
-                                              seeded(self.cfg.seed, epoch, 2, self.device))
-                        self.stopped = probe.judge(value, rec, self.history, self.model,
-                                                   self.optimizer, self.objective)
+                        value = probe.measure(
+                            self.model, seeded(self.cfg.seed, epoch, 2, self.device)
+                        )
+                        self.stopped = probe.judge(
+                            value, rec, self.history, self.model, self.optimizer, self.objective
+                        )
                         if "overfit" in rec:  # the average goes back too
                             self.features.restore(kept)
                     best = self.features.select(self.history, rec)
@@ -250,8 +270,12 @@ class Trainer:
         """The bar over the batches of every pass, standing at the start of pass ``start``,
         and TensorBoard holding the history's scalars."""
         per_pass = math.ceil(len(self.x) / self.cfg.batch_size)
-        self.log.open(total=self.passes * per_pass, initial=start * per_pass, desc="training",
-                      history=self.history)
+        self.log.open(
+            total=self.passes * per_pass,
+            initial=start * per_pass,
+            desc="training",
+            history=self.history,
+        )
         if self.history:
             self.log.show(postfix(start - 1, self.passes, self.history[-1], self.history))
 
@@ -261,9 +285,10 @@ class Trainer:
         gen = seeded(cfg.seed, epoch, 1, self.device, world.rank)
         crops = seeded(cfg.seed, epoch, 4, torch.device("cpu"))  # the same on every rank
         if world.rank > 0:  # rank 0 carries its RNG state; the others start each epoch anew
-            torch.set_rng_state(seeded(cfg.seed, epoch, 3, torch.device("cpu"),
-                                       world.rank).get_state())
-        batches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            torch.set_rng_state(
+                seeded(cfg.seed, epoch, 3, torch.device("cpu"), world.rank).get_state()
+            )
+        batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         awp = cfg.awp and epoch >= cfg.awp_warmup
         self.model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
@@ -274,21 +299,28 @@ class Trainer:
             weight = len(yb) * world.size / len(idx)
             for r in range(m):
                 progress = (epoch * len(batches) * m + i * m + r) / len(batches)
-                lr = scale_lr * lr_at(cfg.schedule, cfg.lr, progress, self.passes * m,
-                                      **cfg.schedule_options)
+                lr = scale_lr * lr_at(
+                    cfg.schedule, cfg.lr, progress, self.passes * m, **cfg.schedule_options
+                )
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                total += self._step(xb, yb, gen, weight, f"epoch {epoch + 1}, batch {i}",
-                                    awp) * len(yb)
+                total += self._step(
+                    xb, yb, gen, weight, f"epoch {epoch + 1}, batch {i}", awp
+                ) * len(yb)
                 seen += len(yb)
-            self.log.advance(postfix(epoch, self.passes, {"train_loss": total / seen, "lr": lr},
-                                     self.history))
+            self.log.advance(
+                postfix(epoch, self.passes, {"train_loss": total / seen, "lr": lr}, self.history)
+            )
         if self.average is not None:  # SWA: fold in this epoch, BatchNorm on the data
             self.average.end_epoch(self.model, epoch + 1, self.x.split(cfg.batch_size))
         train_time = time.perf_counter() - t0
         total, seen = distributed.all_sum([total, float(seen)], world, self.device)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": total / seen,
-                               "train_time_s": train_time}
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": total / seen,
+            "train_time_s": train_time,
+        }
         if m > 1:
             rec["epochs_equivalent"] = (epoch + 1) * m
         if self.average is not None:
@@ -308,19 +340,31 @@ class Trainer:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb, yb
 
-    def _step(self, xb: Tensor, yb: Tensor, gen: torch.Generator, weight: float,
-              where: str, awp: bool = False) -> float:
+    def _step(
+        self,
+        xb: Tensor,
+        yb: Tensor,
+        gen: torch.Generator,
+        weight: float,
+        where: str,
+        awp: bool = False,
+    ) -> float:
         """One optimiser step on the objective's loss (scaled by ``weight``); its value. With
         ``awp`` the loss is taken at the perturbed weights ``w + v`` and ``v`` is removed after
         the optimiser step (:mod:`robustlab.training.awp`)."""
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if self.cfg.precision == "bf16" else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.cfg.precision == "bf16"
+            else contextlib.nullcontext()
+        )
         with autocast:
             loss, v = self.features.loss(self.step, xb, yb, gen, self.world, weight, awp)
         try:
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at {where}; lower "
-                                         "the learning rate or check the data")
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at {where}; lower "
+                    "the learning rate or check the data"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             (loss * weight if weight != 1 else loss).backward()
             self.objective.after_backward()
@@ -359,6 +403,15 @@ def fit(
     except TypeError as e:
         valid = ", ".join(TrainConfig.__dataclass_fields__)
         raise TypeError(f"{e}; valid training settings are: {valid}") from None
-    trainer = Trainer(model, data, cfg, threat=threat, out=out, val=val, progress=progress,
-                      callback=callback, tensorboard=tensorboard)
+    trainer = Trainer(
+        model,
+        data,
+        cfg,
+        threat=threat,
+        out=out,
+        val=val,
+        progress=progress,
+        callback=callback,
+        tensorboard=tensorboard,
+    )
     return trainer.run(resume=resume)

@@ -72,8 +72,14 @@ class ALP(PGDAT):
             default) or ``"lecture"`` (adversarial CE, penalty summed over classes).
     """
 
-    def __init__(self, weight: float = 0.5, steps: int = 10, step_size: float | None = None,
-                 random_start: bool = True, variant: str = "paper") -> None:
+    def __init__(
+        self,
+        weight: float = 0.5,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        variant: str = "paper",
+    ) -> None:
         super().__init__(steps=steps, step_size=step_size, random_start=random_start)
         number(weight, "alp weight", low=0)
         self.weight, self.variant = float(weight), one_of(variant, "alp variant", VARIANTS)
@@ -81,8 +87,14 @@ class ALP(PGDAT):
     def config(self) -> dict:
         return super().config() | {"weight": self.weight, "variant": self.variant}
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         x_adv = self.adversarial(model, x, y, threat, generator)
         clean, adv = model(torch.cat([x, x_adv])).chunk(2)

@@ -51,7 +51,11 @@ class Objective:
         return {"name": self.name}
 
     def loss(
-        self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
         generator: torch.Generator,
     ) -> Tensor:
         raise NotImplementedError
@@ -67,8 +71,10 @@ class Objective:
     ) -> Tensor:
         """The mean loss on the minibatch ``(x, y)`` (x in the threat's bounds, y class ids)."""
         if self.needs_threat and threat is None:
-            raise ValueError(f"objective {self.name!r} needs a threat model: pass "
-                             "threat=ThreatModel('linf', eps)")
+            raise ValueError(
+                f"objective {self.name!r} needs a threat model: pass "
+                "threat=ThreatModel('linf', eps)"
+            )
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(0)
         return self.loss(model, x, y, threat, generator)
@@ -108,4 +114,3 @@ class Objective:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"
-

@@ -71,8 +71,9 @@ class CLP(Objective):
 
     needs_threat = False  # the class default; the "lecture" variant sets it on the instance
 
-    def __init__(self, weight: float = 0.5, squeeze: float = 0.0, variant: str = "paper",
-                 steps: int = 10) -> None:
+    def __init__(
+        self, weight: float = 0.5, squeeze: float = 0.0, variant: str = "paper", steps: int = 10
+    ) -> None:
         number(weight, "clp weight", low=0)
         number(squeeze, "clp squeeze", low=0)
         self.weight, self.squeeze = float(weight), float(squeeze)
@@ -81,20 +82,36 @@ class CLP(Objective):
         self.needs_threat = self.variant == "lecture"
 
     def config(self) -> dict:
-        return super().config() | {"weight": self.weight, "squeeze": self.squeeze,
-                                   "variant": self.variant, "steps": self.steps}
+        return super().config() | {
+            "weight": self.weight,
+            "squeeze": self.squeeze,
+            "variant": self.variant,
+            "steps": self.steps,
+        }
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         partner = random_partners(len(x), generator, x.device)
         if self.variant == "paper":
             logits = model(x)
             pairing = (logits - logits[partner]).square().mean()
-            return (F.cross_entropy(logits, y) + self.weight * pairing
-                    + self.squeeze * logits.square().mean())
+            return (
+                F.cross_entropy(logits, y)
+                + self.weight * pairing
+                + self.squeeze * logits.square().mean()
+            )
         assert threat is not None
         x_adv = PGDAT(steps=self.steps).adversarial(model, x, y, threat, generator)
         logits, adv = model(torch.cat([x, x_adv])).chunk(2)
         pairing = (logits - logits[partner]).square().sum(1).mean()
-        return (F.cross_entropy(adv, y) + self.weight * pairing
-                + self.squeeze * logits.square().sum(1).mean())
+        return (
+            F.cross_entropy(adv, y)
+            + self.weight * pairing
+            + self.squeeze * logits.square().sum(1).mean()
+        )

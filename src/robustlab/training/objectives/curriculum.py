@@ -66,9 +66,14 @@ class Curriculum(Objective):
         mix: split each minibatch over A(0) ... A(l) (paper) or attack all of it with A(l).
     """
 
-    def __init__(self, max_steps: int = 10, step_size: float | None = None,
-                 patience: int | None = 10, threshold: float | None = None,
-                 mix: bool = True) -> None:
+    def __init__(
+        self,
+        max_steps: int = 10,
+        step_size: float | None = None,
+        patience: int | None = 10,
+        threshold: float | None = None,
+        mix: bool = True,
+    ) -> None:
         positive_int(max_steps, "curriculum max_steps")
         if step_size is not None:
             number(step_size, "curriculum step_size", low=0, low_open=True)
@@ -77,8 +82,10 @@ class Curriculum(Objective):
         if threshold is not None:
             number(threshold, "curriculum threshold", low=0, high=1)
         if patience is None and threshold is None:
-            raise ValueError("curriculum needs a criterion to move on: set patience (epochs) "
-                             "or threshold (an accuracy), or both")
+            raise ValueError(
+                "curriculum needs a criterion to move on: set patience (epochs) "
+                "or threshold (an accuracy), or both"
+            )
         self.max_steps, self.step_size, self.mix = max_steps, step_size, bool(mix)
         self.patience, self.threshold = patience, threshold
         self.lesson, self.best, self.stale = 0, -1.0, 0
@@ -88,9 +95,13 @@ class Curriculum(Objective):
         self.holdout, self.pending = False, -1.0
 
     def config(self) -> dict:
-        return super().config() | {"max_steps": self.max_steps, "step_size": self.step_size,
-                                   "patience": self.patience, "threshold": self.threshold,
-                                   "mix": self.mix}
+        return super().config() | {
+            "max_steps": self.max_steps,
+            "step_size": self.step_size,
+            "patience": self.patience,
+            "threshold": self.threshold,
+            "mix": self.mix,
+        }
 
     # --- the schedule ---------------------------------------------------------------------
     def record(self, correct: float, seen: float) -> None:
@@ -110,10 +121,12 @@ class Curriculum(Objective):
         when a criterion says so; the counts start again."""
         world = distributed.current()
         if world.size > 1:  # the process group's device, as distributed.init_from_env chose it
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if torch.cuda.is_available() else torch.device("cpu"))
-            self.correct, self.seen = distributed.all_sum([self.correct, self.seen], world,
-                                                          device)
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+            self.correct, self.seen = distributed.all_sum([self.correct, self.seen], world, device)
         if self.holdout:
             if self.pending >= 0:
                 self._judge(self.pending)
@@ -126,13 +139,21 @@ class Curriculum(Objective):
         improved = accuracy > self.best
         self.best, self.stale = max(self.best, accuracy), 0 if improved else self.stale + 1
         done = (self.threshold is not None and accuracy >= self.threshold) or (
-            self.patience is not None and self.stale >= self.patience)
+            self.patience is not None and self.stale >= self.patience
+        )
         if done and self.lesson < self.max_steps:
             self.lesson, self.best, self.stale = self.lesson + 1, -1.0, 0
 
     def state_dict(self) -> dict[str, Tensor]:
-        values = [self.lesson, self.best, self.stale, self.correct, self.seen,
-                  float(self.holdout), self.pending]
+        values = [
+            self.lesson,
+            self.best,
+            self.stale,
+            self.correct,
+            self.seen,
+            float(self.holdout),
+            self.pending,
+        ]
         return {"schedule": torch.tensor(values, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -140,9 +161,10 @@ class Curriculum(Objective):
         hold-out hook load as a run without hold-out checks)."""
         shape = state["schedule"].shape if set(state) == {"schedule"} else None
         if shape not in ((len(_FIELDS),), (5,)):
-            raise ValueError(f"curriculum state holds 'schedule' ({', '.join(_FIELDS)}), "
-                             f"got {sorted(state)}")
-        values = state["schedule"].tolist() + [0.0, -1.0][len(state["schedule"]) - 5:]
+            raise ValueError(
+                f"curriculum state holds 'schedule' ({', '.join(_FIELDS)}), got {sorted(state)}"
+            )
+        values = state["schedule"].tolist() + [0.0, -1.0][len(state["schedule"]) - 5 :]
         lesson, best, stale, correct, seen, holdout, pending = values
         self.lesson, self.best, self.stale = int(lesson), best, int(stale)
         self.correct, self.seen = correct, seen
@@ -155,8 +177,14 @@ class Curriculum(Objective):
             return torch.full((n,), self.lesson, dtype=torch.long)
         return torch.arange(n) % (self.lesson + 1)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         steps = self.strengths(len(x)).to(x.device)
         xa = x.detach().clone()

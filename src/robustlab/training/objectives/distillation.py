@@ -41,8 +41,10 @@ Teacher = str | os.PathLike[str] | nn.Module
 def check_teacher(teacher: Any, who: str) -> None:
     """TypeError unless ``teacher`` is a checkpoint path or an ``nn.Module``."""
     if not isinstance(teacher, str | os.PathLike | nn.Module):
-        raise TypeError(f"{who} teacher must be a path to a robustlab checkpoint "
-                        f"(model.safetensors) or an nn.Module, got {type(teacher).__name__}")
+        raise TypeError(
+            f"{who} teacher must be a path to a robustlab checkpoint "
+            f"(model.safetensors) or an nn.Module, got {type(teacher).__name__}"
+        )
 
 
 def teacher_name(teacher: Teacher | None) -> str | None:
@@ -59,8 +61,10 @@ def load_teacher(teacher: Teacher, device: torch.device, who: str) -> nn.Module:
         return teacher.to(device)
     path = Path(teacher)
     if not path.is_file():
-        raise FileNotFoundError(f"{who} teacher checkpoint {str(path)!r} not found: train the "
-                                "teacher first (see the recipe's comment) or fix the path")
+        raise FileNotFoundError(
+            f"{who} teacher checkpoint {str(path)!r} not found: train the "
+            "teacher first (see the recipe's comment) or fix the path"
+        )
     return load_model(path, device=device).requires_grad_(False)
 
 
@@ -91,14 +95,18 @@ class Distillation(Objective):
         self._device: torch.device | None = None
 
     def config(self) -> dict:
-        return super().config() | {"temperature": self.temperature,
-                                   "teacher": teacher_name(self.teacher)}
+        return super().config() | {
+            "temperature": self.temperature,
+            "teacher": teacher_name(self.teacher),
+        }
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if self.teacher is not None:
             if self.teacher is model:
-                raise ValueError("the distillation teacher must be another model than the "
-                                 "student (train a teacher with teacher=None first)")
+                raise ValueError(
+                    "the distillation teacher must be another model than the "
+                    "student (train a teacher with teacher=None first)"
+                )
             self._load(model_device(model, x))
         return x, y
 
@@ -109,8 +117,14 @@ class Distillation(Objective):
             self._device = device
         return self._teacher
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         log_p = F.log_softmax(model(x) / self.temperature, dim=1)
         if self.teacher is None:
             return F.nll_loss(log_p, y)
@@ -118,6 +132,8 @@ class Distillation(Objective):
         with eval_mode(teacher), torch.no_grad():
             soft = F.softmax(teacher(x) / self.temperature, dim=1)
         if soft.shape != log_p.shape:
-            raise ValueError(f"the teacher returns {tuple(soft.shape)} logits but the student "
-                             f"{tuple(log_p.shape)}: they must have the same classes")
+            raise ValueError(
+                f"the teacher returns {tuple(soft.shape)} logits but the student "
+                f"{tuple(log_p.shape)}: they must have the same classes"
+            )
         return -(soft * log_p).sum(1).mean()

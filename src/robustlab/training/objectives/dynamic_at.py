@@ -57,8 +57,13 @@ class DynamicAT(Objective):
             100/120 of the run's epochs (the paper's 100 of 120).
     """
 
-    def __init__(self, steps: int = 10, step_size: float | None = None, c_max: float = 0.5,
-                 dynamic_epochs: float | None = None) -> None:
+    def __init__(
+        self,
+        steps: int = 10,
+        step_size: float | None = None,
+        c_max: float = 0.5,
+        dynamic_epochs: float | None = None,
+    ) -> None:
         positive_int(steps, "dynamic-at steps")
         if step_size is not None:
             number(step_size, "dynamic-at step_size", low=0, low_open=True)
@@ -70,19 +75,31 @@ class DynamicAT(Objective):
         self.threshold = self.c_max  # c_t; set by begin_epoch
 
     def config(self) -> dict:
-        return super().config() | {"steps": self.steps, "step_size": self.step_size,
-                                   "c_max": self.c_max, "dynamic_epochs": self.dynamic_epochs}
+        return super().config() | {
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "c_max": self.c_max,
+            "dynamic_epochs": self.dynamic_epochs,
+        }
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         span = self.dynamic_epochs if self.dynamic_epochs is not None else epochs * 100 / 120
         self.threshold = max(self.c_max - epoch * self.c_max / span, 0.0)
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """The FOSC-stopped PGD examples (detached), crafted in eval mode."""
         if threat.norm != "linf":
-            raise ValueError(f"dynamic-at's FOSC criterion is defined for linf only, got "
-                             f"{threat.norm!r}: use ThreatModel('linf', eps)")
+            raise ValueError(
+                f"dynamic-at's FOSC criterion is defined for linf only, got "
+                f"{threat.norm!r}: use ThreatModel('linf', eps)"
+            )
         step = self.step_size if self.step_size is not None else threat.eps / 4
         x0 = x.detach()
         xa = threat.random_init(x0, generator)
@@ -98,7 +115,13 @@ class DynamicAT(Objective):
                 xa = threat.project(xa.detach() + step * grad.sign() * active.reshape(shape), x0)
         return xa.detach()
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         return F.cross_entropy(model(self.perturb(model, x, y, threat, generator)), y)

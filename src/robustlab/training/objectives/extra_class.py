@@ -49,33 +49,53 @@ class ExtraClass(Objective):
     """
 
     def __init__(self, weight: float = 0.5, steps: int = 1) -> None:
-        self.weight = float(number(weight, "extra-class weight (of the adversarial term)",
-                                   low=0, high=1))
+        self.weight = float(
+            number(weight, "extra-class weight (of the adversarial term)", low=0, high=1)
+        )
         self.steps = positive_int(steps, "extra-class steps")
 
     def config(self) -> dict:
         return super().config() | {"weight": self.weight, "steps": self.steps}
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                    generator: torch.Generator) -> Tensor:
+    def adversarial(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """x': FGSM (``steps = 1``) or PGD on the class logits ``model(x)[:, :-1]``, crafted
         in eval mode, the last iterate."""
         if self.steps == 1:
-            attack = PGD(threat, steps=1, step_size=max(threat.eps, 1e-12), random_start=False,
-                         keep_best=False)
+            attack = PGD(
+                threat,
+                steps=1,
+                step_size=max(threat.eps, 1e-12),
+                random_start=False,
+                keep_best=False,
+            )
         else:
             attack = PGD(threat, steps=self.steps, keep_best=False)
         return attack.craft(ClassLogits(model), x, y, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         clean = model(x)
         if int(y.max()) >= clean.shape[1] - 1:
-            raise ValueError(f"the extra-class objective needs a model with one output more "
-                             f"than the data has classes (the last output is the extra "
-                             f"class); it has {clean.shape[1]} outputs and a label "
-                             f"{int(y.max())}: build it with num_classes = K + 1")
+            raise ValueError(
+                f"the extra-class objective needs a model with one output more "
+                f"than the data has classes (the last output is the extra "
+                f"class); it has {clean.shape[1]} outputs and a label "
+                f"{int(y.max())}: build it with num_classes = K + 1"
+            )
         x_adv = self.adversarial(model, x, y, threat, generator)
         extra = torch.full_like(y, clean.shape[1] - 1)
         adv = F.cross_entropy(model(x_adv), extra)

@@ -49,22 +49,33 @@ class FastAT(Objective):
     single_step = True
 
     def __init__(self, alpha: float = 1.25) -> None:
-        number(alpha, "fast-at alpha (FGSM step as a multiple of eps)", low=0,
-                     low_open=True)
+        number(alpha, "fast-at alpha (FGSM step as a multiple of eps)", low=0, low_open=True)
         self.alpha = float(alpha)
 
     def config(self) -> dict:
         return super().config() | {"alpha": self.alpha}
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """The adversarial inputs: random start, one step of ``alpha * eps``, eval mode; the
         last iterate (``keep_best=False``), never the start point."""
         step = max(self.alpha * threat.eps, 1e-12)  # eps = 0: the projection returns x
         attack = PGD(threat, steps=1, step_size=step, random_start=True, keep_best=False)
         return attack.craft(model, x, y, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         return F.cross_entropy(model(self.perturb(model, x, y, threat, generator)), y)

@@ -51,17 +51,30 @@ class FGSMAT(Objective):
     def config(self) -> dict:
         return super().config() | {"alpha": self.alpha}
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """The FGSM point: one step of length eps from x, no random start, eval mode. (PGD
         with one step and ``keep_best=False``: the FGSM attack keeps the better of x and the
         step, which is right for evaluation but not the method.)"""
-        attack = PGD(threat, steps=1, step_size=max(threat.eps, 1e-12), random_start=False,
-                     keep_best=False)
+        attack = PGD(
+            threat, steps=1, step_size=max(threat.eps, 1e-12), random_start=False, keep_best=False
+        )
         return attack.craft(model, x, y, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         x_adv = self.perturb(model, x, y, threat, generator)
         clean = F.cross_entropy(model(x), y)

@@ -60,23 +60,34 @@ class FreeAT(Objective):
     def config(self) -> dict:
         return super().config() | {"replays": self.replays}
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         if threat.norm not in ("linf", "l2"):
-            raise ValueError(f"free-at supports linf and l2 threat models, not {threat.norm!r}; "
-                             "use pgd-at for l1")
+            raise ValueError(
+                f"free-at supports linf and l2 threat models, not {threat.norm!r}; "
+                "use pgd-at for l1"
+            )
         n = len(x)
         if self.delta is None:
             self.delta = torch.zeros_like(x)
         elif self.delta.shape[1:] != x.shape[1:]:
-            raise ValueError(f"free-at carries a perturbation of shape {tuple(self.delta.shape)}"
-                             f" but got inputs of shape {tuple(x.shape)}; the input shape must "
-                             "stay the same throughout training (and on resume)")
+            raise ValueError(
+                f"free-at carries a perturbation of shape {tuple(self.delta.shape)}"
+                f" but got inputs of shape {tuple(x.shape)}; the input shape must "
+                "stay the same throughout training (and on resume)"
+            )
         self.delta = self.delta.to(device=x.device, dtype=x.dtype)
         if n > len(self.delta):
-            self.delta = torch.cat([self.delta, self.delta.new_zeros(n - len(self.delta),
-                                                                     *x.shape[1:])])
+            self.delta = torch.cat(
+                [self.delta, self.delta.new_zeros(n - len(self.delta), *x.shape[1:])]
+            )
         leaf = self.delta[:n].clone().requires_grad_(True)
         self._pending = (leaf, x.detach(), threat)
         lo, hi = threat.bounds

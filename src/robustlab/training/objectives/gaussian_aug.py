@@ -49,6 +49,12 @@ class GaussianAug(Objective):
     def config(self) -> dict:
         return super().config() | {"sigma": self.sigma, "noise": self.noise}
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         return F.cross_entropy(model(x + sample(x, self.noise, self.sigma, generator)), y)

@@ -62,7 +62,13 @@ class GradReg(Objective):
     def config(self) -> dict:
         return super().config() | {"weight": self.weight}
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         ce, penalty = input_gradient_penalty(model, x, y)
         return (ce + self.weight * penalty).mean()

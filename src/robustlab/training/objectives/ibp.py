@@ -79,8 +79,9 @@ def worst_case_logits(lower: Tensor, y: Tensor) -> Tensor:
     return lower.new_zeros(n, k).scatter(1, others, -lower)
 
 
-def verified_loss(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                  beta: float = 0.0) -> Tensor:
+def verified_loss(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, beta: float = 0.0
+) -> Tensor:
     """Mean CE of the worst-case logits (:func:`worst_case_logits`) from margin lower bounds
     over ``threat``'s ball ∩ box: ``beta`` CROWN-IBP + (1 - beta) IBP (CROWN-IBP only computed
     for beta > 0). An upper bound of the CE of every point in the ball; differentiable in the
@@ -93,8 +94,10 @@ def verified_loss(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
     try:
         net = network(model, x)
     except ValueError as err:
-        raise ValueError(f"certified training needs a model that bound propagation can read: "
-                         f"{err} (e.g. robustlab.models.create('ibp-small'))") from err
+        raise ValueError(
+            f"certified training needs a model that bound propagation can read: "
+            f"{err} (e.g. robustlab.models.create('ibp-small'))"
+        ) from err
     lower = margin_bounds(net, x, y, threat, "ibp")
     if beta > 0:
         lower = beta * margin_bounds(net, x, y, threat, "crown-ibp") + (1 - beta) * lower
@@ -105,8 +108,9 @@ class _BoundTraining(Objective):
     """The objective of this module (see its docstring); subclasses fix the bound and the
     defaults. ``position`` is the schedule's t in epochs, ``None`` before :meth:`begin_epoch`."""
 
-    def __init__(self, warmup: float, ramp: float, kappa_final: float, beta_final: float,
-                 eps_scale: float) -> None:
+    def __init__(
+        self, warmup: float, ramp: float, kappa_final: float, beta_final: float, eps_scale: float
+    ) -> None:
         self.warmup = number(warmup, f"{self.name} warmup (epochs)", low=0)
         self.ramp = number(ramp, f"{self.name} ramp (epochs)", low=0)
         self.kappa_final = number(kappa_final, f"{self.name} kappa_final", low=0, high=1)
@@ -115,8 +119,12 @@ class _BoundTraining(Objective):
         self.epoch, self.step, self.per_epoch = -1, 0, 0
 
     def config(self) -> dict:
-        return super().config() | {"warmup": self.warmup, "ramp": self.ramp,
-                                   "kappa_final": self.kappa_final, "eps_scale": self.eps_scale}
+        return super().config() | {
+            "warmup": self.warmup,
+            "ramp": self.ramp,
+            "kappa_final": self.kappa_final,
+            "eps_scale": self.eps_scale,
+        }
 
     # --- the schedule -------------------------------------------------------------------------
     @property
@@ -155,13 +163,20 @@ class _BoundTraining(Objective):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if set(state) != {"schedule"} or state["schedule"].shape != (len(_STATE),):
-            raise ValueError(f"{self.name} state holds 'schedule' ({', '.join(_STATE)}), got "
-                             f"{sorted(state)}")
+            raise ValueError(
+                f"{self.name} state holds 'schedule' ({', '.join(_STATE)}), got {sorted(state)}"
+            )
         self.epoch, self.step, self.per_epoch = (int(v) for v in state["schedule"].tolist())
 
     # --- the loss -----------------------------------------------------------------------------
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         one_of(threat.norm, f"norm for {self.name} training (bound propagation)", ("linf", "l2"))
         fraction, kappa, beta = self.fraction, self.kappa, self.beta
@@ -187,8 +202,9 @@ class IBP(_BoundTraining):
         eps_scale: training eps / the threat's eps (> 0). Default 1 (Gowal et al.: 1.1).
     """
 
-    def __init__(self, warmup: float = 7, ramp: float = 33, kappa_final: float = 0.5,
-                 eps_scale: float = 1.0) -> None:
+    def __init__(
+        self, warmup: float = 7, ramp: float = 33, kappa_final: float = 0.5, eps_scale: float = 1.0
+    ) -> None:
         super().__init__(warmup, ramp, kappa_final, 0.0, eps_scale)
 
     @property
@@ -210,8 +226,14 @@ class CrownIBP(_BoundTraining):
         eps_scale: training eps / the threat's eps (> 0). Default 1.
     """
 
-    def __init__(self, warmup: float = 10, ramp: float = 50, kappa_final: float = 0.0,
-                 beta_final: float = 0.0, eps_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        warmup: float = 10,
+        ramp: float = 50,
+        kappa_final: float = 0.0,
+        beta_final: float = 0.0,
+        eps_scale: float = 1.0,
+    ) -> None:
         super().__init__(warmup, ramp, kappa_final, beta_final, eps_scale)
 
     def config(self) -> dict:

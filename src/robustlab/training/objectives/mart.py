@@ -61,26 +61,42 @@ class MART(Objective):
             ``2.5 eps / steps`` (eps / 4 at K = 10).
     """
 
-    def __init__(self, beta: float = 6.0, steps: int = 10,
-                 step_size: float | None = None) -> None:
+    def __init__(self, beta: float = 6.0, steps: int = 10, step_size: float | None = None) -> None:
         self.beta = number(beta, "mart beta", low=0)
         self.steps = positive_int(steps, "mart steps")
-        self.step_size = None if step_size is None else number(
-            step_size, "mart step_size", low=0, low_open=True)
+        self.step_size = (
+            None if step_size is None else number(step_size, "mart step_size", low=0, low_open=True)
+        )
 
     def config(self) -> dict:
-        return super().config() | {"beta": self.beta, "steps": self.steps,
-                                   "step_size": self.step_size}
+        return super().config() | {
+            "beta": self.beta,
+            "steps": self.steps,
+            "step_size": self.step_size,
+        }
 
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """x': K PGD steps on CE(f(x'), y) (summed) from x + 0.001 N(0, I), eval mode."""
         check_norm(threat, "mart")
-        return inner_pgd(threat, self.steps, self.step_size).craft(model, x, y, generator,
-                                                                   start=start_near)
+        return inner_pgd(threat, self.steps, self.step_size).craft(
+            model, x, y, generator, start=start_near
+        )
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         x_adv = self.perturb(model, x, y, threat, generator)
         return mart_loss(model(x), model(x_adv), y, self.beta)

@@ -36,11 +36,7 @@ from robustlab._validate import number, one_of
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
-from robustlab.training.objectives.distillation import (
-    Teacher,
-    check_teacher,
-    teacher_name,
-)
+from robustlab.training.objectives.distillation import Teacher, check_teacher, teacher_name
 from robustlab.training.objectives.mart import MART, mart_loss
 from robustlab.training.objectives.pool import check_pool, describe, join, rows, teacher_logits
 
@@ -72,12 +68,22 @@ class MARTSemi(Objective):
         beta, steps, step_size: MART's (defaults 6.0, 10, ``2.5 eps / steps``).
     """
 
-    def __init__(self, teacher: Teacher | None = None, labeled: int | None = None,
-                 unlabeled: Tensor | None = None, gamma: float = 1.0, term: str = "kl",
-                 beta: float = 6.0, steps: int = 10, step_size: float | None = None) -> None:
+    def __init__(
+        self,
+        teacher: Teacher | None = None,
+        labeled: int | None = None,
+        unlabeled: Tensor | None = None,
+        gamma: float = 1.0,
+        term: str = "kl",
+        beta: float = 6.0,
+        steps: int = 10,
+        step_size: float | None = None,
+    ) -> None:
         if teacher is None:
-            raise ValueError("mart-semi needs teacher=<path to a naturally trained robustlab "
-                             "checkpoint, or an nn.Module> to pseudo-label the pool")
+            raise ValueError(
+                "mart-semi needs teacher=<path to a naturally trained robustlab "
+                "checkpoint, or an nn.Module> to pseudo-label the pool"
+            )
         check_teacher(teacher, "mart-semi")
         check_pool(labeled, unlabeled, "mart-semi")
         self.teacher, self.labeled, self.unlabeled = teacher, labeled, unlabeled
@@ -89,9 +95,13 @@ class MARTSemi(Objective):
     def config(self) -> dict:
         mart = {k: v for k, v in self.mart.config().items() if k != "name"}
         return super().config() | {
-            "teacher": teacher_name(self.teacher), "labeled": self.labeled,
-            "unlabeled": describe(self.unlabeled), "gamma": self.gamma, "term": self.term,
-            **mart}
+            "teacher": teacher_name(self.teacher),
+            "labeled": self.labeled,
+            "unlabeled": describe(self.unlabeled),
+            "gamma": self.gamma,
+            "term": self.term,
+            **mart,
+        }
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "mart-semi")
@@ -100,8 +110,14 @@ class MARTSemi(Objective):
             self.pseudo = teacher_logits(self.teacher, pool, model, x, "mart-semi").argmax(1).cpu()
         return x_all, y_all
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         pool = y < 0
         t = y.clone()
@@ -114,6 +130,7 @@ class MARTSemi(Objective):
             total = total + lab.sum() * mart_loss(clean[lab], adv[lab], t[lab], beta)
         if pool.any():
             unsup = (mart_loss if self.term == "full" else kl_term)(
-                clean[pool], adv[pool], t[pool], beta)
+                clean[pool], adv[pool], t[pool], beta
+            )
             total = total + self.gamma * pool.sum() * unsup
         return total / len(y)

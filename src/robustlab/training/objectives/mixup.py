@@ -52,12 +52,18 @@ class Mixup(Objective):
     def draw(self, n: int, generator: torch.Generator) -> tuple[float, Tensor]:
         """``(lambda, pi)`` for a minibatch of ``n``: lambda ~ Beta(alpha, alpha) in [0, 1],
         pi a permutation of ``range(n)`` (on the generator's device)."""
-        seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device))
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
         lam = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
         return lam, torch.randperm(n, generator=generator, device=generator.device)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         lam, perm = self.draw(len(x), generator)
         perm = perm.to(x.device)
         logits = model(lam * x + (1 - lam) * x[perm])

@@ -79,9 +79,15 @@ class MMA(Objective):
         variant: ``"paper"`` (default) or ``"lecture"`` (see the module docstring).
     """
 
-    def __init__(self, d_max: float | None = None, steps: int = 10, search_steps: int = 10,
-                 clean_weight: float | None = None, hinge: bool | None = None,
-                 variant: str = "paper") -> None:
+    def __init__(
+        self,
+        d_max: float | None = None,
+        steps: int = 10,
+        search_steps: int = 10,
+        clean_weight: float | None = None,
+        hinge: bool | None = None,
+        variant: str = "paper",
+    ) -> None:
         if d_max is not None:
             number(d_max, "mma d_max", low=0, low_open=True)
         positive_int(steps, "mma steps")
@@ -94,13 +100,23 @@ class MMA(Objective):
         self.hinge = bool(h if hinge is None else hinge)
 
     def config(self) -> dict:
-        return super().config() | {"d_max": self.d_max, "steps": self.steps,
-                                   "search_steps": self.search_steps,
-                                   "clean_weight": self.clean_weight, "hinge": self.hinge,
-                                   "variant": self.variant}
+        return super().config() | {
+            "d_max": self.d_max,
+            "steps": self.steps,
+            "search_steps": self.search_steps,
+            "clean_weight": self.clean_weight,
+            "hinge": self.hinge,
+            "variant": self.variant,
+        }
 
-    def shortest(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def shortest(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor]:
         """AN-PGD: ``(x + delta*, broken)``; ``broken`` (N,) tells whether PGD at ``d_max``
         succeeded (else the PGD point at ``d_max`` is returned). Runs in eval mode."""
         if threat.norm not in ("linf", "l2"):
@@ -108,8 +124,12 @@ class MMA(Objective):
         d_max = self.d_max if self.d_max is not None else 2 * threat.eps
         ball = ThreatModel(threat.norm, d_max, threat.bounds)
         x = x.detach()
-        delta = PGD(ball, steps=self.steps, loss="cw-margin", keep_best=False).craft(
-            model, x, y, generator) - x
+        delta = (
+            PGD(ball, steps=self.steps, loss="cw-margin", keep_best=False).craft(
+                model, x, y, generator
+            )
+            - x
+        )
         shape = (-1,) + (1,) * (x.dim() - 1)
         with eval_mode(model), torch.no_grad():
             broken = model(x + delta).argmax(1) != y
@@ -121,8 +141,14 @@ class MMA(Objective):
         scale = torch.where(broken, hi, torch.ones_like(hi)).reshape(shape).to(x.dtype)
         return (x + scale * delta).detach(), broken
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         clean = model(x)
         correct = clean.detach().argmax(1) == y
@@ -134,5 +160,7 @@ class MMA(Objective):
             if self.hinge:
                 keep[correct] = broken
         per_example = F.cross_entropy(model(x_train), y, reduction="none") * keep
-        return self.clean_weight * F.cross_entropy(clean, y) + (
-            1 - self.clean_weight) * per_example.mean()
+        return (
+            self.clean_weight * F.cross_entropy(clean, y)
+            + (1 - self.clean_weight) * per_example.mean()
+        )

@@ -65,15 +65,24 @@ class MMC(Objective):
     def config(self) -> dict:
         return super().config() | {"steps": self.steps, "step_size": self.step_size}
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         if not any(isinstance(m, MMCHead) for m in model.modules()):
-            raise ValueError(f"objective 'mmc' needs a model with an MMC head, but "
-                             f"{type(model).__name__} has none: build it with "
-                             "robustlab.models.create(name, head='mmc')")
+            raise ValueError(
+                f"objective 'mmc' needs a model with an MMC head, but "
+                f"{type(model).__name__} has none: build it with "
+                "robustlab.models.create(name, head='mmc')"
+            )
         if self.steps > 0:
             assert threat is not None
-            attack = PGD(threat, steps=self.steps, step_size=self.step_size, loss=mmc_loss,
-                         keep_best=False)
+            attack = PGD(
+                threat, steps=self.steps, step_size=self.step_size, loss=mmc_loss, keep_best=False
+            )
             x = attack.craft(model, x, y, generator)
         return mmc_loss(model(x), y).mean()

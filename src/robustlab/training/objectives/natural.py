@@ -17,6 +17,12 @@ class Natural(Objective):
 
     needs_threat = False
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         return F.cross_entropy(model(x), y)

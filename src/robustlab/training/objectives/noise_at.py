@@ -64,8 +64,9 @@ class NoisyModel(nn.Module):
     """``x -> model(x + delta)`` with a fresh ``delta`` (from ``generator``) at every forward:
     the noisy model the inner attack of :class:`NoiseAT` sees. Not clipped."""
 
-    def __init__(self, model: nn.Module, noise: str, sigma: float,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self, model: nn.Module, noise: str, sigma: float, generator: torch.Generator
+    ) -> None:
         super().__init__()
         self.model, self.noise, self.sigma, self.generator = model, noise, sigma, generator
         self.training = model.training  # eval_mode gives the model back this mode
@@ -90,9 +91,16 @@ class NoiseAT(Objective):
         noise: ``"gaussian"`` or ``"laplace"`` input noise (scale ``sigma``).
     """
 
-    def __init__(self, sigma: float | str = 0.15, adv_weight: float = 0.5, attack: str = "pgd",
-                 samples: int = 8, steps: int = 7, step_size: float | None = None,
-                 noise: str = "gaussian") -> None:
+    def __init__(
+        self,
+        sigma: float | str = 0.15,
+        adv_weight: float = 0.5,
+        attack: str = "pgd",
+        samples: int = 8,
+        steps: int = 7,
+        step_size: float | None = None,
+        noise: str = "gaussian",
+    ) -> None:
         if isinstance(sigma, str):
             one_of(sigma, "noise-at sigma", ("model",))
         refuse_input_noise(noise, "noise-at")
@@ -110,23 +118,36 @@ class NoiseAT(Objective):
 
     def config(self) -> dict:
         return super().config() | {
-            "sigma": self.sigma, "adv_weight": self.adv_weight, "attack": self.attack,
-            "samples": self.samples, "steps": self.steps, "step_size": self.step_size,
-            "noise": self.noise}
+            "sigma": self.sigma,
+            "adv_weight": self.adv_weight,
+            "attack": self.attack,
+            "samples": self.samples,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "noise": self.noise,
+        }
 
     def _sigma(self, model: nn.Module) -> float:
         """The objective's own noise scale: 0 when the noise is the model's (``"model"``)."""
         if not isinstance(self.sigma, str):
             return self.sigma
         if not any(isinstance(m, InputNoise) for m in model.modules()):
-            raise ValueError(f"noise-at with sigma='model' trains the model's own input noise, but "
-                             f"{type(model).__name__} has none: build it with models.create(..., "
-                             "noise='input') or noise_options={'input_sigma': ...}, or give "
-                             "noise-at a sigma")
+            raise ValueError(
+                f"noise-at with sigma='model' trains the model's own input noise, but "
+                f"{type(model).__name__} has none: build it with models.create(..., "
+                "noise='input') or noise_options={'input_sigma': ...}, or give "
+                "noise-at a sigma"
+            )
         return 0.0
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                    generator: torch.Generator) -> Tensor:
+    def adversarial(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """x_adv: ``steps`` attack iterations on the noisy model, in eval mode (x itself
         when eps = 0)."""
         if threat.eps == 0:
@@ -134,17 +155,32 @@ class NoiseAT(Objective):
         step = self.step_size if self.step_size is not None else threat.eps / 4
         sigma = self._sigma(model)
         if self.attack == "epgd":
-            atk = create_attack("epgd", threat, sigma=sigma, noise=self.noise,
-                                samples=self.samples, steps=self.steps, step_size=step,
-                                random_start=True, keep_best=False)
+            atk = create_attack(
+                "epgd",
+                threat,
+                sigma=sigma,
+                noise=self.noise,
+                samples=self.samples,
+                steps=self.steps,
+                step_size=step,
+                random_start=True,
+                keep_best=False,
+            )
             return atk.craft(model, x, y, generator)
-        atk = create_attack("pgd", threat, steps=self.steps, step_size=step,
-                            random_start=True, keep_best=False)
+        atk = create_attack(
+            "pgd", threat, steps=self.steps, step_size=step, random_start=True, keep_best=False
+        )
         noisy = model if sigma == 0 else NoisyModel(model, self.noise, sigma, generator)
         return atk.craft(noisy, x, y, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         sigma = self._sigma(model)
         # both loss-noise draws first: the adversarial and clean terms see fixed draws

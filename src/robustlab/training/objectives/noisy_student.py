@@ -41,11 +41,7 @@ from robustlab._validate import number
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
-from robustlab.training.objectives.distillation import (
-    Teacher,
-    check_teacher,
-    teacher_name,
-)
+from robustlab.training.objectives.distillation import Teacher, check_teacher, teacher_name
 from robustlab.training.objectives.pool import check_pool, describe, join, rows, teacher_logits
 
 log = logging.getLogger(__name__)
@@ -71,29 +67,41 @@ class NoisyStudent(Objective):
 
     needs_threat = False
 
-    def __init__(self, teacher: Teacher | None = None, labeled: int | None = None,
-                 unlabeled: Tensor | None = None, soft: bool = True, temperature: float = 1.0,
-                 confidence: float = 0.3, sigma: float = 0.1) -> None:
+    def __init__(
+        self,
+        teacher: Teacher | None = None,
+        labeled: int | None = None,
+        unlabeled: Tensor | None = None,
+        soft: bool = True,
+        temperature: float = 1.0,
+        confidence: float = 0.3,
+        sigma: float = 0.1,
+    ) -> None:
         if teacher is None:
-            raise ValueError("noisy-student needs teacher=<path to a robustlab checkpoint, or "
-                             "an nn.Module> to label the pool")
+            raise ValueError(
+                "noisy-student needs teacher=<path to a robustlab checkpoint, or "
+                "an nn.Module> to label the pool"
+            )
         check_teacher(teacher, "noisy-student")
         check_pool(labeled, unlabeled, "noisy-student")
         if not isinstance(soft, bool):
             raise TypeError(f"noisy-student soft must be true or false, got {soft!r}")
         self.teacher, self.labeled, self.unlabeled, self.soft = teacher, labeled, unlabeled, soft
-        self.temperature = number(temperature, "noisy-student temperature", low=0,
-                                  low_open=True)
+        self.temperature = number(temperature, "noisy-student temperature", low=0, low_open=True)
         self.confidence = number(confidence, "noisy-student confidence", low=0, high=1)
         self.sigma = number(sigma, "noisy-student sigma", low=0)
         self.targets = torch.zeros(0, 0)  # q_j * w_j by pool row (set by setup)
 
     def config(self) -> dict:
         return super().config() | {
-            "teacher": teacher_name(self.teacher), "labeled": self.labeled,
-            "unlabeled": describe(self.unlabeled), "soft": self.soft,
-            "temperature": self.temperature, "confidence": self.confidence,
-            "sigma": self.sigma}
+            "teacher": teacher_name(self.teacher),
+            "labeled": self.labeled,
+            "unlabeled": describe(self.unlabeled),
+            "soft": self.soft,
+            "temperature": self.temperature,
+            "confidence": self.confidence,
+            "sigma": self.sigma,
+        }
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "noisy-student")
@@ -105,22 +113,35 @@ class NoisyStudent(Objective):
             if not self.soft:
                 q = F.one_hot(q.argmax(1), q.shape[1]).to(q.dtype)
             self.targets = (q * keep[:, None]).cpu()
-            log.info("noisy-student: %d of %d pool images pass the teacher's confidence %.2f",
-                     int(keep.sum()), len(pool), self.confidence)
+            log.info(
+                "noisy-student: %d of %d pool images pass the teacher's confidence %.2f",
+                int(keep.sum()),
+                len(pool),
+                self.confidence,
+            )
         return x_all, y_all
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         lo, hi = threat.bounds if threat is not None else (0.0, 1.0)
-        noise = torch.randn(x.shape, generator=generator, device=generator.device,
-                            dtype=x.dtype).to(x.device)
+        noise = torch.randn(
+            x.shape, generator=generator, device=generator.device, dtype=x.dtype
+        ).to(x.device)
         log_p = F.log_softmax(model((x + self.sigma * noise).clamp(lo, hi)), dim=1)
         pool = y < 0
         q = torch.zeros_like(log_p)
         q[~pool] = F.one_hot(y[~pool], log_p.shape[1]).to(q.dtype)
         if pool.any():
             if self.targets.shape[1] != log_p.shape[1]:
-                raise ValueError(f"the teacher returns {self.targets.shape[1]} logits but the "
-                                 f"student {log_p.shape[1]}: they must have the same classes")
+                raise ValueError(
+                    f"the teacher returns {self.targets.shape[1]} logits but the "
+                    f"student {log_p.shape[1]}: they must have the same classes"
+                )
             q[pool] = self.targets[rows(y).cpu()].to(q)
         return -(q * log_p).sum() / len(y)

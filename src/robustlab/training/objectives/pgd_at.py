@@ -33,25 +33,46 @@ class PGDAT(Objective):
         random_start: start from a uniform point of the ball (Madry et al.) or from x.
     """
 
-    def __init__(self, steps: int = 10, step_size: float | None = None,
-                 random_start: bool = True) -> None:
+    def __init__(
+        self, steps: int = 10, step_size: float | None = None, random_start: bool = True
+    ) -> None:
         positive_int(steps, f"{self.name} steps")
         if step_size is not None:
             number(step_size, f"{self.name} step_size", low=0, low_open=True)
         self.steps, self.step_size, self.random_start = steps, step_size, bool(random_start)
 
     def config(self) -> dict:
-        return super().config() | {"steps": self.steps, "step_size": self.step_size,
-                                   "random_start": self.random_start}
+        return super().config() | {
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+        }
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                    generator: torch.Generator) -> Tensor:
+    def adversarial(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """The inner maximisation: PGD's last iterate, crafted in eval mode."""
-        attack = PGD(threat, steps=self.steps, step_size=self.step_size,
-                     random_start=self.random_start, keep_best=False)
+        attack = PGD(
+            threat,
+            steps=self.steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            keep_best=False,
+        )
         return attack.craft(model, x, y, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         return F.cross_entropy(model(self.adversarial(model, x, y, threat, generator)), y)

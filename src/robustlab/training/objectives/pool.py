@@ -32,18 +32,22 @@ def check_pool(labeled: Any, unlabeled: Any, who: str) -> None:
     """ValueError / TypeError unless a pool is given: ``labeled`` (an int >= 0) and/or
     ``unlabeled`` (a float tensor of images)."""
     if labeled is None and unlabeled is None:
-        raise ValueError(f"{who} needs an unlabelled pool: unlabeled=<images (N, C, H, W)> "
-                         "(a recipe's [data] unlabeled = \"<data set or file>\") and/or "
-                         "labeled=<number of leading training images that keep their label; "
-                         "the others' labels are hidden>")
+        raise ValueError(
+            f"{who} needs an unlabelled pool: unlabeled=<images (N, C, H, W)> "
+            '(a recipe\'s [data] unlabeled = "<data set or file>") and/or '
+            "labeled=<number of leading training images that keep their label; "
+            "the others' labels are hidden>"
+        )
     if labeled is not None:
         integer(labeled, f"{who} labeled", minimum=0)
-    if unlabeled is not None and not (isinstance(unlabeled, Tensor)
-                                      and unlabeled.is_floating_point()
-                                      and unlabeled.dim() >= 2):
-        raise TypeError(f"{who} unlabeled must be a float tensor of images (N, C, H, W), got "
-                        f"{type(unlabeled).__name__}; in a recipe name the pool in [data] "
-                        "unlabeled, not in [objective]")
+    if unlabeled is not None and not (
+        isinstance(unlabeled, Tensor) and unlabeled.is_floating_point() and unlabeled.dim() >= 2
+    ):
+        raise TypeError(
+            f"{who} unlabeled must be a float tensor of images (N, C, H, W), got "
+            f"{type(unlabeled).__name__}; in a recipe name the pool in [data] "
+            "unlabeled, not in [objective]"
+        )
 
 
 def describe(unlabeled: Tensor | None) -> str | None:
@@ -63,19 +67,23 @@ def rows(y: Tensor) -> Tensor:
     return -1 - y[y < 0]
 
 
-def join(x: Tensor, y: Tensor, labeled: int | None, unlabeled: Tensor | None,
-         who: str) -> tuple[Tensor, Tensor, Tensor]:
+def join(
+    x: Tensor, y: Tensor, labeled: int | None, unlabeled: Tensor | None, who: str
+) -> tuple[Tensor, Tensor, Tensor]:
     """The training set ``(x', y')`` (labelled images, then the pool, marked) and the pool's
     images (rows ``j`` = 0 .. M-1). ``x`` and ``y`` are not modified; without a given pool,
     ``x'`` is ``x`` itself."""
     k = len(x) if labeled is None else labeled
     if k > len(x):
-        raise ValueError(f"{who} labeled={k} but the training set has only {len(x)} images; "
-                         f"use at most {len(x)}")
+        raise ValueError(
+            f"{who} labeled={k} but the training set has only {len(x)} images; use at most {len(x)}"
+        )
     if unlabeled is not None and unlabeled.shape[1:] != x.shape[1:]:
-        raise ValueError(f"{who}: the unlabelled images have shape {tuple(unlabeled.shape[1:])}"
-                         f" but the training images {tuple(x.shape[1:])}: give a pool of the "
-                         "same image size and channels")
+        raise ValueError(
+            f"{who}: the unlabelled images have shape {tuple(unlabeled.shape[1:])}"
+            f" but the training images {tuple(x.shape[1:])}: give a pool of the "
+            "same image size and channels"
+        )
     parts = [x[k:]] + ([unlabeled.to(x.device, x.dtype)] if unlabeled is not None else [])
     pool = torch.cat(parts)
     marks = mark(torch.arange(len(pool), device=y.device))
@@ -85,8 +93,7 @@ def join(x: Tensor, y: Tensor, labeled: int | None, unlabeled: Tensor | None,
 
 
 @torch.no_grad()
-def teacher_logits(teacher: Any, images: Tensor, model: nn.Module, x: Tensor,
-                   who: str) -> Tensor:
+def teacher_logits(teacher: Any, images: Tensor, model: nn.Module, x: Tensor, who: str) -> Tensor:
     """The logits of ``teacher`` (a checkpoint or module, as
     :func:`~robustlab.training.objectives.distillation.load_teacher` takes it) on ``images``
     (on the images' device), in eval mode, in batches of :data:`BATCH` on the device of
@@ -94,6 +101,8 @@ def teacher_logits(teacher: Any, images: Tensor, model: nn.Module, x: Tensor,
     device = model_device(model, x)
     net = load_teacher(teacher, device, who)
     with eval_mode(net):
-        out = [net(images[i:i + BATCH].to(device)).float().to(images.device)
-               for i in range(0, len(images), BATCH)]
+        out = [
+            net(images[i : i + BATCH].to(device)).float().to(images.device)
+            for i in range(0, len(images), BATCH)
+        ]
     return torch.cat(out) if out else images.new_zeros(0, 0)

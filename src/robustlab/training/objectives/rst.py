@@ -31,11 +31,7 @@ from torch import Tensor, nn
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import create, register
 from robustlab.training.objectives.base import Objective
-from robustlab.training.objectives.distillation import (
-    Teacher,
-    check_teacher,
-    teacher_name,
-)
+from robustlab.training.objectives.distillation import Teacher, check_teacher, teacher_name
 from robustlab.training.objectives.pool import check_pool, describe, join, teacher_logits
 
 log = logging.getLogger(__name__)
@@ -60,12 +56,19 @@ class RST(Objective):
     to the hidden labels, ``None`` without a pool) and ``pseudo_label_errors`` (their number).
     """
 
-    def __init__(self, teacher: Teacher | None = None, labeled: int | None = None,
-                 base: str = "trades", base_options: dict[str, Any] | None = None,
-                 unlabeled: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        teacher: Teacher | None = None,
+        labeled: int | None = None,
+        base: str = "trades",
+        base_options: dict[str, Any] | None = None,
+        unlabeled: Tensor | None = None,
+    ) -> None:
         if teacher is None:
-            raise ValueError("rst needs teacher=<path to a naturally trained robustlab "
-                             "checkpoint, or an nn.Module> (see configs/rst_teacher.toml)")
+            raise ValueError(
+                "rst needs teacher=<path to a naturally trained robustlab "
+                "checkpoint, or an nn.Module> (see configs/rst_teacher.toml)"
+            )
         check_teacher(teacher, "rst")
         check_pool(labeled, unlabeled, "rst")
         if base == "rst":
@@ -86,33 +89,51 @@ class RST(Objective):
 
     def config(self) -> dict:
         pool = {} if self.unlabeled is None else {"unlabeled": describe(self.unlabeled)}
-        return super().config() | {"teacher": teacher_name(self.teacher),
-                                   "labeled": self.labeled, "base": self.base_name,
-                                   "base_options": {k: v for k, v in self.base.config().items()
-                                                    if k != "name"}} | pool
+        return (
+            super().config()
+            | {
+                "teacher": teacher_name(self.teacher),
+                "labeled": self.labeled,
+                "base": self.base_name,
+                "base_options": {k: v for k, v in self.base.config().items() if k != "name"},
+            }
+            | pool
+        )
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "rst")
         if not len(pool):
-            log.warning("rst: labeled=%s covers the whole training set and no unlabeled "
-                        "images are given; no pseudo-labels", self.labeled)
+            log.warning(
+                "rst: labeled=%s covers the whole training set and no unlabeled "
+                "images are given; no pseudo-labels",
+                self.labeled,
+            )
             return self.base.setup(model, x_all, y_all)
         preds = teacher_logits(self.teacher, pool, model, x, "rst").argmax(1)
         k = len(y_all) - len(pool)
         y_all[k:] = preds.to(y_all.device)
         hidden = len(x) - k  # the pool's hidden-label part, whose labels we can compare
         if hidden:
-            errors = int((y_all[k:len(x)] != y[k:]).sum())
+            errors = int((y_all[k : len(x)] != y[k:]).sum())
             self.pseudo_label_errors = errors
             self.pseudo_label_accuracy = 1.0 - errors / hidden
-            log.info("rst: %d pseudo-labels, %.2f%% agree with the hidden labels",
-                     len(pool), 100 * self.pseudo_label_accuracy)
+            log.info(
+                "rst: %d pseudo-labels, %.2f%% agree with the hidden labels",
+                len(pool),
+                100 * self.pseudo_label_accuracy,
+            )
         else:
             log.info("rst: %d pseudo-labels of the given unlabelled images", len(pool))
         return self.base.setup(model, x_all, y_all)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         return self.base(model, x, y, threat=threat, generator=generator)
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:

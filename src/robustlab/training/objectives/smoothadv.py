@@ -59,9 +59,15 @@ class SmoothAdv(Objective):
         noise: ``"gaussian"`` or ``"laplace"`` (scale ``sigma``).
     """
 
-    def __init__(self, sigma: float = 0.25, samples: int = 2, steps: int = 10,
-                 step_size: float | None = None, warmup: int = 1,
-                 noise: str = "gaussian") -> None:
+    def __init__(
+        self,
+        sigma: float = 0.25,
+        samples: int = 2,
+        steps: int = 10,
+        step_size: float | None = None,
+        warmup: int = 1,
+        noise: str = "gaussian",
+    ) -> None:
         refuse_input_noise(noise, "smoothadv")
         check_noise(noise, sigma)
         positive_int(samples, "smoothadv samples")
@@ -76,27 +82,50 @@ class SmoothAdv(Objective):
 
     def config(self) -> dict:
         return super().config() | {
-            "sigma": self.sigma, "samples": self.samples, "steps": self.steps,
-            "step_size": self.step_size, "warmup": self.warmup, "noise": self.noise}
+            "sigma": self.sigma,
+            "samples": self.samples,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "warmup": self.warmup,
+            "noise": self.noise,
+        }
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.eps_scale = min(1.0, (epoch + 1) / self.warmup)
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, noise: Tensor,
-                    threat: ThreatModel, generator: torch.Generator) -> Tensor:
+    def adversarial(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        noise: Tensor,
+        threat: ThreatModel,
+        generator: torch.Generator,
+    ) -> Tensor:
         """``steps`` normalised-gradient steps of the ``smoothadv`` attack with the fixed draws
         ``noise`` (m, B, ...), from x, in eval mode; the last iterate."""
         eps = self.eps_scale * threat.eps
         if eps == 0:
             return x.detach()
-        attack = SmoothAdvAttack(ThreatModel(threat.norm, eps, threat.bounds),
-                                 sigma=self.sigma, noise=self.noise, samples=self.samples,
-                                 steps=self.steps, step_size=self.step_size,
-                                 keep_best=False)
+        attack = SmoothAdvAttack(
+            ThreatModel(threat.norm, eps, threat.bounds),
+            sigma=self.sigma,
+            noise=self.noise,
+            samples=self.samples,
+            steps=self.steps,
+            step_size=self.step_size,
+            keep_best=False,
+        )
         return attack.craft_with_draws(model, x, y, noise, generator)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         noise = sample(x.expand(self.samples, *x.shape), self.noise, self.sigma, generator)
         x_adv = self.adversarial(model, x, y, noise, threat, generator)

@@ -44,8 +44,9 @@ INIT_STD = 0.001  # std of the Gaussian start of TRADES and MART's inner maximis
 
 def check_norm(threat: ThreatModel, who: str) -> None:
     if threat.norm not in ("linf", "l2"):
-        raise ValueError(f"{who} supports linf and l2 threat models, not {threat.norm!r}; "
-                         "use pgd-at for l1")
+        raise ValueError(
+            f"{who} supports linf and l2 threat models, not {threat.norm!r}; use pgd-at for l1"
+        )
 
 
 def start_near(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -65,8 +66,9 @@ def inner_pgd(threat: ThreatModel, steps: int, step_size: float | None) -> PGD:
 
 def trades_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
     """``CE(f(x), y) + beta * mean_i KL(p(x_i) || p(x'_i))``, nothing detached."""
-    kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1),
-                  reduction="sum") / len(y)
+    kl = F.kl_div(
+        F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="sum"
+    ) / len(y)
     return F.cross_entropy(logits_clean, y) + beta * kl
 
 
@@ -81,19 +83,25 @@ class TRADES(Objective):
             ``2.5 eps / steps`` (eps / 4 at K = 10).
     """
 
-    def __init__(self, beta: float = 6.0, steps: int = 10,
-                 step_size: float | None = None) -> None:
+    def __init__(self, beta: float = 6.0, steps: int = 10, step_size: float | None = None) -> None:
         self.beta = number(beta, "trades beta", low=0)
         self.steps = positive_int(steps, "trades steps")
-        self.step_size = None if step_size is None else number(
-            step_size, "trades step_size", low=0, low_open=True)
+        self.step_size = (
+            None
+            if step_size is None
+            else number(step_size, "trades step_size", low=0, low_open=True)
+        )
 
     def config(self) -> dict:
-        return super().config() | {"beta": self.beta, "steps": self.steps,
-                                   "step_size": self.step_size}
+        return super().config() | {
+            "beta": self.beta,
+            "steps": self.steps,
+            "step_size": self.step_size,
+        }
 
-    def perturb(self, model: nn.Module, x: Tensor, threat: ThreatModel,
-                generator: torch.Generator) -> Tensor:
+    def perturb(
+        self, model: nn.Module, x: Tensor, threat: ThreatModel, generator: torch.Generator
+    ) -> Tensor:
         """x': K ascent steps on KL_sum(p(x) || p(x')) from x + 0.001 N(0, I), eval mode."""
         check_norm(threat, "trades")
         with eval_mode(model), torch.no_grad():
@@ -109,8 +117,14 @@ class TRADES(Objective):
         # the labels are unused by the KL: the clean predictions stand in for them
         return pgd.craft(model, x, p_clean.argmax(1), generator, loss=kl_at, start=start_near)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         x_adv = self.perturb(model, x, threat, generator)
         return trades_loss(model(x), model(x_adv), y, self.beta)

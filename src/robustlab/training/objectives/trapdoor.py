@@ -60,8 +60,15 @@ class Trapdoor(Objective):
 
     needs_threat = False
 
-    def __init__(self, inject_ratio: float = 0.5, mask_ratio: float = 0.1, squares: int = 7,
-                 size: int = 3, seed: int = 0, labels: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        inject_ratio: float = 0.5,
+        mask_ratio: float = 0.1,
+        squares: int = 7,
+        size: int = 3,
+        seed: int = 0,
+        labels: list[int] | None = None,
+    ) -> None:
         self.inject_ratio = number(inject_ratio, "inject_ratio", low=0, high=1)
         self.triggers = trigger_options(squares, size, mask_ratio, seed)
         self.labels = protected_labels(labels)
@@ -69,15 +76,19 @@ class Trapdoor(Objective):
         self._protected = torch.zeros(0, dtype=torch.long)  # set with the triggers
 
     def config(self) -> dict[str, Any]:
-        return super().config() | {"inject_ratio": self.inject_ratio, **self.triggers,
-                                   "labels": self.labels}
+        return super().config() | {
+            "inject_ratio": self.inject_ratio,
+            **self.triggers,
+            "labels": self.labels,
+        }
 
     def build(self, model: nn.Module, x: Tensor) -> Trapdoors:
         """The triggers for images shaped like ``x`` (N, C, H, W) and the classes of
         ``model`` (counted on one image, in eval mode, without gradients)."""
         if x.dim() != 4:
-            raise ValueError(f"the trapdoor objective needs images (N, C, H, W), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"the trapdoor objective needs images (N, C, H, W), got shape {tuple(x.shape)}"
+            )
         with eval_mode(model), torch.no_grad():
             classes = model(x[:1]).shape[1]
         protected = protected_labels(self.labels, classes)
@@ -90,15 +101,20 @@ class Trapdoor(Objective):
         self.build(model, x)
         return x, y
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         trapdoors = self.trapdoors if self.trapdoors is not None else self.build(model, x)
         trapdoors = trapdoors.to(x.device)
         protected = self._protected.to(x.device)
         dev = generator.device
-        inject = (torch.rand(len(x), generator=generator, device=dev) < self.inject_ratio)
+        inject = torch.rand(len(x), generator=generator, device=dev) < self.inject_ratio
         pick = torch.randint(len(protected), (len(x),), generator=generator, device=dev)
         inject, target = inject.to(x.device), protected[pick.to(x.device)]
-        x_mixed = torch.where(inject.view(-1, *[1] * (x.dim() - 1)),
-                              trapdoors.apply(x, target), x)
+        x_mixed = torch.where(inject.view(-1, *[1] * (x.dim() - 1)), trapdoors.apply(x, target), x)
         return F.cross_entropy(model(x_mixed), torch.where(inject, target, y))

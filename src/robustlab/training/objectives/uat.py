@@ -41,11 +41,7 @@ from robustlab._validate import number, one_of
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
 from robustlab.training.objectives.base import Objective
-from robustlab.training.objectives.distillation import (
-    Teacher,
-    check_teacher,
-    teacher_name,
-)
+from robustlab.training.objectives.distillation import Teacher, check_teacher, teacher_name
 from robustlab.training.objectives.pgd_at import PGDAT
 from robustlab.training.objectives.pool import check_pool, describe, join, rows, teacher_logits
 from robustlab.training.objectives.trades import TRADES
@@ -71,15 +67,23 @@ class UAT(Objective):
         step_size: step in input units (> 0); ``None``: ``2.5 eps / steps``.
     """
 
-    def __init__(self, targets: str = "both", teacher: Teacher | None = None,
-                 labeled: int | None = None, unlabeled: Tensor | None = None,
-                 weight: float = 1.0, steps: int = 10,
-                 step_size: float | None = None) -> None:
+    def __init__(
+        self,
+        targets: str = "both",
+        teacher: Teacher | None = None,
+        labeled: int | None = None,
+        unlabeled: Tensor | None = None,
+        weight: float = 1.0,
+        steps: int = 10,
+        step_size: float | None = None,
+    ) -> None:
         self.targets = one_of(targets, "uat targets", TARGETS)
         if targets != "online" and teacher is None:
-            raise ValueError(f"uat targets={targets!r} pseudo-labels the pool with a base "
-                             "classifier: pass teacher=<checkpoint trained on the labelled "
-                             "images, or an nn.Module>, or use targets='online'")
+            raise ValueError(
+                f"uat targets={targets!r} pseudo-labels the pool with a base "
+                "classifier: pass teacher=<checkpoint trained on the labelled "
+                "images, or an nn.Module>, or use targets='online'"
+            )
         if teacher is not None:
             check_teacher(teacher, "uat")
         check_pool(labeled, unlabeled, "uat")
@@ -91,9 +95,14 @@ class UAT(Objective):
 
     def config(self) -> dict:
         return super().config() | {
-            "targets": self.targets, "teacher": teacher_name(self.teacher),
-            "labeled": self.labeled, "unlabeled": describe(self.unlabeled),
-            "weight": self.weight, "steps": self.at.steps, "step_size": self.at.step_size}
+            "targets": self.targets,
+            "teacher": teacher_name(self.teacher),
+            "labeled": self.labeled,
+            "unlabeled": describe(self.unlabeled),
+            "weight": self.weight,
+            "steps": self.at.steps,
+            "step_size": self.at.step_size,
+        }
 
     def setup(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x_all, y_all, pool = join(x, y, self.labeled, self.unlabeled, "uat")
@@ -103,8 +112,14 @@ class UAT(Objective):
             self.pseudo = teacher_logits(self.teacher, pool, model, x, "uat").argmax(1).cpu()
         return x_all, y_all
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         pool = y < 0
         total = x.new_zeros(())

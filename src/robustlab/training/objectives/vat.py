@@ -52,9 +52,13 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     meanwhile (``(1 - 0) * running + 0 * batch`` is exact), and ``num_batches_tracked`` gets its
     value back. Nothing is copied back into the statistics tensors, so autograd graphs that
     saved them (eval-mode BatchNorm) stay valid."""
-    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in model.modules()
-             if getattr(m, "track_running_stats", False) and hasattr(m, "momentum")
-             and isinstance(getattr(m, "num_batches_tracked", None), Tensor)]
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone())
+        for m in model.modules()
+        if getattr(m, "track_running_stats", False)
+        and hasattr(m, "momentum")
+        and isinstance(getattr(m, "num_batches_tracked", None), Tensor)
+    ]
     for m, _, _ in saved:
         m.momentum = 0.0
     try:
@@ -93,8 +97,9 @@ class VAT(Objective):
 
     needs_threat = False
 
-    def __init__(self, eps: float = 2.0, alpha: float = 1.0, xi: float = 1e-3,
-                 power_iterations: int = 1) -> None:
+    def __init__(
+        self, eps: float = 2.0, alpha: float = 1.0, xi: float = 1e-3, power_iterations: int = 1
+    ) -> None:
         number(eps, "vat eps", low=0, low_open=True)
         number(alpha, "vat alpha", low=0)
         number(xi, "vat xi", low=0, low_open=True)
@@ -103,15 +108,21 @@ class VAT(Objective):
         self.power_iterations = power_iterations
 
     def config(self) -> dict:
-        return super().config() | {"eps": self.eps, "alpha": self.alpha, "xi": self.xi,
-                                   "power_iterations": self.power_iterations}
+        return super().config() | {
+            "eps": self.eps,
+            "alpha": self.alpha,
+            "xi": self.xi,
+            "power_iterations": self.power_iterations,
+        }
 
-    def perturbation(self, model: nn.Module, x: Tensor, clean_logits: Tensor,
-                     generator: torch.Generator) -> Tensor:
+    def perturbation(
+        self, model: nn.Module, x: Tensor, clean_logits: Tensor, generator: torch.Generator
+    ) -> Tensor:
         """r_vadv (N, ...): each example's L2 norm is ``eps``. Leaves running stats alone."""
         target = clean_logits.detach()
-        d = torch.randn(x.shape, generator=generator, device=generator.device,
-                        dtype=x.dtype).to(x.device)
+        d = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(
+            x.device
+        )
         with frozen_running_stats(model), torch.enable_grad():
             for _ in range(self.power_iterations):
                 r = (self.xi * normalize(d)).requires_grad_(True)
@@ -119,8 +130,14 @@ class VAT(Objective):
                 (d,) = torch.autograd.grad(kl, r)
         return self.eps * normalize(d)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         logits = model(x)
         r_vadv = self.perturbation(model, x, logits, generator)
         with frozen_running_stats(model):

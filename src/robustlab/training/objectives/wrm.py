@@ -57,24 +57,39 @@ class WRM(Objective):
 
     needs_threat = False
 
-    def __init__(self, gamma: float = 0.5 / REFERENCE_E, steps: int = 15,
-                 label_smoothing: float = 0.1) -> None:
+    def __init__(
+        self, gamma: float = 0.5 / REFERENCE_E, steps: int = 15, label_smoothing: float = 0.1
+    ) -> None:
         self.gamma = number(gamma, "wrm gamma", low=0, low_open=True)
         self.steps = integer(steps, "wrm steps", minimum=0)
-        self.label_smoothing = number(label_smoothing, "wrm label_smoothing", low=0, high=1,
-                                      high_open=True)
+        self.label_smoothing = number(
+            label_smoothing, "wrm label_smoothing", low=0, high=1, high_open=True
+        )
 
     def config(self) -> dict:
-        return super().config() | {"gamma": self.gamma, "steps": self.steps,
-                                   "label_smoothing": self.label_smoothing}
+        return super().config() | {
+            "gamma": self.gamma,
+            "steps": self.steps,
+            "label_smoothing": self.label_smoothing,
+        }
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The ascent's points T(x) (detached, not clipped), crafted in eval mode."""
         with eval_mode(model):
-            return wrm_ascent(lambda xa: smoothed_ce(model(xa), y, self.label_smoothing),
-                              x, self.gamma, self.steps)
+            return wrm_ascent(
+                lambda xa: smoothed_ce(model(xa), y, self.label_smoothing),
+                x,
+                self.gamma,
+                self.steps,
+            )
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         x_adv = self.perturb(model, x, y)
         return smoothed_ce(model(x_adv), y, self.label_smoothing).mean()

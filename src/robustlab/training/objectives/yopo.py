@@ -57,12 +57,14 @@ def first_layer(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             return m
-    raise ValueError(f"yopo needs a first nn.Conv2d or nn.Linear layer, but "
-                     f"{type(model).__name__} has none")
+    raise ValueError(
+        f"yopo needs a first nn.Conv2d or nn.Linear layer, but {type(model).__name__} has none"
+    )
 
 
 def layer_output(model: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     """``f0(x)``: the output of ``layer`` when ``model`` runs on ``x``; the model stops there."""
+
     def stop(module: nn.Module, inputs: tuple, out: Tensor) -> None:
         raise _Reached(out)
 
@@ -105,11 +107,21 @@ class YOPO(Objective):
         self.outer, self.inner, self.step_size = outer, inner, step_size
 
     def config(self) -> dict:
-        return super().config() | {"outer": self.outer, "inner": self.inner,
-                                   "step_size": self.step_size}
+        return super().config() | {
+            "outer": self.outer,
+            "inner": self.inner,
+            "step_size": self.step_size,
+        }
 
-    def inner_steps(self, model: nn.Module, layer: nn.Module, x: Tensor, eta: Tensor,
-                    q: Tensor, threat: ThreatModel) -> Tensor:
+    def inner_steps(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        x: Tensor,
+        eta: Tensor,
+        q: Tensor,
+        threat: ThreatModel,
+    ) -> Tensor:
         """``inner`` steps eta <- project(eta + sigma sign(grad_eta <q, f0(x + eta)>)) with q
         frozen; returns the new eta (detached, x + eta in the ball and bounds)."""
         sigma = self.step_size if self.step_size is not None else threat.eps / 4
@@ -119,8 +131,14 @@ class YOPO(Objective):
             eta = threat.project(x + leaf.detach() + threat.steepest_step(g, sigma), x) - x
         return eta.detach()
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel | None,
-             generator: torch.Generator) -> Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel | None,
+        generator: torch.Generator,
+    ) -> Tensor:
         assert threat is not None
         layer, x = first_layer(model), x.detach()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -134,8 +152,9 @@ class YOPO(Objective):
             q, *gp = torch.autograd.grad(ce, [z, *params], allow_unused=True)
             eta = self.inner_steps(model, layer, x, eta, q.detach(), threat)
             h = (q.detach() * layer_output(model, layer, x + eta)).sum()
-            gh = iter(torch.autograd.grad(h, [p for p in params if id(p) in first],
-                                          allow_unused=True))
+            gh = iter(
+                torch.autograd.grad(h, [p for p in params if id(p) in first], allow_unused=True)
+            )
             for i, p in enumerate(params):
                 for g in (gp[i], next(gh) if id(p) in first else None):
                     if g is not None:
