@@ -115,8 +115,13 @@ def test_sequential_radii_are_valid_on_the_halfspace():
 
 
 # --- stopping ---------------------------------------------------------------------------------
-def test_a_clear_point_stops_long_before_max_n():
-    model, x, d = at_distance(0.999, 1.0, 8)
+def at_radius(d: float, sigma: float, n: int) -> tuple[Halfspace, torch.Tensor]:
+    """A halfspace at distance ``d`` from ``n`` copies of the input 0.5."""
+    return Halfspace(0.5 - d), torch.full((n, 1, 1, 1), 0.5)
+
+
+def test_a_point_inside_a_cell_of_the_grid_stops_long_before_max_n():
+    model, x = at_radius(2.25, 1.0, 8)  # the cell [2.0, 2.5) of the grid step 0.5
     certs = list(
         certify_iter(
             model,
@@ -129,8 +134,52 @@ def test_a_clear_point_stops_long_before_max_n():
         )
     )
     assert all(c.draws < 30_000 and c.prediction == 0 for c in certs)
-    assert all(d - 0.6 < c.radius <= d for c in certs)
+    assert all(2.0 <= c.radius <= 2.25 for c in certs)
     assert sorted(c.index for c in certs) == list(range(8))
+
+
+def test_the_returned_radius_lies_in_the_true_radius_cell():
+    """2000 certifications with alpha = 0.1 of a point whose radius 1.25 is inside the cell
+    [1.0, 1.5): a radius outside the cell needs a bound to fail (probability <= 2 alpha)."""
+    reps, alpha = 2000, 0.1
+    model, x = at_radius(1.25, 1.0, reps)
+    certs = list(
+        certify_iter(
+            model,
+            x,
+            sigma=1.0,
+            alpha=alpha,
+            sequential=True,
+            max_n=50_000,
+            radius_tolerance=0.5,
+            generator=gen(7),
+        )
+    )
+    outside = sum(not 1.0 <= c.radius < 1.5 for c in certs)
+    assert outside <= allowed_failures(reps, 2 * alpha)
+    assert np.mean([c.draws for c in certs]) < 5000
+
+
+def test_a_point_on_a_multiple_of_the_tolerance_draws_until_max_n_decides_it():
+    """Radius 1.0 on the grid of step 0.5: undecided until no draws left could certify 1.0,
+    i.e. at the last look or the one before."""
+    model, x = at_radius(1.0, 1.0, 4)
+    last = looks(3000)[-2:]
+    certs = list(
+        certify_iter(
+            model, x, sigma=1.0, sequential=True, max_n=3000, radius_tolerance=0.5, generator=gen(8)
+        )
+    )
+    assert all(c.draws in last and 0.5 <= c.radius < 1.0 for c in certs)
+
+
+def test_a_point_stops_once_it_reaches_max_radius():
+    model, x = at_radius(3.7, 1.0, 4)
+    kw = dict(sigma=1.0, sequential=True, max_n=100_000, radius_tolerance=0.25)
+    capped = list(certify_iter(model, x, max_radius=2.0, generator=gen(9), **kw))
+    assert all(c.radius >= 2.0 and c.draws < 2000 for c in capped)
+    free = list(certify_iter(model, x, generator=gen(9), **kw))
+    assert all(c.draws > 10 * max(d.draws for d in capped) for c in free)
 
 
 def test_a_point_that_cannot_reach_min_radius_stops_early():
@@ -177,6 +226,7 @@ def test_sequential_results_do_not_depend_on_the_batch_size_or_the_other_inputs(
         ({"radius_tolerance": 0.0}, "radius_tolerance"),
         ({"radius_tolerance": -1.0}, "radius_tolerance"),
         ({"min_radius": -0.1}, "min_radius"),
+        ({"max_radius": 0.0}, "max_radius"),
         ({"sequential": "yes"}, "sequential"),
         ({"generator": [gen()]}, "one torch.Generator"),
     ],
@@ -338,6 +388,7 @@ def test_cli_certify_sequential(fake_fmnist, tmp_path, capsys, monkeypatch):
         "max_n": 300,
         "radius_tolerance": 0.2,
         "min_radius": 0.0,
+        "max_radius": None,
     }
     rows = (tmp_path / "c" / "certify.jsonl").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(json.loads(r)["draws"] <= 300 for r in rows)

@@ -324,6 +324,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             "max_n": args.max_n,
             "radius_tolerance": args.radius_tolerance,
             "min_radius": args.min_radius,
+            "max_radius": args.max_radius,
         }
         if args.sequential
         else None,

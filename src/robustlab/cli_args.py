@@ -512,8 +512,11 @@ def _smoothing_parsers(sub: Any) -> None:
     q = c.add_argument_group("sequential certification (robustlab.defenses.sequential)")
     q.add_argument("--sequential", action="store_true", help="draw until the radius is decided")
     q.add_argument("--max-n", type=_positive_int, default=100_000, help="most draws per point")
-    q.add_argument("--radius-tolerance", type=_eps, default=None, help="default: sigma / 10")
+    q.add_argument(
+        "--radius-tolerance", type=_eps, default=None, help="radius grid step (default sigma / 4)"
+    )
     q.add_argument("--min-radius", type=_eps, default=0.0, help="stop below it (default 0)")
+    q.add_argument("--max-radius", type=_eps, default=None, help="stop at it (default: none)")
     c.add_argument("--n-points", type=_positive_int, default=500, help="examples to certify")
     c.add_argument(
         "--skip",

@@ -224,6 +224,7 @@ def certify_iter(
     max_n: int = 100_000,
     radius_tolerance: float | None = None,
     min_radius: float = 0.0,
+    max_radius: float | None = None,
 ) -> Iterator[Certificate]:
     """Cohen et al.'s CERTIFY, one :class:`Certificate` per input as soon as it is done (for
     streaming and resumable runs; in input order, except with ``sequential=True``, where
@@ -257,6 +258,7 @@ def certify_iter(
             batch_size=batch_size,
             radius_tolerance=radius_tolerance,
             min_radius=min_radius,
+            max_radius=max_radius,
             radius_of=radius_of,
         )
         return (
@@ -355,6 +357,7 @@ def certify(
     max_n: int = 100_000,
     radius_tolerance: float | None = None,
     min_radius: float = 0.0,
+    max_radius: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cohen et al.'s CERTIFY on every input of ``x`` (N, C, H, W), inside the input box
     ``bounds`` (``(low, high)``; inputs outside it are refused, as by every entry point:
@@ -369,9 +372,14 @@ def certify(
         generator: a ``torch.Generator`` shared by the inputs, or a sequence of one per input.
         sequential: False (default): Cohen's fixed ``n``. True: the anytime-valid sequential
             estimation of :mod:`robustlab.defenses.sequential` (``n`` is then unused): at most
-            ``max_n`` estimation draws, stopping once the radius is known to within
-            ``radius_tolerance`` (input units; None: ``sigma / 10``, and 1 pixel for l0) or
-            can no longer reach ``min_radius``.
+            ``max_n`` estimation draws, stopping once the radius is decided on the grid of
+            multiples of ``radius_tolerance`` (input units; None: ``sigma / 4``, and 1 pixel
+            for l0: the certified radius and the largest one still possible lie between the
+            same two multiples), once it reaches ``max_radius`` (None: no limit; radii
+            beyond it are not of interest, e.g. ``3 * sigma``), or once it can no longer
+            reach ``min_radius``. Certified accuracy at the multiples of the tolerance up
+            to ``max_radius`` then matches what ``max_n`` fixed draws give, up to points
+            that sit on a multiple (they draw to ``max_n``).
 
     Returns:
         ``(prediction, radius)``: (N,) int64 classes (:data:`ABSTAIN` = -1 where it abstains)
@@ -399,6 +407,7 @@ def certify(
             max_n=max_n,
             radius_tolerance=radius_tolerance,
             min_radius=min_radius,
+            max_radius=max_radius,
         ),
         key=lambda r: r.index,
     )

@@ -10,24 +10,35 @@ Waudby-Smith, Ramdas, JRSS-B 2024, arXiv:2010.09686). After the class ``c_A`` is
 estimation draws are looked at after ``N_1 < N_2 < ... < N_K = max_n`` of them
 (:func:`looks`: ``N_1 = 100``, then ``x 1.25``). At look ``k`` with ``A_k`` votes for ``c_A``,
 
-    L_k = Clopper-Pearson lower bound of A_k / N_k at level  alpha_k = 5 alpha / ((k+4)(k+5)),
-    U_k = the upper bound at the same level.
+    L_k = Clopper-Pearson lower bound of A_k / N_k at level alpha_k,
+    U_k = the upper bound at the same level,
+    alpha_k = (alpha / 2) 5 / ((k+4)(k+5)) for k < K,  alpha_K = alpha / 2.
 
-Since ``sum_k alpha_k = alpha`` (a telescoping sum, :func:`look_alphas`) and each bound holds
-at its fixed ``N_k``, ``P(exists k: p_A < L_k) <= alpha``: the lower bounds hold *together*,
-so ``L_tau`` is a ``1 - alpha`` lower bound at any look ``tau`` chosen from the data, and
-the returned radius (from ``L_tau``, as CERTIFY's) is certified with probability at least
-``1 - alpha``, whatever stopped it. With probability at least ``1 - 2 alpha`` also
-``p_A <= U_k`` at every look, so a stop for precision leaves the true radius at most
-``radius_tolerance`` above the returned one.
+Since ``sum_k alpha_k <= alpha`` (the first terms telescope to at most ``alpha / 2``,
+:func:`look_alphas`) and each bound holds at its fixed ``N_k``, ``P(exists k: p_A < L_k) <=
+alpha``: the lower bounds hold *together*, so ``L_tau`` is a ``1 - alpha`` lower bound at any
+look ``tau`` chosen from the data, and the returned radius (from ``L_tau``, as CERTIFY's) is
+certified with probability at least ``1 - alpha``, whatever stopped it. Half of ``alpha`` goes
+to the last look so that an input that needs every draw loses little to fixed-N CERTIFY on the
+same ``max_n`` draws (its bound is at level ``alpha / 2`` instead of ``alpha``).
 
 Stopping rule, at each look: the ceiling ``c_k = min(U_k, the largest lower bound a later look
-could give if every further draw voted c_A)``; stop when ``radius(c_k) - radius(L_k) <=
-radius_tolerance`` (decided), when ``c_k <= 1/2`` or ``radius(c_k) < min_radius`` (out of
-reach), or at ``max_n``. Cost: ``n0 + N_tau`` draws per input, ``N_tau <= 1.25 x`` the draws
+could give if every further draw voted c_A)``; with ``t = radius_tolerance``, stop when
+
+- ``radius(L_k)`` and ``radius(c_k)`` lie in the same cell ``[j t, (j+1) t)`` (decided: no
+  multiple of ``t`` is still undecided; an abstention, ``L_k <= 1/2``, is a cell of its own),
+- ``radius(L_k) >= max_radius`` (nothing larger is of interest),
+- ``c_k <= 1/2`` or ``radius(c_k) < min_radius`` (out of reach), or at ``max_n``.
+
+With probability at least ``1 - 2 alpha`` also ``p_A <= U_k`` at every look, so a stop for a
+decided cell returns a radius in the cell of ``min(true radius, the most max_n draws could
+certify)``: certified accuracy at the multiples of ``t`` up to ``max_radius`` is what ``max_n``
+draws give, up to the level spent on the looks. An input whose radius sits on a multiple of
+``t`` draws to ``max_n``. Cost: ``n0 + N_tau`` draws per input, ``N_tau <= 1.25 x`` the draws
 the rule needed. Differences from the reference (github.com/vvoracek/RS_conf_seq): its
-baseline tests a fixed radius with growth 1.1; here the radius is estimated, with growth 1.25
-(fewer looks, so larger ``alpha_k``) and the early stop for precision.
+baseline tests a fixed radius with growth 1.1; here the radius is estimated to a grid of
+radii, with growth 1.25 (fewer looks, so larger ``alpha_k``), the early stops, and half of
+``alpha`` on the last look.
 
 Inputs are certified up to :data:`WINDOW` at a time, their draws of one look sharing the base
 model's forwards (:mod:`robustlab.defenses.batching`). Each input draws from its own generator;
@@ -58,6 +69,7 @@ __all__ = [
     "GROWTH",
     "WINDOW",
     "Estimate",
+    "Stopping",
     "look_alphas",
     "looks",
     "lower_bounds",
@@ -93,10 +105,13 @@ def looks(max_n: int) -> list[int]:
 
 
 def look_alphas(alpha: float, k: int) -> np.ndarray:
-    """``alpha_j = 5 alpha / ((j+4)(j+5))`` for looks j = 1..k; their sum over every j >= 1
-    is ``alpha`` (``5 alpha (1/(j+4) - 1/(j+5))`` telescopes to ``alpha``)."""
+    """The levels of ``k`` looks: ``alpha_j = (alpha / 2) 5 / ((j+4)(j+5))`` for j = 1..k-1
+    (``5 (1/(j+4) - 1/(j+5))`` telescopes to at most 1) and ``alpha / 2`` for the last: their
+    sum is at most ``alpha``."""
     j = np.arange(1, k + 1, dtype=np.float64)
-    return 5 * alpha / ((j + 4) * (j + 5))
+    out = 2.5 * alpha / ((j + 4) * (j + 5))
+    out[-1] = alpha / 2
+    return out
 
 
 def lower_bounds(count: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -131,14 +146,27 @@ def radii(
     return np.where(p > 0.5, r.reshape(p.shape), 0.0)
 
 
+class Stopping(NamedTuple):
+    """The options of the stopping rule, in the units of the radius: ``tolerance`` (the grid
+    step ``t``), ``min_radius`` and ``max_radius`` (see the module docstring)."""
+
+    tolerance: float
+    min_radius: float
+    max_radius: float
+
+
+def _cell(r: np.ndarray, p: np.ndarray, rule: Stopping) -> np.ndarray:
+    """The grid cell of radius ``r`` (of bound ``p``): -1 for an abstention (``p <= 1/2``)."""
+    return np.where(p > 0.5, np.floor(r / rule.tolerance), -1.0)
+
+
 def _stops(
     count: np.ndarray,
     k: np.ndarray,
     grid: list[int],
     alphas: np.ndarray,
     rad: Callable[[np.ndarray], np.ndarray],
-    tolerance: float,
-    min_radius: float,
+    rule: Stopping,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(stop, L)`` at look ``k`` (0-based, per input) with ``count`` votes for ``c_A``."""
     n_k = np.asarray(grid)[k]
@@ -152,10 +180,11 @@ def _stops(
     )
     best = np.where(later, best, 0.0).max(1, initial=0.0)
     ceiling = np.minimum(up, np.maximum(low, best))
-    r_ceiling = rad(ceiling)
-    decided = r_ceiling - rad(low) <= tolerance
-    unreachable = (ceiling <= 0.5) | (r_ceiling < min_radius)
-    return decided | unreachable | (k == len(grid) - 1), low
+    r_low, r_ceiling = rad(low), rad(ceiling)
+    decided = _cell(r_low, low, rule) == _cell(r_ceiling, ceiling, rule)
+    enough = (low > 0.5) & (r_low >= rule.max_radius)
+    unreachable = (ceiling <= 0.5) | (r_ceiling < rule.min_radius)
+    return decided | enough | unreachable | (k == len(grid) - 1), low
 
 
 def _per_input(
@@ -184,6 +213,7 @@ def sequential_estimates(
     batch_size: int | None,
     radius_tolerance: float | None,
     min_radius: float,
+    max_radius: float | None,
     radius_of: Callable[[float], float],
 ) -> Iterator[Estimate]:
     """One :class:`Estimate` per input of ``x`` as it stops (any order); the procedure and its
@@ -191,11 +221,19 @@ def sequential_estimates(
     The options are checked at the call."""
     max_n = positive_int(max_n, "max_n (the most estimation draws per input)")
     if radius_tolerance is None:
-        radius_tolerance = 1.0 if noise == "uniform-l0" else sigma / 10
-    tol = number(
-        radius_tolerance, "radius_tolerance (input units, e.g. sigma / 10)", low=0, low_open=True
+        radius_tolerance = 1.0 if noise == "uniform-l0" else sigma / 4
+    rule = Stopping(
+        number(
+            radius_tolerance,
+            "radius_tolerance (the radius grid's step, input units, e.g. sigma / 4)",
+            low=0,
+            low_open=True,
+        ),
+        number(min_radius, "min_radius (input units)", low=0),
+        math.inf
+        if max_radius is None
+        else number(max_radius, "max_radius (input units, None: no limit)", low=0, low_open=True),
     )
-    min_radius = number(min_radius, "min_radius (input units)", low=0)
     gens = _per_input(gens, x.device)
     grid = looks(max_n)
     alphas = look_alphas(alpha, len(grid))
@@ -215,7 +253,7 @@ def sequential_estimates(
         noise=noise,
         draw=draw,
         batch=batch,
-        stops=lambda c, k: _stops(c, k, grid, alphas, rad, tol, min_radius),
+        stops=lambda c, k: _stops(c, k, grid, alphas, rad, rule),
     )
 
 

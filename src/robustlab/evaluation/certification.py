@@ -100,11 +100,11 @@ def _read_rows(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
 def _sequential_options(sequential: dict[str, Any] | None) -> dict[str, Any]:
     if not sequential:
         return {}
-    unknown = set(sequential) - {"max_n", "radius_tolerance", "min_radius"}
+    unknown = set(sequential) - {"max_n", "radius_tolerance", "min_radius", "max_radius"}
     if unknown:
         raise ValueError(
             f"unknown sequential option(s) {sorted(unknown)}; valid: max_n, "
-            "radius_tolerance, min_radius"
+            "radius_tolerance, min_radius, max_radius"
         )
     return {"sequential": True, **sequential}
 
