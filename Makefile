@@ -15,7 +15,7 @@ RUN    := runs/quickstart
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml src/robustlab/_version.py | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -46,14 +46,25 @@ browser:
 	fi
 
 test: install data browser
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
 
 # The house rules of CONTRIBUTING.md (import circles, forbidden arrows, sizes, inline checks).
 structure: install
 	$(BIN)/python -m pytest -q tests/test_structure.py
+
+# The release test (slow, tests/test_release.py): builds the sdist and the wheel, checks them
+# with twine, installs the wheel into a fresh venv holding torch alone and runs the CLI from it.
+.PHONY: test-release
+test-release: install data
+	$(BIN)/python -m pytest -m slow -p no:warnings -vv --durations=0 tests/test_release.py
 
 quickstart: install data
 	@if [ -f $(RUN)/train_state.safetensors ]; then resume=--resume; else resume=; fi; \
@@ -68,5 +79,10 @@ bench-env:
 bench:
 	$(MAKE) -C benchmarks bench
 
+# The documentation site (mkdocs.yml, docs/) into site/, strictly: any warning fails it.
+.PHONY: docs
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build site *.egg-info

@@ -17,7 +17,8 @@ from robustlab._provenance import package_version
 if TYPE_CHECKING:
     from robustlab import attacks, data, defenses, evaluation, models, report, training
     from robustlab.benchmarking import benchmark
-    from robustlab.evaluation import AuditResult, EvalResult, audit, eps_sweep, evaluate
+    from robustlab.evaluation import EvalResult, eps_sweep, evaluate
+    from robustlab.evaluation.audit import AuditResult, audit
     from robustlab.threat import ThreatModel
 
 __version__ = package_version()

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar, Literal
+from typing import Any, Literal
 
 from torch import nn
 
-__all__ = ["Declares", "Declaration", "declared", "eval_mode", "frozen"]
+__all__ = ["Declares", "Declaration", "attach", "attached", "declared", "eval_mode", "frozen"]
 
 Declaration = Literal["randomized", "differentiable", "rejects"]
 #: each declaration's loose attribute on user modules, and its value when nothing is declared
@@ -60,9 +60,10 @@ class Declares:
     written for the loose names (``robustlab_differentiable = False``) declares by them.
     """
 
-    randomized: ClassVar[bool] = False
-    differentiable: ClassVar[bool] = True
-    rejects: ClassVar[bool] = False
+    # class defaults that an instance may override (not ClassVar)
+    randomized: bool = False
+    differentiable: bool = True
+    rejects: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -107,3 +108,16 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def attach(module: nn.Module, name: str, value: object) -> None:
+    """Set the plain attribute ``name`` of ``module`` to ``value`` (a flag, a dict of
+    provenance, a hook object): what ``setattr`` does, typed for values that are neither
+    tensors nor modules (``nn.Module.__setattr__`` is typed for those only)."""
+    setattr(module, name, value)
+
+
+def attached(module: nn.Module, name: str) -> Any:
+    """The plain attribute ``name`` of ``module`` (set by :func:`attach` or by the module's
+    own class); ``AttributeError`` if it has none, as for ``module.<name>``."""
+    return getattr(module, name)

@@ -6,15 +6,16 @@ import os
 import platform
 import subprocess
 from functools import cache
-from importlib import metadata
 from pathlib import Path
+
+from robustlab._version import __version__
 
 
 def package_version() -> str:
-    try:
-        return metadata.version("robustlab")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    """robustlab's version, from :mod:`robustlab._version` (the one place it is written, also
+    read by the build): the same for a wheel, an editable install and a source tree on
+    ``sys.path``, installed or not."""
+    return __version__
 
 
 @cache

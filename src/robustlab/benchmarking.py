@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from robustlab import data as datasets
 from robustlab import models
 from robustlab._eps import parse_eps
-from robustlab._modes import eval_mode
+from robustlab._modes import attached, eval_mode
 from robustlab._validate import check_labels, integer, positive_int, resolve_device
 from robustlab.evaluation import EvalResult, evaluate
 from robustlab.evaluation.state import FILENAME as EVAL_STATE
@@ -152,7 +152,7 @@ def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _normalization(model: nn.Module) -> dict[str, list[float]] | None:
+def _normalization(model: nn.Module) -> dict[str, Any] | None:
     """The normalisation a model records or wraps: ``{"mean", "std"}`` per channel, or None."""
     spec = getattr(model, "robustlab_spec", None)
     if isinstance(spec, dict):
@@ -200,7 +200,7 @@ def _model(
         built = models.from_spec(
             model, weights=weights, normalize=normalize, **dict(model_options or {})
         )
-        rec = spec_provenance(built.robustlab_spec)
+        rec = spec_provenance(attached(built, "robustlab_spec"))
         return built, rec | {
             "model_options": _jsonable(rec["model_options"]),
             "weights_sha256": rec["weights_sha256"] or _state_sha256(built),
@@ -208,14 +208,15 @@ def _model(
     if isinstance(model, str | os.PathLike):
         loaded = models.load(model, trust_code=trust_code)
         path = str(Path(model).resolve())
-        arch = loaded.robustlab_meta["architecture"]
+        meta = attached(loaded, "robustlab_meta")
+        arch = meta["architecture"]
         return loaded, {
             "name": Path(model).stem,
             "model": path,
             "checkpoint": path,
             "architecture": arch.get("spec") or arch.get("name"),
             "weights": path,
-            "weights_sha256": loaded.robustlab_meta["sha256"],
+            "weights_sha256": meta["sha256"],
         }
     if isinstance(model, nn.Module):
         inner = model.model if isinstance(model, models.Normalized) else model

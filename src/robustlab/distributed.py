@@ -85,7 +85,7 @@ def gather_rows(rows: Tensor, world: World) -> Tensor:
     length by one), so rank-sharded results merge back into the global order."""
     if world.size == 1:
         return rows
-    sizes = [None] * world.size
+    sizes: list[int] = [0] * world.size  # all_gather_object fills in every rank's
     dist.all_gather_object(sizes, len(rows))
     pad = max(sizes) - len(rows)
     padded = torch.cat([rows, rows.new_zeros((pad, *rows.shape[1:]))]) if pad else rows

@@ -40,7 +40,8 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[key] = obj
             if self.name_classes and inspect.isclass(obj):
-                obj.name = key
+                cls: Any = obj  # any class: the attribute is added, whatever its own type says
+                cls.name = key
             return obj
 
         return add
@@ -59,13 +60,13 @@ class Registry(Generic[T]):
     def options(self, name: str) -> list[str]:
         """The keyword options the entry ``name`` takes (its signature's named parameters
         after the positional ones a caller always passes)."""
-        params = inspect.signature(self.get(name)).parameters.values()
+        params = inspect.signature(self._factory(name)).parameters.values()
         return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def create(self, name: str, *args: Any, **options: Any) -> Any:
         """Build the entry ``name`` with ``args`` and ``options``. An option it does not take
         raises ``TypeError`` "<kind> <name>: unknown option X; its options are: ..."."""
-        factory = self.get(name)
+        factory = self._factory(name)
         sig = inspect.signature(factory)
         takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         if not takes_any:
@@ -78,6 +79,13 @@ class Registry(Generic[T]):
                     f"{', '.join(valid) or 'none'}"
                 )
         return factory(*args, **options)
+
+    def _factory(self, name: str) -> Callable[..., Any]:
+        """The entry ``name`` as a factory; a ``TypeError`` if it is not callable."""
+        entry = self.get(name)
+        if not callable(entry):
+            raise TypeError(f"{self.kind} {name!r} is not a factory: it cannot be called")
+        return entry
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Registered names, sorted; ``pattern`` filters with shell wildcards (``"pgd*"``)."""

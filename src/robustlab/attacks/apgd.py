@@ -10,7 +10,7 @@ Distance: linf, l2, l1. Attacks: ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +131,7 @@ class APGD(Attack):
     """
 
     stochastic = True
-    norms = ("linf", "l2", "l1")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
 
     def __init__(
         self,
@@ -186,7 +186,8 @@ class APGD(Attack):
         return [clean.argmax(1)]  # one untargeted pass (the entry is unused)
 
     def _init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        th, gen = self.threat, {"generator": generator, "device": generator.device}
+        th = self.threat
+        gen: dict[str, Any] = {"generator": generator, "device": generator.device}
         if th.norm == "linf":
             u = 2 * torch.rand(x.shape, dtype=x.dtype, **gen) - 1
             d = u / _col(u.flatten(1).abs().amax(1).clamp_min(1e-12), u)
@@ -291,8 +292,8 @@ class APGD(Attack):
         else:
             dirn = grad / _col(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
         z = th.project(xa + eta * dirn, x)
-        a = 1.0 if first else 0.75
-        return th.project(xa + a * (z - xa) + (1 - a) * (xa - s.prev), x)
+        mix = 1.0 if first else 0.75
+        return th.project(xa + mix * (z - xa) + (1 - mix) * (xa - s.prev), x)
 
     def _checkpoint(self, s: State, interval: int) -> None:
         """linf/l2: halve the step and restart from the best point where the loss stalled.

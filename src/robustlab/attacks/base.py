@@ -90,7 +90,7 @@ class Attack:
     """
 
     name: ClassVar[str] = "attack"
-    stochastic: ClassVar[bool] = False
+    stochastic: bool = False  # a class default that an instance may override
     norms: ClassVar[tuple[str, ...]] = CONTINUOUS_NORMS
     uses_gradients: ClassVar[bool] = True
     minimum_norm: ClassVar[bool] = False
@@ -163,15 +163,17 @@ class Attack:
             raise ValueError(
                 f"{self.name} is untargeted: create it with targeted=True to pass target"
             )
-        labels = (target if self.targeted else y).to(device=x.device, dtype=torch.long)
-        if generator_or_none(generator) is None:
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        # the checks above leave target set exactly when the attack is targeted
+        labels = (y if target is None else target).to(device=x.device, dtype=torch.long)
+        gen = generator_or_none(generator)
+        if gen is None:
+            gen = torch.Generator(device=x.device).manual_seed(self.seed)
         x0 = x.detach()
         with eval_mode(model):
             probe = probe_model(model, x0[:2])  # two samples: catches batch-collapsing models
             check_labels(labels, probe.shape[1], "targets" if self.targeted else "labels")
             with bpda(model, self.bpda):
-                out = self.perturb(model, x0, labels, generator)
+                out = self.perturb(model, x0, labels, gen)
             out = out if isinstance(out, Perturbation) else Perturbation(out)
             x_adv = out.x_adv.detach()
             self.threat.check(x_adv, x0, who=f"attack {self.name!r}")

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from robustlab._modes import declared
+from robustlab._modes import attach, declared
 
 __all__ = ["BPDA", "bpda", "nondifferentiable_stages", "straight_through"]
 
@@ -89,9 +89,9 @@ def bpda(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     before = [getattr(m, "robustlab_bpda", False) for m in stages]
     if enabled:
         for m in stages:
-            m.robustlab_bpda = True
+            attach(m, "robustlab_bpda", True)
     try:
         yield model
     finally:
         for m, b in zip(stages, before, strict=True):
-            m.robustlab_bpda = b
+            attach(m, "robustlab_bpda", b)

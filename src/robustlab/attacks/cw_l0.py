@@ -11,6 +11,7 @@ C&W-l2's (:mod:`robustlab.attacks.cw_l2`); the search on ``c`` is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,7 +130,9 @@ class CarliniWagnerL0(Attack):
         """(N, C, U): the channels of each unit (pixels, or features with one channel)."""
         return t.flatten(1)[:, None] if self.independent_channels else as_pixels(t)
 
-    def _objective(self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor, c: Tensor):
+    def _objective(
+        self, model: nn.Module, x: Tensor, y: Tensor, mask: Tensor, c: Tensor
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """w -> (per-sample objective, logits) of the point ``mid + half * tanh(w)`` on the
         allowed features ``mask``, ``x`` elsewhere."""
         mid, half = tanh_space(self.threat)

@@ -8,6 +8,7 @@ perturbation it found (``AttackResult.min_norm``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -131,7 +132,7 @@ class CarliniWagnerL2(Attack):
 
     def _objective(
         self, model: nn.Module, x: Tensor, y: Tensor, c: Tensor, mid: float, half: float
-    ):
+    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """w -> (per-sample C&W loss, logits) of the point ``mid + half * tanh(w)``."""
 
         def f(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -121,7 +121,7 @@ class NAttack(Attack):
         lo, hi = self.threat.bounds
         xf = x.flatten(1)
         w = torch.atanh(((xf - (lo + hi) / 2) / ((hi - lo) / 2)) * (1 - 1e-6))
-        gen = {"generator": generator, "device": generator.device, "dtype": x.dtype}
+        gen: dict[str, Any] = {"generator": generator, "device": generator.device, "dtype": x.dtype}
         mu = 0.001 * torch.randn(xf.shape, **gen).to(x.device)
         queries = torch.zeros(n, dtype=torch.long, device=x.device)
         best = xf.clone()

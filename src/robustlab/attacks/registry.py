@@ -6,14 +6,17 @@ import inspect
 from typing import Any
 
 from robustlab._validate import positive_int
+from robustlab.attacks.base import Attack
 from robustlab.registry import Registry
 from robustlab.threat import ThreatModel
 
-ATTACKS: Registry[type] = Registry("attack")
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 register = ATTACKS.register
 
 
-def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False, **options: Any):
+def create(
+    name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False, **options: Any
+) -> Attack:
     """Build the registered attack ``name`` for ``threat`` through ``ATTACKS.create`` (an
     unknown option raises TypeError "attack <name>: unknown option X; its options are: ...").
 
@@ -30,13 +33,13 @@ def create(name: str, threat: ThreatModel, *, eot: int = 1, bpda: bool = False, 
         raise TypeError(f"bpda must be True or False, got {bpda!r}")
     if bpda and not cls.uses_gradients:
         raise ValueError(f"attack {name!r} uses no gradients: bpda has no backward pass to replace")
-    attack = ATTACKS.create(name, threat, **options)
+    attack: Attack = ATTACKS.create(name, threat, **options)
     attack.eot_samples = eot
     attack.bpda = bpda
     return attack
 
 
-def create_for_evaluation(name: str, threat: ThreatModel, **options: Any):
+def create_for_evaluation(name: str, threat: ThreatModel, **options: Any) -> Attack:
     """Like :func:`create`, with ``early_stop=True`` where the attack takes it: in evaluation
     only whether a point breaks matters, so an attack stops working on it once it has."""
     if "early_stop" in inspect.signature(ATTACKS.get(name)).parameters:

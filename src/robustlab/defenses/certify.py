@@ -198,7 +198,7 @@ def _generators(generator: Generators, n: int, x: Tensor) -> list[torch.Generato
     the given one per input."""
     if generator is None or isinstance(generator, torch.Generator):
         return [generator] * n
-    gens = list(generator)
+    gens: list[torch.Generator | None] = list(generator)
     if len(gens) != n or not all(isinstance(g, torch.Generator) for g in gens):
         raise TypeError(
             f"generator must be a torch.Generator, None, or a sequence of one "
@@ -267,7 +267,7 @@ def certify_iter(
                 prediction=e.c_a if e.p_lower > 0.5 else ABSTAIN,
                 radius=radius_of(e.p_lower) if e.p_lower > 0.5 else 0.0,
                 p_lower=e.p_lower,
-                count=e.count,
+                count=e.hits,
                 norm=CERTIFIED_NORM[noise],
                 seconds=e.seconds,
                 draws=e.draws,

@@ -56,6 +56,8 @@ class ExtraClassDetector(Detector):
         fpr: the false-positive rate :meth:`fit` sets ``T`` at on clean points. Default 0.05.
     """
 
+    base: ClassLogits  # narrows Defense.base
+
     extra_outputs = 1
 
     def __init__(self, model: nn.Module, threshold: float | None = None, fpr: float = 0.05) -> None:

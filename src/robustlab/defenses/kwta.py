@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from robustlab._modes import attach
 from robustlab._validate import number
 from robustlab.defenses.base import Defense
 from robustlab.defenses.registry import register
@@ -84,7 +85,8 @@ class KWTADefense(Defense):
         super().__init__(model)
         self.ratio = number(ratio, "k-WTA ratio", low=0, high=1, low_open=True)
         # the original leaves the module tree (a tuple): the state dict holds net only
-        self._original = (self._modules.pop("base"),)
+        self._modules.pop("base")
+        self._original = (model,)
         self.net = copy.deepcopy(model)
         if replace_activations(self.net, self.ratio) == 0:
             names = ", ".join(c.__name__ for c in activation_classes())
@@ -97,15 +99,17 @@ class KWTADefense(Defense):
         arch = getattr(self.net, "robustlab_arch", None)  # recorded by robustlab.models.create
         if arch is not None:  # keep robustlab.models.save(defense.net) truthful
             if self.ratio == RATIO:
-                self.net.robustlab_arch = {
-                    **arch,
-                    "kwargs": {**arch["kwargs"], "activation": "kwta"},
-                }
+                attach(
+                    self.net,
+                    "robustlab_arch",
+                    {**arch, "kwargs": {**arch["kwargs"], "activation": "kwta"}},
+                )
             else:  # no registered activation rebuilds this net: refuse to save it as relu
                 del self.net.robustlab_arch
 
+    # read-only here (Defense.base is a plain attribute): the base is kept out of the tree
     @property
-    def base(self) -> nn.Module:
+    def base(self) -> nn.Module:  # type: ignore[override]
         """The undefended base model (not part of this module's state)."""
         return self._original[0]
 

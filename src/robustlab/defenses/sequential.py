@@ -84,13 +84,14 @@ WINDOW = 256
 
 class Estimate(NamedTuple):
     """Where one input stopped: its position in ``x``, the class ``c_a``, the lower bound
-    ``p_lower`` on its probability, its ``count`` among the ``draws`` estimation draws, and
+    ``p_lower`` on its probability, its ``hits`` (votes for ``c_a``) among the ``draws``
+    estimation draws, and
     ``seconds`` (its share of the forwards' wall-clock time)."""
 
     position: int
     c_a: int
     p_lower: float
-    count: int
+    hits: int
     draws: int
     seconds: float
 
@@ -275,7 +276,10 @@ def _rounds(
     draws, then their first look), in one stream of forwards, then yields those that stop."""
     waiting = list(range(len(x)))[::-1]
     active: list[int] = []
-    c_a, count, look, secs = {}, {}, {}, dict.fromkeys(range(len(x)), 0.0)
+    c_a: dict[int, int] = {}
+    count: dict[int, int] = {}
+    look: dict[int, int] = {}
+    secs = dict.fromkeys(range(len(x)), 0.0)
     while waiting or active:
         new = [waiting.pop() for _ in range(min(len(waiting), WINDOW - len(active)))]
         jobs = [(x[i : i + 1], n0, gens[i]) for i in new]

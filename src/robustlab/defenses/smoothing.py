@@ -190,7 +190,7 @@ class Smoothing(Defense):
         for rows, logits in noisy_logits(
             self.base, x, s, self.sigma, self.noise, self.batch_size, generator
         ):
-            if prob_sum is None:
+            if prob_sum is None or logit_sum is None or votes is None:  # all None until here
                 k = logits.shape[1]
                 prob_sum = logits.new_zeros(len(x), k)
                 logit_sum = logits.new_zeros(len(x), k)

@@ -33,7 +33,7 @@ Cost: ``1 + |S|`` forward passes of the model per input.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -47,7 +47,8 @@ from robustlab.defenses.registry import register
 __all__ = ["SQUEEZERS", "FeatureSqueezing", "squeezer"]
 
 #: squeezer spec name -> (stage, its one option); a spec is ``"name:value"``, value an integer
-SQUEEZERS: dict[str, tuple[type[Transform], str]] = {
+#: name -> (the stage's class, built from one integer; the name of that integer option)
+SQUEEZERS: dict[str, tuple[Callable[[int], Transform], str]] = {
     "bit-depth": (BitDepthReduction, "bits"),
     "median": (MedianSmoothing, "window"),
 }
@@ -77,7 +78,7 @@ def squeezer(spec: str | Transform) -> Transform:
     return SQUEEZERS[name][0](number)
 
 
-def _spec(stage: Transform) -> str:
+def _spec(stage: nn.Module) -> str:
     """A stage's spec string (its repr for stages without one)."""
     for name, (cls, option) in SQUEEZERS.items():
         if type(stage) is cls:

@@ -64,7 +64,7 @@ class LogisticHead(nn.Module):
 
         with torch.enable_grad():
             opt.step(closure)
-        like = dict(dtype=features.dtype, device=features.device)
+        like: dict[str, Any] = dict(dtype=features.dtype, device=features.device)
         self.mean, self.std = mean.to(**like), std.to(**like)
         self.weight, self.bias = w.detach().to(**like), b.detach().to(**like)
         return self

@@ -106,6 +106,8 @@ class Thermometer(Preprocessed):
             ``C * levels`` (at the first forward of C-channel images).
     """
 
+    stage: ThermometerEncoding  # narrows Preprocessed.stage
+
     def __init__(self, model: nn.Module, levels: int = 16) -> None:
         super().__init__(model, ThermometerEncoding(levels))
         channels = _input_channels(model)

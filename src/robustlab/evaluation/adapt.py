@@ -300,7 +300,7 @@ def to_minimal_norm(steps: list[Step], specs: list[AttackLike]) -> list[Step]:
     from_name = first >= len(specs) or not isinstance(specs[first], Attack)
     if atk.minimum_norm and from_name and getattr(atk, "early_stop", False):
         atk = copy.copy(atk)
-        atk.early_stop = False
+        setattr(atk, "early_stop", False)  # noqa: B010 (only some attacks have the option)
         steps = [*steps[:first], Step(atk, None), *steps[first + 1 :]]
     return steps
 

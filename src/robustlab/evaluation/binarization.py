@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -164,11 +164,12 @@ def _fit_readout(f_in: Tensor, f_bd: Tensor) -> tuple[Tensor, Tensor] | None:
 
 def _mean_features(net: Binarized, x: Tensor, repeats: int, batch_size: int) -> Tensor:
     """Features (N, D) averaged over ``repeats`` forward passes, in batches, without grad."""
-    out = []
+    out: list[Tensor] = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
-            out.append(sum(net.features(xb) for _ in range(repeats)) / repeats)
+            total = cast(Tensor, sum(net.features(xb) for _ in range(repeats)))  # repeats >= 1
+            out.append(total / repeats)
     return torch.cat(out)
 
 
@@ -384,7 +385,7 @@ def _test_one(
     warned: list[bool],
 ) -> dict[str, Any]:
     """The test at one input ``xi`` (1, ...): set up the read-out, then attack it."""
-    row = {
+    row: dict[str, Any] = {
         "setup_ok": False,
         "setup_error": None,
         "attack_success": None,

@@ -74,12 +74,13 @@ class EvalResult:
             "per_sample": out / "per_sample.jsonl",
             "summary": out / "summary.md",
         }
-        idx = example_indices(self.per_sample) if self.x is not None else []
-        if idx:  # none where every point is misclassified without attack
+        x = self.x
+        idx = example_indices(self.per_sample) if x is not None else []
+        if x is not None and idx:  # none where every point is misclassified without attack
             rows = [self.per_sample[i] for i in idx]
             tensors = {
                 "index": torch.tensor(idx, dtype=torch.int64),
-                "x": self.x[idx].float().contiguous(),
+                "x": x[idx].float().contiguous(),
                 "x_adv": self.x_adv[idx].float().contiguous(),
                 "label": torch.tensor([r["label"] for r in rows], dtype=torch.int64),
                 "clean_pred": torch.tensor([r["clean_pred"] for r in rows], dtype=torch.int64),
@@ -203,7 +204,7 @@ def build_result(
     if (flag := unstable_estimate(robust_se, extra.get("repeats", 1))) is not None:
         flags = [*flags, flag]
     flags = list({f["name"]: f for f in flags}.values())  # one flag per kind
-    record = {
+    record: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "clean_accuracy": float(clean.float().mean()),

@@ -101,12 +101,12 @@ SUITES.register("pgd-strong")(
         description="pgd, then PGD on the CW margin loss",
     )
 )
-_AA_WHITE = [
+_AA_WHITE: list[AttackSpec] = [
     ("apgd-ce", {"steps": 100, "restarts": 1}),
     ("apgd-t", {"steps": 100, "n_target_classes": 9}),
 ]
 #: the standard suite's l0 (pixels) cascade: white-box, then score-based
-L0_STANDARD = [
+L0_STANDARD: list[AttackSpec] = [
     ("pgd-l0", {"steps": 100, "restarts": 5}),
     ("sparse-rs", {"n_queries": 10000, "alpha_init": 0.3}),
 ]

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import attached
 from robustlab._validate import positive_int
 from robustlab.models.checkpoint import load
 from robustlab.models.factory import MODELS
@@ -40,7 +41,8 @@ __all__ = ["MagNetAutoencoder", "load_autoencoder"]
 def _conv(cin: int, cout: int) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, 3, padding=1)
     nn.init.xavier_uniform_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:  # always: the layer is built with a bias
+        nn.init.zeros_(conv.bias)
     return conv
 
 
@@ -129,7 +131,7 @@ def load_autoencoder(
     model = load(path, device=device)
     if not isinstance(model, MagNetAutoencoder):
         raise ValueError(
-            f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not "
+            f"{str(path)!r} holds a {attached(model, 'robustlab_arch')['name']!r} model, not "
             "a 'magnet-ae' autoencoder"
         )
     return model

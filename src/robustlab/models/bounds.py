@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,10 @@ def network(model: nn.Module, x: Tensor) -> Network:
         items = _walk(model, "") if list(model.children()) else [("model", model)]
     for name, m in items:
         _check_layer(name, m)
-    layers, names, shapes = [], [], []
+    layers: list[nn.Module] = []
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    t: Tensor | None
     with eval_mode(model), torch.no_grad():
         want, t = model(x[:8]), x[:8]
         try:
@@ -159,12 +163,18 @@ def network(model: nn.Module, x: Tensor) -> Network:
 
 
 # --- one layer ----------------------------------------------------------------------------------
-def _bn(m: nn.Module, dim: int) -> tuple[Tensor, Tensor]:
+def _bn(m: nn.BatchNorm1d | nn.BatchNorm2d, dim: int) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm as scale * t + shift, both broadcastable to (N, C, ...)."""
-    scale = torch.rsqrt(m.running_var + m.eps)
+    var, mean = m.running_var, m.running_mean
+    if var is None or mean is None:
+        raise ValueError(
+            f"{type(m).__name__} keeps no running statistics (track_running_stats=False), so "
+            "it is not affine in eval mode; build it with track_running_stats=True"
+        )
+    scale = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
-    shift = -m.running_mean * scale + (m.bias if m.bias is not None else 0)
+    shift = -mean * scale + (m.bias if m.bias is not None else 0)
     view = (1, -1) + (1,) * (dim - 2)
     return scale.view(view), shift.view(view)
 
@@ -222,8 +232,8 @@ def _transpose(m: nn.Module, lam: Tensor, shape: tuple[int, ...]) -> Tensor:
         return lam
     if isinstance(m, nn.Conv2d):
         weight, args = m.weight, _conv_args(m)
-    else:  # AvgPool2d
-        weight, args = _pool_conv(m, lam.new_empty(1, shape[0], 1, 1))
+    else:  # AvgPool2d, the one layer left that _check_layer admits
+        weight, args = _pool_conv(cast(nn.AvgPool2d, m), lam.new_empty(1, shape[0], 1, 1))
     stride, padding = args["stride"], nn.modules.utils._pair(args["padding"])
     dilation = nn.modules.utils._pair(args.get("dilation", 1))
     extra = [

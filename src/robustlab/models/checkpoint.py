@@ -29,6 +29,7 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import nn
 
 from robustlab._io import atomic_write
+from robustlab._modes import attach
 from robustlab._provenance import git_commit, package_version
 from robustlab.models.convert import _cpu_tensors, _is_safetensors, mismatches
 from robustlab.models.factory import create
@@ -56,8 +57,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(orig := getattr(model, "_orig_mod", None), nn.Module):
+            model = orig
         else:
             return model
 
@@ -318,5 +319,5 @@ def load(
         model.load_state_dict(state)
     if device is not None:
         model.to(device)
-    model.robustlab_meta = sidecar
+    attach(model, "robustlab_meta", sidecar)
     return model.eval()

@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import attached
 from robustlab._validate import positive_int
 from robustlab.models.checkpoint import load
 from robustlab.models.factory import MODELS
@@ -69,14 +70,15 @@ class Denoiser(nn.Module):
                 nn.BatchNorm2d(width, eps=1e-4),
                 nn.ReLU(),
             ]
-        layers.append(nn.Conv2d(width, in_channels, 3, padding=1, bias=False))
+        last = nn.Conv2d(width, in_channels, 3, padding=1, bias=False)
+        layers.append(last)
         self.body = nn.Sequential(*layers)
         for m in self.body:
             if isinstance(m, nn.Conv2d):
                 nn.init.orthogonal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(last.weight)
         self.robustlab_arch = {"name": self.name, "kwargs": self.kwargs()}
 
     def kwargs(self) -> dict[str, int]:
@@ -111,6 +113,7 @@ def load_denoiser(
     model = load(path, device=device)
     if not isinstance(model, Denoiser):
         raise ValueError(
-            f"{str(path)!r} holds a {model.robustlab_arch['name']!r} model, not a 'dncnn' denoiser"
+            f"{str(path)!r} holds a {attached(model, 'robustlab_arch')['name']!r} model, "
+            "not a 'dncnn' denoiser"
         )
     return model

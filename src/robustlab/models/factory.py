@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robustlab._modes import attach as attach_attribute
 from robustlab._validate import positive_int
 from robustlab.models.heads import attach as attach_head
 from robustlab.models.layers import ACTIVATIONS
@@ -130,7 +131,7 @@ def create(
     if lipschitz is not None:
         apply_lipschitz(model, lipschitz)
         kwargs["lipschitz"] = lipschitz
-    model.robustlab_arch = {"name": name.lower(), "kwargs": kwargs}
+    attach_attribute(model, "robustlab_arch", {"name": name.lower(), "kwargs": kwargs})
     return model
 
 

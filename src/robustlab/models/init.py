@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robustlab._modes import attached
 from robustlab.models.checkpoint import load
 from robustlab.models.noise import noise_parameter_names
 
@@ -79,15 +80,17 @@ def init_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
         ]
         raise ValueError(
             f"cannot initialise the model from {str(path)!r} (architecture "
-            f"{source.robustlab_arch}): " + "; ".join(parts) + ". Build the "
+            f"{attached(source, 'robustlab_arch')}): " + "; ".join(parts) + ". Build the "
             "model with the checkpoint's architecture; only noise parameters may "
             "be missing from it"
         )
     arch = getattr(model, "robustlab_arch", None)
-    if arch is not None and _without_noise(arch) != _without_noise(source.robustlab_arch):
+    if arch is not None and _without_noise(arch) != _without_noise(
+        attached(source, "robustlab_arch")
+    ):
         warnings.warn(
             f"initialising {arch} from {str(path)!r}, saved as architecture "
-            f"{source.robustlab_arch}: the weights fit, but the models differ",
+            f"{attached(source, 'robustlab_arch')}: the weights fit, but the models differ",
             stacklevel=2,
         )
     with torch.no_grad():

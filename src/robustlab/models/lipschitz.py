@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from robustlab._modes import attach
 from robustlab._validate import one_of
 
 __all__ = [
@@ -83,7 +84,7 @@ def retract(weight: Tensor, beta: float = PARSEVAL_BETA) -> Tensor:
 class ParsevalRetraction:
     """A layer's ``robustlab_after_step`` hook: one retraction of its weight, in place."""
 
-    def __init__(self, layer: nn.Module, beta: float = PARSEVAL_BETA) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, beta: float = PARSEVAL_BETA) -> None:
         self.layer, self.beta = layer, beta
 
     def __call__(self) -> None:
@@ -113,7 +114,7 @@ def apply(model: nn.Module, kind: str) -> None:
         if kind == "spectral":
             spectral_norm(m, name="weight", n_power_iterations=1, eps=1e-12)
         elif m.weight.requires_grad:
-            m.robustlab_after_step = ParsevalRetraction(m)
+            attach(m, "robustlab_after_step", ParsevalRetraction(m))
 
 
 def normalised_layers(model: nn.Module) -> list[nn.Module]:

@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._modes import attach, attached
 from robustlab._validate import number, positive_int
 
 __all__ = [
@@ -203,7 +204,7 @@ class InputNoise(nn.Module):
 
 def _noisy_input(model: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook of a model with an ``input_noise`` module: noise on its first input."""
-    return (model.input_noise(args[0]), *args[1:])
+    return (attached(model, "input_noise")(args[0]), *args[1:])
 
 
 def add_input_noise(model: nn.Module, init: float) -> None:
@@ -286,8 +287,8 @@ def inject(
             )
         rank = CNI_RANK if rank is None else rank
         rank = positive_int(rank, "cni-w rank")
-        factor_init = CNI_FACTOR_INIT if factor_init is None else factor_init
-        _check_scale(factor_init, "cni-w factor_init")
+        factor = CNI_FACTOR_INIT if factor_init is None else factor_init
+        _check_scale(factor, "cni-w factor_init")
     else:
         if rank is not None or factor_init is not None:
             raise ValueError(f"rank and factor_init are options of cni-w, not {kind}")
@@ -314,13 +315,13 @@ def inject(
         if m is last:  # the classifier: white element-wise PNI-W, as in the reference
             m._add_alpha("pni-w", "element", init)  # type: ignore[operator]
         elif kind == "cni-w":
-            m._add_colored(rank, init, factor_init)  # type: ignore[operator]
+            m._add_colored(rank, init, factor)  # type: ignore[operator]
         else:
             m._add_alpha(kind, granularity, init)  # type: ignore[operator]
     if input_sigma is not None:
         add_input_noise(model, input_sigma)
     if kind == "cni-w":
-        return {"rank": rank, "init": float(init), "factor_init": float(factor_init)} | extra
+        return {"rank": rank, "init": float(init), "factor_init": float(factor)} | extra
     return {"granularity": granularity, "init": float(init)} | extra
 
 
@@ -350,8 +351,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     before = [m.noise_enabled for m in layers]
     try:
         for m in layers:
-            m.noise_enabled = False
+            attach(m, "noise_enabled", False)
         yield model
     finally:
         for m, state in zip(layers, before, strict=True):
-            m.noise_enabled = state
+            attach(m, "noise_enabled", state)

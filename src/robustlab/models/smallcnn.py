@@ -78,7 +78,8 @@ class SmallCNN(nn.Module):
         for m in self.feature_extractor:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # always: the layers are built with a bias
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for inputs (N, C, H, W) in [0, 1]."""

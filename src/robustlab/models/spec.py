@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustlab._modes import attach, attached
 from robustlab._validate import check_images, check_logits, number, positive_int
 from robustlab.models.convert import mismatches, read_weights, strip_module_prefix
 from robustlab.models.layers import Normalized
@@ -314,14 +315,18 @@ def from_spec(
         model = Normalized(model, norm["mean"], norm["std"]).train(model.training)
     if device is not None:
         model.to(device)
-    model.robustlab_spec = {
-        "spec": resolved,
-        "options": dict(options),
-        "normalize": norm,
-        "code_sha256": code_sha256,
-        "weights": None if weights is None else str(Path(weights).resolve()),
-        "weights_sha256": weights_sha256,
-    }
+    attach(
+        model,
+        "robustlab_spec",
+        {
+            "spec": resolved,
+            "options": dict(options),
+            "normalize": norm,
+            "code_sha256": code_sha256,
+            "weights": None if weights is None else str(Path(weights).resolve()),
+            "weights_sha256": weights_sha256,
+        },
+    )
     return model
 
 
@@ -381,7 +386,8 @@ def from_architecture(
     model = from_spec(arch["spec"], normalize=arch.get("normalize"), **options)
     inner = model.model if isinstance(model, Normalized) else model
     _load_state(inner, state, repr(str(path)), arch["spec"])
-    code = model.robustlab_spec["code_sha256"]
+    record = attached(model, "robustlab_spec")
+    code = record["code_sha256"]
     if arch.get("code_sha256") is not None and code != arch["code_sha256"]:
         warnings.warn(
             f"{arch['spec']} changed since {str(path)!r} was saved (SHA-256 "
@@ -389,7 +395,7 @@ def from_architecture(
             "code may differ",
             stacklevel=3,
         )
-    model.robustlab_spec.update(weights=str(path.resolve()), weights_sha256=sha256)
+    record.update(weights=str(path.resolve()), weights_sha256=sha256)
     return model.eval()
 
 

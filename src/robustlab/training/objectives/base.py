@@ -41,7 +41,7 @@ class Objective:
     """
 
     name: ClassVar[str] = "objective"
-    needs_threat: ClassVar[bool] = True
+    needs_threat: bool = True  # a class default that an instance may override
     single_step: ClassVar[bool] = False
     #: optimiser steps per minibatch; the trainer makes ``ceil(epochs / replays)`` passes.
     replays: int = 1

@@ -60,7 +60,7 @@ class MMC(Objective):
         if step_size is not None:
             number(step_size, "mmc step_size", low=0, low_open=True)
         self.steps, self.step_size = steps, step_size
-        self.needs_threat = steps > 0  # type: ignore[misc]
+        self.needs_threat = steps > 0
 
     def config(self) -> dict:
         return super().config() | {"steps": self.steps, "step_size": self.step_size}

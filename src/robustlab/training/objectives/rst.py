@@ -82,7 +82,7 @@ class RST(Objective):
         self.base = create(base, **base_options)
         # follow the base (instance attributes shadow the class defaults)
         self.replays = self.base.replays
-        self.needs_threat = self.base.needs_threat  # type: ignore[misc]
+        self.needs_threat = self.base.needs_threat
         self.single_step = self.base.single_step  # type: ignore[misc]
         self.pseudo_label_accuracy: float | None = None
         self.pseudo_label_errors: int | None = None

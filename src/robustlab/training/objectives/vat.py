@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustlab._modes import attach, attached
 from robustlab._validate import number, positive_int
 from robustlab.threat import ThreatModel
 from robustlab.training.objectives import register
@@ -53,21 +54,21 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     value back. Nothing is copied back into the statistics tensors, so autograd graphs that
     saved them (eval-mode BatchNorm) stay valid."""
     saved = [
-        (m, m.momentum, m.num_batches_tracked.clone())
+        (m, attached(m, "momentum"), attached(m, "num_batches_tracked").clone())
         for m in model.modules()
         if getattr(m, "track_running_stats", False)
         and hasattr(m, "momentum")
         and isinstance(getattr(m, "num_batches_tracked", None), Tensor)
     ]
     for m, _, _ in saved:
-        m.momentum = 0.0
+        attach(m, "momentum", 0.0)
     try:
         yield
     finally:
         with torch.no_grad():
             for m, momentum, count in saved:
-                m.momentum = momentum
-                m.num_batches_tracked.copy_(count)
+                attach(m, "momentum", momentum)
+                attached(m, "num_batches_tracked").copy_(count)
 
 
 def normalize(d: Tensor) -> Tensor:
