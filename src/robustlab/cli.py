@@ -1,5 +1,6 @@
 """The command line: ``robustlab train | evaluate | audit | certify | smooth | denoise |
-convert-weights | report | compare | list``.
+convert-weights | report | compare | list``. The pretrained zoo's commands are in
+:mod:`robustlab.cli_zoo`.
 
 Progress bars and printing live here, never in the library. The CLI seeds torch once and
 records the seed with every result. The arguments (the options every command shares come
@@ -518,6 +519,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runs = [load_run(p) for p in args.runs]
     for skipped in (s for run in runs for s in run.skipped):
         print(f"robustlab compare: skipped {skipped}", file=sys.stderr)
+    if args.zoo:  # the pretrained models, ranked from their cards' evaluations
+        from robustlab.cli_zoo import zoo_runs
+
+        runs += zoo_runs()
     text = leaderboard_markdown(runs)
     if args.output:
         atomic_write(args.output, text)
@@ -532,6 +537,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         from robustlab.evaluation.suites import SUITES
 
         print("\n".join(cli_out.suite_lines(SUITES)))
+        return 0
+    if args.kind == "zoo":
+        from robustlab.cli_zoo import zoo_lines
+
+        print("\n".join(zoo_lines()))
         return 0
     for kind in [args.kind] if args.kind else list(REGISTRIES):
         module, function = REGISTRIES[kind]

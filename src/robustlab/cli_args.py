@@ -164,6 +164,7 @@ REGISTRIES = {  # robustlab list KIND: the module, and the function in it naming
     "losses": ("robustlab.attacks", "loss_names"),
     "schedules": ("robustlab.training", "SCHEDULES.names"),
     "activations": ("robustlab.models", "activations"),
+    "zoo": ("robustlab.models", "zoo_names"),  # list zoo: with the cards' numbers (cli_zoo)
 }
 
 
@@ -649,6 +650,11 @@ def _report_parsers(sub: Any) -> None:
         type=Path,
         default=None,
         help="write the Markdown here instead of printing it",
+    )
+    cm.add_argument(
+        "--zoo",
+        action="store_true",
+        help="rank the pretrained zoo's models beside the runs (from their model cards)",
     )
 
     ls = sub.add_parser("list", help="what is registered")

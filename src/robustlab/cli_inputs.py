@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from robustlab import data, models
+from robustlab._modes import attached
 from robustlab.cli_args import parse_options
 from robustlab.models.spec import spec_provenance
 
@@ -58,7 +59,7 @@ def load_model(
     model = models.from_spec(
         args.model, weights=args.weights, normalize=args.normalize, device=device, **options
     )
-    return model.eval(), None, dict(model.robustlab_spec)
+    return model.eval(), None, dict(attached(model, "robustlab_spec"))
 
 
 def load_data(

@@ -74,7 +74,16 @@ def _settings(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
             else args.suite or ("smoothed" if smoothed else "standard")
         )
         name = ["eval", *_threat(args), what, f"n{args.n}", f"seed{args.seed}"]
-        extra = ("steps", "restarts", "step_size", "loss", "repeats", "bpda", "surrogate", "eot")
+        extra: tuple[str, ...] = (
+            "steps",
+            "restarts",
+            "step_size",
+            "loss",
+            "repeats",
+            "bpda",
+            "surrogate",
+            "eot",
+        )
     elif c == "audit":
         name = ["audit", *_threat(args), f"n{args.n}", f"seed{args.seed}"]
         extra = ("steps", "queries", "binarization", "surrogate", "eot")

@@ -37,6 +37,7 @@ from robustlab.models.factory import create, names
 from robustlab.models.features import capture, feature_module
 from robustlab.models.layers import ACTIVATIONS, Normalize, Normalized
 from robustlab.models.spec import check_model_fits, from_spec, parse_normalize
+from robustlab.models.zoo import pretrained, zoo_names
 
 __all__ = [
     "Normalize",
@@ -51,7 +52,9 @@ __all__ = [
     "load",
     "names",
     "parse_normalize",
+    "pretrained",
     "save",
+    "zoo_names",
 ]
 
 

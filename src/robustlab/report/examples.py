@@ -26,7 +26,7 @@ def _png(img: np.ndarray) -> str:
     arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
     pil = Image.fromarray(arr)
     scale = max(1, IMAGE_PX // max(pil.size))
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

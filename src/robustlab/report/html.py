@@ -219,7 +219,7 @@ def _evaluation(run: Run, doc: Document) -> str:
 
 # --- curves -------------------------------------------------------------------------------------
 def _series(
-    label: str, kind: str, curve: Sequence[dict[str, float]], n: Sequence[int]
+    label: str, kind: str, curve: Sequence[dict[str, float]], n: Sequence[float]
 ) -> dict[str, Any]:
     """A plot series from ``{"eps", "robust_accuracy"}`` rows; ``n``: the sizes of the
     evaluations it shows."""

@@ -12,15 +12,18 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+if TYPE_CHECKING:  # matplotlib >= 3.8 ships the rc keys' type
+    from matplotlib.typing import RcKeyType
+
 INK = "#123456"  # placeholder colour, replaced by currentColor in the SVG
 PALETTE = ("#3a8fd9", "#e8871e", "#2ca58d", "#d1495b", "#9b6bd3", "#8d8d2a", "#c76f9f", "#5f9ea0")
-STYLES = {
+STYLES: dict[RcKeyType, Any] = {
     "svg.fonttype": "none",  # real <text>: small files, selectable, and it takes currentColor
     "font.family": "sans-serif",
     "font.size": 9.0,

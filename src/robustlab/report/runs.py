@@ -153,7 +153,9 @@ def _problem(doc: Any, keys: dict[str, type | tuple[type, ...]]) -> str | None:
 
 
 NUMBER = (int, float)
-KINDS = {  # file name -> (what it is, the keys and types every such file holds)
+KINDS: dict[
+    str, tuple[str, dict[str, type | tuple[type, ...]]]
+] = {  # file name -> (what it is, the keys and types every such file holds)
     EVALUATION: (
         "robustlab evaluation result",
         {

@@ -1,0 +1,678 @@
+"""The Fashion-MNIST leaderboard (issue 24): every training recipe at one stated budget per row,
+evaluated the same way, resumable row by row; and the pretrained zoo exported from it.
+
+Each row (``--list`` prints them) is a recipe of ``configs/`` plus overrides, smallcnn unless
+the row says otherwise, trained on the first ``train_n`` Fashion-MNIST training images (all
+60,000 by default) minus a fixed hold-out of ``val_split`` of them (the trainer's
+``val_split``: a permutation seeded with 0, the same for every row and seed), validated with
+PGD-10 after every pass (the validation curve; ``keep_best`` keeps ``model_best``). A row
+evaluates its final weights, or the best hold-out epoch's where it says ``checkpoint best``
+(rows that differ only in that share one training run). Every row is evaluated the same way
+at linf eps 0.1: clean and ``standard``-suite robust accuracy on the first ``--standard-n``
+test images (1000), ``fast``-suite robust accuracy on the first ``--fast-n`` (10,000), with
+the suites' flags and the wall times. Smoothing and noise-injection rows are evaluated as
+their smoothed (majority-vote) classifier with the suite meant for it (``smoothed`` / ``rand``)
+and have no ``fast`` column; IBP rows add their IBP-verified accuracy.
+
+Budgets (``--budget``): ``converged`` = each row's stated epochs (long enough, we expect, for
+the validation curve to flatten: the table shows the curve, check it); ``short`` = 2 epochs per
+row (a first look, not converged); ``smoke`` = 1 epoch on 512 images, inner attacks capped at 2
+steps, a few test points (for tests). ``--epochs``, ``--train-n``, ``--standard-n`` and
+``--fast-n`` override the preset and are recorded. ``--seeds 2`` trains a second seed of the
+five best rows (by ``standard`` robust accuracy) and reports the spread.
+
+Resumable: each training run lives in ``<cache>/runs/<recipe>-<key>/`` (the key hashes
+everything that defines the run), a killed run resumes from its last checkpoint, a killed
+evaluation from its state, and a finished row (``<cache>/rows/<row>-s<seed>-<budget key>.json``)
+is never redone. Nothing is committed. Results: ``benchmarks/results/<stem>.{md,json}`` and
+``<stem>.html`` (``robustlab report`` on the rows' run folders); the Markdown holds the table
+of every finished row of this budget and the seeds' claims beside our figures.
+
+    .venv/bin/python benchmarks/leaderboard.py --budget converged --threads 2   # all rows
+    .venv/bin/python benchmarks/leaderboard.py --rows natural,pgd-at --budget short \\
+        --fast-n 2000 --threads 1 --export-zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import robustlab as rl
+from robustlab import cli_inputs
+from robustlab.cli import main as rl_main
+from robustlab.config import Recipe, load_recipe
+from robustlab.defenses.verify import verify
+from robustlab.training import Trainer
+from robustlab.training.trainer import BEST_FILE, MODEL_FILE, STATE_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
+
+from _common import CACHE_DIR, RESULTS_DIR, machine_record, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+ZOO_DIR = ROOT / "src" / "robustlab" / "zoo"
+FULL_TRAIN = 60000
+THREAT = rl.ThreatModel("linf", 0.1)
+DATASET = "fashion-mnist"
+PREFIX_N = 100  # the card's robust accuracy on the first points, for the zoo's re-evaluation test
+TOP_SEEDED = 5  # rows that get a second seed with --seeds 2
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One leaderboard row: ``configs/<config>.toml`` with overrides, trained ``epochs`` (the
+    converged budget, in the trainer's epochs: free-at's replays count), evaluated as said."""
+
+    name: str
+    config: str
+    epochs: int
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    objective: dict[str, Any] = field(default_factory=dict)  # objective options
+    model: dict[str, Any] = field(default_factory=dict)  # models.create options (arch, ...)
+    n_train: int | None = None  # labelled images of FULL_TRAIN (None: the recipe's)
+    checkpoint: str = "final"  # or "best": model_best.safetensors of the same run
+    smoothing: float | None = None  # evaluate defenses.create("smoothing", sigma=...)
+    suites: tuple[str, str | None] = ("standard", "fast")
+    verify: str | None = None  # bound-propagation method for a verified-accuracy column
+    teacher: str | None = None  # a run of configs/<teacher>.toml trained first
+    init_from: str | None = None  # fine-tune the final weights of this row's run
+    note: str = ""
+
+
+SEMI = {"teacher": "rst_teacher"}
+ROWS = [
+    Row("natural", "natural", 20, note="the reference"),
+    Row("fgsm-at", "fgsm_at", 20, note="overfitting probe on (auto: stop)"),
+    Row("fast-at", "fast_at", 20),
+    Row("free-at", "free_at", 40, note="m = 8 (the slides'): 5 passes"),
+    Row("pgd-at", "pgd_at", 30),
+    Row("trades-b1", "trades", 30, objective={"beta": 1.0}),
+    Row("trades-b6", "trades", 30, objective={"beta": 6.0}),
+    Row("mart", "mart", 30),
+    Row("alp", "alp", 30),
+    Row("dynamic-at", "dynamic_at", 30),
+    Row("curriculum", "curriculum", 30),
+    Row("mma", "mma", 30),
+    Row("yopo", "yopo", 30),
+    Row("rst", "rst", 30, **SEMI, note="30,000 labelled + 30,000 pseudo-labelled"),
+    Row("uat", "uat", 30, **SEMI, note="30,000 labelled + a pool of 30,000"),
+    Row("mart-semi", "mart_semi", 30, **SEMI, note="30,000 labelled + a pool of 30,000"),
+    Row("noisy-student", "noisy_student", 30, **SEMI),
+    Row("trades-b6-30k", "trades", 30, n_train=30000, note="rst's labelled part only"),
+    Row("pgd-at-best", "pgd_at", 30, checkpoint="best", note="best hold-out epoch"),
+    Row("pgd-at-ema", "pgd_at", 30, train={"average": "ema"}),
+    Row("pgd-at-awp", "pgd_at", 30, train={"awp": True, "awp_gamma": 0.01, "awp_warmup": 0}),
+    Row("trades-best", "trades", 30, objective={"beta": 6.0}, checkpoint="best"),
+    Row("trades-ema", "trades", 30, objective={"beta": 6.0}, train={"average": "ema"}),
+    Row("trades-awp", "trades", 30, objective={"beta": 6.0}, train={"awp": True}),
+    Row("pgd-at-softplus", "pgd_at", 30, model={"activation": "softplus"}),
+    Row("pgd-at-silu", "pgd_at", 30, model={"activation": "silu"}),
+    Row("pgd-at-resnet20", "pgd_at", 30, model={"arch": "resnet20"}),
+    Row("pgd-at-preact-resnet18", "pgd_at", 30, model={"arch": "preact-resnet18"}),
+    Row("ibp", "ibp", 60, verify="ibp", note="ibp-small"),
+    Row("crown-ibp", "crown_ibp", 60, verify="crown-ibp", note="ibp-small"),
+    Row("gaussian-aug", "gaussian_aug", 20, smoothing=0.25, suites=("smoothed", None)),
+    Row("smoothadv", "smoothadv", 20, smoothing=0.25, suites=("smoothed", None)),
+    Row("pni", "pni", 30, suites=("rand", None), note="its own weight noise, majority of 10"),
+    Row("cni", "cni", 10, init_from="pgd-at", smoothing=0.15, suites=("smoothed", None)),
+]
+ROW = {r.name: r for r in ROWS}
+PRESETS: dict[str, dict[str, Any]] = {
+    "converged": {"epochs": None, "train_n": FULL_TRAIN, "val_split": 1000, "max_steps": None,
+                  "standard_n": 1000, "fast_n": 10000},
+    "short": {"epochs": 2, "train_n": FULL_TRAIN, "val_split": 1000, "max_steps": None,
+              "standard_n": 1000, "fast_n": 10000},
+    "smoke": {"epochs": 1, "train_n": 512, "val_split": 128, "max_steps": 2,
+              "standard_n": 16, "fast_n": 32},
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=None, help="comma-separated rows (default: all; --list)")
+    p.add_argument("--budget", choices=sorted(PRESETS), default="converged")
+    p.add_argument("--epochs", type=int, default=None, help="every row's epochs (overrides)")
+    p.add_argument("--train-n", type=int, default=None, help="first n training images")
+    p.add_argument("--standard-n", type=int, default=None, help="standard suite on the first n")
+    p.add_argument("--fast-n", type=int, default=None, help="fast suite on the first n")
+    p.add_argument("--seeds", type=int, choices=(1, 2), default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=CACHE_DIR / "leaderboard")
+    p.add_argument("--stem", default="leaderboard", help="results/<stem>.{md,json,html}")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--export-zoo", action="store_true", help="write the rows' models to the zoo")
+    p.add_argument("--zoo-dir", type=Path, default=ZOO_DIR)
+    p.add_argument("--list", action="store_true", help="print the rows and their budgets")
+    return p.parse_args(argv)
+
+
+def budget_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset with the command line's overrides, as recorded."""
+    b = dict(PRESETS[args.budget], preset=args.budget)
+    for k in ("epochs", "train_n", "standard_n", "fast_n"):
+        if getattr(args, k) is not None:
+            b[k] = getattr(args, k)
+    return b
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def budget_key(b: dict[str, Any]) -> str:
+    return _key({k: b[k] for k in ("epochs", "train_n", "val_split", "max_steps")},
+                b["standard_n"], b["fast_n"])  # fmt: skip
+
+
+# --- training ---------------------------------------------------------------------------------
+def _cap_steps(opts: dict[str, Any], cap: int) -> None:
+    for k in ("steps", "max_steps", "outer"):
+        if isinstance(opts.get(k), int):
+            opts[k] = min(opts[k], cap)
+    if isinstance(opts.get("base_options"), dict):
+        _cap_steps(opts["base_options"], cap)
+
+
+def prepare(row: Row, b: dict[str, Any], seed: int, deps: dict[str, Path]) -> Recipe:
+    """The recipe of ``row`` at budget ``b`` and ``seed``; ``deps``: the files of the runs it
+    needs (its teacher, the run it fine-tunes)."""
+    recipe = load_recipe(CONFIGS / f"{row.config}.toml")
+    cfg = recipe.train
+    cfg.epochs = b["epochs"] or row.epochs
+    for k, v in row.train.items():
+        setattr(cfg, k, v)
+    cfg.objective_options.update(row.objective)
+    if b["max_steps"]:
+        _cap_steps(cfg.objective_options, b["max_steps"])
+    cfg.val_split, cfg.val_every, cfg.keep_best, cfg.seed = b["val_split"], 1, True, seed
+    recipe.model.update(row.model)
+    scale = b["train_n"] / FULL_TRAIN
+    n_train = row.n_train or recipe.n_train
+    recipe.n_train = None if n_train is None else round(n_train * scale)
+    if recipe.unlabeled_n is not None:
+        recipe.unlabeled_n = round(recipe.unlabeled_n * scale)
+    if row.teacher:
+        cfg.objective_options["teacher"] = str(deps[row.teacher])
+    if row.init_from:
+        cfg.init = str(deps[row.init_from])
+    if "labeled" in cfg.objective_options:
+        cfg.objective_options["labeled"] = round(cfg.objective_options["labeled"] * scale)
+    cfg.validate(recipe.threat)
+    return recipe
+
+
+def run_dir(cache: Path, row: Row, recipe: Recipe, b: dict[str, Any]) -> Path:
+    """The run folder: the recipe's file name and a hash of everything that defines the run."""
+    cfg = dataclasses.asdict(recipe.train)
+    key = _key(row.config, cfg, recipe.model, recipe.n_train, recipe.unlabeled_n, b["train_n"])
+    return cache / "runs" / f"{row.config}-{key}"
+
+
+def train(
+    name: str, recipe: Recipe, out: Path, data: tuple[Tensor, Tensor], log: Log
+) -> dict[str, Any]:
+    """Train (or resume, or find finished) the run in ``out``; its done record (history,
+    seconds of the training loop)."""
+    done = out / "done.json"
+    if done.exists():
+        log(f"{name}: trained, in {out}")
+        return json.loads(done.read_text())
+    x, y = data
+    if recipe.n_train is not None:
+        x, y = x[: recipe.n_train], y[: recipe.n_train]
+    cfg = recipe.train
+    if recipe.unlabeled is not None:
+        cfg.objective_options["unlabeled"] = cli_inputs.unlabeled_pool(
+            recipe.unlabeled, recipe.unlabeled_n, recipe.dataset, recipe.n_train
+        )
+    info = rl.data.info(recipe.dataset)
+    opts = {k: v for k, v in recipe.model.items() if k != "arch"}
+    opts |= {"num_classes": info.num_classes, "in_channels": info.shape[0]}
+    opts.setdefault("input_size", info.shape[1])
+    model = rl.models.create(recipe.model["arch"], **opts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2, default=str) + "\n")
+    resume = (out / STATE_FILE).exists()
+    log(f"{name}: {'resuming' if resume else 'training'} {len(x)} images -> {out}")
+
+    def line(r: dict[str, Any]) -> None:
+        held = r.get("holdout_robust_acc", r.get("holdout_clean_acc"))
+        log(
+            f"{name}: pass {r['epoch']} loss {r['train_loss']:.4f} hold-out "
+            f"{'-' if held is None else f'{100 * held:.1f}%'} ({r['train_time_s']:.0f} s)"
+        )
+
+    trainer = Trainer(model, (x, y), cfg, threat=recipe.threat, out=out, callback=line)
+    history = trainer.run(resume=resume)
+    cfg.objective_options.pop("unlabeled", None)
+    held = trainer.features.holdout
+    holdout_n = 0 if held is None else len(held[0])
+    rec = {
+        "history": history,
+        "seconds": sum(r["train_time_s"] for r in history),
+        "n_train": len(x) - holdout_n,
+        "holdout_n": holdout_n,
+    }
+    done.write_text(json.dumps(rec) + "\n")
+    return rec
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def _per_sample(folder: Path) -> list[bool]:
+    rows = [json.loads(s) for s in (folder / "per_sample.jsonl").read_text().splitlines() if s]
+    return [bool(r["robust"]) for r in rows]
+
+
+def evaluate_suite(
+    model: nn.Module, suite: str, n: int, folder: Path, config: dict[str, Any], log: Log
+) -> dict[str, Any]:
+    """``suite`` on the first ``n`` test images, saved in ``folder`` (resumed from its state;
+    read back if finished); the summary the row records."""
+    xt, yt = rl.data.load(DATASET, split="test", n=n)
+    if (folder / "results.json").exists():
+        record = json.loads((folder / "results.json").read_text())
+        robust = _per_sample(folder)
+    else:
+        log(f"{config['name']}: {suite} suite on {len(xt)} test images -> {folder}")
+        res = rl.evaluate(
+            model, xt, yt, THREAT, suite=suite, batch_size=500, seed=0, out=folder, config=config
+        )
+        record, robust = res.record, [bool(v) for v in res.robust.tolist()]
+    k = min(PREFIX_N, len(robust))
+    keep = ("clean_accuracy", "robust_accuracy", "threat", "n", "suite", "per_attack", "flags")
+    return {
+        "suite": suite,
+        "n": record["n"],
+        "clean_accuracy": record["clean_accuracy"],
+        "robust_accuracy": record["robust_accuracy"],
+        "flags": sorted({f["name"] for f in record.get("flags", [])}),
+        "seconds": sum(a.get("time_s", a.get("seconds", 0.0)) or 0.0 for a in record["per_attack"]),
+        "prefix": {
+            "n": k,
+            "robust_accuracy": sum(robust[:k]) / max(k, 1),
+            "robust": [int(v) for v in robust[:k]],
+        },
+        "folder": str(folder),
+        "record": {key: record[key] for key in keep if key in record},
+    }
+
+
+def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) -> dict[str, Any]:
+    ckpt = run / (BEST_FILE if row.checkpoint == "best" else MODEL_FILE)
+    model = rl.models.load(ckpt)
+    arch = model.robustlab_arch["name"]
+    evaluated: nn.Module = model
+    if row.smoothing is not None:
+        evaluated = rl.defenses.create("smoothing", model, sigma=row.smoothing)
+    out: dict[str, Any] = {"checkpoint": str(ckpt), "epoch": model.robustlab_meta.get("epoch")}
+    out["architecture"] = model.robustlab_arch
+    for column, suite, n in (("standard", row.suites[0], b["standard_n"]),
+                             ("fast", row.suites[1], b["fast_n"])):  # fmt: skip
+        if suite is None:
+            continue
+        tag = f"eval-{row.checkpoint}{'' if row.smoothing is None else f'-smooth{row.smoothing}'}"
+        config = {"name": f"{row.name} (seed {seed})", "checkpoint": str(ckpt),
+                  "dataset": DATASET, "architecture": arch, "defense": (
+                      None if row.smoothing is None else {"name": "smoothing",
+                                                          "sigma": row.smoothing})}  # fmt: skip
+        t0 = time.perf_counter()
+        out[column] = evaluate_suite(evaluated, suite, n, run / f"{tag}-{suite}-n{n}", config, log)
+        out[column]["wall_s"] = time.perf_counter() - t0
+    if row.verify:
+        x, y = rl.data.load(DATASET, split="test", n=b["standard_n"])
+        v = verify(model, x, y, THREAT, row.verify)
+        out["verified"] = {"method": row.verify, "n": len(x),
+                           "accuracy": float(v.certified.float().mean())}  # fmt: skip
+    return out
+
+
+# --- rows -------------------------------------------------------------------------------------
+def run_row(
+    row: Row, seed: int, b: dict[str, Any], cache: Path, data: tuple[Tensor, Tensor], log: Log
+) -> dict[str, Any]:
+    """Train (with its teacher or base run first) and evaluate ``row`` at ``seed``; the row's
+    record, also kept in ``<cache>/rows/`` so that it is never redone."""
+    done = cache / "rows" / f"{row.name}-s{seed}-{budget_key(b)}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    deps: dict[str, Path] = {}
+    for dep in filter(None, (row.teacher, row.init_from)):
+        base = ROW.get(dep) or Row(dep, dep, 20)  # a teacher: its recipe, natural, 20 epochs
+        recipe = prepare(base, b, 0, {})
+        folder = run_dir(cache, base, recipe, b)
+        train(dep, recipe, folder, data, log)
+        deps[dep] = folder / MODEL_FILE
+    recipe = prepare(row, b, seed, deps)
+    folder = run_dir(cache, row, recipe, b)
+    trained = train(row.name, recipe, folder, data, log)
+    cfg = recipe.train
+    rec = {
+        "row": row.name,
+        "seed": seed,
+        "config": f"configs/{row.config}.toml",
+        "overrides": {"train": row.train, "objective": row.objective, "model": row.model},
+        "note": row.note,
+        "run": str(folder),
+        "where": f"cpu, {torch.get_num_threads()} threads",
+        "budget": {
+            "epochs": cfg.epochs,
+            "passes": len(trained["history"]),
+            "inner_steps": {
+                k: v
+                for k, v in cfg.objective_options.items()
+                if k in ("steps", "max_steps", "outer", "inner", "replays")
+            },
+            "n_train": trained["n_train"],
+            "holdout_n": trained["holdout_n"],
+            "preset": b["preset"],
+        },  # fmt: skip
+        "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "train_s": trained["seconds"],
+        "curve": [
+            {
+                k: r.get(k)
+                for k in (
+                    "epoch",
+                    "train_loss",
+                    "holdout_clean_acc",
+                    "holdout_robust_acc",
+                    "best_epoch",
+                    "overfit",
+                )
+            }
+            for r in trained["history"]
+        ],  # fmt: skip
+        **evaluate_row(row, folder, seed, b, log),
+    }
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def finished(cache: Path, b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every finished row of budget ``b`` in ``cache``, in the order of :data:`ROWS`."""
+    order = {r.name: i for i, r in enumerate(ROWS)}
+    recs = [json.loads(p.read_text())
+            for p in sorted((cache / "rows").glob(f"*-{budget_key(b)}.json"))]  # fmt: skip
+    return sorted(recs, key=lambda r: (order.get(r["row"], 99), r["seed"]))
+
+
+def _robust(rec: dict[str, Any]) -> float:
+    return rec.get("standard", {}).get("robust_accuracy", -1.0)
+
+
+def top_rows(recs: list[dict[str, Any]], k: int) -> list[str]:
+    """The ``k`` rows with the best ``standard`` robust accuracy at seed 0."""
+    first = [r for r in recs if r["seed"] == 0 and r["row"] != "natural"]
+    return [r["row"] for r in sorted(first, key=_robust, reverse=True)[:k]]
+
+
+# --- the board --------------------------------------------------------------------------------
+#: the seeds' training claims (issue 24): (what, the seed's claim, where it is stated, rows)
+CLAIMS = [
+    ("Free-AT vs PGD-AT, accuracy and cost",
+     "Free-8 reaches about PGD-AT's robust accuracy at about the cost of natural training "
+     "(the slides' table; Shafahi et al.: Free-8 46.2% PGD-100 vs PGD-7 on CIFAR-10, "
+     "METHODS.md)", ("free-at", "pgd-at", "natural")),
+    ("TRADES beta 1 vs 6 vs PGD-AT",
+     "a larger beta trades clean for robust accuracy; TRADES beta 6 is more robust than "
+     "PGD-AT (the lecture's TRADES table)", ("trades-b1", "trades-b6", "pgd-at")),
+    ("MART vs PGD-AT", "MART is more robust than PGD-AT (Wang et al. 2020)", ("mart", "pgd-at")),
+    ("Madry vs curriculum vs dynamic AT",
+     "curriculum and dynamic AT keep PGD-AT's robustness with better clean accuracy (the DART "
+     "table)", ("pgd-at", "curriculum", "dynamic-at")),
+    ("Model capacity", "capacity is crucial: larger networks are more robust (the tutorial)",
+     ("pgd-at", "pgd-at-resnet20", "pgd-at-preact-resnet18")),
+    ("Smooth activations",
+     "smooth activations (softplus, SiLU) improve adversarial training over ReLU (the "
+     "tutorial's smooth adversarial training)", ("pgd-at", "pgd-at-softplus", "pgd-at-silu")),
+    ("Robust overfitting and best-checkpoint selection",
+     "robust test accuracy peaks and then falls; the best hold-out checkpoint recovers it "
+     "(Rice et al. 2020)", ("pgd-at", "pgd-at-best", "trades-b6", "trades-best")),
+    ("Extra unlabeled data",
+     "data, data, data: pseudo-labelled extra data improves robustness (the lecture; Carmon "
+     "et al. 2019)", ("trades-b6-30k", "rst", "uat", "mart-semi")),
+]  # fmt: skip
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _by_row(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        out.setdefault(r["row"], []).append(r)
+    return out
+
+
+def _seeds(recs: list[dict[str, Any]]) -> str:
+    vals = [_robust(r) for r in recs if "standard" in r]
+    if len(vals) < 2:
+        return "1"
+    spread = 100 * (max(vals) - min(vals))
+    return f"{len(vals)}: mean {_pct(sum(vals) / len(vals))}, spread {spread:.1f} pts"
+
+
+def _column(rec: dict[str, Any], col: str) -> str:
+    e = rec.get(col)
+    if not isinstance(e, dict):
+        return "n/a"
+    suite = "" if e["suite"] == col else f" {e['suite']}"
+    return f"{_pct(e['robust_accuracy'])}{suite} (n={e['n']})"
+
+
+def _curve(rec: dict[str, Any]) -> str:
+    vals = [c.get("holdout_robust_acc", c.get("holdout_clean_acc")) for c in rec["curve"]]
+    return " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
+
+
+def _flags(rec: dict[str, Any]) -> str:
+    flags = sorted({f for c in ("standard", "fast") for f in rec.get(c, {}).get("flags", [])})
+    if over := [c["epoch"] for c in rec["curve"] if c.get("overfit")]:
+        flags.append(f"overfit probe after pass {over}")
+    return ", ".join(flags) or "none"
+
+
+def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, Any]) -> str:
+    rows = _by_row(recs)
+    lines = [
+        "# Fashion-MNIST leaderboard (linf eps 0.1)",
+        "",
+        f"Budget `{b['preset']}`: epochs per row as stated (`--epochs` = {b['epochs']}), first "
+        f"{b['train_n']} training images minus a fixed hold-out of {b['val_split']} (seed 0), "
+        f"inner steps capped at {b['max_steps'] or 'the recipe'}; clean and standard-suite "
+        f"robust accuracy on the first {b['standard_n']} test images, fast suite on the first "
+        f"{b['fast_n']}. The validation curve: hold-out PGD-10 robust accuracy (%) after each "
+        "pass. Rows ran on the CPU unless `where` says otherwise; `train s` is the training "
+        "loop (validation excluded).",
+        "",
+        f"Machine: {m.get('nproc')} cores, {m.get('cpu')}, torch {m.get('torch')}; robustlab "
+        f"{m.get('robustlab_commit')}; {m.get('date')}. Command: `{m.get('command')}`",
+        "",
+        "| row | recipe | epochs (passes), inner steps | checkpoint | clean | standard | fast "
+        "| verified | seeds | train s | flags | validation curve | where |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in rows.items():
+        r = rs[0]
+        over = {k: v for k, v in r["overrides"].items() if v}
+        ver = r.get("verified")
+        bud = r["budget"]
+        lines.append(
+            f"| {name} | {r['config']}{' ' + json.dumps(over) if over else ''} | "
+            f"{bud['epochs']} ({bud['passes']}), {json.dumps(bud['inner_steps'])} | "
+            f"{Path(r['checkpoint']).stem} (epoch {r['epoch']}) | "
+            f"{_pct(r.get('standard', {}).get('clean_accuracy'))} | {_column(r, 'standard')} | "
+            f"{_column(r, 'fast')} | {'-' if not ver else _pct(ver['accuracy'])} | {_seeds(rs)} | "
+            f"{r['train_s']:.0f} | {_flags(r)} | {_curve(r)} | {r['where']} |"
+        )
+    missing = [r.name for r in ROWS if r.name not in rows]
+    lines += ["", f"Not run yet at this budget: {', '.join(missing) or 'none'}.", ""]
+    lines += ["## The seeds' training claims at this budget", ""]
+    for what, claim, names in CLAIMS:
+        ours = "; ".join(
+            f"{n}: clean {_pct(rows[n][0].get('standard', {}).get('clean_accuracy'))}, "
+            f"standard {_pct(_robust(rows[n][0]))}, {rows[n][0]['train_s']:.0f} s"
+            if n in rows
+            else f"{n}: not run yet"
+            for n in names
+        )
+        lines += [f"- **{what}.** Seed: {claim}. Ours: {ours}."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the zoo ----------------------------------------------------------------------------------
+ROBUST_SIGMAS = 3.0
+
+
+def robust_tolerance(robust: list[int]) -> float:
+    """The re-evaluation tolerance of a robust accuracy on the points ``robust`` (per-point
+    outcomes): ROBUST_SIGMAS binomial standard errors of that many points (variance floored
+    at 0.25 / k, so a figure of 0 or 1 still allows one point to move)."""
+    k = max(len(robust), 1)
+    p = sum(robust) / k
+    return ROBUST_SIGMAS * math.sqrt(max(p * (1 - p), 0.25 / k) / k)
+
+
+def zoo_name(rec: dict[str, Any]) -> str:
+    return f"fmnist-{rec['row']}-{rec['architecture']['name']}"
+
+
+def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Log) -> list[Path]:
+    """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
+    card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`)."""
+    written = []
+    for rec in (r for r in recs if r["seed"] == 0):
+        model = rl.models.load(rec["checkpoint"])
+        meta = model.robustlab_meta
+        n, std = rec["standard"]["n"], rec["standard"]
+        prefix = {c: rec[c]["prefix"] for c in ("standard", "fast") if isinstance(rec.get(c), dict)}
+        tolerance = {
+            "clean_abs": 1.0 / n,
+            "robust_sigmas": ROBUST_SIGMAS,
+            "robust_prefix_abs": {c: robust_tolerance(p["robust"]) for c, p in prefix.items()},
+            "rule": "clean accuracy on the same n points: equal up to 1 point in n (floating "
+            "point across machines); a suite re-run on the first k <= prefix.n points (other "
+            "batches, so other random starts): its robust accuracy within robust_sigmas "
+            "binomial standard errors of k points, sqrt(max(p (1 - p), 0.25 / k) / k), of "
+            "the card's figure on the same k points (p: that figure; prefix.robust holds "
+            "the per-point outcomes); robust_prefix_abs: that bound at k = prefix.n",
+        }
+        bud = rec["budget"]
+        card = {
+            "name": None,
+            "row": rec["row"],
+            "recipe": rec["config"],
+            "overrides": rec["overrides"],
+            "config": rec["train_config"],
+            "commit": meta.get("git_commit"),
+            "dataset": DATASET,
+            "threat": THREAT.to_dict(),
+            "objective": meta.get("objective"),
+            "architecture": rec["architecture"],
+            "budget": bud
+            | {
+                "converged": b["preset"] == "converged",
+                "summary": f"{bud['epochs']} epochs ({bud['passes']} passes) on {bud['n_train']} "
+                f"images, inner steps {json.dumps(bud['inner_steps'])}, preset {b['preset']}"
+                + ("" if b["preset"] == "converged" else ": NOT converged"),
+            },
+            "checkpoint": {"which": Path(rec["checkpoint"]).stem, "epoch": rec["epoch"]},
+            "evaluation": {
+                "clean": {"accuracy": std["clean_accuracy"], "n": n},
+                **{
+                    c: rec[c] | {"folder": None}
+                    for c in ("standard", "fast")
+                    if isinstance(rec.get(c), dict)
+                },
+                "tolerance": tolerance,
+                "seed": 0,
+                "batch_size": 500,
+            },
+            "flags": sorted(
+                {f for c in ("standard", "fast") for f in rec.get(c, {}).get("flags", [])}
+            ),
+            "train_s": rec["train_s"],
+            "curve": rec["curve"],
+            "date": meta.get("created"),
+        }
+        name = zoo_name(rec)
+        card["name"] = name
+        path = rl.models.save(model, zoo / f"{name}.safetensors", meta={
+            k: meta[k] for k in ("dataset", "threat", "objective", "epoch", "seed") if k in meta
+        } | {"card": card})  # fmt: skip
+        side = path.with_suffix(".json")
+        doc = json.loads(side.read_text())
+        doc["card"]["sha256"] = doc["sha256"]
+        side.write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"zoo: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        written.append(path)
+    return written
+
+
+# --- main -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    b = budget_of(args)
+    if args.list:
+        for r in ROWS:
+            print(f"{r.name}: configs/{r.config}.toml, {args.epochs or b['epochs'] or r.epochs} "
+                  f"epochs, checkpoint {r.checkpoint}, suites {r.suites} {r.note}")  # fmt: skip
+        return {}
+    names = args.rows.split(",") if args.rows else [r.name for r in ROWS]
+    if unknown := [n for n in names if n not in ROW]:
+        raise SystemExit(f"unknown rows {unknown}; valid: {', '.join(ROW)}")
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    data = rl.data.load(DATASET, split="train", n=b["train_n"])
+    for name in names:
+        run_row(ROW[name], 0, b, args.cache, data, log)
+    if args.seeds == 2:
+        for name in top_rows(finished(args.cache, b), TOP_SEEDED):
+            run_row(ROW[name], 1, b, args.cache, data, log)
+    recs = finished(args.cache, b)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    record = {
+        "machine": machine_record(),
+        "budget": b,
+        "settings": settings,
+        "threat": THREAT.to_dict(),
+        "rows": recs,
+    }
+    md = board_markdown(recs, b, record["machine"])
+    if args.results_dir == RESULTS_DIR:
+        write_results(args.stem, md, record)
+    else:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / f"{args.stem}.md").write_text(md)
+        (args.results_dir / f"{args.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    runs = sorted({r["run"] for r in recs})
+    html = args.results_dir / f"{args.stem}.html"
+    rl_main(["report", *runs, "-o", str(html), "--title", "Fashion-MNIST leaderboard"])
+    if args.export_zoo:
+        export_zoo(recs, b, args.zoo_dir, log)
+    print(md)
+    return record
+
+
+if __name__ == "__main__":
+    main()

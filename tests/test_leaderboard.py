@@ -1,0 +1,146 @@
+"""``benchmarks/leaderboard.py`` end to end on the ``smoke`` budget: two rows trained on a small
+Fashion-MNIST-format data set, evaluated, the board written (Markdown, JSON, the report's
+HTML), the zoo exported; a finished row is never redone and a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import leaderboard as lb  # noqa: E402
+
+import robustlab as rl  # noqa: E402
+from robustlab.models import zoo  # noqa: E402
+from robustlab.training import Trainer  # noqa: E402
+
+
+def _argv(tmp: Path, *extra: str) -> list[str]:
+    return [
+        "--budget",
+        "smoke",
+        "--rows",
+        "natural,pgd-at",
+        "--threads",
+        "1",
+        "--cache",
+        str(tmp / "cache"),
+        "--results-dir",
+        str(tmp / "results"),
+        "--zoo-dir",
+        str(tmp / "zoo"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def board(fake_fmnist, tmp_path_factory):
+    """One smoke run of two rows, shared by the tests that read it."""
+    tmp = tmp_path_factory.mktemp("board")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+        yield tmp, lb.main(_argv(tmp, "--export-zoo"))
+
+
+def test_smoke_board_rows_evaluations_report_and_zoo(board):
+    tmp, record = board
+    rows = {r["row"]: r for r in record["rows"]}
+    assert set(rows) == {"natural", "pgd-at"}
+    for r in rows.values():
+        assert (r["standard"]["suite"], r["standard"]["n"]) == ("standard", 16)
+        assert (r["fast"]["suite"], r["fast"]["n"]) == ("fast", 32)
+        assert r["budget"]["epochs"] == 1 and r["budget"]["holdout_n"] == 128
+        assert r["budget"]["n_train"] == 512 - 128
+        assert len(r["curve"]) == r["budget"]["passes"] == 1
+        assert r["curve"][0]["holdout_robust_acc"] is not None  # the validation curve
+    assert rows["pgd-at"]["budget"]["inner_steps"] == {"steps": 2}  # the smoke cap
+    md = (tmp / "results" / "leaderboard.md").read_text()
+    assert "| natural | configs/natural.toml" in md and "| pgd-at | configs/pgd_at.toml" in md
+    assert "## The seeds' training claims" in md and "free-at: not run yet" in md
+    assert json.loads((tmp / "results" / "leaderboard.json").read_text())["budget"]["preset"] == (
+        "smoke"
+    )
+    html = (tmp / "results" / "leaderboard.html").read_text()
+    assert 'id="leaderboard"' in html and "pgd-at (seed 0)" in html
+    # the zoo: the evaluated checkpoint, with a card that says what it is
+    assert zoo.zoo_names(tmp / "zoo") == ["fmnist-natural-smallcnn", "fmnist-pgd-at-smallcnn"]
+    card = zoo.card("fmnist-pgd-at-smallcnn", tmp / "zoo")
+    assert card["budget"]["converged"] is False and "NOT converged" in card["budget"]["summary"]
+    assert (
+        card["evaluation"]["standard"]["robust_accuracy"]
+        == rows["pgd-at"]["standard"]["robust_accuracy"]
+    )
+    model = zoo.pretrained("fmnist-pgd-at-smallcnn", zoo=tmp / "zoo")
+    x, y = rl.data.load("fashion-mnist", split="test", n=card["evaluation"]["clean"]["n"])
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    assert clean == pytest.approx(card["evaluation"]["clean"]["accuracy"], abs=1e-9)
+
+
+def test_a_finished_row_is_never_redone(board, monkeypatch):
+    tmp, first = board
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row was trained again")
+
+    monkeypatch.setattr(Trainer, "run", refuse)
+    monkeypatch.setattr(lb.rl, "evaluate", refuse)
+    again = lb.main(_argv(tmp))
+    assert again["rows"] == first["rows"]
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--epochs", "2"]))
+    row = lb.ROW["natural"]
+    recipe = lb.prepare(row, b, 0, {})
+    out = lb.run_dir(tmp_path, row, recipe, b)
+    data = rl.data.load("fashion-mnist", split="train", n=b["train_n"])
+    original, calls = Trainer._epoch, []
+
+    def killed_in_pass_2(self, epoch):
+        calls.append(epoch)
+        if epoch == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch", killed_in_pass_2)
+    with pytest.raises(KeyboardInterrupt):
+        lb.train("natural", recipe, out, data, print)
+    assert not (out / "done.json").exists()
+    done = lb.train("natural", lb.prepare(row, b, 0, {}), out, data, print)
+    assert calls == [0, 1, 1]  # pass 1 was not trained again
+    assert [r["epoch"] for r in done["history"]] == [1, 2]
+    assert lb.train("natural", recipe, out, data, print) == done  # finished: read back
+
+
+def test_budget_presets_and_overrides_are_recorded():
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--fast-n", "7"]))
+    assert (b["preset"], b["fast_n"], b["standard_n"], b["epochs"]) == ("smoke", 7, 16, 1)
+    conv = lb.budget_of(lb.parse_args([]))
+    assert (conv["standard_n"], conv["fast_n"], conv["epochs"]) == (1000, 10000, None)
+    assert lb.budget_key(b) != lb.budget_key(conv)
+    recipe = lb.prepare(lb.ROW["free-at"], conv, 0, {})
+    assert recipe.train.epochs == 40 and recipe.train.objective_options["replays"] == 8
+    assert recipe.train.val_split == 1000 and recipe.train.keep_best
+    rst = lb.prepare(lb.ROW["rst"], b, 0, {"rst_teacher": Path("t.safetensors")})
+    assert rst.n_train == round(30000 * 512 / 60000) and rst.unlabeled_n == rst.n_train
+    assert rst.train.objective_options["base_options"]["steps"] == 2
+
+
+def test_a_second_seed_for_the_top_rows_with_the_spread(board):
+    tmp, _ = board
+    record = lb.main(_argv(tmp, "--seeds", "2"))
+    seeds = sorted((r["row"], r["seed"]) for r in record["rows"])
+    assert seeds == [("natural", 0), ("pgd-at", 0), ("pgd-at", 1)]  # natural is never seeded
+    (line,) = [s for s in (tmp / "results" / "leaderboard.md").read_text().splitlines()
+               if s.startswith("| pgd-at |")]  # fmt: skip
+    vals = [r["standard"]["robust_accuracy"] for r in record["rows"] if r["row"] == "pgd-at"]
+    assert (
+        f"| 2: mean {100 * sum(vals) / 2:.1f}%, spread {100 * (max(vals) - min(vals)):.1f} pts |"
+        in line
+    )

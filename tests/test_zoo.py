@@ -1,0 +1,146 @@
+"""The pretrained zoo (:mod:`robustlab.models.zoo`): loading with the SHA-256 checked, an unknown
+name's error, ``robustlab list zoo`` and ``compare --zoo``; and the shipped zoo's models
+against their cards (clean accuracy on the card's points, a suite re-run on a prefix within
+the card's stated tolerance)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import robustlab as rl
+from robustlab.cli import main
+from robustlab.models import zoo
+
+THREAT = rl.ThreatModel("linf", 0.1)
+
+
+@pytest.fixture
+def net() -> torch.nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return rl.models.create("lenet", num_classes=4, input_size=16).eval()
+
+
+@pytest.fixture
+def tmp_zoo(tmp_path, net, toy_data):
+    """A zoo of one model, its card holding a real (quick-suite) evaluation of it."""
+    x, y = toy_data
+    toy_model = net
+    res = rl.evaluate(toy_model, x[:32], y[:32], THREAT, suite="quick", progress=False)
+    keep = ("clean_accuracy", "robust_accuracy", "threat", "n", "suite", "per_attack", "flags")
+    card = {
+        "row": "toy",
+        "dataset": "fashion-mnist",
+        "threat": THREAT.to_dict(),
+        "objective": "natural",
+        "architecture": toy_model.robustlab_arch,
+        "budget": {"summary": "toy budget: NOT converged"},
+        "checkpoint": {"which": "model", "epoch": 1},
+        "evaluation": {
+            "clean": {"accuracy": res.clean_accuracy, "n": 32},
+            "standard": {
+                "suite": "quick",
+                "n": 32,
+                "robust_accuracy": res.robust_accuracy,
+                "record": {k: res.record[k] for k in keep if k in res.record},
+            },
+        },
+        "flags": [],
+    }
+    path = rl.models.save(toy_model, tmp_path / "toy-net.safetensors", meta={"card": card})
+    doc = json.loads(path.with_suffix(".json").read_text())
+    doc["card"]["sha256"] = doc["sha256"]
+    path.with_suffix(".json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+def test_pretrained_loads_the_weights_of_the_card(tmp_zoo, net, toy_data):
+    assert zoo.zoo_names(tmp_zoo) == ["toy-net"]
+    model = zoo.pretrained("toy-net", zoo=tmp_zoo)
+    x = toy_data[0][:8]
+    assert not model.training
+    torch.testing.assert_close(model(x), net(x))
+    assert model.robustlab_meta["card"]["row"] == "toy"
+
+
+def test_a_modified_weights_file_is_refused(tmp_zoo):
+    path = tmp_zoo / "toy-net.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 .* card records"):
+        zoo.pretrained("toy-net", zoo=tmp_zoo)
+
+
+def test_an_unknown_name_lists_the_zoo(tmp_zoo):
+    with pytest.raises(ValueError, match=r"no pretrained model 'fmnist-nope'.*holds: toy-net"):
+        zoo.pretrained("fmnist-nope", zoo=tmp_zoo)
+    with pytest.raises(ValueError, match="empty or missing"):
+        zoo.card("x", zoo=tmp_zoo / "none")
+
+
+def test_cli_lists_the_zoo_with_its_headline_numbers(tmp_zoo, monkeypatch, capsys):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_zoo)
+    assert main(["list", "zoo"]) == 0
+    out = capsys.readouterr().out
+    card = zoo.card("toy-net")
+    clean = 100 * card["evaluation"]["clean"]["accuracy"]
+    assert f"toy-net: toy (linf 0.1), clean {clean:.1f}% (n=32)" in out
+    assert "quick" in out and "NOT converged" in out
+
+
+def test_compare_puts_a_run_beside_the_zoo(tmp_zoo, tmp_path, net, toy_data, monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_zoo)
+    x, y = toy_data
+    run = tmp_path / "mine"
+    rl.evaluate(
+        net,
+        x[32:64],
+        y[32:64],
+        THREAT,
+        suite="quick",
+        out=run,
+        config={"dataset": "fashion-mnist", "name": "my-run"},
+    )
+    out = tmp_path / "board.md"
+    assert main(["compare", str(run), "--zoo", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "| my-run |" in text and "| zoo: toy-net |" in text
+    assert main(["compare", str(run), "-o", str(out)]) == 0
+    assert "zoo:" not in out.read_text()
+
+
+# --- the shipped zoo ----------------------------------------------------------------------------
+SHIPPED = zoo.zoo_names()
+
+
+def _test_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return rl.data.load("fashion-mnist", split="test", n=n)
+    except (OSError, ValueError) as e:
+        pytest.skip(f"the Fashion-MNIST test set is not available here ({e})")
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the zoo folder src/robustlab/zoo holds no model yet")
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_matches_its_card(name):
+    """Clean accuracy on the card's points: equal up to its clean tolerance; the ``fast``
+    suite re-run on the card's prefix: within the card's stated tolerance of its prefix figure."""
+    card = zoo.card(name)
+    model = zoo.pretrained(name)
+    ev = card["evaluation"]
+    x, y = _test_data(ev["clean"]["n"])
+    with torch.no_grad():
+        clean = torch.cat([model(b).argmax(1) for b in x.split(500)]).eq(y).float().mean()
+    assert abs(clean.item() - ev["clean"]["accuracy"]) <= ev["tolerance"]["clean_abs"] + 1e-9
+    column = "fast" if "fast" in ev else "standard"
+    outcomes = ev[column]["prefix"]["robust"][:50]  # a few points: the card's first 50 or fewer
+    k = len(outcomes)
+    res = rl.evaluate(model, x[:k], y[:k], THREAT, suite=ev[column]["suite"], progress=False)
+    p = sum(outcomes) / k
+    tol = ev["tolerance"]["robust_sigmas"] * math.sqrt(max(p * (1 - p), 0.25 / k) / k)
+    assert abs(res.robust_accuracy - p) <= tol, (res.robust_accuracy, p, tol)
