@@ -195,3 +195,15 @@ def test_the_trainer_checks_the_val_attack_before_the_first_epoch(toy_data):
         cfg = TrainConfig(epochs=1, val_attack=spec)
         with pytest.raises(ValueError, match=phrase):
             rl.training.Trainer(model, toy_data, cfg, threat=threat, val=toy_data)
+
+
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """An installed wheel has no configs/ folder: the recipes ship inside the package, found by
+    a bare name or by their checkout path; an unknown name lists the shipped ones."""
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert load_recipe("trades").train.objective == "trades"
+    assert load_recipe("configs/pgd_at.toml").train.objective == "pgd-at"
+    with pytest.raises(FileNotFoundError, match="shipped recipe of that name|quickstart, rst"):
+        load_recipe("no_such_recipe")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_recipe("elsewhere/trades.toml")  # a path that is not configs/ is taken as given

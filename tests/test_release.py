@@ -102,7 +102,6 @@ def test_the_sdist_holds_sources_recipes_tests_and_notes(dist):
         prefix = f"robustlab-{VERSION}/"
         names = {m.name.removeprefix(prefix) for m in tar.getmembers() if m.isfile()}
     wanted = {"src/" + f for f in _package_files()}
-    wanted |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.toml")}
     wanted |= {"tests/conftest.py", "tests/helpers.py", "tests/test_release.py"}
     wanted |= {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "src/robustlab/py.typed"}
     missing = sorted(wanted - names)
@@ -201,6 +200,13 @@ def test_the_wheel_in_a_venv_with_torch_alone_runs_the_cli(dist, fresh_venv, tmp
     assert "evaluate" in _wheel_run(venv, ["robustlab", "--help"], work, env)
     listed = _wheel_run(venv, ["robustlab", "list"], work, env)
     assert all(f"{kind}:" in listed for kind in ("attacks", "defenses", "models", "objectives"))
+    recipes = (
+        "from robustlab.config import load_recipe, shipped_recipes\n"
+        "assert 'quickstart' in shipped_recipes()\n"
+        "print(load_recipe('configs/quickstart.toml').train.objective, "
+        "load_recipe('trades').train.objective)\n"
+    )
+    assert _wheel_run(venv, ["python", "-c", recipes], work, env).split() == ["pgd-at", "trades"]
 
     save = (
         "import robustlab as rl\n"

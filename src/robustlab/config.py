@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ from robustlab.threat import ThreatModel
 from robustlab.training import TrainConfig
 from robustlab.training.objectives import get as get_objective
 from robustlab.training.objectives import names as objective_names
+
+#: the recipes shipped with the package (the checkout's configs/ links here)
+RECIPES = files("robustlab") / "recipes"
 
 _SECTIONS = {
     # val: the last val_n images of the test split, watched every val_every epochs and never
@@ -51,12 +56,35 @@ class Recipe:
     unlabeled_n: int | None = None
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes shipped inside the package (``robustlab/recipes/*.toml``; the
+    checkout's ``configs/`` is the same folder)."""
+    return sorted(
+        f.name.removesuffix(".toml") for f in RECIPES.iterdir() if f.name.endswith(".toml")
+    )
+
+
+def _find(path: Path) -> Traversable | Path:
+    """``path`` if it is a file; else, for a bare name (``pgd_at``) or a path into the
+    checkout's ``configs/`` (``configs/pgd_at.toml``, e.g. from an installed wheel), the shipped
+    recipe of that name."""
+    if path.is_file():
+        return path
+    bare = path.parent == Path() or path.parent.name == "configs"
+    shipped = RECIPES / f"{path.name.removesuffix('.toml')}.toml"
+    if bare and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"recipe {path} not found; give a TOML file, or the name of a shipped recipe: "
+        + ", ".join(shipped_recipes())
+    )
+
+
 def _parse(path: Path) -> dict[str, Any]:
-    """The TOML document of ``path``, its sections and keys checked against ``_SECTIONS``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} not found; the recipes shipped are in configs/")
+    """The TOML document of ``path`` (see :func:`_find`), its sections and keys checked against
+    ``_SECTIONS``."""
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(_find(path).read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"recipe {path} is not valid TOML: {e}") from None
     for section, value in doc.items():
