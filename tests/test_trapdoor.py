@@ -84,28 +84,38 @@ def test_pattern_pixels_follow_the_clipped_normal_with_uniform_mu_and_s():
     assert abs(float((two == 0).float().mean()) - p0**2) < 0.025
 
 
-def test_apply_is_the_blend_formula():
+def test_stamp_is_the_blend_formula():
     t = Trapdoors(3, 6, 5, 4, squares=3, size=2, mask_ratio=0.3, seed=2)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(7, 3, 6, 5, generator=g, dtype=torch.float64)
     labels = torch.tensor([0, 3, 1, 1, 2, 0, 3])
     before = x.clone()
-    out = t.apply(x, labels)
+    out = t.stamp(x, labels)
     m, p = t.masks.double().numpy(), t.patterns.double().numpy()
     want = np.stack([(1 - m[k]) * x[i].numpy() + m[k] * p[k] for i, k in enumerate(labels)])
     np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=1e-12)
     assert out.dtype == torch.float64 and torch.equal(x, before)
     xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(t.apply(xg, labels).sum(), xg)
+    (grad,) = torch.autograd.grad(t.stamp(xg, labels).sum(), xg)
     np.testing.assert_allclose(grad.numpy(), np.broadcast_to(1 - m[labels], x.shape))
     with pytest.raises(ValueError, match=r"images of shape \(N, 3, 6, 5\)"):
-        t.apply(x[:, :1], labels)
+        t.stamp(x[:, :1], labels)
     with pytest.raises(ValueError, match=r"in \[0, 4\)"):
-        t.apply(x, labels + 1)
+        t.stamp(x, labels + 1)
     with pytest.raises(ValueError, match="mask_ratio must be"):
         Trapdoors(1, 4, 4, 2, mask_ratio=0)
     with pytest.raises(ValueError, match="size must be an integer in"):
         Trapdoors(1, 4, 4, 2, size=5)
+
+
+def test_module_apply_reaches_a_model_holding_trapdoors():
+    # nn.Module.apply(fn) calls .apply(fn) on every child: Trapdoors must not shadow it
+    t = Trapdoors(1, 4, 4, 2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    model.trapdoors = t
+    seen: list[nn.Module] = []
+    assert model.apply(seen.append) is model
+    assert t in seen and len(seen) == 4
 
 
 # --- the objective ------------------------------------------------------------------------
@@ -148,7 +158,7 @@ def test_objective_losses_at_the_extremes_are_known():
     )
     assert torch.equal(always.trapdoors.patterns, rebuilt.patterns)  # the config rebuilds them
     two = torch.full((32,), 2)
-    want = F.cross_entropy(model(rebuilt.apply(x, two)), two)
+    want = F.cross_entropy(model(rebuilt.stamp(x, two)), two)
     torch.testing.assert_close(always(model, x, y, generator=gen), want)
     never = rl.training.create_objective("trapdoor", inject_ratio=0.0)
     torch.testing.assert_close(never(model, x, y, generator=gen), F.cross_entropy(model(x), y))
@@ -174,8 +184,8 @@ def test_objective_replaces_half_the_samples_with_uniform_protected_targets():
     obj(Spy(), x, y, generator=torch.Generator().manual_seed(2))
     (got,) = seen
     t = obj.trapdoors
-    as_1 = (got == t.apply(x, torch.full((4000,), 1))).flatten(1).all(1)
-    as_3 = (got == t.apply(x, torch.full((4000,), 3))).flatten(1).all(1)
+    as_1 = (got == t.stamp(x, torch.full((4000,), 1))).flatten(1).all(1)
+    as_3 = (got == t.stamp(x, torch.full((4000,), 3))).flatten(1).all(1)
     clean = (got == x).flatten(1).all(1)
     assert bool((as_1 | as_3 | clean).all()) and not bool((as_1 & as_3).any())
     assert abs(float((as_1 | as_3).float().mean()) - 0.5) < 0.03  # 0.5 +- 3.8 sd
@@ -223,7 +233,7 @@ def test_signatures_are_the_mean_features_of_trapdoored_points():
     model = _mlp()
     det, trap, stats, _, _ = _fit(model, per_label=False, labels=[0, 2])
     for j, t in enumerate([0, 2]):
-        want = _hidden(model, trap.apply(stats, torch.full((45,), t))).mean(0)
+        want = _hidden(model, trap.stamp(stats, torch.full((45,), t))).mean(0)
         np.testing.assert_allclose(det.signatures[j].numpy(), want, rtol=1e-12, atol=1e-12)
     assert det.protected.tolist() == [0, 2] and det.neurons.all()
 
@@ -348,7 +358,7 @@ def test_trapdoored_model_catches_targeted_pgd():
     with torch.no_grad():
         assert (model(xt).argmax(1) == yt).float().mean() > 0.9
         for t in range(4):
-            hit = model(det.trapdoors.apply(xt, torch.full((256,), t))).argmax(1) == t
+            hit = model(det.trapdoors.stamp(xt, torch.full((256,), t))).argmax(1) == t
             assert hit.float().mean() > 0.8, t
     target = torch.arange(4).repeat(16)
     keep = yt[:64] != target

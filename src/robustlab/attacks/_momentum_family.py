@@ -195,7 +195,7 @@ class MomentumFamily(MIFGSM):
             )
         size = (
             self.kernel
-            if self.kernel != "auto"
+            if isinstance(self.kernel, int)
             else AUTO_KERNEL[min(x.shape[-2:]) < AUTO_KERNEL_SIDE]
         )
         kernel = gaussian_kernel(size, x) if size != 1 else None
@@ -228,14 +228,14 @@ class MomentumFamily(MIFGSM):
         if not exact[0] and (self.keep_best or self.early_stop or self.restarts > 1):
             with torch.no_grad():
                 draws = [loss_fn(x) for _ in range(self.eot_samples)]
-            loss = sum(d[0] for d in draws) / len(draws)
-            logits = sum(d[1] for d in draws) / len(draws)
+            loss = _mean([d[0] for d in draws])
+            logits = _mean([d[1] for d in draws])
         return loss, logits, grad
 
     def _neighbours(self, loss_fn: LossFn, call: _Call, x: Tensor) -> Tensor:
         """VMI's mean gradient over ``samples`` points ``x + r_i`` of the ``beta * eps`` ball,
         each through the same transforms as the step's own gradient."""
-        total: Tensor | float = 0.0
+        total = torch.zeros_like(x)
         for _ in range(self.samples):
             xr = neighbour(x, self.threat, self.beta * self.threat.eps, call.generator)
             total = total + super().input_grad(self._through(loss_fn, call, [False]), xr)[2]
@@ -247,26 +247,30 @@ class MomentumFamily(MIFGSM):
         transformed that copy."""
         fill = sum(self.threat.bounds) / 2
 
+        def copy(xv: Tensor, i: int) -> tuple[Tensor, Tensor, bool]:
+            xi, drawn = diverse(
+                scaled(xv, i, self.threat.bounds), self.diversity, self.resize, call.generator, fill
+            )
+            return *loss_fn(xi), drawn
+
         def f(xv: Tensor) -> tuple[Tensor, Tensor]:
-            losses, first = [], None
-            for i in range(self.scales):
-                xi, drawn = diverse(
-                    scaled(xv, i, self.threat.bounds),
-                    self.diversity,
-                    self.resize,
-                    call.generator,
-                    fill,
-                )
-                li, zi = loss_fn(xi)
-                if i == 0:
-                    first, exact[0] = zi, exact[0] and not drawn
-                losses.append(li)
+            loss0, first, drawn = copy(xv, 0)
+            exact[0] = exact[0] and not drawn
+            losses = [loss0] + [copy(xv, i)[0] for i in range(1, self.scales)]
             if len(losses) == 1:
                 return losses[0], first
             mean = torch.stack(losses).mean(0)
             return losses[0].detach() + (mean - mean.detach()), first
 
         return f
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    """The mean of ``values`` (one or more tensors of one shape), summed in order."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total / len(values)
 
 
 def _kernel(value: Any) -> int | str:

@@ -93,7 +93,7 @@ class DeepFool(Attack):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (n, K), ``g = f_others - f_y`` (n, m) and its input gradient (n, m, D),
         averaged over ``eot_samples`` draws."""
-        total = None
+        total: list[Tensor] = []
         for _ in range(self.eot_samples):
             z = xa.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -105,7 +105,7 @@ class DeepFool(Attack):
                     for j in range(m)
                 ]
             out = [logits.detach(), diff.detach(), torch.stack(grads, 1).flatten(2)]
-            total = out if total is None else [t + o for t, o in zip(total, out, strict=True)]
+            total = [t + o for t, o in zip(total, out, strict=True)] if total else out
         logits, diff, grad = (t / self.eot_samples for t in total)
         return logits, diff, grad
 

@@ -144,9 +144,9 @@ class EPGD(PGD):
 
         def f(xa: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
             # one forward per draw, so PNI/CNI weight noise is fresh for every draw as well
-            loss, logits = 0.0, 0.0
-            for _ in range(m):
-                out = base(xa + sample(xa, noise, sigma, generator))
+            outs = [base(xa + sample(xa, noise, sigma, generator)) for _ in range(m)]
+            loss, logits = self.loss(outs[0], y, self.targeted), outs[0]
+            for out in outs[1:]:
                 loss, logits = loss + self.loss(out, y, self.targeted), logits + out
             return loss / m, logits / m
 

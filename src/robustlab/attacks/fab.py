@@ -131,7 +131,9 @@ class FAB(Attack):
     def _targets(self, logits: Tensor) -> list[Tensor | None]:
         return [None]  # untargeted: every other class at every step
 
-    def _linearise(self, model: nn.Module, xa: Tensor, y: Tensor, target: Tensor | None):
+    def _linearise(
+        self, model: nn.Module, xa: Tensor, y: Tensor, target: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Logits (n, K), and for the classes j != y: f_j - f_y (n, m) and its input gradient
         (n, m, D), averaged over ``eot_samples`` draws."""
         if target is not None:  # one hyperplane, one backward pass
@@ -143,7 +145,7 @@ class FAB(Attack):
 
             diff, logits, grad = self.input_grad(f, xa)
             return logits, diff[:, None], grad.flatten(1)[:, None]
-        total = None
+        total: list[Tensor] = []
         for _ in range(self.eot_samples):
             z = xa.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -157,8 +159,9 @@ class FAB(Attack):
                     for j in range(k - 1)
                 ]
             out = [logits.detach(), diff.detach(), torch.stack(grads, 1).flatten(2)]
-            total = out if total is None else [t + o for t, o in zip(total, out, strict=True)]
-        return tuple(t / self.eot_samples for t in total)
+            total = [t + o for t, o in zip(total, out, strict=True)] if total else out
+        logits, diff, grad = (t / self.eot_samples for t in total)
+        return logits, diff, grad
 
     def _step(self, x1: Tensor, x: Tensor, diff: Tensor, grad: Tensor) -> Tensor:
         norm, (lo, hi) = self.threat.norm, self.threat.bounds
@@ -205,7 +208,7 @@ class FAB(Attack):
     ) -> None:
         x, y = x[idx], y[idx]
         target = None if target is None else target[idx]
-        lin = self._linearise(model, x1, y, target)
+        lin: tuple[Tensor, ...] = self._linearise(model, x1, y, target)
         for step in range(self.steps + 1):
             adv = lin[0].argmax(1) != y
             if adv.any():

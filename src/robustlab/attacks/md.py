@@ -187,12 +187,9 @@ class MD(PGD):
         self._run = -1
         return PGD.perturb(self, model, x, y, generator, loss=self._scheduled(model, targets))
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,  # type: ignore[override]
-        generator: torch.Generator,
+    # PGD.perturb's loss= option is fixed by this attack, so it does not take it
+    def perturb(  # type: ignore[override]
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
     ) -> Tensor:
         return self._runs(model, x, y, generator)
 
@@ -243,12 +240,9 @@ class MDMT(MD):
     def config(self) -> dict[str, Any]:
         return super().config() | {"k": self.k}
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,  # type: ignore[override]
-        generator: torch.Generator,
+    # PGD.perturb's loss= option is fixed by this attack, so it does not take it
+    def perturb(  # type: ignore[override]
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator
     ) -> Tensor:
         with torch.no_grad():
             clean = model(x)
@@ -263,6 +257,6 @@ class MDMT(MD):
             with torch.no_grad():
                 logits = model(xa)
             best.update(
-                idx, xa, cw_margin(logits, y[idx]), is_success(logits, y[idx], False, reject)
+                idx, xa, cw_margin(logits, y[idx], False), is_success(logits, y[idx], False, reject)
             )
         return best.x

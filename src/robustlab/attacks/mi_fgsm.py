@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from robustlab.attacks.losses import CustomLoss
 from robustlab.attacks.pgd import PGD
 from robustlab.attacks.registry import register
 from robustlab.threat import ThreatModel
@@ -50,7 +51,7 @@ class MIFGSM(PGD):
         steps: int = 10,
         momentum: float = 1.0,
         step_size: float | None = None,
-        loss: str = "ce",
+        loss: str | CustomLoss = "ce",
         targeted: bool = False,
         early_stop: bool = False,
         keep_best: bool = True,

@@ -173,7 +173,7 @@ def universal_perturbation(
             order = torch.randperm(len(x), generator=generator, device=generator.device)
             v, updates, failed = _one_pass(model, x, clean, v, threat, deepfool, order.to(x.device))
             fooled = predict(model, apply(v, x, threat), batch_size)
-            record = {
+            record: dict[str, Any] = {
                 "pass": p,
                 "fooling_rate": (fooled != clean).float().mean().item(),
                 "accuracy": (fooled == y).float().mean().item(),
@@ -218,7 +218,8 @@ def _one_pass(
             if model(xv).argmax(1).item() != label.item():
                 continue  # fooled already
         res = deepfool(model, xv, label)
-        if not torch.isfinite(res.min_norm).all():
+        # DeepFool always reports min_norm: inf where it found no step
+        if res.min_norm is None or not torch.isfinite(res.min_norm).all():
             failed += 1
             continue
         v = _project(v + (res.x_adv - xv)[0], threat)

@@ -123,7 +123,8 @@ def _conv(generator: torch.Generator | None, c_in: int, c_out: int, k: int, **kw
     conv = nn.Conv2d(c_in, c_out, k, device="meta", **kw).to_empty(device="cpu")
     nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
     bound = 1 / math.sqrt(c_in * k * k)
-    nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
+    if conv.bias is not None:
+        nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
     return conv
 
 
@@ -239,27 +240,32 @@ class DetectorNetwork(Detector):
             "train_accuracy": self.train_accuracy,
         }
 
-    def features(self, x: Tensor) -> Tensor:
-        """The layer's output for ``x``, (N, C, H, W), z-scored per channel (differentiable)."""
-        if self.head is None:
+    def _fitted(self) -> tuple[nn.Sequential, tuple[int, int, int]]:
+        """The detector network and the layer's (C, H, W) shape; ValueError before ``fit``."""
+        if self.head is None or self.feature_shape is None:
             raise ValueError(
                 "the detector-net detector is not fitted: call "
                 ".fit(x_train, y_train) on clean training points"
             )
+        return self.head, self.feature_shape
+
+    def features(self, x: Tensor) -> Tensor:
+        """The layer's output for ``x``, (N, C, H, W), z-scored per channel (differentiable)."""
+        shape = self._fitted()[1]
         _, (flat,) = capture(self.base, x, [self.layer], inputs=False, option="layer")
-        return (flat.reshape(len(x), *self.feature_shape) - self.mean) / self.std
+        return (flat.reshape(len(x), *shape) - self.mean) / self.std
 
     def score_from(self, x: Tensor, logits: Tensor) -> Tensor:
         """The detector network's logit for "adversarial" on ``x``'s features, shape (N,)."""
-        return self.head(self.features(x)).squeeze(1)
+        return self._fitted()[0](self.features(x)).squeeze(1)
 
-    def _raw(self, x: Tensor, batch_size: int) -> Tensor:
+    def _raw(self, x: Tensor, batch_size: int, shape: tuple[int, int, int]) -> Tensor:
         with torch.no_grad():
             parts = [
                 capture(self.base, xb, [self.layer], inputs=False, option="layer")[1][0]
                 for xb in x.split(batch_size)
             ]
-        return torch.cat(parts).reshape(len(x), *self.feature_shape)
+        return torch.cat(parts).reshape(len(x), *shape)
 
     def fit_statistics(self, x: Tensor, y: Tensor | None, batch_size: int) -> None:
         """Craft adversarial points on clean ``x`` (labels ``y`` required), cache the layer's
@@ -268,33 +274,30 @@ class DetectorNetwork(Detector):
             raise ValueError(
                 f"the {self.name} detector is supervised: pass the labels, .fit(x_train, y_train)"
             )
-        self.feature_shape = feature_shape(self.base, self.layer, x[:1])
+        shape = self.feature_shape = feature_shape(self.base, self.layer, x[:1])
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         clean, noisy, adv = clean_noisy_adversarial(
             self.base, x, y.to(x.device), self.attack, gen, batch_size
         )
         negatives = [clean, noisy] if self.noisy else [clean]
-        feats = torch.cat([self._raw(s, batch_size) for s in (*negatives, adv)])
+        feats = torch.cat([self._raw(s, batch_size, shape) for s in (*negatives, adv)])
         n_neg = sum(len(s) for s in negatives)
         labels = torch.cat([torch.zeros(n_neg), torch.ones(len(adv))]).to(feats)
         ref = feats[: len(clean)].transpose(0, 1).flatten(1)  # the clean points' channels
         std = ref.std(1, unbiased=False)
         self.mean = ref.mean(1).view(-1, 1, 1)
         self.std = torch.where(std > 0, std, torch.ones_like(std)).view(-1, 1, 1)
-        head = detector_head(
-            self.feature_shape, self.width, torch.Generator().manual_seed(self.seed)
-        )
-        self.head = head.to(feats.device, feats.dtype)
-        self._train((feats - self.mean) / self.std, labels)
+        head = detector_head(shape, self.width, torch.Generator().manual_seed(self.seed))
+        self.head = head = head.to(feats.device, feats.dtype)
+        self._train(head, (feats - self.mean) / self.std, labels)
         self.training_points = {
             "clean": len(clean),
             "noisy": len(noisy) if self.noisy else 0,
             "adversarial": len(adv),
         }
 
-    def _train(self, feats: Tensor, labels: Tensor) -> None:
-        """``epochs`` of Adam on the weighted binary cross-entropy; freezes the head after."""
-        head = self.head
+    def _train(self, head: nn.Sequential, feats: Tensor, labels: Tensor) -> None:
+        """``epochs`` of Adam on the weighted binary cross-entropy; freezes ``head`` after."""
         n_pos = float(labels.sum())
         weight = torch.where(
             labels > 0, len(labels) / (2 * n_pos), len(labels) / (2 * (len(labels) - n_pos))

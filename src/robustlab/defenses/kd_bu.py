@@ -134,7 +134,8 @@ def _masked(layer: nn.Module, generator: torch.Generator) -> Any:
     """A forward hook that applies ``layer``'s dropout to its output (the layer itself in eval
     mode, the identity) with a mask drawn from ``generator``: per element (``nn.Dropout``) or
     per channel (``nn.Dropout1d/2d/3d``), kept with probability 1 - p and scaled by 1/(1 - p)."""
-    if type(layer) not in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+    masked = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+    if not isinstance(layer, masked) or type(layer) not in masked:  # these, not subclasses
         raise ValueError(
             f"a generator draws the masks of nn.Dropout and nn.Dropout1d/2d/3d "
             f"only, the model has {type(layer).__name__}: pass generator=None "
@@ -146,7 +147,7 @@ def _masked(layer: nn.Module, generator: torch.Generator) -> Any:
         if module.training:  # it drops already (the model is in train mode)
             return out
         shape = (*out.shape[:2], *[1] * (out.dim() - 2)) if channel else out.shape
-        keep = 1 - module.p
+        keep = 1 - layer.p  # the hook's module is ``layer``
         mask = torch.rand(shape, generator=generator, device=generator.device) < keep
         return out * mask.to(out.device, out.dtype) / keep
 

@@ -71,6 +71,11 @@ class ClassGaussians(nn.Module):
     ``D * 2.2e-16`` times the largest count as zero).
     """
 
+    # buffers, None before fit (annotations only: nn.Module keeps buffers out of the class)
+    classes: Tensor | None
+    means: Tensor | None
+    covariance: Tensor | None
+
     def __init__(self) -> None:
         super().__init__()
         for name in ("classes", "means", "covariance", "whiten", "means_whitened"):
@@ -184,13 +189,13 @@ class Mahalanobis(Detector):
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the feature size ``features`` (D) and the
         number of ``gaussians`` (None before :meth:`fit`)."""
-        fitted = self.means is not None
+        means = self.means
         return {
             **super().config(),
             "layer": self.layer,
             "noise": self.noise,
-            "features": self.means.shape[1] if fitted else None,
-            "gaussians": len(self.means) if fitted else None,
+            "features": None if means is None else means.shape[1],
+            "gaussians": None if means is None else len(means),
         }
 
     @property

@@ -43,7 +43,7 @@ passes and ``L`` forward passes with ``noise > 0``), then ``L`` (C_l x C_l) whit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -139,9 +139,15 @@ class MahalanobisEnsemble(SupervisedDetector):
         self.noise = number(noise, "noise", low=0)
         self.gaussians = nn.ModuleList(ClassGaussians() for _ in self.layers)
 
+    @property
+    def per_layer(self) -> list[ClassGaussians]:
+        """The class Gaussians of each layer, in the order of ``layers`` (``gaussians``, the
+        ``nn.ModuleList`` that holds them, yields them typed as ``nn.Module``)."""
+        return [cast(ClassGaussians, g) for g in self.gaussians]
+
     def config(self) -> dict[str, Any]:
         """The detector's settings (JSON-able), with the features per layer once fitted."""
-        sizes = [g.means.shape[1] if g.fitted else None for g in self.gaussians]
+        sizes = [None if g.means is None else g.means.shape[1] for g in self.per_layer]
         return {**super().config(), "layers": self.layers, "noise": self.noise, "features": sizes}
 
     def features(self, x: Tensor) -> list[Tensor]:
@@ -160,7 +166,7 @@ class MahalanobisEnsemble(SupervisedDetector):
                 (self.features(xb), yb)
                 for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
             ]
-        for i, gauss in enumerate(self.gaussians):
+        for i, gauss in enumerate(self.per_layer):
             gauss.fit((f[i], yb) for f, yb in parts)
 
     def layer_scores(self, x: Tensor) -> Tensor:
@@ -169,7 +175,7 @@ class MahalanobisEnsemble(SupervisedDetector):
         return torch.stack(
             [
                 g.distances(f, f"layer {name!r}").amin(1)
-                for g, f, name in zip(self.gaussians, feats, self.layers, strict=True)
+                for g, f, name in zip(self.per_layer, feats, self.layers, strict=True)
             ],
             1,
         )
@@ -177,7 +183,7 @@ class MahalanobisEnsemble(SupervisedDetector):
     def characteristics(self, x: Tensor, logits: Tensor) -> Tensor:
         """The per-layer distances (N, L), each at its pre-processed input when
         ``noise > 0``; in ``x.dtype``."""
-        if not self.gaussians[0].fitted:
+        if not self.per_layer[0].fitted:
             raise ValueError(
                 "the mahalanobis-ensemble detector is not fitted: call .fit(x_train, y_train)"
             )

@@ -109,6 +109,7 @@ class MixupInference(Defense):
         """Set the clean pool: images ``x`` (P, C, H, W) in [0, 1] and labels ``y`` (P,).
         Kept by reference (not copied); returns ``self``."""
         check_inputs(x, y)
+        assert y is not None  # check_inputs raised a TypeError on y=None
         xd = x.detach()
         if float(xd.min()) < 0 or float(xd.max()) > 1:
             raise ValueError(

@@ -131,9 +131,10 @@ class PCADetector(Detector):
         if len(x) < 2:
             raise ValueError(f"the PCA needs at least 2 fitting points, got {len(x)}: fit on more")
         flat = x.detach().flatten(1)
-        mean = sum(
-            flat[i : i + batch_size].to(torch.float64).sum(0) for i in range(0, len(x), batch_size)
-        ) / len(x)
+        mean = flat.new_zeros(flat.shape[1], dtype=torch.float64)
+        for i in range(0, len(x), batch_size):
+            mean += flat[i : i + batch_size].to(torch.float64).sum(0)
+        mean /= len(x)
         cov = flat.new_zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
         for i in range(0, len(x), batch_size):
             centred = flat[i : i + batch_size].to(torch.float64) - mean

@@ -136,9 +136,10 @@ class TrapdoorDetector(Detector):
                 )
             self.trigger_options = {k: trapdoors.config()[k] for k in TRIGGER_DEFAULTS}
         else:  # checked now, built at fit for the data's shape
-            self.trigger_options = trigger_options(
-                **{k: TRIGGER_DEFAULTS[k] if v is None else v for k, v in given.items()}
-            )
+            chosen: dict[str, Any] = {
+                k: TRIGGER_DEFAULTS[k] if v is None else v for k, v in given.items()
+            }
+            self.trigger_options = trigger_options(**chosen)
         self.trapdoors = trapdoors
         self.pooled_labels: list[int] = []
         for name in ("protected", "signatures", "offsets", "neurons", "_slot"):
@@ -177,16 +178,19 @@ class TrapdoorDetector(Detector):
         clean quantile; in batches of ``batch_size`` without gradients (``y`` is not used)."""
         with torch.no_grad():
             classes = self.base(x[:1]).shape[1]
-        if self.trapdoors is None:
-            self.trapdoors = Trapdoors(*x.shape[1:], classes=classes, **self.trigger_options)
-        if self.trapdoors.classes != classes:
+        trapdoors = self.trapdoors
+        if trapdoors is None:
+            c, h, w = x.shape[1:]
+            trapdoors = Trapdoors(c, h, w, classes=classes, **self.trigger_options)
+            self.trapdoors = trapdoors
+        if trapdoors.classes != classes:
             raise ValueError(
-                f"the trapdoors have {self.trapdoors.classes} labels but the model "
+                f"the trapdoors have {trapdoors.classes} labels but the model "
                 f"has {classes} classes: build them for this model"
             )
-        self.trapdoors.to(x.device).check_images(x)
+        trapdoors.to(x.device).check_images(x)
         protected = protected_labels(self.labels, classes)
-        signatures = torch.stack([self._signature(x, t, batch_size) for t in protected])
+        signatures = torch.stack([self._signature(trapdoors, x, t, batch_size) for t in protected])
         dim = signatures.shape[1]
         keep = int(dim * self.filter_ratio)
         if keep < 1:
@@ -208,15 +212,15 @@ class TrapdoorDetector(Detector):
         if self.per_label:
             self.offsets = self._quantiles(x, batch_size)
 
-    def _signature(self, x: Tensor, label: int, batch_size: int) -> Tensor:
+    def _signature(self, trapdoors: Trapdoors, x: Tensor, label: int, batch_size: int) -> Tensor:
         """``S_label = (1/n) sum_i g(A_label(x_i))`` (D,), float64, in batches without
-        gradients."""
+        gradients (``A`` the blend of ``trapdoors``)."""
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size]
                 target = torch.full((len(xb),), label, device=x.device)
-                total = total + self.features(self.trapdoors.apply(xb, target))[1].double().sum(0)
+                total = total + self.features(trapdoors.stamp(xb, target))[1].double().sum(0)
         return total / len(x)
 
     def _quantiles(self, x: Tensor, batch_size: int) -> Tensor:

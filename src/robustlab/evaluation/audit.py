@@ -52,7 +52,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -237,7 +237,7 @@ def audit(
         binarization_points=binarization_points,
     )
     bar = _progress(progress, cascade, side, x, threat)
-    common = {
+    common: _Common = {
         "batch_size": batch_size,
         "seed": seed,
         "repeats": adaptive.repeats,
@@ -337,6 +337,16 @@ def _inspect(
     return logits.shape[1], flags, adaptive, no_gradient
 
 
+class _Common(TypedDict):
+    """The options of :func:`evaluate` that every evaluation of the audit shares."""
+
+    batch_size: int
+    seed: int
+    repeats: int
+    progress: bool | Progress
+    log_outputs: bool | None
+
+
 class _Runs(NamedTuple):
     """The audit's runs besides its cascade (None: not run)."""
 
@@ -391,7 +401,7 @@ def _side_runs(
     adaptive: Adaptation,
     side: SidePlan,
     naive_skipped: bool,
-    common: dict[str, Any],
+    common: _Common,
     bar: Progress | None,
 ) -> _Runs:
     """FGSM, the eps sweep, the unbounded attack and the binarization test, in this order."""

@@ -42,7 +42,8 @@ def joint_specs(threat: ThreatModel, steps: int, surrogate: bool) -> list[Attack
     high-confidence C&W (linf and l2) crafted on the surrogate where there is one."""
     specs = [(name, {**o, "steps": steps}) for name, o in JOINT]
     if surrogate and threat.norm != "l1":
-        name, o = HIGH_CONFIDENCE
+        spec: AttackSpec = HIGH_CONFIDENCE
+        name, o = spec
         specs.append((name, {**o, "attack_options": {**o["attack_options"], "steps": steps}}))
     return specs
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -148,7 +148,9 @@ def _joined(parts: Sequence[AttackResult]) -> AttackResult:
         values = [getattr(p, name) for p in parts]
         return None if values[0] is None else torch.cat(values)
 
-    return AttackResult(**{f.name: cat(f.name) for f in fields(AttackResult)})
+    # every field, whatever its type: the required ones are tensors in every part
+    joined: dict[str, Any] = {f.name: cat(f.name) for f in fields(AttackResult)}
+    return AttackResult(**joined)
 
 
 def _confirm(st: EvalState, name: str, reported: Tensor, broken: Tensor) -> None:

@@ -229,7 +229,8 @@ class Progress:
         """Forget the planned stages ``name`` (not run after all) and lower the total."""
         gone = sum(u for s, u in self.plan if s == name)
         self.plan = [(s, u) for s, u in self.plan if s != name]
-        self.bar.total -= gone
+        if self.bar.total is not None:  # always set here (None: tqdm's unknown total)
+            self.bar.total -= gone
 
     def left(self, units: int) -> None:
         """The current stage has ``units`` of work left."""

@@ -46,7 +46,8 @@ def _channels_last_copy(model: nn.Module) -> nn.Module | None:
     """A copy of ``model`` with its weights in channels_last layout (faster convolutions on
     CPU, same answer); the caller's model is never converted. None if it cannot be copied."""
     try:
-        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+        # Module.to takes memory_format= (documented); torch's annotations leave it out
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     except (TypeError, RuntimeError, copy.Error) as e:
         log.warning("evaluating the model as it is: cannot copy it to channels_last (%s)", e)
         return None
@@ -78,7 +79,7 @@ def _specs(
             "detectors); this model is not one: use the default suite (suite=None)"
         )
     chosen = get_suite(suite)
-    return suite, chosen.for_norm(threat.norm), chosen.repeats
+    return suite, [*chosen.for_norm(threat.norm)], chosen.repeats
 
 
 def _check_joint(specs: list[AttackLike], detector: bool) -> None:

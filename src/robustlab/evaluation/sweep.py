@@ -52,7 +52,8 @@ def eps_sweep(
     grid = sorted(parse_eps(e) for e in eps_values)
     if not grid:
         raise ValueError("eps_values is empty: give at least one eps, e.g. [0.05, 0.1, 0.2]")
-    results, curve = [], []
+    results: list[EvalResult] = []
+    curve: list[dict[str, Any]] = []
     broken_before = torch.zeros(len(x), dtype=torch.bool)
     bad_points, rises = 0, []
     for i, eps in enumerate(grid):

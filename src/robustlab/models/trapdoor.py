@@ -29,7 +29,7 @@ which gives colour images a grey pattern). One trigger per label (its ``pattern_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,10 @@ def trigger_options(
     }
 
 
+@overload
+def protected_labels(labels: Any, classes: int) -> list[int]: ...
+@overload
+def protected_labels(labels: Any, classes: None = None) -> list[int] | None: ...
 def protected_labels(labels: Any, classes: int | None = None) -> list[int] | None:
     """``labels`` checked as a non-empty list of distinct integers >= 0 (below ``classes``
     when given), sorted; None stays None (all labels) unless ``classes`` is given, then it is
@@ -90,6 +94,9 @@ class Trapdoors(nn.Module):
     Buffers: ``masks`` (classes, 1, H, W), each entry 0 or ``mask_ratio``; ``patterns``
     (classes, C, H, W) in [0, 1], 0 off the squares. Both float32 on the CPU until moved.
     """
+
+    masks: Tensor
+    patterns: Tensor
 
     def __init__(
         self,
@@ -158,7 +165,7 @@ class Trapdoors(nn.Module):
                 "(channels, height, width of the images)"
             )
 
-    def apply(self, x: Tensor, labels: Tensor) -> Tensor:
+    def stamp(self, x: Tensor, labels: Tensor) -> Tensor:
         """``A_t(x_i) = (1 - m_t) * x_i + m_t * Delta_t`` with ``t = labels[i]``, a new
         (N, C, H, W) tensor in ``x.dtype`` (``x`` is not modified); differentiable in ``x``.
         ``labels`` (N,) are integers in ``[0, classes)``."""

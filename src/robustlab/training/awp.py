@@ -76,13 +76,13 @@ class AWP:
         params = perturbed_weights(model)
         saved = [b.detach().clone() for b in model.buffers()]
         value = loss()
-        grads = torch.autograd.grad(value * weight, params, allow_unused=True)
+        raw = torch.autograd.grad(value * weight, params, allow_unused=True)
         with torch.no_grad():
             for b, s in zip(model.buffers(), saved, strict=True):
                 b.copy_(s)
         grads = [
             torch.zeros_like(p) if g is None else g.detach()
-            for p, g in zip(params, grads, strict=True)
+            for p, g in zip(params, raw, strict=True)
         ]
         if world is not None and world.size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -140,12 +140,25 @@ class Features:
         the hold-out (``holdout_*``) into ``rec``; the hold-out's entries (never ``val``'s)
         go to ``objective.record_validation``."""
         cfg, shown, t1 = self.cfg, self.shown(model), time.perf_counter()
-        kw = {"batch_size": max(cfg.batch_size, 256), "world": world, "seed": cfg.seed}
+
+        def run(x: Tensor, y: Tensor) -> dict[str, float]:
+            size = max(cfg.batch_size, 256)
+            return evaluate_epoch(
+                shown,
+                x,
+                y,
+                self.threat,
+                cfg.val_attack,
+                batch_size=size,
+                world=world,
+                seed=cfg.seed,
+            )
+
         if val is not None:
-            rec |= evaluate_epoch(shown, *val, self.threat, cfg.val_attack, **kw)
+            rec |= run(*val)
             rec |= {"val_attack": cfg.val_attack, "val_n": len(val[0])}
         if self.holdout is not None:
-            got = evaluate_epoch(shown, *self.holdout, self.threat, cfg.val_attack, **kw)
+            got = run(*self.holdout)
             rec |= {k.replace("val_", "holdout_", 1): v for k, v in got.items()}
             rec |= {"val_attack": cfg.val_attack, "holdout_n": len(self.holdout[0])}
             if objective is not None:

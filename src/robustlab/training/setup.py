@@ -56,7 +56,7 @@ def check_data(model: nn.Module, data: Any, val: Any, threat: ThreatModel | None
     x, y = data
     check_inputs(x, y, threat)
     if val is not None:
-        check_inputs(*val, threat)
+        check_inputs(val[0], val[1], threat)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     with eval_mode(model):  # no BatchNorm statistics updated, no dropout draws

@@ -125,21 +125,22 @@ class Trainer:
                 "or leave tensorboard unset"
             )
         self.model, self.cfg, self.threat, self.val = model, cfg, threat, val
-        self.out = Path(out) if out is not None else None
+        self.out = out = Path(out) if out is not None else None
         if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format= (documented); torch's annotations leave it out
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.features = Features(cfg, model, self.objective, data, threat, self.out)
         (self.x, self.y), self.average = self.features.data, self.features.average
         self.callback = callback
         self.device = next(model.parameters()).device
         self.world = distributed.current()
-        writes = self.out is not None and self.world.main  # rank 0 writes the log
-        board = self.out is not None and tensorboard_available(tensorboard)
+        writes = out is not None and self.world.main  # rank 0 writes the log
+        board = out is not None and tensorboard_available(tensorboard)
         self.log = RunLog(
-            self.out / LOG_FILE if writes else None,
+            out / LOG_FILE if out is not None and writes else None,
             scalars=scalars,
             progress=progress and self.world.main,
-            tensorboard=self.out / TB_DIR if board and writes else None,
+            tensorboard=out / TB_DIR if out is not None and board and writes else None,
         )
         self.optimizer = make_optimizer(model, cfg)
         self.passes = math.ceil(cfg.epochs / self.objective.replays)
@@ -314,11 +315,11 @@ class Trainer:
         if self.average is not None:  # SWA: fold in this epoch, BatchNorm on the data
             self.average.end_epoch(self.model, epoch + 1, self.x.split(cfg.batch_size))
         train_time = time.perf_counter() - t0
-        total, seen = distributed.all_sum([total, float(seen)], world, self.device)
+        total, seen_all = distributed.all_sum([total, float(seen)], world, self.device)
         rec: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": total / seen,
+            "train_loss": total / seen_all,
             "train_time_s": train_time,
         }
         if m > 1:

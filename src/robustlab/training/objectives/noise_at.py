@@ -104,7 +104,7 @@ class NoiseAT(Objective):
         if isinstance(sigma, str):
             one_of(sigma, "noise-at sigma", ("model",))
         refuse_input_noise(noise, "noise-at")
-        check_noise(noise, 0.0 if sigma == "model" else sigma)
+        check_noise(noise, 0.0 if isinstance(sigma, str) else sigma)  # a str is "model"
         number(adv_weight, "noise-at adv_weight", low=0, high=1)
         one_of(attack, "noise-at attack", ATTACKS)
         positive_int(samples, "noise-at samples")

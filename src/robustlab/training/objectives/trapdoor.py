@@ -92,7 +92,8 @@ class Trapdoor(Objective):
         with eval_mode(model), torch.no_grad():
             classes = model(x[:1]).shape[1]
         protected = protected_labels(self.labels, classes)
-        self.trapdoors = Trapdoors(*x.shape[1:], classes=classes, **self.triggers).to(x.device)
+        c, h, w = x.shape[1:]
+        self.trapdoors = Trapdoors(c, h, w, classes=classes, **self.triggers).to(x.device)
         self._protected = torch.tensor(protected, device=x.device)
         return self.trapdoors
 
@@ -116,5 +117,5 @@ class Trapdoor(Objective):
         inject = torch.rand(len(x), generator=generator, device=dev) < self.inject_ratio
         pick = torch.randint(len(protected), (len(x),), generator=generator, device=dev)
         inject, target = inject.to(x.device), protected[pick.to(x.device)]
-        x_mixed = torch.where(inject.view(-1, *[1] * (x.dim() - 1)), trapdoors.apply(x, target), x)
+        x_mixed = torch.where(inject.view(-1, *[1] * (x.dim() - 1)), trapdoors.stamp(x, target), x)
         return F.cross_entropy(model(x_mixed), torch.where(inject, target, y))

@@ -160,5 +160,8 @@ class YOPO(Objective):
                     if g is not None:
                         grads[i] += g
             total = total + ce.detach()
-        surrogate = sum((p * g).sum() for p, g in zip(params, grads, strict=True)) / self.outer
+        surrogate = (params[0] * grads[0]).sum()
+        for p, g in zip(params[1:], grads[1:], strict=True):
+            surrogate = surrogate + (p * g).sum()
+        surrogate = surrogate / self.outer
         return total / self.outer + surrogate - surrogate.detach()
