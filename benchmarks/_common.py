@@ -147,7 +147,9 @@ def trained_model(
     threat = rl.ThreatModel("linf", recipe["eps"]) if "eps" in recipe else None
     log(f"model {name}: training {json.dumps(recipe)} (cached afterwards in {path.name})")
     x, y = rl.data.load(recipe["dataset"], split="train", n=recipe.get("train_n"))
-    model = rl.models.create(recipe["arch"], **recipe.get("model", {}))
+    with torch.random.fork_rng():  # the initial weights from the recipe's seed, as `train` does
+        torch.manual_seed(recipe.get("seed", 0))
+        model = rl.models.create(recipe["arch"], **recipe.get("model", {}))
     t0 = time.perf_counter()
     history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"], **fit_kwargs)
     seconds = time.perf_counter() - t0

@@ -30,6 +30,10 @@ Run from the repository root::
 
 Results: ``benchmarks/results/training.{md,json}`` (``--stem`` names another file, e.g. for a
 second run of a few objectives under ``--suite standard``).
+
+The trainer's features (keep_best, EMA, SWA, AWP, augmentation, label smoothing) are compared
+with plain PGD-AT, effect and cost, at a budget where robust overfitting can appear, by
+``benchmarks/training_features.py`` (results: ``benchmarks/results/training_features.*``).
 """
 
 from __future__ import annotations
@@ -88,8 +92,12 @@ def recipe_for(name: str) -> Recipe:
 
 
 def build_model(recipe: Recipe, device: torch.device) -> nn.Module:
+    """The recipe's model, initialised from the recipe's seed (as ``robustlab train`` does):
+    torch seeds its generator at random when it starts."""
     opts = {k: v for k, v in recipe.model.items() if k != "arch"}
-    return rl.models.create(recipe.model["arch"], **opts).to(device)
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.train.seed)
+        return rl.models.create(recipe.model["arch"], **opts).to(device)
 
 
 def _key(*parts: Any) -> str:
