@@ -302,7 +302,7 @@ def markdown(record: dict[str, Any]) -> str:
     out += [
         "",
         f"**Verdict**: {'done' if v['done'] else 'not done'}: accuracy within 0.5 "
-        f"points at every radius and sigma: {v['accuracy_ok']}; mean draws <= 1/5 of "
+        f"points at every grid radius and sigma: {v['accuracy_ok']}; mean draws <= 1/5 of "
         f"fixed N at every sigma: {v['draws_ok']}; every sigma measured: "
         f"{not record['not_measured']}. The accuracy check is made at the grid the "
         "sequential rule decides (the multiples of its radius_tolerance up to max_radius); "
