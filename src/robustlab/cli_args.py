@@ -198,7 +198,12 @@ def _train_parser(sub: Any) -> None:
             )
         ],
     )
-    t.add_argument("--config", required=True, type=Path, help="recipe file or shipped name: configs/pgd_at.toml, pgd_at")
+    t.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="recipe file or shipped name: configs/pgd_at.toml, pgd_at",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe")
     t.add_argument(
