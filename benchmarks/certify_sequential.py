@@ -27,6 +27,7 @@ interrupted run resumes. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _certify_replay import resampled
 from _common import CACHE_DIR, machine_record, trained_model, write_results
 from scipy.stats import beta
 from smoothing import log, recipes
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 import robustlab as rl
 from robustlab.defenses import certify_iter
 from robustlab.defenses.batching import best_batch_size
+from robustlab.defenses.sequential import PROJECTION_LEVEL, Stopping, look_alphas, looks
 
 DATASET = "fashion-mnist"
 ALPHA, N0 = 0.001, 100
@@ -119,6 +122,14 @@ def locuslab_certify(
     }
 
 
+def rule_key(max_n: int) -> str:
+    """A short fingerprint of the stopping rule's looks and levels: a changed rule is a new
+    cache row, never a stale one."""
+    grid = looks(max_n)
+    rule = (grid, look_alphas(ALPHA, len(grid)).tolist(), PROJECTION_LEVEL)
+    return hashlib.sha256(repr(rule).encode()).hexdigest()[:8]
+
+
 def cached(path: Path, compute: Any) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
@@ -158,7 +169,7 @@ def image_rows(
     first); once ``deadline`` (``time.monotonic()``) has passed, only the images already
     cached at every sigma count."""
     rows = {s: {"sequential": [], "fixed": [], "locuslab": []} for s in models}
-    seq = f"sequential-t{args.tolerance_steps:g}-m{args.max_radius_sigmas:g}"
+    seq = f"sequential-{rule_key(args.max_n)}-t{args.tolerance_steps:g}-m{args.max_radius_sigmas:g}"
     for j, i in enumerate(idx):
         names = {
             (s, m): f"{s:g}-{i}-{m}-{n}.json"
@@ -225,6 +236,10 @@ def summarise(
         if rs
     }
     draws_ratio = mean["sequential"]["draws"] / mean["fixed"]["draws"]
+    rule = Stopping(sigma / args.tolerance_steps, 0.0, top)
+    replayed = resampled(
+        sigma, fix, rule=rule, max_n=args.max_n, alpha=ALPHA, reps=args.reps, seed=args.seed
+    )
     return {
         "images": len(seq),
         "curve": curve,
@@ -235,6 +250,7 @@ def summarise(
         "draws_ratio": draws_ratio,
         "accuracy_ok": 100 * gap <= 0.5,
         "draws_ok": draws_ratio <= 0.2,
+        "resampled": replayed,
     }
 
 
@@ -298,6 +314,29 @@ def markdown(record: dict[str, Any]) -> str:
             f"{s['max_gap_any_radius_points']:.1f} | {s['draws_ratio']:.3f} | "
             f"{s['draws_ok']} | {s['at_max_n']} of {s['images']} |"
         )
+    seq_draws = sum(p_["summary"]["mean"]["sequential"]["draws"] for p_ in record["sigmas"])
+    fix_draws = sum(p_["summary"]["mean"]["fixed"]["draws"] for p_ in record["sigmas"])
+    out += [
+        "",
+        f"Pooled over the sigmas, the sequential rule drew {seq_draws / fix_draws:.3f} of fixed "
+        "N's draws.",
+        "",
+        "Replayed (`benchmarks/_certify_replay.py`): the library's stopping rule on random "
+        "orders of each measured fixed-N run's votes (the same draws; one run is one order), "
+        "and, for scale, fixed-N reruns with another seed:",
+        "",
+        "| sigma | orders | mean draws ratio (5-95 %) | P(ratio > 1/5) | P(grid gap > 0.5 "
+        "points) | the same for a fixed-N rerun |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part in record["sigmas"]:
+        r = part["summary"]["resampled"]
+        lo, hi = r["draws_ratio_5_95"]
+        out.append(
+            f"| {part['sigma']:g} | {r['reps']} | {r['draws_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | "
+            f"{r['p_ratio_above_fifth']:.2f} | {r['p_gap_above_half_point']:.2f} | "
+            f"{r['p_rerun_gap_above_half_point']:.2f} |"
+        )
     v = record["verdict"]
     out += [
         "",
@@ -340,6 +379,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reps", type=int, default=200, help="replayed orders of each fixed run's votes"
+    )
     p.add_argument(
         "--budget-minutes",
         type=float,

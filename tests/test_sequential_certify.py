@@ -21,7 +21,7 @@ from robustlab import cli
 from robustlab.defenses import ABSTAIN, certify, certify_iter, predict
 from robustlab.defenses.batching import _CHOSEN, CANDIDATES, best_batch_size
 from robustlab.defenses.certify import lower_confidence_bound
-from robustlab.defenses.sequential import look_alphas, looks, lower_bounds, radii
+from robustlab.defenses.sequential import Stopping, look_alphas, looks, lower_bounds, radii, replay
 from robustlab.defenses.smoothing import noisy_logits
 from robustlab.evaluation.certification import run_certification
 from robustlab.evaluation.smoothing_curves import draw_logits, smoothing_curves
@@ -59,7 +59,8 @@ def allowed_failures(reps: int, alpha: float) -> int:
 def test_the_look_levels_sum_to_alpha_and_the_looks_grow_geometrically():
     assert look_alphas(0.01, 100_000).sum() == pytest.approx(0.01, rel=1e-4)
     grid = looks(100_000)
-    assert grid[0] == 100 and grid[-1] == 100_000 and grid == sorted(set(grid))
+    assert grid[0] == 1000 and grid[-1] == 100_000 and grid == sorted(set(grid))
+    assert looks(20_000)[0] == 200 and looks(5000)[0] == 100
     assert all(b <= 1.25 * a + 1 for a, b in zip(grid, grid[1:], strict=False))
     assert looks(7) == [7]
 
@@ -114,6 +115,22 @@ def test_sequential_radii_are_valid_on_the_halfspace():
     assert (pred == 0).float().mean() > 0.99 and float(rad.mean()) > d - 0.5
 
 
+def test_replay_stops_recorded_votes_where_the_rule_does():
+    """Without a model: a path of all votes for c_A stops at the first look whose bound
+    ``alpha_k^(1/N_k)`` reaches Phi(2) (max_radius 2 sigma); a path of none stops at once as an
+    abstention; a wrong shape is refused."""
+    grid = np.array(looks(100_000))
+    alphas = look_alphas(0.001, len(grid))
+    rule = Stopping(0.25, 0.0, 2.0)
+    kw = dict(sigma=1.0, max_n=100_000, alpha=0.001, rule=rule, noise="gaussian")
+    draws, low = replay(np.stack([grid, 0 * grid]), **kw)
+    first = int(np.argmax(alphas ** (1 / grid) >= norm.cdf(2)))
+    assert draws.tolist() == [grid[first], grid[0]]
+    assert low[0] == pytest.approx(alphas[first] ** (1 / grid[first])) and low[1] == 0
+    with pytest.raises(ValueError, match="looks"):
+        replay(grid[None, :-1], **kw)
+
+
 # --- stopping ---------------------------------------------------------------------------------
 def at_radius(d: float, sigma: float, n: int) -> tuple[Halfspace, torch.Tensor]:
     """A halfspace at distance ``d`` from ``n`` copies of the input 0.5."""
@@ -160,17 +177,18 @@ def test_the_returned_radius_lies_in_the_true_radius_cell():
     assert np.mean([c.draws for c in certs]) < 5000
 
 
-def test_a_point_on_a_multiple_of_the_tolerance_draws_until_max_n_decides_it():
-    """Radius 1.0 on the grid of step 0.5: undecided until no draws left could certify 1.0,
-    i.e. at the last look or the one before."""
-    model, x = at_radius(1.0, 1.0, 4)
-    last = looks(3000)[-2:]
-    certs = list(
-        certify_iter(
-            model, x, sigma=1.0, sequential=True, max_n=3000, radius_tolerance=0.5, generator=gen(8)
-        )
-    )
-    assert all(c.draws in last and 0.5 <= c.radius < 1.0 for c in certs)
+def test_a_point_just_above_a_multiple_draws_until_late_and_one_on_it_stops_early():
+    """Radius 1.02 on the grid of step 0.5: only the last looks of 100,000 draws can certify
+    1.0 (fixed N = 100,000 does in about 85 % of runs), so the rule draws on; an input stops
+    early where one of the projection's upper bounds fails (at most PROJECTION_LEVEL = 0.3 of
+    the runs). Radius 1.0 itself no amount of draws certifies, and the projection of what the
+    remaining draws can give stops it early, below 1.0."""
+    kw = dict(sigma=1.0, sequential=True, max_n=100_000, radius_tolerance=0.5, generator=gen(8))
+    above = list(certify_iter(*at_radius(1.02, 1.0, 10), **kw))
+    assert sum(c.draws >= 50_000 and c.radius > 0.98 for c in above) >= 6
+    assert all(c.radius < 1.02 for c in above)
+    on = list(certify_iter(*at_radius(1.0, 1.0, 4), **kw))
+    assert np.mean([c.draws for c in on]) < 50_000 and all(0.5 <= c.radius < 1.0 for c in on)
 
 
 def test_a_point_stops_once_it_reaches_max_radius():

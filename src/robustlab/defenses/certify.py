@@ -374,12 +374,13 @@ def certify(
             estimation of :mod:`robustlab.defenses.sequential` (``n`` is then unused): at most
             ``max_n`` estimation draws, stopping once the radius is decided on the grid of
             multiples of ``radius_tolerance`` (input units; None: ``sigma / 4``, and 1 pixel
-            for l0: the certified radius and the largest one still possible lie between the
-            same two multiples), once it reaches ``max_radius`` (None: no limit; radii
-            beyond it are not of interest, e.g. ``3 * sigma``), or once it can no longer
-            reach ``min_radius``. Certified accuracy at the multiples of the tolerance up
-            to ``max_radius`` then matches what ``max_n`` fixed draws give, up to points
-            that sit on a multiple (they draw to ``max_n``).
+            for l0: the certified radius and the largest one the remaining draws could
+            still certify lie between the same two multiples), once it reaches
+            ``max_radius`` (None: no limit; radii beyond it are not of interest, e.g.
+            ``3 * sigma``), or once it can no longer reach ``min_radius``. Certified
+            accuracy at the multiples of the tolerance up to ``max_radius`` then matches,
+            up to chance, what ``max_n`` fixed draws give; points just above a multiple
+            draw to ``max_n``.
 
     Returns:
         ``(prediction, radius)``: (N,) int64 classes (:data:`ABSTAIN` = -1 where it abstains)

@@ -8,37 +8,47 @@ general: Howard, Ramdas, McAuliffe, Sekhon, Ann. Statist. 2021, arXiv:1810.08240
 Waudby-Smith, Ramdas, JRSS-B 2024, arXiv:2010.09686). After the class ``c_A`` is chosen on
 ``n0`` separate selection draws (as in Cohen et al.'s CERTIFY, :mod:`robustlab.defenses.certify`),
 estimation draws are looked at after ``N_1 < N_2 < ... < N_K = max_n`` of them
-(:func:`looks`: ``N_1 = 100``, then ``x 1.25``). At look ``k`` with ``A_k`` votes for ``c_A``,
+(:func:`looks`: ``N_1 = max(100, max_n / 100)``, then ``x 1.25``). At look ``k`` with ``A_k``
+votes for ``c_A``,
 
     L_k = Clopper-Pearson lower bound of A_k / N_k at level alpha_k,
-    U_k = the upper bound at the same level,
-    alpha_k = (alpha / 2) 5 / ((k+4)(k+5)) for k < K,  alpha_K = alpha / 2.
+    alpha_k = (9 alpha / 10) / (K - 1) for k < K,  alpha_K = alpha / 10.
 
-Since ``sum_k alpha_k <= alpha`` (the first terms telescope to at most ``alpha / 2``,
-:func:`look_alphas`) and each bound holds at its fixed ``N_k``, ``P(exists k: p_A < L_k) <=
-alpha``: the lower bounds hold *together*, so ``L_tau`` is a ``1 - alpha`` lower bound at any
-look ``tau`` chosen from the data, and the returned radius (from ``L_tau``, as CERTIFY's) is
-certified with probability at least ``1 - alpha``, whatever stopped it. Half of ``alpha`` goes
-to the last look so that an input that needs every draw loses little to fixed-N CERTIFY on the
-same ``max_n`` draws (its bound is at level ``alpha / 2`` instead of ``alpha``).
+Since ``sum_k alpha_k = alpha`` (:func:`look_alphas`) and each bound holds at its fixed
+``N_k``, ``P(exists k: p_A < L_k) <= alpha``: the lower bounds hold *together*, so ``L_tau`` is
+a ``1 - alpha`` lower bound at any look ``tau`` chosen from the data, and the returned radius
+(from ``L_tau``, as CERTIFY's) is certified with probability at least ``1 - alpha``, whatever
+stopped it. The levels are spread evenly because the inputs that need many draws (radii near a
+multiple of the tolerance) stop late, where a decaying schedule has little left. An input that
+needs every draw gets a bound at level ``alpha / 10`` on the ``max_n`` draws, where fixed-N
+CERTIFY has ``alpha``; the first look waits for ``max_n / 100`` draws, so fewer looks share
+``alpha``.
 
-Stopping rule, at each look: the ceiling ``c_k = min(U_k, the largest lower bound a later look
-could give if every further draw voted c_A)``; with ``t = radius_tolerance``, stop when
+Stopping rule, at each look. ``U_k`` is the Clopper-Pearson upper bound of ``A_k / N_k`` at
+level ``gamma / K``, with ``gamma =`` :data:`PROJECTION_LEVEL` (0.3), and the ceiling ``c_k``
+is the largest lower bound a later look ``j`` would give if the draws up to it voted for
+``c_A`` at the rate ``U_k`` (``L_j`` of ``A_k + (N_j - N_k) U_k`` votes): what the remaining
+draws can still certify, seen optimistically. With ``t = radius_tolerance``, stop when
 
-- ``radius(L_k)`` and ``radius(c_k)`` lie in the same cell ``[j t, (j+1) t)`` (decided: no
-  multiple of ``t`` is still undecided; an abstention, ``L_k <= 1/2``, is a cell of its own),
+- ``radius(L_k)`` and ``radius(max(L_k, c_k))`` lie in the same cell ``[j t, (j+1) t)``
+  (decided: more draws would not certify the next multiple of ``t``; an abstention,
+  ``L_k <= 1/2``, is a cell of its own),
 - ``radius(L_k) >= max_radius`` (nothing larger is of interest),
-- ``c_k <= 1/2`` or ``radius(c_k) < min_radius`` (out of reach), or at ``max_n``.
+- ``max(L_k, c_k) <= 1/2`` or ``radius(max(L_k, c_k)) < min_radius`` (out of reach), or at
+  ``max_n``.
 
-With probability at least ``1 - 2 alpha`` also ``p_A <= U_k`` at every look, so a stop for a
-decided cell returns a radius in the cell of ``min(true radius, the most max_n draws could
-certify)``: certified accuracy at the multiples of ``t`` up to ``max_radius`` is what ``max_n``
-draws give, up to the level spent on the looks. An input whose radius sits on a multiple of
-``t`` draws to ``max_n``. Cost: ``n0 + N_tau`` draws per input, ``N_tau <= 1.25 x`` the draws
-the rule needed. Differences from the reference (github.com/vvoracek/RS_conf_seq): its
-baseline tests a fixed radius with growth 1.1; here the radius is estimated to a grid of
-radii, with growth 1.25 (fewer looks, so larger ``alpha_k``), the early stops, and half of
-``alpha`` on the last look.
+The rule only chooses when to stop, so it leaves the guarantee above untouched. It is built so
+that certified accuracy at the multiples of ``t`` up to ``max_radius`` is what ``max_n`` fixed
+draws give: a stop for a decided cell loses the next multiple only if ``p_A > U_k`` at that look
+(probability at most ``gamma / K``; at most ``gamma`` over all looks) or if the fixed draws
+would land luckily high. An input whose radius sits just above a multiple of ``t`` draws to
+``max_n``; one on it stops once the remaining draws cannot certify it. Cost: ``n0 + N_tau``
+draws per input, ``N_tau <= 1.25 x`` the draws the rule needed. Differences from the reference
+(github.com/vvoracek/RS_conf_seq): its baseline tests a fixed radius with growth 1.1; here the
+radius is estimated to a grid of radii, with growth 1.25 (fewer looks, so larger ``alpha_k``),
+the projected early stops, and a tenth of ``alpha`` on the last look. The constants were
+chosen by replaying the rule on the votes of the Fashion-MNIST benchmark's fixed-N runs
+(``benchmarks/certify_sequential.py``, ``benchmarks/_certify_replay.py``).
 
 Inputs are certified up to :data:`WINDOW` at a time, their draws of one look sharing the base
 model's forwards (:mod:`robustlab.defenses.batching`). Each input draws from its own generator;
@@ -67,17 +77,24 @@ from robustlab.defenses.batching import count_votes, job_logits, sizes
 __all__ = [
     "FIRST_LOOK",
     "GROWTH",
+    "PROJECTION_LEVEL",
     "WINDOW",
     "Estimate",
     "Stopping",
     "look_alphas",
     "looks",
     "lower_bounds",
+    "replay",
     "sequential_estimates",
 ]
 
+#: the fewest estimation draws before the first look
 FIRST_LOOK = 100
 GROWTH = 1.25
+#: the level of the upper bound on ``p_A`` that projects what the remaining draws can certify
+#: (it steers the stopping only; the certificate rests on the lower bounds alone), spread over
+#: the looks
+PROJECTION_LEVEL = 0.3
 #: inputs certified at a time
 WINDOW = 256
 
@@ -97,21 +114,21 @@ class Estimate(NamedTuple):
 
 
 def looks(max_n: int) -> list[int]:
-    """The estimation draws after which the bounds are computed: ``min(100, max_n)``, then
-    each ``ceil(1.25 x)`` the last, ending at ``max_n``."""
-    out = [min(FIRST_LOOK, max_n)]
+    """The estimation draws after which the bounds are computed: ``max(100, max_n // 100)``
+    (at most ``max_n``), then each ``ceil(1.25 x)`` the last, ending at ``max_n``."""
+    out = [min(max(FIRST_LOOK, max_n // 100), max_n)]
     while out[-1] < max_n:
         out.append(min(max_n, math.ceil(out[-1] * GROWTH)))
     return out
 
 
 def look_alphas(alpha: float, k: int) -> np.ndarray:
-    """The levels of ``k`` looks: ``alpha_j = (alpha / 2) 5 / ((j+4)(j+5))`` for j = 1..k-1
-    (``5 (1/(j+4) - 1/(j+5))`` telescopes to at most 1) and ``alpha / 2`` for the last: their
-    sum is at most ``alpha``."""
-    j = np.arange(1, k + 1, dtype=np.float64)
-    out = 2.5 * alpha / ((j + 4) * (j + 5))
-    out[-1] = alpha / 2
+    """The levels of ``k`` looks: ``alpha / 10`` for the last and ``(9 alpha / 10) / (k - 1)``
+    for each of the others (``alpha`` for a single look); their sum is ``alpha``."""
+    if k == 1:
+        return np.array([alpha], np.float64)
+    out = np.full(k, 0.9 * alpha / (k - 1), np.float64)
+    out[-1] = alpha / 10
     return out
 
 
@@ -131,7 +148,7 @@ def _upper_bounds(count: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.nda
 
 
 def radii(
-    p: np.ndarray, noise: str, sigma: float, radius_of: Callable[[float], float]
+    p: np.ndarray, noise: str, sigma: float, radius_of: Callable[[float], float] | None
 ) -> np.ndarray:
     """The certified radius of each probability bound of ``p`` (0 at ``p <= 1/2``):
     vectorised for Gaussian (``sigma Phi^-1(p)``) and Laplace (``-sigma log(2 (1 - p))``)
@@ -142,6 +159,8 @@ def radii(
             r = sigma * ndtri(p)
         elif noise == "laplace":
             r = -sigma * np.log(2 * (1 - p))
+        elif radius_of is None:
+            raise ValueError(f"radii: {noise!r} noise needs radius_of (the radius of a bound)")
         else:
             r = np.array([radius_of(float(q)) if q > 0.5 else 0.0 for q in p.ravel()])
     return np.where(p > 0.5, r.reshape(p.shape), 0.0)
@@ -170,17 +189,17 @@ def _stops(
     rule: Stopping,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(stop, L)`` at look ``k`` (0-based, per input) with ``count`` votes for ``c_A``."""
-    n_k = np.asarray(grid)[k]
+    looks_n = np.asarray(grid, np.float64)
+    n_k = looks_n[k]
     low = lower_bounds(count, n_k, alphas[k])
-    up = _upper_bounds(count, n_k, alphas[k])
+    rate = _upper_bounds(count, n_k, np.full_like(n_k, PROJECTION_LEVEL / len(grid)))
     later = np.arange(len(grid))[None, :] > k[:, None]  # (inputs, looks)
-    best = lower_bounds(
-        count[:, None] + np.asarray(grid)[None, :] - n_k[:, None],
-        np.asarray(grid)[None, :],
+    projected = lower_bounds(
+        count[:, None] + (looks_n[None, :] - n_k[:, None]) * rate[:, None],
+        looks_n[None, :],
         alphas[None, :],
     )
-    best = np.where(later, best, 0.0).max(1, initial=0.0)
-    ceiling = np.minimum(up, np.maximum(low, best))
+    ceiling = np.maximum(low, np.where(later, projected, 0.0).max(1, initial=0.0))
     r_low, r_ceiling = rad(low), rad(ceiling)
     decided = _cell(r_low, low, rule) == _cell(r_ceiling, ceiling, rule)
     enough = (low > 0.5) & (r_low >= rule.max_radius)
@@ -256,6 +275,38 @@ def sequential_estimates(
         batch=batch,
         stops=lambda c, k: _stops(c, k, grid, alphas, rad, rule),
     )
+
+
+def replay(
+    paths: np.ndarray, *, sigma: float, max_n: int, alpha: float, rule: Stopping, noise: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the stopping rule stops on recorded votes, without a model: ``paths[i, k]`` is
+    path ``i``'s votes for ``c_A`` after the first ``looks(max_n)[k]`` estimation draws.
+    Returns each path's ``(draws, p_lower)``; Gaussian or Laplace ``noise``. For studying the
+    rule (``benchmarks/certify_sequential.py`` replays reorderings of fixed-N runs' votes)."""
+    grid = looks(max_n)
+    paths = np.asarray(paths, np.float64)
+    if paths.ndim != 2 or paths.shape[1] != len(grid):
+        raise ValueError(
+            f"replay: paths must be (paths, {len(grid)}): the votes at each of looks({max_n}), "
+            f"got shape {paths.shape}"
+        )
+    alphas = look_alphas(alpha, len(grid))
+    stop_at = np.full(len(paths), len(grid) - 1)
+    p_lower = np.zeros(len(paths))
+    active = np.arange(len(paths))
+    for k in range(len(grid)):
+        stop, low = _stops(
+            paths[active, k],
+            np.full(len(active), k),
+            grid,
+            alphas,
+            lambda p: radii(p, noise, sigma, None),
+            rule,
+        )
+        stop_at[active[stop]], p_lower[active[stop]] = k, low[stop]
+        active = active[~stop]
+    return np.asarray(grid)[stop_at], p_lower
 
 
 def _rounds(
