@@ -10,7 +10,10 @@ and the first estimation draws coincide). Reported: estimation draws per image, 
 seconds per image (one image per call, so the sequential mode's sharing of forwards across
 inputs is not counted), certified accuracy at the radii 0, sigma/4, ..., 3 sigma for both, and
 the issue's "done when" check: at every radius the sequential accuracy within 0.5 points of
-fixed N, and its mean draws at most 1/5 of fixed N's.
+fixed N, and its mean draws at most 1/5 of fixed N's. One run is one draw of each image's votes;
+``_certify_replay.py`` replays the library's stopping rule on ``--reps`` random orders of the
+fixed runs' votes for the mean draws and how often the curves part, at the grid step and at
+half of it.
 
 For scale, ``--ref-images`` images per sigma also run a minimal re-run of the locuslab/smoothing
 ``Smooth.certify`` loop (github.com/locuslab/smoothing, ``code/core.py``): batches of
@@ -236,10 +239,19 @@ def summarise(
         if rs
     }
     draws_ratio = mean["sequential"]["draws"] / mean["fixed"]["draws"]
-    rule = Stopping(sigma / args.tolerance_steps, 0.0, top)
-    replayed = resampled(
-        sigma, fix, rule=rule, max_n=args.max_n, alpha=ALPHA, reps=args.reps, seed=args.seed
-    )
+    replayed = [
+        {"steps": steps}
+        | resampled(
+            sigma,
+            fix,
+            rule=Stopping(sigma / steps, 0.0, top),
+            max_n=args.max_n,
+            alpha=ALPHA,
+            reps=args.reps,
+            seed=args.seed,
+        )
+        for steps in (args.tolerance_steps, 2 * args.tolerance_steps)
+    ]
     return {
         "images": len(seq),
         "curve": curve,
@@ -323,20 +335,21 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "Replayed (`benchmarks/_certify_replay.py`): the library's stopping rule on random "
         "orders of each measured fixed-N run's votes (the same draws; one run is one order), "
-        "and, for scale, fixed-N reruns with another seed:",
+        "at the benchmark's grid step and at half of it (the price of precision), and, for "
+        "scale, fixed-N reruns with another seed, checked at the same grid:",
         "",
-        "| sigma | orders | mean draws ratio (5-95 %) | P(ratio > 1/5) | P(grid gap > 0.5 "
-        "points) | the same for a fixed-N rerun |",
-        "|---|---|---|---|---|---|",
+        "| sigma | grid step | orders | mean draws ratio (5-95 %) | P(ratio > 1/5) | "
+        "P(grid gap > 0.5 points) | the same for a fixed-N rerun |",
+        "|---|---|---|---|---|---|---|",
     ]
     for part in record["sigmas"]:
-        r = part["summary"]["resampled"]
-        lo, hi = r["draws_ratio_5_95"]
-        out.append(
-            f"| {part['sigma']:g} | {r['reps']} | {r['draws_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | "
-            f"{r['p_ratio_above_fifth']:.2f} | {r['p_gap_above_half_point']:.2f} | "
-            f"{r['p_rerun_gap_above_half_point']:.2f} |"
-        )
+        for r in part["summary"]["resampled"]:
+            lo, hi = r["draws_ratio_5_95"]
+            out.append(
+                f"| {part['sigma']:g} | sigma / {r['steps']:g} | {r['reps']} | "
+                f"{r['draws_ratio']:.3f} ({lo:.3f}-{hi:.3f}) | {r['p_ratio_above_fifth']:.2f} | "
+                f"{r['p_gap_above_half_point']:.2f} | {r['p_rerun_gap_above_half_point']:.2f} |"
+            )
     v = record["verdict"]
     out += [
         "",
