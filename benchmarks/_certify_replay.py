@@ -52,7 +52,9 @@ def resampled(
 ) -> dict[str, Any]:
     """Mean draws ratio (and its 5-95 % range over orders), the fraction of orders whose grid
     curve leaves the measured fixed one by more than 0.5 points, and the same fraction for
-    independent fixed-N reruns."""
+    independent fixed-N reruns. An image counts as correct where the fixed run predicted its
+    label (the orders share its selection draws); where the fixed run abstained, its class is
+    not recorded and no order counts it."""
     n = fixed[0]["draws"]
     if max_n > n:
         raise ValueError(f"replaying {n:,} fixed draws needs max_n <= {n:,}, got {max_n:,}")
