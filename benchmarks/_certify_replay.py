@@ -17,21 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.special import ndtri
 
-from robustlab.defenses.sequential import Stopping, looks, lower_bounds, replay
+from robustlab.defenses.sequential import Stopping, looks, lower_bounds, radii, replay
 
 
 def _vote_paths(count: int, n: int, grid: list[int], reps: int, rng: np.random.Generator) -> Any:
     """``reps`` random orders of ``count`` votes among ``n``: the votes after each look."""
     good, bad = np.full(reps, count), np.full(reps, n - count)
     paths, total, prev = np.zeros((reps, len(grid))), np.zeros(reps), 0
-    for k, n_k in enumerate(grid):
-        take = rng.hypergeometric(good, bad, n_k - prev) if n_k > prev else np.zeros(reps, int)
+    for k, n_k in enumerate(grid):  # the looks grow strictly, so every look draws
+        take = rng.hypergeometric(good, bad, n_k - prev)
         good, bad, prev = good - take, bad - (n_k - prev - take), n_k
         total = total + take
         paths[:, k] = total
     return paths
+
+
+def _radius(p_lower: np.ndarray, sigma: float) -> np.ndarray:
+    """The certified radius of each bound, -1 where it abstains (so it counts at no radius)."""
+    return np.where(p_lower > 0.5, radii(p_lower, "gaussian", sigma, None), -1.0)
 
 
 def _curves(radius: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -67,9 +71,9 @@ def resampled(
         paths = _vote_paths(row["count"], n, grid, reps, rng)
         d, low = replay(paths, sigma=sigma, max_n=max_n, alpha=alpha, rule=rule, noise="gaussian")
         draws.append(d)
-        seq.append(np.where(low > 0.5, sigma * ndtri(low), -1.0))
+        seq.append(_radius(low, sigma))
         again = lower_bounds(rng.binomial(n, row["count"] / n, reps), np.full(reps, n), alpha)
-        rerun.append(np.where(again > 0.5, sigma * ndtri(again), -1.0))
+        rerun.append(_radius(again, sigma))
     measured = np.array([r["radius"] for r in fixed])[:, None]
     base = _curves(np.where(correct, measured, -1.0), grid_radii)
     gap = {
