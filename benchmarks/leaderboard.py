@@ -15,9 +15,12 @@ their smoothed (majority-vote) classifier with the suite meant for it (``smoothe
 and have no ``fast`` column; IBP rows add their IBP-verified accuracy.
 
 Budgets (``--budget``): ``converged`` = each row's stated epochs (long enough, we expect, for
-the validation curve to flatten: the table shows the curve, check it); ``short`` = 2 epochs per
-row (a first look, not converged); ``smoke`` = 1 epoch on 512 images, inner attacks capped at 2
-steps, a few test points (for tests). ``--epochs``, ``--train-n``, ``--standard-n`` and
+the validation curve to flatten: the table shows the curve, check it); ``short`` = 2 passes over
+the data per row (a first look, not converged); ``smoke`` = 1 pass on 512 images, inner attacks
+capped at 2 steps, a few test points (for tests). A preset's epochs (and ``--epochs``) count
+passes over the data: a row whose objective replays each minibatch m times (free-at) trains m
+times as many of the trainer's epochs, which are passes' worth of optimiser steps
+(:class:`~robustlab.training.TrainConfig`). ``--epochs``, ``--train-n``, ``--standard-n`` and
 ``--fast-n`` override the preset and are recorded. ``--seeds 2`` trains a second seed of the
 five best rows (by ``standard`` robust accuracy) and reports the spread.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import sys
@@ -55,7 +59,8 @@ from robustlab import cli_inputs
 from robustlab.cli import main as rl_main
 from robustlab.config import Recipe, load_recipe
 from robustlab.defenses.verify import verify
-from robustlab.training import Trainer
+from robustlab.training import TrainConfig, Trainer
+from robustlab.training.objectives import get as get_objective
 from robustlab.training.trainer import BEST_FILE, MODEL_FILE, STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
@@ -193,10 +198,10 @@ def prepare(row: Row, b: dict[str, Any], seed: int, deps: dict[str, Path]) -> Re
     needs (its teacher, the run it fine-tunes)."""
     recipe = load_recipe(CONFIGS / f"{row.config}.toml")
     cfg = recipe.train
-    cfg.epochs = b["epochs"] or row.epochs
     for k, v in row.train.items():
         setattr(cfg, k, v)
     cfg.objective_options.update(row.objective)
+    cfg.epochs = b["epochs"] * replays(cfg) if b["epochs"] else row.epochs
     if b["max_steps"]:
         _cap_steps(cfg.objective_options, b["max_steps"])
     cfg.val_split, cfg.val_every, cfg.keep_best, cfg.seed = b["val_split"], 1, True, seed
@@ -214,6 +219,12 @@ def prepare(row: Row, b: dict[str, Any], seed: int, deps: dict[str, Path]) -> Re
         cfg.objective_options["labeled"] = round(cfg.objective_options["labeled"] * scale)
     cfg.validate(recipe.threat)
     return recipe
+
+
+def replays(cfg: TrainConfig) -> int:
+    """Optimiser steps per minibatch of ``cfg``'s objective (free-at's m; 1 for the others)."""
+    default = inspect.signature(get_objective(cfg.objective)).parameters.get("replays")
+    return int(cfg.objective_options.get("replays", 1 if default is None else default.default))
 
 
 def run_dir(cache: Path, row: Row, recipe: Recipe, b: dict[str, Any]) -> Path:
@@ -632,8 +643,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = budget_of(args)
     if args.list:
         for r in ROWS:
-            print(f"{r.name}: configs/{r.config}.toml, {args.epochs or b['epochs'] or r.epochs} "
-                  f"epochs, checkpoint {r.checkpoint}, suites {r.suites} {r.note}")  # fmt: skip
+            length = f"{b['epochs']} passes" if b["epochs"] else f"{r.epochs} epochs"
+            print(f"{r.name}: configs/{r.config}.toml, {length}, checkpoint {r.checkpoint}, "
+                  f"suites {r.suites} {r.note}")  # fmt: skip
         return {}
     names = args.rows.split(",") if args.rows else [r.name for r in ROWS]
     if unknown := [n for n in names if n not in ROW]:

@@ -127,6 +127,10 @@ def test_budget_presets_and_overrides_are_recorded():
     recipe = lb.prepare(lb.ROW["free-at"], conv, 0, {})
     assert recipe.train.epochs == 40 and recipe.train.objective_options["replays"] == 8
     assert recipe.train.val_split == 1000 and recipe.train.keep_best
+    # a preset's epochs are passes over the data: free-at trains m epochs' worth of steps each
+    assert lb.prepare(lb.ROW["free-at"], b, 0, {}).train.epochs == 8
+    assert lb.prepare(lb.ROW["pgd-at"], b, 0, {}).train.epochs == 1
+    assert lb.replays(lb.prepare(lb.ROW["free-at"], conv, 0, {}).train) == 8
     rst = lb.prepare(lb.ROW["rst"], b, 0, {"rst_teacher": Path("t.safetensors")})
     assert rst.n_train == round(30000 * 512 / 60000) and rst.unlabeled_n == rst.n_train
     assert rst.train.objective_options["base_options"]["steps"] == 2
