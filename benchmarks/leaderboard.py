@@ -502,11 +502,12 @@ def _flags(rec: dict[str, Any]) -> str:
 
 def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, Any]) -> str:
     rows = _by_row(recs)
+    length = f"{b['epochs']} passes over the data per row" if b["epochs"] else "epochs as stated"
     lines = [
         "# Fashion-MNIST leaderboard (linf eps 0.1)",
         "",
-        f"Budget `{b['preset']}`: epochs per row as stated (`--epochs` = {b['epochs']}), first "
-        f"{b['train_n']} training images minus a fixed hold-out of {b['val_split']} (seed 0), "
+        f"Budget `{b['preset']}`: {length}, first {b['train_n']} training images minus a "
+        f"fixed hold-out of {b['val_split']} (seed 0), "
         f"inner steps capped at {b['max_steps'] or 'the recipe'}; clean and standard-suite "
         f"robust accuracy on the first {b['standard_n']} test images, fast suite on the first "
         f"{b['fast_n']}. The validation curve: hold-out PGD-10 robust accuracy (%) after each "
@@ -539,7 +540,8 @@ def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, A
     for what, claim, names in CLAIMS:
         ours = "; ".join(
             f"{n}: clean {_pct(rows[n][0].get('standard', {}).get('clean_accuracy'))}, "
-            f"standard {_pct(_robust(rows[n][0]))}, {rows[n][0]['train_s']:.0f} s"
+            f"standard {_pct(_robust(rows[n][0]))}, {rows[n][0]['train_s']:.0f} s "
+            f"({rows[n][0]['where']})"
             if n in rows
             else f"{n}: not run yet"
             for n in names
