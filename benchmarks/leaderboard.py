@@ -22,7 +22,8 @@ passes over the data: a row whose objective replays each minibatch m times (free
 times as many of the trainer's epochs, which are passes' worth of optimiser steps
 (:class:`~robustlab.training.TrainConfig`). ``--epochs``, ``--train-n``, ``--standard-n`` and
 ``--fast-n`` override the preset and are recorded. ``--seeds 2`` trains a second seed of the
-five best rows (by ``standard`` robust accuracy) and reports the spread.
+five best rows (by ``standard`` robust accuracy) and reports the spread; ``--seed 1`` runs the
+rows of ``--rows`` at seed 1 (one row's second seed at a time).
 
 Resumable: each training run lives in ``<cache>/runs/<recipe>-<key>/`` (the key hashes
 everything that defines the run), a killed run resumes from its last checkpoint, a killed
@@ -155,7 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-n", type=int, default=None, help="first n training images")
     p.add_argument("--standard-n", type=int, default=None, help="standard suite on the first n")
     p.add_argument("--fast-n", type=int, default=None, help="fast suite on the first n")
-    p.add_argument("--seeds", type=int, choices=(1, 2), default=1)
+    p.add_argument("--seeds", type=int, choices=(1, 2), default=1,
+                   help="2: also seed 1 of the five best rows, with the spread")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the seed of the --rows runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=CACHE_DIR / "leaderboard")
     p.add_argument("--stem", default="leaderboard", help="results/<stem>.{md,json,html}")
@@ -659,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     data = rl.data.load(DATASET, split="train", n=b["train_n"])
     for name in names:
-        run_row(ROW[name], 0, b, args.cache, data, log)
+        run_row(ROW[name], args.seed, b, args.cache, data, log)
     if args.seeds == 2:
         for name in top_rows(finished(args.cache, b), TOP_SEEDED):
             run_row(ROW[name], 1, b, args.cache, data, log)

@@ -148,3 +148,11 @@ def test_a_second_seed_for_the_top_rows_with_the_spread(board):
         f"| 2: mean {100 * sum(vals) / 2:.1f}%, spread {100 * (max(vals) - min(vals)):.1f} pts |"
         in line
     )
+
+
+def test_seed_runs_the_rows_at_that_seed(board):
+    tmp, first = board
+    record = lb.main(_argv(tmp, "--rows", "natural", "--seed", "1"))
+    (second,) = [r for r in record["rows"] if (r["row"], r["seed"]) == ("natural", 1)]
+    (zero,) = [r for r in first["rows"] if (r["row"], r["seed"]) == ("natural", 0)]
+    assert second["train_config"]["seed"] == 1 and second["run"] != zero["run"]
