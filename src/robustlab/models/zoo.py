@@ -11,7 +11,7 @@ from the same evaluations as the leaderboard's rows.
 
 >>> from robustlab import models
 >>> models.zoo_names()  # doctest: +SKIP
-['fmnist-natural-smallcnn', 'fmnist-pgd-at-smallcnn', 'fmnist-trades-b6-smallcnn']
+['fmnist-free-at-smallcnn', 'fmnist-mart-smallcnn', 'fmnist-natural-smallcnn', ...]
 >>> model = models.pretrained("fmnist-pgd-at-smallcnn")  # doctest: +SKIP
 """
 
