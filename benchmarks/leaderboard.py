@@ -105,7 +105,7 @@ ROWS = [
     Row("natural", "natural", 20, note="the reference"),
     Row("fgsm-at", "fgsm_at", 20, note="overfitting probe on (auto: stop)"),
     Row("fast-at", "fast_at", 20),
-    Row("free-at", "free_at", 40, note="m = 8 (the slides'): 5 passes"),
+    Row("free-at", "free_at", 40, note="m = 8 (the slides'); converged: 5 passes"),
     Row("pgd-at", "pgd_at", 30),
     Row("trades-b1", "trades", 30, objective={"beta": 1.0}),
     Row("trades-b6", "trades", 30, objective={"beta": 6.0}),
