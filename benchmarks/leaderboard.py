@@ -4,8 +4,9 @@ evaluated the same way, resumable row by row; and the pretrained zoo exported fr
 Each row (``--list`` prints them) is a recipe of ``configs/`` plus overrides, smallcnn unless
 the row says otherwise, trained on the first ``train_n`` Fashion-MNIST training images (all
 60,000 by default) minus a fixed hold-out of ``val_split`` of them (the trainer's
-``val_split``: a permutation seeded with 0, the same for every row and seed), validated with
-PGD-10 after every pass (the validation curve; ``keep_best`` keeps ``model_best``). A row
+``val_split``: a permutation seeded with 0, the same for every row and seed), validated after
+every pass with the recipe's ``[val_attack]`` (PGD-20 in most recipes, PGD-10 in natural's;
+the board's curve names it: the validation curve; ``keep_best`` keeps ``model_best``). A row
 evaluates its final weights, or the best hold-out epoch's where it says ``checkpoint best``
 (rows that differ only in that share one training run). Every row is evaluated the same way
 at linf eps 0.1: clean and ``standard``-suite robust accuracy on the first ``--standard-n``
@@ -492,8 +493,12 @@ def _column(rec: dict[str, Any], col: str) -> str:
 
 
 def _curve(rec: dict[str, Any]) -> str:
+    """The hold-out's robust accuracy (%) after each pass, under the attack named first (the
+    recipe's ``val_attack``: rows differ); clean accuracy where a row has no robust check."""
     vals = [c.get("holdout_robust_acc", c.get("holdout_clean_acc")) for c in rec["curve"]]
-    return " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
+    attack = rec["train_config"].get("val_attack") or {}
+    name = f"{attack.get('name', '?').upper()}-{attack.get('steps', '?')}"
+    return f"{name}: " + " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
 
 
 def _flags(rec: dict[str, Any]) -> str:
@@ -513,9 +518,9 @@ def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, A
         f"fixed hold-out of {b['val_split']} (seed 0), "
         f"inner steps capped at {b['max_steps'] or 'the recipe'}; clean and standard-suite "
         f"robust accuracy on the first {b['standard_n']} test images, fast suite on the first "
-        f"{b['fast_n']}. The validation curve: hold-out PGD-10 robust accuracy (%) after each "
-        "pass. Rows ran on the CPU unless `where` says otherwise; `train s` is the training "
-        "loop (validation excluded).",
+        f"{b['fast_n']}. The validation curve: hold-out robust accuracy (%) after each pass, "
+        "under the recipe's validation attack (named in the cell). Rows ran on the CPU "
+        "unless `where` says otherwise; `train s` is the training loop (validation excluded).",
         "",
         f"Machine: {m.get('nproc')} cores, {m.get('cpu')}, torch {m.get('torch')}; robustlab "
         f"{m.get('robustlab_commit')}; {m.get('date')}. Command: `{m.get('command')}`",

@@ -61,6 +61,8 @@ def test_smoke_board_rows_evaluations_report_and_zoo(board):
     md = (tmp / "results" / "leaderboard.md").read_text()
     assert "| natural | configs/natural.toml" in md and "| pgd-at | configs/pgd_at.toml" in md
     assert "## The seeds' training claims" in md and "free-at: not run yet" in md
+    pgd = rows["pgd-at"]["train_config"]["val_attack"]  # the curve names its attack
+    assert f"| {pgd['name'].upper()}-{pgd['steps']}: " in md
     assert json.loads((tmp / "results" / "leaderboard.json").read_text())["budget"]["preset"] == (
         "smoke"
     )
