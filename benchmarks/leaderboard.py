@@ -575,9 +575,20 @@ def zoo_name(rec: dict[str, Any]) -> str:
     return f"fmnist-{rec['row']}-{rec['architecture']['name']}"
 
 
+def _shipped_card(zoo: Path, name: str) -> dict[str, Any] | None:
+    """The card of the zoo's ``name`` without its ``sha256``; None if not shipped."""
+    side, weights = zoo / f"{name}.json", zoo / f"{name}.safetensors"
+    if not (side.exists() and weights.exists()):
+        return None
+    card = dict(json.loads(side.read_text()).get("card") or {})
+    card.pop("sha256", None)
+    return card
+
+
 def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Log) -> list[Path]:
     """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
-    card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`)."""
+    card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`). A model already shipped
+    with the same card is left as it is (a rewrite would only change its commit and date)."""
     written = []
     for rec in (r for r in recs if r["seed"] == 0):
         model = rl.models.load(rec["checkpoint"])
@@ -635,6 +646,10 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
         }
         name = zoo_name(rec)
         card["name"] = name
+        if _shipped_card(zoo, name) == json.loads(json.dumps(card)):
+            log(f"zoo: {name} unchanged, kept as shipped")
+            written.append(zoo / f"{name}.safetensors")
+            continue
         path = rl.models.save(model, zoo / f"{name}.safetensors", meta={
             k: meta[k] for k in ("dataset", "threat", "objective", "epoch", "seed") if k in meta
         } | {"card": card})  # fmt: skip

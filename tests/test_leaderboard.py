@@ -83,6 +83,22 @@ def test_smoke_board_rows_evaluations_report_and_zoo(board):
     assert clean == pytest.approx(card["evaluation"]["clean"]["accuracy"], abs=1e-9)
 
 
+def test_exporting_again_leaves_a_shipped_model_as_it_is(board):
+    tmp, record = board
+    files = sorted((tmp / "zoo").iterdir())
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke"]))
+    written = lb.export_zoo(record["rows"], b, tmp / "zoo", lambda msg: None)
+    assert sorted(p.name for p in written) == [f.name for f in files if f.suffix != ".json"]
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
+    card = json.loads((tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").read_text())
+    card["card"]["train_s"] += 1.0  # another run of the row: written again
+    (tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").write_text(json.dumps(card))
+    lb.export_zoo(record["rows"], b, tmp / "zoo", lambda msg: None)
+    again = json.loads((tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").read_text())
+    assert again["card"]["train_s"] == card["card"]["train_s"] - 1.0
+
+
 def test_a_finished_row_is_never_redone(board, monkeypatch):
     tmp, first = board
 
