@@ -577,10 +577,9 @@ def zoo_name(rec: dict[str, Any]) -> str:
 
 def _shipped_card(zoo: Path, name: str) -> dict[str, Any] | None:
     """The card of the zoo's ``name`` without its ``sha256``; None if not shipped."""
-    side, weights = zoo / f"{name}.json", zoo / f"{name}.safetensors"
-    if not (side.exists() and weights.exists()):
+    if name not in rl.models.zoo.zoo_names(zoo):
         return None
-    card = dict(json.loads(side.read_text()).get("card") or {})
+    card = rl.models.zoo.card(name, zoo)
     card.pop("sha256", None)
     return card
 
