@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,48 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# A gloo rank can abort at teardown, after its work is done, with this C++ message and no
+# Python traceback. CI has seen it, even with every rank at a barrier before the group is
+# destroyed; 120 launches here did not reproduce it. Such a launch runs once more on an emptied
+# ``out``, with a warning in the test report; a second abort, or any other failure, fails.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _launch(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd``, which writes into ``out``; once more after a gloo teardown abort."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
+        warnings.warn(f"gloo teardown abort, launching once more: {cmd[-4:]}", stacklevel=2)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return proc
+
+
+def test_a_teardown_abort_is_launched_once_more_and_only_once(tmp_path):
+    """The retry is for the teardown abort alone: a second abort, or another failure, stays."""
+    count = tmp_path / "count"
+    script = (
+        "import pathlib, sys\n"
+        "c = pathlib.Path(sys.argv[1])\n"
+        "n = len(c.read_text()) if c.exists() else 0\n"
+        "c.write_text('x' * (n + 1))\n"
+        "if n < int(sys.argv[2]):\n"
+        "    sys.exit(sys.argv[3])\n"  # the message on stderr, exit status 1
+    )
+    for aborts, msg, rc, runs in ((1, TEARDOWN_ABORT, 0, 2), (2, TEARDOWN_ABORT, 1, 2),
+                                  (1, "Traceback", 1, 1)):  # fmt: skip
+        count.unlink(missing_ok=True)
+        out = tmp_path / f"out{aborts}{runs}"
+        out.mkdir()
+        (out / "partial").write_text("")
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            proc = _launch([sys.executable, "-c", script, str(count), str(aborts), msg], {}, out)
+        assert (proc.returncode, len(count.read_text())) == (rc, runs)
+        assert (out / "partial").exists() == (runs == 1)
+
+
 def _run(out: Path, objective: str, procs: int) -> tuple[dict, list]:
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -33,13 +77,7 @@ def _run(out: Path, objective: str, procs: int) -> tuple[dict, list]:
         if procs > 1
         else [sys.executable]
     )
-    proc = subprocess.run(
-        [*launcher, str(WORKER), str(out), objective],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = _launch([*launcher, str(WORKER), str(out), objective], env, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out / "weights.safetensors")), json.loads(
         (out / "history.json").read_text()
@@ -86,12 +124,10 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
         "-m",
         "robustlab",
     ]
-    proc = subprocess.run(
+    proc = _launch(
         [*torchrun, "train", "--config", str(cfg), "--out", str(tmp_path / "run")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+        env,
+        tmp_path / "run",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("training lenet") == 1 and "on 2 processes" in proc.stdout
@@ -101,13 +137,7 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51", "--quiet"]
     results = {}
     for name, cmd in (("one", [sys.executable, "-m", "robustlab"]), ("two", torchrun)):
-        proc = subprocess.run(
-            [*cmd, *args, "--out", str(tmp_path / name)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        proc = _launch([*cmd, *args, "--out", str(tmp_path / name)], env, tmp_path / name)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = (tmp_path / name / "per_sample.jsonl").read_text().splitlines()
         results[name] = (
