@@ -587,7 +587,8 @@ def _shipped_card(zoo: Path, name: str) -> dict[str, Any] | None:
 def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Log) -> list[Path]:
     """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
     card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`). A model already shipped
-    with the same card is left as it is (a rewrite would only change its commit and date)."""
+    with the same card is left as it is (a rewrite would only change its commit and date), and
+    so is one trained at the ``converged`` budget when ``b`` is not converged."""
     written = []
     for rec in (r for r in recs if r["seed"] == 0):
         model = rl.models.load(rec["checkpoint"])
@@ -645,8 +646,13 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
         }
         name = zoo_name(rec)
         card["name"] = name
-        if _shipped_card(zoo, name) == json.loads(json.dumps(card)):
+        shipped = _shipped_card(zoo, name)
+        if shipped == json.loads(json.dumps(card)):
             log(f"zoo: {name} unchanged, kept as shipped")
+            written.append(zoo / f"{name}.safetensors")
+            continue
+        if shipped and shipped["budget"]["converged"] and not card["budget"]["converged"]:
+            log(f"zoo: {name} kept as shipped: it was trained at the converged budget")
             written.append(zoo / f"{name}.safetensors")
             continue
         path = rl.models.save(model, zoo / f"{name}.safetensors", meta={

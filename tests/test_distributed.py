@@ -4,9 +4,6 @@ the same global batches."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from helpers import TEARDOWN_ABORT, launch, launch_env, launcher
 from robustlab import distributed
 from test_cli import RECIPE  # a one-epoch pgd-at lenet recipe on the fake data
 
@@ -24,24 +22,6 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
     reason="this PyTorch build has no gloo backend",
 )
-
-
-# A gloo rank can abort at teardown, after its work is done, with this C++ message and no
-# Python traceback. CI has seen it, even with every rank at a barrier before the group is
-# destroyed; 120 launches here did not reproduce it. Such a launch runs once more on an emptied
-# ``out``, with a warning in the test report; a second abort, or any other failure, fails.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def _launch(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd``, which writes into ``out``; once more after a gloo teardown abort."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
-        warnings.warn(f"gloo teardown abort, launching once more: {cmd[-4:]}", stacklevel=2)
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    return proc
 
 
 def test_a_teardown_abort_is_launched_once_more_and_only_once(tmp_path):
@@ -63,21 +43,14 @@ def test_a_teardown_abort_is_launched_once_more_and_only_once(tmp_path):
         (out / "partial").write_text("")
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            proc = _launch([sys.executable, "-c", script, str(count), str(aborts), msg], {}, out)
+            proc = launch([sys.executable, "-c", script, str(count), str(aborts), msg], {}, out)
         assert (proc.returncode, len(count.read_text())) == (rc, runs)
         assert (out / "partial").exists() == (runs == 1)
 
 
 def _run(out: Path, objective: str, procs: int) -> tuple[dict, list]:
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-        if procs > 1
-        else [sys.executable]
-    )
-    proc = _launch([*launcher, str(WORKER), str(out), objective], env, out)
+    proc = launch([*launcher(procs), str(WORKER), str(out), objective], launch_env(), out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_file(str(out / "weights.safetensors")), json.loads(
         (out / "history.json").read_text()
@@ -113,18 +86,9 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     results file equal to a one-process evaluation (FGSM: no randomness)."""
     cfg = tmp_path / "r.toml"
     cfg.write_text(RECIPE)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"ROBUSTLAB_DATA": str(fake_fmnist), "ROBUSTLAB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "robustlab",
-    ]
-    proc = _launch(
+    env = launch_env(ROBUSTLAB_DATA=str(fake_fmnist), ROBUSTLAB_OFFLINE="1")
+    torchrun = [*launcher(2), "-m", "robustlab"]
+    proc = launch(
         [*torchrun, "train", "--config", str(cfg), "--out", str(tmp_path / "run")],
         env,
         tmp_path / "run",
@@ -137,7 +101,7 @@ def test_torchrun_cli_train_and_sharded_evaluate(tmp_path, fake_fmnist):
     args = ["evaluate", ckpt, "--eps", "0.1", "--attack", "fgsm", "--n-points", "51", "--quiet"]
     results = {}
     for name, cmd in (("one", [sys.executable, "-m", "robustlab"]), ("two", torchrun)):
-        proc = _launch([*cmd, *args, "--out", str(tmp_path / name)], env, tmp_path / name)
+        proc = launch([*cmd, *args, "--out", str(tmp_path / name)], env, tmp_path / name)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = (tmp_path / name / "per_sample.jsonl").read_text().splitlines()
         results[name] = (

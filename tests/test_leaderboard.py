@@ -84,6 +84,7 @@ def test_smoke_board_rows_evaluations_report_and_zoo(board):
 
 
 def test_exporting_again_leaves_a_shipped_model_as_it_is(board):
+    """An unchanged card, or a converged model against a smoke run, is left as shipped."""
     tmp, record = board
     files = sorted((tmp / "zoo").iterdir())
     before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
@@ -97,6 +98,10 @@ def test_exporting_again_leaves_a_shipped_model_as_it_is(board):
     lb.export_zoo(record["rows"], b, tmp / "zoo", lambda msg: None)
     again = json.loads((tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").read_text())
     assert again["card"]["train_s"] == card["card"]["train_s"] - 1.0
+    again["card"]["budget"]["converged"] = True  # a converged model is not replaced by a smoke one
+    (tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").write_text(json.dumps(again))
+    lb.export_zoo(record["rows"], b, tmp / "zoo", lambda msg: None)
+    assert json.loads((tmp / "zoo" / "fmnist-pgd-at-smallcnn.json").read_text()) == again
 
 
 def test_a_finished_row_is_never_redone(board, monkeypatch):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import robustlab as rl  # noqa: E402
-from helpers import make_quadrants  # noqa: E402
+from helpers import launch, launch_env, launcher, make_quadrants  # noqa: E402
 from robustlab import distributed  # noqa: E402
 from robustlab.report.html import render_html  # noqa: E402
 from robustlab.report.runs import load_run  # noqa: E402
@@ -499,26 +497,11 @@ def _worker(out: Path) -> None:
 def test_two_processes_equal_one_with_ema_awp_and_augmentation(tmp_path):
     """EMA, AWP (its gradient summed over the ranks), augmentation drawn for the global batch,
     the hold-out and label smoothing: two gloo processes end where one does."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     results = []
     for procs in (1, 2):
         out = tmp_path / str(procs)
         out.mkdir()
-        launcher = (
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={procs}",
-            ]
-            if procs > 1
-            else [sys.executable]
-        )
-        proc = subprocess.run(
-            [*launcher, __file__, str(out)], env=env, capture_output=True, text=True, timeout=240
-        )
+        proc = launch([*launcher(procs), __file__, str(out)], launch_env(), out)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results.append(
             (
