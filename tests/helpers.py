@@ -94,10 +94,11 @@ class FlakyPGD(PGD):
         return super().perturb(model, x, y, generator)
 
 
-# A gloo rank can abort at teardown, after its work is done, with this C++ message and no
-# Python traceback. CI has seen it, even with every rank at a barrier before the group is
-# destroyed; 120 launches here did not reproduce it. Such a launch runs once more on an emptied
-# ``out``, with a warning in the test report; a second abort, or any other failure, fails.
+# A gloo rank can abort with this C++ message and no Python traceback, most likely while the
+# process group is torn down. CI has seen it, even with every rank at a barrier before the
+# group is destroyed; 120 launches here did not reproduce it. Such a launch runs once more on
+# an emptied ``out``, with a warning in the test report; a second abort, or any other failure,
+# fails.
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
