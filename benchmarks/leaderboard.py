@@ -647,12 +647,11 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
         name = zoo_name(rec)
         card["name"] = name
         shipped = _shipped_card(zoo, name)
-        if shipped == json.loads(json.dumps(card)):
-            log(f"zoo: {name} unchanged, kept as shipped")
-            written.append(zoo / f"{name}.safetensors")
-            continue
-        if shipped and shipped["budget"]["converged"] and not card["budget"]["converged"]:
-            log(f"zoo: {name} kept as shipped: it was trained at the converged budget")
+        keep = shipped == json.loads(json.dumps(card)) or (
+            shipped is not None and shipped["budget"]["converged"] > card["budget"]["converged"]
+        )
+        if keep:
+            log(f"zoo: {name} kept as shipped (unchanged, or trained at the converged budget)")
             written.append(zoo / f"{name}.safetensors")
             continue
         path = rl.models.save(model, zoo / f"{name}.safetensors", meta={
