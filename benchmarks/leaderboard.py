@@ -29,9 +29,13 @@ rows of ``--rows`` at seed 1 (one row's second seed at a time).
 Resumable: each training run lives in ``<cache>/runs/<recipe>-<key>/`` (the key hashes
 everything that defines the run), a killed run resumes from its last checkpoint, a killed
 evaluation from its state, and a finished row (``<cache>/rows/<row>-s<seed>-<budget key>.json``)
-is never redone. Nothing is committed. Results: ``benchmarks/results/<stem>.{md,json}`` and
-``<stem>.html`` (``robustlab report`` on the rows' run folders); the Markdown holds the table
-of every finished row of this budget and the seeds' claims beside our figures.
+is never redone. The cache is not in the repository: a fresh clone (or another machine) takes
+the finished rows of this budget back from the board records in ``benchmarks/results/`` and
+renders the HTML board from the archived copies of the rows' run folders (their report inputs,
+no weights) in ``benchmarks/results/leaderboard_runs/``. Nothing is committed. Results:
+``benchmarks/results/<stem>.{md,json}`` and ``<stem>.html`` (``robustlab report`` on the rows'
+run folders); the Markdown holds the table of every finished row of this budget and the seeds'
+claims beside our figures.
 
     .venv/bin/python benchmarks/leaderboard.py --budget converged --threads 2   # all rows
     .venv/bin/python benchmarks/leaderboard.py --rows natural,pgd-at --budget short \\
@@ -46,6 +50,7 @@ import hashlib
 import inspect
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +63,7 @@ from torch import Tensor, nn
 
 import robustlab as rl
 from robustlab import cli_inputs
+from robustlab._provenance import versions
 from robustlab.cli import main as rl_main
 from robustlab.config import Recipe, load_recipe
 from robustlab.defenses.verify import verify
@@ -77,6 +83,9 @@ THREAT = rl.ThreatModel("linf", 0.1)
 DATASET = "fashion-mnist"
 PREFIX_N = 100  # the card's robust accuracy on the first points, for the zoo's re-evaluation test
 TOP_SEEDED = 5  # rows that get a second seed with --seeds 2
+ARCHIVE = "leaderboard_runs"  # <results>/leaderboard_runs/<run>/: the rows' report inputs
+REPORT_FILES = {"model.json", "recipe.json", "train_log.jsonl", "results.json",
+                "examples.safetensors"}  # fmt: skip
 Log = Callable[[str], None]
 
 
@@ -362,7 +371,7 @@ def run_row(
 ) -> dict[str, Any]:
     """Train (with its teacher or base run first) and evaluate ``row`` at ``seed``; the row's
     record, also kept in ``<cache>/rows/`` so that it is never redone."""
-    done = cache / "rows" / f"{row.name}-s{seed}-{budget_key(b)}.json"
+    done = row_file(cache, row.name, seed, b)
     if done.exists():
         return json.loads(done.read_text())
     deps: dict[str, Path] = {}
@@ -383,7 +392,7 @@ def run_row(
         "overrides": {"train": row.train, "objective": row.objective, "model": row.model},
         "note": row.note,
         "run": str(folder),
-        "where": f"cpu, {torch.get_num_threads()} threads",
+        "where": f"cpu, {torch.get_num_threads()} threads, {versions()['cpu']}",
         "budget": {
             "epochs": cfg.epochs,
             "passes": len(trained["history"]),
@@ -417,6 +426,70 @@ def run_row(
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+def row_file(cache: Path, name: str, seed: int, b: dict[str, Any]) -> Path:
+    """Where the finished record of row ``name`` at ``seed`` and budget ``b`` is kept."""
+    return cache / "rows" / f"{name}-s{seed}-{budget_key(b)}.json"
+
+
+def restore_rows(results: Path, cache: Path, b: dict[str, Any], log: Log) -> int:
+    """Write back to ``<cache>/rows/`` the rows of budget ``b`` that a board record in
+    ``results`` (``<stem>.json``, which the repository keeps) holds and the cache lacks, as on
+    a fresh clone or another machine: such a row is never redone and stays on the board. The
+    number of rows written back."""
+    restored, key = 0, budget_key(b)
+    for path in sorted(results.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if not (isinstance(doc, dict) and isinstance(doc.get("rows"), list)):
+            continue
+        budget = doc.get("budget")
+        if not isinstance(budget, dict) or not set(PRESETS["smoke"]) <= set(budget):
+            continue
+        if budget_key(budget) != key:
+            continue
+        for rec in doc["rows"]:
+            done = row_file(cache, rec["row"], rec["seed"], b)
+            if not done.exists():
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(json.dumps(rec, indent=1) + "\n")
+                log(f"{rec['row']} (seed {rec['seed']}): finished, restored from {path}")
+                restored += 1
+    return restored
+
+
+def archive_run(run: Path, results: Path) -> Path:
+    """Copy the report's inputs of the run folder ``run`` (its sidecar, recipe, training log,
+    the evaluations' ``results.json`` and saved examples; no weights, no per-sample outcomes)
+    to ``<results>/leaderboard_runs/<run name>/``, which the repository keeps, so that the
+    HTML board can be rendered again where the cache is gone. The copy's folder."""
+    dest = results / ARCHIVE / run.name
+    for src in sorted(run.rglob("*")):
+        if src.is_file() and src.name in REPORT_FILES:
+            target = dest / src.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    return dest
+
+
+def report_runs(
+    recs: list[dict[str, Any]], results: Path, log: Log
+) -> tuple[list[Path], list[str]]:
+    """The folders the HTML board is rendered from (each row's archived copy, refreshed from
+    its run folder where that is here) and the rows left out of it: those whose run folder is
+    neither here nor archived (rows finished before the archive was kept)."""
+    folders: dict[Path, None] = {}
+    absent = []
+    for rec in recs:
+        run = Path(rec["run"])
+        copy = archive_run(run, results) if run.is_dir() else results / ARCHIVE / run.name
+        if copy.is_dir():
+            folders[copy] = None
+        else:
+            absent.append(f"{rec['row']} (seed {rec['seed']})")
+    if absent:
+        log(f"the HTML board leaves out {', '.join(absent)}: their run folders are not here")
+    return list(folders), absent
 
 
 def finished(cache: Path, b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -508,7 +581,11 @@ def _flags(rec: dict[str, Any]) -> str:
     return ", ".join(flags) or "none"
 
 
-def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, Any]) -> str:
+def board_markdown(
+    recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, Any], absent: list[str]
+) -> str:
+    """The board: the table of ``recs``, the rows not run, which rows the HTML board leaves
+    out (``absent``) and the seeds' claims beside our figures."""
     rows = _by_row(recs)
     length = f"{b['epochs']} passes over the data per row" if b["epochs"] else "epochs as stated"
     lines = [
@@ -544,6 +621,12 @@ def board_markdown(recs: list[dict[str, Any]], b: dict[str, Any], m: dict[str, A
         )
     missing = [r.name for r in ROWS if r.name not in rows]
     lines += ["", f"Not run yet at this budget: {', '.join(missing) or 'none'}.", ""]
+    if absent:
+        lines += [f"The HTML board (`robustlab report` on the rows' run folders, archived in "
+                  f"`{ARCHIVE}/`) leaves out {', '.join(absent)}: their run folders are neither "
+                  "on the machine that built it nor archived (they finished before the archive "
+                  "was kept). Their figures above come from the board's JSON record.",
+                  ""]  # fmt: skip
     lines += ["## The seeds' training claims at this budget", ""]
     for what, claim, names in CLAIMS:
         ours = "; ".join(
@@ -591,6 +674,14 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
     so is one trained at the ``converged`` budget when ``b`` is not converged."""
     written = []
     for rec in (r for r in recs if r["seed"] == 0):
+        name = zoo_name(rec)
+        if not Path(rec["checkpoint"]).exists():
+            shipped = name in rl.models.zoo.zoo_names(zoo)
+            log(f"zoo: {name} {'kept as shipped' if shipped else 'not exported'}: its "
+                f"checkpoint {rec['checkpoint']} is not here")  # fmt: skip
+            if shipped:
+                written.append(zoo / f"{name}.safetensors")
+            continue
         model = rl.models.load(rec["checkpoint"])
         meta = model.robustlab_meta
         n, std = rec["standard"]["n"], rec["standard"]
@@ -644,7 +735,6 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
             "curve": rec["curve"],
             "date": meta.get("created"),
         }
-        name = zoo_name(rec)
         card["name"] = name
         shipped = _shipped_card(zoo, name)
         keep = shipped == json.loads(json.dumps(card)) or (
@@ -684,6 +774,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    restore_rows(args.results_dir, args.cache, b, log)
     data = rl.data.load(DATASET, split="train", n=b["train_n"])
     for name in names:
         run_row(ROW[name], args.seed, b, args.cache, data, log)
@@ -699,16 +790,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threat": THREAT.to_dict(),
         "rows": recs,
     }
-    md = board_markdown(recs, b, record["machine"])
+    runs, absent = report_runs(recs, args.results_dir, log)
+    md = board_markdown(recs, b, record["machine"], absent)
     if args.results_dir == RESULTS_DIR:
         write_results(args.stem, md, record)
     else:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         (args.results_dir / f"{args.stem}.md").write_text(md)
         (args.results_dir / f"{args.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    runs = sorted({r["run"] for r in recs})
     html = args.results_dir / f"{args.stem}.html"
-    rl_main(["report", *runs, "-o", str(html), "--title", "Fashion-MNIST leaderboard"])
+    if runs:
+        rl_main(
+            ["report", *map(str, runs), "-o", str(html), "--title", "Fashion-MNIST leaderboard"]
+        )
     if args.export_zoo:
         export_zoo(recs, b, args.zoo_dir, log)
     print(md)

@@ -5,6 +5,7 @@ HTML), the zoo exported; a finished row is never redone and a killed run resumes
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -179,3 +180,50 @@ def test_seed_runs_the_rows_at_that_seed(board):
     (second,) = [r for r in record["rows"] if (r["row"], r["seed"]) == ("natural", 1)]
     (zero,) = [r for r in first["rows"] if (r["row"], r["seed"]) == ("natural", 0)]
     assert second["train_config"]["seed"] == 1 and second["run"] != zero["run"]
+
+
+def test_a_fresh_clone_keeps_the_committed_rows_and_renders_their_archived_runs(
+    board, tmp_path, monkeypatch
+):
+    """Without the cache (a fresh clone, another machine) the rows of the committed board
+    record are taken back, not redone; the HTML board is rendered from the archived run
+    folders; the zoo keeps a shipped model whose checkpoint is not here."""
+    tmp, _ = board
+    results, zoo_dir = tmp_path / "results", tmp_path / "zoo"
+    shutil.copytree(tmp / "results", results)
+    shutil.copytree(tmp / "zoo", zoo_dir)
+    committed = json.loads((results / "leaderboard.json").read_text())["rows"]
+    runs = {Path(r["run"]) for r in committed}
+    assert sorted(p.name for p in (results / lb.ARCHIVE).iterdir()) == sorted(r.name for r in runs)
+    weights = {p.name for p in (results / lb.ARCHIVE).rglob("*.safetensors")}
+    assert weights <= {"examples.safetensors"}  # the report's inputs, no weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row was trained or evaluated again")
+
+    monkeypatch.setattr(Trainer, "run", refuse)
+    monkeypatch.setattr(lb.rl, "evaluate", refuse)
+
+    def without_cache(*extra: str) -> dict:
+        hidden = {run: run.with_name(run.name + "-gone") for run in runs}
+        for run, away in hidden.items():  # the machine's cache is gone
+            run.rename(away)
+        try:
+            return lb.main([*_argv(tmp_path, *extra), "--cache", str(tmp_path / "new-cache")])
+        finally:
+            for run, away in hidden.items():
+                away.rename(run)
+
+    again = without_cache("--export-zoo")
+    assert again["rows"] == committed
+    html = (results / "leaderboard.html").read_text()
+    assert "pgd-at (seed 0)" in html and "natural (seed 0)" in html
+    assert "leaves out" not in (results / "leaderboard.md").read_text()
+    assert zoo.zoo_names(zoo_dir) == ["fmnist-natural-smallcnn", "fmnist-pgd-at-smallcnn"]
+    # a row neither here nor archived stays on the board from its record, named as not in the HTML
+    (gone,) = [r for r in committed if (r["row"], r["seed"]) == ("natural", 0)]
+    shutil.rmtree(results / lb.ARCHIVE / Path(gone["run"]).name)
+    without_cache()
+    md = (results / "leaderboard.md").read_text()
+    assert "leaves out natural (seed 0):" in md and "| natural | " in md
+    assert "natural (seed 0)" not in (results / "leaderboard.html").read_text()
