@@ -39,7 +39,9 @@ def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0) -> Tensor:
     Deterministic recursive construction (MMLDA, Pang et al. 2018): mu_1 = e_1; mu_k's first
     k - 1 coordinates solve the triangular system ``<mu_k, mu_j> = -1/(L-1)`` for j < k, its
     k-th coordinate makes it a unit vector, the rest are 0; then all are scaled by sqrt(c_mm).
-    Only the first L - 1 coordinates are used, hence ``dim >= L - 1``.
+    The last center's L-th coordinate is 0 by construction, not computed: the simplex spans
+    L - 1 dimensions, and sqrt(1 - ||mu_L[:L-1]||^2) is a cancellation that leaves a stray
+    1e-8 on some machines. Only the first L - 1 coordinates are used, hence ``dim >= L - 1``.
     """
     if num_classes < 2:
         raise ValueError(f"MMC centers need at least 2 classes, got {num_classes}")
@@ -56,7 +58,8 @@ def mmc_centers(num_classes: int, dim: int, c_mm: float = 10.0) -> Tensor:
         target = torch.full((k, 1), -1.0 / (n - 1), dtype=torch.float64, device="cpu")
         lower = mu[:k, :k]  # row j: mu_j, non-zero only up to coordinate j
         mu[k, :k] = torch.linalg.solve_triangular(lower, target, upper=False)[:, 0]
-        mu[k, k] = (1.0 - mu[k, :k].square().sum()).clamp_min(0.0).sqrt()
+        if k < n - 1:
+            mu[k, k] = (1.0 - mu[k, :k].square().sum()).clamp_min(0.0).sqrt()
     return mu[:, :dim] * math.sqrt(c_mm)
 
 
