@@ -597,9 +597,11 @@ def board_markdown(
         f"robust accuracy on the first {b['standard_n']} test images, fast suite on the first "
         f"{b['fast_n']}. The validation curve: hold-out robust accuracy (%) after each pass, "
         "under the recipe's validation attack (named in the cell). Rows ran on the CPU "
-        "unless `where` says otherwise; `train s` is the training loop (validation excluded).",
+        "unless `where` says otherwise; `train s` is the training loop (validation excluded). "
+        "`where` names the CPU a row ran on for rows recorded since 2026-12-06; the machine "
+        "below built this board, not necessarily its rows.",
         "",
-        f"Machine: {m.get('nproc')} cores, {m.get('cpu')}, torch {m.get('torch')}; robustlab "
+        f"Built on: {m.get('nproc')} cores, {m.get('cpu')}, torch {m.get('torch')}; robustlab "
         f"{m.get('robustlab_commit')}; {m.get('date')}. Command: `{m.get('command')}`",
         "",
         "| row | recipe | epochs (passes), inner steps | checkpoint | clean | standard | fast "
