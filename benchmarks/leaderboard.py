@@ -433,18 +433,17 @@ def row_file(cache: Path, name: str, seed: int, b: dict[str, Any]) -> Path:
     return cache / "rows" / f"{name}-s{seed}-{budget_key(b)}.json"
 
 
-def restore_rows(results: Path, cache: Path, b: dict[str, Any], log: Log) -> int:
+def restore_rows(results: Path, cache: Path, b: dict[str, Any], log: Log) -> None:
     """Write back to ``<cache>/rows/`` the rows of budget ``b`` that a board record in
     ``results`` (``<stem>.json``, which the repository keeps) holds and the cache lacks, as on
-    a fresh clone or another machine: such a row is never redone and stays on the board. The
-    number of rows written back."""
-    restored, key = 0, budget_key(b)
+    a fresh clone or another machine: such a row is never redone and stays on the board."""
+    key = budget_key(b)
     for path in sorted(results.glob("*.json")):
         doc = json.loads(path.read_text())
         if not (isinstance(doc, dict) and isinstance(doc.get("rows"), list)):
             continue
         budget = doc.get("budget")
-        if not isinstance(budget, dict) or not set(PRESETS["smoke"]) <= set(budget):
+        if not isinstance(budget, dict) or not set(PRESETS["smoke"]) <= set(budget):  # not a board
             continue
         if budget_key(budget) != key:
             continue
@@ -454,8 +453,6 @@ def restore_rows(results: Path, cache: Path, b: dict[str, Any], log: Log) -> int
                 done.parent.mkdir(parents=True, exist_ok=True)
                 done.write_text(json.dumps(rec, indent=1) + "\n")
                 log(f"{rec['row']} (seed {rec['seed']}): finished, restored from {path}")
-                restored += 1
-    return restored
 
 
 def archive_run(run: Path, results: Path) -> Path:
@@ -669,6 +666,12 @@ def _shipped_card(zoo: Path, name: str) -> dict[str, Any] | None:
     return card
 
 
+def _kept(zoo: Path, name: str, why: str, log: Log) -> Path:
+    """Log that the zoo's model ``name`` stays as shipped, and why; its weights file."""
+    log(f"zoo: {name} kept as shipped ({why})")
+    return zoo / f"{name}.safetensors"
+
+
 def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Log) -> list[Path]:
     """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
     card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`). A model already shipped
@@ -678,11 +681,11 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
     for rec in (r for r in recs if r["seed"] == 0):
         name = zoo_name(rec)
         if not Path(rec["checkpoint"]).exists():
-            shipped = name in rl.models.zoo.zoo_names(zoo)
-            log(f"zoo: {name} {'kept as shipped' if shipped else 'not exported'}: its "
-                f"checkpoint {rec['checkpoint']} is not here")  # fmt: skip
-            if shipped:
-                written.append(zoo / f"{name}.safetensors")
+            gone = f"its checkpoint {rec['checkpoint']} is not here"
+            if name in rl.models.zoo.zoo_names(zoo):
+                written.append(_kept(zoo, name, gone, log))
+            else:
+                log(f"zoo: {name} not exported: {gone}")
             continue
         model = rl.models.load(rec["checkpoint"])
         meta = model.robustlab_meta
@@ -743,8 +746,7 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
             shipped is not None and shipped["budget"]["converged"] > card["budget"]["converged"]
         )
         if keep:
-            log(f"zoo: {name} kept as shipped (unchanged, or trained at the converged budget)")
-            written.append(zoo / f"{name}.safetensors")
+            written.append(_kept(zoo, name, "unchanged, or trained at the converged budget", log))
             continue
         path = rl.models.save(model, zoo / f"{name}.safetensors", meta={
             k: meta[k] for k in ("dataset", "threat", "objective", "epoch", "seed") if k in meta
