@@ -308,14 +308,17 @@ def evaluate_suite(
     """``suite`` on the first ``n`` test images, saved in ``folder`` (resumed from its state;
     read back if finished); the summary the row records."""
     xt, yt = rl.data.load(DATASET, split="test", n=n)
+    wall = None  # read back: the run's wall time was not kept
     if (folder / "results.json").exists():
         record = json.loads((folder / "results.json").read_text())
         robust = _per_sample(folder)
     else:
         log(f"{config['name']}: {suite} suite on {len(xt)} test images -> {folder}")
+        t0 = time.perf_counter()
         res = rl.evaluate(
             model, xt, yt, THREAT, suite=suite, batch_size=500, seed=0, out=folder, config=config
         )
+        wall = time.perf_counter() - t0
         record, robust = res.record, [bool(v) for v in res.robust.tolist()]
     k = min(PREFIX_N, len(robust))
     keep = ("clean_accuracy", "robust_accuracy", "threat", "n", "suite", "per_attack", "flags")
@@ -333,6 +336,7 @@ def evaluate_suite(
         },
         "folder": str(folder),
         "record": {key: record[key] for key in keep if key in record},
+        "wall_s": wall,
     }
 
 
@@ -345,6 +349,7 @@ def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) ->
         evaluated = rl.defenses.create("smoothing", model, sigma=row.smoothing)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "epoch": model.robustlab_meta.get("epoch")}
     out["architecture"] = model.robustlab_arch
+    folders: dict[str, Path] = {}
     for column, suite, n in (("standard", row.suites[0], b["standard_n"]),
                              ("fast", row.suites[1], b["fast_n"])):  # fmt: skip
         if suite is None:
@@ -354,15 +359,33 @@ def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) ->
                   "dataset": DATASET, "architecture": arch, "defense": (
                       None if row.smoothing is None else {"name": "smoothing",
                                                           "sigma": row.smoothing})}  # fmt: skip
-        t0 = time.perf_counter()
-        out[column] = evaluate_suite(evaluated, suite, n, run / f"{tag}-{suite}-n{n}", config, log)
-        out[column]["wall_s"] = time.perf_counter() - t0
+        folders[column] = run / f"{tag}-{suite}-n{n}"
+        out[column] = evaluate_suite(evaluated, suite, n, folders[column], config, log)
     if row.verify:
         x, y = rl.data.load(DATASET, split="test", n=b["standard_n"])
-        v = verify(model, x, y, THREAT, row.verify)
-        out["verified"] = {"method": row.verify, "n": len(x),
-                           "accuracy": float(v.certified.float().mean())}  # fmt: skip
+        certified = verify(model, x, y, THREAT, row.verify).certified
+        check_certified(certified, _per_sample(folders["standard"]), row.verify)
+        k = min(PREFIX_N, len(x))
+        out["verified"] = {
+            "method": row.verify,
+            "n": len(x),
+            "accuracy": float(certified.float().mean()),
+            "prefix": {"n": k, "certified": certified[:k].int().tolist()},
+        }
     return out
+
+
+def check_certified(certified: Tensor, robust: list[bool], method: str) -> None:
+    """A sound certificate is never beaten: raise if ``method`` certified a point that the
+    ``standard`` suite broke (same points, same order), which only a wrong bound can do."""
+    broken = [
+        i for i, (c, r) in enumerate(zip(certified.tolist(), robust, strict=True)) if c and not r
+    ]
+    if broken:
+        raise RuntimeError(
+            f"{method} certified {len(broken)} test points that the standard suite broke "
+            f"(first: {broken[:5]}): the bound is unsound; do not publish this row"
+        )
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -554,6 +577,11 @@ def _seeds(recs: list[dict[str, Any]]) -> str:
     return f"{len(vals)}: mean {_pct(sum(vals) / len(vals))}, spread {spread:.1f} pts"
 
 
+def _verified(r: dict[str, Any]) -> str:
+    ver = r.get("verified")
+    return "-" if not ver else f"{_pct(ver['accuracy'])} ({ver['method']}, n={ver['n']})"
+
+
 def _column(rec: dict[str, Any], col: str) -> str:
     e = rec.get(col)
     if not isinstance(e, dict):
@@ -608,14 +636,13 @@ def board_markdown(
     for name, rs in rows.items():
         r = rs[0]
         over = {k: v for k, v in r["overrides"].items() if v}
-        ver = r.get("verified")
         bud = r["budget"]
         lines.append(
             f"| {name} | {r['config']}{' ' + json.dumps(over) if over else ''} | "
             f"{bud['epochs']} ({bud['passes']}), {json.dumps(bud['inner_steps'])} | "
             f"{Path(r['checkpoint']).stem} (epoch {r['epoch']}) | "
             f"{_pct(r.get('standard', {}).get('clean_accuracy'))} | {_column(r, 'standard')} | "
-            f"{_column(r, 'fast')} | {'-' if not ver else _pct(ver['accuracy'])} | {_seeds(rs)} | "
+            f"{_column(r, 'fast')} | {_verified(r)} | {_seeds(rs)} | "
             f"{r['train_s']:.0f} | {_flags(r)} | {_curve(r)} | {r['where']} |"
         )
     missing = [r.name for r in ROWS if r.name not in rows]
@@ -729,6 +756,7 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
                     for c in ("standard", "fast")
                     if isinstance(rec.get(c), dict)
                 },
+                **({"verified": rec["verified"]} if "verified" in rec else {}),
                 "tolerance": tolerance,
                 "seed": 0,
                 "batch_size": 500,

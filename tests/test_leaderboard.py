@@ -142,6 +142,16 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
     assert lb.train("natural", recipe, out, data, print) == done  # finished: read back
 
 
+def test_a_certified_point_that_an_attack_broke_stops_the_row():
+    """The verified column is a lower bound on the standard suite's per-point robustness: a
+    certified point that the suite broke (or misclassified) means an unsound bound."""
+    lb.check_certified(torch.tensor([True, False, False]), [True, True, False], "ibp")
+    with pytest.raises(RuntimeError, match=r"ibp certified 1 test points .*\[2\].*unsound"):
+        lb.check_certified(torch.tensor([True, False, True]), [True, True, False], "ibp")
+    with pytest.raises(ValueError):  # the two must cover the same points
+        lb.check_certified(torch.tensor([True]), [True, True], "ibp")
+
+
 def test_budget_presets_and_overrides_are_recorded():
     b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--fast-n", "7"]))
     assert (b["preset"], b["fast_n"], b["standard_n"], b["epochs"]) == ("smoke", 7, 16, 1)

@@ -1,7 +1,7 @@
 """The pretrained zoo (:mod:`robustlab.models.zoo`): loading with the SHA-256 checked, an unknown
 name's error, ``robustlab list zoo`` and ``compare --zoo``; and the shipped zoo's models
 against their cards (clean accuracy on the card's points, a suite re-run on a prefix within
-the card's stated tolerance)."""
+the card's stated tolerance, the certified points of a verified model)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 import robustlab as rl
 from robustlab.cli import main
+from robustlab.defenses.verify import verify
 from robustlab.models import zoo
 
 THREAT = rl.ThreatModel("linf", 0.1)
@@ -90,7 +91,14 @@ def test_cli_lists_the_zoo_with_its_headline_numbers(tmp_zoo, monkeypatch, capsy
     card = zoo.card("toy-net")
     clean = 100 * card["evaluation"]["clean"]["accuracy"]
     assert f"toy-net: toy (linf 0.1), clean {clean:.1f}% (n=32)" in out
-    assert "quick" in out and "NOT converged" in out
+    assert "quick" in out and "NOT converged" in out and "verified" not in out
+    # a certified-training model's card adds its verified accuracy (a lower bound) to the line
+    card_file = tmp_zoo / "toy-net.json"
+    doc = json.loads(card_file.read_text())
+    doc["card"]["evaluation"]["verified"] = {"method": "ibp", "n": 32, "accuracy": 0.25}
+    card_file.write_text(json.dumps(doc))
+    assert main(["list", "zoo"]) == 0
+    assert "; verified 25.0% (ibp, n=32); flags: none" in capsys.readouterr().out
 
 
 def test_compare_puts_a_run_beside_the_zoo(tmp_zoo, tmp_path, net, toy_data, monkeypatch):
@@ -144,3 +152,10 @@ def test_shipped_model_matches_its_card(name):
     p = sum(outcomes) / k
     tol = ev["tolerance"]["robust_sigmas"] * math.sqrt(max(p * (1 - p), 0.25 / k) / k)
     assert abs(res.robust_accuracy - p) <= tol, (res.robust_accuracy, p, tol)
+    if "verified" in ev:  # a certified-training model: its certificates are deterministic
+        ver = ev["verified"]
+        certified = verify(model, x[:k], y[:k], THREAT, ver["method"]).certified.int().tolist()
+        differ = sum(a != b for a, b in zip(certified, ver["prefix"]["certified"][:k], strict=True))
+        assert differ <= 1, (certified, ver["prefix"]["certified"][:k])  # floating point
+        # a certificate is never beaten: a certified point is robust under the suite too
+        assert all(r or not c for r, c in zip(res.robust.tolist(), certified, strict=True))

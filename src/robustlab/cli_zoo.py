@@ -23,7 +23,8 @@ def _pct(value: Any) -> str:
 
 def zoo_lines(zoo: str | Path | None = None) -> list[str]:
     """What ``robustlab list zoo`` prints: per model its name, row, budget, clean accuracy and
-    the robust accuracy of each suite with its number of points, and its flags."""
+    the robust accuracy of each suite with its number of points (and the verified accuracy of a
+    certified-training model), and its flags."""
     found = cards(zoo)
     if not found:
         return [f"zoo: no pretrained models in {zoo or ZOO_DIR}"]
@@ -38,6 +39,8 @@ def zoo_lines(zoo: str | Path | None = None) -> list[str]:
                 parts.append(
                     f"{e.get('suite', suite)} {_pct(e.get('robust_accuracy'))} (n={e.get('n')})"
                 )
+        if isinstance(v := ev.get("verified"), dict):  # certified training: a lower bound
+            parts.append(f"verified {_pct(v.get('accuracy'))} ({v.get('method')}, n={v.get('n')})")
         budget = c.get("budget", {})
         flags = ", ".join(c.get("flags", [])) or "none"
         lines.append(
