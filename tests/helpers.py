@@ -120,7 +120,12 @@ def launch(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.Complet
     """Run ``cmd``, which writes into ``out``; once more after a gloo teardown abort."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
-        warnings.warn(f"gloo teardown abort, launching once more: {cmd[-4:]}", stacklevel=2)
+        tail = proc.stderr.strip().splitlines()[-6:]  # which process aborted, for the report
+        warnings.warn(
+            f"gloo teardown abort (exit status {proc.returncode}), launching once more: "
+            f"{cmd[-4:]}; stderr ended: {tail}",
+            stacklevel=2,
+        )
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
