@@ -94,11 +94,15 @@ class FlakyPGD(PGD):
         return super().perturb(model, x, y, generator)
 
 
-# A gloo rank can abort with this C++ message and no Python traceback, most likely while the
-# process group is torn down. CI has seen it, even with every rank at a barrier before the
-# group is destroyed; 68 launches here, 28 of them under load, did not reproduce it. Such a
-# launch runs once more on an emptied ``out``, with a warning in the test report; a second
-# abort, or any other failure, fails.
+# A gloo rank can abort with this C++ message and no Python traceback. Its cause (core dumps
+# of 4 aborts in 88 launches of ddp_worker.py beside two training jobs, 2026-12-06): once the
+# trainer has wrapped the model in DistributedDataParallel, destroy_process_group no longer
+# ends the gloo group (its worker threads outlive it, as in a bare script they do not), so a
+# worker thread can release the last barrier's work, which holds an earlier all_gather's
+# tensors, while the interpreter is finalising; the tensors' Python objects need the GIL,
+# the thread exits there, and std::terminate aborts the rank. It is a race with the
+# scheduler, more likely under load. Such a launch runs once more on an emptied ``out``, with
+# a warning in the test report; a second abort, or any other failure, fails.
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
