@@ -703,10 +703,15 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
     """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
     card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`). A model already shipped
     with the same card is left as it is (a rewrite would only change its commit and date), and
-    so is one trained at the ``converged`` budget when ``b`` is not converged."""
+    so is one trained at the ``converged`` budget when ``b`` is not converged. A row evaluated
+    as a defense around its model (smoothing) is not exported: its figures are the defense's,
+    and the zoo ships models that are evaluated as they are loaded."""
     written = []
     for rec in (r for r in recs if r["seed"] == 0):
         name = zoo_name(rec)
+        if ROW[rec["row"]].smoothing is not None:
+            log(f"zoo: {name} not exported: its figures are those of its smoothed classifier")
+            continue
         if not Path(rec["checkpoint"]).exists():
             gone = f"its checkpoint {rec['checkpoint']} is not here"
             if name in rl.models.zoo.zoo_names(zoo):

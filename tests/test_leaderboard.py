@@ -152,6 +152,18 @@ def test_a_certified_point_that_an_attack_broke_stops_the_row():
         lb.check_certified(torch.tensor([True]), [True, True], "ibp")
 
 
+def test_a_smoothed_row_is_not_exported_to_the_zoo(tmp_path):
+    """Its figures are its smoothed classifier's, not those of the model the zoo would load."""
+    rec = {"seed": 0, "row": "gaussian-aug", "architecture": {"name": "smallcnn"},
+           "checkpoint": str(tmp_path / "missing.safetensors")}  # fmt: skip
+    logged: list[str] = []
+    assert lb.export_zoo([rec], lb.PRESETS["short"], tmp_path / "zoo", logged.append) == []
+    assert logged == [
+        "zoo: fmnist-gaussian-aug-smallcnn not exported: its figures are those of its smoothed "
+        "classifier"
+    ]
+
+
 def test_budget_presets_and_overrides_are_recorded():
     b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--fast-n", "7"]))
     assert (b["preset"], b["fast_n"], b["standard_n"], b["epochs"]) == ("smoke", 7, 16, 1)
