@@ -593,9 +593,11 @@ def _column(rec: dict[str, Any], col: str) -> str:
 def _curve(rec: dict[str, Any]) -> str:
     """The hold-out's robust accuracy (%) after each pass, under the attack named first (the
     recipe's ``val_attack``: rows differ); clean accuracy where a row has no robust check."""
-    vals = [c.get("holdout_robust_acc", c.get("holdout_clean_acc")) for c in rec["curve"]]
+    vals = [c.get("holdout_robust_acc") for c in rec["curve"]]
     attack = rec["train_config"].get("val_attack") or {}
     name = f"{attack.get('name', '?').upper()}-{attack.get('steps', '?')}"
+    if all(v is None for v in vals):  # no robust check on the hold-out (gaussian-aug)
+        vals, name = [c.get("holdout_clean_acc") for c in rec["curve"]], "clean"
     return f"{name}: " + " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
 
 

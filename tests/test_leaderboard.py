@@ -164,6 +164,16 @@ def test_a_smoothed_row_is_not_exported_to_the_zoo(tmp_path):
     ]
 
 
+def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
+    rec = {"train_config": {"val_attack": {"name": "pgd", "steps": 20}},
+           "curve": [{"holdout_robust_acc": 0.6, "holdout_clean_acc": 0.8},
+                     {"holdout_robust_acc": 0.65, "holdout_clean_acc": 0.82}]}  # fmt: skip
+    assert lb._curve(rec) == "PGD-20: 60 65"
+    for c in rec["curve"]:
+        c["holdout_robust_acc"] = None  # a noise-trained row checks clean accuracy only
+    assert lb._curve(rec) == "clean: 80 82"
+
+
 def test_budget_presets_and_overrides_are_recorded():
     b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--fast-n", "7"]))
     assert (b["preset"], b["fast_n"], b["standard_n"], b["epochs"]) == ("smoke", 7, 16, 1)
