@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import leaderboard as lb  # noqa: E402
 
 import robustlab as rl  # noqa: E402
+from robustlab.defenses.verify import Verification  # noqa: E402
 from robustlab.models import zoo  # noqa: E402
 from robustlab.training import Trainer  # noqa: E402
 
@@ -145,11 +146,13 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
 def test_a_certified_point_that_an_attack_broke_stops_the_row():
     """The verified column is a lower bound on the standard suite's per-point robustness: a
     certified point that the suite broke (or misclassified) means an unsound bound."""
-    lb.check_certified(torch.tensor([True, False, False]), [True, True, False], "ibp")
-    with pytest.raises(RuntimeError, match=r"ibp certified 1 test points .*\[2\].*unsound"):
-        lb.check_certified(torch.tensor([True, False, True]), [True, True, False], "ibp")
-    with pytest.raises(ValueError):  # the two must cover the same points
-        lb.check_certified(torch.tensor([True]), [True, True], "ibp")
+
+    def ver(certified: list[bool]) -> Verification:
+        return Verification("ibp", torch.zeros(len(certified), 9), torch.tensor(certified))
+
+    lb.check_below_empirical(ver([True, False, False]), torch.tensor([True, True, False]))
+    with pytest.raises(RuntimeError, match=r"1 point\(s\) verified by ibp were broken.*point 2"):
+        lb.check_below_empirical(ver([True, False, True]), torch.tensor([True, True, False]))
 
 
 def test_a_smoothed_row_is_not_exported_to_the_zoo(tmp_path):
