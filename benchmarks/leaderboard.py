@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import robustlab as rl
@@ -340,8 +341,19 @@ def evaluate_suite(
     }
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether the safetensors checkpoints ``a`` and ``b`` hold the same tensors (their
+    metadata may differ)."""
+    ta, tb = load_file(a), load_file(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) -> dict[str, Any]:
+    """Evaluate ``row``'s checkpoint of ``run``. A ``checkpoint best`` row whose best epoch is
+    the last one holds the final weights: it takes the final weights' evaluation folders (read
+    back where the row evaluating them finished) instead of attacking the same model again."""
     ckpt = run / (BEST_FILE if row.checkpoint == "best" else MODEL_FILE)
+    shared = row.checkpoint == "best" and same_weights(ckpt, run / MODEL_FILE)
     model = rl.models.load(ckpt)
     arch = model.robustlab_arch["name"]
     evaluated: nn.Module = model
@@ -349,12 +361,15 @@ def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) ->
         evaluated = rl.defenses.create("smoothing", model, sigma=row.smoothing)
     out: dict[str, Any] = {"checkpoint": str(ckpt), "epoch": model.robustlab_meta.get("epoch")}
     out["architecture"] = model.robustlab_arch
+    if row.checkpoint == "best":
+        out["same_as_final"] = shared
     folders: dict[str, Path] = {}
     for column, suite, n in (("standard", row.suites[0], b["standard_n"]),
                              ("fast", row.suites[1], b["fast_n"])):  # fmt: skip
         if suite is None:
             continue
-        tag = f"eval-{row.checkpoint}{'' if row.smoothing is None else f'-smooth{row.smoothing}'}"
+        which = "final" if shared else row.checkpoint
+        tag = f"eval-{which}{'' if row.smoothing is None else f'-smooth{row.smoothing}'}"
         config = {"name": f"{row.name} (seed {seed})", "checkpoint": str(ckpt),
                   "dataset": DATASET, "architecture": arch, "defense": (
                       None if row.smoothing is None else {"name": "smoothing",
@@ -630,7 +645,8 @@ def board_markdown(
         lines.append(
             f"| {name} | {r['config']}{' ' + json.dumps(over) if over else ''} | "
             f"{bud['epochs']} ({bud['passes']}), {json.dumps(bud['inner_steps'])} | "
-            f"{Path(r['checkpoint']).stem} (epoch {r['epoch']}) | "
+            f"{Path(r['checkpoint']).stem} (epoch {r['epoch']}"
+            f"{', = final' if r.get('same_as_final') else ''}) | "
             f"{_pct(r.get('standard', {}).get('clean_accuracy'))} | {_column(r, 'standard')} | "
             f"{_column(r, 'fast')} | {_verified(r)} | {_seeds(rs)} | "
             f"{r['train_s']:.0f} | {_flags(r)} | {_curve(r)} | {r['where']} |"
@@ -695,12 +711,19 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
     with the same card is left as it is (a rewrite would only change its commit and date), and
     so is one trained at the ``converged`` budget when ``b`` is not converged. A row evaluated
     as a defense around its model (smoothing) is not exported: its figures are the defense's,
-    and the zoo ships models that are evaluated as they are loaded."""
+    and the zoo ships models that are evaluated as they are loaded. Nor is a best-checkpoint
+    row whose best epoch was the last (the same weights as its final-checkpoint row)."""
     written = []
     for rec in (r for r in recs if r["seed"] == 0):
         name = zoo_name(rec)
         if ROW[rec["row"]].smoothing is not None:
             log(f"zoo: {name} not exported: its figures are those of its smoothed classifier")
+            continue
+        if rec.get("same_as_final"):
+            log(
+                f"zoo: {name} not exported: its best epoch is its last, so it ships as the row "
+                "that evaluates those final weights"
+            )
             continue
         if not Path(rec["checkpoint"]).exists():
             gone = f"its checkpoint {rec['checkpoint']} is not here"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import leaderboard as lb  # noqa: E402
@@ -165,6 +166,43 @@ def test_a_smoothed_row_is_not_exported_to_the_zoo(tmp_path):
         "zoo: fmnist-gaussian-aug-smallcnn not exported: its figures are those of its smoothed "
         "classifier"
     ]
+
+
+def test_a_best_row_whose_best_epoch_is_the_last_takes_the_final_evaluation(
+    board, tmp_path, monkeypatch
+):
+    """pgd-at-best shares pgd-at's training run; when its best epoch is the last (the smoke
+    run's one pass) it holds the final weights, so it is neither trained nor attacked again,
+    says so on the board and does not ship a second copy of the weights in the zoo."""
+    tmp, first = board
+    shutil.copytree(tmp / "cache", tmp_path / "cache")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the same weights were trained or evaluated again")
+
+    monkeypatch.setattr(Trainer, "run", refuse)
+    monkeypatch.setattr(lb.rl, "evaluate", refuse)
+    record = lb.main([*_argv(tmp_path, "--export-zoo"), "--rows", "pgd-at-best"])
+    (best,) = [r for r in record["rows"] if r["row"] == "pgd-at-best"]
+    (final,) = [r for r in first["rows"] if (r["row"], r["seed"]) == ("pgd-at", 0)]
+    assert best["same_as_final"] is True and Path(best["checkpoint"]).name == lb.BEST_FILE
+    for column in ("standard", "fast"):
+        assert best[column]["robust_accuracy"] == final[column]["robust_accuracy"]
+        assert Path(best[column]["folder"]).name == Path(final[column]["folder"]).name
+    assert "| pgd-at-best | " in (md := (tmp_path / "results" / "leaderboard.md").read_text())
+    assert "model_best (epoch 1, = final)" in md
+    assert "fmnist-pgd-at-best-smallcnn" not in zoo.zoo_names(tmp_path / "zoo")
+
+
+def test_same_weights_compares_the_tensors_not_the_metadata(tmp_path):
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"epoch": "1"})
+    save_file(tensors, tmp_path / "b.safetensors", metadata={"epoch": "2"})
+    assert lb.same_weights(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    save_file(tensors | {"b": torch.tensor([0.0, 1e-6])}, tmp_path / "c.safetensors")
+    assert not lb.same_weights(tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+    save_file({"w": tensors["w"]}, tmp_path / "d.safetensors")
+    assert not lb.same_weights(tmp_path / "a.safetensors", tmp_path / "d.safetensors")
 
 
 def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
