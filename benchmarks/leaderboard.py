@@ -445,6 +445,7 @@ def run_row(
                     "overfit",
                 )
             }
+            | ({"lesson": r["lesson"]} if "lesson" in r else {})  # curriculum's
             for r in trained["history"]
         ],  # fmt: skip
         **evaluate_row(row, folder, seed, b, log),
@@ -595,13 +596,17 @@ def _column(rec: dict[str, Any], col: str) -> str:
 
 def _curve(rec: dict[str, Any]) -> str:
     """The hold-out's robust accuracy (%) after each pass, under the attack named first (the
-    recipe's ``val_attack``: rows differ); clean accuracy where a row has no robust check."""
+    recipe's ``val_attack``: rows differ); clean accuracy where a row has no robust check; the
+    lesson of each pass where the objective logs one (curriculum)."""
     vals = [c.get("holdout_robust_acc") for c in rec["curve"]]
     attack = rec["train_config"].get("val_attack") or {}
     name = f"{attack.get('name', '?').upper()}-{attack.get('steps', '?')}"
     if all(v is None for v in vals):  # no robust check on the hold-out (gaussian-aug)
         vals, name = [c.get("holdout_clean_acc") for c in rec["curve"]], "clean"
-    return f"{name}: " + " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
+    cell = f"{name}: " + " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)
+    if any("lesson" in c for c in rec["curve"]):
+        cell += " (lessons " + " ".join(str(c.get("lesson", "-")) for c in rec["curve"]) + ")"
+    return cell
 
 
 def _flags(rec: dict[str, Any]) -> str:

@@ -213,6 +213,8 @@ def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
     for c in rec["curve"]:
         c["holdout_robust_acc"] = None  # a noise-trained row checks clean accuracy only
     assert lb._curve(rec) == "clean: 80 82"
+    rec["curve"][1]["lesson"] = 1  # the curriculum's lesson, where the objective logs it
+    assert lb._curve(rec) == "clean: 80 82 (lessons - 1)"
 
 
 def test_budget_presets_and_overrides_are_recorded():

@@ -105,7 +105,8 @@ def test_curriculum_patience_counts_holdout_checks_and_resumes():
 
 
 def test_curriculum_in_a_run_with_a_holdout(toy_data):
-    """threshold 0 is reached by any accuracy: the lesson rises after each check only."""
+    """threshold 0 is reached by any accuracy: the lesson rises after each check only, and
+    the training log says which lesson each pass trained in."""
     lessons = []
     obj_cls = rl.training.OBJECTIVES.get("curriculum")
     begin = obj_cls.begin_epoch
@@ -116,7 +117,7 @@ def test_curriculum_in_a_run_with_a_holdout(toy_data):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(obj_cls, "begin_epoch", spy)
-        rl.training.fit(
+        history = rl.training.fit(
             _model(),
             toy_data,
             objective="curriculum",
@@ -129,6 +130,11 @@ def test_curriculum_in_a_run_with_a_holdout(toy_data):
             objective_options={"max_steps": 2, "threshold": 0.0, "patience": None},
         )
     assert lessons == [0, 0, 1, 1]  # the first check ends pass 2
+    assert [r["lesson"] for r in history] == lessons
+    plain = rl.training.fit(_model(), toy_data, objective="pgd-at", threat=THREAT, epochs=1,
+                            batch_size=128, overfit_probe="off",
+                            objective_options={"steps": 1})  # fmt: skip
+    assert "lesson" not in plain[0]  # an objective without a log of its own adds nothing
 
 
 # --- Parseval networks --------------------------------------------------------------------

@@ -39,7 +39,8 @@ Hooks beyond the objective's loss: after every optimiser step the trainer calls
 that defines one (a model option that must act on the weights after each update, e.g.
 Parseval's retraction in :mod:`robustlab.models.lipschitz`); after each validation of the
 hold-out it hands its ``holdout_*`` accuracies to ``objective.record_validation`` (and, once
-before training, ``holdout_n`` alone, so the objective knows a hold-out is coming).
+before training, ``holdout_n`` alone, so the objective knows a hold-out is coming); each
+pass's log record takes in ``objective.epoch_log()`` (the curriculum's ``lesson``).
 """
 
 from __future__ import annotations
@@ -324,6 +325,7 @@ class Trainer:
         }
         if m > 1:
             rec["epochs_equivalent"] = (epoch + 1) * m
+        rec |= self.objective.epoch_log()
         if self.average is not None:
             rec["weights"] = self.average.kind if self.average.ready else "raw"
         if due(epoch, self.passes, cfg.val_every):

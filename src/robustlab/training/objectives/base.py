@@ -88,6 +88,12 @@ class Objective:
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """Called before pass ``epoch`` (0-based) of ``epochs`` passes."""
 
+    def epoch_log(self) -> dict[str, float]:
+        """Scalars that describe the pass just trained, added to its record of the training
+        log (the curriculum's lesson); none by default. Called after the pass, before its
+        hold-out check."""
+        return {}
+
     def after_backward(self) -> None:
         """Called after each ``loss.backward()``, before the optimiser step."""
 

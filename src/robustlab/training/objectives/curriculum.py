@@ -144,6 +144,10 @@ class Curriculum(Objective):
         if done and self.lesson < self.max_steps:
             self.lesson, self.best, self.stale = self.lesson + 1, -1.0, 0
 
+    def epoch_log(self) -> dict[str, float]:
+        """The lesson the pass trained in (its PGD steps), for the training log."""
+        return {"lesson": self.lesson}
+
     def state_dict(self) -> dict[str, Tensor]:
         values = [
             self.lesson,
