@@ -265,11 +265,7 @@ def train(
         cfg.objective_options["unlabeled"] = cli_inputs.unlabeled_pool(
             recipe.unlabeled, recipe.unlabeled_n, recipe.dataset, recipe.n_train
         )
-    info = rl.data.info(recipe.dataset)
-    opts = {k: v for k, v in recipe.model.items() if k != "arch"}
-    opts |= {"num_classes": info.num_classes, "in_channels": info.shape[0]}
-    opts.setdefault("input_size", info.shape[1])
-    model = rl.models.create(recipe.model["arch"], **opts)
+    model = recipe.create_model()  # its weights drawn from the row's seed
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2, default=str) + "\n")
     resume = (out / STATE_FILE).exists()

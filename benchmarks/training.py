@@ -91,15 +91,6 @@ def recipe_for(name: str) -> Recipe:
     return load_recipe(CONFIGS / f"{name.replace('-', '_')}.toml")
 
 
-def build_model(recipe: Recipe, device: torch.device) -> nn.Module:
-    """The recipe's model, initialised from the recipe's seed (as ``robustlab train`` does):
-    torch seeds its generator at random when it starts."""
-    opts = {k: v for k, v in recipe.model.items() if k != "arch"}
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.train.seed)
-        return rl.models.create(recipe.model["arch"], **opts).to(device)
-
-
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -138,7 +129,7 @@ def train(
         info = json.loads(done.read_text())
         log(f"{name}: cached in {out.relative_to(ROOT)}")
         return rl.models.load(out / MODEL_FILE), info["history"], info["seconds"]
-    model = build_model(recipe, torch.device("cpu"))
+    model = recipe.create_model()
     trainer = Trainer(
         model,
         (x, y),
@@ -175,9 +166,7 @@ def time_steps(
             cfg = dataclasses.replace(recipe.train, epochs=1, overfit_probe="off")
             if "labeled" in cfg.objective_options:  # rst: half of the timing batches labelled
                 cfg.objective_options = cfg.objective_options | {"labeled": len(x) // 2}
-            trainer = Trainer(
-                build_model(recipe, torch.device("cpu")), (x, y), cfg, threat=recipe.threat
-            )
+            trainer = Trainer(recipe.create_model(), (x, y), cfg, threat=recipe.threat)
             rec = trainer.run()[0]
             steps = trainer.objective.replays * args.timing_batches
             per_step[name].append(rec["train_time_s"] / steps)
@@ -214,7 +203,7 @@ def _raw_task(recipe: Recipe, x: Tensor, y: Tensor, times: list[float]):
     batch = cfg.batch_size
 
     def run() -> None:
-        model = build_model(recipe, torch.device("cpu"))
+        model = recipe.create_model()
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )

@@ -81,7 +81,7 @@ def _out(msg: str = "", quiet: bool = False) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from robustlab import cli_inputs, data, distributed, models
+    from robustlab import cli_inputs, data, distributed
     from robustlab.config import load_recipe
     from robustlab.training import Trainer
 
@@ -95,7 +95,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.seed = args.seed
     torch.manual_seed(cfg.seed)
     out = args.out
-    info = data.info(recipe.dataset)
     x, y = data.load(recipe.dataset, split="train", n=recipe.n_train)
     if recipe.unlabeled is not None:  # the semi-supervised objectives' pool
         cfg.objective_options["unlabeled"] = cli_inputs.unlabeled_pool(
@@ -105,11 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if recipe.val_n:  # the LAST val_n test images: disjoint from `evaluate --n`'s first ones
         xv, yv = data.load(recipe.dataset, split="test")
         val = (xv[-recipe.val_n :], yv[-recipe.val_n :])
-    opts = {k: v for k, v in recipe.model.items() if k != "arch"}
-    opts.setdefault("num_classes", info.num_classes)
-    opts.setdefault("in_channels", info.shape[0])
-    opts.setdefault("input_size", info.shape[1])
-    model = models.create(recipe.model["arch"], **opts).to(device)
+    model = recipe.create_model().to(device)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2) + "\n")
