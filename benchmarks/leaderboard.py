@@ -207,6 +207,15 @@ def _cap_steps(opts: dict[str, Any], cap: int) -> None:
         _cap_steps(opts["base_options"], cap)
 
 
+def _inner_steps(opts: dict[str, Any]) -> dict[str, Any]:
+    """The objective's inner-attack lengths, its base objective's among them (rst's TRADES)."""
+    steps = {k: v for k, v in opts.items() if k in ("steps", "max_steps", "outer", "inner",
+                                                    "replays")}  # fmt: skip
+    if isinstance(opts.get("base_options"), dict):
+        steps |= {f"base {k}": v for k, v in _inner_steps(opts["base_options"]).items()}
+    return steps
+
+
 def prepare(row: Row, b: dict[str, Any], seed: int, deps: dict[str, Path]) -> Recipe:
     """The recipe of ``row`` at budget ``b`` and ``seed``; ``deps``: the files of the runs it
     needs (its teacher, the run it fine-tunes)."""
@@ -418,11 +427,7 @@ def run_row(
         "budget": {
             "epochs": cfg.epochs,
             "passes": len(trained["history"]),
-            "inner_steps": {
-                k: v
-                for k, v in cfg.objective_options.items()
-                if k in ("steps", "max_steps", "outer", "inner", "replays")
-            },
+            "inner_steps": _inner_steps(cfg.objective_options),
             "n_train": trained["n_train"],
             "holdout_n": trained["holdout_n"],
             "preset": b["preset"],

@@ -217,6 +217,12 @@ def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
     assert lb._curve(rec) == "clean: 80 82 (lessons - 1)"
 
 
+def test_inner_steps_include_the_base_objectives():
+    opts = {"teacher": "t.safetensors", "base": "trades", "base_options": {"steps": 10}}
+    assert lb._inner_steps(opts) == {"base steps": 10}
+    assert lb._inner_steps({"steps": 10, "step_size": 0.025}) == {"steps": 10}
+
+
 def test_budget_presets_and_overrides_are_recorded():
     b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--fast-n", "7"]))
     assert (b["preset"], b["fast_n"], b["standard_n"], b["epochs"]) == ("smoke", 7, 16, 1)
