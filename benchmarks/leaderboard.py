@@ -501,14 +501,16 @@ def report_runs(
     recs: list[dict[str, Any]], results: Path, log: Log
 ) -> tuple[list[Path], list[str]]:
     """The folders the HTML board is rendered from (each row's archived copy, refreshed from
-    its run folder where that is here) and the rows left out of it: those whose run folder is
-    neither here nor archived (rows finished before the archive was kept)."""
+    its run folder where that is here) and the rows left out of it: those whose run is
+    neither here nor archived (rows finished before the archive was kept), or whose folder
+    holds another training run (:func:`same_run`)."""
     folders: dict[Path, None] = {}
     absent = []
     for rec in recs:
         run = Path(rec["run"])
-        copy = archive_run(run, results) if run.is_dir() else results / ARCHIVE / run.name
-        if copy.is_dir():
+        here = run.is_dir() and same_run(rec, run)
+        copy = archive_run(run, results) if here else results / ARCHIVE / run.name
+        if copy.is_dir() and same_run(rec, copy):
             folders[copy] = None
         else:
             absent.append(f"{rec['row']} (seed {rec['seed']})")
@@ -711,6 +713,19 @@ def _kept(zoo: Path, name: str, why: str, log: Log) -> Path:
     return zoo / f"{name}.safetensors"
 
 
+def same_run(rec: dict[str, Any], folder: Path) -> bool:
+    """Whether ``folder`` (the row record ``rec``'s run folder, or its archived copy) holds the
+    training run the record was made from: the same training losses, pass by pass, in its
+    training log. A folder is keyed by its recipe, so a row that shares it (pgd-at-best) may
+    train it again on a machine where the record's run is not, and that run's weights and
+    evaluations are not the ones the record's figures belong to."""
+    log = folder / "train_log.jsonl"
+    if not log.exists():
+        return False
+    losses = [json.loads(s)["train_loss"] for s in log.read_text().splitlines() if s.strip()]
+    return losses == [c["train_loss"] for c in rec["curve"]]
+
+
 def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Log) -> list[Path]:
     """Each finished seed-0 row's evaluated checkpoint to ``zoo/<name>.safetensors`` with its
     card in the sidecar ``<name>.json`` (:mod:`robustlab.models.zoo`). A model already shipped
@@ -731,8 +746,13 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
                 "that evaluates those final weights"
             )
             continue
-        if not Path(rec["checkpoint"]).exists():
-            gone = f"its checkpoint {rec['checkpoint']} is not here"
+        if not Path(rec["checkpoint"]).exists() or not same_run(rec, Path(rec["run"])):
+            gone = (
+                f"its checkpoint {rec['checkpoint']} is not here"
+                if not Path(rec["checkpoint"]).exists()
+                else f"its run folder {Path(rec['run']).name} here was trained again (another "
+                "row or machine): its weights are not those the row's figures belong to"
+            )
             if name in rl.models.zoo.zoo_names(zoo):
                 written.append(_kept(zoo, name, gone, log))
             else:

@@ -194,6 +194,31 @@ def test_a_best_row_whose_best_epoch_is_the_last_takes_the_final_evaluation(
     assert "fmnist-pgd-at-best-smallcnn" not in zoo.zoo_names(tmp_path / "zoo")
 
 
+def test_a_run_folder_trained_again_is_neither_shipped_nor_rendered(board, tmp_path):
+    """A row's run folder trained again (another row sharing it, on a machine without the
+    record's run) holds other weights: the zoo keeps the shipped model and the HTML board
+    leaves the row out rather than show the other run under its name."""
+    tmp, first = board
+    (rec,) = [r for r in first["rows"] if (r["row"], r["seed"]) == ("pgd-at", 0)]
+    run = Path(rec["run"])
+    assert lb.same_run(rec, run)
+    other = json.loads(json.dumps(rec))
+    other["curve"][0]["train_loss"] += 1e-3  # the record of another run of the same recipe
+    assert not lb.same_run(other, run)
+    logged: list[str] = []
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(tmp / "zoo", zoo_dir)
+    before = (zoo_dir / "fmnist-pgd-at-smallcnn.json").read_text()
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke"]))
+    assert lb.export_zoo([other], b, zoo_dir, logged.append) == [
+        zoo_dir / "fmnist-pgd-at-smallcnn.safetensors"
+    ]
+    assert "was trained again" in logged[0]
+    assert (zoo_dir / "fmnist-pgd-at-smallcnn.json").read_text() == before
+    folders, absent = lb.report_runs([other], tmp_path / "results", logged.append)
+    assert (folders, absent) == ([], ["pgd-at (seed 0)"])
+
+
 def test_same_weights_compares_the_tensors_not_the_metadata(tmp_path):
     tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}
     save_file(tensors, tmp_path / "a.safetensors", metadata={"epoch": "1"})
