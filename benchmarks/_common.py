@@ -25,6 +25,7 @@ from torch import nn
 
 import robustlab as rl
 from robustlab._provenance import git_commit, versions
+from robustlab.config import Recipe
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -163,6 +164,15 @@ def trained_model(
         meta={"recipe": dict(recipe), "train_seconds": seconds, "threads": torch.get_num_threads()},
     )
     return rl.models.load(path)  # eval mode, with robustlab_meta like a cached one
+
+
+def seeded_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model with its initial weights drawn from ``train.seed`` (torch seeds its
+    generator at random when a process starts), as ``robustlab train`` builds it; the
+    caller's generator state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)
+        return recipe.create_model()
 
 
 def write_results(stem: str, markdown: str, record: Mapping[str, Any]) -> tuple[Path, Path]:

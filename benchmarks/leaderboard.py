@@ -74,7 +74,7 @@ from robustlab.training.trainer import BEST_FILE, MODEL_FILE, STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
 
-from _common import CACHE_DIR, RESULTS_DIR, machine_record, write_results  # noqa: E402
+from _common import CACHE_DIR, RESULTS_DIR, machine_record, seeded_model, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -274,7 +274,7 @@ def train(
         cfg.objective_options["unlabeled"] = cli_inputs.unlabeled_pool(
             recipe.unlabeled, recipe.unlabeled_n, recipe.dataset, recipe.n_train
         )
-    model = recipe.create_model()  # its weights drawn from the row's seed
+    model = seeded_model(recipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2, default=str) + "\n")
     resume = (out / STATE_FILE).exists()

@@ -57,7 +57,7 @@ from robustlab.training.trainer import MODEL_FILE, STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
 
-from _common import CACHE_DIR, interleaved, machine_record, median, write_results  # noqa: E402
+from _common import CACHE_DIR, interleaved, machine_record, median, seeded_model, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -129,7 +129,7 @@ def train(
         info = json.loads(done.read_text())
         log(f"{name}: cached in {out.relative_to(ROOT)}")
         return rl.models.load(out / MODEL_FILE), info["history"], info["seconds"]
-    model = recipe.create_model()
+    model = seeded_model(recipe)
     trainer = Trainer(
         model,
         (x, y),
@@ -166,7 +166,7 @@ def time_steps(
             cfg = dataclasses.replace(recipe.train, epochs=1, overfit_probe="off")
             if "labeled" in cfg.objective_options:  # rst: half of the timing batches labelled
                 cfg.objective_options = cfg.objective_options | {"labeled": len(x) // 2}
-            trainer = Trainer(recipe.create_model(), (x, y), cfg, threat=recipe.threat)
+            trainer = Trainer(seeded_model(recipe), (x, y), cfg, threat=recipe.threat)
             rec = trainer.run()[0]
             steps = trainer.objective.replays * args.timing_batches
             per_step[name].append(rec["train_time_s"] / steps)
@@ -203,7 +203,7 @@ def _raw_task(recipe: Recipe, x: Tensor, y: Tensor, times: list[float]):
     batch = cfg.batch_size
 
     def run() -> None:
-        model = recipe.create_model()
+        model = seeded_model(recipe)
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )

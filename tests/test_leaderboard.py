@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import leaderboard as lb  # noqa: E402
 
 import robustlab as rl  # noqa: E402
+from robustlab.config import load_recipe  # noqa: E402
 from robustlab.defenses.verify import Verification  # noqa: E402
 from robustlab.models import zoo  # noqa: E402
 from robustlab.training import Trainer  # noqa: E402
@@ -333,3 +334,18 @@ def test_a_fresh_clone_keeps_the_committed_rows_and_renders_their_archived_runs(
     md = (results / "leaderboard.md").read_text()
     assert "leaves out natural (seed 0):" in md and "| natural | " in md
     assert "natural (seed 0)" not in (results / "leaderboard.html").read_text()
+
+
+def test_a_recipe_and_seed_give_the_same_initial_weights(tmp_path):
+    """torch seeds its generator at random when a process starts: a row's model draws its
+    weights from ``train.seed`` instead, and leaves the caller's generator as it was."""
+    recipe = load_recipe(lb.CONFIGS / "pgd_at.toml")
+    state = torch.get_rng_state()
+    a, b = lb.seeded_model(recipe), lb.seeded_model(recipe)
+    assert torch.equal(torch.get_rng_state(), state)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.robustlab_arch["kwargs"]["num_classes"] == rl.data.info("fashion-mnist").num_classes
+    recipe.train.seed += 1
+    key = "feature_extractor.conv1.weight"
+    assert not torch.equal(a.state_dict()[key], lb.seeded_model(recipe).state_dict()[key])

@@ -10,7 +10,6 @@ epoch) would show up as a data error instead of the recipe's."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import robustlab as rl
 from robustlab.cli import main
@@ -208,18 +207,3 @@ def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch
         load_recipe("no_such_recipe")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_recipe("elsewhere/trades.toml")  # a path that is not configs/ is taken as given
-
-
-def test_a_recipe_and_seed_give_the_same_initial_weights(tmp_path):
-    """torch seeds its generator at random when a process starts: the recipe's model draws
-    its weights from ``train.seed`` instead, and leaves the caller's generator as it was."""
-    recipe = load_recipe(_recipe(tmp_path, RECIPE))
-    state = torch.get_rng_state()
-    a, b = recipe.create_model(), recipe.create_model()
-    assert torch.equal(torch.get_rng_state(), state)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.robustlab_arch["kwargs"]["num_classes"] == rl.data.info("fashion-mnist").num_classes
-    recipe.train.seed += 1
-    key = "feature_extractor.conv1.weight"
-    assert not torch.equal(a.state_dict()[key], recipe.create_model().state_dict()[key])

@@ -11,7 +11,6 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from robustlab import data, models
@@ -60,18 +59,16 @@ class Recipe:
 
     def create_model(self) -> nn.Module:
         """The recipe's model for its data set (the ``[model]`` options; classes, channels and
-        input size from the data set where the recipe does not say), its initial weights
-        drawn with torch's generator seeded from ``train.seed``: torch seeds it at random
-        when it starts, so without this two runs of one recipe and seed would start from
-        different weights. The generator's state is restored afterwards."""
+        input size from the data set where the recipe does not say). Its initial weights come
+        from torch's global generator, which torch seeds at random when a process starts: the
+        caller seeds it with ``train.seed`` first (``robustlab train`` does) so that two runs
+        of one recipe and seed start from the same weights."""
         info = data.info(self.dataset)
         opts = {k: v for k, v in self.model.items() if k != "arch"}
         opts.setdefault("num_classes", info.num_classes)
         opts.setdefault("in_channels", info.shape[0])
         opts.setdefault("input_size", info.shape[1])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.train.seed)
-            return models.create(self.model["arch"], **opts)
+        return models.create(self.model["arch"], **opts)
 
 
 def shipped_recipes() -> list[str]:
