@@ -510,7 +510,7 @@ def report_runs(
         run = Path(rec["run"])
         here = run.is_dir() and same_run(rec, run)
         copy = archive_run(run, results) if here else results / ARCHIVE / run.name
-        if copy.is_dir() and same_run(rec, copy):
+        if here or (copy.is_dir() and same_run(rec, copy)):
             folders[copy] = None
         else:
             absent.append(f"{rec['row']} (seed {rec['seed']})")
@@ -746,13 +746,15 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
                 "that evaluates those final weights"
             )
             continue
-        if not Path(rec["checkpoint"]).exists() or not same_run(rec, Path(rec["run"])):
+        gone = None
+        if not Path(rec["checkpoint"]).exists():
+            gone = f"its checkpoint {rec['checkpoint']} is not here"
+        elif not same_run(rec, Path(rec["run"])):
             gone = (
-                f"its checkpoint {rec['checkpoint']} is not here"
-                if not Path(rec["checkpoint"]).exists()
-                else f"its run folder {Path(rec['run']).name} here was trained again (another "
-                "row or machine): its weights are not those the row's figures belong to"
+                f"its run folder {Path(rec['run']).name} here was trained again (another row "
+                "or machine): its weights are not those the row's figures belong to"
             )
+        if gone:
             if name in rl.models.zoo.zoo_names(zoo):
                 written.append(_kept(zoo, name, gone, log))
             else:
