@@ -433,6 +433,7 @@ def run_row(
             "preset": b["preset"],
         },  # fmt: skip
         "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "train_threat": None if recipe.threat is None else recipe.threat.to_dict(),
         "train_s": trained["seconds"],
         "curve": [
             {
@@ -599,11 +600,16 @@ def _column(rec: dict[str, Any], col: str) -> str:
 
 def _curve(rec: dict[str, Any]) -> str:
     """The hold-out's robust accuracy (%) after each pass, under the attack named first (the
-    recipe's ``val_attack``: rows differ); clean accuracy where a row has no robust check; the
-    lesson of each pass where the objective logs one (curriculum)."""
+    recipe's ``val_attack``: rows differ) and at the recipe's threat where it is not the
+    board's (smoothadv's l2); clean accuracy where a row has no robust check; the lesson of
+    each pass where the objective logs one (curriculum). Records without ``train_threat``
+    predate it and trained at the board's threat."""
     vals = [c.get("holdout_robust_acc") for c in rec["curve"]]
     attack = rec["train_config"].get("val_attack") or {}
     name = f"{attack.get('name', '?').upper()}-{attack.get('steps', '?')}"
+    threat = rec.get("train_threat")
+    if threat and (threat["norm"], threat["eps"]) != (THREAT.norm, THREAT.eps):
+        name += f" at {threat['norm']} {threat['eps']:g}"
     if all(v is None for v in vals):  # no robust check on the hold-out (gaussian-aug)
         vals, name = [c.get("holdout_clean_acc") for c in rec["curve"]], "clean"
     cell = f"{name}: " + " ".join("-" if v is None else f"{100 * v:.0f}" for v in vals)

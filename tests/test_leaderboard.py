@@ -243,6 +243,16 @@ def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
     assert lb._curve(rec) == "clean: 80 82 (lessons - 1)"
 
 
+def test_the_curve_cell_names_a_training_threat_that_is_not_the_boards():
+    rec = {"train_config": {"val_attack": {"name": "pgd", "steps": 10}},
+           "curve": [{"holdout_robust_acc": 0.73}, {"holdout_robust_acc": 0.76}]}  # fmt: skip
+    assert lb._curve(rec) == "PGD-10: 73 76"  # a record from before train_threat: the board's
+    rec["train_threat"] = lb.THREAT.to_dict()
+    assert lb._curve(rec) == "PGD-10: 73 76"
+    rec["train_threat"] = {"norm": "l2", "eps": 0.5, "bounds": [0.0, 1.0]}  # smoothadv's
+    assert lb._curve(rec) == "PGD-10 at l2 0.5: 73 76"
+
+
 def test_inner_steps_include_the_base_objectives():
     opts = {"teacher": "t.safetensors", "base": "trades", "base_options": {"steps": 10}}
     assert lb._inner_steps(opts) == {"base steps": 10}
