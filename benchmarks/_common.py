@@ -148,9 +148,9 @@ def trained_model(
     threat = rl.ThreatModel("linf", recipe["eps"]) if "eps" in recipe else None
     log(f"model {name}: training {json.dumps(recipe)} (cached afterwards in {path.name})")
     x, y = rl.data.load(recipe["dataset"], split="train", n=recipe.get("train_n"))
-    with torch.random.fork_rng():  # the initial weights from the recipe's seed, as `train` does
-        torch.manual_seed(recipe.get("seed", 0))
-        model = rl.models.create(recipe["arch"], **recipe.get("model", {}))
+    model = seeded(  # the initial weights from the recipe's seed, as `train` does
+        recipe.get("seed", 0), lambda: rl.models.create(recipe["arch"], **recipe.get("model", {}))
+    )
     t0 = time.perf_counter()
     history = rl.training.fit(model, (x, y), threat=threat, dataset=recipe["dataset"], **fit_kwargs)
     seconds = time.perf_counter() - t0
@@ -166,13 +166,19 @@ def trained_model(
     return rl.models.load(path)  # eval mode, with robustlab_meta like a cached one
 
 
-def seeded_model(recipe: Recipe) -> nn.Module:
-    """The recipe's model with its initial weights drawn from ``train.seed`` (torch seeds its
-    generator at random when a process starts), as ``robustlab train`` builds it; the
-    caller's generator state is restored afterwards."""
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with torch's generator seeded from ``seed`` (torch seeds it at random when a
+    process starts), so its initial weights are the seed's; the caller's generator state is
+    restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.train.seed)
-        return recipe.create_model()
+        torch.manual_seed(seed)
+        return build()
+
+
+def seeded_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model with its initial weights drawn from ``train.seed``, as ``robustlab
+    train`` builds it."""
+    return seeded(recipe.train.seed, recipe.create_model)
 
 
 def write_results(stem: str, markdown: str, record: Mapping[str, Any]) -> tuple[Path, Path]:
