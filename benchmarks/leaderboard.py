@@ -308,6 +308,16 @@ def _per_sample(folder: Path) -> list[bool]:
     return [bool(r["robust"]) for r in rows]
 
 
+def randomness(record: dict[str, Any]) -> dict[str, Any]:
+    """Of an evaluation's ``results.json`` on a randomised model (predictions judged by a
+    majority of ``repeats`` > 1): ``repeats`` and the standard errors of its accuracies over
+    the model's randomness; nothing for a deterministic model."""
+    if (record.get("repeats") or 1) <= 1:
+        return {}
+    keys = ("repeats", "clean_accuracy_se", "robust_accuracy_se")
+    return {k: record[k] for k in keys if k in record}
+
+
 def evaluate_suite(
     model: nn.Module, suite: str, n: int, folder: Path, config: dict[str, Any], log: Log
 ) -> dict[str, Any]:
@@ -333,6 +343,7 @@ def evaluate_suite(
         "n": record["n"],
         "clean_accuracy": record["clean_accuracy"],
         "robust_accuracy": record["robust_accuracy"],
+        **randomness(record),
         "flags": sorted({f["name"] for f in record.get("flags", [])}),
         "seconds": sum(a.get("time_s", a.get("seconds", 0.0)) or 0.0 for a in record["per_attack"]),
         "prefix": {
@@ -689,6 +700,11 @@ def board_markdown(
 
 # --- the zoo ----------------------------------------------------------------------------------
 ROBUST_SIGMAS = 3.0
+RANDOMISED_RULE = (
+    "; on a randomised model (clean.repeats: each point judged by a strict majority of that "
+    "many predictions) clean accuracy may differ by robust_sigmas standard errors of the "
+    "difference of two such figures more, sqrt(2) max(clean.clean_accuracy_se, 1 / n)"
+)
 
 
 def robust_tolerance(robust: list[int]) -> float:
@@ -698,6 +714,17 @@ def robust_tolerance(robust: list[int]) -> float:
     k = max(len(robust), 1)
     p = sum(robust) / k
     return ROBUST_SIGMAS * math.sqrt(max(p * (1 - p), 0.25 / k) / k)
+
+
+def clean_tolerance(summary: dict[str, Any]) -> float:
+    """The re-evaluation tolerance of the clean accuracy of an evaluation ``summary``
+    (:func:`evaluate_suite`): one point in n, and on a randomised model (a majority of
+    ``repeats`` predictions per point) ROBUST_SIGMAS standard errors of the difference of two
+    such figures (sqrt 2 times the recorded one, floored at one point in n) more."""
+    one = 1.0 / summary["n"]
+    if summary.get("repeats", 1) <= 1:
+        return one
+    return one + ROBUST_SIGMAS * math.sqrt(2) * max(summary.get("clean_accuracy_se", 0.0), one)
 
 
 def zoo_name(rec: dict[str, Any]) -> str:
@@ -771,7 +798,7 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
         n, std = rec["standard"]["n"], rec["standard"]
         prefix = {c: rec[c]["prefix"] for c in ("standard", "fast") if isinstance(rec.get(c), dict)}
         tolerance = {
-            "clean_abs": 1.0 / n,
+            "clean_abs": clean_tolerance(std),
             "robust_sigmas": ROBUST_SIGMAS,
             "robust_prefix_abs": {c: robust_tolerance(p["robust"]) for c, p in prefix.items()},
             "rule": "clean accuracy on the same n points: equal up to 1 point in n (floating "
@@ -779,7 +806,8 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
             "batches, so other random starts): its robust accuracy within robust_sigmas "
             "binomial standard errors of k points, sqrt(max(p (1 - p), 0.25 / k) / k), of "
             "the card's figure on the same k points (p: that figure; prefix.robust holds "
-            "the per-point outcomes); robust_prefix_abs: that bound at k = prefix.n",
+            "the per-point outcomes); robust_prefix_abs: that bound at k = prefix.n"
+            + (RANDOMISED_RULE if "repeats" in std else ""),
         }
         bud = rec["budget"]
         card = {
@@ -802,7 +830,8 @@ def export_zoo(recs: list[dict[str, Any]], b: dict[str, Any], zoo: Path, log: Lo
             },
             "checkpoint": {"which": Path(rec["checkpoint"]).stem, "epoch": rec["epoch"]},
             "evaluation": {
-                "clean": {"accuracy": std["clean_accuracy"], "n": n},
+                "clean": {"accuracy": std["clean_accuracy"], "n": n}
+                | {k: std[k] for k in ("repeats", "clean_accuracy_se") if k in std},
                 **{
                     c: rec[c] | {"folder": None}
                     for c in ("standard", "fast")

@@ -231,6 +231,21 @@ def test_same_weights_compares_the_tensors_not_the_metadata(tmp_path):
     assert not lb.same_weights(tmp_path / "a.safetensors", tmp_path / "d.safetensors")
 
 
+def test_a_randomised_rows_card_tolerates_its_majority_votes_spread():
+    """A deterministic evaluation records no randomness and keeps one point in n; a randomised
+    one (pni: a majority of 10 predictions) records its repeats and standard errors, and its
+    clean tolerance widens by 3 standard errors of a difference of two such figures."""
+    record = {"n": 1000, "repeats": 1, "clean_accuracy_se": 0.0, "robust_accuracy_se": 0.0}
+    assert lb.randomness(record) == {}
+    assert lb.clean_tolerance({"n": 1000}) == pytest.approx(0.001)
+    record |= {"repeats": 10, "clean_accuracy_se": 0.002, "robust_accuracy_se": 0.003}
+    summary = {"n": 1000, **lb.randomness(record)}
+    assert summary["repeats"] == 10 and summary["robust_accuracy_se"] == 0.003
+    assert lb.clean_tolerance(summary) == pytest.approx(0.001 + 3 * 2**0.5 * 0.002)
+    summary["clean_accuracy_se"] = 0.0  # every draw agreed: floored at one point in n
+    assert lb.clean_tolerance(summary) == pytest.approx(0.001 + 3 * 2**0.5 * 0.001)
+
+
 def test_the_curve_cell_falls_back_to_clean_accuracy_without_a_robust_check():
     rec = {"train_config": {"val_attack": {"name": "pgd", "steps": 20}},
            "curve": [{"holdout_robust_acc": 0.6, "holdout_clean_acc": 0.8},
