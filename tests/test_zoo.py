@@ -135,8 +135,10 @@ def _test_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _majority_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int):
     """Per point, correct in a strict majority of ``repeats`` predictions (a randomised model's
-    card judges it so; 1: the one prediction of a deterministic model)."""
-    with torch.no_grad():
+    card judges it so; 1: the one prediction of a deterministic model). Its draws are seeded:
+    12 seeds of pni's card gave 78.4-79.0% against its 78.7% and tolerance of 0.77 points."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
         hits = sum(torch.cat([model(b).argmax(1) for b in x.split(500)]).eq(y).long()
                    for _ in range(repeats))  # fmt: skip
     return 2 * hits > repeats
