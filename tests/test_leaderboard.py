@@ -292,6 +292,19 @@ def test_budget_presets_and_overrides_are_recorded():
     assert rst.train.objective_options["base_options"]["steps"] == 2
 
 
+def test_the_top_rows_rank_the_standard_suite_only():
+    """pni's figure in the ``standard`` column comes from the ``rand`` suite and cni's from
+    ``smoothed``: other attacks, so they do not rank beside the rows ``standard`` attacked."""
+
+    def rec(row, suite, acc, seed=0):
+        return {"row": row, "seed": seed, "standard": {"suite": suite, "robust_accuracy": acc}}
+
+    recs = [rec("natural", "standard", 0.0), rec("free-at", "standard", 0.74),
+            rec("pni", "rand", 0.68), rec("cni", "smoothed", 0.65), rec("yopo", "standard", 0.66),
+            rec("alp", "standard", 0.657), rec("alp", "standard", 0.70, seed=1)]  # fmt: skip
+    assert lb.top_rows(recs, 5) == ["free-at", "yopo", "alp"]
+
+
 def test_a_second_seed_for_the_top_rows_with_the_spread(board):
     tmp, _ = board
     record = lb.main(_argv(tmp, "--seeds", "2"))
