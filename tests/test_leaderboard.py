@@ -292,6 +292,19 @@ def test_budget_presets_and_overrides_are_recorded():
     assert rst.train.objective_options["base_options"]["steps"] == 2
 
 
+@pytest.mark.parametrize("preset", sorted(lb.PRESETS))
+def test_every_rows_recipe_is_valid_at_every_preset(preset):
+    """``prepare`` validates the recipe: a row the trainer would refuse (trades-awp's warm-up
+    once outlasted the short budget) fails here, not hours into a board."""
+    b = lb.budget_of(lb.parse_args(["--budget", preset]))
+    deps = {name: Path(f"{name}.safetensors") for name in ("rst_teacher", "pgd-at")}
+    for row in lb.ROWS:
+        recipe = lb.prepare(row, b, 0, deps)
+        assert recipe.train.epochs >= 1, row.name
+    awp = lb.prepare(lb.ROW["trades-awp"], b, 0, deps).train
+    assert awp.awp and awp.awp_warmup < awp.epochs
+
+
 def test_the_top_rows_rank_the_standard_suite_only():
     """pni's figure in the ``standard`` column comes from the ``rand`` suite and cni's from
     ``smoothed``: other attacks, so they do not rank beside the rows ``standard`` attacked."""
