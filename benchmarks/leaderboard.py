@@ -84,6 +84,7 @@ THREAT = rl.ThreatModel("linf", 0.1)
 DATASET = "fashion-mnist"
 PREFIX_N = 100  # the card's robust accuracy on the first points, for the zoo's re-evaluation test
 TOP_SEEDED = 5  # rows that get a second seed with --seeds 2
+THREADS_FILE = "threads.jsonl"  # each training pass's torch thread count, in its run folder
 ARCHIVE = "leaderboard_runs"  # <results>/leaderboard_runs/<run>/: the rows' report inputs
 REPORT_FILES = {"model.json", "recipe.json", "train_log.jsonl", "results.json",
                 "examples.safetensors"}  # fmt: skip
@@ -286,8 +287,11 @@ def train(
     (out / "recipe.json").write_text(json.dumps(recipe.source, indent=2, default=str) + "\n")
     resume = (out / STATE_FILE).exists()
     log(f"{name}: {'resuming' if resume else 'training'} {len(x)} images -> {out}")
+    threads = out / THREADS_FILE
 
     def line(r: dict[str, Any]) -> None:
+        with threads.open("a") as f:  # a resumed run's passes may run on other threads
+            f.write(json.dumps({"epoch": r["epoch"], "threads": torch.get_num_threads()}) + "\n")
         held = r.get("holdout_robust_acc", r.get("holdout_clean_acc"))
         log(
             f"{name}: pass {r['epoch']} loss {r['train_loss']:.4f} hold-out "
@@ -299,8 +303,13 @@ def train(
     cfg.objective_options.pop("unlabeled", None)
     held = trainer.features.holdout
     holdout_n = 0 if held is None else len(held[0])
+    ran_on: dict[int, int] = {}  # the last line of a pass wins: it is the one the history kept
+    if threads.exists():
+        lines = threads.read_text().splitlines()
+        ran_on = {r["epoch"]: r["threads"] for r in map(json.loads, filter(None, lines))}
     rec = {
         "history": history,
+        "threads": [ran_on.get(r["epoch"]) for r in history],
         "seconds": sum(r["train_time_s"] for r in history),
         "n_train": len(x) - holdout_n,
         "holdout_n": holdout_n,
@@ -441,7 +450,7 @@ def run_row(
         "overrides": {"train": row.train, "objective": row.objective, "model": row.model},
         "note": row.note,
         "run": str(folder),
-        "where": f"cpu, {torch.get_num_threads()} threads, {versions()['cpu']}",
+        "where": where(torch.get_num_threads(), trained.get("threads", [])),
         "budget": {
             "epochs": cfg.epochs,
             "passes": len(trained["history"]),
@@ -473,6 +482,25 @@ def run_row(
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
+
+
+def where(threads: int, passes: list[int | None]) -> str:
+    """The board's ``where`` cell: the CPU and the evaluation's ``threads``, and the training
+    passes' thread counts (``passes``, None where unrecorded) where they differ from it, as
+    when a killed run resumed on another thread count."""
+    cell = f"cpu, {threads} threads, {versions()['cpu']}"
+    if all(t in (None, threads) for t in passes):
+        return cell
+    spans: list[list[Any]] = []  # [first pass, last pass, threads]
+    for epoch, t in enumerate(passes, 1):
+        if spans and spans[-1][2] == t:
+            spans[-1][1] = epoch
+        else:
+            spans.append([epoch, epoch, t])
+    said = ", ".join(
+        f"{a if a == b else f'{a}-{b}'} on {'?' if t is None else t}" for a, b, t in spans
+    )
+    return f"{cell} (training passes {said} threads)"
 
 
 def row_file(cache: Path, name: str, seed: int, b: dict[str, Any]) -> Path:

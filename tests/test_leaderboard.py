@@ -142,7 +142,17 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
     done = lb.train("natural", lb.prepare(row, b, 0, {}), out, data, print)
     assert calls == [0, 1, 1]  # pass 1 was not trained again
     assert [r["epoch"] for r in done["history"]] == [1, 2]
+    assert done["threads"] == [torch.get_num_threads()] * 2
     assert lb.train("natural", recipe, out, data, print) == done  # finished: read back
+
+
+def test_the_where_cell_names_training_threads_that_differ_from_the_evaluations():
+    cpu = lb.versions()["cpu"]
+    assert lb.where(2, [2, 2, None]) == f"cpu, 2 threads, {cpu}"  # None: passes not recorded
+    assert lb.where(2, [1, 1, 2, 2, 2]) == (
+        f"cpu, 2 threads, {cpu} (training passes 1-2 on 1, 3-5 on 2 threads)"
+    )
+    assert lb.where(1, [None, 2]).endswith("(training passes 1 on ?, 2 on 2 threads)")
 
 
 def test_a_certified_point_that_an_attack_broke_stops_the_row():
