@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import shutil
@@ -491,16 +492,12 @@ def where(threads: int, passes: list[int | None]) -> str:
     cell = f"cpu, {threads} threads, {versions()['cpu']}"
     if all(t in (None, threads) for t in passes):
         return cell
-    spans: list[list[Any]] = []  # [first pass, last pass, threads]
-    for epoch, t in enumerate(passes, 1):
-        if spans and spans[-1][2] == t:
-            spans[-1][1] = epoch
-        else:
-            spans.append([epoch, epoch, t])
-    said = ", ".join(
-        f"{a if a == b else f'{a}-{b}'} on {'?' if t is None else t}" for a, b, t in spans
-    )
-    return f"{cell} (training passes {said} threads)"
+    said, first = [], 1
+    for t, run in itertools.groupby(passes):
+        last = first + len(list(run)) - 1
+        said.append(f"{first if first == last else f'{first}-{last}'} on {t or '?'}")
+        first = last + 1
+    return f"{cell} (training passes {', '.join(said)} threads)"
 
 
 def row_file(cache: Path, name: str, seed: int, b: dict[str, Any]) -> Path:
