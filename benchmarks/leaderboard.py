@@ -133,6 +133,7 @@ ROWS = [
     Row("mart-semi", "mart_semi", 30, **SEMI, note="30,000 labelled + a pool of 30,000"),
     Row("noisy-student", "noisy_student", 30, **SEMI),
     Row("trades-b6-30k", "trades", 30, n_train=30000, note="rst's labelled part only"),
+    Row("pgd-at-30k", "pgd_at", 30, n_train=30000, note="uat's labelled part only"),
     Row("pgd-at-best", "pgd_at", 30, checkpoint="best", note="best hold-out epoch"),
     Row("pgd-at-ema", "pgd_at", 30, train={"average": "ema"}),
     Row("pgd-at-awp", "pgd_at", 30, train={"awp": True, "awp_gamma": 0.01, "awp_warmup": 0}),
@@ -611,7 +612,7 @@ CLAIMS = [
      "(Rice et al. 2020)", ("pgd-at", "pgd-at-best", "trades-b6", "trades-best")),
     ("Extra unlabeled data",
      "data, data, data: pseudo-labelled extra data improves robustness (the lecture; Carmon "
-     "et al. 2019)", ("trades-b6-30k", "rst", "uat", "mart-semi")),
+     "et al. 2019)", ("trades-b6-30k", "rst", "pgd-at-30k", "uat", "mart-semi")),
 ]  # fmt: skip
 
 
