@@ -131,6 +131,14 @@ ROWS = [
     Row("rst", "rst", 30, **SEMI, note="30,000 labelled + 30,000 pseudo-labelled"),
     Row("uat", "uat", 30, **SEMI, note="30,000 labelled + a pool of 30,000"),
     Row("mart-semi", "mart_semi", 30, **SEMI, note="30,000 labelled + a pool of 30,000"),
+    Row(
+        "mart-semi-full",
+        "mart_semi",
+        30,
+        **SEMI,
+        objective={"term": "full"},
+        note="the whole MART loss on the pool, at the pseudo-labels (RST's way)",
+    ),
     Row("noisy-student", "noisy_student", 30, **SEMI),
     Row("trades-b6-30k", "trades", 30, n_train=30000, note="rst's labelled part only"),
     Row("pgd-at-30k", "pgd_at", 30, n_train=30000, note="uat's labelled part only"),
@@ -612,7 +620,7 @@ CLAIMS = [
      "(Rice et al. 2020)", ("pgd-at", "pgd-at-best", "trades-b6", "trades-best")),
     ("Extra unlabeled data",
      "data, data, data: pseudo-labelled extra data improves robustness (the lecture; Carmon "
-     "et al. 2019)", ("trades-b6-30k", "rst", "pgd-at-30k", "uat", "mart-semi")),
+     "et al. 2019)", ("trades-b6-30k", "rst", "pgd-at-30k", "uat", "mart-semi", "mart-semi-full")),
 ]  # fmt: skip
 
 
