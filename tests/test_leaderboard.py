@@ -315,6 +315,12 @@ def test_every_rows_recipe_is_valid_at_every_preset(preset):
     assert awp.awp and awp.awp_warmup < awp.epochs
 
 
+def test_every_claim_names_rows_of_the_board():
+    """A claim's rows are looked up by name; a misspelt one would read "not run yet" forever."""
+    for what, _, names in lb.CLAIMS:
+        assert set(names) <= set(lb.ROW), (what, set(names) - set(lb.ROW))
+
+
 def test_the_top_rows_rank_the_standard_suite_only():
     """pni's figure in the ``standard`` column comes from the ``rand`` suite and cni's from
     ``smoothed``: other attacks, so they do not rank beside the rows ``standard`` attacked."""
