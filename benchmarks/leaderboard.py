@@ -113,7 +113,7 @@ class Row:
     note: str = ""
 
 
-SEMI = {"teacher": "rst_teacher"}
+SEMI: dict[str, Any] = {"teacher": "rst_teacher"}
 ROWS = [
     Row("natural", "natural", 20, note="the reference"),
     Row("fgsm-at", "fgsm_at", 20, note="overfitting probe on (auto: stop)"),
