@@ -32,7 +32,12 @@ evaluation from its state, and a finished row (``<cache>/rows/<row>-s<seed>-<bud
 is never redone. The cache is not in the repository: a fresh clone (or another machine) takes
 the finished rows of this budget back from the board records in ``benchmarks/results/`` and
 renders the HTML board from the archived copies of the rows' run folders (their report inputs,
-no weights) in ``benchmarks/results/leaderboard_runs/``. Nothing is committed. Results:
+no weights) in ``benchmarks/results/leaderboard_runs/``. A run too long for one machine's
+session is carried to the next with ``--park`` (the ``--rows``' unfinished runs, checkpoints
+and evaluation states included, copied to ``benchmarks/results/leaderboard_parked/``): once
+committed, a machine without the cache resumes them from there, and a finished row drops its
+parked copy. Each training pass records its thread count and CPU, and the board's ``where``
+cell names them where they differ from the evaluation's. Nothing is committed. Results:
 ``benchmarks/results/<stem>.{md,json}`` and ``<stem>.html`` (``robustlab report`` on the rows'
 run folders); the Markdown holds the table of every finished row of this budget and the seeds'
 claims beside our figures.
@@ -40,6 +45,7 @@ claims beside our figures.
     .venv/bin/python benchmarks/leaderboard.py --budget converged --threads 2   # all rows
     .venv/bin/python benchmarks/leaderboard.py --rows natural,pgd-at --budget short \\
         --fast-n 2000 --threads 1 --export-zoo
+    .venv/bin/python benchmarks/leaderboard.py --rows mart --budget converged --park  # then commit
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ from robustlab.config import Recipe, load_recipe
 from robustlab.defenses.verify import check_below_empirical, verify
 from robustlab.training import TrainConfig, Trainer
 from robustlab.training.objectives import get as get_objective
-from robustlab.training.trainer import BEST_FILE, MODEL_FILE, STATE_FILE
+from robustlab.training.trainer import BEST_FILE, MODEL_FILE, STATE_FILE, TB_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
 
@@ -86,7 +92,9 @@ DATASET = "fashion-mnist"
 PREFIX_N = 100  # the card's robust accuracy on the first points, for the zoo's re-evaluation test
 TOP_SEEDED = 5  # rows that get a second seed with --seeds 2
 THREADS_FILE = "threads.jsonl"  # each training pass's torch thread count, in its run folder
+CPU = versions()["cpu"]  # this machine's, in the where cell and each pass's line
 ARCHIVE = "leaderboard_runs"  # <results>/leaderboard_runs/<run>/: the rows' report inputs
+PARKED = "leaderboard_parked"  # <results>/leaderboard_parked/<run>/: unfinished runs (--park)
 REPORT_FILES = {"model.json", "recipe.json", "train_log.jsonl", "results.json",
                 "examples.safetensors"}  # fmt: skip
 Log = Callable[[str], None]
@@ -195,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-zoo", action="store_true", help="write the rows' models to the zoo")
     p.add_argument("--zoo-dir", type=Path, default=ZOO_DIR)
     p.add_argument("--list", action="store_true", help="print the rows and their budgets")
+    p.add_argument("--park", action="store_true",
+                   help="copy the --rows' unfinished runs to results/leaderboard_parked/ "
+                        "(commit them to resume on another machine) and stop")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -301,7 +312,8 @@ def train(
 
     def line(r: dict[str, Any]) -> None:
         with threads.open("a") as f:  # a resumed run's passes may run on other threads
-            f.write(json.dumps({"epoch": r["epoch"], "threads": torch.get_num_threads()}) + "\n")
+            pass_ = {"epoch": r["epoch"], "threads": torch.get_num_threads(), "cpu": CPU}
+            f.write(json.dumps(pass_) + "\n")
         held = r.get("holdout_robust_acc", r.get("holdout_clean_acc"))
         log(
             f"{name}: pass {r['epoch']} loss {r['train_loss']:.4f} hold-out "
@@ -313,13 +325,14 @@ def train(
     cfg.objective_options.pop("unlabeled", None)
     held = trainer.features.holdout
     holdout_n = 0 if held is None else len(held[0])
-    ran_on: dict[int, int] = {}  # the last line of a pass wins: it is the one the history kept
+    ran_on: dict[int, dict[str, Any]] = {}  # a pass's last line wins: the history kept that one
     if threads.exists():
-        lines = threads.read_text().splitlines()
-        ran_on = {r["epoch"]: r["threads"] for r in map(json.loads, filter(None, lines))}
+        lines = filter(None, threads.read_text().splitlines())
+        ran_on = {r["epoch"]: r for r in map(json.loads, lines)}
     rec = {
         "history": history,
-        "threads": [ran_on.get(r["epoch"]) for r in history],
+        "threads": [ran_on.get(r["epoch"], {}).get("threads") for r in history],
+        "cpus": [ran_on.get(r["epoch"], {}).get("cpu") for r in history],
         "seconds": sum(r["train_time_s"] for r in history),
         "n_train": len(x) - holdout_n,
         "holdout_n": holdout_n,
@@ -434,23 +447,40 @@ def evaluate_row(row: Row, run: Path, seed: int, b: dict[str, Any], log: Log) ->
 
 
 # --- rows -------------------------------------------------------------------------------------
-def run_row(
-    row: Row, seed: int, b: dict[str, Any], cache: Path, data: tuple[Tensor, Tensor], log: Log
-) -> dict[str, Any]:
-    """Train (with its teacher or base run first) and evaluate ``row`` at ``seed``; the row's
-    record, also kept in ``<cache>/rows/`` so that it is never redone."""
-    done = row_file(cache, row.name, seed, b)
-    if done.exists():
-        return json.loads(done.read_text())
-    deps: dict[str, Path] = {}
+def runs_of(row: Row, seed: int, b: dict[str, Any], cache: Path) -> list[tuple[str, Recipe, Path]]:
+    """The training runs of ``row`` at ``seed``, in the order they train: its teacher's or
+    base run (seed 0, shared by the rows that name it), then its own; each with its recipe
+    and run folder."""
+    runs, deps = [], {}
     for dep in filter(None, (row.teacher, row.init_from)):
         base = ROW.get(dep) or Row(dep, dep, 20)  # a teacher: its recipe, natural, 20 epochs
         recipe = prepare(base, b, 0, {})
         folder = run_dir(cache, base, recipe, b)
-        train(dep, recipe, folder, data, log)
+        runs.append((dep, recipe, folder))
         deps[dep] = folder / MODEL_FILE
     recipe = prepare(row, b, seed, deps)
-    folder = run_dir(cache, row, recipe, b)
+    return [*runs, (row.name, recipe, run_dir(cache, row, recipe, b))]
+
+
+def run_row(
+    row: Row,
+    seed: int,
+    b: dict[str, Any],
+    cache: Path,
+    data: tuple[Tensor, Tensor],
+    log: Log,
+    parked: Path | None = None,
+) -> dict[str, Any]:
+    """Train (with its teacher or base run first) and evaluate ``row`` at ``seed``; the row's
+    record, also kept in ``<cache>/rows/`` so that it is never redone. Once it is written, the
+    parked copies of the row's runs in ``parked`` (:func:`park`) are dropped."""
+    done = row_file(cache, row.name, seed, b)
+    if done.exists():
+        return json.loads(done.read_text())
+    runs = runs_of(row, seed, b, cache)
+    *deps, (_, recipe, folder) = runs
+    for dep, dep_recipe, dep_folder in deps:
+        train(dep, dep_recipe, dep_folder, data, log)
     trained = train(row.name, recipe, folder, data, log)
     cfg = recipe.train
     rec = {
@@ -460,7 +490,7 @@ def run_row(
         "overrides": {"train": row.train, "objective": row.objective, "model": row.model},
         "note": row.note,
         "run": str(folder),
-        "where": where(torch.get_num_threads(), trained.get("threads", [])),
+        "where": where(torch.get_num_threads(), trained.get("threads", []), trained.get("cpus")),
         "budget": {
             "epochs": cfg.epochs,
             "passes": len(trained["history"]),
@@ -491,22 +521,29 @@ def run_row(
     }
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rec, indent=1) + "\n")
+    for *_, run in runs:
+        if parked is not None and (parked / run.name).is_dir():
+            shutil.rmtree(parked / run.name)
+            log(f"{row.name} (seed {seed}): finished; its parked run {run.name} is dropped")
     return rec
 
 
-def where(threads: int, passes: list[int | None]) -> str:
+def where(threads: int, passes: list[int | None], cpus: list[str | None] | None = None) -> str:
     """The board's ``where`` cell: the CPU and the evaluation's ``threads``, and the training
-    passes' thread counts (``passes``, None where unrecorded) where they differ from it, as
-    when a killed run resumed on another thread count."""
-    cell = f"cpu, {threads} threads, {versions()['cpu']}"
-    if all(t in (None, threads) for t in passes):
+    passes' thread counts (``passes``) and CPUs (``cpus``; None where unrecorded) where they
+    differ from it, as when a killed run resumed on another thread count or another machine."""
+    cell = f"cpu, {threads} threads, {CPU}"
+    ran = list(zip(passes, cpus or [None] * len(passes), strict=True))
+    if all(t in (None, threads) and c in (None, CPU) for t, c in ran):
         return cell
+    elsewhere = any(c not in (None, CPU) for _, c in ran)
     said, first = [], 1
-    for t, run in itertools.groupby(passes):
+    for (t, c), run in itertools.groupby(ran):
         last = first + len(list(run)) - 1
-        said.append(f"{first if first == last else f'{first}-{last}'} on {t or '?'}")
+        on = f"{t or '?'}" + (f" threads of {c or '?'}" if elsewhere else "")
+        said.append(f"{first if first == last else f'{first}-{last}'} on {on}")
         first = last + 1
-    return f"{cell} (training passes {', '.join(said)} threads)"
+    return f"{cell} (training passes {', '.join(said)}{'' if elsewhere else ' threads'})"
 
 
 def row_file(cache: Path, name: str, seed: int, b: dict[str, Any]) -> Path:
@@ -548,6 +585,42 @@ def archive_run(run: Path, results: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
     return dest
+
+
+def park(
+    names: list[str], seed: int, b: dict[str, Any], cache: Path, parked: Path, log: Log
+) -> list[Path]:
+    """Copy the unfinished runs of rows ``names`` at ``seed`` from the cache to ``parked``
+    (``<results>/leaderboard_parked/``, which the repository keeps): a row's own run until its
+    record is written (training or evaluation unfinished), its teacher's or base run until that
+    is trained. A session whose cache will be gone commits them; the next machine resumes them
+    from the checkpoints they hold (:func:`unpark`). TensorBoard's event files stay behind. The
+    copies."""
+    copies = []
+    for name in names:
+        if row_file(cache, name, seed, b).exists():
+            continue
+        for dep, _, run in runs_of(ROW[name], seed, b, cache):
+            if not run.is_dir() or (dep != name and (run / "done.json").exists()):
+                continue
+            dest = parked / run.name
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(run, dest, ignore=shutil.ignore_patterns(TB_DIR))
+            copies.append(dest)
+            log(f"{name} (seed {seed}): parked {dep}'s run in {dest}")
+    return copies
+
+
+def unpark(parked: Path, cache: Path, log: Log) -> None:
+    """Copy each parked run (:func:`park`) that the cache lacks into it, as on a fresh clone or
+    another machine: the run resumes from the checkpoint it was parked with. A run the cache
+    holds is left as it is (it is the one that was parked, or further on)."""
+    for src in sorted(parked.iterdir()) if parked.is_dir() else ():
+        dest = cache / "runs" / src.name
+        if src.is_dir() and not dest.exists():
+            shutil.copytree(src, dest)
+            log(f"{src.name}: resumed from its parked copy in {src}")
 
 
 def report_runs(
@@ -934,13 +1007,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    parked = args.results_dir / PARKED
     restore_rows(args.results_dir, args.cache, b, log)
+    if args.park:
+        copies = park(names, args.seed, b, args.cache, parked, log)
+        print(f"parked {len(copies)} runs in {parked}: commit them to resume on another machine")
+        return {"parked": [str(p) for p in copies]}
+    unpark(parked, args.cache, log)
     data = rl.data.load(DATASET, split="train", n=b["train_n"])
     for name in names:
-        run_row(ROW[name], args.seed, b, args.cache, data, log)
+        run_row(ROW[name], args.seed, b, args.cache, data, log, parked)
     if args.seeds == 2:
         for name in top_rows(finished(args.cache, b), TOP_SEEDED):
-            run_row(ROW[name], 1, b, args.cache, data, log)
+            run_row(ROW[name], 1, b, args.cache, data, log, parked)
     recs = finished(args.cache, b)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {

@@ -143,16 +143,54 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
     assert calls == [0, 1, 1]  # pass 1 was not trained again
     assert [r["epoch"] for r in done["history"]] == [1, 2]
     assert done["threads"] == [torch.get_num_threads()] * 2
+    assert done["cpus"] == [lb.versions()["cpu"]] * 2
     assert lb.train("natural", recipe, out, data, print) == done  # finished: read back
 
 
-def test_the_where_cell_names_training_threads_that_differ_from_the_evaluations():
+def test_a_parked_run_resumes_on_another_machine_and_is_dropped_when_its_row_finishes(
+    fake_fmnist, tmp_path, monkeypatch
+):
+    """--park copies an unfinished run to the results (which the repository keeps); a machine
+    without the cache resumes it from the parked checkpoint, and the finished row drops it."""
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    argv = [*_argv(tmp_path, "--epochs", "2"), "--rows", "natural"]
+    original, calls = Trainer._epoch, []
+
+    def killed_in_pass_2(self, epoch):
+        calls.append(epoch)
+        if epoch == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch", killed_in_pass_2)
+    with pytest.raises(KeyboardInterrupt):
+        lb.main(argv)
+    assert lb.main([*argv, "--park"])["parked"] == [
+        str(p) for p in (tmp_path / "results" / lb.PARKED).iterdir()
+    ]
+    (parked,) = (tmp_path / "results" / lb.PARKED).iterdir()
+    assert (parked / lb.STATE_FILE).exists() and not (parked / lb.TB_DIR).exists()
+    shutil.rmtree(tmp_path / "cache")  # another machine: the cache is gone
+    record = lb.main(argv)
+    assert calls == [0, 1, 1]  # pass 1 came from the parked checkpoint
+    assert [r["row"] for r in record["rows"]] == ["natural"]
+    assert [c["epoch"] for c in record["rows"][0]["curve"]] == [1, 2]
+    assert not parked.exists()  # the row finished: its parked copy is dropped
+    assert lb.main([*argv, "--park"])["parked"] == []  # a finished row parks nothing
+
+
+def test_the_where_cell_names_training_threads_and_cpus_that_differ_from_the_evaluations():
     cpu = lb.versions()["cpu"]
     assert lb.where(2, [2, 2, None]) == f"cpu, 2 threads, {cpu}"  # None: passes not recorded
     assert lb.where(2, [1, 1, 2, 2, 2]) == (
         f"cpu, 2 threads, {cpu} (training passes 1-2 on 1, 3-5 on 2 threads)"
     )
     assert lb.where(1, [None, 2]).endswith("(training passes 1 on ?, 2 on 2 threads)")
+    assert lb.where(2, [2, 2], [cpu, None]) == f"cpu, 2 threads, {cpu}"
+    assert lb.where(2, [1, 2, 2], ["Other CPU", "Other CPU", cpu]).endswith(
+        "(training passes 1 on 1 threads of Other CPU, 2 on 2 threads of Other CPU, "
+        f"3 on 2 threads of {cpu})"
+    )
 
 
 def test_a_certified_point_that_an_attack_broke_stops_the_row():
