@@ -120,13 +120,9 @@ def test_a_finished_row_is_never_redone(board, monkeypatch):
     assert again["rows"] == first["rows"]
 
 
-def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeypatch):
-    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
-    b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--epochs", "2"]))
-    row = lb.ROW["natural"]
-    recipe = lb.prepare(row, b, 0, {})
-    out = lb.run_dir(tmp_path, row, recipe, b)
-    data = rl.data.load("fashion-mnist", split="train", n=b["train_n"])
+def kill_in_pass_2(monkeypatch) -> list[int]:
+    """Make the trainer raise KeyboardInterrupt the first time it starts its second pass; the
+    list of the passes (0-based) it started, filled as it runs."""
     original, calls = Trainer._epoch, []
 
     def killed_in_pass_2(self, epoch):
@@ -136,6 +132,17 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
         return original(self, epoch)
 
     monkeypatch.setattr(Trainer, "_epoch", killed_in_pass_2)
+    return calls
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke", "--epochs", "2"]))
+    row = lb.ROW["natural"]
+    recipe = lb.prepare(row, b, 0, {})
+    out = lb.run_dir(tmp_path, row, recipe, b)
+    data = rl.data.load("fashion-mnist", split="train", n=b["train_n"])
+    calls = kill_in_pass_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         lb.train("natural", recipe, out, data, print)
     assert not (out / "done.json").exists()
@@ -154,15 +161,7 @@ def test_a_parked_run_resumes_on_another_machine_and_is_dropped_when_its_row_fin
     without the cache resumes it from the parked checkpoint, and the finished row drops it."""
     monkeypatch.setenv("ROBUSTLAB_DATA", str(fake_fmnist))
     argv = [*_argv(tmp_path, "--epochs", "2"), "--rows", "natural"]
-    original, calls = Trainer._epoch, []
-
-    def killed_in_pass_2(self, epoch):
-        calls.append(epoch)
-        if epoch == 1 and calls.count(1) == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "_epoch", killed_in_pass_2)
+    calls = kill_in_pass_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         lb.main(argv)
     assert lb.main([*argv, "--park"])["parked"] == [
