@@ -178,6 +178,19 @@ def test_a_parked_run_resumes_on_another_machine_and_is_dropped_when_its_row_fin
     assert lb.main([*argv, "--park"])["parked"] == []  # a finished row parks nothing
 
 
+def test_a_rows_runs_are_its_teacher_or_base_run_then_its_own(tmp_path):
+    b = lb.budget_of(lb.parse_args(["--budget", "smoke"]))
+    (teacher, _, tdir), (name, recipe, own) = lb.runs_of(lb.ROW["uat"], 1, b, tmp_path)
+    assert (teacher, name) == ("rst_teacher", "uat") and tdir != own
+    assert recipe.train.objective_options["teacher"] == str(tdir / lb.MODEL_FILE)
+    assert recipe.train.seed == 1
+    (base, base_recipe, bdir), (_, cni, _) = lb.runs_of(lb.ROW["cni"], 1, b, tmp_path)
+    assert base == "pgd-at" and base_recipe.train.seed == 0  # the base run is seed 0's
+    assert bdir == lb.runs_of(lb.ROW["pgd-at"], 0, b, tmp_path)[0][2]
+    assert cni.train.init == str(bdir / lb.MODEL_FILE)
+    assert [n for n, *_ in lb.runs_of(lb.ROW["pgd-at"], 0, b, tmp_path)] == ["pgd-at"]
+
+
 def test_the_where_cell_names_training_threads_and_cpus_that_differ_from_the_evaluations():
     cpu = lb.versions()["cpu"]
     assert lb.where(2, [2, 2, None]) == f"cpu, 2 threads, {cpu}"  # None: passes not recorded
