@@ -95,6 +95,7 @@ THREADS_FILE = "threads.jsonl"  # each training pass's torch thread count, in it
 CPU = versions()["cpu"]  # this machine's, in the where cell and each pass's line
 ARCHIVE = "leaderboard_runs"  # <results>/leaderboard_runs/<run>/: the rows' report inputs
 PARKED = "leaderboard_parked"  # <results>/leaderboard_parked/<run>/: unfinished runs (--park)
+DONE_FILE = "done.json"  # a trained run's record (history, seconds), in its run folder
 REPORT_FILES = {"model.json", "recipe.json", "train_log.jsonl", "results.json",
                 "examples.safetensors"}  # fmt: skip
 Log = Callable[[str], None]
@@ -291,7 +292,7 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume, or find finished) the run in ``out``; its done record (history,
     seconds of the training loop)."""
-    done = out / "done.json"
+    done = out / DONE_FILE
     if done.exists():
         log(f"{name}: trained, in {out}")
         return json.loads(done.read_text())
@@ -601,7 +602,7 @@ def park(
         if row_file(cache, name, seed, b).exists():
             continue
         for dep, _, run in runs_of(ROW[name], seed, b, cache):
-            if not run.is_dir() or (dep != name and (run / "done.json").exists()):
+            if not run.is_dir() or (dep != name and (run / DONE_FILE).exists()):
                 continue
             dest = parked / run.name
             if dest.exists():

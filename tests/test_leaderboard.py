@@ -145,7 +145,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(fake_fmnist, tmp_path, monkeyp
     calls = kill_in_pass_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         lb.train("natural", recipe, out, data, print)
-    assert not (out / "done.json").exists()
+    assert not (out / lb.DONE_FILE).exists()
     done = lb.train("natural", lb.prepare(row, b, 0, {}), out, data, print)
     assert calls == [0, 1, 1]  # pass 1 was not trained again
     assert [r["epoch"] for r in done["history"]] == [1, 2]
