@@ -452,7 +452,7 @@ def _audit_parser(sub: Any) -> None:
     _overwrite(a)
 
 
-def _smoothing_parsers(sub: Any) -> None:
+def _certify_parser(sub: Any) -> None:
     c = sub.add_parser(
         "certify",
         help="certified radii of a smoothed model, or verified "
@@ -540,6 +540,8 @@ def _smoothing_parsers(sub: Any) -> None:
     c.add_argument("--restart", action="store_true", help="discard the rows of an earlier run")
     _overwrite(c)
 
+
+def _smooth_parser(sub: Any) -> None:
     s = sub.add_parser(
         "smooth",
         help="smoothing curves: accuracy of a smoothed model vs "
@@ -582,6 +584,8 @@ def _smoothing_parsers(sub: Any) -> None:
     )
     _overwrite(s)
 
+
+def _denoise_parser(sub: Any) -> None:
     d = sub.add_parser(
         "denoise",
         help="train a denoiser for denoised smoothing of a classifier",
@@ -749,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
         _train_parser,
         _evaluate_parser,
         _audit_parser,
-        _smoothing_parsers,
+        _certify_parser,
+        _smooth_parser,
+        _denoise_parser,
         _convert_parser,
         _report_parsers,
     ):
