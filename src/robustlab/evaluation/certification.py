@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from robustlab._io import atomic_write
 from robustlab._provenance import git_commit, versions
 from robustlab._validate import check_inputs
-from robustlab.defenses.certify import ABSTAIN, certify_iter
+from robustlab.defenses.certify import ABSTAIN, Certificate, certify_iter
 from robustlab.evaluation.record import Progress
 from robustlab.noise import CERTIFIED_NORM
 from robustlab.threat import ThreatModel
@@ -107,6 +107,22 @@ def _sequential_options(sequential: dict[str, Any] | None) -> dict[str, Any]:
             "radius_tolerance, min_radius, max_radius"
         )
     return {"sequential": True, **sequential}
+
+
+def _row(cert: Certificate, index: int, label: int, *, draws: bool) -> dict[str, Any]:
+    """The ``certify.jsonl`` row of one certificate of example ``index`` (label ``label``);
+    ``draws``: record the draws a sequential certificate took."""
+    return {
+        "index": index,
+        "label": label,
+        "prediction": cert.prediction,
+        "radius": cert.radius,
+        "p_lower": cert.p_lower,
+        "count": cert.count,
+        **({"draws": cert.draws} if draws else {}),
+        "correct": cert.prediction == label,
+        "seconds": round(cert.seconds, 4),
+    }
 
 
 def run_certification(
@@ -201,17 +217,7 @@ def run_certification(
         )
         for cert in certs:
             pos = todo[cert.index]
-            row = {
-                "index": ids[pos],
-                "label": int(y[pos]),
-                "prediction": cert.prediction,
-                "radius": cert.radius,
-                "p_lower": cert.p_lower,
-                "count": cert.count,
-                **({"draws": cert.draws} if sequential else {}),
-                "correct": cert.prediction == int(y[pos]),
-                "seconds": round(cert.seconds, 4),
-            }
+            row = _row(cert, ids[pos], int(y[pos]), draws=bool(sequential))
             f.write(json.dumps(row) + "\n")
             f.flush()
             rows.append(row)
