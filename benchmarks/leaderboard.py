@@ -661,11 +661,15 @@ def _robust(rec: dict[str, Any]) -> float:
 def top_rows(recs: list[dict[str, Any]], k: int) -> list[str]:
     """The ``k`` rows with the best ``standard`` robust accuracy at seed 0. Rows evaluated by
     another suite in that column (``smoothed``, ``rand``: a smoothed or randomised model) do
-    not rank: their figures come from other attacks."""
+    not rank: their figures come from other attacks. Nor does a best-checkpoint row whose best
+    epoch was the last: it is its final row's model, which ranks already."""
     first = [
         r
         for r in recs
-        if r["seed"] == 0 and r["row"] != "natural" and r["standard"]["suite"] == "standard"
+        if r["seed"] == 0
+        and r["row"] != "natural"
+        and r["standard"]["suite"] == "standard"
+        and not r.get("same_as_final")
     ]
     return [r["row"] for r in sorted(first, key=_robust, reverse=True)[:k]]
 

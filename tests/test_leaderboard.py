@@ -384,6 +384,20 @@ def test_the_top_rows_rank_the_standard_suite_only():
     assert lb.top_rows(recs, 5) == ["free-at", "yopo", "alp"]
 
 
+def test_a_best_checkpoint_row_with_the_final_weights_does_not_take_a_top_place():
+    """pgd-at-best whose best epoch was the last is pgd-at's model: the five best rows are
+    five models, so trades-best (its own best epoch) takes the place."""
+
+    def rec(row, acc, **extra):
+        return {"row": row, "seed": 0, "standard": {"suite": "standard", "robust_accuracy": acc},
+                **extra}  # fmt: skip
+
+    recs = [rec("pgd-at", 0.77), rec("pgd-at-best", 0.77, same_as_final=True),
+            rec("mart", 0.756), rec("trades-best", 0.726, same_as_final=False),
+            rec("trades-b6", 0.719)]  # fmt: skip
+    assert lb.top_rows(recs, 3) == ["pgd-at", "mart", "trades-best"]
+
+
 def test_a_second_seed_for_the_top_rows_with_the_spread(board):
     tmp, _ = board
     record = lb.main(_argv(tmp, "--seeds", "2"))
