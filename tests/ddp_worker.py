@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import robustlab as rl  # noqa: E402
-from helpers import make_quadrants  # noqa: E402
+from helpers import make_quadrants, write_gloo_threads  # noqa: E402
 from robustlab import distributed  # noqa: E402
 
 CASES = {"natural": {}, "pgd-at": {"steps": 2, "random_start": False}}
@@ -46,6 +46,7 @@ def main(out: Path, objective: str) -> None:
         )
         (out / "history.json").write_text(json.dumps(history))
     distributed.shutdown(world)
+    write_gloo_threads(out, world.rank)
 
 
 if __name__ == "__main__":

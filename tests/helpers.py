@@ -4,12 +4,12 @@ launching a script on one process or on several with ``torchrun``."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import warnings
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +94,33 @@ class FlakyPGD(PGD):
         return super().perturb(model, x, y, generator)
 
 
-# A gloo rank can abort with this C++ message and no Python traceback. Its cause (core dumps
-# of 4 aborts in 88 launches of ddp_worker.py beside two training jobs, 2026-12-06): once the
-# trainer has wrapped the model in DistributedDataParallel, destroy_process_group no longer
-# ends the gloo group (its worker threads outlive it, as in a bare script they do not), so a
-# worker thread can release the last barrier's work, which holds an earlier all_gather's
-# tensors, while the interpreter is finalising; the tensors' Python objects need the GIL,
-# the thread exits there, and std::terminate aborts the rank. It is a race with the
-# scheduler, more likely under load. Such a launch runs once more on an emptied ``out``, with
-# a warning in the test report; a second abort, or any other failure, fails.
-TEARDOWN_ABORT = "terminate called without an active exception"
+# A gloo rank used to abort at exit with "terminate called without an active exception" (4
+# of 88 launches of ddp_worker.py beside two training jobs, 2026-12-06; twice in a row in CI,
+# 2026-12-08): DistributedDataParallel imports torch._dynamo, whose modules took the open
+# world group as a default argument, so destroy_process_group left gloo's threads running and
+# one could free tensors while the interpreter finalised. distributed.init_from_env now
+# imports them first; the workers report the gloo threads left after shutdown, and the tests
+# require none.
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo runs (Linux's /proc; [] elsewhere)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.exists() else []
+    return [n for n in names if "gloo" in n]
+
+
+def write_gloo_threads(out: Path, rank: int, wait_s: float = 5.0) -> None:
+    """After the group's shutdown, record its threads still running after up to ``wait_s``
+    (none is right; the transport's loop thread can take a moment to end)."""
+    deadline = time.monotonic() + wait_s
+    while (left := gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (out / f"gloo_threads_{rank}.json").write_text(json.dumps(left))
+
+
+def assert_gloo_ended(out: Path) -> None:
+    """Every rank's process group ended its threads at shutdown (see :func:`gloo_threads`)."""
+    left = {p.name: json.loads(p.read_text()) for p in sorted(out.glob("gloo_threads_*.json"))}
+    assert left and not any(left.values()), left
 
 
 def launcher(procs: int) -> list[str]:
@@ -120,17 +137,6 @@ def launch_env(**extra: str) -> dict[str, str]:
     return env | {"OMP_NUM_THREADS": "1"} | extra
 
 
-def launch(cmd: list[str], env: dict[str, str], out: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd``, which writes into ``out``; once more after a gloo teardown abort."""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
-        tail = proc.stderr.strip().splitlines()[-6:]  # which process aborted, for the report
-        warnings.warn(
-            f"gloo teardown abort (exit status {proc.returncode}), launching once more: "
-            f"{cmd[-4:]}; stderr ended: {tail}",
-            stacklevel=2,
-        )
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    return proc
+def launch(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with ``env``, its output captured, for at most four minutes."""
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

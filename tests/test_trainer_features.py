@@ -22,7 +22,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import robustlab as rl  # noqa: E402
-from helpers import launch, launch_env, launcher, make_quadrants  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_gloo_ended,
+    launch,
+    launch_env,
+    launcher,
+    make_quadrants,
+    write_gloo_threads,
+)
 from robustlab import distributed  # noqa: E402
 from robustlab.report.html import render_html  # noqa: E402
 from robustlab.report.runs import load_run  # noqa: E402
@@ -488,6 +495,7 @@ def _worker(out: Path) -> None:
         )
         (out / "history.json").write_text(json.dumps(history))
     distributed.shutdown(world)
+    write_gloo_threads(out, world.rank)
 
 
 @pytest.mark.skipif(
@@ -501,8 +509,10 @@ def test_two_processes_equal_one_with_ema_awp_and_augmentation(tmp_path):
     for procs in (1, 2):
         out = tmp_path / str(procs)
         out.mkdir()
-        proc = launch([*launcher(procs), __file__, str(out)], launch_env(), out)
+        proc = launch([*launcher(procs), __file__, str(out)], launch_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if procs > 1:
+            assert_gloo_ended(out)
         results.append(
             (
                 load_file(str(out / "weights.safetensors")),

@@ -12,6 +12,7 @@ DDP step sees exactly the examples of the single-process step; gradients are ave
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,13 @@ def init_from_env(timeout_s: float = 1800) -> tuple[World, torch.device]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch._dynamo on first use, and through it modules
+        # (torch.distributed.fsdp) whose default arguments take ``dist.group.WORLD`` when
+        # imported: imported after the group opens, they hold it, so destroy_process_group
+        # leaves gloo's threads running, and one of them can abort the process at exit
+        # ("terminate called without an active exception"). Imported first, they hold none.
+        importlib.import_module("torch._dynamo")
+
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return current(), device
 
