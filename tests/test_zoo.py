@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,27 @@ def test_shipped_model_matches_its_card(name):
         assert differ <= 1, (certified, ver["prefix"]["certified"][:k])  # floating point
         # a certificate is never beaten: a certified point is robust under the suite too
         assert all(r or not c for r, c in zip(res.robust.tolist(), certified, strict=True))
+
+
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen \
+fourteen fifteen sixteen seventeen eighteen nineteen".split()
+TENS = {2: "twenty", 3: "thirty", 4: "forty"}
+
+
+def _in_words(n: int) -> str:
+    """``n`` (< 50) as the guide writes it: "nine", "nineteen", "twenty-nine"."""
+    if n < 20:
+        return NUMBER_WORDS[n]
+    return TENS[n // 10] + (f"-{NUMBER_WORDS[n % 10]}" if n % 10 else "")
+
+
+def test_the_train_guide_counts_the_zoo_as_its_cards_do():
+    """docs/guides/train.md says how many models the zoo ships, how many at `converged` and how
+    many at `short`: the cards decide, so a model exported at a new budget updates the guide."""
+    text = " ".join((Path(__file__).parents[1] / "docs/guides/train.md").read_text().split())
+    presets = [zoo.card(n)["budget"]["preset"] for n in SHIPPED]
+    converged, short = presets.count("converged"), presets.count("short")
+    assert converged + short == len(presets), presets
+    assert f"Today's {_in_words(len(presets))} (" in text
+    assert f"{_in_words(converged).capitalize()} were trained at the `converged` budget" in text
+    assert f"other {_in_words(short)} were trained at the `short` budget" in text
